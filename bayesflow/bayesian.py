@@ -1,0 +1,316 @@
+r"""The torch bridge: a drop-in superset of :class:`zuko.bayesian.BayesianModel`."""
+
+from __future__ import annotations
+
+__all__ = ["BayesianModel"]
+
+import copy
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+import zuko.nn
+
+from torch import Tensor
+
+from ._compat import swap_parameters
+from .call import _vmap_call
+from .posterior import (
+    InitLogvar,
+    Posterior,
+    _check_module,
+    _check_n,
+    _init,
+    _kl_divergence,
+    _sample,
+    _softclip,
+)
+
+
+def _squeeze(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return out.squeeze(0)
+    if isinstance(out, dict):
+        return {k: _squeeze(v) for k, v in out.items()}
+    return type(out)(_squeeze(o) for o in out)
+
+
+class BayesianModel(nn.Module):
+    r"""Creates a Bayesian wrapper around a base model.
+
+    It accepts everything :class:`zuko.bayesian.BayesianModel` accepts, holds the same
+    state (`means` and `logvars` parameter dicts whose keys are the parameter names with
+    `.` replaced by `-`) and behaves the same. On top of that, it runs `n` sampled models
+    in one vectorized pass (:meth:`forward`) and exposes the posterior to the functional
+    API (:attr:`posterior`).
+
+    Example:
+        >>> bnet = BayesianModel(zuko.nn.MLP(3, 5), init_logvar=-6.0)
+        >>> bnet(torch.randn(16, 3), n=8).shape
+        torch.Size([8, 16, 5])
+
+    Arguments:
+        base: A base model.
+        init_logvar: The initial log-variance, as in :func:`bayesflow.init`. As in zuko,
+            a little noise (standard deviation :math:`10^{-3}`) is added to it.
+        include_params: Glob patterns of the parameters to make Bayesian: `*` matches one
+            name segment, `**` several (see :func:`bayesflow.select`). All by default.
+        exclude_params: Glob patterns of the parameters to leave deterministic.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        init_logvar: InitLogvar = -9.0,
+        include_params: Sequence[str] = ("",),
+        exclude_params: Sequence[str] = (),
+    ) -> None:
+        _check_module("BayesianModel", base)
+        q = _init("BayesianModel", base, init_logvar, include_params, exclude_params)
+
+        for name in q.mean:
+            if "-" in name:
+                raise ValueError(
+                    f"BayesianModel: expected parameter names without '-', which zuko's "
+                    f"key mangling ('.' -> '-') cannot undo, got {name!r}"
+                )
+
+        super().__init__()
+
+        self.base = base
+        self.means = nn.ParameterDict()
+        self.logvars = nn.ParameterDict()
+
+        for name, mean in q.mean.items():
+            key = name.replace(".", "-")
+            logvar = q.logvar[name].detach()
+            # The same draw as zuko's `normal_(init_logvar, 1e-3)`, in the same order.
+            noise = torch.empty_like(logvar).normal_(0.0, 1e-3)
+
+            self.means[key] = nn.Parameter(mean.detach())
+            self.logvars[key] = nn.Parameter(logvar + noise)
+
+    def extra_repr(self) -> str:
+        numel = sum(m.numel() for m in self.means.values())
+        return f"bayesian_tensors={len(self.means)}, bayesian_elements={numel}"
+
+    @property
+    def posterior(self) -> Posterior:
+        r"""The posterior as a :class:`bayesflow.Posterior`, a view of :attr:`means`
+        and :attr:`logvars`: gradients through it reach them."""
+
+        names = [key.replace("-", ".") for key in self.means]
+
+        return Posterior(
+            mean=dict(zip(names, self.means.values(), strict=True)),
+            logvar=dict(zip(names, self.logvars.values(), strict=True)),
+        )
+
+    def sample_params(
+        self, n: int | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        r"""Returns model parameters sampled from the posterior.
+
+        Arguments:
+            n: The number of parameter sets; one, without a sample dim, if :py:`None`.
+            generator: The source of randomness; the global one if :py:`None`.
+
+        Returns:
+            Tensors of shape `param.shape`, or `(n, *param.shape)` if `n` is given,
+            differentiable with respect to :attr:`means` and :attr:`logvars`.
+        """
+
+        where = "BayesianModel.sample_params"
+        if n is None:
+            return {k: v[0] for k, v in _sample(where, self.posterior, 1, generator).items()}
+
+        return _sample(where, self.posterior, n, generator)
+
+    def sample_model(self, generator: torch.Generator | None = None) -> nn.Module:
+        r"""Returns a model sampled from the posterior.
+
+        The returned model is a standalone copy of the base model whose parameters are
+        replaced by a sample. It can be used in every way the base model can, but no
+        gradient flows back to the posterior: train with :meth:`reparameterize` or
+        :meth:`forward`.
+
+        Arguments:
+            generator: The source of randomness; the global one if :py:`None`.
+        """
+
+        with torch.no_grad():
+            params = self.sample_params(generator=generator)
+
+        new = copy.deepcopy(self.base)
+        new.load_state_dict(params, strict=False)
+
+        return new
+
+    def mean_model(self) -> nn.Module:
+        r"""Returns a standalone copy of the base model at the posterior mean."""
+
+        new = copy.deepcopy(self.base)
+        with torch.no_grad():
+            for name, p in new.named_parameters():
+                key = name.replace(".", "-")
+                if key in self.means:
+                    p.copy_(self.means[key])
+
+        return new
+
+    @contextmanager
+    def reparameterize(
+        self, local_trick: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[nn.Module]:
+        r"""Reparameterizes the base model in place from one posterior sample.
+
+        Within this context the base model holds sampled parameters, differentiable with
+        respect to the posterior, and is deterministic: the same inputs give the same
+        outputs. The original parameters are restored on exit, also after an error.
+
+        Arguments:
+            local_trick: Whether to use the local reparameterization trick for linear
+                layers (:class:`torch.nn.Linear` and its subclasses, such as zuko's
+                `MaskedLinear`, and zuko's `Linear`) whose weight is Bayesian: their
+                outputs, rather than their weights, are sampled, with fresh noise per
+                example.
+            generator: The source of randomness; the global one if :py:`None`.
+
+        Yields:
+            The reparameterized base model.
+
+        References:
+            | Variational Dropout and the Local Reparameterization Trick (Kingma et al., 2015)
+            | https://arxiv.org/abs/1506.02557
+        """
+
+        params = self.sample_params(generator=generator)
+
+        with swap_parameters(self.base, params):
+            if local_trick:
+                with self._local_trick(generator):
+                    yield self.base
+            else:
+                yield self.base
+
+    @contextmanager
+    def _local_trick(self, generator: torch.Generator | None) -> Iterator[None]:
+        patched: list[tuple[nn.Module, Any]] = []
+        cache: dict[tuple[str, torch.Size], Tensor] = {}
+
+        try:
+            for name, module in self.base.named_modules():
+                key = name.replace(".", "-")
+                if not isinstance(module, (nn.Linear, zuko.nn.Linear)):
+                    continue
+                if key + "-weight" not in self.means:
+                    continue
+
+                patched.append((module, module.__dict__.get("forward")))
+                module.forward = self._local_forward(name, module, cache, generator)
+
+            yield
+        finally:
+            for module, own in patched:
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own
+
+    def _local_forward(
+        self,
+        name: str,
+        module: nn.Module,
+        cache: dict[tuple[str, torch.Size], Tensor],
+        generator: torch.Generator | None,
+    ) -> Callable[[Tensor], Tensor]:
+        key = name.replace(".", "-")
+
+        def forward(x: Tensor) -> Tensor:
+            w_mean = self.means[key + "-weight"]
+            w_var = _softclip(self.logvars[key + "-weight"]).exp()
+
+            if isinstance(module, zuko.nn.MaskedLinear):
+                w_mean = module.mask * w_mean
+                w_var = module.mask * w_var
+
+            if key + "-bias" in self.means:
+                b_mean = self.means[key + "-bias"]
+                b_var = _softclip(self.logvars[key + "-bias"]).exp()
+            else:
+                b_mean, b_var = module.bias, None
+
+            y_mean = zuko.nn.linear(x, w_mean, b_mean)
+            y_var = zuko.nn.linear(x.square(), w_var, b_var)
+
+            address = (name, y_mean.shape)
+            if address not in cache:
+                cache[address] = torch.randn(
+                    y_mean.shape, generator=generator, dtype=y_mean.dtype, device=y_mean.device
+                )
+
+            return y_mean + y_var.sqrt() * cache[address]
+
+        return forward
+
+    def kl_divergence(self, prior_var: float = 1.0) -> Tensor:
+        r"""Returns the KL divergence between the posterior and the prior
+        :math:`\mathcal{N}(0, \mathrm{prior\_var})`, as :func:`bayesflow.kl_divergence`."""
+
+        return _kl_divergence("BayesianModel.kl_divergence", self.posterior, prior_var)
+
+    def forward(
+        self,
+        *args: Any,
+        n: int | None = None,
+        fn: Callable[..., Any] | None = None,
+        generator: torch.Generator | None = None,
+        chunk_size: int | None = None,
+        fallback: bool = True,
+        in_dims: Sequence[int | None] | None = None,
+    ) -> Any:
+        r"""Runs `fn(base, *args)` with parameters sampled from the posterior.
+
+        With `n`, the `n` sampled models run in one vectorized pass
+        (:func:`bayesflow.vmap_call`); without, one sampled model runs. Either way the
+        output is differentiable with respect to the posterior, so this is a training
+        step's forward as well as a predictive one.
+
+        Example:
+            >>> flow = BayesianModel(zuko.flows.NSF(2, 1), include_params=["**.hyper.4"])
+            >>> c, x = torch.randn(64, 1), torch.randn(64, 2)
+            >>> flow(c, x, n=4, fn=lambda f, c, x: f(c).log_prob(x)).shape
+            torch.Size([4, 64])
+
+        Arguments:
+            args: The arguments of `fn`, shared by every sample unless `in_dims` says
+                otherwise.
+            n: The number of sampled models; one, without a sample dim, if :py:`None`.
+            fn: What to compute, `fn(base, *args)`; `base(*args)` if :py:`None`. It must
+                return tensors: for a flow, `fn=lambda f, c, x: f(c).log_prob(x)`.
+            generator: The source of randomness; the global one if :py:`None`.
+            chunk_size, fallback, in_dims: As in :func:`bayesflow.vmap_call`.
+
+        Returns:
+            The outputs of `fn`, stacked on a leading dim of size `n` if `n` is given.
+        """
+
+        where = "BayesianModel.forward"
+        k = 1 if n is None else _check_n(where, n)
+        params = _sample(where, self.posterior, k, generator)
+        out = _vmap_call(where, self.base, params, args, fn, chunk_size, fallback, in_dims)
+
+        return out if n is not None else _squeeze(out)
+
+    def __getattr__(self, name: str) -> Any:
+        r"""Looks attributes up in the base model if the wrapper does not have them."""
+
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":
+                raise
+            return getattr(self.base, name)
