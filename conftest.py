@@ -1,0 +1,37 @@
+r"""Test options and defaults: float64 on the CPU unless told otherwise."""
+
+import pytest
+import torch
+import zuko
+
+import bayesflow
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu", help="the torch device of the tests")
+    parser.addoption("--dtype", default="float64", help="the default torch dtype of the tests")
+
+
+@pytest.fixture(autouse=True)
+def _torch_defaults(request: pytest.FixtureRequest):
+    dtype = getattr(torch, request.config.getoption("--dtype"))
+    device = torch.device(request.config.getoption("--device"))
+
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    torch.manual_seed(0)
+
+    with device:
+        yield
+
+    torch.set_default_dtype(old_dtype)
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest) -> torch.device:
+    return torch.device(request.config.getoption("--device"))
+
+
+@pytest.fixture(autouse=True)
+def _doctest_namespace(doctest_namespace: dict) -> None:
+    doctest_namespace.update(torch=torch, zuko=zuko, bayesflow=bayesflow, bf=bayesflow)
