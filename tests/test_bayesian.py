@@ -1,0 +1,260 @@
+r"""The bridge, against zuko.bayesian.BayesianModel as the oracle."""
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import zuko
+import zuko.bayesian
+
+import bayesflow as bf
+import bayesflow._compat
+
+from .helpers import log_prob, snapshot, unchanged
+
+CONFIGS = {
+    "mlp": (lambda: zuko.nn.MLP(5, 5, hidden_features=(16, 16), activation=nn.ELU), {}),
+    "nsf-tutorial": (
+        lambda: zuko.flows.NSF(features=3, context=5, hidden_features=(16, 16)),
+        {
+            "include_params": ["transform.transforms.*.hyper.4"],
+            "exclude_params": ["**.bias"],
+        },
+    ),
+    "nsf-partial": (
+        lambda: zuko.flows.NSF(2, 1, transforms=3, hidden_features=(16, 16)),
+        {"include_params": ["**.hyper.4"]},
+    ),
+}
+
+
+def pair(name, **extra):
+    build, kwargs = CONFIGS[name]
+    base = build()
+    torch.manual_seed(3)
+    ours = bf.BayesianModel(base, **kwargs, **extra)
+    torch.manual_seed(3)
+    theirs = zuko.bayesian.BayesianModel(base, **kwargs, **extra)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_same_state_as_zuko(name):
+    ours, theirs = pair(name, init_logvar=-7.0)
+
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-15) for k in a)
+    assert list(ours.means) == list(theirs.means)
+    assert torch.allclose(ours.kl_divergence(0.5), theirs.kl_divergence(0.5))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_state_dicts_load_both_ways(name):
+    build, kwargs = CONFIGS[name]
+    ours = bf.BayesianModel(build(), **kwargs)
+    theirs = zuko.bayesian.BayesianModel(build(), **kwargs)
+
+    ours.load_state_dict(theirs.state_dict())
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True)
+    )
+
+    ours2 = bf.BayesianModel(build(), **kwargs)
+    theirs.load_state_dict(ours2.state_dict())
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(ours2.state_dict().values(), theirs.state_dict().values(), strict=True)
+    )
+
+
+def test_reparameterize_behaves_like_zuko():
+    ours, theirs = pair("mlp", init_logvar=-2.0)
+    x = torch.randn(5)
+    before = snapshot(ours.base)
+    originals = list(ours.base.parameters())
+
+    with ours.reparameterize() as net:
+        y1, y2 = net(x), net(x)
+        assert torch.equal(y1, y2)  # deterministic within the context
+    assert not torch.allclose(y1, ours.mean_model()(x), atol=1e-6)  # sampled
+    (g_mean,) = torch.autograd.grad(y1.sum(), [ours.means["0-weight"]])
+    assert g_mean.abs().sum() > 0
+
+    assert unchanged(before, ours.base)
+    assert all(a is b for a, b in zip(originals, ours.base.parameters(), strict=True))
+
+    # the same distribution of outputs as zuko's: means and variances within 5 standard errors
+    n = 2000
+    with torch.no_grad():
+        ys = torch.stack([_reparameterized(ours, x) for _ in range(n)])
+        zs = torch.stack([_reparameterized(theirs, x) for _ in range(n)])
+    _same_moments(ys, zs)
+
+
+def _reparameterized(bnet, x, **kwargs):
+    with bnet.reparameterize(**kwargs) as net:
+        return net(x)
+
+
+def _same_moments(ys, zs):
+    n = ys.shape[0]
+    se_mean = torch.sqrt((ys.var(0) + zs.var(0)) / n)
+    assert torch.all((ys.mean(0) - zs.mean(0)).abs() < 5 * se_mean)
+    # the variance of a sample variance is about 2 var^2 / n (near Gaussian outputs)
+    se_var = torch.sqrt(2 * (ys.var(0) ** 2 + zs.var(0) ** 2) / n)
+    assert torch.all((ys.var(0) - zs.var(0)).abs() < 5 * se_var)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "masked-mlp"])
+def test_local_trick_behaves_like_zuko(kind):
+    if kind == "mlp":
+        base = zuko.nn.MLP(3, 2, hidden_features=(8,))
+    else:
+        base = zuko.nn.MaskedMLP(torch.tril(torch.ones(3, 3, dtype=torch.bool), -1), (8,))
+    torch.manual_seed(0)
+    ours = bf.BayesianModel(base, init_logvar=-2.0)
+    torch.manual_seed(0)
+    theirs = zuko.bayesian.BayesianModel(base, init_logvar=-2.0)
+    x = torch.randn(4, 3)
+
+    with ours.reparameterize(local_trick=True) as net:
+        assert torch.equal(net(x), net(x))  # the noise is cached per layer and shape
+        y = net(x)
+    assert not torch.allclose(y[0], y[1])
+    (g,) = torch.autograd.grad(y.sum(), [ours.logvars["0-weight"]])
+    assert g.abs().sum() > 0
+    assert all("forward" not in m.__dict__ for m in base.modules())  # restored
+
+    n = 2000
+    with torch.no_grad():
+        ys = torch.stack([_reparameterized(ours, x, local_trick=True) for _ in range(n)])
+        zs = torch.stack([_reparameterized(theirs, x, local_trick=True) for _ in range(n)])
+    _same_moments(ys, zs)
+
+    if kind == "masked-mlp":  # the mask still holds: output i ignores inputs j >= i
+        with ours.reparameterize(local_trick=True) as net:
+            jac = torch.autograd.functional.jacobian(lambda v: net(v), x[0])
+        assert torch.all(jac[~torch.tril(torch.ones(3, 3, dtype=torch.bool), -1)] == 0)
+
+
+def test_local_trick_covers_linear_subclasses():
+    class MyLinear(nn.Linear):
+        pass
+
+    bnet = bf.BayesianModel(nn.Sequential(MyLinear(3, 2)), init_logvar=-2.0)
+    x = torch.randn(1, 3).expand(64, 3)  # the same input in every row
+
+    with bnet.reparameterize(local_trick=True) as net:
+        y = net(x)
+
+    # with the local trick every row gets its own noise, without it all rows are equal
+    assert y.std(0).min() > 0
+    with bnet.reparameterize() as net:
+        assert torch.allclose(net(x).std(0), torch.zeros(2))
+
+
+def test_sample_model_and_mean_model():
+    bnet, _ = pair("mlp", init_logvar=-3.0)
+    before = snapshot(bnet)
+    x = torch.randn(4, 5)
+
+    a, b = bnet.sample_model(), bnet.sample_model()
+    m = bnet.mean_model()
+
+    assert a is not bnet.base and not torch.allclose(a(x), b(x), atol=1e-6)
+    assert all(p.grad_fn is None for p in a.parameters())
+    assert torch.allclose(m(x), bf.mean_model(bnet.base, bnet.posterior)(x))
+    assert unchanged(before, bnet)
+
+    g = torch.Generator()
+    same = [bnet.sample_model(generator=g.manual_seed(5))(x) for _ in range(2)]
+    assert torch.equal(*same)
+
+
+def test_forward_is_the_vectorized_call():
+    ours, _ = pair("nsf-partial", init_logvar=-3.0)
+    c, x = torch.randn(7, 1), torch.randn(7, 2)
+    g = torch.Generator()
+
+    y = ours(c, x, n=5, fn=log_prob, generator=g.manual_seed(1))
+    params = ours.sample_params(5, generator=g.manual_seed(1))
+    y_loop = bf.loop_call(ours.base, params, c, x, fn=log_prob)
+
+    assert y.shape == (5, 7)
+    assert torch.allclose(y, y_loop, atol=1e-10)
+    assert not torch.allclose(y[0], log_prob(ours.mean_model(), c, x), atol=1e-6)
+
+    one = ours(c, x, fn=log_prob, generator=g.manual_seed(2))
+    assert one.shape == (7,)
+    assert torch.allclose(one, ours(c, x, n=1, fn=log_prob, generator=g.manual_seed(2))[0])
+
+    (grad,) = torch.autograd.grad(
+        y.mean(), [ours.logvars["transform-transforms-0-hyper-4-weight"]]
+    )
+    assert grad.abs().sum() > 0
+
+    with pytest.raises(TypeError, match=r"BayesianModel.forward: expected fn to return tensors"):
+        ours(c)
+
+
+def test_posterior_is_a_view():
+    bnet, _ = pair("mlp")
+    q = bnet.posterior
+
+    assert list(q.mean) == [k.replace("-", ".") for k in bnet.means]
+    assert all(a is b for a, b in zip(q.mean.values(), bnet.means.values(), strict=True))
+    bf.kl_divergence(q).backward()
+    assert all(p.grad is not None for p in bnet.logvars.values())
+
+
+def test_attribute_pass_through_save_load_and_repr():
+    bnet, _ = pair("nsf-tutorial")
+
+    assert bnet.transform is bnet.base.transform
+    with pytest.raises(AttributeError):
+        bnet.does_not_exist  # noqa: B018
+
+    buffer = io.BytesIO()
+    torch.save(bnet, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+
+    assert type(loaded) is bf.BayesianModel
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), bnet.state_dict().values(), strict=True)
+    )
+    c, x = torch.randn(3, 5), torch.randn(3, 3)
+    g = torch.Generator()
+    assert torch.equal(
+        loaded(c, x, n=2, fn=log_prob, generator=g.manual_seed(0)),
+        bnet(c, x, n=2, fn=log_prob, generator=g.manual_seed(0)),
+    )
+
+    text = repr(bnet)
+    assert text.startswith("BayesianModel(") and "bayesian_tensors=3" in text
+    assert "(means): ParameterDict(" in text and "(base): NSF(" in text
+
+
+def test_swap_parameters_restores_on_error():
+    net = nn.Linear(2, 2)
+    weight = net.weight
+    new = {"weight": torch.zeros(2, 2)}
+
+    with pytest.raises(KeyError), bayesflow._compat.swap_parameters(net, new):
+        assert torch.equal(net.weight, torch.zeros(2, 2))
+        raise KeyError("boom")
+
+    assert net.weight is weight
+
+
+def test_init_logvar_noise_like_zuko():
+    bnet = bf.BayesianModel(nn.Linear(100, 100), init_logvar=-4.0)
+    lv = bnet.logvars["weight"]
+
+    assert abs(lv.mean().item() + 4.0) < 5 * 1e-3 / math.sqrt(lv.numel())
+    assert abs(lv.std().item() - 1e-3) < 5 * 1e-3 / math.sqrt(2 * lv.numel())

@@ -1,0 +1,174 @@
+r"""Posterior, init, sample, select and kl_divergence against closed forms and zuko."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import zuko
+import zuko.bayesian
+
+from torch.distributions import Normal
+from torch.distributions import kl_divergence as torch_kl
+
+import bayesflow as bf
+
+from .helpers import MODELS, snapshot, unchanged
+
+PATTERNS = [
+    ("",),
+    ("transform.transforms.*.hyper.4",),
+    ("**.hyper.4",),
+    ("**.bias",),
+    ("transform.transforms.1",),
+    ("*.transforms.0.hyper",),
+    ("transform.transforms.0.hyper.0.weight", "**.hyper.2"),
+]
+
+
+def zuko_selection(module, include, exclude=()):
+    bnet = zuko.bayesian.BayesianModel(module, include_params=include, exclude_params=exclude)
+    return [k.replace("-", ".") for k in bnet.means]
+
+
+@pytest.mark.parametrize("include", PATTERNS, ids=str)
+@pytest.mark.parametrize("exclude", [(), ("**.bias",)], ids=str)
+def test_select_agrees_with_zuko(include, exclude):
+    flow = zuko.flows.NSF(3, 2, transforms=2, hidden_features=(8, 8))
+
+    ours = bf.select(flow, include, exclude)
+
+    assert ours == zuko_selection(flow, include, exclude)
+
+
+def test_select_matches_whole_segments():
+    net = nn.Sequential(*[nn.Linear(2, 2) for _ in range(11)])
+
+    assert bf.select(net, ["1"]) == ["1.weight", "1.bias"]  # not 10.weight
+    assert bf.select(net, ["1*"]) == ["1.weight", "1.bias", "10.weight", "10.bias"]
+    assert bf.select(net, ["*.weight"]) == [f"{i}.weight" for i in range(11)]
+    assert bf.select(net, ["**"], ["**.bias", "1*"]) == [
+        f"{i}.weight" for i in range(11) if i not in (1, 10)
+    ]
+    assert bf.select(net, "1") == ["1.weight", "1.bias"]  # a lone string is one pattern
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_init_copies_the_module(name):
+    case = MODELS[name]
+    module = case.build()
+    before = snapshot(module)
+
+    q = bf.init(module, init_logvar=-5.0, include=case.include, exclude=case.exclude)
+
+    assert list(q.mean) == bf.select(module, case.include, case.exclude)
+    params = dict(module.named_parameters())
+    for name_, m in q.mean.items():
+        assert m.is_leaf and m.requires_grad and q.logvar[name_].requires_grad
+        assert torch.equal(m, params[name_]) and m.data_ptr() != params[name_].data_ptr()
+        assert torch.equal(q.logvar[name_], torch.full_like(m, -5.0))
+
+    with torch.no_grad():
+        for m in q.mean.values():
+            m.add_(1.0)
+    assert unchanged(before, module)
+
+
+def test_init_logvar_forms():
+    net = zuko.nn.MLP(2, 3, hidden_features=(4,))
+    names = [n for n, _ in net.named_parameters()]
+
+    by_dict = bf.init(net, {n: -float(i) for i, n in enumerate(names)})
+    by_fn = bf.init(net, lambda name, p: torch.full_like(p, -1.0) if "bias" in name else -7.0)
+    by_tensor = bf.init(net, {**dict.fromkeys(names, -2.0), "0.bias": torch.arange(4.0)})
+
+    for i, n in enumerate(names):
+        assert torch.all(by_dict.logvar[n] == -float(i))
+        assert torch.all(by_fn.logvar[n] == (-1.0 if "bias" in n else -7.0))
+    assert torch.equal(by_tensor.logvar["0.bias"], torch.arange(4.0))
+
+
+def test_sample_statistics():
+    q = bf.init(nn.Linear(3, 2), init_logvar=-1.0)
+    with torch.no_grad():
+        q.mean["weight"].copy_(torch.randn(2, 3))
+        q.logvar["bias"].fill_(1.0)
+    n = 20000
+
+    params = bf.sample(q, n, generator=torch.Generator().manual_seed(0))
+    sigma = bf.std(q)
+
+    for name, theta in params.items():
+        assert theta.shape == (n, *q.mean[name].shape)
+        se = sigma[name] / math.sqrt(n)
+        assert torch.all((theta.mean(0) - q.mean[name]).abs() < 5 * se)
+        # the standard error of a sample std is about sigma / sqrt(2 n)
+        assert torch.all((theta.std(0) - sigma[name]).abs() < 5 * sigma[name] / math.sqrt(2 * n))
+    # softclip: logvar 1 gives a variance of exp(1 / sqrt(1 + 1/324))
+    assert torch.allclose(
+        sigma["bias"] ** 2, torch.full((2,), math.exp(1 / math.sqrt(1 + 1 / 324)))
+    )
+
+
+def test_sample_is_reproducible_and_differentiable():
+    q = bf.init(zuko.nn.MLP(3, 2, hidden_features=(5,)), init_logvar=-2.0)
+
+    a = bf.sample(q, 3, generator=torch.Generator().manual_seed(7))
+    b = bf.sample(q, 3, generator=torch.Generator().manual_seed(7))
+    c = bf.sample(q, 3, generator=torch.Generator().manual_seed(8))
+
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(torch.equal(a[k], c[k]) for k in a)
+    assert not torch.equal(a["0.weight"][0], a["0.weight"][1])
+
+    total = sum(t.sum() for t in a.values())
+    grads = torch.autograd.grad(total, [*q.mean.values(), *q.logvar.values()])
+    for g in grads[: len(q.mean)]:
+        assert torch.allclose(g, torch.full_like(g, 3.0))  # d/dmu of the sum of 3 samples
+    assert all(g.abs().sum() > 0 for g in grads[len(q.mean) :])
+
+
+def test_kl_closed_form():
+    q = bf.init(zuko.nn.MLP(3, 2, hidden_features=(5,)), init_logvar=-2.0)
+    with torch.no_grad():
+        for lv in q.logvar.values():
+            lv.uniform_(-30.0, 5.0)  # outside softclip's bound too
+
+    sigma = bf.std(q)
+    for prior_var in (0.3, 1.0, 4.0):
+        expected = sum(
+            torch_kl(Normal(q.mean[k], sigma[k]), Normal(0.0, math.sqrt(prior_var))).sum()
+            for k in q.mean
+        )
+        assert torch.allclose(bf.kl_divergence(q, prior_var), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("prior_var", [0.5, 1.0, 2.0])
+def test_kl_agrees_with_zuko(prior_var):
+    zbnet = zuko.bayesian.BayesianModel(zuko.flows.NSF(2, 1), include_params=["**.hyper.4"])
+    with torch.no_grad():
+        for lv in zbnet.logvars.values():
+            lv.uniform_(-25.0, 3.0)
+    q = bf.Posterior(
+        mean={k.replace("-", "."): v for k, v in zbnet.means.items()},
+        logvar={k.replace("-", "."): v for k, v in zbnet.logvars.items()},
+    )
+
+    assert torch.allclose(bf.kl_divergence(q, prior_var), zbnet.kl_divergence(prior_var))
+
+
+def test_mean_model_and_mean_params():
+    flow = zuko.flows.NSF(2, 1, hidden_features=(8,))
+    q = bf.init(flow, include=["**.hyper.2"])
+    with torch.no_grad():
+        for m in q.mean.values():
+            m.add_(0.1)
+    c, x = torch.randn(4, 1), torch.randn(4, 2)
+    before = snapshot(flow)
+
+    mean = bf.mean_model(flow, q)
+    y = bf.vmap_call(flow, bf.mean_params(q), c, x, fn=lambda f, c, x: f(c).log_prob(x))
+
+    assert torch.allclose(y[0], mean(c).log_prob(x), atol=1e-12)
+    assert not torch.allclose(y[0], flow(c).log_prob(x), atol=1e-6)
+    assert unchanged(before, flow)
