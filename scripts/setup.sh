@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates .venv with a CPU build of torch and bayesflow installed in it.
+# Usage: bash scripts/setup.sh [EXTRAS]   (EXTRAS: bench, test or dev; default: bench)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="${1:-bench}"
+torch_version="${TORCH_VERSION:-2.13.0}"
+
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+if ! python -c "import torch" 2>/dev/null; then
+  # The "+cpu" local version exists only as a CPU build, so this never pulls CUDA wheels.
+  if ! python -m pip install -q "torch==${torch_version}+cpu"; then
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+      python -m pip install -q "torch==${torch_version}+cpu" --index-url "$TORCH_INDEX_URL"
+    else
+      echo "setup: no CPU build of torch ${torch_version} found; install one first, or set" >&2
+      echo "setup: TORCH_INDEX_URL to an index that serves it (PyTorch's CPU wheel index)." >&2
+      exit 1
+    fi
+  fi
+fi
+
+python -m pip install -q -e ".[${extras}]"

@@ -1,0 +1,17 @@
+r"""The README's Python examples run, in order, as one script."""
+
+import re
+
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 3
+
+    torch.set_default_dtype(torch.float32)
+    exec(compile("\n".join(blocks), str(README), "exec"), {})
