@@ -1,0 +1,593 @@
+r"""Tests for bayesflow.predictive: oracles are torch.quantile, loops and direct formulas."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import zuko
+
+import bayesflow as bf
+
+
+def _tol(x: torch.Tensor) -> float:
+    return 1e-12 if x.dtype == torch.float64 else 1e-5
+
+
+# Summaries over the sample dim.
+
+SHAPES = {"scalar": (7,), "vector": (5, 3), "batch": (64, 4, 2), "k1": (1, 3)}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_quantiles_match_torch(shape):
+    x = torch.randn(shape)
+    q = [0.0, 0.05, 0.3, 0.5, 0.95, 1.0]
+
+    out = bf.predictive_quantiles(x, q)
+
+    assert out.shape == (len(q), *shape[1:])
+    assert torch.allclose(out, torch.quantile(x, torch.tensor(q), dim=0), atol=_tol(x))
+    assert torch.allclose(bf.predictive_quantiles(x, 0.3), torch.quantile(x, 0.3, dim=0))
+    assert torch.allclose(
+        bf.predictive_quantiles(x, torch.tensor([0.3])), torch.quantile(x, 0.3, dim=0)[None]
+    )
+
+
+@pytest.mark.parametrize("level", [0.5, 0.9, 0.99])
+def test_interval_and_summary_match_torch(level):
+    x = torch.randn(256, 8, 3)
+    x0 = x.clone()
+    a = (1 - level) / 2
+
+    lower, upper = bf.predictive_interval(x, level=level)
+    s = bf.summarize(x, level=level)
+
+    assert torch.equal(x, x0)  # inputs are left untouched (no in-place sort)
+    assert torch.allclose(lower, torch.quantile(x, a, dim=0))
+    assert torch.allclose(upper, torch.quantile(x, 1 - a, dim=0))
+    assert torch.allclose(s.mean, x.mean(dim=0))
+    assert torch.allclose(s.std, x.std(dim=0))
+    assert torch.allclose(s.median, torch.quantile(x, 0.5, dim=0))
+    assert torch.equal(s.lower, lower) and torch.equal(s.upper, upper)
+    assert torch.allclose(bf.predictive_mean(x), x.mean(dim=0))
+    assert torch.allclose(bf.predictive_std(x), x.std(dim=0))
+    assert torch.allclose(bf.predictive_std(x, correction=0), x.std(dim=0, correction=0))
+
+
+def test_summaries_of_a_bayesian_mlp_in_one_pass():
+    net = zuko.nn.MLP(3, 1, hidden_features=(16, 16))
+    params = bf.sample(bf.init(net, init_logvar=-4.0), 256)
+    x = torch.randn(32, 3)
+
+    y = bf.vmap_call(net, params, x)
+    s = bf.summarize(y, level=0.9)
+    oracle = bf.loop_call(net, params, x)
+
+    assert torch.allclose(s.mean, oracle.mean(dim=0))
+    assert torch.allclose(s.lower, torch.quantile(oracle, 0.05, dim=0))
+    assert (s.std > 0).all()  # the sampled parameters changed the output
+    assert not torch.allclose(y[0], net(x))
+
+
+# Density models.
+
+
+def test_mixture_log_prob_matches_direct_and_is_stable():
+    lp = torch.randn(16, 10, dtype=torch.float64) * 3
+
+    direct = lp.exp().mean(dim=0).log()
+
+    assert torch.allclose(bf.mixture_log_prob(lp), direct, atol=1e-12)
+    # Far below exp's range: the direct formula gives -inf, the mixture stays exact.
+    assert torch.isinf(((lp - 1e4).exp().mean(dim=0)).log()).all()
+    assert torch.allclose(bf.mixture_log_prob(lp - 1e4), direct - 1e4, atol=1e-9)
+    # One sample: its own log-density; identical samples: the same.
+    assert torch.equal(bf.mixture_log_prob(lp[:1]), lp[0])
+    assert torch.allclose(bf.mixture_log_prob(lp[:1].expand(5, 10)), lp[0], atol=1e-12)
+
+
+def test_predictive_nll_reductions():
+    lp = torch.randn(8, 5, 3)
+    nll = -bf.mixture_log_prob(lp)
+
+    assert torch.allclose(bf.predictive_nll(lp, reduction="none"), nll)
+    assert torch.allclose(bf.predictive_nll(lp), nll.mean())
+    assert torch.allclose(bf.predictive_nll(lp, reduction="sum"), nll.sum())
+
+
+def test_bayesian_flow_model_average_density():
+    torch.manual_seed(1)
+    flow = bf.BayesianModel(
+        zuko.flows.NSF(2, 1, transforms=2, hidden_features=(16, 16)), init_logvar=-6.0
+    )
+    c, x = torch.randn(32, 1), torch.randn(32, 2)
+    fn = lambda f, c, x: f(c).log_prob(x)
+
+    params = flow.sample_params(16, generator=torch.Generator().manual_seed(0))
+    lp = bf.vmap_call(flow.base, params, c, x, fn=fn)
+    oracle = bf.loop_call(flow.base, params, c, x, fn=fn)
+    same = flow(c, x, n=16, fn=fn, generator=torch.Generator().manual_seed(0))
+
+    assert lp.shape == (16, 32)
+    assert torch.allclose(lp, oracle, atol=1e-10)
+    assert torch.allclose(same, lp, atol=1e-10)
+    assert not torch.allclose(lp[0], lp[1])  # the sampled parameters changed the output
+    assert not torch.allclose(lp[0], fn(flow.base, c, x))
+
+    mix = bf.mixture_log_prob(lp)
+    direct = oracle.to(torch.float64).exp().mean(dim=0).log()
+
+    assert torch.allclose(mix.to(torch.float64), direct, atol=100 * _tol(lp))
+    assert torch.allclose(bf.predictive_nll(lp), -direct.mean().to(lp.dtype), atol=100 * _tol(lp))
+
+
+# Classifiers.
+
+
+def _entropy_direct(p):
+    return -(p * p.log()).nan_to_num().sum(dim=-1)
+
+
+@pytest.mark.parametrize("shape", [(8, 4), (8, 16, 4), (3, 2, 5, 3)], ids=["kc", "kbc", "kbbc"])
+def test_classification_matches_direct(shape):
+    z = torch.randn(shape) * 2
+    p = z.softmax(dim=-1)
+
+    mean = p.mean(dim=0)
+    total = _entropy_direct(mean)
+    aleatoric = _entropy_direct(p).mean(dim=0)
+    s = bf.classification_summary(z)
+
+    assert torch.allclose(bf.mean_probs(z), mean)
+    assert torch.allclose(bf.log_mean_probs(z), mean.log())
+    assert torch.allclose(bf.predictive_entropy(z), total)
+    assert torch.allclose(bf.expected_entropy(z), aleatoric)
+    assert torch.allclose(bf.mutual_information(z), total - aleatoric)
+    assert torch.allclose(s.probs, mean)
+    assert torch.allclose(s.predictive_entropy, total)
+    assert torch.allclose(s.expected_entropy, aleatoric)
+    assert torch.allclose(s.mutual_information, total - aleatoric)
+    assert (s.mutual_information >= 0).all()
+    assert (s.mutual_information <= math.log(shape[-1]) + 1e-6).all()
+    # log-probabilities are logits too.
+    assert torch.allclose(bf.classification_summary(p.log()).mutual_information, total - aleatoric)
+
+
+def test_mutual_information_known_values():
+    c = 5
+    # All samples agree: no epistemic uncertainty, whatever the aleatoric one.
+    z = torch.randn(1, 10, c).expand(8, 10, c)
+    assert torch.allclose(bf.mutual_information(z), torch.zeros(10), atol=_tol(z))
+    assert torch.allclose(bf.predictive_entropy(z), bf.expected_entropy(z))
+
+    # C samples, each sure of a different class: MI = log C, expected entropy 0.
+    z = torch.full((c, c), -1e4).fill_diagonal_(0.0)
+    assert torch.allclose(bf.mutual_information(z), torch.tensor(math.log(c)))
+    assert torch.allclose(bf.expected_entropy(z), torch.tensor(0.0))
+
+    # Uniform samples: all aleatoric.
+    z = torch.zeros(4, 3, c)
+    assert torch.allclose(bf.expected_entropy(z), torch.full((3,), math.log(c)))
+    assert torch.allclose(bf.mutual_information(z), torch.zeros(3), atol=_tol(z))
+
+
+def test_entropy_with_zero_probabilities_has_finite_gradients():
+    lp = torch.tensor([[[0.0, -math.inf]], [[-math.inf, 0.0]]], requires_grad=True)
+
+    s = bf.classification_summary(lp)
+    (s.predictive_entropy + s.expected_entropy + s.mutual_information).sum().backward()
+
+    assert torch.allclose(s.mutual_information, torch.tensor([math.log(2)]))
+    assert torch.isfinite(lp.grad).all()
+
+
+def test_categorical_nll():
+    probs = torch.tensor([[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]])
+    labels = torch.tensor([0, 1, 1])
+    hand = torch.tensor([math.log(2), -math.log(0.75), -math.log(0.1)])
+
+    assert torch.allclose(bf.categorical_nll(probs, labels, reduction="none"), hand)
+    assert torch.allclose(bf.categorical_nll(probs, labels), hand.mean())
+    assert torch.allclose(bf.categorical_nll(probs, labels, reduction="sum"), hand.sum())
+
+    # The model average from per-sample logits: the same as the log-space predictive_nll.
+    z = torch.randn(8, 16, 3)
+    y = torch.randint(3, (16,))
+    lp = z.log_softmax(dim=-1).gather(-1, y.expand(8, 16).unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(bf.categorical_nll(bf.mean_probs(z), y), bf.predictive_nll(lp))
+    assert torch.allclose(
+        bf.categorical_nll(bf.mean_probs(z), y),
+        torch.nn.functional.nll_loss(z.softmax(-1).mean(0).log(), y),
+    )
+
+
+def test_gaussian_nll_matches_torch():
+    mean, std, y = torch.randn(20), torch.rand(20) + 0.1, torch.randn(20)
+
+    nll = -torch.distributions.Normal(mean, std).log_prob(y)
+
+    assert torch.allclose(bf.gaussian_nll(mean, std, y, reduction="none"), nll)
+    assert torch.allclose(bf.gaussian_nll(mean, std, y), nll.mean())
+    assert torch.allclose(bf.gaussian_nll(mean, std, y, reduction="sum"), nll.sum())
+    assert torch.allclose(
+        bf.gaussian_nll(mean, std, y),
+        torch.nn.functional.gaussian_nll_loss(mean, y, std.square(), full=True),
+    )
+
+
+# Calibration.
+
+
+def _ece_loop(probs, labels, bins):
+    conf, pred = probs.max(dim=-1)
+    ece = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        inside = [i for i in range(len(conf)) if lo < conf[i] <= hi]
+        if inside:
+            acc = sum(float(pred[i] == labels[i]) for i in inside) / len(inside)
+            avg = sum(float(conf[i]) for i in inside) / len(inside)
+            ece += len(inside) / len(conf) * abs(acc - avg)
+    return ece
+
+
+def test_ece_hand_example_and_loop():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+    labels = torch.tensor([0, 1, 1])
+    # One bin (0.5, 1]: confidence (0.9 + 0.8 + 0.7) / 3 = 0.8, accuracy 2/3.
+    assert torch.allclose(
+        bf.expected_calibration_error(probs, labels, bins=2), torch.tensor(0.8 - 2 / 3)
+    )
+    # Ten bins: (0.6, 0.7] holds 0.7 (right), (0.7, 0.8] 0.8 (wrong), (0.8, 0.9] 0.9 (right).
+    ten = (0.3 + 0.8 + 0.1) / 3
+    assert torch.allclose(bf.expected_calibration_error(probs, labels, bins=10), torch.tensor(ten))
+
+    probs = torch.randn(200, 4).mul(2).softmax(dim=-1)
+    labels = torch.randint(4, (200,))
+    for bins in (1, 7, 15):
+        ece = bf.expected_calibration_error(probs, labels, bins=bins)
+        assert math.isclose(float(ece), _ece_loop(probs, labels, bins), abs_tol=1e-6)
+
+    curve = bf.calibration_curve(probs, labels, bins=15)
+    assert int(curve.count.sum()) == 200 and curve.count.shape == (15,)
+
+
+def _calibrated_binary(n, generator):
+    u = 0.5 + 0.5 * torch.rand(n, generator=generator)  # the confidence in class 0
+    labels = (torch.rand(n, generator=generator) >= u).long()  # class 0 with probability u
+    return torch.stack([u, 1 - u], dim=-1), labels
+
+
+def test_ece_of_a_calibrated_classifier_is_zero():
+    n, bins = 20000, 15
+    probs, labels = _calibrated_binary(n, torch.Generator().manual_seed(0))
+
+    ece = bf.expected_calibration_error(probs, labels, bins=bins)
+
+    # |acc_b - conf_b| has standard error sqrt(sum_i p_i (1 - p_i)) / n_b in bin b.
+    conf = probs.max(dim=-1).values
+    index = torch.bucketize(conf, torch.linspace(0, 1, bins + 1)[1:-1])
+    se = 0.0
+    for b in range(bins):
+        c = conf[index == b]
+        se += float((c * (1 - c)).sum().sqrt()) / n
+    assert 0 <= float(ece) < 5 * se
+
+
+def test_ece_of_an_overconfident_classifier():
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(n, generator=g) >= 0.6).long()  # 60% class 0
+    probs = torch.tensor([0.9, 0.1]).expand(n, 2)  # always 90% sure of class 0
+
+    ece = bf.expected_calibration_error(probs, labels)
+
+    assert abs(float(ece) - 0.3) < 5 * math.sqrt(0.6 * 0.4 / n)
+
+
+# Coverage.
+
+
+def test_interval_coverage_hand_example():
+    lower, upper = torch.zeros(5), torch.ones(5)
+    y = torch.tensor([0.0, 0.5, 1.0, 1.5, -0.1])
+
+    assert torch.allclose(bf.interval_coverage(lower, upper, y), torch.tensor(0.6))
+
+
+@pytest.mark.parametrize("level", [0.5, 0.9])
+def test_interval_coverage_of_exact_gaussian_quantiles(level):
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(n, generator=g), torch.rand(n, generator=g) + 0.5
+    y = mean + std * torch.randn(n, generator=g)
+    z = math.sqrt(2) * torch.erfinv(torch.tensor(level))
+
+    coverage = bf.interval_coverage(mean - z * std, mean + z * std, y)
+
+    assert abs(float(coverage) - level) < 5 * math.sqrt(level * (1 - level) / n)
+
+
+def test_predictive_interval_converges_to_exact_quantiles():
+    mean, std = torch.randn(50), torch.rand(50) + 0.5
+    k = 100000
+    samples = mean + std * torch.randn(k, 50)
+
+    lower, upper = bf.predictive_interval(samples, level=0.9)
+    z = 1.6448536269514722
+
+    # The standard error of a sample quantile: sqrt(a (1 - a) / K) / density at it.
+    se = math.sqrt(0.05 * 0.95 / k) / (math.exp(-(z**2) / 2) / math.sqrt(2 * math.pi)) * std
+    assert ((lower - (mean - z * std)).abs() < 5 * se).all()
+    assert ((upper - (mean + z * std)).abs() < 5 * se).all()
+
+
+# Deep ensembles.
+
+
+def _train(net, x, y, steps=20):
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (net(x) - y).square().mean().backward()
+        optimizer.step()
+    return net
+
+
+def test_deep_ensemble_through_vmap_call():
+    x = torch.randn(64, 3)
+    y = x.sum(dim=-1, keepdim=True).sin()
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(_train(zuko.nn.MLP(3, 1, hidden_features=(16, 16)), x, y))
+
+    params = bf.stack_params(members)
+    out = bf.vmap_call(members[0], params, x)
+
+    assert set(params) == {name for name, _ in members[0].named_parameters()}
+    assert all(v.shape[0] == 3 for v in params.values())
+    for i, m in enumerate(members):
+        assert torch.allclose(out[i], m(x), atol=1e-10 if x.dtype == torch.float64 else 1e-5)
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+    assert torch.allclose(out, bf.loop_call(members[0], params, x))
+
+    s = bf.summarize(out)
+    assert torch.allclose(s.mean, torch.stack([m(x) for m in members]).mean(dim=0))
+
+    out.sum().backward()  # gradients reach every member
+    assert all(m[0].weight.grad is not None for m in members)
+
+
+def test_deep_ensemble_of_flows_and_classifiers():
+    nets = [zuko.nn.MLP(2, 3, hidden_features=(8,)) for _ in range(4)]
+    x = torch.randn(10, 2)
+    s = bf.classification_summary(bf.vmap_call(nets[0], bf.stack_params(nets), x))
+    logits = torch.stack([n(x) for n in nets])
+    assert torch.allclose(s.mutual_information, bf.mutual_information(logits))
+    assert (s.mutual_information > 0).all()
+
+    flows = [zuko.flows.NSF(2, 1, transforms=1, hidden_features=(8,)) for _ in range(3)]
+    c, x = torch.randn(16, 1), torch.randn(16, 2)
+    fn = lambda f, c, x: f(c).log_prob(x)
+    lp = bf.vmap_call(flows[0], bf.stack_params(flows), c, x, fn=fn)
+    direct = torch.stack([fn(f, c, x) for f in flows])
+    assert torch.allclose(lp, direct, atol=1e-10 if lp.dtype == torch.float64 else 1e-4)
+    assert not torch.allclose(lp[0], lp[1])
+    assert torch.allclose(bf.mixture_log_prob(lp), direct.exp().mean(dim=0).log(), atol=1e-4)
+
+
+def test_stack_params_rejects_mismatched_members():
+    a = zuko.nn.MLP(3, 5)
+    bn = [nn.BatchNorm1d(3), nn.BatchNorm1d(3)]
+    bn[1].running_mean.fill_(1.0)
+
+    with pytest.raises(TypeError, match="stack_params: expected a sequence"):
+        bf.stack_params(a)
+    with pytest.raises(TypeError, match="stack_params: expected a sequence"):
+        bf.stack_params([a, "b"])
+    with pytest.raises(ValueError, match="stack_params: expected at least one module"):
+        bf.stack_params([])
+    with pytest.raises(ValueError, match="stack_params: expected modules of one class"):
+        bf.stack_params([a, nn.Linear(3, 5)])
+    with pytest.raises(ValueError, match=r"stack_params: expected '4\.weight' of shape"):
+        bf.stack_params([a, zuko.nn.MLP(3, 6)])
+    with pytest.raises(ValueError, match="stack_params: expected the same parameter names"):
+        bf.stack_params([a, zuko.nn.MLP(3, 5, hidden_features=(64,))])
+    with pytest.raises(ValueError, match="stack_params: expected equal buffers"):
+        bf.stack_params(bn)
+    with pytest.raises(ValueError, match="stack_params: expected modules with parameters"):
+        bf.stack_params([nn.ReLU(), nn.ReLU()])
+
+
+# Bad input.
+
+X = torch.randn(4, 3)
+P = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
+L = torch.tensor([1, 0])
+
+BAD = {
+    "mean-not-tensor": (
+        lambda: bf.predictive_mean([1.0, 2.0]),
+        TypeError,
+        "predictive_mean: expected samples to be a tensor",
+    ),
+    "mean-0d": (
+        lambda: bf.predictive_mean(torch.tensor(1.0)),
+        ValueError,
+        "predictive_mean: expected samples with at least 1 dims",
+    ),
+    "mean-int": (
+        lambda: bf.predictive_mean(torch.arange(3)),
+        TypeError,
+        "predictive_mean: expected samples to be a floating-point",
+    ),
+    "mean-k0": (
+        lambda: bf.predictive_mean(torch.zeros(0, 3)),
+        ValueError,
+        "predictive_mean: expected samples with at least one sample",
+    ),
+    "std-k1": (
+        lambda: bf.predictive_std(X[:1]),
+        ValueError,
+        "predictive_std: expected more than correction",
+    ),
+    "std-correction": (
+        lambda: bf.predictive_std(X, correction=-1),
+        ValueError,
+        "predictive_std: expected a correction",
+    ),
+    "quantile-range": (
+        lambda: bf.predictive_quantiles(X, [0.5, 1.5]),
+        ValueError,
+        r"predictive_quantiles: expected q in \[0, 1\]",
+    ),
+    "quantile-2d": (
+        lambda: bf.predictive_quantiles(X, [[0.5]]),
+        ValueError,
+        "predictive_quantiles: expected q to be a float or 1-d",
+    ),
+    "quantile-empty": (
+        lambda: bf.predictive_quantiles(X, []),
+        ValueError,
+        "predictive_quantiles: expected at least one",
+    ),
+    "quantile-type": (
+        lambda: bf.predictive_quantiles(X, "median"),
+        TypeError,
+        "predictive_quantiles: expected q to be a float",
+    ),
+    "interval-level-1": (
+        lambda: bf.predictive_interval(X, level=1.0),
+        ValueError,
+        r"predictive_interval: expected level in \(0, 1\)",
+    ),
+    "interval-level-0": (
+        lambda: bf.predictive_interval(X, level=0),
+        ValueError,
+        r"predictive_interval: expected level in \(0, 1\)",
+    ),
+    "interval-level-type": (
+        lambda: bf.predictive_interval(X, level="90%"),
+        TypeError,
+        "predictive_interval: expected level to be a float",
+    ),
+    "summarize-k1": (
+        lambda: bf.summarize(X[:1]),
+        ValueError,
+        "summarize: expected at least 2 samples",
+    ),
+    "summarize-level": (
+        lambda: bf.summarize(X, level=90),
+        ValueError,
+        r"summarize: expected level in \(0, 1\)",
+    ),
+    "mixture-int": (
+        lambda: bf.mixture_log_prob(torch.zeros(3, dtype=torch.long)),
+        TypeError,
+        "mixture_log_prob: expected log_probs to be a floating-point",
+    ),
+    "nll-reduction": (
+        lambda: bf.predictive_nll(X, reduction="avg"),
+        ValueError,
+        "predictive_nll: expected reduction",
+    ),
+    "logits-1d": (
+        lambda: bf.mutual_information(torch.randn(3)),
+        ValueError,
+        "mutual_information: expected logits with at least 2 dims",
+    ),
+    "logits-list": (
+        lambda: bf.classification_summary([[0.0]]),
+        TypeError,
+        "classification_summary: expected logits to be a tensor",
+    ),
+    "probs-sum": (
+        lambda: bf.categorical_nll(P * 2 / 3, L),
+        ValueError,
+        "categorical_nll: expected probabilities that sum to 1",
+    ),
+    "probs-range": (
+        lambda: bf.categorical_nll(torch.tensor([[1.5, -0.5]]), L[:1]),
+        ValueError,
+        r"categorical_nll: expected probabilities in \[0, 1\]",
+    ),
+    "labels-float": (
+        lambda: bf.categorical_nll(P, L.double()),
+        TypeError,
+        "categorical_nll: expected integer labels",
+    ),
+    "labels-shape": (
+        lambda: bf.categorical_nll(P, L[:1]),
+        ValueError,
+        r"categorical_nll: expected labels of shape \(2,\)",
+    ),
+    "labels-range": (
+        lambda: bf.categorical_nll(P, torch.tensor([0, 2])),
+        ValueError,
+        r"categorical_nll: expected labels in \[0, 1\]",
+    ),
+    "ece-bins": (
+        lambda: bf.expected_calibration_error(P, L, bins=0),
+        ValueError,
+        "expected_calibration_error: expected bins >= 1",
+    ),
+    "ece-bins-type": (
+        lambda: bf.expected_calibration_error(P, L, bins=2.0),
+        TypeError,
+        "expected_calibration_error: expected bins to be an int",
+    ),
+    "ece-sum": (
+        lambda: bf.expected_calibration_error(P + 0.1, L),
+        ValueError,
+        "expected_calibration_error: expected probabilities that sum to 1",
+    ),
+    "ece-labels": (
+        lambda: bf.expected_calibration_error(P, L[:, None]),
+        ValueError,
+        "expected_calibration_error: expected labels of shape",
+    ),
+    "curve-empty": (
+        lambda: bf.calibration_curve(P[:0], L[:0]),
+        ValueError,
+        "calibration_curve: expected at least one prediction",
+    ),
+    "gaussian-shape": (
+        lambda: bf.gaussian_nll(X, X.abs(), X[0]),
+        ValueError,
+        "gaussian_nll: expected tensors of the same shape",
+    ),
+    "gaussian-std": (
+        lambda: bf.gaussian_nll(X, -X.abs(), X),
+        ValueError,
+        "gaussian_nll: expected std > 0",
+    ),
+    "gaussian-int": (
+        lambda: bf.gaussian_nll(X, X.abs(), torch.ones(4, 3, dtype=torch.long)),
+        TypeError,
+        "gaussian_nll: expected y to be a floating-point",
+    ),
+    "coverage-shape": (
+        lambda: bf.interval_coverage(X[0], X[0] + 1, X),
+        ValueError,
+        "interval_coverage: expected tensors of the same shape",
+    ),
+    "coverage-order": (
+        lambda: bf.interval_coverage(X + 1, X, X),
+        ValueError,
+        "interval_coverage: expected lower <= upper",
+    ),
+    "coverage-empty": (
+        lambda: bf.interval_coverage(X[:0], X[:0], X[:0]),
+        ValueError,
+        "interval_coverage: expected at least one observation",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input(name):
+    call, error, match = BAD[name]
+    with pytest.raises(error, match=match):
+        call()
