@@ -1,6 +1,9 @@
 r"""Tests for bayesflow.predictive: oracles are torch.quantile, loops and direct formulas."""
 
 import math
+import re
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -399,6 +402,17 @@ def test_stack_params_rejects_mismatched_members():
         bf.stack_params(bn)
     with pytest.raises(ValueError, match="stack_params: expected modules with parameters"):
         bf.stack_params([nn.ReLU(), nn.ReLU()])
+
+
+# Docs.
+
+
+def test_docs_examples_run():
+    page = Path(__file__).resolve().parents[1] / "docs" / "predictive.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) >= 4
+
+    exec(compile("\n".join(blocks), str(page), "exec"), {})
 
 
 # Bad input.
