@@ -19,6 +19,7 @@ __all__ = [
     "classification_summary",
     "expected_calibration_error",
     "expected_entropy",
+    "flow_sample",
     "gaussian_nll",
     "init",
     "interval_coverage",
@@ -46,6 +47,7 @@ __all__ = [
 
 from .bayesian import BayesianModel
 from .call import VmapFallbackWarning, loop_call, vmap_call
+from .flows import flow_sample
 from .posterior import (
     Posterior,
     init,

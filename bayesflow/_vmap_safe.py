@@ -1,15 +1,211 @@
-r"""Vmap-safe stand-ins for the pieces of zuko that torch.func cannot batch."""
+r"""Vmap-safe stand-ins for the pieces of zuko that torch.func cannot batch.
+
+Zuko 1.6 has six pieces that :func:`torch.func.vmap` cannot batch: the in-place merge of
+coupling transforms (NICE, RealNVP), the :py:`autograd.grad` derivative of monotonic
+transforms (NAF, GF, BPF), the old-style autograd functions behind bisection (inverse of
+every monotonic transform), Gauss-Legendre quadrature (UNAF, SOSPF) and the adaptive ODE
+solver, and the :py:`autograd.grad` trace of free-form Jacobian transforms (CNF).
+
+:func:`vmap_safe` swaps each of them for its equivalent in
+:mod:`bayesflow._zuko_transforms` for the duration of a block, and puts zuko's own objects
+back on exit, also when the block raises. Nothing is patched at import. A piece is swapped
+only if it is still the object zuko defined and a tiny probe shows that vmap cannot run it:
+a zuko release that fixes a piece is used as is.
+"""
 
 from __future__ import annotations
 
 __all__ = ["vmap_safe"]
 
-from collections.abc import Iterator
+import sys
+import threading
+
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torch.func import vmap
+
+from . import _zuko_transforms as _safe
+
+
+@dataclass(frozen=True)
+class _Piece:
+    r"""A zuko attribute, its vmap-safe equivalent and a probe of the original."""
+
+    module: str
+    owner: str | None  # a class of `module`, or None for a module-level function
+    name: str
+    replacement: Callable[..., Any]
+    probe: Callable[[Any], None]  # runs the original under vmap; raises if it cannot
+
+    def target(self) -> Any | None:
+        module = sys.modules.get(self.module)
+        if module is None:
+            return None
+        if self.owner is None:
+            return module
+        return getattr(module, self.owner, None)
+
+    def original(self, target: Any) -> Any | None:
+        # The attribute as defined on the target itself (not inherited), or None.
+        return vars(target).get(self.name)
+
+
+def _probe_input() -> tuple[torch.Tensor, torch.Tensor]:
+    s = torch.linspace(0.5, 1.5, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.linspace(-1.0, 1.0, 3, dtype=torch.float64)
+    return s, x
+
+
+def _probe_merge(merge: Callable[..., Any]) -> None:
+    transforms = sys.modules["zuko.transforms"]
+    t = transforms.CouplingTransform(meta=None, mask=torch.tensor([True, False, True]))
+    s, x = _probe_input()
+
+    def f(si: torch.Tensor) -> torch.Tensor:
+        x_a, x_b = t.split(x)
+        return merge(t, x_a, x_b * si, x.shape)
+
+    vmap(f)(s)
+
+
+def _probe_monotonic(call_and_ladj: Callable[..., Any]) -> None:
+    transforms = sys.modules["zuko.transforms"]
+    s, x = _probe_input()
+
+    def f(si: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = transforms.MonotonicTransform(lambda u: u * si, phi=(si,))
+        return call_and_ladj(t, x)
+
+    vmap(f)(s)
+
+
+def _probe_bisection(bisection: Callable[..., Any]) -> None:
+    s, x = _probe_input()
+    vmap(lambda si: bisection(lambda u: u * si, x, -2.0, 2.0, n=2, phi=(si,)))(s)
+
+
+def _probe_gauss_legendre(gauss_legendre: Callable[..., Any]) -> None:
+    s, x = _probe_input()
+    vmap(lambda si: gauss_legendre(lambda u: u * si, torch.zeros_like(x), x, n=2, phi=(si,)))(s)
+
+
+def _probe_odeint(odeint: Callable[..., Any]) -> None:
+    s, x = _probe_input()
+    vmap(lambda si: odeint(lambda t, u: -u * si, x, 0.0, 0.1, phi=(si,)))(s)
+
+
+def _probe_ffj(call_and_ladj: Callable[..., Any]) -> None:
+    transforms = sys.modules["zuko.transforms"]
+    s, x = _probe_input()
+
+    def f(si: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = transforms.FreeFormJacobianTransform(lambda t, u: -u * si, 0.0, 0.1, phi=(si,))
+        return call_and_ladj(t, x[None])
+
+    vmap(f)(s)
+
+
+_PIECES = (
+    _Piece("zuko.transforms", "CouplingTransform", "merge", _safe.coupling_merge, _probe_merge),
+    _Piece(
+        "zuko.transforms",
+        "MonotonicTransform",
+        "call_and_ladj",
+        _safe.monotonic_call_and_ladj,
+        _probe_monotonic,
+    ),
+    _Piece("zuko.transforms", None, "bisection", _safe.bisection, _probe_bisection),
+    _Piece("zuko.transforms", None, "gauss_legendre", _safe.gauss_legendre, _probe_gauss_legendre),
+    _Piece("zuko.transforms", None, "odeint", _safe.odeint, _probe_odeint),
+    _Piece(
+        "zuko.transforms",
+        "FreeFormJacobianTransform",
+        "call_and_ladj",
+        _safe.ffj_call_and_ladj,
+        _probe_ffj,
+    ),
+)
+
+# Zuko's originals, recorded the first time a piece is seen, so that only these exact
+# objects are ever swapped; probe verdicts are cached per original.
+_ORIGINALS: dict[_Piece, Any] = {}
+_NEEDED: dict[_Piece, bool] = {}
+
+_LOCK = threading.RLock()
+_DEPTH = 0
+_APPLIED: list[tuple[Any, str, Any]] = []
+
+
+def _needed(piece: _Piece, original: Any) -> bool:
+    if piece not in _NEEDED:
+        try:
+            with torch.enable_grad():
+                piece.probe(original)
+        except Exception:
+            _NEEDED[piece] = True
+        else:
+            _NEEDED[piece] = False
+
+    return _NEEDED[piece]
+
+
+def _apply() -> list[tuple[Any, str, Any]]:
+    applied = []
+    try:
+        for piece in _PIECES:
+            target = piece.target()
+            if target is None:
+                continue
+
+            current = piece.original(target)
+            if current is None:
+                continue
+
+            expected = _ORIGINALS.setdefault(piece, current)
+            if current is not expected:
+                continue  # someone else replaced it: leave it alone
+
+            if _needed(piece, current):
+                setattr(target, piece.name, piece.replacement)
+                applied.append((target, piece.name, current))
+    except BaseException:
+        _restore(applied)
+        raise
+
+    return applied
+
+
+def _restore(applied: list[tuple[Any, str, Any]]) -> None:
+    for target, name, original in reversed(applied):
+        setattr(target, name, original)
 
 
 @contextmanager
 def vmap_safe() -> Iterator[None]:
-    r"""Makes zuko's flows batchable by :func:`torch.func.vmap` for the duration of the block."""
+    r"""Makes zuko's flows batchable by :func:`torch.func.vmap` for the duration of the block.
 
-    yield
+    Re-entrant and thread-safe: the pieces are swapped when the outermost block is entered
+    and restored when it exits, also when it raises. While a block is active, zuko code
+    that runs in other threads sees the vmap-safe pieces too; they give the same numbers.
+    """
+
+    global _APPLIED, _DEPTH
+
+    with _LOCK:
+        if _DEPTH == 0:
+            _APPLIED = _apply()
+        _DEPTH += 1
+
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _DEPTH -= 1
+            if _DEPTH == 0:
+                applied, _APPLIED = _APPLIED, []
+                _restore(applied)

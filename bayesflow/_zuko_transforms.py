@@ -1,0 +1,332 @@
+r"""Vmap-safe equivalents of the pieces of :mod:`zuko.transforms` that vmap cannot batch.
+
+Each function here computes the same numbers as its zuko counterpart with plain,
+differentiable tensor code: no in-place writes into unbatched tensors, no old-style
+:class:`torch.autograd.Function`, no :py:`requires_grad_()` or :func:`torch.autograd.grad`
+and no :py:`.item()`. They are installed only while :func:`bayesflow._vmap_safe.vmap_safe`
+is active.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "bisection",
+    "coupling_merge",
+    "ffj_call_and_ladj",
+    "gauss_legendre",
+    "monotonic_call_and_ladj",
+    "odeint",
+]
+
+import math
+
+from collections.abc import Callable, Iterable, Sequence
+from functools import cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from torch import Size, Tensor
+from torch._C import _functorch
+from torch.func import jvp, vmap
+
+_MAX_ODE_ATTEMPTS = 100_000
+
+
+def coupling_merge(self: Any, x_a: Tensor, x_b: Tensor, shape: Size) -> Tensor:
+    r"""Merges the two splits of a coupling transform out of place.
+
+    Replaces :meth:`zuko.transforms.CouplingTransform.merge`, which writes a batched
+    split into an unbatched empty tensor when only the context carries the sample dim.
+    """
+
+    batch = tuple(shape[:-1])
+    x_a = x_a.expand(*batch, x_a.shape[-1])
+    x_b = x_b.expand(*batch, x_b.shape[-1])
+    order = torch.argsort(torch.cat((self.idx_a, self.idx_b)))
+
+    return torch.index_select(torch.cat((x_a, x_b), dim=-1), -1, order)
+
+
+def _derivative(f: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Returns :math:`f(x)` and :math:`f'(x)` of an element-wise function, in forward mode."""
+
+    return jvp(f, (x,), (torch.ones_like(x),))
+
+
+def monotonic_call_and_ladj(self: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Replaces :meth:`zuko.transforms.MonotonicTransform.call_and_ladj`.
+
+    The derivative of the element-wise :math:`f` is one forward-mode pass instead of
+    :py:`requires_grad_()` and :func:`torch.autograd.grad`, which vmap cannot batch.
+    """
+
+    y, dy = _derivative(self.f, x)
+
+    return y, dy.log()
+
+
+def bisection(
+    f: Callable[[Tensor], Tensor],
+    y: Tensor,
+    a: float | Tensor,
+    b: float | Tensor,
+    n: int = 16,
+    phi: Iterable[Tensor] = (),
+) -> Tensor:
+    r"""Replaces :func:`zuko.utils.bisection`: the same iterations, then implicit gradients.
+
+    The root :math:`x^\star` is found without gradients. The returned value is exactly
+    :math:`x^\star`, and its gradients are those of the implicit function theorem,
+    :math:`\partial x = (\partial y - \partial f_\phi(x^\star)) / f'_\phi(x^\star)`, as
+    in zuko's backward, with respect to every tensor :math:`f` depends on.
+    """
+
+    a = torch.as_tensor(a).to(y)
+    b = torch.as_tensor(b).to(y)
+
+    with torch.no_grad():
+        for _ in range(n):
+            c = (a + b) / 2
+            mask = f(c) < y
+            a = torch.where(mask, c, a)
+            b = torch.where(mask, b, c)
+
+        x = (a + b) / 2
+
+    if not torch.is_grad_enabled():
+        return x
+
+    fx, dfx = _derivative(f, x)
+    delta = (y - fx) / dfx.detach()
+
+    # `delta - delta.detach()` is zero in value and carries the implicit gradients.
+    return x + torch.where(torch.isfinite(delta), delta - delta.detach(), 0.0)
+
+
+@cache
+def _legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+
+    return (nodes + 1) / 2, weights / 2
+
+
+def _quadrature(f: Callable[[Tensor], Tensor], a: Tensor, b: Tensor, n: int) -> Tensor:
+    nodes, weights = _legendre(n)
+    nodes = torch.as_tensor(nodes, dtype=a.dtype, device=a.device)
+    weights = torch.as_tensor(weights, dtype=a.dtype, device=a.device)
+    nodes = torch.lerp(a[..., None], b[..., None], nodes).movedim(-1, 0)
+
+    return (b - a) * torch.tensordot(weights, f(nodes), dims=1)
+
+
+def gauss_legendre(
+    f: Callable[[Tensor], Tensor],
+    a: Tensor,
+    b: Tensor,
+    n: int = 3,
+    phi: Iterable[Tensor] = (),
+) -> Tensor:
+    r"""Replaces :func:`zuko.utils.gauss_legendre`, with zuko's gradients.
+
+    The bounds get the exact gradients :math:`-f(a)` and :math:`f(b)` (the fundamental
+    theorem of calculus, as in zuko's backward), and the parameters of :math:`f` the
+    gradient of the quadrature.
+    """
+
+    area = _quadrature(f, a.detach(), b.detach(), n)
+
+    if torch.is_grad_enabled():
+        # Zero in value; the gradients of the bounds.
+        area = area + (b - b.detach()) * f(b.detach()).detach()
+        area = area - (a - a.detach()) * f(a.detach()).detach()
+
+    return area
+
+
+# fmt: off
+def _dopri45(
+    f: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, dt: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""One Dormand-Prince step and its error estimate, as :func:`zuko.utils.dopri45`."""
+
+    k1 = dt * f(t, x)
+    k2 = dt * f(t + 1 / 5 * dt, x + 1 / 5 * k1)
+    k3 = dt * f(t + 3 / 10 * dt, x + 3 / 40 * k1 + 9 / 40 * k2)
+    k4 = dt * f(t + 4 / 5 * dt, x + 44 / 45 * k1 - 56 / 15 * k2 + 32 / 9 * k3)
+    k5 = dt * f(
+        t + 8 / 9 * dt,
+        x + 19372 / 6561 * k1 - 25360 / 2187 * k2 + 64448 / 6561 * k3 - 212 / 729 * k4,
+    )
+    k6 = dt * f(
+        t + dt,
+        x
+        + 9017 / 3168 * k1
+        - 355 / 33 * k2
+        + 46732 / 5247 * k3
+        + 49 / 176 * k4
+        - 5103 / 18656 * k5,
+    )
+    x_next = (
+        x
+        + 35 / 384 * k1
+        + 500 / 1113 * k3
+        + 125 / 192 * k4
+        - 2187 / 6784 * k5
+        + 11 / 84 * k6
+    )
+    k7 = dt * f(t + dt, x_next)
+    x_star = (
+        x
+        + 5179 / 57600 * k1
+        + 7571 / 16695 * k3
+        + 393 / 640 * k4
+        - 92097 / 339200 * k5
+        + 187 / 2100 * k6
+        + 1 / 40 * k7
+    )
+
+    return x_next, abs(x_next - x_star)
+# fmt: on
+
+
+def _any(mask: Tensor) -> bool:
+    r"""Whether any element of `mask` is true, across every vmap level.
+
+    The stopping test of the adaptive solver: each sample keeps its own step sizes, and
+    the loop runs until the last sample reaches :math:`t_1`.
+    """
+
+    # Peeling functorch's wrappers is private API; without it, the loop still stops
+    # after the maximum number of attempts, with every finished sample left untouched.
+    while _functorch.is_functorch_wrapped_tensor(mask):
+        mask = _functorch.get_unwrapped(mask)
+
+    return bool(mask.any())
+
+
+def _adaptive(
+    f: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    t0: Tensor,
+    t1: Tensor,
+    atol: float,
+    rtol: float,
+) -> Tensor:
+    r"""Zuko's adaptive Dormand-Prince loop with tensor-valued step control.
+
+    Every accepted and rejected step is the one zuko takes for the same input; finished
+    samples are masked. Gradients flow through the accepted steps (the step sizes are
+    constants, as in zuko).
+    """
+
+    t, dt = t0, t1 - t0
+    sign = torch.sign(dt)
+    done = ~(sign * (t1 - t) > 0)
+
+    for _ in range(_MAX_ODE_ATTEMPTS):
+        if not _any(~done):
+            break
+
+        dt = sign * torch.minimum(abs(dt), abs(t1 - t))
+        y, error = _dopri45(f, x, t, dt)
+        tolerance = atol + rtol * torch.maximum(abs(x), abs(y))
+        error = torch.max(error / tolerance).clip(min=1e-9).detach()
+
+        accept = (error < 1.0) & ~done
+        x = torch.where(accept, y, x)
+        t = torch.where(accept, t + dt, t)
+
+        factor = (0.9 / error ** (1 / 5)).clip(min=0.1, max=10.0)
+        dt = torch.where(done, dt, dt * factor)
+        done = done | ~(sign * (t1 - t) > 0)
+
+    return x
+
+
+def odeint(
+    f: Callable[..., Any],
+    x: Tensor | Sequence[Tensor],
+    t0: float | Tensor,
+    t1: float | Tensor,
+    phi: Iterable[Tensor] = (),
+    atol: float = 1e-6,
+    rtol: float = 1e-5,
+) -> Tensor | Sequence[Tensor]:
+    r"""Replaces :func:`zuko.utils.odeint`: the same adaptive steps, plain autograd.
+
+    Gradients are those of the discrete solution (backpropagation through the accepted
+    steps) instead of zuko's adaptive checkpoint adjoint; both approximate the same
+    continuous gradient to within the solver's tolerance.
+    """
+
+    if torch.is_tensor(x):
+        x0 = x
+        g = f
+    else:
+        shapes = [y.shape for y in x]
+
+        def pack(xs: Iterable[Tensor]) -> Tensor:
+            return torch.cat([y.flatten() for y in xs])
+
+        x0 = pack(x)
+
+        def g(t: Tensor, x: Tensor) -> Tensor:
+            return pack(f(t, *_unpack(x, shapes)))
+
+    t0 = torch.as_tensor(t0, dtype=x0.dtype, device=x0.device)
+    t1 = torch.as_tensor(t1, dtype=x0.dtype, device=x0.device)
+
+    if t0.dim() != 0 or t1.dim() != 0:
+        raise ValueError(
+            f"odeint: expected scalar t0 and t1, got shapes {tuple(t0.shape)} and "
+            f"{tuple(t1.shape)}"
+        )
+
+    x1 = _adaptive(g, x0, t0, t1, atol, rtol)
+
+    if torch.is_tensor(x):
+        return x1
+
+    return _unpack(x1, shapes)
+
+
+def _unpack(x: Tensor, shapes: Sequence[Size]) -> tuple[Tensor, ...]:
+    sizes = [math.prod(s) for s in shapes]
+    parts = x.split(sizes, -1)
+
+    return tuple(y.unflatten(-1, (*s, 1)).squeeze(-1) for y, s in zip(parts, shapes, strict=True))
+
+
+def ffj_call_and_ladj(self: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Replaces :meth:`zuko.transforms.FreeFormJacobianTransform.call_and_ladj`.
+
+    The trace of the Jacobian is taken in forward mode (one :func:`torch.func.jvp` per
+    basis vector, batched with vmap) instead of :py:`requires_grad_()` and
+    :func:`torch.autograd.grad`.
+    """
+
+    if self.exact:
+        eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+        eye = eye.expand(*x.shape, -1).movedim(-1, 0)
+    else:
+        eps = torch.randn_like(x)
+
+    def f_aug(t: Tensor, x: Tensor, ladj: Tensor) -> tuple[Tensor, Tensor]:
+        def ode(x: Tensor) -> Tensor:
+            return self.f(t, x)
+
+        if self.exact:
+            dx, columns = vmap(lambda v: jvp(ode, (x,), (v,)))(eye)
+            dx, trace = dx[0], torch.einsum("i...i", columns)
+        else:
+            dx, jeps = jvp(ode, (x,), (eps,))
+            trace = (jeps * eps).sum(dim=-1)
+
+        return dx, trace * self.trace_scale
+
+    ladj = torch.zeros_like(x[..., 0])
+    y, ladj = odeint(f_aug, (x, ladj), self.t0, self.t1, self.phi, self.atol, self.rtol)
+
+    return y, ladj * (1 / self.trace_scale)
