@@ -1,0 +1,358 @@
+r"""Priors over named parameters and their KL divergences from a posterior."""
+
+from __future__ import annotations
+
+__all__ = ["GaussianPrior", "Prior", "ScaleMixturePrior", "prior_kl"]
+
+import math
+
+from collections.abc import Mapping
+from typing import Union
+
+import torch
+import torch.nn as nn
+
+from torch import Tensor
+
+from .posterior import (
+    Posterior,
+    _check_module,
+    _check_n,
+    _check_posterior,
+    _kl_divergence,
+    _sample,
+    _softclip,
+)
+
+Value = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]  # noqa: UP007
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def _check_generator(where: str, generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{where}: expected generator to be a torch.Generator or None, "
+            f"got {type(generator).__name__}"
+        )
+
+
+def _check_value(where: str, what: str, value: object, positive: bool) -> Value:
+    if isinstance(value, Mapping):
+        for name, v in value.items():
+            _check_value(where, f"{what}[{name!r}]", v, positive)
+        return dict(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(
+            f"{where}: expected {what} to be a float, a tensor or a dict of them, "
+            f"got {type(value).__name__}"
+        )
+
+    t = torch.as_tensor(value)
+    if not torch.isfinite(t).all() or (positive and not (t > 0).all()):
+        bound = " > 0" if positive else ""
+        raise ValueError(f"{where}: expected a finite {what}{bound}, got {value}")
+
+    return float(value) if not isinstance(value, Tensor) else value.detach()
+
+
+def _entropy(posterior: Posterior) -> Tensor:
+    r"""Returns the entropy of the posterior, in closed form."""
+
+    h = 0.0
+    for name, lv in posterior.logvar.items():
+        h = h + 0.5 * (_softclip(lv) + LOG_2PI + 1.0).sum()
+    return torch.as_tensor(h)
+
+
+class Prior:
+    r"""A prior :math:`p(\theta)` over named parameters.
+
+    Subclasses implement :meth:`log_prob`; those with a closed-form KL divergence from
+    a mean-field Gaussian posterior also override :meth:`kl` for `n=None`.
+    """
+
+    closed_form: bool = False
+
+    def log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
+        r"""Returns :math:`\log p(\theta)` for parameter sets `{name: (n, *shape)}`.
+
+        Arguments:
+            params: Sampled parameters, e.g. from :func:`bayesflow.sample`.
+
+        Returns:
+            The log-densities, summed over the elements of every parameter, of shape `(n,)`.
+        """
+
+        raise NotImplementedError
+
+    def kl(
+        self,
+        posterior: Posterior,
+        generator: torch.Generator | None = None,
+        n: int | None = None,
+    ) -> Tensor:
+        r"""Returns :math:`\mathrm{KL}(q \,\|\, p)` for a posterior :math:`q`.
+
+        By Monte Carlo, with the entropy of :math:`q` in closed form,
+
+        .. math:: \mathrm{KL} \approx -\mathrm{H}(q) - \frac{1}{n} \sum_{i=1}^n
+            \log p(\theta_i), \quad \theta_i \sim q,
+
+        an unbiased estimate whose gradients are reparameterized; in closed form where
+        the prior has one and `n` is :py:`None`.
+
+        Arguments:
+            posterior: The posterior :math:`q`.
+            generator: The source of randomness of the Monte Carlo estimate.
+            n: The number of Monte Carlo samples; :py:`None` for the closed form, or
+                one sample if there is none.
+
+        Returns:
+            A scalar tensor, differentiable with respect to `posterior`.
+        """
+
+        return self._kl_mc(f"{type(self).__name__}.kl", posterior, generator, n)
+
+    def _kl_mc(
+        self,
+        where: str,
+        posterior: Posterior,
+        generator: torch.Generator | None,
+        n: int | None,
+    ) -> Tensor:
+        _check_posterior(where, posterior)
+        _check_generator(where, generator)
+        n = 1 if n is None else _check_n(where, n)
+        self._check_names(where, posterior)
+
+        params = _sample(where, posterior, n, generator)
+
+        return -_entropy(posterior) - self.log_prob(params).mean()
+
+    def _check_names(self, where: str, posterior: Posterior) -> None:
+        pass
+
+
+def _lookup(value: Value, name: str, like: Tensor) -> Tensor | float:
+    if isinstance(value, Mapping):
+        value = value[name]
+    if isinstance(value, Tensor):
+        return value.to(dtype=like.dtype, device=like.device)
+    return value
+
+
+class GaussianPrior(Prior):
+    r"""A Gaussian prior :math:`p(\theta) = \mathcal{N}(m, \mathrm{diag}(s^2))`.
+
+    The mean and variance are scalars, or dicts from parameter names to floats or
+    tensors broadcastable to the parameter; a dict must name every parameter of the
+    posterior it meets, and may name others.
+
+    Example:
+        >>> q = bayesflow.init(zuko.nn.MLP(3, 5), init_logvar=-6.0)
+        >>> prior = GaussianPrior(mean=0.0, var=1.0)
+        >>> torch.allclose(prior.kl(q), bayesflow.kl_divergence(q, prior_var=1.0))
+        True
+
+    Arguments:
+        mean: The prior mean :math:`m`.
+        var: The prior variance :math:`s^2 > 0`.
+    """
+
+    closed_form = True
+
+    def __init__(self, mean: Value = 0.0, var: Value = 1.0) -> None:
+        self.mean = _check_value("GaussianPrior", "mean", mean, positive=False)
+        self.var = _check_value("GaussianPrior", "var", var, positive=True)
+
+    def __repr__(self) -> str:
+        def show(v: Value) -> str:
+            return f"<{len(v)} tensors>" if isinstance(v, Mapping) else repr(v)
+
+        return f"GaussianPrior(mean={show(self.mean)}, var={show(self.var)})"
+
+    @classmethod
+    def from_module(cls, module: nn.Module, var: Value = 1.0) -> GaussianPrior:
+        r"""Creates a prior centred on the current (e.g. pretrained) parameters of `module`.
+
+        This is the prior of MOPED: with a posterior also initialized at the pretrained
+        weights (:func:`bayesflow.init`), training moves away from them only as far as
+        the data demand.
+
+        Arguments:
+            module: A module, whose parameters are copied (detached).
+            var: The prior variance :math:`s^2 > 0`, a scalar or a dict by name.
+
+        Returns:
+            A :class:`GaussianPrior` whose mean maps every parameter name of `module`.
+
+        References:
+            | Specifying Weight Priors in Bayesian Deep Neural Networks with Empirical
+            | Bayes (Krishnan et al., 2020) https://arxiv.org/abs/1906.05323
+        """
+
+        _check_module("GaussianPrior.from_module", module)
+        mean = {name: p.detach().clone() for name, p in module.named_parameters()}
+
+        return cls(mean=mean, var=var)
+
+    def _check_names(self, where: str, posterior: Posterior) -> None:
+        for what, value in (("mean", self.mean), ("var", self.var)):
+            if isinstance(value, Mapping):
+                missing = [name for name in posterior.mean if name not in value]
+                if missing:
+                    raise ValueError(
+                        f"{where}: expected the prior {what} to name every posterior "
+                        f"parameter, got missing names {missing}"
+                    )
+        for name, m in posterior.mean.items():
+            for what, value in (("mean", self.mean), ("var", self.var)):
+                v = _lookup(value, name, m)
+                if isinstance(v, Tensor):
+                    try:
+                        torch.broadcast_shapes(v.shape, m.shape)
+                    except RuntimeError:
+                        raise ValueError(
+                            f"{where}: expected the prior {what} of {name!r} to broadcast to "
+                            f"{tuple(m.shape)}, got shape {tuple(v.shape)}"
+                        ) from None
+
+    def log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
+        lp = 0.0
+        for name, theta in params.items():
+            m = _lookup(self.mean, name, theta)
+            s2 = _lookup(self.var, name, theta)
+            log_s2 = torch.log(s2) if isinstance(s2, Tensor) else math.log(s2)
+            x = -0.5 * ((theta - m).square() / s2 + log_s2 + LOG_2PI)
+            lp = lp + x.expand_as(theta).flatten(1).sum(1)
+        return torch.as_tensor(lp)
+
+    def kl(
+        self,
+        posterior: Posterior,
+        generator: torch.Generator | None = None,
+        n: int | None = None,
+    ) -> Tensor:
+        r"""Returns :math:`\mathrm{KL}(q \,\|\, p)`, in closed form if `n` is :py:`None`,
+
+        .. math:: \mathrm{KL} = \frac{1}{2} \sum \left( \frac{\sigma^2 + (\mu - m)^2}{s^2}
+            + \log s^2 - \log \sigma^2 - 1 \right),
+
+        else by Monte Carlo with `n` samples (see :meth:`Prior.kl`).
+
+        Arguments:
+            posterior: The posterior :math:`q`.
+            generator: The source of randomness of the Monte Carlo estimate.
+            n: The number of Monte Carlo samples; :py:`None` for the closed form.
+
+        Returns:
+            A scalar tensor, differentiable with respect to `posterior`.
+        """
+
+        where = "GaussianPrior.kl"
+        if n is not None:
+            return self._kl_mc(where, posterior, generator, n)
+
+        _check_posterior(where, posterior)
+        _check_generator(where, generator)
+        self._check_names(where, posterior)
+
+        kl = 0.0
+        for name, mu in posterior.mean.items():
+            logvar = _softclip(posterior.logvar[name])
+            m = _lookup(self.mean, name, mu)
+            s2 = _lookup(self.var, name, mu)
+            log_s2 = torch.log(s2) if isinstance(s2, Tensor) else math.log(s2)
+            x = 0.5 * ((logvar.exp() + (mu - m).square()) / s2 + log_s2 - logvar - 1.0)
+            kl = kl + x.expand_as(mu).sum()
+
+        return torch.as_tensor(kl)
+
+
+class ScaleMixturePrior(Prior):
+    r"""A scale mixture of two centred Gaussians, element-wise,
+
+    .. math:: p(\theta) = \prod_j \left( \pi \, \mathcal{N}(\theta_j \mid 0, s_1^2)
+        + (1 - \pi) \, \mathcal{N}(\theta_j \mid 0, s_2^2) \right).
+
+    Its KL divergence has no closed form: :meth:`kl` is a Monte Carlo estimate whose
+    log-density is computed with :func:`torch.logaddexp`, stable for any :math:`\theta`.
+
+    Example:
+        >>> q = bayesflow.init(zuko.nn.MLP(3, 5), init_logvar=-6.0)
+        >>> prior = ScaleMixturePrior(0.5, 1.0, math.exp(-6))
+        >>> prior.kl(q, n=4).shape
+        torch.Size([])
+
+    Arguments:
+        pi: The weight :math:`0 < \pi < 1` of the first component.
+        var1: The variance :math:`s_1^2 > 0` of the first component.
+        var2: The variance :math:`s_2^2 > 0` of the second component.
+
+    References:
+        | Weight Uncertainty in Neural Networks (Blundell et al., 2015)
+        | https://arxiv.org/abs/1505.05424
+    """
+
+    def __init__(self, pi: float, var1: float, var2: float) -> None:
+        where = "ScaleMixturePrior"
+        for what, value in (("pi", pi), ("var1", var1), ("var2", var2)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    f"{where}: expected {what} to be a float, got {type(value).__name__}"
+                )
+        if not (0 < pi < 1):
+            raise ValueError(f"{where}: expected 0 < pi < 1, got {pi}")
+        for what, value in (("var1", var1), ("var2", var2)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{where}: expected a finite {what} > 0, got {value}")
+
+        self.pi, self.var1, self.var2 = float(pi), float(var1), float(var2)
+
+    def __repr__(self) -> str:
+        return f"ScaleMixturePrior(pi={self.pi}, var1={self.var1}, var2={self.var2})"
+
+    def log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
+        a = math.log(self.pi) - 0.5 * (math.log(self.var1) + LOG_2PI)
+        b = math.log1p(-self.pi) - 0.5 * (math.log(self.var2) + LOG_2PI)
+
+        lp = 0.0
+        for theta in params.values():
+            x2 = theta.square()
+            x = torch.logaddexp(a - 0.5 * x2 / self.var1, b - 0.5 * x2 / self.var2)
+            lp = lp + x.flatten(1).sum(1)
+        return torch.as_tensor(lp)
+
+
+def prior_kl(
+    posterior: Posterior,
+    prior: Prior | float | None = None,
+    generator: torch.Generator | None = None,
+    n: int | None = None,
+) -> Tensor:
+    r"""Returns :math:`\mathrm{KL}(q \,\|\, p)` for any kind of prior.
+
+    Arguments:
+        posterior: The posterior :math:`q`.
+        prior: A :class:`Prior`; a float :math:`s^2` for :math:`\mathcal{N}(0, s^2 I)`;
+            :math:`\mathcal{N}(0, I)` if :py:`None`.
+        generator: The source of randomness of a Monte Carlo estimate.
+        n: The number of Monte Carlo samples; :py:`None` for the closed form where there
+            is one, else one sample.
+
+    Returns:
+        A scalar tensor, differentiable with respect to `posterior`.
+    """
+
+    if prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool)):
+        if n is not None:
+            return GaussianPrior(0.0, 1.0 if prior is None else prior).kl(posterior, generator, n)
+        return _kl_divergence("prior_kl", posterior, 1.0 if prior is None else float(prior))
+    if not isinstance(prior, Prior):
+        raise TypeError(
+            f"prior_kl: expected prior to be a bayesflow.priors.Prior, a float variance or "
+            f"None, got {type(prior).__name__}"
+        )
+
+    return prior.kl(posterior, generator=generator, n=n)
