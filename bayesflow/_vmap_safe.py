@@ -110,6 +110,12 @@ def _probe_ffj(call_and_ladj: Callable[..., Any]) -> None:
     vmap(f)(s)
 
 
+def _probe_gmm(forward_full: Callable[..., Any]) -> None:
+    # The original is right under vmap, only slow (and it warns): feature-detect it.
+    if "masked_scatter" in getattr(getattr(forward_full, "__code__", None), "co_names", ()):
+        raise NotImplementedError("masked_scatter has no batching rule")
+
+
 _PIECES = (
     _Piece("zuko.transforms", "CouplingTransform", "merge", _safe.coupling_merge, _probe_merge),
     _Piece(
@@ -129,6 +135,7 @@ _PIECES = (
         _safe.ffj_call_and_ladj,
         _probe_ffj,
     ),
+    _Piece("zuko.mixtures", "GMM", "_forward_full", _safe.gmm_forward_full, _probe_gmm),
 )
 
 # Zuko's originals, recorded the first time a piece is seen, so that only these exact

@@ -14,11 +14,13 @@ __all__ = [
     "coupling_merge",
     "ffj_call_and_ladj",
     "gauss_legendre",
+    "gmm_forward_full",
     "monotonic_call_and_ladj",
     "odeint",
 ]
 
 import math
+import sys
 
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
@@ -29,6 +31,7 @@ import torch
 
 from torch import Size, Tensor
 from torch._C import _functorch
+from torch.distributions import Distribution, MultivariateNormal
 from torch.func import jvp, vmap
 
 _MAX_ODE_ATTEMPTS = 100_000
@@ -330,3 +333,26 @@ def ffj_call_and_ladj(self: Any, x: Tensor) -> tuple[Tensor, Tensor]:
     y, ladj = odeint(f_aug, (x, ladj), self.t0, self.t1, self.phi, self.atol, self.rtol)
 
     return y, ladj * (1 / self.trace_scale)
+
+
+def gmm_forward_full(
+    self: Any, logits: Tensor, loc: Tensor, diag: Tensor, tril: Tensor
+) -> Distribution:
+    r"""Replaces :meth:`zuko.mixtures.GMM._forward_full` without :func:`torch.masked_scatter`.
+
+    Vmap has no batching rule for `masked_scatter` (a slow fallback with a warning); the
+    strictly lower entries are gathered in the same row-major order instead.
+    """
+
+    mixtures = sys.modules["zuko.mixtures"]
+
+    scale = torch.diag_embed(diag.exp() + self.epsilon)
+    d = scale.shape[-1]
+    mask = torch.tril(torch.ones(d, d, dtype=torch.bool, device=scale.device), diagonal=-1)
+    flat = mask.flatten()
+    index = torch.where(flat, flat.cumsum(0) - 1, tril.shape[-1])
+    lower = torch.cat((tril, torch.zeros_like(tril[..., :1])), dim=-1)
+    lower = torch.index_select(lower, -1, index).unflatten(-1, (d, d))
+    scale = torch.where(mask, lower, scale)
+
+    return mixtures.Mixture(MultivariateNormal(loc=loc, scale_tril=scale), logits)
