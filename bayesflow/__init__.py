@@ -11,7 +11,12 @@ __all__ = [
     "BayesianModel",
     "CalibrationCurve",
     "ClassificationSummary",
+    "ConstantSchedule",
+    "CyclicalSchedule",
+    "GaussianPrior",
+    "LinearWarmup",
     "Posterior",
+    "ScaleMixturePrior",
     "Summary",
     "VmapFallbackWarning",
     "calibration_curve",
@@ -19,24 +24,30 @@ __all__ = [
     "classification_summary",
     "expected_calibration_error",
     "expected_entropy",
+    "flipout_nelbo",
     "flow_sample",
     "gaussian_nll",
     "init",
     "interval_coverage",
     "kl_divergence",
+    "local_call",
+    "local_nelbo",
     "log_mean_probs",
     "loop_call",
+    "loop_nelbo",
     "mean_model",
     "mean_params",
     "mean_probs",
     "mixture_log_prob",
     "mutual_information",
+    "nelbo",
     "predictive_entropy",
     "predictive_interval",
     "predictive_mean",
     "predictive_nll",
     "predictive_quantiles",
     "predictive_std",
+    "prior_kl",
     "sample",
     "select",
     "stack_params",
@@ -45,9 +56,20 @@ __all__ = [
     "vmap_call",
 ]
 
+from . import datasets  # noqa: F401
 from .bayesian import BayesianModel
 from .call import VmapFallbackWarning, loop_call, vmap_call
 from .flows import flow_sample
+from .local import local_call
+from .objectives import (
+    ConstantSchedule,
+    CyclicalSchedule,
+    LinearWarmup,
+    flipout_nelbo,
+    local_nelbo,
+    loop_nelbo,
+    nelbo,
+)
 from .posterior import (
     Posterior,
     init,
@@ -82,3 +104,4 @@ from .predictive import (
     stack_params,
     summarize,
 )
+from .priors import GaussianPrior, ScaleMixturePrior, prior_kl

@@ -63,7 +63,7 @@ def _check_common(
         )
     _check_number(where, "num_data", num_data, 0.0, strict=True)
     _check_n(where, n)
-    if prior is not None and not isinstance(prior, (Prior, int, float)) or isinstance(prior, bool):
+    if isinstance(prior, bool) or not isinstance(prior, (Prior, int, float, type(None))):
         raise TypeError(
             f"{where}: expected prior to be a bayesflow.priors.Prior, a float variance or None, "
             f"got {type(prior).__name__}"

@@ -60,7 +60,7 @@ def _entropy(posterior: Posterior) -> Tensor:
     r"""Returns the entropy of the posterior, in closed form."""
 
     h = 0.0
-    for name, lv in posterior.logvar.items():
+    for lv in posterior.logvar.values():
         h = h + 0.5 * (_softclip(lv) + LOG_2PI + 1.0).sum()
     return torch.as_tensor(h)
 

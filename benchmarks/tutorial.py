@@ -1,7 +1,7 @@
 r"""The two experiments of zuko's Bayesian flows tutorial, trained through the vectorized ELBO.
 
-    python benchmarks/tutorial.py            # full: sort BNN (4 x 1024 steps), two moons NSF (8 epochs)
-    python benchmarks/tutorial.py --quick    # a few seconds
+    python benchmarks/tutorial.py --threads 1   # full: sort BNN 4 x 1024 steps, moons NSF 8 epochs
+    python benchmarks/tutorial.py --quick       # a few seconds
 
 Each step evaluates K posterior samples (default 4) in one vectorized pass; the printed loss
 is the tutorial's, "error + 1e-6 * KL", averaged over the K samples.
