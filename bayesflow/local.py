@@ -50,22 +50,27 @@ class _Layer:
         mask = layer.mask if isinstance(layer, zuko.nn.MaskedLinear) else None
 
         self.name = name
-        self.w_mean, self.w_var = self._moments(p + "weight", layer.weight, posterior, mask)
-        self.b_mean, self.b_var = self._moments(p + "bias", layer.bias, posterior, None)
+        self.w_mean, self.w_var, self.w_std = self._moments(
+            p + "weight", layer.weight, posterior, mask
+        )
+        self.b_mean, self.b_var, self.b_std = self._moments(
+            p + "bias", layer.bias, posterior, None
+        )
 
     @staticmethod
     def _moments(
         name: str, own: Tensor | None, posterior: Posterior, mask: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         if name not in posterior.mean:
-            return (own if mask is None else mask * own), None
+            return (own if mask is None else mask * own), None, None
 
         mean = posterior.mean[name]
-        var = _softclip(posterior.logvar[name]).exp()
+        logvar = _softclip(posterior.logvar[name])
+        var, std = logvar.exp(), logvar.div(2).exp()
         if mask is not None:  # a 0/1 mask: (A w)^2 = A w^2
-            mean, var = mask * mean, mask * var
+            mean, var, std = mask * mean, mask * var, mask * std
 
-        return mean, var
+        return mean, var, std
 
 
 def _signs(shape: torch.Size, like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -130,15 +135,15 @@ def _flipout_forward(
         if layer.w_var is not None:
             # One perturbation dW for every sample and example, decorrelated by random
             # sign flips: W_i = W + dW * (r_i s_i^T) has the law of W for every i.
-            dw = layer.w_var.sqrt() * _randn(layer.w_var.shape, x, generator)
+            dw = layer.w_std * _randn(layer.w_std.shape, x, generator)
             s = _signs(x.shape, x, generator)
             r = _signs(y.shape, y, generator)
             y = y + zuko.nn.linear(x * s, dw) * r
 
-        if layer.b_var is not None:
-            b = layer.b_var
+        if layer.b_std is not None:
+            b = layer.b_std
             shape = (n,) + (1,) * (y.dim() - 1 - b.dim()) + tuple(b.shape)
-            y = y + b.sqrt() * _randn(torch.Size(shape), y, generator)
+            y = y + b * _randn(torch.Size(shape), y, generator)
 
         return y
 

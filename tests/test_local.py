@@ -1,0 +1,236 @@
+r"""Tests for bayesflow.local: the local reparameterization trick and Flipout."""
+
+import pytest
+import torch
+import torch.nn as nn
+import zuko
+
+import bayesflow as bf
+
+from bayesflow.local import linear_layers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrix products are far slower with 2 threads on a busy 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _adjacency():
+    return torch.rand(3, 4) < 0.6
+
+
+LAYERS = {
+    "torch-linear": (lambda: nn.Linear(4, 3), (5, 4)),
+    "torch-linear-nobias": (lambda: nn.Linear(4, 3, bias=False), (5, 4)),
+    "zuko-linear": (lambda: zuko.nn.Linear(4, 3), (5, 4)),
+    "zuko-linear-stack": (lambda: zuko.nn.Linear(4, 3, stack=2), (5, 2, 4)),
+    "masked-linear": (lambda: zuko.nn.MaskedLinear(_adjacency()), (5, 4)),
+}
+
+
+def _exact_moments(layer, q, x):
+    r"""The mean and variance of a linear layer's output under full weight sampling."""
+
+    sd = bf.std(q)
+    mask = layer.mask if isinstance(layer, zuko.nn.MaskedLinear) else 1.0
+    w_mean, w_var = mask * q.mean["weight"], mask * sd["weight"].square()
+    b_mean = q.mean.get("bias")
+    b_var = sd["bias"].square() if "bias" in q.mean else None
+
+    return zuko.nn.linear(x, w_mean, b_mean), zuko.nn.linear(x.square(), w_var, b_var)
+
+
+def _blocks(draw, calls):
+    r"""Per-call estimates of E[y] and E[y^2]: independent blocks for a standard error."""
+
+    ys = [draw() for _ in range(calls)]
+    return torch.stack([y.mean(0) for y in ys]), torch.stack([y.square().mean(0) for y in ys])
+
+
+def _within(estimates, target):
+    mean = estimates.mean(0)
+    se = estimates.std(0) / estimates.shape[0] ** 0.5
+    return ((mean - target).abs() <= 5 * se + 1e-12).all()
+
+
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+@pytest.mark.parametrize("name", LAYERS)
+def test_moments_match_full_weight_sampling(name, flipout):
+    build, shape = LAYERS[name]
+    layer = build()
+    q = bf.init(layer, init_logvar=-1.0)
+    x = torch.randn(shape)
+    g = torch.Generator().manual_seed(1)
+
+    mean, var = _exact_moments(layer, q, x)
+    m1, m2 = _blocks(lambda: bf.local_call(layer, q, 16, x, generator=g, flipout=flipout), 300)
+
+    assert _within(m1, mean)
+    assert _within(m2, var + mean.square())
+    # the exact moments are those of full weight sampling, by the vectorized oracle
+    full = bf.vmap_call(layer, bf.sample(q, 4000, generator=g), x)
+    se = full.std(0) / 4000**0.5
+    assert ((full.mean(0) - mean).abs() <= 5 * se).all()
+
+
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+def test_mlp_moments_match_full_weight_sampling(flipout):
+    net = zuko.nn.MLP(3, 2, hidden_features=(8,), activation=nn.ELU)
+    q = bf.init(net, init_logvar=-2.0)
+    x = torch.randn(4, 3)
+    g = torch.Generator().manual_seed(2)
+
+    m1, m2 = _blocks(lambda: bf.local_call(net, q, 16, x, generator=g, flipout=flipout), 300)
+    full = bf.vmap_call(net, bf.sample(q, 4800, generator=g), x)
+
+    for local, exact in ((m1, full), (m2, full.square())):
+        se = (local.var(0) / local.shape[0] + exact.var(0) / exact.shape[0]).sqrt()
+        assert ((local.mean(0) - exact.mean(0)).abs() <= 5 * se).all()
+
+    y = bf.local_call(net, q, 16, x, generator=g, flipout=flipout)
+    assert not torch.allclose(y[0], net(x))  # the posterior noise was used
+    assert not torch.allclose(y[0], y[1])
+
+
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+@pytest.mark.parametrize("name", LAYERS)
+def test_gradients_reach_means_and_logvars(name, flipout):
+    build, shape = LAYERS[name]
+    layer = build()
+    q = bf.init(layer, init_logvar=-3.0)
+
+    y = bf.local_call(layer, q, 4, torch.randn(shape), flipout=flipout)
+    y.square().sum().backward()
+
+    for t in (*q.mean.values(), *q.logvar.values()):
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+        assert t.grad.abs().sum() > 0
+    for p in layer.parameters():  # the layer's own copies of Bayesian params are unused
+        assert p.grad is None
+
+
+FLOWS = {
+    "mlp": (
+        lambda: zuko.nn.MLP(3, 2, hidden_features=(8, 8)),
+        lambda: (torch.randn(5, 3),),
+        None,
+        ("",),
+    ),
+    "nsf-hyper": (
+        lambda: zuko.flows.NSF(2, 1, transforms=2, hidden_features=(8, 8)),
+        lambda: (torch.randn(5, 1), torch.randn(5, 2)),
+        lambda f, c, x: f(c).log_prob(x),
+        ("**.hyper",),
+    ),
+    "maf-last": (
+        lambda: zuko.flows.MAF(2, 1, transforms=2, hidden_features=(8, 8)),
+        lambda: (torch.randn(5, 1), torch.randn(5, 2)),
+        lambda f, c, x: f(c).log_prob(x),
+        ("**.hyper.4",),
+    ),
+}
+
+
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+@pytest.mark.parametrize("name", FLOWS)
+def test_modules_match_full_weight_sampling(name, flipout):
+    build, args, fn, include = FLOWS[name]
+    module = build()
+    a = args()
+    q = bf.init(module, -3.0, include)
+    g = torch.Generator().manual_seed(5)
+
+    m1, m2 = _blocks(
+        lambda: bf.local_call(module, q, 16, *a, fn=fn, generator=g, flipout=flipout), 100
+    )
+    full = bf.vmap_call(module, bf.sample(q, 1600, generator=g), *a, fn=fn)
+
+    for local, exact in ((m1, full), (m2, full.square())):
+        se = (local.var(0) / local.shape[0] + exact.var(0) / exact.shape[0]).sqrt()
+        assert ((local.mean(0) - exact.mean(0)).abs() <= 5 * se).all()
+
+    y = bf.local_call(module, q, 3, *a, fn=fn, flipout=flipout)
+    mean = module(*a) if fn is None else fn(module, *a)
+    assert y.shape == (3, *mean.shape)
+    assert not torch.allclose(y[0], mean)  # the posterior noise was used
+    y.sum().backward()
+    assert all(t.grad is not None for t in q.logvar.values())
+
+
+def test_generator_reproducible_and_in_dims():
+    net = zuko.nn.MLP(3, 2, hidden_features=(8,))
+    q = bf.init(net, init_logvar=-2.0)
+    x = torch.randn(5, 3)
+
+    for flipout in (False, True):
+        a = bf.local_call(
+            net, q, 4, x, generator=torch.Generator().manual_seed(3), flipout=flipout
+        )
+        b = bf.local_call(
+            net, q, 4, x, generator=torch.Generator().manual_seed(3), flipout=flipout
+        )
+        assert torch.equal(a, b)
+
+    # a per-sample argument equal to the expanded shared one: the same numbers
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    shared = bf.local_call(net, q, 4, x, generator=g1)
+    per_sample = bf.local_call(net, q, 4, x.expand(4, 5, 3).clone(), generator=g2, in_dims=[0])
+    assert torch.allclose(shared, per_sample)
+
+
+def test_bayesian_model():
+    bnet = bf.BayesianModel(zuko.nn.MLP(3, 2, hidden_features=(8,)), init_logvar=-3.0)
+
+    y = bf.local_call(bnet.base, bnet.posterior, 4, torch.randn(5, 3))
+    y.sum().backward()
+
+    assert y.shape == (4, 5, 2)
+    assert all(p.grad is not None for p in bnet.means.values())
+    assert all(p.grad is not None for p in bnet.logvars.values())
+
+
+def test_linear_layers():
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), zuko.nn.MaskedMLP(_adjacency().T))
+    assert list(linear_layers(net)) == ["0", "2.0", "2.2", "2.4"]
+    with pytest.raises(TypeError, match=r"linear_layers: expected a torch.nn.Module"):
+        linear_layers("net")
+
+
+def test_errors():
+    net = zuko.nn.MLP(3, 2, hidden_features=(8,))
+    q = bf.init(net)
+    x = torch.randn(5, 3)
+
+    conv = nn.Sequential(nn.Conv1d(1, 1, 3), nn.Flatten(), nn.Linear(2, 1))
+    with pytest.raises(ValueError, match=r"local_call: expected every Bayesian parameter.*0\."):
+        bf.local_call(conv, bf.init(conv), 2, torch.randn(4, 1, 4))
+    with pytest.raises(ValueError, match="local_call: expected n"):
+        bf.local_call(net, q, 0, x)
+    with pytest.raises(TypeError, match="local_call: expected n"):
+        bf.local_call(net, q, 2.0, x)
+    with pytest.raises(TypeError, match=r"local_call: expected a bayesflow.Posterior"):
+        bf.local_call(net, {}, 2, x)
+    with pytest.raises(TypeError, match=r"local_call: expected a torch.nn.Module"):
+        bf.local_call(lambda x: x, q, 2, x)
+    with pytest.raises(TypeError, match="local_call: expected generator"):
+        bf.local_call(net, q, 2, x, generator=0)
+    with pytest.raises(TypeError, match="local_call: expected fn"):
+        bf.local_call(net, q, 2, x, fn=1)
+    with pytest.raises(TypeError, match="local_call: expected flipout"):
+        bf.local_call(net, q, 2, x, flipout="yes")
+    with pytest.raises(ValueError, match="local_call: expected posterior names"):
+        bf.local_call(zuko.nn.MLP(3, 2, hidden_features=(4,)), q, 2, x)
+    with pytest.raises(ValueError, match="local_call: expected fn to run at least one"):
+        bf.local_call(net, q, 2, x, fn=lambda m, x: x)
+    with pytest.raises(ValueError, match="local_call: expected fn to return tensors with"):
+        bf.local_call(net, q, 2, x, fn=lambda m, x: m(x).sum(0))
+    with pytest.raises(ValueError, match="local_call: expected the input of linear layer '0'"):
+        bf.local_call(net, q, 2, x, fn=lambda m, x: m(x[0]))
+    with pytest.raises(ValueError, match="local_call: expected in_dims"):
+        bf.local_call(net, q, 2, x, in_dims=[0, None])
+    # the layers are restored after an error
+    assert "forward" not in net[0].__dict__
