@@ -1,0 +1,202 @@
+r"""Tests for bayesflow.priors: closed forms against Monte Carlo and quadrature."""
+
+import math
+
+import pytest
+import torch
+import zuko
+
+import bayesflow as bf
+
+from bayesflow.priors import GaussianPrior, Prior, ScaleMixturePrior, prior_kl
+
+
+def _posterior(logvar=-2.0):
+    net = zuko.nn.MLP(3, 2, hidden_features=(4,))
+    q = bf.init(net, init_logvar=logvar)
+    with torch.no_grad():
+        for lv in q.logvar.values():
+            lv.add_(torch.randn_like(lv))
+    return net, q
+
+
+def _mc_values(prior, q, n, seed):
+    r"""Per-sample Monte Carlo KL terms, with the same draws as `prior.kl(n=n)`."""
+
+    params = bf.sample(q, n, generator=torch.Generator().manual_seed(seed))
+    entropy = sum(
+        0.5 * (2 * sd.log() + math.log(2 * math.pi) + 1).sum() for sd in bf.std(q).values()
+    )
+    return -entropy - prior.log_prob(params)
+
+
+def _per_param(q, f):
+    return {name: f(m) for name, m in q.mean.items()}
+
+
+PRIORS = {
+    "standard": lambda q: GaussianPrior(),
+    "scalar": lambda q: GaussianPrior(mean=0.3, var=0.5),
+    "per-param": lambda q: GaussianPrior(
+        mean=_per_param(q, lambda m: 0.1 * torch.randn_like(m)),
+        var=_per_param(q, lambda m: torch.rand_like(m) + 0.5),
+    ),
+    "per-param-scalars": lambda q: GaussianPrior(
+        mean=dict.fromkeys(q.mean, -0.2), var=dict.fromkeys(q.mean, 2.0)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", PRIORS)
+def test_gaussian_closed_form_matches_monte_carlo(name):
+    _, q = _posterior()
+    prior = PRIORS[name](q)
+
+    closed = prior.kl(q)
+    values = _mc_values(prior, q, 4000, seed=0)
+    mc = prior.kl(q, generator=torch.Generator().manual_seed(0), n=4000)
+
+    assert torch.allclose(mc, values.mean())
+    assert (mc - closed).abs() <= 5 * values.std() / 4000**0.5
+    assert torch.allclose(prior_kl(q, prior), closed)
+
+
+def test_gaussian_matches_kl_divergence():
+    _, q = _posterior()
+    for var in (1.0, 0.3):
+        closed = GaussianPrior(0.0, var).kl(q)
+        assert torch.allclose(closed, bf.kl_divergence(q, prior_var=var))
+        assert torch.allclose(prior_kl(q, var), closed)
+    assert torch.allclose(prior_kl(q), bf.kl_divergence(q, 1.0))
+    assert torch.allclose(prior_kl(q, None), bf.kl_divergence(q, 1.0))
+
+
+def test_moped_prior_centred_on_the_module():
+    net, q = _posterior()
+    prior = GaussianPrior.from_module(net, var=0.1)
+
+    assert set(prior.mean) == {name for name, _ in net.named_parameters()}
+    # the posterior starts at the module's weights: no mean term in the KL
+    var = [sd.square() for sd in bf.std(q).values()]
+    expected = sum(0.5 * (v / 0.1 + math.log(0.1) - v.log() - 1).sum() for v in var)
+    assert torch.allclose(prior.kl(q), expected)
+    assert prior.kl(q) < GaussianPrior(0.0, 0.1).kl(q)
+
+    # a posterior over a subset of the parameters, with a prior over all of them
+    sub = bf.init(net, init_logvar=-3.0, include=["0"])
+    assert torch.allclose(
+        prior.kl(sub),
+        GaussianPrior({"0.weight": 0, "0.bias": 0}, 0.1).kl(
+            bf.Posterior({k: v - prior.mean[k] for k, v in sub.mean.items()}, sub.logvar)
+        ),
+    )
+
+
+def _quadrature_kl(mu, var, prior):
+    r"""KL(N(mu, var) || prior) for one scalar parameter, by the trapezoidal rule."""
+
+    sd = math.sqrt(var)
+    t = torch.linspace(mu - 12 * sd, mu + 12 * sd, 200001)
+    log_q = -0.5 * ((t - mu) ** 2 / var + math.log(2 * math.pi * var))
+    log_p = prior.log_prob({"w": t.unsqueeze(1)})
+    return torch.trapezoid(log_q.exp() * (log_q - log_p), t)
+
+
+@pytest.mark.parametrize("mu, logvar", [(0.0, -2.0), (0.7, 0.0), (-0.3, -6.0)])
+def test_scale_mixture_monte_carlo_matches_quadrature(mu, logvar):
+    prior = ScaleMixturePrior(0.25, 1.0, math.exp(-6))
+    q = bf.Posterior({"w": torch.tensor([mu])}, {"w": torch.tensor([logvar])})
+
+    values = _mc_values(prior, q, 20000, seed=1)
+    mc = prior.kl(q, generator=torch.Generator().manual_seed(1), n=20000)
+
+    assert torch.allclose(mc, values.mean())
+    assert (
+        mc - _quadrature_kl(mu, bf.std(q)["w"].item() ** 2, prior)
+    ).abs() <= 5 * values.std() / 20000**0.5
+
+
+def test_scale_mixture_of_equal_scales_is_gaussian():
+    _, q = _posterior()
+    mixture = ScaleMixturePrior(0.3, 0.5, 0.5)
+    gaussian = GaussianPrior(0.0, 0.5)
+
+    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    assert torch.allclose(mixture.kl(q, g1, n=8), gaussian.kl(q, g2, n=8))
+    params = bf.sample(q, 3)
+    assert torch.allclose(mixture.log_prob(params), gaussian.log_prob(params))
+
+
+def test_scale_mixture_is_stable():
+    prior = ScaleMixturePrior(0.5, 1.0, math.exp(-12))
+    w = torch.tensor([[0.0, 1e-3, 5.0, 1e3]])
+
+    lp = prior.log_prob({"w": w})
+    wide = math.log(0.5) - 0.5 * (w.square() + math.log(2 * math.pi))
+
+    assert torch.isfinite(lp).all()
+    # far in the tails, the wide component is all there is
+    assert torch.allclose(lp, wide[:, 2:].sum(1) + prior.log_prob({"w": w[:, :2]}))
+
+
+def test_monte_carlo_gradients_and_default_samples():
+    _, q = _posterior()
+    prior = ScaleMixturePrior(0.5, 1.0, 0.01)
+    assert not prior.closed_form and GaussianPrior.closed_form
+
+    kl = prior.kl(q, generator=torch.Generator().manual_seed(3))  # one sample by default
+    kl.backward()
+
+    assert kl.shape == ()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in q.mean.values())
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in q.logvar.values())
+    assert torch.allclose(kl, prior_kl(q, prior, generator=torch.Generator().manual_seed(3)))
+
+
+def test_repr():
+    assert repr(GaussianPrior(0.0, 2.0)) == "GaussianPrior(mean=0.0, var=2.0)"
+    assert (
+        repr(ScaleMixturePrior(0.5, 1.0, 0.1)) == "ScaleMixturePrior(pi=0.5, var1=1.0, var2=0.1)"
+    )
+    assert "tensors" in repr(GaussianPrior.from_module(zuko.nn.MLP(2, 2)))
+
+
+def test_errors():
+    _, q = _posterior()
+
+    with pytest.raises(ValueError, match="GaussianPrior: expected a finite var > 0"):
+        GaussianPrior(0.0, 0.0)
+    with pytest.raises(ValueError, match=r"GaussianPrior: expected a finite var\['a'\] > 0"):
+        GaussianPrior(0.0, {"a": torch.tensor([1.0, -1.0])})
+    with pytest.raises(ValueError, match="GaussianPrior: expected a finite mean"):
+        GaussianPrior(float("nan"))
+    with pytest.raises(TypeError, match="GaussianPrior: expected mean to be a float"):
+        GaussianPrior("0")
+    with pytest.raises(ValueError, match=r"GaussianPrior.kl: expected the prior mean to name"):
+        GaussianPrior({"0.weight": 0.0}).kl(q)
+    with pytest.raises(
+        ValueError, match=r"GaussianPrior.kl: expected the prior var of '0.weight'"
+    ):
+        GaussianPrior(0.0, _per_param(q, lambda m: torch.ones(7))).kl(q)
+    with pytest.raises(ValueError, match=r"GaussianPrior.kl: expected n"):
+        GaussianPrior().kl(q, n=0)
+    with pytest.raises(TypeError, match=r"GaussianPrior.kl: expected generator"):
+        GaussianPrior().kl(q, generator=1)
+    with pytest.raises(TypeError, match=r"GaussianPrior.kl: expected a bayesflow.Posterior"):
+        GaussianPrior().kl({})
+    with pytest.raises(TypeError, match=r"GaussianPrior.from_module: expected a torch.nn"):
+        GaussianPrior.from_module(q)
+    with pytest.raises(ValueError, match="ScaleMixturePrior: expected 0 < pi < 1"):
+        ScaleMixturePrior(1.0, 1.0, 0.1)
+    with pytest.raises(ValueError, match="ScaleMixturePrior: expected a finite var2 > 0"):
+        ScaleMixturePrior(0.5, 1.0, -0.1)
+    with pytest.raises(TypeError, match="ScaleMixturePrior: expected var1 to be a float"):
+        ScaleMixturePrior(0.5, None, 0.1)
+    with pytest.raises(ValueError, match=r"ScaleMixturePrior.kl: expected n"):
+        ScaleMixturePrior(0.5, 1.0, 0.1).kl(q, n=-1)
+    with pytest.raises(TypeError, match="prior_kl: expected prior to be"):
+        prior_kl(q, "normal")
+    with pytest.raises(ValueError, match="prior_kl: expected a finite prior_var > 0"):
+        prior_kl(q, -1.0)
+    with pytest.raises(NotImplementedError):
+        Prior().log_prob({})
