@@ -1,0 +1,251 @@
+r"""Tests for bayesflow.objectives: the vectorized negative ELBO and KL schedules."""
+
+import pytest
+import torch
+import torch.nn as nn
+import zuko
+
+import bayesflow as bf
+
+from bayesflow.priors import GaussianPrior, ScaleMixturePrior
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mse(net, x, y):
+    return -(net(x) - y).square().mean(dim=-1)
+
+
+def log_prob(flow, c, x):
+    return flow(c).log_prob(x)
+
+
+CASES = {
+    "mlp": (
+        lambda: zuko.nn.MLP(3, 2, hidden_features=(8, 8), activation=nn.ELU),
+        lambda: (torch.randn(10, 3), torch.randn(10, 2)),
+        mse,
+        ("",),
+    ),
+    "nsf": (
+        lambda: zuko.flows.NSF(2, 1, transforms=2, hidden_features=(8, 8)),
+        lambda: (torch.randn(10, 1), torch.randn(10, 2)),
+        log_prob,
+        ("**.hyper.4",),
+    ),
+}
+
+PRIORS = {
+    "default": None,
+    "var": 0.5,
+    "gaussian": GaussianPrior(0.1, 2.0),
+    "mixture": ScaleMixturePrior(0.5, 1.0, 0.01),
+}
+
+OBJECTIVES = [bf.nelbo, bf.loop_nelbo, bf.local_nelbo, bf.flipout_nelbo]
+
+
+def _grads(q):
+    return [t.grad.clone() for t in (*q.mean.values(), *q.logvar.values())]
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("case", CASES)
+def test_nelbo_matches_loop(case, prior):
+    build, args, fn, include = CASES[case]
+    module = build()
+    q = bf.init(module, init_logvar=-3.0, include=include)
+    a = args()
+    kw = dict(fn=fn, num_data=100, n=4, prior=PRIORS[prior], kl_weight=0.5)
+
+    losses, grads = [], []
+    for objective, chunk in ((bf.nelbo, None), (bf.nelbo, 3), (bf.loop_nelbo, None)):
+        g = torch.Generator().manual_seed(0)
+        loss = objective(module, q, *a, generator=g, chunk_size=chunk, **kw)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(_grads(q))
+        for t in (*q.mean.values(), *q.logvar.values()):
+            t.grad = None
+
+    for loss, grad in zip(losses[1:], grads[1:], strict=True):
+        assert torch.allclose(loss, losses[0], atol=1e-10)
+        assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grad, grads[0], strict=True))
+
+    # the formula, from its pieces, and the sampled parameters changed the loss
+    g = torch.Generator().manual_seed(0)
+    ll = bf.vmap_call(module, bf.sample(q, 4, generator=g), *a, fn=fn)
+    mc = PRIORS[prior] is not None and not getattr(PRIORS[prior], "closed_form", True)
+    kl = bf.prior_kl(q, PRIORS[prior], generator=g, n=4 if mc else None)
+    assert torch.allclose(losses[0], 0.5 * kl / 100 - ll.mean(), atol=1e-10)
+    assert not torch.allclose(ll[0], fn(module, *a))
+
+
+def test_tutorial_loss_is_expressible():
+    # zuko's tutorial: loss = MSE + 1e-6 * KL(q || N(0, 1)), one sample per step
+    bnet = bf.BayesianModel(zuko.nn.MLP(5, 5, hidden_features=(16,)), init_logvar=-9.0)
+    x = torch.randn(64, 5)
+    y = torch.sort(x, dim=-1).values
+
+    loss = bf.nelbo(
+        bnet.base, bnet.posterior, x, y,
+        fn=mse, num_data=1e6, n=3, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+
+    params = bnet.sample_params(n=3, generator=torch.Generator().manual_seed(0))
+    expected = 0.0
+    for k in range(3):
+        net = bnet.mean_model()
+        out = torch.func.functional_call(net, {n: p[k] for n, p in params.items()}, (x,))
+        expected = expected + (out - y).square().mean() / 3
+    expected = expected + 1e-6 * bnet.kl_divergence()
+
+    assert torch.allclose(loss, expected, atol=1e-10)
+
+    loss.backward()
+    assert all(p.grad is not None for p in bnet.means.values())
+    assert all(p.grad is not None for p in bnet.logvars.values())
+
+
+def test_bayesian_model_and_functional_posterior_agree():
+    bnet = bf.BayesianModel(zuko.nn.MLP(3, 2, hidden_features=(8,)), init_logvar=-3.0)
+    q = bf.Posterior(
+        {k: v.detach().clone() for k, v in bnet.posterior.mean.items()},
+        {k: v.detach().clone() for k, v in bnet.posterior.logvar.items()},
+    )
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+
+    for objective in OBJECTIVES:
+        kw = dict(fn=mse, num_data=50, n=4)
+        a = objective(
+            bnet.base, bnet.posterior, x, y, generator=torch.Generator().manual_seed(1), **kw
+        )
+        b = objective(bnet.base, q, x, y, generator=torch.Generator().manual_seed(1), **kw)
+        assert torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("objective", [bf.local_nelbo, bf.flipout_nelbo])
+def test_local_objectives_are_unbiased(objective):
+    net = zuko.nn.MLP(3, 2, hidden_features=(8,), activation=nn.ELU)
+    q = bf.init(net, init_logvar=-2.0)
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+    g = torch.Generator().manual_seed(2)
+    kw = dict(fn=mse, num_data=50, n=8, generator=g)
+
+    with torch.no_grad():
+        local = torch.stack([objective(net, q, x, y, **kw) for _ in range(400)])
+        full = torch.stack([bf.nelbo(net, q, x, y, **kw) for _ in range(400)])
+
+    se = (local.var() / 400 + full.var() / 400).sqrt()
+    assert (local.mean() - full.mean()).abs() <= 5 * se
+    assert local.std() > 0
+
+    # chunks draw the same noise, in the same order
+    a = objective(
+        net, q, x, y, fn=mse, num_data=50, n=6, generator=torch.Generator().manual_seed(3)
+    )
+    b = objective(
+        net, q, x, y, fn=mse, num_data=50, n=6, chunk_size=6,
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    assert torch.equal(a, b)
+    c = objective(net, q, x, y, fn=mse, num_data=50, n=6, chunk_size=4)
+    assert c.shape == ()
+
+
+def test_in_dims():
+    net = zuko.nn.MLP(3, 2, hidden_features=(8,))
+    q = bf.init(net, init_logvar=-3.0)
+    x, y = torch.randn(4, 10, 3), torch.randn(10, 2)
+
+    for objective in OBJECTIVES:
+        g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+        kw = dict(fn=mse, num_data=50, n=4, in_dims=[0, None])
+        a = objective(net, q, x, y, generator=g1, **kw)
+        b = bf.loop_nelbo(net, q, x, y, generator=g2, **kw)
+        if objective in (bf.nelbo, bf.loop_nelbo):
+            assert torch.allclose(a, b)
+        else:
+            assert torch.isfinite(a)
+
+
+def test_kl_weight_and_num_data():
+    net = zuko.nn.MLP(3, 2, hidden_features=(8,))
+    q = bf.init(net, init_logvar=-3.0)
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+    kl = bf.kl_divergence(q)
+
+    def loss(**kw):
+        return bf.nelbo(
+            net, q, x, y, fn=mse, n=2, generator=torch.Generator().manual_seed(5), **kw
+        )
+
+    base = loss(num_data=10, kl_weight=0.0)
+    assert torch.allclose(loss(num_data=10, kl_weight=1.0) - base, kl / 10)
+    assert torch.allclose(loss(num_data=40, kl_weight=torch.tensor(2.0)) - base, 2 * kl / 40)
+
+
+def test_schedules():
+    constant = bf.ConstantSchedule(0.3)
+    warmup = bf.LinearWarmup(steps=10, weight=2.0, start=0.5)
+    cyclical = bf.CyclicalSchedule(period=8, ratio=0.25, weight=1.0)
+
+    assert [constant(t) for t in (0, 5, 10**6)] == [0.3, 0.3, 0.3]
+    assert [warmup(t) for t in (0, 5, 10, 100)] == [0.5, 1.25, 2.0, 2.0]
+    assert [cyclical(t) for t in range(10)] == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5]
+
+    with pytest.raises(ValueError, match="LinearWarmup: expected steps to be a positive int"):
+        bf.LinearWarmup(steps=0)
+    with pytest.raises(TypeError, match="LinearWarmup: expected steps"):
+        bf.LinearWarmup(steps=1.5)
+    with pytest.raises(ValueError, match="CyclicalSchedule: expected 0 < ratio <= 1"):
+        bf.CyclicalSchedule(period=4, ratio=1.5)
+    with pytest.raises(ValueError, match="CyclicalSchedule: expected a finite ratio > 0"):
+        bf.CyclicalSchedule(period=4, ratio=0.0)
+    with pytest.raises(ValueError, match="ConstantSchedule: expected a finite weight >= 0"):
+        bf.ConstantSchedule(-1.0)
+    with pytest.raises(ValueError, match="ConstantSchedule: expected step to be an int >= 0"):
+        constant(-1)
+    with pytest.raises(TypeError, match="CyclicalSchedule: expected step"):
+        cyclical(1.0)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda f: f.__name__)
+def test_errors(objective):
+    name = objective.__name__
+    net = zuko.nn.MLP(3, 2, hidden_features=(8,))
+    q = bf.init(net)
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+
+    def call(**kw):
+        kw = {"fn": mse, "num_data": 10} | kw
+        return objective(net, q, x, y, **kw)
+
+    with pytest.raises(TypeError, match=f"{name}: expected fn to be a callable"):
+        call(fn=None)
+    with pytest.raises(TypeError, match=f"{name}: missing|required keyword"):
+        objective(net, q, x, y, num_data=10)
+    with pytest.raises(ValueError, match=f"{name}: expected a finite num_data > 0"):
+        call(num_data=0)
+    with pytest.raises(TypeError, match=f"{name}: expected num_data to be a number"):
+        call(num_data="10")
+    with pytest.raises(ValueError, match=f"{name}: expected n to be a positive int"):
+        call(n=0)
+    with pytest.raises(TypeError, match=f"{name}: expected prior to be"):
+        call(prior="normal")
+    with pytest.raises(ValueError, match=f"{name}: expected a finite kl_weight >= 0"):
+        call(kl_weight=-1.0)
+    with pytest.raises(TypeError, match=f"{name}: expected generator"):
+        call(generator=0)
+    with pytest.raises(ValueError, match=f"{name}: expected chunk_size"):
+        call(chunk_size=0)
+    with pytest.raises(TypeError, match=rf"{name}: expected a bayesflow\.Posterior"):
+        objective(net, {}, x, y, fn=mse, num_data=10)
+    with pytest.raises(ValueError, match=f"{name}: expected fn to return per-datum"):
+        call(fn=lambda m, x, y: [mse(m, x, y)])
