@@ -47,8 +47,8 @@ def sort_experiment(
     method: str = "vmap",
     generator: torch.Generator | None = None,
     log: Callable[[str], None] | None = None,
-) -> list[torch.Tensor]:
-    r"""Trains a Bayesian MLP to sort 5 numbers; returns the per-step losses of each epoch."""
+) -> tuple[bf.BayesianModel, list[torch.Tensor]]:
+    r"""Trains a Bayesian MLP to sort 5 numbers; returns it and the step losses of each epoch."""
 
     net = zuko.nn.MLP(5, 5, hidden_features=(64, 64), activation=nn.ELU)
     bnet = bf.BayesianModel(net, init_logvar=-9.0)
@@ -75,7 +75,7 @@ def sort_experiment(
         if log is not None:
             log(f"({epoch}) {history[-1].mean().item()} ± {history[-1].std().item()}")
 
-    return history
+    return bnet, history
 
 
 def moons_experiment(
@@ -86,8 +86,8 @@ def moons_experiment(
     method: str = "vmap",
     generator: torch.Generator | None = None,
     log: Callable[[str], None] | None = None,
-) -> list[torch.Tensor]:
-    r"""Trains a Bayesian NSF on two moons; returns the per-step losses of each epoch."""
+) -> tuple[bf.BayesianModel, list[torch.Tensor]]:
+    r"""Trains a Bayesian NSF on two moons; returns it and the step losses of each epoch."""
 
     trainset = data.TensorDataset(*two_moons(points))
     trainloader = data.DataLoader(trainset, batch_size=batch, shuffle=True)
@@ -116,7 +116,7 @@ def moons_experiment(
         if log is not None:
             log(f"({epoch}) {history[-1].mean().item()} ± {history[-1].std().item()}")
 
-    return history
+    return bflow, history
 
 
 def main(argv: list[str] | None = None) -> int:
