@@ -1,0 +1,104 @@
+r"""Data-parallel training of a BayesianModel with DistributedDataParallel (gloo, CPU)."""
+
+import datetime
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import zuko
+
+from torch.nn.parallel import DistributedDataParallel
+
+import bayesflow as bf
+
+WORLD = 2
+K = 4
+NUM_DATA = 1000
+TIMEOUT = 120.0
+
+
+def mse(net, x, y):
+    return -(net(x) - y).square().mean(dim=-1)
+
+
+def _setup():
+    r"""The model and the whole data set, identical in every process."""
+
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    bnet = bf.BayesianModel(zuko.nn.MLP(3, 2, hidden_features=(8,)), init_logvar=-3.0)
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    return bnet, x, y
+
+
+def _grads(bnet):
+    return {f"means.{k}": p.grad.clone() for k, p in bnet.means.items()} | {
+        f"logvars.{k}": p.grad.clone() for k, p in bnet.logvars.items()
+    }
+
+
+def _worker(rank, port, path):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        bnet, x, y = _setup()
+        # The base's own copies of Bayesian parameters are swapped out, hence unused.
+        ddp = DistributedDataParallel(bnet, find_unused_parameters=True)
+
+        shard = slice(rank * 8, (rank + 1) * 8)
+        generator = torch.Generator().manual_seed(1)  # the same posterior samples everywhere
+        ll = ddp(x[shard], y[shard], n=K, fn=mse, generator=generator)
+        loss = bnet.kl_divergence() / NUM_DATA - ll.mean()
+        loss.backward()  # gradients are averaged over the processes
+
+        if rank == 0:
+            torch.save({"loss": loss.detach(), "grads": _grads(bnet)}, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_gradients_match_one_process(tmp_path):
+    path = tmp_path / "rank0.pt"
+    context = mp.start_processes(
+        _worker, args=(_free_port(), str(path)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not context.join(timeout=1.0):
+            assert time.monotonic() < deadline, f"the {WORLD} processes did not end in time"
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.terminate()
+
+    result = torch.load(path)
+
+    # one process, the union of the shards, the same samples, the vectorized objective
+    bnet, x, y = _setup()
+    loss = bf.nelbo(
+        bnet.base, bnet.posterior, x, y,
+        fn=mse, num_data=NUM_DATA, n=K, generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    loss.backward()
+    grads = _grads(bnet)
+
+    assert grads.keys() == result["grads"].keys()
+    for name, g in grads.items():
+        assert torch.allclose(result["grads"][name], g, atol=1e-12), name
+        assert g.abs().sum() > 0
+    # each process saw half the data: its own loss differs from the union's
+    assert not torch.allclose(result["loss"], loss.detach())
