@@ -110,8 +110,12 @@ def _local_forward(
         shape = (n, *mean.shape) if shared else mean.shape
         eps = _randn(shape, mean, generator)
 
-        # The clamp keeps the gradient of the square root finite where the variance vanishes.
-        return torch.addcmul(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), eps)
+        if layer.b_var is None:
+            # The clamp keeps the gradient of the square root finite where the variance
+            # vanishes (an all-zero input); a Bayesian bias keeps it positive anyway.
+            var = var.clamp_min(torch.finfo(var.dtype).tiny)
+
+        return torch.addcmul(mean, var.sqrt(), eps)
 
     return forward
 
