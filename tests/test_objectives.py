@@ -1,5 +1,9 @@
 r"""Tests for bayesflow.objectives: the vectorized negative ELBO and KL schedules."""
 
+import re
+
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -249,3 +253,11 @@ def test_errors(objective):
         objective(net, {}, x, y, fn=mse, num_data=10)
     with pytest.raises(ValueError, match=f"{name}: expected fn to return per-datum"):
         call(fn=lambda m, x, y: [mse(m, x, y)])
+
+
+def test_docs_examples_run():
+    page = Path(__file__).resolve().parents[1] / "docs" / "training.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) >= 4
+
+    exec(compile("\n".join(blocks), str(page), "exec"), {})
