@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import zuko.nn
 
 from torch import Tensor
 
 from ._compat import swap_parameters
+from ._linear import linear, linear_types, mask_of
 from .call import _vmap_call
 from .posterior import (
     InitLogvar,
@@ -204,7 +204,7 @@ class BayesianModel(nn.Module):
         try:
             for name, module in self.base.named_modules():
                 key = name.replace(".", "-")
-                if not isinstance(module, (nn.Linear, zuko.nn.Linear)):
+                if not isinstance(module, linear_types()):
                     continue
                 if key + "-weight" not in self.means:
                     continue
@@ -233,9 +233,10 @@ class BayesianModel(nn.Module):
             w_mean = self.means[key + "-weight"]
             w_var = _softclip(self.logvars[key + "-weight"]).exp()
 
-            if isinstance(module, zuko.nn.MaskedLinear):
-                w_mean = module.mask * w_mean
-                w_var = module.mask * w_var
+            mask = mask_of(module)
+            if mask is not None:
+                w_mean = mask * w_mean
+                w_var = mask * w_var
 
             if key + "-bias" in self.means:
                 b_mean = self.means[key + "-bias"]
@@ -243,8 +244,8 @@ class BayesianModel(nn.Module):
             else:
                 b_mean, b_var = module.bias, None
 
-            y_mean = zuko.nn.linear(x, w_mean, b_mean)
-            y_var = zuko.nn.linear(x.square(), w_var, b_var)
+            y_mean = linear(x, w_mean, b_mean)
+            y_var = linear(x.square(), w_var, b_var)
 
             address = (name, y_mean.shape)
             if address not in cache:
