@@ -219,6 +219,13 @@ class GaussianPrior(Prior):
                         ) from None
 
     def log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
+        for what, value in (("mean", self.mean), ("var", self.var)):
+            if isinstance(value, Mapping) and not params.keys() <= value.keys():
+                raise ValueError(
+                    f"GaussianPrior.log_prob: expected the prior {what} to name every "
+                    f"parameter, got missing names {sorted(params.keys() - value.keys())}"
+                )
+
         lp = 0.0
         for name, theta in params.items():
             m = _lookup(self.mean, name, theta)

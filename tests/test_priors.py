@@ -198,5 +198,7 @@ def test_errors():
         prior_kl(q, "normal")
     with pytest.raises(ValueError, match="prior_kl: expected a finite prior_var > 0"):
         prior_kl(q, -1.0)
+    with pytest.raises(ValueError, match=r"GaussianPrior.log_prob: expected the prior var"):
+        GaussianPrior(0.0, {"a": 1.0}).log_prob({"b": torch.zeros(2, 3)})
     with pytest.raises(NotImplementedError):
         Prior().log_prob({})
