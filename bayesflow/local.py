@@ -14,6 +14,7 @@ import zuko.nn
 
 from torch import Tensor
 
+from .bayesian import BayesianModel
 from .call import _check_in_dims, _check_outputs
 from .posterior import Posterior, _check_module, _check_n, _check_posterior, _softclip
 
@@ -260,6 +261,11 @@ def local_call(
 
     where = "local_call"
     _check_module(where, module)
+    if isinstance(module, BayesianModel):
+        raise TypeError(
+            f"{where}: expected the module the posterior is over, got a BayesianModel; "
+            "pass bnet.base and bnet.posterior"
+        )
     _check_posterior(where, posterior)
     _check_n(where, n)
     if fn is not None and not callable(fn):

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from torch import Tensor
 
+from .bayesian import BayesianModel
 from .call import _check_in_dims, _vmap_call, loop_call
 from .local import local_call
 from .posterior import Posterior, _check_module, _check_n, _check_posterior, _sample
@@ -55,6 +56,11 @@ def _check_common(
     chunk_size: object,
 ) -> None:
     _check_module(where, module)
+    if isinstance(module, BayesianModel):
+        raise TypeError(
+            f"{where}: expected the module the posterior is over, got a BayesianModel; "
+            "pass bnet.base and bnet.posterior"
+        )
     _check_posterior(where, posterior)
     if not callable(fn):
         raise TypeError(

@@ -216,6 +216,9 @@ def test_errors():
         bf.local_call(net, {}, 2, x)
     with pytest.raises(TypeError, match=r"local_call: expected a torch.nn.Module"):
         bf.local_call(lambda x: x, q, 2, x)
+    bnet = bf.BayesianModel(net)
+    with pytest.raises(TypeError, match="local_call: expected the module the posterior is over"):
+        bf.local_call(bnet, bnet.posterior, 2, x)
     with pytest.raises(TypeError, match="local_call: expected generator"):
         bf.local_call(net, q, 2, x, generator=0)
     with pytest.raises(TypeError, match="local_call: expected fn"):

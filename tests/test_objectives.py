@@ -251,6 +251,9 @@ def test_errors(objective):
         call(chunk_size=0)
     with pytest.raises(TypeError, match=rf"{name}: expected a bayesflow\.Posterior"):
         objective(net, {}, x, y, fn=mse, num_data=10)
+    bnet = bf.BayesianModel(net)
+    with pytest.raises(TypeError, match=f"{name}: expected the module the posterior is over"):
+        objective(bnet, bnet.posterior, x, y, fn=mse, num_data=10)
     with pytest.raises(ValueError, match=f"{name}: expected fn to return per-datum"):
         call(fn=lambda m, x, y: [mse(m, x, y)])
 
