@@ -10,15 +10,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import zuko.nn
 
 from torch import Tensor
 
+from ._linear import linear, linear_types, mask_of
 from .bayesian import BayesianModel
 from .call import _check_in_dims, _check_outputs
 from .posterior import Posterior, _check_module, _check_n, _check_posterior, _softclip
-
-LINEAR = (nn.Linear, zuko.nn.Linear)
 
 
 def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
@@ -36,7 +34,7 @@ def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
 
     _check_module("linear_layers", module)
 
-    return {name: m for name, m in module.named_modules() if isinstance(m, LINEAR)}
+    return {name: m for name, m in module.named_modules() if isinstance(m, linear_types())}
 
 
 def _prefix(name: str) -> str:
@@ -48,7 +46,7 @@ class _Layer:
 
     def __init__(self, name: str, layer: nn.Module, posterior: Posterior) -> None:
         p = _prefix(name)
-        mask = layer.mask if isinstance(layer, zuko.nn.MaskedLinear) else None
+        mask = mask_of(layer)
 
         self.name = name
         self.w_mean, self.w_var, self.w_std = self._moments(
@@ -101,12 +99,12 @@ def _local_forward(
         shared = x.stride(0) == 0
         x0 = x[0] if shared else x
 
-        mean = zuko.nn.linear(x0, layer.w_mean, layer.b_mean)
+        mean = linear(x0, layer.w_mean, layer.b_mean)
 
         if layer.w_var is None:
             var = layer.b_var.expand_as(mean)
         else:
-            var = zuko.nn.linear(x0.square(), layer.w_var, layer.b_var)
+            var = linear(x0.square(), layer.w_var, layer.b_var)
 
         shape = (n, *mean.shape) if shared else mean.shape
         eps = _randn(shape, mean, generator)
@@ -133,7 +131,7 @@ def _flipout_forward(
         calls.append(layer.name)
 
         shared = x.stride(0) == 0
-        y = zuko.nn.linear(x[0] if shared else x, layer.w_mean, layer.b_mean)
+        y = linear(x[0] if shared else x, layer.w_mean, layer.b_mean)
         if shared:
             y = y.expand(n, *y.shape)
 
@@ -143,7 +141,7 @@ def _flipout_forward(
             dw = layer.w_std * _randn(layer.w_std.shape, x, generator)
             s = _signs(x.shape, x, generator)
             r = _signs(y.shape, y, generator)
-            y = y + zuko.nn.linear(x * s, dw) * r
+            y = y + linear(x * s, dw) * r
 
         if layer.b_std is not None:
             b = layer.b_std
@@ -290,7 +288,7 @@ def local_call(
     layers = {}
     covered = set()
     for name, layer in module.named_modules():
-        if not isinstance(layer, LINEAR):
+        if not isinstance(layer, linear_types()):
             continue
         names = {_prefix(name) + "weight", _prefix(name) + "bias"} & posterior.mean.keys()
         if names:
