@@ -631,19 +631,21 @@ def _peak_memory(call: Callable[[], Any], device: torch.device) -> tuple[float |
 
 def _time(
     call: Callable[[], Any], threads: int, device: torch.device, min_time: float, repeats: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
+    r"""Times `call` after one warm-up call, which also gives its peak memory."""
+
     from torch.utils.benchmark import Timer
 
     timer = Timer("call()", globals={"call": call}, num_threads=threads)
 
-    # Warm up, then pick how many calls per measurement so that each lasts ~min_time / repeats.
-    call()
-    _sync(device)
     t0 = time.perf_counter()
-    call()
-    _sync(device)
+    peak, kind = _peak_memory(call, device)
     once = max(time.perf_counter() - t0, 1e-7)
+
+    # Each measurement lasts ~min_time / repeats; slow cells get fewer, single-call ones.
     number = max(1, int(min_time / repeats / once))
+    if number == 1:
+        repeats = max(3, min(repeats, int(2 * min_time / once)))
     times = [timer.timeit(number).median for _ in range(repeats)]
     t = torch.tensor(times, dtype=torch.float64) * 1e3
     q25, q50, q75 = (torch.quantile(t, p).item() for p in (0.25, 0.5, 0.75))
@@ -656,6 +658,8 @@ def _time(
         "min_ms": t.min().item(),
         "runs": repeats,
         "calls_per_run": number,
+        "peak_mem_mb": peak,
+        "mem_kind": kind,
     }
 
 
@@ -663,7 +667,7 @@ def _wrap_mode(method: Method, case: Case, run: Callable, mode: str) -> Callable
     r"""Turns `run(seed) -> outputs` into the work of a mode."""
 
     if mode == "train":
-        targets = method.targets(case)
+        targets = (method.targets or _bf_targets)(case)
 
         def train(seed: int | None) -> tuple[Tensor, dict[str, Tensor]]:
             losses = case.loss(run(seed))
@@ -874,6 +878,11 @@ def _error_type(err: BaseException) -> str:
     return type(cause).__name__
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -917,7 +926,7 @@ def _measure(
         return {
             **empty,
             "status": "unsupported",
-            "detail": f"{_error_type(e)}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}",
+            "detail": f"{_error_type(e)}: {_first_line(e)}",
         }
 
     if not ok:
@@ -925,7 +934,6 @@ def _measure(
 
     try:
         timing = _time(lambda: work(None), torch.get_num_threads(), device, min_time, repeats)
-        peak, kind = _peak_memory(lambda: work(None), device)
     except Exception as e:
         if _is_oom(e):
             if device.type == "cuda":
@@ -938,8 +946,6 @@ def _measure(
         "status": "ok",
         "detail": "checked statistically" if method.noise == "local" else "checked exactly",
         "error": err,
-        "peak_mem_mb": peak,
-        "mem_kind": kind,
         "compile_s": compile_s,
     }
 

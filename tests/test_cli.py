@@ -1,0 +1,181 @@
+r"""Tests for the `bayesflow bench` command line."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bayesflow as bf
+
+from bayesflow import _bench
+from bayesflow.cli import main
+
+KEYS = {
+    "model",
+    "method",
+    "samples",
+    "mode",
+    "median_ms",
+    "iqr_ms",
+    "peak_mem_mb",
+    "status",
+    "detail",
+    "device",
+    "dtype",
+    "threads",
+    "versions",
+    "batch",
+}
+
+
+def _wrong_build(case, K, mode, fn, args, **options):
+    # The vectorized path, off by 1%: a method that must be caught before it is timed.
+    def run(seed):
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        params = bf.sample(case.posterior, K, generator=g)
+        return 1.01 * bf.vmap_call(case.module, params, *args, fn=fn)
+
+    return run
+
+
+def _broken_build(case, K, mode, fn, args):
+    def run(seed):
+        raise NotImplementedError("cannot batch this")
+
+    return run
+
+
+def test_quick(tmp_path, capsys):
+    out_json, out_csv, out_png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
+    code = main(
+        [
+            "bench",
+            "--quick",
+            "--threads",
+            "1",
+            "--json",
+            str(out_json),
+            "--csv",
+            str(out_csv),
+            "--plot",
+            str(out_png),
+        ]
+    )
+    assert code == 0
+
+    records = json.loads(out_json.read_text())
+    assert records
+    for r in records:
+        assert KEYS <= set(r), KEYS - set(r)
+        assert r["status"] in ("ok", "unsupported", "n/a", "unavailable"), r
+        assert (r["median_ms"] is not None) == (r["status"] == "ok")
+        if r["status"] == "ok":
+            assert r["median_ms"] > 0 and r["iqr_ms"] >= 0
+            assert r["detail"].startswith("checked")
+
+    seen = {(r["model"], r["mode"], r["method"]) for r in records}
+    for model in ("mlp", "nsf"):
+        for mode in ("forward", "train"):
+            for method in ("zuko-loop", "loop", "vmap"):
+                assert (model, mode, method) in seen
+    assert ("nsf", "sample", "vmap") in seen
+    assert ("mlp", "sample", "vmap") not in seen  # no sample mode for an MLP
+
+    ok = {(r["model"], r["mode"], r["method"]) for r in records if r["status"] == "ok"}
+    assert ("mlp", "forward", "vmap") in ok
+    assert ("mlp", "forward", "bmm") in ok
+    assert ("mlp", "train", "zuko-loop") in ok
+    assert ("nsf", "forward", "vmap") in ok
+
+    assert out_png.stat().st_size > 1000
+    with open(out_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(records)
+    assert {"model", "method", "samples", "mode", "median_ms", "torch_version"} <= set(rows[0])
+
+    table = capsys.readouterr().out
+    assert "mlp · forward" in table and "K=4" in table and "vmap" in table
+
+
+def test_wrong_method_is_not_timed():
+    wrong = _bench.Method("wrong", _wrong_build)
+    broken = _bench.Method("broken", _broken_build)
+    records = _bench.run_bench(
+        models=["mlp"],
+        samples=[2],
+        modes=["forward", "train"],
+        methods=["loop"],
+        batch=8,
+        min_time=0.005,
+        repeats=3,
+        progress=False,
+        extra={"wrong": wrong, "broken": broken},
+    )
+    by = {(r["method"], r["mode"]): r for r in records}
+
+    for mode in ("forward", "train"):
+        assert by["loop", mode]["status"] == "ok"
+        assert by["wrong", mode]["status"] == "wrong", by["wrong", mode]["detail"]
+        assert by["wrong", mode]["median_ms"] is None
+        assert by["broken", mode]["status"] == "unsupported"
+        assert by["broken", mode]["detail"].startswith("NotImplementedError")
+        assert by["broken", mode]["median_ms"] is None
+
+    assert "WRONG" in _bench.format_table(records)
+
+
+def test_wrong_method_fails_the_command(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(_bench.BUILDERS, "vmap", (_wrong_build, "flat", True, _bench._bf_targets))
+    out = tmp_path / "r.json"
+    argv = ["bench", "--quick", "--models", "mlp", "--modes", "forward", "--methods", "loop"]
+    code = main([*argv, "vmap", "--json", str(out), "--no-progress", "--threads", "1"])
+    assert code == 1
+
+    records = json.loads(out.read_text())
+    vmap = [r for r in records if r["method"] == "vmap"]
+    assert vmap and all(r["status"] == "wrong" and r["median_ms"] is None for r in vmap)
+    assert "gave wrong numbers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--models", "resnet"],
+        ["--modes", "backward"],
+        ["--methods", "magic"],
+        ["--samples", "-1"],
+        ["--samples", "0"],
+        ["--samples", "many"],
+        ["--batch", "0"],
+        ["--threads", "-2"],
+        ["--dtype", "int8"],
+        ["--sweep", "no-such-sweep"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_bad_input(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "expected" in err or "invalid choice" in err
+
+
+def test_no_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+
+
+def test_module_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "bayesflow", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    assert "--samples" in result.stdout and "--quick" in result.stdout
