@@ -178,6 +178,8 @@ def _apply() -> list[tuple[Any, str, Any]]:
                 continue  # someone else replaced it: leave it alone
 
             if _needed(piece, current):
+                if not applied:
+                    _safe.prepare()
                 setattr(target, piece.name, piece.replacement)
                 applied.append((target, piece.name, current))
     except BaseException:

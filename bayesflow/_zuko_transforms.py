@@ -17,10 +17,13 @@ __all__ = [
     "gmm_forward_full",
     "monotonic_call_and_ladj",
     "odeint",
+    "prepare",
 ]
 
+import importlib
 import math
 import sys
+import warnings
 
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
@@ -50,6 +53,19 @@ def coupling_merge(self: Any, x_a: Tensor, x_b: Tensor, shape: Size) -> Tensor:
     order = torch.argsort(torch.cat((self.idx_a, self.idx_b)))
 
     return torch.index_select(torch.cat((x_a, x_b), dim=-1), -1, order)
+
+
+def prepare() -> None:
+    r"""Loads what forward-mode AD loads on first use, outside vmap and without warnings.
+
+    The first :func:`torch.func.jvp` of a process imports torch's forward-mode
+    decompositions, which warn (a deprecation inside torch) on import.
+    """
+
+    if "torch._decomp.decompositions_for_jvp" not in sys.modules:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            importlib.import_module("torch._decomp.decompositions_for_jvp")
 
 
 def _derivative(f: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 __all__ = ["flow_sample"]
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from torch import Size, Tensor
-from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+from torch.distributions import (
+    Distribution,
+    Independent,
+    MultivariateNormal,
+    Normal,
+    Uniform,
+)
 
 from .call import _check_params, loop_call, vmap_call
 
@@ -32,6 +38,23 @@ def _gaussian(where: str, d: Distribution) -> tuple[Tensor, Tensor, bool]:
     )
 
 
+def _base(where: str, d: Distribution) -> tuple[str, Callable[[Tensor], Tensor]]:
+    r"""Returns the kind of noise a base distribution reparameterizes, and how."""
+
+    inner = d.base_dist if isinstance(d, Independent) else d
+
+    # As `Normal.rsample` and `Uniform.rsample`: the same numbers for the same noise.
+    if isinstance(inner, Normal):
+        return "normal", lambda eps: inner.loc + eps * inner.scale
+    if isinstance(inner, Uniform):
+        return "uniform", lambda u: inner.low + u * (inner.high - inner.low)
+
+    raise TypeError(
+        f"{where}: expected a Normal or Uniform base distribution (possibly Independent), "
+        f"got {type(d).__name__}"
+    )
+
+
 def _is_flow(d: object) -> bool:
     return hasattr(d, "transform") and isinstance(getattr(d, "base", None), Distribution)
 
@@ -46,10 +69,9 @@ def _push(flow: nn.Module, c: Tensor | None, eps: Tensor) -> Tensor:
     r"""Reparameterizes the base noise and pushes it through the inverse transform."""
 
     d = flow() if c is None else flow(c)
-    loc, scale, _ = _gaussian("flow_sample", d.base)
+    _, reparameterize = _base("flow_sample", d.base)
 
-    # As `Normal.rsample`: the same numbers as `d.rsample()` for the same noise.
-    return d.transform.inv(loc + eps * scale)
+    return d.transform.inv(reparameterize(eps))
 
 
 def _pick(w: Tensor, t: Tensor, event: int) -> Tensor:
@@ -95,11 +117,11 @@ def flow_sample(
 
     `torch.distributions` draws its noise in place, which vmap cannot batch. Here all the
     noise is drawn first, outside vmap, from `generator`; then, for every parameter set,
-    the flow's base distribution reparameterizes it and the inverse transform pushes it
-    through, :math:`x = f_\theta^{-1}(\mu + \sigma \epsilon \mid c)`. For the same noise
-    this is exactly zuko's `flow(c).rsample(shape)`, differentiable with respect to
-    `params`. Gaussian mixtures (:class:`zuko.mixtures.GMM`) are sampled by inverse CDF
-    from uniform noise and, as in zuko, carry no gradient.
+    the flow's base distribution (Gaussian or uniform) reparameterizes it and the inverse
+    transform pushes it through, :math:`x = f_\theta^{-1}(\mu + \sigma \epsilon \mid c)`.
+    For the same noise this is exactly zuko's `flow(c).rsample(shape)`, differentiable with
+    respect to `params`. Gaussian mixtures (:class:`zuko.mixtures.GMM`) are sampled by
+    inverse CDF from uniform noise and, as in zuko, carry no gradient.
 
     Example:
         >>> flow = zuko.flows.MAF(2, 3)
@@ -149,13 +171,14 @@ def flow_sample(
         d = flow() if c is None else flow(c)
 
     if _is_flow(d):
-        fn, kinds = _push, ("normal",)
-        loc, _, _ = _gaussian(where, d.base)
+        kind, _ = _base(where, d.base)
+        fn, kinds = _push, (kind,)
+        loc = d.base.mean
         dims = Size(shape) + d.base.batch_shape + d.base.event_shape
         sizes = [(n, *dims)]
     elif _is_mixture(d):
         fn, kinds = _mixture, ("normal", "uniform")
-        loc, _, _ = _gaussian(where, d.base)
+        loc = d.base.mean
         batch = Size(shape) + d.batch_shape
         sizes = [(n, *batch, *d.event_shape), (n, *batch)]
     else:

@@ -1,0 +1,331 @@
+r"""Every zuko flow on the vectorized path, against the loop oracle and zuko itself."""
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import zuko
+
+from torch.func import functional_call
+
+import bayesflow as bf
+
+from bayesflow import _vmap_safe
+from bayesflow.flows import flow_sample
+
+F, C, B, K = 3, 2, 4, 3
+HIDDEN = {"hidden_features": (16, 16)}
+
+FLOWS = {
+    "NICE": lambda: zuko.flows.NICE(F, C, transforms=2, **HIDDEN),
+    "RealNVP": lambda: zuko.flows.RealNVP(F, C, transforms=2, **HIDDEN),
+    "MAF": lambda: zuko.flows.MAF(F, C, transforms=2, **HIDDEN),
+    "NSF": lambda: zuko.flows.NSF(F, C, transforms=2, **HIDDEN),
+    "NCSF": lambda: zuko.flows.NCSF(F, C, transforms=2, **HIDDEN),
+    "SOSPF": lambda: zuko.flows.SOSPF(F, C, transforms=2, **HIDDEN),
+    "NAF": lambda: zuko.flows.NAF(
+        F, C, transforms=2, signal=4, network={"hidden_features": (8, 8)}, **HIDDEN
+    ),
+    "UNAF": lambda: zuko.flows.UNAF(
+        F, C, transforms=2, signal=4, network={"hidden_features": (8, 8)}, **HIDDEN
+    ),
+    "GF": lambda: zuko.flows.GF(F, C, transforms=2, components=4, **HIDDEN),
+    "BPF": lambda: zuko.flows.BPF(F, C, transforms=2, degree=6, **HIDDEN),
+    "CNF": lambda: zuko.flows.CNF(F, C, **HIDDEN),
+    "GMM": lambda: zuko.flows.GMM(F, C, components=3, **HIDDEN),
+}
+
+# zuko's own gradients fail in a loop of `functional_call`s for these: their autograd
+# functions differentiate with respect to `self.parameters()`, the unswapped originals.
+NO_LOOP_GRAD = {"UNAF", "CNF"}
+# Inverted numerically (bisection or an ODE solver).
+INVERTED = {"SOSPF", "NAF", "UNAF", "GF", "BPF", "CNF"}
+FLOWS_ONLY = [name for name in FLOWS if name != "GMM"]
+
+
+def log_prob(flow, c, x):
+    return flow(c).log_prob(x)
+
+
+def inverse(flow, c, z):
+    return flow(c).transform.inv(z)
+
+
+def tight():
+    return 1e-10 if torch.get_default_dtype() == torch.float64 else 1e-4
+
+
+def setup(name, init_logvar=-6.0):
+    flow = FLOWS[name]()
+    q = bf.init(flow, init_logvar=init_logvar)
+    for t in (*q.mean.values(), *q.logvar.values()):
+        t.requires_grad_(True)
+    return flow, q
+
+
+def draw(q, n=K, seed=1):
+    return bf.sample(
+        q, n, generator=torch.Generator(q.mean[next(iter(q.mean))].device).manual_seed(seed)
+    )
+
+
+def leaves(q):
+    return [*q.mean.values(), *q.logvar.values()]
+
+
+def zuko_grads(flow, params, c, x, i):
+    r"""zuko's own gradients for the `i`-th parameter set, loaded into a copy of `flow`."""
+
+    clone = copy.deepcopy(flow)
+    with torch.no_grad():
+        for name, p in clone.named_parameters():
+            p.copy_(params[name][i])
+
+    y = log_prob(clone, c, x)
+    return torch.autograd.grad(y.sum(), [p for _, p in clone.named_parameters()])
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_log_prob_matches_loop(name):
+    flow, q = setup(name)
+    c, x = torch.randn(B, C), torch.randn(B, F)
+    params = draw(q)
+
+    y = bf.vmap_call(flow, params, c, x, fn=log_prob, fallback=False)
+    y_loop = bf.loop_call(flow, params, c, x, fn=log_prob)
+
+    assert y.shape == (K, B)
+    assert torch.allclose(y, y_loop, rtol=tight(), atol=tight())
+    assert not torch.allclose(y[0], log_prob(flow, c, x), atol=1e-3)  # the samples were used
+
+    if name in NO_LOOP_GRAD:
+        # The oracle is zuko itself, one parameter set at a time, w.r.t. the parameters.
+        params = {k: v.detach().requires_grad_() for k, v in params.items()}
+        y = bf.vmap_call(flow, params, c, x, fn=log_prob, fallback=False)
+        grads = torch.autograd.grad(y.sum(), list(params.values()))
+        for i in range(K):
+            for g, g_zuko in zip(grads, zuko_grads(flow, params, c, x, i), strict=True):
+                # CNF: the gradient of the discrete solution vs zuko's adjoint, two
+                # approximations of the same gradient, within the solver's accuracy.
+                scale = g_zuko.abs().max()
+                atol = 5e-2 * scale if name == "CNF" else tight() * (1 + scale)
+                assert torch.allclose(g[i], g_zuko, rtol=0, atol=atol)
+    else:
+        grads = torch.autograd.grad(y.sum(), leaves(q), retain_graph=True)
+        grads_loop = torch.autograd.grad(y_loop.sum(), leaves(q))
+        for g, g_loop in zip(grads, grads_loop, strict=True):
+            assert torch.allclose(g, g_loop, rtol=tight(), atol=tight())
+
+
+@pytest.mark.parametrize("name", FLOWS_ONLY)
+def test_inverse_matches_loop(name):
+    flow, q = setup(name)
+    c, z = torch.randn(B, C), torch.randn(B, F)
+    params = draw(q)
+
+    x = bf.vmap_call(flow, params, c, z, fn=inverse, fallback=False)
+    x_loop = bf.loop_call(flow, params, c, z, fn=inverse)
+
+    atol = 1e-4 if name in INVERTED else tight()
+    assert x.shape == (K, B, F)
+    assert torch.allclose(x, x_loop, atol=atol)
+    assert not torch.allclose(x[0], inverse(flow, c, z), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_flow_sample_matches_loop(name):
+    flow, q = setup(name)
+    c = torch.randn(C)
+    params = draw(q)
+
+    def sample(params, vectorized=True):
+        gen = torch.Generator().manual_seed(2)
+        return flow_sample(flow, params, c, (5,), generator=gen, vectorized=vectorized)
+
+    x = sample(params)
+    x_loop = sample(params, vectorized=False)
+    mean = {k: v.detach().expand(K, *v.shape) for k, v in q.mean.items()}
+
+    atol = 1e-4 if name in INVERTED else tight()
+    assert x.shape == (K, 5, F)
+    assert torch.allclose(x, x_loop, atol=atol)
+    assert not torch.allclose(x, sample(mean), atol=1e-3)  # the samples were used
+
+    if name in {"NICE", "RealNVP", "MAF", "NSF", "NCSF", "GF", "BPF"}:  # zuko's loop gradients
+        grads = torch.autograd.grad(x.sum(), leaves(q), retain_graph=True)
+        grads_loop = torch.autograd.grad(x_loop.sum(), leaves(q))
+        for g, g_loop in zip(grads, grads_loop, strict=True):
+            assert torch.allclose(g, g_loop, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FLOWS_ONLY)
+def test_flow_sample_matches_zuko_rsample(name):
+    flow, q = setup(name)
+    c = torch.randn(B, C)
+    params = draw(q, n=1)
+
+    torch.manual_seed(3)
+    x = flow_sample(flow, params, c, (2,))
+    torch.manual_seed(3)
+    x_zuko = bf.loop_call(flow, params, c, fn=lambda f, c: f(c).rsample((2,)))
+
+    assert x.shape == (1, 2, B, F)
+    assert torch.allclose(x, x_zuko, atol=tight())
+
+
+def test_gmm_sample_moments():
+    flow, q = setup("GMM", init_logvar=-2.0)
+    c = torch.randn(C)
+    params = draw(q, n=2)
+    n = 4000
+
+    x = flow_sample(flow, params, c, (n,), generator=torch.Generator().manual_seed(4))
+
+    for i in range(2):
+        with torch.no_grad():
+            d = functional_call(flow, {k: v[i] for k, v in params.items()}, (c,))
+        w = torch.softmax(d.logits, dim=-1)
+        mean = (w[:, None] * d.base.mean).sum(0)
+        second = (
+            w[:, None, None]
+            * (d.base.covariance_matrix + d.base.mean[:, :, None] * d.base.mean[:, None, :])
+        ).sum(0)
+        var = torch.diagonal(second) - mean**2
+        assert torch.all(abs(x[i].mean(0) - mean) < 5 * (var / n).sqrt())
+
+
+@pytest.mark.parametrize("name", ["NICE", "NAF", "UNAF", "CNF", "GMM"])
+def test_chunked_matches_unchunked(name):
+    flow, q = setup(name)
+    c, x = torch.randn(B, C), torch.randn(B, F)
+    params = draw(q, n=5)
+
+    y = bf.vmap_call(flow, params, c, x, fn=log_prob, fallback=False)
+    y_chunked = bf.vmap_call(flow, params, c, x, fn=log_prob, chunk_size=2, fallback=False)
+
+    assert torch.allclose(y, y_chunked, rtol=tight(), atol=tight())
+
+
+def originals():
+    return {
+        (piece.module, piece.owner, piece.name): piece.original(piece.target())
+        for piece in _vmap_safe._PIECES
+    }
+
+
+def test_patched_only_during_the_call():
+    before = originals()
+    flow, q = setup("NAF")
+    c, x = torch.randn(B, C), torch.randn(B, F)
+    seen = []
+
+    def fn(flow, c, x):
+        seen.append(originals())
+        return log_prob(flow, c, x)
+
+    bf.vmap_call(flow, draw(q), c, x, fn=fn, fallback=False)
+
+    assert all(seen[0][k] is not v for k, v in before.items())  # every piece was swapped
+    assert all(originals()[k] is v for k, v in before.items())
+    assert (
+        zuko.transforms.MonotonicTransform.call_and_ladj
+        is before[("zuko.transforms", "MonotonicTransform", "call_and_ladj")]
+    )
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_restored_when_the_call_raises(fallback):
+    before = originals()
+    flow, q = setup("UNAF")
+    c, x = torch.randn(B, C), torch.randn(B, F)
+
+    def fn(flow, c, x):
+        raise KeyError("broken fn")
+
+    with pytest.raises(RuntimeError if not fallback else KeyError):
+        bf.vmap_call(flow, draw(q), c, x, fn=fn, fallback=fallback)
+
+    assert all(originals()[k] is v for k, v in before.items())
+
+
+def test_nested_and_reentrant():
+    before = originals()
+
+    with _vmap_safe.vmap_safe():
+        inside = originals()
+        with _vmap_safe.vmap_safe():
+            pass
+        assert originals() == inside
+
+    assert all(originals()[k] is v for k, v in before.items())
+
+
+def test_fixed_piece_left_alone(monkeypatch):
+    def merge(self, x_a, x_b, shape):  # a vmap-safe merge, as a future zuko might have
+        return _vmap_safe._safe.coupling_merge(self, x_a, x_b, shape)
+
+    monkeypatch.setattr(zuko.transforms.CouplingTransform, "merge", merge)
+    flow, q = setup("RealNVP")
+    c, x = torch.randn(B, C), torch.randn(B, F)
+    seen = []
+
+    def fn(flow, c, x):
+        seen.append(zuko.transforms.CouplingTransform.merge)
+        return log_prob(flow, c, x)
+
+    y = bf.vmap_call(flow, draw(q), c, x, fn=fn, fallback=False)
+
+    assert seen[0] is merge
+    assert zuko.transforms.CouplingTransform.merge is merge
+    assert torch.allclose(y, bf.loop_call(flow, draw(q), c, x, fn=log_prob), atol=tight())
+
+
+def test_import_patches_nothing():
+    script = textwrap.dedent(
+        """
+        import inspect
+        import zuko, zuko.transforms, zuko.utils, zuko.mixtures, torch.distributions
+
+        def snapshot():
+            out = {}
+            for mod in (zuko.transforms, zuko.utils, zuko.mixtures, zuko.distributions,
+                        zuko.lazy, torch.distributions.transforms):
+                for name, obj in vars(mod).items():
+                    out[mod.__name__, name] = obj
+                    if inspect.isclass(obj):
+                        for attr, value in vars(obj).items():
+                            out[mod.__name__, name + "." + attr] = value
+            return out
+
+        before = snapshot()
+        import bayesflow
+        after = snapshot()
+        changed = [k for k in before if k not in after or after[k] is not before[k]]
+        added = [k for k in after if k not in before]
+        print(changed, added)
+        assert not changed and not added, (changed, added)
+        """
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[] []"
+
+
+def test_flow_sample_errors():
+    flow, q = setup("MAF")
+    params = draw(q)
+
+    with pytest.raises(ValueError, match="flow_sample: expected shape"):
+        flow_sample(flow, params, torch.randn(C), (-1,))
+    with pytest.raises(TypeError, match="flow_sample: expected flow"):
+        flow_sample(lambda c: c, params, torch.randn(C))
+    with pytest.raises(TypeError, match="flow_sample: expected flow\\(c\\)"):
+        net = zuko.nn.MLP(C, F)
+        flow_sample(net, draw(bf.init(net)), torch.randn(C))
