@@ -1,0 +1,99 @@
+r"""The research notebooks: executed at reduced size, and checked as committed."""
+
+import re
+import shutil
+
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
+NAMES = [
+    "01_bayesian_networks_and_flows",
+    "02_vectorized_ensemble_prediction",
+    "03_flow_uncertainty",
+    "04_loop_vs_vmap",
+]
+
+nbformat = pytest.importorskip("nbformat")
+
+
+def read(path):
+    return nbformat.read(path, as_version=4)
+
+
+def code_cells(nb):
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def test_the_four_notebooks_are_there():
+    assert [p.stem for p in PATHS] == NAMES
+    readme = (NOTEBOOKS / "README.md").read_text()
+    for name in NAMES:
+        assert f"{name}.ipynb" in readme
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
+def test_committed_notebook(path):
+    nb = read(path)
+    nbformat.validate(nb)
+    assert path.stat().st_size < 1_000_000
+
+    # A title, then one sentence on the notebook's purpose.
+    first = nb.cells[0]
+    assert first.cell_type == "markdown"
+    title, purpose = first.source.split("\n", 1)
+    assert title.startswith("# ")
+    assert len(re.findall(r"[.!?](\s|$)", purpose.strip())) == 1
+
+    # The first code cell: the imports and the seed.
+    cells = code_cells(nb)
+    setup = cells[0].source
+    assert "import bayesflow as bf" in setup
+    assert "import torch" in setup
+    assert "import matplotlib.pyplot as plt" in setup
+    assert "torch.manual_seed(0)" in setup
+    assert 'os.environ.get("BAYESFLOW_NOTEBOOK_QUICK") == "1"' in setup
+
+    # Committed executed top to bottom, with their outputs and no error.
+    counts = [c.execution_count for c in cells]
+    assert counts == list(range(1, len(cells) + 1))
+    outputs = [o for c in cells for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert not [o for o in outputs if o.get("name") == "stderr" and "Traceback" in o.text]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+
+    # Public API only: no private bayesflow module, nothing defined in the library's name.
+    for cell in cells:
+        assert not re.search(r"bayesflow\._|bf\._|from \.", cell.source)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
+def test_notebook_runs(path, tmp_path, monkeypatch):
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+
+    # A temporary copy: executing never rewrites the committed notebook.
+    copy = tmp_path / path.name
+    shutil.copy(path, copy)
+    before = path.read_bytes()
+
+    monkeypatch.setenv("BAYESFLOW_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
+
+    nb = read(copy)
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=120,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()  # raises CellExecutionError on any error
+
+    outputs = [o for c in code_cells(nb) for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert path.read_bytes() == before
