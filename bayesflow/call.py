@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 
 from torch import Tensor
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
+from ._compat import swap_parameters
 from ._vmap_safe import vmap_safe
 from .posterior import _check_module
 
@@ -25,18 +26,23 @@ class VmapFallbackWarning(UserWarning):
     r"""Raised when :func:`vmap_call` cannot vectorize a module and runs a loop instead."""
 
 
-class _Call(nn.Module):
+class _Call:
     r"""Runs `fn(base, *args)` while `base` holds swapped parameters."""
 
+    __slots__ = ("base", "fn")
+
     def __init__(self, base: nn.Module, fn: Fn) -> None:
-        super().__init__()
         self.base = base
         self.fn = fn
 
-    def forward(self, *args: Any) -> Any:
+    def __call__(self, params: Mapping[str, Tensor], args: tuple) -> Any:
+        # The swap of `functional_call`, without a wrapper module built on every call.
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            raise RuntimeError("The stateless API can't be used with Jitted modules")
         # Zuko flows build their transforms lazily: `flow(c).log_prob(x)` must run
         # entirely inside the swap, or `log_prob` silently uses the original weights.
-        return self.fn(self.base, *args)
+        with swap_parameters(self.base, params):
+            return self.fn(self.base, *args)
 
 
 class _OutputError(TypeError):
@@ -168,7 +174,7 @@ def _prepare(
     n = _check_params(where, module, params)
     dims = _check_in_dims(where, args, in_dims, n)
     wrapper = _Call(module, _default_fn if fn is None else fn)
-    prefixed = {"base." + k: v for k, v in params.items()}
+    prefixed = dict(params)
 
     return wrapper, prefixed, n, dims
 
@@ -182,9 +188,7 @@ def _run_loop(
 ) -> Any:
     outs = []
     for i in range(n):
-        out = functional_call(
-            wrapper, {k: v[i] for k, v in prefixed.items()}, _index(args, dims, i)
-        )
+        out = wrapper({k: v[i] for k, v in prefixed.items()}, _index(args, dims, i))
         _check_outputs(where, out)
         outs.append(out)
 
@@ -293,14 +297,12 @@ def _vmap_call(
         )
 
     if n == 1:  # a plain call costs less than vmap's fixed overhead
-        out = functional_call(
-            wrapper, {k: v[0] for k, v in prefixed.items()}, _index(args, dims, 0)
-        )
+        out = wrapper({k: v[0] for k, v in prefixed.items()}, _index(args, dims, 0))
         _check_outputs(where, out)
         return _unsqueeze(out)
 
     def single(p: dict[str, Tensor], *a: Any) -> Any:
-        out = functional_call(wrapper, p, a)
+        out = wrapper(p, a)
         _check_outputs(where, out)
         return out
 
