@@ -121,9 +121,8 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
         values = [str(v).lower() for v in config[key]]
         unknown = [v for v in values if v not in known]
         if unknown or not values:
-            parser.error(
-                f"--{key}: expected names from {', '.join(known)}, got {', '.join(unknown) or 'none'}"
-            )
+            got = ", ".join(unknown) or "none"
+            parser.error(f"--{key}: expected names from {', '.join(known)}, got {got}")
         config[key] = list(dict.fromkeys(values))
 
     samples = []
