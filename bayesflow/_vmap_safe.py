@@ -151,7 +151,7 @@ _APPLIED: list[tuple[Any, str, Any]] = []
 def _needed(piece: _Piece, original: Any) -> bool:
     if piece not in _NEEDED:
         try:
-            with torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad():
                 piece.probe(original)
         except Exception:
             _NEEDED[piece] = True

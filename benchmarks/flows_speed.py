@@ -43,10 +43,21 @@ def log_prob(flow: torch.nn.Module, c: torch.Tensor, x: torch.Tensor) -> torch.T
     return flow(c).log_prob(x)
 
 
-def median_ms(stmt: str, env: dict, threads: int, min_run_time: float) -> float:
-    timer = Timer(stmt=stmt, globals=env, num_threads=threads)
-    timer.timeit(1)  # warmup
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+def median_ms(
+    stmts: list[str], env: dict, threads: int, min_run_time: float, rounds: int
+) -> list[float]:
+    r"""Median times of `stmts`, measured in alternating rounds (fairer on a busy machine)."""
+
+    timers = [Timer(stmt=stmt, globals=env, num_threads=threads) for stmt in stmts]
+    for timer in timers:
+        timer.timeit(1)  # warmup
+
+    times = [[] for _ in stmts]
+    for _ in range(rounds):
+        for timer, t in zip(timers, times, strict=True):
+            t.append(timer.blocked_autorange(min_run_time=min_run_time).median * 1e3)
+
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     parser.add_argument("--only", nargs="*", default=None, help="family names to run")
     args = parser.parse_args(argv)
 
@@ -66,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, zuko {zuko.__version__}, {platform.processor() or 'cpu'}, "
         f"{args.threads} threads, float32, K = {args.samples}, batch {args.batch}, "
-        f"features {args.features}, context {args.context}"
+        f"features {args.features}, context {args.context}, median of {args.rounds} rounds"
     )
     print(f"| {'flow':<8} | {'loop (ms)':>10} | {'vmap (ms)':>10} | {'speed-up':>8} |")
     print(f"|{'-' * 10}|{'-' * 11}:|{'-' * 11}:|{'-' * 9}:|")
@@ -82,21 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(args.batch, args.features)
         env = {"bf": bf, "flow": flow, "params": params, "c": c, "x": x, "fn": log_prob}
 
-        loop = median_ms(
-            "bf.loop_call(flow, params, c, x, fn=fn)", env, args.threads, args.min_run_time
-        )
         try:
             bf.vmap_call(flow, params, c, x, fn=log_prob, fallback=False)
         except RuntimeError as err:
             cause = type(err.__cause__).__name__ if err.__cause__ else "RuntimeError"
-            print(f"| {name:<8} | {loop:>10.2f} | vmap: unsupported ({cause}) |")
+            print(f"| {name:<8} | vmap: unsupported ({cause}) |")
             continue
 
-        vec = median_ms(
-            "bf.vmap_call(flow, params, c, x, fn=fn, fallback=False)",
+        loop, vec = median_ms(
+            [
+                "bf.loop_call(flow, params, c, x, fn=fn)",
+                "bf.vmap_call(flow, params, c, x, fn=fn, fallback=False)",
+            ],
             env,
             args.threads,
             args.min_run_time,
+            args.rounds,
         )
         print(f"| {name:<8} | {loop:>10.2f} | {vec:>10.2f} | {loop / vec:>7.2f}x |", flush=True)
 

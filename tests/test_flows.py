@@ -161,6 +161,21 @@ def test_flow_sample_matches_loop(name):
             assert torch.allclose(g, g_loop, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["NAF", "CNF", "GMM"])
+def test_flow_sample_without_grad(name):
+    flow, q = setup(name)
+    c = torch.randn(C)
+    params = draw(q)
+    gen = torch.Generator().manual_seed(5)
+
+    with torch.no_grad():
+        x = flow_sample(flow, params, c, (5,), generator=gen)
+    x_grad = flow_sample(flow, params, c, (5,), generator=gen.manual_seed(5))
+
+    assert not x.requires_grad
+    assert torch.allclose(x, x_grad, atol=tight())
+
+
 @pytest.mark.parametrize("name", FLOWS_ONLY)
 def test_flow_sample_matches_zuko_rsample(name):
     flow, q = setup(name)
