@@ -102,6 +102,9 @@ DEFAULTS: dict[str, Any] = {
     "modes": ["forward", "train"],
     "methods": [m for m in METHODS if m != "vmap-compiled"],
     "min_time": 0.25,
+    # One thread: on a shared CPU, two OpenMP threads that compete with other processes
+    # make parallel kernels up to 10x slower, at random. `--threads` sets more.
+    "threads": 1,
 }
 
 #: Named sweeps for `bayesflow bench --sweep NAME`.
@@ -1092,7 +1095,7 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
         groups.setdefault((r["model"], r["mode"]), []).append(r)
 
     fig, axes = plt.subplots(
-        len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False, dpi=80
+        len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False, dpi=64
     )
     for row, ((model, mode), rs) in zip(axes, groups.items(), strict=True):
         zuko_ms = {
@@ -1110,10 +1113,11 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
                 continue
             ks, ms = zip(*pts, strict=True)
             style = "--" if m.endswith("loop") else "-"
-            row[0].plot(ks, ms, style, marker="o", label=m)
+            color = f"C{METHODS.index(m) % 10}" if m in METHODS else None
+            row[0].plot(ks, ms, style, marker="o", ms=4, color=color, label=m)
             sp = [(k, zuko_ms[k] / t) for k, t in pts if k in zuko_ms]
             if sp:
-                row[1].plot(*zip(*sp, strict=True), style, marker="o", label=m)
+                row[1].plot(*zip(*sp, strict=True), style, marker="o", ms=4, color=color)
         row[0].set(
             xscale="log",
             yscale="log",
