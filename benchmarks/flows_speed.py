@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import time
 
 import torch
 import zuko
@@ -44,11 +45,12 @@ def log_prob(flow: torch.nn.Module, c: torch.Tensor, x: torch.Tensor) -> torch.T
 
 
 def median_ms(
-    stmts: list[str], env: dict, threads: int, min_run_time: float, rounds: int
+    stmts: list[str], env: dict, threads: int, min_run_time: float, rounds: int, clock: str
 ) -> list[float]:
     r"""Median times of `stmts`, measured in alternating rounds (fairer on a busy machine)."""
 
-    timers = [Timer(stmt=stmt, globals=env, num_threads=threads) for stmt in stmts]
+    timer = time.perf_counter if clock == "wall" else time.process_time
+    timers = [Timer(stmt=stmt, globals=env, num_threads=threads, timer=timer) for stmt in stmts]
     for timer in timers:
         timer.timeit(1)  # warmup
 
@@ -69,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall-clock time, or the process's CPU time (steadier on a shared machine)",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="family names to run")
     args = parser.parse_args(argv)
 
@@ -78,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, zuko {zuko.__version__}, {platform.processor() or 'cpu'}, "
         f"{args.threads} threads, float32, K = {args.samples}, batch {args.batch}, "
-        f"features {args.features}, context {args.context}, median of {args.rounds} rounds"
+        f"features {args.features}, context {args.context}, "
+        f"median of {args.rounds} rounds, {args.clock} clock"
     )
     print(f"| {'flow':<8} | {'loop (ms)':>10} | {'vmap (ms)':>10} | {'speed-up':>8} |")
     print(f"|{'-' * 10}|{'-' * 11}:|{'-' * 11}:|{'-' * 9}:|")
@@ -110,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             args.threads,
             args.min_run_time,
             args.rounds,
+            args.clock,
         )
         print(f"| {name:<8} | {loop:>10.2f} | {vec:>10.2f} | {loop / vec:>7.2f}x |", flush=True)
 
