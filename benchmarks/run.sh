@@ -14,6 +14,8 @@ while [[ $# -gt 0 && "$1" != "--" ]]; do sweeps+=("$1"); shift; done
 mkdir -p benchmarks/results
 for sweep in "${sweeps[@]}"; do
   out="benchmarks/results/${sweep}"
+  plot=(--plot "$out.png")
+  [[ "$sweep" == flows* ]] && plot=()  # one K per flow: nothing to plot against K
   python -m bayesflow bench --sweep "$sweep" "$@" \
-    --json "$out.json" --csv "$out.csv" --plot "$out.png" | tee "$out.txt"
+    --json "$out.json" --csv "$out.csv" "${plot[@]}" | tee "$out.txt"
 done
