@@ -822,6 +822,7 @@ def run_bench(
     seed: int = 0,
     progress: bool = True,
     extra: dict[str, Method] | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     r"""Checks and times every method on every model, mode and number of samples.
 
@@ -841,6 +842,8 @@ def run_bench(
         seed: The seed of the models, inputs and checks.
         progress: Whether to show a progress bar on stderr.
         extra: More methods, by name (e.g. a deliberately wrong one, in tests).
+        records: A list to append the records to as they come (what is done survives
+            an interruption); a new one if :py:`None`.
 
     Returns:
         One record (a dict) per model, mode, K and method.
@@ -864,8 +867,8 @@ def run_bench(
         "versions": _versions(),
     }
 
-    records = []
-    with _threads(threads):
+    records = [] if records is None else records
+    with _threads(threads), contextlib.closing(bar):
         for model in models:
             case = make_case(model, batch=batch, device=device, dtype=dtype, seed=seed)
             for mode in modes:
@@ -891,7 +894,6 @@ def run_bench(
             del case
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    bar.close()
 
     return records
 

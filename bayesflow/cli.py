@@ -124,6 +124,7 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
             got = ", ".join(unknown) or "none"
             parser.error(f"--{key}: expected names from {', '.join(known)}, got {got}")
         config[key] = list(dict.fromkeys(values))
+    config["methods"] = [m for m in METHODS if m in config["methods"]]  # table order
 
     samples = []
     for k in config["samples"]:
@@ -172,21 +173,28 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from . import _bench as bench
 
     start = time.perf_counter()
-    records = bench.run_bench(
-        models=config["models"],
-        samples=config["samples"],
-        modes=config["modes"],
-        methods=config["methods"],
-        batch=config.get("batch"),
-        device=config["device"],
-        dtype=config["dtype"],
-        threads=config.get("threads"),
-        chunk_size=config.get("chunk_size"),
-        min_time=config["min_time"],
-        repeats=config["repeats"],
-        seed=config["seed"],
-        progress=not args.no_progress,
-    )
+    records: list[dict[str, Any]] = []
+    interrupted = False
+    try:
+        bench.run_bench(
+            models=config["models"],
+            samples=config["samples"],
+            modes=config["modes"],
+            methods=config["methods"],
+            batch=config.get("batch"),
+            device=config["device"],
+            dtype=config["dtype"],
+            threads=config.get("threads"),
+            chunk_size=config.get("chunk_size"),
+            min_time=config["min_time"],
+            repeats=config["repeats"],
+            seed=config["seed"],
+            progress=not args.no_progress,
+            records=records,
+        )
+    except KeyboardInterrupt:  # keep what was measured
+        interrupted = True
+        sys.stderr.write("\nbayesflow bench: interrupted; reporting the cells done so far\n")
     elapsed = time.perf_counter() - start
 
     sys.stdout.write(bench.format_table(records))
@@ -196,7 +204,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         bench.write_json(records, args.json)
     if args.csv:
         bench.write_csv(records, args.csv)
-    if args.plot:
+    if args.plot and records:
         bench.plot(records, args.plot)
 
     wrong = [r for r in records if r["status"] == "wrong"]
@@ -206,4 +214,6 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f"K={r['samples']}: {r['detail']}\n"
         )
 
+    if interrupted:
+        return 130
     return 1 if wrong else 0
