@@ -5,6 +5,8 @@ import shutil
 
 from pathlib import Path
 
+import nbclient
+import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -15,8 +17,6 @@ NAMES = [
     "03_flow_uncertainty",
     "04_loop_vs_vmap",
 ]
-
-nbformat = pytest.importorskip("nbformat")
 
 
 def read(path):
@@ -71,9 +71,6 @@ def test_committed_notebook(path):
 
 @pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-
     # A temporary copy: executing never rewrites the committed notebook.
     copy = tmp_path / path.name
     shutil.copy(path, copy)
