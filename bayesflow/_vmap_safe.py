@@ -41,6 +41,7 @@ class _Piece:
     name: str
     replacement: Callable[..., Any]
     probe: Callable[[Any], None]  # runs the original under vmap; raises if it cannot
+    origin: str = "zuko.transforms"  # the module where zuko defines the original
 
     def target(self) -> Any | None:
         module = sys.modules.get(self.module)
@@ -49,6 +50,15 @@ class _Piece:
         if self.owner is None:
             return module
         return getattr(module, self.owner, None)
+
+    def is_zukos(self, obj: Any) -> bool:
+        r"""Whether `obj` is the function zuko defines for this piece (any zuko version)."""
+
+        qualname = self.name if self.owner is None else f"{self.owner}.{self.name}"
+        return (
+            getattr(obj, "__module__", None) == self.origin
+            and getattr(obj, "__qualname__", None) == qualname
+        )
 
     def original(self, target: Any) -> Any | None:
         # The attribute as defined on the target itself (not inherited), or None.
@@ -125,9 +135,16 @@ _PIECES = (
         _safe.monotonic_call_and_ladj,
         _probe_monotonic,
     ),
-    _Piece("zuko.transforms", None, "bisection", _safe.bisection, _probe_bisection),
-    _Piece("zuko.transforms", None, "gauss_legendre", _safe.gauss_legendre, _probe_gauss_legendre),
-    _Piece("zuko.transforms", None, "odeint", _safe.odeint, _probe_odeint),
+    _Piece("zuko.transforms", None, "bisection", _safe.bisection, _probe_bisection, "zuko.utils"),
+    _Piece(
+        "zuko.transforms",
+        None,
+        "gauss_legendre",
+        _safe.gauss_legendre,
+        _probe_gauss_legendre,
+        "zuko.utils",
+    ),
+    _Piece("zuko.transforms", None, "odeint", _safe.odeint, _probe_odeint, "zuko.utils"),
     _Piece(
         "zuko.transforms",
         "FreeFormJacobianTransform",
@@ -135,13 +152,18 @@ _PIECES = (
         _safe.ffj_call_and_ladj,
         _probe_ffj,
     ),
-    _Piece("zuko.mixtures", "GMM", "_forward_full", _safe.gmm_forward_full, _probe_gmm),
+    _Piece(
+        "zuko.mixtures",
+        "GMM",
+        "_forward_full",
+        _safe.gmm_forward_full,
+        _probe_gmm,
+        "zuko.mixtures",
+    ),
 )
 
-# Zuko's originals, recorded the first time a piece is seen, so that only these exact
-# objects are ever swapped; probe verdicts are cached per original.
-_ORIGINALS: dict[_Piece, Any] = {}
-_NEEDED: dict[_Piece, bool] = {}
+# Probe verdicts, per original object (kept alive here so that ids stay unique).
+_VERDICTS: dict[int, tuple[Any, bool]] = {}
 
 _LOCK = threading.RLock()
 _DEPTH = 0
@@ -149,16 +171,17 @@ _APPLIED: list[tuple[Any, str, Any]] = []
 
 
 def _needed(piece: _Piece, original: Any) -> bool:
-    if piece not in _NEEDED:
+    if id(original) not in _VERDICTS:
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 piece.probe(original)
         except Exception:
-            _NEEDED[piece] = True
+            needed = True
         else:
-            _NEEDED[piece] = False
+            needed = False
+        _VERDICTS[id(original)] = (original, needed)
 
-    return _NEEDED[piece]
+    return _VERDICTS[id(original)][1]
 
 
 def _apply() -> list[tuple[Any, str, Any]]:
@@ -173,8 +196,7 @@ def _apply() -> list[tuple[Any, str, Any]]:
             if current is None:
                 continue
 
-            expected = _ORIGINALS.setdefault(piece, current)
-            if current is not expected:
+            if not piece.is_zukos(current):
                 continue  # someone else replaced it: leave it alone
 
             if _needed(piece, current):
