@@ -1,6 +1,7 @@
 r"""The README's Python examples run, in order, as one script."""
 
 import re
+import textwrap
 
 from pathlib import Path
 
@@ -10,7 +11,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)^\s*```", README.read_text(), flags=re.S | re.M)
+    blocks = [textwrap.dedent(b) for b in blocks]
     assert len(blocks) >= 3
 
     torch.set_default_dtype(torch.float32)
