@@ -37,8 +37,6 @@ class _Call:
 
     def __call__(self, params: Mapping[str, Tensor], args: tuple) -> Any:
         # The swap of `functional_call`, without a wrapper module built on every call.
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
-            raise RuntimeError("The stateless API can't be used with Jitted modules")
         # Zuko flows build their transforms lazily: `flow(c).log_prob(x)` must run
         # entirely inside the swap, or `log_prob` silently uses the original weights.
         with swap_parameters(self.base, params):
@@ -174,9 +172,7 @@ def _prepare(
     n = _check_params(where, module, params)
     dims = _check_in_dims(where, args, in_dims, n)
     wrapper = _Call(module, _default_fn if fn is None else fn)
-    prefixed = dict(params)
-
-    return wrapper, prefixed, n, dims
+    return wrapper, dict(params), n, dims
 
 
 def _index(args: tuple, dims: tuple, i: int) -> tuple:
@@ -184,11 +180,11 @@ def _index(args: tuple, dims: tuple, i: int) -> tuple:
 
 
 def _run_loop(
-    where: str, wrapper: _Call, prefixed: dict[str, Tensor], n: int, args: tuple, dims: tuple
+    where: str, wrapper: _Call, params: dict[str, Tensor], n: int, args: tuple, dims: tuple
 ) -> Any:
     outs = []
     for i in range(n):
-        out = wrapper({k: v[i] for k, v in prefixed.items()}, _index(args, dims, i))
+        out = wrapper({k: v[i] for k, v in params.items()}, _index(args, dims, i))
         _check_outputs(where, out)
         outs.append(out)
 
@@ -220,9 +216,9 @@ def loop_call(
         leading dim of size `n`.
     """
 
-    wrapper, prefixed, n, dims = _prepare("loop_call", module, params, args, fn, in_dims)
+    wrapper, params, n, dims = _prepare("loop_call", module, params, args, fn, in_dims)
 
-    return _run_loop("loop_call", wrapper, prefixed, n, args, dims)
+    return _run_loop("loop_call", wrapper, params, n, args, dims)
 
 
 def _batch_norm_hint(module: nn.Module) -> str:
@@ -287,7 +283,7 @@ def _vmap_call(
     fallback: bool,
     in_dims: Sequence[int | None] | None,
 ) -> Any:
-    wrapper, prefixed, n, dims = _prepare(where, module, params, args, fn, in_dims)
+    wrapper, params, n, dims = _prepare(where, module, params, args, fn, in_dims)
 
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
@@ -297,7 +293,7 @@ def _vmap_call(
         )
 
     if n == 1:  # a plain call costs less than vmap's fixed overhead
-        out = wrapper({k: v[0] for k, v in prefixed.items()}, _index(args, dims, 0))
+        out = wrapper({k: v[0] for k, v in params.items()}, _index(args, dims, 0))
         _check_outputs(where, out)
         return _unsqueeze(out)
 
@@ -308,7 +304,7 @@ def _vmap_call(
 
     try:
         with vmap_safe():
-            return vmap(single, in_dims=(0, *dims), chunk_size=chunk_size)(prefixed, *args)
+            return vmap(single, in_dims=(0, *dims), chunk_size=chunk_size)(params, *args)
     except _OutputError:
         raise
     except Exception as err:
@@ -322,7 +318,7 @@ def _vmap_call(
             raise RuntimeError(message) from err
 
     # A broken `fn` raises its own error here, rather than a warning about vmap.
-    out = _run_loop(where, wrapper, prefixed, n, args, dims)
+    out = _run_loop(where, wrapper, params, n, args, dims)
     warnings.warn(
         f"{message}; fell back to a loop over {n} samples", VmapFallbackWarning, stacklevel=3
     )
