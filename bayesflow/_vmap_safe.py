@@ -4,13 +4,15 @@ Zuko 1.6 has six pieces that :func:`torch.func.vmap` cannot batch: the in-place 
 coupling transforms (NICE, RealNVP), the :py:`autograd.grad` derivative of monotonic
 transforms (NAF, GF, BPF), the old-style autograd functions behind bisection (inverse of
 every monotonic transform), Gauss-Legendre quadrature (UNAF, SOSPF) and the adaptive ODE
-solver, and the :py:`autograd.grad` trace of free-form Jacobian transforms (CNF).
+solver, and the :py:`autograd.grad` trace of free-form Jacobian transforms (CNF). A
+seventh, GMM's :func:`torch.masked_scatter`, runs under vmap but slowly, with a warning.
 
 :func:`vmap_safe` swaps each of them for its equivalent in
 :mod:`bayesflow._zuko_transforms` for the duration of a block, and puts zuko's own objects
 back on exit, also when the block raises. Nothing is patched at import. A piece is swapped
-only if it is still the object zuko defined and a tiny probe shows that vmap cannot run it:
-a zuko release that fixes a piece is used as is.
+only if it is still a function zuko defined (by module and qualified name; an object put
+there by someone else is left alone) and a tiny probe shows that vmap cannot run it: a
+zuko release that fixes a piece is used as is.
 """
 
 from __future__ import annotations
