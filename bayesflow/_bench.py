@@ -407,6 +407,10 @@ def _build_vmap_compiled(
             case.module, params, *args, fn=fn, chunk_size=chunk_size, fallback=False
         )
 
+    # Dynamo caches compiled code per code object, and `vectorized` is the same code
+    # object in every cell: without a reset, later cells pass the recompile limit and
+    # silently run eagerly.
+    torch._dynamo.reset()
     compiled = torch.compile(vectorized, dynamic=False)
 
     def run(seed: int | None) -> Tensor:

@@ -2,7 +2,7 @@ r"""The linear layers bayesflow treats specially, recognized without importing z
 
 from __future__ import annotations
 
-__all__ = ["linear", "linear_types", "mask_of"]
+__all__ = ["is_linear", "linear", "mask_of"]
 
 import sys
 
@@ -12,16 +12,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def linear_types() -> tuple[type, ...]:
-    r"""Returns :class:`torch.nn.Linear` (which zuko's `MaskedLinear` subclasses), and
-    :class:`zuko.nn.Linear` if zuko is imported.
+def is_linear(layer: nn.Module) -> bool:
+    r"""Returns whether `layer` computes :math:`y = x (A \odot W)^T + b` in its `forward`.
+
+    That is an instance of :class:`torch.nn.Linear` or :class:`zuko.nn.Linear`, or of a
+    subclass, such as zuko's `MaskedLinear` (whose mask is :math:`A`), that keeps one of
+    their `forward` methods: a subclass with a `forward` of its own may compute anything.
 
     Importing zuko changes torch.distributions defaults, so bayesflow never imports it
     itself: a module that holds zuko layers was built after zuko was imported.
     """
 
+    forwards = {nn.Linear.forward}
     zuko_nn = sys.modules.get("zuko.nn")
-    return (nn.Linear,) if zuko_nn is None else (nn.Linear, zuko_nn.Linear)
+    if zuko_nn is not None:
+        if not isinstance(layer, (nn.Linear, zuko_nn.Linear)):
+            return False
+        forwards |= {zuko_nn.Linear.forward, zuko_nn.MaskedLinear.forward}
+    elif not isinstance(layer, nn.Linear):
+        return False
+
+    return type(layer).forward in forwards
 
 
 def mask_of(layer: nn.Module) -> Tensor | None:

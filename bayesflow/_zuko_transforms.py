@@ -217,8 +217,7 @@ def _any(mask: Tensor) -> bool:
     the loop runs until the last sample reaches :math:`t_1`.
     """
 
-    # Peeling functorch's wrappers is private API; without it, the loop still stops
-    # after the maximum number of attempts, with every finished sample left untouched.
+    # Peeling functorch's wrappers is private API: `bool` of a batched tensor raises.
     while _functorch.is_functorch_wrapped_tensor(mask):
         mask = _functorch.get_unwrapped(mask)
 
@@ -244,9 +243,14 @@ def _adaptive(
     sign = torch.sign(dt)
     done = ~(sign * (t1 - t) > 0)
 
-    for _ in range(_MAX_ODE_ATTEMPTS):
-        if not _any(~done):
-            break
+    attempts = 0
+    while _any(~done):
+        if attempts == _MAX_ODE_ATTEMPTS:
+            raise RuntimeError(
+                f"odeint: expected the adaptive solver to reach t1 within "
+                f"{_MAX_ODE_ATTEMPTS} steps, got a sample still short of it"
+            )
+        attempts += 1
 
         dt = sign * torch.minimum(abs(dt), abs(t1 - t))
         y, error = _dopri45(f, x, t, dt)

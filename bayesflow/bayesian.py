@@ -16,8 +16,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._compat import swap_parameters
-from ._linear import linear, linear_types, mask_of
-from .call import _vmap_call
+from ._linear import is_linear, linear, mask_of
+from .call import _map_outputs, _vmap_call
 from .posterior import (
     InitLogvar,
     Posterior,
@@ -28,14 +28,6 @@ from .posterior import (
     _sample,
     _softclip,
 )
-
-
-def _squeeze(out: Any) -> Any:
-    if isinstance(out, Tensor):
-        return out.squeeze(0)
-    if isinstance(out, dict):
-        return {k: _squeeze(v) for k, v in out.items()}
-    return type(out)(_squeeze(o) for o in out)
 
 
 class BayesianModel(nn.Module):
@@ -58,6 +50,8 @@ class BayesianModel(nn.Module):
             a little noise (standard deviation :math:`10^{-3}`) is added to it.
         include_params: Glob patterns of the parameters to make Bayesian: `*` matches one
             name segment, `**` several (see :func:`bayesflow.select`). All by default.
+            Unlike zuko's, a pattern matches whole segments only: `"1"` picks `1.weight`
+            but not `10.weight`.
         exclude_params: Glob patterns of the parameters to leave deterministic.
     """
 
@@ -173,8 +167,9 @@ class BayesianModel(nn.Module):
 
         Arguments:
             local_trick: Whether to use the local reparameterization trick for linear
-                layers (:class:`torch.nn.Linear` and its subclasses, such as zuko's
-                `MaskedLinear`, and zuko's `Linear`) whose weight is Bayesian: their
+                layers (:class:`torch.nn.Linear`, zuko's `Linear`, and their subclasses
+                that keep their `forward`, such as zuko's `MaskedLinear`) whose weight
+                is Bayesian: their
                 outputs, rather than their weights, are sampled, with fresh noise per
                 example.
             generator: The source of randomness; the global one if :py:`None`.
@@ -204,7 +199,7 @@ class BayesianModel(nn.Module):
         try:
             for name, module in self.base.named_modules():
                 key = name.replace(".", "-")
-                if not isinstance(module, linear_types()):
+                if not is_linear(module):
                     continue
                 if key + "-weight" not in self.means:
                     continue
@@ -304,7 +299,7 @@ class BayesianModel(nn.Module):
         params = _sample(where, self.posterior, k, generator)
         out = _vmap_call(where, self.base, params, args, fn, chunk_size, fallback, in_dims)
 
-        return out if n is not None else _squeeze(out)
+        return out if n is not None else _map_outputs(where, lambda t: t.squeeze(0), out)
 
     def __getattr__(self, name: str) -> Any:
         r"""Looks attributes up in the base model if the wrapper does not have them."""

@@ -51,17 +51,20 @@ def _default_fn(module: nn.Module, *args: Any) -> Any:
     return module(*args)
 
 
-def _check_outputs(where: str, out: Any) -> None:
+def _rebuild(like: Any, items: list[Any]) -> Any:
+    return type(like)(*items) if hasattr(like, "_fields") else type(like)(items)
+
+
+def _map_outputs(where: str, f: Callable[[Tensor], Any], out: Any) -> Any:
+    r"""Applies `f` to every tensor of `out`: a tensor, or tuples (named too), lists and
+    dicts of them; anything else is an error."""
+
     if isinstance(out, Tensor):
-        return
-    if isinstance(out, (tuple, list)):
-        for o in out:
-            _check_outputs(where, o)
-        return
+        return f(out)
     if isinstance(out, Mapping):
-        for o in out.values():
-            _check_outputs(where, o)
-        return
+        return {k: _map_outputs(where, f, v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return _rebuild(out, [_map_outputs(where, f, o) for o in out])
 
     raise _OutputError(
         f"{where}: expected fn to return tensors (or tuples, lists or dicts of them), got "
@@ -70,21 +73,17 @@ def _check_outputs(where: str, out: Any) -> None:
     )
 
 
+def _check_outputs(where: str, out: Any) -> None:
+    _map_outputs(where, lambda t: None, out)
+
+
 def _stack(outs: list[Any]) -> Any:
     first = outs[0]
     if isinstance(first, Tensor):
         return torch.stack(outs)
     if isinstance(first, Mapping):
         return {k: _stack([o[k] for o in outs]) for k in first}
-    return type(first)(_stack(list(o)) for o in zip(*outs, strict=True))
-
-
-def _unsqueeze(out: Any) -> Any:
-    if isinstance(out, Tensor):
-        return out.unsqueeze(0)
-    if isinstance(out, Mapping):
-        return {k: _unsqueeze(v) for k, v in out.items()}
-    return type(out)(_unsqueeze(o) for o in out)
+    return _rebuild(first, [_stack(list(o)) for o in zip(*outs, strict=True)])
 
 
 def _check_params(where: str, module: nn.Module, params: object) -> int:
@@ -267,7 +266,8 @@ def vmap_call(
 
     Returns:
         The outputs of `fn` stacked on a new leading dim of size `n`, differentiable with
-        respect to `params` and `args`; the same numbers as :func:`loop_call`.
+        respect to `params` and `args`; the same numbers as :func:`loop_call` (for zuko's
+        CNF, gradients within the ODE solver's accuracy: see the flows documentation).
     """
 
     return _vmap_call("vmap_call", module, params, args, fn, chunk_size, fallback, in_dims)
@@ -294,8 +294,7 @@ def _vmap_call(
 
     if n == 1:  # a plain call costs less than vmap's fixed overhead
         out = wrapper({k: v[0] for k, v in params.items()}, _index(args, dims, 0))
-        _check_outputs(where, out)
-        return _unsqueeze(out)
+        return _map_outputs(where, lambda t: t.unsqueeze(0), out)
 
     def single(p: dict[str, Tensor], *a: Any) -> Any:
         out = wrapper(p, a)

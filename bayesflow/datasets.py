@@ -10,6 +10,8 @@ import torch
 
 from torch import Tensor
 
+from .posterior import _check_generator
+
 
 def two_moons(
     n: int, sigma: float = 0.1, generator: torch.Generator | None = None
@@ -48,11 +50,7 @@ def two_moons(
         raise TypeError(f"two_moons: expected sigma to be a float, got {type(sigma).__name__}")
     if not (math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"two_moons: expected a finite sigma >= 0, got {sigma}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"two_moons: expected generator to be a torch.Generator or None, "
-            f"got {type(generator).__name__}"
-        )
+    _check_generator("two_moons", generator)
 
     device = None if generator is None else generator.device
     theta = 2 * math.pi * torch.rand(n, generator=generator, device=device)

@@ -5,7 +5,6 @@ from __future__ import annotations
 __all__ = ["flow_sample"]
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -20,6 +19,7 @@ from torch.distributions import (
 )
 
 from .call import _check_params, loop_call, vmap_call
+from .posterior import _check_generator, _check_module
 
 
 def _gaussian(where: str, d: Distribution) -> tuple[Tensor, Tensor, bool]:
@@ -146,8 +146,7 @@ def flow_sample(
     """
 
     where = "flow_sample"
-    if not isinstance(flow, nn.Module):
-        raise TypeError(f"{where}: expected flow to be an nn.Module, got {type(flow).__name__}")
+    _check_module(where, flow)
     if c is not None and not isinstance(c, Tensor):
         raise TypeError(f"{where}: expected c to be a tensor or None, got {type(c).__name__}")
     if isinstance(shape, int) and not isinstance(shape, bool):
@@ -158,11 +157,7 @@ def flow_sample(
         raise ValueError(
             f"{where}: expected shape to be a sequence of non-negative ints, got {shape!r}"
         )
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"{where}: expected generator to be a torch.Generator or None, "
-            f"got {type(generator).__name__}"
-        )
+    _check_generator(where, generator)
 
     n = _check_params(where, flow, params)
 
@@ -196,9 +191,6 @@ def flow_sample(
             else z.uniform_(0, 1, generator=generator)
         )
 
-    def run(module: nn.Module, c: Tensor | None, *noise: Tensor) -> Any:
-        return fn(module, c, *noise)
-
     in_dims = (None, *(0 for _ in noise))
     if vectorized:
         return vmap_call(
@@ -206,10 +198,10 @@ def flow_sample(
             params,
             c,
             *noise,
-            fn=run,
+            fn=fn,
             chunk_size=chunk_size,
             fallback=fallback,
             in_dims=in_dims,
         )
 
-    return loop_call(flow, params, c, *noise, fn=run, in_dims=in_dims)
+    return loop_call(flow, params, c, *noise, fn=fn, in_dims=in_dims)

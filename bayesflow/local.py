@@ -13,17 +13,24 @@ import torch.nn as nn
 
 from torch import Tensor
 
-from ._linear import linear, linear_types, mask_of
+from ._linear import is_linear, linear, mask_of
 from .bayesian import BayesianModel
-from .call import _check_in_dims, _check_outputs
-from .posterior import Posterior, _check_module, _check_n, _check_posterior, _softclip
+from .call import _check_in_dims, _map_outputs
+from .posterior import (
+    Posterior,
+    _check_generator,
+    _check_module,
+    _check_n,
+    _check_posterior,
+    _softclip,
+)
 
 
 def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
     r"""Returns the linear layers of `module` that :func:`local_call` handles, by name.
 
-    They are the instances (subclasses included) of :class:`torch.nn.Linear`, which covers
-    zuko's `MaskedLinear`, and of :class:`zuko.nn.Linear`.
+    They are the instances of :class:`torch.nn.Linear` and :class:`zuko.nn.Linear`, and of
+    their subclasses that keep their `forward`, such as zuko's `MaskedLinear`.
 
     Arguments:
         module: A module.
@@ -34,7 +41,7 @@ def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
 
     _check_module("linear_layers", module)
 
-    return {name: m for name, m in module.named_modules() if isinstance(m, linear_types())}
+    return {name: m for name, m in module.named_modules() if is_linear(m)}
 
 
 def _prefix(name: str) -> str:
@@ -171,19 +178,12 @@ def _patched(
                 m.forward = own
 
 
-def _check_leading(out: Any, n: int) -> None:
-    if isinstance(out, Tensor):
-        if out.dim() == 0 or out.shape[0] != n:
-            raise ValueError(
-                f"local_call: expected fn to return tensors with the leading sample dim n = {n}, "
-                f"got shape {tuple(out.shape)}"
-            )
-    elif isinstance(out, dict):
-        for o in out.values():
-            _check_leading(o, n)
-    else:
-        for o in out:
-            _check_leading(o, n)
+def _check_leading(t: Tensor, n: int) -> None:
+    if t.dim() == 0 or t.shape[0] != n:
+        raise ValueError(
+            f"local_call: expected fn to return tensors with the leading sample dim n = {n}, "
+            f"got shape {tuple(t.shape)}"
+        )
 
 
 def local_call(
@@ -247,7 +247,9 @@ def local_call(
 
     Raises:
         ValueError: If a Bayesian parameter is not the weight or bias of a linear layer
-            (use :func:`bayesflow.vmap_call` for those), or if no Bayesian layer ran.
+            (use :func:`bayesflow.vmap_call` for those), or if `fn` did not call every
+            Bayesian linear layer (a module that reads a layer's weight directly, as
+            :class:`torch.nn.MultiheadAttention` does, would see the mean).
 
     References:
         | Variational Dropout and the Local Reparameterization Trick (Kingma et al., 2015)
@@ -268,11 +270,7 @@ def local_call(
     _check_n(where, n)
     if fn is not None and not callable(fn):
         raise TypeError(f"{where}: expected fn to be callable or None, got {type(fn).__name__}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"{where}: expected generator to be a torch.Generator or None, "
-            f"got {type(generator).__name__}"
-        )
+    _check_generator(where, generator)
     if not isinstance(flipout, bool):
         raise TypeError(f"{where}: expected flipout to be a bool, got {type(flipout).__name__}")
 
@@ -288,7 +286,7 @@ def local_call(
     layers = {}
     covered = set()
     for name, layer in module.named_modules():
-        if not isinstance(layer, linear_types()):
+        if not is_linear(layer):
             continue
         names = {_prefix(name) + "weight", _prefix(name) + "bias"} & posterior.mean.keys()
         if names:
@@ -319,12 +317,15 @@ def local_call(
     with _patched(module, forwards):
         out = module(*args) if fn is None else fn(module, *args)
 
-    _check_outputs(where, out)
-    if not calls:
+    _map_outputs(where, lambda t: None, out)
+    skipped = [name for name in layers if name not in calls]
+    if skipped:
+        # A module that reads a layer's weight without calling the layer (as
+        # nn.MultiheadAttention does with `out_proj`) would silently see the mean.
         raise ValueError(
-            f"{where}: expected fn to run at least one Bayesian linear layer of "
-            f"{type(module).__name__}, got none: the outputs would not be sampled"
+            f"{where}: expected fn to call every Bayesian linear layer of "
+            f"{type(module).__name__}, got {skipped} never called; use bayesflow.vmap_call"
         )
-    _check_leading(out, n)
+    _map_outputs(where, lambda t: _check_leading(t, n), out)
 
     return out

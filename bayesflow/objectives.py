@@ -26,7 +26,14 @@ from torch import Tensor
 from .bayesian import BayesianModel
 from .call import _check_in_dims, _vmap_call, loop_call
 from .local import local_call
-from .posterior import Posterior, _check_module, _check_n, _check_posterior, _sample
+from .posterior import (
+    Posterior,
+    _check_generator,
+    _check_module,
+    _check_n,
+    _check_posterior,
+    _sample,
+)
 from .priors import Prior, prior_kl
 
 Fn = Callable[..., Tensor]
@@ -75,11 +82,7 @@ def _check_common(
             f"got {type(prior).__name__}"
         )
     _check_number(where, "kl_weight", kl_weight, 0.0, strict=False)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"{where}: expected generator to be a torch.Generator or None, "
-            f"got {type(generator).__name__}"
-        )
+    _check_generator(where, generator)
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):

@@ -253,6 +253,14 @@ def _check_n(where: str, n: object) -> int:
     return n
 
 
+def _check_generator(where: str, generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{where}: expected generator to be a torch.Generator or None, "
+            f"got {type(generator).__name__}"
+        )
+
+
 def sample(
     posterior: Posterior,
     n: int,
@@ -299,11 +307,7 @@ def _sample(
 ) -> dict[str, Tensor]:
     _check_posterior(where, posterior)
     _check_n(where, n)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"{where}: expected generator to be a torch.Generator or None, "
-            f"got {type(generator).__name__}"
-        )
+    _check_generator(where, generator)
 
     groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
     for name, m in posterior.mean.items():

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .posterior import (
     Posterior,
+    _check_generator,
     _check_module,
     _check_n,
     _check_posterior,
@@ -29,19 +30,12 @@ Value = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]  # noqa: UP007
 LOG_2PI = math.log(2 * math.pi)
 
 
-def _check_generator(where: str, generator: object) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"{where}: expected generator to be a torch.Generator or None, "
-            f"got {type(generator).__name__}"
-        )
-
-
 def _check_value(where: str, what: str, value: object, positive: bool) -> Value:
     if isinstance(value, Mapping):
-        for name, v in value.items():
-            _check_value(where, f"{what}[{name!r}]", v, positive)
-        return dict(value)
+        return {
+            name: _check_value(where, f"{what}[{name!r}]", v, positive)
+            for name, v in value.items()
+        }
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(
             f"{where}: expected {what} to be a float, a tensor or a dict of them, "
@@ -211,12 +205,14 @@ class GaussianPrior(Prior):
                 v = _lookup(value, name, m)
                 if isinstance(v, Tensor):
                     try:
-                        torch.broadcast_shapes(v.shape, m.shape)
+                        fits = torch.broadcast_shapes(v.shape, m.shape) == m.shape
                     except RuntimeError:
+                        fits = False
+                    if not fits:
                         raise ValueError(
                             f"{where}: expected the prior {what} of {name!r} to broadcast to "
                             f"{tuple(m.shape)}, got shape {tuple(v.shape)}"
-                        ) from None
+                        )
 
     def log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
         for what, value in (("mean", self.mean), ("var", self.var)):

@@ -157,6 +157,25 @@ def test_local_trick_covers_linear_subclasses():
         assert torch.allclose(net(x).std(0), torch.zeros(2))
 
 
+def test_local_trick_leaves_linear_subclasses_with_their_own_forward_alone():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    bnet = bf.BayesianModel(nn.Sequential(Scaled(3, 2)), init_logvar=-2.0)
+    x = torch.randn(1, 3).expand(64, 3)
+    g = torch.Generator()
+
+    with bnet.reparameterize(local_trick=True, generator=g.manual_seed(0)) as net:
+        y = net(x)
+    with bnet.reparameterize(generator=g.manual_seed(0)) as net:
+        expected = net(x)
+
+    # its own forward ran, on one sampled weight: all rows equal, twice the linear output
+    assert torch.equal(y, expected) and torch.allclose(y.std(0), torch.zeros(2))
+    assert "forward" not in bnet.base[0].__dict__
+
+
 def test_sample_model_and_mean_model():
     bnet, _ = pair("mlp", init_logvar=-3.0)
     before = snapshot(bnet)

@@ -115,6 +115,23 @@ def test_calls_are_pure(name):
     assert all(isinstance(p, nn.Parameter) for p in module.parameters())
 
 
+def test_named_tuple_outputs():
+    from collections import namedtuple
+
+    Out = namedtuple("Out", ["y", "total"])
+    module = zuko.nn.MLP(3, 4, hidden_features=(8,))
+    x = torch.randn(5, 3)
+    fn = lambda m, x: Out(m(x), m(x).sum())
+
+    for n in (1, N):
+        params = bf.sample(bf.init(module, -3.0), n)
+        out = bf.vmap_call(module, params, x, fn=fn)
+        ref = bf.loop_call(module, params, x, fn=fn)
+        assert type(out) is Out and out.y.shape == (n, 5, 4) and out.total.shape == (n,)
+        assert torch.allclose(out.y, ref.y) and torch.allclose(out.total, ref.total)
+        assert not torch.allclose(out.y[0], module(x), atol=1e-6)
+
+
 def test_structured_outputs():
     module = zuko.nn.MLP(3, 4, hidden_features=(8,))
     params = bf.sample(bf.init(module, -3.0), N)

@@ -227,7 +227,10 @@ def test_errors():
         bf.local_call(net, q, 2, x, flipout="yes")
     with pytest.raises(ValueError, match="local_call: expected posterior names"):
         bf.local_call(zuko.nn.MLP(3, 2, hidden_features=(4,)), q, 2, x)
-    with pytest.raises(ValueError, match="local_call: expected fn to run at least one"):
+    with pytest.raises(
+        ValueError,
+        match=r"local_call: expected fn to call every Bayesian linear layer of MLP, got \['0', '2'\] never called",
+    ):
         bf.local_call(net, q, 2, x, fn=lambda m, x: x)
     with pytest.raises(ValueError, match="local_call: expected fn to return tensors with"):
         bf.local_call(net, q, 2, x, fn=lambda m, x: m(x).sum(0))
@@ -237,3 +240,31 @@ def test_errors():
         bf.local_call(net, q, 2, x, in_dims=[0, None])
     # the layers are restored after an error
     assert "forward" not in net[0].__dict__
+
+
+def test_layers_that_are_not_called_or_not_plain_are_refused():
+    class ReadsWeight(torch.nn.Module):  # as nn.MultiheadAttention does with out_proj
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x) + torch.nn.functional.linear(x, self.b.weight)
+
+    module = ReadsWeight()
+    with pytest.raises(
+        ValueError,
+        match=r"local_call: expected fn to call every Bayesian linear layer of ReadsWeight, got \['b'\] never called",
+    ):
+        bf.local_call(module, bf.init(module), 2, torch.randn(4, 3))
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    net = torch.nn.Sequential(Scaled(3, 2))
+    assert bf.local.linear_layers(net) == {}
+    with pytest.raises(
+        ValueError, match=r"local_call: expected every Bayesian parameter to be the weight or bias"
+    ):
+        bf.local_call(net, bf.init(net), 2, torch.randn(4, 3))

@@ -178,6 +178,10 @@ def test_errors():
         ValueError, match=r"GaussianPrior.kl: expected the prior var of '0.weight'"
     ):
         GaussianPrior(0.0, _per_param(q, lambda m: torch.ones(7))).kl(q)
+    with pytest.raises(
+        ValueError, match=r"GaussianPrior.kl: expected the prior mean of '0.weight' to broadcast"
+    ):  # a prior tensor larger than the parameter
+        GaussianPrior(_per_param(q, lambda m: torch.zeros(2, *m.shape))).kl(q)
     with pytest.raises(ValueError, match=r"GaussianPrior.kl: expected n"):
         GaussianPrior().kl(q, n=0)
     with pytest.raises(TypeError, match=r"GaussianPrior.kl: expected generator"):
@@ -202,3 +206,12 @@ def test_errors():
         GaussianPrior(0.0, {"a": 1.0}).log_prob({"b": torch.zeros(2, 3)})
     with pytest.raises(NotImplementedError):
         Prior().log_prob({})
+
+
+def test_per_parameter_tensors_are_detached_copies():
+    _, q = _posterior()
+    var = _per_param(q, lambda m: torch.full_like(m, 2.0).requires_grad_())
+
+    prior = GaussianPrior(0.0, var)
+
+    assert all(not v.requires_grad for v in prior.var.values())
