@@ -128,7 +128,7 @@ SWEEPS: dict[str, dict[str, Any]] = {
     },
     "flows": {
         "models": sorted(FLOWS),
-        "samples": [8],
+        "samples": [32],
         "modes": ["forward"],
         "methods": ["zuko-loop", "loop", "vmap"],
         "min_time": 0.1,
@@ -853,6 +853,32 @@ def run_bench(
         One record (a dict) per model, mode, K and method.
     """
 
+    # zuko's methods draw from the global generator: the caller's state is put back.
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device).index or 0] if cuda else []):
+        return _run_bench(
+            models, samples, modes, methods, batch, device, dtype, threads, chunk_size,
+            min_time, repeats, seed, progress, extra, records,
+        )  # fmt: skip
+
+
+def _run_bench(
+    models: Sequence[str],
+    samples: Sequence[int],
+    modes: Sequence[str],
+    methods: Sequence[str],
+    batch: int | None,
+    device: str,
+    dtype: torch.dtype,
+    threads: int | None,
+    chunk_size: int | None,
+    min_time: float,
+    repeats: int,
+    seed: int,
+    progress: bool,
+    extra: dict[str, Method] | None,
+    records: list[dict[str, Any]] | None,
+) -> list[dict[str, Any]]:
     device = torch.device(device)
     threads = torch.get_num_threads() if threads is None else threads
     table = {name: get_method(name) for name in methods}
