@@ -19,6 +19,7 @@ from .call import _check_in_dims, _map_outputs
 from .posterior import (
     Posterior,
     _check_generator,
+    _check_matches,
     _check_module,
     _check_n,
     _check_posterior,
@@ -90,16 +91,20 @@ def _randn(shape: torch.Size, like: Tensor, generator: torch.Generator | None) -
     return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
 
 
+def _enter(layer: _Layer, n: int, calls: list[str], x: Tensor) -> None:
+    if x.dim() < 2 or x.shape[0] != n:
+        raise ValueError(
+            f"local_call: expected the input of linear layer {layer.name!r} to carry the "
+            f"leading sample dim n = {n}, got shape {tuple(x.shape)}"
+        )
+    calls.append(layer.name)
+
+
 def _local_forward(
     layer: _Layer, n: int, generator: torch.Generator | None, calls: list[str]
 ) -> Callable[[Tensor], Tensor]:
     def forward(x: Tensor) -> Tensor:
-        if x.dim() < 2 or x.shape[0] != n:
-            raise ValueError(
-                f"local_call: expected the input of linear layer {layer.name!r} to carry the "
-                f"leading sample dim n = {n}, got shape {tuple(x.shape)}"
-            )
-        calls.append(layer.name)
+        _enter(layer, n, calls, x)
 
         # An input shared by every sample (an expanded argument): the moments of the
         # output are computed once, only the noise has the sample dim.
@@ -130,12 +135,7 @@ def _flipout_forward(
     layer: _Layer, n: int, generator: torch.Generator | None, calls: list[str]
 ) -> Callable[[Tensor], Tensor]:
     def forward(x: Tensor) -> Tensor:
-        if x.dim() < 2 or x.shape[0] != n:
-            raise ValueError(
-                f"local_call: expected the input of linear layer {layer.name!r} to carry the "
-                f"leading sample dim n = {n}, got shape {tuple(x.shape)}"
-            )
-        calls.append(layer.name)
+        _enter(layer, n, calls, x)
 
         shared = x.stride(0) == 0
         y = linear(x[0] if shared else x, layer.w_mean, layer.b_mean)
@@ -274,14 +274,7 @@ def local_call(
     if not isinstance(flipout, bool):
         raise TypeError(f"{where}: expected flipout to be a bool, got {type(flipout).__name__}")
 
-    named = dict(module.named_parameters())
-    for name, m in posterior.mean.items():
-        if name not in named or named[name].shape != m.shape:
-            raise ValueError(
-                f"{where}: expected posterior names and shapes from "
-                f"{type(module).__name__}.named_parameters(), got {name!r} of shape "
-                f"{tuple(m.shape)}"
-            )
+    _check_matches(where, module, posterior)
 
     layers = {}
     covered = set()

@@ -342,6 +342,17 @@ def mean_params(posterior: Posterior) -> dict[str, Tensor]:
     return {name: m.unsqueeze(0) for name, m in posterior.mean.items()}
 
 
+def _check_matches(where: str, module: nn.Module, posterior: Posterior) -> None:
+    named = dict(module.named_parameters())
+    for name, m in posterior.mean.items():
+        if name not in named or named[name].shape != m.shape:
+            raise ValueError(
+                f"{where}: expected posterior names and shapes from "
+                f"{type(module).__name__}.named_parameters(), got {name!r} of shape "
+                f"{tuple(m.shape)}"
+            )
+
+
 def mean_model(module: nn.Module, posterior: Posterior) -> nn.Module:
     r"""Returns a standalone copy of `module` whose parameters are the posterior means.
 
@@ -358,14 +369,7 @@ def mean_model(module: nn.Module, posterior: Posterior) -> nn.Module:
 
     _check_module("mean_model", module)
     _check_posterior("mean_model", posterior)
-    named = dict(module.named_parameters())
-    for name, m in posterior.mean.items():
-        if name not in named or named[name].shape != m.shape:
-            raise ValueError(
-                f"mean_model: expected posterior names and shapes from "
-                f"{type(module).__name__}.named_parameters(), got {name!r} of shape "
-                f"{tuple(m.shape)}"
-            )
+    _check_matches("mean_model", module, posterior)
 
     new = copy.deepcopy(module)
     with torch.no_grad():
