@@ -318,6 +318,12 @@ def summarize(samples: Tensor, level: float = 0.9) -> Summary:
 # Density models.
 
 
+def _log_mean_exp(lp: Tensor) -> Tensor:
+    r"""Returns :math:`\log \frac{1}{K} \sum_k e^{l_k}` over the leading dim, in log-space."""
+
+    return torch.logsumexp(lp, dim=0) - math.log(lp.shape[0])
+
+
 def mixture_log_prob(log_probs: Tensor) -> Tensor:
     r"""Returns the log-density of the Bayesian model average (an equal-weight mixture).
 
@@ -341,7 +347,7 @@ def mixture_log_prob(log_probs: Tensor) -> Tensor:
 
     lp = _check_samples("mixture_log_prob", log_probs, "log_probs")
 
-    return torch.logsumexp(lp, dim=0) - math.log(lp.shape[0])
+    return _log_mean_exp(lp)
 
 
 def predictive_nll(log_probs: Tensor, reduction: str = "mean") -> Tensor:
@@ -363,9 +369,7 @@ def predictive_nll(log_probs: Tensor, reduction: str = "mean") -> Tensor:
     """
 
     lp = _check_samples("predictive_nll", log_probs, "log_probs")
-    nll = math.log(lp.shape[0]) - torch.logsumexp(lp, dim=0)
-
-    return _reduce("predictive_nll", nll, reduction)
+    return _reduce("predictive_nll", -_log_mean_exp(lp), reduction)
 
 
 # Classifiers.
@@ -376,10 +380,6 @@ def _log_softmax(where: str, logits: object) -> Tensor:
     if x.shape[-1] < 1:
         raise ValueError(f"{where}: expected at least one class on the last dim, got none")
     return x.log_softmax(dim=-1)
-
-
-def _log_mean_probs(lp: Tensor) -> Tensor:
-    return torch.logsumexp(lp, dim=0) - math.log(lp.shape[0])
 
 
 def _entropy(logp: Tensor) -> Tensor:
@@ -405,7 +405,7 @@ def log_mean_probs(logits: Tensor) -> Tensor:
         The log-probabilities, with shape `(*, C)`.
     """
 
-    return _log_mean_probs(_log_softmax("log_mean_probs", logits))
+    return _log_mean_exp(_log_softmax("log_mean_probs", logits))
 
 
 def mean_probs(logits: Tensor) -> Tensor:
@@ -425,7 +425,7 @@ def mean_probs(logits: Tensor) -> Tensor:
         The probabilities, with shape `(*, C)`.
     """
 
-    return _log_mean_probs(_log_softmax("mean_probs", logits)).exp()
+    return _log_mean_exp(_log_softmax("mean_probs", logits)).exp()
 
 
 def predictive_entropy(logits: Tensor) -> Tensor:
@@ -444,7 +444,7 @@ def predictive_entropy(logits: Tensor) -> Tensor:
         The entropy, with shape `(*)`.
     """
 
-    return _entropy(_log_mean_probs(_log_softmax("predictive_entropy", logits)))
+    return _entropy(_log_mean_exp(_log_softmax("predictive_entropy", logits)))
 
 
 def expected_entropy(logits: Tensor) -> Tensor:
@@ -468,7 +468,7 @@ def expected_entropy(logits: Tensor) -> Tensor:
 
 def _mutual_information(lp: Tensor) -> Tensor:
     # Non-negative by Jensen's inequality; rounding can leave it at -1e-16.
-    return (_entropy(_log_mean_probs(lp)) - _entropy(lp).mean(dim=0)).clamp(min=0)
+    return (_entropy(_log_mean_exp(lp)) - _entropy(lp).mean(dim=0)).clamp(min=0)
 
 
 def mutual_information(logits: Tensor) -> Tensor:
@@ -536,7 +536,7 @@ def classification_summary(logits: Tensor) -> ClassificationSummary:
     """
 
     lp = _log_softmax("classification_summary", logits)
-    log_mean = _log_mean_probs(lp)
+    log_mean = _log_mean_exp(lp)
     total = _entropy(log_mean)
     aleatoric = _entropy(lp).mean(dim=0)
 
