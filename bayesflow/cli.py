@@ -41,6 +41,15 @@ def _split(values: Sequence[str] | None) -> list[str] | None:
     return [v for value in values for v in value.split(",") if v]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    r"""Shows defaults, except the absent ones (whose help says what happens instead)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     from ._bench import METHODS, MODELS, MODES, SWEEPS
 
@@ -60,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
             "(x) and the time relative to a hand-written batched matmul (b, MLP only). "
             "Lists take spaces or commas: --samples 1 8 32 or --samples 1,8,32."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     bench.add_argument("--models", nargs="+", metavar="MODEL", help=f"from {', '.join(MODELS)}")
     bench.add_argument("--samples", nargs="+", metavar="K", help="numbers of posterior samples")
@@ -68,12 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", nargs="+", metavar="METHOD", help=f"from {', '.join(METHODS)}")
     bench.add_argument("--batch", type=_positive_int, help="batch size (default: per model)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    bench.add_argument("--dtype", choices=DTYPES, default="float32")
+    bench.add_argument("--dtype", choices=DTYPES, help="floating point type (default: float32)")
     bench.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
     bench.add_argument("--chunk-size", type=_positive_int, help="vmap chunk size")
     bench.add_argument("--min-time", type=_positive_float, help="seconds of timing per cell")
     bench.add_argument("--repeats", type=_positive_int, help="timed measurements per cell")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=int, help="seed of models, inputs and checks (default: 0)")
     bench.add_argument("--sweep", help=f"a named sweep ({', '.join(SWEEPS)}) or a JSON file")
     bench.add_argument("--json", metavar="PATH", help="write the records as JSON")
     bench.add_argument("--csv", metavar="PATH", help="write the records as CSV")
@@ -140,8 +149,14 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
         config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if config["device"] == "cuda" and not torch.cuda.is_available():
         parser.error("--device: expected an available device, got cuda (torch sees no GPU)")
-    config["dtype"] = getattr(torch, args.dtype)
-    config["seed"] = args.seed
+    dtype = args.dtype or config.get("dtype", "float32")
+    if dtype not in DTYPES:
+        parser.error(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    config["dtype"] = getattr(torch, dtype)
+    seed = config.get("seed", 0) if args.seed is None else args.seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        parser.error(f"--seed: expected an int, got {seed!r}")
+    config["seed"] = seed
 
     return config
 

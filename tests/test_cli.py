@@ -179,3 +179,45 @@ def test_module_entry_point():
     )
     assert result.returncode == 0
     assert "--samples" in result.stdout and "--quick" in result.stdout
+
+
+def test_sweep_file_sets_dtype_and_seed(tmp_path, capsys):
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(
+        json.dumps(
+            {
+                "models": ["mlp"],
+                "samples": [2],
+                "modes": ["forward"],
+                "methods": ["loop", "vmap"],
+                "dtype": "float64",
+                "seed": 3,
+                "min_time": 0.01,
+                "repeats": 1,
+            }
+        )
+    )
+    out = tmp_path / "out.json"
+
+    assert main(["bench", "--sweep", str(sweep), "--json", str(out), "--no-progress"]) == 0
+    records = json.loads(out.read_text())
+    assert {r["dtype"] for r in records} == {"float64"}
+    assert {r["status"] for r in records} == {"ok"}
+
+    # the command line wins over the file
+    assert (
+        main(
+            [
+                "bench",
+                "--sweep",
+                str(sweep),
+                "--dtype",
+                "float32",
+                "--json",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert {r["dtype"] for r in json.loads(out.read_text())} == {"float32"}
