@@ -20,10 +20,8 @@ __all__ = [
     "prepare",
 ]
 
-import importlib
 import math
 import sys
-import warnings
 
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
@@ -33,9 +31,10 @@ import numpy as np
 import torch
 
 from torch import Size, Tensor
-from torch._C import _functorch
 from torch.distributions import Distribution, MultivariateNormal
 from torch.func import jvp, vmap
+
+from ._compat import load_jvp_decompositions, unwrap_batched
 
 _MAX_ODE_ATTEMPTS = 100_000
 
@@ -56,16 +55,9 @@ def coupling_merge(self: Any, x_a: Tensor, x_b: Tensor, shape: Size) -> Tensor:
 
 
 def prepare() -> None:
-    r"""Loads what forward-mode AD loads on first use, outside vmap and without warnings.
+    r"""Loads what forward-mode AD loads on first use, outside vmap and without warnings."""
 
-    The first :func:`torch.func.jvp` of a process imports torch's forward-mode
-    decompositions, which warn (a deprecation inside torch) on import.
-    """
-
-    if "torch._decomp.decompositions_for_jvp" not in sys.modules:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            importlib.import_module("torch._decomp.decompositions_for_jvp")
+    load_jvp_decompositions()
 
 
 def _derivative(f: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
@@ -217,11 +209,7 @@ def _any(mask: Tensor) -> bool:
     the loop runs until the last sample reaches :math:`t_1`.
     """
 
-    # Peeling functorch's wrappers is private API: `bool` of a batched tensor raises.
-    while _functorch.is_functorch_wrapped_tensor(mask):
-        mask = _functorch.get_unwrapped(mask)
-
-    return bool(mask.any())
+    return bool(unwrap_batched(mask).any())
 
 
 def _adaptive(

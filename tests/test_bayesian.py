@@ -271,6 +271,19 @@ def test_swap_parameters_restores_on_error():
     assert net.weight is weight
 
 
+def test_unwrap_batched_reads_through_vmap():
+    seen = []
+
+    def f(x):
+        seen.append(bayesflow._compat.unwrap_batched(x))
+        return x * 2
+
+    torch.func.vmap(torch.func.vmap(f))(torch.arange(6.0).view(2, 3))
+
+    assert torch.equal(seen[0], torch.arange(6.0).view(2, 3))
+    assert bayesflow._compat.unwrap_batched(torch.ones(2)).shape == (2,)
+
+
 def test_init_logvar_noise_like_zuko():
     bnet = bf.BayesianModel(nn.Linear(100, 100), init_logvar=-4.0)
     lv = bnet.logvars["weight"]
