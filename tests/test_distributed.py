@@ -60,6 +60,8 @@ def _worker(rank, port, path):
 
         if rank == 0:
             torch.save({"loss": loss.detach(), "grads": _grads(bnet)}, path)
+        # Neither process tears gloo down while the other still talks to it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
