@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,41 @@ def flow_ll(flow: nn.Module, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return flow(c).log_prob(x)
 
 
+def _train(
+    bmodel: bf.BayesianModel,
+    batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]],
+    fn: Callable[..., torch.Tensor],
+    epochs: int,
+    k: int,
+    method: str,
+    generator: torch.Generator | None,
+    log: Callable[[str], None] | None,
+) -> list[torch.Tensor]:
+    r"""Trains `bmodel` with Adam on the batches of each epoch; returns the step losses."""
+
+    optimizer = torch.optim.Adam(bmodel.parameters(), lr=1e-3)
+    objective = OBJECTIVES[method]
+
+    history = []
+    for epoch in range(epochs):
+        losses = []
+        for args in batches():
+            loss = objective(
+                bmodel.base, bmodel.posterior, *args,
+                fn=fn, num_data=NUM_DATA, n=k, generator=generator,
+            )  # fmt: skip
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+
+        history.append(torch.stack(losses))
+        if log is not None:
+            log(f"({epoch}) {history[-1].mean().item()} ± {history[-1].std().item()}")
+
+    return history
+
+
 def sort_experiment(
     epochs: int = 4,
     steps: int = 1024,
@@ -52,30 +87,13 @@ def sort_experiment(
 
     net = zuko.nn.MLP(5, 5, hidden_features=(64, 64), activation=nn.ELU)
     bnet = bf.BayesianModel(net, init_logvar=-9.0)
-    optimizer = torch.optim.Adam(bnet.parameters(), lr=1e-3)
-    objective = OBJECTIVES[method]
 
-    history = []
-    for epoch in range(epochs):
-        losses = []
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for _ in range(steps):
             x = torch.randn(batch, 5)
-            y = torch.sort(x, dim=-1).values
+            yield x, torch.sort(x, dim=-1).values
 
-            loss = objective(
-                bnet.base, bnet.posterior, x, y,
-                fn=sort_ll, num_data=NUM_DATA, n=k, generator=generator,
-            )  # fmt: skip
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.detach())
-
-        history.append(torch.stack(losses))
-        if log is not None:
-            log(f"({epoch}) {history[-1].mean().item()} ± {history[-1].std().item()}")
-
-    return bnet, history
+    return bnet, _train(bnet, batches, sort_ll, epochs, k, method, generator, log)
 
 
 def moons_experiment(
@@ -94,29 +112,12 @@ def moons_experiment(
 
     flow = zuko.flows.NSF(features=2, context=1, transforms=3, hidden_features=(64, 64))
     bflow = bf.BayesianModel(flow, init_logvar=-9.0, include_params=["**.hyper.4"])
-    optimizer = torch.optim.Adam(bflow.parameters(), lr=1e-3)
-    objective = OBJECTIVES[method]
 
-    history = []
-    for epoch in range(epochs):
-        losses = []
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, label in trainloader:
-            c = label.unsqueeze(dim=-1)
+            yield label.unsqueeze(dim=-1), x
 
-            loss = objective(
-                bflow.base, bflow.posterior, c, x,
-                fn=flow_ll, num_data=NUM_DATA, n=k, generator=generator,
-            )  # fmt: skip
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.detach())
-
-        history.append(torch.stack(losses))
-        if log is not None:
-            log(f"({epoch}) {history[-1].mean().item()} ± {history[-1].std().item()}")
-
-    return bflow, history
+    return bflow, _train(bflow, batches, flow_ll, epochs, k, method, generator, log)
 
 
 def main(argv: list[str] | None = None) -> int:
