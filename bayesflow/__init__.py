@@ -16,6 +16,7 @@ __all__ = [
     "GaussianPrior",
     "LinearWarmup",
     "Posterior",
+    "Prior",
     "ScaleMixturePrior",
     "Summary",
     "VmapFallbackWarning",
@@ -61,15 +62,15 @@ from .bayesian import BayesianModel
 from .call import VmapFallbackWarning, loop_call, vmap_call
 from .flows import flow_sample
 from .local import local_call
-from .objectives import (
-    ConstantSchedule,
-    CyclicalSchedule,
-    LinearWarmup,
-    flipout_nelbo,
-    local_nelbo,
-    loop_nelbo,
-    nelbo,
+from .metrics import (
+    CalibrationCurve,
+    calibration_curve,
+    categorical_nll,
+    expected_calibration_error,
+    gaussian_nll,
+    interval_coverage,
 )
+from .objectives import flipout_nelbo, local_nelbo, loop_nelbo, nelbo
 from .posterior import (
     Posterior,
     init,
@@ -78,19 +79,14 @@ from .posterior import (
     mean_params,
     sample,
     select,
+    stack_params,
     std,
 )
 from .predictive import (
-    CalibrationCurve,
     ClassificationSummary,
     Summary,
-    calibration_curve,
-    categorical_nll,
     classification_summary,
-    expected_calibration_error,
     expected_entropy,
-    gaussian_nll,
-    interval_coverage,
     log_mean_probs,
     mean_probs,
     mixture_log_prob,
@@ -101,7 +97,7 @@ from .predictive import (
     predictive_nll,
     predictive_quantiles,
     predictive_std,
-    stack_params,
     summarize,
 )
-from .priors import GaussianPrior, ScaleMixturePrior, prior_kl
+from .priors import GaussianPrior, Prior, ScaleMixturePrior, prior_kl
+from .schedules import ConstantSchedule, CyclicalSchedule, LinearWarmup

@@ -60,7 +60,7 @@ from torch import Tensor
 
 import bayesflow as bf
 
-from .posterior import _softclip
+from ._numerics import softclip as _softclip
 
 MODES = ("forward", "train", "sample")
 

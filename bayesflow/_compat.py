@@ -1,33 +1,29 @@
-r"""The one place where bayesflow touches private torch APIs."""
+r"""The one place where bayesflow touches private or version-dependent torch APIs."""
 
 from __future__ import annotations
 
-__all__ = ["load_jvp_decompositions", "swap_parameters", "unwrap_batched"]
+__all__ = ["is_batched", "is_compiling", "load_jvp_decompositions", "unwrap_batched"]
 
 import importlib
 import sys
 import warnings
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-import torch.nn as nn
+import torch
 
 from torch import Tensor
 from torch._C import _functorch
-from torch.nn.utils.stateless import _reparametrize_module
 
 
-@contextmanager
-def swap_parameters(module: nn.Module, params: dict[str, Tensor]) -> Iterator[nn.Module]:
-    r"""Temporarily replaces parameters of `module` in place, and restores them on exit.
+def is_compiling() -> bool:
+    r"""Whether the code runs under :func:`torch.compile` tracing (dynamo)."""
 
-    :func:`torch.func.functional_call` does the same around a single call; the context
-    manager form, which :meth:`BayesianModel.reparameterize` needs, is private in torch.
-    """
+    return torch.compiler.is_compiling()
 
-    with _reparametrize_module(module, params, tie_weights=True):
-        yield module
+
+def is_batched(t: Tensor) -> bool:
+    r"""Whether `t` is batched by the innermost active :func:`torch.func.vmap`."""
+
+    return _functorch.is_batchedtensor(t)
 
 
 def unwrap_batched(t: Tensor) -> Tensor:

@@ -7,12 +7,16 @@ every monotonic transform), Gauss-Legendre quadrature (UNAF, SOSPF) and the adap
 solver, and the :py:`autograd.grad` trace of free-form Jacobian transforms (CNF). A
 seventh, GMM's :func:`torch.masked_scatter`, runs under vmap but slowly, with a warning.
 
-:func:`vmap_safe` swaps each of them for its equivalent in
-:mod:`bayesflow._zuko_transforms` for the duration of a block, and puts zuko's own objects
-back on exit, also when the block raises. Nothing is patched at import. A piece is swapped
-only if it is still a function zuko defined (by module and qualified name; an object put
-there by someone else is left alone) and a tiny probe shows that vmap cannot run it: a
-zuko release that fixes a piece is used as is.
+While at least one thread is inside :func:`vmap_safe`, each of those attributes of zuko
+holds a dispatcher: in a thread inside a vectorized call it runs the equivalent in
+:mod:`bayesflow._zuko_transforms`, in any other thread zuko's own function. When the
+last such thread leaves, zuko's very objects are put back. Nothing is patched at import.
+
+A piece is replaced only if it is still the function zuko defined (by module and
+qualified name; an object put there by someone else is left alone) and a probe shows,
+on a tiny input, that zuko's version runs unbatched, fails under vmap, and that the
+stand-in gives its numbers. A zuko release that fixes a piece is used as is; one that
+changed it so that the probe no longer runs is left alone, with a warning.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ __all__ = ["vmap_safe"]
 
 import sys
 import threading
+import types
+import warnings
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +38,7 @@ import torch
 from torch.func import vmap
 
 from . import _zuko_transforms as _safe
+from ._compat import is_compiling
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class _Piece:
     owner: str | None  # a class of `module`, or None for a module-level function
     name: str
     replacement: Callable[..., Any]
-    probe: Callable[[Any], None]  # runs the original under vmap; raises if it cannot
+    probe: Callable[[Any, bool], Any]  # runs an implementation on a tiny input, looped or not
     origin: str = "zuko.transforms"  # the module where zuko defines the original
 
     def target(self) -> Any | None:
@@ -73,7 +80,18 @@ def _probe_input() -> tuple[torch.Tensor, torch.Tensor]:
     return s, x
 
 
-def _probe_merge(merge: Callable[..., Any]) -> None:
+def _over(f: Callable[[torch.Tensor], Any], s: torch.Tensor, batched: bool) -> Any:
+    r"""Runs `f` on every element of `s`, vectorized or in a loop, stacking the outputs."""
+
+    if batched:
+        return vmap(f)(s)
+    outs = [f(si) for si in s]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(o) for o in zip(*outs, strict=True))
+    return torch.stack(outs)
+
+
+def _probe_merge(merge: Callable[..., Any], batched: bool) -> Any:
     transforms = sys.modules["zuko.transforms"]
     t = transforms.CouplingTransform(meta=None, mask=torch.tensor([True, False, True]))
     s, x = _probe_input()
@@ -82,36 +100,40 @@ def _probe_merge(merge: Callable[..., Any]) -> None:
         x_a, x_b = t.split(x)
         return merge(t, x_a, x_b * si, x.shape)
 
-    vmap(f)(s)
+    return _over(f, s, batched)
 
 
-def _probe_monotonic(call_and_ladj: Callable[..., Any]) -> None:
+def _probe_monotonic(call_and_ladj: Callable[..., Any], batched: bool) -> Any:
     transforms = sys.modules["zuko.transforms"]
     s, x = _probe_input()
 
     def f(si: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = transforms.MonotonicTransform(lambda u: u * si, phi=(si,))
+        t = transforms.MonotonicTransform(lambda u: u * si + u**3, phi=(si,))
         return call_and_ladj(t, x)
 
-    vmap(f)(s)
+    return _over(f, s, batched)
 
 
-def _probe_bisection(bisection: Callable[..., Any]) -> None:
+def _probe_bisection(bisection: Callable[..., Any], batched: bool) -> Any:
     s, x = _probe_input()
-    vmap(lambda si: bisection(lambda u: u * si, x, -2.0, 2.0, n=2, phi=(si,)))(s)
+    return _over(lambda si: bisection(lambda u: u * si, x, -2.0, 2.0, n=8, phi=(si,)), s, batched)
 
 
-def _probe_gauss_legendre(gauss_legendre: Callable[..., Any]) -> None:
+def _probe_gauss_legendre(gauss_legendre: Callable[..., Any], batched: bool) -> Any:
     s, x = _probe_input()
-    vmap(lambda si: gauss_legendre(lambda u: u * si, torch.zeros_like(x), x, n=2, phi=(si,)))(s)
+
+    def f(si: torch.Tensor) -> torch.Tensor:
+        return gauss_legendre(lambda u: u * si, torch.zeros_like(x), x, n=2, phi=(si,))
+
+    return _over(f, s, batched)
 
 
-def _probe_odeint(odeint: Callable[..., Any]) -> None:
+def _probe_odeint(odeint: Callable[..., Any], batched: bool) -> Any:
     s, x = _probe_input()
-    vmap(lambda si: odeint(lambda t, u: -u * si, x, 0.0, 0.1, phi=(si,)))(s)
+    return _over(lambda si: odeint(lambda t, u: -u * si, x, 0.0, 0.1, phi=(si,)), s, batched)
 
 
-def _probe_ffj(call_and_ladj: Callable[..., Any]) -> None:
+def _probe_ffj(call_and_ladj: Callable[..., Any], batched: bool) -> Any:
     transforms = sys.modules["zuko.transforms"]
     s, x = _probe_input()
 
@@ -119,13 +141,27 @@ def _probe_ffj(call_and_ladj: Callable[..., Any]) -> None:
         t = transforms.FreeFormJacobianTransform(lambda t, u: -u * si, 0.0, 0.1, phi=(si,))
         return call_and_ladj(t, x[None])
 
-    vmap(f)(s)
+    return _over(f, s, batched)
 
 
-def _probe_gmm(forward_full: Callable[..., Any]) -> None:
-    # The original is right under vmap, only slow (and it warns): feature-detect it.
-    if "masked_scatter" in getattr(getattr(forward_full, "__code__", None), "co_names", ()):
+def _probe_gmm(forward_full: Callable[..., Any], batched: bool) -> Any:
+    # Zuko's version runs under vmap, only slowly and with a warning: feature-detect it.
+    code = getattr(forward_full, "__code__", None)
+    if batched and "masked_scatter" in getattr(code, "co_names", ()):
         raise NotImplementedError("masked_scatter has no batching rule")
+
+    s, _ = _probe_input()
+    owner = types.SimpleNamespace(epsilon=1e-5)
+    logits = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    loc = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).view(2, 3)
+    diag = torch.linspace(-0.5, 0.5, 6, dtype=torch.float64).view(2, 3)
+    tril = torch.linspace(0.1, 0.6, 6, dtype=torch.float64).view(2, 3)
+    x = torch.linspace(-0.5, 0.7, 3, dtype=torch.float64)
+
+    def f(si: torch.Tensor) -> torch.Tensor:
+        return forward_full(owner, logits, loc * si, diag, tril * si).log_prob(x)
+
+    return _over(f, s, batched)
 
 
 _PIECES = (
@@ -167,78 +203,163 @@ _PIECES = (
 # Probe verdicts, per original object (kept alive here so that ids stay unique).
 _VERDICTS: dict[int, tuple[Any, bool]] = {}
 
-_LOCK = threading.RLock()
-_DEPTH = 0
-_APPLIED: list[tuple[Any, str, Any]] = []
+# Zuko releases the stand-ins were written and tested against.
+TESTED = ((1, 6),)
+
+_LOCK = threading.Lock()
+_LOCAL = threading.local()
+_USERS = 0  # threads inside a vectorized call
+_INSTALLED: list[tuple[Any, str, Any]] = []
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _zuko_version() -> str:
+    return str(getattr(sys.modules.get("zuko"), "__version__", "unknown"))
+
+
+def _check_version() -> None:
+    version = _zuko_version()
+    try:
+        major_minor = tuple(int(v) for v in version.split(".")[:2])
+    except ValueError:
+        major_minor = None
+    if major_minor not in TESTED:
+        tested = ", ".join(f"{a}.{b}" for a, b in TESTED)
+        _warn_once(
+            "version",
+            f"bayesflow: zuko {version} is outside the tested range ({tested}.x); each "
+            "vmap-safe stand-in is checked against zuko's own piece before it is used",
+        )
+
+
+def _agree(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_agree(x, y) for x, y in zip(a, b, strict=True))
+    return a is None and b is None
+
+
+def _verdict(piece: _Piece, original: Any) -> bool:
+    r"""Whether the stand-in is needed for `original` and gives its numbers."""
+
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            expected = piece.probe(original, False)
+        except Exception as err:
+            _warn_once(
+                piece.name,
+                f"bayesflow: zuko {_zuko_version()}'s {piece.name} no longer runs the probe "
+                f"of its vmap-safe stand-in ({type(err).__name__}); it is left as zuko "
+                "defines it, and vmap_call falls back to a loop where vmap cannot run it",
+            )
+            return False
+        try:
+            piece.probe(original, True)
+        except Exception:
+            pass
+        else:
+            return False  # zuko's own piece runs under vmap
+        try:
+            _safe.prepare()
+            got = piece.probe(piece.replacement, False)
+            batched = piece.probe(piece.replacement, True)
+        except Exception as err:
+            got, batched = err, None
+        if not (_agree(got, expected) and batched is not None):
+            _warn_once(
+                piece.name,
+                f"bayesflow: the vmap-safe stand-in for zuko {_zuko_version()}'s {piece.name} "
+                "does not reproduce it; it is not used, and vmap_call falls back to a loop",
+            )
+            return False
+    return True
 
 
 def _needed(piece: _Piece, original: Any) -> bool:
     if id(original) not in _VERDICTS:
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                piece.probe(original)
-        except Exception:
-            needed = True
-        else:
-            needed = False
-        _VERDICTS[id(original)] = (original, needed)
-
+        _VERDICTS[id(original)] = (original, _verdict(piece, original))
     return _VERDICTS[id(original)][1]
 
 
-def _apply() -> list[tuple[Any, str, Any]]:
-    applied = []
+def _inside() -> bool:
+    return getattr(_LOCAL, "depth", 0) > 0
+
+
+def _dispatcher(original: Any, replacement: Callable[..., Any]) -> Callable[..., Any]:
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        return (replacement if _inside() else original)(*args, **kwargs)
+
+    dispatch.__doc__ = original.__doc__
+    dispatch.bayesflow_original = original  # type: ignore[attr-defined]
+    return dispatch
+
+
+def _install() -> list[tuple[Any, str, Any]]:
+    if "zuko" in sys.modules:
+        _check_version()
+
+    installed = []
     try:
         for piece in _PIECES:
             target = piece.target()
             if target is None:
                 continue
-
             current = piece.original(target)
-            if current is None:
-                continue
-
-            if not piece.is_zukos(current):
-                continue  # someone else replaced it: leave it alone
-
+            if current is None or not piece.is_zukos(current):
+                continue  # absent, or someone else replaced it: leave it alone
             if _needed(piece, current):
-                if not applied:
-                    _safe.prepare()
-                setattr(target, piece.name, piece.replacement)
-                applied.append((target, piece.name, current))
+                _safe.prepare()
+                setattr(target, piece.name, _dispatcher(current, piece.replacement))
+                installed.append((target, piece.name, current))
     except BaseException:
-        _restore(applied)
+        _restore(installed)
         raise
 
-    return applied
+    return installed
 
 
-def _restore(applied: list[tuple[Any, str, Any]]) -> None:
-    for target, name, original in reversed(applied):
+def _restore(installed: list[tuple[Any, str, Any]]) -> None:
+    for target, name, original in reversed(installed):
         setattr(target, name, original)
 
 
 @contextmanager
-def vmap_safe() -> Iterator[None]:
-    r"""Makes zuko's flows batchable by :func:`torch.func.vmap` for the duration of the block.
+def vmap_safe(uses_zuko: bool = True) -> Iterator[None]:
+    r"""Makes zuko's flows batchable by :func:`torch.func.vmap` in this thread, for the
+    duration of the block.
 
-    Re-entrant and thread-safe: the pieces are swapped when the outermost block is entered
-    and restored when it exits, also when it raises. While a block is active, zuko code
-    that runs in other threads sees the vmap-safe pieces too; they give the same numbers.
+    Re-entrant. Other threads keep running zuko's own functions unless they are inside a
+    block of their own. Under :func:`torch.compile` tracing nothing is swapped.
     """
 
-    global _APPLIED, _DEPTH
+    global _INSTALLED, _USERS
 
-    with _LOCK:
-        if _DEPTH == 0:
-            _APPLIED = _apply()
-        _DEPTH += 1
+    depth = getattr(_LOCAL, "depth", 0)
+    if not uses_zuko or is_compiling() or "zuko.transforms" not in sys.modules:
+        yield
+        return
+
+    if depth == 0:
+        with _LOCK:
+            if _USERS == 0:
+                _INSTALLED = _install()
+            _USERS += 1
+    _LOCAL.depth = depth + 1
 
     try:
         yield
     finally:
-        with _LOCK:
-            _DEPTH -= 1
-            if _DEPTH == 0:
-                applied, _APPLIED = _APPLIED, []
-                _restore(applied)
+        _LOCAL.depth = depth
+        if depth == 0:
+            with _LOCK:
+                _USERS -= 1
+                if _USERS == 0:
+                    installed, _INSTALLED = _INSTALLED, []
+                    _restore(installed)

@@ -22,8 +22,10 @@ __all__ = [
 
 import math
 import sys
+import threading
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from functools import cache
 from typing import Any
 
@@ -34,9 +36,10 @@ from torch import Size, Tensor
 from torch.distributions import Distribution, MultivariateNormal
 from torch.func import jvp, vmap
 
-from ._compat import load_jvp_decompositions, unwrap_batched
+from ._compat import is_compiling, load_jvp_decompositions, unwrap_batched
+from ._errors import NonFiniteError
 
-_MAX_ODE_ATTEMPTS = 100_000
+_MAX_ODE_ATTEMPTS = 10_000
 
 
 def coupling_merge(self: Any, x_a: Tensor, x_b: Tensor, shape: Size) -> Tensor:
@@ -60,10 +63,24 @@ def prepare() -> None:
     load_jvp_decompositions()
 
 
+# Forward-mode AD levels are process-wide in torch: two threads in `jvp` at once break
+# each other's levels. One thread at a time runs a forward-mode pass.
+_FORWARD_AD = threading.RLock()
+
+
+def _forward_ad() -> Any:
+    return nullcontext() if is_compiling() else _FORWARD_AD
+
+
+def _jvp(f: Callable[..., Any], primals: tuple, tangents: tuple) -> Any:
+    with _forward_ad():
+        return jvp(f, primals, tangents)
+
+
 def _derivative(f: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
     r"""Returns :math:`f(x)` and :math:`f'(x)` of an element-wise function, in forward mode."""
 
-    return jvp(f, (x,), (torch.ones_like(x),))
+    return _jvp(f, (x,), (torch.ones_like(x),))
 
 
 def monotonic_call_and_ladj(self: Any, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -244,6 +261,13 @@ def _adaptive(
         y, error = _dopri45(f, x, t, dt)
         tolerance = atol + rtol * torch.maximum(abs(x), abs(y))
         error = torch.max(error / tolerance).clip(min=1e-9).detach()
+        if _any(~torch.isfinite(error) & ~done):
+            # No step size makes a NaN finite: zuko's own solver would loop forever.
+            raise NonFiniteError(
+                "odeint: the ODE's state or derivative is not finite (NaN or infinity), "
+                "e.g. from sampled parameters far in the posterior's tails; the solver "
+                "cannot reach t1"
+            )
 
         accept = (error < 1.0) & ~done
         x = torch.where(accept, y, x)
@@ -329,10 +353,11 @@ def ffj_call_and_ladj(self: Any, x: Tensor) -> tuple[Tensor, Tensor]:
             return self.f(t, x)
 
         if self.exact:
-            dx, columns = vmap(lambda v: jvp(ode, (x,), (v,)))(eye)
+            with _forward_ad():
+                dx, columns = vmap(lambda v: jvp(ode, (x,), (v,)))(eye)
             dx, trace = dx[0], torch.einsum("i...i", columns)
         else:
-            dx, jeps = jvp(ode, (x,), (eps,))
+            dx, jeps = _jvp(ode, (x,), (eps,))
             trace = (jeps * eps).sum(dim=-1)
 
         return dx, trace * self.trace_scale

@@ -13,21 +13,33 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from torch import Tensor
+from torch import Size, Tensor
 
-from ._compat import swap_parameters
-from ._linear import is_linear, linear, mask_of
-from .call import _map_outputs, _vmap_call
-from .posterior import (
-    InitLogvar,
-    Posterior,
-    _check_module,
-    _check_n,
-    _init,
-    _kl_divergence,
-    _sample,
-    _softclip,
-)
+from . import _posterior
+from ._checks import check_module, check_n
+from ._engine import run
+from ._layers import Noise, is_local, local_forward, moments
+from ._outputs import map_outputs
+from ._posterior import InitLogvar
+from ._swap import lock, patched, structure, swapped
+from ._types import Posterior
+
+
+class _Cached(Noise):
+    r"""zuko's noise for the local trick: drawn on first use, then the same for a layer
+    and an output shape until the end of the `reparameterize()` block."""
+
+    def __init__(self, generator: torch.Generator | None) -> None:
+        self.generator = generator
+        self.cache: dict[tuple[str, Size], Tensor] = {}
+
+    def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
+        key = (name, shape)
+        if key not in self.cache:
+            self.cache[key] = torch.randn(
+                shape, generator=self.generator, dtype=like.dtype, device=like.device
+            )
+        return self.cache[key]
 
 
 class BayesianModel(nn.Module):
@@ -55,6 +67,9 @@ class BayesianModel(nn.Module):
         exclude_params: Glob patterns of the parameters to leave deterministic.
     """
 
+    # Recognized by the functional API, which never imports this module.
+    _bayesflow_bridge = True
+
     def __init__(
         self,
         base: nn.Module,
@@ -62,8 +77,8 @@ class BayesianModel(nn.Module):
         include_params: Sequence[str] = ("",),
         exclude_params: Sequence[str] = (),
     ) -> None:
-        _check_module("BayesianModel", base)
-        q = _init("BayesianModel", base, init_logvar, include_params, exclude_params)
+        check_module("BayesianModel", base)
+        q = _posterior.init("BayesianModel", base, init_logvar, include_params, exclude_params)
 
         for name in q.mean:
             if "-" in name:
@@ -119,9 +134,10 @@ class BayesianModel(nn.Module):
 
         where = "BayesianModel.sample_params"
         if n is None:
-            return {k: v[0] for k, v in _sample(where, self.posterior, 1, generator).items()}
+            params = _posterior.sample(where, self.posterior, 1, generator)
+            return {k: v[0] for k, v in params.items()}
 
-        return _sample(where, self.posterior, n, generator)
+        return _posterior.sample(where, self.posterior, n, generator)
 
     def sample_model(self, generator: torch.Generator | None = None) -> nn.Module:
         r"""Returns a model sampled from the posterior.
@@ -133,6 +149,9 @@ class BayesianModel(nn.Module):
 
         Arguments:
             generator: The source of randomness; the global one if :py:`None`.
+
+        Returns:
+            A deep copy of the base model.
         """
 
         with torch.no_grad():
@@ -144,16 +163,11 @@ class BayesianModel(nn.Module):
         return new
 
     def mean_model(self) -> nn.Module:
-        r"""Returns a standalone copy of the base model at the posterior mean."""
+        r"""Returns a standalone copy of the base model at the posterior mean, as
+        :func:`bayesflow.mean_model`."""
 
-        new = copy.deepcopy(self.base)
         with torch.no_grad():
-            for name, p in new.named_parameters():
-                key = name.replace(".", "-")
-                if key in self.means:
-                    p.copy_(self.means[key])
-
-        return new
+            return _posterior.mean_model("BayesianModel.mean_model", self.base, self.posterior)
 
     @contextmanager
     def reparameterize(
@@ -163,15 +177,15 @@ class BayesianModel(nn.Module):
 
         Within this context the base model holds sampled parameters, differentiable with
         respect to the posterior, and is deterministic: the same inputs give the same
-        outputs. The original parameters are restored on exit, also after an error.
+        outputs. The original parameters (the very same objects) are restored on exit,
+        also after an error; tied weights are sampled once and held in every place.
 
         Arguments:
-            local_trick: Whether to use the local reparameterization trick for linear
-                layers (:class:`torch.nn.Linear`, zuko's `Linear`, and their subclasses
-                that keep their `forward`, such as zuko's `MaskedLinear`) whose weight
-                is Bayesian: their
-                outputs, rather than their weights, are sampled, with fresh noise per
-                example.
+            local_trick: Whether to use the local reparameterization trick for the layers
+                whose weight is Bayesian among :class:`torch.nn.Linear`, zuko's `Linear`,
+                :class:`torch.nn.Conv1d` / `Conv2d` / `Conv3d` and their subclasses that
+                keep their `forward` (such as zuko's `MaskedLinear`): their outputs,
+                rather than their weights, are sampled, with fresh noise per example.
             generator: The source of randomness; the global one if :py:`None`.
 
         Yields:
@@ -183,80 +197,41 @@ class BayesianModel(nn.Module):
         """
 
         params = self.sample_params(generator=generator)
+        st = structure(self.base)
 
-        with swap_parameters(self.base, params):
+        with lock(st), swapped(st, params):
             if local_trick:
-                with self._local_trick(generator):
+                with patched(self._local_forwards(generator)):
                     yield self.base
             else:
                 yield self.base
 
-    @contextmanager
-    def _local_trick(self, generator: torch.Generator | None) -> Iterator[None]:
-        patched: list[tuple[nn.Module, Any]] = []
-        cache: dict[tuple[str, torch.Size], Tensor] = {}
+    def _local_forwards(self, generator: torch.Generator | None) -> list[tuple[Any, str, Any]]:
+        noise = _Cached(generator)
+        forwards = []
 
-        try:
-            for name, module in self.base.named_modules():
-                key = name.replace(".", "-")
-                if not is_linear(module):
-                    continue
-                if key + "-weight" not in self.means:
-                    continue
+        for name, layer in self.base.named_modules():
+            key = name.replace(".", "-")
+            if not is_local(layer) or key + "-weight" not in self.means:
+                continue
 
-                patched.append((module, module.__dict__.get("forward")))
-                module.forward = self._local_forward(name, module, cache, generator)
-
-            yield
-        finally:
-            for module, own in patched:
-                if own is None:
-                    del module.forward
-                else:
-                    module.forward = own
-
-    def _local_forward(
-        self,
-        name: str,
-        module: nn.Module,
-        cache: dict[tuple[str, torch.Size], Tensor],
-        generator: torch.Generator | None,
-    ) -> Callable[[Tensor], Tensor]:
-        key = name.replace(".", "-")
-
-        def forward(x: Tensor) -> Tensor:
-            w_mean = self.means[key + "-weight"]
-            w_var = _softclip(self.logvars[key + "-weight"]).exp()
-
-            mask = mask_of(module)
-            if mask is not None:
-                w_mean = mask * w_mean
-                w_var = mask * w_var
-
-            if key + "-bias" in self.means:
-                b_mean = self.means[key + "-bias"]
-                b_var = _softclip(self.logvars[key + "-bias"]).exp()
-            else:
-                b_mean, b_var = module.bias, None
-
-            y_mean = linear(x, w_mean, b_mean)
-            y_var = linear(x.square(), w_var, b_var)
-
-            address = (name, y_mean.shape)
-            if address not in cache:
-                cache[address] = torch.randn(
-                    y_mean.shape, generator=generator, dtype=y_mean.dtype, device=y_mean.device
+            def stats(key: str = key, layer: nn.Module = layer) -> Any:
+                b = key + "-bias"
+                return moments(
+                    layer,
+                    (self.means[key + "-weight"], self.logvars[key + "-weight"]),
+                    (self.means[b], self.logvars[b]) if b in self.means else None,
                 )
 
-            return y_mean + y_var.sqrt() * cache[address]
+            forwards.append((layer, "forward", local_forward(name, layer, stats, noise)))
 
-        return forward
+        return forwards
 
     def kl_divergence(self, prior_var: float = 1.0) -> Tensor:
         r"""Returns the KL divergence between the posterior and the prior
         :math:`\mathcal{N}(0, \mathrm{prior\_var})`, as :func:`bayesflow.kl_divergence`."""
 
-        return _kl_divergence("BayesianModel.kl_divergence", self.posterior, prior_var)
+        return _posterior.kl_divergence("BayesianModel.kl_divergence", self.posterior, prior_var)
 
     def forward(
         self,
@@ -267,6 +242,7 @@ class BayesianModel(nn.Module):
         chunk_size: int | None = None,
         fallback: bool = True,
         in_dims: Sequence[int | None] | None = None,
+        randomness: str | None = None,
     ) -> Any:
         r"""Runs `fn(base, *args)` with parameters sampled from the posterior.
 
@@ -288,18 +264,28 @@ class BayesianModel(nn.Module):
             fn: What to compute, `fn(base, *args)`; `base(*args)` if :py:`None`. It must
                 return tensors: for a flow, `fn=lambda f, c, x: f(c).log_prob(x)`.
             generator: The source of randomness; the global one if :py:`None`.
-            chunk_size, fallback, in_dims: As in :func:`bayesflow.vmap_call`.
+            chunk_size, fallback, in_dims, randomness: As in :func:`bayesflow.vmap_call`.
 
         Returns:
             The outputs of `fn`, stacked on a leading dim of size `n` if `n` is given.
         """
 
         where = "BayesianModel.forward"
-        k = 1 if n is None else _check_n(where, n)
-        params = _sample(where, self.posterior, k, generator)
-        out = _vmap_call(where, self.base, params, args, fn, chunk_size, fallback, in_dims)
+        k = 1 if n is None else check_n(where, n)
+        params = _posterior.sample(where, self.posterior, k, generator)
+        out = run(
+            where,
+            self.base,
+            params,
+            args,
+            fn=fn,
+            chunk_size=chunk_size,
+            fallback=fallback,
+            in_dims=in_dims,
+            randomness=randomness,
+        )
 
-        return out if n is not None else _map_outputs(where, lambda t: t.squeeze(0), out)
+        return out if n is not None else map_outputs(where, lambda t: t.squeeze(0), out)
 
     def __getattr__(self, name: str) -> Any:
         r"""Looks attributes up in the base model if the wrapper does not have them."""

@@ -10,7 +10,7 @@ import torch
 
 from torch import Tensor
 
-from .posterior import _check_generator
+from ._checks import check_generator, check_int
 
 
 def two_moons(
@@ -42,15 +42,12 @@ def two_moons(
         `(n,)`, both of the default dtype.
     """
 
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"two_moons: expected n to be a positive int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"two_moons: expected n to be a positive int, got {n}")
+    n = check_int("two_moons", "n", n)
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
         raise TypeError(f"two_moons: expected sigma to be a float, got {type(sigma).__name__}")
     if not (math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"two_moons: expected a finite sigma >= 0, got {sigma}")
-    _check_generator("two_moons", generator)
+    check_generator("two_moons", generator)
 
     device = None if generator is None else generator.device
     theta = 2 * math.pi * torch.rand(n, generator=generator, device=device)

@@ -18,8 +18,9 @@ from torch.distributions import (
     Uniform,
 )
 
-from .call import _check_params, loop_call, vmap_call
-from .posterior import _check_generator, _check_module
+from ._checks import check_generator, check_module
+from ._engine import run
+from ._swap import check_params, structure
 
 
 def _gaussian(where: str, d: Distribution) -> tuple[Tensor, Tensor, bool]:
@@ -146,7 +147,7 @@ def flow_sample(
     """
 
     where = "flow_sample"
-    _check_module(where, flow)
+    check_module(where, flow)
     if c is not None and not isinstance(c, Tensor):
         raise TypeError(f"{where}: expected c to be a tensor or None, got {type(c).__name__}")
     if isinstance(shape, int) and not isinstance(shape, bool):
@@ -157,9 +158,9 @@ def flow_sample(
         raise ValueError(
             f"{where}: expected shape to be a sequence of non-negative ints, got {shape!r}"
         )
-    _check_generator(where, generator)
+    check_generator(where, generator)
 
-    n = _check_params(where, flow, params)
+    n = check_params(where, structure(flow), flow, params)
 
     # The shapes, outside vmap: lazy flows build their transforms only when evaluated.
     with torch.no_grad():
@@ -192,16 +193,14 @@ def flow_sample(
         )
 
     in_dims = (None, *(0 for _ in noise))
-    if vectorized:
-        return vmap_call(
-            flow,
-            params,
-            c,
-            *noise,
-            fn=fn,
-            chunk_size=chunk_size,
-            fallback=fallback,
-            in_dims=in_dims,
-        )
-
-    return loop_call(flow, params, c, *noise, fn=fn, in_dims=in_dims)
+    return run(
+        where,
+        flow,
+        params,
+        (c, *noise),
+        fn=fn,
+        chunk_size=chunk_size,
+        fallback=fallback,
+        in_dims=in_dims,
+        vectorized=vectorized,
+    )

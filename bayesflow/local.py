@@ -2,36 +2,42 @@ r"""The local reparameterization trick and Flipout, vectorized over posterior sa
 
 from __future__ import annotations
 
-__all__ = ["linear_layers", "local_call"]
+__all__ = ["local_call", "local_layers"]
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import weakref
+
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from torch import Tensor
+from torch import Size, Tensor
 
-from ._linear import is_linear, linear, mask_of
-from .bayesian import BayesianModel
-from .call import _check_in_dims, _map_outputs
-from .posterior import (
-    Posterior,
-    _check_generator,
-    _check_matches,
-    _check_module,
-    _check_n,
-    _check_posterior,
-    _softclip,
+from . import _posterior
+from ._checks import (
+    check_bool,
+    check_callable,
+    check_generator,
+    check_in_dims,
+    check_module,
+    check_n,
+    check_not_bridge,
+    check_posterior,
 )
+from ._engine import run
+from ._errors import Passthrough
+from ._layers import Moments, Noise, is_local, local_forward, moments
+from ._swap import State, lock, patched, structure
+from ._types import Fn, Posterior
 
 
-def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
-    r"""Returns the linear layers of `module` that :func:`local_call` handles, by name.
+def local_layers(module: nn.Module) -> dict[str, nn.Module]:
+    r"""Returns the layers of `module` that :func:`local_call` samples locally, by name.
 
-    They are the instances of :class:`torch.nn.Linear` and :class:`zuko.nn.Linear`, and of
-    their subclasses that keep their `forward`, such as zuko's `MaskedLinear`.
+    They are the instances of :class:`torch.nn.Linear`, :class:`zuko.nn.Linear` and
+    :class:`torch.nn.Conv1d` / `Conv2d` / `Conv3d`, and of their subclasses that keep
+    their `forward`, such as zuko's `MaskedLinear`.
 
     Arguments:
         module: A module.
@@ -40,150 +46,88 @@ def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
         The layers, keyed by their names in :meth:`torch.nn.Module.named_modules`.
     """
 
-    _check_module("linear_layers", module)
+    check_module("local_layers", module)
 
-    return {name: m for name, m in module.named_modules() if is_linear(m)}
+    return {name: m for name, m in module.named_modules() if is_local(m)}
 
 
 def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-class _Layer:
-    r"""The posterior of one linear layer: means and variances of its weight and bias."""
-
-    def __init__(self, name: str, layer: nn.Module, posterior: Posterior) -> None:
-        p = _prefix(name)
-        mask = mask_of(layer)
-
-        self.name = name
-        self.w_mean, self.w_var, self.w_std = self._moments(
-            p + "weight", layer.weight, posterior, mask
-        )
-        self.b_mean, self.b_var, self.b_std = self._moments(
-            p + "bias", layer.bias, posterior, None
-        )
-
-    @staticmethod
-    def _moments(
-        name: str, own: Tensor | None, posterior: Posterior, mask: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        if name not in posterior.mean:
-            return (own if mask is None else mask * own), None, None
-
-        mean = posterior.mean[name]
-        logvar = _softclip(posterior.logvar[name])
-        var, std = logvar.exp(), logvar.div(2).exp()
-        if mask is not None:  # a 0/1 mask: (A w)^2 = A w^2
-            mean, var, std = mask * mean, mask * var, mask * std
-
-        return mean, var, std
+class _StaleShapes(Passthrough):
+    r"""The layer calls of a vectorized pass differ from those its noise was drawn for."""
 
 
-def _signs(shape: torch.Size, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    r"""Returns independent random signs :math:`\pm 1`."""
+class _Tape(Noise):
+    r"""The noise of :func:`local_call`: one flat draw per sample, laid out by the layer
+    calls that a shape-finding pass recorded, plus one draw shared by all samples."""
 
-    s = torch.randint(0, 2, shape, generator=generator, dtype=like.dtype, device=like.device)
-    return s.mul_(2).sub_(1)
+    def __init__(self, calls: list[tuple[str, Size, Size]] | None = None) -> None:
+        self.recording = calls is None
+        self.calls: list[tuple[str, Size, Size]] = [] if calls is None else calls
+        self.slab: Tensor | None = None
+        self.common: Tensor | None = None
+        self.pos = self.shared_pos = self.index = 0
+
+    def start(self, name: str, x: Tensor, y: Tensor) -> bool:
+        if self.recording:
+            self.calls.append((name, x.shape, y.shape))
+            return False
+        if self.index >= len(self.calls) or self.calls[self.index] != (name, x.shape, y.shape):
+            raise _StaleShapes(name)
+        self.index += 1
+        return True
+
+    def begin(self, slab: Tensor, common: Tensor) -> None:
+        self.slab, self.common = slab, common
+        self.pos = self.shared_pos = self.index = 0
+
+    def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
+        size = shape.numel()
+        e = self.slab[self.pos : self.pos + size]
+        self.pos += size
+        return e.view(shape)
+
+    def shared(self, name: str, shape: Size, like: Tensor) -> Tensor:
+        size = shape.numel()
+        e = self.common[self.shared_pos : self.shared_pos + size]
+        self.shared_pos += size
+        return e.view(shape)
 
 
-def _randn(shape: torch.Size, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+def _sizes(
+    calls: list[tuple[str, Size, Size]], stats: dict[str, Moments], flipout: bool
+) -> tuple[int, int]:
+    r"""Returns how many numbers per sample, and shared, the recorded calls draw."""
+
+    per, shared = 0, 0
+    for name, x, y in calls:
+        m = stats[name]
+        if not flipout:
+            per += y.numel()
+            continue
+        if m.w_std is not None:
+            shared += m.w_std.numel()
+            per += x.numel() + y.numel()
+        if m.b_std is not None:
+            per += m.b_std.numel()
+    return per, shared
 
 
-def _enter(layer: _Layer, n: int, calls: list[str], x: Tensor) -> None:
-    if x.dim() < 2 or x.shape[0] != n:
-        raise ValueError(
-            f"local_call: expected the input of linear layer {layer.name!r} to carry the "
-            f"leading sample dim n = {n}, got shape {tuple(x.shape)}"
-        )
-    calls.append(layer.name)
+# Recorded layer calls, per module and call signature (a few entries each).
+_CALLS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list]] = weakref.WeakKeyDictionary()
 
 
-def _local_forward(
-    layer: _Layer, n: int, generator: torch.Generator | None, calls: list[str]
-) -> Callable[[Tensor], Tensor]:
-    def forward(x: Tensor) -> Tensor:
-        _enter(layer, n, calls, x)
-
-        # An input shared by every sample (an expanded argument): the moments of the
-        # output are computed once, only the noise has the sample dim.
-        shared = x.stride(0) == 0
-        x0 = x[0] if shared else x
-
-        mean = linear(x0, layer.w_mean, layer.b_mean)
-
-        if layer.w_var is None:
-            var = layer.b_var.expand_as(mean)
+def _signature(fn: Any, args: tuple, dims: tuple, flipout: bool) -> tuple:
+    parts = []
+    for a, d in zip(args, dims, strict=True):
+        if isinstance(a, Tensor):
+            shape = tuple(a.shape[1:] if d == 0 else a.shape)
+            parts.append((shape, a.dtype, a.device))
         else:
-            var = linear(x0.square(), layer.w_var, layer.b_var)
-
-        shape = (n, *mean.shape) if shared else mean.shape
-        eps = _randn(shape, mean, generator)
-
-        if layer.b_var is None:
-            # The clamp keeps the gradient of the square root finite where the variance
-            # vanishes (an all-zero input); a Bayesian bias keeps it positive anyway.
-            var = var.clamp_min(torch.finfo(var.dtype).tiny)
-
-        return torch.addcmul(mean, var.sqrt(), eps)
-
-    return forward
-
-
-def _flipout_forward(
-    layer: _Layer, n: int, generator: torch.Generator | None, calls: list[str]
-) -> Callable[[Tensor], Tensor]:
-    def forward(x: Tensor) -> Tensor:
-        _enter(layer, n, calls, x)
-
-        shared = x.stride(0) == 0
-        y = linear(x[0] if shared else x, layer.w_mean, layer.b_mean)
-        if shared:
-            y = y.expand(n, *y.shape)
-
-        if layer.w_var is not None:
-            # One perturbation dW for every sample and example, decorrelated by random
-            # sign flips: W_i = W + dW * (r_i s_i^T) has the law of W for every i.
-            dw = layer.w_std * _randn(layer.w_std.shape, x, generator)
-            s = _signs(x.shape, x, generator)
-            r = _signs(y.shape, y, generator)
-            y = y + linear(x * s, dw) * r
-
-        if layer.b_std is not None:
-            b = layer.b_std
-            shape = (n,) + (1,) * (y.dim() - 1 - b.dim()) + tuple(b.shape)
-            y = y + b * _randn(torch.Size(shape), y, generator)
-
-        return y
-
-    return forward
-
-
-@contextmanager
-def _patched(
-    module: nn.Module, forwards: dict[nn.Module, Callable[[Tensor], Tensor]]
-) -> Iterator[None]:
-    patched: list[tuple[nn.Module, Any]] = []
-    try:
-        for m, forward in forwards.items():
-            patched.append((m, m.__dict__.get("forward")))
-            m.forward = forward
-        yield
-    finally:
-        for m, own in patched:
-            if own is None:
-                del m.forward
-            else:
-                m.forward = own
-
-
-def _check_leading(t: Tensor, n: int) -> None:
-    if t.dim() == 0 or t.shape[0] != n:
-        raise ValueError(
-            f"local_call: expected fn to return tensors with the leading sample dim n = {n}, "
-            f"got shape {tuple(t.shape)}"
-        )
+            parts.append(id(a))
+    return (id(fn), flipout, tuple(parts))
 
 
 def local_call(
@@ -191,20 +135,26 @@ def local_call(
     posterior: Posterior,
     n: int,
     *args: Any,
-    fn: Callable[..., Any] | None = None,
+    fn: Fn | None = None,
     generator: torch.Generator | None = None,
     flipout: bool = False,
     in_dims: Sequence[int | None] | None = None,
+    chunk_size: int | None = None,
+    fallback: bool = True,
+    randomness: str | None = None,
+    vectorized: bool = True,
 ) -> Any:
     r"""Runs `fn(module, *args)` for `n` posterior samples with noise on the outputs of
-    the linear layers rather than on their weights.
+    the linear and convolutional layers rather than on their weights.
 
-    Every Bayesian parameter must be the weight or the bias of a linear layer (see
-    :func:`linear_layers`); the layers are temporarily replaced by stochastic ones and
-    `fn` runs once, with every tensor argument expanded to a leading sample dim `n`
-    (no copy). No weight sample is ever materialized.
+    The Bayesian layers (see :func:`local_layers`) are temporarily replaced by stochastic
+    ones and `fn` runs as in :func:`bayesflow.vmap_call`: every other module sees exactly
+    the per-sample shapes it sees there, and no weight sample is ever materialized. Any
+    other Bayesian parameter (of a normalization layer, a recurrent layer, ...) is
+    sampled whole, as in :func:`bayesflow.vmap_call`.
 
-    With the local reparameterization trick, a layer :math:`y = x W^T + b` returns
+    With the local reparameterization trick, a layer :math:`y = x W^T + b` (or a
+    convolution :math:`y = W * x + b`) returns
 
     .. math:: y = x \mu_W^T + \mu_b + \sqrt{x^2 (\sigma_W^2)^T + \sigma_b^2} \odot \epsilon,
 
@@ -220,6 +170,12 @@ def local_call(
     which makes the gradient estimates of an expected log-likelihood less noisy. A layer
     called twice in one `fn` draws fresh noise each time.
 
+    All the noise is drawn before the vectorized pass, from `generator`, laid out by the
+    layer calls of one shape-finding pass of `fn` (without gradients, buffers restored;
+    remembered for the same `fn` and argument shapes). The same generator state gives the
+    same numbers vectorized or not (`vectorized=False`, the loop oracle), and whatever
+    `chunk_size`.
+
     Example:
         >>> net = zuko.nn.MLP(3, 5)
         >>> q = bayesflow.init(net, init_logvar=-6.0)
@@ -228,28 +184,27 @@ def local_call(
 
     Arguments:
         module: A module.
-        posterior: A posterior over parameters of `module` that all belong to linear
-            layers, e.g. from :func:`bayesflow.init` or :attr:`BayesianModel.posterior`
-            (with `module = bnet.base`).
+        posterior: A posterior over parameters of `module`, e.g. from
+            :func:`bayesflow.init` or :attr:`BayesianModel.posterior` (with
+            `module = bnet.base`).
         n: The number of samples.
         args: The arguments of `fn`, shared by every sample unless `in_dims` says otherwise.
-        fn: What to compute, `fn(module, *args)`; `module(*args)` if :py:`None`. It runs
-            once, on arguments with a leading sample dim, and must return tensors (or
-            tuples, lists or dicts of them) with that leading dim.
+        fn: What to compute, `fn(module, *args)`; `module(*args)` if :py:`None`. It must
+            return tensors (or tuples, lists or dicts of them).
         generator: The source of all the noise; the global one if :py:`None`.
         flipout: Whether to use Flipout instead of the local reparameterization trick.
-        in_dims: One entry per argument: :py:`None` if shared (expanded to the sample
-            dim), `0` if per-sample (already with a leading dim `n`).
+        in_dims, chunk_size, fallback, randomness: As in :func:`bayesflow.vmap_call`.
+        vectorized: Whether to run vectorized or, the oracle, in a loop.
 
     Returns:
         The outputs of `fn`, with a leading dim of size `n`, differentiable with respect
         to `posterior`.
 
     Raises:
-        ValueError: If a Bayesian parameter is not the weight or bias of a linear layer
-            (use :func:`bayesflow.vmap_call` for those), or if `fn` did not call every
-            Bayesian linear layer (a module that reads a layer's weight directly, as
-            :class:`torch.nn.MultiheadAttention` does, would see the mean).
+        ValueError: If `posterior` has no parameter of a linear or convolutional layer, or
+            if `fn` does not call every Bayesian layer (a module that reads a layer's
+            weight directly, as :class:`torch.nn.MultiheadAttention` does, would see the
+            mean: use :func:`bayesflow.vmap_call` for those).
 
     References:
         | Variational Dropout and the Local Reparameterization Trick (Kingma et al., 2015)
@@ -260,65 +215,163 @@ def local_call(
     """  # noqa: E501
 
     where = "local_call"
-    _check_module(where, module)
-    if isinstance(module, BayesianModel):
-        raise TypeError(
-            f"{where}: expected the module the posterior is over, got a BayesianModel; "
-            "pass bnet.base and bnet.posterior"
-        )
-    _check_posterior(where, posterior)
-    _check_n(where, n)
-    if fn is not None and not callable(fn):
-        raise TypeError(f"{where}: expected fn to be callable or None, got {type(fn).__name__}")
-    _check_generator(where, generator)
-    if not isinstance(flipout, bool):
-        raise TypeError(f"{where}: expected flipout to be a bool, got {type(flipout).__name__}")
+    check_module(where, module)
+    check_not_bridge(where, module)
+    check_posterior(where, posterior)
+    n = check_n(where, n)
+    check_callable(where, "fn", fn)
+    check_generator(where, generator)
+    check_bool(where, "flipout", flipout)
+    check_bool(where, "vectorized", vectorized)
+    _posterior.check_matches(where, module, posterior)
+    dims = check_in_dims(where, args, in_dims, n)
 
-    _check_matches(where, module, posterior)
-
-    layers = {}
-    covered = set()
+    layers: dict[str, nn.Module] = {}
+    covered: set[str] = set()
     for name, layer in module.named_modules():
-        if not is_linear(layer):
+        if not is_local(layer):
             continue
         names = {_prefix(name) + "weight", _prefix(name) + "bias"} & posterior.mean.keys()
         if names:
             layers[name] = layer
             covered |= names
-
-    others = [name for name in posterior.mean if name not in covered]
-    if others:
+    if not layers:
         raise ValueError(
-            f"{where}: expected every Bayesian parameter to be the weight or bias of a "
-            f"torch.nn.Linear or zuko.nn.Linear, got {others}; use bayesflow.vmap_call for "
-            "these"
+            f"{where}: expected the posterior to hold the weight or bias of a linear or "
+            f"convolutional layer of {type(module).__name__}, got none; use "
+            "bayesflow.vmap_call"
         )
 
-    dims = _check_in_dims(where, args, in_dims, n)
-    args = tuple(
-        a.expand(n, *a.shape) if d is None and isinstance(a, Tensor) else a
-        for a, d in zip(args, dims, strict=True)
-    )
+    def pair(name: str) -> tuple[Tensor, Tensor] | None:
+        return (posterior.mean[name], posterior.logvar[name]) if name in covered else None
 
-    make = _flipout_forward if flipout else _local_forward
-    calls: list[str] = []
-    forwards = {
-        layer: make(_Layer(name, layer, posterior), n, generator, calls)
+    stats = {
+        name: moments(layer, pair(_prefix(name) + "weight"), pair(_prefix(name) + "bias"))
         for name, layer in layers.items()
     }
+    others = [name for name in posterior.mean if name not in covered]
+    fn = (lambda m, *a: m(*a)) if fn is None else fn
 
-    with _patched(module, forwards):
-        out = module(*args) if fn is None else fn(module, *args)
+    st = structure(module)
+    with lock(st):
+        for attempt in range(2):
+            try:
+                return _local_call(
+                    where,
+                    module,
+                    st,
+                    posterior,
+                    others,
+                    layers,
+                    stats,
+                    n,
+                    args,
+                    dims,
+                    fn,
+                    generator,
+                    flipout,
+                    chunk_size,
+                    fallback,
+                    randomness,
+                    vectorized,
+                    fresh=attempt > 0,
+                )
+            except _StaleShapes:
+                if attempt > 0:
+                    raise RuntimeError(
+                        f"{where}: expected the layers to be called with the same shapes "
+                        "as in the shape-finding pass, got others twice"
+                    ) from None
 
-    _map_outputs(where, lambda t: None, out)
-    skipped = [name for name in layers if name not in calls]
+
+def _local_call(
+    where: str,
+    module: nn.Module,
+    st: Any,
+    posterior: Posterior,
+    others: list[str],
+    layers: dict[str, nn.Module],
+    stats: dict[str, Moments],
+    n: int,
+    args: tuple,
+    dims: tuple,
+    fn: Fn,
+    generator: torch.Generator | None,
+    flipout: bool,
+    chunk_size: int | None,
+    fallback: bool,
+    randomness: str | None,
+    vectorized: bool,
+    fresh: bool,
+) -> Any:
+    cache = _CALLS.setdefault(module, {})
+    key = _signature(fn, args, dims, flipout)
+    calls = None if fresh else cache.get(key)
+
+    if calls is None:
+        # The shape-finding pass: one unbatched call, no gradients, buffers restored.
+        tape = _Tape()
+        forwards = [
+            (m, "forward", local_forward(k, m, stats[k], tape, flipout)) for k, m in layers.items()
+        ]
+        state = State(st)
+        try:
+            with torch.no_grad(), patched(forwards):
+                fn(module, *(a if d is None else a[0] for a, d in zip(args, dims, strict=True)))
+        finally:
+            state.restore()
+        calls = tape.calls
+        if len(cache) >= 8:
+            cache.pop(next(iter(cache)))
+        cache[key] = calls
+
+    skipped = [name for name in layers if all(c[0] != name for c in calls)]
     if skipped:
         # A module that reads a layer's weight without calling the layer (as
         # nn.MultiheadAttention does with `out_proj`) would silently see the mean.
         raise ValueError(
-            f"{where}: expected fn to call every Bayesian linear layer of "
-            f"{type(module).__name__}, got {skipped} never called; use bayesflow.vmap_call"
+            f"{where}: expected fn to call every Bayesian layer of {type(module).__name__}, "
+            f"got {skipped} never called; use bayesflow.vmap_call"
         )
-    _map_outputs(where, lambda t: _check_leading(t, n), out)
 
-    return out
+    per, shared = _sizes(calls, stats, flipout)
+    like = next(iter(posterior.mean.values()))
+    # All the noise in two draws: the per-sample slab first, then the shared perturbations.
+    slab = torch.randn(n, per, generator=generator, dtype=like.dtype, device=like.device)
+    common = torch.randn(shared, generator=generator, dtype=like.dtype, device=like.device)
+    params = (
+        _posterior.sample(
+            where,
+            Posterior(
+                {k: posterior.mean[k] for k in others}, {k: posterior.logvar[k] for k in others}
+            ),
+            n,
+            generator,
+        )
+        if others
+        else {}
+    )
+
+    tape = _Tape(calls)
+    forwards = [
+        (m, "forward", local_forward(k, m, stats[k], tape, flipout)) for k, m in layers.items()
+    ]
+
+    def local_fn(m: nn.Module, s: Tensor, *a: Any) -> Any:
+        tape.begin(s, common)
+        return fn(m, *a)
+
+    with patched(forwards):
+        return run(
+            where,
+            module,
+            params,
+            (slab, *args),
+            fn=local_fn,
+            chunk_size=chunk_size,
+            fallback=fallback,
+            in_dims=(0, *dims),
+            randomness=randomness,
+            vectorized=vectorized,
+            n=n,
+        )

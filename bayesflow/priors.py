@@ -14,16 +14,10 @@ import torch.nn as nn
 
 from torch import Tensor
 
-from .posterior import (
-    Posterior,
-    _check_generator,
-    _check_module,
-    _check_n,
-    _check_posterior,
-    _kl_divergence,
-    _sample,
-    _softclip,
-)
+from . import _posterior
+from ._checks import check_generator, check_module, check_n, check_posterior
+from ._numerics import gaussian_kl, softclip
+from ._types import Posterior
 
 Value = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]  # noqa: UP007
 
@@ -55,7 +49,7 @@ def _entropy(posterior: Posterior) -> Tensor:
 
     h = 0.0
     for lv in posterior.logvar.values():
-        h = h + 0.5 * (_softclip(lv) + LOG_2PI + 1.0).sum()
+        h = h + 0.5 * (softclip(lv) + LOG_2PI + 1.0).sum()
     return torch.as_tensor(h)
 
 
@@ -115,12 +109,12 @@ class Prior:
         generator: torch.Generator | None,
         n: int | None,
     ) -> Tensor:
-        _check_posterior(where, posterior)
-        _check_generator(where, generator)
-        n = 1 if n is None else _check_n(where, n)
+        check_posterior(where, posterior)
+        check_generator(where, generator)
+        n = 1 if n is None else check_n(where, n)
         self._check_names(where, posterior)
 
-        params = _sample(where, posterior, n, generator)
+        params = _posterior.sample(where, posterior, n, generator)
 
         return -_entropy(posterior) - self.log_prob(params).mean()
 
@@ -186,7 +180,7 @@ class GaussianPrior(Prior):
             | Bayes (Krishnan et al., 2020) https://arxiv.org/abs/1906.05323
         """
 
-        _check_module("GaussianPrior.from_module", module)
+        check_module("GaussianPrior.from_module", module)
         mean = {name: p.detach().clone() for name, p in module.named_parameters()}
 
         return cls(mean=mean, var=var)
@@ -257,18 +251,15 @@ class GaussianPrior(Prior):
         if n is not None:
             return self._kl_mc(where, posterior, generator, n)
 
-        _check_posterior(where, posterior)
-        _check_generator(where, generator)
+        check_posterior(where, posterior)
+        check_generator(where, generator)
         self._check_names(where, posterior)
 
         kl = 0.0
         for name, mu in posterior.mean.items():
-            logvar = _softclip(posterior.logvar[name])
             m = _lookup(self.mean, name, mu)
             s2 = _lookup(self.var, name, mu)
-            log_s2 = torch.log(s2) if isinstance(s2, Tensor) else math.log(s2)
-            x = 0.5 * ((logvar.exp() + (mu - m).square()) / s2 + log_s2 - logvar - 1.0)
-            kl = kl + x.expand_as(mu).sum()
+            kl = kl + gaussian_kl(mu, posterior.logvar[name], m, s2)
 
         return torch.as_tensor(kl)
 
@@ -351,7 +342,9 @@ def prior_kl(
     if prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool)):
         if n is not None:
             return GaussianPrior(0.0, 1.0 if prior is None else prior).kl(posterior, generator, n)
-        return _kl_divergence("prior_kl", posterior, 1.0 if prior is None else float(prior))
+        return _posterior.kl_divergence(
+            "prior_kl", posterior, 1.0 if prior is None else float(prior)
+        )
     if not isinstance(prior, Prior):
         raise TypeError(
             f"prior_kl: expected prior to be a bayesflow.priors.Prior, a float variance or "

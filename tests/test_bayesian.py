@@ -11,6 +11,7 @@ import zuko.bayesian
 
 import bayesflow as bf
 import bayesflow._compat
+import bayesflow._swap
 
 from .helpers import log_prob, snapshot, unchanged
 
@@ -259,12 +260,12 @@ def test_attribute_pass_through_save_load_and_repr():
     assert "(means): ParameterDict(" in text and "(base): NSF(" in text
 
 
-def test_swap_parameters_restores_on_error():
+def test_swap_restores_on_error():
     net = nn.Linear(2, 2)
     weight = net.weight
     new = {"weight": torch.zeros(2, 2)}
 
-    with pytest.raises(KeyError), bayesflow._compat.swap_parameters(net, new):
+    with pytest.raises(KeyError), bayesflow._swap.swapped(bayesflow._swap.structure(net), new):
         assert torch.equal(net.weight, torch.zeros(2, 2))
         raise KeyError("boom")
 

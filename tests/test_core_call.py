@@ -184,20 +184,6 @@ def test_broken_fn_raises_its_own_error_without_a_warning():
         bf.vmap_call(module, params, torch.randn(5, 2))
 
 
-def test_batch_norm():
-    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    params = bf.sample(bf.init(module, -3.0, include=["0"]), N)
-    x = torch.randn(8, 3)
-
-    with pytest.raises(RuntimeError, match="BatchNorm updates its running statistics"):
-        bf.vmap_call(module, params, x, fallback=False)
-
-    module.eval()
-    y = bf.vmap_call(module, params, x, fallback=False)
-    assert torch.allclose(y, bf.loop_call(module, params, x), atol=1e-10)
-    assert not torch.allclose(y[0], module(x), atol=1e-6)
-
-
 def test_distributions_must_be_reduced_inside_fn():
     flow = zuko.flows.MAF(2, 1)
     params = bf.sample(bf.init(flow), N)

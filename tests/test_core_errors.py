@@ -61,7 +61,7 @@ CASES = [
         "init-globs-type",
         lambda: bf.init(net_, include=3),
         TypeError,
-        r"init: expected a sequence of glob patterns",
+        r"init: expected include to be a sequence of glob patterns",
     ),
     (
         "init-empty",
@@ -156,7 +156,7 @@ CASES = [
         "kl-type",
         lambda: bf.kl_divergence(q_, "1"),
         TypeError,
-        r"kl_divergence: expected prior_var to be a float, got str",
+        r"kl_divergence: expected prior_var to be a number, got str",
     ),
     (
         "vmap-not-module",

@@ -7,7 +7,7 @@ import zuko
 
 import bayesflow as bf
 
-from bayesflow.local import linear_layers
+from bayesflow.local import local_layers
 
 
 @pytest.fixture(autouse=True)
@@ -193,11 +193,11 @@ def test_bayesian_model():
     assert all(p.grad is not None for p in bnet.logvars.values())
 
 
-def test_linear_layers():
+def test_local_layers():
     net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), zuko.nn.MaskedMLP(_adjacency().T))
-    assert list(linear_layers(net)) == ["0", "2.0", "2.2", "2.4"]
-    with pytest.raises(TypeError, match=r"linear_layers: expected a torch.nn.Module"):
-        linear_layers("net")
+    assert list(local_layers(net)) == ["0", "2.0", "2.2", "2.4"]
+    with pytest.raises(TypeError, match=r"local_layers: expected a torch.nn.Module"):
+        local_layers("net")
 
 
 def test_errors():
@@ -205,9 +205,9 @@ def test_errors():
     q = bf.init(net)
     x = torch.randn(5, 3)
 
-    conv = nn.Sequential(nn.Conv1d(1, 1, 3), nn.Flatten(), nn.Linear(2, 1))
-    with pytest.raises(ValueError, match=r"local_call: expected every Bayesian parameter.*0\."):
-        bf.local_call(conv, bf.init(conv), 2, torch.randn(4, 1, 4))
+    normed = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    with pytest.raises(ValueError, match=r"local_call: expected the posterior to hold the weight"):
+        bf.local_call(normed, bf.init(normed, include=["1"]), 2, x)
     with pytest.raises(ValueError, match="local_call: expected n"):
         bf.local_call(net, q, 0, x)
     with pytest.raises(TypeError, match="local_call: expected n"):
@@ -229,13 +229,11 @@ def test_errors():
         bf.local_call(zuko.nn.MLP(3, 2, hidden_features=(4,)), q, 2, x)
     with pytest.raises(
         ValueError,
-        match=r"local_call: expected fn to call every Bayesian linear layer of MLP, got \['0', '2'\] never called",
+        match=r"local_call: expected fn to call every Bayesian layer of MLP, got \['0', '2'\] never called",
     ):
         bf.local_call(net, q, 2, x, fn=lambda m, x: x)
-    with pytest.raises(ValueError, match="local_call: expected fn to return tensors with"):
-        bf.local_call(net, q, 2, x, fn=lambda m, x: m(x).sum(0))
-    with pytest.raises(ValueError, match="local_call: expected the input of linear layer '0'"):
-        bf.local_call(net, q, 2, x, fn=lambda m, x: m(x[0]))
+    with pytest.raises(TypeError, match="local_call: expected fn to return tensors"):
+        bf.local_call(net, q, 2, x, fn=lambda m, x: (m(x), "text"))
     with pytest.raises(ValueError, match="local_call: expected in_dims"):
         bf.local_call(net, q, 2, x, in_dims=[0, None])
     # the layers are restored after an error
@@ -254,7 +252,7 @@ def test_layers_that_are_not_called_or_not_plain_are_refused():
     module = ReadsWeight()
     with pytest.raises(
         ValueError,
-        match=r"local_call: expected fn to call every Bayesian linear layer of ReadsWeight, got \['b'\] never called",
+        match=r"local_call: expected fn to call every Bayesian layer of ReadsWeight, got \['b'\] never called",
     ):
         bf.local_call(module, bf.init(module), 2, torch.randn(4, 3))
 
@@ -263,8 +261,6 @@ def test_layers_that_are_not_called_or_not_plain_are_refused():
             return 2 * super().forward(x)
 
     net = torch.nn.Sequential(Scaled(3, 2))
-    assert bf.local.linear_layers(net) == {}
-    with pytest.raises(
-        ValueError, match=r"local_call: expected every Bayesian parameter to be the weight or bias"
-    ):
+    assert bf.local.local_layers(net) == {}
+    with pytest.raises(ValueError, match=r"local_call: expected the posterior to hold the weight"):
         bf.local_call(net, bf.init(net), 2, torch.randn(4, 3))

@@ -233,7 +233,10 @@ def test_errors(objective):
 
     with pytest.raises(TypeError, match=f"{name}: expected fn to be a callable"):
         call(fn=None)
-    with pytest.raises(TypeError, match=f"{name}: missing|required keyword"):
+    with pytest.raises(
+        TypeError,
+        match=f"{name}(: |\\(\\) )(missing|required keyword|expected the keyword arguments fn and num_data)",
+    ):
         objective(net, q, x, y, num_data=10)
     with pytest.raises(ValueError, match=f"{name}: expected a finite num_data > 0"):
         call(num_data=0)

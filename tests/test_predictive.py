@@ -450,7 +450,7 @@ BAD = {
     "std-correction": (
         lambda: bf.predictive_std(X, correction=-1),
         ValueError,
-        "predictive_std: expected a correction",
+        "predictive_std: expected correction to be an int >= 0",
     ),
     "quantile-range": (
         lambda: bf.predictive_quantiles(X, [0.5, 1.5]),
@@ -545,12 +545,12 @@ BAD = {
     "ece-bins": (
         lambda: bf.expected_calibration_error(P, L, bins=0),
         ValueError,
-        "expected_calibration_error: expected bins >= 1",
+        "expected_calibration_error: expected bins to be a positive int, got 0",
     ),
     "ece-bins-type": (
         lambda: bf.expected_calibration_error(P, L, bins=2.0),
         TypeError,
-        "expected_calibration_error: expected bins to be an int",
+        "expected_calibration_error: expected bins to be a positive int, got float",
     ),
     "ece-sum": (
         lambda: bf.expected_calibration_error(P + 0.1, L),

@@ -1,0 +1,280 @@
+r"""Input checks at the public boundary: every message names the function, what it
+expected and what it got."""
+
+from __future__ import annotations
+
+__all__ = [
+    "check_bool",
+    "check_callable",
+    "check_float",
+    "check_generator",
+    "check_in_dims",
+    "check_int",
+    "check_labels",
+    "check_level",
+    "check_module",
+    "check_n",
+    "check_not_bridge",
+    "check_number",
+    "check_posterior",
+    "check_probs",
+    "check_randomness",
+    "check_same_shape",
+    "check_samples",
+    "check_tensor",
+    "describe",
+    "reduce",
+]
+
+import math
+import numbers
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torch import Tensor
+
+from ._types import Posterior
+
+RANDOMNESS = ("error", "different", "same")
+
+
+def check_module(where: str, module: object) -> nn.Module:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{where}: expected a torch.nn.Module, got {type(module).__name__}")
+    return module
+
+
+def check_not_bridge(where: str, module: nn.Module) -> None:
+    if getattr(type(module), "_bayesflow_bridge", False):
+        raise TypeError(
+            f"{where}: expected the module the posterior is over, got a BayesianModel; "
+            "pass bnet.base and bnet.posterior"
+        )
+
+
+def check_callable(where: str, what: str, fn: object, optional: bool = True) -> None:
+    if (fn is None and optional) or callable(fn):
+        return
+    also = " or None" if optional else ""
+    raise TypeError(f"{where}: expected {what} to be callable{also}, got {type(fn).__name__}")
+
+
+def check_int(
+    where: str, what: str, value: object, minimum: int = 1, or_none: bool = False
+) -> int:
+    r"""Returns `value` as an int: Python and NumPy integers are accepted, bools are not."""
+
+    kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    kind += " or None" if or_none else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{where}: expected {what} to be {kind}, got {type(value).__name__} {value!r}"
+        )
+    if value < minimum:
+        raise ValueError(f"{where}: expected {what} to be {kind}, got {value}")
+    return int(value)
+
+
+def check_n(where: str, n: object) -> int:
+    return check_int(where, "n", n)
+
+
+def check_number(where: str, what: str, value: object, low: float, strict: bool) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.detach().item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: expected {what} to be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        op = ">" if strict else ">="
+        raise ValueError(f"{where}: expected a finite {what} {op} {low:g}, got {value}")
+    return value
+
+
+def check_bool(where: str, what: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: expected {what} to be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_generator(where: str, generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{where}: expected generator to be a torch.Generator or None, "
+            f"got {type(generator).__name__}"
+        )
+
+
+def check_randomness(where: str, randomness: object) -> str | None:
+    if randomness is None or (isinstance(randomness, str) and randomness in RANDOMNESS):
+        return randomness
+    raise ValueError(
+        f"{where}: expected randomness to be None, 'error', 'different' or 'same', "
+        f"got {randomness!r}"
+    )
+
+
+def check_posterior(where: str, posterior: object) -> Posterior:
+    if not isinstance(posterior, Posterior):
+        raise TypeError(f"{where}: expected a bayesflow.Posterior, got {type(posterior).__name__}")
+    for field in ("mean", "logvar"):
+        value = getattr(posterior, field)
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                f"{where}: expected posterior.{field} to be a dict from parameter names to "
+                f"tensors, got {type(value).__name__}"
+            )
+    if posterior.mean.keys() != posterior.logvar.keys():
+        raise ValueError(
+            f"{where}: expected mean and logvar with the same names, got "
+            f"{sorted(posterior.mean)} and {sorted(posterior.logvar)}"
+        )
+    for name, m in posterior.mean.items():
+        lv = posterior.logvar[name]
+        for field, t in (("mean", m), ("logvar", lv)):
+            if not isinstance(t, Tensor):
+                raise TypeError(
+                    f"{where}: expected posterior.{field}[{name!r}] to be a tensor, "
+                    f"got {type(t).__name__}"
+                )
+        if m.shape != lv.shape:
+            raise ValueError(
+                f"{where}: expected mean and logvar of {name!r} with the same shape, "
+                f"got {tuple(m.shape)} and {tuple(lv.shape)}"
+            )
+    return posterior
+
+
+def check_in_dims(
+    where: str, args: tuple, in_dims: Sequence[int | None] | None, n: int
+) -> tuple[int | None, ...]:
+    if in_dims is None:
+        return (None,) * len(args)
+    if (
+        isinstance(in_dims, (str, Tensor))
+        or not isinstance(in_dims, Sequence)
+        or len(in_dims) != len(args)
+    ):
+        raise ValueError(
+            f"{where}: expected in_dims with one entry (0 or None) per argument, "
+            f"{len(args)} in all, got {in_dims!r}"
+        )
+
+    dims: list[int | None] = []
+    for i, (a, d) in enumerate(zip(args, in_dims, strict=True)):
+        if d is None:
+            dims.append(None)
+            continue
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d != 0:
+            raise ValueError(f"{where}: expected in_dims[{i}] to be 0 or None, got {d!r}")
+        if not isinstance(a, Tensor) or a.dim() == 0 or a.shape[0] != n:
+            shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+            raise ValueError(
+                f"{where}: expected argument {i} to be per-sample with leading dim n = {n}, "
+                f"got {shape}"
+            )
+        dims.append(0)
+
+    return tuple(dims)
+
+
+def describe(t: Any) -> str:
+    r"""Returns the dtype and device of a tensor, as messages show them."""
+
+    return f"{t.dtype} on {t.device}"
+
+
+# Tensors of predictions, probabilities and labels.
+
+
+def check_tensor(where: str, name: str, x: object, min_dim: int = 1) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: expected {name} to be a tensor, got {type(x).__name__}")
+    if x.dim() < min_dim:
+        raise ValueError(
+            f"{where}: expected {name} with at least {min_dim} dims, got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def check_float(where: str, name: str, x: Tensor) -> Tensor:
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: expected {name} to be a floating-point tensor, got {x.dtype}")
+    return x
+
+
+def check_samples(where: str, samples: object, name: str = "samples", min_dim: int = 1) -> Tensor:
+    x = check_tensor(where, name, samples, min_dim)
+    check_float(where, name, x)
+    if x.shape[0] < 1:
+        raise ValueError(
+            f"{where}: expected {name} with at least one sample on dim 0, got shape "
+            f"{tuple(x.shape)}"
+        )
+    return x
+
+
+def check_labels(where: str, labels: object, shape: torch.Size, classes: int) -> Tensor:
+    y = check_tensor(where, "labels", labels, min_dim=0)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{where}: expected integer labels, got {y.dtype}")
+    if y.shape != shape:
+        raise ValueError(f"{where}: expected labels of shape {tuple(shape)}, got {tuple(y.shape)}")
+    if y.numel() > 0 and (y.min() < 0 or y.max() >= classes):
+        raise ValueError(
+            f"{where}: expected labels in [0, {classes - 1}], got values in "
+            f"[{int(y.min())}, {int(y.max())}]"
+        )
+    return y
+
+
+def check_probs(where: str, probs: object) -> Tensor:
+    p = check_tensor(where, "probs", probs, min_dim=1)
+    check_float(where, "probs", p)
+    if p.shape[-1] < 1:
+        raise ValueError(f"{where}: expected at least one class on the last dim, got none")
+    if p.numel() == 0:
+        return p
+
+    tol = math.sqrt(torch.finfo(p.dtype).eps) * max(1, p.shape[-1])
+    if not ((p >= 0).all() and (p <= 1).all()):
+        raise ValueError(
+            f"{where}: expected probabilities in [0, 1], got values in "
+            f"[{float(p.min())}, {float(p.max())}]"
+        )
+    error = (p.sum(dim=-1) - 1).abs().max()
+    if error > tol:
+        raise ValueError(
+            f"{where}: expected probabilities that sum to 1 on the last dim, got sums off by "
+            f"up to {float(error):.3g}"
+        )
+    return p
+
+
+def check_level(where: str, level: object) -> float:
+    if isinstance(level, bool) or not isinstance(level, (int, float)):
+        raise TypeError(f"{where}: expected level to be a float, got {type(level).__name__}")
+    if not 0 < level < 1:
+        raise ValueError(f"{where}: expected level in (0, 1), got {level}")
+    return float(level)
+
+
+def check_same_shape(where: str, **tensors: Tensor) -> None:
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        got = ", ".join(f"{k} {s}" for k, s in shapes.items())
+        raise ValueError(f"{where}: expected tensors of the same shape, got {got}")
+
+
+def reduce(where: str, x: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return x.mean()
+    if reduction == "sum":
+        return x.sum()
+    if reduction == "none":
+        return x
+    raise ValueError(f"{where}: expected reduction 'mean', 'sum' or 'none', got {reduction!r}")

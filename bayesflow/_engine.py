@@ -1,0 +1,218 @@
+r"""The engine behind every call over posterior samples: checks, the swap, the vectorized
+pass with its stand-ins and batched state, the loop, and the fallback between them."""
+
+from __future__ import annotations
+
+__all__ = ["VmapFallbackWarning", "check_chunk_size", "run"]
+
+import warnings
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torch import Tensor
+from torch.func import vmap
+
+from . import _torch_layers
+from ._checks import (
+    check_callable,
+    check_in_dims,
+    check_int,
+    check_module,
+    check_randomness,
+)
+from ._errors import Passthrough
+from ._outputs import flatten, map_outputs, stack, unflatten
+from ._swap import State, Structure, check_params, lock, structure, swapped
+from ._vmap_safe import vmap_safe
+
+Fn = Callable[..., Any]
+
+
+class VmapFallbackWarning(UserWarning):
+    r"""Warned when :func:`bayesflow.vmap_call` cannot vectorize a call and runs a loop."""
+
+
+def _default_fn(module: nn.Module, *args: Any) -> Any:
+    return module(*args)
+
+
+def check_chunk_size(where: str, chunk_size: object) -> int | None:
+    if chunk_size is None:
+        return None
+    return check_int(where, "chunk_size", chunk_size, or_none=True)
+
+
+def _index(args: tuple, dims: tuple, i: int) -> tuple:
+    return tuple(a if d is None else a[i] for a, d in zip(args, dims, strict=True))
+
+
+def _loop(
+    where: str,
+    st: Structure,
+    module: nn.Module,
+    fn: Fn,
+    params: Mapping[str, Tensor],
+    n: int,
+    args: tuple,
+    dims: tuple,
+    randomness: str | None,
+    state: State | None = None,
+) -> Any:
+    state = State(st) if state is None else state
+    rng = torch.random.get_rng_state() if randomness == "same" else None
+    outs = []
+    try:
+        for i in range(n):
+            if rng is not None:
+                torch.random.set_rng_state(rng)
+            with swapped(st, {k: v[i] for k, v in params.items()}, state.fresh()):
+                out = fn(module, *_index(args, dims, i))
+                held = state.current()
+            map_outputs(where, lambda t: None, out)
+            outs.append(out)
+            state.collect(held)
+    except BaseException:
+        state.restore()
+        raise
+    state.finish()
+
+    return stack(outs)
+
+
+def _single(
+    where: str,
+    st: Structure,
+    module: nn.Module,
+    fn: Fn,
+    params: Mapping[str, Tensor],
+    args: tuple,
+    dims: tuple,
+) -> Any:
+    state = State(st) if st.buffers else None
+    try:
+        with swapped(st, {k: v[0] for k, v in params.items()}):
+            out = fn(module, *_index(args, dims, 0))
+    except BaseException:
+        if state is not None:
+            state.restore()
+        raise
+    return map_outputs(where, lambda t: t.unsqueeze(0), out)
+
+
+def _batched_buffers(st: Structure, module: nn.Module, n: int) -> dict[str, Tensor]:
+    r"""Per-sample copies `(n, *shape)` of the buffers that a vectorized call updates."""
+
+    buffers = {}
+    for name in _torch_layers.updated_buffers(st, module):
+        t = st.buffers[name]
+        buffers[name] = t.detach().unsqueeze(0).repeat(n, *(1,) * t.dim())
+    return buffers
+
+
+def _vectorized(
+    where: str,
+    st: Structure,
+    module: nn.Module,
+    fn: Fn,
+    params: Mapping[str, Tensor],
+    n: int,
+    args: tuple,
+    dims: tuple,
+    chunk_size: int | None,
+    randomness: str | None,
+    state: State,
+) -> Any:
+    buffers = _batched_buffers(st, module, n)
+    spec: list[Any] = []
+
+    def single(p: dict[str, Tensor], b: dict[str, Tensor], *a: Any) -> tuple[Tensor, ...]:
+        with swapped(st, p, b):
+            out = fn(module, *a)
+        leaves, s = flatten(where, out)
+        spec[:] = [s]
+        return leaves
+
+    with ExitStack() as stack_:
+        stack_.enter_context(vmap_safe(st))
+        stack_.enter_context(_torch_layers.vectorized(st, module))
+        leaves = vmap(
+            single,
+            in_dims=(0, 0, *dims),
+            chunk_size=chunk_size,
+            randomness=randomness or "error",
+        )(dict(params), buffers, *args)
+
+    for name, stacked in buffers.items():
+        state.set_averaged(name, stacked)
+
+    return unflatten(spec[0], leaves)
+
+
+def _cause(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def run(
+    where: str,
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    args: tuple,
+    fn: Fn | None = None,
+    chunk_size: int | None = None,
+    fallback: bool = True,
+    in_dims: Sequence[int | None] | None = None,
+    randomness: str | None = None,
+    vectorized: bool = True,
+    n: int | None = None,
+) -> Any:
+    r"""Runs `fn(module, *args)` for every parameter set, vectorized or looped.
+
+    With `n`, `params` may be empty (every sample shares the module's own parameters).
+    """
+
+    check_module(where, module)
+    check_callable(where, "fn", fn)
+    st = structure(module)
+    if n is None or params:
+        n = check_params(where, st, module, params)
+    dims = check_in_dims(where, args, in_dims, n)
+    chunk_size = check_chunk_size(where, chunk_size)
+    randomness = check_randomness(where, randomness)
+    fn = _default_fn if fn is None else fn
+
+    with lock(st):
+        if not vectorized:
+            return _loop(where, st, module, fn, params, n, args, dims, randomness)
+        if n == 1:  # a plain call costs less than vmap's fixed overhead
+            return _single(where, st, module, fn, params, args, dims)
+
+        state = State(st)
+        try:
+            return _vectorized(
+                where, st, module, fn, params, n, args, dims, chunk_size, randomness, state
+            )
+        except Passthrough:
+            state.restore()
+            raise
+        except Exception as err:
+            state.restore()
+            message = (
+                f"{where}: vmap cannot run {type(module).__name__} ({_cause(err)})"
+                f"{_torch_layers.hint(st, module, err)}"
+            )
+            if not fallback:
+                raise RuntimeError(message) from err
+
+        # A broken `fn` raises its own error here, rather than a warning about vmap.
+        out = _loop(where, st, module, fn, params, n, args, dims, randomness, state)
+
+    warnings.warn(
+        f"{message}; fell back to a loop over {n} samples", VmapFallbackWarning, stacklevel=3
+    )
+    return out

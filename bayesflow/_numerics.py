@@ -1,0 +1,71 @@
+r"""The numerics of the mean-field Gaussian, written once: variances, KL, log-mean-exp."""
+
+from __future__ import annotations
+
+__all__ = ["LOGVAR_BOUND", "gaussian_kl", "log_mean_exp", "softclip", "std", "var"]
+
+import math
+
+import torch
+
+from torch import Tensor
+
+LOGVAR_BOUND = 18.0
+
+
+def softclip(x: Tensor, bound: float = LOGVAR_BOUND) -> Tensor:
+    r"""Returns :math:`x / \sqrt{1 + (x / b)^2}`, zuko's bound on log-variances."""
+
+    return x * (1 + (x / bound).square()).rsqrt()
+
+
+def var(logvar: Tensor) -> Tensor:
+    r"""Returns the variance :math:`\sigma^2 = \exp(\mathrm{softclip}(\log \sigma^2))`."""
+
+    return softclip(logvar).exp()
+
+
+def std(logvar: Tensor) -> Tensor:
+    r"""Returns :math:`\sigma = \exp(\mathrm{softclip}(\log \sigma^2) / 2)`."""
+
+    return softclip(logvar).div(2).exp()
+
+
+def _accumulator(t: Tensor) -> torch.dtype:
+    # Sums of many small terms overflow or lose everything in half precision.
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def gaussian_kl(
+    mean: Tensor,
+    logvar: Tensor,
+    prior_mean: Tensor | float = 0.0,
+    prior_var: Tensor | float = 1.0,
+) -> Tensor:
+    r"""Returns :math:`\mathrm{KL}(\mathcal{N}(\mu, \sigma^2) \,\|\, \mathcal{N}(m, s^2))`
+    summed over every element, in at least float32,
+
+    .. math:: \frac{1}{2} \sum \left( \frac{\sigma^2 + (\mu - m)^2}{s^2}
+        + \log s^2 - \log \sigma^2 - 1 \right).
+    """
+
+    acc = _accumulator(mean)
+    mean, logvar = mean.to(acc), softclip(logvar.to(acc))
+    if isinstance(prior_var, Tensor):
+        prior_var = prior_var.to(acc)
+        log_prior_var = prior_var.log()
+    else:
+        log_prior_var = math.log(prior_var)
+    if isinstance(prior_mean, Tensor):
+        prior_mean = prior_mean.to(acc)
+
+    diff = mean if isinstance(prior_mean, float) and prior_mean == 0.0 else mean - prior_mean
+    kl = 0.5 * ((logvar.exp() + diff.square()) / prior_var + log_prior_var - logvar - 1.0)
+
+    return kl.expand_as(mean).sum()
+
+
+def log_mean_exp(x: Tensor, dim: int = 0) -> Tensor:
+    r"""Returns :math:`\log \frac{1}{K} \sum_k e^{x_k}` over `dim`, in log-space."""
+
+    return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])

@@ -1,0 +1,247 @@
+r"""The mean-field posterior's machinery, shared by the functional API and the bridge:
+glob selection, initialization, sampling, the KL divergence and the mean model. Every
+function takes the name of the public caller for its error messages."""
+
+from __future__ import annotations
+
+__all__ = ["init", "kl_divergence", "mean_model", "sample", "select"]
+
+import copy
+import re
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from torch import Tensor
+
+from ._checks import (
+    check_generator,
+    check_module,
+    check_n,
+    check_number,
+    check_posterior,
+    describe,
+)
+from ._numerics import gaussian_kl, softclip
+from ._types import Posterior
+
+InitLogvar = float | Mapping[str, float | Tensor] | Callable[[str, Tensor], float | Tensor]
+
+
+def _compile(where: str, pattern: object) -> re.Pattern:
+    if not isinstance(pattern, str):
+        raise TypeError(f"{where}: expected glob patterns as strings, got {pattern!r}")
+    if pattern == "":
+        return re.compile(r".*")
+
+    parts = []
+    for segment in pattern.split("."):
+        if segment == "**":
+            parts.append(r"[^.]+(?:\.[^.]+)*")
+        elif re.fullmatch(r"(?:\w|\*(?!\*))+", segment):
+            parts.append("[^.]*".join(re.escape(s) for s in segment.split("*")))
+        else:
+            raise ValueError(
+                f"{where}: malformed glob pattern {pattern!r}: expected dot-separated segments "
+                "of letters, digits, '_' and '*', or a lone '**'"
+            )
+
+    return re.compile(r"\.".join(parts) + r"(?:\..*)?")
+
+
+def _patterns(where: str, what: str, globs: object) -> tuple[tuple[str, ...], list[re.Pattern]]:
+    if isinstance(globs, str):
+        globs = (globs,)
+    if not isinstance(globs, Sequence):
+        raise TypeError(
+            f"{where}: expected {what} to be a sequence of glob patterns, got {globs!r}"
+        )
+    globs = tuple(globs)
+    return globs, [_compile(where, g) for g in globs]
+
+
+def _picks(inc: list[re.Pattern], exc: list[re.Pattern], name: str) -> bool:
+    return any(p.fullmatch(name) for p in inc) and not any(p.fullmatch(name) for p in exc)
+
+
+def select(
+    where: str, module: object, include: Sequence[str], exclude: Sequence[str]
+) -> list[str]:
+    check_module(where, module)
+    _, inc = _patterns(where, "include", include)
+    _, exc = _patterns(where, "exclude", exclude)
+
+    return [name for name, _ in module.named_parameters() if _picks(inc, exc, name)]
+
+
+def _tied(module: nn.Module, inc: list[re.Pattern], exc: list[re.Pattern]) -> dict[str, str]:
+    r"""Returns the tied names (second and later names of one Parameter) a selection picks,
+    with the name `named_parameters()` gives their Parameter."""
+
+    first: dict[int, str] = {}
+    tied = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        canonical = first.setdefault(id(p), name)
+        if canonical != name and _picks(inc, exc, name):
+            tied[name] = canonical
+    return tied
+
+
+def _logvar_value(where: str, name: str, value: object, like: Tensor) -> Tensor:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(
+            f"{where}: expected init_logvar for {name!r} to be a float or a tensor, "
+            f"got {type(value).__name__}"
+        )
+
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{where}: expected a finite init_logvar for {name!r}, got {value}")
+
+    try:
+        return torch.broadcast_to(value, like.shape).clone()
+    except RuntimeError:
+        raise ValueError(
+            f"{where}: expected init_logvar for {name!r} to broadcast to "
+            f"{tuple(like.shape)}, got shape {tuple(value.shape)}"
+        ) from None
+
+
+def init(
+    where: str,
+    module: object,
+    init_logvar: InitLogvar,
+    include: Sequence[str],
+    exclude: Sequence[str],
+) -> Posterior:
+    check_module(where, module)
+    inc_globs, inc = _patterns(where, "include", include)
+    exc_globs, exc = _patterns(where, "exclude", exclude)
+    params = dict(module.named_parameters())
+    names = [name for name in params if _picks(inc, exc, name)]
+
+    if not names:
+        tied = _tied(module, inc, exc)
+        if tied:
+            pairs = ", ".join(f"{k!r} is tied to {v!r}" for k, v in tied.items())
+            raise ValueError(
+                f"{where}: expected include={inc_globs!r} and exclude={exc_globs!r} to pick "
+                f"a parameter of {type(module).__name__} by its named_parameters() name, got "
+                f"only tied names ({pairs}: the same Parameter); pick those names instead"
+            )
+        raise ValueError(
+            f"{where}: expected include={inc_globs!r} and exclude={exc_globs!r} to pick at "
+            f"least one parameter of {type(module).__name__}, got none"
+        )
+
+    for name in names:
+        p = params[name]
+        if not p.is_floating_point():
+            raise TypeError(
+                f"{where}: expected real floating-point parameters, got {name!r} of dtype "
+                f"{p.dtype}; a mean-field Gaussian over complex or integer values is not "
+                "defined here: exclude it"
+            )
+
+    if isinstance(init_logvar, Mapping):
+        unknown = sorted(set(init_logvar) - set(names))
+        missing = [n for n in names if n not in init_logvar]
+        if unknown or missing:
+            raise ValueError(
+                f"{where}: expected init_logvar to map every picked parameter name, got "
+                f"unknown names {unknown} and missing names {missing}"
+            )
+        values = {n: init_logvar[n] for n in names}
+    elif callable(init_logvar):
+        values = {n: init_logvar(n, params[n]) for n in names}
+    else:
+        values = dict.fromkeys(names, init_logvar)
+
+    logvar = {n: _logvar_value(where, n, values[n], params[n]) for n in names}
+    mean = {n: params[n].detach().clone() for n in names}
+
+    return Posterior(
+        mean={n: t.requires_grad_() for n, t in mean.items()},
+        logvar={n: t.requires_grad_() for n, t in logvar.items()},
+    )
+
+
+def sample(
+    where: str, posterior: Posterior, n: int, generator: torch.Generator | None
+) -> dict[str, Tensor]:
+    check_posterior(where, posterior)
+    n = check_n(where, n)
+    check_generator(where, generator)
+
+    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    for name, m in posterior.mean.items():
+        groups.setdefault((m.device, m.dtype), []).append(name)
+
+    params = {}
+    for (device, dtype), names in groups.items():
+        means = [posterior.mean[k] for k in names]
+        sizes = [m.numel() for m in means]
+        eps = torch.randn(n, sum(sizes), generator=generator, device=device, dtype=dtype)
+
+        if len(names) == 1:
+            mean = means[0].reshape(-1)
+            logvar = posterior.logvar[names[0]].reshape(-1)
+        else:
+            mean = torch.cat([m.reshape(-1) for m in means])
+            logvar = torch.cat([posterior.logvar[k].reshape(-1) for k in names])
+
+        # One fused pass over all K x P numbers: theta = mu + sigma * eps.
+        theta = torch.addcmul(mean, softclip(logvar).div(2).exp(), eps)
+        for name, m, t in zip(names, means, theta.split(sizes, dim=1), strict=True):
+            params[name] = t.view(n, *m.shape)
+
+    return {name: params[name] for name in posterior.mean}
+
+
+def check_matches(where: str, module: nn.Module, posterior: Posterior) -> None:
+    r"""Checks that a posterior's names, shapes, dtypes and devices are the module's."""
+
+    named = dict(module.named_parameters())
+    for name, m in posterior.mean.items():
+        p = named.get(name)
+        if p is None or p.shape != m.shape:
+            raise ValueError(
+                f"{where}: expected posterior names and shapes from "
+                f"{type(module).__name__}.named_parameters(), got {name!r} of shape "
+                f"{tuple(m.shape)}"
+            )
+        for field, t in (("mean", m), ("logvar", posterior.logvar[name])):
+            if t.dtype != p.dtype or t.device != p.device:
+                raise ValueError(
+                    f"{where}: expected the posterior's {field}[{name!r}] with the module's "
+                    f"dtype and device ({describe(p)}), got {describe(t)}"
+                )
+
+
+def mean_model(where: str, module: object, posterior: object) -> nn.Module:
+    check_module(where, module)
+    check_posterior(where, posterior)
+    check_matches(where, module, posterior)
+
+    new = copy.deepcopy(module)
+    with torch.no_grad():
+        for name, p in new.named_parameters():
+            if name in posterior.mean:
+                p.copy_(posterior.mean[name])
+
+    return new
+
+
+def kl_divergence(where: str, posterior: object, prior_var: object) -> Tensor:
+    check_posterior(where, posterior)
+    prior_var = check_number(where, "prior_var", prior_var, 0.0, strict=True)
+
+    kl = torch.zeros(())
+    for i, (name, m) in enumerate(posterior.mean.items()):
+        term = gaussian_kl(m, posterior.logvar[name], 0.0, prior_var)
+        kl = term if i == 0 else kl + term.to(kl.device)
+
+    return kl

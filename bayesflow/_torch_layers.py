@@ -1,0 +1,124 @@
+r"""What torch's own layers need in a vectorized call, and nowhere else.
+
+* Recurrent layers and cells run bayesflow's vmap-safe recurrences
+  (:mod:`bayesflow._recurrent`): torch's fused kernels have no batching rule.
+* Attention (:class:`torch.nn.MultiheadAttention`, :class:`torch.nn.TransformerEncoderLayer`)
+  takes torch's reference path with an explicit softmax: inside vmap the sampled
+  parameters look grad-free, so eval mode would take torch's fused fast path, which has
+  no backward, and CPU's fused attention kernel has no batching rule.
+* Train-mode batch normalization updates per-sample copies of its running statistics,
+  which the call then averages (see :class:`bayesflow._swap.State`).
+
+Each change is made to the instances of the module being called, for the duration of
+the vectorized pass only; the loop and every other module see torch's layers as they are.
+"""
+
+from __future__ import annotations
+
+__all__ = ["hint", "updated_buffers", "vectorized"]
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch.nn as nn
+
+from torch import Tensor
+
+from ._recurrent import cell_forward, rnn_forward
+from ._swap import Structure, patched
+
+_RNN_FORWARDS = {nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward}
+_CELL_FORWARDS = {nn.RNNCell.forward, nn.LSTMCell.forward, nn.GRUCell.forward}
+_BATCH_NORM = nn.modules.batchnorm._BatchNorm
+_MHA_FORWARD = nn.MultiheadAttention.forward
+_STANDINS = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def _tracks(m: nn.Module) -> bool:
+    return m.training and m.track_running_stats and m.running_mean is not None
+
+
+def _attention_forward(m: nn.MultiheadAttention) -> Any:
+    def forward(
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        # The explicit softmax path: CPU's fused scaled_dot_product_attention kernel has
+        # no batching rule (a slow per-sample fallback).
+        out, weights = _MHA_FORWARD(
+            m,
+            query,
+            key,
+            value,
+            key_padding_mask=key_padding_mask,
+            need_weights=True,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
+        return out, weights if need_weights else None
+
+    return forward
+
+
+def updated_buffers(st: Structure, module: nn.Module) -> list[str]:
+    r"""Returns the buffers that a vectorized call updates per sample: the running
+    statistics of train-mode batch normalization."""
+
+    names = []
+    for prefix, m in st.find(module, _BATCH_NORM):
+        if _tracks(m) and m.momentum is not None:
+            p = f"{prefix}." if prefix else ""
+            names += [p + "running_mean", p + "running_var", p + "num_batches_tracked"]
+    return [name for name in names if name in st.buffers]
+
+
+@contextmanager
+def vectorized(st: Structure, module: nn.Module) -> Iterator[None]:
+    r"""Prepares the torch layers of `module` for a vectorized pass."""
+
+    changes: list[tuple[Any, str, Any]] = []
+    for _, m in st.find(module, _STANDINS):
+        if isinstance(m, nn.RNNBase) and type(m).forward in _RNN_FORWARDS:
+            changes.append((m, "forward", rnn_forward(m)))
+        elif isinstance(m, nn.RNNCellBase) and type(m).forward in _CELL_FORWARDS:
+            changes.append((m, "forward", cell_forward(m)))
+        elif isinstance(m, nn.MultiheadAttention) and type(m).forward is _MHA_FORWARD:
+            changes.append((m, "forward", _attention_forward(m)))
+            if not m.training:
+                # The reference path in eval mode: "training" with no dropout.
+                changes += [(m, "training", True), (m, "dropout", 0.0)]
+        elif isinstance(m, nn.TransformerEncoderLayer) and not m.training:
+            changes.append((m, "training", True))  # its own flag only gates the fast path
+
+    if not changes:
+        yield
+        return
+
+    with patched(changes):
+        yield
+
+
+def hint(st: Structure, module: nn.Module, err: BaseException) -> str:
+    r"""Returns advice for a vectorized call that failed with `err`."""
+
+    text = str(err)
+    if "randomness" in text or "random operation" in text:
+        return (
+            "; fn draws random numbers (e.g. dropout in training mode): pass "
+            "randomness='different' for independent draws per sample, or call module.eval()"
+        )
+    for _, m in st.find(module, _BATCH_NORM):
+        if _tracks(m) and m.momentum is None:
+            return (
+                "; BatchNorm with momentum=None (a cumulative average) cannot update its "
+                "running statistics per sample: set a momentum, or call module.eval()"
+            )
+    return ""

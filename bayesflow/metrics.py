@@ -1,0 +1,227 @@
+r"""Metrics of predictive distributions: negative log-likelihoods, calibration of a
+classifier, and coverage of predictive intervals."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CalibrationCurve",
+    "calibration_curve",
+    "categorical_nll",
+    "expected_calibration_error",
+    "gaussian_nll",
+    "interval_coverage",
+]
+
+import math
+
+from typing import NamedTuple
+
+import torch
+
+from torch import Tensor
+
+from ._checks import (
+    check_float,
+    check_int,
+    check_labels,
+    check_probs,
+    check_same_shape,
+    check_tensor,
+    reduce,
+)
+
+
+def gaussian_nll(mean: Tensor, std: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    r"""Returns the negative log-likelihood of observations under Gaussian predictions,
+
+    .. math:: -\log \mathcal{N}(y \mid \mu, \sigma^2) = \frac{1}{2} \log(2 \pi \sigma^2)
+        + \frac{(y - \mu)^2}{2 \sigma^2},
+
+    with every constant included. For a moment-matched predictive, pass the outputs of
+    :func:`predictive_mean` and :func:`predictive_std`.
+
+    Example:
+        >>> gaussian_nll(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([0.0]))
+        tensor(0.9189)
+
+    Arguments:
+        mean: The predictive means :math:`\mu`, with shape `(*)`.
+        std: The predictive standard deviations :math:`\sigma > 0`, with shape `(*)`.
+        y: The observations, with shape `(*)`.
+        reduction: `'mean'` or `'sum'` over the observations, or `'none'`.
+
+    Returns:
+        A scalar, or a tensor of shape `(*)` if `reduction` is `'none'`.
+    """
+
+    where = "gaussian_nll"
+    for name, t in (("mean", mean), ("std", std), ("y", y)):
+        check_float(where, name, check_tensor(where, name, t, min_dim=0))
+    check_same_shape(where, mean=mean, std=std, y=y)
+    if std.numel() > 0 and not (std > 0).all():
+        raise ValueError(f"{where}: expected std > 0, got a minimum of {float(std.min())}")
+
+    z = (y - mean) / std
+    nll = 0.5 * z.square() + std.log() + 0.5 * math.log(2 * math.pi)
+
+    return reduce(where, nll, reduction)
+
+
+def categorical_nll(probs: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    r"""Returns the negative log-likelihood :math:`-\log p(y)` of labels under class
+    probabilities.
+
+    For the model average of per-sample logits, :func:`predictive_nll` of the gathered
+    per-sample log-probabilities gives the same numbers in log-space, robust to
+    probabilities that underflow.
+
+    Example:
+        >>> probs = torch.tensor([[0.5, 0.5], [0.25, 0.75]])
+        >>> categorical_nll(probs, torch.tensor([0, 1]), reduction="none")
+        tensor([0.6931, 0.2877])
+
+    Arguments:
+        probs: Probabilities that sum to 1 on the last dim, with shape `(*, C)`, e.g. from
+            :func:`mean_probs`.
+        labels: Integer labels in :math:`[0, C)`, with shape `(*)`.
+        reduction: `'mean'` or `'sum'` over the observations, or `'none'`.
+
+    Returns:
+        A scalar, or a tensor of shape `(*)` if `reduction` is `'none'`.
+    """
+
+    where = "categorical_nll"
+    p = check_probs(where, probs)
+    y = check_labels(where, labels, p.shape[:-1], p.shape[-1])
+    nll = -p.gather(-1, y.unsqueeze(-1)).squeeze(-1).log()
+
+    return reduce(where, nll, reduction)
+
+
+class CalibrationCurve(NamedTuple):
+    r"""A reliability diagram, from :func:`calibration_curve`.
+
+    Attributes:
+        confidence: The mean confidence in each bin (0 where empty), with shape `(bins,)`.
+        accuracy: The accuracy in each bin (0 where empty), with shape `(bins,)`.
+        count: The number of predictions in each bin, with shape `(bins,)`.
+    """
+
+    confidence: Tensor
+    accuracy: Tensor
+    count: Tensor
+
+
+def calibration_curve(probs: Tensor, labels: Tensor, bins: int = 15) -> CalibrationCurve:
+    r"""Bins predictions by confidence, :math:`\max_c p_c`, into `bins` equal-width bins
+    :math:`((b - 1) / B, b / B]`, and returns each bin's mean confidence and accuracy.
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+        >>> calibration_curve(probs, torch.tensor([0, 1, 1]), bins=2)
+        CalibrationCurve(confidence=tensor([0.0000, 0.8000]), accuracy=tensor([0.0000, 0.6667]), count=tensor([0, 3]))
+
+    Arguments:
+        probs: Probabilities that sum to 1 on the last dim, with shape `(*, C)`.
+        labels: Integer labels in :math:`[0, C)`, with shape `(*)`.
+        bins: The number of bins `B >= 1`.
+
+    Returns:
+        A :class:`CalibrationCurve`.
+    """  # noqa: E501
+
+    return _calibration_curve("calibration_curve", probs, labels, bins)
+
+
+def _calibration_curve(where: str, probs: Tensor, labels: Tensor, bins: int) -> CalibrationCurve:
+    bins = check_int(where, "bins", bins)
+    p = check_probs(where, probs)
+    y = check_labels(where, labels, p.shape[:-1], p.shape[-1])
+    if y.numel() == 0:
+        raise ValueError(f"{where}: expected at least one prediction, got none")
+
+    conf, pred = p.reshape(-1, p.shape[-1]).max(dim=-1)
+    correct = (pred == y.reshape(-1)).to(p.dtype)
+
+    edges = torch.linspace(0, 1, bins + 1, dtype=p.dtype, device=p.device)[1:-1]
+    index = torch.bucketize(conf.detach(), edges, right=False)  # (lo, hi]
+
+    count = torch.zeros(bins, dtype=torch.long, device=p.device).index_add_(
+        0, index, torch.ones_like(index)
+    )
+    total_conf = torch.zeros(bins, dtype=p.dtype, device=p.device).index_add(0, index, conf)
+    total_correct = torch.zeros(bins, dtype=p.dtype, device=p.device).index_add(0, index, correct)
+    denom = count.clamp(min=1).to(p.dtype)
+
+    return CalibrationCurve(total_conf / denom, total_correct / denom, count)
+
+
+def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) -> Tensor:
+    r"""Returns the expected calibration error of a classifier,
+
+    .. math:: \mathrm{ECE} = \sum_{b=1}^B \frac{n_b}{N} \left| \mathrm{acc}_b -
+        \mathrm{conf}_b \right|,
+
+    over `bins` equal-width confidence bins (see :func:`calibration_curve`). A
+    calibrated classifier scores about 0 (plus a positive bias of order
+    :math:`\sqrt{B / N}`); one that is always 90% sure and 60% right, 0.3.
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+        >>> expected_calibration_error(probs, torch.tensor([0, 1, 1]), bins=2)
+        tensor(0.1333)
+
+    Arguments:
+        probs: Probabilities that sum to 1 on the last dim, with shape `(*, C)`, e.g. from
+            :func:`mean_probs`.
+        labels: Integer labels in :math:`[0, C)`, with shape `(*)`.
+        bins: The number of bins `B >= 1`.
+
+    Returns:
+        A scalar tensor, in :math:`[0, 1]`.
+
+    References:
+        | On Calibration of Modern Neural Networks (Guo et al., 2017)
+        | https://arxiv.org/abs/1706.04599
+    """
+
+    curve = _calibration_curve("expected_calibration_error", probs, labels, bins)
+    weight = curve.count.to(curve.confidence.dtype) / curve.count.sum()
+
+    return (weight * (curve.accuracy - curve.confidence).abs()).sum()
+
+
+def interval_coverage(lower: Tensor, upper: Tensor, y: Tensor) -> Tensor:
+    r"""Returns the fraction of observations inside their predictive interval,
+    :math:`\frac{1}{N} \sum_i [l_i \leq y_i \leq u_i]`.
+
+    For calibrated intervals of probability `level` (e.g. from
+    :func:`predictive_interval`), it is about `level`, within a standard error of
+    :math:`\sqrt{\mathrm{level} (1 - \mathrm{level}) / N}`.
+
+    Example:
+        >>> lower, upper = torch.tensor([0.0, 0.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])
+        >>> interval_coverage(lower, upper, torch.tensor([0.5, 1.0, 1.5, -0.1]))
+        tensor(0.5000)
+
+    Arguments:
+        lower: The lower bounds, with shape `(*)`.
+        upper: The upper bounds, with shape `(*)`, no less than `lower`.
+        y: The observations, with shape `(*)`.
+
+    Returns:
+        A scalar tensor, in :math:`[0, 1]`.
+    """
+
+    where = "interval_coverage"
+    for name, t in (("lower", lower), ("upper", upper), ("y", y)):
+        check_float(where, name, check_tensor(where, name, t, min_dim=0))
+    check_same_shape(where, lower=lower, upper=upper, y=y)
+    if y.numel() == 0:
+        raise ValueError(f"{where}: expected at least one observation, got none")
+    if (lower > upper).any():
+        raise ValueError(f"{where}: expected lower <= upper, got lower > upper somewhere")
+
+    inside = (lower <= y) & (y <= upper)
+
+    return inside.to(y.dtype).mean()

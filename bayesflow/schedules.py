@@ -1,0 +1,106 @@
+r"""KL weights over training steps: constant, linear warm-up and cyclical annealing."""
+
+from __future__ import annotations
+
+__all__ = ["ConstantSchedule", "CyclicalSchedule", "LinearWarmup"]
+
+from dataclasses import dataclass
+
+from ._checks import check_int, check_number
+
+
+def _check_step(where: str, step: object) -> int:
+    return check_int(where, "step", step, minimum=0)
+
+
+@dataclass(frozen=True)
+class ConstantSchedule:
+    r"""A KL weight that never changes, :math:`\beta(t) = w`.
+
+    Arguments:
+        weight: The weight :math:`w \geq 0`.
+    """
+
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_number("ConstantSchedule", "weight", self.weight, 0.0, strict=False)
+
+    def __call__(self, step: int) -> float:
+        _check_step("ConstantSchedule", step)
+        return float(self.weight)
+
+
+@dataclass(frozen=True)
+class LinearWarmup:
+    r"""A KL weight that grows linearly from `start` to `weight` in `steps` steps, then stays.
+
+    .. math:: \beta(t) = \beta_0 + (w - \beta_0) \min(t / T, 1)
+
+    Example:
+        >>> schedule = LinearWarmup(steps=100)
+        >>> schedule(0), schedule(50), schedule(1000)
+        (0.0, 0.5, 1.0)
+
+    Arguments:
+        steps: The number of warm-up steps :math:`T \geq 1`.
+        weight: The final weight :math:`w \geq 0`.
+        start: The initial weight :math:`\beta_0 \geq 0`.
+
+    References:
+        | Ladder Variational Autoencoders (Sønderby et al., 2016)
+        | https://arxiv.org/abs/1602.02282
+    """
+
+    steps: int
+    weight: float = 1.0
+    start: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_int("LinearWarmup", "steps", self.steps)
+        check_number("LinearWarmup", "weight", self.weight, 0.0, strict=False)
+        check_number("LinearWarmup", "start", self.start, 0.0, strict=False)
+
+    def __call__(self, step: int) -> float:
+        step = _check_step("LinearWarmup", step)
+        return self.start + (self.weight - self.start) * min(step / self.steps, 1.0)
+
+
+@dataclass(frozen=True)
+class CyclicalSchedule:
+    r"""A KL weight that repeats a linear ramp every `period` steps.
+
+    Within each cycle, the weight grows linearly from 0 to `weight` over the first
+    `ratio` of the cycle and stays there for the rest,
+    :math:`\beta(t) = w \min(\tau / R, 1)` with :math:`\tau = (t \bmod P) / P`.
+
+    Example:
+        >>> schedule = CyclicalSchedule(period=100, ratio=0.5)
+        >>> schedule(0), schedule(25), schedule(75), schedule(125)
+        (0.0, 0.5, 1.0, 0.5)
+
+    Arguments:
+        period: The length :math:`P \geq 1` of a cycle, in steps.
+        ratio: The fraction :math:`0 < R \leq 1` of a cycle spent growing.
+        weight: The top weight :math:`w \geq 0`.
+
+    References:
+        | Cyclical Annealing Schedule: A Simple Approach to Mitigating KL Vanishing
+        | (Fu et al., 2019) https://arxiv.org/abs/1903.10145
+    """
+
+    period: int
+    ratio: float = 0.5
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_int("CyclicalSchedule", "period", self.period)
+        check_number("CyclicalSchedule", "ratio", self.ratio, 0.0, strict=True)
+        if self.ratio > 1:
+            raise ValueError(f"CyclicalSchedule: expected 0 < ratio <= 1, got {self.ratio}")
+        check_number("CyclicalSchedule", "weight", self.weight, 0.0, strict=False)
+
+    def __call__(self, step: int) -> float:
+        step = _check_step("CyclicalSchedule", step)
+        tau = (step % self.period) / self.period
+        return self.weight * min(tau / self.ratio, 1.0)

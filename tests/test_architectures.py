@@ -1,0 +1,147 @@
+r"""Every common architecture under vmap_call(fallback=False): the loop's numbers, a
+deep-copy oracle's numbers (independent of bayesflow's swap), gradients, state."""
+
+import copy
+
+import pytest
+import torch
+
+import bayesflow as bf
+
+from .architectures import ARCHS
+
+N = 3
+
+
+def leaves(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if out is None:
+        return []
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in leaves(v)]
+    return [t for o in out for t in leaves(o)]
+
+
+def call(arch, module, *args):
+    return module(*args) if arch.fn is None else arch.fn(module, *args)
+
+
+def setup(name):
+    arch = ARCHS[name]
+    module = arch.build()
+    module.train(arch.train)
+    q = bf.init(module, init_logvar=arch.logvar, include=arch.include, exclude=arch.exclude)
+    return arch, module, q, arch.args()
+
+
+def oracle(arch, module, params, args):
+    r"""Sample k copied into a deep copy of the module (each from the same initial state)."""
+
+    outs, states = [], []
+    for k in range(N):
+        m = copy.deepcopy(module)
+        with torch.no_grad():
+            for name, v in params.items():
+                m.get_parameter(name).copy_(v[k])
+            outs.append(leaves(call(arch, m, *args)))
+        states.append({name: b.clone() for name, b in m.named_buffers()})
+    return [torch.stack(ts) for ts in zip(*outs, strict=True)], states
+
+
+def expected_buffers(states):
+    r"""The documented rule: floating buffers average the samples' updates."""
+
+    out = {}
+    for name in states[0]:
+        values = [s[name] for s in states]
+        out[name] = torch.stack(values).mean(0) if values[0].is_floating_point() else values[0]
+    return out
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_native_matches_loop_and_oracle(name):
+    arch, module, q, args = setup(name)
+    params = {
+        k: v.detach()
+        for k, v in bf.sample(q, N, generator=torch.Generator().manual_seed(1)).items()
+    }
+    looped, initial = copy.deepcopy(module), copy.deepcopy(module)
+    objects = dict(module.named_parameters(remove_duplicate=False))
+    values = {k: p.detach().clone() for k, p in objects.items()}
+
+    y = leaves(bf.vmap_call(module, params, *args, fn=arch.fn, fallback=False))
+    y_loop = leaves(bf.loop_call(looped, params, *args, fn=arch.fn))
+    y_oracle, states = oracle(arch, initial, params, args)
+
+    assert len(y) == len(y_loop) == len(y_oracle) > 0
+    for a, b, c in zip(y, y_loop, y_oracle, strict=True):
+        assert a.shape[0] == N
+        assert torch.allclose(a, b, atol=1e-10)  # float64
+        assert torch.allclose(a, c, atol=1e-10)
+    # the sampled parameters were used: sample 0 is not the module's own output
+    plain = leaves(call(arch, copy.deepcopy(initial), *args))
+    assert not torch.allclose(y[0][0], plain[0], atol=1e-6)
+    assert not torch.allclose(y[0][0], y[0][1], atol=1e-6)
+
+    # the module holds its very own Parameters, unchanged, in every place (tied ones too)
+    after = dict(module.named_parameters(remove_duplicate=False))
+    assert after.keys() == objects.keys()
+    assert all(after[k] is objects[k] and torch.equal(after[k], values[k]) for k in objects)
+    # buffers: one update per call, the average of the samples' updates
+    expected = expected_buffers(states)
+    for m in (module, looped):
+        for b_name, b in m.named_buffers():
+            assert torch.allclose(b, expected[b_name], atol=1e-12), b_name
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_gradients_match_loop(name):
+    arch, module, q, args = setup(name)
+
+    def grads(runner, m):
+        params = bf.sample(q, N, generator=torch.Generator().manual_seed(2))
+        y = leaves(runner(m, params, *args, fn=arch.fn))
+        loss = sum(t.square().sum() for t in y if t.is_floating_point())
+        return torch.autograd.grad(loss, [*q.mean.values(), *q.logvar.values()])
+
+    g_vmap = grads(lambda *a, **k: bf.vmap_call(*a, **k, fallback=False), copy.deepcopy(module))
+    g_loop = grads(bf.loop_call, copy.deepcopy(module))
+
+    for a, b in zip(g_vmap, g_loop, strict=True):
+        assert torch.allclose(a, b, atol=1e-9)
+    assert all(g.abs().sum() > 0 for g in g_vmap)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_objective_and_bridge(name):
+    arch, module, q, args = setup(name)
+
+    def ll(m, *a):
+        return -leaves(call(arch, m, *a))[0].square()
+
+    def loss(vectorized):
+        g = torch.Generator().manual_seed(3)
+        return bf.nelbo(
+            copy.deepcopy(module),
+            q,
+            *args,
+            fn=ll,
+            num_data=100,
+            n=N,
+            generator=g,
+            vectorized=vectorized,
+        )
+
+    assert torch.allclose(loss(True), loss(False), atol=1e-10)
+
+    bnet = bf.BayesianModel(
+        copy.deepcopy(module),
+        init_logvar=arch.logvar,
+        include_params=arch.include,
+        exclude_params=arch.exclude,
+    )
+    out = leaves(bnet(*args, n=N, fn=arch.fn, fallback=False))
+    assert out[0].shape[0] == N
+    out[0].square().sum().backward()
+    assert all(p.grad is not None for p in bnet.means.values())
