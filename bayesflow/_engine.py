@@ -178,15 +178,15 @@ def run(
 
     check_module(where, module)
     check_callable(where, "fn", fn)
-    st = structure(module)
-    if n is None or params:
-        n = check_params(where, st, module, params)
-    dims = check_in_dims(where, args, in_dims, n)
     chunk_size = check_chunk_size(where, chunk_size)
     randomness = check_randomness(where, randomness)
     fn = _default_fn if fn is None else fn
 
-    with lock(st):
+    with lock(module):
+        st = structure(module)
+        if n is None or params:
+            n = check_params(where, st, module, params)
+        dims = check_in_dims(where, args, in_dims, n)
         if not vectorized:
             return _loop(where, st, module, fn, params, n, args, dims, randomness)
         if n == 1:  # a plain call costs less than vmap's fixed overhead

@@ -49,7 +49,6 @@ class Structure:
         self.types: dict[str, type] = {}  # every distinct submodule's class, by path
         self._subs: dict[str, nn.Module] = {}
         self._tables: list[tuple[dict, dict, dict]] = []
-        self.lock: threading.RLock | None = None  # made outside compiled code, on first use
 
         by_id: dict[int, str] = {}
         seen_modules: set[int] = set()
@@ -126,16 +125,24 @@ def structure(module: nn.Module) -> Structure:
     return st
 
 
-def lock(st: Structure) -> Any:
-    r"""Serializes bayesflow calls on one module across threads (not while compiling)."""
+# One lock per module (not per structure: while a call holds tensors swapped in, the
+# module's structure looks different to anyone else).
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+
+
+def lock(module: nn.Module) -> Any:
+    r"""Serializes bayesflow calls on one module across threads (not while compiling).
+
+    Acquire it before :func:`structure`, and hold it while tensors are swapped in.
+    """
 
     if is_compiling():
         return nullcontext()
-    if st.lock is None:
+    found = _LOCKS.get(module)
+    if found is None:
         with _CACHE_LOCK:
-            if st.lock is None:
-                st.lock = threading.RLock()
-    return st.lock
+            found = _LOCKS.setdefault(module, threading.RLock())
+    return found
 
 
 def check_params(where: str, st: Structure, module: nn.Module, params: object) -> int:

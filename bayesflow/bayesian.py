@@ -197,9 +197,8 @@ class BayesianModel(nn.Module):
         """
 
         params = self.sample_params(generator=generator)
-        st = structure(self.base)
 
-        with lock(st), swapped(st, params):
+        with lock(self.base), swapped(structure(self.base), params):
             if local_trick:
                 with patched(self._local_forwards(generator)):
                     yield self.base

@@ -167,8 +167,11 @@ def local_call(
     with the bias sampled once per sample. Either way each output has exactly the law of
     a full weight sample, and gradients reach the posterior's means and log-variances;
     what changes is the correlation between examples (independent weights per example),
-    which makes the gradient estimates of an expected log-likelihood less noisy. A layer
-    called twice in one `fn` draws fresh noise each time.
+    which makes the gradient estimates of an expected log-likelihood less noisy. A module
+    that mixes examples after a Bayesian layer (batch statistics of a train-mode
+    BatchNorm, a softmax over the batch) sees that decorrelated noise too, so its outputs
+    differ in law from full weight sampling. A layer called twice in one `fn` draws fresh
+    noise each time.
 
     All the noise is drawn before the vectorized pass, from `generator`, laid out by the
     layer calls of one shape-finding pass of `fn` (without gradients, buffers restored;
@@ -252,8 +255,8 @@ def local_call(
     others = [name for name in posterior.mean if name not in covered]
     fn = (lambda m, *a: m(*a)) if fn is None else fn
 
-    st = structure(module)
-    with lock(st):
+    with lock(module):
+        st = structure(module)
         for attempt in range(2):
             try:
                 return _local_call(

@@ -83,3 +83,22 @@ def test_compiled_training_step():
     loss.backward()
     optimizer.step()
     assert all(not torch.equal(a, b) for a, b in zip(before, leaves, strict=True))
+
+
+def test_compiled_fullgraph_with_one_recompile():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    net = zuko.nn.MLP(5, 5, hidden_features=(16, 16))
+    q = bf.init(net, -4.0)
+    x = torch.randn(8, 5)
+
+    @torch.compile(fullgraph=True)
+    def f(params, x):
+        return bf.vmap_call(net, params, x)
+
+    for k in (4, 8, 16, 32):
+        params = {name: v.detach() for name, v in bf.sample(q, k).items()}
+        assert torch.allclose(f(params, x), bf.loop_call(net, params, x), atol=1e-10)
+
+    assert counters["stats"]["unique_graphs"] <= 2  # K = 4, then one dynamic graph

@@ -172,3 +172,19 @@ def test_mean_model_and_mean_params():
     assert torch.allclose(y[0], mean(c).log_prob(x), atol=1e-12)
     assert not torch.allclose(y[0], flow(c).log_prob(x), atol=1e-6)
     assert unchanged(before, flow)
+
+
+def test_kl_sums_in_at_least_float32():
+    layer = torch.nn.Linear(1000, 1000).half()
+    q = bf.init(layer, init_logvar=-9.0)
+
+    kl = bf.kl_divergence(q)
+    expected = bf.kl_divergence(
+        bf.Posterior(
+            {k: v.double() for k, v in q.mean.items()},
+            {k: v.double() for k, v in q.logvar.items()},
+        )
+    )
+    assert kl.dtype == torch.float32 and torch.isfinite(kl)
+    assert abs(kl.item() - expected.item()) < 1e-3 * expected.item()
+    assert torch.isfinite(bf.GaussianPrior(0.0, 1.0).kl(q))

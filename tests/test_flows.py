@@ -362,3 +362,17 @@ def test_flow_sample_errors():
     with pytest.raises(TypeError, match="flow_sample: expected flow\\(c\\)"):
         net = zuko.nn.MLP(C, F)
         flow_sample(net, draw(bf.init(net)), torch.randn(C))
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_cnf_with_nan_parameters_stops(fallback):
+    flow = zuko.flows.CNF(2, 1, hidden_features=(8,))
+    params = {k: v.detach().clone() for k, v in bf.sample(bf.init(flow, -4.0), 2).items()}
+    first = next(iter(params))
+    params[first][1] = float("nan")
+    c, x = torch.randn(3, 1), torch.randn(3, 2)
+
+    # zuko's own solver would loop forever on NaN: the vectorized one stops, and no
+    # fallback to that loop happens
+    with pytest.raises(RuntimeError, match="odeint: the ODE's state or derivative is not finite"):
+        bf.vmap_call(flow, params, c, x, fn=lambda f, c, x: f(c).log_prob(x), fallback=fallback)

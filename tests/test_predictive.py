@@ -605,3 +605,17 @@ def test_bad_input(name):
     call, error, match = BAD[name]
     with pytest.raises(error, match=match):
         call()
+
+
+def test_nan_propagates_as_in_torch_quantile():
+    x = torch.tensor([[1.0, 1.0], [float("nan"), 2.0], [3.0, 3.0], [4.0, 4.0], [5.0, 5.0]])
+
+    q = bf.predictive_quantiles(x, [0.1, 0.5, 0.9])
+    expected = torch.quantile(x, torch.tensor([0.1, 0.5, 0.9]), dim=0)
+    assert torch.equal(q.isnan(), expected.isnan()) and q[:, 0].isnan().all()
+    assert torch.allclose(q[:, 1], expected[:, 1])
+    assert bf.predictive_quantiles(x[:, :1], 0.5).isnan().all()
+    lower, upper = bf.predictive_interval(x, 0.5)
+    assert lower[0].isnan() and upper[0].isnan() and not lower[1].isnan()
+    s = bf.summarize(x)
+    assert all(t[0].isnan() and not t[1].isnan() for t in s)

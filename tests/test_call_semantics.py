@@ -1,0 +1,317 @@
+r"""Regression tests for what a call must never do silently: corrupt tied weights, repeat
+side effects, mix threads, ignore randomness; and the small contracts of the call."""
+
+import copy
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import zuko
+
+import bayesflow as bf
+
+from .architectures import TiedLM
+
+
+def _shared():
+    lin = nn.Linear(3, 3)
+    return nn.Sequential(lin, nn.Tanh(), lin)
+
+
+def _identity(module):
+    return {k: (p, p.detach().clone()) for k, p in module.named_parameters(remove_duplicate=False)}
+
+
+def _unchanged(module, before):
+    after = dict(module.named_parameters(remove_duplicate=False))
+    return after.keys() == before.keys() and all(
+        after[k] is p and torch.equal(after[k], v) for k, (p, v) in before.items()
+    )
+
+
+TIED_CALLS = {
+    "loop_call": lambda m, p, x: bf.loop_call(m, p, x),
+    "vmap_call": lambda m, p, x: bf.vmap_call(m, p, x, fallback=False),
+    "vmap_call-n1": lambda m, p, x: bf.vmap_call(m, {k: v[:1] for k, v in p.items()}, x),
+    "vmap_call-chunked": lambda m, p, x: bf.vmap_call(m, p, x, chunk_size=2, fallback=False),
+    "local_call": lambda m, p, x: bf.local_call(m, bf.init(m, -3.0), 3, x),
+}
+
+
+@pytest.mark.parametrize("build", [_shared, TiedLM], ids=["shared-submodule", "tied-embedding"])
+@pytest.mark.parametrize("call", TIED_CALLS)
+def test_tied_weights_get_the_sample_everywhere_and_are_restored(build, call):
+    module = build()
+    x = torch.tensor([[1, 2, 3], [4, 5, 6]]) if build is TiedLM else torch.randn(4, 3)
+    params = bf.sample(bf.init(module, -3.0), 3, generator=torch.Generator().manual_seed(0))
+    before = _identity(module)
+
+    y = TIED_CALLS[call](module, params, x)
+
+    assert _unchanged(module, before)
+    if call != "local_call":
+        # an oracle independent of the swap: sample k copied into a deep copy
+        for k in range(y.shape[0]):
+            m = copy.deepcopy(module)
+            with torch.no_grad():
+                for name, v in params.items():
+                    m.get_parameter(name).copy_(v[k])
+            assert torch.allclose(y[k], m(x), atol=1e-10)
+    assert module(x).shape == y.shape[1:]  # still usable
+
+
+@pytest.mark.parametrize("local_trick", [False, True])
+def test_tied_weights_with_the_bridge(local_trick):
+    module = _shared()
+    before = _identity(module)
+    bnet = bf.BayesianModel(module, init_logvar=-3.0)
+    x = torch.randn(4, 3)
+
+    bnet(x, n=3, fallback=False).sum().backward()
+    bnet(x).sum().backward()
+    with bnet.reparameterize(local_trick=local_trick) as m:
+        assert m[0].weight is m[2].weight  # one sample in both places
+        m(x).sum().backward()
+
+    assert _unchanged(module, before)
+    assert bnet.means["0-weight"].grad is not None
+
+
+def test_init_explains_tied_names():
+    module = TiedLM()
+    assert bf.select(module, include=["dec"]) == []
+    with pytest.raises(ValueError, match=r"init: .*'dec.weight' is tied to 'emb.weight'"):
+        bf.init(module, include=["dec"])
+    with pytest.raises(
+        ValueError, match=r"vmap_call: .*'dec.weight', which is tied to 'emb.weight'"
+    ):
+        bf.vmap_call(module, {"dec.weight": torch.zeros(2, 7, 4)}, torch.tensor([1]))
+
+
+def test_failed_vectorized_attempt_leaves_no_trace_and_updates_once():
+    # momentum=None (a cumulative average) cannot update per sample: vmap fails on it
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None)).train()
+    params = bf.sample(bf.init(module, -2.0, include=["0"]), 4)
+    x = torch.randn(8, 3)
+    looped = copy.deepcopy(module)
+
+    with pytest.warns(bf.VmapFallbackWarning, match="momentum=None"):
+        y = bf.vmap_call(module, params, x)
+
+    y_loop = bf.loop_call(looped, params, x)
+    assert torch.allclose(y, y_loop, atol=1e-10)
+    bn, bn_loop = module[1], looped[1]
+    assert bn.num_batches_tracked.item() == 1  # once per call, not 1 + K
+    assert torch.allclose(bn.running_mean, bn_loop.running_mean, atol=1e-12)
+    with pytest.raises(RuntimeError, match="momentum=None"):
+        bf.vmap_call(copy.deepcopy(module), params, x, fallback=False)
+
+
+def test_a_failed_call_restores_buffers():
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+    params = bf.sample(bf.init(module, -2.0), 3)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+
+    def fn(m, x):
+        m(x)  # updates the running statistics, then fails
+        raise KeyError("boom")
+
+    for call in (bf.vmap_call, bf.loop_call):
+        with pytest.raises(KeyError):
+            call(module, params, torch.randn(8, 3), fn=fn)
+        assert all(torch.equal(v, module.state_dict()[k]) for k, v in state.items())
+
+
+def _naf(seed):
+    torch.manual_seed(seed)
+    flow = zuko.flows.NAF(2, 1, transforms=1, hidden_features=(8,), signal=4)
+    params = bf.sample(bf.init(flow, -4.0), 3, generator=torch.Generator().manual_seed(seed))
+    c, x = torch.randn(5, 1), torch.randn(5, 2)
+    return flow, params, c, x
+
+
+def _log_prob(f, c, x):
+    return f(c).log_prob(x)
+
+
+def test_threads_each_get_their_own_numbers():
+    jobs = [_naf(seed) for seed in (1, 2)]
+    expected = [bf.loop_call(f, p, c, x, fn=_log_prob) for f, p, c, x in jobs]
+    plain_flow, _, plain_c, plain_x = _naf(3)
+    plain_expected = plain_flow(plain_c).log_prob(plain_x)
+    results, errors, plain = [], [], []
+    done = threading.Event()
+
+    def work(i):
+        f, p, c, x = jobs[i]
+        try:
+            for _ in range(6):
+                y = bf.vmap_call(f, p, c, x, fn=_log_prob, fallback=False)
+                results.append(torch.allclose(y, expected[i], atol=1e-10))
+        except Exception as err:
+            errors.append(err)
+
+    def outside():  # zuko used directly, in a thread outside any bayesflow call
+        while not done.is_set():
+            plain.append(torch.allclose(plain_flow(plain_c).log_prob(plain_x), plain_expected))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    watcher = threading.Thread(target=outside)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    watcher.join()
+
+    assert not errors and len(results) == 12 and all(results)
+    assert plain and all(plain)
+
+
+def test_threads_on_the_same_module_are_serialized():
+    module = zuko.nn.MLP(3, 2, hidden_features=(16,))
+    before = _identity(module)
+    q = bf.init(module, -3.0)
+    x = torch.randn(6, 3)
+    samples = [bf.sample(q, 4) for _ in range(4)]
+    expected = [bf.loop_call(module, p, x) for p in samples]
+    ok = []
+
+    def work(i):
+        for _ in range(5):
+            ok.append(torch.allclose(bf.vmap_call(module, samples[i], x), expected[i], atol=1e-10))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert len(ok) == 20 and all(ok)
+    assert _unchanged(module, before)
+
+
+def _dropout_net():
+    return nn.Sequential(nn.Linear(3, 64), nn.Dropout(0.5), nn.Linear(64, 1)).train()
+
+
+def test_randomness_different_draws_independent_masks():
+    net = _dropout_net()
+    q = bf.init(net, -30.0)  # the weights barely vary: the spread is dropout's
+    x = torch.randn(2, 3)
+    K = 4000
+    params = bf.sample(q, K)
+
+    y = bf.vmap_call(net, params, x, randomness="different", fallback=False)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bf.VmapFallbackWarning)
+        y_loop = bf.vmap_call(net, params, x)  # falls back: the loop, one mask per sample
+
+    assert not torch.equal(y[0], y[1])
+    se = y_loop.std(0) / K**0.5
+    assert ((y.mean(0) - y_loop.mean(0)).abs() < 5 * 2**0.5 * se).all()
+    ratio = y.var(0) / y_loop.var(0)
+    assert ((ratio - 1).abs() < 5 * (4 / K) ** 0.5).all()
+
+
+def test_randomness_same_and_error():
+    net = _dropout_net()
+    q = bf.init(net, -30.0)
+    x = torch.randn(2, 3)
+    params = {k: v[:1].expand(3, *v.shape[1:]) for k, v in bf.sample(q, 1).items()}
+
+    y = bf.vmap_call(net, params, x, randomness="same", fallback=False)
+    assert torch.equal(y[0], y[1])  # one mask for all samples (and equal weights)
+    y = bf.vmap_call(net, params, x, randomness="different", fallback=False)
+    assert not torch.equal(y[0], y[1])
+    with pytest.raises(RuntimeError, match="randomness='different'"):
+        bf.vmap_call(net, params, x, randomness="error", fallback=False)
+    with pytest.raises(ValueError, match="vmap_call: expected randomness"):
+        bf.vmap_call(net, params, x, randomness="other")
+
+
+def test_randomness_reaches_nelbo_and_the_bridge():
+    net = _dropout_net()
+    q = bf.init(net, -6.0)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def ll(m, x, y):
+        return -(m(x) - y).square()
+
+    loss = bf.nelbo(net, q, x, y, fn=ll, num_data=8, n=4, randomness="different")
+    loss.backward()
+    assert q.mean["0.weight"].grad is not None
+    bnet = bf.BayesianModel(net, init_logvar=-6.0)
+    assert bnet(x, n=4, randomness="different", fallback=False).shape == (4, 8, 1)
+
+
+def test_none_outputs_pass_through():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    params = bf.sample(bf.init(mha, -3.0), 3)
+    x = torch.randn(2, 5, 8)
+
+    def fn(m, x):
+        return m(x, x, x, need_weights=False)
+
+    for call in (bf.vmap_call, bf.loop_call):
+        out, weights = call(mha, params, x, fn=fn)
+        assert out.shape == (3, 2, 5, 8) and weights is None
+
+
+def test_numpy_integers_are_ints():
+    net = zuko.nn.MLP(3, 2, hidden_features=(8,))
+    q = bf.init(net)
+    x = torch.randn(4, 3)
+    params = bf.sample(q, np.int64(4))
+
+    assert bf.vmap_call(net, params, x, chunk_size=np.int32(2)).shape == (4, 4, 2)
+    assert bf.local_call(net, q, np.int64(3), x).shape == (3, 4, 2)
+    assert bf.LinearWarmup(steps=np.int64(10))(np.int64(5)) == 0.5
+    probs = torch.softmax(torch.randn(10, 3), -1)
+    bf.expected_calibration_error(probs, torch.randint(0, 3, (10,)), bins=np.int64(5))
+
+
+@pytest.mark.parametrize("bad", [0.0, torch.tensor(0), "0"])
+def test_in_dims_entries_must_be_zero_or_none(bad):
+    net = zuko.nn.MLP(3, 2, hidden_features=(8,))
+    params = bf.sample(bf.init(net), 2)
+    with pytest.raises(ValueError, match="vmap_call: expected in_dims"):
+        bf.vmap_call(net, params, torch.randn(2, 4, 3), in_dims=[bad])
+
+
+def test_posterior_fields_and_dtype():
+    net = nn.Linear(3, 2)
+    q = bf.init(net)
+    with pytest.raises(TypeError, match=r"sample: expected posterior.mean to be a dict"):
+        bf.sample(bf.Posterior(list(q.mean.values()), q.logvar), 2)
+    wrong = bf.Posterior(
+        {k: v.float() for k, v in q.mean.items()}, {k: v.float() for k, v in q.logvar.items()}
+    )
+    with pytest.raises(
+        ValueError, match=r"mean_model: .*\(torch.float64 on cpu\), got torch.float32 on cpu"
+    ):
+        bf.mean_model(net, wrong)
+    with pytest.raises(
+        ValueError, match=r"local_call: .*torch.float64 on cpu.*torch.float32 on cpu"
+    ):
+        bf.local_call(net, wrong, 2, torch.randn(4, 3))
+    with pytest.raises(
+        ValueError, match=r"vmap_call: .*torch.float64 on cpu.*torch.float32 on cpu"
+    ):
+        bf.vmap_call(net, bf.sample(wrong, 2), torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"nelbo: .*torch.float64 on cpu.*torch.float32 on cpu"):
+        bf.nelbo(net, wrong, torch.randn(4, 3), fn=lambda m, x: m(x), num_data=4)
+
+
+def test_init_messages_show_patterns():
+    with pytest.raises(ValueError, match=r"include=\('nothing',\)"):
+        bf.init(nn.Linear(2, 2), include="nothing")
+    with pytest.raises(
+        TypeError, match=r"init: expected real floating-point parameters, got 'weight'"
+    ):
+        bf.init(nn.Linear(2, 2, dtype=torch.complex64))
