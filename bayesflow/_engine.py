@@ -128,24 +128,30 @@ def _vectorized(
     state: State,
 ) -> Any:
     buffers = _batched_buffers(st, module, n)
+    names, buffer_names = list(params), list(buffers)
+    flat = (*params.values(), *buffers.values(), *args)
+    split, end = len(names), len(names) + len(buffer_names)
     spec: list[Any] = []
 
-    def single(p: dict[str, Tensor], b: dict[str, Tensor], *a: Any) -> tuple[Tensor, ...]:
+    def single(*inputs: Any) -> tuple[Tensor, ...]:
+        # Flat inputs: vmap's pytree handling of nested dicts costs more than the swap.
+        p = dict(zip(names, inputs[:split], strict=True))
+        b = dict(zip(buffer_names, inputs[split:end], strict=True))
         with swapped(st, p, b):
-            out = fn(module, *a)
+            out = fn(module, *inputs[end:])
         leaves, s = flatten(where, out)
         spec[:] = [s]
         return leaves
 
     with ExitStack() as stack_:
-        stack_.enter_context(vmap_safe(st))
+        stack_.enter_context(vmap_safe(st.uses_zuko))
         stack_.enter_context(_torch_layers.vectorized(st, module))
         leaves = vmap(
             single,
-            in_dims=(0, 0, *dims),
+            in_dims=(*(0,) * end, *dims),
             chunk_size=chunk_size,
             randomness=randomness or "error",
-        )(dict(params), buffers, *args)
+        )(*flat)
 
     for name, stacked in buffers.items():
         state.set_averaged(name, stacked)

@@ -78,6 +78,8 @@ class Structure:
                     slots[canonical].append((d, attr))
 
         self._fingerprint = self._fingerprint_of()
+        # Zuko's lazy transforms run inside its modules: only those need the stand-ins.
+        self.uses_zuko = any(t.__module__.startswith("zuko.") for t in self.types.values())
 
     def _fingerprint_of(self) -> tuple:
         return tuple(
