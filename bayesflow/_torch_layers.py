@@ -6,6 +6,8 @@ r"""What torch's own layers need in a vectorized call, and nowhere else.
   takes torch's reference path with an explicit softmax: inside vmap the sampled
   parameters look grad-free, so eval mode would take torch's fused fast path, which has
   no backward, and CPU's fused attention kernel has no batching rule.
+* Weight normalization (:func:`torch.nn.utils.parametrizations.weight_norm`) computes its
+  norm with plain operations: `torch._weight_norm` has no batching rule.
 * Train-mode batch normalization updates per-sample copies of its running statistics,
   which the call then averages (see :class:`bayesflow._swap.State`).
 
@@ -21,9 +23,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from torch import Tensor
+from torch.nn.utils import parametrizations
 
 from ._recurrent import cell_forward, rnn_forward
 from ._swap import Structure, patched
@@ -32,7 +36,14 @@ _RNN_FORWARDS = {nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward}
 _CELL_FORWARDS = {nn.RNNCell.forward, nn.LSTMCell.forward, nn.GRUCell.forward}
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
 _MHA_FORWARD = nn.MultiheadAttention.forward
-_STANDINS = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention, nn.TransformerEncoderLayer)
+_WEIGHT_NORM = parametrizations._WeightNorm
+_STANDINS = (
+    nn.RNNBase,
+    nn.RNNCellBase,
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    _WEIGHT_NORM,
+)
 
 
 def _tracks(m: nn.Module) -> bool:
@@ -68,6 +79,15 @@ def _attention_forward(m: nn.MultiheadAttention) -> Any:
     return forward
 
 
+def _weight_norm_forward(m: Any) -> Any:
+    def forward(weight_g: Tensor, weight_v: Tensor) -> Tensor:
+        # torch._weight_norm has no batching rule (a slow per-sample fallback).
+        dims = [d for d in range(weight_v.dim()) if m.dim == -1 or d != m.dim % weight_v.dim()]
+        return weight_v * (weight_g / torch.linalg.vector_norm(weight_v, dim=dims, keepdim=True))
+
+    return forward
+
+
 def updated_buffers(st: Structure, module: nn.Module) -> list[str]:
     r"""Returns the buffers that a vectorized call updates per sample: the running
     statistics of train-mode batch normalization."""
@@ -97,6 +117,8 @@ def vectorized(st: Structure, module: nn.Module) -> Iterator[None]:
                 changes += [(m, "training", True), (m, "dropout", 0.0)]
         elif isinstance(m, nn.TransformerEncoderLayer) and not m.training:
             changes.append((m, "training", True))  # its own flag only gates the fast path
+        elif type(m) is _WEIGHT_NORM:
+            changes.append((m, "forward", _weight_norm_forward(m)))
 
     if not changes:
         yield

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from torch.nn.utils.parametrizations import weight_norm
+
 
 @dataclass
 class Arch:
@@ -119,6 +121,20 @@ ARCHS = {
         lambda: (torch.randn(2, 5, 8),),
     ),
     "transformer-encoder-eval": Arch(_encoder, lambda: (torch.randn(2, 5, 8),)),
+    "transformer-decoder-layer-eval": Arch(
+        lambda: nn.TransformerDecoderLayer(8, 2, 16, batch_first=True),
+        lambda: (torch.randn(2, 4, 8), torch.randn(2, 5, 8)),
+    ),
+    "transformer-eval": Arch(
+        lambda: nn.Transformer(8, 2, 1, 1, 16, batch_first=True),
+        lambda: (torch.randn(2, 4, 8), torch.randn(2, 5, 8)),
+    ),
+    "weight-norm": Arch(
+        lambda: nn.Sequential(
+            weight_norm(nn.Linear(3, 4)), nn.Tanh(), weight_norm(nn.Linear(4, 2), dim=None)
+        ),
+        lambda: (torch.randn(5, 3),),
+    ),
     "conv1d-stride-dilation": Arch(
         lambda: nn.Sequential(
             nn.Conv1d(2, 4, 3, stride=2, dilation=2, padding=1), nn.ELU(), nn.Flatten()
