@@ -32,6 +32,7 @@ __all__ = [
     "interval_coverage",
     "kl_divergence",
     "local_call",
+    "local_layers",
     "local_nelbo",
     "log_mean_probs",
     "loop_call",
@@ -61,7 +62,7 @@ from . import datasets  # noqa: F401
 from .bayesian import BayesianModel
 from .call import VmapFallbackWarning, loop_call, vmap_call
 from .flows import flow_sample
-from .local import local_call
+from .local import local_call, local_layers
 from .metrics import (
     CalibrationCurve,
     calibration_curve,

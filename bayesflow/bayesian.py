@@ -65,6 +65,12 @@ class BayesianModel(nn.Module):
             Unlike zuko's, a pattern matches whole segments only: `"1"` picks `1.weight`
             but not `10.weight`.
         exclude_params: Glob patterns of the parameters to leave deterministic.
+
+    Attributes:
+        base: The base model. Its own copies of the Bayesian parameters are not used by
+            the sampled models (as in zuko).
+        means: The posterior means, keyed by parameter name with `.` replaced by `-`.
+        logvars: The posterior log-variances, keyed as :attr:`means`.
     """
 
     # Recognized by the functional API, which never imports this module.
@@ -228,7 +234,14 @@ class BayesianModel(nn.Module):
 
     def kl_divergence(self, prior_var: float = 1.0) -> Tensor:
         r"""Returns the KL divergence between the posterior and the prior
-        :math:`\mathcal{N}(0, \mathrm{prior\_var})`, as :func:`bayesflow.kl_divergence`."""
+        :math:`\mathcal{N}(0, \mathrm{prior\_var})`, as :func:`bayesflow.kl_divergence`.
+
+        Arguments:
+            prior_var: The variance of the centred Gaussian prior.
+
+        Returns:
+            A scalar tensor, differentiable with respect to :attr:`means` and :attr:`logvars`.
+        """
 
         return _posterior.kl_divergence("BayesianModel.kl_divergence", self.posterior, prior_var)
 

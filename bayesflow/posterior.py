@@ -128,6 +128,9 @@ def sample(
 def std(posterior: Posterior) -> dict[str, Tensor]:
     r"""Returns the standard deviations :math:`\sigma` of a posterior, by name.
 
+    Arguments:
+        posterior: The posterior :math:`q`.
+
     Returns:
         Tensors of the parameters' shapes, differentiable with respect to `posterior`.
     """

@@ -27,6 +27,8 @@ class ConstantSchedule:
         check_number("ConstantSchedule", "weight", self.weight, 0.0, strict=False)
 
     def __call__(self, step: int) -> float:
+        r"""Returns the KL weight at training step `step >= 0`."""
+
         _check_step("ConstantSchedule", step)
         return float(self.weight)
 
@@ -62,6 +64,8 @@ class LinearWarmup:
         check_number("LinearWarmup", "start", self.start, 0.0, strict=False)
 
     def __call__(self, step: int) -> float:
+        r"""Returns the KL weight at training step `step >= 0`."""
+
         step = _check_step("LinearWarmup", step)
         return self.start + (self.weight - self.start) * min(step / self.steps, 1.0)
 
@@ -101,6 +105,8 @@ class CyclicalSchedule:
         check_number("CyclicalSchedule", "weight", self.weight, 0.0, strict=False)
 
     def __call__(self, step: int) -> float:
+        r"""Returns the KL weight at training step `step >= 0`."""
+
         step = _check_step("CyclicalSchedule", step)
         tau = (step % self.period) / self.period
         return self.weight * min(tau / self.ratio, 1.0)
