@@ -8,7 +8,6 @@ __all__ = ["VmapFallbackWarning", "check_chunk_size", "run"]
 import warnings
 
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -143,9 +142,7 @@ def _vectorized(
         spec[:] = [s]
         return leaves
 
-    with ExitStack() as stack_:
-        stack_.enter_context(vmap_safe(st.uses_zuko))
-        stack_.enter_context(_torch_layers.vectorized(st, module))
+    with vmap_safe(st.uses_zuko), _torch_layers.vectorized(st, module, params.keys()):
         leaves = vmap(
             single,
             in_dims=(*(0,) * end, *dims),

@@ -24,7 +24,7 @@ from ._checks import (
     check_posterior,
     describe,
 )
-from ._numerics import gaussian_kl, softclip
+from ._numerics import gaussian_kl, std
 from ._types import Posterior
 
 InitLogvar = float | Mapping[str, float | Tensor] | Callable[[str, Tensor], float | Tensor]
@@ -169,6 +169,18 @@ def init(
     )
 
 
+def _flat(posterior: Posterior, names: list[str]) -> tuple[Tensor, Tensor]:
+    r"""Returns the means and standard deviations of `names`, flat, in one tensor each."""
+
+    if len(names) == 1:
+        mean = posterior.mean[names[0]].reshape(-1)
+        logvar = posterior.logvar[names[0]].reshape(-1)
+    else:
+        mean = torch.cat([posterior.mean[k].reshape(-1) for k in names])
+        logvar = torch.cat([posterior.logvar[k].reshape(-1) for k in names])
+    return mean, std(logvar)
+
+
 def sample(
     where: str, posterior: Posterior, n: int, generator: torch.Generator | None
 ) -> dict[str, Tensor]:
@@ -185,17 +197,11 @@ def sample(
         means = [posterior.mean[k] for k in names]
         sizes = [m.numel() for m in means]
         eps = torch.randn(n, sum(sizes), generator=generator, device=device, dtype=dtype)
-
-        if len(names) == 1:
-            mean = means[0].reshape(-1)
-            logvar = posterior.logvar[names[0]].reshape(-1)
-        else:
-            mean = torch.cat([m.reshape(-1) for m in means])
-            logvar = torch.cat([posterior.logvar[k].reshape(-1) for k in names])
+        mean, sigma = _flat(posterior, names)
 
         # One fused pass over all K x P numbers: theta = mu + sigma * eps.
-        theta = torch.addcmul(mean, softclip(logvar).div(2).exp(), eps)
-        for name, m, t in zip(names, means, theta.split(sizes, dim=1), strict=True):
+        theta = torch.addcmul(mean, sigma, eps)
+        for name, m, t in zip(names, means, torch.split_with_sizes(theta, sizes, 1), strict=True):
             params[name] = t.view(n, *m.shape)
 
     return {name: params[name] for name in posterior.mean}

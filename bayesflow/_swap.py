@@ -77,20 +77,24 @@ class Structure:
                         self.aliases[name] = canonical
                     slots[canonical].append((d, attr))
 
+        self._dicts = [d for tables in self._tables for d in tables]
         self._fingerprint = self._fingerprint_of()
-        # Zuko's lazy transforms run inside its modules: only those need the stand-ins.
-        self.uses_zuko = any(t.__module__.startswith("zuko.") for t in self.types.values())
+        self.expected = {
+            name: (p.shape, p.dtype, p.device, p.dim() + 1) for name, p in self.params.items()
+        }
+        # Zuko's lazy transforms run inside its flows' modules: only those need the
+        # stand-ins (zuko.nn's networks are plain torch).
+        self.uses_zuko = any(
+            t.__module__.startswith("zuko.") and not t.__module__.startswith("zuko.nn")
+            for t in self.types.values()
+        )
 
     def _fingerprint_of(self) -> tuple:
-        return tuple(
-            (
-                tuple(p),
-                tuple(map(id, p.values())),
-                tuple(b),
-                tuple(map(id, b.values())),
-                tuple(map(id, c.values())),
-            )
-            for p, b, c in self._tables
+        # The objects every table holds, in order, and the tables' sizes: cheap to build,
+        # and any addition, removal or replacement changes it.
+        return (
+            tuple([id(v) for d in self._dicts for v in d.values()]),
+            tuple([len(d) for d in self._dicts]),
         )
 
     def is_current(self) -> bool:
@@ -108,9 +112,21 @@ class Structure:
         ]
 
 
-# Keyed weakly by module: an entry goes when its module does.
-_CACHE: weakref.WeakKeyDictionary[nn.Module, Structure] = weakref.WeakKeyDictionary()
+# Per module, by id (cheaper to look up than a weak dict); an entry goes with its module.
+_CACHE: dict[int, Structure] = {}
+_LOCKS: dict[int, threading.RLock] = {}
 _CACHE_LOCK = threading.Lock()
+
+
+def _forget(key: int) -> None:
+    _CACHE.pop(key, None)
+    _LOCKS.pop(key, None)
+
+
+def _track(module: nn.Module) -> None:
+    if id(module) not in _LOCKS:
+        _LOCKS[id(module)] = threading.RLock()
+        weakref.finalize(module, _forget, id(module))
 
 
 def structure(module: nn.Module) -> Structure:
@@ -119,37 +135,61 @@ def structure(module: nn.Module) -> Structure:
     if is_compiling():
         return Structure(module)
 
-    st = _CACHE.get(module)
+    st = _CACHE.get(id(module))
     if st is None or not st.is_current():
         st = Structure(module)
         with _CACHE_LOCK:
-            _CACHE[module] = st
+            _track(module)
+            _CACHE[id(module)] = st
     return st
-
-
-# One lock per module (not per structure: while a call holds tensors swapped in, the
-# module's structure looks different to anyone else).
-_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 
 
 def lock(module: nn.Module) -> Any:
     r"""Serializes bayesflow calls on one module across threads (not while compiling).
 
-    Acquire it before :func:`structure`, and hold it while tensors are swapped in.
+    One lock per module, not per structure: while a call holds tensors swapped in, the
+    module's structure looks different to anyone else. Acquire it before
+    :func:`structure`, and hold it while tensors are swapped in.
     """
 
     if is_compiling():
         return nullcontext()
-    found = _LOCKS.get(module)
+    found = _LOCKS.get(id(module))
     if found is None:
         with _CACHE_LOCK:
-            found = _LOCKS.setdefault(module, threading.RLock())
+            _track(module)
+            found = _LOCKS[id(module)]
     return found
 
 
 def check_params(where: str, st: Structure, module: nn.Module, params: object) -> int:
     r"""Validates sampled parameters `{name: (n, *shape)}` and returns `n`."""
 
+    # The common case in one pass; any doubt goes to the checks below, which say what.
+    if isinstance(params, Mapping) and params:
+        n = -1
+        expected = st.expected
+        for name, value in params.items():
+            e = expected.get(name)
+            if (
+                e is None
+                or not isinstance(value, Tensor)
+                or value.dim() != e[3]
+                or value.shape[1:] != e[0]
+                or value.dtype != e[1]
+                or value.device != e[2]
+                or (n >= 0 and value.shape[0] != n)
+            ):
+                break
+            n = value.shape[0]
+        else:
+            if n >= 1:
+                return n
+
+    return _check_params(where, st, module, params)
+
+
+def _check_params(where: str, st: Structure, module: nn.Module, params: object) -> int:
     if not isinstance(params, Mapping):
         raise TypeError(
             f"{where}: expected params to be a dict from parameter names to tensors, "
@@ -203,30 +243,43 @@ def check_params(where: str, st: Structure, module: nn.Module, params: object) -
     return n
 
 
-@contextmanager
-def swapped(
-    st: Structure,
-    params: Mapping[str, Tensor],
-    buffers: Mapping[str, Tensor] | None = None,
-) -> Iterator[None]:
+class swapped:
     r"""Puts `params` (and `buffers`) in every place that holds them, tied and shared
     places included, and puts the original objects back on exit."""
 
-    done: list[tuple[dict, str, Tensor]] = []
-    try:
-        for name, t in params.items():
-            for d, attr in st.slots[name]:
-                done.append((d, attr, d[attr]))
-                d[attr] = t
-        if buffers:
-            for name, t in buffers.items():
-                for d, attr in st.buffer_slots[name]:
+    __slots__ = ("buffers", "done", "params", "st")
+
+    def __init__(
+        self,
+        st: Structure,
+        params: Mapping[str, Tensor],
+        buffers: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        self.st, self.params, self.buffers = st, params, buffers
+        self.done: list[tuple[dict, str, Tensor]] = []
+
+    def __enter__(self) -> None:
+        done = self.done
+        try:
+            slots = self.st.slots
+            for name, t in self.params.items():
+                for d, attr in slots[name]:
                     done.append((d, attr, d[attr]))
                     d[attr] = t
-        yield
-    finally:
-        for d, attr, original in reversed(done):
+            if self.buffers:
+                slots = self.st.buffer_slots
+                for name, t in self.buffers.items():
+                    for d, attr in slots[name]:
+                        done.append((d, attr, d[attr]))
+                        d[attr] = t
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        for d, attr, original in reversed(self.done):
             d[attr] = original
+        self.done.clear()
 
 
 _MISSING = object()

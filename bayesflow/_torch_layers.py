@@ -19,16 +19,21 @@ from __future__ import annotations
 
 __all__ = ["hint", "updated_buffers", "vectorized"]
 
-from collections.abc import Iterator
+import sys
+
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from torch import Tensor
 from torch.nn.utils import parametrizations
 
+from ._compat import batched_at_current_level, is_compiling, unbatched, unwrap_at, wrap_at
+from ._layers import is_linear, mask_of
 from ._recurrent import cell_forward, rnn_forward
 from ._swap import Structure, patched
 
@@ -79,6 +84,47 @@ def _attention_forward(m: nn.MultiheadAttention) -> Any:
     return forward
 
 
+def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    r"""Returns :math:`x W^T + b` for a weight batched by vmap, as one batched matmul
+    with the bias fused (`baddbmm`), on the sample stacks themselves; torch's batching rule
+    for :func:`torch.nn.functional.linear` with a batched weight takes several kernels."""
+
+    level = batched_at_current_level(weight)
+    if level is None or weight.dim() != 2:
+        return F.linear(x, weight, bias)
+
+    w, w_dim = unwrap_at(weight, level)
+    v, x_dim = unwrap_at(x, level)
+    b, b_dim = unwrap_at(bias, level) if bias is not None else (None, None)
+    with unbatched():
+        w = w.movedim(w_dim, 0)
+        k, out, inputs = w.shape
+        if x_dim is None:  # an input shared by every sample
+            lead = v.shape[:-1]
+            v = v.reshape(1, -1, inputs).expand(k, -1, -1)
+        else:
+            v = v.movedim(x_dim, 0)
+            lead = v.shape[1:-1]
+            v = v.reshape(k, -1, inputs)
+        if b is None:
+            y = torch.bmm(v, w.transpose(1, 2))
+        else:
+            b = b if b_dim is None else b.movedim(b_dim, 0).unsqueeze(1)
+            y = torch.baddbmm(b, v, w.transpose(1, 2))
+        y = y.view(k, *lead, out)
+    return wrap_at(y, 0, level)
+
+
+def _linear_forward(m: nn.Module) -> Any:
+    mask = mask_of(m)
+
+    def forward(x: Tensor) -> Tensor:
+        weight = m.weight if mask is None else mask * m.weight
+        return batched_linear(x, weight, m.bias)
+
+    return forward
+
+
 def _weight_norm_forward(m: Any) -> Any:
     def forward(weight_g: Tensor, weight_v: Tensor) -> Tensor:
         # torch._weight_norm has no batching rule (a slow per-sample fallback).
@@ -86,6 +132,15 @@ def _weight_norm_forward(m: Any) -> Any:
         return weight_v * (weight_g / torch.linalg.vector_norm(weight_v, dim=dims, keepdim=True))
 
     return forward
+
+
+def _linear_types() -> tuple[type, ...]:
+    zuko_nn = sys.modules.get("zuko.nn")
+    return (nn.Linear,) if zuko_nn is None else (nn.Linear, zuko_nn.Linear)
+
+
+def _name(prefix: str, attr: str) -> str:
+    return f"{prefix}.{attr}" if prefix else attr
 
 
 def updated_buffers(st: Structure, module: nn.Module) -> list[str]:
@@ -101,10 +156,15 @@ def updated_buffers(st: Structure, module: nn.Module) -> list[str]:
 
 
 @contextmanager
-def vectorized(st: Structure, module: nn.Module) -> Iterator[None]:
-    r"""Prepares the torch layers of `module` for a vectorized pass."""
+def vectorized(st: Structure, module: nn.Module, sampled: Collection[str] = ()) -> Iterator[None]:
+    r"""Prepares the torch layers of `module` for a vectorized pass in which the
+    parameters `sampled` are batched."""
 
     changes: list[tuple[Any, str, Any]] = []
+    if not is_compiling():
+        for prefix, m in st.find(module, _linear_types()):
+            if is_linear(m) and m.weight.dim() == 2 and _name(prefix, "weight") in sampled:
+                changes.append((m, "forward", _linear_forward(m)))
     for _, m in st.find(module, _STANDINS):
         if isinstance(m, nn.RNNBase) and type(m).forward in _RNN_FORWARDS:
             changes.append((m, "forward", rnn_forward(m)))
