@@ -3,6 +3,10 @@ r"""The one place where bayesflow touches private or version-dependent torch API
 from __future__ import annotations
 
 __all__ = [
+    "BatchNorm",
+    "ConvNd",
+    "WeightNorm",
+    "allocated_bytes",
     "batched_at_current_level",
     "is_batched",
     "is_compiling",
@@ -17,12 +21,23 @@ import importlib
 import sys
 import warnings
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from torch import Tensor
 from torch._C import _functorch
+from torch.nn.utils import parametrizations
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+# torch's private base classes of the layers bayesflow handles specially.
+BatchNorm = nn.modules.batchnorm._BatchNorm
+ConvNd = nn.modules.conv._ConvNd
+WeightNorm = parametrizations._WeightNorm
 
 
 def is_compiling() -> bool:
@@ -62,11 +77,18 @@ def wrap_at(t: Tensor, dim: int, level: int) -> Tensor:
 _BATCHED = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchBatched)
 
 
-def unbatched() -> Any:
-    r"""Runs the operations of a block below vmap's batching, as a batching rule does
-    (torch's own `register_vmap` rules run this way)."""
+@contextmanager
+def unbatched() -> Iterator[None]:
+    r"""Runs the operations of a block below the current vmap level, as torch runs a
+    batching rule: the level is popped off functorch's stack (its operations then skip
+    functorch's dispatch altogether) and batching is excluded."""
 
-    return torch._C._ExcludeDispatchKeyGuard(_BATCHED)
+    saved = _functorch.pop_dynamic_layer_stack()
+    try:
+        with torch._C._ExcludeDispatchKeyGuard(_BATCHED):
+            yield
+    finally:
+        _functorch.push_dynamic_layer_stack(saved)
 
 
 def unwrap_batched(t: Tensor) -> Tensor:
@@ -90,3 +112,37 @@ def load_jvp_decompositions() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             importlib.import_module(name)
+
+
+class _Allocations(TorchDispatchMode):
+    r"""Sums the bytes of every tensor the operations of a block return (no frees are
+    subtracted: an upper bound of the block's peak memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # Views and in-place results share an input's storage: only new storage counts.
+        seen = {
+            t.untyped_storage().data_ptr()
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, Tensor)
+        }
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    self.bytes += storage.nbytes()
+        return out
+
+
+def allocated_bytes(call: Callable[[], Any]) -> int:
+    r"""Returns the bytes of new storage that the operations of `call()` allocate."""
+
+    with _Allocations() as counter:
+        call()
+    return counter.bytes

@@ -25,6 +25,7 @@ from ._checks import (
     check_randomness,
 )
 from ._errors import Passthrough
+from ._memory import auto_chunk_size, check_max_memory, per_sample_bytes
 from ._outputs import flatten, map_outputs, stack, unflatten
 from ._swap import State, Structure, check_params, lock, structure, swapped
 from ._vmap_safe import vmap_safe
@@ -40,10 +41,58 @@ def _default_fn(module: nn.Module, *args: Any) -> Any:
     return module(*args)
 
 
-def check_chunk_size(where: str, chunk_size: object) -> int | None:
-    if chunk_size is None:
-        return None
+def check_chunk_size(where: str, chunk_size: object) -> int | str | None:
+    if chunk_size is None or chunk_size == "auto":
+        return chunk_size
+    if isinstance(chunk_size, str):
+        raise ValueError(
+            f"{where}: expected chunk_size to be a positive int, 'auto' or None, "
+            f"got {chunk_size!r}"
+        )
     return check_int(where, "chunk_size", chunk_size, or_none=True)
+
+
+def _auto_chunk_size(
+    st: Structure,
+    module: nn.Module,
+    fn: Fn,
+    params: Mapping[str, Tensor],
+    n: int,
+    args: tuple,
+    dims: tuple,
+    max_memory: int | None,
+) -> int:
+    r"""Returns how many samples fit in `max_memory`, from what one sample allocates."""
+
+    key = (
+        id(fn),
+        torch.is_grad_enabled(),
+        tuple(params),
+        tuple(
+            (tuple(a.shape[1:] if d == 0 else a.shape), a.dtype)
+            if isinstance(a, Tensor)
+            else id(a)
+            for a, d in zip(args, dims, strict=True)
+        ),
+    )
+    per_sample = st.footprints.get(key)
+    if per_sample is None:
+
+        def one() -> None:
+            with swapped(st, {k: v[0] for k, v in params.items()}):
+                fn(module, *_index(args, dims, 0))
+
+        state = State(st)
+        try:
+            per_sample = per_sample_bytes(one)
+        finally:
+            state.restore()
+        st.footprints[key] = per_sample
+
+    like = next(iter(params.values()), None)
+    if like is None:
+        like = next((a for a in args if isinstance(a, Tensor)), torch.empty(0))
+    return auto_chunk_size(per_sample, n, like.device, max_memory)
 
 
 def _index(args: tuple, dims: tuple, i: int) -> tuple:
@@ -173,6 +222,7 @@ def run(
     randomness: str | None = None,
     vectorized: bool = True,
     n: int | None = None,
+    max_memory: int | None = None,
 ) -> Any:
     r"""Runs `fn(module, *args)` for every parameter set, vectorized or looped.
 
@@ -182,6 +232,7 @@ def run(
     check_module(where, module)
     check_callable(where, "fn", fn)
     chunk_size = check_chunk_size(where, chunk_size)
+    max_memory = check_max_memory(where, max_memory)
     randomness = check_randomness(where, randomness)
     fn = _default_fn if fn is None else fn
 
@@ -195,6 +246,8 @@ def run(
         if n == 1:  # a plain call costs less than vmap's fixed overhead
             return _single(where, st, module, fn, params, args, dims)
 
+        if chunk_size == "auto":
+            chunk_size = _auto_chunk_size(st, module, fn, params, n, args, dims, max_memory)
         state = State(st)
         try:
             return _vectorized(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from torch import Size, Tensor
 
+from ._compat import ConvNd
 from ._numerics import std as _std
 from ._numerics import var as _var
 
@@ -60,7 +61,7 @@ def is_conv(layer: nn.Module) -> bool:
     r"""Returns whether `layer` is a :class:`torch.nn.Conv1d`, `Conv2d` or `Conv3d` (or a
     subclass that keeps their `forward`)."""
 
-    return isinstance(layer, nn.modules.conv._ConvNd) and type(layer).forward in _CONV_FORWARDS
+    return isinstance(layer, ConvNd) and type(layer).forward in _CONV_FORWARDS
 
 
 def is_local(layer: nn.Module) -> bool:

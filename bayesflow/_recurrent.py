@@ -2,10 +2,9 @@ r"""Vmap-safe recurrent layers: :class:`torch.nn.RNN`, :class:`~torch.nn.LSTM`,
 :class:`~torch.nn.GRU` and their cells, with the sampled weights of a vectorized call.
 
 torch's fused recurrent kernels have no batching rule. Here the input projections of all
-time steps are one batched matmul, and the recurrence over time is a custom operator
-whose batching rule runs the steps on whole stacks of all the samples: a handful of
-kernels per step for all `K` samples, rather than vmap's per-operator dispatch per step.
-The equations are torch's.
+time steps are one einsum, and the recurrence over time runs below vmap on whole stacks
+of all the samples: a handful of kernels per step for all `K` samples, rather than
+vmap's per-operator dispatch per step. The equations are torch's.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from ._compat import is_batched
+from ._compat import batched_at_current_level, unbatched, unwrap_at, wrap_at
 
 
 def _tanh(x: Tensor) -> Tensor:
@@ -117,64 +116,6 @@ def _inputs(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, samples: bool) -> Tens
     return (y if b_ih is None else y + b_ih.unsqueeze(-1)).contiguous()
 
 
-@torch.library.custom_op("bayesflow::recurrence", mutates_args=())
-def _recurrence(
-    mode: str,
-    x: Tensor,
-    w_ih: Tensor,
-    b_ih: Tensor | None,
-    w_hh: Tensor,
-    b_hh: Tensor | None,
-    w_hr: Tensor | None,
-    h0: Tensor,
-    c0: Tensor,
-    reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    # Only ever called with batched inputs, which the batching rule below handles.
-    raise NotImplementedError("bayesflow::recurrence runs under vmap only")
-
-
-@_recurrence.register_vmap
-def _recurrence_vmap(
-    info: Any,
-    in_dims: tuple,
-    mode: str,
-    x: Tensor,
-    w_ih: Tensor,
-    b_ih: Tensor | None,
-    w_hh: Tensor,
-    b_hh: Tensor | None,
-    w_hr: Tensor | None,
-    h0: Tensor,
-    c0: Tensor,
-    reverse: bool,
-) -> tuple[tuple[Tensor, Tensor, Tensor], tuple]:
-    def front(t: Tensor | None, d: int | None) -> Tensor | None:
-        return t if t is None or d is None else t.movedim(d, 0)
-
-    def hidden_major(t: Tensor, d: int | None) -> Tensor:  # (N, H) -> ([K,] H, N)
-        return front(t, d).transpose(-1, -2).contiguous()
-
-    _, d_x, d_wih, d_bih, d_whh, d_bhh, d_whr, d_h0, d_c0, _ = in_dims
-    b_ih, b_hh = front(b_ih, d_bih), front(b_hh, d_bhh)
-    xs = _inputs(front(x, d_x), front(w_ih, d_wih), b_ih, samples=d_x is not None)
-
-    out, h, c = _steps(
-        mode,
-        xs,
-        front(w_hh, d_whh),
-        None if b_hh is None else b_hh.unsqueeze(-1),
-        front(w_hr, d_whr),
-        hidden_major(h0, d_h0),
-        hidden_major(c0, d_c0),
-        reverse,
-    )
-    out, h, c = out.transpose(-1, -2), h.transpose(-1, -2), c.transpose(-1, -2)
-    # Per sample, `out` is (L, N, H) and `h`, `c` are (N, H): an extra dim is the samples'.
-    dims = (1 if out.dim() == 4 else None, 0 if h.dim() == 3 else None)
-    return (out, h, c), (*dims, 0 if c.dim() == 3 else None)
-
-
 def _scan(
     mode: str,
     x: Tensor,
@@ -187,23 +128,59 @@ def _scan(
     c0: Tensor,
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Runs one direction of one layer over the time-major `x` `(L, N, I)`."""
+    r"""Runs one direction of one layer over the time-major `x` `(L, N, I)`.
+
+    Under vmap, this is a batching rule of bayesflow's: the recurrence runs below vmap,
+    on the sample stacks themselves (`(K, ...)`, the sample dim first), so that every
+    step is a handful of kernels for all samples rather than vmap's dispatch per
+    operator per step.
+    """
 
     tensors = (x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0)
-    if any(t is not None and is_batched(t) for t in tensors):
-        return _recurrence(mode, x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, reverse)
-
-    out, h, c = _steps(
-        mode,
-        _inputs(x, w_ih, b_ih, samples=False),
-        w_hh,
-        None if b_hh is None else b_hh.unsqueeze(-1),
-        w_hr,
-        h0.transpose(-1, -2),
-        c0.transpose(-1, -2),
-        reverse,
+    level = next(
+        (lv for t in tensors if t is not None and (lv := batched_at_current_level(t))), None
     )
-    return out.transpose(-1, -2), h.transpose(-1, -2), c.transpose(-1, -2)
+    if level is None:
+        out, h, c = _steps(
+            mode,
+            _inputs(x, w_ih, b_ih, samples=False),
+            w_hh,
+            None if b_hh is None else b_hh.unsqueeze(-1),
+            w_hr,
+            h0.transpose(-1, -2),
+            c0.transpose(-1, -2),
+            reverse,
+        )
+        return out.transpose(-1, -2), h.transpose(-1, -2), c.transpose(-1, -2)
+
+    def front(t: Tensor | None) -> tuple[Tensor | None, bool]:
+        if t is None:
+            return None, False
+        v, d = unwrap_at(t, level)
+        return (v, False) if d is None else (v.movedim(d, 0), True)
+
+    (x, x_k), (w_ih, _), (b_ih, _), (w_hh, _), (b_hh, _), (w_hr, _), (h0, _), (c0, _) = (
+        front(t) for t in tensors
+    )
+    with unbatched():
+        # Per sample h0 is (N, H): hidden-major ([K,] H, N), contiguous.
+        out, h, c = _steps(
+            mode,
+            _inputs(x, w_ih, b_ih, samples=x_k),
+            w_hh,
+            None if b_hh is None else b_hh.unsqueeze(-1),
+            w_hr,
+            h0.transpose(-1, -2).contiguous(),
+            c0.transpose(-1, -2).contiguous(),
+            reverse,
+        )
+        out, h, c = out.transpose(-1, -2), h.transpose(-1, -2), c.transpose(-1, -2)
+
+    # Per sample `out` is (L, N, H) and `h`, `c` are (N, H): an extra dim is the samples'.
+    out = wrap_at(out, 1, level) if out.dim() == 4 else out
+    h = wrap_at(h, 0, level) if h.dim() == 3 else h
+    c = wrap_at(c, 0, level) if c.dim() == 3 else c
+    return out, h, c
 
 
 def _run_rnn(m: nn.RNNBase, input: Any, hx: Any) -> tuple[Tensor, Any]:

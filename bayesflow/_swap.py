@@ -78,6 +78,7 @@ class Structure:
                     slots[canonical].append((d, attr))
 
         self._dicts = [d for tables in self._tables for d in tables]
+        self.footprints: dict[tuple, int] = {}  # bytes per sample, by call (chunk_size="auto")
         self._fingerprint = self._fingerprint_of()
         self.expected = {
             name: (p.shape, p.dtype, p.device, p.dim() + 1) for name, p in self.params.items()

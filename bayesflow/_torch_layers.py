@@ -30,24 +30,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torch import Tensor
-from torch.nn.utils import parametrizations
 
-from ._compat import batched_at_current_level, is_compiling, unbatched, unwrap_at, wrap_at
+from ._compat import (
+    BatchNorm,
+    WeightNorm,
+    batched_at_current_level,
+    is_compiling,
+    unbatched,
+    unwrap_at,
+    wrap_at,
+)
 from ._layers import is_linear, mask_of
 from ._recurrent import cell_forward, rnn_forward
 from ._swap import Structure, patched
 
 _RNN_FORWARDS = {nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward}
 _CELL_FORWARDS = {nn.RNNCell.forward, nn.LSTMCell.forward, nn.GRUCell.forward}
-_BATCH_NORM = nn.modules.batchnorm._BatchNorm
 _MHA_FORWARD = nn.MultiheadAttention.forward
-_WEIGHT_NORM = parametrizations._WeightNorm
 _STANDINS = (
     nn.RNNBase,
     nn.RNNCellBase,
     nn.MultiheadAttention,
     nn.TransformerEncoderLayer,
-    _WEIGHT_NORM,
+    WeightNorm,
 )
 
 
@@ -148,7 +153,7 @@ def updated_buffers(st: Structure, module: nn.Module) -> list[str]:
     statistics of train-mode batch normalization."""
 
     names = []
-    for prefix, m in st.find(module, _BATCH_NORM):
+    for prefix, m in st.find(module, BatchNorm):
         if _tracks(m) and m.momentum is not None:
             p = f"{prefix}." if prefix else ""
             names += [p + "running_mean", p + "running_var", p + "num_batches_tracked"]
@@ -177,7 +182,7 @@ def vectorized(st: Structure, module: nn.Module, sampled: Collection[str] = ()) 
                 changes += [(m, "training", True), (m, "dropout", 0.0)]
         elif isinstance(m, nn.TransformerEncoderLayer) and not m.training:
             changes.append((m, "training", True))  # its own flag only gates the fast path
-        elif type(m) is _WEIGHT_NORM:
+        elif type(m) is WeightNorm:
             changes.append((m, "forward", _weight_norm_forward(m)))
 
     if not changes:
@@ -197,7 +202,7 @@ def hint(st: Structure, module: nn.Module, err: BaseException) -> str:
             "; fn draws random numbers (e.g. dropout in training mode): pass "
             "randomness='different' for independent draws per sample, or call module.eval()"
         )
-    for _, m in st.find(module, _BATCH_NORM):
+    for _, m in st.find(module, BatchNorm):
         if _tracks(m) and m.momentum is None:
             return (
                 "; BatchNorm with momentum=None (a cumulative average) cannot update its "

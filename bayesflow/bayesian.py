@@ -255,6 +255,7 @@ class BayesianModel(nn.Module):
         fallback: bool = True,
         in_dims: Sequence[int | None] | None = None,
         randomness: str | None = None,
+        max_memory: int | None = None,
     ) -> Any:
         r"""Runs `fn(base, *args)` with parameters sampled from the posterior.
 
@@ -276,7 +277,8 @@ class BayesianModel(nn.Module):
             fn: What to compute, `fn(base, *args)`; `base(*args)` if :py:`None`. It must
                 return tensors: for a flow, `fn=lambda f, c, x: f(c).log_prob(x)`.
             generator: The source of randomness; the global one if :py:`None`.
-            chunk_size, fallback, in_dims, randomness: As in :func:`bayesflow.vmap_call`.
+            chunk_size, fallback, in_dims, randomness, max_memory: As in
+                :func:`bayesflow.vmap_call`.
 
         Returns:
             The outputs of `fn`, stacked on a leading dim of size `n` if `n` is given.
@@ -295,6 +297,7 @@ class BayesianModel(nn.Module):
             fallback=fallback,
             in_dims=in_dims,
             randomness=randomness,
+            max_memory=max_memory,
         )
 
         return out if n is not None else map_outputs(where, lambda t: t.squeeze(0), out)

@@ -55,6 +55,7 @@ def vmap_call(
     fallback: bool = True,
     in_dims: Sequence[int | None] | None = None,
     randomness: str | None = None,
+    max_memory: int | None = None,
 ) -> Any:
     r"""Runs `fn(module, *args)` for every parameter set in one vectorized pass.
 
@@ -82,9 +83,12 @@ def vmap_call(
         args: The arguments of `fn`, shared by every sample unless `in_dims` says otherwise.
         fn: What to compute, `fn(module, *args)`; `module(*args)` if :py:`None`. It must
             return tensors, :py:`None`, or tuples, lists or dicts of them.
-        chunk_size: The number of samples per vectorized chunk; all at once if :py:`None`.
-            Chunking saves memory and changes no number (unless `fn` draws random
-            numbers itself, with `randomness="different"`).
+        chunk_size: The number of samples per vectorized chunk; all at once if :py:`None`;
+            with `"auto"`, as many as fit in `max_memory`, from the memory one sample's
+            call allocates (measured once per module, `fn` and argument shapes, by counting
+            the bytes of every tensor its operations return: an upper bound). Chunking
+            saves memory and changes no number (unless `fn` draws random numbers itself,
+            with `randomness="different"`).
         fallback: What to do where vmap cannot run `fn`: if :py:`True`, warn with
             :class:`VmapFallbackWarning` and run :func:`loop_call` from the state the call
             found; else raise.
@@ -95,6 +99,8 @@ def vmap_call(
             independently for every sample, `"same"` draws once for all samples. If
             :py:`None`, they are refused by vmap and the call falls back to the loop
             (where every sample draws its own).
+        max_memory: The memory budget of `chunk_size="auto"`, in bytes; by default half
+            the device's free memory (on the CPU, half the available physical memory).
 
     Returns:
         The outputs of `fn` stacked on a new leading dim of size `n`, differentiable with
@@ -115,4 +121,5 @@ def vmap_call(
         fallback=fallback,
         in_dims=in_dims,
         randomness=randomness,
+        max_memory=max_memory,
     )

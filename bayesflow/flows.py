@@ -113,6 +113,7 @@ def flow_sample(
     chunk_size: int | None = None,
     fallback: bool = True,
     vectorized: bool = True,
+    max_memory: int | None = None,
 ) -> Tensor:
     r"""Draws samples from a Bayesian flow, for every posterior sample in one pass.
 
@@ -136,7 +137,7 @@ def flow_sample(
         c: The context, shared by every parameter set; :py:`None` if unconditional.
         shape: The sample shape per parameter set, as in `rsample(shape)`.
         generator: The source of the noise; the global generator if :py:`None`.
-        chunk_size: As in :func:`bayesflow.vmap_call`.
+        chunk_size, max_memory: As in :func:`bayesflow.vmap_call`.
         fallback: As in :func:`bayesflow.vmap_call`.
         vectorized: Whether to use :func:`bayesflow.vmap_call` or, the oracle,
             :func:`bayesflow.loop_call`. Both give the same numbers for the same generator
@@ -203,4 +204,5 @@ def flow_sample(
         fallback=fallback,
         in_dims=in_dims,
         vectorized=vectorized,
+        max_memory=max_memory,
     )

@@ -143,6 +143,7 @@ def local_call(
     fallback: bool = True,
     randomness: str | None = None,
     vectorized: bool = True,
+    max_memory: int | None = None,
 ) -> Any:
     r"""Runs `fn(module, *args)` for `n` posterior samples with noise on the outputs of
     the linear and convolutional layers rather than on their weights.
@@ -196,7 +197,8 @@ def local_call(
             return tensors (or tuples, lists or dicts of them).
         generator: The source of all the noise; the global one if :py:`None`.
         flipout: Whether to use Flipout instead of the local reparameterization trick.
-        in_dims, chunk_size, fallback, randomness: As in :func:`bayesflow.vmap_call`.
+        in_dims, chunk_size, fallback, randomness, max_memory: As in
+            :func:`bayesflow.vmap_call`.
         vectorized: Whether to run vectorized or, the oracle, in a loop.
 
     Returns:
@@ -277,6 +279,7 @@ def local_call(
                     fallback,
                     randomness,
                     vectorized,
+                    max_memory,
                     fresh=attempt > 0,
                 )
             except _StaleShapes:
@@ -305,6 +308,7 @@ def _local_call(
     fallback: bool,
     randomness: str | None,
     vectorized: bool,
+    max_memory: int | None,
     fresh: bool,
 ) -> Any:
     cache = _CALLS.setdefault(module, {})
@@ -377,4 +381,5 @@ def _local_call(
             randomness=randomness,
             vectorized=vectorized,
             n=n,
+            max_memory=max_memory,
         )

@@ -51,6 +51,7 @@ def nelbo(
     estimator: str = "weights",
     vectorized: bool = True,
     randomness: str | None = None,
+    max_memory: int | None = None,
 ) -> Tensor:
     r"""Returns the negative ELBO per datum, with `n` posterior samples in one vectorized pass.
 
@@ -96,7 +97,7 @@ def nelbo(
         kl_weight: The weight :math:`\beta \geq 0` of the KL term.
         generator: The source of all the randomness; the global one if :py:`None`.
             The same state gives the same loss, whatever `chunk_size`.
-        chunk_size, in_dims, randomness: As in :func:`bayesflow.vmap_call`.
+        chunk_size, in_dims, randomness, max_memory: As in :func:`bayesflow.vmap_call`.
         estimator: How the model is sampled: `"weights"` (whole weight samples, through
             :func:`bayesflow.vmap_call`), `"local"` (the local reparameterization trick)
             or `"flipout"`, both through :func:`bayesflow.local_call`: same estimand,
@@ -147,6 +148,7 @@ def _nelbo(
     estimator: str = "weights",
     vectorized: bool = True,
     randomness: str | None = None,
+    max_memory: int | None = None,
 ) -> Tensor:
     check_module(where, module)
     check_not_bridge(where, module)
@@ -185,6 +187,7 @@ def _nelbo(
             in_dims=in_dims,
             randomness=randomness,
             vectorized=vectorized,
+            max_memory=max_memory,
         )
     else:
         ll = local_call(
@@ -199,6 +202,7 @@ def _nelbo(
             chunk_size=chunk_size,
             randomness=randomness,
             vectorized=vectorized,
+            max_memory=max_memory,
         )
 
     if not isinstance(ll, Tensor) or ll.dim() == 0 or ll.shape[0] != n:

@@ -315,3 +315,35 @@ def test_init_messages_show_patterns():
         TypeError, match=r"init: expected real floating-point parameters, got 'weight'"
     ):
         bf.init(nn.Linear(2, 2, dtype=torch.complex64))
+
+
+def test_auto_chunk_size_fits_the_budget(monkeypatch):
+    from bayesflow import _engine, _memory
+
+    net = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 8))
+    params = bf.sample(bf.init(net, -3.0), 40)
+    x = torch.randn(32, 8)
+    per_sample = _memory.per_sample_bytes(lambda: net(x))
+    assert per_sample >= 32 * 256 * 8  # at least the hidden activations, in float64
+
+    chunks = []
+    vmap = _engine.vmap
+
+    def recording(*args, chunk_size=None, **kwargs):
+        chunks.append(chunk_size)
+        return vmap(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(_engine, "vmap", recording)
+    budget = 5 * per_sample + 1
+    y = bf.vmap_call(net, params, x, chunk_size="auto", max_memory=budget, fallback=False)
+
+    assert chunks == [5]  # as many samples as fit
+    assert torch.allclose(y, bf.loop_call(net, params, x), atol=1e-10)
+    with pytest.raises(ValueError, match="vmap_call: expected chunk_size to be a positive int, 'auto'"):
+        bf.vmap_call(net, params, x, chunk_size="big")
+    with pytest.raises(ValueError, match="vmap_call: expected max_memory"):
+        bf.vmap_call(net, params, x, chunk_size="auto", max_memory=0)
+    # at least one sample per chunk, and no more chunks than samples
+    bf.vmap_call(net, params, x, chunk_size="auto", max_memory=1)
+    bf.vmap_call(net, params, x, chunk_size="auto")
+    assert chunks[-2] == 1 and chunks[-1] == 40
