@@ -14,6 +14,7 @@ __all__ = ["cell_forward", "rnn_forward"]
 from collections.abc import Callable
 from typing import Any
 
+import einops
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -107,10 +108,10 @@ def _inputs(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, samples: bool) -> Tens
     One einsum: a batched matmul against a broadcast input costs ten times more.
     """
 
-    w = "kgi" if w_ih.dim() == 3 else "gi"
-    xs = "klni" if samples else "lni"
-    out = "lkgn" if samples or w_ih.dim() == 3 else "lgn"
-    y = torch.einsum(f"{w},{xs}->{out}", w_ih, x)
+    k = "k" if samples or w_ih.dim() == 3 else ""
+    w = "k gate i" if w_ih.dim() == 3 else "gate i"
+    xs = "k time n i" if samples else "time n i"
+    y = einops.einsum(w_ih, x, f"{w}, {xs} -> time {k} gate n")
     # Contiguous in time-major order (einsum returns a permuted view): each step then
     # reads one slab.
     return (y if b_ih is None else y + b_ih.unsqueeze(-1)).contiguous()
@@ -170,8 +171,8 @@ def _scan(
             w_hh,
             None if b_hh is None else b_hh.unsqueeze(-1),
             w_hr,
-            h0.transpose(-1, -2).contiguous(),
-            c0.transpose(-1, -2).contiguous(),
+            einops.rearrange(h0, "... n h -> ... h n").contiguous(),
+            einops.rearrange(c0, "... n h -> ... h n").contiguous(),
             reverse,
         )
         out, h, c = out.transpose(-1, -2), h.transpose(-1, -2), c.transpose(-1, -2)

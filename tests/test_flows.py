@@ -1,6 +1,7 @@
 r"""Every zuko flow on the vectorized path, against the loop oracle and zuko itself."""
 
 import copy
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -313,6 +314,68 @@ def test_fixed_piece_left_alone(monkeypatch):
 
     assert seen[0] is merge
     assert zuko.transforms.CouplingTransform.merge is merge
+    assert torch.allclose(y, bf.loop_call(flow, draw(q), c, x, fn=log_prob), atol=tight())
+
+
+def _changed_merge():
+    # As a future zuko might have it: its own function, which no longer takes the probe's
+    # one-dimensional input (but still works in the flows).
+    merge = zuko.transforms.CouplingTransform.merge
+
+    def changed(self, x_a, x_b, shape):
+        if len(shape) < 2:
+            raise TypeError("merge: expected a batch dim")
+        return merge(self, x_a, x_b, shape)
+
+    changed.__module__, changed.__qualname__ = "zuko.transforms", "CouplingTransform.merge"
+    return changed
+
+
+def test_a_changed_zuko_piece_is_left_alone_with_a_warning(monkeypatch):
+    monkeypatch.setattr(_vmap_safe, "_WARNED", set())
+    changed = _changed_merge()
+    monkeypatch.setattr(zuko.transforms.CouplingTransform, "merge", changed)
+    flow, q = setup("RealNVP")
+    c, x = torch.randn(B, C), torch.randn(B, F)
+
+    with pytest.warns(RuntimeWarning, match=r"zuko .*'s merge no longer runs the probe"):
+        with pytest.warns(bf.VmapFallbackWarning):
+            y = bf.vmap_call(flow, draw(q), c, x, fn=log_prob)
+
+    assert zuko.transforms.CouplingTransform.merge is changed
+    assert torch.allclose(y, bf.loop_call(flow, draw(q), c, x, fn=log_prob), atol=tight())
+
+
+def test_a_stand_in_that_disagrees_is_not_used(monkeypatch):
+    monkeypatch.setattr(_vmap_safe, "_WARNED", set())
+    monkeypatch.setattr(_vmap_safe, "_VERDICTS", {})
+
+    def wrong(self, x_a, x_b, shape):
+        return 2 * _vmap_safe._safe.coupling_merge(self, x_a, x_b, shape)
+
+    pieces = tuple(
+        dataclasses.replace(p, replacement=wrong) if p.name == "merge" else p
+        for p in _vmap_safe._PIECES
+    )
+    monkeypatch.setattr(_vmap_safe, "_PIECES", pieces)
+    flow, q = setup("RealNVP")
+    c, x = torch.randn(B, C), torch.randn(B, F)
+
+    with pytest.warns(RuntimeWarning, match="stand-in for zuko .*'s merge does not reproduce it"):
+        with pytest.raises(RuntimeError, match="vmap cannot run RealNVP"):
+            bf.vmap_call(flow, draw(q), c, x, fn=log_prob, fallback=False)
+
+
+def test_zuko_outside_the_tested_range_warns_once(monkeypatch):
+    monkeypatch.setattr(_vmap_safe, "_WARNED", set())
+    monkeypatch.setattr(zuko, "__version__", "9.0.0")
+    flow, q = setup("NAF")
+    c, x = torch.randn(B, C), torch.randn(B, F)
+
+    with pytest.warns(RuntimeWarning, match=r"zuko 9.0.0 is outside the tested range \(1.6.x\)"):
+        y = bf.vmap_call(flow, draw(q), c, x, fn=log_prob, fallback=False)
+    bf.vmap_call(flow, draw(q), c, x, fn=log_prob, fallback=False)  # once: no warning now
+
     assert torch.allclose(y, bf.loop_call(flow, draw(q), c, x, fn=log_prob), atol=tight())
 
 
