@@ -20,6 +20,7 @@ __all__ = [
     "ScaleMixturePrior",
     "Summary",
     "VmapFallbackWarning",
+    "auroc",
     "calibration_curve",
     "categorical_nll",
     "classification_summary",
@@ -65,6 +66,7 @@ from .flows import flow_sample
 from .local import local_call, local_layers
 from .metrics import (
     CalibrationCurve,
+    auroc,
     calibration_curve,
     categorical_nll,
     expected_calibration_error,

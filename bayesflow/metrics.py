@@ -5,6 +5,7 @@ from __future__ import annotations
 
 __all__ = [
     "CalibrationCurve",
+    "auroc",
     "calibration_curve",
     "categorical_nll",
     "expected_calibration_error",
@@ -225,3 +226,65 @@ def interval_coverage(lower: Tensor, upper: Tensor, y: Tensor) -> Tensor:
     inside = (lower <= y) & (y <= upper)
 
     return inside.to(y.dtype).mean()
+
+
+def auroc(scores: Tensor, labels: Tensor) -> Tensor:
+    r"""Returns the area under the ROC curve of `scores` separating positive from negative
+    labels: the probability that a random positive scores higher than a random negative,
+    ties counting one half (the Mann-Whitney statistic).
+
+    For out-of-distribution detection, the scores are an uncertainty (e.g.
+    :func:`predictive_entropy` or :func:`mutual_information`) and the positives the
+    out-of-distribution inputs: 1 separates them perfectly, 0.5 is chance.
+
+    Example:
+        >>> auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
+        tensor(0.7500)
+
+    Arguments:
+        scores: The scores, with shape `(N,)`, floating-point.
+        labels: Binary labels (`bool`, or integers in :math:`\{0, 1\}`), with shape `(N,)`,
+            with at least one of each.
+
+    Returns:
+        A scalar tensor, in :math:`[0, 1]`, of the dtype of `scores`.
+
+    References:
+        | The meaning and use of the area under a receiver operating characteristic (ROC)
+        | curve (Hanley et al., 1982) https://doi.org/10.1148/radiology.143.1.7063747
+    """
+
+    where = "auroc"
+    s = check_float(where, "scores", check_tensor(where, "scores", scores, min_dim=1))
+    y = check_tensor(where, "labels", labels, min_dim=1)
+    if s.dim() != 1 or y.shape != s.shape:
+        raise ValueError(
+            f"{where}: expected scores and labels of the same shape (N,), got "
+            f"{tuple(s.shape)} and {tuple(y.shape)}"
+        )
+    if y.is_floating_point() or y.is_complex() or not ((y == 0) | (y == 1)).all():
+        raise ValueError(f"{where}: expected binary labels (bool, 0 or 1), got {y.dtype} values")
+    if torch.isnan(s).any():
+        raise ValueError(f"{where}: expected scores without NaN, got some")
+    positive = y.bool()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(
+            f"{where}: expected at least one positive and one negative label, got {n_pos} "
+            f"positives and {n_neg} negatives"
+        )
+
+    # Average ranks (ties share the mean of their ranks), then Mann-Whitney's U.
+    order = s.argsort()
+    sorted_s = s[order]
+    ranks = torch.empty_like(s)
+    ranks[order] = torch.arange(1, len(s) + 1, dtype=s.dtype, device=s.device)
+    _, inverse, counts = torch.unique_consecutive(
+        sorted_s, return_inverse=True, return_counts=True
+    )
+    ends = counts.cumsum(0).to(s.dtype)
+    mean_rank = ends - (counts.to(s.dtype) - 1) / 2
+    ranks[order] = mean_rank[inverse]
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
+
+    return u / (n_pos * n_neg)

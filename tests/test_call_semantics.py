@@ -339,7 +339,9 @@ def test_auto_chunk_size_fits_the_budget(monkeypatch):
 
     assert chunks == [5]  # as many samples as fit
     assert torch.allclose(y, bf.loop_call(net, params, x), atol=1e-10)
-    with pytest.raises(ValueError, match="vmap_call: expected chunk_size to be a positive int, 'auto'"):
+    with pytest.raises(
+        ValueError, match="vmap_call: expected chunk_size to be a positive int, 'auto'"
+    ):
         bf.vmap_call(net, params, x, chunk_size="big")
     with pytest.raises(ValueError, match="vmap_call: expected max_memory"):
         bf.vmap_call(net, params, x, chunk_size="auto", max_memory=0)

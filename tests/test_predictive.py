@@ -619,3 +619,22 @@ def test_nan_propagates_as_in_torch_quantile():
     assert lower[0].isnan() and upper[0].isnan() and not lower[1].isnan()
     s = bf.summarize(x)
     assert all(t[0].isnan() and not t[1].isnan() for t in s)
+
+
+def test_auroc_against_the_pairwise_definition():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (40,), generator=g).double()  # many ties
+    labels = torch.randint(0, 2, (40,), generator=g)
+
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
+    assert torch.allclose(bf.auroc(scores, labels), pairs.mean(), atol=1e-12)
+    assert bf.auroc(torch.tensor([0.0, 1.0]), torch.tensor([False, True])) == 1.0
+    assert bf.auroc(torch.tensor([1.0, 0.0]), torch.tensor([0, 1])) == 0.0
+
+    with pytest.raises(ValueError, match="auroc: expected at least one positive and one negative"):
+        bf.auroc(torch.tensor([0.0, 1.0]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="auroc: expected binary labels"):
+        bf.auroc(torch.tensor([0.0, 1.0]), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="auroc: expected scores and labels of the same shape"):
+        bf.auroc(torch.tensor([0.0, 1.0]), torch.tensor([0, 1, 1]))
