@@ -5,7 +5,7 @@ samples evaluated in one :func:`torch.func.vmap` pass, and :class:`BayesianModel
 drop-in superset of :class:`zuko.bayesian.BayesianModel`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BayesianModel",

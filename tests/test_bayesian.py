@@ -13,7 +13,7 @@ import bayesflow as bf
 import bayesflow._compat
 import bayesflow._swap
 
-from .helpers import log_prob, snapshot, unchanged
+from .registry import log_prob, snapshot, unchanged
 
 CONFIGS = {
     "mlp": (lambda: zuko.nn.MLP(5, 5, hidden_features=(16, 16), activation=nn.ELU), {}),
@@ -270,19 +270,6 @@ def test_swap_restores_on_error():
         raise KeyError("boom")
 
     assert net.weight is weight
-
-
-def test_unwrap_batched_reads_through_vmap():
-    seen = []
-
-    def f(x):
-        seen.append(bayesflow._compat.unwrap_batched(x))
-        return x * 2
-
-    torch.func.vmap(torch.func.vmap(f))(torch.arange(6.0).view(2, 3))
-
-    assert torch.equal(seen[0], torch.arange(6.0).view(2, 3))
-    assert bayesflow._compat.unwrap_batched(torch.ones(2)).shape == (2,)
 
 
 def test_init_logvar_noise_like_zuko():

@@ -13,7 +13,7 @@ import zuko
 
 import bayesflow as bf
 
-from .architectures import TiedLM
+from .registry import TiedLM
 
 
 def _shared():

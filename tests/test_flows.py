@@ -17,34 +17,9 @@ import bayesflow as bf
 from bayesflow import _vmap_safe
 from bayesflow.flows import flow_sample
 
-F, C, B, K = 3, 2, 4, 3
-HIDDEN = {"hidden_features": (16, 16)}
+from .registry import FLOWS, FLOWS_ONLY, INVERTED, NO_LOOP_GRAD, C, F
 
-FLOWS = {
-    "NICE": lambda: zuko.flows.NICE(F, C, transforms=2, **HIDDEN),
-    "RealNVP": lambda: zuko.flows.RealNVP(F, C, transforms=2, **HIDDEN),
-    "MAF": lambda: zuko.flows.MAF(F, C, transforms=2, **HIDDEN),
-    "NSF": lambda: zuko.flows.NSF(F, C, transforms=2, **HIDDEN),
-    "NCSF": lambda: zuko.flows.NCSF(F, C, transforms=2, **HIDDEN),
-    "SOSPF": lambda: zuko.flows.SOSPF(F, C, transforms=2, **HIDDEN),
-    "NAF": lambda: zuko.flows.NAF(
-        F, C, transforms=2, signal=4, network={"hidden_features": (8, 8)}, **HIDDEN
-    ),
-    "UNAF": lambda: zuko.flows.UNAF(
-        F, C, transforms=2, signal=4, network={"hidden_features": (8, 8)}, **HIDDEN
-    ),
-    "GF": lambda: zuko.flows.GF(F, C, transforms=2, components=4, **HIDDEN),
-    "BPF": lambda: zuko.flows.BPF(F, C, transforms=2, degree=6, **HIDDEN),
-    "CNF": lambda: zuko.flows.CNF(F, C, **HIDDEN),
-    "GMM": lambda: zuko.flows.GMM(F, C, components=3, **HIDDEN),
-}
-
-# zuko's own gradients fail in a loop of `functional_call`s for these: their autograd
-# functions differentiate with respect to `self.parameters()`, the unswapped originals.
-NO_LOOP_GRAD = {"UNAF", "CNF"}
-# Inverted numerically (bisection or an ODE solver).
-INVERTED = {"SOSPF", "NAF", "UNAF", "GF", "BPF", "CNF"}
-FLOWS_ONLY = [name for name in FLOWS if name != "GMM"]
+B, K = 4, 3
 
 
 def log_prob(flow, c, x):

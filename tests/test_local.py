@@ -11,6 +11,8 @@ import bayesflow as bf
 
 from bayesflow.local import local_layers
 
+from .registry import LOCAL_LAYERS, LOCAL_MODULES, random_adjacency
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -19,29 +21,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _adjacency():
-    return torch.rand(3, 4) < 0.6
-
-
-LAYERS = {
-    "torch-linear": (lambda: nn.Linear(4, 3), (5, 4)),
-    "torch-linear-nobias": (lambda: nn.Linear(4, 3, bias=False), (5, 4)),
-    "zuko-linear": (lambda: zuko.nn.Linear(4, 3), (5, 4)),
-    "zuko-linear-stack": (lambda: zuko.nn.Linear(4, 3, stack=2), (5, 2, 4)),
-    "masked-linear": (lambda: zuko.nn.MaskedLinear(_adjacency()), (5, 4)),
-    "conv1d-stride": (lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1), (5, 2, 7)),
-    "conv2d-groups-dilation": (
-        lambda: nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=2),
-        (3, 4, 6, 6),
-    ),
-    "conv2d-reflect-nobias": (
-        lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect", bias=False),
-        (3, 2, 4, 4),
-    ),
-    "conv3d": (lambda: nn.Conv3d(1, 2, 2), (2, 1, 3, 3, 3)),
-}
 
 
 def _exact_moments(layer, q, x):
@@ -74,9 +53,9 @@ def _within(estimates, target):
 
 
 @pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
-@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("name", LOCAL_LAYERS)
 def test_moments_match_full_weight_sampling(name, flipout):
-    build, shape = LAYERS[name]
+    build, shape = LOCAL_LAYERS[name]
     layer = build()
     q = bf.init(layer, init_logvar=-1.0)
     x = torch.randn(shape)
@@ -113,9 +92,9 @@ def test_mlp_moments_match_full_weight_sampling(flipout):
 
 
 @pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
-@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("name", LOCAL_LAYERS)
 def test_gradients_reach_means_and_logvars(name, flipout):
-    build, shape = LAYERS[name]
+    build, shape = LOCAL_LAYERS[name]
     layer = build()
     q = bf.init(layer, init_logvar=-3.0)
 
@@ -129,66 +108,12 @@ def test_gradients_reach_means_and_logvars(name, flipout):
         assert p.grad is None
 
 
-MODULES = {
-    "prelu": (  # reads dim 1 as channels: batch-shape agnostic only under vmap
-        lambda: nn.Sequential(nn.Linear(3, 4), nn.PReLU(4)),
-        lambda: (torch.randn(4, 3),),
-        None,
-        ("0",),
-    ),
-    "softmax-dim0": (
-        lambda: nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=0)),
-        lambda: (torch.randn(5, 3),),
-        None,
-        ("",),
-    ),
-    "batchnorm-eval": (
-        lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval(),
-        lambda: (torch.randn(6, 3),),
-        None,
-        ("",),
-    ),
-    "conv-net": (
-        lambda: nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(27, 2)
-        ),
-        lambda: (torch.randn(4, 2, 5, 5),),
-        None,
-        ("",),
-    ),
-    "mixed-layernorm": (  # a Bayesian LayerNorm is sampled whole
-        lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)),
-        lambda: (torch.randn(5, 3),),
-        None,
-        ("",),
-    ),
-    "mlp": (
-        lambda: zuko.nn.MLP(3, 2, hidden_features=(8, 8)),
-        lambda: (torch.randn(5, 3),),
-        None,
-        ("",),
-    ),
-    "nsf-hyper": (
-        lambda: zuko.flows.NSF(2, 1, transforms=2, hidden_features=(8, 8)),
-        lambda: (torch.randn(5, 1), torch.randn(5, 2)),
-        lambda f, c, x: f(c).log_prob(x),
-        ("**.hyper",),
-    ),
-    "maf-last": (
-        lambda: zuko.flows.MAF(2, 1, transforms=2, hidden_features=(8, 8)),
-        lambda: (torch.randn(5, 1), torch.randn(5, 2)),
-        lambda f, c, x: f(c).log_prob(x),
-        ("**.hyper.4",),
-    ),
-}
-
-
 @pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
-@pytest.mark.parametrize("name", [m for m in MODULES if m != "softmax-dim0"])
+@pytest.mark.parametrize("name", [m for m in LOCAL_MODULES if m != "softmax-dim0"])
 def test_modules_match_full_weight_sampling(name, flipout):
     # (a softmax over the batch mixes examples, whose noise the local trick decorrelates:
     # only the vectorized-versus-loop test below applies to it)
-    build, args, fn, include = MODULES[name]
+    build, args, fn, include = LOCAL_MODULES[name]
     module = build()
     a = args()
     q = bf.init(module, -3.0, include)
@@ -212,12 +137,12 @@ def test_modules_match_full_weight_sampling(name, flipout):
 
 
 @pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
-@pytest.mark.parametrize("name", [*MODULES, "batchnorm-train"])
+@pytest.mark.parametrize("name", [*LOCAL_MODULES, "batchnorm-train"])
 def test_vectorized_matches_the_loop_on_the_same_noise(name, flipout):
     if name == "batchnorm-train":
-        build, args, fn, include = MODULES["batchnorm-eval"]
+        build, args, fn, include = LOCAL_MODULES["batchnorm-eval"]
     else:
-        build, args, fn, include = MODULES[name]
+        build, args, fn, include = LOCAL_MODULES[name]
     module = build().train(name == "batchnorm-train")
     a = args()
     q = bf.init(module, -3.0, include)
@@ -267,7 +192,7 @@ def test_bayesian_model():
 
 
 def test_local_layers():
-    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), zuko.nn.MaskedMLP(_adjacency().T))
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), zuko.nn.MaskedMLP(random_adjacency().T))
     assert list(local_layers(net)) == ["0", "2.0", "2.2", "2.4"]
     with pytest.raises(TypeError, match=r"local_layers: expected a torch.nn.Module"):
         local_layers("net")

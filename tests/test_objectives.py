@@ -13,6 +13,8 @@ import bayesflow as bf
 
 from bayesflow.priors import GaussianPrior, ScaleMixturePrior
 
+from .registry import TRAINING, mse
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -21,29 +23,6 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
-
-def mse(net, x, y):
-    return -(net(x) - y).square().mean(dim=-1)
-
-
-def log_prob(flow, c, x):
-    return flow(c).log_prob(x)
-
-
-CASES = {
-    "mlp": (
-        lambda: zuko.nn.MLP(3, 2, hidden_features=(8, 8), activation=nn.ELU),
-        lambda: (torch.randn(10, 3), torch.randn(10, 2)),
-        mse,
-        ("",),
-    ),
-    "nsf": (
-        lambda: zuko.flows.NSF(2, 1, transforms=2, hidden_features=(8, 8)),
-        lambda: (torch.randn(10, 1), torch.randn(10, 2)),
-        log_prob,
-        ("**.hyper.4",),
-    ),
-}
 
 PRIORS = {
     "default": None,
@@ -60,9 +39,9 @@ def _grads(q):
 
 
 @pytest.mark.parametrize("prior", PRIORS)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", TRAINING)
 def test_nelbo_matches_loop(case, prior):
-    build, args, fn, include = CASES[case]
+    build, args, fn, include = TRAINING[case]
     module = build()
     q = bf.init(module, init_logvar=-3.0, include=include)
     a = args()
@@ -193,31 +172,6 @@ def test_kl_weight_and_num_data():
     base = loss(num_data=10, kl_weight=0.0)
     assert torch.allclose(loss(num_data=10, kl_weight=1.0) - base, kl / 10)
     assert torch.allclose(loss(num_data=40, kl_weight=torch.tensor(2.0)) - base, 2 * kl / 40)
-
-
-def test_schedules():
-    constant = bf.ConstantSchedule(0.3)
-    warmup = bf.LinearWarmup(steps=10, weight=2.0, start=0.5)
-    cyclical = bf.CyclicalSchedule(period=8, ratio=0.25, weight=1.0)
-
-    assert [constant(t) for t in (0, 5, 10**6)] == [0.3, 0.3, 0.3]
-    assert [warmup(t) for t in (0, 5, 10, 100)] == [0.5, 1.25, 2.0, 2.0]
-    assert [cyclical(t) for t in range(10)] == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5]
-
-    with pytest.raises(ValueError, match="LinearWarmup: expected steps to be a positive int"):
-        bf.LinearWarmup(steps=0)
-    with pytest.raises(TypeError, match="LinearWarmup: expected steps"):
-        bf.LinearWarmup(steps=1.5)
-    with pytest.raises(ValueError, match="CyclicalSchedule: expected 0 < ratio <= 1"):
-        bf.CyclicalSchedule(period=4, ratio=1.5)
-    with pytest.raises(ValueError, match="CyclicalSchedule: expected a finite ratio > 0"):
-        bf.CyclicalSchedule(period=4, ratio=0.0)
-    with pytest.raises(ValueError, match="ConstantSchedule: expected a finite weight >= 0"):
-        bf.ConstantSchedule(-1.0)
-    with pytest.raises(ValueError, match="ConstantSchedule: expected step to be an int >= 0"):
-        constant(-1)
-    with pytest.raises(TypeError, match="CyclicalSchedule: expected step"):
-        cyclical(1.0)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda f: f.__name__)

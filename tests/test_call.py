@@ -7,7 +7,7 @@ import zuko
 
 import bayesflow as bf
 
-from .helpers import MODELS, call, snapshot, unchanged
+from .registry import MODELS, call, snapshot, unchanged
 
 N = 4
 

@@ -8,7 +8,7 @@ import torch
 
 import bayesflow as bf
 
-from .architectures import ARCHS
+from .registry import ARCHS
 
 N = 3
 

@@ -13,7 +13,7 @@ from torch.distributions import kl_divergence as torch_kl
 
 import bayesflow as bf
 
-from .helpers import MODELS, snapshot, unchanged
+from .registry import MODELS, snapshot, unchanged
 
 PATTERNS = [
     ("",),

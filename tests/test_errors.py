@@ -7,7 +7,7 @@ import zuko
 
 import bayesflow as bf
 
-from .helpers import snapshot, unchanged
+from .registry import snapshot, unchanged
 
 
 def net():

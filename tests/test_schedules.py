@@ -1,0 +1,30 @@
+r"""Tests for bayesflow.schedules: KL weights over training steps."""
+
+import pytest
+
+import bayesflow as bf
+
+
+def test_schedules():
+    constant = bf.ConstantSchedule(0.3)
+    warmup = bf.LinearWarmup(steps=10, weight=2.0, start=0.5)
+    cyclical = bf.CyclicalSchedule(period=8, ratio=0.25, weight=1.0)
+
+    assert [constant(t) for t in (0, 5, 10**6)] == [0.3, 0.3, 0.3]
+    assert [warmup(t) for t in (0, 5, 10, 100)] == [0.5, 1.25, 2.0, 2.0]
+    assert [cyclical(t) for t in range(10)] == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5]
+
+    with pytest.raises(ValueError, match="LinearWarmup: expected steps to be a positive int"):
+        bf.LinearWarmup(steps=0)
+    with pytest.raises(TypeError, match="LinearWarmup: expected steps"):
+        bf.LinearWarmup(steps=1.5)
+    with pytest.raises(ValueError, match="CyclicalSchedule: expected 0 < ratio <= 1"):
+        bf.CyclicalSchedule(period=4, ratio=1.5)
+    with pytest.raises(ValueError, match="CyclicalSchedule: expected a finite ratio > 0"):
+        bf.CyclicalSchedule(period=4, ratio=0.0)
+    with pytest.raises(ValueError, match="ConstantSchedule: expected a finite weight >= 0"):
+        bf.ConstantSchedule(-1.0)
+    with pytest.raises(ValueError, match="ConstantSchedule: expected step to be an int >= 0"):
+        constant(-1)
+    with pytest.raises(TypeError, match="CyclicalSchedule: expected step"):
+        cyclical(1.0)
