@@ -99,6 +99,18 @@ def _index(args: tuple, dims: tuple, i: int) -> tuple:
     return tuple(a if d is None else a[i] for a, d in zip(args, dims, strict=True))
 
 
+def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.random.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
+    # One draw for all samples, in the loop as under vmap(randomness="same").
+    torch.random.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
 def _loop(
     where: str,
     st: Structure,
@@ -112,12 +124,12 @@ def _loop(
     state: State | None = None,
 ) -> Any:
     state = State(st) if state is None else state
-    rng = torch.random.get_rng_state() if randomness == "same" else None
+    rng = _rng_state() if randomness == "same" else None
     outs = []
     try:
         for i in range(n):
             if rng is not None:
-                torch.random.set_rng_state(rng)
+                _set_rng_state(rng)
             with swapped(st, {k: v[i] for k, v in params.items()}, state.fresh()):
                 out = fn(module, *_index(args, dims, i))
                 held = state.current()

@@ -165,7 +165,7 @@ def test_local_trick_leaves_linear_subclasses_with_their_own_forward_alone():
 
     bnet = bf.BayesianModel(nn.Sequential(Scaled(3, 2)), init_logvar=-2.0)
     x = torch.randn(1, 3).expand(64, 3)
-    g = torch.Generator()
+    g = torch.Generator(torch.get_default_device())
 
     with bnet.reparameterize(local_trick=True, generator=g.manual_seed(0)) as net:
         y = net(x)
@@ -190,7 +190,7 @@ def test_sample_model_and_mean_model():
     assert torch.allclose(m(x), bf.mean_model(bnet.base, bnet.posterior)(x))
     assert unchanged(before, bnet)
 
-    g = torch.Generator()
+    g = torch.Generator(torch.get_default_device())
     same = [bnet.sample_model(generator=g.manual_seed(5))(x) for _ in range(2)]
     assert torch.equal(*same)
 
@@ -198,7 +198,7 @@ def test_sample_model_and_mean_model():
 def test_forward_is_the_vectorized_call():
     ours, _ = pair("nsf-partial", init_logvar=-3.0)
     c, x = torch.randn(7, 1), torch.randn(7, 2)
-    g = torch.Generator()
+    g = torch.Generator(torch.get_default_device())
 
     y = ours(c, x, n=5, fn=log_prob, generator=g.manual_seed(1))
     params = ours.sample_params(5, generator=g.manual_seed(1))
@@ -249,7 +249,7 @@ def test_attribute_pass_through_save_load_and_repr():
         for a, b in zip(loaded.state_dict().values(), bnet.state_dict().values(), strict=True)
     )
     c, x = torch.randn(3, 5), torch.randn(3, 3)
-    g = torch.Generator()
+    g = torch.Generator(torch.get_default_device())
     assert torch.equal(
         loaded(c, x, n=2, fn=log_prob, generator=g.manual_seed(0)),
         bnet(c, x, n=2, fn=log_prob, generator=g.manual_seed(0)),

@@ -22,7 +22,7 @@ def setup(name: str, init_logvar: float = -3.0):
 @pytest.mark.parametrize("name", MODELS)
 def test_vmap_matches_loop_and_chunks(name):
     case, module, q, args = setup(name)
-    params = bf.sample(q, N, generator=torch.Generator().manual_seed(1))
+    params = bf.sample(q, N, generator=torch.Generator(torch.get_default_device()).manual_seed(1))
 
     y = bf.vmap_call(module, params, *args, fn=case.fn, fallback=False)
     y_loop = bf.loop_call(module, params, *args, fn=case.fn)
@@ -41,7 +41,9 @@ def test_gradients_match_loop(name):
     case, module, q, args = setup(name)
 
     def grads(runner):
-        params = bf.sample(q, N, generator=torch.Generator().manual_seed(2))
+        params = bf.sample(
+            q, N, generator=torch.Generator(torch.get_default_device()).manual_seed(2)
+        )
         y = runner(module, params, *args, fn=case.fn)
         leaves = [*q.mean.values(), *q.logvar.values()]
         return torch.autograd.grad(y.square().sum(), leaves)

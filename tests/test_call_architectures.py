@@ -64,7 +64,9 @@ def test_native_matches_loop_and_oracle(name):
     arch, module, q, args = setup(name)
     params = {
         k: v.detach()
-        for k, v in bf.sample(q, N, generator=torch.Generator().manual_seed(1)).items()
+        for k, v in bf.sample(
+            q, N, generator=torch.Generator(torch.get_default_device()).manual_seed(1)
+        ).items()
     }
     looped, initial = copy.deepcopy(module), copy.deepcopy(module)
     objects = dict(module.named_parameters(remove_duplicate=False))
@@ -100,7 +102,9 @@ def test_gradients_match_loop(name):
     arch, module, q, args = setup(name)
 
     def grads(runner, m):
-        params = bf.sample(q, N, generator=torch.Generator().manual_seed(2))
+        params = bf.sample(
+            q, N, generator=torch.Generator(torch.get_default_device()).manual_seed(2)
+        )
         y = leaves(runner(m, params, *args, fn=arch.fn))
         loss = sum(t.square().sum() for t in y if t.is_floating_point())
         return torch.autograd.grad(loss, [*q.mean.values(), *q.logvar.values()])
@@ -121,7 +125,7 @@ def test_objective_and_bridge(name):
         return -leaves(call(arch, m, *a))[0].square()
 
     def loss(vectorized):
-        g = torch.Generator().manual_seed(3)
+        g = torch.Generator(torch.get_default_device()).manual_seed(3)
         return bf.nelbo(
             copy.deepcopy(module),
             q,

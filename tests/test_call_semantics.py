@@ -46,7 +46,11 @@ TIED_CALLS = {
 def test_tied_weights_get_the_sample_everywhere_and_are_restored(build, call):
     module = build()
     x = torch.tensor([[1, 2, 3], [4, 5, 6]]) if build is TiedLM else torch.randn(4, 3)
-    params = bf.sample(bf.init(module, -3.0), 3, generator=torch.Generator().manual_seed(0))
+    params = bf.sample(
+        bf.init(module, -3.0),
+        3,
+        generator=torch.Generator(torch.get_default_device()).manual_seed(0),
+    )
     before = _identity(module)
 
     y = TIED_CALLS[call](module, params, x)
@@ -128,7 +132,11 @@ def test_a_failed_call_restores_buffers():
 def _naf(seed):
     torch.manual_seed(seed)
     flow = zuko.flows.NAF(2, 1, transforms=1, hidden_features=(8,), signal=4)
-    params = bf.sample(bf.init(flow, -4.0), 3, generator=torch.Generator().manual_seed(seed))
+    params = bf.sample(
+        bf.init(flow, -4.0),
+        3,
+        generator=torch.Generator(torch.get_default_device()).manual_seed(seed),
+    )
     c, x = torch.randn(5, 1), torch.randn(5, 2)
     return flow, params, c, x
 

@@ -53,7 +53,9 @@ def _worker(rank, port, path):
         ddp = DistributedDataParallel(bnet, find_unused_parameters=True)
 
         shard = slice(rank * 8, (rank + 1) * 8)
-        generator = torch.Generator().manual_seed(1)  # the same posterior samples everywhere
+        generator = torch.Generator(torch.get_default_device()).manual_seed(
+            1
+        )  # the same posterior samples everywhere
         ll = ddp(x[shard], y[shard], n=K, fn=mse, generator=generator)
         loss = bnet.kl_divergence() / NUM_DATA - ll.mean()
         loss.backward()  # gradients are averaged over the processes
@@ -93,7 +95,7 @@ def test_ddp_gradients_match_one_process(tmp_path):
     bnet, x, y = _setup()
     loss = bf.nelbo(
         bnet.base, bnet.posterior, x, y,
-        fn=mse, num_data=NUM_DATA, n=K, generator=torch.Generator().manual_seed(1),
+        fn=mse, num_data=NUM_DATA, n=K, generator=torch.Generator(torch.get_default_device()).manual_seed(1),
     )  # fmt: skip
     loss.backward()
     grads = _grads(bnet)

@@ -118,7 +118,7 @@ def test_flow_sample_matches_loop(name):
     params = draw(q)
 
     def sample(params, vectorized=True):
-        gen = torch.Generator().manual_seed(2)
+        gen = torch.Generator(torch.get_default_device()).manual_seed(2)
         return flow_sample(flow, params, c, (5,), generator=gen, vectorized=vectorized)
 
     x = sample(params)
@@ -142,7 +142,7 @@ def test_flow_sample_without_grad(name):
     flow, q = setup(name)
     c = torch.randn(C)
     params = draw(q)
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(5)
 
     with torch.no_grad():
         x = flow_sample(flow, params, c, (5,), generator=gen)
@@ -173,7 +173,9 @@ def test_gmm_sample_moments():
     params = draw(q, n=2)
     n = 4000
 
-    x = flow_sample(flow, params, c, (n,), generator=torch.Generator().manual_seed(4))
+    x = flow_sample(
+        flow, params, c, (n,), generator=torch.Generator(torch.get_default_device()).manual_seed(4)
+    )
 
     for i in range(2):
         with torch.no_grad():

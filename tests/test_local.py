@@ -59,7 +59,7 @@ def test_moments_match_full_weight_sampling(name, flipout):
     layer = build()
     q = bf.init(layer, init_logvar=-1.0)
     x = torch.randn(shape)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)
 
     mean, var = _exact_moments(layer, q, x)
     m1, m2 = _blocks(lambda: bf.local_call(layer, q, 16, x, generator=g, flipout=flipout), 300)
@@ -77,7 +77,7 @@ def test_mlp_moments_match_full_weight_sampling(flipout):
     net = zuko.nn.MLP(3, 2, hidden_features=(8,), activation=nn.ELU)
     q = bf.init(net, init_logvar=-2.0)
     x = torch.randn(4, 3)
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator(torch.get_default_device()).manual_seed(2)
 
     m1, m2 = _blocks(lambda: bf.local_call(net, q, 16, x, generator=g, flipout=flipout), 300)
     full = bf.vmap_call(net, bf.sample(q, 4800, generator=g), x)
@@ -117,7 +117,7 @@ def test_modules_match_full_weight_sampling(name, flipout):
     module = build()
     a = args()
     q = bf.init(module, -3.0, include)
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator(torch.get_default_device()).manual_seed(5)
 
     m1, m2 = _blocks(
         lambda: bf.local_call(module, q, 16, *a, fn=fn, generator=g, flipout=flipout), 100
@@ -148,7 +148,7 @@ def test_vectorized_matches_the_loop_on_the_same_noise(name, flipout):
     q = bf.init(module, -3.0, include)
 
     def run(**kwargs):
-        g = torch.Generator().manual_seed(6)
+        g = torch.Generator(torch.get_default_device()).manual_seed(6)
         return bf.local_call(
             copy.deepcopy(module), q, 5, *a, fn=fn, generator=g, flipout=flipout, **kwargs
         )
@@ -166,15 +166,28 @@ def test_generator_reproducible_and_in_dims():
 
     for flipout in (False, True):
         a = bf.local_call(
-            net, q, 4, x, generator=torch.Generator().manual_seed(3), flipout=flipout
+            net,
+            q,
+            4,
+            x,
+            generator=torch.Generator(torch.get_default_device()).manual_seed(3),
+            flipout=flipout,
         )
         b = bf.local_call(
-            net, q, 4, x, generator=torch.Generator().manual_seed(3), flipout=flipout
+            net,
+            q,
+            4,
+            x,
+            generator=torch.Generator(torch.get_default_device()).manual_seed(3),
+            flipout=flipout,
         )
         assert torch.equal(a, b)
 
     # a per-sample argument equal to the expanded shared one: the same numbers
-    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    g1, g2 = (
+        torch.Generator(torch.get_default_device()).manual_seed(4),
+        torch.Generator(torch.get_default_device()).manual_seed(4),
+    )
     shared = bf.local_call(net, q, 4, x, generator=g1)
     per_sample = bf.local_call(net, q, 4, x.expand(4, 5, 3).clone(), generator=g2, in_dims=[0])
     assert torch.allclose(shared, per_sample)

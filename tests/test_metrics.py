@@ -84,7 +84,9 @@ def _calibrated_binary(n, generator):
 
 def test_ece_of_a_calibrated_classifier_is_zero():
     n, bins = 20000, 15
-    probs, labels = _calibrated_binary(n, torch.Generator().manual_seed(0))
+    probs, labels = _calibrated_binary(
+        n, torch.Generator(torch.get_default_device()).manual_seed(0)
+    )
 
     ece = bf.expected_calibration_error(probs, labels, bins=bins)
 
@@ -100,7 +102,7 @@ def test_ece_of_a_calibrated_classifier_is_zero():
 
 def test_ece_of_an_overconfident_classifier():
     n = 20000
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     labels = (torch.rand(n, generator=g) >= 0.6).long()  # 60% class 0
     probs = torch.tensor([0.9, 0.1]).expand(n, 2)  # always 90% sure of class 0
 
@@ -119,7 +121,7 @@ def test_interval_coverage_hand_example():
 @pytest.mark.parametrize("level", [0.5, 0.9])
 def test_interval_coverage_of_exact_gaussian_quantiles(level):
     n = 20000
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     mean, std = torch.randn(n, generator=g), torch.rand(n, generator=g) + 0.5
     y = mean + std * torch.randn(n, generator=g)
     z = math.sqrt(2) * torch.erfinv(torch.tensor(level))
@@ -130,7 +132,7 @@ def test_interval_coverage_of_exact_gaussian_quantiles(level):
 
 
 def test_auroc_against_the_pairwise_definition():
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     scores = torch.randint(0, 6, (40,), generator=g).double()  # many ties
     labels = torch.randint(0, 2, (40,), generator=g)
 

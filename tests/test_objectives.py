@@ -49,7 +49,7 @@ def test_nelbo_matches_loop(case, prior):
 
     losses, grads = [], []
     for objective, chunk in ((bf.nelbo, None), (bf.nelbo, 3), (bf.loop_nelbo, None)):
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(torch.get_default_device()).manual_seed(0)
         loss = objective(module, q, *a, generator=g, chunk_size=chunk, **kw)
         loss.backward()
         losses.append(loss.detach())
@@ -62,7 +62,7 @@ def test_nelbo_matches_loop(case, prior):
         assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grad, grads[0], strict=True))
 
     # the formula, from its pieces, and the sampled parameters changed the loss
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     ll = bf.vmap_call(module, bf.sample(q, 4, generator=g), *a, fn=fn)
     mc = PRIORS[prior] is not None and not getattr(PRIORS[prior], "closed_form", True)
     kl = bf.prior_kl(q, PRIORS[prior], generator=g, n=4 if mc else None)
@@ -78,10 +78,12 @@ def test_tutorial_loss_is_expressible():
 
     loss = bf.nelbo(
         bnet.base, bnet.posterior, x, y,
-        fn=mse, num_data=1e6, n=3, generator=torch.Generator().manual_seed(0),
+        fn=mse, num_data=1e6, n=3, generator=torch.Generator(torch.get_default_device()).manual_seed(0),
     )  # fmt: skip
 
-    params = bnet.sample_params(n=3, generator=torch.Generator().manual_seed(0))
+    params = bnet.sample_params(
+        n=3, generator=torch.Generator(torch.get_default_device()).manual_seed(0)
+    )
     expected = 0.0
     for k in range(3):
         net = bnet.mean_model()
@@ -107,9 +109,21 @@ def test_bayesian_model_and_functional_posterior_agree():
     for objective in OBJECTIVES:
         kw = dict(fn=mse, num_data=50, n=4)
         a = objective(
-            bnet.base, bnet.posterior, x, y, generator=torch.Generator().manual_seed(1), **kw
+            bnet.base,
+            bnet.posterior,
+            x,
+            y,
+            generator=torch.Generator(torch.get_default_device()).manual_seed(1),
+            **kw,
         )
-        b = objective(bnet.base, q, x, y, generator=torch.Generator().manual_seed(1), **kw)
+        b = objective(
+            bnet.base,
+            q,
+            x,
+            y,
+            generator=torch.Generator(torch.get_default_device()).manual_seed(1),
+            **kw,
+        )
         assert torch.allclose(a, b)
 
 
@@ -118,7 +132,7 @@ def test_local_objectives_are_unbiased(objective):
     net = zuko.nn.MLP(3, 2, hidden_features=(8,), activation=nn.ELU)
     q = bf.init(net, init_logvar=-2.0)
     x, y = torch.randn(10, 3), torch.randn(10, 2)
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator(torch.get_default_device()).manual_seed(2)
     kw = dict(fn=mse, num_data=50, n=8, generator=g)
 
     with torch.no_grad():
@@ -131,11 +145,18 @@ def test_local_objectives_are_unbiased(objective):
 
     # chunks draw the same noise, in the same order
     a = objective(
-        net, q, x, y, fn=mse, num_data=50, n=6, generator=torch.Generator().manual_seed(3)
+        net,
+        q,
+        x,
+        y,
+        fn=mse,
+        num_data=50,
+        n=6,
+        generator=torch.Generator(torch.get_default_device()).manual_seed(3),
     )
     b = objective(
         net, q, x, y, fn=mse, num_data=50, n=6, chunk_size=6,
-        generator=torch.Generator().manual_seed(3),
+        generator=torch.Generator(torch.get_default_device()).manual_seed(3),
     )  # fmt: skip
     assert torch.equal(a, b)
     c = objective(net, q, x, y, fn=mse, num_data=50, n=6, chunk_size=4)
@@ -148,7 +169,10 @@ def test_in_dims():
     x, y = torch.randn(4, 10, 3), torch.randn(10, 2)
 
     for objective in OBJECTIVES:
-        g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+        g1, g2 = (
+            torch.Generator(torch.get_default_device()).manual_seed(4),
+            torch.Generator(torch.get_default_device()).manual_seed(4),
+        )
         kw = dict(fn=mse, num_data=50, n=4, in_dims=[0, None])
         a = objective(net, q, x, y, generator=g1, **kw)
         b = bf.loop_nelbo(net, q, x, y, generator=g2, **kw)
@@ -166,7 +190,14 @@ def test_kl_weight_and_num_data():
 
     def loss(**kw):
         return bf.nelbo(
-            net, q, x, y, fn=mse, n=2, generator=torch.Generator().manual_seed(5), **kw
+            net,
+            q,
+            x,
+            y,
+            fn=mse,
+            n=2,
+            generator=torch.Generator(torch.get_default_device()).manual_seed(5),
+            **kw,
         )
 
     base = loss(num_data=10, kl_weight=0.0)

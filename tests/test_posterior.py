@@ -95,7 +95,7 @@ def test_sample_statistics():
         q.logvar["bias"].fill_(1.0)
     n = 20000
 
-    params = bf.sample(q, n, generator=torch.Generator().manual_seed(0))
+    params = bf.sample(q, n, generator=torch.Generator(torch.get_default_device()).manual_seed(0))
     sigma = bf.std(q)
 
     for name, theta in params.items():
@@ -113,9 +113,9 @@ def test_sample_statistics():
 def test_sample_is_reproducible_and_differentiable():
     q = bf.init(zuko.nn.MLP(3, 2, hidden_features=(5,)), init_logvar=-2.0)
 
-    a = bf.sample(q, 3, generator=torch.Generator().manual_seed(7))
-    b = bf.sample(q, 3, generator=torch.Generator().manual_seed(7))
-    c = bf.sample(q, 3, generator=torch.Generator().manual_seed(8))
+    a = bf.sample(q, 3, generator=torch.Generator(torch.get_default_device()).manual_seed(7))
+    b = bf.sample(q, 3, generator=torch.Generator(torch.get_default_device()).manual_seed(7))
+    c = bf.sample(q, 3, generator=torch.Generator(torch.get_default_device()).manual_seed(8))
 
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any(torch.equal(a[k], c[k]) for k in a)

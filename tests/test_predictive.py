@@ -107,10 +107,14 @@ def test_bayesian_flow_model_average_density():
     c, x = torch.randn(32, 1), torch.randn(32, 2)
     fn = lambda f, c, x: f(c).log_prob(x)
 
-    params = flow.sample_params(16, generator=torch.Generator().manual_seed(0))
+    params = flow.sample_params(
+        16, generator=torch.Generator(torch.get_default_device()).manual_seed(0)
+    )
     lp = bf.vmap_call(flow.base, params, c, x, fn=fn)
     oracle = bf.loop_call(flow.base, params, c, x, fn=fn)
-    same = flow(c, x, n=16, fn=fn, generator=torch.Generator().manual_seed(0))
+    same = flow(
+        c, x, n=16, fn=fn, generator=torch.Generator(torch.get_default_device()).manual_seed(0)
+    )
 
     assert lp.shape == (16, 32)
     assert torch.allclose(lp, oracle, atol=1e-10)

@@ -23,7 +23,9 @@ def _posterior(logvar=-2.0):
 def _mc_values(prior, q, n, seed):
     r"""Per-sample Monte Carlo KL terms, with the same draws as `prior.kl(n=n)`."""
 
-    params = bf.sample(q, n, generator=torch.Generator().manual_seed(seed))
+    params = bf.sample(
+        q, n, generator=torch.Generator(torch.get_default_device()).manual_seed(seed)
+    )
     entropy = sum(
         0.5 * (2 * sd.log() + math.log(2 * math.pi) + 1).sum() for sd in bf.std(q).values()
     )
@@ -54,7 +56,7 @@ def test_gaussian_closed_form_matches_monte_carlo(name):
 
     closed = prior.kl(q)
     values = _mc_values(prior, q, 4000, seed=0)
-    mc = prior.kl(q, generator=torch.Generator().manual_seed(0), n=4000)
+    mc = prior.kl(q, generator=torch.Generator(torch.get_default_device()).manual_seed(0), n=4000)
 
     assert torch.allclose(mc, values.mean())
     assert (mc - closed).abs() <= 5 * values.std() / 4000**0.5
@@ -108,7 +110,7 @@ def test_scale_mixture_monte_carlo_matches_quadrature(mu, logvar):
     q = bf.Posterior({"w": torch.tensor([mu])}, {"w": torch.tensor([logvar])})
 
     values = _mc_values(prior, q, 20000, seed=1)
-    mc = prior.kl(q, generator=torch.Generator().manual_seed(1), n=20000)
+    mc = prior.kl(q, generator=torch.Generator(torch.get_default_device()).manual_seed(1), n=20000)
 
     assert torch.allclose(mc, values.mean())
     assert (
@@ -121,7 +123,10 @@ def test_scale_mixture_of_equal_scales_is_gaussian():
     mixture = ScaleMixturePrior(0.3, 0.5, 0.5)
     gaussian = GaussianPrior(0.0, 0.5)
 
-    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    g1, g2 = (
+        torch.Generator(torch.get_default_device()).manual_seed(2),
+        torch.Generator(torch.get_default_device()).manual_seed(2),
+    )
     assert torch.allclose(mixture.kl(q, g1, n=8), gaussian.kl(q, g2, n=8))
     params = bf.sample(q, 3)
     assert torch.allclose(mixture.log_prob(params), gaussian.log_prob(params))
@@ -144,13 +149,18 @@ def test_monte_carlo_gradients_and_default_samples():
     prior = ScaleMixturePrior(0.5, 1.0, 0.01)
     assert not prior.closed_form and GaussianPrior.closed_form
 
-    kl = prior.kl(q, generator=torch.Generator().manual_seed(3))  # one sample by default
+    kl = prior.kl(
+        q, generator=torch.Generator(torch.get_default_device()).manual_seed(3)
+    )  # one sample by default
     kl.backward()
 
     assert kl.shape == ()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in q.mean.values())
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in q.logvar.values())
-    assert torch.allclose(kl, prior_kl(q, prior, generator=torch.Generator().manual_seed(3)))
+    assert torch.allclose(
+        kl,
+        prior_kl(q, prior, generator=torch.Generator(torch.get_default_device()).manual_seed(3)),
+    )
 
 
 def test_repr():

@@ -31,7 +31,10 @@ def _one_thread():
 
 def test_sort(tutorial):
     bnet, history = tutorial.sort_experiment(
-        epochs=2, steps=48, k=4, generator=torch.Generator().manual_seed(0)
+        epochs=2,
+        steps=48,
+        k=4,
+        generator=torch.Generator(torch.get_default_device()).manual_seed(0),
     )
 
     assert len(history) == 2 and history[0].shape == (48,)
@@ -42,17 +45,30 @@ def test_sort(tutorial):
     y = x.sort(dim=-1).values
     kw = dict(fn=tutorial.sort_ll, num_data=tutorial.NUM_DATA, n=4)
     vec = bf.nelbo(
-        bnet.base, bnet.posterior, x, y, generator=torch.Generator().manual_seed(1), **kw
+        bnet.base,
+        bnet.posterior,
+        x,
+        y,
+        generator=torch.Generator(torch.get_default_device()).manual_seed(1),
+        **kw,
     )
     loop = bf.loop_nelbo(
-        bnet.base, bnet.posterior, x, y, generator=torch.Generator().manual_seed(1), **kw
+        bnet.base,
+        bnet.posterior,
+        x,
+        y,
+        generator=torch.Generator(torch.get_default_device()).manual_seed(1),
+        **kw,
     )
     assert torch.allclose(vec, loop, atol=1e-10)
 
 
 def test_moons(tutorial):
     bflow, history = tutorial.moons_experiment(
-        epochs=3, points=512, k=4, generator=torch.Generator().manual_seed(0)
+        epochs=3,
+        points=512,
+        k=4,
+        generator=torch.Generator(torch.get_default_device()).manual_seed(0),
     )
 
     assert len(history) == 3 and history[0].shape == (8,)
@@ -63,10 +79,20 @@ def test_moons(tutorial):
     c = label.unsqueeze(-1)
     kw = dict(fn=tutorial.flow_ll, num_data=tutorial.NUM_DATA, n=4)
     vec = bf.nelbo(
-        bflow.base, bflow.posterior, c, x, generator=torch.Generator().manual_seed(1), **kw
+        bflow.base,
+        bflow.posterior,
+        c,
+        x,
+        generator=torch.Generator(torch.get_default_device()).manual_seed(1),
+        **kw,
     )
     loop = bf.loop_nelbo(
-        bflow.base, bflow.posterior, c, x, generator=torch.Generator().manual_seed(1), **kw
+        bflow.base,
+        bflow.posterior,
+        c,
+        x,
+        generator=torch.Generator(torch.get_default_device()).manual_seed(1),
+        **kw,
     )
     assert torch.allclose(vec, loop, atol=1e-10)
     # the sampled parameters changed the loss
@@ -82,8 +108,10 @@ def test_main_quick(tutorial, capsys):
 
 
 def test_two_moons():
-    x, label = two_moons(2000, generator=torch.Generator().manual_seed(0))
-    y, _ = two_moons(2000, generator=torch.Generator().manual_seed(0))
+    x, label = two_moons(
+        2000, generator=torch.Generator(torch.get_default_device()).manual_seed(0)
+    )
+    y, _ = two_moons(2000, generator=torch.Generator(torch.get_default_device()).manual_seed(0))
 
     assert x.shape == (2000, 2) and label.shape == (2000,)
     assert torch.equal(x, y)
