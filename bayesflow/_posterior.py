@@ -199,8 +199,10 @@ def sample(
         eps = torch.randn(n, sum(sizes), generator=generator, device=device, dtype=dtype)
         mean, sigma = _flat(posterior, names)
 
-        # One fused pass over all K x P numbers: theta = mu + sigma * eps.
-        theta = torch.addcmul(mean, sigma, eps)
+        # One fused pass over all K x P numbers, theta = mu + sigma * eps: in place where no
+        # gradient needs eps (a fresh K x P buffer costs about as much as the pass).
+        tracked = torch.is_grad_enabled() and (mean.requires_grad or sigma.requires_grad)
+        theta = torch.addcmul(mean, sigma, eps, out=None if tracked else eps)
         for name, m, t in zip(names, means, torch.split_with_sizes(theta, sizes, 1), strict=True):
             params[name] = t.view(n, *m.shape)
 
