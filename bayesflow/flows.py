@@ -4,6 +4,8 @@ from __future__ import annotations
 
 __all__ = ["flow_sample"]
 
+import numbers
+
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -151,14 +153,15 @@ def flow_sample(
     check_module(where, flow)
     if c is not None and not isinstance(c, Tensor):
         raise TypeError(f"{where}: expected c to be a tensor or None, got {type(c).__name__}")
-    if isinstance(shape, int) and not isinstance(shape, bool):
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (shape,)
     if not isinstance(shape, Sequence) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shape
     ):
         raise ValueError(
             f"{where}: expected shape to be a sequence of non-negative ints, got {shape!r}"
         )
+    shape = tuple(int(s) for s in shape)
     check_generator(where, generator)
 
     n = check_params(where, structure(flow), flow, params)

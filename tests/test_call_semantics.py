@@ -282,6 +282,11 @@ def test_numpy_integers_are_ints():
     assert bf.LinearWarmup(steps=np.int64(10))(np.int64(5)) == 0.5
     probs = torch.softmax(torch.randn(10, 3), -1)
     bf.expected_calibration_error(probs, torch.randint(0, 3, (10,)), bins=np.int64(5))
+    flow = zuko.flows.MAF(2, 1)
+    flow_params = bf.sample(bf.init(flow), np.int64(2))
+    assert bf.flow_sample(flow, flow_params, torch.randn(1), (np.int64(3),)).shape == (2, 3, 2)
+    assert bf.BayesianModel(net).sample_params(np.int64(2))["0.weight"].shape[0] == 2
+    assert bf.datasets.two_moons(np.int64(5))[0].shape == (5, 2)
 
 
 @pytest.mark.parametrize("bad", [0.0, torch.tensor(0), "0"])
