@@ -90,15 +90,29 @@ def _steps(
     return torch.stack(outs), h, c
 
 
-def _lstm_gates(t: Tensor | None, size: int) -> Tensor | None:
-    r"""Reorders an LSTM's gate rows from torch's (i, f, g, o) to (i, f, o, 2 g), on dim -2
-    of a weight or dim -1 of a bias (see :func:`_steps`)."""
+def _lstm_gates(t: Tensor | None, size: int, dim: int) -> Tensor | None:
+    r"""Reorders an LSTM's gate rows from torch's (i, f, g, o) to (i, f, o, 2 g), along
+    `dim` (see :func:`_steps`)."""
 
     if t is None:
         return None
-    dim = -1 if t.dim() == 1 else -2
     i, f, g, o = t.split(size, dim=dim)
     return torch.cat((i, f, o, 2 * g), dim=dim)
+
+
+def _prepared(
+    mode: str, w_ih: Tensor, b_ih: Tensor | None, w_hh: Tensor, b_hh: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    r"""Returns the input weight, the bias of the input projections, the recurrent weight
+    and the bias left inside the recurrence (a GRU's `b_hh` only, which `r` gates)."""
+
+    fold = mode != "GRU" and b_hh is not None
+    bias = b_ih if not fold else (b_hh if b_ih is None else b_ih + b_hh)
+    if mode == "LSTM":
+        size = w_hh.shape[-2] // 4
+        w_ih, w_hh = _lstm_gates(w_ih, size, -2), _lstm_gates(w_hh, size, -2)
+        bias = _lstm_gates(bias, size, -1)
+    return w_ih, bias, w_hh, None if fold else b_hh
 
 
 def _inputs(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, samples: bool) -> Tensor:
@@ -142,6 +156,7 @@ def _scan(
         (lv for t in tensors if t is not None and (lv := batched_at_current_level(t))), None
     )
     if level is None:
+        w_ih, b_ih, w_hh, b_hh = _prepared(mode, w_ih, b_ih, w_hh, b_hh)
         out, h, c = _steps(
             mode,
             _inputs(x, w_ih, b_ih, samples=False),
@@ -164,6 +179,7 @@ def _scan(
         front(t) for t in tensors
     )
     with unbatched():
+        w_ih, b_ih, w_hh, b_hh = _prepared(mode, w_ih, b_ih, w_hh, b_hh)
         # Per sample h0 is (N, H): hidden-major ([K,] H, N), contiguous.
         out, h, c = _steps(
             mode,
@@ -232,19 +248,14 @@ def _run_rnn(m: nn.RNNBase, input: Any, hx: Any) -> tuple[Tensor, Any]:
             b_hh = getattr(m, "bias_hh" + suffix) if m.bias else None
             w_hr = getattr(m, "weight_hr" + suffix) if m.proj_size > 0 else None
 
-            fold = m.mode != "GRU" and b_hh is not None
-            bias = b_ih if not fold else (b_hh if b_ih is None else b_ih + b_hh)
-            if lstm:
-                w_ih, w_hh, bias = (_lstm_gates(t, hidden) for t in (w_ih, w_hh, bias))
-
             k = layer * directions + direction
             out, h, c = _scan(
                 m.mode,
                 x,
                 w_ih,
-                bias,
+                b_ih,
                 w_hh,
-                None if fold else b_hh,
+                b_hh,
                 w_hr,
                 h0[k],
                 c0[k] if lstm else h0[k],
