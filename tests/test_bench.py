@@ -1,7 +1,10 @@
 r"""Tests for the benchmark package behind `bayesflow bench`."""
 
+import ast
 import json
 import sys
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,31 +27,47 @@ def _run(models, methods, samples=(2,), modes=("forward", "train"), **options):
     return bench.run_bench(models, samples, modes, methods, **{**TINY, **options})
 
 
+EXACT = (
+    "zuko-loop",
+    "sample-model-loop",
+    "loop",
+    "vmap",
+    "vmap-compiled",
+    "bmm",
+    "limit",
+    "torch-func",
+)
+
+
 # torch.compile's own warnings (see test_compile.py).
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings(
     "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning"
 )
-def test_every_method_is_checked_before_it_is_timed():
-    records = _run(["mlp"], list(bench.METHODS))
-    by = {(r["method"], r["mode"]): r for r in records}
-    assert len(by) == 2 * len(bench.METHODS)
+@pytest.mark.parametrize("method", list(bench.METHODS))
+def test_every_method_is_checked_before_it_is_timed(method):
+    # test_compile.py compiles the training step; here the forward is enough.
+    modes = ("forward",) if method == "vmap-compiled" else ("forward", "train")
+    records = _run(["mlp"], [method], modes=modes)
+    by = {r["mode"]: r for r in records}
+    assert set(by) == set(modes)
 
-    for (method, _), r in by.items():
+    for r in records:
         assert r["status"] in (Status.OK, Status.NOT_APPLICABLE, Status.NOT_INSTALLED), r
         assert (r["median_ms"] is not None) == (r["status"] is Status.OK)
         if r["status"] is Status.OK:
             kind = (
-                "statistically"
-                if bench.METHODS[method].noise in (Noise.LOCAL, Noise.OWN)
-                else "exactly"
+                "exactly"
+                if bench.METHODS[method].noise in (Noise.FLAT, Noise.ZUKO)
+                else "statistically"
             )
             assert r["detail"] == f"checked {kind}", r
-    for method in ("zuko-loop", "loop", "vmap", "vmap-compiled", "bmm", "limit", "torch-func"):
-        for mode in ("forward", "train"):
-            assert by[method, mode]["status"] is Status.OK, by[method, mode]
-    assert by["sample-model-loop", "train"]["status"] is Status.NOT_APPLICABLE
-    assert by["pyro-vec", "forward"]["status"] in (Status.NOT_APPLICABLE, Status.NOT_INSTALLED)
+    if method in EXACT:
+        assert by["forward"]["status"] is Status.OK, by["forward"]
+        train = Status.NOT_APPLICABLE if method == "sample-model-loop" else Status.OK
+        assert by.get("train", {"status": train})["status"] is train, by
+    if method == "pyro-vec":
+        assert by["forward"]["status"] in (Status.NOT_APPLICABLE, Status.NOT_INSTALLED)
 
 
 @pytest.mark.parametrize("model", ["mlp", "last-layer", "nsf"])
@@ -93,20 +112,19 @@ def test_bmm_is_not_applicable_elsewhere():
 
 @pytest.mark.parametrize("model", ["lstm", "cnn", "last-layer", "transformer"])
 def test_architectures(model):
-    records = _run([model], ["zuko-loop", "loop", "vmap", "local-trick"], batch=2)
-    by = {(r["method"], r["mode"]): r for r in records}
-    for method in ("zuko-loop", "loop", "vmap"):
-        for mode in ("forward", "train"):
-            assert by[method, mode]["status"] is Status.OK, by[method, mode]
-            assert by[method, mode]["detail"] == "checked exactly"
-    local = {by["local-trick", m]["status"] for m in ("forward", "train")}
+    records = _run([model], ["zuko-loop", "loop", "vmap"], batch=2)
+    assert len(records) == 6
+    for r in records:
+        assert r["status"] is Status.OK and r["detail"] == "checked exactly", r
+
+    (local,) = _run([model], ["local-trick"], batch=2, modes=("forward",))
     expected = {
         "lstm": Status.NOT_APPLICABLE,  # no linear layer
         "cnn": Status.OK,
         "last-layer": Status.OK,
         "transformer": Status.UNSUPPORTED,  # attention reads its weights directly
     }[model]
-    assert local == {expected}
+    assert local["status"] is expected, local
 
 
 def test_last_layer_is_bayesian_in_its_last_layer_only():
@@ -175,8 +193,12 @@ def test_statistical_check(scale):
             assert r["status"] is Status.WRONG and r["median_ms"] is None, r
 
 
-def test_status_in_json_and_csv(tmp_path):
-    records = _run(["mlp"], ["vmap", "sample-model-loop", "bmm"])
+@pytest.fixture(scope="module")
+def records():
+    return _run(["mlp"], ["vmap", "sample-model-loop", "bmm"])
+
+
+def test_status_in_json_and_csv(records, tmp_path):
     bench.write_json(records, tmp_path / "r.json")
     bench.write_csv(records, tmp_path / "r.csv")
     loaded = json.loads((tmp_path / "r.json").read_text())
@@ -188,8 +210,7 @@ def test_status_in_json_and_csv(tmp_path):
     assert ratios["sample-model-loop", "train"] is None
 
 
-def test_markdown_table(tmp_path):
-    records = _run(["mlp"], ["vmap", "bmm", "sample-model-loop"])
+def test_markdown_table(records, tmp_path):
     table = bench.markdown_table(records)
     assert "| method | fwd K=2 | train K=2 |" in table
     assert "| bmm | " in table and "(1.00)" in table and "| n/a |" in table
@@ -206,7 +227,15 @@ def test_markdown_table(tmp_path):
 
 
 def test_the_core_does_not_import_the_bench():
-    import subprocess
-
-    code = "import bayesflow, sys; sys.exit('bayesflow.bench' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    root = Path(bf.__file__).parent
+    for path in root.glob("*.py"):  # the core: everything but the bench package
+        if path.name in ("cli.py", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any("bench" in n.split(".") for n in names), (path.name, names)

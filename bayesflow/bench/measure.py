@@ -115,7 +115,8 @@ def time_call(
     r"""Times `call` after one warm-up call, which also gives its peak memory.
 
     Each of the `repeats` measurements lasts about `min_time / repeats` seconds; a cell
-    slower than that gets single-call measurements (at least 3).
+    slower than that gets single-call measurements, at least 3 (or `repeats` if fewer) and
+    about `2 * min_time` seconds of them.
 
     Returns:
         The median, quartiles, IQR and minimum in ms, the number of measurements and of
@@ -133,7 +134,7 @@ def time_call(
 
     number = max(1, int(min_time / repeats / once))
     if number == 1:
-        repeats = max(3, min(repeats, int(2 * min_time / once)))
+        repeats = min(repeats, max(3, int(2 * min_time / once)))
     times = [timer.timeit(number).median for _ in range(repeats)]
     t = torch.tensor(times, dtype=torch.float64) * 1e3
     q25, q50, q75 = (torch.quantile(t, p).item() for p in (0.25, 0.5, 0.75))
