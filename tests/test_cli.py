@@ -227,3 +227,19 @@ def test_sweep_file_sets_dtype_and_seed(tmp_path, capsys):
         == 0
     )
     assert {r["dtype"] for r in json.loads(out.read_text())} == {"float32"}
+
+
+def _interrupting_build(case, K, mode, fn, args, **options):
+    raise KeyboardInterrupt
+
+
+def test_interrupt_keeps_the_cells_done(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(bench.METHODS, "vmap", bench.Method("vmap", _interrupting_build))
+    out = tmp_path / "r.json"
+    argv = ["bench", "--quick", "--models", "mlp", "--modes", "forward", "--samples", "1"]
+    code = main([*argv, "--methods", "loop", "vmap", "--json", str(out), "--no-progress"])
+    assert code == 130
+
+    records = json.loads(out.read_text())
+    assert [(r["method"], r["status"]) for r in records] == [("loop", "ok")]
+    assert "interrupted" in capsys.readouterr().err
