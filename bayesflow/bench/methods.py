@@ -177,9 +177,8 @@ def _build_vmap_compiled(
 
 
 def _build_local_trick(case: Case, K: int, mode: str, fn: Callable, args: tuple, **_: Any) -> Run:
-    from bayesflow.local import local_layers
-
-    names = {f"{n}.{p}" if n else p for n in local_layers(case.module) for p in ("weight", "bias")}
+    layers = bf.local_layers(case.module)
+    names = {f"{n}.{p}" if n else p for n in layers for p in ("weight", "bias")}
     if not names & set(case.posterior.mean):
         raise NotApplicable("no linear or convolutional layer is Bayesian")
     g = _generator(case)
