@@ -51,7 +51,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ._bench import METHODS, MODELS, MODES, SWEEPS
+    from .bench import METHODS, MODELS, MODES, SWEEPS
 
     parser = argparse.ArgumentParser(
         prog="bayesflow",
@@ -66,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Checks every method against a loop on the same posterior samples, then times "
             "it. Cells show the median ms, the speed-up over zuko's reparameterize() loop "
-            "(x) and the time relative to a hand-written batched matmul (b, MLP only). "
+            "(x) and the time relative to hand-written batched GEMMs with their own draw "
+            "(b: bmm, for MLPs and flows' hyper-networks; limit is the same GEMMs on "
+            "pre-drawn weights). Peer libraries that are not installed are reported so. "
             "Lists take spaces or commas: --samples 1 8 32 or --samples 1,8,32."
         ),
         formatter_class=_HelpFormatter,
@@ -78,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=_positive_int, help="batch size (default: per model)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--dtype", choices=DTYPES, help="floating point type (default: float32)")
-    bench.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
+    bench.add_argument("--threads", type=_positive_int, help="CPU threads (default: 1)")
     bench.add_argument("--chunk-size", type=_positive_int, help="vmap chunk size")
     bench.add_argument("--min-time", type=_positive_float, help="seconds of timing per cell")
     bench.add_argument("--repeats", type=_positive_int, help="timed measurements per cell")
@@ -86,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--sweep", help=f"a named sweep ({', '.join(SWEEPS)}) or a JSON file")
     bench.add_argument("--json", metavar="PATH", help="write the records as JSON")
     bench.add_argument("--csv", metavar="PATH", help="write the records as CSV")
+    bench.add_argument("--markdown", metavar="PATH", help="write markdown tables (per model)")
     bench.add_argument("--plot", metavar="PATH.png", help="plot time and speed-up against K")
     bench.add_argument("--quick", action="store_true", help="a tiny run, for a smoke test")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -96,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
     r"""Merges defaults, `--quick`, `--sweep` and explicit options, in that order."""
 
-    from ._bench import DEFAULTS, METHODS, MODELS, MODES, SWEEPS
+    from .bench import DEFAULTS, METHODS, MODELS, MODES, SWEEPS
 
     config: dict[str, Any] = dict(DEFAULTS)
     config["repeats"] = 7
@@ -119,6 +122,8 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
         value = _split(getattr(args, key))
         if value is not None:
             config[key] = value
+            if key == "samples":  # the command line wins over a sweep's per-model K
+                config.pop("model_samples", None)
     for key in ("batch", "threads", "chunk_size", "min_time", "repeats"):
         value = getattr(args, key)
         if value is not None:
@@ -135,13 +140,22 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
         config[key] = list(dict.fromkeys(values))
     config["methods"] = [m for m in METHODS if m in config["methods"]]  # table order
 
-    samples = []
-    for k in config["samples"]:
-        try:
-            samples.append(_positive_int(str(k)))
-        except argparse.ArgumentTypeError as e:
-            parser.error(f"--samples: {e}")
-    config["samples"] = sorted(set(samples))
+    def positive(ks: Any) -> list[int]:
+        samples = []
+        for k in ks if isinstance(ks, list) else [ks]:
+            try:
+                samples.append(_positive_int(str(k)))
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"--samples: {e}")
+        return sorted(set(samples))
+
+    config["samples"] = positive(config["samples"])
+    per_model = config.get("model_samples") or {}
+    if not isinstance(per_model, dict) or not set(per_model) <= set(MODELS):
+        parser.error(f"--sweep: expected model_samples to map models to lists, got {per_model!r}")
+    config["model_samples"] = {
+        m: positive(ks) for m, ks in per_model.items() if m in config["models"]
+    }
 
     import torch
 
@@ -168,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         argv: The arguments, without the program name; `sys.argv[1:]` if :py:`None`.
 
     Returns:
-        The exit status: 0 if every method ran, was checked correct or was reported as
-        unsupported, 1 if a method gave wrong numbers.
+        The exit status: 0 if every method ran and was checked correct or was reported as
+        unsupported, not applicable or not installed; 1 if a method gave wrong numbers;
+        2 for bad arguments; 130 if interrupted (the cells done so far are reported).
     """
 
     parser = _parser()
@@ -185,25 +200,29 @@ def main(argv: list[str] | None = None) -> int:
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = _resolve(parser, args)
 
-    from . import _bench as bench
+    from . import bench
 
+    options = bench.Options(
+        batch=config.get("batch"),
+        device=config["device"],
+        dtype=config["dtype"],
+        threads=config.get("threads"),
+        chunk_size=config.get("chunk_size"),
+        min_time=config["min_time"],
+        repeats=config["repeats"],
+        seed=config["seed"],
+        model_samples=config["model_samples"],
+    )
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
     interrupted = False
     try:
         bench.run_bench(
-            models=config["models"],
-            samples=config["samples"],
-            modes=config["modes"],
-            methods=config["methods"],
-            batch=config.get("batch"),
-            device=config["device"],
-            dtype=config["dtype"],
-            threads=config.get("threads"),
-            chunk_size=config.get("chunk_size"),
-            min_time=config["min_time"],
-            repeats=config["repeats"],
-            seed=config["seed"],
+            config["models"],
+            config["samples"],
+            config["modes"],
+            config["methods"],
+            options=options,
             progress=not args.no_progress,
             records=records,
         )
@@ -219,10 +238,13 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         bench.write_json(records, args.json)
     if args.csv:
         bench.write_csv(records, args.csv)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(bench.markdown_table(records))
     if args.plot and records:
         bench.plot(records, args.plot)
 
-    wrong = [r for r in records if r["status"] == "wrong"]
+    wrong = [r for r in records if r["status"] == bench.Status.WRONG]
     for r in wrong:
         sys.stderr.write(
             f"bayesflow bench: {r['method']} gave wrong numbers on {r['model']} {r['mode']} "

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs the benchmark sweeps and writes their tables, JSON, CSV and plots to benchmarks/results/.
 # Usage: bash benchmarks/run.sh [SWEEP ...] [-- EXTRA BENCH OPTIONS]
-#   sweeps (defined in bayesflow/_bench.py, SWEEPS): default, quick, paper, flows, cuda
+#   sweeps (defined in bayesflow/bench/sweeps.py, SWEEPS): default, quick, paper, peers,
+#   architectures, flows, flows-sample, cuda
 #   e.g.  bash benchmarks/run.sh paper -- --threads 2
+# The peers sweep also writes its markdown table into benchmarks/RESULTS.md ("Peers").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,19 @@ for sweep in "${sweeps[@]}"; do
   out="benchmarks/results/${sweep}"
   plot=(--plot "$out.png")
   [[ "$sweep" == flows* ]] && plot=()  # one K per flow: nothing to plot against K
+  before="$(date -u '+%Y-%m-%d %H:%M UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg)"
   python -m bayesflow bench --sweep "$sweep" "$@" \
-    --json "$out.json" --csv "$out.csv" "${plot[@]}" | tee "$out.txt"
+    --json "$out.json" --csv "$out.csv" --markdown "$out.md" "${plot[@]}" | tee "$out.txt"
+  after="load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  printf '# %s; after: %s\n' "$before" "$after" >> "$out.txt"
+  if [[ "$sweep" == peers ]]; then
+    python - "$out.md" "$before" "$after" "$*" <<'PY'
+import sys
+from bayesflow.bench import replace_section
+table, before, after, extra = open(sys.argv[1]).read(), *sys.argv[2:]
+command = f"bash benchmarks/run.sh peers{' -- ' + extra if extra else ''}"
+note = f"`{command}`: started {before}; {after} at the end.\n\n"
+replace_section("benchmarks/RESULTS.md", "peers-table", note + table)
+PY
+  fi
 done

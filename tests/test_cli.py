@@ -10,7 +10,7 @@ import torch
 
 import bayesflow as bf
 
-from bayesflow import _bench
+from bayesflow import bench
 from bayesflow.cli import main
 
 KEYS = {
@@ -45,7 +45,7 @@ def _wrong_build(case, K, mode, fn, args, **options):
     return run
 
 
-def _broken_build(case, K, mode, fn, args):
+def _broken_build(case, K, mode, fn, args, **options):
     def run(seed):
         raise NotImplementedError("cannot batch this")
 
@@ -74,7 +74,7 @@ def test_quick(tmp_path, capsys):
     assert records
     for r in records:
         assert KEYS <= set(r), KEYS - set(r)
-        assert r["status"] in ("ok", "unsupported", "n/a", "unavailable"), r
+        assert r["status"] in ("ok", "unsupported", "n/a", "not installed"), r
         assert (r["median_ms"] is not None) == (r["status"] == "ok")
         if r["status"] == "ok":
             assert r["median_ms"] > 0 and r["iqr_ms"] >= 0
@@ -91,6 +91,8 @@ def test_quick(tmp_path, capsys):
     ok = {(r["model"], r["mode"], r["method"]) for r in records if r["status"] == "ok"}
     assert ("mlp", "forward", "vmap") in ok
     assert ("mlp", "forward", "bmm") in ok
+    assert ("mlp", "train", "limit") in ok
+    assert ("nsf", "forward", "bmm") in ok
     assert ("mlp", "train", "zuko-loop") in ok
     assert ("nsf", "forward", "vmap") in ok
 
@@ -105,9 +107,9 @@ def test_quick(tmp_path, capsys):
 
 
 def test_wrong_method_is_not_timed():
-    wrong = _bench.Method("wrong", _wrong_build)
-    broken = _bench.Method("broken", _broken_build)
-    records = _bench.run_bench(
+    wrong = bench.Method("wrong", _wrong_build)
+    broken = bench.Method("broken", _broken_build)
+    records = bench.run_bench(
         models=["mlp"],
         samples=[2],
         modes=["forward", "train"],
@@ -128,11 +130,11 @@ def test_wrong_method_is_not_timed():
         assert by["broken", mode]["detail"].startswith("NotImplementedError")
         assert by["broken", mode]["median_ms"] is None
 
-    assert "WRONG" in _bench.format_table(records)
+    assert "WRONG" in bench.format_table(records)
 
 
 def test_wrong_method_fails_the_command(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(_bench.BUILDERS, "vmap", (_wrong_build, "flat", True, _bench._bf_targets))
+    monkeypatch.setitem(bench.METHODS, "vmap", bench.Method("vmap", _wrong_build))
     out = tmp_path / "r.json"
     argv = ["bench", "--quick", "--models", "mlp", "--modes", "forward", "--methods", "loop"]
     code = main([*argv, "vmap", "--json", str(out), "--no-progress", "--threads", "1"])
@@ -225,3 +227,19 @@ def test_sweep_file_sets_dtype_and_seed(tmp_path, capsys):
         == 0
     )
     assert {r["dtype"] for r in json.loads(out.read_text())} == {"float32"}
+
+
+def _interrupting_build(case, K, mode, fn, args, **options):
+    raise KeyboardInterrupt
+
+
+def test_interrupt_keeps_the_cells_done(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(bench.METHODS, "vmap", bench.Method("vmap", _interrupting_build))
+    out = tmp_path / "r.json"
+    argv = ["bench", "--quick", "--models", "mlp", "--modes", "forward", "--samples", "1"]
+    code = main([*argv, "--methods", "loop", "vmap", "--json", str(out), "--no-progress"])
+    assert code == 130
+
+    records = json.loads(out.read_text())
+    assert [(r["method"], r["status"]) for r in records] == [("loop", "ok")]
+    assert "interrupted" in capsys.readouterr().err

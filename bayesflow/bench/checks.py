@@ -1,0 +1,233 @@
+r"""The reference (the loop on the same noise) and the checks every method passes before timing.
+
+* Methods that draw their noise from a :class:`torch.Generator` in one flat draw (`loop`,
+  `vmap`, `vmap-compiled`, `bmm`, `limit`, `torch-func`) are compared with
+  :func:`bayesflow.loop_call` on the samples that :func:`bayesflow.sample` gives for the
+  same generator state.
+* zuko's own methods (`zuko-loop`, `sample-model-loop`) draw one tensor at a time from the
+  global generator; the reference replays those draws (same seed, same order), so they
+  are compared exactly too.
+* `local-trick` samples activations and the peers have their own samplers, so no shared
+  samples exist: they are checked statistically on `max(K, 128)` samples against the loop
+  on as many (see :func:`check_statistically`).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GRADIENT_ERROR",
+    "STATISTICAL_SAMPLES",
+    "Check",
+    "check_exact",
+    "check_statistically",
+    "mode_fn",
+    "reference",
+    "tolerance",
+]
+
+import math
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torch import Tensor
+
+import bayesflow as bf
+
+from bayesflow._numerics import std
+
+from .cases import Case
+from .methods import Method, Noise, bf_targets
+from .peers import NUM_DATA
+from .status import NotApplicable
+
+#: The least number of samples of a statistical check.
+STATISTICAL_SAMPLES = 128
+
+#: The largest relative L2 error of a peer's gradient with respect to the means (their
+#: Monte Carlo noise gives 0.02-0.03 on the tutorial MLP at 128 samples; a gradient off by
+#: a factor of 2, or of the wrong sign, gives 0.5 or more).
+GRADIENT_ERROR = 0.2
+
+
+@dataclass(frozen=True)
+class Check:
+    r"""The outcome of a check: whether it passed, its error (relative, or in standard
+    errors) and, when it failed, why."""
+
+    ok: bool
+    error: float
+    detail: str = ""
+
+
+def mode_fn(case: Case, mode: str) -> tuple[Callable, tuple]:
+    r"""Returns what a mode computes on a case, and its inputs."""
+
+    if mode == "sample":
+        if case.sample_fn is None:
+            raise NotApplicable(f"{case.model} has no sample mode")
+        return case.sample_fn, case.sample_args
+    return case.fn, case.args
+
+
+def _zuko_params(case: Case, K: int, seed: int) -> dict[str, Tensor]:
+    q = case.posterior
+    torch.manual_seed(seed)
+    draws = [
+        {k.replace("-", "."): torch.randn_like(m) for k, m in case.zuko.means.items()}
+        for _ in range(K)
+    ]
+    return {
+        name: q.mean[name] + std(q.logvar[name]) * torch.stack([d[name] for d in draws])
+        for name in q.mean
+    }
+
+
+def reference(case: Case, K: int, mode: str, noise: Noise, seed: int) -> Any:
+    r"""Returns the loop's outputs (or, in train mode, `(losses, gradients)`) on the noise
+    that a method of kind `noise` draws for `seed`.
+
+    For the peers (`Noise.OWN`), the train-mode losses are per-datum negative ELBOs: the
+    closed-form KL over :data:`~bayesflow.bench.peers.NUM_DATA` is added.
+    """
+
+    key = (K, mode, noise, seed)
+    if key in case.cache:
+        return case.cache[key]
+
+    q = case.posterior
+    fn, args = mode_fn(case, mode)
+    with torch.set_grad_enabled(mode == "train"):
+        if noise is Noise.ZUKO:
+            params = _zuko_params(case, K, seed)
+        else:
+            g = torch.Generator(device=q.mean[next(iter(q.mean))].device).manual_seed(seed)
+            params = bf.sample(q, K, generator=g)
+        out = bf.loop_call(case.module, params, *args, fn=fn)
+        if mode == "train":
+            losses = case.loss(out)
+            if noise is Noise.OWN:
+                losses = losses + bf.kl_divergence(q) / NUM_DATA
+            targets = bf_targets(case)
+            grads = torch.autograd.grad(losses.mean(), list(targets.values()))
+            result = (losses.detach(), dict(zip(targets, grads, strict=True)))
+        else:
+            result = out.detach()
+
+    case.cache[key] = result
+    return result
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    r"""Returns the relative error allowed between a method and the loop."""
+
+    return {torch.float64: 1e-8, torch.float32: 2e-4}.get(dtype, 2e-2)
+
+
+def _close(a: Tensor, b: Tensor, tol: float) -> tuple[bool, float]:
+    if a.shape != b.shape:
+        return False, math.inf
+    if not torch.isfinite(a).all():
+        return False, math.inf
+    scale = b.abs().max().clamp_min(1.0)
+    err = ((a - b).abs().max() / scale).item()
+    return err <= tol, err
+
+
+def check_exact(
+    method: Method, case: Case, K: int, mode: str, work: Callable[[int], Any], seed: int
+) -> Check:
+    r"""Checks a method against the loop on the same samples: outputs and, in train mode,
+    every gradient, within :func:`tolerance`."""
+
+    tol = tolerance(case.posterior.mean[next(iter(case.posterior.mean))].dtype)
+    got = work(seed)
+    ref = reference(case, K, mode, method.noise, seed)
+
+    if mode == "train":
+        ok, err = _close(got[0], ref[0], tol)
+        for name, g in ref[1].items():
+            ok_g, err_g = _close(got[1][name], g, tol) if name in got[1] else (False, math.inf)
+            ok, err = ok and ok_g, max(err, err_g)
+        detail = "" if ok else f"max relative error {err:.2e} > {tol:.0e} (gradients)"
+        return Check(ok, err, detail)
+
+    ok, err = _close(got, ref, tol)
+    return Check(ok, err, "" if ok else f"max relative error {err:.2e} > {tol:.0e}")
+
+
+def _check_outputs(got: Tensor, ref: Tensor) -> Check:
+    a, b = got.double().flatten(1), ref.double().flatten(1)
+    n = b.shape[0]
+    if a.shape != b.shape:
+        return Check(False, math.inf, f"shape {tuple(got.shape)} != {tuple(ref.shape)}")
+    if not torch.isfinite(a).all():
+        return Check(False, math.inf, "non-finite outputs")
+    va, vb = a.var(0), b.var(0)
+    se = ((va + vb) / n).sqrt().clamp_min(1e-12 * b.abs().max().item())
+    z_mean = ((a.mean(0) - b.mean(0)).abs() / se).max().item()
+    log_ratio = abs(math.log(max(va.mean().item(), 1e-300) / max(vb.mean().item(), 1e-300)))
+    z_var = log_ratio / math.sqrt(2 / (n - 1))
+    ok = z_mean <= 5.0 and z_var <= 5.0
+    detail = "" if ok else f"means off by {z_mean:.1f} SE, variances by {z_var:.1f} SE"
+    return Check(ok, max(z_mean, z_var), detail)
+
+
+def _check_step(got: tuple[Tensor, dict], ref: tuple[Tensor, dict], own: bool) -> Check:
+    (a, grads), (b, ref_grads) = got, ref
+    a, b = a.double().flatten(), b.double()
+    vb = b.var()
+    va = a.var() if a.numel() > 1 else vb  # a peer that returns only the mean loss
+    se = (va / a.numel() + vb / b.numel()).sqrt().clamp_min(1e-12)
+    z = ((a.mean() - b.mean()).abs() / se).item()
+    if not z <= 5.0:
+        return Check(False, z, f"loss mean off by {z:.1f} standard errors")
+    if not all(torch.isfinite(g).all() for g in grads.values()):
+        return Check(False, math.inf, "non-finite gradients")
+
+    if not own:
+        ok = grads.keys() == ref_grads.keys()
+        return Check(ok, z, "" if ok else "gradients for other tensors than the posterior's")
+
+    means = [k for k in ref_grads if k.startswith("mean:")]
+    if not set(means) <= grads.keys():
+        return Check(False, math.inf, "gradients missing for some means")
+    # The gradient of the expected loss with respect to the means, estimated with other
+    # noise: the means are the one parameterization that every peer shares.
+    g = torch.cat([grads[k].double().flatten() for k in means])
+    r = torch.cat([ref_grads[k].double().flatten() for k in means])
+    err = ((g - r).norm() / r.norm()).item()
+    if not err <= GRADIENT_ERROR:
+        return Check(False, err, f"mean gradients off by {err:.0%} (relative L2)")
+    return Check(True, z)
+
+
+def check_statistically(
+    case: Case,
+    K: int,
+    mode: str,
+    noise: Noise,
+    build: Callable[[int], Any],
+    seed: int,
+    samples: int = STATISTICAL_SAMPLES,
+) -> Check:
+    r"""Checks a method that has its own noise against the loop, on `max(K, samples)`
+    samples, with the method built anew for them.
+
+    Forward and sample modes: for every output element, the mean over samples must agree
+    with the loop's within 5 standard errors, and the average variance within 5 standard
+    errors of its log. Train mode: the mean loss within 5 standard errors and finite
+    gradients, for every posterior tensor; for a peer (which has its own
+    parameterization), the gradient with respect to the means within a relative L2 error
+    of :data:`GRADIENT_ERROR` of the loop's.
+    """
+
+    n = max(K, samples)
+    got = build(n)(seed + 1)
+    ref = reference(case, n, mode, noise, seed)
+    if mode == "train":
+        return _check_step(got, ref, noise is Noise.OWN)
+    return _check_outputs(got, ref)

@@ -1,0 +1,330 @@
+r"""The benchmark's loop: every model, mode, K and method, checked, then timed."""
+
+from __future__ import annotations
+
+__all__ = ["Options", "measure_cell", "run_bench"]
+
+import contextlib
+import os
+import platform
+import sys
+import time
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zuko
+
+import bayesflow as bf
+
+from .cases import Case, make_case
+from .checks import STATISTICAL_SAMPLES, check_exact, check_statistically, mode_fn
+from .measure import threads as _threads
+from .measure import time_call
+from .methods import METHODS, Method, Noise
+from .status import NotApplicable, NotInstalled, Status, Unsupported, Wrong
+
+
+@dataclass(frozen=True)
+class Options:
+    r"""How the cells are built and timed.
+
+    Attributes:
+        batch: The batch size; each model's default if :py:`None`.
+        device: The device.
+        dtype: The floating point type.
+        threads: The number of CPU threads; torch's current number if :py:`None`.
+        chunk_size: The chunk size of the vectorized methods.
+        min_time: The time, in seconds, to spend timing each cell.
+        repeats: The number of timed measurements, of which medians and IQRs are taken.
+        seed: The seed of the models, inputs and checks.
+        model_samples: Numbers of samples K for some models, in place of `samples`.
+        check_samples: The least number of samples of a statistical check.
+    """
+
+    batch: int | None = None
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    threads: int | None = None
+    chunk_size: int | None = None
+    min_time: float = 0.25
+    repeats: int = 7
+    seed: int = 0
+    model_samples: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    check_samples: int = STATISTICAL_SAMPLES
+
+
+def _wrap_mode(method: Method, case: Case, run: Callable, mode: str) -> Callable:
+    r"""Turns `run(seed) -> outputs` into the work of a mode."""
+
+    if mode == "train":
+        if method.targets is None:  # the method's run is the whole training step
+            return run
+        targets = method.targets(case)
+
+        def train(seed: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            losses = case.loss(run(seed))
+            grads = torch.autograd.grad(losses.mean(), list(targets.values()))
+            return losses.detach(), dict(zip(targets, grads, strict=True))
+
+        return train
+
+    def infer(seed: int | None) -> torch.Tensor:
+        with torch.no_grad():
+            return run(seed)
+
+    return infer
+
+
+def _error_type(err: BaseException) -> str:
+    cause = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    return type(cause).__name__
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def measure_cell(
+    method: Method, case: Case, K: int, mode: str, options: Options
+) -> dict[str, Any]:
+    r"""Checks one method on one case, mode and K and, if it passed, times it.
+
+    Returns:
+        The cell's record fields: `status` (a :class:`Status`), `detail`, `error` and
+        the timings of :func:`~bayesflow.bench.measure.time_call` (:py:`None` unless ok).
+    """
+
+    empty = {"median_ms": None, "iqr_ms": None, "peak_mem_mb": None, "error": None}
+    device = next(iter(case.posterior.mean.values())).device
+
+    def build(k: int) -> Callable:
+        fn, args = mode_fn(case, mode)
+        run = method.build(case, k, mode, fn, args, chunk_size=options.chunk_size)
+        if mode == "train" and not method.differentiable:
+            raise NotApplicable("no gradient reaches the posterior")
+        return _wrap_mode(method, case, run, mode)
+
+    def failed(status: Status, detail: str) -> dict[str, Any]:
+        if status is Status.OOM and device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {**empty, "status": status, "detail": detail}
+
+    statistical = method.noise in (Noise.LOCAL, Noise.OWN)
+    compile_s = None
+    try:
+        t0 = time.perf_counter()
+        if statistical:
+            check = check_statistically(
+                case, K, mode, method.noise, build, options.seed, options.check_samples
+            )
+            # Built anew after the check, which built its own: some peers hold global
+            # state (Pyro's parameter store), valid for the latest build only.
+            work = build(K) if check.ok else None
+        else:
+            work = build(K)
+            check = check_exact(method, case, K, mode, work, options.seed)
+        if method.name == "vmap-compiled":
+            compile_s = time.perf_counter() - t0
+    except NotApplicable as e:
+        return failed(Status.NOT_APPLICABLE, str(e))
+    except NotInstalled as e:
+        return failed(Status.NOT_INSTALLED, str(e))
+    except Wrong as e:
+        return failed(Status.WRONG, str(e))
+    except Exception as e:
+        if _is_oom(e):
+            return failed(Status.OOM, f"out of memory at K={K}")
+        if isinstance(e, Unsupported):
+            return failed(Status.UNSUPPORTED, str(e))
+        return failed(Status.UNSUPPORTED, f"{_error_type(e)}: {_first_line(e)}")
+
+    if not check.ok or work is None:
+        return {**failed(Status.WRONG, check.detail), "error": check.error}
+
+    try:
+        timing = time_call(
+            lambda: work(None), torch.get_num_threads(), device, options.min_time, options.repeats
+        )
+    except Exception as e:
+        if _is_oom(e):
+            return failed(Status.OOM, f"out of memory at K={K}")
+        raise
+
+    return {
+        **timing,
+        "status": Status.OK,
+        "detail": "checked statistically" if statistical else "checked exactly",
+        "error": check.error,
+        "compile_s": compile_s,
+    }
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "bayesflow": bf.__version__,
+        "torch": torch.__version__,
+        "zuko": zuko.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class _NoBar:
+    def set_description(self, _: str) -> None:
+        pass
+
+    def update(self, _: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, file=sys.stderr, unit="case", leave=False, dynamic_ncols=True)
+
+
+def _ratios(records: list[dict[str, Any]]) -> None:
+    r"""Sets each record's `ratio_to_bmm`: its median over the `bmm` median of its cell."""
+
+    bmm = {
+        (r["model"], r["mode"], r["samples"]): r["median_ms"]
+        for r in records
+        if r["method"] == "bmm" and r["status"] is Status.OK
+    }
+    for r in records:
+        base = bmm.get((r["model"], r["mode"], r["samples"]))
+        ok = base is not None and r["status"] is Status.OK
+        r["ratio_to_bmm"] = r["median_ms"] / base if ok else None
+
+
+def run_bench(
+    models: Sequence[str],
+    samples: Sequence[int],
+    modes: Sequence[str],
+    methods: Sequence[str] = tuple(METHODS),
+    *,
+    options: Options | None = None,
+    extra: Mapping[str, Method] | None = None,
+    records: list[dict[str, Any]] | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    r"""Checks and times every method on every model, mode and number of samples.
+
+    Arguments:
+        models: Model names, see :data:`~bayesflow.bench.MODELS`.
+        samples: The numbers of samples K.
+        modes: `forward`, `train` (forward and backward of the K-sample loss) or
+            `sample` (draws from each sampled flow).
+        methods: Method names, see :data:`~bayesflow.bench.METHODS`.
+        options: How to build and time the cells; the defaults of :class:`Options` if
+            :py:`None`.
+        extra: More methods, by name (e.g. a deliberately wrong one, in tests).
+        records: A list to append the records to as they come (what is done survives
+            an interruption); a new one if :py:`None`.
+        progress: Whether to show a progress bar on stderr.
+        overrides: Fields of :class:`Options` to set (e.g. `batch=8`).
+
+    Returns:
+        One record (a dict) per model, mode, K and method.
+    """
+
+    options = Options(**{**(options.__dict__ if options else {}), **overrides})
+    device = torch.device(options.device)
+    # zuko's methods and the peers draw from the global generator: the caller's state is
+    # put back.
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        records = [] if records is None else records
+        try:
+            _run(models, samples, modes, methods, options, extra or {}, records, progress)
+        finally:
+            _ratios(records)
+        return records
+
+
+def _run(
+    models: Sequence[str],
+    samples: Sequence[int],
+    modes: Sequence[str],
+    methods: Sequence[str],
+    options: Options,
+    extra: Mapping[str, Method],
+    records: list[dict[str, Any]],
+    progress: bool,
+) -> None:
+    device = torch.device(options.device)
+    n_threads = torch.get_num_threads() if options.threads is None else options.threads
+    table = {name: METHODS[name] for name in methods}
+    table.update(extra)
+
+    def ks(model: str) -> list[int]:
+        return list(options.model_samples.get(model, samples))
+
+    total = sum(len(ks(m)) * len(modes) * len(table) for m in models)
+    bar = _progress(total, progress)
+    common = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else _cpu_name(),
+        "dtype": str(options.dtype).removeprefix("torch."),
+        "threads": n_threads,
+        "chunk_size": options.chunk_size,
+        "versions": _versions(),
+    }
+
+    with _threads(n_threads), contextlib.closing(bar):
+        for model in models:
+            case = make_case(
+                model, options.batch, device=device, dtype=options.dtype, seed=options.seed
+            )
+            for mode in modes:
+                if mode == "sample" and case.sample_fn is None:
+                    bar.update(len(ks(model)) * len(table))
+                    continue
+                for K in ks(model):
+                    for name, method in table.items():
+                        bar.set_description(f"{model} {mode} K={K} {name}")
+                        record = {
+                            "model": model,
+                            "method": name,
+                            "samples": K,
+                            "mode": mode,
+                            "batch": case.batch,
+                            **common,
+                            "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                        }
+                        record.update(measure_cell(method, case, K, mode, options))
+                        records.append(record)
+                        bar.update(1)
+            del case
+            if device.type == "cuda":
+                torch.cuda.empty_cache()

@@ -1,0 +1,37 @@
+r"""What became of a benchmark cell: a status, and the exceptions that lead to each."""
+
+from __future__ import annotations
+
+__all__ = ["NotApplicable", "NotInstalled", "Status", "Unsupported", "Wrong"]
+
+from enum import Enum
+
+
+class Status(str, Enum):
+    r"""The outcome of one cell (model, mode, K, method); its value is what JSON holds."""
+
+    OK = "ok"
+    WRONG = "wrong"
+    UNSUPPORTED = "unsupported"
+    NOT_APPLICABLE = "n/a"
+    NOT_INSTALLED = "not installed"
+    OOM = "oom"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class NotApplicable(Exception):
+    r"""Raised by a method that makes no sense for a case or mode."""
+
+
+class NotInstalled(Exception):
+    r"""Raised by a method whose library is not installed."""
+
+
+class Unsupported(Exception):
+    r"""Raised by a method that cannot run a case."""
+
+
+class Wrong(Exception):
+    r"""Raised by a method whose check fails before any output is compared."""
