@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from torch import Size, Tensor
 
-from . import _posterior
+from . import _posterior, _torch_layers
 from ._checks import (
     check_bool,
     check_callable,
@@ -316,14 +316,16 @@ def _local_call(
     calls = None if fresh else cache.get(key)
 
     if calls is None:
-        # The shape-finding pass: one unbatched call, no gradients, buffers restored.
+        # The shape-finding pass: one unbatched call, no gradients, buffers restored, with
+        # the layers as the vectorized pass sees them (without gradients, torch's fused
+        # attention would skip the layers that the reference path calls).
         tape = _Tape()
         forwards = [
             (m, "forward", local_forward(k, m, stats[k], tape, flipout)) for k, m in layers.items()
         ]
         state = State(st)
         try:
-            with torch.no_grad(), patched(forwards):
+            with torch.no_grad(), _torch_layers.vectorized(st, module), patched(forwards):
                 fn(module, *(a if d is None else a[0] for a, d in zip(args, dims, strict=True)))
         finally:
             state.restore()

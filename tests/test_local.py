@@ -275,3 +275,20 @@ def test_layers_that_are_not_called_or_not_plain_are_refused():
     assert bf.local.local_layers(net) == {}
     with pytest.raises(ValueError, match=r"local_call: expected the posterior to hold the weight"):
         bf.local_call(net, bf.init(net), 2, torch.randn(4, 3))
+
+
+def test_transformer_layers_take_the_path_of_the_vectorized_pass():
+    # Without gradients torch's fused attention skips linear1 and linear2: the shape-finding
+    # pass must see the layers the vectorized pass calls, and name only out_proj.
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=r"got \['self_attn.out_proj'\] never called"):
+        bf.local_call(layer, bf.init(layer, -3.0), 3, x)
+
+    q = bf.init(layer, -3.0, include=["linear1", "linear2"])
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    y = bf.local_call(layer, q, 3, x, generator=g1, fallback=False)
+    assert torch.allclose(
+        y, bf.local_call(layer, q, 3, x, generator=g2, vectorized=False), atol=1e-10
+    )
+    assert not torch.allclose(y[0], y[1])
