@@ -8,6 +8,7 @@ __all__ = [
     "WeightNorm",
     "allocated_bytes",
     "batched_at_current_level",
+    "flat_cat",
     "is_batched",
     "is_compiling",
     "load_jvp_decompositions",
@@ -38,6 +39,12 @@ from torch.utils._pytree import tree_leaves
 BatchNorm = nn.modules.batchnorm._BatchNorm
 ConvNd = nn.modules.conv._ConvNd
 WeightNorm = parametrizations._WeightNorm
+
+
+def flat_cat(tensors: list[Tensor]) -> Tensor:
+    r"""Returns the tensors flattened and concatenated, in one call (differentiable)."""
+
+    return torch._C._nn.flatten_dense_tensors(tensors)
 
 
 def is_compiling() -> bool:

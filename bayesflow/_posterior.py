@@ -24,6 +24,7 @@ from ._checks import (
     check_posterior,
     describe,
 )
+from ._compat import flat_cat
 from ._numerics import gaussian_kl, std
 from ._types import Posterior
 
@@ -176,8 +177,8 @@ def _flat(posterior: Posterior, names: list[str]) -> tuple[Tensor, Tensor]:
         mean = posterior.mean[names[0]].reshape(-1)
         logvar = posterior.logvar[names[0]].reshape(-1)
     else:
-        mean = torch.cat([posterior.mean[k].reshape(-1) for k in names])
-        logvar = torch.cat([posterior.logvar[k].reshape(-1) for k in names])
+        mean = flat_cat([posterior.mean[k] for k in names])
+        logvar = flat_cat([posterior.logvar[k] for k in names])
     return mean, std(logvar)
 
 
