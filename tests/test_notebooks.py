@@ -17,6 +17,7 @@ NAMES = [
     "03_flow_uncertainty",
     "04_loop_vs_vmap",
     "05_digits_uncertainty",
+    "06_diabetes_regression",
 ]
 
 
