@@ -16,6 +16,8 @@ NAMES = [
     "02_vectorized_ensemble_prediction",
     "03_flow_uncertainty",
     "04_loop_vs_vmap",
+    "05_digits_uncertainty",
+    "06_diabetes_regression",
 ]
 
 
@@ -27,7 +29,7 @@ def code_cells(nb):
     return [c for c in nb.cells if c.cell_type == "code"]
 
 
-def test_the_four_notebooks_are_there():
+def test_the_notebooks_are_there():
     assert [p.stem for p in PATHS] == NAMES
     readme = (NOTEBOOKS / "README.md").read_text()
     for name in NAMES:
