@@ -119,7 +119,12 @@ def _sizes(
 _CALLS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list]] = weakref.WeakKeyDictionary()
 
 
-def _signature(fn: Any, args: tuple, dims: tuple, flipout: bool) -> tuple:
+def _signature(
+    fn: Any, args: tuple, dims: tuple, flipout: bool, layers: dict[str, nn.Module], training: bool
+) -> tuple:
+    r"""What the recorded layer calls depend on: `fn`, the argument shapes, the stochastic
+    layers (which the posterior decides) and the mode."""
+
     parts = []
     for a, d in zip(args, dims, strict=True):
         if isinstance(a, Tensor):
@@ -127,7 +132,7 @@ def _signature(fn: Any, args: tuple, dims: tuple, flipout: bool) -> tuple:
             parts.append((shape, a.dtype, a.device))
         else:
             parts.append(id(a))
-    return (id(fn), flipout, tuple(parts))
+    return (id(fn), flipout, tuple(layers), training, tuple(parts))
 
 
 def local_call(
@@ -312,7 +317,7 @@ def _local_call(
     fresh: bool,
 ) -> Any:
     cache = _CALLS.setdefault(module, {})
-    key = _signature(fn, args, dims, flipout)
+    key = _signature(fn, args, dims, flipout, layers, module.training)
     calls = None if fresh else cache.get(key)
 
     if calls is None:

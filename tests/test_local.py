@@ -292,3 +292,16 @@ def test_transformer_layers_take_the_path_of_the_vectorized_pass():
         y, bf.local_call(layer, q, 3, x, generator=g2, vectorized=False), atol=1e-10
     )
     assert not torch.allclose(y[0], y[1])
+
+
+def test_posteriors_over_different_layers_of_one_module():
+    # The recorded layer calls depend on which layers the posterior makes stochastic.
+    net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    x = torch.randn(8, 5)
+    for include in (("",), ("2",), ("0",), ("",)):
+        q = bf.init(net, -3.0, include=include)
+        for flipout in (False, True):
+            g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+            y = bf.local_call(net, q, 3, x, generator=g1, flipout=flipout, fallback=False)
+            y_loop = bf.local_call(net, q, 3, x, generator=g2, flipout=flipout, vectorized=False)
+            assert torch.allclose(y, y_loop, atol=1e-10)
