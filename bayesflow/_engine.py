@@ -87,6 +87,8 @@ def _auto_chunk_size(
             per_sample = per_sample_bytes(one)
         finally:
             state.restore()
+        if len(st.footprints) >= 16:  # a new `fn` per call must not grow this forever
+            st.footprints.pop(next(iter(st.footprints)))
         st.footprints[key] = per_sample
 
     like = next(iter(params.values()), None)
