@@ -9,8 +9,10 @@ __all__ = [
     "allocated_bytes",
     "batched_at_current_level",
     "flat_cat",
+    "fused_rnn",
     "is_batched",
     "is_compiling",
+    "is_wrapped",
     "load_jvp_decompositions",
     "unbatched",
     "unwrap_at",
@@ -66,6 +68,24 @@ def batched_at_current_level(t: Tensor) -> int | None:
     if level is None or not _functorch.is_batchedtensor(t):
         return None
     return level if _functorch.maybe_get_level(t) == level else None
+
+
+def is_wrapped(t: Tensor) -> bool:
+    r"""Whether `t` is wrapped by any :mod:`torch.func` transform (vmap, grad, jvp)."""
+
+    return _functorch.is_functorch_wrapped_tensor(t)
+
+
+def fused_rnn(mode: str) -> Callable[..., tuple[Tensor, Any]]:
+    r"""Returns torch's fused kernel of a recurrent layer's `mode` (`nn.RNNBase.mode`): the
+    function `nn.LSTM`, `nn.GRU` and `nn.RNN` call with their flat weights."""
+
+    return {
+        "LSTM": torch._VF.lstm,
+        "GRU": torch._VF.gru,
+        "RNN_TANH": torch._VF.rnn_tanh,
+        "RNN_RELU": torch._VF.rnn_relu,
+    }[mode]
 
 
 def unwrap_at(t: Tensor, level: int) -> tuple[Tensor, int | None]:

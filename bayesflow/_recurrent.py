@@ -22,7 +22,38 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from ._compat import batched_at_current_level, unbatched, unwrap_at, wrap_at
+from ._compat import (
+    batched_at_current_level,
+    fused_rnn,
+    is_wrapped,
+    unbatched,
+    unwrap_at,
+    wrap_at,
+)
+
+# Which path a vectorized call takes: :py:`None` chooses by :func:`_fused_pays_off`;
+# :py:`True` / :py:`False` force torch's fused kernel per sample / the batched steps.
+FUSED: bool | None = None
+
+
+def _fused_pays_off(mode: str, x: Tensor, samples: int, gates: int) -> bool:
+    r"""Whether torch's fused kernel run once per sample beats the batched steps of
+    :func:`_steps`, for `samples` samples whose gates have `gates` elements per time step
+    (gate rows times batch).
+
+    Measured on the CPU (`bench --model lstm` and a sweep of sizes, float32 and float64,
+    forward and training): the fused kernel is fast only where oneDNN runs it, an LSTM in
+    float32 on the CPU. There it wins every training step (the steps' backward is slow)
+    and forward passes below 16 samples or on large layers; everywhere else (GRU, RNN,
+    float64, bfloat16) the steps win from 4 samples on, by up to 10 times. On CUDA the
+    steps run: the fused kernel there is not measured.
+    """
+
+    if mode != "LSTM" or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    return torch.is_grad_enabled() or samples < 16 or gates > 4096
 
 
 def _tanh(x: Tensor) -> Tensor:
@@ -118,17 +149,29 @@ def _prepared(
 def _inputs(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, samples: bool) -> Tensor:
     r"""Returns the input projections of all time steps, hidden-major: `(L, *B, G, N)`.
 
-    `x` is `(L, N, I)`, or `(K, L, N, I)` with `samples`; `w_ih` is `(G, I)` or `(K, G, I)`.
-    One einsum: a batched matmul against a broadcast input costs ten times more.
+    `x` is `(L, N, I)`, or `(K, L, N, I)` with `samples`; `w_ih` is `(G, I)` or
+    `(K, G, I)`; `b_ih` is `(G,)` or `(K, G)`, each with or without a sample dim of its
+    own. The product is written straight into the time-major layout that the steps read
+    (one slab per step): a permuted copy of it costs more than the product itself.
     """
 
-    k = "k" if samples or w_ih.dim() == 3 else ""
-    w = "k gate i" if w_ih.dim() == 3 else "gate i"
-    xs = "k time n i" if samples else "time n i"
-    y = einops.einsum(w_ih, x, f"{w}, {xs} -> time {k} gate n")
-    # Contiguous in time-major order (einsum returns a permuted view): each step then
-    # reads one slab.
-    return (y if b_ih is None else y + b_ih.unsqueeze(-1)).contiguous()
+    length, batch, features = x.shape[-3:]
+    if samples:  # one GEMM per sample, then the time-major layout
+        k = x.shape[0]
+        xt = x.reshape(k, length * batch, features).transpose(-1, -2)
+        y = torch.bmm(w_ih.expand(k, *w_ih.shape[-2:]), xt)
+        y = einops.rearrange(y, "k gate (time n) -> time k gate n", time=length)
+    else:  # one GEMM per time step, the samples' gate rows stacked: (L, [K] G, N)
+        w = w_ih.reshape(-1, features).expand(length, -1, -1)
+        xt = x.transpose(-1, -2)
+        rows = (length, *w_ih.shape[:-1], batch)
+        if b_ih is not None and b_ih.numel() == w.shape[1]:  # the bias has the same rows
+            return torch.baddbmm(b_ih.reshape(-1, 1), w, xt).view(rows)
+        y = torch.bmm(w, xt).view(rows)
+    if b_ih is not None:
+        b = b_ih.unsqueeze(-1)  # (G, 1) or (K, G, 1)
+        y = (y.unsqueeze(1) if y.dim() < b.dim() + 1 else y) + b
+    return y.contiguous()
 
 
 def _scan(
@@ -235,6 +278,10 @@ def _run_rnn(m: nn.RNNBase, input: Any, hx: Any) -> tuple[Tensor, Any]:
     if tuple(h0.shape) != expected:
         raise RuntimeError(f"Expected hidden size {expected}, got {tuple(h0.shape)}")
 
+    fused = _fused(m, input, h0, c0)
+    if fused is not None:
+        return _result(m, batched, lstm, *fused)
+
     x = input
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
@@ -269,15 +316,72 @@ def _run_rnn(m: nn.RNNBase, input: Any, hx: Any) -> tuple[Tensor, Any]:
         if m.dropout > 0 and m.training and layer < m.num_layers - 1:
             x = F.dropout(x, m.dropout, training=True)
 
-    h_last = torch.stack(h_n)
-    c_last = torch.stack(c_n)
-    output = x
+    return _result(m, batched, lstm, x, torch.stack(h_n), torch.stack(c_n))
+
+
+def _result(
+    m: nn.RNNBase, batched: bool, lstm: bool, output: Tensor, h_last: Tensor, c_last: Tensor
+) -> tuple[Tensor, Any]:
+    r"""Returns a recurrent layer's `(output, h_n)` or `(output, (h_n, c_n))` in the layout
+    of its input, from the time-major `output` and the states `(layers, N, H)`."""
+
     if not batched:
         output, h_last, c_last = output.squeeze(1), h_last.squeeze(1), c_last.squeeze(1)
     elif m.batch_first:
         output = output.transpose(0, 1)
 
     return output, ((h_last, c_last) if lstm else h_last)
+
+
+def _fused(
+    m: nn.RNNBase, x: Tensor, h0: Tensor, c0: Tensor
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    r"""Runs the time-major `x` through torch's fused kernel, one sample at a time below
+    vmap, and returns `(output, h_n, c_n)` batched; or :py:`None` where the batched steps
+    run instead: where they are faster (:func:`_fused_pays_off`), with dropout (its masks
+    follow the vmap's `randomness`), or inside other :mod:`torch.func` transforms.
+    """
+
+    lstm = m.mode == "LSTM"
+    tensors = [x, h0, *((c0,) if lstm else ()), *(getattr(m, n) for n in m._flat_weights_names)]
+    level = next((lv for t in tensors if (lv := batched_at_current_level(t))), None)
+    if level is None or (m.training and m.dropout > 0):
+        return None
+    inner = [unwrap_at(t, level) for t in tensors]
+    if any(is_wrapped(v) for v, _ in inner):
+        return None
+    size = next(v.shape[d] for v, d in inner if d is not None)
+    gates = m.weight_hh_l0.shape[-2] * x.shape[1]
+    if not (FUSED or (FUSED is None and _fused_pays_off(m.mode, x, size, gates))):
+        return None
+
+    kernel = fused_rnn(m.mode)
+    with unbatched():
+        stacks = [v if d is None else v.movedim(d, 0) for v, d in inner]
+        results = []
+        for k in range(size):
+            x_k, h_k, *rest = (
+                t if d is None else t[k] for t, (_, d) in zip(stacks, inner, strict=True)
+            )
+            if lstm:
+                c_k, *rest = rest
+            hx = (h_k, c_k) if lstm else h_k
+            results.append(
+                kernel(
+                    x_k,
+                    hx,
+                    rest,
+                    m.bias,
+                    m.num_layers,
+                    float(m.dropout),
+                    m.training,
+                    m.bidirectional,
+                    False,
+                )
+            )
+        out, h, *c = (torch.stack(ts) for ts in zip(*results, strict=True))
+    out, h = wrap_at(out, 0, level), wrap_at(h, 0, level)
+    return out, h, wrap_at(c[0], 0, level) if lstm else h
 
 
 def rnn_forward(m: nn.RNNBase) -> Callable[..., tuple[Tensor, Any]]:

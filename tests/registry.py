@@ -169,6 +169,24 @@ ARCHS = {
         lambda: (torch.randn(6, 3),),
     ),
     "rnn-no-bias": Case(lambda: nn.RNN(3, 4, bias=False), lambda: (torch.randn(5, 2, 3),)),
+    # Partly Bayesian: a sample dim on some tensors of a layer only. The length equals
+    # the tests' K = 3, so that a sample dim taken for the time dim shows.
+    "lstm-biases-only": Case(
+        lambda: nn.LSTM(3, 5), lambda: (torch.randn(3, 2, 3),), include=("bias*",)
+    ),
+    "gru-2x-input-weights-only": Case(
+        lambda: nn.GRU(3, 5, num_layers=2),
+        lambda: (torch.randn(3, 2, 3),),
+        include=("weight_ih*",),
+    ),
+    "gru-recurrent-bias-only": Case(
+        lambda: nn.GRU(3, 5), lambda: (torch.randn(3, 2, 3),), include=("bias_hh*",)
+    ),
+    "lstm-2x-second-layer-only": Case(
+        lambda: nn.LSTM(3, 5, num_layers=2, batch_first=True),
+        lambda: (torch.randn(2, 3, 3),),
+        include=("*_l1",),
+    ),
     "lstm-cell": Case(
         lambda: nn.LSTMCell(3, 5),
         lambda: (torch.randn(2, 3), (torch.randn(2, 5), torch.randn(2, 5))),

@@ -8,6 +8,8 @@ import torch
 
 import bayesflow as bf
 
+from bayesflow import _recurrent
+
 from .registry import ARCHS
 
 N = 3
@@ -149,3 +151,60 @@ def test_objective_and_bridge(name):
     assert out[0].shape[0] == N
     out[0].square().sum().backward()
     assert all(p.grad is not None for p in bnet.means.values())
+
+
+RECURRENT = [name for name, arch in ARCHS.items() if isinstance(arch.build(), torch.nn.RNNBase)]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-per-sample", "batched-steps"])
+@pytest.mark.parametrize("name", RECURRENT)
+def test_recurrent_paths(name, fused, monkeypatch):
+    r"""A recurrent layer has two vectorized paths (torch's fused kernel per sample, below
+    vmap, and bayesflow's batched steps): each gives the loop's and the oracle's numbers
+    and gradients, and the path forced is the one taken."""
+
+    calls, fused_rnn = [], _recurrent.fused_rnn
+
+    def spy(mode):
+        calls.append(mode)
+        return fused_rnn(mode)
+
+    monkeypatch.setattr(_recurrent, "FUSED", fused)
+    monkeypatch.setattr(_recurrent, "fused_rnn", spy)
+    test_native_matches_loop_and_oracle(name)
+    test_gradients_match_loop(name)
+    assert bool(calls) == fused
+
+
+def test_recurrent_path_choice():
+    r"""The measured rule: the fused kernel where oneDNN runs it (float32 LSTMs on the
+    CPU) for training and small K; the batched steps for GRU, RNN and float64."""
+
+    x32, x64 = torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float64)
+    pays = _recurrent._fused_pays_off
+    assert not pays("GRU", x32, 4, 64) and not pays("RNN_TANH", x32, 4, 64)
+    assert not pays("LSTM", x64, 4, 64)
+    if torch.backends.mkldnn.is_available():
+        with torch.no_grad():
+            assert pays("LSTM", x32, 8, 2048) and not pays("LSTM", x32, 32, 2048)
+            assert pays("LSTM", x32, 32, 16384)
+        with torch.enable_grad():
+            assert pays("LSTM", x32, 64, 2048)
+
+
+def test_lstm_float32_default_path():
+    r"""The default path of a float32 LSTM (the fused kernel per sample, on the CPU) equals
+    the loop, forward and backward, and the samples change the output."""
+
+    module = torch.nn.LSTM(3, 5, num_layers=2, batch_first=True).float()
+    x = torch.randn(2, 4, 3, dtype=torch.float32)
+    q = bf.init(module, init_logvar=-3.0)
+    params = bf.sample(q, 3, generator=torch.Generator().manual_seed(0))
+    y, (h, c) = bf.vmap_call(module, params, x, fallback=False)
+    y_loop, (h_loop, c_loop) = bf.loop_call(module, params, x)
+    for a, b in ((y, y_loop), (h, h_loop), (c, c_loop)):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(y[0], y[1], atol=1e-4)
+    g = torch.autograd.grad(y.square().sum(), list(q.mean.values()), retain_graph=True)
+    g_loop = torch.autograd.grad(y_loop.square().sum(), list(q.mean.values()))
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g, g_loop, strict=True))
