@@ -41,7 +41,7 @@ def _fused_pays_off(mode: str, x: Tensor, samples: int, gates: int) -> bool:
     :func:`_steps`, for `samples` samples whose gates have `gates` elements per time step
     (gate rows times batch).
 
-    Measured on the CPU (`bench --model lstm` and a sweep of sizes, float32 and float64,
+    Measured on the CPU (`bayesflow bench --models lstm` and a sweep of sizes, float32 and float64,
     forward and training): the fused kernel is fast only where oneDNN runs it, an LSTM in
     float32 on the CPU. There it wins every training step (the steps' backward is slow)
     and forward passes below 16 samples or on large layers; everywhere else (GRU, RNN,
