@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __all__ = ["cell_forward", "rnn_forward"]
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import einops
@@ -174,6 +174,14 @@ def _inputs(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, samples: bool) -> Tens
     return y.contiguous()
 
 
+def _level(tensors: Sequence[Tensor | None]) -> int | None:
+    r"""Returns the current vmap level if any of `tensors` is batched at it."""
+
+    return next(
+        (lv for t in tensors if t is not None and (lv := batched_at_current_level(t))), None
+    )
+
+
 def _scan(
     mode: str,
     x: Tensor,
@@ -195,9 +203,7 @@ def _scan(
     """
 
     tensors = (x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0)
-    level = next(
-        (lv for t in tensors if t is not None and (lv := batched_at_current_level(t))), None
-    )
+    level = _level(tensors)
     if level is None:
         w_ih, b_ih, w_hh, b_hh = _prepared(mode, w_ih, b_ih, w_hh, b_hh)
         out, h, c = _steps(
@@ -344,7 +350,7 @@ def _fused(
 
     lstm = m.mode == "LSTM"
     tensors = [x, h0, *((c0,) if lstm else ()), *(getattr(m, n) for n in m._flat_weights_names)]
-    level = next((lv for t in tensors if (lv := batched_at_current_level(t))), None)
+    level = _level(tensors)
     if level is None or (m.training and m.dropout > 0):
         return None
     inner = [unwrap_at(t, level) for t in tensors]

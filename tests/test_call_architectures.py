@@ -156,12 +156,8 @@ def test_objective_and_bridge(name):
 RECURRENT = [name for name, arch in ARCHS.items() if isinstance(arch.build(), torch.nn.RNNBase)]
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-per-sample", "batched-steps"])
-@pytest.mark.parametrize("name", RECURRENT)
-def test_recurrent_paths(name, fused, monkeypatch):
-    r"""A recurrent layer has two vectorized paths (torch's fused kernel per sample, below
-    vmap, and bayesflow's batched steps): each gives the loop's and the oracle's numbers
-    and gradients, and the path forced is the one taken."""
+def spy_fused(monkeypatch):
+    r"""Returns the list of modes that torch's fused recurrent kernel is fetched for."""
 
     calls, fused_rnn = [], _recurrent.fused_rnn
 
@@ -169,8 +165,19 @@ def test_recurrent_paths(name, fused, monkeypatch):
         calls.append(mode)
         return fused_rnn(mode)
 
-    monkeypatch.setattr(_recurrent, "FUSED", fused)
     monkeypatch.setattr(_recurrent, "fused_rnn", spy)
+    return calls
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-per-sample", "batched-steps"])
+@pytest.mark.parametrize("name", RECURRENT)
+def test_recurrent_paths(name, fused, monkeypatch):
+    r"""A recurrent layer has two vectorized paths (torch's fused kernel per sample, below
+    vmap, and bayesflow's batched steps): each gives the loop's and the oracle's numbers
+    and gradients, and the path forced is the one taken."""
+
+    calls = spy_fused(monkeypatch)
+    monkeypatch.setattr(_recurrent, "FUSED", fused)
     test_native_matches_loop_and_oracle(name)
     test_gradients_match_loop(name)
     assert bool(calls) == fused
@@ -192,15 +199,18 @@ def test_recurrent_path_choice():
             assert pays("LSTM", x32, 64, 2048)
 
 
-def test_lstm_float32_default_path():
-    r"""The default path of a float32 LSTM (the fused kernel per sample, on the CPU) equals
-    the loop, forward and backward, and the samples change the output."""
+def test_lstm_float32_default_path(monkeypatch):
+    r"""The default path of a float32 LSTM (the fused kernel per sample, on the CPU, where
+    oneDNN runs it) equals the loop, forward and backward, and the samples change the
+    output."""
 
+    calls = spy_fused(monkeypatch)
     module = torch.nn.LSTM(3, 5, num_layers=2, batch_first=True).float()
     x = torch.randn(2, 4, 3, dtype=torch.float32)
     q = bf.init(module, init_logvar=-3.0)
     params = bf.sample(q, 3, generator=torch.Generator().manual_seed(0))
     y, (h, c) = bf.vmap_call(module, params, x, fallback=False)
+    assert bool(calls) == torch.backends.mkldnn.is_available()
     y_loop, (h_loop, c_loop) = bf.loop_call(module, params, x)
     for a, b in ((y, y_loop), (h, h_loop), (c, c_loop)):
         assert torch.allclose(a, b, atol=1e-5)
