@@ -32,6 +32,24 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.config.getoption("--device"))
 
 
+@pytest.fixture
+def gen(device: torch.device):
+    r"""Returns `gen(seed)`: a fresh generator on the test device, seeded."""
+
+    return lambda seed=0: torch.Generator(device).manual_seed(seed)
+
+
+@pytest.fixture
+def one_thread():
+    r"""Runs a test on one thread: tiny matrix products are far slower with two threads on
+    a busy two-core machine."""
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _doctest_namespace(doctest_namespace: dict) -> None:
     doctest_namespace.update(torch=torch, zuko=zuko, bayesflow=bayesflow, bf=bayesflow)
