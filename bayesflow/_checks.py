@@ -16,6 +16,7 @@ __all__ = [
     "check_n",
     "check_not_bridge",
     "check_number",
+    "check_params",
     "check_posterior",
     "check_probs",
     "check_randomness",
@@ -30,7 +31,7 @@ import math
 import numbers
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._types import Posterior
+
+if TYPE_CHECKING:
+    from ._structure import Structure
 
 RANDOMNESS = ("error", "different", "same")
 
@@ -180,6 +184,87 @@ def check_in_dims(
         dims.append(0)
 
     return tuple(dims)
+
+
+def check_params(where: str, st: Structure, module: nn.Module, params: object) -> int:
+    r"""Validates sampled parameters `{name: (n, *shape)}` and returns `n`."""
+
+    # The common case in one pass; any doubt goes to the checks below, which say what.
+    if isinstance(params, Mapping) and params:
+        n = -1
+        expected = st.expected
+        for name, value in params.items():
+            e = expected.get(name)
+            if (
+                e is None
+                or not isinstance(value, Tensor)
+                or value.dim() != e[3]
+                or value.shape[1:] != e[0]
+                or value.dtype != e[1]
+                or value.device != e[2]
+                or (n >= 0 and value.shape[0] != n)
+            ):
+                break
+            n = value.shape[0]
+        else:
+            if n >= 1:
+                return n
+
+    return _check_params(where, st, module, params)
+
+
+def _check_params(where: str, st: Structure, module: nn.Module, params: object) -> int:
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"{where}: expected params to be a dict from parameter names to tensors, "
+            f"got {type(params).__name__}"
+        )
+    if not params:
+        raise ValueError(f"{where}: expected at least one parameter in params, got none")
+
+    for name, value in params.items():
+        ref = st.params.get(name)
+        if ref is None:
+            if name in st.aliases:
+                raise ValueError(
+                    f"{where}: expected names from {type(module).__name__}.named_parameters(), "
+                    f"got {name!r}, which is tied to {st.aliases[name]!r} (the same "
+                    f"Parameter): use {st.aliases[name]!r}"
+                )
+            unknown = [k for k in params if k not in st.params]
+            raise ValueError(
+                f"{where}: expected names from {type(module).__name__}.named_parameters(), got "
+                f"unknown names {unknown}"
+            )
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"{where}: expected params[{name!r}] to be a tensor, got {type(value).__name__}"
+            )
+        if value.dim() != ref.dim() + 1 or value.shape[1:] != ref.shape:
+            raise ValueError(
+                f"{where}: expected params[{name!r}] of shape (n, *{tuple(ref.shape)}), "
+                f"got {tuple(value.shape)}"
+            )
+
+    counts = {k: v.shape[0] for k, v in params.items()}
+    n = next(iter(counts.values()))
+    if any(c != n for c in counts.values()):
+        raise ValueError(
+            f"{where}: expected the same number of samples n for every parameter, got {counts}"
+        )
+
+    if n < 1:
+        raise ValueError(f"{where}: expected at least one sample, got n = 0")
+
+    for name, value in params.items():
+        ref = st.params[name]
+        if value.dtype != ref.dtype or value.device != ref.device:
+            raise ValueError(
+                f"{where}: expected params[{name!r}] with the module's dtype and device "
+                f"({describe(ref)}), got {describe(value)}"
+            )
+
+    return n
 
 
 def describe(t: Any) -> str:

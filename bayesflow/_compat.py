@@ -5,18 +5,20 @@ from __future__ import annotations
 __all__ = [
     "BatchNorm",
     "ConvNd",
+    "InstanceNorm",
+    "SpectralNorm",
     "WeightNorm",
     "allocated_bytes",
     "batched_at_current_level",
     "flat_cat",
     "fused_rnn",
-    "is_batched",
     "is_compiling",
     "is_wrapped",
     "load_jvp_decompositions",
     "unbatched",
     "unwrap_at",
     "unwrap_batched",
+    "weight_hooks",
     "wrap_at",
 ]
 
@@ -34,6 +36,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch._C import _functorch
 from torch.nn.utils import parametrizations
+from torch.nn.utils.spectral_norm import SpectralNorm as _HookSpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm as _HookWeightNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -41,6 +45,19 @@ from torch.utils._pytree import tree_leaves
 BatchNorm = nn.modules.batchnorm._BatchNorm
 ConvNd = nn.modules.conv._ConvNd
 WeightNorm = parametrizations._WeightNorm
+SpectralNorm = parametrizations._SpectralNorm
+InstanceNorm = nn.modules.instancenorm._InstanceNorm
+
+
+def weight_hooks(module: nn.Module) -> list[str]:
+    r"""Returns the attributes that the hook-based :func:`torch.nn.utils.weight_norm` and
+    :func:`torch.nn.utils.spectral_norm` of `module` compute and assign before every forward."""
+
+    return [
+        hook.name
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, (_HookWeightNorm, _HookSpectralNorm))
+    ]
 
 
 def flat_cat(tensors: list[Tensor]) -> Tensor:
@@ -53,12 +70,6 @@ def is_compiling() -> bool:
     r"""Whether the code runs under :func:`torch.compile` tracing (dynamo)."""
 
     return torch.compiler.is_compiling()
-
-
-def is_batched(t: Tensor) -> bool:
-    r"""Whether `t` is batched by the innermost active :func:`torch.func.vmap`."""
-
-    return _functorch.is_batchedtensor(t)
 
 
 def batched_at_current_level(t: Tensor) -> int | None:

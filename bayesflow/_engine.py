@@ -1,13 +1,21 @@
-r"""The engine behind every call over posterior samples: checks, the swap, the vectorized
-pass with its stand-ins and batched state, the loop, and the fallback between them."""
+r"""The engine behind every call over posterior samples.
+
+It is the one place that takes a module's lock, swaps tensors into the module, patches
+its layers and applies the buffer rule; every other module hands it what to run and what
+to patch. A call either loops (the oracle), makes one plain call (one sample), or runs
+:func:`torch.func.vmap` over a function that swaps one sample into every place that holds
+each parameter, with the stand-ins the module needs, and falls back to the loop from the
+state the call found where vmap cannot run it.
+"""
 
 from __future__ import annotations
 
-__all__ = ["VmapFallbackWarning", "check_chunk_size", "run"]
+__all__ = ["VmapFallbackWarning", "count", "hold", "run", "run_local"]
 
 import warnings
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,85 +24,174 @@ import torch.nn as nn
 from torch import Tensor
 from torch.func import vmap
 
-from . import _torch_layers
-from ._checks import (
-    check_callable,
-    check_in_dims,
-    check_int,
-    check_module,
-    check_randomness,
-)
+from . import _posterior, _torch_layers
+from ._buffers import State
+from ._caches import Bounded, PerObject, fn_key, identity
+from ._checks import check_in_dims, check_params
 from ._errors import Passthrough
-from ._memory import auto_chunk_size, check_max_memory, per_sample_bytes
+from ._layers import LocalPlan, Recorder, StaleShapes, Tape
+from ._memory import auto_chunk_size, per_sample_bytes
+from ._options import CallOptions
 from ._outputs import flatten, map_outputs, stack, unflatten
-from ._swap import State, Structure, check_params, lock, structure, swapped
+from ._structure import Structure, lock, structure
+from ._swap import patched, swapped
+from ._types import Posterior
 from ._vmap_safe import vmap_safe
-
-Fn = Callable[..., Any]
 
 
 class VmapFallbackWarning(UserWarning):
     r"""Warned when :func:`bayesflow.vmap_call` cannot vectorize a call and runs a loop."""
 
 
-def _default_fn(module: nn.Module, *args: Any) -> Any:
-    return module(*args)
+def run(
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    args: tuple,
+    opts: CallOptions,
+    n: int | None = None,
+) -> Any:
+    r"""Runs `opts.fn(module, *args)` for every parameter set, vectorized or looped.
+
+    With `n`, `params` may be empty (every sample shares the module's own parameters).
+    """
+
+    with lock(module):
+        st = structure(module)
+        if n is None or params:
+            n = check_params(opts.where, st, module, params)
+        dims = check_in_dims(opts.where, args, opts.in_dims, n)
+        out, message = _call(st, module, params, args, dims, n, opts)
+    _warn(message, n)
+    return out
 
 
-def check_chunk_size(where: str, chunk_size: object) -> int | str | None:
-    if chunk_size is None or chunk_size == "auto":
-        return chunk_size
-    if isinstance(chunk_size, str):
-        raise ValueError(
-            f"{where}: expected chunk_size to be a positive int, 'auto' or None, "
-            f"got {chunk_size!r}"
+def count(module: nn.Module, params: Mapping[str, Tensor], opts: CallOptions) -> int:
+    r"""Checks sampled parameters against `module` and returns how many sets they hold."""
+
+    with lock(module):
+        return check_params(opts.where, structure(module), module, params)
+
+
+def _warn(message: str | None, n: int) -> None:
+    if message is not None:
+        warnings.warn(
+            f"{message}; fell back to a loop over {n} samples", VmapFallbackWarning, stacklevel=4
         )
-    return check_int(where, "chunk_size", chunk_size, or_none=True)
 
 
-def _auto_chunk_size(
+# The layer forwards that `hold` keeps patched, per module, innermost last.
+_HOLDS: PerObject[list[patched]] = PerObject(cache=False)
+
+
+@contextmanager
+def hold(
+    module: nn.Module, params: Mapping[str, Tensor], changes: list[tuple[Any, str, Any]]
+) -> Iterator[nn.Module]:
+    r"""Keeps one parameter set (unbatched) and the attribute `changes` in `module` until
+    exit, then puts back the very same objects.
+
+    The lock is held while entering and leaving only. A call on the module in between
+    (from this thread or another) sees the held parameters for those it does not sample,
+    and the module's own layer forwards: it runs with the changes undone.
+    """
+
+    with lock(module):
+        st = structure(module)
+        swap = swapped(st, params)
+        swap.__enter__()
+        patch = patched(changes)
+        try:
+            patch.__enter__()
+        except BaseException:
+            swap.__exit__()
+            raise
+        _HOLDS.setdefault(module, list).append(patch)
+    try:
+        yield module
+    finally:
+        with lock(module):
+            holds = _HOLDS.get(module)
+            holds.remove(patch)
+            if not holds:
+                _HOLDS.pop(module)
+            patch.__exit__()
+            swap.__exit__()
+
+
+def _changes(st: Structure, module: nn.Module, extra: list) -> list[tuple[Any, str, Any]]:
+    r"""What every call on `module` changes for its duration: the forwards of the holds
+    undone, the weights that hooks assign put back afterwards, and `extra`."""
+
+    changes = []
+    for patch in reversed(_HOLDS.get(module) or ()):
+        changes += [(obj, name, old) for obj, name, old in reversed(patch.done)]
+    for path, attr in st.hooked:
+        m = st.sub(module, path)
+        changes.append((m, attr, vars(m).get(attr)))
+    return changes + extra
+
+
+def _call(
     st: Structure,
     module: nn.Module,
-    fn: Fn,
     params: Mapping[str, Tensor],
-    n: int,
     args: tuple,
     dims: tuple,
-    max_memory: int | None,
-) -> int:
-    r"""Returns how many samples fit in `max_memory`, from what one sample allocates."""
+    n: int,
+    opts: CallOptions,
+    extra: list | None = None,
+) -> tuple[Any, str | None]:
+    r"""Runs a checked call under the lock; returns its outputs and, if it fell back to the
+    loop, why."""
 
-    key = (
-        id(fn),
-        torch.is_grad_enabled(),
-        tuple(params),
-        tuple(
-            (tuple(a.shape[1:] if d == 0 else a.shape), a.dtype)
-            if isinstance(a, Tensor)
-            else id(a)
-            for a, d in zip(args, dims, strict=True)
-        ),
-    )
-    per_sample = st.footprints.get(key)
-    if per_sample is None:
+    if st.written:  # a module that writes its weight in place gets a copy of its own
+        params = {k: v.clone() if k in st.written else v for k, v in params.items()}
+    changes = _changes(st, module, extra or [])
+    if not changes:
+        return _dispatch(st, module, params, args, dims, n, opts)
+    with patched(changes):
+        return _dispatch(st, module, params, args, dims, n, opts)
 
-        def one() -> None:
-            with swapped(st, {k: v[0] for k, v in params.items()}):
-                fn(module, *_index(args, dims, 0))
 
-        state = State(st)
-        try:
-            per_sample = per_sample_bytes(one)
-        finally:
-            state.restore()
-        if len(st.footprints) >= 16:  # a new `fn` per call must not grow this forever
-            st.footprints.pop(next(iter(st.footprints)))
-        st.footprints[key] = per_sample
+def _dispatch(
+    st: Structure,
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    args: tuple,
+    dims: tuple,
+    n: int,
+    opts: CallOptions,
+) -> tuple[Any, str | None]:
+    if not opts.vectorized:
+        return _loop(st, module, params, args, dims, n, opts), None
+    if n == 1:  # a plain call costs less than vmap's fixed overhead
+        return _single(st, module, params, args, dims, opts), None
 
-    like = next(iter(params.values()), None)
-    if like is None:
-        like = next((a for a in args if isinstance(a, Tensor)), torch.empty(0))
-    return auto_chunk_size(per_sample, n, like.device, max_memory)
+    chunk_size = opts.chunk_size
+    if chunk_size == "auto":
+        chunk_size = _auto_chunk_size(st, module, params, args, dims, n, opts)
+    state = State(st)
+    try:
+        return _vectorized(st, module, params, args, dims, n, chunk_size, opts, state), None
+    except Passthrough:
+        state.restore()
+        raise
+    except Exception as err:
+        state.restore()
+        message = (
+            f"{opts.where}: vmap cannot run {type(module).__name__} ({_cause(err)})"
+            f"{_torch_layers.hint(st, module, err, opts.randomness)}"
+        )
+        if not opts.fallback:
+            raise RuntimeError(message) from err
+
+    # A broken `fn` raises its own error here, rather than a warning about vmap.
+    return _loop(st, module, params, args, dims, n, opts, state), message
+
+
+def _cause(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _index(args: tuple, dims: tuple, i: int) -> tuple:
@@ -114,28 +211,26 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
 
 
 def _loop(
-    where: str,
     st: Structure,
     module: nn.Module,
-    fn: Fn,
     params: Mapping[str, Tensor],
-    n: int,
     args: tuple,
     dims: tuple,
-    randomness: str | None,
+    n: int,
+    opts: CallOptions,
     state: State | None = None,
 ) -> Any:
     state = State(st) if state is None else state
-    rng = _rng_state() if randomness == "same" else None
+    rng = _rng_state() if opts.randomness == "same" else None
     outs = []
     try:
         for i in range(n):
             if rng is not None:
                 _set_rng_state(rng)
             with swapped(st, {k: v[i] for k, v in params.items()}, state.fresh()):
-                out = fn(module, *_index(args, dims, i))
+                out = opts.fn(module, *_index(args, dims, i))
                 held = state.current()
-            map_outputs(where, lambda t: None, out)
+            map_outputs(opts.where, lambda t: None, out)
             outs.append(out)
             state.collect(held)
     except BaseException:
@@ -147,53 +242,45 @@ def _loop(
 
 
 def _single(
-    where: str,
     st: Structure,
     module: nn.Module,
-    fn: Fn,
     params: Mapping[str, Tensor],
     args: tuple,
     dims: tuple,
+    opts: CallOptions,
 ) -> Any:
     state = State(st) if st.buffers else None
     try:
         with swapped(st, {k: v[0] for k, v in params.items()}):
-            out = fn(module, *_index(args, dims, 0))
+            out = opts.fn(module, *_index(args, dims, 0))
+        return map_outputs(opts.where, lambda t: t.unsqueeze(0), out)
     except BaseException:
         if state is not None:
             state.restore()
         raise
-    return map_outputs(where, lambda t: t.unsqueeze(0), out)
-
-
-def _batched_buffers(st: Structure, module: nn.Module, n: int) -> dict[str, Tensor]:
-    r"""Per-sample copies `(n, *shape)` of the buffers that a vectorized call updates."""
-
-    buffers = {}
-    for name in _torch_layers.updated_buffers(st, module):
-        t = st.buffers[name]
-        buffers[name] = t.detach().unsqueeze(0).repeat(n, *(1,) * t.dim())
-    return buffers
 
 
 def _vectorized(
-    where: str,
     st: Structure,
     module: nn.Module,
-    fn: Fn,
     params: Mapping[str, Tensor],
-    n: int,
     args: tuple,
     dims: tuple,
+    n: int,
     chunk_size: int | None,
-    randomness: str | None,
+    opts: CallOptions,
     state: State,
 ) -> Any:
-    buffers = _batched_buffers(st, module, n)
+    updated = _torch_layers.updated_buffers(st, module)
+    buffers = {
+        name: st.buffers[name].detach().unsqueeze(0).repeat(n, *(1,) * st.buffers[name].dim())
+        for name in updated
+    }
     names, buffer_names = list(params), list(buffers)
     flat = (*params.values(), *buffers.values(), *args)
     split, end = len(names), len(names) + len(buffer_names)
     spec: list[Any] = []
+    fn, where = opts.fn, opts.where
 
     def single(*inputs: Any) -> tuple[Tensor, ...]:
         # Flat inputs: vmap's pytree handling of nested dicts costs more than the swap.
@@ -205,12 +292,12 @@ def _vectorized(
         spec[:] = [s]
         return leaves
 
-    with vmap_safe(st.uses_zuko), _torch_layers.vectorized(st, module, params.keys()):
+    with vmap_safe(st.uses_zuko), patched(_torch_layers.changes(st, module, params.keys())):
         leaves = vmap(
             single,
             in_dims=(*(0,) * end, *dims),
             chunk_size=chunk_size,
-            randomness=randomness or "error",
+            randomness=opts.randomness or "error",
         )(*flat)
 
     for name, stacked in buffers.items():
@@ -219,70 +306,134 @@ def _vectorized(
     return unflatten(spec[0], leaves)
 
 
-def _cause(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+def _signature(args: tuple, dims: tuple) -> tuple:
+    r"""What a call's arguments are, as far as the memory and the layer calls of `fn`
+    depend on them: the shapes of one sample's tensors, the identity of anything else."""
+
+    return tuple(
+        (tuple(a.shape[1:] if d == 0 else a.shape), a.dtype, a.device)
+        if isinstance(a, Tensor)
+        else identity(a)
+        for a, d in zip(args, dims, strict=True)
+    )
 
 
-def run(
-    where: str,
+# Bytes per sample of a call (chunk_size="auto"), per module and call signature.
+_FOOTPRINTS: PerObject[Bounded[tuple, int]] = PerObject()
+
+
+def _auto_chunk_size(
+    st: Structure,
     module: nn.Module,
     params: Mapping[str, Tensor],
     args: tuple,
-    fn: Fn | None = None,
-    chunk_size: int | None = None,
-    fallback: bool = True,
-    in_dims: Sequence[int | None] | None = None,
-    randomness: str | None = None,
-    vectorized: bool = True,
-    n: int | None = None,
-    max_memory: int | None = None,
-) -> Any:
-    r"""Runs `fn(module, *args)` for every parameter set, vectorized or looped.
+    dims: tuple,
+    n: int,
+    opts: CallOptions,
+) -> int:
+    r"""Returns how many samples fit in `opts.max_memory`, from what one sample allocates."""
 
-    With `n`, `params` may be empty (every sample shares the module's own parameters).
-    """
+    footprints = _FOOTPRINTS.setdefault(module, lambda: Bounded(16))
+    key = (fn_key(opts.fn), torch.is_grad_enabled(), tuple(params), _signature(args, dims))
+    per_sample = footprints.get(key)
+    if per_sample is None:
 
-    check_module(where, module)
-    check_callable(where, "fn", fn)
-    chunk_size = check_chunk_size(where, chunk_size)
-    max_memory = check_max_memory(where, max_memory)
-    randomness = check_randomness(where, randomness)
-    fn = _default_fn if fn is None else fn
+        def one() -> None:
+            with swapped(st, {k: v[0] for k, v in params.items()}):
+                opts.fn(module, *_index(args, dims, 0))
 
-    with lock(module):
-        st = structure(module)
-        if n is None or params:
-            n = check_params(where, st, module, params)
-        dims = check_in_dims(where, args, in_dims, n)
-        if not vectorized:
-            return _loop(where, st, module, fn, params, n, args, dims, randomness)
-        if n == 1:  # a plain call costs less than vmap's fixed overhead
-            return _single(where, st, module, fn, params, args, dims)
-
-        if chunk_size == "auto":
-            chunk_size = _auto_chunk_size(st, module, fn, params, n, args, dims, max_memory)
         state = State(st)
         try:
-            return _vectorized(
-                where, st, module, fn, params, n, args, dims, chunk_size, randomness, state
-            )
-        except Passthrough:
+            per_sample = per_sample_bytes(one)
+        finally:
             state.restore()
-            raise
-        except Exception as err:
-            state.restore()
-            message = (
-                f"{where}: vmap cannot run {type(module).__name__} ({_cause(err)})"
-                f"{_torch_layers.hint(st, module, err)}"
+        footprints.put(key, per_sample)
+
+    like = next(iter(params.values()), None)
+    if like is None:
+        like = next((a for a in args if isinstance(a, Tensor)), torch.empty(0))
+    return auto_chunk_size(per_sample, n, like.device, opts.max_memory)
+
+
+# The layer calls of `fn` that a local call draws noise for, per module and signature.
+_RECORDINGS: PerObject[Bounded[tuple, Any]] = PerObject()
+
+
+def run_local(
+    module: nn.Module,
+    posterior: Posterior,
+    n: int,
+    args: tuple,
+    opts: CallOptions,
+    plan: LocalPlan,
+    generator: torch.Generator | None,
+) -> Any:
+    r"""Runs `opts.fn(module, *args)` for `n` samples with the layers of `plan` sampled
+    locally, their noise drawn up front from `generator` and laid out by the layer calls
+    of one shape-finding pass."""
+
+    where = opts.where
+    with lock(module):
+        st = structure(module)
+        dims = check_in_dims(where, args, opts.in_dims, n)
+        for attempt in range(2):
+            layout = _layout(st, module, plan, args, dims, opts, fresh=attempt > 0)
+            like = next(iter(posterior.mean.values()))
+            # All the noise up front: one slab for the layers, then the whole samples.
+            slab = torch.randn(
+                n, layout.size, generator=generator, dtype=like.dtype, device=like.device
             )
-            if not fallback:
-                raise RuntimeError(message) from err
+            whole = plan.sampled(posterior, layout)
+            params = _posterior.sample(where, whole, n, generator) if whole.mean else {}
+            tape = Tape(layout)
 
-        # A broken `fn` raises its own error here, rather than a warning about vmap.
-        out = _loop(where, st, module, fn, params, n, args, dims, randomness, state)
+            def local_fn(m: nn.Module, s: Tensor, *a: Any, tape: Tape = tape) -> Any:
+                tape.begin(s)
+                return opts.fn(m, *a)
 
-    warnings.warn(
-        f"{message}; fell back to a loop over {n} samples", VmapFallbackWarning, stacklevel=3
-    )
+            local = opts._replace(fn=local_fn)
+            forwards = plan.forwards(tape, layout.local)
+            try:
+                out, message = _call(
+                    st, module, params, (slab, *args), (0, *dims), n, local, forwards
+                )
+                break
+            except StaleShapes:
+                if attempt > 0:
+                    raise RuntimeError(
+                        f"{where}: expected the layers to be called with the same shapes "
+                        "as in the shape-finding pass, got others twice"
+                    ) from None
+    _warn(message, n)
     return out
+
+
+def _layout(
+    st: Structure,
+    module: nn.Module,
+    plan: LocalPlan,
+    args: tuple,
+    dims: tuple,
+    opts: CallOptions,
+    fresh: bool,
+) -> Any:
+    r"""Returns the layer calls of `opts.fn` as a local call sees them, recorded by one
+    unbatched pass without gradients (buffers restored), or remembered."""
+
+    recordings = _RECORDINGS.setdefault(module, lambda: Bounded(8))
+    key = (fn_key(opts.fn), plan.key, module.training, _signature(args, dims))
+    layout = None if fresh else recordings.get(key)
+    if layout is None:
+        recorder = Recorder()
+        # The layers as the vectorized pass sees them (without gradients, torch's fused
+        # attention would skip the layers that the reference path calls).
+        changes = _changes(st, module, plan.forwards(recorder, plan.layers))
+        changes += _torch_layers.changes(st, module)
+        state = State(st)
+        try:
+            with torch.no_grad(), patched(changes):
+                opts.fn(module, *_index(args, dims, 0))
+        finally:
+            state.restore()
+        layout = recordings.put(key, plan.layout(opts.where, module, recorder))
+    return layout

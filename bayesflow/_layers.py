@@ -1,25 +1,30 @@
-r"""The layers with a local reparameterization: what they are, and their stochastic
-forward, written once for :func:`bayesflow.local_call` and
+r"""The layers with a local reparameterization: what they are, where their noise comes
+from, and their stochastic forward, planned once for :func:`bayesflow.local_call` and
 :meth:`bayesflow.BayesianModel.reparameterize`."""
 
 from __future__ import annotations
 
 __all__ = [
+    "Cached",
+    "Layout",
+    "LocalPlan",
     "Moments",
     "Noise",
+    "Recorder",
+    "StaleShapes",
+    "Tape",
     "is_conv",
     "is_linear",
     "is_local",
     "linear",
-    "local_forward",
     "mask_of",
     "moments",
 ]
 
 import sys
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from torch import Size, Tensor
 
 from ._compat import ConvNd
+from ._errors import Passthrough
 from ._numerics import std as _std
 from ._numerics import var as _var
 
@@ -135,15 +141,20 @@ def moments(
     return Moments(w_mean, w_var, w_std, b_mean, b_var, b_std)
 
 
+class StaleShapes(Passthrough):
+    r"""The layer calls of a vectorized pass differ from those its noise was drawn for."""
+
+
 class Noise:
     r"""Where a stochastic layer gets its noise.
 
-    :meth:`start` is told of every call of a layer, with its input and mean output; if
-    it returns :py:`False` the layer returns the mean output (a shape-finding pass).
+    :meth:`enter` is told of every call of a layer, and whether the layer samples its
+    outputs for it (else its weight is a whole sample); :meth:`normal` and :meth:`signs`
+    are then asked for what it draws.
     """
 
-    def start(self, name: str, x: Tensor, y: Tensor) -> bool:
-        return True
+    def enter(self, name: str, local: bool) -> None:
+        pass
 
     def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
         raise NotImplementedError
@@ -152,8 +163,76 @@ class Noise:
         e = self.normal(name, shape, like)
         return torch.where(e >= 0, 1.0, -1.0).to(e.dtype)
 
-    def shared(self, name: str, shape: Size, like: Tensor) -> Tensor:
-        raise NotImplementedError
+
+class Recorder(Noise):
+    r"""The noise of a shape-finding pass: records every call and every draw, and
+    returns zeros (the layers return their mean outputs)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+        self.draws: list[tuple[str, Size]] = []
+
+    def enter(self, name: str, local: bool) -> None:
+        self.calls.append((name, local))
+
+    def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
+        self.draws.append((name, shape))
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+@dataclass(frozen=True)
+class Layout:
+    r"""What a local call draws, from a shape-finding pass: the layers sampled locally,
+    the draws they make, in order, and their total size per sample."""
+
+    local: tuple[str, ...]
+    whole: tuple[str, ...]
+    draws: tuple[tuple[str, Size], ...]
+    size: int
+
+
+class Tape(Noise):
+    r"""The noise of a local call: one flat draw per sample (set by :meth:`begin`), laid out
+    by the draws of a :class:`Layout`, checked one by one."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.draws = layout.draws
+        self.slab: Tensor | None = None
+        self.pos = self.index = 0
+
+    def begin(self, slab: Tensor) -> None:
+        self.slab = slab
+        self.pos = self.index = 0
+
+    def enter(self, name: str, local: bool) -> None:
+        if not local:
+            raise StaleShapes(name)
+
+    def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
+        if self.index >= len(self.draws) or self.draws[self.index] != (name, shape):
+            raise StaleShapes(name)
+        self.index += 1
+        size = shape.numel()
+        e = self.slab[self.pos : self.pos + size]
+        self.pos += size
+        return e.view(shape)
+
+
+class Cached(Noise):
+    r"""zuko's noise for the local trick: drawn on first use, then the same for a layer
+    and an output shape until the end of the `reparameterize()` block."""
+
+    def __init__(self, generator: torch.Generator | None) -> None:
+        self.generator = generator
+        self.cache: dict[tuple[str, Size], Tensor] = {}
+
+    def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
+        key = (name, shape)
+        if key not in self.cache:
+            self.cache[key] = torch.randn(
+                shape, generator=self.generator, dtype=like.dtype, device=like.device
+            )
+        return self.cache[key]
 
 
 def _bias_view(b: Tensor, layer: nn.Module, y: Tensor) -> Tensor:
@@ -166,9 +245,6 @@ def _bias_view(b: Tensor, layer: nn.Module, y: Tensor) -> Tensor:
 
 def _local(name: str, layer: nn.Module, x: Tensor, m: Moments, noise: Noise) -> Tensor:
     mean = _apply(layer, x, m.w_mean, m.b_mean)
-    if not noise.start(name, x, mean):
-        return mean
-
     if m.w_var is None:
         var = _bias_view(m.b_var, layer, mean).expand_as(mean)
     else:
@@ -181,17 +257,28 @@ def _local(name: str, layer: nn.Module, x: Tensor, m: Moments, noise: Noise) -> 
     return torch.addcmul(mean, var.sqrt(), noise.normal(name, mean.shape, mean))
 
 
+def _channels(layer: nn.Module, t: Tensor) -> Size:
+    r"""The shape of a convolution's input or output without its spatial dims."""
+
+    return t.shape[: t.dim() - (layer.weight.dim() - 2)]
+
+
 def _flipout(name: str, layer: nn.Module, x: Tensor, m: Moments, noise: Noise) -> Tensor:
     y = _apply(layer, x, m.w_mean, m.b_mean)
-    if not noise.start(name, x, y):
-        return y
 
     if m.w_std is not None:
-        # One perturbation dW for every sample and example, decorrelated by random sign
-        # flips: W = mu + dW * (r s^T) has the law of the weight for every sample.
-        dw = m.w_std * noise.shared(name, m.w_std.shape, x)
-        s = noise.signs(name, x.shape, x)
-        r = noise.signs(name, y.shape, y)
+        # A perturbation dW of this sample, decorrelated between examples by random signs:
+        # W = mu + dW * (r s^T) has the law of the weight for every example. A
+        # convolution's signs are per channel, shared by all positions of an example.
+        dw = m.w_std * noise.normal(name, m.w_std.shape, x)
+        if is_conv(layer):
+            spatial = (1,) * (layer.weight.dim() - 2)
+            s = noise.signs(name, _channels(layer, x), x)
+            r = noise.signs(name, _channels(layer, y), y)
+            s, r = s.view(*s.shape, *spatial), r.view(*r.shape, *spatial)
+        else:
+            s = noise.signs(name, x.shape, x)
+            r = noise.signs(name, y.shape, y)
         y = y + _apply(layer, x * s, dw, None) * r
     if m.b_std is not None:
         y = y + _bias_view(m.b_std * noise.normal(name, m.b_std.shape, y), layer, y)
@@ -199,23 +286,112 @@ def _flipout(name: str, layer: nn.Module, x: Tensor, m: Moments, noise: Noise) -
     return y
 
 
-def local_forward(
-    name: str,
-    layer: nn.Module,
-    stats: Moments | Callable[[], Moments],
-    noise: Noise,
-    flipout: bool = False,
-) -> Callable[[Tensor], Tensor]:
-    r"""Returns a `forward` for `layer` that samples its outputs (the local
-    reparameterization trick) or perturbs them with Flipout.
+class LocalPlan:
+    r"""The local reparameterization trick or Flipout for the layers of a module whose
+    weight or bias a posterior holds (see :func:`is_local`), written once for
+    :func:`bayesflow.local_call` and :meth:`bayesflow.BayesianModel.reparameterize`.
 
-    `stats` are the layer's moments, or a callable that reads them at every call.
+    An estimator is exact for a call when every example's outputs have the joint law
+    of a weight sample: the local trick for a linear layer on inputs `(B, in)` (one
+    leading dim: the examples), Flipout for those and for convolutions (signs per channel,
+    shared by the positions of an example). Elsewhere (a convolution under the local
+    trick, a linear layer on `(B, T, in)`, whose weight is shared by the positions of an
+    example) the layer's weight is sampled whole, unless `per_position` asks for the
+    estimator anyway, with independent noise at every position: an approximation whose
+    outputs have the right law one by one, but whose sums over positions (a pooling, a
+    flatten and a linear head) have too small a variance.
+
+    Arguments:
+        module: The module.
+        posterior: The posterior over parameters of `module`.
+        flipout: Whether to use Flipout rather than the local trick.
+        per_position: Whether inexact calls take the estimator anyway.
+        lazy: Whether to read the moments from `posterior` at every call of a layer (the
+            bridge, whose posterior is trained between calls) rather than once.
     """
 
-    step = _flipout if flipout else _local
+    def __init__(
+        self,
+        module: nn.Module,
+        posterior: Any,
+        flipout: bool = False,
+        per_position: bool = False,
+        lazy: bool = False,
+    ) -> None:
+        self.flipout, self.per_position, self.posterior = flipout, per_position, posterior
+        self.layers: dict[str, nn.Module] = {}
+        self.covered: dict[str, tuple[str, ...]] = {}
+        for name, layer in module.named_modules():
+            if not is_local(layer):
+                continue
+            prefix = f"{name}." if name else ""
+            names = tuple(n for n in (prefix + "weight", prefix + "bias") if n in posterior.mean)
+            if names:
+                self.layers[name] = layer
+                self.covered[name] = names
+        self.key = (flipout, per_position, tuple(self.layers))
+        self._moments = None if lazy else {name: self._read(name) for name in self.layers}
 
-    def forward(x: Tensor) -> Tensor:
-        m = stats() if callable(stats) else stats
-        return step(name, layer, x, m, noise)
+    def _read(self, name: str) -> Moments:
+        q, prefix = self.posterior, f"{name}." if name else ""
 
-    return forward
+        def pair(key: str) -> tuple[Tensor, Tensor] | None:
+            return (q.mean[key], q.logvar[key]) if key in q.mean else None
+
+        return moments(self.layers[name], pair(prefix + "weight"), pair(prefix + "bias"))
+
+    def exact(self, layer: nn.Module, x: Tensor) -> bool:
+        r"""Whether the estimator gives every example of input `x` the law of a weight sample."""
+
+        if is_conv(layer):
+            return self.flipout
+        return x.dim() - layer.weight.dim() + 1 <= 1
+
+    def forwards(self, noise: Noise, names: Any) -> list[tuple[nn.Module, str, Any]]:
+        r"""Returns the changes that give the layers `names` their stochastic forward."""
+
+        return [(self.layers[k], "forward", self._forward(k, noise)) for k in names]
+
+    def _forward(self, name: str, noise: Noise) -> Any:
+        layer = self.layers[name]
+        step = _flipout if self.flipout else _local
+        original = type(layer).forward
+
+        def forward(x: Tensor) -> Tensor:
+            local = self.per_position or self.exact(layer, x)
+            noise.enter(name, local)
+            if not local:
+                return original(layer, x)  # the weight sampled whole
+            m = self._read(name) if self._moments is None else self._moments[name]
+            return step(name, layer, x, m, noise)
+
+        return forward
+
+    def layout(self, where: str, module: nn.Module, recorder: Recorder) -> Layout:
+        r"""Returns the layout of a shape-finding pass's draws; raises if `fn` skipped a layer."""
+
+        called = {name for name, _ in recorder.calls}
+        skipped = [name for name in self.layers if name not in called]
+        if skipped:
+            # A module that reads a layer's weight without calling the layer (as
+            # nn.MultiheadAttention does with `out_proj`) would silently see the mean.
+            raise ValueError(
+                f"{where}: expected fn to call every Bayesian layer of "
+                f"{type(module).__name__}, got {skipped} never called; use "
+                "bayesflow.vmap_call"
+            )
+        inexact = {name for name, local in recorder.calls if not local}
+        whole = tuple(k for k in self.layers if k in inexact)
+        local = tuple(k for k in self.layers if k not in whole)
+        draws = tuple(d for d in recorder.draws if d[0] in local)
+        return Layout(local, whole, draws, sum(shape.numel() for _, shape in draws))
+
+    def sampled(self, posterior: Any, layout: Layout) -> Any:
+        r"""Returns the part of `posterior` a local call samples whole: every parameter
+        outside the local layers."""
+
+        local = {n for k in layout.local for n in self.covered[k]}
+        names = [n for n in posterior.mean if n not in local]
+        return type(posterior)(
+            {n: posterior.mean[n] for n in names}, {n: posterior.logvar[n] for n in names}
+        )

@@ -2,7 +2,7 @@ r"""How many samples fit in a memory budget: `chunk_size="auto"`."""
 
 from __future__ import annotations
 
-__all__ = ["auto_chunk_size", "available_memory", "check_max_memory", "per_sample_bytes"]
+__all__ = ["auto_chunk_size", "available_memory", "per_sample_bytes"]
 
 import os
 
@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from ._checks import check_int
 from ._compat import allocated_bytes
 
 # The share of the free memory a call may use when no budget is given.
@@ -35,10 +34,6 @@ def available_memory(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not on every platform
         return 2**31
-
-
-def check_max_memory(where: str, max_memory: object) -> int | None:
-    return None if max_memory is None else check_int(where, "max_memory", max_memory)
 
 
 def auto_chunk_size(per_sample: int, n: int, device: torch.device, max_memory: int | None) -> int:

@@ -17,12 +17,11 @@ the vectorized pass only; the loop and every other module see torch's layers as 
 
 from __future__ import annotations
 
-__all__ = ["hint", "updated_buffers", "vectorized"]
+__all__ = ["changes", "hint", "updated_buffers"]
 
 import sys
 
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -33,6 +32,8 @@ from torch import Tensor
 
 from ._compat import (
     BatchNorm,
+    InstanceNorm,
+    SpectralNorm,
     WeightNorm,
     batched_at_current_level,
     is_compiling,
@@ -42,7 +43,7 @@ from ._compat import (
 )
 from ._layers import is_linear, mask_of
 from ._recurrent import cell_forward, rnn_forward
-from ._swap import Structure, patched
+from ._structure import Structure
 
 _RNN_FORWARDS = {nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward}
 _CELL_FORWARDS = {nn.RNNCell.forward, nn.LSTMCell.forward, nn.GRUCell.forward}
@@ -53,6 +54,7 @@ _STANDINS = (
     nn.MultiheadAttention,
     nn.TransformerEncoderLayer,
     WeightNorm,
+    SpectralNorm,
 )
 
 
@@ -139,6 +141,27 @@ def _weight_norm_forward(m: Any) -> Any:
     return forward
 
 
+def _spectral_norm_forward(m: Any) -> Any:
+    def forward(weight: Tensor) -> Tensor:
+        # torch's power iteration writes into `_u` and `_v` with `out=`, which vmap cannot
+        # batch: the same steps out of place, then one in-place copy into the per-sample
+        # buffers the call provides.
+        if weight.ndim == 1:
+            return F.normalize(weight, dim=0, eps=m.eps)
+        weight_mat = m._reshape_weight_to_matrix(weight)
+        with torch.no_grad():
+            u, v = m._u, m._v
+            for _ in range(m.n_power_iterations):
+                u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=m.eps)
+                v = F.normalize(torch.mv(weight_mat.H, u), dim=0, eps=m.eps)
+            m._u.copy_(u)
+            m._v.copy_(v)
+        u, v = m._u.clone(), m._v.clone()
+        return weight / torch.vdot(u, torch.mv(weight_mat, v))
+
+    return forward
+
+
 def _linear_types() -> tuple[type, ...]:
     zuko_nn = sys.modules.get("zuko.nn")
     return (nn.Linear,) if zuko_nn is None else (nn.Linear, zuko_nn.Linear)
@@ -150,20 +173,24 @@ def _name(prefix: str, attr: str) -> str:
 
 def updated_buffers(st: Structure, module: nn.Module) -> list[str]:
     r"""Returns the buffers that a vectorized call updates per sample: the running
-    statistics of train-mode batch normalization."""
+    statistics of train-mode batch and instance normalization, the singular vectors of a
+    train-mode spectral normalization."""
 
     names = []
-    for prefix, m in st.find(module, BatchNorm):
-        if _tracks(m) and m.momentum is not None:
-            p = f"{prefix}." if prefix else ""
+    for prefix, m in st.find(module, (BatchNorm, InstanceNorm, SpectralNorm)):
+        p = f"{prefix}." if prefix else ""
+        if isinstance(m, SpectralNorm):
+            names += [p + "_u", p + "_v"] if m.training else []
+        elif _tracks(m) and m.momentum is not None:
             names += [p + "running_mean", p + "running_var", p + "num_batches_tracked"]
     return [name for name in names if name in st.buffers]
 
 
-@contextmanager
-def vectorized(st: Structure, module: nn.Module, sampled: Collection[str] = ()) -> Iterator[None]:
-    r"""Prepares the torch layers of `module` for a vectorized pass in which the
-    parameters `sampled` are batched."""
+def changes(
+    st: Structure, module: nn.Module, sampled: Collection[str] = ()
+) -> list[tuple[Any, str, Any]]:
+    r"""Returns the changes that prepare the torch layers of `module` for a vectorized
+    pass in which the parameters `sampled` are batched: `(instance, attribute, value)`."""
 
     changes: list[tuple[Any, str, Any]] = []
     if not is_compiling():
@@ -184,28 +211,33 @@ def vectorized(st: Structure, module: nn.Module, sampled: Collection[str] = ()) 
             changes.append((m, "training", True))  # its own flag only gates the fast path
         elif type(m) is WeightNorm:
             changes.append((m, "forward", _weight_norm_forward(m)))
+        elif type(m) is SpectralNorm and m.training:
+            changes.append((m, "forward", _spectral_norm_forward(m)))
 
-    if not changes:
-        yield
-        return
-
-    with patched(changes):
-        yield
+    return changes
 
 
-def hint(st: Structure, module: nn.Module, err: BaseException) -> str:
+def hint(st: Structure, module: nn.Module, err: BaseException, randomness: str | None) -> str:
     r"""Returns advice for a vectorized call that failed with `err`."""
 
     text = str(err)
+    if ("randomness" in text or "random operation" in text) and randomness == "different":
+        return (
+            "; fn draws random numbers in place into a tensor shared by the samples, which "
+            "vmap cannot batch even with randomness='different' (torch.distributions' "
+            "sample and rsample do): to sample a flow, use bayesflow.flow_sample, which "
+            "draws the noise outside vmap"
+        )
     if "randomness" in text or "random operation" in text:
         return (
             "; fn draws random numbers (e.g. dropout in training mode): pass "
             "randomness='different' for independent draws per sample, or call module.eval()"
         )
-    for _, m in st.find(module, BatchNorm):
+    for _, m in st.find(module, (BatchNorm, InstanceNorm)):
         if _tracks(m) and m.momentum is None:
             return (
-                "; BatchNorm with momentum=None (a cumulative average) cannot update its "
-                "running statistics per sample: set a momentum, or call module.eval()"
+                f"; {type(m).__name__} with momentum=None (a cumulative average) cannot "
+                "update its running statistics per sample: set a momentum, or call "
+                "module.eval()"
             )
     return ""

@@ -38,7 +38,7 @@ import torch
 from torch.func import vmap
 
 from . import _zuko_transforms as _safe
-from ._compat import is_compiling
+from ._compat import is_compiling, load_jvp_decompositions
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,7 @@ def _verdict(piece: _Piece, original: Any) -> bool:
         else:
             return False  # zuko's own piece runs under vmap
         try:
-            _safe.prepare()
+            load_jvp_decompositions()
             got = piece.probe(piece.replacement, False)
             batched = piece.probe(piece.replacement, True)
         except Exception as err:
@@ -315,7 +315,7 @@ def _install() -> list[tuple[Any, str, Any]]:
             if current is None or not piece.is_zukos(current):
                 continue  # absent, or someone else replaced it: leave it alone
             if _needed(piece, current):
-                _safe.prepare()
+                load_jvp_decompositions()
                 setattr(target, piece.name, _dispatcher(current, piece.replacement))
                 installed.append((target, piece.name, current))
     except BaseException:

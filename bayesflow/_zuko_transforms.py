@@ -17,7 +17,6 @@ __all__ = [
     "gmm_forward_full",
     "monotonic_call_and_ladj",
     "odeint",
-    "prepare",
 ]
 
 import math
@@ -36,7 +35,7 @@ from torch import Size, Tensor
 from torch.distributions import Distribution, MultivariateNormal
 from torch.func import jvp, vmap
 
-from ._compat import is_compiling, load_jvp_decompositions, unwrap_batched
+from ._compat import is_compiling, unwrap_batched
 from ._errors import NonFiniteError
 
 _MAX_ODE_ATTEMPTS = 10_000
@@ -55,12 +54,6 @@ def coupling_merge(self: Any, x_a: Tensor, x_b: Tensor, shape: Size) -> Tensor:
     order = torch.argsort(torch.cat((self.idx_a, self.idx_b)))
 
     return torch.index_select(torch.cat((x_a, x_b), dim=-1), -1, order)
-
-
-def prepare() -> None:
-    r"""Loads what forward-mode AD loads on first use, outside vmap and without warnings."""
-
-    load_jvp_decompositions()
 
 
 # Forward-mode AD levels are process-wide in torch: two threads in `jvp` at once break

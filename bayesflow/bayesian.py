@@ -13,33 +13,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from torch import Size, Tensor
+from torch import Tensor
 
 from . import _posterior
-from ._checks import check_module, check_n
-from ._engine import run
-from ._layers import Noise, is_local, local_forward, moments
+from ._checks import check_bool, check_generator, check_module, check_n
+from ._engine import hold, run
+from ._layers import Cached, LocalPlan
+from ._options import call_options
 from ._outputs import map_outputs
 from ._posterior import InitLogvar
-from ._swap import lock, patched, structure, swapped
 from ._types import Posterior
-
-
-class _Cached(Noise):
-    r"""zuko's noise for the local trick: drawn on first use, then the same for a layer
-    and an output shape until the end of the `reparameterize()` block."""
-
-    def __init__(self, generator: torch.Generator | None) -> None:
-        self.generator = generator
-        self.cache: dict[tuple[str, Size], Tensor] = {}
-
-    def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
-        key = (name, shape)
-        if key not in self.cache:
-            self.cache[key] = torch.randn(
-                shape, generator=self.generator, dtype=like.dtype, device=like.device
-            )
-        return self.cache[key]
 
 
 class BayesianModel(nn.Module):
@@ -186,12 +169,17 @@ class BayesianModel(nn.Module):
         outputs. The original parameters (the very same objects) are restored on exit,
         also after an error; tied weights are sampled once and held in every place.
 
+        Calls of bayesflow on the base model inside the block (:func:`bayesflow.vmap_call`,
+        :meth:`forward`, ...) use their own samples, with the layers' own forwards; the
+        parameters they do not sample are the held ones.
+
         Arguments:
-            local_trick: Whether to use the local reparameterization trick for the layers
-                whose weight is Bayesian among :class:`torch.nn.Linear`, zuko's `Linear`,
-                :class:`torch.nn.Conv1d` / `Conv2d` / `Conv3d` and their subclasses that
-                keep their `forward` (such as zuko's `MaskedLinear`): their outputs,
-                rather than their weights, are sampled, with fresh noise per example.
+            local_trick: Whether to use the local reparameterization trick for the Bayesian
+                layers among :class:`torch.nn.Linear`, zuko's `Linear` and their subclasses
+                that keep their `forward` (such as zuko's `MaskedLinear`): their outputs,
+                rather than their weights, are sampled, with fresh noise per example, where
+                that is exact (inputs `(B, in)`: see :func:`bayesflow.local_call`).
+                Convolutions, and linear layers on inputs with positions, use the sample.
             generator: The source of randomness; the global one if :py:`None`.
 
         Yields:
@@ -202,35 +190,17 @@ class BayesianModel(nn.Module):
             | https://arxiv.org/abs/1506.02557
         """
 
+        where = "BayesianModel.reparameterize"
+        check_bool(where, "local_trick", local_trick)
+        check_generator(where, generator)
         params = self.sample_params(generator=generator)
+        changes = []
+        if local_trick:
+            plan = LocalPlan(self.base, self.posterior, lazy=True)
+            changes = plan.forwards(Cached(generator), plan.layers)
 
-        with lock(self.base), swapped(structure(self.base), params):
-            if local_trick:
-                with patched(self._local_forwards(generator)):
-                    yield self.base
-            else:
-                yield self.base
-
-    def _local_forwards(self, generator: torch.Generator | None) -> list[tuple[Any, str, Any]]:
-        noise = _Cached(generator)
-        forwards = []
-
-        for name, layer in self.base.named_modules():
-            key = name.replace(".", "-")
-            if not is_local(layer) or key + "-weight" not in self.means:
-                continue
-
-            def stats(key: str = key, layer: nn.Module = layer) -> Any:
-                b = key + "-bias"
-                return moments(
-                    layer,
-                    (self.means[key + "-weight"], self.logvars[key + "-weight"]),
-                    (self.means[b], self.logvars[b]) if b in self.means else None,
-                )
-
-            forwards.append((layer, "forward", local_forward(name, layer, stats, noise)))
-
-        return forwards
+        with hold(self.base, params, changes) as base:
+            yield base
 
     def kl_divergence(self, prior_var: float = 1.0) -> Tensor:
         r"""Returns the KL divergence between the posterior and the prior
@@ -286,19 +256,10 @@ class BayesianModel(nn.Module):
 
         where = "BayesianModel.forward"
         k = 1 if n is None else check_n(where, n)
+        opts = call_options(where, fn, chunk_size, fallback, in_dims, randomness, True, max_memory)
+        check_generator(where, generator)
         params = _posterior.sample(where, self.posterior, k, generator)
-        out = run(
-            where,
-            self.base,
-            params,
-            args,
-            fn=fn,
-            chunk_size=chunk_size,
-            fallback=fallback,
-            in_dims=in_dims,
-            randomness=randomness,
-            max_memory=max_memory,
-        )
+        out = run(self.base, params, args, opts)
 
         return out if n is not None else map_outputs(where, lambda t: t.squeeze(0), out)
 

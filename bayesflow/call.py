@@ -11,7 +11,9 @@ import torch.nn as nn
 
 from torch import Tensor
 
+from ._checks import check_module
 from ._engine import VmapFallbackWarning, run
+from ._options import call_options
 from ._types import Fn
 
 VmapFallbackWarning.__module__ = "bayesflow"
@@ -43,7 +45,9 @@ def loop_call(
         stacked on a new leading dim of size `n`.
     """
 
-    return run("loop_call", module, params, args, fn=fn, in_dims=in_dims, vectorized=False)
+    where = "loop_call"
+    check_module(where, module)
+    return run(module, params, args, call_options(where, fn, in_dims=in_dims, vectorized=False))
 
 
 def vmap_call(
@@ -111,15 +115,7 @@ def vmap_call(
         RuntimeError: If vmap cannot run `fn` and `fallback` is :py:`False`.
     """
 
-    return run(
-        "vmap_call",
-        module,
-        params,
-        args,
-        fn=fn,
-        chunk_size=chunk_size,
-        fallback=fallback,
-        in_dims=in_dims,
-        randomness=randomness,
-        max_memory=max_memory,
-    )
+    where = "vmap_call"
+    check_module(where, module)
+    opts = call_options(where, fn, chunk_size, fallback, in_dims, randomness, True, max_memory)
+    return run(module, params, args, opts)

@@ -21,8 +21,8 @@ from torch.distributions import (
 )
 
 from ._checks import check_generator, check_module
-from ._engine import run
-from ._swap import check_params, structure
+from ._engine import count, run
+from ._options import call_options
 
 
 def _gaussian(where: str, d: Distribution) -> tuple[Tensor, Tensor, bool]:
@@ -163,8 +163,8 @@ def flow_sample(
         )
     shape = tuple(int(s) for s in shape)
     check_generator(where, generator)
-
-    n = check_params(where, structure(flow), flow, params)
+    opts = call_options(where, None, chunk_size, fallback, None, None, vectorized, max_memory)
+    n = count(flow, params, opts)
 
     # The shapes, outside vmap: lazy flows build their transforms only when evaluated.
     with torch.no_grad():
@@ -197,15 +197,4 @@ def flow_sample(
         )
 
     in_dims = (None, *(0 for _ in noise))
-    return run(
-        where,
-        flow,
-        params,
-        (c, *noise),
-        fn=fn,
-        chunk_size=chunk_size,
-        fallback=fallback,
-        in_dims=in_dims,
-        vectorized=vectorized,
-        max_memory=max_memory,
-    )
+    return run(flow, params, (c, *noise), opts._replace(fn=fn, in_dims=in_dims))

@@ -4,31 +4,24 @@ from __future__ import annotations
 
 __all__ = ["local_call", "local_layers"]
 
-import weakref
-
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from torch import Size, Tensor
-
-from . import _posterior, _torch_layers
+from . import _posterior
 from ._checks import (
     check_bool,
-    check_callable,
     check_generator,
-    check_in_dims,
     check_module,
     check_n,
     check_not_bridge,
     check_posterior,
 )
-from ._engine import run
-from ._errors import Passthrough
-from ._layers import Moments, Noise, is_local, local_forward, moments
-from ._swap import State, lock, patched, structure
+from ._engine import run_local
+from ._layers import LocalPlan, is_local
+from ._options import CallOptions, call_options
 from ._types import Fn, Posterior
 
 
@@ -51,90 +44,6 @@ def local_layers(module: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in module.named_modules() if is_local(m)}
 
 
-def _prefix(name: str) -> str:
-    return f"{name}." if name else ""
-
-
-class _StaleShapes(Passthrough):
-    r"""The layer calls of a vectorized pass differ from those its noise was drawn for."""
-
-
-class _Tape(Noise):
-    r"""The noise of :func:`local_call`: one flat draw per sample, laid out by the layer
-    calls that a shape-finding pass recorded, plus one draw shared by all samples."""
-
-    def __init__(self, calls: list[tuple[str, Size, Size]] | None = None) -> None:
-        self.recording = calls is None
-        self.calls: list[tuple[str, Size, Size]] = [] if calls is None else calls
-        self.slab: Tensor | None = None
-        self.common: Tensor | None = None
-        self.pos = self.shared_pos = self.index = 0
-
-    def start(self, name: str, x: Tensor, y: Tensor) -> bool:
-        if self.recording:
-            self.calls.append((name, x.shape, y.shape))
-            return False
-        if self.index >= len(self.calls) or self.calls[self.index] != (name, x.shape, y.shape):
-            raise _StaleShapes(name)
-        self.index += 1
-        return True
-
-    def begin(self, slab: Tensor, common: Tensor) -> None:
-        self.slab, self.common = slab, common
-        self.pos = self.shared_pos = self.index = 0
-
-    def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
-        size = shape.numel()
-        e = self.slab[self.pos : self.pos + size]
-        self.pos += size
-        return e.view(shape)
-
-    def shared(self, name: str, shape: Size, like: Tensor) -> Tensor:
-        size = shape.numel()
-        e = self.common[self.shared_pos : self.shared_pos + size]
-        self.shared_pos += size
-        return e.view(shape)
-
-
-def _sizes(
-    calls: list[tuple[str, Size, Size]], stats: dict[str, Moments], flipout: bool
-) -> tuple[int, int]:
-    r"""Returns how many numbers per sample, and shared, the recorded calls draw."""
-
-    per, shared = 0, 0
-    for name, x, y in calls:
-        m = stats[name]
-        if not flipout:
-            per += y.numel()
-            continue
-        if m.w_std is not None:
-            shared += m.w_std.numel()
-            per += x.numel() + y.numel()
-        if m.b_std is not None:
-            per += m.b_std.numel()
-    return per, shared
-
-
-# Recorded layer calls, per module and call signature (a few entries each).
-_CALLS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list]] = weakref.WeakKeyDictionary()
-
-
-def _signature(
-    fn: Any, args: tuple, dims: tuple, flipout: bool, layers: dict[str, nn.Module], training: bool
-) -> tuple:
-    r"""What the recorded layer calls depend on: `fn`, the argument shapes, the stochastic
-    layers (which the posterior decides) and the mode."""
-
-    parts = []
-    for a, d in zip(args, dims, strict=True):
-        if isinstance(a, Tensor):
-            shape = tuple(a.shape[1:] if d == 0 else a.shape)
-            parts.append((shape, a.dtype, a.device))
-        else:
-            parts.append(id(a))
-    return (id(fn), flipout, tuple(layers), training, tuple(parts))
-
-
 def local_call(
     module: nn.Module,
     posterior: Posterior,
@@ -149,41 +58,54 @@ def local_call(
     randomness: str | None = None,
     vectorized: bool = True,
     max_memory: int | None = None,
+    per_position: bool = False,
 ) -> Any:
     r"""Runs `fn(module, *args)` for `n` posterior samples with noise on the outputs of
     the linear and convolutional layers rather than on their weights.
 
     The Bayesian layers (see :func:`local_layers`) are temporarily replaced by stochastic
     ones and `fn` runs as in :func:`bayesflow.vmap_call`: every other module sees exactly
-    the per-sample shapes it sees there, and no weight sample is ever materialized. Any
-    other Bayesian parameter (of a normalization layer, a recurrent layer, ...) is
-    sampled whole, as in :func:`bayesflow.vmap_call`.
+    the per-sample shapes it sees there. Any other Bayesian parameter (of a normalization
+    layer, a recurrent layer, ...) is sampled whole, as in :func:`bayesflow.vmap_call`.
 
-    With the local reparameterization trick, a layer :math:`y = x W^T + b` (or a
-    convolution :math:`y = W * x + b`) returns
+    With the local reparameterization trick, a linear layer :math:`y = x W^T + b` returns
 
     .. math:: y = x \mu_W^T + \mu_b + \sqrt{x^2 (\sigma_W^2)^T + \sigma_b^2} \odot \epsilon,
 
-    with fresh :math:`\epsilon \sim \mathcal{N}(0, I)` for every sample and example. With
-    Flipout, one perturbation :math:`\Delta W = \sigma_W \odot E` is shared and
-    decorrelated by random signs :math:`s, r \in \{\pm 1\}`,
+    with fresh :math:`\epsilon \sim \mathcal{N}(0, I)` for every sample and example, and
+    no weight sample is ever drawn. With Flipout, every sample draws one perturbation
+    :math:`\Delta W = \sigma_W \odot E`, which random signs :math:`s, r \in \{\pm 1\}`
+    drawn per example decorrelate between examples,
 
     .. math:: y = x \mu_W^T + \left( (x \odot s) \Delta W^T \right) \odot r + b,
 
-    with the bias sampled once per sample. Either way each output has exactly the law of
-    a full weight sample, and gradients reach the posterior's means and log-variances;
-    what changes is the correlation between examples (independent weights per example),
-    which makes the gradient estimates of an expected log-likelihood less noisy. A module
-    that mixes examples after a Bayesian layer (batch statistics of a train-mode
-    BatchNorm, a softmax over the batch) sees that decorrelated noise too, so its outputs
-    differ in law from full weight sampling. A layer called twice in one `fn` draws fresh
-    noise each time.
+    with the bias sampled once per sample; a convolution's signs are per input and output
+    channel, shared by all positions of an example.
 
-    All the noise is drawn before the vectorized pass, from `generator`, laid out by the
-    layer calls of one shape-finding pass of `fn` (without gradients, buffers restored;
-    remembered for the same `fn` and argument shapes). The same generator state gives the
-    same numbers vectorized or not (`vectorized=False`, the loop oracle), and whatever
-    `chunk_size`.
+    What is exact. For every sample and every example, the outputs of a layer have
+    the joint law of a weight sample: the `n` samples are `n` independent draws of the
+    predictive for each example, and gradients reach the posterior's means and
+    log-variances. What changes is the correlation between the examples of one batch
+    (as if every example had its own weights), which makes the gradient estimates of an
+    expected log-likelihood less noisy: a module that mixes examples after a Bayesian
+    layer (batch statistics of a train-mode BatchNorm, a softmax over the batch) sees
+    that decorrelated noise too, so its outputs differ in law from weight sampling.
+
+    Where the local trick cannot be exact, the weight is sampled whole instead: a
+    convolution, or a linear layer whose input has positions besides the example dim
+    (`(B, T, in)`), shares its weight across the positions of one example, and
+    independent noise per position would make sums over positions (a global average
+    pooling, a flatten and a linear head) far too narrow. `per_position=True` takes the
+    local trick there anyway, with noise per position: an approximation, cheaper for large
+    layers, whose outputs have the right law one by one but not jointly. Flipout is exact
+    for convolutions; for a linear layer on `(B, T, in)` its weight is sampled whole too,
+    unless `per_position`. The examples are the first dim of a layer's input.
+
+    A layer called twice in one `fn` draws fresh noise each time. All the noise is drawn
+    before the vectorized pass, from `generator`, laid out by the layer calls of one
+    shape-finding pass of `fn` (without gradients, buffers restored; remembered for the
+    same `fn` code and argument shapes). The same generator state gives the same numbers
+    vectorized or not (`vectorized=False`, the loop oracle), and whatever `chunk_size`.
 
     Example:
         >>> net = zuko.nn.MLP(3, 5)
@@ -205,6 +127,9 @@ def local_call(
         in_dims, chunk_size, fallback, randomness, max_memory: As in
             :func:`bayesflow.vmap_call`.
         vectorized: Whether to run vectorized or, the oracle, in a loop.
+        per_position: Whether a layer whose weight its input's positions share takes the
+            estimator with noise per position (an approximation) rather than a whole
+            weight sample.
 
     Returns:
         The outputs of `fn`, with a leading dim of size `n`, differentiable with respect
@@ -225,168 +150,39 @@ def local_call(
     """  # noqa: E501
 
     where = "local_call"
+    opts = call_options(
+        where, fn, chunk_size, fallback, in_dims, randomness, vectorized, max_memory
+    )
+    return local_with_options(module, posterior, n, args, opts, generator, flipout, per_position)
+
+
+def local_with_options(
+    module: nn.Module,
+    posterior: Posterior,
+    n: int,
+    args: tuple,
+    opts: CallOptions,
+    generator: torch.Generator | None,
+    flipout: bool,
+    per_position: bool,
+) -> Any:
+    r"""Runs :func:`local_call` with options checked by the caller (:func:`bayesflow.nelbo`)."""
+
+    where = opts.where
     check_module(where, module)
     check_not_bridge(where, module)
-    check_posterior(where, posterior)
     n = check_n(where, n)
-    check_callable(where, "fn", fn)
     check_generator(where, generator)
     check_bool(where, "flipout", flipout)
-    check_bool(where, "vectorized", vectorized)
+    check_bool(where, "per_position", per_position)
+    check_posterior(where, posterior)
     _posterior.check_matches(where, module, posterior)
-    dims = check_in_dims(where, args, in_dims, n)
 
-    layers: dict[str, nn.Module] = {}
-    covered: set[str] = set()
-    for name, layer in module.named_modules():
-        if not is_local(layer):
-            continue
-        names = {_prefix(name) + "weight", _prefix(name) + "bias"} & posterior.mean.keys()
-        if names:
-            layers[name] = layer
-            covered |= names
-    if not layers:
+    plan = LocalPlan(module, posterior, flipout, per_position)
+    if not plan.layers:
         raise ValueError(
             f"{where}: expected the posterior to hold the weight or bias of a linear or "
             f"convolutional layer of {type(module).__name__}, got none; use "
             "bayesflow.vmap_call"
         )
-
-    def pair(name: str) -> tuple[Tensor, Tensor] | None:
-        return (posterior.mean[name], posterior.logvar[name]) if name in covered else None
-
-    stats = {
-        name: moments(layer, pair(_prefix(name) + "weight"), pair(_prefix(name) + "bias"))
-        for name, layer in layers.items()
-    }
-    others = [name for name in posterior.mean if name not in covered]
-    fn = (lambda m, *a: m(*a)) if fn is None else fn
-
-    with lock(module):
-        st = structure(module)
-        for attempt in range(2):
-            try:
-                return _local_call(
-                    where,
-                    module,
-                    st,
-                    posterior,
-                    others,
-                    layers,
-                    stats,
-                    n,
-                    args,
-                    dims,
-                    fn,
-                    generator,
-                    flipout,
-                    chunk_size,
-                    fallback,
-                    randomness,
-                    vectorized,
-                    max_memory,
-                    fresh=attempt > 0,
-                )
-            except _StaleShapes:
-                if attempt > 0:
-                    raise RuntimeError(
-                        f"{where}: expected the layers to be called with the same shapes "
-                        "as in the shape-finding pass, got others twice"
-                    ) from None
-
-
-def _local_call(
-    where: str,
-    module: nn.Module,
-    st: Any,
-    posterior: Posterior,
-    others: list[str],
-    layers: dict[str, nn.Module],
-    stats: dict[str, Moments],
-    n: int,
-    args: tuple,
-    dims: tuple,
-    fn: Fn,
-    generator: torch.Generator | None,
-    flipout: bool,
-    chunk_size: int | None,
-    fallback: bool,
-    randomness: str | None,
-    vectorized: bool,
-    max_memory: int | None,
-    fresh: bool,
-) -> Any:
-    cache = _CALLS.setdefault(module, {})
-    key = _signature(fn, args, dims, flipout, layers, module.training)
-    calls = None if fresh else cache.get(key)
-
-    if calls is None:
-        # The shape-finding pass: one unbatched call, no gradients, buffers restored, with
-        # the layers as the vectorized pass sees them (without gradients, torch's fused
-        # attention would skip the layers that the reference path calls).
-        tape = _Tape()
-        forwards = [
-            (m, "forward", local_forward(k, m, stats[k], tape, flipout)) for k, m in layers.items()
-        ]
-        state = State(st)
-        try:
-            with torch.no_grad(), _torch_layers.vectorized(st, module), patched(forwards):
-                fn(module, *(a if d is None else a[0] for a, d in zip(args, dims, strict=True)))
-        finally:
-            state.restore()
-        calls = tape.calls
-        if len(cache) >= 8:
-            cache.pop(next(iter(cache)))
-        cache[key] = calls
-
-    skipped = [name for name in layers if all(c[0] != name for c in calls)]
-    if skipped:
-        # A module that reads a layer's weight without calling the layer (as
-        # nn.MultiheadAttention does with `out_proj`) would silently see the mean.
-        raise ValueError(
-            f"{where}: expected fn to call every Bayesian layer of {type(module).__name__}, "
-            f"got {skipped} never called; use bayesflow.vmap_call"
-        )
-
-    per, shared = _sizes(calls, stats, flipout)
-    like = next(iter(posterior.mean.values()))
-    # All the noise in two draws: the per-sample slab first, then the shared perturbations.
-    slab = torch.randn(n, per, generator=generator, dtype=like.dtype, device=like.device)
-    common = torch.randn(shared, generator=generator, dtype=like.dtype, device=like.device)
-    params = (
-        _posterior.sample(
-            where,
-            Posterior(
-                {k: posterior.mean[k] for k in others}, {k: posterior.logvar[k] for k in others}
-            ),
-            n,
-            generator,
-        )
-        if others
-        else {}
-    )
-
-    tape = _Tape(calls)
-    forwards = [
-        (m, "forward", local_forward(k, m, stats[k], tape, flipout)) for k, m in layers.items()
-    ]
-
-    def local_fn(m: nn.Module, s: Tensor, *a: Any) -> Any:
-        tape.begin(s, common)
-        return fn(m, *a)
-
-    with patched(forwards):
-        return run(
-            where,
-            module,
-            params,
-            (slab, *args),
-            fn=local_fn,
-            chunk_size=chunk_size,
-            fallback=fallback,
-            in_dims=(0, *dims),
-            randomness=randomness,
-            vectorized=vectorized,
-            n=n,
-            max_memory=max_memory,
-        )
+    return run_local(module, posterior, n, args, opts, plan, generator)

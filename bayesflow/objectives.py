@@ -16,7 +16,6 @@ from torch import Tensor
 
 from . import _posterior
 from ._checks import (
-    check_bool,
     check_generator,
     check_module,
     check_n,
@@ -24,10 +23,11 @@ from ._checks import (
     check_number,
     check_posterior,
 )
-from ._engine import check_chunk_size, run
+from ._engine import run
+from ._options import call_options
 from ._types import Posterior
-from .local import local_call
-from .priors import Prior, prior_kl
+from .local import local_with_options
+from .priors import Prior, check_prior, prior_kl
 
 Fn = Callable[..., Tensor]
 
@@ -118,17 +118,18 @@ def nelbo(
         module,
         posterior,
         args,
-        fn,
-        num_data,
-        n,
-        prior,
-        kl_weight,
-        generator,
-        chunk_size,
-        in_dims,
-        estimator,
-        vectorized,
-        randomness,
+        fn=fn,
+        num_data=num_data,
+        n=n,
+        prior=prior,
+        kl_weight=kl_weight,
+        generator=generator,
+        chunk_size=chunk_size,
+        in_dims=in_dims,
+        estimator=estimator,
+        vectorized=vectorized,
+        randomness=randomness,
+        max_memory=max_memory,
     )
 
 
@@ -137,19 +138,22 @@ def _nelbo(
     module: nn.Module,
     posterior: Posterior,
     args: tuple,
+    *,
     fn: Fn,
     num_data: float,
-    n: int = 4,
-    prior: Prior | float | None = None,
-    kl_weight: float | Tensor = 1.0,
-    generator: torch.Generator | None = None,
-    chunk_size: int | None = None,
-    in_dims: Sequence[int | None] | None = None,
-    estimator: str = "weights",
-    vectorized: bool = True,
-    randomness: str | None = None,
-    max_memory: int | None = None,
+    n: int,
+    prior: Prior | float | None,
+    kl_weight: float | Tensor,
+    generator: torch.Generator | None,
+    chunk_size: int | str | None,
+    in_dims: Sequence[int | None] | None,
+    estimator: str,
+    vectorized: bool,
+    randomness: str | None,
+    max_memory: int | None,
 ) -> Tensor:
+    # Every argument is checked before any work (a train-mode BatchNorm's statistics
+    # move with the first forward pass).
     check_module(where, module)
     check_not_bridge(where, module)
     check_posterior(where, posterior)
@@ -160,50 +164,22 @@ def _nelbo(
         )
     num_data = check_number(where, "num_data", num_data, 0.0, strict=True)
     n = check_n(where, n)
-    if isinstance(prior, bool) or not isinstance(prior, (Prior, int, float, type(None))):
-        raise TypeError(
-            f"{where}: expected prior to be a bayesflow.priors.Prior, a float variance or None, "
-            f"got {type(prior).__name__}"
-        )
+    check_prior(where, prior, posterior)
     check_number(where, "kl_weight", kl_weight, 0.0, strict=False)
     check_generator(where, generator)
-    check_chunk_size(where, chunk_size)
     if estimator not in ESTIMATORS:
         raise ValueError(
             f"{where}: expected estimator to be one of {', '.join(map(repr, ESTIMATORS))}, "
             f"got {estimator!r}"
         )
-    check_bool(where, "vectorized", vectorized)
+    opts = call_options(where, fn, chunk_size, True, in_dims, randomness, vectorized, max_memory)
 
     if estimator == "weights":
         params = _posterior.sample(where, posterior, n, generator)
-        ll = run(
-            where,
-            module,
-            params,
-            args,
-            fn=fn,
-            chunk_size=chunk_size,
-            in_dims=in_dims,
-            randomness=randomness,
-            vectorized=vectorized,
-            max_memory=max_memory,
-        )
+        ll = run(module, params, args, opts)
     else:
-        ll = local_call(
-            module,
-            posterior,
-            n,
-            *args,
-            fn=fn,
-            generator=generator,
-            flipout=estimator == "flipout",
-            in_dims=in_dims,
-            chunk_size=chunk_size,
-            randomness=randomness,
-            vectorized=vectorized,
-            max_memory=max_memory,
-        )
+        flipout = estimator == "flipout"
+        ll = local_with_options(module, posterior, n, args, opts, generator, flipout, False)
 
     if not isinstance(ll, Tensor) or ll.dim() == 0 or ll.shape[0] != n:
         shape = tuple(ll.shape) if isinstance(ll, Tensor) else type(ll).__name__
@@ -244,10 +220,12 @@ def flipout_nelbo(module: nn.Module, posterior: Posterior, *args: Any, **kwargs:
 def _alias(
     where: str, module: nn.Module, posterior: Posterior, args: tuple, kwargs: dict, **fixed: Any
 ) -> Tensor:
-    names = set(inspect.signature(nelbo).parameters) - {"module", "posterior", "args"}
+    signature = inspect.signature(nelbo).parameters
+    names = set(signature) - {"module", "posterior", "args"}
     unknown = sorted(set(kwargs) - names)
     if unknown or set(kwargs) & set(fixed):
         raise TypeError(f"{where}: got unexpected keyword arguments {unknown or sorted(fixed)}")
     if "fn" not in kwargs or "num_data" not in kwargs:
         raise TypeError(f"{where}: expected the keyword arguments fn and num_data")
-    return _nelbo(where, module, posterior, args, **kwargs, **fixed)
+    defaults = {k: p.default for k, p in signature.items() if p.default is not p.empty}
+    return _nelbo(where, module, posterior, args, **{**defaults, **kwargs, **fixed})

@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _posterior
-from ._checks import check_generator, check_module, check_n, check_posterior
+from ._checks import check_generator, check_module, check_n, check_number, check_posterior
 from ._numerics import gaussian_kl, softclip
 from ._types import Posterior
 
@@ -317,6 +317,22 @@ class ScaleMixturePrior(Prior):
             x = torch.logaddexp(a - 0.5 * x2 / self.var1, b - 0.5 * x2 / self.var2)
             lp = lp + x.flatten(1).sum(1)
         return torch.as_tensor(lp)
+
+
+def check_prior(where: str, prior: object, posterior: Posterior) -> None:
+    r"""Checks a prior as :func:`prior_kl` takes it, against `posterior`, before any work."""
+
+    if prior is None:
+        return
+    if isinstance(prior, Prior):
+        prior._check_names(where, posterior)
+        return
+    if isinstance(prior, bool) or not isinstance(prior, (int, float)):
+        raise TypeError(
+            f"{where}: expected prior to be a bayesflow.priors.Prior, a float variance or None, "
+            f"got {type(prior).__name__}"
+        )
+    check_number(where, "prior variance", prior, 0.0, strict=True)
 
 
 def prior_kl(

@@ -1,0 +1,108 @@
+r"""The buffer rule of a call: every sample starts from the state the call found, and a
+floating-point buffer that the samples update ends at the average of their updates."""
+
+from __future__ import annotations
+
+__all__ = ["State"]
+
+import torch
+
+from torch import Tensor
+
+from ._structure import Structure
+
+
+class State:
+    r"""The buffers of a module around one call: a snapshot, restored on failure, and the
+    update rule of a call over `n` samples.
+
+    Each sample starts from the state the call found. When the call ends, a buffer that
+    some sample changed holds the average over samples of their values if it is
+    floating-point, else the value the first sample left. The buffers keep their
+    identity: the call writes into them once, at the end.
+    """
+
+    def __init__(self, st: Structure) -> None:
+        self.st = st
+        self.entries = [(name, t, t.detach().clone()) for name, t in st.buffers.items()]
+        self.records: dict[str, dict[int, Tensor]] = {}
+        self.samples = 0
+
+    def _changed(self, name: str, t: Tensor, clone: Tensor) -> bool:
+        # By value: kernels such as batch norm's update buffers without bumping their
+        # version counters.
+        d, attr = self.st.buffer_slots[name][0]
+        if d.get(attr) is not t:
+            return True
+        return not (t.shape == clone.shape and torch.equal(t, clone))
+
+    def restore(self) -> None:
+        r"""Puts every buffer back as the call found it."""
+
+        with torch.no_grad():
+            for name, t, clone in self.entries:
+                if not self._changed(name, t, clone):
+                    continue
+                for d, attr in self.st.buffer_slots[name]:
+                    d[attr] = t
+                t.copy_(clone)
+
+    def fresh(self) -> dict[str, Tensor]:
+        r"""Returns copies of the initial buffers for one sample of a loop to update.
+
+        Autograd may save a buffer for the backward pass (batch norm saves its running
+        statistics), so a sample never updates a tensor another sample uses.
+        """
+
+        return {name: clone.clone() for name, t, clone in self.entries if t.dtype != torch.bool}
+
+    def current(self) -> dict[str, Tensor]:
+        r"""Returns the buffers the module holds now, by name."""
+
+        held = {}
+        for name, _, _ in self.entries:
+            d, attr = self.st.buffer_slots[name][0]
+            held[name] = d[attr]
+        return held
+
+    def collect(self, held: dict[str, Tensor]) -> None:
+        r"""Records what one sample of a loop left in the buffers (`held`, from
+        :meth:`current`), and puts back any buffer it updated in place."""
+
+        i = self.samples
+        for name, t, clone in self.entries:
+            value = held[name]
+            if value.shape == clone.shape and torch.equal(value, clone):
+                continue
+            record = value.detach().clone() if value is t else value.detach()
+            self.records.setdefault(name, {})[i] = record
+        self.samples += 1
+        self.restore()
+
+    def finish(self) -> None:
+        r"""Writes the update rule's result over the samples of a loop into the buffers."""
+
+        with torch.no_grad():
+            for name, t, clone in self.entries:
+                records = self.records.get(name)
+                if not records:
+                    continue
+                values = [records.get(i, clone) for i in range(self.samples)]
+                first = values[0]
+                if first.shape != t.shape or first.dtype != t.dtype:
+                    for d, attr in self.st.buffer_slots[name]:
+                        d[attr] = first
+                elif t.is_floating_point() or t.is_complex():
+                    t.copy_(torch.stack(values).mean(0))
+                else:
+                    t.copy_(first)
+
+    def set_averaged(self, name: str, stack: Tensor) -> None:
+        r"""Writes a vectorized call's per-sample buffer values `(n, *shape)` by the rule."""
+
+        t = self.st.buffers[name]
+        with torch.no_grad():
+            if t.is_floating_point() or t.is_complex():
+                t.copy_(stack.mean(0))
+            else:
+                t.copy_(stack[0])

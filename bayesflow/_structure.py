@@ -1,0 +1,160 @@
+r"""Where a module keeps its tensors: :class:`Structure`, cached per module, and the lock
+that serializes bayesflow's calls on one module.
+
+A structure is computed once per module (and again when the module changes): every
+place that holds each parameter and buffer, tied weights and shared submodules included,
+the names by which `named_parameters()` knows them, and the submodules that a call must
+treat specially.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Slot", "Structure", "lock", "structure"]
+
+import threading
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch.nn as nn
+
+from torch import Tensor
+
+from ._caches import PerObject
+from ._compat import is_compiling, weight_hooks
+
+# A place that holds a tensor: the `_parameters` or `_buffers` dict of a module, and a key.
+Slot = tuple[dict, str]
+
+
+class Structure:
+    r"""The tensors of a module, by name, and every place that holds them.
+
+    It refers to the module's tables (`_parameters`, `_buffers`, `_modules`) and its
+    submodules, never to the module itself, so the cache never keeps a module alive:
+    a submodule path of `""` stands for the module the structure was computed for.
+
+    Attributes:
+        params: The parameters, by their `named_parameters()` name.
+        slots: Every place that holds each parameter (tied weights: several).
+        aliases: The second and later names of tied parameters, with their first name.
+        buffers: The buffers, by name; `buffer_slots` their places.
+        types: The class of every distinct submodule, by path.
+        expected: The shape, dtype, device and sample rank of each parameter.
+        written: The parameters their own module writes in place (an `Embedding` with
+            `max_norm` renormalizes rows of its weight).
+        hooked: `(path, attribute)` of the weights that a forward pre-hook computes and
+            assigns as a plain attribute (the hook-based `weight_norm` and `spectral_norm`).
+        uses_zuko: Whether zuko's lazy transforms run inside the module.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.params: dict[str, Tensor] = {}
+        self.slots: dict[str, list[Slot]] = {}
+        self.aliases: dict[str, str] = {}
+        self.buffers: dict[str, Tensor] = {}
+        self.buffer_slots: dict[str, list[Slot]] = {}
+        self.types: dict[str, type] = {}
+        self.written: set[str] = set()
+        self.hooked: list[tuple[str, str]] = []
+        self._subs: dict[str, nn.Module] = {}
+        self._tables: list[tuple[dict, dict, dict]] = []
+
+        by_id: dict[int, str] = {}
+        written: list[Any] = []
+        seen_modules: set[int] = set()
+        seen: set[tuple[int, str]] = set()
+        for prefix, m in module.named_modules(remove_duplicate=False):
+            if id(m) not in seen_modules:
+                seen_modules.add(id(m))
+                self.types[prefix] = type(m)
+                self._tables.append((m._parameters, m._buffers, m._modules))
+                if m is not module:
+                    self._subs[prefix] = m
+                self.hooked += [(prefix, attr) for attr in weight_hooks(m)]
+                if isinstance(m, nn.Embedding) and m.max_norm is not None:
+                    written.append(m._parameters.get("weight"))
+            for table, slots, d in (
+                (self.params, self.slots, m._parameters),
+                (self.buffers, self.buffer_slots, m._buffers),
+            ):
+                for attr, t in d.items():
+                    if t is None or (id(d), attr) in seen:
+                        continue  # a shared submodule: the same place again
+                    seen.add((id(d), attr))
+                    name = f"{prefix}.{attr}" if prefix else attr
+                    canonical = by_id.setdefault(id(t), name)
+                    if canonical == name:
+                        table[name] = t
+                        slots[name] = []
+                    elif table is self.params:
+                        self.aliases[name] = canonical
+                    slots[canonical].append((d, attr))
+
+        self.written = {by_id[id(t)] for t in written if id(t) in by_id}
+        self._dicts = [d for tables in self._tables for d in tables]
+        self._fingerprint = self._fingerprint_of()
+        self.expected = {
+            name: (p.shape, p.dtype, p.device, p.dim() + 1) for name, p in self.params.items()
+        }
+        # Zuko's lazy transforms run inside its flows' modules: only those need the
+        # stand-ins (zuko.nn's networks are plain torch).
+        self.uses_zuko = any(
+            t.__module__.startswith("zuko.") and not t.__module__.startswith("zuko.nn")
+            for t in self.types.values()
+        )
+
+    def _fingerprint_of(self) -> tuple:
+        # The objects every table holds, in order, and the tables' sizes: cheap to build,
+        # and any addition, removal or replacement changes it.
+        return (
+            tuple([id(v) for d in self._dicts for v in d.values()]),
+            tuple([len(d) for d in self._dicts]),
+        )
+
+    def is_current(self) -> bool:
+        r"""Whether no parameter, buffer or submodule was added, removed or replaced."""
+
+        return self._fingerprint_of() == self._fingerprint
+
+    def sub(self, module: nn.Module, path: str) -> nn.Module:
+        r"""Returns the submodule at `path` of `module` (this structure's)."""
+
+        return module if path == "" else self._subs[path]
+
+    def find(self, module: nn.Module, cls: type | tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+        r"""Returns the submodules of `module` (this structure's) that are instances of `cls`."""
+
+        return [(p, self.sub(module, p)) for p, t in self.types.items() if issubclass(t, cls)]
+
+
+_STRUCTURES: PerObject[Structure] = PerObject()
+_LOCKS: PerObject[threading.RLock] = PerObject(cache=False)
+
+
+def structure(module: nn.Module) -> Structure:
+    r"""Returns the structure of `module`, cached while the module does not change."""
+
+    if is_compiling():
+        return Structure(module)
+
+    st = _STRUCTURES.get(module)
+    if st is None or not st.is_current():
+        st = _STRUCTURES.put(module, Structure(module))
+    return st
+
+
+def lock(module: nn.Module) -> Any:
+    r"""Serializes bayesflow calls on one module across threads (not while compiling).
+
+    One lock per module, not per structure: while a call holds tensors swapped in, the
+    module's structure looks different to anyone else. Acquire it before
+    :func:`structure`, and hold it while tensors are swapped in.
+    """
+
+    if is_compiling():
+        return nullcontext()
+    found = _LOCKS.get(module)
+    if found is None:
+        found = _LOCKS.setdefault(module, threading.RLock)
+    return found
