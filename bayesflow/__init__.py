@@ -24,6 +24,7 @@ __all__ = [
     "calibration_curve",
     "categorical_nll",
     "classification_summary",
+    "clear_caches",
     "expected_calibration_error",
     "expected_entropy",
     "flipout_nelbo",
@@ -60,6 +61,7 @@ __all__ = [
 ]
 
 from . import datasets  # noqa: F401
+from ._caches import clear_caches
 from .bayesian import BayesianModel
 from .call import VmapFallbackWarning, loop_call, vmap_call
 from .flows import flow_sample

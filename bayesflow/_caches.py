@@ -85,13 +85,15 @@ def fn_key(fn: Callable[..., Any]) -> Hashable:
 
 class Bounded(Generic[K, V]):
     r"""A map that keeps its `size` most recently used entries, registered with
-    :func:`clear_caches`."""
+    :func:`clear_caches` unless `cache` is false (one held by a :class:`PerObject`, which
+    clears it)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, cache: bool = True) -> None:
         self.size = size
         self.entries: OrderedDict[K, V] = OrderedDict()
         self.lock = threading.Lock()
-        _REGISTRY.append(self.clear)
+        if cache:
+            _REGISTRY.append(self.clear)
 
     def get(self, key: K) -> V | None:
         with self.lock:

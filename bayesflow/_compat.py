@@ -5,8 +5,11 @@ from __future__ import annotations
 __all__ = [
     "BatchNorm",
     "ConvNd",
+    "HookSpectralNorm",
+    "HookWeightNorm",
     "InstanceNorm",
     "SpectralNorm",
+    "StopRecomputation",
     "WeightNorm",
     "allocated_bytes",
     "batched_at_current_level",
@@ -15,6 +18,7 @@ __all__ = [
     "is_compiling",
     "is_wrapped",
     "load_jvp_decompositions",
+    "saved_tensors_hooks_active",
     "unbatched",
     "unwrap_at",
     "unwrap_batched",
@@ -32,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from torch import Tensor
 from torch._C import _functorch
@@ -49,12 +54,19 @@ SpectralNorm = parametrizations._SpectralNorm
 InstanceNorm = nn.modules.instancenorm._InstanceNorm
 
 
-def weight_hooks(module: nn.Module) -> list[str]:
-    r"""Returns the attributes that the hook-based :func:`torch.nn.utils.weight_norm` and
-    :func:`torch.nn.utils.spectral_norm` of `module` compute and assign before every forward."""
+# Raised by torch.utils.checkpoint to end a recomputation early: never a failure of vmap.
+StopRecomputation = torch.utils.checkpoint._StopRecomputationError
+HookWeightNorm = _HookWeightNorm
+HookSpectralNorm = _HookSpectralNorm
+
+
+def weight_hooks(module: nn.Module) -> list[Any]:
+    r"""Returns the forward pre-hooks of the hook-based :func:`torch.nn.utils.weight_norm`
+    and :func:`torch.nn.utils.spectral_norm` of `module`: each computes the weight named
+    `hook.name` and assigns it to the module before every forward."""
 
     return [
-        hook.name
+        hook
         for hook in module._forward_pre_hooks.values()
         if isinstance(hook, (_HookWeightNorm, _HookSpectralNorm))
     ]
@@ -139,6 +151,12 @@ def unwrap_batched(t: Tensor) -> Tensor:
     while _functorch.is_functorch_wrapped_tensor(t):
         t = _functorch.get_unwrapped(t)
     return t
+
+
+def saved_tensors_hooks_active() -> bool:
+    r"""Whether saved-tensor hooks (:mod:`torch.autograd.graph`) are active in this thread."""
+
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def load_jvp_decompositions() -> None:

@@ -15,19 +15,21 @@ __all__ = ["VmapFallbackWarning", "count", "hold", "run", "run_local"]
 import warnings
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from torch import Tensor
+from torch.autograd.graph import disable_saved_tensors_hooks
 from torch.func import vmap
 
 from . import _posterior, _torch_layers
 from ._buffers import State
 from ._caches import Bounded, PerObject, fn_key, identity
 from ._checks import check_in_dims, check_params
+from ._compat import StopRecomputation, saved_tensors_hooks_active
 from ._errors import Passthrough
 from ._layers import LocalPlan, Recorder, StaleShapes, Tape
 from ._memory import auto_chunk_size, per_sample_bytes
@@ -125,9 +127,9 @@ def _changes(st: Structure, module: nn.Module, extra: list) -> list[tuple[Any, s
     changes = []
     for patch in reversed(_HOLDS.get(module) or ()):
         changes += [(obj, name, old) for obj, name, old in reversed(patch.done)]
-    for path, attr in st.hooked:
+    for path, hook in st.hooked:
         m = st.sub(module, path)
-        changes.append((m, attr, vars(m).get(attr)))
+        changes.append((m, hook.name, vars(m).get(hook.name)))
     return changes + extra
 
 
@@ -147,10 +149,32 @@ def _call(
     if st.written:  # a module that writes its weight in place gets a copy of its own
         params = {k: v.clone() if k in st.written else v for k, v in params.items()}
     changes = _changes(st, module, extra or [])
-    if not changes:
-        return _dispatch(st, module, params, args, dims, n, opts)
-    with patched(changes):
-        return _dispatch(st, module, params, args, dims, n, opts)
+    with _no_recomputation(opts.where):
+        if not changes:
+            return _dispatch(st, module, params, args, dims, n, opts)
+        with patched(changes):
+            return _dispatch(st, module, params, args, dims, n, opts)
+
+
+def _no_recomputation(where: str) -> Any:
+    r"""Refuses activation checkpointing inside a call that records gradients.
+
+    `torch.utils.checkpoint` recomputes its part of the forward pass during the backward
+    pass, after the call has put the module's own parameters back: the gradients would
+    silently be those of other weights. It works through saved-tensor hooks, which this
+    disables, with a message, for the duration of the call (unless hooks are already
+    active around the call: a checkpoint around the whole call recomputes it whole).
+    """
+
+    if not torch.is_grad_enabled() or saved_tensors_hooks_active():
+        return nullcontext()
+    return disable_saved_tensors_hooks(
+        f"{where}: activation checkpointing (torch.utils.checkpoint) inside the call cannot "
+        "see the sampled parameters: its backward pass recomputes the forward after the "
+        "call has put the module's own parameters back, so the gradients would be those "
+        "of other weights; checkpoint around the whole call instead, e.g. "
+        "checkpoint(lambda x: bayesflow.vmap_call(module, params, x), x, use_reentrant=False)"
+    )
 
 
 def _dispatch(
@@ -173,7 +197,7 @@ def _dispatch(
     state = State(st)
     try:
         return _vectorized(st, module, params, args, dims, n, chunk_size, opts, state), None
-    except Passthrough:
+    except (Passthrough, StopRecomputation):
         state.restore()
         raise
     except Exception as err:
@@ -333,7 +357,7 @@ def _auto_chunk_size(
 ) -> int:
     r"""Returns how many samples fit in `opts.max_memory`, from what one sample allocates."""
 
-    footprints = _FOOTPRINTS.setdefault(module, lambda: Bounded(16))
+    footprints = _FOOTPRINTS.setdefault(module, lambda: Bounded(16, cache=False))
     key = (fn_key(opts.fn), torch.is_grad_enabled(), tuple(params), _signature(args, dims))
     per_sample = footprints.get(key)
     if per_sample is None:
@@ -420,7 +444,7 @@ def _layout(
     r"""Returns the layer calls of `opts.fn` as a local call sees them, recorded by one
     unbatched pass without gradients (buffers restored), or remembered."""
 
-    recordings = _RECORDINGS.setdefault(module, lambda: Bounded(8))
+    recordings = _RECORDINGS.setdefault(module, lambda: Bounded(8, cache=False))
     key = (fn_key(opts.fn), plan.key, module.training, _signature(args, dims))
     layout = None if fresh else recordings.get(key)
     if layout is None:

@@ -10,6 +10,8 @@ import torch
 
 from torch import Tensor
 
+from ._caches import register
+
 LOGVAR_BOUND = 18.0
 
 
@@ -26,6 +28,7 @@ def var(logvar: Tensor) -> Tensor:
 
 
 _ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+register(_ONES.clear)
 
 
 def std(logvar: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 from ._checks import (
     check_generator,
@@ -138,6 +139,13 @@ def init(
             f"least one parameter of {type(module).__name__}, got none"
         )
 
+    lazy = [name for name in names if is_lazy(params[name])]
+    if lazy:
+        raise ValueError(
+            f"{where}: expected initialized parameters, got {lazy} uninitialized (a lazy "
+            f"module, such as torch.nn.LazyLinear): run one forward pass of "
+            f"{type(module).__name__} first, so that its parameters get their shapes"
+        )
     for name in names:
         p = params[name]
         if not p.is_floating_point():

@@ -9,9 +9,11 @@ vmap's per-operator dispatch per step. The equations are torch's.
 
 from __future__ import annotations
 
-__all__ = ["cell_forward", "rnn_forward"]
+__all__ = ["cell_forward", "forced", "rnn_forward"]
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import einops
@@ -33,7 +35,20 @@ from ._compat import (
 
 # Which path a vectorized call takes: :py:`None` chooses by :func:`_fused_pays_off`;
 # :py:`True` / :py:`False` force torch's fused kernel per sample / the batched steps.
-FUSED: bool | None = None
+_FUSED: ContextVar[bool | None] = ContextVar("bayesflow_fused_rnn", default=None)
+
+
+@contextmanager
+def forced(fused: bool | None) -> Iterator[None]:
+    r"""Forces the path of the recurrent layers in the block (in this thread): torch's
+    fused kernel per sample (:py:`True`), the batched steps (:py:`False`), or the measured
+    rule (:py:`None`)."""
+
+    token = _FUSED.set(fused)
+    try:
+        yield
+    finally:
+        _FUSED.reset(token)
 
 
 def _fused_pays_off(mode: str, x: Tensor, samples: int, gates: int) -> bool:
@@ -358,7 +373,8 @@ def _fused(
         return None
     size = next(v.shape[d] for v, d in inner if d is not None)
     gates = m.weight_hh_l0.shape[-2] * x.shape[1]
-    if not (FUSED or (FUSED is None and _fused_pays_off(m.mode, x, size, gates))):
+    fused = _FUSED.get()
+    if not (fused or (fused is None and _fused_pays_off(m.mode, x, size, gates))):
         return None
 
     kernel = fused_rnn(m.mode)

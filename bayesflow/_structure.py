@@ -43,8 +43,9 @@ class Structure:
         expected: The shape, dtype, device and sample rank of each parameter.
         written: The parameters their own module writes in place (an `Embedding` with
             `max_norm` renormalizes rows of its weight).
-        hooked: `(path, attribute)` of the weights that a forward pre-hook computes and
-            assigns as a plain attribute (the hook-based `weight_norm` and `spectral_norm`).
+        hooked: `(path, hook)` of the forward pre-hooks that compute a weight and assign it
+            as a plain attribute, `hook.name` (the hook-based `weight_norm` and
+            `spectral_norm`).
         uses_zuko: Whether zuko's lazy transforms run inside the module.
     """
 
@@ -56,7 +57,7 @@ class Structure:
         self.buffer_slots: dict[str, list[Slot]] = {}
         self.types: dict[str, type] = {}
         self.written: set[str] = set()
-        self.hooked: list[tuple[str, str]] = []
+        self.hooked: list[tuple[str, Any]] = []
         self._subs: dict[str, nn.Module] = {}
         self._tables: list[tuple[dict, dict, dict]] = []
 
@@ -71,7 +72,7 @@ class Structure:
                 self._tables.append((m._parameters, m._buffers, m._modules))
                 if m is not module:
                     self._subs[prefix] = m
-                self.hooked += [(prefix, attr) for attr in weight_hooks(m)]
+                self.hooked += [(prefix, hook) for hook in weight_hooks(m)]
                 if isinstance(m, nn.Embedding) and m.max_norm is not None:
                     written.append(m._parameters.get("weight"))
             for table, slots, d in (

@@ -32,6 +32,8 @@ from torch import Tensor
 
 from ._compat import (
     BatchNorm,
+    HookSpectralNorm,
+    HookWeightNorm,
     InstanceNorm,
     SpectralNorm,
     WeightNorm,
@@ -48,6 +50,7 @@ from ._structure import Structure
 _RNN_FORWARDS = {nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward}
 _CELL_FORWARDS = {nn.RNNCell.forward, nn.LSTMCell.forward, nn.GRUCell.forward}
 _MHA_FORWARD = nn.MultiheadAttention.forward
+_EMBEDDING_FORWARD = nn.Embedding.forward
 _STANDINS = (
     nn.RNNBase,
     nn.RNNCellBase,
@@ -55,6 +58,7 @@ _STANDINS = (
     nn.TransformerEncoderLayer,
     WeightNorm,
     SpectralNorm,
+    nn.Embedding,
 )
 
 
@@ -141,6 +145,35 @@ def _weight_norm_forward(m: Any) -> Any:
     return forward
 
 
+def _hook_weight_norm(hook: Any) -> Any:
+    def compute_weight(module: nn.Module) -> Tensor:
+        g = getattr(module, hook.name + "_g")
+        v = getattr(module, hook.name + "_v")
+        return _weight_norm_forward(hook)(g, v)
+
+    return compute_weight
+
+
+def _hook_spectral_norm(hook: Any) -> Any:
+    def compute_weight(module: nn.Module, do_power_iteration: bool) -> Tensor:
+        # As torch's, with the power iteration out of place (see _spectral_norm_forward).
+        weight = getattr(module, hook.name + "_orig")
+        u0, v0 = getattr(module, hook.name + "_u"), getattr(module, hook.name + "_v")
+        weight_mat = hook.reshape_weight_to_matrix(weight)
+        u, v = u0, v0
+        if do_power_iteration and hook.n_power_iterations > 0:
+            with torch.no_grad():
+                for _ in range(hook.n_power_iterations):
+                    v = F.normalize(torch.mv(weight_mat.t(), u), dim=0, eps=hook.eps)
+                    u = F.normalize(torch.mv(weight_mat, v), dim=0, eps=hook.eps)
+                u0.copy_(u)
+                v0.copy_(v)
+            u, v = u0.clone(), v0.clone()
+        return weight / torch.dot(u, torch.mv(weight_mat, v))
+
+    return compute_weight
+
+
 def _spectral_norm_forward(m: Any) -> Any:
     def forward(weight: Tensor) -> Tensor:
         # torch's power iteration writes into `_u` and `_v` with `out=`, which vmap cannot
@@ -162,6 +195,26 @@ def _spectral_norm_forward(m: Any) -> Any:
     return forward
 
 
+def _embedding_forward(m: nn.Embedding) -> Any:
+    def forward(input: Tensor) -> Tensor:
+        # torch.embedding_renorm_ has no batching rule: the same renormalization of the
+        # rows `input` uses, as one in-place multiplication of the sample's own weight.
+        weight = m.weight
+        with torch.no_grad():
+            rows = torch.zeros(weight.shape[-2], dtype=torch.bool, device=weight.device)
+            used = rows.index_fill(0, input.reshape(-1), True)
+            norms = torch.linalg.vector_norm(weight, ord=m.norm_type, dim=-1, keepdim=True)
+            scale = torch.where(
+                used.unsqueeze(-1) & (norms > m.max_norm), m.max_norm / (norms + 1e-7), 1.0
+            )
+            weight.mul_(scale)
+        return F.embedding(
+            input, weight, m.padding_idx, None, m.norm_type, m.scale_grad_by_freq, m.sparse
+        )
+
+    return forward
+
+
 def _linear_types() -> tuple[type, ...]:
     zuko_nn = sys.modules.get("zuko.nn")
     return (nn.Linear,) if zuko_nn is None else (nn.Linear, zuko_nn.Linear)
@@ -174,7 +227,7 @@ def _name(prefix: str, attr: str) -> str:
 def updated_buffers(st: Structure, module: nn.Module) -> list[str]:
     r"""Returns the buffers that a vectorized call updates per sample: the running
     statistics of train-mode batch and instance normalization, the singular vectors of a
-    train-mode spectral normalization."""
+    train-mode spectral normalization (either kind)."""
 
     names = []
     for prefix, m in st.find(module, (BatchNorm, InstanceNorm, SpectralNorm)):
@@ -183,6 +236,10 @@ def updated_buffers(st: Structure, module: nn.Module) -> list[str]:
             names += [p + "_u", p + "_v"] if m.training else []
         elif _tracks(m) and m.momentum is not None:
             names += [p + "running_mean", p + "running_var", p + "num_batches_tracked"]
+    for prefix, hook in st.hooked:
+        p = f"{prefix}." if prefix else ""
+        if type(hook) is HookSpectralNorm and st.sub(module, prefix).training:
+            names += [f"{p}{hook.name}_u", f"{p}{hook.name}_v"]
     return [name for name in names if name in st.buffers]
 
 
@@ -213,6 +270,15 @@ def changes(
             changes.append((m, "forward", _weight_norm_forward(m)))
         elif type(m) is SpectralNorm and m.training:
             changes.append((m, "forward", _spectral_norm_forward(m)))
+        elif isinstance(m, nn.Embedding) and type(m).forward is _EMBEDDING_FORWARD:
+            if m.max_norm is not None:
+                changes.append((m, "forward", _embedding_forward(m)))
+
+    for _, hook in st.hooked:
+        if type(hook) is HookWeightNorm:
+            changes.append((hook, "compute_weight", _hook_weight_norm(hook)))
+        elif type(hook) is HookSpectralNorm:
+            changes.append((hook, "compute_weight", _hook_spectral_norm(hook)))
 
     return changes
 

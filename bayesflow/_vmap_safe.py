@@ -38,6 +38,7 @@ import torch
 from torch.func import vmap
 
 from . import _zuko_transforms as _safe
+from ._caches import PerObject, register
 from ._compat import is_compiling, load_jvp_decompositions
 
 
@@ -48,9 +49,13 @@ class _Piece:
     module: str
     owner: str | None  # a class of `module`, or None for a module-level function
     name: str
-    replacement: Callable[..., Any]
+    stand_in: str  # the name of its replacement in bayesflow._zuko_transforms
     probe: Callable[[Any, bool], Any]  # runs an implementation on a tiny input, looped or not
     origin: str = "zuko.transforms"  # the module where zuko defines the original
+
+    @property
+    def replacement(self) -> Callable[..., Any]:
+        return getattr(_safe, self.stand_in)
 
     def target(self) -> Any | None:
         module = sys.modules.get(self.module)
@@ -165,43 +170,43 @@ def _probe_gmm(forward_full: Callable[..., Any], batched: bool) -> Any:
 
 
 _PIECES = (
-    _Piece("zuko.transforms", "CouplingTransform", "merge", _safe.coupling_merge, _probe_merge),
+    _Piece("zuko.transforms", "CouplingTransform", "merge", "coupling_merge", _probe_merge),
     _Piece(
         "zuko.transforms",
         "MonotonicTransform",
         "call_and_ladj",
-        _safe.monotonic_call_and_ladj,
+        "monotonic_call_and_ladj",
         _probe_monotonic,
     ),
-    _Piece("zuko.transforms", None, "bisection", _safe.bisection, _probe_bisection, "zuko.utils"),
+    _Piece("zuko.transforms", None, "bisection", "bisection", _probe_bisection, "zuko.utils"),
     _Piece(
         "zuko.transforms",
         None,
         "gauss_legendre",
-        _safe.gauss_legendre,
+        "gauss_legendre",
         _probe_gauss_legendre,
         "zuko.utils",
     ),
-    _Piece("zuko.transforms", None, "odeint", _safe.odeint, _probe_odeint, "zuko.utils"),
+    _Piece("zuko.transforms", None, "odeint", "odeint", _probe_odeint, "zuko.utils"),
     _Piece(
         "zuko.transforms",
         "FreeFormJacobianTransform",
         "call_and_ladj",
-        _safe.ffj_call_and_ladj,
+        "ffj_call_and_ladj",
         _probe_ffj,
     ),
     _Piece(
         "zuko.mixtures",
         "GMM",
         "_forward_full",
-        _safe.gmm_forward_full,
+        "gmm_forward_full",
         _probe_gmm,
         "zuko.mixtures",
     ),
 )
 
-# Probe verdicts, per original object (kept alive here so that ids stay unique).
-_VERDICTS: dict[int, tuple[Any, bool]] = {}
+# Probe verdicts, per original object.
+_VERDICTS: PerObject[bool] = PerObject()
 
 # Zuko releases the stand-ins were written and tested against.
 TESTED = ((1, 6),)
@@ -211,6 +216,7 @@ _LOCAL = threading.local()
 _USERS = 0  # threads inside a vectorized call
 _INSTALLED: list[tuple[Any, str, Any]] = []
 _WARNED: set[str] = set()
+register(_WARNED.clear)
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -283,9 +289,10 @@ def _verdict(piece: _Piece, original: Any) -> bool:
 
 
 def _needed(piece: _Piece, original: Any) -> bool:
-    if id(original) not in _VERDICTS:
-        _VERDICTS[id(original)] = (original, _verdict(piece, original))
-    return _VERDICTS[id(original)][1]
+    verdict = _VERDICTS.get(original)
+    if verdict is None:
+        verdict = _VERDICTS.put(original, _verdict(piece, original))
+    return verdict
 
 
 def _inside() -> bool:

@@ -35,6 +35,7 @@ from torch import Size, Tensor
 from torch.distributions import Distribution, MultivariateNormal
 from torch.func import jvp, vmap
 
+from ._caches import register
 from ._compat import is_compiling, unwrap_batched
 from ._errors import NonFiniteError
 
@@ -131,6 +132,9 @@ def _legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
     nodes, weights = np.polynomial.legendre.leggauss(n)
 
     return (nodes + 1) / 2, weights / 2
+
+
+register(_legendre.cache_clear)
 
 
 def _quadrature(f: Callable[[Tensor], Tensor], a: Tensor, b: Tensor, n: int) -> Tensor:

@@ -277,7 +277,15 @@ def predictive_nll(log_probs: Tensor, reduction: str = "mean") -> Tensor:
 
 
 def _log_softmax(where: str, logits: object) -> Tensor:
-    x = check_samples(where, logits, "logits", min_dim=2)
+    x = check_samples(where, logits, "logits")
+    if x.dim() < 3:
+        # (K, C) is also (B, C) with the sample dim forgotten: one would be silently
+        # averaged over the batch. A batch dim, even of one, says which is which.
+        raise ValueError(
+            f"{where}: expected logits of shape (K, *batch, C) with a sample dim first and "
+            f"at least one batch dim, got shape {tuple(x.shape)}; for one example, pass "
+            "logits[:, None]"
+        )
     if x.shape[-1] < 1:
         raise ValueError(f"{where}: expected at least one class on the last dim, got none")
     return x.log_softmax(dim=-1)
@@ -300,10 +308,10 @@ def log_mean_probs(logits: Tensor) -> Tensor:
 
     Arguments:
         logits: Per-sample logits (or log-probabilities) :math:`z_k`, with shape
-            `(K, *, C)`.
+            `(K, *batch, C)` (at least one batch dim).
 
     Returns:
-        The log-probabilities, with shape `(*, C)`.
+        The log-probabilities, with shape `(*batch, C)`.
     """
 
     return log_mean_exp(_log_softmax("log_mean_probs", logits))
@@ -320,10 +328,10 @@ def mean_probs(logits: Tensor) -> Tensor:
 
     Arguments:
         logits: Per-sample logits (or log-probabilities) :math:`z_k`, with shape
-            `(K, *, C)`.
+            `(K, *batch, C)` (at least one batch dim).
 
     Returns:
-        The probabilities, with shape `(*, C)`.
+        The probabilities, with shape `(*batch, C)`.
     """
 
     return log_mean_exp(_log_softmax("mean_probs", logits)).exp()
@@ -339,7 +347,8 @@ def predictive_entropy(logits: Tensor) -> Tensor:
         tensor([0.6931])
 
     Arguments:
-        logits: Per-sample logits (or log-probabilities), with shape `(K, *, C)`.
+        logits: Per-sample logits (or log-probabilities), with shape
+            `(K, *batch, C)` (at least one batch dim).
 
     Returns:
         The entropy, with shape `(*)`.
@@ -358,7 +367,8 @@ def expected_entropy(logits: Tensor) -> Tensor:
         tensor([0.])
 
     Arguments:
-        logits: Per-sample logits (or log-probabilities), with shape `(K, *, C)`.
+        logits: Per-sample logits (or log-probabilities), with shape
+            `(K, *batch, C)` (at least one batch dim).
 
     Returns:
         The expected entropy, with shape `(*)`.
@@ -386,7 +396,8 @@ def mutual_information(logits: Tensor) -> Tensor:
         tensor([0.6931])
 
     Arguments:
-        logits: Per-sample logits (or log-probabilities), with shape `(K, *, C)`.
+        logits: Per-sample logits (or log-probabilities), with shape
+            `(K, *batch, C)` (at least one batch dim).
 
     Returns:
         The mutual information, with shape `(*)`.
@@ -430,7 +441,8 @@ def classification_summary(logits: Tensor) -> ClassificationSummary:
         (torch.Size([8, 3]), torch.Size([8]))
 
     Arguments:
-        logits: Per-sample logits (or log-probabilities), with shape `(K, *, C)`.
+        logits: Per-sample logits (or log-probabilities), with shape
+            `(K, *batch, C)` (at least one batch dim).
 
     Returns:
         A :class:`ClassificationSummary`.
