@@ -50,6 +50,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fresh_caches():
+    r"""Runs a test with every cache of bayesflow empty, and empties them afterwards."""
+
+    bayesflow.clear_caches()
+    yield
+    bayesflow.clear_caches()
+
+
 @pytest.fixture(autouse=True)
 def _doctest_namespace(doctest_namespace: dict) -> None:
     doctest_namespace.update(torch=torch, zuko=zuko, bayesflow=bayesflow, bf=bayesflow)

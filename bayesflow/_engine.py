@@ -29,7 +29,7 @@ from . import _posterior, _torch_layers
 from ._buffers import State
 from ._caches import Bounded, PerObject, fn_key, identity
 from ._checks import check_in_dims, check_params
-from ._compat import StopRecomputation, saved_tensors_hooks_active
+from ._compat import StopRecomputation, is_compiling, saved_tensors_hooks_active
 from ._errors import Passthrough
 from ._layers import LocalPlan, Recorder, StaleShapes, Tape
 from ._memory import auto_chunk_size, per_sample_bytes
@@ -166,7 +166,7 @@ def _no_recomputation(where: str) -> Any:
     active around the call: a checkpoint around the whole call recomputes it whole).
     """
 
-    if not torch.is_grad_enabled() or saved_tensors_hooks_active():
+    if is_compiling() or not torch.is_grad_enabled() or saved_tensors_hooks_active():
         return nullcontext()
     return disable_saved_tensors_hooks(
         f"{where}: activation checkpointing (torch.utils.checkpoint) inside the call cannot "

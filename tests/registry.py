@@ -2,6 +2,8 @@ r"""The registry of models, flows and architectures that the tests share."""
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +12,9 @@ import torch
 import torch.nn as nn
 import zuko
 
-from torch.nn.utils.parametrizations import weight_norm
+from torch.nn.utils import spectral_norm as hook_spectral_norm
+from torch.nn.utils import weight_norm as hook_weight_norm
+from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 
 def log_prob(flow: nn.Module, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -145,6 +149,18 @@ def _mha_weights_fn(m, x):
     return m(x, x, x)  # (out, averaged weights)
 
 
+def _hook_weight_norm():
+    # The deprecated hook-based weight norm: its hook assigns `weight` before every
+    # forward. Built without gradients, so that the module can be deep-copied.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)
+        return nn.Sequential(
+            hook_weight_norm(nn.Linear(3, 4)),
+            nn.Tanh(),
+            hook_weight_norm(nn.Linear(4, 2), dim=None),
+        )
+
+
 def _trunk():
     return nn.Sequential(
         nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)
@@ -242,6 +258,36 @@ ARCHS = {
         ),
         lambda: (torch.randn(5, 3),),
     ),
+    "weight-norm-hook": Case(_hook_weight_norm, lambda: (torch.randn(5, 3),)),
+    "spectral-norm-hook-train": Case(
+        lambda: nn.Sequential(hook_spectral_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)),
+        lambda: (torch.randn(5, 3),),
+        train=True,
+    ),
+    "spectral-norm-hook-eval": Case(
+        lambda: nn.Sequential(hook_spectral_norm(nn.Conv1d(2, 3, 3)), nn.Flatten()),
+        lambda: (torch.randn(2, 2, 5),),
+    ),
+    "spectral-norm-train": Case(
+        lambda: nn.Sequential(
+            spectral_norm(nn.Linear(3, 4)), nn.Tanh(), spectral_norm(nn.Conv1d(1, 2, 2))
+        ),
+        lambda: (torch.randn(5, 3),),
+        fn=lambda m, x: m(x.unsqueeze(1)),
+        train=True,
+    ),
+    "instancenorm1d-train-tracking": Case(
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, affine=True, track_running_stats=True)
+        ),
+        lambda: (torch.randn(4, 2, 6),),
+        train=True,
+    ),
+    "instancenorm2d-train-tracking-unbatched": Case(
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3, track_running_stats=True)),
+        lambda: (torch.randn(2, 5, 5),),
+        train=True,
+    ),
     "conv1d-stride-dilation": Case(
         lambda: nn.Sequential(
             nn.Conv1d(2, 4, 3, stride=2, dilation=2, padding=1), nn.ELU(), nn.Flatten()
@@ -260,6 +306,11 @@ ARCHS = {
     "embedding": Case(
         lambda: nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)),
         lambda: (torch.tensor([[1, 2, 3], [4, 5, 9]]),),
+    ),
+    "embedding-max-norm": Case(  # renormalizes rows of its weight in place
+        lambda: nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 2)),
+        lambda: (torch.tensor([[1, 2, 3], [4, 5, 9]]),),
+        logvar=-1.0,
     ),
     "shared-submodule": Case(_shared, lambda: (torch.randn(4, 3),)),
     "tied-embedding-decoder": Case(TiedLM, lambda: (torch.tensor([[1, 2, 3], [4, 5, 6]]),)),

@@ -265,7 +265,10 @@ def test_swap_restores_on_error():
     weight = net.weight
     new = {"weight": torch.zeros(2, 2)}
 
-    with pytest.raises(KeyError), bayesflow._swap.swapped(bayesflow._structure.structure(net), new):
+    with (
+        pytest.raises(KeyError),
+        bayesflow._swap.swapped(bayesflow._structure.structure(net), new),
+    ):
         assert torch.equal(net.weight, torch.zeros(2, 2))
         raise KeyError("boom")
 

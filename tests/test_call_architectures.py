@@ -177,9 +177,9 @@ def test_recurrent_paths(name, fused, monkeypatch):
     and gradients, and the path forced is the one taken."""
 
     calls = spy_fused(monkeypatch)
-    monkeypatch.setattr(_recurrent, "FUSED", fused)
-    test_native_matches_loop_and_oracle(name)
-    test_gradients_match_loop(name)
+    with _recurrent.forced(fused):
+        test_native_matches_loop_and_oracle(name)
+        test_gradients_match_loop(name)
     assert bool(calls) == fused
 
 

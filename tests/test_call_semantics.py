@@ -362,3 +362,214 @@ def test_auto_chunk_size_fits_the_budget(monkeypatch):
     bf.vmap_call(net, params, x, chunk_size="auto", max_memory=1)
     bf.vmap_call(net, params, x, chunk_size="auto")
     assert chunks[-2] == 1 and chunks[-1] == 40
+
+
+# Modules left exactly as found, and calls that must not silently ignore their samples.
+
+
+def _hooked():
+    from torch.nn.utils import spectral_norm, weight_norm
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)
+        return nn.Sequential(
+            weight_norm(nn.Linear(3, 4)), nn.Tanh(), spectral_norm(nn.Linear(4, 2))
+        )
+
+
+HOOKED_CALLS = {
+    "vmap_call": lambda m, p, x: bf.vmap_call(m, p, x, fallback=False),
+    "vmap_call-n1": lambda m, p, x: bf.vmap_call(m, {k: v[:1] for k, v in p.items()}, x),
+    "loop_call": lambda m, p, x: bf.loop_call(m, p, x),
+    "local_call": lambda m, p, x: bf.local_call(m, bf.init(m, -3.0), 3, x),
+    "bridge": lambda m, p, x: bf.BayesianModel(m, init_logvar=-3.0)(x, n=3),
+}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("call", HOOKED_CALLS)
+def test_hook_based_norms_are_left_as_found(call, train):
+    # The hook-based weight_norm and spectral_norm assign `weight` before every forward: a
+    # call must leave the very weight it found (not a sample, not a vmap-batched tensor).
+    module = _hooked().train(train)
+    params = bf.sample(bf.init(module, -3.0), 3)
+    x = torch.randn(5, 3)
+    weights = [vars(module[0])["weight"], vars(module[2])["weight"]]
+    values = [w.clone() for w in weights]
+
+    y = HOOKED_CALLS[call](module, params, x)
+
+    assert y.shape[1:] == (5, 2)
+    assert [vars(module[0])["weight"], vars(module[2])["weight"]] == weights
+    assert all(w is v or torch.equal(w, v) for w, v in zip(weights, values, strict=True))
+    torch.save(module, __import__("io").BytesIO())
+    copy.deepcopy(module)
+
+
+@pytest.mark.parametrize("local_trick", [False, True], ids=["weights", "local-trick"])
+def test_calls_inside_reparameterize_use_their_own_samples(local_trick, gen):
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    bnet = bf.BayesianModel(net, init_logvar=-2.0)
+    x = torch.randn(5, 3)
+    params = bnet.sample_params(4, generator=gen(1))
+    outside = {
+        "loop_call": bf.loop_call(net, params, x),
+        "vmap_call": bf.vmap_call(net, params, x, fallback=False),
+        "bridge": bnet(x, n=4, generator=gen(2), fallback=False),
+    }
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with bnet.reparameterize(local_trick=local_trick) as held:
+            y_held = held(x)
+            inside = {
+                "loop_call": bf.loop_call(net, params, x),
+                "vmap_call": bf.vmap_call(net, params, x, fallback=False),
+                "bridge": bnet(x, n=4, generator=gen(2), fallback=False),
+            }
+            assert torch.equal(held(x), y_held)  # still the block's own sample
+
+    for name, y in inside.items():
+        assert torch.allclose(y, outside[name], atol=1e-12), name
+        assert not torch.allclose(y[0], y[1])
+    assert "forward" not in vars(net[0])
+
+
+def test_the_local_trick_of_the_bridge_has_the_law_of_a_weight_sample(gen):
+    # Convolutions keep the block's weight sample (exact); the law after a global pooling.
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, bias=False), nn.AdaptiveAvgPool2d(1))
+    bnet = bf.BayesianModel(net, init_logvar=-2.0)
+    x = torch.ones(1, 1, 6, 6)
+    g = gen(3)
+    ys = []
+    for _ in range(2000):
+        with torch.no_grad(), bnet.reparameterize(local_trick=True, generator=g) as held:
+            ys.append(held(x).flatten())
+    y = torch.stack(ys)
+    with torch.no_grad():
+        exact = bf.vmap_call(net, bnet.sample_params(2000, generator=g), x).flatten(1)
+
+    se = (y.var(0) / 2000 + exact.var(0) / 2000).sqrt()
+    assert ((y.mean(0) - exact.mean(0)).abs() <= 5 * se).all()
+    d, e = (y - y.mean(0)).square(), (exact - exact.mean(0)).square()
+    se = (d.var(0) / 2000 + e.var(0) / 2000).sqrt()
+    assert ((d.mean(0) - e.mean(0)).abs() <= 5 * se).all()
+
+
+def _bn_train():
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+
+
+def test_bad_arguments_are_refused_before_the_first_forward():
+    # A train-mode BatchNorm counts every forward pass: a late check would leave it moved.
+    module = _bn_train()
+    q = bf.init(module, -2.0)
+    x, y = torch.randn(8, 3), torch.randn(8, 4)
+    state = copy.deepcopy(module.state_dict())
+
+    def ll(m, x, y):
+        return -(m(x) - y).square().sum(-1)
+
+    bad = [
+        (dict(prior=0.0), ValueError, r"nelbo: expected a finite prior variance > 0, got 0"),
+        (dict(prior=-1.0), ValueError, r"nelbo: expected a finite prior variance > 0"),
+        (dict(prior="wide"), TypeError, r"nelbo: expected prior to be a bayesflow.priors.Prior"),
+        (
+            dict(prior=bf.GaussianPrior(var={"0.weight": 1.0})),
+            ValueError,
+            r"nelbo: expected the prior var to name every posterior parameter",
+        ),
+        (dict(max_memory=0), ValueError, r"nelbo: expected max_memory to be a positive int"),
+        (dict(chunk_size="some"), ValueError, r"nelbo: expected chunk_size"),
+        (dict(randomness="new"), ValueError, r"nelbo: expected randomness"),
+        (dict(vectorized=1), TypeError, r"nelbo: expected vectorized to be a bool"),
+        (dict(kl_weight=-1.0), ValueError, r"nelbo: expected a finite kl_weight >= 0"),
+    ]
+    for kwargs, error, match in bad:
+        for estimator in ("weights", "local"):
+            with pytest.raises(error, match=match):
+                bf.nelbo(module, q, x, y, fn=ll, num_data=8, estimator=estimator, **kwargs)
+            assert all(torch.equal(v, module.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_an_output_error_leaves_the_buffers_as_found(n):
+    module = _bn_train()
+    state = copy.deepcopy(module.state_dict())
+    params = bf.sample(bf.init(module, -2.0), n)
+    bnet = bf.BayesianModel(module, init_logvar=-2.0)
+
+    def fn(m, x):
+        return {"y": m(x), "note": "text"}
+
+    for call in (
+        lambda: bf.vmap_call(module, params, torch.randn(8, 3), fn=fn),
+        lambda: bf.loop_call(module, params, torch.randn(8, 3), fn=fn),
+        lambda: bnet(torch.randn(8, 3), n=None if n == 1 else n, fn=fn),
+    ):
+        with pytest.raises(TypeError, match="expected fn to return tensors"):
+            call()
+        assert all(torch.equal(v, module.state_dict()[k]) for k, v in state.items())
+
+
+def test_nelbo_passes_max_memory_on(monkeypatch):
+    from bayesflow import _engine
+
+    seen = []
+    auto_chunk_size = _engine.auto_chunk_size
+
+    def spy(per_sample, n, device, max_memory):
+        seen.append(max_memory)
+        return auto_chunk_size(per_sample, n, device, max_memory)
+
+    monkeypatch.setattr(_engine, "auto_chunk_size", spy)
+    net = zuko.nn.MLP(3, 2, hidden_features=(8,))
+    q = bf.init(net, -2.0)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    bf.nelbo(
+        net,
+        q,
+        x,
+        y,
+        fn=lambda m, x, y: -(m(x) - y).square().sum(-1),
+        num_data=8,
+        n=4,
+        chunk_size="auto",
+        max_memory=12345,
+    )
+    assert seen == [12345]
+
+
+def test_activation_checkpointing_inside_a_call_is_refused(gen):
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = checkpoint(self.b, self.a(x).tanh(), use_reentrant=False)
+            return self.c(h.tanh())
+
+    module = Checkpointed()
+    q = bf.init(module, -1.0)
+    x = torch.randn(5, 3)
+    params = bf.sample(q, 3, generator=gen(1))
+    # Its backward would recompute with the module's own weights: silently other gradients.
+    for call in (bf.loop_call, bf.vmap_call):
+        with pytest.raises(RuntimeError, match=r"activation checkpointing .* inside the call"):
+            call(module, params, x)
+    with torch.no_grad():  # no backward, no recomputation: fine
+        assert torch.allclose(bf.vmap_call(module, params, x), bf.loop_call(module, params, x))
+
+    # A checkpoint around the whole call recomputes the whole call: the right gradients.
+    plain = nn.Sequential(module.a, nn.Tanh(), module.b, nn.Tanh(), module.c)
+    q = bf.init(plain, -1.0)
+    params = bf.sample(q, 3, generator=gen(2))
+    y = checkpoint(lambda x: bf.vmap_call(plain, params, x), x, use_reentrant=False)
+    g = torch.autograd.grad(y.square().sum(), q.mean["0.weight"], retain_graph=True)[0]
+    expected = torch.autograd.grad(
+        bf.loop_call(plain, params, x).square().sum(), q.mean["0.weight"]
+    )[0]
+    assert torch.allclose(g, expected, atol=1e-10)

@@ -279,6 +279,56 @@ CASES = [
         r"BayesianModel: expected include=.* to pick at least one parameter",
     ),
     (
+        "init-lazy",
+        lambda: bf.init(nn.LazyLinear(3)),
+        ValueError,
+        r"init: expected initialized parameters, got \['weight', 'bias'\] uninitialized .*"
+        r"run one forward pass of LazyLinear first",
+    ),
+    (
+        "classification-no-sample-dim",
+        lambda: bf.classification_summary(torch.randn(16, 3)),
+        ValueError,
+        r"classification_summary: expected logits of shape \(K, \*batch, C\) .* got shape "
+        r"\(16, 3\)",
+    ),
+    (
+        "mean-probs-no-sample-dim",
+        lambda: bf.mean_probs(torch.randn(16, 3)),
+        ValueError,
+        r"mean_probs: expected logits of shape \(K, \*batch, C\)",
+    ),
+    (
+        "gaussian-nll-empty",
+        lambda: bf.gaussian_nll(torch.zeros(0), torch.ones(0), torch.zeros(0)),
+        ValueError,
+        r"gaussian_nll: expected at least one observation, got none",
+    ),
+    (
+        "categorical-nll-empty",
+        lambda: bf.categorical_nll(torch.ones(0, 2) / 2, torch.zeros(0, dtype=torch.long)),
+        ValueError,
+        r"categorical_nll: expected at least one observation, got none",
+    ),
+    (
+        "predictive-nll-empty",
+        lambda: bf.predictive_nll(torch.zeros(4, 0)),
+        ValueError,
+        r"predictive_nll: expected at least one observation, got none",
+    ),
+    (
+        "local-per-position",
+        lambda: bf.local_call(net_, q_, 2, x_, per_position="yes"),
+        TypeError,
+        r"local_call: expected per_position to be a bool, got str",
+    ),
+    (
+        "vmap-fallback-type",
+        lambda: bf.vmap_call(net_, params_, x_, fallback="no"),
+        TypeError,
+        r"vmap_call: expected fallback to be a bool, got str",
+    ),
+    (
         "bridge-logvar",
         lambda: bf.BayesianModel(net_, init_logvar=float("inf")),
         ValueError,

@@ -1,7 +1,6 @@
 r"""Every zuko flow on the vectorized path, against the loop oracle and zuko itself."""
 
 import copy
-import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ from torch.func import functional_call
 
 import bayesflow as bf
 
-from bayesflow import _vmap_safe
+from bayesflow import _vmap_safe, _zuko_transforms
 from bayesflow.flows import flow_sample
 
 from .registry import FLOWS, FLOWS_ONLY, INVERTED, NO_LOOP_GRAD, C, F
@@ -308,8 +307,7 @@ def _changed_merge():
     return changed
 
 
-def test_a_changed_zuko_piece_is_left_alone_with_a_warning(monkeypatch):
-    monkeypatch.setattr(_vmap_safe, "_WARNED", set())
+def test_a_changed_zuko_piece_is_left_alone_with_a_warning(monkeypatch, fresh_caches):
     changed = _changed_merge()
     monkeypatch.setattr(zuko.transforms.CouplingTransform, "merge", changed)
     flow, q = setup("RealNVP")
@@ -323,18 +321,13 @@ def test_a_changed_zuko_piece_is_left_alone_with_a_warning(monkeypatch):
     assert torch.allclose(y, bf.loop_call(flow, draw(q), c, x, fn=log_prob), atol=tight())
 
 
-def test_a_stand_in_that_disagrees_is_not_used(monkeypatch):
-    monkeypatch.setattr(_vmap_safe, "_WARNED", set())
-    monkeypatch.setattr(_vmap_safe, "_VERDICTS", {})
+def test_a_stand_in_that_disagrees_is_not_used(monkeypatch, fresh_caches):
+    right = _zuko_transforms.coupling_merge
 
     def wrong(self, x_a, x_b, shape):
-        return 2 * _vmap_safe._safe.coupling_merge(self, x_a, x_b, shape)
+        return 2 * right(self, x_a, x_b, shape)
 
-    pieces = tuple(
-        dataclasses.replace(p, replacement=wrong) if p.name == "merge" else p
-        for p in _vmap_safe._PIECES
-    )
-    monkeypatch.setattr(_vmap_safe, "_PIECES", pieces)
+    monkeypatch.setattr(_zuko_transforms, "coupling_merge", wrong)
     flow, q = setup("RealNVP")
     c, x = torch.randn(B, C), torch.randn(B, F)
 
@@ -343,8 +336,7 @@ def test_a_stand_in_that_disagrees_is_not_used(monkeypatch):
             bf.vmap_call(flow, draw(q), c, x, fn=log_prob, fallback=False)
 
 
-def test_zuko_outside_the_tested_range_warns_once(monkeypatch):
-    monkeypatch.setattr(_vmap_safe, "_WARNED", set())
+def test_zuko_outside_the_tested_range_warns_once(monkeypatch, fresh_caches):
     monkeypatch.setattr(zuko, "__version__", "9.0.0")
     flow, q = setup("NAF")
     c, x = torch.randn(B, C), torch.randn(B, F)

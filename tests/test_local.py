@@ -305,3 +305,135 @@ def test_posteriors_over_different_layers_of_one_module():
             y = bf.local_call(net, q, 3, x, generator=g1, flipout=flipout, fallback=False)
             y_loop = bf.local_call(net, q, 3, x, generator=g2, flipout=flipout, vectorized=False)
             assert torch.allclose(y, y_loop, atol=1e-10)
+
+
+# The law of the estimators after layers that mix positions: every example's outputs must
+# have the joint law of a weight sample (a convolution shares its weight across positions).
+
+POSITIONS = {
+    "conv2d-global-pool": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 2, 3, padding=1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        ),
+        lambda: torch.cat([torch.ones(1, 1, 6, 6), torch.randn(1, 1, 6, 6)]),
+        None,
+    ),
+    "conv1d-groups-pool": (
+        lambda: nn.Sequential(nn.Conv1d(4, 4, 3, groups=2), nn.AdaptiveAvgPool1d(1), nn.Flatten()),
+        lambda: torch.randn(2, 4, 7),
+        None,
+    ),
+    "conv-flatten-linear-head": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)
+        ),
+        lambda: torch.randn(2, 2, 4, 4),
+        None,
+    ),
+    "linear-over-positions-mean": (
+        lambda: nn.Linear(4, 3),
+        lambda: torch.randn(2, 5, 4),
+        lambda m, x: m(x).mean(-2),
+    ),
+}
+S = 4000
+
+
+def _joint(y):
+    r"""Per-sample statistics of outputs `(S, B, D)`: every output and every product of two
+    outputs of one example (their means are the first and second joint moments)."""
+
+    return torch.cat([y.flatten(1), (y.unsqueeze(-1) * y.unsqueeze(-2)).flatten(1)], 1)
+
+
+def _across(y):
+    r"""Every product of two outputs of the whole batch, examples mixed."""
+
+    flat = y.flatten(1)
+    return (flat.unsqueeze(-1) * flat.unsqueeze(-2)).flatten(1)
+
+
+def _agree(a, b):
+    se = (a.var(0) / a.shape[0] + b.var(0) / b.shape[0]).sqrt()
+    return ((a.mean(0) - b.mean(0)).abs() <= 5 * se + 1e-12).all()
+
+
+def _positions(name, gen):
+    build, args, fn = POSITIONS[name]
+    module = build()
+    q = bf.init(module, init_logvar=-2.0)
+    x = args()
+    exact = bf.vmap_call(module, bf.sample(q, S, generator=gen(1)), x, fn=fn)
+    return module, q, x, fn, exact
+
+
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+@pytest.mark.parametrize("name", POSITIONS)
+def test_joint_law_after_layers_that_mix_positions(name, flipout, gen):
+    module, q, x, fn, exact = _positions(name, gen)
+
+    y = bf.local_call(module, q, S, x, fn=fn, generator=gen(2), flipout=flipout)
+
+    assert _agree(_joint(y), _joint(exact))
+    assert not torch.allclose(y[0], y[1])  # the posterior noise was used
+
+
+@pytest.mark.parametrize("name", [n for n in POSITIONS if n != "conv-flatten-linear-head"])
+def test_whole_weights_keep_the_law_across_examples(name, gen):
+    # Under the local trick a convolution (or a linear layer over positions) takes a whole
+    # weight sample: the examples of one sample share it, as in vmap_call.
+    module, q, x, fn, exact = _positions(name, gen)
+
+    y = bf.local_call(module, q, S, x, fn=fn, generator=gen(2))
+
+    assert _agree(_across(y), _across(exact))
+
+
+@pytest.mark.parametrize("name", [n for n in POSITIONS if n != "conv-flatten-linear-head"])
+def test_per_position_noise_is_an_approximation(name, gen):
+    # The opt-in (the estimator before exact paths existed): the right law for every output
+    # alone, far too narrow a sum over positions; the joint test above would catch it.
+    module, q, x, fn, exact = _positions(name, gen)
+
+    y = bf.local_call(module, q, S, x, fn=fn, generator=gen(2), per_position=True)
+
+    ratio = y.var(0) / exact.var(0)
+    assert (ratio < 0.7).any()
+    assert not _agree(_joint(y), _joint(exact))
+    assert _agree(y.flatten(1), exact.flatten(1))  # the means are right
+
+
+def test_flipout_samples_of_one_call_are_independent(gen):
+    # Each sample draws its own perturbation: the spreads of two samples of one call are
+    # uncorrelated, as for two independent weight samples.
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    q = bf.init(net, init_logvar=-1.0)
+    x = torch.randn(1, 3)
+    exact = bf.vmap_call(net, bf.sample(q, S, generator=gen(1)), x)
+    y = bf.local_call(net, q, S, x, generator=gen(2), flipout=True)
+
+    def spreads(y):
+        d = (y - exact.mean(0)).square().flatten(1)
+        return d[0::2] * d[1::2]
+
+    assert _agree(spreads(y), spreads(exact))
+
+
+def test_a_fresh_lambda_is_a_fresh_fn_of_its_own_code():
+    # The recorded layer calls are keyed by what fn runs, not by its id (which a new lambda
+    # may reuse): a lambda of other code that calls no layer is refused every time...
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    q = bf.init(net, init_logvar=-2.0)
+    x = torch.randn(5, 3)
+    for _ in range(3):
+        bf.local_call(net, q, 2, x, fn=lambda m, x: m(x))
+        with pytest.raises(ValueError, match=r"got \['0', '2'\] never called"):
+            bf.local_call(net, q, 2, x, fn=lambda m, x: x[..., :2] * 1.0)
+
+    # ... while a fresh lambda of the same code, as written in a training loop, costs one
+    # forward pass per call (no new shape-finding pass).
+    calls = []
+    net[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    for _ in range(4):
+        bf.local_call(net, q, 2, x, fn=lambda m, x: m(x) + 0.0)
+    assert len(calls) == 4 + 1

@@ -136,7 +136,9 @@ def _entropy_direct(p):
     return -(p * p.log()).nan_to_num().sum(dim=-1)
 
 
-@pytest.mark.parametrize("shape", [(8, 4), (8, 16, 4), (3, 2, 5, 3)], ids=["kc", "kbc", "kbbc"])
+@pytest.mark.parametrize(
+    "shape", [(8, 1, 4), (8, 16, 4), (3, 2, 5, 3)], ids=["k1c", "kbc", "kbbc"]
+)
 def test_classification_matches_direct(shape):
     z = torch.randn(shape) * 2
     p = z.softmax(dim=-1)
@@ -169,9 +171,9 @@ def test_mutual_information_known_values():
     assert torch.allclose(bf.predictive_entropy(z), bf.expected_entropy(z))
 
     # C samples, each sure of a different class: MI = log C, expected entropy 0.
-    z = torch.full((c, c), -1e4).fill_diagonal_(0.0)
-    assert torch.allclose(bf.mutual_information(z), torch.tensor(math.log(c)))
-    assert torch.allclose(bf.expected_entropy(z), torch.tensor(0.0))
+    z = torch.full((c, c), -1e4).fill_diagonal_(0.0).unsqueeze(1)
+    assert torch.allclose(bf.mutual_information(z), torch.tensor([math.log(c)]))
+    assert torch.allclose(bf.expected_entropy(z), torch.tensor([0.0]))
 
     # Uniform samples: all aleatoric.
     z = torch.zeros(4, 3, c)
@@ -393,7 +395,7 @@ BAD = {
     "logits-1d": (
         lambda: bf.mutual_information(torch.randn(3)),
         ValueError,
-        "mutual_information: expected logits with at least 2 dims",
+        r"mutual_information: expected logits of shape \(K, \*batch, C\)",
     ),
     "logits-list": (
         lambda: bf.classification_summary([[0.0]]),
