@@ -16,7 +16,7 @@ import warnings
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,18 @@ class VmapFallbackWarning(UserWarning):
     r"""Warned when :func:`bayesflow.vmap_call` cannot vectorize a call and runs a loop."""
 
 
+class _Job(NamedTuple):
+    r"""A checked call, under the module's lock: what to run, on what, how."""
+
+    st: Structure
+    module: nn.Module
+    params: Mapping[str, Tensor]
+    args: tuple
+    dims: tuple  # per argument: 0 if it has a sample dim, else None
+    n: int
+    opts: CallOptions
+
+
 def run(
     module: nn.Module,
     params: Mapping[str, Tensor],
@@ -62,7 +74,7 @@ def run(
         if n is None or params:
             n = check_params(opts.where, st, module, params)
         dims = check_in_dims(opts.where, args, opts.in_dims, n)
-        out, message = _call(st, module, params, args, dims, n, opts)
+        out, message = _call(_Job(st, module, params, args, dims, n, opts))
     _warn(message, n)
     return out
 
@@ -133,27 +145,20 @@ def _changes(st: Structure, module: nn.Module, extra: list) -> list[tuple[Any, s
     return changes + extra
 
 
-def _call(
-    st: Structure,
-    module: nn.Module,
-    params: Mapping[str, Tensor],
-    args: tuple,
-    dims: tuple,
-    n: int,
-    opts: CallOptions,
-    extra: list | None = None,
-) -> tuple[Any, str | None]:
-    r"""Runs a checked call under the lock; returns its outputs and, if it fell back to the
-    loop, why."""
+def _call(job: _Job, extra: list | None = None) -> tuple[Any, str | None]:
+    r"""Runs a checked call under the lock, with the attribute changes `extra`; returns its
+    outputs and, if it fell back to the loop, why."""
 
+    st = job.st
     if st.written:  # a module that writes its weight in place gets a copy of its own
-        params = {k: v.clone() if k in st.written else v for k, v in params.items()}
-    changes = _changes(st, module, extra or [])
-    with _no_recomputation(opts.where):
+        params = {k: v.clone() if k in st.written else v for k, v in job.params.items()}
+        job = job._replace(params=params)
+    changes = _changes(st, job.module, extra or [])
+    with _no_recomputation(job.opts.where):
         if not changes:
-            return _dispatch(st, module, params, args, dims, n, opts)
+            return _dispatch(job)
         with patched(changes):
-            return _dispatch(st, module, params, args, dims, n, opts)
+            return _dispatch(job)
 
 
 def _no_recomputation(where: str) -> Any:
@@ -177,40 +182,33 @@ def _no_recomputation(where: str) -> Any:
     )
 
 
-def _dispatch(
-    st: Structure,
-    module: nn.Module,
-    params: Mapping[str, Tensor],
-    args: tuple,
-    dims: tuple,
-    n: int,
-    opts: CallOptions,
-) -> tuple[Any, str | None]:
+def _dispatch(job: _Job) -> tuple[Any, str | None]:
+    opts = job.opts
     if not opts.vectorized:
-        return _loop(st, module, params, args, dims, n, opts), None
-    if n == 1:  # a plain call costs less than vmap's fixed overhead
-        return _single(st, module, params, args, dims, opts), None
+        return _loop(job), None
+    if job.n == 1:  # a plain call costs less than vmap's fixed overhead
+        return _single(job), None
 
     chunk_size = opts.chunk_size
     if chunk_size == "auto":
-        chunk_size = _auto_chunk_size(st, module, params, args, dims, n, opts)
-    state = State(st)
+        chunk_size = _auto_chunk_size(job)
+    state = State(job.st)
     try:
-        return _vectorized(st, module, params, args, dims, n, chunk_size, opts, state), None
+        return _vectorized(job, chunk_size, state), None
     except (Passthrough, StopRecomputation):
         state.restore()
         raise
     except Exception as err:
         state.restore()
         message = (
-            f"{opts.where}: vmap cannot run {type(module).__name__} ({_cause(err)})"
-            f"{_torch_layers.hint(st, module, err, opts.randomness)}"
+            f"{opts.where}: vmap cannot run {type(job.module).__name__} ({_cause(err)})"
+            f"{_torch_layers.hint(job.st, job.module, err, opts.randomness)}"
         )
         if not opts.fallback:
             raise RuntimeError(message) from err
 
     # A broken `fn` raises its own error here, rather than a warning about vmap.
-    return _loop(st, module, params, args, dims, n, opts, state), message
+    return _loop(job, state), message
 
 
 def _cause(err: BaseException) -> str:
@@ -234,25 +232,17 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _loop(
-    st: Structure,
-    module: nn.Module,
-    params: Mapping[str, Tensor],
-    args: tuple,
-    dims: tuple,
-    n: int,
-    opts: CallOptions,
-    state: State | None = None,
-) -> Any:
+def _loop(job: _Job, state: State | None = None) -> Any:
+    st, opts = job.st, job.opts
     state = State(st) if state is None else state
     rng = _rng_state() if opts.randomness == "same" else None
     outs = []
     try:
-        for i in range(n):
+        for i in range(job.n):
             if rng is not None:
                 _set_rng_state(rng)
-            with swapped(st, {k: v[i] for k, v in params.items()}, state.fresh()):
-                out = opts.fn(module, *_index(args, dims, i))
+            with swapped(st, {k: v[i] for k, v in job.params.items()}, state.fresh()):
+                out = opts.fn(job.module, *_index(job.args, job.dims, i))
                 held = state.current()
             map_outputs(opts.where, lambda t: None, out)
             outs.append(out)
@@ -265,43 +255,27 @@ def _loop(
     return stack(outs)
 
 
-def _single(
-    st: Structure,
-    module: nn.Module,
-    params: Mapping[str, Tensor],
-    args: tuple,
-    dims: tuple,
-    opts: CallOptions,
-) -> Any:
-    state = State(st) if st.buffers else None
+def _single(job: _Job) -> Any:
+    state = State(job.st) if job.st.buffers else None
     try:
-        with swapped(st, {k: v[0] for k, v in params.items()}):
-            out = opts.fn(module, *_index(args, dims, 0))
-        return map_outputs(opts.where, lambda t: t.unsqueeze(0), out)
+        with swapped(job.st, {k: v[0] for k, v in job.params.items()}):
+            out = job.opts.fn(job.module, *_index(job.args, job.dims, 0))
+        return map_outputs(job.opts.where, lambda t: t.unsqueeze(0), out)
     except BaseException:
         if state is not None:
             state.restore()
         raise
 
 
-def _vectorized(
-    st: Structure,
-    module: nn.Module,
-    params: Mapping[str, Tensor],
-    args: tuple,
-    dims: tuple,
-    n: int,
-    chunk_size: int | None,
-    opts: CallOptions,
-    state: State,
-) -> Any:
+def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
+    st, module, params, n, opts = job.st, job.module, job.params, job.n, job.opts
     updated = _torch_layers.updated_buffers(st, module)
     buffers = {
         name: st.buffers[name].detach().unsqueeze(0).repeat(n, *(1,) * st.buffers[name].dim())
         for name in updated
     }
     names, buffer_names = list(params), list(buffers)
-    flat = (*params.values(), *buffers.values(), *args)
+    flat = (*params.values(), *buffers.values(), *job.args)
     split, end = len(names), len(names) + len(buffer_names)
     spec: list[Any] = []
     fn, where = opts.fn, opts.where
@@ -319,7 +293,7 @@ def _vectorized(
     with vmap_safe(st.uses_zuko), patched(_torch_layers.changes(st, module, params.keys())):
         leaves = vmap(
             single,
-            in_dims=(*(0,) * end, *dims),
+            in_dims=(*(0,) * end, *job.dims),
             chunk_size=chunk_size,
             randomness=opts.randomness or "error",
         )(*flat)
@@ -346,17 +320,10 @@ def _signature(args: tuple, dims: tuple) -> tuple:
 _FOOTPRINTS: PerObject[Bounded[tuple, int]] = PerObject()
 
 
-def _auto_chunk_size(
-    st: Structure,
-    module: nn.Module,
-    params: Mapping[str, Tensor],
-    args: tuple,
-    dims: tuple,
-    n: int,
-    opts: CallOptions,
-) -> int:
+def _auto_chunk_size(job: _Job) -> int:
     r"""Returns how many samples fit in `opts.max_memory`, from what one sample allocates."""
 
+    st, module, params, args, dims, _, opts = job
     footprints = _FOOTPRINTS.setdefault(module, lambda: Bounded(16, cache=False))
     key = (fn_key(opts.fn), torch.is_grad_enabled(), tuple(params), _signature(args, dims))
     per_sample = footprints.get(key)
@@ -376,7 +343,7 @@ def _auto_chunk_size(
     like = next(iter(params.values()), None)
     if like is None:
         like = next((a for a in args if isinstance(a, Tensor)), torch.empty(0))
-    return auto_chunk_size(per_sample, n, like.device, opts.max_memory)
+    return auto_chunk_size(per_sample, job.n, like.device, opts.max_memory)
 
 
 # The layer calls of `fn` that a local call draws noise for, per module and signature.
@@ -417,10 +384,9 @@ def run_local(
 
             local = opts._replace(fn=local_fn)
             forwards = plan.forwards(tape, layout.local)
+            job = _Job(st, module, params, (slab, *args), (0, *dims), n, local)
             try:
-                out, message = _call(
-                    st, module, params, (slab, *args), (0, *dims), n, local, forwards
-                )
+                out, message = _call(job, forwards)
                 break
             except StaleShapes:
                 if attempt > 0:

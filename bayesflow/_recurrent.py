@@ -197,6 +197,36 @@ def _level(tensors: Sequence[Tensor | None]) -> int | None:
     )
 
 
+def _recurrence(
+    mode: str,
+    x: Tensor,
+    w_ih: Tensor,
+    b_ih: Tensor | None,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    reverse: bool,
+    samples: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Runs the steps on plain tensors, the samples' stacks first where they have them."""
+
+    w_ih, b_ih, w_hh, b_hh = _prepared(mode, w_ih, b_ih, w_hh, b_hh)
+    # Per sample h0 is (N, H): hidden-major ([K,] H, N), contiguous.
+    out, h, c = _steps(
+        mode,
+        _inputs(x, w_ih, b_ih, samples=samples),
+        w_hh,
+        None if b_hh is None else b_hh.unsqueeze(-1),
+        w_hr,
+        h0.transpose(-1, -2).contiguous(),
+        c0.transpose(-1, -2).contiguous(),
+        reverse,
+    )
+    return out.transpose(-1, -2), h.transpose(-1, -2), c.transpose(-1, -2)
+
+
 def _scan(
     mode: str,
     x: Tensor,
@@ -220,18 +250,7 @@ def _scan(
     tensors = (x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0)
     level = _level(tensors)
     if level is None:
-        w_ih, b_ih, w_hh, b_hh = _prepared(mode, w_ih, b_ih, w_hh, b_hh)
-        out, h, c = _steps(
-            mode,
-            _inputs(x, w_ih, b_ih, samples=False),
-            w_hh,
-            None if b_hh is None else b_hh.unsqueeze(-1),
-            w_hr,
-            h0.transpose(-1, -2),
-            c0.transpose(-1, -2),
-            reverse,
-        )
-        return out.transpose(-1, -2), h.transpose(-1, -2), c.transpose(-1, -2)
+        return _recurrence(mode, *tensors, reverse, samples=False)
 
     def front(t: Tensor | None) -> tuple[Tensor | None, bool]:
         if t is None:
@@ -239,23 +258,9 @@ def _scan(
         v, d = unwrap_at(t, level)
         return (v, False) if d is None else (v.movedim(d, 0), True)
 
-    (x, x_k), (w_ih, _), (b_ih, _), (w_hh, _), (b_hh, _), (w_hr, _), (h0, _), (c0, _) = (
-        front(t) for t in tensors
-    )
+    fronted = [front(t) for t in tensors]
     with unbatched():
-        w_ih, b_ih, w_hh, b_hh = _prepared(mode, w_ih, b_ih, w_hh, b_hh)
-        # Per sample h0 is (N, H): hidden-major ([K,] H, N), contiguous.
-        out, h, c = _steps(
-            mode,
-            _inputs(x, w_ih, b_ih, samples=x_k),
-            w_hh,
-            None if b_hh is None else b_hh.unsqueeze(-1),
-            w_hr,
-            einops.rearrange(h0, "... n h -> ... h n").contiguous(),
-            einops.rearrange(c0, "... n h -> ... h n").contiguous(),
-            reverse,
-        )
-        out, h, c = out.transpose(-1, -2), h.transpose(-1, -2), c.transpose(-1, -2)
+        out, h, c = _recurrence(mode, *(v for v, _ in fronted), reverse, samples=fronted[0][1])
 
     # Per sample `out` is (L, N, H) and `h`, `c` are (N, H): an extra dim is the samples'.
     out = wrap_at(out, 1, level) if out.dim() == 4 else out

@@ -362,9 +362,9 @@ def expected_entropy(logits: Tensor) -> Tensor:
     \mathbb{H}[p_k]` (aleatoric uncertainty), in nats.
 
     Example:
-        >>> z = torch.tensor([[[0.0, -1000.0]], [[-1000.0, 0.0]]])  # two confident samples
-        >>> expected_entropy(z)
-        tensor([0.])
+        >>> z = torch.zeros(3, 1, 2)  # three samples, each unsure between two classes
+        >>> expected_entropy(z)  # log 2
+        tensor([0.6931])
 
     Arguments:
         logits: Per-sample logits (or log-probabilities), with shape
