@@ -359,9 +359,7 @@ def reduce(where: str, x: Tensor, reduction: str) -> Tensor:
     r"""Reduces per-observation values; no observation at all is an error, as in every metric."""
 
     if reduction not in ("mean", "sum", "none"):
-        raise ValueError(
-            f"{where}: expected reduction 'mean', 'sum' or 'none', got {reduction!r}"
-        )
+        raise ValueError(f"{where}: expected reduction 'mean', 'sum' or 'none', got {reduction!r}")
     if x.numel() == 0:
         raise ValueError(f"{where}: expected at least one observation, got none")
     if reduction == "mean":
