@@ -13,6 +13,7 @@ __all__ = [
     "ClassificationSummary",
     "ConstantSchedule",
     "CyclicalSchedule",
+    "Ensemble",
     "GaussianPrior",
     "LinearWarmup",
     "Posterior",
@@ -25,6 +26,7 @@ __all__ = [
     "categorical_nll",
     "classification_summary",
     "clear_caches",
+    "ensemble",
     "expected_calibration_error",
     "expected_entropy",
     "flipout_nelbo",
@@ -54,6 +56,7 @@ __all__ = [
     "prior_kl",
     "sample",
     "select",
+    "stack_modules",
     "stack_params",
     "std",
     "summarize",
@@ -64,6 +67,7 @@ from . import datasets  # noqa: F401
 from ._caches import clear_caches
 from .bayesian import BayesianModel
 from .call import VmapFallbackWarning, loop_call, vmap_call
+from .ensemble import Ensemble, ensemble, stack_modules
 from .flows import flow_sample
 from .local import local_call, local_layers
 from .metrics import (

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 __all__ = ["State"]
 
+from collections.abc import Mapping
+
 import torch
 
 from torch import Tensor
@@ -20,11 +22,19 @@ class State:
     some sample changed holds the average over samples of their values if it is
     floating-point, else the value the first sample left. The buffers keep their
     identity: the call writes into them once, at the end.
+
+    Buffers `given` per sample (`{name: (n, *shape)}`, a deep ensemble's) stand in for
+    the module's own, which the call leaves alone: each sample updates its own in place,
+    and a failed call puts them back as it found them.
     """
 
-    def __init__(self, st: Structure) -> None:
+    def __init__(self, st: Structure, given: Mapping[str, Tensor] | None = None) -> None:
         self.st = st
-        self.entries = [(name, t, t.detach().clone()) for name, t in st.buffers.items()]
+        given = given or {}
+        self.entries = [
+            (name, t, t.detach().clone()) for name, t in st.buffers.items() if name not in given
+        ]
+        self.given = [(t, t.detach().clone()) for t in given.values()]
         self.records: dict[str, dict[int, Tensor]] = {}
         self.samples = 0
 
@@ -39,6 +49,13 @@ class State:
     def restore(self) -> None:
         r"""Puts every buffer back as the call found it."""
 
+        with torch.no_grad():
+            for t, clone in self.given:
+                if not torch.equal(t, clone):
+                    t.copy_(clone)
+        self._restore_own()
+
+    def _restore_own(self) -> None:
         with torch.no_grad():
             for name, t, clone in self.entries:
                 if not self._changed(name, t, clone):
@@ -77,7 +94,7 @@ class State:
             record = value.detach().clone() if value is t else value.detach()
             self.records.setdefault(name, {})[i] = record
         self.samples += 1
-        self.restore()
+        self._restore_own()
 
     def finish(self) -> None:
         r"""Writes the update rule's result over the samples of a loop into the buffers."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 __all__ = [
     "check_bool",
+    "check_buffers",
     "check_callable",
     "check_float",
     "check_generator",
@@ -12,6 +13,7 @@ __all__ = [
     "check_int",
     "check_labels",
     "check_level",
+    "check_members",
     "check_module",
     "check_n",
     "check_not_bridge",
@@ -186,12 +188,15 @@ def check_in_dims(
     return tuple(dims)
 
 
-def check_params(where: str, st: Structure, module: nn.Module, params: object) -> int:
-    r"""Validates sampled parameters `{name: (n, *shape)}` and returns `n`."""
+def check_params(
+    where: str, st: Structure, module: nn.Module, params: object, n: int | None = None
+) -> int:
+    r"""Validates sampled parameters `{name: (n, *shape)}` of `module` and returns `n` (which
+    must equal `n` if given)."""
 
     # The common case in one pass; any doubt goes to the checks below, which say what.
     if isinstance(params, Mapping) and params:
-        n = -1
+        k = -1 if n is None else n
         expected = st.expected
         for name, value in params.items():
             e = expected.get(name)
@@ -202,69 +207,141 @@ def check_params(where: str, st: Structure, module: nn.Module, params: object) -
                 or value.shape[1:] != e[0]
                 or value.dtype != e[1]
                 or value.device != e[2]
-                or (n >= 0 and value.shape[0] != n)
+                or (k >= 0 and value.shape[0] != k)
             ):
                 break
-            n = value.shape[0]
+            k = value.shape[0]
         else:
-            if n >= 1:
-                return n
+            if k >= 1:
+                return k
 
-    return _check_params(where, st, module, params)
+    return _check_stacked(
+        where, "params", "named_parameters", st.params, st.aliases, module, params, n
+    )
 
 
-def _check_params(where: str, st: Structure, module: nn.Module, params: object) -> int:
-    if not isinstance(params, Mapping):
+def check_buffers(
+    where: str, st: Structure, module: nn.Module, buffers: object, n: int | None = None
+) -> int:
+    r"""Validates per-sample buffers `{name: (n, *shape)}` of `module` and returns `n`."""
+
+    return _check_stacked(where, "buffers", "named_buffers", st.buffers, {}, module, buffers, n)
+
+
+def _check_stacked(
+    where: str,
+    what: str,
+    source: str,
+    table: Mapping[str, Tensor],
+    aliases: Mapping[str, str],
+    module: nn.Module,
+    values: object,
+    n: int | None,
+) -> int:
+    r"""Checks tensors `{name: (n, *shape)}` against the module's `table` of `what` (params or
+    buffers), one message per kind of mistake."""
+
+    noun = "parameter" if what == "params" else "buffer"
+    if not isinstance(values, Mapping):
         raise TypeError(
-            f"{where}: expected params to be a dict from parameter names to tensors, "
-            f"got {type(params).__name__}"
+            f"{where}: expected {what} to be a dict from {noun} names to tensors, "
+            f"got {type(values).__name__}"
         )
-    if not params:
-        raise ValueError(f"{where}: expected at least one parameter in params, got none")
+    if not values:
+        raise ValueError(f"{where}: expected at least one {noun} in {what}, got none")
 
-    for name, value in params.items():
-        ref = st.params.get(name)
+    owner = f"{type(module).__name__}.{source}()"
+    for name, value in values.items():
+        ref = table.get(name)
         if ref is None:
-            if name in st.aliases:
+            if name in aliases:
                 raise ValueError(
-                    f"{where}: expected names from {type(module).__name__}.named_parameters(), "
-                    f"got {name!r}, which is tied to {st.aliases[name]!r} (the same "
-                    f"Parameter): use {st.aliases[name]!r}"
+                    f"{where}: expected names from {owner}, got {name!r}, which is tied to "
+                    f"{aliases[name]!r} (the same Parameter): use {aliases[name]!r}"
                 )
-            unknown = [k for k in params if k not in st.params]
-            raise ValueError(
-                f"{where}: expected names from {type(module).__name__}.named_parameters(), got "
-                f"unknown names {unknown}"
-            )
+            unknown = [k for k in values if k not in table]
+            raise ValueError(f"{where}: expected names from {owner}, got unknown names {unknown}")
         if not isinstance(value, Tensor):
             raise TypeError(
-                f"{where}: expected params[{name!r}] to be a tensor, got {type(value).__name__}"
+                f"{where}: expected {what}[{name!r}] to be a tensor, got {type(value).__name__}"
             )
         if value.dim() != ref.dim() + 1 or value.shape[1:] != ref.shape:
             raise ValueError(
-                f"{where}: expected params[{name!r}] of shape (n, *{tuple(ref.shape)}), "
+                f"{where}: expected {what}[{name!r}] of shape (n, *{tuple(ref.shape)}), "
                 f"got {tuple(value.shape)}"
             )
 
-    counts = {k: v.shape[0] for k, v in params.items()}
-    n = next(iter(counts.values()))
-    if any(c != n for c in counts.values()):
+    counts = {k: v.shape[0] for k, v in values.items()}
+    first = next(iter(counts.values())) if n is None else n
+    if any(c != first for c in counts.values()):
+        given = "" if n is None else f" (n = {n} from the other per-sample tensors)"
         raise ValueError(
-            f"{where}: expected the same number of samples n for every parameter, got {counts}"
+            f"{where}: expected the same number of samples n for every {noun}{given}, got {counts}"
         )
-
-    if n < 1:
+    if first < 1:
         raise ValueError(f"{where}: expected at least one sample, got n = 0")
 
-    for name, value in params.items():
-        ref = st.params[name]
+    for name, value in values.items():
+        ref = table[name]
         if value.dtype != ref.dtype or value.device != ref.device:
             raise ValueError(
-                f"{where}: expected params[{name!r}] with the module's dtype and device "
+                f"{where}: expected {what}[{name!r}] with the module's dtype and device "
                 f"({describe(ref)}), got {describe(value)}"
             )
 
-    return n
+    return first
+
+
+def check_members(where: str, modules: object, equal_buffers: bool) -> None:
+    r"""Checks `n >= 1` modules of one architecture: one class, the same parameter names,
+    shapes, dtypes and devices, the same buffer names and shapes (and values, if
+    `equal_buffers`)."""
+
+    if isinstance(modules, nn.Module) or not isinstance(modules, Sequence):
+        raise TypeError(
+            f"{where}: expected a sequence of torch.nn.Module, got {type(modules).__name__}"
+        )
+    if not modules:
+        raise ValueError(f"{where}: expected at least one module, got none")
+    for i, m in enumerate(modules):
+        if not isinstance(m, nn.Module):
+            raise TypeError(
+                f"{where}: expected a sequence of torch.nn.Module, got {type(m).__name__} "
+                f"at index {i}"
+            )
+
+    first = modules[0]
+    if not dict(first.named_parameters()):
+        raise ValueError(f"{where}: expected modules with parameters, got none")
+    for i, m in enumerate(modules[1:], start=1):
+        if type(m) is not type(first):
+            raise ValueError(
+                f"{where}: expected modules of one class, got {type(first).__name__} and "
+                f"{type(m).__name__} at index {i}"
+            )
+        for kind, ours, theirs in (
+            ("parameter", dict(first.named_parameters()), dict(m.named_parameters())),
+            ("buffer", dict(first.named_buffers()), dict(m.named_buffers())),
+        ):
+            if list(theirs) != list(ours):
+                raise ValueError(
+                    f"{where}: expected the same {kind} names in every module, got "
+                    f"{sorted(set(theirs) ^ set(ours))} differing at index {i}"
+                )
+            for name, t in theirs.items():
+                ref = ours[name]
+                if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
+                    raise ValueError(
+                        f"{where}: expected {name!r} of shape {tuple(ref.shape)} ({ref.dtype}, "
+                        f"{ref.device}) in every module, got {tuple(t.shape)} ({t.dtype}, "
+                        f"{t.device}) at index {i}"
+                    )
+                if kind == "buffer" and equal_buffers and not torch.equal(t, ref):
+                    raise ValueError(
+                        f"{where}: expected equal buffers in every module (vmap_call uses "
+                        f"those of modules[0]), got a different {name!r} at index {i}; stack "
+                        "them too with bayesflow.stack_modules"
+                    )
 
 
 def describe(t: Any) -> str:

@@ -28,7 +28,7 @@ from torch.func import vmap
 from . import _posterior, _torch_layers
 from ._buffers import State
 from ._caches import Bounded, PerObject, fn_key, identity
-from ._checks import check_in_dims, check_params
+from ._checks import check_buffers, check_in_dims, check_params
 from ._compat import StopRecomputation, is_compiling, saved_tensors_hooks_active
 from ._errors import Passthrough
 from ._layers import LocalPlan, Recorder, StaleShapes, Tape
@@ -55,6 +55,7 @@ class _Job(NamedTuple):
     dims: tuple  # per argument: 0 if it has a sample dim, else None
     n: int
     opts: CallOptions
+    buffers: Mapping[str, Tensor]  # per-sample buffers `(n, *shape)` (an ensemble's), or {}
 
 
 def run(
@@ -63,18 +64,24 @@ def run(
     args: tuple,
     opts: CallOptions,
     n: int | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
 ) -> Any:
     r"""Runs `opts.fn(module, *args)` for every parameter set, vectorized or looped.
 
-    With `n`, `params` may be empty (every sample shares the module's own parameters).
+    With `n` or `buffers`, `params` may be empty (every sample shares the module's own
+    parameters). `buffers` are per-sample buffers `{name: (n, *shape)}` that the samples
+    use and update in place instead of the module's own.
     """
 
     with lock(module):
         st = structure(module)
+        if buffers is not None and not (isinstance(buffers, Mapping) and not buffers):
+            n = check_buffers(opts.where, st, module, buffers, None if params else n)
         if n is None or params:
-            n = check_params(opts.where, st, module, params)
+            n = check_params(opts.where, st, module, params, n)
         dims = check_in_dims(opts.where, args, opts.in_dims, n)
-        out, message = _call(_Job(st, module, params, args, dims, n, opts))
+        job = _Job(st, module, params, args, dims, n, opts, buffers or {})
+        out, message = _call(job)
     _warn(message, n)
     return out
 
@@ -192,7 +199,7 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
     chunk_size = opts.chunk_size
     if chunk_size == "auto":
         chunk_size = _auto_chunk_size(job)
-    state = State(job.st)
+    state = State(job.st, job.buffers)
     try:
         return _vectorized(job, chunk_size, state), None
     except (Passthrough, StopRecomputation):
@@ -234,14 +241,15 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
 
 def _loop(job: _Job, state: State | None = None) -> Any:
     st, opts = job.st, job.opts
-    state = State(st) if state is None else state
+    state = State(st, job.buffers) if state is None else state
     rng = _rng_state() if opts.randomness == "same" else None
     outs = []
     try:
         for i in range(job.n):
             if rng is not None:
                 _set_rng_state(rng)
-            with swapped(st, {k: v[i] for k, v in job.params.items()}, state.fresh()):
+            buffers = {**state.fresh(), **{k: b[i] for k, b in job.buffers.items()}}
+            with swapped(st, {k: v[i] for k, v in job.params.items()}, buffers):
                 out = opts.fn(job.module, *_index(job.args, job.dims, i))
                 held = state.current()
             map_outputs(opts.where, lambda t: None, out)
@@ -256,9 +264,10 @@ def _loop(job: _Job, state: State | None = None) -> Any:
 
 
 def _single(job: _Job) -> Any:
-    state = State(job.st) if job.st.buffers else None
+    state = State(job.st, job.buffers) if job.st.buffers else None
     try:
-        with swapped(job.st, {k: v[0] for k, v in job.params.items()}):
+        buffers = {k: b[0] for k, b in job.buffers.items()}
+        with swapped(job.st, {k: v[0] for k, v in job.params.items()}, buffers):
             out = job.opts.fn(job.module, *_index(job.args, job.dims, 0))
         return map_outputs(job.opts.where, lambda t: t.unsqueeze(0), out)
     except BaseException:
@@ -269,11 +278,12 @@ def _single(job: _Job) -> Any:
 
 def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
     st, module, params, n, opts = job.st, job.module, job.params, job.n, job.opts
-    updated = _torch_layers.updated_buffers(st, module)
-    buffers = {
+    updated = [k for k in _torch_layers.updated_buffers(st, module) if k not in job.buffers]
+    averaged = {
         name: st.buffers[name].detach().unsqueeze(0).repeat(n, *(1,) * st.buffers[name].dim())
         for name in updated
     }
+    buffers = {**averaged, **job.buffers}
     names, buffer_names = list(params), list(buffers)
     flat = (*params.values(), *buffers.values(), *job.args)
     split, end = len(names), len(names) + len(buffer_names)
@@ -298,7 +308,7 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
             randomness=opts.randomness or "error",
         )(*flat)
 
-    for name, stacked in buffers.items():
+    for name, stacked in averaged.items():
         state.set_averaged(name, stacked)
 
     return unflatten(spec[0], leaves)
@@ -323,17 +333,18 @@ _FOOTPRINTS: PerObject[Bounded[tuple, int]] = PerObject()
 def _auto_chunk_size(job: _Job) -> int:
     r"""Returns how many samples fit in `opts.max_memory`, from what one sample allocates."""
 
-    st, module, params, args, dims, _, opts = job
+    st, module, params, args, dims, _, opts, _ = job
     footprints = _FOOTPRINTS.setdefault(module, lambda: Bounded(16, cache=False))
     key = (fn_key(opts.fn), torch.is_grad_enabled(), tuple(params), _signature(args, dims))
     per_sample = footprints.get(key)
     if per_sample is None:
 
         def one() -> None:
-            with swapped(st, {k: v[0] for k, v in params.items()}):
+            buffers = {k: b[0] for k, b in job.buffers.items()}
+            with swapped(st, {k: v[0] for k, v in params.items()}, buffers):
                 opts.fn(module, *_index(args, dims, 0))
 
-        state = State(st)
+        state = State(st, job.buffers)
         try:
             per_sample = per_sample_bytes(one)
         finally:
@@ -384,7 +395,7 @@ def run_local(
 
             local = opts._replace(fn=local_fn)
             forwards = plan.forwards(tape, layout.local)
-            job = _Job(st, module, params, (slab, *args), (0, *dims), n, local)
+            job = _Job(st, module, params, (slab, *args), (0, *dims), n, local, {})
             try:
                 out, message = _call(job, forwards)
                 break

@@ -25,6 +25,7 @@ def loop_call(
     *args: Any,
     fn: Fn | None = None,
     in_dims: Sequence[int | None] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
 ) -> Any:
     r"""Runs `fn(module, *args)` once per parameter set, in a Python loop.
 
@@ -39,6 +40,7 @@ def loop_call(
         fn: What to compute, `fn(module, *args)`; `module(*args)` if :py:`None`.
         in_dims: One entry per argument: :py:`None` if shared, `0` if per-sample (with a
             leading dim `n`).
+        buffers: Per-sample buffers `{name: (n, *shape)}`, as in :func:`vmap_call`.
 
     Returns:
         The outputs of `fn` (tensors, :py:`None`, or tuples, lists or dicts of them)
@@ -47,7 +49,8 @@ def loop_call(
 
     where = "loop_call"
     check_module(where, module)
-    return run(module, params, args, call_options(where, fn, in_dims=in_dims, vectorized=False))
+    opts = call_options(where, fn, in_dims=in_dims, vectorized=False)
+    return run(module, params, args, opts, buffers=buffers)
 
 
 def vmap_call(
@@ -60,6 +63,7 @@ def vmap_call(
     in_dims: Sequence[int | None] | None = None,
     randomness: str | None = None,
     max_memory: int | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
 ) -> Any:
     r"""Runs `fn(module, *args)` for every parameter set in one vectorized pass.
 
@@ -105,6 +109,11 @@ def vmap_call(
             (where every sample draws its own).
         max_memory: The memory budget of `chunk_size="auto"`, in bytes; by default half
             the device's free memory (on the CPU, half the available physical memory).
+        buffers: Per-sample buffers `{name: (n, *shape)}`, keyed by
+            :meth:`torch.nn.Module.named_buffers` names, that stand in for the module's own
+            (a deep ensemble's, see :func:`bayesflow.ensemble`): each sample uses its own,
+            and a train-mode layer updates its own in place; the module's buffers of those
+            names are left alone. `params` may then be empty.
 
     Returns:
         The outputs of `fn` stacked on a new leading dim of size `n`, differentiable with
@@ -118,4 +127,4 @@ def vmap_call(
     where = "vmap_call"
     check_module(where, module)
     opts = call_options(where, fn, chunk_size, fallback, in_dims, randomness, True, max_memory)
-    return run(module, params, args, opts)
+    return run(module, params, args, opts, buffers=buffers)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _posterior
-from ._checks import check_posterior
+from ._checks import check_members, check_posterior
 from ._numerics import std as _std
 from ._posterior import InitLogvar
 from ._types import Posterior
@@ -199,7 +199,8 @@ def stack_params(modules: Sequence[nn.Module]) -> dict[str, Tensor]:
 
     The ensemble then goes through the same vectorized path and the same predictive
     summaries as posterior samples. Buffers are not stacked: `vmap_call` uses those of
-    `modules[0]`, so they must be equal in every member.
+    `modules[0]`, so they must be equal in every member; members with buffers of their
+    own (BatchNorm statistics) go through :func:`bayesflow.stack_modules`.
 
     Example:
         >>> nets = [zuko.nn.MLP(3, 5) for _ in range(4)]
@@ -216,57 +217,7 @@ def stack_params(modules: Sequence[nn.Module]) -> dict[str, Tensor]:
         parameters.
     """
 
-    where = "stack_params"
-    if isinstance(modules, nn.Module) or not isinstance(modules, Sequence):
-        raise TypeError(
-            f"{where}: expected a sequence of torch.nn.Module, got {type(modules).__name__}"
-        )
-    if not modules:
-        raise ValueError(f"{where}: expected at least one module, got none")
-    for i, m in enumerate(modules):
-        if not isinstance(m, nn.Module):
-            raise TypeError(
-                f"{where}: expected a sequence of torch.nn.Module, got {type(m).__name__} "
-                f"at index {i}"
-            )
+    check_members("stack_params", modules, equal_buffers=True)
 
-    first = modules[0]
-    named = dict(first.named_parameters())
-    buffers = dict(first.named_buffers())
-    if not named:
-        raise ValueError(f"{where}: expected modules with parameters, got none")
-
-    for i, m in enumerate(modules[1:], start=1):
-        if type(m) is not type(first):
-            raise ValueError(
-                f"{where}: expected modules of one class, got {type(first).__name__} and "
-                f"{type(m).__name__} at index {i}"
-            )
-        other = dict(m.named_parameters())
-        if list(other) != list(named):
-            raise ValueError(
-                f"{where}: expected the same parameter names in every module, got "
-                f"{sorted(set(other) ^ set(named))} differing at index {i}"
-            )
-        for name, p in other.items():
-            ref = named[name]
-            if p.shape != ref.shape or p.dtype != ref.dtype or p.device != ref.device:
-                raise ValueError(
-                    f"{where}: expected {name!r} of shape {tuple(ref.shape)} ({ref.dtype}, "
-                    f"{ref.device}) in every module, got {tuple(p.shape)} ({p.dtype}, "
-                    f"{p.device}) at index {i}"
-                )
-        other_buffers = dict(m.named_buffers())
-        if list(other_buffers) != list(buffers):
-            raise ValueError(
-                f"{where}: expected the same buffer names in every module, got "
-                f"{sorted(set(other_buffers) ^ set(buffers))} differing at index {i}"
-            )
-        for name, b in other_buffers.items():
-            if b.shape != buffers[name].shape or not torch.equal(b, buffers[name]):
-                raise ValueError(
-                    f"{where}: expected equal buffers in every module (vmap_call uses those "
-                    f"of modules[0]), got a different {name!r} at index {i}"
-                )
-
+    named = dict(modules[0].named_parameters())
     return {name: torch.stack([m.get_parameter(name) for m in modules]) for name in named}

@@ -329,6 +329,42 @@ CASES = [
         r"vmap_call: expected fallback to be a bool, got str",
     ),
     (
+        "vmap-buffers-unknown",
+        lambda: bf.vmap_call(net_, params_, x_, buffers={"running_mean": torch.zeros(3, 4)}),
+        ValueError,
+        r"vmap_call: expected names from MLP.named_buffers\(\), got unknown names",
+    ),
+    (
+        "vmap-buffers-type",
+        lambda: bf.vmap_call(net_, params_, x_, buffers=[torch.zeros(3)]),
+        TypeError,
+        r"vmap_call: expected buffers to be a dict from buffer names to tensors, got list",
+    ),
+    (
+        "ensemble-k",
+        lambda: bf.ensemble(net, 0),
+        ValueError,
+        r"ensemble: expected k to be a positive int, got 0",
+    ),
+    (
+        "ensemble-not-callable",
+        lambda: bf.ensemble(3, 2),
+        TypeError,
+        r"ensemble: expected make_module to be callable, got int",
+    ),
+    (
+        "ensemble-not-module",
+        lambda: bf.ensemble(lambda: "net", 2),
+        TypeError,
+        r"ensemble: expected make_module to return a torch.nn.Module, got str",
+    ),
+    (
+        "stack-modules-classes",
+        lambda: bf.stack_modules([net_, nn.Linear(3, 2)]),
+        ValueError,
+        r"stack_modules: expected modules of one class, got MLP and Linear at index 1",
+    ),
+    (
         "bridge-logvar",
         lambda: bf.BayesianModel(net_, init_logvar=float("inf")),
         ValueError,

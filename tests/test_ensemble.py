@@ -1,0 +1,146 @@
+r"""Deep ensembles trained and predicted in one pass: K separate trainings are the oracle."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bayesflow as bf
+
+K = 3
+
+
+def make_net():
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def make_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
+    )
+
+
+BUILDERS = {"mlp-batchnorm": (make_net, (4,)), "cnn-batchnorm": (make_cnn, (1, 6, 6))}
+
+
+def batches(shape, steps=4, size=10):
+    g = torch.Generator().manual_seed(7)
+    return [
+        (torch.randn(size, *shape, generator=g), torch.randint(0, 3, (size,), generator=g))
+        for _ in range(steps)
+    ]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd-momentum"])
+@pytest.mark.parametrize("name", BUILDERS)
+def test_one_pass_equals_k_separate_trainings(name, optimizer, gen):
+    make, shape = BUILDERS[name]
+    opt_of = {
+        "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-3),
+        "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=1e-1, momentum=0.9),
+    }[optimizer]
+    data = batches(shape)
+
+    ens = bf.ensemble(make, K, generator=gen(0))
+    ens.module.train()
+    opt = opt_of(ens.params.values())
+    for x, y in data:
+        logits = bf.vmap_call(ens.module, ens.params, x, buffers=ens.buffers, fallback=False)
+        losses = F.cross_entropy(logits.transpose(1, 2), y.expand(K, -1), reduction="none")
+        opt.zero_grad()
+        losses.mean(1).sum().backward()  # the sum: each member its own gradient
+        opt.step()
+
+    for i, seed in enumerate(ens.seeds):
+        torch.manual_seed(seed)
+        member = make().train()
+        member_opt = opt_of(member.parameters())
+        for x, y in data:
+            member_opt.zero_grad()
+            F.cross_entropy(member(x), y).backward()
+            member_opt.step()
+        for p_name, p in member.named_parameters():
+            assert torch.allclose(ens.params[p_name][i], p, atol=1e-10), p_name
+        for b_name, b in member.named_buffers():
+            assert torch.allclose(ens.buffers[b_name][i], b, atol=1e-10), b_name
+
+    # the members differ (each its own initialization and statistics)
+    assert not torch.allclose(ens.params["0.weight"][0], ens.params["0.weight"][1])
+    assert not torch.allclose(ens.buffers["1.running_mean"][0], ens.buffers["1.running_mean"][1])
+
+
+def test_prediction_uses_every_members_buffers(gen):
+    members = []
+    for seed in range(K):
+        torch.manual_seed(seed)
+        net = make_net().train()
+        net(torch.randn(16, 4) * (seed + 1) + seed)  # statistics of its own
+        members.append(net.eval())
+    x = torch.randn(5, 4)
+    ens = bf.stack_modules(members)
+    module_state = copy.deepcopy(ens.module.state_dict())
+
+    y = bf.vmap_call(ens.module, ens.params, x, buffers=ens.buffers, fallback=False)
+    y_loop = bf.loop_call(ens.module, ens.params, x, buffers=ens.buffers)
+
+    expected = torch.stack([m(x) for m in members])
+    assert torch.allclose(y, expected, atol=1e-10)
+    assert torch.allclose(y_loop, expected, atol=1e-10)
+    # without the buffers, every member would normalize with members[0]'s statistics
+    assert not torch.allclose(bf.vmap_call(ens.module, ens.params, x), expected, atol=1e-6)
+    for k, v in module_state.items():
+        assert torch.equal(ens.module.state_dict()[k], v)  # the module is left alone
+    with pytest.raises(
+        ValueError, match=r"stack_params: expected equal buffers .*bayesflow.stack_modules"
+    ):
+        bf.stack_params(members)
+
+
+def test_train_mode_updates_each_members_buffers_once_per_call(gen):
+    ens = bf.ensemble(make_net, K, generator=gen(1))
+    ens.module.train()
+    before = {k: v.clone() for k, v in ens.buffers.items()}
+    own = copy.deepcopy(ens.module.state_dict())
+    x = torch.randn(8, 4)
+
+    y = bf.vmap_call(ens.module, ens.params, x, buffers=ens.buffers, fallback=False)
+    after = {k: v.clone() for k, v in ens.buffers.items()}
+    for k, v in before.items():
+        ens.buffers[k].copy_(v)
+    y_loop = bf.loop_call(ens.module, ens.params, x, buffers=ens.buffers)
+
+    assert torch.allclose(y, y_loop, atol=1e-10)
+    for k, v in after.items():
+        assert torch.allclose(ens.buffers[k], v, atol=1e-12), k
+    assert (ens.buffers["1.num_batches_tracked"] == 1).all()
+    assert not torch.allclose(after["1.running_mean"], before["1.running_mean"])
+    for k, v in own.items():
+        assert torch.equal(ens.module.state_dict()[k], v)
+
+
+def test_a_failed_call_leaves_the_members_buffers_as_found(gen):
+    ens = bf.ensemble(make_net, K, generator=gen(2))
+    ens.module.train()
+    before = {k: v.clone() for k, v in ens.buffers.items()}
+
+    def fn(m, x):
+        m(x)
+        raise KeyError("boom")
+
+    for call in (bf.vmap_call, bf.loop_call):
+        with pytest.raises(KeyError):
+            call(ens.module, ens.params, torch.randn(8, 4), fn=fn, buffers=ens.buffers)
+        assert all(torch.equal(ens.buffers[k], v) for k, v in before.items())
+
+
+def test_ensemble_seeds_and_global_state(gen):
+    state = torch.random.get_rng_state()
+    a = bf.ensemble(make_net, K, generator=gen(3))
+    b = bf.ensemble(make_net, K, generator=gen(3))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global state is untouched
+    assert a.seeds == b.seeds and len(set(a.seeds)) == K
+    for name, p in a.params.items():
+        assert p.is_leaf and p.requires_grad and p.shape[0] == K
+        assert torch.equal(p, b.params[name])
