@@ -267,7 +267,8 @@ def _single(job: _Job) -> Any:
     state = State(job.st, job.buffers) if job.st.buffers else None
     try:
         buffers = {k: b[0] for k, b in job.buffers.items()}
-        with swapped(job.st, {k: v[0] for k, v in job.params.items()}, buffers):
+        # `squeeze`, a view, rather than `v[0]`, whose backward fills a zero gradient.
+        with swapped(job.st, {k: v.squeeze(0) for k, v in job.params.items()}, buffers):
             out = job.opts.fn(job.module, *_index(job.args, job.dims, 0))
         return map_outputs(job.opts.where, lambda t: t.unsqueeze(0), out)
     except BaseException:

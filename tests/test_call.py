@@ -20,9 +20,9 @@ def setup(name: str, init_logvar: float = -3.0):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_vmap_matches_loop_and_chunks(name):
+def test_vmap_matches_loop_and_chunks(name, gen):
     case, module, q, args = setup(name)
-    params = bf.sample(q, N, generator=torch.Generator(torch.get_default_device()).manual_seed(1))
+    params = bf.sample(q, N, generator=gen(1))
 
     y = bf.vmap_call(module, params, *args, fn=case.fn, fallback=False)
     y_loop = bf.loop_call(module, params, *args, fn=case.fn)
@@ -37,13 +37,11 @@ def test_vmap_matches_loop_and_chunks(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_gradients_match_loop(name):
+def test_gradients_match_loop(name, gen):
     case, module, q, args = setup(name)
 
     def grads(runner):
-        params = bf.sample(
-            q, N, generator=torch.Generator(torch.get_default_device()).manual_seed(2)
-        )
+        params = bf.sample(q, N, generator=gen(2))
         y = runner(module, params, *args, fn=case.fn)
         leaves = [*q.mean.values(), *q.logvar.values()]
         return torch.autograd.grad(y.square().sum(), leaves)

@@ -62,14 +62,9 @@ def expected_buffers(states):
 
 
 @pytest.mark.parametrize("name", ARCHS)
-def test_native_matches_loop_and_oracle(name):
+def test_native_matches_loop_and_oracle(name, gen):
     arch, module, q, args = setup(name)
-    params = {
-        k: v.detach()
-        for k, v in bf.sample(
-            q, N, generator=torch.Generator(torch.get_default_device()).manual_seed(1)
-        ).items()
-    }
+    params = {k: v.detach() for k, v in bf.sample(q, N, generator=gen(1)).items()}
     looped, initial = copy.deepcopy(module), copy.deepcopy(module)
     objects = dict(module.named_parameters(remove_duplicate=False))
     values = {k: p.detach().clone() for k, p in objects.items()}
@@ -100,13 +95,11 @@ def test_native_matches_loop_and_oracle(name):
 
 
 @pytest.mark.parametrize("name", ARCHS)
-def test_gradients_match_loop(name):
+def test_gradients_match_loop(name, gen):
     arch, module, q, args = setup(name)
 
     def grads(runner, m):
-        params = bf.sample(
-            q, N, generator=torch.Generator(torch.get_default_device()).manual_seed(2)
-        )
+        params = bf.sample(q, N, generator=gen(2))
         y = leaves(runner(m, params, *args, fn=arch.fn))
         loss = sum(t.square().sum() for t in y if t.is_floating_point())
         return torch.autograd.grad(loss, [*q.mean.values(), *q.logvar.values()])
@@ -120,14 +113,14 @@ def test_gradients_match_loop(name):
 
 
 @pytest.mark.parametrize("name", ARCHS)
-def test_objective_and_bridge(name):
+def test_objective_and_bridge(name, gen):
     arch, module, q, args = setup(name)
 
     def ll(m, *a):
         return -leaves(call(arch, m, *a))[0].square()
 
     def loss(vectorized):
-        g = torch.Generator(torch.get_default_device()).manual_seed(3)
+        g = gen(3)
         return bf.nelbo(
             copy.deepcopy(module),
             q,
@@ -171,15 +164,15 @@ def spy_fused(monkeypatch):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-per-sample", "batched-steps"])
 @pytest.mark.parametrize("name", RECURRENT)
-def test_recurrent_paths(name, fused, monkeypatch):
+def test_recurrent_paths(name, fused, monkeypatch, gen):
     r"""A recurrent layer has two vectorized paths (torch's fused kernel per sample, below
     vmap, and bayesflow's batched steps): each gives the loop's and the oracle's numbers
     and gradients, and the path forced is the one taken."""
 
     calls = spy_fused(monkeypatch)
     with _recurrent.forced(fused):
-        test_native_matches_loop_and_oracle(name)
-        test_gradients_match_loop(name)
+        test_native_matches_loop_and_oracle(name, gen)
+        test_gradients_match_loop(name, gen)
     assert bool(calls) == fused
 
 

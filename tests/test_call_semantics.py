@@ -43,13 +43,13 @@ TIED_CALLS = {
 
 @pytest.mark.parametrize("build", [_shared, TiedLM], ids=["shared-submodule", "tied-embedding"])
 @pytest.mark.parametrize("call", TIED_CALLS)
-def test_tied_weights_get_the_sample_everywhere_and_are_restored(build, call):
+def test_tied_weights_get_the_sample_everywhere_and_are_restored(build, call, gen):
     module = build()
     x = torch.tensor([[1, 2, 3], [4, 5, 6]]) if build is TiedLM else torch.randn(4, 3)
     params = bf.sample(
         bf.init(module, -3.0),
         3,
-        generator=torch.Generator(torch.get_default_device()).manual_seed(0),
+        generator=gen(0),
     )
     before = _identity(module)
 

@@ -33,7 +33,7 @@ def mse(net, x, y):
     return -(net(x) - y).square().mean(dim=-1)
 
 
-def test_compiled_vectorized_forward():
+def test_compiled_vectorized_forward(gen):
     net = zuko.nn.MLP(3, 2, hidden_features=(8,))
     q = bf.init(net, init_logvar=-3.0)
     x = torch.randn(6, 3)
@@ -42,31 +42,29 @@ def test_compiled_vectorized_forward():
         return bf.vmap_call(net, params, x, fallback=False)
 
     compiled = torch.compile(forward)
-    params = bf.sample(q, 4, generator=torch.Generator(torch.get_default_device()).manual_seed(0))
+    params = bf.sample(q, 4, generator=gen(0))
 
     y = compiled(params, x)
     assert torch.allclose(y, forward(params, x), atol=1e-10)
     assert torch.allclose(y, bf.loop_call(net, params, x), atol=1e-10)
     assert not torch.allclose(y[0], net(x))  # the sampled parameters were used
 
-    params = bf.sample(
-        q, 4, generator=torch.Generator(torch.get_default_device()).manual_seed(1)
-    )  # no recompile needed
+    params = bf.sample(q, 4, generator=gen(1))  # no recompile needed
     assert torch.allclose(compiled(params, x), bf.loop_call(net, params, x), atol=1e-10)
 
 
-def test_compiled_training_step():
+def test_compiled_training_step(gen):
     net = zuko.nn.MLP(3, 2, hidden_features=(8,))
     q = bf.init(net, init_logvar=-3.0)
     leaves = [*q.mean.values(), *q.logvar.values()]
     x, y = torch.randn(6, 3), torch.randn(6, 2)
 
     def step(x, y, seed):
-        g = torch.Generator(torch.get_default_device()).manual_seed(seed)
+        g = gen(seed)
         return bf.nelbo(net, q, x, y, fn=mse, num_data=100, n=4, generator=g)
 
     def oracle(x, y, seed):
-        g = torch.Generator(torch.get_default_device()).manual_seed(seed)
+        g = gen(seed)
         return bf.loop_nelbo(net, q, x, y, fn=mse, num_data=100, n=4, generator=g)
 
     compiled = torch.compile(step)

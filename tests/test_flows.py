@@ -111,14 +111,13 @@ def test_inverse_matches_loop(name):
 
 
 @pytest.mark.parametrize("name", FLOWS)
-def test_flow_sample_matches_loop(name):
+def test_flow_sample_matches_loop(name, gen):
     flow, q = setup(name)
     c = torch.randn(C)
     params = draw(q)
 
     def sample(params, vectorized=True):
-        gen = torch.Generator(torch.get_default_device()).manual_seed(2)
-        return flow_sample(flow, params, c, (5,), generator=gen, vectorized=vectorized)
+        return flow_sample(flow, params, c, (5,), generator=gen(2), vectorized=vectorized)
 
     x = sample(params)
     x_loop = sample(params, vectorized=False)
@@ -137,11 +136,11 @@ def test_flow_sample_matches_loop(name):
 
 
 @pytest.mark.parametrize("name", ["NAF", "CNF", "GMM"])
-def test_flow_sample_without_grad(name):
+def test_flow_sample_without_grad(name, gen):
     flow, q = setup(name)
     c = torch.randn(C)
     params = draw(q)
-    gen = torch.Generator(torch.get_default_device()).manual_seed(5)
+    gen = gen(5)
 
     with torch.no_grad():
         x = flow_sample(flow, params, c, (5,), generator=gen)
@@ -166,15 +165,13 @@ def test_flow_sample_matches_zuko_rsample(name):
     assert torch.allclose(x, x_zuko, atol=tight())
 
 
-def test_gmm_sample_moments():
+def test_gmm_sample_moments(gen):
     flow, q = setup("GMM", init_logvar=-2.0)
     c = torch.randn(C)
     params = draw(q, n=2)
     n = 4000
 
-    x = flow_sample(
-        flow, params, c, (n,), generator=torch.Generator(torch.get_default_device()).manual_seed(4)
-    )
+    x = flow_sample(flow, params, c, (n,), generator=gen(4))
 
     for i in range(2):
         with torch.no_grad():

@@ -13,14 +13,7 @@ from bayesflow.local import local_layers
 
 from .registry import LOCAL_LAYERS, LOCAL_MODULES, random_adjacency
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrix products are far slower with 2 threads on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _exact_moments(layer, q, x):
@@ -54,12 +47,12 @@ def _within(estimates, target):
 
 @pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
 @pytest.mark.parametrize("name", LOCAL_LAYERS)
-def test_moments_match_full_weight_sampling(name, flipout):
+def test_moments_match_full_weight_sampling(name, flipout, gen):
     build, shape = LOCAL_LAYERS[name]
     layer = build()
     q = bf.init(layer, init_logvar=-1.0)
     x = torch.randn(shape)
-    g = torch.Generator(torch.get_default_device()).manual_seed(1)
+    g = gen(1)
 
     mean, var = _exact_moments(layer, q, x)
     m1, m2 = _blocks(lambda: bf.local_call(layer, q, 16, x, generator=g, flipout=flipout), 300)
@@ -73,11 +66,11 @@ def test_moments_match_full_weight_sampling(name, flipout):
 
 
 @pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
-def test_mlp_moments_match_full_weight_sampling(flipout):
+def test_mlp_moments_match_full_weight_sampling(flipout, gen):
     net = zuko.nn.MLP(3, 2, hidden_features=(8,), activation=nn.ELU)
     q = bf.init(net, init_logvar=-2.0)
     x = torch.randn(4, 3)
-    g = torch.Generator(torch.get_default_device()).manual_seed(2)
+    g = gen(2)
 
     m1, m2 = _blocks(lambda: bf.local_call(net, q, 16, x, generator=g, flipout=flipout), 300)
     full = bf.vmap_call(net, bf.sample(q, 4800, generator=g), x)
@@ -110,14 +103,14 @@ def test_gradients_reach_means_and_logvars(name, flipout):
 
 @pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
 @pytest.mark.parametrize("name", [m for m in LOCAL_MODULES if m != "softmax-dim0"])
-def test_modules_match_full_weight_sampling(name, flipout):
+def test_modules_match_full_weight_sampling(name, flipout, gen):
     # (a softmax over the batch mixes examples, whose noise the local trick decorrelates:
     # only the vectorized-versus-loop test below applies to it)
     build, args, fn, include = LOCAL_MODULES[name]
     module = build()
     a = args()
     q = bf.init(module, -3.0, include)
-    g = torch.Generator(torch.get_default_device()).manual_seed(5)
+    g = gen(5)
 
     m1, m2 = _blocks(
         lambda: bf.local_call(module, q, 16, *a, fn=fn, generator=g, flipout=flipout), 100
@@ -138,7 +131,7 @@ def test_modules_match_full_weight_sampling(name, flipout):
 
 @pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
 @pytest.mark.parametrize("name", [*LOCAL_MODULES, "batchnorm-train"])
-def test_vectorized_matches_the_loop_on_the_same_noise(name, flipout):
+def test_vectorized_matches_the_loop_on_the_same_noise(name, flipout, gen):
     if name == "batchnorm-train":
         build, args, fn, include = LOCAL_MODULES["batchnorm-eval"]
     else:
@@ -148,7 +141,7 @@ def test_vectorized_matches_the_loop_on_the_same_noise(name, flipout):
     q = bf.init(module, -3.0, include)
 
     def run(**kwargs):
-        g = torch.Generator(torch.get_default_device()).manual_seed(6)
+        g = gen(6)
         return bf.local_call(
             copy.deepcopy(module), q, 5, *a, fn=fn, generator=g, flipout=flipout, **kwargs
         )
@@ -159,7 +152,7 @@ def test_vectorized_matches_the_loop_on_the_same_noise(name, flipout):
     assert not torch.allclose(y[0], y[1])
 
 
-def test_generator_reproducible_and_in_dims():
+def test_generator_reproducible_and_in_dims(gen):
     net = zuko.nn.MLP(3, 2, hidden_features=(8,))
     q = bf.init(net, init_logvar=-2.0)
     x = torch.randn(5, 3)
@@ -170,7 +163,7 @@ def test_generator_reproducible_and_in_dims():
             q,
             4,
             x,
-            generator=torch.Generator(torch.get_default_device()).manual_seed(3),
+            generator=gen(3),
             flipout=flipout,
         )
         b = bf.local_call(
@@ -178,15 +171,15 @@ def test_generator_reproducible_and_in_dims():
             q,
             4,
             x,
-            generator=torch.Generator(torch.get_default_device()).manual_seed(3),
+            generator=gen(3),
             flipout=flipout,
         )
         assert torch.equal(a, b)
 
     # a per-sample argument equal to the expanded shared one: the same numbers
     g1, g2 = (
-        torch.Generator(torch.get_default_device()).manual_seed(4),
-        torch.Generator(torch.get_default_device()).manual_seed(4),
+        gen(4),
+        gen(4),
     )
     shared = bf.local_call(net, q, 4, x, generator=g1)
     per_sample = bf.local_call(net, q, 4, x.expand(4, 5, 3).clone(), generator=g2, in_dims=[0])

@@ -82,11 +82,9 @@ def _calibrated_binary(n, generator):
     return torch.stack([u, 1 - u], dim=-1), labels
 
 
-def test_ece_of_a_calibrated_classifier_is_zero():
+def test_ece_of_a_calibrated_classifier_is_zero(gen):
     n, bins = 20000, 15
-    probs, labels = _calibrated_binary(
-        n, torch.Generator(torch.get_default_device()).manual_seed(0)
-    )
+    probs, labels = _calibrated_binary(n, gen(0))
 
     ece = bf.expected_calibration_error(probs, labels, bins=bins)
 
@@ -100,9 +98,9 @@ def test_ece_of_a_calibrated_classifier_is_zero():
     assert 0 <= float(ece) < 5 * se
 
 
-def test_ece_of_an_overconfident_classifier():
+def test_ece_of_an_overconfident_classifier(gen):
     n = 20000
-    g = torch.Generator(torch.get_default_device()).manual_seed(0)
+    g = gen(0)
     labels = (torch.rand(n, generator=g) >= 0.6).long()  # 60% class 0
     probs = torch.tensor([0.9, 0.1]).expand(n, 2)  # always 90% sure of class 0
 
@@ -119,9 +117,9 @@ def test_interval_coverage_hand_example():
 
 
 @pytest.mark.parametrize("level", [0.5, 0.9])
-def test_interval_coverage_of_exact_gaussian_quantiles(level):
+def test_interval_coverage_of_exact_gaussian_quantiles(level, gen):
     n = 20000
-    g = torch.Generator(torch.get_default_device()).manual_seed(0)
+    g = gen(0)
     mean, std = torch.randn(n, generator=g), torch.rand(n, generator=g) + 0.5
     y = mean + std * torch.randn(n, generator=g)
     z = math.sqrt(2) * torch.erfinv(torch.tensor(level))
@@ -131,8 +129,8 @@ def test_interval_coverage_of_exact_gaussian_quantiles(level):
     assert abs(float(coverage) - level) < 5 * math.sqrt(level * (1 - level) / n)
 
 
-def test_auroc_against_the_pairwise_definition():
-    g = torch.Generator(torch.get_default_device()).manual_seed(0)
+def test_auroc_against_the_pairwise_definition(gen):
+    g = gen(0)
     scores = torch.randint(0, 6, (40,), generator=g).double()  # many ties
     labels = torch.randint(0, 2, (40,), generator=g)
 

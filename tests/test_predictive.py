@@ -99,7 +99,7 @@ def test_predictive_nll_reductions():
     assert torch.allclose(bf.predictive_nll(lp, reduction="sum"), nll.sum())
 
 
-def test_bayesian_flow_model_average_density():
+def test_bayesian_flow_model_average_density(gen):
     torch.manual_seed(1)
     flow = bf.BayesianModel(
         zuko.flows.NSF(2, 1, transforms=2, hidden_features=(16, 16)), init_logvar=-6.0
@@ -107,14 +107,10 @@ def test_bayesian_flow_model_average_density():
     c, x = torch.randn(32, 1), torch.randn(32, 2)
     fn = lambda f, c, x: f(c).log_prob(x)
 
-    params = flow.sample_params(
-        16, generator=torch.Generator(torch.get_default_device()).manual_seed(0)
-    )
+    params = flow.sample_params(16, generator=gen(0))
     lp = bf.vmap_call(flow.base, params, c, x, fn=fn)
     oracle = bf.loop_call(flow.base, params, c, x, fn=fn)
-    same = flow(
-        c, x, n=16, fn=fn, generator=torch.Generator(torch.get_default_device()).manual_seed(0)
-    )
+    same = flow(c, x, n=16, fn=fn, generator=gen(0))
 
     assert lp.shape == (16, 32)
     assert torch.allclose(lp, oracle, atol=1e-10)
