@@ -8,12 +8,14 @@ drop-in superset of :class:`zuko.bayesian.BayesianModel`.
 __version__ = "0.2.0"
 
 __all__ = [
+    "SWAG",
     "BayesianModel",
     "CalibrationCurve",
     "ClassificationSummary",
     "ConstantSchedule",
     "CyclicalSchedule",
     "GaussianPrior",
+    "LaplaceFit",
     "LinearWarmup",
     "Posterior",
     "Prior",
@@ -32,6 +34,11 @@ __all__ = [
     "init",
     "interval_coverage",
     "kl_divergence",
+    "laplace",
+    "laplace_fit",
+    "laplace_marglik",
+    "laplace_posterior",
+    "linearized_predictive",
     "local_call",
     "local_layers",
     "local_nelbo",
@@ -44,6 +51,7 @@ __all__ = [
     "mixture_log_prob",
     "mutual_information",
     "nelbo",
+    "optimize_prior_precision",
     "predictive_entropy",
     "predictive_interval",
     "predictive_mean",
@@ -51,6 +59,7 @@ __all__ = [
     "predictive_quantiles",
     "predictive_std",
     "prior_kl",
+    "probit_probs",
     "sample",
     "select",
     "stack_params",
@@ -63,6 +72,16 @@ from . import datasets  # noqa: F401
 from .bayesian import BayesianModel
 from .call import VmapFallbackWarning, loop_call, vmap_call
 from .flows import flow_sample
+from .laplace import (
+    LaplaceFit,
+    laplace,
+    laplace_fit,
+    laplace_marglik,
+    laplace_posterior,
+    linearized_predictive,
+    optimize_prior_precision,
+    probit_probs,
+)
 from .local import local_call, local_layers
 from .metrics import (
     CalibrationCurve,
@@ -104,3 +123,4 @@ from .predictive import (
 )
 from .priors import GaussianPrior, Prior, ScaleMixturePrior, prior_kl
 from .schedules import ConstantSchedule, CyclicalSchedule, LinearWarmup
+from .swag import SWAG
