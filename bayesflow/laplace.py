@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from torch import Tensor
-from torch.func import grad, jacrev, vmap
+from torch.func import grad, jacrev, vjp, vmap
 
 from . import _posterior
 from ._checks import (
@@ -191,7 +191,7 @@ def _ef_batch(
     grads, values = vmap(grad(loglik, has_aux=True), in_dims=dims, chunk_size=chunk_size)(
         params, *batch
     )
-    return {k: g.square().sum(0) for k, g in grads.items()}, values
+    return {k: _sum_of_squares(g, 1) for k, g in grads.items()}, values
 
 
 def _ggn_batch(
@@ -205,25 +205,30 @@ def _ggn_batch(
 ) -> tuple[dict[str, Tensor], Tensor]:
     call = _per_example(module, output)
 
-    def f(p: dict[str, Tensor], *example: Tensor) -> tuple[Tensor, Tensor]:
-        out = call(p, *example).reshape(-1)
-        return out, out.detach()
+    def roots(p: dict[str, Tensor], *example: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        # Lambda = L L^T, so diag(J^T Lambda J) = sum_c (J^T L_c)^2: one vector-Jacobian
+        # product per column of L. For the softmax, L = diag(sqrt p) - p sqrt(p)^T (since
+        # sum_c p_c = 1); for a Gaussian, L = I / sigma.
+        out, pullback = vjp(lambda q: call(q, *example).reshape(-1), p)
+        out = out.detach()
+        if likelihood == "classification":
+            probs = out.softmax(dim=-1)
+            root = probs.sqrt()
+            columns = torch.diag(root) - root.unsqueeze(-1) * probs  # row c: L_c
+        else:
+            columns = torch.eye(len(out), dtype=out.dtype, device=out.device) / sigma
+        return vmap(pullback)(columns)[0], out
 
     dims = (None, *(0,) * len(batch))
-    jac, out = vmap(jacrev(f, has_aux=True), in_dims=dims, chunk_size=chunk_size)(params, *batch)
-
-    h = {}
-    if likelihood == "classification":
-        # diag(J^T (diag(p) - p p^T) J) = sum_c p_c J_c^2 - (sum_c p_c J_c)^2, per example.
-        probs = out.softmax(dim=-1)
-        for k, j in jac.items():
-            j = j.flatten(2)
-            pj = probs.unsqueeze(-1) * j
-            h[k] = ((pj * j).sum((0, 1)) - pj.sum(1).square().sum(0)).view_as(params[k])
-    else:
-        for k, j in jac.items():
-            h[k] = j.flatten(2).square().sum((0, 1)).view_as(params[k]) / sigma**2
+    rows, out = vmap(roots, in_dims=dims, chunk_size=chunk_size)(params, *batch)
+    h = {k: _sum_of_squares(r, 2).view_as(params[k]) for k, r in rows.items()}
     return h, out
+
+
+def _sum_of_squares(t: Tensor, dims: int) -> Tensor:
+    r"""Sums the squares of `t` over its first `dims` dims."""
+
+    return t.flatten(0, dims - 1).square().sum(0)
 
 
 def laplace_fit(
@@ -252,11 +257,13 @@ def laplace_fit(
     Jacobian of :math:`f_i` and :math:`\Lambda_i = -\partial^2 \ell_i / \partial f_i^2`:
     :math:`\mathrm{diag}(p_i) - p_i p_i^\top` with :math:`p_i = \mathrm{softmax}(f_i)` for
     classification, :math:`I / \sigma^2` for Gaussian regression. Both are sums over
-    examples of per-example gradients or Jacobians, computed by
-    :func:`torch.func.vmap` of :func:`torch.func.grad` or :func:`torch.func.jacrev` over
-    the examples of each batch, with the parameters swapped in by
-    :func:`bayesflow.vmap_call`. The GGN is positive semi-definite and is the better
-    choice; the empirical Fisher needs only `fn` (Kunstner et al., 2019, on its limits).
+    examples, computed by :func:`torch.func.vmap` over the examples of each batch: of
+    :func:`torch.func.grad` for the empirical Fisher, of :func:`torch.func.vjp` with the
+    columns of :math:`L_i`, :math:`\Lambda_i = L_i L_i^\top`, for the GGN
+    (:math:`\mathrm{diag}(J^\top \Lambda J) = \sum_c (J^\top L_c)^2`, one product per output),
+    with the parameters swapped in by :func:`bayesflow.vmap_call`. The GGN is positive
+    semi-definite and is the better choice; the empirical Fisher needs only `fn` (Kunstner
+    et al., 2019, on its limits).
 
     The module is evaluated in evaluation mode (dropout off, BatchNorm on its running
     statistics), and left in the modes, and with the parameters and buffers, it had.
@@ -481,13 +488,10 @@ def _prior_precision(
             )
         _positive(where, f"prior_precision for {name!r}", t)
         try:
-            torch.broadcast_shapes(t.shape, p.shape)
+            fits = torch.broadcast_shapes(t.shape, p.shape) == p.shape
         except RuntimeError:
-            raise ValueError(
-                f"{where}: expected prior_precision for {name!r} to broadcast to "
-                f"{tuple(p.shape)}, got shape {tuple(t.shape)}"
-            ) from None
-        if torch.broadcast_shapes(t.shape, p.shape) != p.shape:
+            fits = False
+        if not fits:
             raise ValueError(
                 f"{where}: expected prior_precision for {name!r} to broadcast to "
                 f"{tuple(p.shape)}, got shape {tuple(t.shape)}"
@@ -873,18 +877,28 @@ def linearized_predictive(
             if last is not None:
                 return last[0].detach(), last[1].detach()
 
-        call = _per_example(module, fn)
-        mean = {k: m.detach() for k, m in posterior.mean.items()}
-        var = {k: _var(lv.detach()) for k, lv in posterior.logvar.items()}
+        f_var = _jacobian_variance(module, posterior, fn, args, chunk_size)
+    return out.detach(), f_var.reshape(out.shape)
 
-        def f(p: dict[str, Tensor], *example: Tensor) -> Tensor:
-            return call(p, *example).reshape(-1)
 
+def _jacobian_variance(
+    module: nn.Module, posterior: Posterior, fn: Fn, args: tuple, chunk_size: int | None
+) -> Tensor:
+    r"""Returns :math:`\sum_j J_{cj}^2 \sigma_j^2` per example and output, `(B, C)`, with
+    the Jacobians at the posterior mean by :func:`torch.func.jacrev` over examples."""
+
+    call = _per_example(module, fn)
+    mean = {k: m.detach() for k, m in posterior.mean.items()}
+    var = {k: _var(lv.detach()) for k, lv in posterior.logvar.items()}
+
+    def f(p: dict[str, Tensor], *example: Tensor) -> Tensor:
+        return call(p, *example).reshape(-1)
+
+    with torch.no_grad():
         jac = vmap(jacrev(f), in_dims=(None, *(0,) * len(args)), chunk_size=chunk_size)(
             mean, *args
         )
-        f_var = sum((j.square() * var[k]).flatten(2).sum(-1) for k, j in jac.items())
-    return out.detach(), f_var.reshape(out.shape)
+        return sum((j.square() * var[k]).flatten(2).sum(-1) for k, j in jac.items())
 
 
 def probit_probs(mean: Tensor, var: Tensor) -> Tensor:
