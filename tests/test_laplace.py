@@ -32,7 +32,9 @@ SIGMA = 0.7
 
 def mlp(outputs=3):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, outputs))
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, outputs)
+    )
 
 
 def cnn():
@@ -145,8 +147,10 @@ def unchanged(module, before):
     now = dict(module.named_parameters())
     return (
         now.keys() == params.keys()
-        and all(now[k] is p and torch.equal(p, v) and p.requires_grad == r and p.grad is None
-                for k, (p, v, r) in params.items())
+        and all(
+            now[k] is p and torch.equal(p, v) and p.requires_grad == r and p.grad is None
+            for k, (p, v, r) in params.items()
+        )
         and all(torch.equal(dict(module.named_buffers())[k], v) for k, (_, v) in buffers.items())
         and [m.training for m in module.modules()] == modes
     )
@@ -213,7 +217,9 @@ def test_the_fit_does_not_depend_on_batches_or_chunks():
     one = bf.laplace_fit(module, classification_ll, [(x, y)], **kw)
     split = bf.laplace_fit(module, classification_ll, batches(x, y, 4), chunk_size=3, **kw)
     ef_one = bf.laplace_fit(module, classification_ll, [(x, y)], hessian="ef")
-    ef_split = bf.laplace_fit(module, classification_ll, batches(x, y, 6), hessian="ef", chunk_size=2)
+    ef_split = bf.laplace_fit(
+        module, classification_ll, batches(x, y, 6), hessian="ef", chunk_size=2
+    )
 
     for a, b in ((one, split), (ef_one, ef_split)):
         for k in a.hessian:
@@ -238,13 +244,17 @@ def test_a_dataloader_and_a_regression_output_of_shape_b():
 
 def test_evaluation_mode_and_the_module_left_as_found():
     torch.manual_seed(0)
-    module = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3))
+    module = nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3)
+    )
     module.train()
     x, y = data("classification")
     module[1].running_mean.normal_()  # statistics the fit must use, and leave alone
     before = snapshot(module)
 
-    fit = bf.laplace_fit(module, classification_ll, batches(x, y), output=output, likelihood="classification")
+    fit = bf.laplace_fit(
+        module, classification_ll, batches(x, y), output=output, likelihood="classification"
+    )
 
     assert unchanged(module, before)
     assert module.training and module[2].training
@@ -263,8 +273,13 @@ def test_a_fn_that_mixes_the_batch_is_refused():
     with pytest.raises(ValueError, match="laplace_fit: expected fn on one example at a time"):
         bf.laplace_fit(module, centred, [(x, y)], hessian="ef")
     with pytest.raises(ValueError, match="laplace_fit: expected output on one example"):
-        bf.laplace_fit(module, classification_ll, [(x, y)], output=lambda m, x, y: m(x) - m(x).mean(0),
-                       likelihood="classification")
+        bf.laplace_fit(
+            module,
+            classification_ll,
+            [(x, y)],
+            output=lambda m, x, y: m(x) - m(x).mean(0),
+            likelihood="classification",
+        )
     assert unchanged(module, before)
 
 
@@ -274,8 +289,15 @@ def test_a_fn_that_mixes_the_batch_is_refused():
 def fitted(hessian="ggn", include=("",)):
     module = mlp()
     x, y = data("classification", n=40)
-    fit = bf.laplace_fit(module, classification_ll, batches(x, y, 16), hessian=hessian,
-                         output=output, likelihood="classification", include=include)
+    fit = bf.laplace_fit(
+        module,
+        classification_ll,
+        batches(x, y, 16),
+        hessian=hessian,
+        output=output,
+        likelihood="classification",
+        include=include,
+    )
     return module, fit
 
 
@@ -284,8 +306,12 @@ def marglik_formula(fit, lam):
 
     theta = torch.cat([m.reshape(-1) for m in fit.mean.values()])
     h = torch.cat([v.reshape(-1) for v in fit.hessian.values()])
-    lam = torch.cat([torch.broadcast_to(torch.as_tensor(lam[k]), m.shape).reshape(-1)
-                     for k, m in fit.mean.items()])
+    lam = torch.cat(
+        [
+            torch.broadcast_to(torch.as_tensor(lam[k]), m.shape).reshape(-1)
+            for k, m in fit.mean.items()
+        ]
+    )
     prior = torch.distributions.Normal(0, lam.rsqrt()).log_prob(theta).sum()
     logdet = torch.logdet(torch.diag(h + lam))
     return fit.log_likelihood + prior + len(theta) / 2 * math.log(2 * math.pi) - logdet / 2
@@ -322,9 +348,15 @@ def test_the_optimized_prior_precision_maximizes_the_evidence(structure):
 
     values = {k: best for k in fit.mean} if structure == "scalar" else best
     log_lam = {k: torch.tensor(math.log(v), requires_grad=True) for k, v in values.items()}
-    arg = log_lam[next(iter(log_lam))].exp() if structure == "scalar" else {k: v.exp() for k, v in log_lam.items()}
+    arg = (
+        log_lam[next(iter(log_lam))].exp()
+        if structure == "scalar"
+        else {k: v.exp() for k, v in log_lam.items()}
+    )
     top = bf.laplace_marglik(fit, arg)
-    grads = torch.autograd.grad(top, list(log_lam.values()) if structure == "tensor" else [log_lam[next(iter(log_lam))]])
+    grads = torch.autograd.grad(
+        top, list(log_lam.values()) if structure == "tensor" else [log_lam[next(iter(log_lam))]]
+    )
     assert all(abs(g.item()) < 1e-8 for g in grads)  # stationary in log lambda
     for factor in (0.9, 1.1):
         moved = {k: v * factor for k, v in values.items()}
@@ -430,31 +462,149 @@ def test_variances_round_trip_through_softclip_and_are_clamped_outside():
 GOOD = dict(output=output, likelihood="classification")
 
 BAD = {
-    "module": (lambda m, X, Y: bf.laplace_fit("net", classification_ll, [(X, Y)], **GOOD), TypeError, "laplace_fit: expected a torch.nn.Module"),
-    "bridge": (lambda m, X, Y: bf.laplace_fit(bf.BayesianModel(m), classification_ll, [(X, Y)], **GOOD), TypeError, "laplace_fit: expected the module the posterior is over"),
-    "fn": (lambda m, X, Y: bf.laplace_fit(m, None, [(X, Y)], **GOOD), TypeError, "laplace_fit: expected fn to be a callable"),
-    "hessian": (lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], hessian="kfac"), ValueError, "laplace_fit: expected hessian to be 'ggn' or 'ef'"),
-    "ggn-without-output": (lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)]), ValueError, "laplace_fit: expected output and likelihood with hessian='ggn'"),
-    "likelihood": (lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], output=output, likelihood="poisson"), ValueError, "laplace_fit: expected likelihood to be"),
-    "output": (lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], output=3, likelihood="regression"), TypeError, "laplace_fit: expected output to be callable"),
-    "sigma": (lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], sigma=0.0, **GOOD), ValueError, "laplace_fit: expected a finite sigma > 0"),
-    "include": (lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], include=["nothing"], **GOOD), ValueError, "laplace_fit: expected include=.* to pick at least one"),
-    "chunk_size": (lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], chunk_size=0, **GOOD), ValueError, "laplace_fit: expected chunk_size"),
-    "data-tensor": (lambda m, X, Y: bf.laplace_fit(m, classification_ll, X, **GOOD), TypeError, "laplace_fit: expected data to be an iterable of batches"),
-    "data-one-batch": (lambda m, X, Y: bf.laplace_fit(m, classification_ll, (X, Y), **GOOD), TypeError, r"laplace_fit: expected each batch to be a tuple .* \[\(x, y\)\]"),
-    "data-empty": (lambda m, X, Y: bf.laplace_fit(m, classification_ll, [], **GOOD), ValueError, "laplace_fit: expected data with at least one datum"),
-    "data-sizes": (lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y[:3])], **GOOD), ValueError, "laplace_fit: expected the tensors of a batch to share"),
-    "data-scalar": (lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, 3)], **GOOD), TypeError, "laplace_fit: expected each batch to hold tensors"),
-    "fn-mean": (lambda m, X, Y: bf.laplace_fit(m, lambda m, x, y: classification_ll(m, x, y).mean(), [(X, Y)], hessian="ef"), ValueError, "laplace_fit: expected fn to return a tensor with one row per datum"),
-    "output-shape": (lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], output=lambda m, x, y: m(x)[:, :1], likelihood="classification"), ValueError, r"laplace_fit: expected output of shape \(B, C\), C >= 2"),
-    "laplace-prior": (lambda m, X, Y: bf.laplace(m, classification_ll, [(X, Y)], prior_precision=-1.0, **GOOD), ValueError, "laplace: expected a finite positive prior_precision"),
-    "laplace-prior-str": (lambda m, X, Y: bf.laplace(m, classification_ll, [(X, Y)], prior_precision="evidence", **GOOD), ValueError, "laplace: expected prior_precision to be positive, a dict of them or 'marglik'"),
-    "laplace-prior-names": (lambda m, X, Y: bf.laplace(m, classification_ll, [(X, Y)], prior_precision={"0.weight": 1.0}, **GOOD), ValueError, "laplace: expected prior_precision to map every fitted parameter name"),
-    "linearized-posterior": (lambda m, X, Y: bf.linearized_predictive(m, {}, X), TypeError, "linearized_predictive: expected a bayesflow.Posterior"),
-    "linearized-shape": (lambda m, X, Y: bf.linearized_predictive(m, bf.init(nn.Linear(2, 2)), X), ValueError, "linearized_predictive: expected posterior names and shapes"),
-    "linearized-args": (lambda m, X, Y: bf.linearized_predictive(m, bf.init(m), X, Y[:2]), ValueError, "linearized_predictive: expected input tensors that share"),
-    "probit-shapes": (lambda m, X, Y: bf.probit_probs(torch.zeros(2, 3), torch.zeros(2, 2)), ValueError, "probit_probs: expected tensors of the same shape"),
-    "probit-var": (lambda m, X, Y: bf.probit_probs(torch.zeros(2, 3), -torch.ones(2, 3)), ValueError, "probit_probs: expected variances >= 0"),
+    "module": (
+        lambda m, X, Y: bf.laplace_fit("net", classification_ll, [(X, Y)], **GOOD),
+        TypeError,
+        "laplace_fit: expected a torch.nn.Module",
+    ),
+    "bridge": (
+        lambda m, X, Y: bf.laplace_fit(bf.BayesianModel(m), classification_ll, [(X, Y)], **GOOD),
+        TypeError,
+        "laplace_fit: expected the module the posterior is over",
+    ),
+    "fn": (
+        lambda m, X, Y: bf.laplace_fit(m, None, [(X, Y)], **GOOD),
+        TypeError,
+        "laplace_fit: expected fn to be a callable",
+    ),
+    "hessian": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], hessian="kfac"),
+        ValueError,
+        "laplace_fit: expected hessian to be 'ggn' or 'ef'",
+    ),
+    "ggn-without-output": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)]),
+        ValueError,
+        "laplace_fit: expected output and likelihood with hessian='ggn'",
+    ),
+    "likelihood": (
+        lambda m, X, Y: bf.laplace_fit(
+            m, classification_ll, [(X, Y)], output=output, likelihood="poisson"
+        ),
+        ValueError,
+        "laplace_fit: expected likelihood to be",
+    ),
+    "output": (
+        lambda m, X, Y: bf.laplace_fit(
+            m, classification_ll, [(X, Y)], output=3, likelihood="regression"
+        ),
+        TypeError,
+        "laplace_fit: expected output to be callable",
+    ),
+    "sigma": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], sigma=0.0, **GOOD),
+        ValueError,
+        "laplace_fit: expected a finite sigma > 0",
+    ),
+    "include": (
+        lambda m, X, Y: bf.laplace_fit(
+            m, classification_ll, [(X, Y)], include=["nothing"], **GOOD
+        ),
+        ValueError,
+        "laplace_fit: expected include=.* to pick at least one",
+    ),
+    "chunk_size": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], chunk_size=0, **GOOD),
+        ValueError,
+        "laplace_fit: expected chunk_size",
+    ),
+    "data-tensor": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, X, **GOOD),
+        TypeError,
+        "laplace_fit: expected data to be an iterable of batches",
+    ),
+    "data-one-batch": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, (X, Y), **GOOD),
+        TypeError,
+        r"laplace_fit: expected each batch to be a tuple .* \[\(x, y\)\]",
+    ),
+    "data-empty": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [], **GOOD),
+        ValueError,
+        "laplace_fit: expected data with at least one datum",
+    ),
+    "data-sizes": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y[:3])], **GOOD),
+        ValueError,
+        "laplace_fit: expected the tensors of a batch to share",
+    ),
+    "data-scalar": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, 3)], **GOOD),
+        TypeError,
+        "laplace_fit: expected each batch to hold tensors",
+    ),
+    "fn-mean": (
+        lambda m, X, Y: bf.laplace_fit(
+            m, lambda m, x, y: classification_ll(m, x, y).mean(), [(X, Y)], hessian="ef"
+        ),
+        ValueError,
+        "laplace_fit: expected fn to return a tensor with one row per datum",
+    ),
+    "output-shape": (
+        lambda m, X, Y: bf.laplace_fit(
+            m,
+            classification_ll,
+            [(X, Y)],
+            output=lambda m, x, y: m(x)[:, :1],
+            likelihood="classification",
+        ),
+        ValueError,
+        r"laplace_fit: expected output of shape \(B, C\), C >= 2",
+    ),
+    "laplace-prior": (
+        lambda m, X, Y: bf.laplace(m, classification_ll, [(X, Y)], prior_precision=-1.0, **GOOD),
+        ValueError,
+        "laplace: expected a finite positive prior_precision",
+    ),
+    "laplace-prior-str": (
+        lambda m, X, Y: bf.laplace(
+            m, classification_ll, [(X, Y)], prior_precision="evidence", **GOOD
+        ),
+        ValueError,
+        "laplace: expected prior_precision to be positive, a dict of them or 'marglik'",
+    ),
+    "laplace-prior-names": (
+        lambda m, X, Y: bf.laplace(
+            m, classification_ll, [(X, Y)], prior_precision={"0.weight": 1.0}, **GOOD
+        ),
+        ValueError,
+        "laplace: expected prior_precision to map every fitted parameter name",
+    ),
+    "linearized-posterior": (
+        lambda m, X, Y: bf.linearized_predictive(m, {}, X),
+        TypeError,
+        "linearized_predictive: expected a bayesflow.Posterior",
+    ),
+    "linearized-shape": (
+        lambda m, X, Y: bf.linearized_predictive(m, bf.init(nn.Linear(2, 2)), X),
+        ValueError,
+        "linearized_predictive: expected posterior names and shapes",
+    ),
+    "linearized-args": (
+        lambda m, X, Y: bf.linearized_predictive(m, bf.init(m), X, Y[:2]),
+        ValueError,
+        "linearized_predictive: expected input tensors that share",
+    ),
+    "probit-shapes": (
+        lambda m, X, Y: bf.probit_probs(torch.zeros(2, 3), torch.zeros(2, 2)),
+        ValueError,
+        "probit_probs: expected tensors of the same shape",
+    ),
+    "probit-var": (
+        lambda m, X, Y: bf.probit_probs(torch.zeros(2, 3), -torch.ones(2, 3)),
+        ValueError,
+        "probit_probs: expected variances >= 0",
+    ),
 }
 
 
@@ -474,13 +624,20 @@ def test_bad_input(case):
 
 def test_bad_fits_and_precisions():
     _, fit = fitted()
-    with pytest.raises(TypeError, match="laplace_marglik: expected a bayesflow.LaplaceFit"):
+    with pytest.raises(TypeError, match=r"laplace_marglik: expected a bayesflow\.LaplaceFit"):
         bf.laplace_marglik(bf.init(mlp()), 1.0)
-    with pytest.raises(ValueError, match="laplace_marglik: expected a finite positive prior_precision"):
+    with pytest.raises(
+        ValueError, match="laplace_marglik: expected a finite positive prior_precision"
+    ):
         bf.laplace_marglik(fit, torch.tensor(0.0))
-    with pytest.raises(TypeError, match="laplace_marglik: expected prior_precision to be a positive number"):
+    with pytest.raises(
+        TypeError, match="laplace_marglik: expected prior_precision to be a positive number"
+    ):
         bf.laplace_marglik(fit, "1.0")
-    with pytest.raises(ValueError, match=r"laplace_posterior: expected prior_precision for '0.weight' to broadcast to \(6, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"laplace_posterior: expected prior_precision for '0.weight' to broadcast to \(6, 4\)",
+    ):
         bf.laplace_posterior(fit, {k: torch.ones(7) for k in fit.mean})
     with pytest.raises(ValueError, match="optimize_prior_precision: expected structure"):
         bf.optimize_prior_precision(fit, "diag")
@@ -505,8 +662,14 @@ def laplace_torch(module, likelihood, loader, subset, hessian):
     # layer's parameter names, which torch.func.functional_call ignores): AsdlEF does not.
     backend = CurvlinopsGGN if hessian == "ggn" else AsdlEF
     kw = dict(sigma_noise=SIGMA) if likelihood == "regression" else {}
-    la = Laplace(copy.deepcopy(module), likelihood, subset_of_weights=subset,
-                 hessian_structure="diag", backend=backend, **kw)
+    la = Laplace(
+        copy.deepcopy(module),
+        likelihood,
+        subset_of_weights=subset,
+        hessian_structure="diag",
+        backend=backend,
+        **kw,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         la.fit(loader)
@@ -524,8 +687,16 @@ def test_against_laplace_torch(case, subset, hessian):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     include = ("",) if subset == "all" else ("4",)
 
-    fit = bf.laplace_fit(module, fn, loader, hessian=hessian, output=output,
-                         likelihood=likelihood, sigma=SIGMA, include=include)
+    fit = bf.laplace_fit(
+        module,
+        fn,
+        loader,
+        hessian=hessian,
+        output=output,
+        likelihood=likelihood,
+        sigma=SIGMA,
+        include=include,
+    )
     la = laplace_torch(module, likelihood, loader, subset, hessian)
 
     ours = torch.cat([h.reshape(-1) for h in fit.hessian.values()])
@@ -560,15 +731,22 @@ def test_prior_precision_and_probit_predictive_against_laplace_torch(subset):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
     include = ("",) if subset == "all" else ("4",)
 
-    fit = bf.laplace_fit(module, classification_ll, loader, output=output,
-                         likelihood="classification", include=include)
+    fit = bf.laplace_fit(
+        module,
+        classification_ll,
+        loader,
+        output=output,
+        likelihood="classification",
+        include=include,
+    )
     la = laplace_torch(module, "classification", loader, subset, "ggn")
     best = bf.optimize_prior_precision(fit)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Adam on log(lambda), laplace-torch's method: run to convergence.
-        la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar",
-                                    n_steps=1000, lr=0.05)
+        la.optimize_prior_precision(
+            pred_type="glm", method="marglik", prior_structure="scalar", n_steps=1000, lr=0.05
+        )
     assert math.isclose(best, la.prior_precision.item(), rel_tol=1e-4)
 
     la.prior_precision = torch.tensor([best])
@@ -580,7 +758,9 @@ def test_prior_precision_and_probit_predictive_against_laplace_torch(subset):
     ours = bf.probit_probs(*bf.linearized_predictive(module, q, x_new))
     assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-14)
     theirs_var = la.posterior_variance
-    assert torch.allclose(torch.cat([bf.std(q)[k].square().reshape(-1) for k in q.mean]), theirs_var, rtol=1e-10)
+    assert torch.allclose(
+        torch.cat([bf.std(q)[k].square().reshape(-1) for k in q.mean]), theirs_var, rtol=1e-10
+    )
 
 
 # Docs.

@@ -135,7 +135,7 @@ def test_mean_model_refreshes_batchnorm_statistics_for_the_mean_weights():
     assert torch.allclose(mean_net[1].running_var, running_var, rtol=1e-10)
     assert not torch.allclose(module[1].running_mean, running_mean)
 
-    with pytest.raises(ValueError, match="SWAG.mean_model: expected data for the BatchNorm"):
+    with pytest.raises(ValueError, match=r"SWAG\.mean_model: expected data for the BatchNorm"):
         swag.mean_model(module)
     plain = net()
     plain_swag = bf.SWAG(plain)
@@ -174,17 +174,63 @@ def test_bad_input_leaves_module_and_moments_alone():
 
     cases = [
         (lambda: bf.SWAG("net"), TypeError, "SWAG: expected a torch.nn.Module"),
-        (lambda: bf.SWAG(module, include=["nothing"]), ValueError, "SWAG: expected include=.* to pick"),
-        (lambda: bf.SWAG(bf.BayesianModel(module)), TypeError, "SWAG: expected the module the posterior"),
-        (lambda: swag.collect(nn.Linear(3, 8)), ValueError, "SWAG.collect: expected a module with the collected parameter '0.weight'"),
-        (lambda: swag.collect(net().float()), ValueError, r"SWAG.collect: expected .* \(torch.float64"),
-        (lambda: swag.posterior(scale=0.0), ValueError, "SWAG.posterior: expected a finite scale > 0"),
-        (lambda: swag.posterior(min_var=-1.0), ValueError, "SWAG.posterior: expected a finite min_var > 0"),
-        (lambda: bf.SWAG(net()).posterior(), ValueError, "SWAG.posterior: expected at least 2 collected"),
-        (lambda: bf.SWAG(net()).mean_model(module), ValueError, "SWAG.mean_model: expected at least 1"),
-        (lambda: swag.load_state_dict({"n": 1}), ValueError, "SWAG.load_state_dict: expected a dict with the keys"),
-        (lambda: swag.load_state_dict({**state, "n": -1}), ValueError, "SWAG.load_state_dict: expected n"),
-        (lambda: swag.load_state_dict({**state, "m2": {**state["m2"], "0.weight": torch.zeros(2)}}), ValueError, r"SWAG.load_state_dict: expected m2\['0.weight'\] of shape"),
+        (
+            lambda: bf.SWAG(module, include=["nothing"]),
+            ValueError,
+            "SWAG: expected include=.* to pick",
+        ),
+        (
+            lambda: bf.SWAG(bf.BayesianModel(module)),
+            TypeError,
+            "SWAG: expected the module the posterior",
+        ),
+        (
+            lambda: swag.collect(nn.Linear(3, 8)),
+            ValueError,
+            "SWAG.collect: expected a module with the collected parameter '0.weight'",
+        ),
+        (
+            lambda: swag.collect(net().float()),
+            ValueError,
+            r"SWAG.collect: expected .* \(torch.float64",
+        ),
+        (
+            lambda: swag.posterior(scale=0.0),
+            ValueError,
+            "SWAG.posterior: expected a finite scale > 0",
+        ),
+        (
+            lambda: swag.posterior(min_var=-1.0),
+            ValueError,
+            "SWAG.posterior: expected a finite min_var > 0",
+        ),
+        (
+            lambda: bf.SWAG(net()).posterior(),
+            ValueError,
+            "SWAG.posterior: expected at least 2 collected",
+        ),
+        (
+            lambda: bf.SWAG(net()).mean_model(module),
+            ValueError,
+            "SWAG.mean_model: expected at least 1",
+        ),
+        (
+            lambda: swag.load_state_dict({"n": 1}),
+            ValueError,
+            "SWAG.load_state_dict: expected a dict with the keys",
+        ),
+        (
+            lambda: swag.load_state_dict({**state, "n": -1}),
+            ValueError,
+            "SWAG.load_state_dict: expected n",
+        ),
+        (
+            lambda: swag.load_state_dict(
+                {**state, "m2": {**state["m2"], "0.weight": torch.zeros(2)}}
+            ),
+            ValueError,
+            r"SWAG.load_state_dict: expected m2\['0.weight'\] of shape",
+        ),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):
