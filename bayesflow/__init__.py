@@ -8,6 +8,7 @@ drop-in superset of :class:`zuko.bayesian.BayesianModel`.
 __version__ = "0.2.0"
 
 __all__ = [
+    "SWAG",
     "BayesianModel",
     "CalibrationCurve",
     "ClassificationSummary",
@@ -15,6 +16,7 @@ __all__ = [
     "CyclicalSchedule",
     "Ensemble",
     "GaussianPrior",
+    "LaplaceFit",
     "LinearWarmup",
     "Posterior",
     "Prior",
@@ -35,6 +37,11 @@ __all__ = [
     "init",
     "interval_coverage",
     "kl_divergence",
+    "laplace",
+    "laplace_fit",
+    "laplace_marglik",
+    "laplace_posterior",
+    "linearized_predictive",
     "local_call",
     "local_layers",
     "local_nelbo",
@@ -47,6 +54,7 @@ __all__ = [
     "mixture_log_prob",
     "mutual_information",
     "nelbo",
+    "optimize_prior_precision",
     "predictive_entropy",
     "predictive_interval",
     "predictive_mean",
@@ -54,6 +62,7 @@ __all__ = [
     "predictive_quantiles",
     "predictive_std",
     "prior_kl",
+    "probit_probs",
     "sample",
     "select",
     "stack_modules",
@@ -69,6 +78,16 @@ from .bayesian import BayesianModel
 from .call import VmapFallbackWarning, loop_call, vmap_call
 from .ensemble import Ensemble, ensemble, stack_modules
 from .flows import flow_sample
+from .laplace import (
+    LaplaceFit,
+    laplace,
+    laplace_fit,
+    laplace_marglik,
+    laplace_posterior,
+    linearized_predictive,
+    optimize_prior_precision,
+    probit_probs,
+)
 from .local import local_call, local_layers
 from .metrics import (
     CalibrationCurve,
@@ -110,3 +129,4 @@ from .predictive import (
 )
 from .priors import GaussianPrior, Prior, ScaleMixturePrior, prior_kl
 from .schedules import ConstantSchedule, CyclicalSchedule, LinearWarmup
+from .swag import SWAG

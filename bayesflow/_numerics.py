@@ -2,7 +2,18 @@ r"""The numerics of the mean-field Gaussian, written once: variances, KL, log-me
 
 from __future__ import annotations
 
-__all__ = ["LOGVAR_BOUND", "gaussian_kl", "log_mean_exp", "softclip", "std", "var"]
+__all__ = [
+    "LOGVAR_BOUND",
+    "LOGVAR_LIMIT",
+    "gaussian_kl",
+    "inverse_softclip",
+    "log_mean_exp",
+    "logvar_from_var",
+    "posterior_from_variance",
+    "softclip",
+    "std",
+    "var",
+]
 
 import math
 
@@ -11,8 +22,15 @@ import torch
 from torch import Tensor
 
 from ._caches import register
+from ._types import Posterior
 
 LOGVAR_BOUND = 18.0
+
+#: The largest :math:`|\log \sigma^2|` a posterior is written with: softclip's range is the
+#: open interval :math:`(-18, 18)`, and its inverse grows without bound near the ends, so the
+#: variances that can be written are :math:`[e^{-17.984}, e^{17.984}]`, about
+#: :math:`[1.55 \cdot 10^{-8}, 6.5 \cdot 10^{7}]`.
+LOGVAR_LIMIT = LOGVAR_BOUND - 2**-6
 
 
 def softclip(x: Tensor, bound: float = LOGVAR_BOUND) -> Tensor:
@@ -83,3 +101,63 @@ def log_mean_exp(x: Tensor, dim: int = 0) -> Tensor:
     r"""Returns :math:`\log \frac{1}{K} \sum_k e^{x_k}` over `dim`, in log-space."""
 
     return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])
+
+
+def inverse_softclip(y: Tensor, bound: float = LOGVAR_BOUND) -> Tensor:
+    r"""Returns :math:`x = y / \sqrt{1 - (y / b)^2}`, the :math:`x` with
+    :math:`\mathrm{softclip}(x, b) = y`, for :math:`|y| < b`."""
+
+    return y * (1 - (y / bound).square()).rsqrt()
+
+
+def logvar_from_var(variance: Tensor) -> Tensor:
+    r"""Returns the unconstrained log-variance whose variance (:func:`var`) is `variance`,
+    with :math:`\log \sigma^2` clamped to :math:`[-L, L]`, :math:`L` = :data:`LOGVAR_LIMIT`.
+
+    `variance` must be positive (not checked here: see :func:`posterior_from_variance`).
+    """
+
+    return inverse_softclip(variance.log().clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT))
+
+
+def posterior_from_variance(
+    where: str, mean: dict[str, Tensor], variance: dict[str, Tensor]
+) -> Posterior:
+    r"""Returns the posterior :math:`\mathcal{N}(\mu, \mathrm{diag}(\sigma^2))` with these
+    means and variances, as fresh leaves with `requires_grad=True` (as :func:`bayesflow.init`
+    makes them).
+
+    A posterior holds variances in :math:`[e^{-L}, e^{L}]` only (:data:`LOGVAR_LIMIT`):
+    those outside are clamped to that range. Every method that ends in a posterior (Laplace,
+    SWAG) writes its variances through this function.
+
+    Raises:
+        ValueError: If a variance is not finite and positive, or a mean is not finite, or
+            the names or shapes of the two dicts differ.
+    """
+
+    if mean.keys() != variance.keys():
+        raise ValueError(
+            f"{where}: expected means and variances with the same names, got {sorted(mean)} "
+            f"and {sorted(variance)}"
+        )
+    for name, m in mean.items():
+        v = variance[name]
+        if v.shape != m.shape:
+            raise ValueError(
+                f"{where}: expected the variance of {name!r} of shape {tuple(m.shape)}, "
+                f"got {tuple(v.shape)}"
+            )
+        if not torch.isfinite(m).all():
+            raise ValueError(f"{where}: expected finite means, got a non-finite one in {name!r}")
+        if not (torch.isfinite(v).all() and (v > 0).all()):
+            bad = v[~(torch.isfinite(v) & (v > 0))][0].item()
+            raise ValueError(f"{where}: expected finite positive variances, got {bad} in {name!r}")
+
+    return Posterior(
+        mean={k: m.detach().clone().requires_grad_() for k, m in mean.items()},
+        logvar={
+            k: logvar_from_var(variance[k].detach()).to(m.dtype).requires_grad_()
+            for k, m in mean.items()
+        },
+    )

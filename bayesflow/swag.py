@@ -1,0 +1,248 @@
+r"""SWAG-diagonal: a Gaussian from the first two moments of the parameters along an SGD
+trajectory."""
+
+from __future__ import annotations
+
+__all__ = ["SWAG"]
+
+import copy
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torch import Tensor
+
+from . import _posterior
+from ._checks import check_module, check_not_bridge, check_number
+from ._compat import BatchNorm
+from ._numerics import posterior_from_variance
+from ._types import Posterior
+
+
+class SWAG:
+    r"""Collects the running mean and variance of chosen parameters of a module along an
+    SGD trajectory, and gives the diagonal SWAG posterior
+    :math:`\mathcal{N}(\bar\theta, \mathrm{diag}(\overline{\theta^2} - \bar\theta^2))`.
+
+    Train as usual, typically with a constant or cyclical, fairly high learning rate after
+    a warm-up, and call :meth:`collect` once per epoch (or every few steps): each call adds
+    the module's current parameters to the moments (Welford's update, stable in float32).
+    :meth:`posterior` then gives a :class:`bayesflow.Posterior` that
+    :func:`bayesflow.sample` and :func:`bayesflow.vmap_call` use as any other. A module
+    with BatchNorm needs running statistics that fit the mean weights: use the copy
+    :meth:`mean_model` returns, whose statistics are recomputed on the training data.
+
+    The collector holds the moments only (two tensors per parameter), never the module.
+
+    Example:
+        >>> net = zuko.nn.MLP(3, 1)
+        >>> swag = bayesflow.SWAG(net)
+        >>> optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+        >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+        >>> for epoch in range(10):
+        ...     loss = (net(x) - y).square().mean()
+        ...     optimizer.zero_grad(); loss.backward(); optimizer.step()
+        ...     swag.collect(net)
+        >>> q = swag.posterior()
+        >>> bayesflow.vmap_call(net, bayesflow.sample(q, 8), x).shape
+        torch.Size([8, 64, 1])
+
+    Arguments:
+        module: The module being trained.
+        include: Glob patterns of the parameters to collect (see :func:`bayesflow.select`).
+        exclude: Glob patterns of the parameters to leave out.
+
+    References:
+        | A Simple Baseline for Bayesian Uncertainty in Deep Learning (Maddox et al., 2019)
+        | https://arxiv.org/abs/1902.02476
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        include: Sequence[str] = ("",),
+        exclude: Sequence[str] = (),
+    ) -> None:
+        where = "SWAG"
+        check_module(where, module)
+        check_not_bridge(where, module)
+        names = _posterior.select(where, module, include, exclude)
+        if not names:
+            raise ValueError(
+                f"{where}: expected include={tuple(include)!r} and exclude={tuple(exclude)!r} "
+                f"to pick at least one parameter of {type(module).__name__}, got none"
+            )
+        for name in names:
+            p = module.get_parameter(name)
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"{where}: expected real floating-point parameters, got {name!r} of dtype "
+                    f"{p.dtype}: exclude it"
+                )
+
+        self.n = 0
+        self.mean = {k: torch.zeros_like(module.get_parameter(k).detach()) for k in names}
+        self._m2 = {k: torch.zeros_like(m) for k, m in self.mean.items()}
+
+    def _check(self, where: str, module: object) -> dict[str, Tensor]:
+        check_module(where, module)
+        check_not_bridge(where, module)
+        named = dict(module.named_parameters())
+        params = {}
+        for name, m in self.mean.items():
+            p = named.get(name)
+            if p is None or p.shape != m.shape or p.dtype != m.dtype or p.device != m.device:
+                got = "none" if p is None else f"{tuple(p.shape)} ({p.dtype}, {p.device})"
+                raise ValueError(
+                    f"{where}: expected a module with the collected parameter {name!r} of "
+                    f"shape {tuple(m.shape)} ({m.dtype}, {m.device}), got {got}"
+                )
+            params[name] = p.detach()
+        return params
+
+    @torch.no_grad()
+    def collect(self, module: nn.Module) -> None:
+        r"""Adds the current parameters of `module` to the moments.
+
+        Arguments:
+            module: The module being trained (or any module with the same parameters).
+        """
+
+        params = self._check("SWAG.collect", module)
+        self.n += 1
+        for k, p in params.items():
+            delta = p - self.mean[k]
+            self.mean[k].add_(delta, alpha=1 / self.n)
+            self._m2[k].addcmul_(delta, p - self.mean[k])
+
+    @property
+    def var(self) -> dict[str, Tensor]:
+        r"""The variances :math:`\overline{\theta^2} - \bar\theta^2` of the collected
+        parameters (over the :math:`n` collected, not :math:`n - 1`), by name."""
+
+        n = max(self.n, 1)
+        return {k: m2 / n for k, m2 in self._m2.items()}
+
+    def posterior(self, scale: float = 1.0, min_var: float = 1e-30) -> Posterior:
+        r"""Returns the SWAG-diagonal posterior
+        :math:`\mathcal{N}(\bar\theta, s \cdot \max(\sigma^2, \sigma^2_\text{min}))`.
+
+        A posterior holds variances of at least :math:`e^{-17.98} \approx 1.55 \cdot
+        10^{-8}` (see :class:`bayesflow.Posterior`); smaller ones, e.g. of weights that
+        never moved, are raised to it (the paper's code clamps at `1e-30`).
+
+        Arguments:
+            scale: The factor :math:`s > 0` of the variances, as the paper's code's
+                `scale` (its samples are :math:`\bar\theta + \sqrt{s}\,\sigma\,\epsilon`).
+            min_var: The least variance :math:`\sigma^2_\text{min} > 0`.
+
+        Returns:
+            A posterior over the collected parameters whose tensors are fresh leaves with
+            `requires_grad=True`.
+
+        Raises:
+            ValueError: If fewer than two parameter sets were collected.
+        """
+
+        where = "SWAG.posterior"
+        scale = check_number(where, "scale", scale, 0.0, strict=True)
+        min_var = check_number(where, "min_var", min_var, 0.0, strict=True)
+        if self.n < 2:
+            raise ValueError(
+                f"{where}: expected at least 2 collected parameter sets (collect after each "
+                f"epoch), got {self.n}"
+            )
+        var = {k: v.clamp_min(min_var) * scale for k, v in self.var.items()}
+        return posterior_from_variance(where, self.mean, var)
+
+    def mean_model(self, module: nn.Module, data: Iterable[Any] | None = None) -> nn.Module:
+        r"""Returns a copy of `module` with the SWAG means as parameters and, if it has
+        BatchNorm layers, their running statistics recomputed for those weights on `data`.
+
+        The statistics are an average over one pass of `data`
+        (:func:`torch.optim.swa_utils.update_bn`, which calls the copy on the first element
+        of each batch). Sample from :meth:`posterior` with this copy, e.g.
+        `bayesflow.vmap_call(mean_net, bayesflow.sample(q, k), x)`: the statistics the
+        SGD iterate left in `module` belong to other weights.
+
+        Arguments:
+            module: The module collected from.
+            data: The training batches, `(x, ...)` or `x`; required if `module` has
+                BatchNorm layers.
+
+        Returns:
+            A standalone copy of `module`, in the mode `module` is in.
+
+        Raises:
+            ValueError: If `module` has BatchNorm layers and `data` is :py:`None`, or no
+                parameter set was collected.
+        """
+
+        where = "SWAG.mean_model"
+        self._check(where, module)
+        if self.n < 1:
+            raise ValueError(f"{where}: expected at least 1 collected parameter set, got 0")
+        has_bn = any(isinstance(m, BatchNorm) for m in module.modules())
+        if has_bn and data is None:
+            raise ValueError(
+                f"{where}: expected data for the BatchNorm layers of {type(module).__name__} "
+                "(their running statistics must be recomputed for the mean weights), got None"
+            )
+
+        new = copy.deepcopy(module)
+        with torch.no_grad():
+            for k, m in self.mean.items():
+                new.get_parameter(k).copy_(m)
+        if has_bn:
+            torch.optim.swa_utils.update_bn(data, new)
+        return new
+
+    def state_dict(self) -> dict[str, Any]:
+        r"""Returns the collected moments: `{"n": int, "mean": {...}, "m2": {...}}`, copies,
+        for :func:`torch.save`."""
+
+        return {
+            "n": self.n,
+            "mean": {k: m.clone() for k, m in self.mean.items()},
+            "m2": {k: m.clone() for k, m in self._m2.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        r"""Restores moments saved by :meth:`state_dict`, into a collector made for the same
+        parameters (checked before anything is changed)."""
+
+        where = "SWAG.load_state_dict"
+        if not isinstance(state, Mapping) or set(state) != {"n", "mean", "m2"}:
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(
+                f"{where}: expected a dict with the keys 'm2', 'mean' and 'n', got {got}"
+            )
+        n = state["n"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{where}: expected n to be an int >= 0, got {n!r}")
+        for field in ("mean", "m2"):
+            value = state[field]
+            if not isinstance(value, Mapping) or value.keys() != self.mean.keys():
+                got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+                raise ValueError(
+                    f"{where}: expected {field} for the parameters {sorted(self.mean)}, got {got}"
+                )
+            for k, m in self.mean.items():
+                t = value[k]
+                if not isinstance(t, Tensor) or t.shape != m.shape:
+                    got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(
+                        f"{where}: expected {field}[{k!r}] of shape {tuple(m.shape)}, got {got}"
+                    )
+
+        self.n = n
+        for k in self.mean:
+            self.mean[k] = state["mean"][k].detach().to(self.mean[k]).clone()
+            self._m2[k] = state["m2"][k].detach().to(self._m2[k]).clone()
+
+    def __repr__(self) -> str:
+        size = sum(m.numel() for m in self.mean.values())
+        return f"SWAG({len(self.mean)} tensors, {size} parameters, n={self.n})"

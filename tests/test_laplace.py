@@ -1,0 +1,774 @@
+r"""Laplace after training: the curvatures against Python loops and closed forms, the
+evidence against its formula, the prior precision against the evidence's stationarity, the
+linearized predictive against explicit Jacobians, and all of them against laplace-torch."""
+
+import copy
+import importlib.util
+import math
+import re
+import warnings
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bayesflow as bf
+
+from bayesflow._numerics import LOGVAR_LIMIT, logvar_from_var, posterior_from_variance
+from bayesflow._numerics import var as var_of
+from bayesflow.laplace import _jacobian_variance
+
+HAS_LAPLACE = importlib.util.find_spec("laplace") is not None
+needs_laplace = pytest.mark.skipif(
+    not HAS_LAPLACE,
+    reason="laplace-torch is not installed (bash scripts/peers.sh installs it)",
+)
+
+SIGMA = 0.7
+
+
+def mlp(outputs=3):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, outputs)
+    )
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
+    )
+
+
+def classification_ll(m, x, y):
+    return -F.cross_entropy(m(x), y, reduction="none")
+
+
+def regression_ll(m, x, y):
+    return torch.distributions.Normal(m(x), SIGMA).log_prob(y).sum(-1)
+
+
+def output(m, x, y):
+    return m(x)
+
+
+def data(kind, n=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "cnn":
+        x = torch.randn(n, 1, 4, 4, generator=g)
+    else:
+        x = torch.randn(n, 4, generator=g)
+    if kind == "regression":
+        return x, torch.randn(n, 2, generator=g)
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+# Cases: (module, per-datum log-likelihood, likelihood, data kind).
+CASES = {
+    "mlp-classification": (mlp, classification_ll, "classification", "classification"),
+    "mlp-regression": (lambda: mlp(2), regression_ll, "regression", "regression"),
+    "cnn-classification": (cnn, classification_ll, "classification", "cnn"),
+}
+SELECTIONS = {"all": ((), ()), "last-layer": (("4",), ()), "weights": (("**",), ("**.bias",))}
+
+
+def selection(case, which):
+    include, exclude = SELECTIONS[which]
+    return include or ("",), exclude
+
+
+def batches(x, y, size=5):
+    return list(zip(x.split(size), y.split(size), strict=True))
+
+
+def loop_ef(module, fn, x, y, names):
+    r"""The empirical Fisher by a Python loop of torch.autograd.grad, one example at a time."""
+
+    params = [module.get_parameter(k) for k in names]
+    h = [torch.zeros_like(p) for p in params]
+    for i in range(len(x)):
+        grads = torch.autograd.grad(fn(module, x[i : i + 1], y[i : i + 1]).sum(), params)
+        for acc, g in zip(h, grads, strict=True):
+            acc += g.square()
+    return dict(zip(names, h, strict=True))
+
+
+def explicit_jacobian(module, x, names):
+    r"""The Jacobian (C, P) of the output of one example by torch.autograd.functional."""
+
+    params = {k: module.get_parameter(k).detach() for k in names}
+
+    def f(*flat):
+        p = dict(zip(names, flat, strict=True))
+        return torch.func.functional_call(module, p, (x.unsqueeze(0),)).reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(f, tuple(params.values()))
+    return torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
+
+
+def loop_ggn(module, likelihood, x, names):
+    r"""diag(J^T Lambda J) summed over examples, with the full output Hessian Lambda."""
+
+    total = 0
+    for i in range(len(x)):
+        jac = explicit_jacobian(module, x[i], names)
+        f = module(x[i : i + 1]).reshape(-1)
+        if likelihood == "classification":
+            p = f.softmax(-1)
+            lam = torch.diag(p) - torch.outer(p, p)
+        else:
+            lam = torch.eye(len(f)) / SIGMA**2
+        total = total + torch.diagonal(jac.T @ lam @ jac)
+    sizes = [module.get_parameter(k).numel() for k in names]
+    return {
+        k: t.view_as(module.get_parameter(k))
+        for k, t in zip(names, total.split(sizes), strict=True)
+    }
+
+
+def snapshot(module):
+    return (
+        {k: (p, p.detach().clone(), p.requires_grad) for k, p in module.named_parameters()},
+        {k: (b, b.clone()) for k, b in module.named_buffers()},
+        [m.training for m in module.modules()],
+    )
+
+
+def unchanged(module, before):
+    params, buffers, modes = before
+    now = dict(module.named_parameters())
+    return (
+        now.keys() == params.keys()
+        and all(
+            now[k] is p and torch.equal(p, v) and p.requires_grad == r and p.grad is None
+            for k, (p, v, r) in params.items()
+        )
+        and all(torch.equal(dict(module.named_buffers())[k], v) for k, (_, v) in buffers.items())
+        and [m.training for m in module.modules()] == modes
+    )
+
+
+# The curvatures.
+
+
+@pytest.mark.parametrize("which", SELECTIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_empirical_fisher_matches_a_loop_of_autograd_grad(case, which):
+    build, fn, _, kind = CASES[case]
+    module = build()
+    x, y = data(kind)
+    include, exclude = selection(case, which)
+    before = snapshot(module)
+
+    fit = bf.laplace_fit(module, fn, batches(x, y), hessian="ef", include=include, exclude=exclude)
+
+    assert unchanged(module, before)
+    expected = loop_ef(module, fn, x, y, bf.select(module, include, exclude))
+    assert fit.hessian.keys() == expected.keys()
+    for k, h in fit.hessian.items():
+        assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12), k
+        assert torch.equal(fit.mean[k], module.get_parameter(k))
+    assert any(h.abs().max() > 1e-3 for h in fit.hessian.values())  # not a zero curvature
+    assert torch.allclose(fit.log_likelihood, fn(module, x, y).sum(), rtol=1e-12)
+    assert fit.num_data == len(x)
+
+
+@pytest.mark.parametrize("which", SELECTIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_ggn_matches_explicit_jacobians_and_output_hessians(case, which):
+    build, fn, likelihood, kind = CASES[case]
+    module = build()
+    x, y = data(kind)
+    include, exclude = selection(case, which)
+    before = snapshot(module)
+
+    fit = bf.laplace_fit(
+        module,
+        fn,
+        batches(x, y),
+        output=output,
+        likelihood=likelihood,
+        sigma=SIGMA,
+        include=include,
+        exclude=exclude,
+    )
+
+    assert unchanged(module, before)
+    expected = loop_ggn(module, likelihood, x, bf.select(module, include, exclude))
+    for k, h in fit.hessian.items():
+        assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12), k
+        assert (h >= -1e-12).all()
+    assert any(h.abs().max() > 1e-3 for h in fit.hessian.values())
+
+
+def test_the_fit_does_not_depend_on_batches_or_chunks():
+    module = mlp()
+    x, y = data("classification", n=17)
+    kw = dict(output=output, likelihood="classification")
+
+    one = bf.laplace_fit(module, classification_ll, [(x, y)], **kw)
+    split = bf.laplace_fit(module, classification_ll, batches(x, y, 4), chunk_size=3, **kw)
+    ef_one = bf.laplace_fit(module, classification_ll, [(x, y)], hessian="ef")
+    ef_split = bf.laplace_fit(
+        module, classification_ll, batches(x, y, 6), hessian="ef", chunk_size=2
+    )
+
+    for a, b in ((one, split), (ef_one, ef_split)):
+        for k in a.hessian:
+            assert torch.allclose(a.hessian[k], b.hessian[k], rtol=1e-12, atol=1e-14)
+        assert torch.allclose(a.log_likelihood, b.log_likelihood, rtol=1e-12)
+    assert not torch.allclose(one.hessian["0.weight"], ef_one.hessian["0.weight"])
+
+
+def test_a_dataloader_and_a_regression_output_of_shape_b():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten(0))
+    x, y = torch.randn(9, 3), torch.randn(9)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    fn = lambda m, x, y: torch.distributions.Normal(m(x), SIGMA).log_prob(y)
+
+    fit = bf.laplace_fit(module, fn, loader, output=output, likelihood="regression", sigma=SIGMA)
+
+    expected = loop_ggn(module, "regression", x, bf.select(module))
+    for k, h in fit.hessian.items():
+        assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12)
+
+
+def test_evaluation_mode_and_the_module_left_as_found():
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3)
+    )
+    module.train()
+    x, y = data("classification")
+    module[1].running_mean.normal_()  # statistics the fit must use, and leave alone
+    before = snapshot(module)
+
+    fit = bf.laplace_fit(
+        module, classification_ll, batches(x, y), output=output, likelihood="classification"
+    )
+
+    assert unchanged(module, before)
+    assert module.training and module[2].training
+    reference = copy.deepcopy(module).eval()
+    expected = loop_ggn(reference, "classification", x, bf.select(module))
+    for k, h in fit.hessian.items():
+        assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12)
+
+
+def test_a_fn_that_mixes_the_batch_is_refused():
+    module = mlp()
+    x, y = data("classification")
+    centred = lambda m, x, y: classification_ll(m, x, y) - classification_ll(m, x, y).mean()
+    before = snapshot(module)
+
+    with pytest.raises(ValueError, match="laplace_fit: expected fn on one example at a time"):
+        bf.laplace_fit(module, centred, [(x, y)], hessian="ef")
+    with pytest.raises(ValueError, match="laplace_fit: expected output on one example"):
+        bf.laplace_fit(
+            module,
+            classification_ll,
+            [(x, y)],
+            output=lambda m, x, y: m(x) - m(x).mean(0),
+            likelihood="classification",
+        )
+    assert unchanged(module, before)
+
+
+# The evidence and the prior precision.
+
+
+def fitted(hessian="ggn", include=("",)):
+    module = mlp()
+    x, y = data("classification", n=40)
+    fit = bf.laplace_fit(
+        module,
+        classification_ll,
+        batches(x, y, 16),
+        hessian=hessian,
+        output=output,
+        likelihood="classification",
+        include=include,
+    )
+    return module, fit
+
+
+def marglik_formula(fit, lam):
+    r"""log p(D | theta) + log N(theta; 0, 1/lambda) + P/2 log(2 pi) - 1/2 log det(H + lambda)."""
+
+    theta = torch.cat([m.reshape(-1) for m in fit.mean.values()])
+    h = torch.cat([v.reshape(-1) for v in fit.hessian.values()])
+    lam = torch.cat(
+        [
+            torch.broadcast_to(torch.as_tensor(lam[k]), m.shape).reshape(-1)
+            for k, m in fit.mean.items()
+        ]
+    )
+    prior = torch.distributions.Normal(0, lam.rsqrt()).log_prob(theta).sum()
+    logdet = torch.logdet(torch.diag(h + lam))
+    return fit.log_likelihood + prior + len(theta) / 2 * math.log(2 * math.pi) - logdet / 2
+
+
+@pytest.mark.parametrize("kind", ["scalar", "tensor", "element"])
+def test_marglik_matches_its_formula_and_is_differentiable(kind):
+    _, fit = fitted()
+    if kind == "scalar":
+        lam = {k: 2.5 for k in fit.mean}
+        arg = 2.5
+    elif kind == "tensor":
+        lam = {k: 0.5 + i for i, k in enumerate(fit.mean)}
+        arg = lam
+    else:
+        lam = {k: torch.rand(m.shape) + 0.1 for k, m in fit.mean.items()}
+        arg = lam
+
+    assert torch.allclose(bf.laplace_marglik(fit, arg), marglik_formula(fit, lam), rtol=1e-12)
+
+    log_lam = torch.tensor(0.3, requires_grad=True)
+    bf.laplace_marglik(fit, log_lam.exp()).backward()
+    lam = math.exp(0.3)
+    theta2 = sum(m.square().sum() for m in fit.mean.values())
+    d = 0.5 * sum((1 - lam / (h + lam)).sum() for h in fit.hessian.values()) - 0.5 * lam * theta2
+    assert torch.allclose(log_lam.grad, d, rtol=1e-10)
+
+
+@pytest.mark.parametrize("structure", ["scalar", "tensor"])
+def test_the_optimized_prior_precision_maximizes_the_evidence(structure):
+    _, fit = fitted()
+
+    best = bf.optimize_prior_precision(fit, structure)
+
+    values = {k: best for k in fit.mean} if structure == "scalar" else best
+    log_lam = {k: torch.tensor(math.log(v), requires_grad=True) for k, v in values.items()}
+    arg = (
+        log_lam[next(iter(log_lam))].exp()
+        if structure == "scalar"
+        else {k: v.exp() for k, v in log_lam.items()}
+    )
+    top = bf.laplace_marglik(fit, arg)
+    grads = torch.autograd.grad(
+        top, list(log_lam.values()) if structure == "tensor" else [log_lam[next(iter(log_lam))]]
+    )
+    assert all(abs(g.item()) < 1e-8 for g in grads)  # stationary in log lambda
+    for factor in (0.9, 1.1):
+        moved = {k: v * factor for k, v in values.items()}
+        assert bf.laplace_marglik(fit, moved) < top
+    assert bf.laplace_marglik(fit, 1.0) < top
+
+
+def test_posterior_is_centred_on_the_fit_with_precision_h_plus_lambda():
+    module, fit = fitted(include=("4",))
+    lam = {"4.weight": 3.0, "4.bias": torch.tensor([1.0, 2.0, 4.0])}
+
+    q = bf.laplace_posterior(fit, lam)
+
+    assert list(q.mean) == ["4.weight", "4.bias"]
+    for k in q.mean:
+        assert torch.equal(q.mean[k], module.get_parameter(k))
+        assert q.mean[k].is_leaf and q.mean[k].requires_grad and q.logvar[k].requires_grad
+        expected = 1 / (fit.hessian[k] + torch.as_tensor(lam[k]))
+        assert torch.allclose(bf.std(q)[k].square(), expected, rtol=1e-12)
+
+
+def test_laplace_is_the_fit_the_optimum_and_the_posterior():
+    module = mlp()
+    x, y = data("classification", n=40)
+    kw = dict(output=output, likelihood="classification", include=["**"], exclude=["**.bias"])
+    before = snapshot(module)
+
+    q = bf.laplace(module, classification_ll, batches(x, y), prior_precision="marglik", **kw)
+
+    assert unchanged(module, before)
+    fit = bf.laplace_fit(module, classification_ll, [(x, y)], **kw)
+    expected = bf.laplace_posterior(fit, bf.optimize_prior_precision(fit))
+    assert list(q.mean) == ["0.weight", "2.weight", "4.weight"]
+    for k in q.mean:
+        assert torch.equal(q.mean[k], expected.mean[k])
+        assert torch.allclose(q.logvar[k], expected.logvar[k], rtol=1e-10)
+
+    params = bf.sample(q, 4, generator=torch.Generator().manual_seed(0))
+    logits = bf.vmap_call(module, params, x)
+    assert torch.allclose(logits, bf.loop_call(module, params, x), atol=1e-12)
+    assert not torch.allclose(logits[0], module(x))  # the sampled weights were used
+
+
+# The linearized predictive.
+
+
+@pytest.mark.parametrize("include", [("4",), ("4.weight",), ("",), ("2", "4")])
+def test_linearized_variance_matches_explicit_jacobians(include):
+    module, fit = fitted(include=include)
+    q = bf.laplace_posterior(fit, 2.0)
+    with torch.no_grad():  # a mean away from the module's own weights
+        for m in q.mean.values():
+            m.add_(0.1)
+    x, _ = data("classification", n=6, seed=1)
+
+    mean, var = bf.linearized_predictive(module, q, x)
+
+    shifted = bf.mean_model(module, q)
+    assert torch.allclose(mean, shifted(x), atol=1e-12)
+    sigma2 = torch.cat([var_of(q.logvar[k]).reshape(-1) for k in q.mean])
+    for i in range(len(x)):
+        jac = explicit_jacobian(shifted, x[i], list(q.mean))
+        assert torch.allclose(var[i], (jac.square() * sigma2).sum(1), rtol=1e-10, atol=1e-14)
+    generic = _jacobian_variance(module, q, lambda m, x: m(x), (x,), None)
+    assert torch.allclose(var, generic, rtol=1e-10, atol=1e-14)  # the last-layer shortcut
+    assert (var > 0).all()
+
+
+def test_probit_probs():
+    mean = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 3.0]])
+    var = torch.tensor([[1.0, 4.0, 0.0], [0.5, 0.5, 10.0]])
+
+    probs = bf.probit_probs(mean, var)
+
+    expected = (mean / torch.sqrt(1 + math.pi / 8 * var)).softmax(-1)
+    assert torch.allclose(probs, expected, atol=1e-15)
+    assert torch.allclose(bf.probit_probs(mean, torch.zeros_like(var)), mean.softmax(-1))
+    assert probs[1, 2] < mean.softmax(-1)[1, 2]  # the variance tempers the confidence
+
+
+# Writing variances into a posterior.
+
+
+def test_variances_round_trip_through_softclip_and_are_clamped_outside():
+    v = torch.logspace(-17.9, 17.9, 101, base=math.e)
+    assert torch.allclose(var_of(logvar_from_var(v)), v, rtol=1e-12)
+    v32 = v.float()
+    assert torch.allclose(var_of(logvar_from_var(v32)), v32, rtol=1e-4)
+
+    low, high = math.exp(-LOGVAR_LIMIT), math.exp(LOGVAR_LIMIT)
+    out = var_of(logvar_from_var(torch.tensor([1e-30, 1e-9, 1e9, 1e30])))
+    assert torch.allclose(out, torch.tensor([low, low, high, high]), rtol=1e-10)
+
+    q = posterior_from_variance("f", {"w": torch.zeros(3)}, {"w": torch.tensor([1e-12, 1.0, 2.0])})
+    assert torch.allclose(bf.std(q)["w"].square(), torch.tensor([low, 1.0, 2.0]), rtol=1e-12)
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="f: expected finite positive variances"):
+            posterior_from_variance("f", {"w": torch.zeros(2)}, {"w": torch.tensor([1.0, bad])})
+
+
+# Bad input: a clear error naming the function, and the module untouched.
+
+GOOD = dict(output=output, likelihood="classification")
+
+BAD = {
+    "module": (
+        lambda m, X, Y: bf.laplace_fit("net", classification_ll, [(X, Y)], **GOOD),
+        TypeError,
+        "laplace_fit: expected a torch.nn.Module",
+    ),
+    "bridge": (
+        lambda m, X, Y: bf.laplace_fit(bf.BayesianModel(m), classification_ll, [(X, Y)], **GOOD),
+        TypeError,
+        "laplace_fit: expected the module the posterior is over",
+    ),
+    "fn": (
+        lambda m, X, Y: bf.laplace_fit(m, None, [(X, Y)], **GOOD),
+        TypeError,
+        "laplace_fit: expected fn to be a callable",
+    ),
+    "hessian": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], hessian="kfac"),
+        ValueError,
+        "laplace_fit: expected hessian to be 'ggn' or 'ef'",
+    ),
+    "ggn-without-output": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)]),
+        ValueError,
+        "laplace_fit: expected output and likelihood with hessian='ggn'",
+    ),
+    "likelihood": (
+        lambda m, X, Y: bf.laplace_fit(
+            m, classification_ll, [(X, Y)], output=output, likelihood="poisson"
+        ),
+        ValueError,
+        "laplace_fit: expected likelihood to be",
+    ),
+    "output": (
+        lambda m, X, Y: bf.laplace_fit(
+            m, classification_ll, [(X, Y)], output=3, likelihood="regression"
+        ),
+        TypeError,
+        "laplace_fit: expected output to be callable",
+    ),
+    "sigma": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], sigma=0.0, **GOOD),
+        ValueError,
+        "laplace_fit: expected a finite sigma > 0",
+    ),
+    "include": (
+        lambda m, X, Y: bf.laplace_fit(
+            m, classification_ll, [(X, Y)], include=["nothing"], **GOOD
+        ),
+        ValueError,
+        "laplace_fit: expected include=.* to pick at least one",
+    ),
+    "chunk_size": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], chunk_size=0, **GOOD),
+        ValueError,
+        "laplace_fit: expected chunk_size",
+    ),
+    "data-tensor": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, X, **GOOD),
+        TypeError,
+        "laplace_fit: expected data to be an iterable of batches",
+    ),
+    "data-one-batch": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, (X, Y), **GOOD),
+        TypeError,
+        r"laplace_fit: expected each batch to be a tuple .* \[\(x, y\)\]",
+    ),
+    "data-empty": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [], **GOOD),
+        ValueError,
+        "laplace_fit: expected data with at least one datum",
+    ),
+    "data-sizes": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y[:3])], **GOOD),
+        ValueError,
+        "laplace_fit: expected the tensors of a batch to share",
+    ),
+    "data-scalar": (
+        lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, 3)], **GOOD),
+        TypeError,
+        "laplace_fit: expected each batch to hold tensors",
+    ),
+    "fn-mean": (
+        lambda m, X, Y: bf.laplace_fit(
+            m, lambda m, x, y: classification_ll(m, x, y).mean(), [(X, Y)], hessian="ef"
+        ),
+        ValueError,
+        "laplace_fit: expected fn to return a tensor with one row per datum",
+    ),
+    "output-shape": (
+        lambda m, X, Y: bf.laplace_fit(
+            m,
+            classification_ll,
+            [(X, Y)],
+            output=lambda m, x, y: m(x)[:, :1],
+            likelihood="classification",
+        ),
+        ValueError,
+        r"laplace_fit: expected output of shape \(B, C\), C >= 2",
+    ),
+    "laplace-prior": (
+        lambda m, X, Y: bf.laplace(m, classification_ll, [(X, Y)], prior_precision=-1.0, **GOOD),
+        ValueError,
+        "laplace: expected a finite positive prior_precision",
+    ),
+    "laplace-prior-str": (
+        lambda m, X, Y: bf.laplace(
+            m, classification_ll, [(X, Y)], prior_precision="evidence", **GOOD
+        ),
+        ValueError,
+        "laplace: expected prior_precision to be positive, a dict of them or 'marglik'",
+    ),
+    "laplace-prior-names": (
+        lambda m, X, Y: bf.laplace(
+            m, classification_ll, [(X, Y)], prior_precision={"0.weight": 1.0}, **GOOD
+        ),
+        ValueError,
+        "laplace: expected prior_precision to map every fitted parameter name",
+    ),
+    "linearized-posterior": (
+        lambda m, X, Y: bf.linearized_predictive(m, {}, X),
+        TypeError,
+        "linearized_predictive: expected a bayesflow.Posterior",
+    ),
+    "linearized-shape": (
+        lambda m, X, Y: bf.linearized_predictive(m, bf.init(nn.Linear(2, 2)), X),
+        ValueError,
+        "linearized_predictive: expected posterior names and shapes",
+    ),
+    "linearized-args": (
+        lambda m, X, Y: bf.linearized_predictive(m, bf.init(m), X, Y[:2]),
+        ValueError,
+        "linearized_predictive: expected input tensors that share",
+    ),
+    "probit-shapes": (
+        lambda m, X, Y: bf.probit_probs(torch.zeros(2, 3), torch.zeros(2, 2)),
+        ValueError,
+        "probit_probs: expected tensors of the same shape",
+    ),
+    "probit-var": (
+        lambda m, X, Y: bf.probit_probs(torch.zeros(2, 3), -torch.ones(2, 3)),
+        ValueError,
+        "probit_probs: expected variances >= 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input(case):
+    call, error, message = BAD[case]
+    module = mlp()
+    before = snapshot(module)
+
+    x, y = data("classification")
+
+    with pytest.raises(error, match=message):
+        call(module, x, y)
+
+    assert unchanged(module, before)
+
+
+def test_bad_fits_and_precisions():
+    _, fit = fitted()
+    with pytest.raises(TypeError, match=r"laplace_marglik: expected a bayesflow\.LaplaceFit"):
+        bf.laplace_marglik(bf.init(mlp()), 1.0)
+    with pytest.raises(
+        ValueError, match="laplace_marglik: expected a finite positive prior_precision"
+    ):
+        bf.laplace_marglik(fit, torch.tensor(0.0))
+    with pytest.raises(
+        TypeError, match="laplace_marglik: expected prior_precision to be a positive number"
+    ):
+        bf.laplace_marglik(fit, "1.0")
+    with pytest.raises(
+        ValueError,
+        match=r"laplace_posterior: expected prior_precision for '0.weight' to broadcast to \(6, 4\)",
+    ):
+        bf.laplace_posterior(fit, {k: torch.ones(7) for k in fit.mean})
+    with pytest.raises(ValueError, match="optimize_prior_precision: expected structure"):
+        bf.optimize_prior_precision(fit, "diag")
+
+
+# laplace-torch 0.3, the reference package, on the same float64 nets.
+
+LT_CASES = {
+    "classification": (mlp, classification_ll, "classification", "classification"),
+    "regression": (lambda: mlp(2), regression_ll, "regression", "regression"),
+}
+
+
+def laplace_torch(module, likelihood, loader, subset, hessian):
+    with warnings.catch_warnings():  # its backends warn about deprecated torch APIs on import
+        warnings.simplefilter("ignore")
+        from laplace import Laplace
+        from laplace.curvature import AsdlEF, CurvlinopsGGN
+
+    # CurvlinopsEF is laplace-torch's default EF backend; for a last layer it returns a zero
+    # curvature in 0.3 (its per-example gradients are taken of the full model with the last
+    # layer's parameter names, which torch.func.functional_call ignores): AsdlEF does not.
+    backend = CurvlinopsGGN if hessian == "ggn" else AsdlEF
+    kw = dict(sigma_noise=SIGMA) if likelihood == "regression" else {}
+    la = Laplace(
+        copy.deepcopy(module),
+        likelihood,
+        subset_of_weights=subset,
+        hessian_structure="diag",
+        backend=backend,
+        **kw,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la.fit(loader)
+    return la
+
+
+@needs_laplace
+@pytest.mark.parametrize("hessian", ["ggn", "ef"])
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("case", LT_CASES)
+def test_against_laplace_torch(case, subset, hessian):
+    build, fn, likelihood, kind = LT_CASES[case]
+    module = build()
+    x, y = data(kind, n=23)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    include = ("",) if subset == "all" else ("4",)
+
+    fit = bf.laplace_fit(
+        module,
+        fn,
+        loader,
+        hessian=hessian,
+        output=output,
+        likelihood=likelihood,
+        sigma=SIGMA,
+        include=include,
+    )
+    la = laplace_torch(module, likelihood, loader, subset, hessian)
+
+    ours = torch.cat([h.reshape(-1) for h in fit.hessian.values()])
+    theirs = la.H * la._H_factor  # laplace-torch keeps 1 / sigma^2 out of H
+    if likelihood == "regression" and hessian == "ef":
+        # laplace-torch squares the gradients of its loss 1/2 * MSE, 2 (f - y) J, and
+        # multiplies by 1/2 once: 2 (f - y)^2 J^2, not the (f - y)^2 J^2 of its own
+        # log-likelihood N(y; f, 1); so its EF is 2 sigma^2 times the EF of that likelihood.
+        theirs = theirs / (2 * SIGMA**2)
+    assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-12)  # float64
+    assert torch.allclose(fit.log_likelihood, la.log_likelihood, rtol=1e-12)
+    if not (likelihood == "regression" and hessian == "ef"):
+        for prec in (0.3, 2.0):
+            assert torch.allclose(
+                bf.laplace_marglik(fit, prec),
+                la.log_marginal_likelihood(torch.tensor(prec)),
+                rtol=1e-10,
+            )
+
+
+@needs_laplace
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_prior_precision_and_probit_predictive_against_laplace_torch(subset):
+    module = mlp()
+    x, y = data("classification", n=60)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        (-classification_ll(module, x, y).mean()).backward()
+        optimizer.step()
+    module.zero_grad(set_to_none=True)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    include = ("",) if subset == "all" else ("4",)
+
+    fit = bf.laplace_fit(
+        module,
+        classification_ll,
+        loader,
+        output=output,
+        likelihood="classification",
+        include=include,
+    )
+    la = laplace_torch(module, "classification", loader, subset, "ggn")
+    best = bf.optimize_prior_precision(fit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Adam on log(lambda), laplace-torch's method: run to convergence.
+        la.optimize_prior_precision(
+            pred_type="glm", method="marglik", prior_structure="scalar", n_steps=1000, lr=0.05
+        )
+    assert math.isclose(best, la.prior_precision.item(), rel_tol=1e-4)
+
+    la.prior_precision = torch.tensor([best])
+    q = bf.laplace_posterior(fit, best)
+    x_new, _ = data("classification", n=7, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = la(x_new, pred_type="glm", link_approx="probit")
+    ours = bf.probit_probs(*bf.linearized_predictive(module, q, x_new))
+    assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-14)
+    theirs_var = la.posterior_variance
+    assert torch.allclose(
+        torch.cat([bf.std(q)[k].square().reshape(-1) for k in q.mean]), theirs_var, rtol=1e-10
+    )
+
+
+# Docs.
+
+
+def test_docs_examples_run():
+    page = Path(__file__).resolve().parents[1] / "docs" / "posteriors.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) >= 3
+
+    exec(compile("\n".join(blocks), str(page), "exec"), {})

@@ -1,0 +1,241 @@
+r"""SWAG-diagonal: the moments against a direct float64 computation over a recorded SGD
+trajectory, the posterior's variances, BatchNorm statistics for the mean weights, and
+save/load."""
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bayesflow as bf
+
+from bayesflow._numerics import LOGVAR_LIMIT
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def train(module, swag, steps=12, seed=0, record=None):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(32, 3, generator=g), torch.randn(32, 2, generator=g)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (module(x) - y).square().mean().backward()
+        optimizer.step()
+        swag.collect(module)
+        if record is not None:
+            record.append({k: p.detach().double().clone() for k, p in module.named_parameters()})
+    return x, y
+
+
+def snapshot(module):
+    return (
+        {k: (p, p.detach().clone()) for k, p in module.named_parameters()},
+        {k: b.clone() for k, b in module.named_buffers()},
+    )
+
+
+def unchanged(module, before):
+    params, buffers = before
+    now = dict(module.named_parameters())
+    return all(now[k] is p and torch.equal(p, v) for k, (p, v) in params.items()) and all(
+        torch.equal(b, buffers[k]) for k, b in module.named_buffers()
+    )
+
+
+def test_moments_match_a_direct_float64_computation_of_the_trajectory():
+    module = net()
+    swag = bf.SWAG(module, exclude=["**.bias"])
+    trajectory = []
+
+    train(module, swag, record=trajectory)
+
+    assert swag.n == 12 and list(swag.mean) == ["0.weight", "2.weight"]
+    for k in swag.mean:
+        stack = torch.stack([t[k] for t in trajectory])
+        mean, sq = stack.mean(0), stack.square().mean(0)
+        assert torch.allclose(swag.mean[k], mean, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(swag.var[k], sq - mean.square(), rtol=1e-8, atol=1e-14)
+        assert (swag.var[k] > 0).all()
+
+
+def test_float32_moments_stay_accurate_where_the_mean_dwarfs_the_spread():
+    # Weights near 1 that move by 1e-3: E[x^2] - E[x]^2 in float32 keeps about one digit,
+    # Welford's update keeps four.
+    torch.manual_seed(0)
+    module = nn.Linear(200, 1).float()
+    swag = bf.SWAG(module, include=["weight"])
+    base = 1 + torch.randn(1, 200, dtype=torch.float32)
+    steps = [base + 1e-3 * torch.randn(1, 200, dtype=torch.float32) for _ in range(50)]
+    with torch.no_grad():
+        for w in steps:
+            module.weight.copy_(w)
+            swag.collect(module)
+
+    stack = torch.stack(steps)
+    expected = stack.double().var(0, unbiased=False)
+    naive = stack.square().mean(0) - stack.mean(0).square()
+    assert swag.var["weight"].dtype == torch.float32
+    assert ((swag.var["weight"].double() - expected).abs() / expected).max() < 1e-3
+    assert ((naive.double() - expected).abs() / expected).max() > 1e-2
+
+
+def test_posterior_scale_and_minimum():
+    module = net()
+    swag = bf.SWAG(module)
+    train(module, swag)
+    with torch.no_grad():  # a weight that never moved: zero variance
+        swag._m2["2.bias"][0] = 0.0
+
+    q = swag.posterior(scale=0.5)
+
+    for k in swag.mean:
+        assert torch.equal(q.mean[k], swag.mean[k])
+        assert q.mean[k].is_leaf and q.mean[k].requires_grad and q.logvar[k].requires_grad
+        expected = (0.5 * swag.var[k]).clamp_min(math.exp(-LOGVAR_LIMIT))
+        assert torch.allclose(bf.std(q)[k].square(), expected, rtol=1e-10)
+    floor = bf.std(swag.posterior(min_var=1e-4))["2.bias"][0].square()
+    assert torch.allclose(floor, torch.tensor(1e-4), rtol=1e-10)
+
+    params = bf.sample(q, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(5, 3)
+    out = bf.vmap_call(module, params, x)
+    assert torch.allclose(out, bf.loop_call(module, params, x), atol=1e-12)
+    assert not torch.allclose(out[0], out[1])  # the sampled weights were used
+
+
+def test_mean_model_refreshes_batchnorm_statistics_for_the_mean_weights():
+    module = bn_net()
+    swag = bf.SWAG(module)
+    x, _ = train(module, swag)
+    module.eval()
+    before = snapshot(module)
+    loader = [(x[:16],), (x[16:],)]
+
+    mean_net = swag.mean_model(module, loader)
+
+    assert unchanged(module, before) and not mean_net.training
+    for k in swag.mean:
+        assert torch.equal(mean_net.get_parameter(k), swag.mean[k])
+    # The oracle: BatchNorm's cumulative average of the batch statistics of its inputs.
+    features = [mean_net[0](b[0]) for b in loader]
+    running_mean = torch.stack([f.mean(0) for f in features]).mean(0)
+    running_var = torch.stack([f.var(0, unbiased=True) for f in features]).mean(0)
+    assert torch.allclose(mean_net[1].running_mean, running_mean, rtol=1e-10)
+    assert torch.allclose(mean_net[1].running_var, running_var, rtol=1e-10)
+    assert not torch.allclose(module[1].running_mean, running_mean)
+
+    with pytest.raises(ValueError, match=r"SWAG\.mean_model: expected data for the BatchNorm"):
+        swag.mean_model(module)
+    plain = net()
+    plain_swag = bf.SWAG(plain)
+    train(plain, plain_swag)
+    assert torch.equal(plain_swag.mean_model(plain)[0].weight, plain_swag.mean["0.weight"])
+
+
+def test_state_dict_round_trip_and_resumed_collection():
+    module = net()
+    swag = bf.SWAG(module)
+    train(module, swag, steps=5)
+    buffer = io.BytesIO()
+    torch.save(swag.state_dict(), buffer)
+    buffer.seek(0)
+
+    resumed = bf.SWAG(module)
+    resumed.load_state_dict(torch.load(buffer))
+    copy_module = net()
+    copy_module.load_state_dict(module.state_dict())
+    train(module, swag, steps=4, seed=1)
+    train(copy_module, resumed, steps=4, seed=1)
+
+    assert resumed.n == swag.n == 9
+    for k in swag.mean:
+        assert torch.equal(resumed.mean[k], swag.mean[k])
+        assert torch.equal(resumed.var[k], swag.var[k])
+    assert repr(swag) == "SWAG(4 tensors, 50 parameters, n=9)"
+
+
+def test_bad_input_leaves_module_and_moments_alone():
+    module = net()
+    swag = bf.SWAG(module)
+    train(module, swag, steps=3)
+    state = swag.state_dict()
+    before = snapshot(module)
+
+    cases = [
+        (lambda: bf.SWAG("net"), TypeError, "SWAG: expected a torch.nn.Module"),
+        (
+            lambda: bf.SWAG(module, include=["nothing"]),
+            ValueError,
+            "SWAG: expected include=.* to pick",
+        ),
+        (
+            lambda: bf.SWAG(bf.BayesianModel(module)),
+            TypeError,
+            "SWAG: expected the module the posterior",
+        ),
+        (
+            lambda: swag.collect(nn.Linear(3, 8)),
+            ValueError,
+            "SWAG.collect: expected a module with the collected parameter '0.weight'",
+        ),
+        (
+            lambda: swag.collect(net().float()),
+            ValueError,
+            r"SWAG.collect: expected .* \(torch.float64",
+        ),
+        (
+            lambda: swag.posterior(scale=0.0),
+            ValueError,
+            "SWAG.posterior: expected a finite scale > 0",
+        ),
+        (
+            lambda: swag.posterior(min_var=-1.0),
+            ValueError,
+            "SWAG.posterior: expected a finite min_var > 0",
+        ),
+        (
+            lambda: bf.SWAG(net()).posterior(),
+            ValueError,
+            "SWAG.posterior: expected at least 2 collected",
+        ),
+        (
+            lambda: bf.SWAG(net()).mean_model(module),
+            ValueError,
+            "SWAG.mean_model: expected at least 1",
+        ),
+        (
+            lambda: swag.load_state_dict({"n": 1}),
+            ValueError,
+            "SWAG.load_state_dict: expected a dict with the keys",
+        ),
+        (
+            lambda: swag.load_state_dict({**state, "n": -1}),
+            ValueError,
+            "SWAG.load_state_dict: expected n",
+        ),
+        (
+            lambda: swag.load_state_dict(
+                {**state, "m2": {**state["m2"], "0.weight": torch.zeros(2)}}
+            ),
+            ValueError,
+            r"SWAG.load_state_dict: expected m2\['0.weight'\] of shape",
+        ),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+        assert unchanged(module, before)
+        assert swag.n == state["n"]
+        assert all(torch.equal(swag.mean[k], v) for k, v in state["mean"].items())
+        assert all(torch.equal(swag._m2[k], v) for k, v in state["m2"].items())
