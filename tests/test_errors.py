@@ -16,8 +16,15 @@ def net():
 
 net_ = net()
 q_ = bf.init(net_, init_logvar=-3.0)
+NORMED = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+BNET = bf.BayesianModel(net())
 params_ = bf.sample(q_, 3)
 x_ = torch.randn(5, 3)
+
+# Predictions, probabilities and labels.
+X = torch.randn(4, 3)
+P = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
+L = torch.tensor([1, 0])
 
 # (id, call, error type, message pattern)
 CASES = [
@@ -317,6 +324,79 @@ CASES = [
         r"predictive_nll: expected at least one observation, got none",
     ),
     (
+        "local-no-layer",
+        lambda: bf.local_call(NORMED, bf.init(NORMED, include=["1"]), 2, x_),
+        ValueError,
+        r"local_call: expected the posterior to hold the weight",
+    ),
+    ("local-n-0", lambda: bf.local_call(net_, q_, 0, x_), ValueError, "local_call: expected n"),
+    (
+        "local-n-float",
+        lambda: bf.local_call(net_, q_, 2.0, x_),
+        TypeError,
+        "local_call: expected n",
+    ),
+    (
+        "local-posterior",
+        lambda: bf.local_call(net_, {}, 2, x_),
+        TypeError,
+        r"local_call: expected a bayesflow.Posterior",
+    ),
+    (
+        "local-module",
+        lambda: bf.local_call(lambda x: x, q_, 2, x_),
+        TypeError,
+        r"local_call: expected a torch.nn.Module",
+    ),
+    (
+        "local-bridge",
+        lambda: bf.local_call(BNET, BNET.posterior, 2, x_),
+        TypeError,
+        "local_call: expected the module the posterior is over",
+    ),
+    (
+        "local-generator",
+        lambda: bf.local_call(net_, q_, 2, x_, generator=0),
+        TypeError,
+        "local_call: expected generator",
+    ),
+    (
+        "local-fn",
+        lambda: bf.local_call(net_, q_, 2, x_, fn=1),
+        TypeError,
+        "local_call: expected fn",
+    ),
+    (
+        "local-flipout",
+        lambda: bf.local_call(net_, q_, 2, x_, flipout="yes"),
+        TypeError,
+        "local_call: expected flipout",
+    ),
+    (
+        "local-names",
+        lambda: bf.local_call(zuko.nn.MLP(3, 2, hidden_features=(5,)).float(), q_, 2, x_),
+        ValueError,
+        "local_call: expected posterior names",
+    ),
+    (
+        "local-layers-not-called",
+        lambda: bf.local_call(net_, q_, 2, x_, fn=lambda m, x: x),
+        ValueError,
+        r"local_call: expected fn to call every Bayesian layer of MLP, got \['0', '2'\] never called",
+    ),
+    (
+        "local-output",
+        lambda: bf.local_call(net_, q_, 2, x_, fn=lambda m, x: (m(x), "text")),
+        TypeError,
+        "local_call: expected fn to return tensors",
+    ),
+    (
+        "local-in-dims",
+        lambda: bf.local_call(net_, q_, 2, x_, in_dims=[0, None]),
+        ValueError,
+        "local_call: expected in_dims",
+    ),
+    (
         "local-per-position",
         lambda: bf.local_call(net_, q_, 2, x_, per_position="yes"),
         TypeError,
@@ -365,6 +445,216 @@ CASES = [
         r"stack_modules: expected modules of one class, got MLP and Linear at index 1",
     ),
     (
+        "mean-not-tensor",
+        lambda: bf.predictive_mean([1.0, 2.0]),
+        TypeError,
+        "predictive_mean: expected samples to be a tensor",
+    ),
+    (
+        "mean-0d",
+        lambda: bf.predictive_mean(torch.tensor(1.0)),
+        ValueError,
+        "predictive_mean: expected samples with at least 1 dims",
+    ),
+    (
+        "mean-int",
+        lambda: bf.predictive_mean(torch.arange(3)),
+        TypeError,
+        "predictive_mean: expected samples to be a floating-point",
+    ),
+    (
+        "mean-k0",
+        lambda: bf.predictive_mean(torch.zeros(0, 3)),
+        ValueError,
+        "predictive_mean: expected samples with at least one sample",
+    ),
+    (
+        "std-k1",
+        lambda: bf.predictive_std(X[:1]),
+        ValueError,
+        "predictive_std: expected more than correction",
+    ),
+    (
+        "std-correction",
+        lambda: bf.predictive_std(X, correction=-1),
+        ValueError,
+        "predictive_std: expected correction to be an int >= 0",
+    ),
+    (
+        "quantile-range",
+        lambda: bf.predictive_quantiles(X, [0.5, 1.5]),
+        ValueError,
+        r"predictive_quantiles: expected q in \[0, 1\]",
+    ),
+    (
+        "quantile-2d",
+        lambda: bf.predictive_quantiles(X, [[0.5]]),
+        ValueError,
+        "predictive_quantiles: expected q to be a float or 1-d",
+    ),
+    (
+        "quantile-empty",
+        lambda: bf.predictive_quantiles(X, []),
+        ValueError,
+        "predictive_quantiles: expected at least one",
+    ),
+    (
+        "quantile-type",
+        lambda: bf.predictive_quantiles(X, "median"),
+        TypeError,
+        "predictive_quantiles: expected q to be a float",
+    ),
+    (
+        "interval-level-1",
+        lambda: bf.predictive_interval(X, level=1.0),
+        ValueError,
+        r"predictive_interval: expected level in \(0, 1\)",
+    ),
+    (
+        "interval-level-0",
+        lambda: bf.predictive_interval(X, level=0),
+        ValueError,
+        r"predictive_interval: expected level in \(0, 1\)",
+    ),
+    (
+        "interval-level-type",
+        lambda: bf.predictive_interval(X, level="90%"),
+        TypeError,
+        "predictive_interval: expected level to be a float",
+    ),
+    (
+        "summarize-k1",
+        lambda: bf.summarize(X[:1]),
+        ValueError,
+        "summarize: expected at least 2 samples",
+    ),
+    (
+        "summarize-level",
+        lambda: bf.summarize(X, level=90),
+        ValueError,
+        r"summarize: expected level in \(0, 1\)",
+    ),
+    (
+        "mixture-int",
+        lambda: bf.mixture_log_prob(torch.zeros(3, dtype=torch.long)),
+        TypeError,
+        "mixture_log_prob: expected log_probs to be a floating-point",
+    ),
+    (
+        "nll-reduction",
+        lambda: bf.predictive_nll(X, reduction="avg"),
+        ValueError,
+        "predictive_nll: expected reduction",
+    ),
+    (
+        "logits-1d",
+        lambda: bf.mutual_information(torch.randn(3)),
+        ValueError,
+        r"mutual_information: expected logits of shape \(K, \*batch, C\)",
+    ),
+    (
+        "logits-list",
+        lambda: bf.classification_summary([[0.0]]),
+        TypeError,
+        "classification_summary: expected logits to be a tensor",
+    ),
+    (
+        "probs-sum",
+        lambda: bf.categorical_nll(P * 2 / 3, L),
+        ValueError,
+        "categorical_nll: expected probabilities that sum to 1",
+    ),
+    (
+        "probs-range",
+        lambda: bf.categorical_nll(torch.tensor([[1.5, -0.5]]), L[:1]),
+        ValueError,
+        r"categorical_nll: expected probabilities in \[0, 1\]",
+    ),
+    (
+        "labels-float",
+        lambda: bf.categorical_nll(P, L.double()),
+        TypeError,
+        "categorical_nll: expected integer labels",
+    ),
+    (
+        "labels-shape",
+        lambda: bf.categorical_nll(P, L[:1]),
+        ValueError,
+        r"categorical_nll: expected labels of shape \(2,\)",
+    ),
+    (
+        "labels-range",
+        lambda: bf.categorical_nll(P, torch.tensor([0, 2])),
+        ValueError,
+        r"categorical_nll: expected labels in \[0, 1\]",
+    ),
+    (
+        "ece-bins",
+        lambda: bf.expected_calibration_error(P, L, bins=0),
+        ValueError,
+        "expected_calibration_error: expected bins to be a positive int, got 0",
+    ),
+    (
+        "ece-bins-type",
+        lambda: bf.expected_calibration_error(P, L, bins=2.0),
+        TypeError,
+        "expected_calibration_error: expected bins to be a positive int, got float",
+    ),
+    (
+        "ece-sum",
+        lambda: bf.expected_calibration_error(P + 0.1, L),
+        ValueError,
+        "expected_calibration_error: expected probabilities that sum to 1",
+    ),
+    (
+        "ece-labels",
+        lambda: bf.expected_calibration_error(P, L[:, None]),
+        ValueError,
+        "expected_calibration_error: expected labels of shape",
+    ),
+    (
+        "curve-empty",
+        lambda: bf.calibration_curve(P[:0], L[:0]),
+        ValueError,
+        "calibration_curve: expected at least one prediction",
+    ),
+    (
+        "gaussian-shape",
+        lambda: bf.gaussian_nll(X, X.abs(), X[0]),
+        ValueError,
+        "gaussian_nll: expected tensors of the same shape",
+    ),
+    (
+        "gaussian-std",
+        lambda: bf.gaussian_nll(X, -X.abs(), X),
+        ValueError,
+        "gaussian_nll: expected std > 0",
+    ),
+    (
+        "gaussian-int",
+        lambda: bf.gaussian_nll(X, X.abs(), torch.ones(4, 3, dtype=torch.long)),
+        TypeError,
+        "gaussian_nll: expected y to be a floating-point",
+    ),
+    (
+        "coverage-shape",
+        lambda: bf.interval_coverage(X[0], X[0] + 1, X),
+        ValueError,
+        "interval_coverage: expected tensors of the same shape",
+    ),
+    (
+        "coverage-order",
+        lambda: bf.interval_coverage(X + 1, X, X),
+        ValueError,
+        "interval_coverage: expected lower <= upper",
+    ),
+    (
+        "coverage-empty",
+        lambda: bf.interval_coverage(X[:0], X[:0], X[:0]),
+        ValueError,
+        "interval_coverage: expected at least one observation",
+    ),
+    (
         "bridge-logvar",
         lambda: bf.BayesianModel(net_, init_logvar=float("inf")),
         ValueError,
@@ -381,6 +671,7 @@ def test_bad_input(call, error, pattern):
         call()
 
     assert unchanged(before, net_, q_.mean, q_.logvar, params_, x_)
+    assert all("forward" not in vars(m) for m in net_.modules())  # no layer left patched
 
 
 def test_bridge_methods():

@@ -204,46 +204,6 @@ def test_local_layers():
         local_layers("net")
 
 
-def test_errors():
-    net = zuko.nn.MLP(3, 2, hidden_features=(8,))
-    q = bf.init(net)
-    x = torch.randn(5, 3)
-
-    normed = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
-    with pytest.raises(ValueError, match=r"local_call: expected the posterior to hold the weight"):
-        bf.local_call(normed, bf.init(normed, include=["1"]), 2, x)
-    with pytest.raises(ValueError, match="local_call: expected n"):
-        bf.local_call(net, q, 0, x)
-    with pytest.raises(TypeError, match="local_call: expected n"):
-        bf.local_call(net, q, 2.0, x)
-    with pytest.raises(TypeError, match=r"local_call: expected a bayesflow.Posterior"):
-        bf.local_call(net, {}, 2, x)
-    with pytest.raises(TypeError, match=r"local_call: expected a torch.nn.Module"):
-        bf.local_call(lambda x: x, q, 2, x)
-    bnet = bf.BayesianModel(net)
-    with pytest.raises(TypeError, match="local_call: expected the module the posterior is over"):
-        bf.local_call(bnet, bnet.posterior, 2, x)
-    with pytest.raises(TypeError, match="local_call: expected generator"):
-        bf.local_call(net, q, 2, x, generator=0)
-    with pytest.raises(TypeError, match="local_call: expected fn"):
-        bf.local_call(net, q, 2, x, fn=1)
-    with pytest.raises(TypeError, match="local_call: expected flipout"):
-        bf.local_call(net, q, 2, x, flipout="yes")
-    with pytest.raises(ValueError, match="local_call: expected posterior names"):
-        bf.local_call(zuko.nn.MLP(3, 2, hidden_features=(4,)), q, 2, x)
-    with pytest.raises(
-        ValueError,
-        match=r"local_call: expected fn to call every Bayesian layer of MLP, got \['0', '2'\] never called",
-    ):
-        bf.local_call(net, q, 2, x, fn=lambda m, x: x)
-    with pytest.raises(TypeError, match="local_call: expected fn to return tensors"):
-        bf.local_call(net, q, 2, x, fn=lambda m, x: (m(x), "text"))
-    with pytest.raises(ValueError, match="local_call: expected in_dims"):
-        bf.local_call(net, q, 2, x, in_dims=[0, None])
-    # the layers are restored after an error
-    assert "forward" not in net[0].__dict__
-
-
 def test_layers_that_are_not_called_or_not_plain_are_refused():
     class ReadsWeight(torch.nn.Module):  # as nn.MultiheadAttention does with out_proj
         def __init__(self):
