@@ -197,21 +197,18 @@ def _level(tensors: Sequence[Tensor | None]) -> int | None:
     )
 
 
+# One direction of one layer: x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0.
+Direction = tuple[
+    Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None, Tensor, Tensor
+]
+
+
 def _recurrence(
-    mode: str,
-    x: Tensor,
-    w_ih: Tensor,
-    b_ih: Tensor | None,
-    w_hh: Tensor,
-    b_hh: Tensor | None,
-    w_hr: Tensor | None,
-    h0: Tensor,
-    c0: Tensor,
-    reverse: bool,
-    samples: bool,
+    mode: str, tensors: Direction, reverse: bool, samples: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Runs the steps on plain tensors, the samples' stacks first where they have them."""
 
+    x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0 = tensors
     w_ih, b_ih, w_hh, b_hh = _prepared(mode, w_ih, b_ih, w_hh, b_hh)
     # Per sample h0 is (N, H): hidden-major ([K,] H, N), contiguous.
     out, h, c = _steps(
@@ -227,18 +224,7 @@ def _recurrence(
     return out.transpose(-1, -2), h.transpose(-1, -2), c.transpose(-1, -2)
 
 
-def _scan(
-    mode: str,
-    x: Tensor,
-    w_ih: Tensor,
-    b_ih: Tensor | None,
-    w_hh: Tensor,
-    b_hh: Tensor | None,
-    w_hr: Tensor | None,
-    h0: Tensor,
-    c0: Tensor,
-    reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _scan(mode: str, tensors: Direction, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
     r"""Runs one direction of one layer over the time-major `x` `(L, N, I)`.
 
     Under vmap, this is a batching rule of bayesflow's: the recurrence runs below vmap,
@@ -247,10 +233,9 @@ def _scan(
     operator per step.
     """
 
-    tensors = (x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0)
     level = _level(tensors)
     if level is None:
-        return _recurrence(mode, *tensors, reverse, samples=False)
+        return _recurrence(mode, tensors, reverse, samples=False)
 
     def front(t: Tensor | None) -> tuple[Tensor | None, bool]:
         if t is None:
@@ -260,7 +245,7 @@ def _scan(
 
     fronted = [front(t) for t in tensors]
     with unbatched():
-        out, h, c = _recurrence(mode, *(v for v, _ in fronted), reverse, samples=fronted[0][1])
+        out, h, c = _recurrence(mode, tuple(v for v, _ in fronted), reverse, fronted[0][1])
 
     # Per sample `out` is (L, N, H) and `h`, `c` are (N, H): an extra dim is the samples'.
     out = wrap_at(out, 1, level) if out.dim() == 4 else out
@@ -322,18 +307,8 @@ def _run_rnn(m: nn.RNNBase, input: Any, hx: Any) -> tuple[Tensor, Any]:
             w_hr = getattr(m, "weight_hr" + suffix) if m.proj_size > 0 else None
 
             k = layer * directions + direction
-            out, h, c = _scan(
-                m.mode,
-                x,
-                w_ih,
-                b_ih,
-                w_hh,
-                b_hh,
-                w_hr,
-                h0[k],
-                c0[k] if lstm else h0[k],
-                reverse=direction == 1,
-            )
+            tensors = (x, w_ih, b_ih, w_hh, b_hh, w_hr, h0[k], c0[k] if lstm else h0[k])
+            out, h, c = _scan(m.mode, tensors, reverse=direction == 1)
             outs.append(out)
             h_n.append(h)
             c_n.append(c)
