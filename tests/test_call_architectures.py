@@ -211,3 +211,36 @@ def test_lstm_float32_default_path(monkeypatch):
     g = torch.autograd.grad(y.square().sum(), list(q.mean.values()), retain_graph=True)
     g_loop = torch.autograd.grad(y_loop.square().sum(), list(q.mean.values()))
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g, g_loop, strict=True))
+
+
+CONVS = [
+    name
+    for name, arch in ARCHS.items()
+    if any(
+        isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+        and "weight" in m._parameters
+        for m in arch.build().modules()
+    )
+]
+
+
+@pytest.mark.parametrize("name", CONVS)
+def test_conv_paths(name, monkeypatch, gen):
+    r"""A convolution with sampled weights has two vectorized paths (one grouped convolution
+    of all samples, or a dense one per sample below vmap, for large samples): the path
+    forced here, the per-sample one, gives the loop's and the oracle's numbers too."""
+
+    from bayesflow import _torch_layers
+
+    calls = []
+    batched_conv = _torch_layers.batched_conv
+
+    def spy(m, x, weight, bias):
+        calls.append(m)
+        return batched_conv(m, x, weight, bias)
+
+    monkeypatch.setattr(_torch_layers, "CONV_LOOP_ELEMENTS", 0)
+    monkeypatch.setattr(_torch_layers, "batched_conv", spy)
+    test_native_matches_loop_and_oracle(name, gen)
+    test_gradients_match_loop(name, gen)
+    assert calls
