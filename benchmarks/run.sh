@@ -18,7 +18,7 @@ mkdir -p benchmarks/results
 for sweep in "${sweeps[@]}"; do
   out="benchmarks/results/${sweep}"
   plot=(--plot "$out.png")
-  [[ "$sweep" == flows* ]] && plot=()  # one K per flow: nothing to plot against K
+  [[ "$sweep" == flows* || "$sweep" == cost ]] && plot=()  # one K: nothing to plot against K
   before="$(date -u '+%Y-%m-%d %H:%M UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg)"
   python -m bayesflow bench --sweep "$sweep" "$@" \
     --json "$out.json" --csv "$out.csv" --markdown "$out.md" "${plot[@]}" | tee "$out.txt"
