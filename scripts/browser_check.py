@@ -91,7 +91,11 @@ class Browser:
         return json.loads(message)
 
     def send(
-        self, method: str, params: dict | None = None, session: str | None = None, timeout=30.0
+        self,
+        method: str,
+        params: dict | None = None,
+        session: str | None = None,
+        timeout: float = 30.0,
     ) -> dict[str, Any]:
         self._id += 1
         message: dict[str, Any] = {"id": self._id, "method": method, "params": params or {}}

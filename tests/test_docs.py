@@ -129,7 +129,7 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
 
 def test_every_skipped_block_says_why():
     for path in PAGES:
-        for info, _, before, line in code_blocks(path):
+        for _, _, before, line in code_blocks(path):
             if before.startswith(NOT_RUN):
                 reason = before[len(NOT_RUN) :]
                 tests = re.findall(r"tests/\w+\.py", reason)
