@@ -324,6 +324,7 @@ def _run(
     )
     bar = _progress(total, progress)
     common = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"
