@@ -424,3 +424,18 @@ def test_cost_table():
     assert sweep["samples"] == [1]
     assert {"mlp", "wide-mlp", "digits-cnn", "lstm", "transformer"} == set(sweep["models"])
     assert set(bench.sweeps.COST) == set(sweep["methods"])
+
+
+def test_flows_table():
+    rs = [
+        {**_record("deterministic", 32, 1.0), "model": "nsf"},
+        {**_record("zuko-loop", 32, 100.0), "model": "nsf"},
+        {**_record("vmap", 32, 40.0, iqr=20.0), "model": "nsf"},
+        {**_record("vmap", 32, 5.0), "model": "maf"},
+        {**_record("zuko-loop", 32, None, status=Status.UNSUPPORTED), "model": "maf"},
+    ]
+    table = bench.flows_table(rs, {"maf": "MAF", "nsf": "NSF"})
+    assert table.splitlines()[2:] == [
+        "| MAF | forward | 32 | - | - | 5.00 | - |",
+        "| NSF | forward | 32 | 1.00 | 100 | 40.0~ | 2.5x |",
+    ]

@@ -36,6 +36,7 @@ __all__ = [
     "Unsupported",
     "Wrong",
     "cost_table",
+    "flows_table",
     "format_table",
     "get_method",
     "make_case",
@@ -51,6 +52,7 @@ from .cases import MODELS, MODES, Case, make_case
 from .methods import METHODS, Method, Noise, get_method
 from .report import (
     cost_table,
+    flows_table,
     format_table,
     markdown_table,
     plot,

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "NOISY",
     "cost_table",
+    "flows_table",
     "format_table",
     "markdown_table",
     "plot",
@@ -285,6 +286,38 @@ def cost_table(records: list[Record]) -> str:
     if any(_ok(r) and _noisy(r) for r in records):
         rows.append("")
         rows.append(f"~ noisy: the interquartile range exceeds {NOISY:.0%} of the median.")
+    return "\n".join(rows) + "\n"
+
+
+def flows_table(records: list[Record], names: dict[str, str] | None = None) -> str:
+    r"""Formats one markdown row per flow and mode: the plain flow, zuko's loop and
+    `vmap_call` in ms, and the speed-up of `vmap_call` over the loop (docs/flows.md).
+
+    Arguments:
+        records: The records of the `flows` (or `flows-sample`) sweep.
+        names: Display names of the models, in the order of the rows; all models, in the
+            order of the records, if :py:`None`.
+    """
+
+    by = {(r["model"], r["mode"], r["method"]): r for r in records if _ok(r)}
+    models = names or {m: m for m in dict.fromkeys(r["model"] for r in records)}
+    modes = list(dict.fromkeys(r["mode"] for r in records))
+    rows = [
+        "| flow | mode | K | plain flow (ms) | zuko `reparameterize()` loop (ms) "
+        "| `vmap_call` (ms) | speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for model, name in models.items():
+        for mode in modes:
+            det, loop, vmap = (
+                by.get((model, mode, m)) for m in ("deterministic", "zuko-loop", "vmap")
+            )
+            if loop is None and vmap is None:
+                continue
+            k = (vmap or loop)["samples"]
+            cells = [_ms(r) if r else "-" for r in (det, loop, vmap)]
+            speedup = f"{loop['median_ms'] / vmap['median_ms']:.1f}x" if loop and vmap else "-"
+            rows.append(f"| {name} | {mode} | {k} | " + " | ".join(cells) + f" | {speedup} |")
     return "\n".join(rows) + "\n"
 
 
