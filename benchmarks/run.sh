@@ -15,13 +15,16 @@ while [[ $# -gt 0 && "$1" != "--" ]]; do sweeps+=("$1"); shift; done
 [[ ${#sweeps[@]} -eq 0 ]] && sweeps=(paper)
 
 mkdir -p benchmarks/results
+status=0
 for sweep in "${sweeps[@]}"; do
   out="benchmarks/results/${sweep}"
   plot=(--plot "$out.png")
   [[ "$sweep" == flows* || "$sweep" == cost ]] && plot=()  # one K: nothing to plot against K
   before="$(date -u '+%Y-%m-%d %H:%M UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  # A method with wrong numbers (exit 1) does not stop the others: its cells say so.
   python -m bayesflow bench --sweep "$sweep" "$@" \
-    --json "$out.json" --csv "$out.csv" --markdown "$out.md" "${plot[@]}" | tee "$out.txt"
+    --json "$out.json" --csv "$out.csv" --markdown "$out.md" "${plot[@]}" | tee "$out.txt" \
+    || status=$?
   after="load average $(cut -d' ' -f1-3 /proc/loadavg)"
   printf '# %s; after: %s\n' "$before" "$after" >> "$out.txt"
   if [[ "$sweep" == peers || "$sweep" == cost ]]; then
@@ -39,3 +42,4 @@ replace_section("benchmarks/RESULTS.md", f"{sweep}-table", note + table)
 PY
   fi
 done
+exit $status

@@ -140,12 +140,12 @@ def format_table(records: list[Record]) -> str:
                     if not _ok(base):
                         cell += " " * 7
                     elif kind == "x":
-                        cell += f" {base['median_ms'] / r['median_ms']:5.1f}x"
+                        cell += _ratio(base["median_ms"] / r["median_ms"], "x", 1)
                     else:
-                        cell += f" {r['median_ms'] / base['median_ms']:5.2f}d"
+                        cell += _ratio(r["median_ms"] / base["median_ms"], "d", 2)
                 if bmm:
                     b = by.get(("bmm", k))
-                    cell += f" {r['median_ms'] / b['median_ms']:5.2f}b" if _ok(b) else " " * 7
+                    cell += _ratio(r["median_ms"] / b["median_ms"], "b", 2) if _ok(b) else " " * 7
                 cells.append(f"{cell:>{width}}")
             lines.append(f"  {m:<18}" + "".join(cells))
             if status_note:
@@ -160,6 +160,15 @@ def format_table(records: list[Record]) -> str:
         lines.append(f"~ noisy: the interquartile range exceeds {NOISY:.0%} of the median")
 
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _ratio(value: float, suffix: str, decimals: int) -> str:
+    # Six characters and a space, whatever the size: 1.23d, 12.3d, 1234d.
+    for d in range(decimals, -1, -1):
+        text = f"{value:.{d}f}{suffix}"
+        if len(text) <= 6:
+            break
+    return f" {text:>6}"
 
 
 def _note(method: str, r: Record) -> str:
