@@ -31,6 +31,8 @@ CODE_PAGES = [
 ]
 FENCE = re.compile(r"^([ \t]*)```([^\n`]*)\n(.*?)^\1```[ \t]*$", re.S | re.M)
 NOT_RUN = "<!-- docs-test: not run ("
+# Python that is shown and not run (it needs a process group, say): after a NOT_RUN comment.
+SHOWN = "{code-block} python"
 # A code line longer than this is cut off at the site's width (furo, 1280 px).
 WIDTH = 88
 
@@ -94,7 +96,7 @@ def test_code_blocks_have_a_language_and_fit(path):
             f"{path.name}:{line}: a code block without a language; say python (it runs), "
             "text, bash or sh"
         )
-        if info not in ("python", "bash", "sh"):  # text (output) may scroll sideways
+        if info not in ("python", "bash", "sh", SHOWN):  # text (output) may scroll sideways
             continue
         for i, row in enumerate(code.splitlines()):
             assert len(row) <= WIDTH, (
@@ -112,12 +114,12 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
     # Each page's python blocks, in order, as one script (as the README's).
     blocks = []
     for info, code, before, line in code_blocks(path):
+        if info == SHOWN:
+            assert before.startswith(NOT_RUN), f"{path.name}:{line}: say why it does not run"
+            continue
         if info != "python":
             continue
-        if before.startswith(NOT_RUN):
-            reason = before[len(NOT_RUN) :]
-            assert reason.rstrip(") ->").strip(), f"{path.name}:{line}: say why it does not run"
-            continue
+        assert not before.startswith(NOT_RUN), f"{path.name}:{line}: python blocks run"
         blocks.append("\n" * (line - 1 - sum(b.count("\n") for b in blocks)) + code)
     assert blocks
 
@@ -129,7 +131,8 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
 
 def test_every_skipped_block_says_why():
     for path in PAGES:
-        for _, _, before, line in code_blocks(path):
+        for info, _, before, line in code_blocks(path):
+            assert info != SHOWN or before.startswith(NOT_RUN), f"{path.name}:{line}"
             if before.startswith(NOT_RUN):
                 reason = before[len(NOT_RUN) :]
                 tests = re.findall(r"tests/\w+\.py", reason)
