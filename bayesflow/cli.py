@@ -6,6 +6,8 @@ __all__ = ["main"]
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
 
@@ -41,6 +43,40 @@ def _split(values: Sequence[str] | None) -> list[str] | None:
     return [v for value in values for v in value.split(",") if v]
 
 
+class _Version(argparse.Action):
+    r"""Prints the versions of bayesflow, torch and zuko, then exits."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        import torch
+        import zuko
+
+        import bayesflow
+
+        sys.stdout.write(
+            f"bayesflow {bayesflow.__version__} (torch {torch.__version__}, zuko "
+            f"{zuko.__version__}, Python {platform.python_version()})\n"
+        )
+        parser.exit()
+
+
+def _writable(parser: argparse.ArgumentParser, option: str, path: str) -> None:
+    r"""Fails before any work if `path` cannot be written (a missing folder, a folder)."""
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        why = "it is a folder"
+    elif not os.path.isdir(folder):
+        why = f"no folder {folder}"
+    elif not os.access(folder, os.W_OK):
+        why = f"{folder} is not writable"
+    else:
+        return
+    parser.error(f"{option}: expected a file path that can be written, got {path!r} ({why})")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     r"""Shows defaults, except the absent ones (whose help says what happens instead)."""
 
@@ -57,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="bayesflow",
         description="bayesflow: Bayesian neural networks and flows, many samples in one pass.",
     )
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -66,9 +103,11 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Checks every method against a loop on the same posterior samples, then times "
             "it. Cells show the median ms, the speed-up over zuko's reparameterize() loop "
-            "(x) and the time relative to hand-written batched GEMMs with their own draw "
-            "(b: bmm, for MLPs and flows' hyper-networks; limit is the same GEMMs on "
-            "pre-drawn weights). Peer libraries that are not installed are reported so. "
+            "(x; over bayesflow's loop when zuko-loop is not run), the time relative to the "
+            "plain module (d: deterministic, one plain forward or one Adam step) and the "
+            "time relative to hand-written batched GEMMs with their own draw (b: bmm, for "
+            "MLPs and flows' hyper-networks; limit is the same GEMMs on pre-drawn weights); "
+            "~ marks a noisy cell. Peer libraries that are not installed are reported so. "
             "Lists take spaces or commas: --samples 1 8 32 or --samples 1,8,32."
         ),
         formatter_class=_HelpFormatter,
@@ -77,7 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--samples", nargs="+", metavar="K", help="numbers of posterior samples")
     bench.add_argument("--modes", nargs="+", metavar="MODE", help=f"from {', '.join(MODES)}")
     bench.add_argument("--methods", nargs="+", metavar="METHOD", help=f"from {', '.join(METHODS)}")
-    bench.add_argument("--batch", type=_positive_int, help="batch size (default: per model)")
+    bench.add_argument(
+        "--batch",
+        nargs="+",
+        metavar="B",
+        help="batch size, or several for a batch sweep (default: per model)",
+    )
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--dtype", choices=DTYPES, help="floating point type (default: float32)")
     bench.add_argument("--threads", type=_positive_int, help="CPU threads (default: 1)")
@@ -85,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--min-time", type=_positive_float, help="seconds of timing per cell")
     bench.add_argument("--repeats", type=_positive_int, help="timed measurements per cell")
     bench.add_argument("--seed", type=int, help="seed of models, inputs and checks (default: 0)")
+    bench.add_argument(
+        "--max-loop-samples",
+        type=_positive_int,
+        metavar="K",
+        help="run the Python loops only up to this K (default: no limit)",
+    )
     bench.add_argument("--sweep", help=f"a named sweep ({', '.join(SWEEPS)}) or a JSON file")
     bench.add_argument("--json", metavar="PATH", help="write the records as JSON")
     bench.add_argument("--csv", metavar="PATH", help="write the records as CSV")
@@ -118,13 +168,13 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
                     f"got {args.sweep!r} ({e})"
                 )
 
-    for key in ("models", "modes", "methods", "samples"):
+    for key in ("models", "modes", "methods", "samples", "batch"):
         value = _split(getattr(args, key))
         if value is not None:
             config[key] = value
             if key == "samples":  # the command line wins over a sweep's per-model K
                 config.pop("model_samples", None)
-    for key in ("batch", "threads", "chunk_size", "min_time", "repeats"):
+    for key in ("threads", "chunk_size", "min_time", "repeats", "max_loop_samples"):
         value = getattr(args, key)
         if value is not None:
             config[key] = value
@@ -150,6 +200,17 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
         return sorted(set(samples))
 
     config["samples"] = positive(config["samples"])
+    limit = config.get("max_loop_samples")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        parser.error(f"--max-loop-samples: expected a positive integer, got {limit!r}")
+    if config.get("batch") is not None:
+        batches = []
+        for b in config["batch"] if isinstance(config["batch"], list) else [config["batch"]]:
+            try:
+                batches.append(_positive_int(str(b)))
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"--batch: {e}")
+        config["batch"] = batches[0] if len(batches) == 1 else list(dict.fromkeys(batches))
     per_model = config.get("model_samples") or {}
     if not isinstance(per_model, dict) or not set(per_model) <= set(MODELS):
         parser.error(f"--sweep: expected model_samples to map models to lists, got {per_model!r}")
@@ -199,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = _resolve(parser, args)
+    for option in ("json", "csv", "markdown", "plot"):
+        if getattr(args, option):
+            _writable(parser, f"--{option}", getattr(args, option))
 
     from . import bench
 
@@ -212,6 +276,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         repeats=config["repeats"],
         seed=config["seed"],
         model_samples=config["model_samples"],
+        max_loop_samples=config.get("max_loop_samples"),
     )
     start = time.perf_counter()
     records: list[dict[str, Any]] = []

@@ -136,7 +136,8 @@ def flow_sample(
     Arguments:
         flow: A zuko flow (a lazy distribution), e.g. :class:`zuko.flows.NSF`.
         params: Sampled parameters `{name: (n, *shape)}`, e.g. from :func:`bayesflow.sample`.
-        c: The context, shared by every parameter set; :py:`None` if unconditional.
+        c: The context, shared by every parameter set; :py:`None` if unconditional (a
+            conditional flow then raises a :class:`ValueError` that says it needs one).
         shape: The sample shape per parameter set, as in `rsample(shape)`.
         generator: The source of the noise; the global generator if :py:`None`.
         chunk_size, max_memory: As in :func:`bayesflow.vmap_call`.
@@ -168,7 +169,20 @@ def flow_sample(
 
     # The shapes, outside vmap: lazy flows build their transforms only when evaluated.
     with torch.no_grad():
-        d = flow() if c is None else flow(c)
+        if c is not None:
+            d = flow(c)
+        else:
+            try:
+                d = flow()
+                if _is_flow(d):  # a conditional flow fails only once its networks run
+                    d.transform.inv(d.base.mean)
+            except (RuntimeError, AttributeError, TypeError, ValueError) as e:
+                raise ValueError(
+                    f"{where}: expected a context c, got None; the flow cannot be evaluated "
+                    f"without one ({type(e).__name__}: {str(e).strip().splitlines()[0]}): "
+                    "pass c, a tensor whose last dim is the flow's number of context "
+                    "features, as in flow(c)"
+                ) from e
 
     if _is_flow(d):
         kind, _ = _base(where, d.base)

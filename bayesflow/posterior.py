@@ -128,6 +128,19 @@ def sample(
 def std(posterior: Posterior) -> dict[str, Tensor]:
     r"""Returns the standard deviations :math:`\sigma` of a posterior, by name.
 
+    The tensors carry the graph back to `posterior` (they require gradients), so that a
+    loss can use them. To read them (print, plot, `float()`, `.numpy()`), compute them
+    under :func:`torch.no_grad`, as below, or `.detach()` them: `float()` of a tensor that
+    requires gradients warns. `print(posterior)` shows the range of :math:`\sigma` per
+    tensor.
+
+    Example:
+        >>> q = bayesflow.init(torch.nn.Linear(3, 2), init_logvar=-9.0)
+        >>> with torch.no_grad():
+        ...     sigma = bayesflow.std(q)
+        >>> round(float(sigma["weight"].max()), 4)
+        0.0179
+
     Arguments:
         posterior: The posterior :math:`q`.
 

@@ -48,12 +48,19 @@ def main() -> None:
         for batch in BATCHES:
             x = torch.randn(batch, c_in, size, size)
             times = {}
+
+            def vectorized(conv=conv, params=params, x=x) -> object:
+                return bf.vmap_call(conv, params, x)
+
+            def loop(conv=conv, params=params, x=x) -> object:
+                return bf.loop_call(conv, params, x)
+
             with torch.no_grad():
                 for name, elements in (("grouped", 2**62), ("per-sample", 0)):
                     _torch_layers.CONV_LOOP_ELEMENTS = elements
-                    times[name] = median_ms(lambda: bf.vmap_call(conv, params, x), args.threads)
+                    times[name] = median_ms(vectorized, args.threads)
                 _torch_layers.CONV_LOOP_ELEMENTS = threshold
-                times["loop"] = median_ms(lambda: bf.loop_call(conv, params, x), args.threads)
+                times["loop"] = median_ms(loop, args.threads)
             best = min(times, key=times.get)
             elements = batch * c_out * size * size
             print(

@@ -2,9 +2,10 @@
 # Runs the benchmark sweeps and writes their tables, JSON, CSV and plots to benchmarks/results/.
 # Usage: bash benchmarks/run.sh [SWEEP ...] [-- EXTRA BENCH OPTIONS]
 #   sweeps (defined in bayesflow/bench/sweeps.py, SWEEPS): default, quick, paper, peers,
-#   architectures, flows, flows-sample, cuda
+#   architectures, cost, cnn, flows, flows-sample, cuda
 #   e.g.  bash benchmarks/run.sh paper -- --threads 2
-# The peers sweep also writes its markdown table into benchmarks/RESULTS.md ("Peers").
+# The peers and cost sweeps also write their tables into benchmarks/RESULTS.md ("Peers",
+# "The cost of being Bayesian"), with the command, the date and the load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,23 +15,31 @@ while [[ $# -gt 0 && "$1" != "--" ]]; do sweeps+=("$1"); shift; done
 [[ ${#sweeps[@]} -eq 0 ]] && sweeps=(paper)
 
 mkdir -p benchmarks/results
+status=0
 for sweep in "${sweeps[@]}"; do
   out="benchmarks/results/${sweep}"
   plot=(--plot "$out.png")
-  [[ "$sweep" == flows* ]] && plot=()  # one K per flow: nothing to plot against K
+  [[ "$sweep" == flows* || "$sweep" == cost ]] && plot=()  # one K: nothing to plot against K
   before="$(date -u '+%Y-%m-%d %H:%M UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  # A method with wrong numbers (exit 1) does not stop the others: its cells say so.
   python -m bayesflow bench --sweep "$sweep" "$@" \
-    --json "$out.json" --csv "$out.csv" --markdown "$out.md" "${plot[@]}" | tee "$out.txt"
+    --json "$out.json" --csv "$out.csv" --markdown "$out.md" "${plot[@]}" | tee "$out.txt" \
+    || status=$?
   after="load average $(cut -d' ' -f1-3 /proc/loadavg)"
   printf '# %s; after: %s\n' "$before" "$after" >> "$out.txt"
-  if [[ "$sweep" == peers ]]; then
-    python - "$out.md" "$before" "$after" "$*" <<'PY'
-import sys
-from bayesflow.bench import replace_section
-table, before, after, extra = open(sys.argv[1]).read(), *sys.argv[2:]
-command = f"bash benchmarks/run.sh peers{' -- ' + extra if extra else ''}"
+  if [[ "$sweep" == peers || "$sweep" == cost ]]; then
+    python - "$sweep" "$out" "$before" "$after" "$*" <<'PY'
+import json, sys
+from bayesflow.bench import cost_table, replace_section
+sweep, out, before, after, extra = sys.argv[1:]
+if sweep == "cost":
+    table = cost_table(json.load(open(f"{out}.json")))
+else:
+    table = open(f"{out}.md").read()
+command = f"bash benchmarks/run.sh {sweep}{' -- ' + extra if extra else ''}"
 note = f"`{command}`: started {before}; {after} at the end.\n\n"
-replace_section("benchmarks/RESULTS.md", "peers-table", note + table)
+replace_section("benchmarks/RESULTS.md", f"{sweep}-table", note + table)
 PY
   fi
 done
+exit $status

@@ -65,6 +65,9 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # MathJax 3 (its es5 bundle, fonts included) shipped with the site in _static/mathjax,
+    # in place of Sphinx's CDN: the pages read offline. From PyPI, in the docs extra.
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "myst_nb",  # brings myst_parser along
 ]
@@ -98,8 +101,11 @@ nitpick_ignore_regex = [
     (r"py:class", r"Tensor"),
 ]
 
-# Notebooks are rendered with their committed outputs, never executed.
+# Notebooks are rendered with their committed outputs, never executed. No widget
+# JavaScript (it would load require.js and the widget manager from a CDN): the notebooks
+# have no widgets.
 nb_execution_mode = "off"
+nb_ipywidgets_js: dict = {}
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
 
@@ -110,6 +116,10 @@ html_title = f"{project} {version}"
 html_theme_options = {"sidebar_hide_name": False}
 html_show_sourcelink = False
 html_copy_source = False
+# Code blocks scroll sideways with a visible scrollbar, and the content column is a little
+# wider than furo's, so that the shape comments of the examples are not cut off.
+html_static_path = ["_static"]
+html_css_files = ["bayesflow.css"]
 
 # As in zuko's docstrings: single backticks are inline code, and :py:`...` is Python code.
 default_role = "literal"
@@ -120,17 +130,17 @@ rst_prolog = """
 """
 
 
-def _write_redirect(app: object, exception: Exception | None) -> None:
-    # The root document is docs/index: point the site's own index.html at it.
+def _write_index(app: object, exception: Exception | None) -> None:
+    # The root document is docs/index, built as docs/index.html. The site's own index.html
+    # is the same page, with a <base> so that its relative links resolve from docs/: a
+    # real page, not a redirect (which headless browsers may not follow).
     if exception is None and getattr(app, "builder", None) and app.builder.format == "html":
-        target = Path(app.outdir) / "index.html"
-        if not target.exists():
-            target.write_text(
-                '<!DOCTYPE html>\n<meta charset="utf-8">\n'
-                '<meta http-equiv="refresh" content="0; url=docs/index.html">\n'
-                '<link rel="canonical" href="docs/index.html">\n'
-                '<a href="docs/index.html">bayesflow documentation</a>\n'
-            )
+        page = (Path(app.outdir) / "docs" / "index.html").read_text(encoding="utf-8")
+        head = "<head>"
+        if head not in page:
+            raise RuntimeError("docs/conf.py: expected a <head> in docs/index.html")
+        page = page.replace(head, f'{head}\n  <base href="docs/">', 1)
+        (Path(app.outdir) / "index.html").write_text(page, encoding="utf-8")
 
 
 def _skip_namedtuple_fields(
@@ -145,4 +155,4 @@ def _skip_namedtuple_fields(
 
 def setup(app: object) -> None:
     app.connect("autodoc-skip-member", _skip_namedtuple_fields)
-    app.connect("build-finished", _write_redirect)
+    app.connect("build-finished", _write_index)

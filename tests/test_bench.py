@@ -1,6 +1,7 @@
 r"""Tests for the benchmark package behind `bayesflow bench`."""
 
 import ast
+import copy
 import json
 import sys
 
@@ -27,7 +28,17 @@ def _run(models, methods, samples=(2,), modes=("forward", "train"), **options):
     return bench.run_bench(models, samples, modes, methods, **{**TINY, **options})
 
 
-EXACT = ("zuko-loop", "sample-model-loop", "loop", "vmap", "bmm", "limit", "torch-func")
+EXACT = (
+    "deterministic",
+    "zuko-loop",
+    "sample-model-loop",
+    "loop",
+    "vmap",
+    "bmm",
+    "limit",
+    "torch-func",
+)
+STEPS = ("nelbo", "nelbo-local", "nelbo-flipout")  # training steps only
 
 # vmap-compiled is vmap under torch.compile, whose cold compile alone takes half a minute:
 # test_compile.py checks that against the loop, forward and training step.
@@ -46,14 +57,17 @@ def test_every_method_is_checked_before_it_is_timed(method):
         if r["status"] is Status.OK:
             kind = (
                 "exactly"
-                if bench.METHODS[method].noise in (Noise.FLAT, Noise.ZUKO)
+                if bench.METHODS[method].noise in (Noise.FLAT, Noise.ZUKO, Noise.NONE)
                 else "statistically"
             )
-            assert r["detail"] == f"checked {kind}", r
+            assert r["detail"].startswith(f"checked {kind}"), r
     if method in EXACT:
         assert by["forward"]["status"] is Status.OK, by["forward"]
         train = Status.NOT_APPLICABLE if method == "sample-model-loop" else Status.OK
         assert by["train"]["status"] is train, by["train"]
+    if method in STEPS:
+        assert by["forward"]["status"] is Status.NOT_APPLICABLE, by["forward"]
+        assert by["train"]["status"] is Status.OK, by["train"]
     if method == "pyro-vec":
         assert by["forward"]["status"] in (Status.NOT_APPLICABLE, Status.NOT_INSTALLED)
 
@@ -138,8 +152,14 @@ def test_peers_not_installed(monkeypatch, tmp_path, capsys):
         monkeypatch.setitem(sys.modules, name, None)
     records = _run(["mlp"], list(PEERS))
     assert {r["status"] for r in records} == {Status.NOT_INSTALLED}
-    assert all("is not installed" in r["detail"] and r["median_ms"] is None for r in records)
-    assert "not installed" in bench.format_table(records)
+    assert all("bash scripts/peers.sh installs" in r["detail"] for r in records)
+    assert all(r["median_ms"] is None for r in records)
+    table = bench.format_table(records)
+    assert (
+        "posteriors: not installed (ModuleNotFoundError on import posteriors; bash scripts"
+        in table
+    )
+    assert "is not installed (" not in table
 
     out = tmp_path / "r.json"
     argv = ["bench", "--models", "mlp", "--samples", "1", "--modes", "forward", "--batch", "4"]
@@ -201,7 +221,8 @@ def test_status_in_json_and_csv(records, tmp_path):
 def test_markdown_table(records, tmp_path):
     table = bench.markdown_table(records)
     assert "| method | fwd K=2 | train K=2 |" in table
-    assert "| bmm | " in table and "(1.00)" in table and "| n/a |" in table
+    assert "| bmm | " in table and "(1.00b)" in table and "| n/a |" in table
+    assert "in parentheses time / bmm (b)" in table
 
     page = tmp_path / "page.md"
     page.write_text("a\n<!-- t:start -->\nold\n<!-- t:end -->\nb\n")
@@ -227,3 +248,194 @@ def test_the_core_does_not_import_the_bench():
             else:
                 continue
             assert not any("bench" in n.split(".") for n in names), (path.name, names)
+
+
+def test_deterministic_is_the_plain_module():
+    case = bench.make_case("mlp", batch=4, dtype=torch.float64)
+    module_before = {k: v.clone() for k, v in case.module.state_dict().items()}
+    mean_before = {k: v.clone() for k, v in case.posterior.mean.items()}
+    fn, args = case.fn, case.args
+
+    forward = bench.METHODS["deterministic"].build(case, 3, "forward", fn, args)
+    assert torch.equal(forward(0), case.module(*args).unsqueeze(0))  # one plain call
+
+    step = bench.METHODS["deterministic"].build(case, 3, "train", fn, args)
+    losses, grads = step(0)
+    # The oracle: the loss of the module itself and its gradient, by autograd on a copy.
+    net = copy.deepcopy(case.module)
+    loss = (net(*args) - case.target).square().mean()
+    loss.backward()
+    assert torch.allclose(losses, loss.detach().unsqueeze(0), atol=1e-12)
+    for name, p in net.named_parameters():
+        assert torch.allclose(grads[f"mean:{name}"], p.grad, atol=1e-12), name
+
+    # The step really stepped (on its own copy): the next loss is lower.
+    again, _ = step(None)
+    assert again < losses
+    # The case is left as it was.
+    for k, v in case.module.state_dict().items():
+        assert torch.equal(v, module_before[k]), k
+    for k, v in case.posterior.mean.items():
+        assert torch.equal(v, mean_before[k]), k
+
+
+def test_deterministic_is_checked_against_the_mean_model(monkeypatch):
+    def shifted(case, K, mode, fn, args, **options):
+        net = copy.deepcopy(case.module)
+        with torch.no_grad():
+            next(net.parameters()).add_(0.1)
+        return lambda seed: fn(net, *args).unsqueeze(0)
+
+    method = bench.Method("shifted", shifted, Noise.NONE, False, None, uses_k=False)
+    records = _run(["mlp"], [], modes=("forward",), extra={"shifted": method})
+    assert [r["status"] for r in records] == [Status.WRONG]
+
+
+def test_nelbo_step_is_the_loop_nelbo_and_adam():
+    case = bench.make_case("mlp", batch=4, dtype=torch.float64)
+    before = {k: v.clone() for k, v in case.posterior.mean.items()}
+    K, seed = 3, 5
+    step = bench.METHODS["nelbo"].build(case, K, "train", case.fn, case.args)
+    loss, grads = step(seed)
+
+    # The oracle: the loop's negative ELBO on the same generator state, differentiated.
+    q = bf.Posterior(
+        {k: v.detach().clone().requires_grad_() for k, v in case.posterior.mean.items()},
+        {k: v.detach().clone().requires_grad_() for k, v in case.posterior.logvar.items()},
+    )
+    want = bf.loop_nelbo(
+        case.module, q, *case.args,
+        fn=lambda m, x: -(m(x) - case.target).square(),
+        num_data=bench.methods.NUM_DATA, n=K, generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    want.backward()
+    assert torch.allclose(loss, want.detach(), atol=1e-12)
+    for name in q.mean:
+        assert torch.allclose(grads[f"mean:{name}"], q.mean[name].grad, atol=1e-12)
+        assert torch.allclose(grads[f"logvar:{name}"], q.logvar[name].grad, atol=1e-12)
+
+    again, _ = step(None)  # Adam moved its own copy of the posterior
+    assert not torch.equal(again, loss)
+    for k, v in case.posterior.mean.items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("model", ["wide-mlp", "digits-cnn"])
+def test_classifier_cases(model):
+    case = bench.make_case(model, batch=3, dtype=torch.float64)
+    assert case.batch == 3 and case.labels.shape == (3,)
+    out = case.module(*case.args)
+    # The loss is torch's cross-entropy; the log-likelihood its per-datum negative.
+    ce = torch.nn.functional.cross_entropy(out, case.labels, reduction="none")
+    assert torch.allclose(case.loglik(out), -ce, atol=1e-12)
+    stacked = torch.stack([out, 2 * out])
+    want = torch.stack([ce.mean(), torch.nn.functional.cross_entropy(2 * out, case.labels)])
+    assert torch.allclose(case.loss(stacked), want, atol=1e-12)
+
+    records = _run([model], ["deterministic", "loop", "vmap"], batch=3)
+    assert {r["status"] for r in records} == {Status.OK}, records
+
+
+def test_digits_cnn_is_notebook_05s():
+    case = bench.make_case("digits-cnn")
+    assert case.batch == 540
+    kinds = [type(m).__name__ for m in case.module]
+    assert kinds.count("Conv2d") == 2 and kinds.count("MaxPool2d") == 2
+    assert kinds.count("Linear") == 2
+    assert sum(p.numel() for p in case.module.parameters()) == 5_863  # as notebook 05 prints
+
+
+def test_batch_sweep_and_loop_limit():
+    records = _run(
+        ["mlp"], ["deterministic", "loop", "vmap"], samples=(1, 2), modes=("forward",),
+        batch=[3, 5], max_loop_samples=1,
+    )  # fmt: skip
+    cells = {(r["batch"], r["method"], r["samples"]) for r in records}
+    for b in (3, 5):
+        assert {(b, "vmap", 1), (b, "vmap", 2), (b, "loop", 1)} <= cells
+        assert (b, "loop", 2) not in cells  # above the loops' limit
+    det = [r for r in records if r["method"] == "deterministic" and r["batch"] == 3]
+    assert len(det) == 2 and det[0]["median_ms"] == det[1]["median_ms"]  # measured once
+    assert "independent of K" in det[1]["detail"]
+    table = bench.format_table(records)
+    assert "mlp · forward · batch 3" in table and "mlp · forward · batch 5" in table
+
+
+def _record(method, K, ms, iqr=0.0, mode="forward", status=Status.OK, detail="checked exactly"):
+    return {
+        "model": "mlp", "method": method, "samples": K, "mode": mode, "batch": 64,
+        "device": "cpu", "dtype": "float32", "threads": 1, "status": status, "detail": detail,
+        "median_ms": ms if status is Status.OK else None, "iqr_ms": iqr,
+    }  # fmt: skip
+
+
+def test_table_words_follow_the_methods_that_ran():
+    rs = [_record("loop", 8, 2.0), _record("vmap", 8, 1.0)]
+    table = bench.format_table(rs)
+    assert "speed-up over loop (x)" in table and "zuko-loop" not in table
+    assert " 2.0x" in table
+    assert "(d)" not in table and "(b)" not in table
+
+    table = bench.format_table([_record("vmap", 8, 1.0), _record("deterministic", 8, 0.5)])
+    assert "speed-up" not in table and "time / deterministic (d)" in table
+    assert " 2.00d" in table
+
+    md = bench.markdown_table(rs)
+    assert "bmm" not in md and "time /" not in md.split("\n")[0]
+
+
+def test_fastest_never_calls_a_slowdown_best():
+    rs = [
+        _record("zuko-loop", 32, 10.0),
+        _record("loop", 32, 6.25),
+        _record("vmap", 32, 12.5),
+        _record("bmm", 32, 1.0),
+    ]
+    line = next(x for x in bench.format_table(rs).splitlines() if "fastest" in x)
+    assert line.strip() == "fastest: K=32 loop 1.6x (best vectorized: vmap 0.8x)"
+
+
+def test_noisy_cells_are_flagged():
+    quiet = bench.format_table([_record("vmap", 8, 1.0, iqr=0.05)])
+    assert "~" not in quiet
+    noisy = bench.format_table([_record("vmap", 8, 1.0, iqr=0.5)])
+    assert "1.00~" in noisy and "~ noisy" in noisy
+    assert "1.00~" in bench.markdown_table([_record("vmap", 8, 1.0, iqr=0.5)])
+
+
+def test_cost_table():
+    rs = [
+        _record("deterministic", 1, 0.5),
+        _record("vmap", 1, 1.0),
+        _record("deterministic", 1, 2.0, mode="train"),
+        _record("nelbo", 1, 3.0, mode="train"),
+        _record("nelbo-local", 1, None, mode="train", status=Status.NOT_APPLICABLE),
+        _record("nelbo-flipout", 1, 5.0, mode="train", iqr=2.0),
+    ]
+    table = bench.cost_table(rs)
+    row = table.splitlines()[2]
+    assert row == (
+        "| mlp | 64 | 0.50 | **2.00x** (1.00) | 2.00 | **1.50x** (3.00) | n/a "
+        "| **2.50x** (5.00~) |"
+    )
+    assert "~ noisy" in table
+
+    sweep = bench.SWEEPS["cost"]
+    assert sweep["samples"] == [1]
+    assert {"mlp", "wide-mlp", "digits-cnn", "lstm", "transformer"} == set(sweep["models"])
+    assert set(bench.sweeps.COST) == set(sweep["methods"])
+
+
+def test_flows_table():
+    rs = [
+        {**_record("deterministic", 32, 1.0), "model": "nsf"},
+        {**_record("zuko-loop", 32, 100.0), "model": "nsf"},
+        {**_record("vmap", 32, 40.0, iqr=20.0), "model": "nsf"},
+        {**_record("vmap", 32, 5.0), "model": "maf"},
+        {**_record("zuko-loop", 32, None, status=Status.UNSUPPORTED), "model": "maf"},
+    ]
+    table = bench.flows_table(rs, {"maf": "MAF", "nsf": "NSF"})
+    assert table.splitlines()[2:] == [
+        "| MAF | forward | 32 | - | - | 5.00 | - |",
+        "| NSF | forward | 32 | 1.00 | 100 | 40.0~ | 2.5x |",
+    ]

@@ -243,3 +243,51 @@ def test_interrupt_keeps_the_cells_done(monkeypatch, tmp_path, capsys):
     records = json.loads(out.read_text())
     assert [(r["method"], r["status"]) for r in records] == [("loop", "ok")]
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"bayesflow {bf.__version__} (torch {torch.__version__}, zuko ")
+
+
+@pytest.mark.parametrize("option", ["--json", "--csv", "--markdown", "--plot"])
+def test_bad_output_path_fails_before_the_sweep(option, monkeypatch, tmp_path, capsys):
+    def never(*args, **kwargs):
+        raise AssertionError("the sweep ran")
+
+    monkeypatch.setattr(bench, "run_bench", never)
+    for path, why in (
+        (tmp_path / "no" / "such" / "r.out", "no folder"),
+        (tmp_path, "it is a folder"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(["bench", "--quick", option, str(path), "--no-progress"])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{option}: expected a file path that can be written, got" in err and why in err
+
+
+def test_batch_sweep_and_loop_limit_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["bench", "--models", "mlp", "--modes", "forward", "--samples", "1", "2"]
+    argv += ["--methods", "loop", "vmap", "--batch", "3", "5", "--max-loop-samples", "1"]
+    argv += ["--min-time", "0.001", "--repeats", "1", "--json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    cells = {(r["batch"], r["method"], r["samples"]) for r in json.loads(out.read_text())}
+    assert cells == {(b, m, k) for b in (3, 5) for m, k in (("loop", 1), ("vmap", 1), ("vmap", 2))}
+    table = capsys.readouterr().out
+    assert "batch 3" in table and "batch 5" in table
+    assert "speed-up over loop (x)" in table
+
+
+@pytest.mark.parametrize(
+    "argv", [["--batch", "4", "0"], ["--max-loop-samples", "0"]], ids=lambda a: " ".join(a)
+)
+def test_bad_batch_and_loop_limit(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", *argv])
+    assert info.value.code == 2
+    assert "expected a positive integer" in capsys.readouterr().err

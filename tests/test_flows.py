@@ -405,3 +405,38 @@ def test_cnf_with_nan_parameters_stops(fallback):
     # fallback to that loop happens
     with pytest.raises(RuntimeError, match="odeint: the ODE's state or derivative is not finite"):
         bf.vmap_call(flow, params, c, x, fn=lambda f, c, x: f(c).log_prob(x), fallback=fallback)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: zuko.flows.MAF(2, 3),
+        lambda: zuko.flows.NSF(2, 3, transforms=2),
+        lambda: zuko.flows.RealNVP(2, 3),
+        lambda: zuko.mixtures.GMM(2, 3),
+    ],
+    ids=["maf", "nsf", "realnvp", "gmm"],
+)
+def test_flow_sample_says_a_conditional_flow_needs_a_context(build, gen):
+    flow = build()
+    params = bf.sample(bf.init(flow, init_logvar=-4.0), 3, generator=gen(0))
+    state = {k: v.clone() for k, v in flow.state_dict().items()}
+    g = gen(1)
+    before = g.get_state()
+
+    with pytest.raises(ValueError, match="flow_sample: expected a context c, got None"):
+        bf.flow_sample(flow, params, None, (5,), generator=g)
+
+    assert torch.equal(g.get_state(), before)  # no noise drawn
+    assert all(torch.equal(v, state[k]) for k, v in flow.state_dict().items())
+    # With a context, the same call runs.
+    assert bf.flow_sample(flow, params, torch.randn(3), (5,), generator=g).shape == (3, 5, 2)
+
+
+def test_flow_sample_without_context_on_an_unconditional_flow(gen):
+    flow = zuko.flows.MAF(2)
+    params = bf.sample(bf.init(flow, init_logvar=-4.0), 3, generator=gen(0))
+    x = bf.flow_sample(flow, params, None, (5,), generator=gen(1))
+    ref = bf.flow_sample(flow, params, None, (5,), generator=gen(1), vectorized=False)
+    assert x.shape == (3, 5, 2) and torch.allclose(x, ref, atol=1e-10)
+    assert not torch.allclose(x[0], x[1])  # the sampled parameters were used

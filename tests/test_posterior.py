@@ -188,3 +188,54 @@ def test_kl_sums_in_at_least_float32():
     assert kl.dtype == torch.float32 and torch.isfinite(kl)
     assert abs(kl.item() - expected.item()) < 1e-3 * expected.item()
     assert torch.isfinite(bf.GaussianPrior(0.0, 1.0).kl(q))
+
+
+def test_std_reads_cleanly_under_no_grad(recwarn):
+    net = torch.nn.Linear(3, 2)
+    q = bf.init(net, init_logvar=-9.0)
+
+    sigma = bf.std(q)
+    assert sigma["weight"].requires_grad  # differentiable, as documented
+    (g,) = torch.autograd.grad(sigma["weight"].sum(), [q.logvar["weight"]])
+    assert torch.allclose(g, 0.5 * sigma["weight"].detach() * _dsoftclip(q.logvar["weight"]))
+
+    with torch.no_grad():
+        read = bf.std(q)
+    assert not read["weight"].requires_grad
+    assert float(read["bias"][0]) == pytest.approx(math.exp(0.5 * _softclip(-9.0)), rel=1e-12)
+    assert not recwarn.list  # float() of it does not warn
+
+
+def _softclip(x, bound=18.0):
+    return x / math.sqrt(1 + (x / bound) ** 2)
+
+
+def _dsoftclip(x, bound=18.0):
+    return (1 + (x / bound) ** 2) ** -1.5
+
+
+def test_posterior_repr_is_short():
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3), torch.nn.Flatten(), torch.nn.Linear(16, 4)
+    )
+    q = bf.init(net, init_logvar=lambda name, p: -9.0 if "weight" in name else -4.0)
+    text = repr(q)
+    lines = text.splitlines()
+    sigma_w, sigma_b = math.exp(0.5 * _softclip(-9.0)), math.exp(0.5 * _softclip(-4.0))
+    numel = sum(p.numel() for p in net.parameters())
+    assert lines[0] == (
+        f"Posterior({numel:,} parameters in 4 tensors, float64 on cpu, "
+        f"sigma {sigma_w:.3g} to {sigma_b:.3g})"
+    )
+    assert lines[1].split() == ["0.weight", "(16,", "1,", "3,", "3)", "sigma", f"{sigma_w:.3g}"]
+    assert lines[4].split() == ["2.bias", "(4,)", "sigma", f"{sigma_b:.3g}"]
+    assert len(lines) == 5 and str(q) == text
+
+    # Still the NamedTuple it was: fields, equality, unpacking.
+    mean, logvar = q
+    assert q._fields == ("mean", "logvar") and q == bf.Posterior(mean, logvar)
+    # A big model stays short; odd contents fall back to the plain form.
+    big = bf.init(torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(30)]))
+    assert len(repr(big).splitlines()) == 25 and "... and 37 more tensors" in repr(big)
+    assert repr(bf.Posterior({}, {})) == "Posterior(no parameters)"
+    assert repr(bf.Posterior(1, 2)) == "Posterior(mean=1, logvar=2)"

@@ -35,6 +35,8 @@ __all__ = [
     "Status",
     "Unsupported",
     "Wrong",
+    "cost_table",
+    "flows_table",
     "format_table",
     "get_method",
     "make_case",
@@ -48,7 +50,16 @@ __all__ = [
 
 from .cases import MODELS, MODES, Case, make_case
 from .methods import METHODS, Method, Noise, get_method
-from .report import format_table, markdown_table, plot, replace_section, write_csv, write_json
+from .report import (
+    cost_table,
+    flows_table,
+    format_table,
+    markdown_table,
+    plot,
+    replace_section,
+    write_csv,
+    write_json,
+)
 from .run import Options, run_bench
 from .status import NotApplicable, NotInstalled, Status, Unsupported, Wrong
 from .sweeps import DEFAULTS, SWEEPS

@@ -51,12 +51,17 @@ class Case:
         batch: The batch size.
         fn: What to compute in forward and train modes, `fn(module, *args)`.
         args: The inputs of `fn`.
-        loss: Per-sample losses `(K,)` from the stacked outputs of `fn`.
+        loss: Per-sample losses `(K,)` from the stacked outputs of `fn`: minus the mean of
+            `loglik` over everything but the sample dim.
+        loglik: Per-datum log-likelihoods from outputs of `fn`, with any leading dims
+            (`(K, B, ...)` or `(B, ...)`): minus the squared error, the log-softmax of a
+            label, or the log-density of a flow.
         sample_fn: What to compute in sample mode, or :py:`None` where it does not apply.
         sample_args: The inputs of `sample_fn`.
         output: Where `fn(module, *args)` is `output(module(*args))`, `output`; :py:`None`
             where `fn` is more than a call of the module (flows).
         target: The regression target of `loss`, or :py:`None`.
+        labels: The class labels of a classifier's `loss` (cross-entropy), or :py:`None`.
         cache: The references computed so far, by `(K, mode, noise, seed)`.
     """
 
@@ -68,10 +73,12 @@ class Case:
     fn: Callable[..., Tensor]
     args: tuple
     loss: Callable[[Tensor], Tensor]
+    loglik: Callable[[Tensor], Tensor]
     sample_fn: Callable[..., Tensor] | None = None
     sample_args: tuple = ()
     output: Callable[[Any], Tensor] | None = None
     target: Tensor | None = None
+    labels: Tensor | None = None
     cache: dict = field(default_factory=dict)
 
 
@@ -82,6 +89,7 @@ class _Spec:
     args: tuple
     target: Tensor | None = None
     output: Callable[[Any], Tensor] | None = None
+    labels: Tensor | None = None
     sample_fn: Callable[..., Tensor] | None = None
     sample_args: tuple = ()
     include: Sequence[str] = ("",)
@@ -147,6 +155,34 @@ def _cnn(batch: int | None) -> _Spec:
     return _plain(module, torch.randn(batch, 1, 8, 8))
 
 
+def _wide_mlp(batch: int | None) -> _Spec:
+    batch = 256 if batch is None else batch
+    module = nn.Sequential(
+        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    )
+    x, labels = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+    return _Spec(module, _call, (x,), output=_identity, labels=labels)
+
+
+def _digits_cnn(batch: int | None) -> _Spec:
+    batch = 540 if batch is None else batch
+    # Notebook 05's CNN without its dropout layers: 2 convolutions, 2 poolings, 2 linear.
+    module = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, 7),
+    )
+    x, labels = torch.randn(batch, 1, 8, 8), torch.randint(0, 7, (batch,))
+    return _Spec(module, _call, (x,), output=_identity, labels=labels)
+
+
 def _last_layer(batch: int | None) -> _Spec:
     batch = 64 if batch is None else batch
     trunk = [layer for _ in range(6) for layer in (nn.Linear(512, 512), nn.ReLU())]
@@ -182,8 +218,10 @@ def _flow(model: str) -> Callable[[int | None], _Spec]:
 #: :py:`None`), after the seed is set.
 CASES: dict[str, Callable[[int | None], _Spec]] = {
     "mlp": _mlp,
+    "wide-mlp": _wide_mlp,
     "lstm": _lstm,
     "cnn": _cnn,
+    "digits-cnn": _digits_cnn,
     "last-layer": _last_layer,
     "transformer": _transformer,
     **{name: _flow(name) for name in sorted(FLOWS)},
@@ -192,12 +230,9 @@ CASES: dict[str, Callable[[int | None], _Spec]] = {
 MODELS = tuple(CASES)
 
 
-def _mse(out: Tensor, y: Tensor) -> Tensor:
-    return (out - y).square().flatten(1).mean(1)
-
-
-def _nll(out: Tensor) -> Tensor:
-    return -out.flatten(1).mean(1)
+def _log_softmax_at(out: Tensor, labels: Tensor) -> Tensor:
+    index = labels.expand(out.shape[:-1]).unsqueeze(-1)
+    return out.log_softmax(dim=-1).gather(-1, index).squeeze(-1)
 
 
 def make_case(
@@ -211,10 +246,15 @@ def make_case(
 
     * `mlp`: zuko's `MLP(5, 5, hidden_features=(64, 64), activation=ELU)` on a batch of
       64, learning to sort 5 numbers (zuko's tutorial).
+    * `wide-mlp`: `Linear(784, 1024)`, ReLU, `Linear(1024, 1024)`, ReLU, `Linear(1024, 10)`
+      on a batch of 256, classifying random labels (cross-entropy).
     * `lstm`: `nn.LSTM(8, 32, batch_first=True)`, a batch of 16 sequences of length 20;
       the output is the LSTM's output sequence.
     * `cnn`: a digits-sized CNN, two 3x3 convolutions (16 and 32 channels) and a linear
       classifier, on a batch of 64 single-channel 8x8 images.
+    * `digits-cnn`: notebook 05's CNN (two 3x3 convolutions with 8 and 16 channels, each
+      followed by ReLU and 2x2 max-pooling, then `Linear(64, 64)`, ReLU, `Linear(64, 7)`)
+      on a batch of 540 8x8 images, classifying random labels (cross-entropy).
     * `last-layer`: a deterministic trunk of 6 `Linear(512, 512)` + ReLU and a Bayesian
       last `Linear(512, 10)`, on a batch of 64.
     * `transformer`: an eval-mode `nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)`,
@@ -223,8 +263,9 @@ def make_case(
       layers of (64, 64) where it takes them, `log_prob` on a batch of 256.
 
     Every parameter is Bayesian (but the trunk of `last-layer`), with log-variance -9.
-    The train-mode loss is an MSE against a fixed target (the sorted inputs for `mlp`, a
-    Gaussian draw otherwise) and the negative log-likelihood for flows.
+    The train-mode loss is the cross-entropy for the classifiers, an MSE against a fixed
+    target (the sorted inputs for `mlp`, a Gaussian draw otherwise) for the other
+    modules, and the negative log-likelihood for flows.
 
     Arguments:
         model: A name from :data:`MODELS`.
@@ -251,13 +292,17 @@ def make_case(
     module = spec.module.to(device=device, dtype=dtype)
     args, sample_args = move(spec.args), move(spec.sample_args)
     target = None if spec.target is None else spec.target.to(device=device, dtype=dtype)
+    labels = None if spec.labels is None else spec.labels.to(device=device)
 
-    if target is None:
-        loss = _nll
-    else:
+    def loglik(out: Tensor) -> Tensor:
+        if labels is not None:
+            return _log_softmax_at(out, labels)
+        if target is not None:
+            return -(out - target).square()
+        return out
 
-        def loss(out: Tensor) -> Tensor:
-            return _mse(out, target)
+    def loss(out: Tensor) -> Tensor:
+        return -loglik(out).flatten(1).mean(1)
 
     posterior = bf.init(module, init_logvar=-9.0, include=spec.include)
     znet = zuko.bayesian.BayesianModel(module, init_logvar=-9.0, include_params=spec.include)
@@ -276,8 +321,10 @@ def make_case(
         fn=spec.fn,
         args=args,
         loss=loss,
+        loglik=loglik,
         sample_fn=spec.sample_fn,
         sample_args=sample_args,
         output=spec.output,
         target=target,
+        labels=labels,
     )

@@ -4,13 +4,29 @@ A method's `build(case, K, mode, fn, args, chunk_size=None)` returns `run(seed)`
 computes the outputs `(K, ...)` of `fn(module, *args)` for K posterior samples, drawing its
 noise after seeding with `seed` (unless :py:`None`, as when it is timed). Train mode
 differentiates the per-sample losses of those outputs with respect to the method's
-`targets`; a method without targets (the peers, `limit`) returns the whole training step,
-`(losses, gradients)`, itself.
+`targets`; a method without targets (the peers, `limit`, the `nelbo` steps and
+`deterministic`) returns the whole training step, `(losses, gradients)`, itself.
+
+`deterministic` is the reference of the cost of being Bayesian: the plain module, one
+plain call in forward mode and one Adam step on its own parameters in train mode, whatever
+K. The `nelbo` methods are whole training steps as a user writes them: :func:`bayesflow.nelbo`
+with K samples (weights, the local trick or Flipout), its backward, and one Adam step on the
+means and log-variances.
 """
 
 from __future__ import annotations
 
-__all__ = ["METHODS", "VECTORIZED", "Method", "Noise", "bf_targets", "get_method"]
+__all__ = [
+    "LOOPS",
+    "METHODS",
+    "NUM_DATA",
+    "REFERENCES",
+    "VECTORIZED",
+    "Method",
+    "Noise",
+    "bf_targets",
+    "get_method",
+]
 
 import copy
 
@@ -28,6 +44,7 @@ import bayesflow as bf
 from . import peers
 from .cases import Case
 from .limit import gemms
+from .peers import NUM_DATA
 from .status import NotApplicable
 
 Run = Callable[[int | None], Any]
@@ -45,6 +62,8 @@ class Noise(str, Enum):
     LOCAL = "local"
     #: A peer library's own sampler: statistical.
     OWN = "own"
+    #: No posterior noise (the plain module): exact, against the mean model.
+    NONE = "none"
 
     def __str__(self) -> str:
         return self.value
@@ -79,6 +98,10 @@ class Method:
         differentiable: Whether gradients reach the posterior (train mode).
         targets: `targets(case)`, the tensors train mode differentiates, by name; where
             :py:`None`, the train-mode `run` returns `(losses, gradients)` itself.
+        kl: Whether the train-mode loss includes the KL divergence over
+            :data:`NUM_DATA` (a negative ELBO per datum), as the reference then does.
+        uses_k: Whether the work depends on K; where it does not (`deterministic`), a
+            cell is measured at the first K and its record repeated for the others.
     """
 
     name: str
@@ -86,6 +109,8 @@ class Method:
     noise: Noise = Noise.FLAT
     differentiable: bool = True
     targets: Callable[[Case], dict[str, Tensor]] | None = bf_targets
+    kl: bool = False
+    uses_k: bool = True
 
 
 def _generator(case: Case) -> torch.Generator:
@@ -177,10 +202,7 @@ def _build_vmap_compiled(
 
 
 def _build_local_trick(case: Case, K: int, mode: str, fn: Callable, args: tuple, **_: Any) -> Run:
-    layers = bf.local_layers(case.module)
-    names = {f"{n}.{p}" if n else p for n in layers for p in ("weight", "bias")}
-    if not names & set(case.posterior.mean):
-        raise NotApplicable("no linear or convolutional layer is Bayesian")
+    _require_local_layers(case)
     g = _generator(case)
 
     def run(seed: int | None) -> Tensor:
@@ -263,14 +285,118 @@ def _build_torch_func(case: Case, K: int, mode: str, fn: Callable, args: tuple, 
     return run
 
 
+def _build_deterministic(
+    case: Case, K: int, mode: str, fn: Callable, args: tuple, **_: Any
+) -> Run:
+    net = copy.deepcopy(case.module)
+    names = set(case.posterior.mean)
+    if mode != "train":
+        # One plain call, stacked as one sample.
+        return lambda seed: fn(net, *args).unsqueeze(0)
+
+    state: dict[str, Any] = {}
+
+    def reset() -> None:
+        with torch.no_grad():
+            for p, p0 in zip(net.parameters(), case.module.parameters(), strict=True):
+                p.copy_(p0)
+        state["optimizer"] = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    reset()
+
+    def step(seed: int | None) -> tuple[Tensor, dict[str, Tensor]]:
+        # A seed starts from the case's weights, so that the check sees the first step.
+        if seed is not None:
+            reset()
+        optimizer = state["optimizer"]
+        optimizer.zero_grad(set_to_none=True)
+        losses = case.loss(fn(net, *args).unsqueeze(0))
+        losses.sum().backward()
+        grads = {}
+        if seed is not None:
+            grads = {f"mean:{n}": p.grad.clone() for n, p in net.named_parameters() if n in names}
+        optimizer.step()
+        return losses.detach(), grads
+
+    return step
+
+
+def _build_nelbo(estimator: str) -> Build:
+    def build(case: Case, K: int, mode: str, fn: Callable, args: tuple, **options: Any) -> Run:
+        if mode != "train":
+            raise NotApplicable("a training step only (forward: vmap, local-trick)")
+        if estimator != "weights":
+            _require_local_layers(case)
+        g = _generator(case)
+        chunk_size = options.get("chunk_size")
+        q = case.posterior
+        mine = bf.Posterior(
+            {k: v.detach().clone().requires_grad_() for k, v in q.mean.items()},
+            {k: v.detach().clone().requires_grad_() for k, v in q.logvar.items()},
+        )
+        targets = {
+            **{"mean:" + k: v for k, v in mine.mean.items()},
+            **{"logvar:" + k: v for k, v in mine.logvar.items()},
+        }
+        state: dict[str, Any] = {}
+
+        def reset() -> None:
+            with torch.no_grad():
+                for k in q.mean:
+                    mine.mean[k].copy_(q.mean[k])
+                    mine.logvar[k].copy_(q.logvar[k])
+            state["optimizer"] = torch.optim.Adam(list(targets.values()), lr=1e-3)
+
+        reset()
+        loglik = case.loglik
+
+        def log_likelihood(module: torch.nn.Module, *a: Tensor) -> Tensor:
+            return loglik(fn(module, *a))
+
+        def step(seed: int | None) -> tuple[Tensor, dict[str, Tensor]]:
+            if seed is not None:
+                reset()
+            optimizer = state["optimizer"]
+            optimizer.zero_grad(set_to_none=True)
+            loss = bf.nelbo(
+                case.module,
+                mine,
+                *args,
+                fn=log_likelihood,
+                num_data=NUM_DATA,
+                n=K,
+                generator=_seeded(g, seed),
+                chunk_size=chunk_size,
+                estimator=estimator,
+            )
+            loss.backward()
+            grads = {}
+            if seed is not None:
+                grads = {name: t.grad.clone() for name, t in targets.items()}
+            optimizer.step()
+            return loss.detach(), grads
+
+        return step
+
+    return build
+
+
+def _require_local_layers(case: Case) -> None:
+    layers = bf.local_layers(case.module)
+    names = {f"{n}.{p}" if n else p for n in layers for p in ("weight", "bias")}
+    if not names & set(case.posterior.mean):
+        raise NotApplicable("no linear or convolutional layer is Bayesian")
+
+
 def _peer(name: str, build: Build) -> Method:
-    return Method(name, build, Noise.OWN, True, None)
+    return Method(name, build, Noise.OWN, True, None, kl=True)
 
 
 #: The methods, in table order.
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
+        Method("deterministic", _build_deterministic, Noise.NONE, True, None, uses_k=False),
         Method("zuko-loop", _build_zuko_loop, Noise.ZUKO, True, _zuko_targets),
         Method("sample-model-loop", _build_sample_model_loop, Noise.ZUKO, False, _zuko_targets),
         Method("loop", _build_loop),
@@ -279,6 +405,9 @@ METHODS: dict[str, Method] = {
         Method("local-trick", _build_local_trick, Noise.LOCAL),
         Method("bmm", _build_bmm),
         Method("limit", _build_limit, targets=None),
+        Method("nelbo", _build_nelbo("weights"), targets=None, kl=True),
+        Method("nelbo-local", _build_nelbo("local"), Noise.LOCAL, targets=None, kl=True),
+        Method("nelbo-flipout", _build_nelbo("flipout"), Noise.LOCAL, targets=None, kl=True),
         Method("torch-func", _build_torch_func),
         _peer("bayesian-torch", peers.build_bayesian_torch),
         _peer("posteriors", peers.build_posteriors),
@@ -287,8 +416,15 @@ METHODS: dict[str, Method] = {
     )
 }
 
-#: The vectorized bayesflow methods, for the "best vectorized" line of the tables.
+#: The vectorized bayesflow methods, for the "fastest" line of the tables.
 VECTORIZED = ("vmap", "vmap-compiled", "local-trick")
+
+#: The Python loops over samples (`--max-loop-samples` bounds their K).
+LOOPS = ("zuko-loop", "sample-model-loop", "loop")
+
+#: The references the tables divide by, never "fastest": the plain module and the
+#: hand-written batched GEMMs.
+REFERENCES = ("deterministic", "bmm", "limit")
 
 
 def get_method(name: str) -> Method:

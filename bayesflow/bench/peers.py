@@ -60,7 +60,9 @@ def _require(module: str, dist: str) -> None:
         with _quiet():
             importlib.import_module(module)
     except ImportError as e:
-        raise NotInstalled(f"{dist} is not installed ({e.__class__.__name__})") from None
+        raise NotInstalled(
+            f"{e.__class__.__name__} on import {module}; bash scripts/peers.sh installs {dist}"
+        ) from None
 
 
 def _applies(case: Case, fn: Callable) -> None:

@@ -2,20 +2,35 @@ r"""The benchmark's output: plain-text and markdown tables, JSON, CSV and a plot
 
 from __future__ import annotations
 
-__all__ = ["format_table", "markdown_table", "plot", "replace_section", "write_csv", "write_json"]
+__all__ = [
+    "NOISY",
+    "cost_table",
+    "flows_table",
+    "format_table",
+    "markdown_table",
+    "plot",
+    "replace_section",
+    "write_csv",
+    "write_json",
+]
 
 import csv
 import json
 
 from typing import Any
 
-from .methods import METHODS, VECTORIZED
+from .methods import METHODS, REFERENCES, VECTORIZED
 from .status import Status
 
 Record = dict[str, Any]
 
 _SHORT = {Status.WRONG: "WRONG"}
 _ABSENT = (Status.NOT_APPLICABLE, Status.NOT_INSTALLED)
+
+
+#: A cell is noisy, and marked `~`, when its interquartile range exceeds this share of its
+#: median: re-measure it on a quieter machine before reading much into it.
+NOISY = 0.2
 
 
 def _fmt_ms(ms: float) -> str:
@@ -30,44 +45,79 @@ def _ok(r: Record | None) -> bool:
     return r is not None and r["status"] == Status.OK
 
 
-def _groups(records: list[Record]) -> dict[tuple[str, str], list[Record]]:
-    groups: dict[tuple[str, str], list[Record]] = {}
+def _noisy(r: Record) -> bool:
+    iqr = r.get("iqr_ms")
+    return iqr is not None and r["median_ms"] > 0 and iqr > NOISY * r["median_ms"]
+
+
+def _ms(r: Record) -> str:
+    return _fmt_ms(r["median_ms"]) + ("~" if _noisy(r) else "")
+
+
+def _groups(records: list[Record]) -> dict[tuple[str, str, Any], list[Record]]:
+    groups: dict[tuple[str, str, Any], list[Record]] = {}
     for r in records:
-        groups.setdefault((r["model"], r["mode"]), []).append(r)
+        groups.setdefault((r["model"], r["mode"], r.get("batch")), []).append(r)
     return groups
 
 
-def format_table(records: list[Record]) -> str:
-    r"""Formats records as plain-text tables, one per model and mode.
+def _loop_baseline(rs: list[Record]) -> str | None:
+    r"""The loop the speed-ups are taken over: zuko's, else bayesflow's, if either ran."""
 
-    Each cell shows the median time in ms, the speed-up over `zuko-loop` (`x`, higher is
-    better) and the time relative to `bmm` (`b`: 1.00 is the hand-written batched GEMMs
-    with their own draw; `limit`, the same GEMMs on pre-drawn weights, shows what the draw
-    costs).
+    for name in ("zuko-loop", "loop"):
+        if any(r["method"] == name and _ok(r) for r in rs):
+            return name
+    return None
+
+
+def _has(rs: list[Record], name: str) -> bool:
+    return any(r["method"] == name and _ok(r) for r in rs)
+
+
+def _legend(loop: str | None, det: bool, bmm: bool) -> str:
+    parts = ["median ms"]
+    if loop:
+        parts.append(f"speed-up over {loop} (x)")
+    if det:
+        parts.append("time / deterministic (d)")
+    if bmm:
+        parts.append("time / bmm (b)")
+    return ", ".join(parts)
+
+
+def format_table(records: list[Record]) -> str:
+    r"""Formats records as plain-text tables, one per model, mode and batch size.
+
+    Each cell shows the median time in ms, then, where those methods ran: the speed-up
+    over `zuko-loop` (`x`, higher is better; over bayesflow's `loop` when zuko's did not
+    run), the time relative to `deterministic` (`d`: 1.00 is the plain module, one plain
+    forward or one Adam step: the cost of being Bayesian) and relative to `bmm` (`b`:
+    1.00 is the hand-written batched GEMMs with their own draw; `limit`, the same GEMMs
+    on pre-drawn weights, shows what the draw costs). A cell whose interquartile range
+    exceeds :data:`NOISY` of its median is marked `~`.
     """
 
     lines = []
-    for (model, mode), rs in _groups(records).items():
+    any_noisy = False
+    for (model, mode, _), rs in _groups(records).items():
         ks = sorted({r["samples"] for r in rs})
         methods = list(dict.fromkeys(r["method"] for r in rs))
         by = {(r["method"], r["samples"]): r for r in rs}
         first = rs[0]
-        has_bmm = any(r["method"] == "bmm" and _ok(r) for r in rs)
+        loop, det, bmm = _loop_baseline(rs), _has(rs, "deterministic"), _has(rs, "bmm")
 
         lines.append(
             f"{model} · {mode} · batch {first['batch']} · {first['device']} {first['dtype']} · "
             f"{first['threads']} thread(s)"
         )
-        lines.append(
-            "  median ms, speed-up over zuko-loop (x)" + (", time / bmm (b)" if has_bmm else "")
-        )
-        width = 22 if has_bmm else 16
+        lines.append("  " + _legend(loop, det, bmm))
+        width = 9 + 7 * (bool(loop) + det + bmm)
         lines.append(f"  {'method':<18}" + "".join(f"{'K=' + str(k):>{width}}" for k in ks))
         notes: list[str] = []
         for m in methods:
             mine = [by[(m, k)] for k in ks if (m, k) in by]
             if all(r["status"] in _ABSENT for r in mine):
-                notes.append(f"{m}: {mine[0]['status']} ({mine[0]['detail']})")
+                notes.append(_note(m, mine[0]))
                 continue
             cells = []
             status_note = None
@@ -79,54 +129,89 @@ def format_table(records: list[Record]) -> str:
                 if not _ok(r):
                     short = _SHORT.get(r["status"], str(r["status"]))
                     cells.append(f"{short:>{width}}")
-                    status_note = f"{m}: {r['status']} ({r['detail']})"
+                    status_note = _note(m, r)
                     continue
-                cell = _fmt_ms(r["median_ms"])
-                z = by.get(("zuko-loop", k))
-                if _ok(z):
-                    cell += f" {z['median_ms'] / r['median_ms']:5.1f}x"
-                b = by.get(("bmm", k))
-                if has_bmm:
-                    cell += f" {r['median_ms'] / b['median_ms']:5.2f}b" if _ok(b) else " " * 7
+                any_noisy |= _noisy(r)
+                cell = f"{_ms(r):>8}"
+                for name, kind in ((loop, "x"), ("deterministic" if det else None, "d")):
+                    if name is None:
+                        continue
+                    base = by.get((name, k))
+                    if not _ok(base):
+                        cell += " " * 7
+                    elif kind == "x":
+                        cell += _ratio(base["median_ms"] / r["median_ms"], "x", 1)
+                    else:
+                        cell += _ratio(r["median_ms"] / base["median_ms"], "d", 2)
+                if bmm:
+                    b = by.get(("bmm", k))
+                    cell += _ratio(r["median_ms"] / b["median_ms"], "b", 2) if _ok(b) else " " * 7
                 cells.append(f"{cell:>{width}}")
             lines.append(f"  {m:<18}" + "".join(cells))
             if status_note:
                 notes.append(status_note)
-        best = _best_vectorized(by, ks, has_bmm)
-        if best:
-            lines.append(f"  best vectorized: {best}")
+        fastest = _fastest(by, ks, loop)
+        if fastest:
+            lines.append(f"  fastest: {fastest}")
         for note in notes:
             lines.append(f"    {note}")
         lines.append("")
+    if any_noisy:
+        lines.append(f"~ noisy: the interquartile range exceeds {NOISY:.0%} of the median")
 
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _best_vectorized(by: dict[tuple[str, int], Record], ks: list[int], bmm: bool) -> str:
+def _ratio(value: float, suffix: str, decimals: int) -> str:
+    # Six characters and a space, whatever the size: 1.23d, 12.3d, 1234d.
+    for d in range(decimals, -1, -1):
+        text = f"{value:.{d}f}{suffix}"
+        if len(text) <= 6:
+            break
+    return f" {text:>6}"
+
+
+def _note(method: str, r: Record) -> str:
+    return (
+        f"{method}: {r['status']} ({r['detail']})" if r["detail"] else f"{method}: {r['status']}"
+    )
+
+
+def _fastest(by: dict[tuple[str, int], Record], ks: list[int], loop: str | None) -> str:
+    r"""Per K, the fastest method that is not a reference, with its speed-up over the loop;
+    and the best vectorized method where it is slower than that."""
+
     parts = []
     for k in ks:
-        rs = [by[m, k] for m in VECTORIZED if _ok(by.get((m, k)))]
-        z = by.get(("zuko-loop", k))
-        if not rs or not _ok(z):
+        rs = [r for (m, kk), r in by.items() if kk == k and _ok(r) and m not in REFERENCES]
+        if not rs:
             continue
-        r = min(rs, key=lambda r: r["median_ms"])
-        part = f"K={k} {r['method']} {z['median_ms'] / r['median_ms']:.1f}x"
-        b = by.get(("bmm", k))
-        if bmm and _ok(b):
-            part += f" {r['median_ms'] / b['median_ms']:.2f}b"
+        best = min(rs, key=lambda r: r["median_ms"])
+        base = by.get((loop, k)) if loop else None
+
+        def x(r: Record, base: Record | None = base) -> str:
+            return f" {base['median_ms'] / r['median_ms']:.1f}x" if _ok(base) else ""
+
+        part = f"K={k} {best['method']}{x(best)}"
+        vectorized = [r for r in rs if r["method"] in VECTORIZED]
+        if vectorized and best["method"] not in VECTORIZED:
+            v = min(vectorized, key=lambda r: r["median_ms"])
+            part += f" (best vectorized: {v['method']}{x(v)})"
         parts.append(part)
     return " · ".join(parts)
 
 
 def markdown_table(records: list[Record]) -> str:
-    r"""Formats records as one markdown table per model: a row per method, a column per
-    mode and K, each cell the median ms and, in parentheses, the time relative to `bmm`
-    of the same column; the fastest of each column in bold."""
+    r"""Formats records as one markdown table per model and batch size: a row per method, a
+    column per mode and K, each cell the median ms and, in parentheses, the time relative
+    to `deterministic` (`d`) and to `bmm` (`b`) of the same column where those ran; the
+    fastest of each column in bold, a noisy cell (see :data:`NOISY`) marked `~`."""
 
     out = []
-    models = dict.fromkeys(r["model"] for r in records)
-    for model in models:
-        rs = [r for r in records if r["model"] == model]
+    groups: dict[tuple[str, Any], list[Record]] = {}
+    for r in records:
+        groups.setdefault((r["model"], r.get("batch")), []).append(r)
+    for (model, _), rs in groups.items():
         cols = list(dict.fromkeys((r["mode"], r["samples"]) for r in rs))
         cols.sort(key=lambda c: (["forward", "train", "sample"].index(c[0]), c[1]))
         methods = list(dict.fromkeys(r["method"] for r in rs))
@@ -136,11 +221,15 @@ def markdown_table(records: list[Record]) -> str:
             ok = [by[m, mode, k] for m in methods if _ok(by.get((m, mode, k)))]
             if ok:
                 best[mode, k] = min(r["median_ms"] for r in ok)
+        refs = [(n, s) for n, s in (("deterministic", "d"), ("bmm", "b")) if _has(rs, n)]
 
         first = rs[0]
+        ratios = ", ".join(f"time / {n} ({s})" for n, s in refs)
         out.append(
             f"{model}, batch {first['batch']}, {first['device']} {first['dtype']}, "
-            f"{first['threads']} thread(s): median ms (time / bmm)\n"
+            f"{first['threads']} thread(s): median ms"
+            + (f"; in parentheses {ratios}" if refs else "")
+            + "\n"
         )
         short = {"forward": "fwd", "train": "train", "sample": "sample"}
         out.append("| method | " + " | ".join(f"{short[m]} K={k}" for m, k in cols) + " |")
@@ -154,16 +243,91 @@ def markdown_table(records: list[Record]) -> str:
                 elif not _ok(r):
                     cells.append(_SHORT.get(r["status"], str(r["status"])))
                 else:
-                    cell = _fmt_ms(r["median_ms"])
+                    cell = _ms(r)
                     if r["median_ms"] == best.get((mode, k)):
                         cell = f"**{cell}**"
-                    b = by.get(("bmm", mode, k))
-                    if _ok(b):
-                        cell += f" ({r['median_ms'] / b['median_ms']:.2f})"
+                    parts = []
+                    for name, sym in refs:
+                        b = by.get((name, mode, k))
+                        if _ok(b):
+                            parts.append(f"{r['median_ms'] / b['median_ms']:.2f}{sym}")
+                    if parts:
+                        cell += f" ({' '.join(parts)})"
                     cells.append(cell)
             out.append(f"| {m} | " + " | ".join(cells) + " |")
         out.append("")
+    if any(_ok(r) and _noisy(r) for r in records):
+        out.append(f"~ noisy: the interquartile range exceeds {NOISY:.0%} of the median.\n")
     return "\n".join(out)
+
+
+def cost_table(records: list[Record]) -> str:
+    r"""Formats the cost of being Bayesian as one markdown table, a row per model and batch:
+    K = 1 against the plain module (`deterministic`), the forward (`vmap`) over a plain
+    forward and the training steps (`nelbo`, `nelbo-local`, `nelbo-flipout`) over a plain
+    Adam step, each ratio with its median in ms."""
+
+    groups: dict[tuple[str, Any], dict[tuple[str, str], Record]] = {}
+    for r in records:
+        if r["samples"] == 1:
+            groups.setdefault((r["model"], r.get("batch")), {})[r["method"], r["mode"]] = r
+
+    rows = [
+        "| model | batch | plain forward (ms) | vmap K=1 / plain | plain Adam step (ms) "
+        "| nelbo K=1 / plain | local / plain | Flipout / plain |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (model, batch), by in groups.items():
+        cells = [model, str(batch)]
+        for mode, methods in (
+            ("forward", ["vmap"]),
+            ("train", ["nelbo", "nelbo-local", "nelbo-flipout"]),
+        ):
+            det = by.get(("deterministic", mode))
+            cells.append(_ms(det) if _ok(det) else "-")
+            for method in methods:
+                r = by.get((method, mode))
+                if _ok(r) and _ok(det):
+                    cells.append(f"**{r['median_ms'] / det['median_ms']:.2f}x** ({_ms(r)})")
+                else:
+                    cells.append("-" if r is None else str(r["status"]))
+        rows.append("| " + " | ".join(cells) + " |")
+    if any(_ok(r) and _noisy(r) for r in records):
+        rows.append("")
+        rows.append(f"~ noisy: the interquartile range exceeds {NOISY:.0%} of the median.")
+    return "\n".join(rows) + "\n"
+
+
+def flows_table(records: list[Record], names: dict[str, str] | None = None) -> str:
+    r"""Formats one markdown row per flow and mode: the plain flow, zuko's loop and
+    `vmap_call` in ms, and the speed-up of `vmap_call` over the loop (docs/flows.md).
+
+    Arguments:
+        records: The records of the `flows` (or `flows-sample`) sweep.
+        names: Display names of the models, in the order of the rows; all models, in the
+            order of the records, if :py:`None`.
+    """
+
+    by = {(r["model"], r["mode"], r["method"]): r for r in records if _ok(r)}
+    models = names or {m: m for m in dict.fromkeys(r["model"] for r in records)}
+    modes = list(dict.fromkeys(r["mode"] for r in records))
+    rows = [
+        "| flow | mode | K | plain flow (ms) | zuko `reparameterize()` loop (ms) "
+        "| `vmap_call` (ms) | speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for model, name in models.items():
+        for mode in modes:
+            det, loop, vmap = (
+                by.get((model, mode, m)) for m in ("deterministic", "zuko-loop", "vmap")
+            )
+            if loop is None and vmap is None:
+                continue
+            k = (vmap or loop)["samples"]
+            cells = [_ms(r) if r else "-" for r in (det, loop, vmap)]
+            speedup = f"{loop['median_ms'] / vmap['median_ms']:.1f}x" if loop and vmap else "-"
+            rows.append(f"| {name} | {mode} | {k} | " + " | ".join(cells) + f" | {speedup} |")
+    return "\n".join(rows) + "\n"
 
 
 def replace_section(path: str, name: str, text: str) -> None:
@@ -212,7 +376,8 @@ def write_csv(records: list[Record], path: str) -> None:
 
 
 def plot(records: list[Record], path: str) -> None:
-    r"""Plots time against K (log-log) and the speed-up over `zuko-loop`, per model and mode."""
+    r"""Plots time against K (log-log) and the speed-up over `zuko-loop` (or `loop`), per
+    model, mode and batch size."""
 
     import matplotlib
 
@@ -224,10 +389,11 @@ def plot(records: list[Record], path: str) -> None:
     fig, axes = plt.subplots(
         len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False, dpi=64
     )
-    for row, ((model, mode), rs) in zip(axes, groups.items(), strict=True):
-        zuko_ms = {
-            r["samples"]: r["median_ms"] for r in rs if r["method"] == "zuko-loop" and _ok(r)
-        }
+    batches = {key[2] for key in groups}
+    for row, ((model, mode, batch), rs) in zip(axes, groups.items(), strict=True):
+        loop = _loop_baseline(rs)
+        zuko_ms = {r["samples"]: r["median_ms"] for r in rs if r["method"] == loop and _ok(r)}
+        title = f"{model} · {mode}" + (f" · batch {batch}" if len(batches) > 1 else "")
         for m in dict.fromkeys(r["method"] for r in rs):
             pts = sorted((r["samples"], r["median_ms"]) for r in rs if r["method"] == m and _ok(r))
             if not pts:
@@ -244,13 +410,13 @@ def plot(records: list[Record], path: str) -> None:
             yscale="log",
             xlabel="K (samples)",
             ylabel="median ms",
-            title=f"{model} · {mode}",
+            title=title,
         )
         row[1].set(
             xscale="log",
             xlabel="K (samples)",
-            ylabel="speed-up over zuko-loop",
-            title=f"{model} · {mode}",
+            ylabel=f"speed-up over {loop or 'the loop'}",
+            title=title,
         )
         row[1].axhline(1.0, color="gray", lw=0.8)
         for ax in row:

@@ -20,10 +20,16 @@ import zuko
 import bayesflow as bf
 
 from .cases import Case, make_case
-from .checks import STATISTICAL_SAMPLES, check_exact, check_statistically, mode_fn
+from .checks import (
+    STATISTICAL_SAMPLES,
+    check_deterministic,
+    check_exact,
+    check_statistically,
+    mode_fn,
+)
 from .measure import threads as _threads
 from .measure import time_call
-from .methods import METHODS, Method, Noise
+from .methods import LOOPS, METHODS, Method, Noise
 from .status import NotApplicable, NotInstalled, Status, Unsupported, Wrong
 
 
@@ -32,7 +38,8 @@ class Options:
     r"""How the cells are built and timed.
 
     Attributes:
-        batch: The batch size; each model's default if :py:`None`.
+        batch: The batch size, or several (a batch sweep); each model's default if
+            :py:`None`.
         device: The device.
         dtype: The floating point type.
         threads: The number of CPU threads; torch's current number if :py:`None`.
@@ -42,9 +49,11 @@ class Options:
         seed: The seed of the models, inputs and checks.
         model_samples: Numbers of samples K for some models, in place of `samples`.
         check_samples: The least number of samples of a statistical check.
+        max_loop_samples: The largest K at which the Python loops over samples
+            (:data:`~bayesflow.bench.methods.LOOPS`) run; no limit if :py:`None`.
     """
 
-    batch: int | None = None
+    batch: int | Sequence[int] | None = None
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     threads: int | None = None
@@ -54,6 +63,7 @@ class Options:
     seed: int = 0
     model_samples: Mapping[str, Sequence[int]] = field(default_factory=dict)
     check_samples: int = STATISTICAL_SAMPLES
+    max_loop_samples: int | None = None
 
 
 def _wrap_mode(method: Method, case: Case, run: Callable, mode: str) -> Callable:
@@ -125,11 +135,21 @@ def measure_cell(
         t0 = time.perf_counter()
         if statistical:
             check = check_statistically(
-                case, K, mode, method.noise, build, options.seed, options.check_samples
+                case,
+                K,
+                mode,
+                method.noise,
+                build,
+                options.seed,
+                options.check_samples,
+                method.kl,
             )
             # Built anew after the check, which built its own: some peers hold global
             # state (Pyro's parameter store), valid for the latest build only.
             work = build(K) if check.ok else None
+        elif method.noise is Noise.NONE:
+            work = build(K)
+            check = check_deterministic(case, mode, work, options.seed)
         else:
             work = build(K)
             check = check_exact(method, case, K, mode, work, options.seed)
@@ -211,17 +231,19 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def _ratios(records: list[dict[str, Any]]) -> None:
-    r"""Sets each record's `ratio_to_bmm`: its median over the `bmm` median of its cell."""
+    r"""Sets each record's `ratio_to_bmm` and `ratio_to_deterministic`: its median over
+    the `bmm` and `deterministic` medians of its cell."""
 
-    bmm = {
-        (r["model"], r["mode"], r["samples"]): r["median_ms"]
-        for r in records
-        if r["method"] == "bmm" and r["status"] is Status.OK
-    }
-    for r in records:
-        base = bmm.get((r["model"], r["mode"], r["samples"]))
-        ok = base is not None and r["status"] is Status.OK
-        r["ratio_to_bmm"] = r["median_ms"] / base if ok else None
+    for name in ("bmm", "deterministic"):
+        base = {
+            (r["model"], r["mode"], r["batch"], r["samples"]): r["median_ms"]
+            for r in records
+            if r["method"] == name and r["status"] is Status.OK
+        }
+        for r in records:
+            b = base.get((r["model"], r["mode"], r["batch"], r["samples"]))
+            ok = b is not None and r["status"] is Status.OK
+            r[f"ratio_to_{name}"] = r["median_ms"] / b if ok else None
 
 
 def run_bench(
@@ -288,9 +310,21 @@ def _run(
     def ks(model: str) -> list[int]:
         return list(options.model_samples.get(model, samples))
 
-    total = sum(len(ks(m)) * len(modes) * len(table) for m in models)
+    def runs(name: str, K: int) -> bool:
+        limit = options.max_loop_samples
+        return limit is None or name not in LOOPS or K <= limit
+
+    batches: list[int | None]
+    if options.batch is None or isinstance(options.batch, int):
+        batches = [options.batch]
+    else:
+        batches = list(options.batch)
+    total = len(batches) * sum(
+        sum(runs(name, K) for K in ks(m) for name in table) * len(modes) for m in models
+    )
     bar = _progress(total, progress)
     common = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -303,15 +337,17 @@ def _run(
 
     with _threads(n_threads), contextlib.closing(bar):
         for model in models:
-            case = make_case(
-                model, options.batch, device=device, dtype=options.dtype, seed=options.seed
-            )
-            for mode in modes:
-                if mode == "sample" and case.sample_fn is None:
-                    bar.update(len(ks(model)) * len(table))
-                    continue
-                for K in ks(model):
-                    for name, method in table.items():
+            for batch in batches:
+                case = make_case(
+                    model, batch, device=device, dtype=options.dtype, seed=options.seed
+                )
+                for mode in modes:
+                    cells = [(K, n, m) for K in ks(model) for n, m in table.items() if runs(n, K)]
+                    if mode == "sample" and case.sample_fn is None:
+                        bar.update(len(cells))
+                        continue
+                    once: dict[str, dict[str, Any]] = {}  # the cells of methods without K
+                    for K, name, method in cells:
                         bar.set_description(f"{model} {mode} K={K} {name}")
                         record = {
                             "model": model,
@@ -322,9 +358,17 @@ def _run(
                             **common,
                             "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                         }
-                        record.update(measure_cell(method, case, K, mode, options))
+                        if name in once:
+                            result = once[name]
+                        else:
+                            result = measure_cell(method, case, K, mode, options)
+                            if not method.uses_k:
+                                if result["status"] is Status.OK:
+                                    result["detail"] += ", measured once (independent of K)"
+                                once[name] = result
+                        record.update(result)
                         records.append(record)
                         bar.update(1)
-            del case
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                del case
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
