@@ -14,6 +14,7 @@ __all__ = [
     "ConstantSchedule",
     "CyclicalSchedule",
     "GaussianPrior",
+    "IVON",
     "LinearWarmup",
     "Posterior",
     "Prior",
@@ -63,6 +64,7 @@ from . import datasets  # noqa: F401
 from .bayesian import BayesianModel
 from .call import VmapFallbackWarning, loop_call, vmap_call
 from .flows import flow_sample
+from .ivon import IVON
 from .local import local_call, local_layers
 from .metrics import (
     CalibrationCurve,
