@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the peer libraries of `bayesflow bench` (bayesian-torch, posteriors, Pyro) into .venv
+# Installs the peer libraries of `bayesflow bench` (bayesian-torch, posteriors, Pyro) and the
+# reference implementation of bf.IVON (ivon-opt, tests/test_ivon.py) into .venv
 # next to its CPU torch, without ever letting pip pull another torch (or a CUDA one).
 # Usage: bash scripts/peers.sh            (after bash scripts/setup.sh; see benchmarks/RESULTS.md)
 #
@@ -33,8 +34,9 @@ pip --no-deps posteriors==0.1.3 torchopt==0.7.3 tensordict==0.15.3
 pip optree==0.20.0 cloudpickle==3.1.3 "pyvers>=0.2,<0.3" graphviz==0.21 numpy
 pip --no-deps pyro-ppl==1.9.2
 pip pyro-api==0.1.2 opt_einsum==3.4.0 tqdm
+pip --no-deps ivon-opt==0.1.3  # imports torch only
 
 python -W ignore -c '
-import bayesian_torch.models.dnn_to_bnn, posteriors, pyro.infer.autoguide, torch
+import bayesian_torch.models.dnn_to_bnn, ivon, posteriors, pyro.infer.autoguide, torch
 print("peers: installed next to torch", torch.__version__)
 '

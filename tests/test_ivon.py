@@ -500,3 +500,99 @@ def test_bad_calls(gen):
     with pytest.raises(ValueError, match=r"IVON\.load_state_dict: expected finite hess with"):
         opt.load_state_dict(bad)
     assert unchanged(before, net, opt.posterior, opt.hess)
+
+
+# Data-parallel: two gloo processes, one sample each, average as one process with two.
+
+WORLD = 2
+
+
+def _ivon_worker(rank, port, path):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        torch.set_default_dtype(torch.float64)
+        torch.set_num_threads(1)
+        net, (x, y) = make_net(), data()
+        if rank == 1:
+            with torch.no_grad():  # the optimizer starts every process from the first's means
+                net[0].weight.add_(1.0)
+        opt = bf.IVON(net, **HYPERS["decay-clip"])
+        shard = slice(10 * rank, 10 * (rank + 1))
+        for t in range(3):
+            # each process draws its own sample, on its own shard of the batch
+            params = opt.sample(1, generator=torch.Generator().manual_seed(100 * t + rank))
+            (bf.vmap_call(net, params, x[shard]) - y[shard]).square().mean().backward()
+            opt.step()
+        state = opt.state_dict()["state"]
+        state["logvar"] = flat(opt.posterior.logvar.values())
+        torch.save(state, f"{path}.{rank}")
+        # Neither process tears gloo down while the other still talks to it.
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_equals_one_process_with_two_samples(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "rank")
+    context = mp.start_processes(
+        _ivon_worker, args=(port, path), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 120.0
+    try:
+        while not context.join(timeout=1.0):
+            assert time.monotonic() < deadline, f"the {WORLD} processes did not end in time"
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.terminate()
+    ranks = [torch.load(f"{path}.{r}") for r in range(WORLD)]
+
+    # one process, the same two samples, as two draws on the two shards, then one step
+    (x, y), looped = data(), make_net()
+    loop_opt = bf.IVON(looped, **HYPERS["decay-clip"])
+    # one process, the same two samples in one vectorized pass, each on its shard
+    net = make_net()
+    opt = bf.IVON(net, **HYPERS["decay-clip"])
+    shards = x.view(2, 10, 3), y.view(2, 10, 2)
+    for t in range(3):
+        eps = []
+        for rank in range(WORLD):
+            generator = torch.Generator().manual_seed(100 * t + rank)
+            eps.append(
+                torch.randn(1, size(net), generator=torch.Generator().manual_seed(100 * t + rank))
+            )
+            params = loop_opt.sample(1, generator=generator)
+            shard = slice(10 * rank, 10 * (rank + 1))
+            (bf.vmap_call(looped, params, x[shard]) - y[shard]).square().mean().backward()
+        loop_opt.step()
+
+        with feeding(monkeypatch, [torch.cat(eps)]):
+            params = opt.sample(2)
+        out = bf.vmap_call(net, params, shards[0], in_dims=(0,))
+        (out - shards[1]).square().mean().backward()
+        opt.step()
+
+    for name, oracle in (("loop", loop_opt), ("one pass", opt)):
+        state = oracle.state_dict()["state"]
+        state["logvar"] = flat(oracle.posterior.logvar.values())
+        for rank in ranks:
+            for k in ("mean", "hess", "momentum", "logvar"):
+                assert close(rank[k], state[k]), (name, k)
+    assert not close(ranks[0]["mean"], flat(make_net().parameters()), 1e-3)
