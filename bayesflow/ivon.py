@@ -143,11 +143,12 @@ class IVON(torch.optim.Optimizer):
     :meth:`step` sums them. Several draws before one step (a loop, where memory is short)
     are averaged, each draw weighted equally; a draw that no gradient reached is ignored.
 
-    With :mod:`torch.distributed` initialized and `sync` true, every process draws its own
-    samples (give each its own generator seed) and :meth:`step` averages :math:`\bar g` and
-    :math:`\hat h` over the processes with one all-reduce: :math:`P` processes with
-    :math:`K` samples each step as one process with :math:`PK` samples. The means are
-    broadcast from the first process when the optimizer is created.
+    With :mod:`torch.distributed` initialized before the optimizer is created, and `sync`
+    true, every process draws its own samples (give each its own generator seed) and
+    :meth:`step` averages :math:`\bar g` and :math:`\hat h` over the processes with one
+    all-reduce: :math:`P` processes with :math:`K` samples each step as one process with
+    :math:`PK` samples. The means are broadcast from the first process when the optimizer
+    is created.
 
     Example:
         >>> net = zuko.nn.MLP(3, 1)
@@ -179,7 +180,7 @@ class IVON(torch.optim.Optimizer):
             :func:`bayesflow.select`).
         exclude: Glob patterns of the parameters to leave out.
         sync: Whether to average the statistics of every step over the processes of
-            `process_group` when :mod:`torch.distributed` is initialized.
+            `process_group`, if :mod:`torch.distributed` is initialized (by then).
         process_group: The processes to average over; the default group if :py:`None`.
 
     Raises:
@@ -277,12 +278,14 @@ class IVON(torch.optim.Optimizer):
         self._draw: _Draw | None = None
         self._t = 0
 
-        self._sync = sync
-        self._process_group = process_group
-        group = self._group()
-        if group is not None:
-            src = 0 if process_group is None else dist.get_global_rank(process_group, 0)
-            dist.broadcast(self._mean, src=src, group=process_group)
+        # The processes to average over, fixed here: torch.distributed is set up first.
+        self._group = None
+        if sync and dist.is_available() and dist.is_initialized():
+            if dist.get_world_size(process_group) > 1:
+                self._group = process_group if process_group is not None else dist.group.WORLD
+                src = 0 if process_group is None else dist.get_global_rank(process_group, 0)
+                dist.broadcast(self._mean, src=src, group=process_group)
+        self._scalars: dict[float, Tensor] = {}
 
         mean = self._views(self._mean)
         with torch.no_grad():
@@ -300,22 +303,13 @@ class IVON(torch.optim.Optimizer):
         views `(n, *shape)` of an `(n, P)` one."""
 
         if n is None:
-            pieces = flat.split(self._sizes)
+            pieces = torch.split_with_sizes(flat, self._sizes)
             return {
                 name: t.view(shape)
                 for name, shape, t in zip(self._names, self._shapes, pieces, strict=True)
             }
-        pieces = flat.view(n, -1).split(self._sizes, 1)
+        pieces = torch.split_with_sizes(flat.view(n, -1), self._sizes, 1)
         return [t.view(n, *shape) for shape, t in zip(self._shapes, pieces, strict=True)]
-
-    def _group(self) -> Any:
-        r"""Returns the process group to average over, or :py:`None` if there is none."""
-
-        if not (self._sync and dist.is_available() and dist.is_initialized()):
-            return None
-        if dist.get_world_size(self._process_group) < 2:
-            return None
-        return self._process_group if self._process_group is not None else dist.group.WORLD
 
     def _set_variance(self, ess: float, weight_decay: float) -> None:
         r"""Sets :math:`H = h + \delta` and the variances, from the Hessian estimates."""
@@ -332,8 +326,7 @@ class IVON(torch.optim.Optimizer):
         torch.mul(self._H, ess, out=self._std).rsqrt_().clamp_(1 / bound, bound)
         z = torch.log(self._std, out=self._work[0])
         # softclip^-1(2 z) = 2 z / sqrt(1 - (2 z / b)^2) = z / sqrt(1 / 4 - z^2 / b^2)
-        quarter = torch.full((), 0.25, dtype=z.dtype, device=z.device)
-        torch.addcmul(quarter, z, z, value=-1 / LOGVAR_BOUND**2, out=self._logvar)
+        torch.addcmul(self._scalar(0.25), z, z, value=-1 / LOGVAR_BOUND**2, out=self._logvar)
         self._logvar.rsqrt_().mul_(z)
 
     @property
@@ -479,7 +472,7 @@ class IVON(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         h = self._hyper(where)
-        group = self._group()
+        group = self._group
         self._refresh(h)
 
         draw = self._draw
@@ -489,7 +482,12 @@ class IVON(torch.optim.Optimizer):
                 f"{where}: expected gradients of the samples drawn by IVON.sample since the "
                 "last step, got none: draw with sample(), backpropagate the loss, then step()"
             )
-        if self._count == 0 and group is None and draw.n == 1 and None not in grads:
+        if (
+            self._count == 0
+            and group is None
+            and draw.n == 1
+            and all(g is not None for g in grads)
+        ):
             # One sample: from the gradients by name, without a flat copy of them.
             self._draw = None
             torch._foreach_mul_(self._eps_views, grads)
@@ -549,7 +547,16 @@ class IVON(torch.optim.Optimizer):
         self._variance_of = (h.ess, h.weight_decay)
 
     def _scalar(self, value: float) -> Tensor:
-        return torch.full((), value, dtype=self._dtype, device=self._device)
+        r"""Returns `value` as a 0-dim tensor, made once."""
+
+        t = self._scalars.get(value)
+        if t is None:
+            if len(self._scalars) > 8:  # a changing beta2 must not grow this forever
+                self._scalars.clear()
+            t = self._scalars[value] = torch.full(
+                (), value, dtype=self._dtype, device=self._device
+            )
+        return t
 
     def state_dict(self) -> dict[str, Any]:
         r"""Returns the state of the optimizer, to resume training with :meth:`load_state_dict`.
