@@ -298,6 +298,16 @@ class IVON(torch.optim.Optimizer):
         super().__init__(list(mean.values()), {k: getattr(h, k) for k in _HYPER})
         self._checked = (tuple(h), h)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        r"""Refuses a second parameter group: the posterior is the optimizer's only one."""
+
+        if getattr(self, "param_groups", None):
+            raise ValueError(
+                "IVON.add_param_group: expected one parameter group, the posterior's, got a "
+                "second; train other parameters with another optimizer"
+            )
+        super().add_param_group(param_group)
+
     def _views(self, flat: Tensor, n: int | None = None) -> Any:
         r"""Returns the views by name of a flat `(P,)` tensor, or with `n` the list of
         views `(n, *shape)` of an `(n, P)` one."""

@@ -489,6 +489,8 @@ def test_bad_calls(gen):
         opt.load_state_dict([])
     with pytest.raises(ValueError, match=r"IVON\.load_state_dict: expected a dict from IVON"):
         opt.load_state_dict({"state": {}})
+    with pytest.raises(ValueError, match=r"IVON\.add_param_group: expected one parameter group"):
+        opt.add_param_group({"params": [torch.zeros(2)]})
     other = bf.IVON(make_net(), lr=0.1, ess=1.0, include=["0"]).state_dict()
     with pytest.raises(ValueError, match=r"IVON\.load_state_dict: expected a state over"):
         opt.load_state_dict(other)
@@ -596,3 +598,15 @@ def test_data_parallel_equals_one_process_with_two_samples(tmp_path, monkeypatch
             for k in ("mean", "hess", "momentum", "logvar"):
                 assert close(rank[k], state[k]), (name, k)
     assert not close(ranks[0]["mean"], flat(make_net().parameters()), 1e-3)
+
+
+def test_from_scratch_page_runs():
+    import re
+
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "from-scratch.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) >= 4
+
+    exec(compile("\n".join(blocks), str(page), "exec"), {})
