@@ -8,13 +8,13 @@ drop-in superset of :class:`zuko.bayesian.BayesianModel`.
 __version__ = "0.2.0"
 
 __all__ = [
+    "IVON",
     "BayesianModel",
     "CalibrationCurve",
     "ClassificationSummary",
     "ConstantSchedule",
     "CyclicalSchedule",
     "GaussianPrior",
-    "IVON",
     "LinearWarmup",
     "Posterior",
     "Prior",
