@@ -15,7 +15,14 @@ import torch.nn as nn
 
 from torch import Tensor
 
-from ._checks import check_bool, check_generator, check_int, check_module, check_number
+from ._checks import (
+    check_bool,
+    check_generator,
+    check_int,
+    check_module,
+    check_not_bridge,
+    check_number,
+)
 from ._numerics import LOGVAR_BOUND
 from ._types import Posterior
 from .posterior import select
@@ -146,8 +153,8 @@ class IVON(torch.optim.Optimizer):
     With :mod:`torch.distributed` initialized before the optimizer is created, and `sync`
     true, every process draws its own samples (give each its own generator seed) and
     :meth:`step` averages :math:`\bar g` and :math:`\hat h` over the processes with one
-    all-reduce: :math:`P` processes with :math:`K` samples each step as one process with
-    :math:`PK` samples. The means are broadcast from the first process when the optimizer
+    all-reduce: :math:`W` processes with :math:`K` samples each step as one process with
+    :math:`WK` samples. The means are broadcast from the first process when the optimizer
     is created.
 
     Example:
@@ -213,6 +220,7 @@ class IVON(torch.optim.Optimizer):
     ) -> None:
         where = "IVON"
         check_module(where, module)
+        check_not_bridge(where, module)
         values = (lr, ess, hess_init, beta1, beta2, weight_decay, clip_radius, rescale_lr, debias)
         h = _check_hyper(where, dict(zip(_HYPER, values, strict=True)))
         check_bool(where, "sync", sync)
@@ -382,7 +390,7 @@ class IVON(torch.optim.Optimizer):
 
         Backpropagate the loss, averaged over the samples, to them, then call
         :meth:`step`. For predictions, sample :attr:`posterior` with
-        :func:`bayesflow.sample` instead (the same numbers for the same generator state).
+        :func:`bayesflow.sample` instead (the same draw for the same generator state).
 
         Arguments:
             n: The number of samples :math:`K`.

@@ -411,6 +411,7 @@ def test_repr():
 
 BAD = [
     ("module", dict(module="net"), TypeError, "IVON: expected a torch.nn.Module, got str"),
+    ("bridge", dict(module=bf.BayesianModel(nn.Linear(2, 2))), TypeError, "IVON: expected the"),
     ("lr", dict(lr=-1.0), ValueError, "IVON: expected a finite lr >= 0, got -1.0"),
     ("lr-type", dict(lr="big"), TypeError, "IVON: expected lr to be a number, got str"),
     ("ess", dict(ess=0.0), ValueError, "IVON: expected a finite ess > 0, got 0.0"),
