@@ -8,6 +8,7 @@ drop-in superset of :class:`zuko.bayesian.BayesianModel`.
 __version__ = "0.2.0"
 
 __all__ = [
+    "IVON",
     "SWAG",
     "BayesianModel",
     "CalibrationCurve",
@@ -78,6 +79,7 @@ from .bayesian import BayesianModel
 from .call import VmapFallbackWarning, loop_call, vmap_call
 from .ensemble import Ensemble, ensemble, stack_modules
 from .flows import flow_sample
+from .ivon import IVON
 from .laplace import (
     LaplaceFit,
     laplace,

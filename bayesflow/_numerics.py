@@ -9,7 +9,6 @@ __all__ = [
     "inverse_softclip",
     "log_mean_exp",
     "logvar_from_var",
-    "posterior_from_variance",
     "softclip",
     "std",
     "var",
@@ -22,7 +21,6 @@ import torch
 from torch import Tensor
 
 from ._caches import register
-from ._types import Posterior
 
 LOGVAR_BOUND = 18.0
 
@@ -118,46 +116,3 @@ def logvar_from_var(variance: Tensor) -> Tensor:
     """
 
     return inverse_softclip(variance.log().clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT))
-
-
-def posterior_from_variance(
-    where: str, mean: dict[str, Tensor], variance: dict[str, Tensor]
-) -> Posterior:
-    r"""Returns the posterior :math:`\mathcal{N}(\mu, \mathrm{diag}(\sigma^2))` with these
-    means and variances, as fresh leaves with `requires_grad=True` (as :func:`bayesflow.init`
-    makes them).
-
-    A posterior holds variances in :math:`[e^{-L}, e^{L}]` only (:data:`LOGVAR_LIMIT`):
-    those outside are clamped to that range. Every method that ends in a posterior (Laplace,
-    SWAG) writes its variances through this function.
-
-    Raises:
-        ValueError: If a variance is not finite and positive, or a mean is not finite, or
-            the names or shapes of the two dicts differ.
-    """
-
-    if mean.keys() != variance.keys():
-        raise ValueError(
-            f"{where}: expected means and variances with the same names, got {sorted(mean)} "
-            f"and {sorted(variance)}"
-        )
-    for name, m in mean.items():
-        v = variance[name]
-        if v.shape != m.shape:
-            raise ValueError(
-                f"{where}: expected the variance of {name!r} of shape {tuple(m.shape)}, "
-                f"got {tuple(v.shape)}"
-            )
-        if not torch.isfinite(m).all():
-            raise ValueError(f"{where}: expected finite means, got a non-finite one in {name!r}")
-        if not (torch.isfinite(v).all() and (v > 0).all()):
-            bad = v[~(torch.isfinite(v) & (v > 0))][0].item()
-            raise ValueError(f"{where}: expected finite positive variances, got {bad} in {name!r}")
-
-    return Posterior(
-        mean={k: m.detach().clone().requires_grad_() for k, m in mean.items()},
-        logvar={
-            k: logvar_from_var(variance[k].detach()).to(m.dtype).requires_grad_()
-            for k, m in mean.items()
-        },
-    )

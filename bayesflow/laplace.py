@@ -41,7 +41,7 @@ from ._checks import (
     check_same_shape,
     check_tensor,
 )
-from ._numerics import LOGVAR_LIMIT, posterior_from_variance
+from ._numerics import LOGVAR_LIMIT
 from ._numerics import var as _var
 from ._types import Posterior
 from .call import vmap_call
@@ -679,7 +679,7 @@ def laplace_posterior(fit: LaplaceFit, prior_precision: PriorPrecision = 1.0) ->
     lam = _prior_precision(where, list(fit.mean), fit.mean, prior_precision)
     with torch.no_grad():
         variance = {k: 1 / (fit.hessian[k] + lam[k]) for k in fit.mean}
-    return posterior_from_variance(where, fit.mean, variance)
+    return _posterior.posterior_from_variance(where, fit.mean, variance)
 
 
 def laplace(

@@ -18,7 +18,6 @@ from torch import Tensor
 from . import _posterior
 from ._checks import check_module, check_not_bridge, check_number
 from ._compat import BatchNorm
-from ._numerics import posterior_from_variance
 from ._types import Posterior
 
 
@@ -156,7 +155,7 @@ class SWAG:
                 f"epoch), got {self.n}"
             )
         var = {k: v.clamp_min(min_var) * scale for k, v in self.var.items()}
-        return posterior_from_variance(where, self.mean, var)
+        return _posterior.posterior_from_variance(where, self.mean, var)
 
     def mean_model(self, module: nn.Module, data: Iterable[Any] | None = None) -> nn.Module:
         r"""Returns a copy of `module` with the SWAG means as parameters and, if it has

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs the peer libraries of `bayesflow bench` (bayesian-torch, posteriors, Pyro) and of the
-# Laplace comparison (laplace-torch: tests/test_laplace.py, benchmarks/posteriors_fit.py) into .venv
-# next to its CPU torch, without ever letting pip pull another torch (or a CUDA one).
+# Installs the peer libraries of `bayesflow bench` (bayesian-torch, posteriors, Pyro), of the
+# Laplace comparison (laplace-torch) and the reference implementation of bf.IVON (ivon-opt)
+# into .venv next to its CPU torch, without ever letting pip pull another torch (or a CUDA one).
 # Usage: bash scripts/peers.sh            (after bash scripts/setup.sh; see benchmarks/RESULTS.md)
 #
 # Each peer is installed with --no-deps, then only what it really imports; a constraint file pins
@@ -42,8 +42,9 @@ pip --no-deps laplace-torch==0.3 curvlinops-for-pytorch==3.0.1 backpack-for-pyto
   asdfghjkl==0.1a4 torchmetrics==1.9.0 lightning-utilities==0.15.3 unfoldNd==0.2.3 \
   einconv==0.1.0 linear_operator==0.6.1
 pip scipy packaging
+pip --no-deps ivon-opt==0.1.3  # imports torch only
 
 python -W ignore -c '
-import bayesian_torch.models.dnn_to_bnn, laplace, posteriors, pyro.infer.autoguide, torch
+import bayesian_torch.models.dnn_to_bnn, ivon, laplace, posteriors, pyro.infer.autoguide, torch
 print("peers: installed next to torch", torch.__version__)
 '

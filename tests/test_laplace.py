@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 import bayesflow as bf
 
-from bayesflow._numerics import LOGVAR_LIMIT, logvar_from_var, posterior_from_variance
+from bayesflow._numerics import LOGVAR_LIMIT, logvar_from_var
 from bayesflow._numerics import var as var_of
+from bayesflow._posterior import posterior_from_variance
 from bayesflow.laplace import _jacobian_variance
 
 HAS_LAPLACE = importlib.util.find_spec("laplace") is not None

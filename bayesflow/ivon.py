@@ -1,0 +1,644 @@
+r"""Natural-gradient variational inference (IVON) whose state is a mean-field posterior."""
+
+from __future__ import annotations
+
+__all__ = ["IVON"]
+
+import math
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from torch import Tensor
+
+from ._checks import (
+    check_bool,
+    check_generator,
+    check_int,
+    check_module,
+    check_not_bridge,
+    check_number,
+)
+from ._numerics import LOGVAR_BOUND, LOGVAR_LIMIT
+from ._types import Posterior
+from .posterior import select
+
+_HYPER = (
+    "lr",
+    "ess",
+    "hess_init",
+    "beta1",
+    "beta2",
+    "weight_decay",
+    "clip_radius",
+    "rescale_lr",
+    "debias",
+)
+
+
+class _Hyper(NamedTuple):
+    lr: float
+    ess: float
+    hess_init: float
+    beta1: float
+    beta2: float
+    weight_decay: float
+    clip_radius: float
+    rescale_lr: bool
+    debias: bool
+
+
+class _Draw(NamedTuple):
+    n: int
+    eps: Tensor  # (n, P): the standard normals of the draw
+    leaves: list[Tensor]  # the sampled parameters handed out, (n, *shape) each
+
+
+def _check_hyper(where: str, values: Mapping[str, Any]) -> _Hyper:
+    lr = check_number(where, "lr", values["lr"], 0.0, strict=False)
+    ess = check_number(where, "ess", values["ess"], 0.0, strict=True)
+    hess_init = check_number(where, "hess_init", values["hess_init"], 0.0, strict=True)
+    beta1 = check_number(where, "beta1", values["beta1"], 0.0, strict=False)
+    if beta1 >= 1:
+        raise ValueError(f"{where}: expected 0 <= beta1 < 1, got {beta1}")
+    beta2 = check_number(where, "beta2", values["beta2"], 0.0, strict=False)
+    if beta2 > 1:
+        raise ValueError(f"{where}: expected 0 <= beta2 <= 1, got {beta2}")
+    weight_decay = check_number(where, "weight_decay", values["weight_decay"], 0.0, strict=False)
+    clip_radius = values["clip_radius"]
+    if isinstance(clip_radius, Tensor) and clip_radius.numel() == 1:
+        clip_radius = clip_radius.item()
+    if not (isinstance(clip_radius, (int, float)) and clip_radius == math.inf):
+        clip_radius = check_number(where, "clip_radius", clip_radius, 0.0, strict=True)
+    rescale_lr = check_bool(where, "rescale_lr", values["rescale_lr"])
+    debias = check_bool(where, "debias", values["debias"])
+
+    return _Hyper(
+        lr, ess, hess_init, beta1, beta2, weight_decay, float(clip_radius), rescale_lr, debias
+    )
+
+
+class IVON(torch.optim.Optimizer):
+    r"""Fits a mean-field Gaussian posterior by natural-gradient variational inference: the
+    Improved Variational Online Newton optimizer (IVON).
+
+    The state is a :class:`bayesflow.Posterior` over the picked parameters of `module`
+    (:attr:`posterior`) and a Hessian estimate :math:`h` (:attr:`hess`). The posterior is
+
+    .. math:: q(\theta) = \mathcal{N}\left(m, \mathrm{diag}(\sigma^2)\right), \qquad
+        \sigma^2 = \frac{1}{\lambda \, (h + \delta)},
+
+    with :math:`\lambda` the effective sample size `ess` (the number of training data,
+    usually) and :math:`\delta` the weight decay, which makes
+    :math:`\mathcal{N}(0, 1 / (\lambda \delta))` the prior. A training step draws
+    :math:`\theta_k = m + \sigma \odot \epsilon_k`, :math:`k = 1, \dots, K`, with
+    :meth:`sample`; the loss, the mean over the samples and the batch of the per-datum
+    loss :math:`\ell`, is backpropagated to them; and :meth:`step` averages the gradients
+    :math:`g_k` and updates, with :math:`r = 1 - \beta_2`,
+
+    .. math:: \bar g = \frac{1}{K} \sum_k g_k, \qquad
+        \hat h = \frac{1}{K} \sum_k g_k \odot \frac{\theta_k - m}{\sigma^2},
+
+    .. math:: \mu \leftarrow \beta_1 \mu + (1 - \beta_1) \bar g, \qquad
+        h \leftarrow \beta_2 h + r \hat h
+        + \frac{r^2}{2} \frac{(h - \hat h)^2}{h + \delta},
+
+    .. math:: m \leftarrow m - \alpha \, \mathrm{clip}\left(
+        \frac{\mu / (1 - \beta_1^t) + \delta m}{h + \delta}, \rho \right),
+
+    where :math:`\hat h` is the reparameterization estimate of the expected Hessian, the
+    correction term keeps :math:`h + \delta > 0`, :math:`\alpha` is `lr`, times
+    `hess_init` + :math:`\delta` if `rescale_lr`, the debiasing :math:`1 - \beta_1^t` is
+    dropped if not `debias`, and :math:`\rho` is `clip_radius`. This is the update of the
+    reference implementation, ivon-opt 0.1.3, which the tests check to 1e-12 in float64.
+
+    The module's picked parameters share their storage with :attr:`posterior`'s means, so
+    that `module(x)` is the mean model at every step (as with ivon-opt; move the module to
+    its device and dtype before creating the optimizer). :attr:`posterior`'s log-variances
+    are updated with every step: :func:`bayesflow.sample`, :func:`bayesflow.vmap_call`, the
+    predictive summaries and the metrics use it as any other posterior. Its variance
+    :math:`\exp(\mathrm{softclip}(\log \sigma^2, 18))` cannot leave :math:`(e^{-18},
+    e^{18})`: where :math:`\lambda (h + \delta)` does, :math:`\log \sigma^2` is clamped to
+    :math:`\pm 17.98` (as every posterior that bayesflow writes), and the samples use the
+    clamped variance (as does
+    :math:`\hat h`, the Price estimator for the distribution sampled), so that the posterior
+    is always the one sampled. Parameters that the posterior leaves out are never touched:
+    train them with another optimizer if they need training.
+
+    A training step looks like Adam's, plus the draw:
+
+    .. code-block:: python
+
+        opt = bf.IVON(net, lr=0.1, ess=len(train))
+        for x, y in batches:
+            params = opt.sample(8)  # {name: (8, *shape)}
+            logits = bf.vmap_call(net, params, x)  # (8, batch, classes)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(8))  # mean over both
+            loss.backward()
+            opt.step()
+
+    The mean over the samples makes each sample's gradient :math:`g_k / K`, and
+    :meth:`step` sums them. Several draws before one step (a loop, where memory is short)
+    are averaged, each draw weighted equally; a draw that no gradient reached is ignored.
+
+    With :mod:`torch.distributed` initialized before the optimizer is created, and `sync`
+    true, every process draws its own samples (give each its own generator seed) and
+    :meth:`step` averages :math:`\bar g` and :math:`\hat h` over the processes with one
+    all-reduce: :math:`W` processes with :math:`K` samples each step as one process with
+    :math:`WK` samples. The means are broadcast from the first process when the optimizer
+    is created.
+
+    Example:
+        >>> net = zuko.nn.MLP(3, 1)
+        >>> opt = bayesflow.IVON(net, lr=0.1, ess=100)
+        >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
+        >>> params = opt.sample(4)
+        >>> loss = (bayesflow.vmap_call(net, params, x) - y).square().mean()
+        >>> loss.backward()
+        >>> opt.step()
+        >>> sorted(opt.posterior.logvar) == sorted(params)
+        True
+
+    Arguments:
+        module: A module.
+        lr: The learning rate :math:`\alpha \geq 0` (a scheduler may change
+            `param_groups[0]["lr"]`, as for any torch optimizer).
+        ess: The effective sample size :math:`\lambda > 0`, usually the number of
+            training data.
+        hess_init: The initial Hessian estimate :math:`h_0 > 0`, which sets the initial
+            variance :math:`1 / (\lambda (h_0 + \delta))`.
+        beta1: The momentum of the gradient, :math:`0 \leq \beta_1 < 1`.
+        beta2: The momentum of the Hessian, :math:`0 \leq \beta_2 \leq 1`.
+        weight_decay: :math:`\delta \geq 0`, the prior precision divided by :math:`\lambda`.
+        clip_radius: The bound :math:`\rho > 0` on each element of the update
+            (:py:`math.inf` for none).
+        rescale_lr: Whether to multiply `lr` by :math:`h_0 + \delta`.
+        debias: Whether to debias the momentum by :math:`1 - \beta_1^t`.
+        include: Glob patterns of the parameters to make Bayesian (see
+            :func:`bayesflow.select`).
+        exclude: Glob patterns of the parameters to leave out.
+        sync: Whether to average the statistics of every step over the processes of
+            `process_group`, if :mod:`torch.distributed` is initialized (by then).
+        process_group: The processes to average over; the default group if :py:`None`.
+
+    Raises:
+        ValueError: If a hyperparameter is out of range, the patterns pick nothing, or the
+            picked parameters do not share one dtype and device.
+        TypeError: If an argument has the wrong type, or a picked parameter is not real
+            floating-point.
+
+    References:
+        | Variational Learning is Effective for Large Deep Networks (Shen et al., 2024)
+        | https://arxiv.org/abs/2402.17641
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        lr: float,
+        ess: float,
+        hess_init: float = 1.0,
+        beta1: float = 0.9,
+        beta2: float = 0.99999,
+        weight_decay: float = 1e-4,
+        clip_radius: float = math.inf,
+        rescale_lr: bool = True,
+        debias: bool = True,
+        include: Sequence[str] = ("",),
+        exclude: Sequence[str] = (),
+        sync: bool = True,
+        process_group: Any = None,
+    ) -> None:
+        where = "IVON"
+        check_module(where, module)
+        check_not_bridge(where, module)
+        values = (lr, ess, hess_init, beta1, beta2, weight_decay, clip_radius, rescale_lr, debias)
+        h = _check_hyper(where, dict(zip(_HYPER, values, strict=True)))
+        check_bool(where, "sync", sync)
+        if process_group is not None:
+            if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+                raise TypeError(
+                    f"{where}: expected process_group to be a torch.distributed.ProcessGroup "
+                    f"or None, got {type(process_group).__name__}"
+                )
+            if not dist.is_initialized():
+                raise ValueError(
+                    f"{where}: expected torch.distributed to be initialized with a "
+                    "process_group, got none initialized"
+                )
+
+        try:
+            names = select(module, include, exclude)
+        except (TypeError, ValueError) as err:
+            raise type(err)(str(err).replace("select:", f"{where}:", 1)) from None
+        if not names:
+            raise ValueError(
+                f"{where}: expected include={tuple(include)!r} and exclude={tuple(exclude)!r} "
+                f"to pick at least one parameter of {type(module).__name__}, got none"
+            )
+        named = dict(module.named_parameters())
+        params = [named[name] for name in names]
+        for name, p in zip(names, params, strict=True):
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"{where}: expected real floating-point parameters, got {name!r} of "
+                    f"dtype {p.dtype}: exclude it"
+                )
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) > 1:
+            got = ", ".join(sorted(f"{d} on {v}" for d, v in kinds))
+            raise ValueError(
+                f"{where}: expected the picked parameters to share one dtype and device, got {got}"
+            )
+
+        dtype, device = params[0].dtype, params[0].device
+        self._names = names
+        self._shapes = [p.shape for p in params]
+        self._sizes = [p.numel() for p in params]
+        self._dtype, self._device = dtype, device
+        size = sum(self._sizes)
+
+        # Flat buffers: every operation of a step is one pass over all P numbers. Their
+        # views by name are the posterior, and the means are the module's own storage.
+        with torch.no_grad():
+            self._mean = torch.cat([p.detach().reshape(-1) for p in params])
+        self._hess = torch.full((size,), h.hess_init, dtype=dtype, device=device)
+        self._momentum = torch.zeros(size, dtype=dtype, device=device)
+        self._H = torch.empty(size, dtype=dtype, device=device)  # hess + weight_decay
+        self._std = torch.empty(size, dtype=dtype, device=device)
+        self._logvar = torch.empty(size, dtype=dtype, device=device)
+        self._work = torch.empty(2, size, dtype=dtype, device=device)
+        self._stats = torch.empty(2, size, dtype=dtype, device=device)  # those of a draw
+        self._stats_views = (self._views(self._stats[0], 1), self._views(self._stats[1], 1))
+        self._sums: Tensor | None = None  # (2, P): those of several draws, summed
+        self._count = 0  # the number of draws in `_sums`
+        self._eps: Tensor | None = None  # (n, P): the noise of the last draw
+        self._eps_views: list[Tensor] = []  # by parameter, (n, *shape)
+        self._draw: _Draw | None = None
+        self._t = 0
+
+        # The processes to average over, fixed here: torch.distributed is set up first.
+        self._group = None
+        if sync and dist.is_available() and dist.is_initialized():
+            if dist.get_world_size(process_group) > 1:
+                self._group = process_group if process_group is not None else dist.group.WORLD
+                src = 0 if process_group is None else dist.get_global_rank(process_group, 0)
+                dist.broadcast(self._mean, src=src, group=process_group)
+        self._scalars: dict[float, Tensor] = {}
+
+        mean = self._views(self._mean)
+        with torch.no_grad():
+            for p, m in zip(params, mean.values(), strict=True):
+                p.data = m
+        self._posterior = Posterior(mean=mean, logvar=self._views(self._logvar))
+        self._momentum_views = self._views(self._momentum, 1)
+        self._set_variance(h.ess, h.weight_decay)
+
+        super().__init__(list(mean.values()), {k: getattr(h, k) for k in _HYPER})
+        self._checked = (tuple(h), h)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        r"""Refuses a second parameter group: the posterior is the optimizer's only one."""
+
+        if getattr(self, "param_groups", None):
+            raise ValueError(
+                "IVON.add_param_group: expected one parameter group, the posterior's, got a "
+                "second; train other parameters with another optimizer"
+            )
+        super().add_param_group(param_group)
+
+    def _views(self, flat: Tensor, n: int | None = None) -> Any:
+        r"""Returns the views by name of a flat `(P,)` tensor, or with `n` the list of
+        views `(n, *shape)` of an `(n, P)` one."""
+
+        if n is None:
+            pieces = torch.split_with_sizes(flat, self._sizes)
+            return {
+                name: t.view(shape)
+                for name, shape, t in zip(self._names, self._shapes, pieces, strict=True)
+            }
+        pieces = torch.split_with_sizes(flat.view(n, -1), self._sizes, 1)
+        return [t.view(n, *shape) for shape, t in zip(self._shapes, pieces, strict=True)]
+
+    def _set_variance(self, ess: float, weight_decay: float) -> None:
+        r"""Sets :math:`H = h + \delta` and the variances, from the Hessian estimates."""
+
+        torch.add(self._hess, weight_decay, out=self._H)
+        self._set_std(ess)
+        self._variance_of = (ess, weight_decay)
+
+    def _set_std(self, ess: float) -> None:
+        r"""Sets :math:`\sigma = 1 / \sqrt{\lambda H}`, clamped, and the posterior's
+        log-variances :math:`\log \sigma^2`, unclipped."""
+
+        bound = math.exp(LOGVAR_LIMIT / 2)
+        torch.mul(self._H, ess, out=self._std).rsqrt_().clamp_(1 / bound, bound)
+        z = torch.log(self._std, out=self._work[0])
+        # softclip^-1(2 z) = 2 z / sqrt(1 - (2 z / b)^2) = z / sqrt(1 / 4 - z^2 / b^2)
+        torch.addcmul(self._scalar(0.25), z, z, value=-1 / LOGVAR_BOUND**2, out=self._logvar)
+        self._logvar.rsqrt_().mul_(z)
+
+    @property
+    def posterior(self) -> Posterior:
+        r"""The posterior :math:`q(\theta) = \mathcal{N}(m, \mathrm{diag}(\sigma^2))`, by name.
+
+        Its tensors are views of the optimizer's state, updated in place by every step: a
+        reference to it stays current. They do not require gradients.
+        """
+
+        return self._posterior
+
+    @property
+    def hess(self) -> dict[str, Tensor]:
+        r"""The Hessian estimates :math:`h`, by name (views of the optimizer's state)."""
+
+        return self._views(self._hess)
+
+    @property
+    def momentum(self) -> dict[str, Tensor]:
+        r"""The gradient momentum :math:`\mu`, by name (views of the optimizer's state)."""
+
+        return self._views(self._momentum)
+
+    def _hyper(self, where: str) -> _Hyper:
+        r"""Returns the hyperparameters of `param_groups[0]`, checked (once per change)."""
+
+        group = self.param_groups[0]
+        values = tuple(group[k] for k in _HYPER)
+        if values != self._checked[0]:
+            self._checked = (values, _check_hyper(where, group))
+        return self._checked[1]
+
+    def _refresh(self, h: _Hyper) -> None:
+        r"""Recomputes the variances if `ess` or `weight_decay` changed since they were set."""
+
+        if self._variance_of != (h.ess, h.weight_decay):
+            self._set_variance(h.ess, h.weight_decay)
+
+    def sample(self, n: int = 1, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        r"""Draws the `n` parameter sets :math:`\theta_k = m + \sigma \odot \epsilon_k` of a
+        training step, in one flat draw of :math:`n \times P` standard normals.
+
+        Backpropagate the loss, averaged over the samples, to them, then call
+        :meth:`step`. For predictions, sample :attr:`posterior` with
+        :func:`bayesflow.sample` instead (the same draw for the same generator state).
+
+        Arguments:
+            n: The number of samples :math:`K`.
+            generator: The source of randomness; the global one if :py:`None`.
+
+        Returns:
+            Leaf tensors of shape `(n, *param.shape)` that require gradients, by name, for
+            :func:`bayesflow.vmap_call`.
+        """
+
+        where = "IVON.sample"
+        n = check_int(where, "n", n)
+        check_generator(where, generator)
+        if generator is not None and generator.device.type != self._device.type:
+            raise ValueError(
+                f"{where}: expected a generator on the posterior's device ({self._device}), "
+                f"got one on {generator.device}"
+            )
+        h = self._hyper(where)
+
+        self._fold()
+        self._refresh(h)
+        size = self._mean.numel()
+        if self._eps is None or self._eps.shape[0] != n:
+            self._eps = torch.empty(n, size, dtype=self._dtype, device=self._device)
+            self._eps_views = self._views(self._eps, n)
+        eps = torch.randn(
+            n, size, generator=generator, dtype=self._dtype, device=self._device, out=self._eps
+        )
+        theta = torch.addcmul(self._mean, self._std, eps)
+        leaves = [t.requires_grad_() for t in self._views(theta, n)]
+        self._draw = _Draw(n, eps, leaves)
+
+        return dict(zip(self._names, leaves, strict=True))
+
+    def _statistics(self, draw: _Draw, grads: list[Tensor | None]) -> None:
+        r"""Writes the sums over the samples of a draw of :math:`g_k` and
+        :math:`\epsilon_k \odot g_k` into `_stats`, from the gradients of its samples."""
+
+        n, eps = draw.n, draw.eps
+        grads = [
+            torch.zeros_like(t) if g is None else g
+            for t, g in zip(draw.leaves, grads, strict=True)
+        ]
+        g_sum, nx_sum = self._stats[0], self._stats[1]
+        if n == 1:
+            torch.cat([g.view(-1) for g in grads], out=g_sum)
+            torch.mul(eps[0], g_sum, out=nx_sum)
+            return
+        noise = self._eps_views
+        torch._foreach_mul_(noise, grads)
+        for g, nx, g_out, nx_out in zip(grads, noise, *self._stats_views, strict=True):
+            torch.sum(g, 0, keepdim=True, out=g_out)
+            torch.sum(nx, 0, keepdim=True, out=nx_out)
+
+    def _fold(self) -> None:
+        r"""Adds the statistics of the last draw, if any gradient reached it, to the sums."""
+
+        draw, self._draw = self._draw, None
+        grads = [] if draw is None else [t.grad for t in draw.leaves]
+        if all(g is None for g in grads):
+            return
+        self._statistics(draw, grads)
+        if self._sums is None:
+            self._sums = torch.empty_like(self._stats)
+        if self._count == 0:
+            self._sums.copy_(self._stats)
+        else:
+            self._sums.add_(self._stats)
+        self._count += 1
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        r"""Drops the samples drawn since the last step, and their gradients."""
+
+        self._draw = None
+        self._count = 0
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        r"""Updates the posterior from the gradients of the samples drawn since the last step.
+
+        Arguments:
+            closure: A callable that draws samples, computes the loss, backpropagates it
+                and returns it; called once, with gradients enabled.
+
+        Returns:
+            The closure's loss, or :py:`None` without a closure.
+
+        Raises:
+            RuntimeError: If no gradient reached a sample of :meth:`sample` since the last
+                step.
+        """
+
+        where = "IVON.step"
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        h = self._hyper(where)
+        group = self._group
+        self._refresh(h)
+
+        draw = self._draw
+        grads = [] if draw is None else [t.grad for t in draw.leaves]
+        if self._count == 0 and all(g is None for g in grads):
+            raise RuntimeError(
+                f"{where}: expected gradients of the samples drawn by IVON.sample since the "
+                "last step, got none: draw with sample(), backpropagate the loss, then step()"
+            )
+        if (
+            self._count == 0
+            and group is None
+            and draw.n == 1
+            and all(g is not None for g in grads)
+        ):
+            # One sample: from the gradients by name, without a flat copy of them.
+            self._draw = None
+            torch._foreach_mul_(self._eps_views, grads)
+            torch._foreach_lerp_(self._momentum_views, grads, 1 - h.beta1)
+            self._update(draw.eps[0], h)
+            return loss
+
+        if self._count == 0:
+            self._draw = None
+            self._statistics(draw, grads)
+            stats = self._stats
+        else:
+            self._fold()
+            stats = self._sums
+            if self._count > 1:
+                stats.div_(self._count)
+        self._count = 0
+
+        if group is not None:
+            dist.all_reduce(stats, group=group)
+            stats.div_(dist.get_world_size(group))
+
+        self._momentum.lerp_(stats[0], 1 - h.beta1)
+        self._update(stats[1], h)
+        return loss
+
+    def _update(self, nx: Tensor, h: _Hyper) -> None:
+        r"""Updates the Hessian estimates, the means and the variances, given the updated
+        momentum and the average of :math:`\epsilon_k \odot g_k` (overwritten)."""
+
+        m, hess, H = self._mean, self._hess, self._H
+        d, t = self._work[0], self._work[1]
+        self._t += 1
+
+        # With f = nx / sigma (the reparameterization estimate g * (theta - m) / sigma^2,
+        # for the sigma sampled) and d = h - f, the new h = b2 h + r f + r^2 d^2 / (2 H)
+        # is h + d (r^2 d / (2 H) - r): three passes.
+        r = 1 - h.beta2
+        torch.addcdiv(hess, nx, self._std, value=-1, out=d)
+        torch.addcdiv(self._scalar(-r), d, H, value=0.5 * r * r, out=t)
+        hess.addcmul_(d, t)
+        torch.add(hess, h.weight_decay, out=H)
+
+        # m - lr clip((mu / bias + wd m) / H) with u = bias (mu / bias + wd m)
+        bias = 1 - h.beta1**self._t if h.debias else 1.0
+        lr = h.lr * (h.hess_init + h.weight_decay) if h.rescale_lr else h.lr
+        u = self._momentum
+        if h.weight_decay > 0:
+            u = torch.add(u, m, alpha=h.weight_decay * bias, out=d)
+        if h.clip_radius < math.inf:
+            radius = h.clip_radius * bias
+            m.sub_(torch.div(u, H, out=d).clamp_(-radius, radius), alpha=lr / bias)
+        else:
+            m.addcdiv_(u, H, value=-lr / bias)
+
+        self._set_std(h.ess)
+        self._variance_of = (h.ess, h.weight_decay)
+
+    def _scalar(self, value: float) -> Tensor:
+        r"""Returns `value` as a 0-dim tensor, made once."""
+
+        t = self._scalars.get(value)
+        if t is None:
+            if len(self._scalars) > 8:  # a changing beta2 must not grow this forever
+                self._scalars.clear()
+            t = self._scalars[value] = torch.full(
+                (), value, dtype=self._dtype, device=self._device
+            )
+        return t
+
+    def state_dict(self) -> dict[str, Any]:
+        r"""Returns the state of the optimizer, to resume training with :meth:`load_state_dict`.
+
+        Returns:
+            A dict with `"state"` (the step count and copies of the flat means, Hessian
+            estimates and momentum) and `"param_groups"` (the hyperparameters, with the
+            parameter names under `"params"`). Samples drawn since the last step are not
+            part of it.
+        """
+
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        return {
+            "state": {
+                "step": self._t,
+                "mean": self._mean.clone(),
+                "hess": self._hess.clone(),
+                "momentum": self._momentum.clone(),
+            },
+            "param_groups": [group | {"params": list(self._names)}],
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        r"""Restores a state from :meth:`state_dict`: the means (into the module too), the
+        Hessian estimates, the momentum, the step count and the hyperparameters.
+
+        Arguments:
+            state_dict: A state of an IVON over the same parameter names and shapes.
+
+        Raises:
+            ValueError: If the state does not fit this optimizer.
+        """
+
+        where = "IVON.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{where}: expected a dict, got {type(state_dict).__name__}")
+        try:
+            state, groups = state_dict["state"], state_dict["param_groups"]
+            tensors = {k: state[k] for k in ("mean", "hess", "momentum")}
+            step, group, count = state["step"], groups[0], len(groups)
+            names = list(group["params"])
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(
+                f"{where}: expected a dict from IVON.state_dict(), got keys {sorted(state_dict)}"
+            ) from None
+        if names != self._names or count != 1:
+            raise ValueError(
+                f"{where}: expected a state over the parameters {self._names}, got {names}"
+            )
+        size = self._mean.numel()
+        for k, t in tensors.items():
+            if not isinstance(t, Tensor) or t.shape != (size,):
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{where}: expected {k} of shape ({size},), got {shape}")
+        step = check_int(where, "step", step, minimum=0)
+        h = _check_hyper(where, group)
+        hess = tensors["hess"].to(self._hess)
+        if not (torch.isfinite(hess).all() and (hess + h.weight_decay > 0).all()):
+            raise ValueError(f"{where}: expected finite hess with hess + weight_decay > 0")
+
+        self._mean.copy_(tensors["mean"])
+        self._hess.copy_(hess)
+        self._momentum.copy_(tensors["momentum"])
+        self._t = step
+        self.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+        self._draw, self._count = None, 0
+        self._set_variance(h.ess, h.weight_decay)
+
+    def __repr__(self) -> str:
+        group = self.param_groups[0]
+        hyper = ", ".join(f"{k}={group[k]!r}" for k in _HYPER)
+        return f"IVON({len(self._names)} tensors, {self._mean.numel()} parameters, {hyper})"

@@ -1,0 +1,613 @@
+r"""IVON against the paper's equations (written here, float64), against the reference package
+ivon-opt, against itself looped, and the posterior it keeps against bayesflow's own functions.
+
+Tolerance: 1e-12 relative to the largest magnitude of each compared tensor (float64; the
+differences measured are 1e-15 to 1e-14).
+"""
+
+import contextlib
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from torch.func import functional_call
+
+import bayesflow as bf
+
+from bayesflow._numerics import LOGVAR_LIMIT
+
+from .registry import snapshot, unchanged
+
+try:
+    import ivon
+except ImportError:
+    ivon = None
+
+needs_ivon = pytest.mark.skipif(
+    ivon is None,
+    reason="ivon-opt is not installed (pip install --no-deps ivon-opt==0.1.3, or scripts/peers.sh)",
+)
+
+RTOL = 1e-12
+
+# Every hyperparameter exercised; "clamped" has variances below the posterior's range.
+HYPERS = {
+    "defaults": dict(lr=0.1, ess=50.0),
+    "decay-clip": dict(lr=0.05, ess=50.0, weight_decay=1e-2, clip_radius=0.05, hess_init=0.5),
+    "raw-lr-biased": dict(lr=0.02, ess=20.0, rescale_lr=False, debias=False, beta2=0.9),
+    "no-momentum": dict(lr=0.05, ess=30.0, beta1=0.0, beta2=0.5, weight_decay=0.0),
+    "fast-hessian": dict(lr=0.1, ess=10.0, beta1=0.5, beta2=0.0, hess_init=2.0),
+    "clamped": dict(lr=0.1, ess=1e9, beta2=0.9, hess_init=3.0),
+}
+
+DEFAULTS = dict(
+    hess_init=1.0,
+    beta1=0.9,
+    beta2=0.99999,
+    weight_decay=1e-4,
+    clip_radius=math.inf,
+    rescale_lr=True,
+    debias=True,
+)
+
+
+def close(a, b, rtol=RTOL):
+    return (a - b).abs().max() <= rtol * b.abs().max()
+
+
+def make_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(20, 3, generator=g), torch.randn(20, 2, generator=g)
+
+
+def flat(tensors):
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def size(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def vectorized_step(opt, net, x, y, n, generator):
+    params = opt.sample(n, generator=generator)
+    out = bf.vmap_call(net, params, x)  # (n, batch, 2)
+    loss = (out - y).square().mean()  # the mean over samples and batch
+    loss.backward()
+    opt.step()
+    return params
+
+
+@contextlib.contextmanager
+def feeding(monkeypatch, rows):
+    r"""Makes `torch.randn` return `rows` one after the other (written into `out` if given)."""
+
+    rows = iter(rows)
+
+    def randn(*size, out=None, **kwargs):
+        value = next(rows)
+        return out.copy_(value.view(out.shape)) if out is not None else value.clone()
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "randn", randn)
+        yield
+
+
+def paper_ivon(net, x, y, eps, steps, lr, ess, **hyper):
+    r"""Algorithm 1 of Shen et al. (2024), float64, sample by sample, from noise `eps[t]` of
+    shape (K, P); the variance clamped to the posterior's range as bf.IVON documents."""
+
+    h_ = DEFAULTS | hyper
+    b1, b2, wd, h0 = h_["beta1"], h_["beta2"], h_["weight_decay"], h_["hess_init"]
+    names = [name for name, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    sizes = [p.numel() for p in net.parameters()]
+
+    def grad(theta):
+        theta = theta.clone().requires_grad_()
+        params = {n: t.view(s) for n, s, t in zip(names, shapes, theta.split(sizes), strict=True)}
+        loss = (functional_call(net, params, (x,)) - y).square().mean()
+        return torch.autograd.grad(loss, theta)[0]
+
+    m = flat(net.parameters())
+    h = torch.full_like(m, h0)
+    g_mom = torch.zeros_like(m)
+    bound = math.exp(LOGVAR_LIMIT / 2)
+    for t in range(1, steps + 1):
+        sigma = (1 / (ess * (h + wd)).sqrt()).clamp(1 / bound, bound)
+        K = len(eps[t - 1])
+        g_hat = torch.zeros_like(m)
+        h_hat = torch.zeros_like(m)
+        for e in eps[t - 1]:
+            theta = m + sigma * e
+            g = grad(theta)
+            g_hat += g / K
+            h_hat += g * e / sigma / K  # g (theta - m) / sigma^2, without the cancellation
+        g_mom = b1 * g_mom + (1 - b1) * g_hat
+        h = b2 * h + (1 - b2) * h_hat + 0.5 * (1 - b2) ** 2 * (h - h_hat) ** 2 / (h + wd)
+        g_bar = g_mom / (1 - b1**t) if h_["debias"] else g_mom
+        alpha = lr * (h0 + wd) if h_["rescale_lr"] else lr
+        step = ((g_bar + wd * m) / (h + wd)).clamp(-h_["clip_radius"], h_["clip_radius"])
+        m = m - alpha * step
+    sigma = (1 / (ess * (h + wd)).sqrt()).clamp(1 / bound, bound)
+    return m, h, g_mom, sigma
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("hyper", HYPERS)
+def test_steps_match_the_paper(hyper, K, gen):
+    net, (x, y) = make_net(), data()
+    reference = copy.deepcopy(net)
+    opt = bf.IVON(net, **HYPERS[hyper])
+    start = flat(net.parameters())
+
+    eps = []
+    for t in range(5):
+        eps.append(torch.randn(K, size(net), generator=gen(t)))
+        vectorized_step(opt, net, x, y, K, gen(t))
+
+    m, h, g_mom, sigma = paper_ivon(reference, x, y, eps, 5, **HYPERS[hyper])
+    q = opt.posterior
+    assert close(flat(q.mean.values()), m)
+    assert close(flat(net.parameters()), m)  # the module is the mean model
+    assert close(flat(opt.hess.values()), h)
+    assert close(flat(opt.momentum.values()), g_mom)
+    assert close(flat(bf.std(q).values()), sigma)
+    assert not close(m, start, 1e-3)  # the means moved
+
+
+@needs_ivon
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("hyper", [h for h in HYPERS if h != "clamped"])
+def test_steps_match_ivon_opt(hyper, K, gen, monkeypatch):
+    net, (x, y) = make_net(), data()
+    reference = copy.deepcopy(net)
+    opt = bf.IVON(net, **HYPERS[hyper])
+    ref = ivon.IVON(reference.parameters(), mc_samples=K, **(DEFAULTS | HYPERS[hyper]))
+
+    for t in range(5):
+        eps = torch.randn(K, size(net), generator=gen(t))
+        vectorized_step(opt, net, x, y, K, gen(t))
+        with feeding(monkeypatch, eps):  # ivon-opt draws torch.randn(P) once per sample
+            for _ in range(K):
+                with ref.sampled_params(train=True):
+                    ref.zero_grad()
+                    (reference(x) - y).square().mean().backward()
+            ref.step()
+
+        state = ref.param_groups[0]
+        assert close(flat(net.parameters()), flat(reference.parameters()))
+        assert close(flat(opt.hess.values()), state["hess"])
+        assert close(flat(opt.momentum.values()), state["momentum"])
+        ess, wd = HYPERS[hyper]["ess"], state["weight_decay"]
+        assert close(flat(bf.std(opt.posterior).values()), 1 / (ess * (state["hess"] + wd)).sqrt())
+
+
+@needs_ivon
+def test_training_matches_ivon_opt_on_the_same_seeds(monkeypatch):
+    r"""Minibatches, a cosine learning-rate schedule and K = 4: the same run, step by step."""
+
+    net = make_net()
+    reference = copy.deepcopy(net)
+    x, y = torch.randn(64, 3), torch.randn(64, 2)
+    hyper = dict(lr=0.2, ess=64.0, weight_decay=1e-3, beta2=0.999)
+    opt = bf.IVON(net, **hyper)
+    ref = ivon.IVON(reference.parameters(), mc_samples=4, **hyper)
+    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, 12) for o in (opt, ref)]
+
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        for i in torch.randperm(64, generator=generator).split(16):
+            state = generator.get_state()
+            eps = torch.randn(4, size(net), generator=generator)
+            generator.set_state(state)
+            vectorized_step(opt, net, x[i], y[i], 4, generator)
+            with feeding(monkeypatch, eps):
+                for _ in range(4):
+                    with ref.sampled_params(train=True):
+                        ref.zero_grad()
+                        (reference(x[i]) - y[i]).square().mean().backward()
+                ref.step()
+            for s in schedules:
+                s.step()
+
+    assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"] < 0.2
+    assert close(flat(net.parameters()), flat(reference.parameters()))
+    assert close(flat(opt.hess.values()), ref.param_groups[0]["hess"])
+
+
+def test_one_pass_equals_a_loop_of_draws(gen, monkeypatch):
+    r"""K samples in one vectorized draw step as K draws of one sample, each backpropagated
+    on its own (the loop of ivon-opt, here through bf.IVON itself)."""
+
+    net, (x, y) = make_net(), data()
+    looped = copy.deepcopy(net)
+    opt = bf.IVON(net, **HYPERS["decay-clip"])
+    loop_opt = bf.IVON(looped, **HYPERS["decay-clip"])
+
+    for t in range(3):
+        eps = torch.randn(3, size(net), generator=gen(t))
+        params = vectorized_step(opt, net, x, y, 3, gen(t))
+        with feeding(monkeypatch, eps.unsqueeze(1)):
+            for _ in range(3):
+                sample = loop_opt.sample(1)
+                (bf.vmap_call(looped, sample, x) - y).square().mean().backward()
+        loop_opt.step()
+        # every sample changed the output: they are not the mean model
+        out = bf.vmap_call(net, {k: v.detach() for k, v in params.items()}, x)
+        assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[0], net(x))
+
+    assert close(flat(net.parameters()), flat(looped.parameters()))
+    assert close(flat(opt.hess.values()), flat(loop_opt.hess.values()))
+    assert close(flat(opt.momentum.values()), flat(loop_opt.momentum.values()))
+
+
+def test_same_seeds_same_run(gen):
+    runs = []
+    for _ in range(2):
+        net, (x, y) = make_net(), data()
+        opt = bf.IVON(net, lr=0.1, ess=20.0)
+        generator = gen(3)
+        for _ in range(4):
+            vectorized_step(opt, net, x, y, 2, generator)
+        runs.append(flat(net.parameters()))
+    assert torch.equal(*runs)
+
+
+def test_the_posterior_works_everywhere(gen):
+    net, (x, y) = make_net(), data()
+    opt = bf.IVON(net, lr=0.1, ess=20.0, weight_decay=1e-2)
+    for t in range(3):
+        vectorized_step(opt, net, x, y, 4, gen(t))
+    q = opt.posterior
+
+    # sigma^2 = 1 / (ess (h + weight_decay)), through the posterior's softclip
+    var = flat(bf.std(q).values()) ** 2
+    assert close(var, 1 / (20.0 * (flat(opt.hess.values()) + 1e-2)))
+
+    # bf.sample draws what IVON.sample draws for the same generator state
+    ours = opt.sample(5, generator=gen(9))
+    theirs = bf.sample(q, 5, generator=gen(9))
+    for name in q.mean:
+        assert close(ours[name].detach(), theirs[name])
+    opt.zero_grad()
+
+    # the module is the mean model; the samples change the output
+    out = bf.vmap_call(net, theirs, x)
+    assert torch.allclose(bf.mean_model(net, q)(x), net(x), rtol=0, atol=0)
+    assert not torch.allclose(out[0], net(x))
+    assert torch.allclose(out, bf.loop_call(net, theirs, x), atol=1e-12)
+    assert torch.isfinite(bf.kl_divergence(q)) and not q.mean["0.weight"].requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_logvar_round_trip_and_clamp(dtype):
+    r"""The posterior holds log-variances through zuko's softclip; IVON writes its inverse,
+    and clamps log-variances beyond +-LOGVAR_LIMIT (17.98)."""
+
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    y = torch.linspace(-21.0, 21.0, 421, dtype=torch.float64)
+    net = nn.Linear(len(y), 1, bias=False).to(dtype)
+    nn.init.zeros_(net.weight)  # theta - m = sigma * eps exactly
+    opt = bf.IVON(net, lr=0.1, ess=1.0, weight_decay=0.0, hess_init=1.0)
+    opt.hess["weight"].copy_(torch.exp(-y).to(dtype))  # sigma^2 = 1 / h = e^y
+    opt.param_groups[0]["weight_decay"] = 1e-300  # refreshes the variances at the next draw
+    params = opt.sample(2, generator=torch.Generator().manual_seed(0))
+
+    logvar = opt.posterior.logvar["weight"].double()
+    assert torch.isfinite(logvar).all()
+    expected = y.clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT)
+    got = bf.std(opt.posterior)["weight"].double().square().log().view(-1)
+    assert (got - expected).abs().max() <= rtol * LOGVAR_LIMIT
+
+    # the samples use the clamped standard deviation, the posterior's
+    eps = torch.randn(2, len(y), generator=torch.Generator().manual_seed(0), dtype=dtype)
+    noise = (params["weight"] - net.weight).detach().view(2, -1)
+    assert torch.allclose(noise, eps * (expected / 2).exp().to(dtype), rtol=10 * rtol, atol=0)
+    assert ((y < -LOGVAR_LIMIT) | (y > LOGVAR_LIMIT)).any()
+
+
+def test_only_the_picked_parameters(gen):
+    net, (x, y) = make_net(), data()
+    before = snapshot(net[2])
+    opt = bf.IVON(net, lr=0.1, ess=20.0, include=["0"])
+    params = opt.sample(2, generator=gen(0))
+    assert list(params) == list(opt.posterior.mean) == ["0.weight", "0.bias"]
+    (bf.vmap_call(net, params, x) - y).square().mean().backward()
+    opt.step()
+
+    assert unchanged(before, net[2])  # never touched, although it has a gradient
+    assert net[2].weight.grad is not None
+    assert not torch.equal(net[0].weight, make_net()[0].weight)
+
+
+def test_draws_add_up_and_are_consumed(gen):
+    net, (x, y) = make_net(), data()
+    twice = copy.deepcopy(net)
+    opt, opt2 = bf.IVON(net, lr=0.1, ess=20.0), bf.IVON(twice, lr=0.1, ess=20.0)
+
+    # two backward passes through one draw accumulate, as for any leaf
+    params = opt.sample(2, generator=gen(0))
+    loss = (bf.vmap_call(net, params, x) - y).square().mean()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    params2 = opt2.sample(2, generator=gen(0))
+    (2 * (bf.vmap_call(twice, params2, x) - y).square().mean()).backward()
+    # a draw that no gradient reached (e.g. for monitoring) is ignored
+    opt.sample(3, generator=gen(5))
+    opt.step()
+    opt2.step()
+    assert close(flat(net.parameters()), flat(twice.parameters()))
+
+    with pytest.raises(RuntimeError, match=r"IVON\.step: expected gradients of the samples"):
+        opt.step()  # the draw was consumed
+
+    params = opt.sample(1, generator=gen(1))
+    (bf.vmap_call(net, params, x) - y).square().mean().backward()
+    opt.zero_grad()  # drops it
+    with pytest.raises(RuntimeError, match=r"IVON\.step: expected gradients"):
+        opt.step()
+
+
+def test_step_with_a_closure(gen):
+    net, (x, y) = make_net(), data()
+    other = copy.deepcopy(net)
+    opt, opt2 = bf.IVON(net, lr=0.1, ess=20.0), bf.IVON(other, lr=0.1, ess=20.0)
+
+    def closure():
+        loss = (bf.vmap_call(net, opt.sample(2, generator=gen(0)), x) - y).square().mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    vectorized_step(opt2, other, x, y, 2, gen(0))
+    assert loss.shape == () and close(flat(net.parameters()), flat(other.parameters()))
+
+
+def test_changed_hyperparameters_take_effect(gen):
+    net = make_net()
+    opt = bf.IVON(net, lr=0.1, ess=20.0)
+    opt.param_groups[0]["ess"] = 80.0
+    opt.sample(1, generator=gen(0))
+    var = flat(bf.std(opt.posterior).values()) ** 2
+    assert close(var, 1 / (80.0 * (flat(opt.hess.values()) + 1e-4)))
+
+    opt.param_groups[0]["beta1"] = 1.0
+    with pytest.raises(ValueError, match=r"IVON\.sample: expected 0 <= beta1 < 1, got 1.0"):
+        opt.sample(1)
+
+
+def test_state_dict_resumes_training(gen, tmp_path):
+    net, (x, y) = make_net(), data()
+    opt = bf.IVON(net, lr=0.1, ess=20.0, weight_decay=1e-3)
+    for t in range(3):
+        vectorized_step(opt, net, x, y, 2, gen(t))
+    torch.save(opt.state_dict(), tmp_path / "ivon.pt")
+    for t in range(3, 5):
+        vectorized_step(opt, net, x, y, 2, gen(t))
+
+    resumed = make_net()  # a fresh module: the means come from the state
+    opt2 = bf.IVON(resumed, lr=1.0, ess=1.0)
+    opt2.load_state_dict(torch.load(tmp_path / "ivon.pt"))
+    assert opt2.param_groups[0]["lr"] == 0.1 and opt2.param_groups[0]["ess"] == 20.0
+    for t in range(3, 5):
+        vectorized_step(opt2, resumed, x, y, 2, gen(t))
+
+    assert torch.equal(flat(resumed.parameters()), flat(net.parameters()))
+    assert torch.equal(flat(opt2.posterior.logvar.values()), flat(opt.posterior.logvar.values()))
+
+
+def test_repr():
+    text = repr(bf.IVON(make_net(), lr=0.1, ess=20.0))
+    assert text.startswith("IVON(4 tensors, 50 parameters, lr=0.1, ess=20.0")
+
+
+BAD = [
+    ("module", dict(module="net"), TypeError, "IVON: expected a torch.nn.Module, got str"),
+    ("bridge", dict(module=bf.BayesianModel(nn.Linear(2, 2))), TypeError, "IVON: expected the"),
+    ("lr", dict(lr=-1.0), ValueError, "IVON: expected a finite lr >= 0, got -1.0"),
+    ("lr-type", dict(lr="big"), TypeError, "IVON: expected lr to be a number, got str"),
+    ("ess", dict(ess=0.0), ValueError, "IVON: expected a finite ess > 0, got 0.0"),
+    ("hess-init", dict(hess_init=0.0), ValueError, "IVON: expected a finite hess_init > 0"),
+    ("beta1", dict(beta1=1.0), ValueError, r"IVON: expected 0 <= beta1 < 1, got 1.0"),
+    ("beta2", dict(beta2=1.5), ValueError, r"IVON: expected 0 <= beta2 <= 1, got 1.5"),
+    ("decay", dict(weight_decay=-1e-4), ValueError, "IVON: expected a finite weight_decay >= 0"),
+    ("clip", dict(clip_radius=0.0), ValueError, "IVON: expected a finite clip_radius > 0"),
+    ("rescale", dict(rescale_lr=1), TypeError, "IVON: expected rescale_lr to be a bool"),
+    ("debias", dict(debias="yes"), TypeError, "IVON: expected debias to be a bool"),
+    ("sync", dict(sync=None), TypeError, "IVON: expected sync to be a bool"),
+    ("group", dict(process_group=3), TypeError, "IVON: expected process_group to be a torch"),
+    ("glob", dict(include=["0..weight"]), ValueError, "IVON: malformed glob pattern"),
+    ("none", dict(include=["7"]), ValueError, r"IVON: expected include=\('7',\) and exclude"),
+]
+
+
+@pytest.mark.parametrize("name", [b[0] for b in BAD])
+def test_bad_construction_changes_nothing(name):
+    _, kwargs, error, pattern = next(b for b in BAD if b[0] == name)
+    net = make_net()
+    before = snapshot(net)
+    storage = [p.data_ptr() for p in net.parameters()]
+    kwargs = dict(module=net, lr=0.1, ess=10.0) | kwargs
+
+    with pytest.raises(error, match=pattern):
+        bf.IVON(**kwargs)
+
+    assert unchanged(before, net) and storage == [p.data_ptr() for p in net.parameters()]
+
+
+def test_bad_parameters():
+    net = make_net()
+    net.register_parameter("count", nn.Parameter(torch.ones(2, dtype=torch.int64), False))
+    with pytest.raises(TypeError, match=r"IVON: expected real floating-point parameters"):
+        bf.IVON(net, lr=0.1, ess=1.0)
+    bf.IVON(net, lr=0.1, ess=1.0, exclude=["count"])
+
+    mixed = make_net()
+    mixed[2].float()
+    with pytest.raises(ValueError, match=r"IVON: expected the picked parameters to share one"):
+        bf.IVON(mixed, lr=0.1, ess=1.0)
+
+
+def test_bad_calls(gen):
+    net, (x, y) = make_net(), data()
+    opt = bf.IVON(net, lr=0.1, ess=10.0)
+    before = snapshot(net, opt.posterior, opt.hess)
+
+    with pytest.raises(RuntimeError, match=r"IVON\.step: expected gradients of the samples drawn"):
+        opt.step()
+    opt.sample(2, generator=gen(0))
+    with pytest.raises(RuntimeError, match=r"IVON\.step: expected gradients"):
+        opt.step()  # no backward
+    with pytest.raises(ValueError, match=r"IVON\.sample: expected n to be a positive int, got 0"):
+        opt.sample(0)
+    with pytest.raises(TypeError, match=r"IVON\.sample: expected n to be a positive int"):
+        opt.sample(2.0)
+    with pytest.raises(TypeError, match=r"IVON\.sample: expected generator to be a torch"):
+        opt.sample(2, generator=0)
+    if torch.device(x.device).type == "cpu" and torch.cuda.is_available():
+        with pytest.raises(
+            ValueError, match=r"IVON\.sample: expected a generator on the posterior"
+        ):
+            opt.sample(2, generator=torch.Generator("cuda"))
+    params = opt.sample(2, generator=gen(0))
+    (bf.vmap_call(net, params, x) - y).square().mean().backward()
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"IVON\.step: expected a finite lr >= 0, got -1.0"):
+        opt.step()
+    assert unchanged(before, net, opt.posterior, opt.hess)
+
+    opt.param_groups[0]["lr"] = 0.1
+    state = opt.state_dict()
+    with pytest.raises(TypeError, match=r"IVON\.load_state_dict: expected a dict, got list"):
+        opt.load_state_dict([])
+    with pytest.raises(ValueError, match=r"IVON\.load_state_dict: expected a dict from IVON"):
+        opt.load_state_dict({"state": {}})
+    with pytest.raises(ValueError, match=r"IVON\.add_param_group: expected one parameter group"):
+        opt.add_param_group({"params": [torch.zeros(2)]})
+    other = bf.IVON(make_net(), lr=0.1, ess=1.0, include=["0"]).state_dict()
+    with pytest.raises(ValueError, match=r"IVON\.load_state_dict: expected a state over"):
+        opt.load_state_dict(other)
+    bad = copy.deepcopy(state)
+    bad["state"]["hess"] = bad["state"]["hess"][:3]
+    with pytest.raises(ValueError, match=r"IVON\.load_state_dict: expected hess of shape \(50,\)"):
+        opt.load_state_dict(bad)
+    bad["state"]["hess"] = -state["state"]["hess"]
+    with pytest.raises(ValueError, match=r"IVON\.load_state_dict: expected finite hess with"):
+        opt.load_state_dict(bad)
+    assert unchanged(before, net, opt.posterior, opt.hess)
+
+
+# Data-parallel: two gloo processes, one sample each, average as one process with two.
+
+WORLD = 2
+
+
+def _ivon_worker(rank, port, path):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        torch.set_default_dtype(torch.float64)
+        torch.set_num_threads(1)
+        net, (x, y) = make_net(), data()
+        if rank == 1:
+            with torch.no_grad():  # the optimizer starts every process from the first's means
+                net[0].weight.add_(1.0)
+        opt = bf.IVON(net, **HYPERS["decay-clip"])
+        shard = slice(10 * rank, 10 * (rank + 1))
+        for t in range(3):
+            # each process draws its own sample, on its own shard of the batch
+            params = opt.sample(1, generator=torch.Generator().manual_seed(100 * t + rank))
+            (bf.vmap_call(net, params, x[shard]) - y[shard]).square().mean().backward()
+            opt.step()
+        state = opt.state_dict()["state"]
+        state["logvar"] = flat(opt.posterior.logvar.values())
+        torch.save(state, f"{path}.{rank}")
+        # Neither process tears gloo down while the other still talks to it.
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_equals_one_process_with_two_samples(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "rank")
+    context = mp.start_processes(
+        _ivon_worker, args=(port, path), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 120.0
+    try:
+        while not context.join(timeout=1.0):
+            assert time.monotonic() < deadline, f"the {WORLD} processes did not end in time"
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.terminate()
+    ranks = [torch.load(f"{path}.{r}") for r in range(WORLD)]
+
+    # one process, the same two samples, as two draws on the two shards, then one step
+    (x, y), looped = data(), make_net()
+    loop_opt = bf.IVON(looped, **HYPERS["decay-clip"])
+    # one process, the same two samples in one vectorized pass, each on its shard
+    net = make_net()
+    opt = bf.IVON(net, **HYPERS["decay-clip"])
+    shards = x.view(2, 10, 3), y.view(2, 10, 2)
+    for t in range(3):
+        eps = []
+        for rank in range(WORLD):
+            generator = torch.Generator().manual_seed(100 * t + rank)
+            eps.append(
+                torch.randn(1, size(net), generator=torch.Generator().manual_seed(100 * t + rank))
+            )
+            params = loop_opt.sample(1, generator=generator)
+            shard = slice(10 * rank, 10 * (rank + 1))
+            (bf.vmap_call(looped, params, x[shard]) - y[shard]).square().mean().backward()
+        loop_opt.step()
+
+        with feeding(monkeypatch, [torch.cat(eps)]):
+            params = opt.sample(2)
+        out = bf.vmap_call(net, params, shards[0], in_dims=(0,))
+        (out - shards[1]).square().mean().backward()
+        opt.step()
+
+    for name, oracle in (("loop", loop_opt), ("one pass", opt)):
+        state = oracle.state_dict()["state"]
+        state["logvar"] = flat(oracle.posterior.logvar.values())
+        for rank in ranks:
+            for k in ("mean", "hess", "momentum", "logvar"):
+                assert close(rank[k], state[k]), (name, k)
+    assert not close(ranks[0]["mean"], flat(make_net().parameters()), 1e-3)
+
+
+def test_from_scratch_page_runs():
+    import re
+
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "from-scratch.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) >= 4
+
+    exec(compile("\n".join(blocks), str(page), "exec"), {})
