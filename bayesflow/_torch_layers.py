@@ -96,6 +96,32 @@ def _attention_forward(m: nn.MultiheadAttention) -> Any:
     return forward
 
 
+class _Bmm(torch.autograd.Function):
+    r"""`baddbmm(b, v, w^T)` whose backward gives the weight's gradient contiguous,
+    `bmm(g^T, v)`: autograd's own is a transposed view, which a leaf weight (an ensemble's,
+    IVON's) then copies once more."""
+
+    @staticmethod
+    def forward(v: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return torch.bmm(v, w.mT) if b is None else torch.baddbmm(b, v, w.mT)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        v, w, b = inputs
+        ctx.save_for_backward(v, w)
+        ctx.bias_shape = None if b is None else b.shape
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        v, w = ctx.saved_tensors
+        grad_v = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(g.transpose(1, 2), v) if ctx.needs_input_grad[1] else None
+        grad_b = None
+        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+            grad_b = g.sum_to_size(ctx.bias_shape)
+        return grad_v, grad_w, grad_b
+
+
 def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     r"""Returns :math:`x W^T + b` for a weight batched by vmap, as one batched matmul
     with the bias fused (`baddbmm`), on the sample stacks themselves; torch's batching rule
@@ -118,12 +144,9 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             v = v.movedim(x_dim, 0)
             lead = v.shape[1:-1]
             v = v.reshape(k, -1, inputs)
-        if b is None:
-            y = torch.bmm(v, w.transpose(1, 2))
-        else:
+        if b is not None:
             b = b if b_dim is None else b.movedim(b_dim, 0).unsqueeze(1)
-            y = torch.baddbmm(b, v, w.transpose(1, 2))
-        y = y.view(k, *lead, out)
+        y = _Bmm.apply(v, w, b).view(k, *lead, out)
     return wrap_at(y, 0, level)
 
 

@@ -31,7 +31,7 @@ class Ensemble(NamedTuple):
         seeds: The seed each member was built with (:func:`ensemble`), or :py:`None`.
     """
 
-    module: nn.Module
+    module: torch.nn.Module
     params: dict[str, Tensor]
     buffers: dict[str, Tensor]
     seeds: list[int] | None = None

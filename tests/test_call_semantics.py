@@ -573,3 +573,25 @@ def test_activation_checkpointing_inside_a_call_is_refused(gen):
         bf.loop_call(plain, params, x).square().sum(), q.mean["0.weight"]
     )[0]
     assert torch.allclose(g, expected, atol=1e-10)
+
+
+def test_second_derivatives_match_the_loop(gen):
+    # Hessian-vector products through the vectorized linear layers (their backward is
+    # bayesflow's own): the loop's numbers.
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    q = bf.init(net, init_logvar=-2.0)
+    x = torch.randn(4, 3)
+    leaves = [*q.mean.values(), *q.logvar.values()]
+    v = [torch.randn_like(t) for t in leaves]
+
+    def hvp(call):
+        y = call(net, bf.sample(q, 3, generator=gen(1)), x)
+        g = torch.autograd.grad(y.square().sum(), leaves, create_graph=True)
+        dot = sum((a * b).sum() for a, b in zip(g, v, strict=True))
+        return torch.autograd.grad(dot, leaves)
+
+    vectorized = hvp(lambda m, p, x: bf.vmap_call(m, p, x, fallback=False))
+    looped = hvp(bf.loop_call)
+    for a, b in zip(vectorized, looped, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+    assert all(a.abs().sum() > 0 for a in vectorized)
