@@ -32,7 +32,7 @@ from ._checks import check_buffers, check_in_dims, check_params
 from ._compat import StopRecomputation, is_compiling, saved_tensors_hooks_active
 from ._errors import Passthrough
 from ._layers import LocalPlan, Recorder, StaleShapes, Tape
-from ._memory import auto_chunk_size, per_sample_bytes
+from ._memory import auto_chunk_size, cache_chunk_size, per_sample_bytes
 from ._options import CallOptions
 from ._outputs import flatten, map_outputs, stack, unflatten
 from ._structure import Structure, lock, structure
@@ -198,7 +198,9 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
 
     chunk_size = opts.chunk_size
     if chunk_size == "auto":
-        chunk_size = _auto_chunk_size(job)
+        chunk_size = auto_chunk_size(_footprint(job), job.n, _device(job), opts.max_memory)
+    elif chunk_size is None and _device(job).type == "cpu":
+        chunk_size = cache_chunk_size(_footprint(job), job.n)
     state = State(job.st, job.buffers)
     try:
         return _vectorized(job, chunk_size, state), None
@@ -331,8 +333,9 @@ def _signature(args: tuple, dims: tuple) -> tuple:
 _FOOTPRINTS: PerObject[Bounded[tuple, int]] = PerObject()
 
 
-def _auto_chunk_size(job: _Job) -> int:
-    r"""Returns how many samples fit in `opts.max_memory`, from what one sample allocates."""
+def _footprint(job: _Job) -> int:
+    r"""Returns the bytes one sample's call allocates, measured once per module, `fn` code,
+    argument shapes and gradient mode (the global random state left as it was)."""
 
     st, module, params, args, dims, _, opts, _ = job
     footprints = _FOOTPRINTS.setdefault(module, lambda: Bounded(16, cache=False))
@@ -346,16 +349,21 @@ def _auto_chunk_size(job: _Job) -> int:
                 opts.fn(module, *_index(args, dims, 0))
 
         state = State(st, job.buffers)
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         try:
-            per_sample = per_sample_bytes(one)
+            with torch.random.fork_rng(devices=devices):
+                per_sample = per_sample_bytes(one)
         finally:
             state.restore()
         footprints.put(key, per_sample)
+    return per_sample
 
-    like = next(iter(params.values()), None)
+
+def _device(job: _Job) -> torch.device:
+    like = next(iter(job.params.values()), None)
     if like is None:
-        like = next((a for a in args if isinstance(a, Tensor)), torch.empty(0))
-    return auto_chunk_size(per_sample, job.n, like.device, opts.max_memory)
+        like = next((a for a in job.args if isinstance(a, Tensor)), None)
+    return torch.device("cpu") if like is None else like.device
 
 
 # The layer calls of `fn` that a local call draws noise for, per module and signature.

@@ -1,9 +1,17 @@
-r"""How many samples fit in a memory budget: `chunk_size="auto"`."""
+r"""How many samples run at once: as many as fit a memory budget (`chunk_size="auto"`), or,
+by default on the CPU, as many as fit its last-level cache."""
 
 from __future__ import annotations
 
-__all__ = ["auto_chunk_size", "available_memory", "per_sample_bytes"]
+__all__ = [
+    "auto_chunk_size",
+    "available_memory",
+    "cache_bytes",
+    "cache_chunk_size",
+    "per_sample_bytes",
+]
 
+import glob
 import os
 
 from collections.abc import Callable
@@ -15,6 +23,10 @@ from ._compat import allocated_bytes
 
 # The share of the free memory a call may use when no budget is given.
 FRACTION = 0.5
+
+# The last-level cache when the system does not say (a common size for a server CPU).
+DEFAULT_CACHE = 32 * 2**20
+_CACHE: list[int] = []
 
 
 def per_sample_bytes(call: Callable[[], Any]) -> int:
@@ -42,3 +54,35 @@ def auto_chunk_size(per_sample: int, n: int, device: torch.device, max_memory: i
 
     budget = int(FRACTION * available_memory(device)) if max_memory is None else max_memory
     return max(1, min(n, budget // per_sample))
+
+
+def cache_bytes() -> int:
+    r"""Returns the size of the CPU's largest cache, in bytes (read once from sysfs)."""
+
+    if not _CACHE:
+        sizes = []
+        for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+            try:
+                with open(path) as f:
+                    text = f.read().strip().upper()
+                scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+                sizes.append(int(text.rstrip("KMG")) * scale)
+            except (OSError, ValueError):
+                continue
+        _CACHE.append(max(sizes, default=DEFAULT_CACHE))
+    return _CACHE[0]
+
+
+def cache_chunk_size(per_sample: int, n: int) -> int | None:
+    r"""Returns how many samples to run at once on the CPU: all (:py:`None`) if their
+    working set fits the last-level cache, else as many as fit it, at least one.
+
+    K samples of a large call (a convolutional net at a large batch) overflow the caches,
+    and every operation then runs at memory speed: chunks that fit run faster, and never
+    slower than a loop over the samples (`python benchmarks/cnn_chunks.py` measures it).
+    """
+
+    budget = cache_bytes()
+    if per_sample * n <= budget:
+        return None
+    return max(1, budget // per_sample)

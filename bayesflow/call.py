@@ -91,12 +91,15 @@ def vmap_call(
         args: The arguments of `fn`, shared by every sample unless `in_dims` says otherwise.
         fn: What to compute, `fn(module, *args)`; `module(*args)` if :py:`None`. It must
             return tensors, :py:`None`, or tuples, lists or dicts of them.
-        chunk_size: The number of samples per vectorized chunk; all at once if :py:`None`;
-            with `"auto"`, as many as fit in `max_memory`, from the memory one sample's
-            call allocates (measured once per module, `fn` and argument shapes, by counting
-            the bytes of every tensor its operations return: an upper bound). Chunking
-            saves memory and changes no number (unless `fn` draws random numbers itself,
-            with `randomness="different"`).
+        chunk_size: The number of samples per vectorized chunk. If :py:`None`: all at
+            once on a GPU; on the CPU, as many as fit its last-level cache (all, unless K
+            samples of a large call overflow it, as a convolutional net at a large batch
+            does: chunks that fit then run faster, about as fast as a loop at worst).
+            With `"auto"`, as many as fit in `max_memory`. Both measure the memory one
+            sample's call allocates, once per module, `fn` code and argument shapes (by
+            counting the bytes of every tensor its operations return: an upper bound).
+            Chunking changes no number (unless `fn` draws random numbers itself, with
+            `randomness="different"`).
         fallback: What to do where vmap cannot run `fn`: if :py:`True`, warn with
             :class:`VmapFallbackWarning` and run :func:`loop_call` from the state the call
             found; else raise.

@@ -595,3 +595,35 @@ def test_second_derivatives_match_the_loop(gen):
     for a, b in zip(vectorized, looped, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
     assert all(a.abs().sum() > 0 for a in vectorized)
+
+
+def test_the_default_chunk_fits_the_cpu_cache(monkeypatch, gen):
+    # On the CPU, samples whose working set overflows the last-level cache run in chunks
+    # that fit it (the same numbers); those that fit run at once.
+    from bayesflow import _engine, _memory
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+    params = bf.sample(bf.init(net, -3.0), 12, generator=gen(1))
+    x = torch.randn(16, 1, 4, 4)
+    per_sample = _memory.per_sample_bytes(lambda: net(x))
+
+    chunks = []
+    vmap = _engine.vmap
+
+    def recording(*args, chunk_size=None, **kwargs):
+        chunks.append(chunk_size)
+        return vmap(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(_engine, "vmap", recording)
+    state = torch.random.get_rng_state()
+    monkeypatch.setattr(_memory, "_CACHE", [3 * per_sample + 1])
+    y = bf.vmap_call(net, params, x, fallback=False)
+    monkeypatch.setattr(_memory, "_CACHE", [12 * per_sample])
+    y_at_once = bf.vmap_call(net, params, x, fallback=False)
+
+    if x.device.type == "cpu":
+        assert chunks == [3, None]
+    assert torch.equal(torch.random.get_rng_state(), state)  # the measurement draws nothing
+    assert torch.allclose(y, bf.loop_call(net, params, x), atol=1e-10)
+    assert torch.allclose(y, y_at_once, atol=1e-10)
+    assert not torch.allclose(y[0], y[1])
