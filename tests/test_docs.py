@@ -27,6 +27,7 @@ CODE_PAGES = [
     ROOT / "README.md",
     *PAGES,
     ROOT / "benchmarks/RESULTS.md",
+    ROOT / "benchmarks/NOTEBOOK_RESULTS.md",
     ROOT / "notebooks/README.md",
 ]
 FENCE = re.compile(r"^([ \t]*)```([^\n`]*)\n(.*?)^\1```[ \t]*$", re.S | re.M)

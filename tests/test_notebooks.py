@@ -21,6 +21,7 @@ NAMES = [
     "04_loop_vs_vmap",
     "05_digits_uncertainty",
     "06_diabetes_regression",
+    "07_posteriors_compared",
 ]
 
 
