@@ -5,6 +5,7 @@ from __future__ import annotations
 
 __all__ = [
     "check_bool",
+    "check_broadcasts",
     "check_buffers",
     "check_callable",
     "check_float",
@@ -105,6 +106,20 @@ def check_bool(where: str, what: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{where}: expected {what} to be a bool, got {type(value).__name__}")
     return value
+
+
+def check_broadcasts(where: str, what: str, value: Tensor, shape: torch.Size) -> None:
+    r"""Checks that `value` broadcasts to `shape` without growing it."""
+
+    try:
+        fits = torch.broadcast_shapes(value.shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{where}: expected {what} to broadcast to {tuple(shape)}, got shape "
+            f"{tuple(value.shape)}"
+        )
 
 
 def check_generator(where: str, generator: object) -> None:
