@@ -277,8 +277,8 @@ def last_layer(module: nn.Module, names: Sequence[str]) -> LastLayer | None:
 def capture(layer: nn.Module, call: Callable[[], Tensor], leaf: bool = False) -> tuple | None:
     r"""Runs `call()` and returns its result with the input :math:`\phi` `(B, d)` and
     output :math:`z` `(B, C)` of `layer`, or :py:`None` unless `layer` ran once on a
-    matrix. With `leaf`, `z` is handed on as a leaf that records the rest of the call, for
-    the gradient of its result in `z`."""
+    matrix. With `leaf`, `z` is a leaf whose copy the rest of the call continues from,
+    recorded, for the gradient of the result in `z`."""
 
     seen = []
     grad_mode = torch.is_grad_enabled()
@@ -291,7 +291,7 @@ def capture(layer: nn.Module, call: Callable[[], Tensor], leaf: bool = False) ->
             torch.set_grad_enabled(True)
             z = out.detach().requires_grad_()
             seen[0] = (seen[0][0], z)
-            return z
+            return z.clone()  # not the leaf itself: an in-place ReLU may follow
         return None
 
     handle = layer.register_forward_hook(hook)
@@ -389,7 +389,10 @@ def fit(
             size = batch[0].shape[0]
             fast = None
             if found is not None:
-                fast = _last_layer_batch(where, module, fn, options, found, batch)
+                try:
+                    fast = _last_layer_batch(where, module, fn, options, found, batch)
+                except RuntimeError:
+                    fast = None  # the per-example path runs, and raises what is wrong
             if fast is not None and not checked:
                 one = tuple(t[:1] for t in batch)
                 slow = _slow_batch(where, module, fn, options, params, one, fast[1][:1])

@@ -151,14 +151,14 @@ def _jacobian_variance(
     mean = {k: m.detach() for k, m in posterior.mean.items()}
     var = {k: _var(lv.detach()) for k, lv in posterior.logvar.items()}
 
-    def f(p: dict[str, Tensor], *example: Tensor) -> Tensor:
-        return call(p, *example).reshape(-1)
+    def f_var(p: dict[str, Tensor], *example: Tensor) -> Tensor:
+        # Reduced per example: the Jacobians of a chunk never stand together.
+        jac = jacrev(lambda q: call(q, *example).reshape(-1))(p)
+        return sum((j.square() * var[k]).flatten(1).sum(-1) for k, j in jac.items())
 
     with torch.no_grad():
-        jac = vmap(jacrev(f), in_dims=(None, *(0,) * len(args)), chunk_size=chunk_size)(
-            mean, *args
-        )
-        return sum((j.square() * var[k]).flatten(2).sum(-1) for k, j in jac.items())
+        dims = (None, *(0,) * len(args))
+        return vmap(f_var, in_dims=dims, chunk_size=chunk_size)(mean, *args)
 
 
 def probit_probs(mean: Tensor, var: Tensor) -> Tensor:

@@ -4,29 +4,40 @@ Laplace (all weights, last layer) and SWAG-diagonal, scored on held-out data.
     python benchmarks/posteriors.py --model cnn --threads 1     # the quality table
     python benchmarks/posteriors.py --model mlp --quick         # a few seconds
 
-The pieces (data split, models, training, fitting, scores) are functions that other scripts
-and notebooks import. The split: scikit-learn's digits, 0-6 known, 30% of them the test set
-(the split of notebook 05, from seed 0), and 20% of the rest the validation set (seed 1)
-on which SWAG's learning rate and scale are chosen; the nets train on what is left. The
-Laplace prior precision is chosen by the evidence on the training data. Nothing is tuned
-on the test set.
+The pieces (data split, models, training, fitting, the validation search, scores) are
+functions that other scripts and notebooks import; `compare(...)` takes reduced sizes. The
+split: scikit-learn's digits, 0-6 known, 30% of them the test set (the split of notebook 05,
+from seed 0), and 20% of the rest the validation set (seed 1), on which SWAG's learning rate
+and scale and, where said, the Laplace prior precision (and temperature) are chosen by the
+NLL; the nets train on what is left. Nothing is tuned on the test set or the digits 7-9.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
+from torch.utils import benchmark
+
 import bayesflow as bf
 
 BINS = 10
+
+#: The prior precisions of the validation search, half decades from 1e-2 to 1e8: a posterior
+#: holds precisions up to e^17.98 = 6.5e7, so the top of the grid is the least variance it
+#: can hold (the trained net itself, to the predictions' precision).
+PRECISIONS = tuple(10 ** (i / 2) for i in range(-4, 17))
+
+#: Temperatures :math:`T` of the curvature (posterior precision :math:`h / T + \lambda`).
+TEMPERATURES = (1.0, 0.3, 0.1, 0.03, 0.01)
 
 
 def digits(val_fraction: float = 0.2) -> dict[str, torch.Tensor]:
@@ -117,16 +128,18 @@ def train_epochs(
     epochs: int,
     generator: torch.Generator,
     swag: bf.SWAG | None = None,
+    loss: Callable[..., torch.Tensor] = log_likelihood,
+    batch_size: int = 64,
 ) -> nn.Module:
-    r"""Minimizes the mean cross-entropy in training mode on minibatches of 64; collects
-    into `swag` after every epoch."""
+    r"""Maximizes the mean of `loss` (a per-datum log-likelihood) in training mode on
+    minibatches; collects into `swag` after every epoch."""
 
     net.train()
     for _ in range(epochs):
-        for i in torch.randperm(len(y), generator=generator).split(64):
-            loss = -log_likelihood(net, x[i], y[i]).mean()
+        for i in torch.randperm(len(y), generator=generator).split(batch_size):
+            value = -loss(net, x[i], y[i]).mean()
             optimizer.zero_grad()
-            loss.backward()
+            value.backward()
             optimizer.step()
         if swag is not None:
             swag.collect(net)
@@ -134,7 +147,7 @@ def train_epochs(
 
 
 def train_deterministic(
-    make: type[nn.Module] | object,
+    make: Callable[[], nn.Module],
     x: torch.Tensor,
     y: torch.Tensor,
     epochs: int = 40,
@@ -149,7 +162,14 @@ def train_deterministic(
 
 
 def train_swag(
-    net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int = 0
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    lr: float,
+    seed: int = 0,
+    loss: Callable[..., torch.Tensor] = log_likelihood,
+    batch_size: int = 64,
 ) -> tuple[bf.SWAG, nn.Module]:
     r"""SWAG from a trained net: SGD (momentum 0.9, weight decay 1e-4) at a constant
     learning rate for `epochs` epochs, collected after each; returns the collector and the
@@ -158,7 +178,8 @@ def train_swag(
     net = copy.deepcopy(net)
     swag = bf.SWAG(net)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    train_epochs(net, optimizer, x, y, epochs, torch.Generator().manual_seed(seed), swag)
+    generator = torch.Generator().manual_seed(seed)
+    train_epochs(net, optimizer, x, y, epochs, generator, swag, loss, batch_size)
     return swag, net
 
 
@@ -181,6 +202,13 @@ def fit_laplace(
     return fit, prior_precision, bf.laplace_posterior(fit, prior_precision)
 
 
+def tempered(fit: bf.LaplaceFit, temperature: float) -> bf.LaplaceFit:
+    r"""The fit with its curvature divided by `temperature`: the posterior precision
+    :math:`h / T + \lambda`."""
+
+    return fit._replace(hessian={k: h / temperature for k, h in fit.hessian.items()})
+
+
 def sampled_logits(
     net: nn.Module, q: bf.Posterior, x: torch.Tensor, k: int, seed: int = 0
 ) -> torch.Tensor:
@@ -194,7 +222,7 @@ def sampled_logits(
 def probit_log_probs(net: nn.Module, q: bf.Posterior, x: torch.Tensor) -> torch.Tensor:
     r"""Log-probabilities `(1, n, C)` of the linearized predictive, probit-approximated."""
 
-    mean, var = bf.linearized_predictive(net, q, x, chunk_size=256)
+    mean, var = bf.linearized_predictive(net, q, x, chunk_size=32)
     return bf.probit_probs(mean, var).log().unsqueeze(0)
 
 
@@ -214,6 +242,81 @@ def scores(log_probs: torch.Tensor, y_test: torch.Tensor) -> dict[str, float]:
     }
 
 
+def seconds(stmt: Callable[[], object], min_run_time: float = 0.2) -> float:
+    r"""The median time of `stmt()`, by :class:`torch.utils.benchmark.Timer` at the
+    current thread count, after a warm-up."""
+
+    stmt()
+    timer = benchmark.Timer("stmt()", globals={"stmt": stmt}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def search(
+    val_nll: Callable[[float, float], float],
+    precisions: tuple[float, ...] = PRECISIONS,
+    temperatures: tuple[float, ...] = (1.0,),
+) -> dict[str, float | str]:
+    r"""Minimizes `val_nll(prior_precision, temperature)` over the grid; where the best
+    precision is the grid's least, the grid is extended a decade at a time down to 1e-8.
+
+    Returns the best `"prior precision"`, `"temperature"` and `"val NLL"`, and `"edge"`:
+    `"upper"` if the best precision is the grid's largest (no variance is best: the
+    posterior collapses onto the trained net), `"lower"` at 1e-8, else `""`."""
+
+    grid = sorted(precisions)
+    values: dict[tuple[float, float], float] = {}
+    while True:
+        for t in temperatures:
+            for lam in grid:
+                if (lam, t) not in values:
+                    values[lam, t] = val_nll(lam, t)
+        lam, t = min(values, key=values.get)
+        if lam > grid[0] or grid[0] <= 1e-8:
+            break
+        grid = [grid[0] / 10, *grid]
+    edge = "upper" if lam == grid[-1] else "lower" if lam == grid[0] else ""
+    return {"prior precision": lam, "temperature": t, "val NLL": values[lam, t], "edge": edge}
+
+
+def choose_laplace(
+    net: nn.Module,
+    fit: bf.LaplaceFit,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    predictive: str,
+    k: int = 32,
+    temperatures: tuple[float, ...] = (1.0,),
+) -> dict[str, float | str]:
+    r"""The prior precision (and temperature) with the best validation NLL of the
+    `"probit"` (linearized) or `"sampled"` predictive (laplace-torch's `gridsearch`)."""
+
+    def val_nll(lam: float, t: float) -> float:
+        q = bf.laplace_posterior(tempered(fit, t), lam)
+        if predictive == "probit":
+            probs = probit_log_probs(net, q, x_val)[0].exp()
+        else:
+            probs = bf.mean_probs(sampled_logits(net, q, x_val, k))
+        return bf.categorical_nll(probs, y_val).item()
+
+    return search(val_nll, temperatures=temperatures)
+
+
+def logit_temperature(
+    net: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor
+) -> dict[str, float | str]:
+    r"""The temperature of the logits with the best validation NLL (Guo et al., 2017),
+    on a grid from 0.25 to 4: above 1 the net is overconfident on the validation split,
+    below 1 underconfident."""
+
+    with torch.no_grad():
+        z = net(x_val)
+    grid = tuple(2 ** (i / 8) for i in range(-16, 17))
+    values = {t: bf.categorical_nll((z / t).softmax(-1), y_val).item() for t in grid}
+    best = min(values, key=values.get)
+    edge = "upper" if best == grid[-1] else "lower" if best == grid[0] else ""
+    return {"logit temperature": best, "val NLL": values[best], "edge": edge}
+
+
 def choose_swag(
     net: nn.Module,
     split: dict[str, torch.Tensor],
@@ -223,80 +326,161 @@ def choose_swag(
     scales: tuple[float, ...] = (0.5, 1.0),
 ) -> tuple[dict[str, float], bf.SWAG, nn.Module]:
     r"""SWAG's learning rate and scale by the NLL on the validation split; returns the
-    choice, the collector and the iterate of the chosen learning rate."""
+    choice (with the seconds of the chosen run), the collector and the iterate of the
+    chosen learning rate."""
 
     best = None
     for lr in lrs:
+        start = time.perf_counter()
         swag, last = train_swag(net, split["x_fit"], split["y_fit"], epochs, lr)
+        fit_s = time.perf_counter() - start
         for scale in scales:
             z = sampled_logits(last, swag.posterior(scale=scale), split["x_val"], k)
             nll = bf.categorical_nll(bf.mean_probs(z), split["y_val"]).item()
             if best is None or nll < best[0]["val NLL"]:
-                best = ({"lr": lr, "scale": scale, "val NLL": nll}, swag, last)
+                best = ({"lr": lr, "scale": scale, "val NLL": nll, "fit s": fit_s}, swag, last)
     return best
 
 
-def choose_prior_precision(
+def laplace_rows(
     net: nn.Module,
-    fit: bf.LaplaceFit,
     split: dict[str, torch.Tensor],
-    grid: tuple[float, ...] = tuple(10 ** (i / 4) for i in range(-4, 17)),
-) -> tuple[float, float]:
-    r"""The prior precision of the grid with the best validation NLL of the probit
-    predictive (laplace-torch's `method="gridsearch"`); returns it and that NLL."""
+    x_eval: torch.Tensor,
+    include: tuple[str, ...],
+    k: int,
+    temperatures: tuple[float, ...],
+) -> dict[str, dict]:
+    r"""Laplace over the parameters `include` picks: the GGN fit, then the prior precision
+    by the evidence (one, or one per tensor) or by the validation NLL, with the probit
+    (linearized) or the sampled predictive; one row each, with the seconds of the fit
+    (curvature and precision) and of the prediction of `x_eval`."""
 
-    best = None
-    for prec in grid:
-        lp = probit_log_probs(net, bf.laplace_posterior(fit, prec), split["x_val"])
-        nll = bf.categorical_nll(lp[0].exp(), split["y_val"]).item()
-        if best is None or nll < best[1]:
-            best = (prec, nll)
-    return best
+    y_test = split["y_test"]
+    start = time.perf_counter()
+    fit, _, _ = fit_laplace(net, split["x_fit"], split["y_fit"], include)
+    fit_s = time.perf_counter() - start
+    predict = {
+        "probit": lambda q: probit_log_probs(net, q, x_eval),
+        "sampled": lambda q: sampled_logits(net, q, x_eval, k),
+    }
+
+    rows = {}
+    for how in ("evidence", "evidence per tensor", "validation"):
+        for name, fn in predict.items():
+            if how == "evidence per tensor" and name == "sampled":
+                continue
+            start = time.perf_counter()
+            if how == "validation":
+                extra = choose_laplace(
+                    net, fit, split["x_val"], split["y_val"], name, k,
+                    temperatures if name == "probit" else (1.0,),
+                )  # fmt: skip
+            else:
+                structure = "tensor" if how.endswith("tensor") else "scalar"
+                extra = {"prior precision": bf.optimize_prior_precision(fit, structure)}
+            prec = extra["prior precision"]
+            q = bf.laplace_posterior(tempered(fit, extra.get("temperature", 1.0)), prec)
+            tune_s = time.perf_counter() - start
+            rows[f"{how}, {name}"] = {
+                **scores(fn(q), y_test),
+                "fit s": fit_s,
+                "tune s": tune_s,
+                "predict s": seconds(lambda fn=fn, q=q: fn(q)),
+                **extra,
+            }
+    return rows
 
 
-def compare(model: str = "cnn", epochs: int = 40, swag_epochs: int = 20, k: int = 32) -> dict:
+def compare(
+    model: str = "cnn",
+    epochs: int = 40,
+    swag_epochs: int = 20,
+    k: int = 32,
+    temperatures: tuple[float, ...] = TEMPERATURES,
+) -> dict[str, dict]:
     r"""Trains, fits and scores every method on one split; returns `{method: row}`, each
-    row with its scores and fit time in seconds."""
+    row with its scores, the seconds of its fit (training for the deterministic net, the
+    curvature for Laplace, the extra epochs at the chosen learning rate for SWAG), of its
+    tuning on the validation split, and of one prediction of the test and
+    out-of-distribution images, and the choices made."""
 
     split = digits()
     x_eval = torch.cat((split["x_test"], split["x_ood"]))
     y_test = split["y_test"]
-    make = MODELS[model]
 
     start = time.perf_counter()
-    det = train_deterministic(make, split["x_fit"], split["y_fit"], epochs)
-    seconds = time.perf_counter() - start
+    det = train_deterministic(MODELS[model], split["x_fit"], split["y_fit"], epochs)
+    fit_s = time.perf_counter() - start
     with torch.no_grad():
         val_nll = bf.categorical_nll(det(split["x_val"]).softmax(-1), split["y_val"]).item()
         z = det(x_eval).unsqueeze(0)
-    rows = {"deterministic": {**scores(z, y_test), "fit s": seconds, "val NLL": val_nll}}
+        predict_s = seconds(lambda: det(x_eval))
+    rows = {
+        "deterministic": {
+            **scores(z, y_test), "fit s": fit_s, "predict s": predict_s, "val NLL": val_nll
+        }
+    }  # fmt: skip
+    start = time.perf_counter()
+    scaled = logit_temperature(det, split["x_val"], split["y_val"])
+    tune_s = time.perf_counter() - start
+    rows["deterministic, temperature-scaled"] = {
+        **scores(z / scaled["logit temperature"], y_test),
+        "fit s": fit_s,
+        "tune s": tune_s,
+        "predict s": predict_s,
+        **scaled,
+    }
 
     for name, include in (("Laplace all", ("",)), ("Laplace last layer", ("out",))):
-        start = time.perf_counter()
-        fit, prec, q = fit_laplace(det, split["x_fit"], split["y_fit"], include)
-        seconds = time.perf_counter() - start
-        rows[f"{name}, sampled"] = {**scores(sampled_logits(det, q, x_eval, k), y_test),
-                                    "fit s": seconds, "prior precision": prec}  # fmt: skip
-        rows[f"{name}, probit"] = {**scores(probit_log_probs(det, q, x_eval), y_test),
-                                   "fit s": seconds, "prior precision": prec}  # fmt: skip
-        start = time.perf_counter()
-        prec, nll = choose_prior_precision(det, fit, split)
-        q = bf.laplace_posterior(fit, prec)
-        rows[f"{name}, probit, val"] = {
-            **scores(probit_log_probs(det, q, x_eval), y_test),
-            "fit s": seconds + time.perf_counter() - start,
-            "prior precision": prec,
-            "val NLL": nll,
-        }
+        for how, row in laplace_rows(det, split, x_eval, include, k, temperatures).items():
+            rows[f"{name}, {how}"] = row
 
     start = time.perf_counter()
     choice, swag, last = choose_swag(det, split, swag_epochs, k)
-    seconds = time.perf_counter() - start
+    tune_s = time.perf_counter() - start
     mean_net = swag.mean_model(last)
     q = swag.posterior(scale=choice["scale"])
-    rows["SWAG-diagonal"] = {**scores(sampled_logits(mean_net, q, x_eval, k), y_test),
-                             "fit s": seconds, **choice}  # fmt: skip
+    rows["SWAG-diagonal"] = {
+        **scores(sampled_logits(mean_net, q, x_eval, k), y_test),
+        "fit s": choice.pop("fit s"),
+        "tune s": tune_s,
+        "predict s": seconds(lambda: sampled_logits(mean_net, q, x_eval, k)),
+        **choice,
+    }
+    with torch.no_grad():
+        rows["SWA (SWAG's mean alone)"] = {
+            **scores(mean_net(x_eval).unsqueeze(0), y_test),
+            **{c: rows["SWAG-diagonal"][c] for c in ("fit s", "tune s")},
+            "predict s": rows["deterministic"]["predict s"],
+        }
     return rows
+
+
+SCORES = ("accuracy", "NLL", "ECE", "AUROC")
+
+
+def note(value: object) -> str:
+    if isinstance(value, dict):
+        return f"{min(value.values()):.3g} to {max(value.values()):.3g} (per tensor)"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def print_rows(title: str, rows: dict[str, dict], columns: tuple[str, ...] = SCORES) -> None:
+    r"""Prints one line per method: the scores, the seconds of the fit, of the tuning on
+    the validation split and of a prediction, then the choices made."""
+
+    width = max(len(name) for name in rows)
+    print(title)
+    times = ("fit s", "tune s", "predict s")
+    header = " | ".join(f"{c:>8}" for c in (*columns, "fit s", "tune s", "predict ms"))
+    print(f"{'method':>{width}} | {header}")
+    for name, r in rows.items():
+        cells = [f"{r[c]:8.3f}" for c in columns]
+        cells += [f"{r['fit s']:8.3f}", f"{r.get('tune s', 0.0):8.2f}"]
+        cells += [f"{1e3 * r['predict s']:10.2f}"]
+        extra = {a: b for a, b in r.items() if a not in (*columns, *times)}
+        notes = ", ".join(f"{a} {note(b)}" for a, b in extra.items() if b)
+        print(f"{name:>{width}} | " + " | ".join(cells) + (f" | {notes}" if notes else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,21 +492,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     epochs, swag_epochs, k = (2, 3, 4) if args.quick else (40, 20, 32)
-    rows = compare(args.model, epochs, swag_epochs, k)
-    print(f"digits 0-6 against 7-9, {args.model}, {epochs} epochs, K = {k}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")  # fmt: skip
-    print(
-        f"{'method':>26} | {'accuracy':>8} | {'NLL':>6} | {'ECE':>6} | {'AUROC':>6} | {'fit s':>6}"
+    temperatures = (1.0, 0.1) if args.quick else TEMPERATURES
+    start = time.perf_counter()
+    rows = compare(args.model, epochs, swag_epochs, k, temperatures)
+    print_rows(
+        f"digits 0-6 against 7-9, {args.model}, {epochs} epochs, K = {k}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{math.ceil(time.perf_counter() - start)} s in all",
+        rows,
     )
-    for name, r in rows.items():
-        extra = {
-            k: v for k, v in r.items() if k not in ("accuracy", "NLL", "ECE", "AUROC", "fit s")
-        }
-        print(
-            f"{name:>26} | {r['accuracy']:8.3f} | {r['NLL']:6.3f} | {r['ECE']:6.3f} | "
-            f"{r['AUROC']:6.3f} | {r['fit s']:6.2f} | "
-            + ", ".join(f"{a} {b:.3g}" for a, b in extra.items())
-        )
     return 0
 
 

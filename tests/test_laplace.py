@@ -413,6 +413,20 @@ def test_the_per_example_path_where_the_closed_form_does_not_hold(kind, hessian,
         assert sizes[-2:] == [5, 5]  # the per-example path took over
 
 
+def test_the_closed_form_before_an_in_place_activation(monkeypatch):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
+    x, y = data("classification")
+    sizes = per_example_calls(monkeypatch)
+
+    fit = bf.laplace_fit(module, classification_ll, batches(x, y), hessian="ef", include=["0"])
+
+    expected = loop_ef(module, classification_ll, x, y, bf.select(module, ["0"]))
+    for k, h in fit.hessian.items():
+        assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12), k
+    assert sizes == [1]
+
+
 def test_a_fn_that_mixes_the_batch_is_refused_by_the_closed_form_too():
     module = mlp()
     x, y = data("classification")
