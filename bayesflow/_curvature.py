@@ -319,6 +319,17 @@ def _layer_step(found: LastLayer, phi: Tensor, lam: Tensor) -> dict[str, Tensor]
     return h
 
 
+class _Closed(NamedTuple):
+    r"""A batch in closed form: its curvature, `fn` per datum, the curvature of its first
+    example, and what the per-example path is checked against (`fn` for the empirical
+    Fisher, `output` for the GGN on the first batch)."""
+
+    h: dict[str, Tensor]
+    ll: Tensor
+    one: dict[str, Tensor]
+    value: Tensor | None
+
+
 def _last_layer_batch(
     where: str,
     module: nn.Module,
@@ -326,40 +337,42 @@ def _last_layer_batch(
     options: FitOptions,
     found: LastLayer,
     batch: Batch,
-) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]] | None:
-    r"""The curvature of a batch in closed form, from one call of `fn` (empirical Fisher)
-    or `output` (GGN) that records the layer's input and output; with the log-likelihood
-    (empirical Fisher) or the output (GGN) per datum, and the curvature of the first
-    example alone. :py:`None` where the layer's output is not the model's."""
+    first: bool,
+) -> _Closed | None:
+    r"""The curvature of a batch in closed form, from one call of `fn` that records the
+    layer's input and output (and, on the `first` batch, one of `output`, which must be
+    the layer's output); :py:`None` where the closed form does not apply."""
 
     size = batch[0].shape[0]
-    if options.hessian == "ef":
-        got = capture(found.layer, lambda: fn(module, *batch), leaf=True)
-        if got is None:
-            return None
-        ll, phi, z = got
-        ll = check_per_datum(where, "fn", ll, size)
+    ef = options.hessian == "ef"
+    got = capture(found.layer, lambda: fn(module, *batch), leaf=ef)
+    if got is None or got[1].shape[0] != size or got[2].shape[0] != size:
+        return None
+    ll, phi, z = got
+    ll = check_per_datum(where, "fn", ll, size)
+    value = None
+    if ef:
         if not ll.requires_grad:
             return None
         with torch.enable_grad():
             (g,) = torch.autograd.grad(ll.sum(), z)
-        lam, value = g.square(), ll.detach()
+        lam = g.square()
+        value = ll = ll.detach()
     else:
-        got = capture(found.layer, lambda: options.output(module, *batch))
-        if got is None:
-            return None
-        value, phi, z = got
-        value = check_per_datum(where, "output", value, size)
-        _check_output(where, options.likelihood, value)
-        if value.reshape(size, -1).shape != z.shape or not torch.equal(value.reshape(z.shape), z):
-            return None
+        if first:
+            value = check_per_datum(where, "output", options.output(module, *batch), size)
+            _check_output(where, options.likelihood, value)
+            if value.reshape(size, -1).shape != z.shape or not torch.equal(
+                value.reshape(z.shape), z
+            ):
+                return None
         if options.likelihood == "classification":
             p = z.softmax(dim=-1)
             lam = p - p.square()
         else:
             lam = torch.full_like(z, options.sigma**-2)
     one = _layer_step(found, phi[:1], lam[:1])
-    return _layer_step(found, phi, lam), value, one
+    return _Closed(_layer_step(found, phi, lam), ll, one, value)
 
 
 def _agree(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
@@ -372,10 +385,10 @@ def fit(
     r"""Returns the trained parameters, the curvature diagonals, the log-likelihood and the
     number of data, in one pass over `data`.
 
-    Where the parameters are one linear layer's, and for the GGN its output is the model's,
-    each batch takes one forward pass and the closed form; the first example is checked
-    against the per-example path, which takes over where they differ (the layer's weight
-    also used elsewhere) or the closed form does not apply."""
+    Where the parameters are one linear layer's, and for the GGN its output is the model's
+    (checked on the first batch), each batch takes one call of `fn` and the closed form; the
+    first example is checked against the per-example path, which takes over where they
+    differ (the layer's weight also used elsewhere) or the closed form does not apply."""
 
     params = {k: module.get_parameter(k).detach() for k in options.names}
     h = {k: torch.zeros_like(p) for k, p in params.items()}
@@ -390,18 +403,16 @@ def fit(
             fast = None
             if found is not None:
                 try:
-                    fast = _last_layer_batch(where, module, fn, options, found, batch)
+                    fast = _last_layer_batch(where, module, fn, options, found, batch, not checked)
                 except RuntimeError:
                     fast = None  # the per-example path runs, and raises what is wrong
             if fast is not None and not checked:
                 one = tuple(t[:1] for t in batch)
-                slow = _slow_batch(where, module, fn, options, params, one, fast[1][:1])
-                checked = _agree(fast[2], slow[0])
+                slow = _slow_batch(where, module, fn, options, params, one, fast.value[:1])
+                checked = _agree(fast.one, slow[0])
                 fast = fast if checked else None
             if fast is not None:
-                step = fast[0]
-                ll = fast[1] if options.hessian == "ef" else fn(module, *batch)
-                ll = check_per_datum(where, "fn", ll, size)
+                step, ll = fast.h, fast.ll
             else:
                 found = None
                 ll = check_per_datum(where, "fn", fn(module, *batch), size)

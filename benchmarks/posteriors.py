@@ -3,6 +3,7 @@ Laplace (all weights, last layer) and SWAG-diagonal, scored on held-out data.
 
     python benchmarks/posteriors.py --model cnn --threads 1     # the quality table
     python benchmarks/posteriors.py --model mlp --quick         # a few seconds
+    python benchmarks/posteriors.py --model cnn --peer          # and laplace-torch's KFAC, full
 
 The pieces (data split, models, training, fitting, the validation search, scores) are
 functions that other scripts and notebooks import; `compare(...)` takes reduced sizes. The
@@ -25,19 +26,11 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from torch.utils import benchmark
+from posteriors_tools import TEMPERATURES, print_rows, search, seconds, tempered
 
 import bayesflow as bf
 
 BINS = 10
-
-#: The prior precisions of the validation search, half decades from 1e-2 to 1e8: a posterior
-#: holds precisions up to e^17.98 = 6.5e7, so the top of the grid is the least variance it
-#: can hold (the trained net itself, to the predictions' precision).
-PRECISIONS = tuple(10 ** (i / 2) for i in range(-4, 17))
-
-#: Temperatures :math:`T` of the curvature (posterior precision :math:`h / T + \lambda`).
-TEMPERATURES = (1.0, 0.3, 0.1, 0.03, 0.01)
 
 
 def digits(val_fraction: float = 0.2) -> dict[str, torch.Tensor]:
@@ -175,6 +168,7 @@ def train_swag(
     learning rate for `epochs` epochs, collected after each; returns the collector and the
     last iterate (a copy: `net` is left alone)."""
 
+    torch.manual_seed(seed)  # dropout draws from the global generator
     net = copy.deepcopy(net)
     swag = bf.SWAG(net)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
@@ -200,13 +194,6 @@ def fit_laplace(
     )  # fmt: skip
     prior_precision = bf.optimize_prior_precision(fit)
     return fit, prior_precision, bf.laplace_posterior(fit, prior_precision)
-
-
-def tempered(fit: bf.LaplaceFit, temperature: float) -> bf.LaplaceFit:
-    r"""The fit with its curvature divided by `temperature`: the posterior precision
-    :math:`h / T + \lambda`."""
-
-    return fit._replace(hessian={k: h / temperature for k, h in fit.hessian.items()})
 
 
 def sampled_logits(
@@ -240,42 +227,6 @@ def scores(log_probs: torch.Tensor, y_test: torch.Tensor) -> dict[str, float]:
         "ECE": bf.expected_calibration_error(probs[:n], y_test, bins=BINS).item(),
         "AUROC": bf.auroc(entropy, is_ood).item(),
     }
-
-
-def seconds(stmt: Callable[[], object], min_run_time: float = 0.2) -> float:
-    r"""The median time of `stmt()`, by :class:`torch.utils.benchmark.Timer` at the
-    current thread count, after a warm-up."""
-
-    stmt()
-    timer = benchmark.Timer("stmt()", globals={"stmt": stmt}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-def search(
-    val_nll: Callable[[float, float], float],
-    precisions: tuple[float, ...] = PRECISIONS,
-    temperatures: tuple[float, ...] = (1.0,),
-) -> dict[str, float | str]:
-    r"""Minimizes `val_nll(prior_precision, temperature)` over the grid; where the best
-    precision is the grid's least, the grid is extended a decade at a time down to 1e-8.
-
-    Returns the best `"prior precision"`, `"temperature"` and `"val NLL"`, and `"edge"`:
-    `"upper"` if the best precision is the grid's largest (no variance is best: the
-    posterior collapses onto the trained net), `"lower"` at 1e-8, else `""`."""
-
-    grid = sorted(precisions)
-    values: dict[tuple[float, float], float] = {}
-    while True:
-        for t in temperatures:
-            for lam in grid:
-                if (lam, t) not in values:
-                    values[lam, t] = val_nll(lam, t)
-        lam, t = min(values, key=values.get)
-        if lam > grid[0] or grid[0] <= 1e-8:
-            break
-        grid = [grid[0] / 10, *grid]
-    edge = "upper" if lam == grid[-1] else "lower" if lam == grid[0] else ""
-    return {"prior precision": lam, "temperature": t, "val NLL": values[lam, t], "edge": edge}
 
 
 def choose_laplace(
@@ -397,8 +348,10 @@ def compare(
     swag_epochs: int = 20,
     k: int = 32,
     temperatures: tuple[float, ...] = TEMPERATURES,
+    peer: bool = False,
 ) -> dict[str, dict]:
-    r"""Trains, fits and scores every method on one split; returns `{method: row}`, each
+    r"""Trains, fits and scores every method on one split (and laplace-torch's last-layer
+    Laplace with `peer`); returns `{method: row}`, each
     row with its scores, the seconds of its fit (training for the deterministic net, the
     curvature for Laplace, the extra epochs at the chosen learning rate for SWAG), of its
     tuning on the validation split, and of one prediction of the test and
@@ -435,6 +388,9 @@ def compare(
         for how, row in laplace_rows(det, split, x_eval, include, k, temperatures).items():
             rows[f"{name}, {how}"] = row
 
+    if peer:
+        rows.update(laplace_torch_rows(det, split, x_eval))
+
     start = time.perf_counter()
     choice, swag, last = choose_swag(det, split, swag_epochs, k)
     tune_s = time.perf_counter() - start
@@ -456,31 +412,48 @@ def compare(
     return rows
 
 
+def laplace_torch_rows(
+    net: nn.Module, split: dict[str, torch.Tensor], x_eval: torch.Tensor
+) -> dict[str, dict]:
+    r"""laplace-torch 0.3's last-layer Laplace with the diagonal, KFAC and full GGN, the
+    prior precision by its evidence (Adam on :math:`\log \lambda`, 300 steps), and the
+    probit predictive: what the correlations the diagonal leaves out change."""
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from laplace import Laplace
+        from laplace.curvature import CurvlinopsGGN
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(split["x_fit"], split["y_fit"]), batch_size=64
+    )
+    rows = {}
+    for structure in ("diag", "kron", "full"):
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            la = Laplace(
+                copy.deepcopy(net), "classification", subset_of_weights="last_layer",
+                hessian_structure=structure, backend=CurvlinopsGGN,
+            )  # fmt: skip
+            la.fit(loader)
+            la.optimize_prior_precision(
+                method="marglik", pred_type="glm", link_approx="probit", n_steps=300, lr=0.1
+            )
+            fit_s = time.perf_counter() - start
+            probs = la(x_eval, pred_type="glm", link_approx="probit")
+        rows[f"laplace-torch last layer {structure}, evidence, probit"] = {
+            **scores(probs.log().unsqueeze(0), split["y_test"]),
+            "fit s": fit_s,
+            "predict s": seconds(lambda la=la: la(x_eval, pred_type="glm", link_approx="probit")),
+            "prior precision": la.prior_precision.item(),
+        }
+    return rows
+
+
 SCORES = ("accuracy", "NLL", "ECE", "AUROC")
-
-
-def note(value: object) -> str:
-    if isinstance(value, dict):
-        return f"{min(value.values()):.3g} to {max(value.values()):.3g} (per tensor)"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def print_rows(title: str, rows: dict[str, dict], columns: tuple[str, ...] = SCORES) -> None:
-    r"""Prints one line per method: the scores, the seconds of the fit, of the tuning on
-    the validation split and of a prediction, then the choices made."""
-
-    width = max(len(name) for name in rows)
-    print(title)
-    times = ("fit s", "tune s", "predict s")
-    header = " | ".join(f"{c:>8}" for c in (*columns, "fit s", "tune s", "predict ms"))
-    print(f"{'method':>{width}} | {header}")
-    for name, r in rows.items():
-        cells = [f"{r[c]:8.3f}" for c in columns]
-        cells += [f"{r['fit s']:8.3f}", f"{r.get('tune s', 0.0):8.2f}"]
-        cells += [f"{1e3 * r['predict s']:10.2f}"]
-        extra = {a: b for a, b in r.items() if a not in (*columns, *times)}
-        notes = ", ".join(f"{a} {note(b)}" for a, b in extra.items() if b)
-        print(f"{name:>{width}} | " + " | ".join(cells) + (f" | {notes}" if notes else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,18 +461,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="2 epochs, K = 4")
+    parser.add_argument("--peer", action="store_true", help="laplace-torch's last layer too")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     epochs, swag_epochs, k = (2, 3, 4) if args.quick else (40, 20, 32)
     temperatures = (1.0, 0.1) if args.quick else TEMPERATURES
     start = time.perf_counter()
-    rows = compare(args.model, epochs, swag_epochs, k, temperatures)
+    rows = compare(args.model, epochs, swag_epochs, k, temperatures, args.peer)
     print_rows(
         f"digits 0-6 against 7-9, {args.model}, {epochs} epochs, K = {k}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"{math.ceil(time.perf_counter() - start)} s in all",
         rows,
+        SCORES,
     )
     return 0
 

@@ -27,7 +27,8 @@ import time
 import torch
 import torch.nn as nn
 
-from posteriors import TEMPERATURES, search, seconds, tempered, train_swag
+from posteriors import train_swag
+from posteriors_tools import TEMPERATURES, search, seconds, tempered
 
 import bayesflow as bf
 
