@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from posteriors_tools import TEMPERATURES, print_rows, search, seconds, tempered
+from posteriors_tools import TEMPERATURES, print_rows, search, seconds, swag_row, tempered
 
 import bayesflow as bf
 
@@ -275,19 +275,29 @@ def choose_swag(
     k: int,
     lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1, 3e-1),
     scales: tuple[float, ...] = (0.5, 1.0),
+    loss: Callable[..., torch.Tensor] = log_likelihood,
+    batch_size: int = 64,
+    val_nll: Callable[[nn.Module, bf.Posterior], float] | None = None,
 ) -> tuple[dict[str, float], bf.SWAG, nn.Module]:
-    r"""SWAG's learning rate and scale by the NLL on the validation split; returns the
-    choice (with the seconds of the chosen run), the collector and the iterate of the
-    chosen learning rate."""
+    r"""SWAG's learning rate and scale by `val_nll(last_iterate, posterior)` (by default
+    the NLL of the sampled predictive on the validation digits); returns the choice (with
+    the seconds of the chosen run), the collector and the iterate of the chosen learning
+    rate."""
 
+    def digits_nll(last: nn.Module, q: bf.Posterior) -> float:
+        z = sampled_logits(last, q, split["x_val"], k)
+        return bf.categorical_nll(bf.mean_probs(z), split["y_val"]).item()
+
+    val_nll = digits_nll if val_nll is None else val_nll
     best = None
     for lr in lrs:
         start = time.perf_counter()
-        swag, last = train_swag(net, split["x_fit"], split["y_fit"], epochs, lr)
+        swag, last = train_swag(
+            net, split["x_fit"], split["y_fit"], epochs, lr, loss=loss, batch_size=batch_size
+        )
         fit_s = time.perf_counter() - start
         for scale in scales:
-            z = sampled_logits(last, swag.posterior(scale=scale), split["x_val"], k)
-            nll = bf.categorical_nll(bf.mean_probs(z), split["y_val"]).item()
+            nll = val_nll(last, swag.posterior(scale=scale))
             if best is None or nll < best[0]["val NLL"]:
                 best = ({"lr": lr, "scale": scale, "val NLL": nll, "fit s": fit_s}, swag, last)
     return best
@@ -391,18 +401,11 @@ def compare(
     if peer:
         rows.update(laplace_torch_rows(det, split, x_eval))
 
-    start = time.perf_counter()
-    choice, swag, last = choose_swag(det, split, swag_epochs, k)
-    tune_s = time.perf_counter() - start
-    mean_net = swag.mean_model(last)
-    q = swag.posterior(scale=choice["scale"])
-    rows["SWAG-diagonal"] = {
-        **scores(sampled_logits(mean_net, q, x_eval, k), y_test),
-        "fit s": choice.pop("fit s"),
-        "tune s": tune_s,
-        "predict s": seconds(lambda: sampled_logits(mean_net, q, x_eval, k)),
-        **choice,
-    }
+    rows["SWAG-diagonal"], mean_net = swag_row(
+        lambda: choose_swag(det, split, swag_epochs, k),
+        lambda net, q: sampled_logits(net, q, x_eval, k),
+        lambda z: scores(z, y_test),
+    )
     with torch.no_grad():
         rows["SWA (SWAG's mean alone)"] = {
             **scores(mean_net(x_eval).unsqueeze(0), y_test),

@@ -24,11 +24,11 @@ import math
 import statistics
 import time
 
+import posteriors
 import torch
 import torch.nn as nn
 
-from posteriors import train_swag
-from posteriors_tools import TEMPERATURES, search, seconds, tempered
+from posteriors_tools import TEMPERATURES, search, seconds, swag_row, tempered
 
 import bayesflow as bf
 
@@ -182,19 +182,10 @@ def choose_swag(
     NLL; returns the choice (with the seconds of the chosen run), the collector and the
     last iterate of the chosen learning rate."""
 
-    best = None
-    for lr in lrs:
-        start = time.perf_counter()
-        swag, last = train_swag(
-            net, d["x_fit"], d["y_fit"], epochs, lr, loss=log_likelihood, batch_size=32
-        )
-        fit_s = time.perf_counter() - start
-        for scale in scales:
-            mean, sd = sampled(last, swag.posterior(scale=scale), d["x_val"], k)
-            nll = scores(mean, sd, d["y_val"])["NLL"]
-            if best is None or nll < best[0]["val NLL"]:
-                best = ({"lr": lr, "scale": scale, "val NLL": nll, "fit s": fit_s}, swag, last)
-    return best
+    def val_nll(last: nn.Module, q: bf.Posterior) -> float:
+        return scores(*sampled(last, q, d["x_val"], k), d["y_val"])["NLL"]
+
+    return posteriors.choose_swag(net, d, epochs, k, lrs, scales, log_likelihood, 32, val_nll)
 
 
 def compare_split(
@@ -220,18 +211,12 @@ def compare_split(
         for how, row in laplace_rows(det, d, include, k, temperatures).items():
             rows[f"{name}, {how}"] = row
 
-    start = time.perf_counter()
-    choice, swag, last = choose_swag(det, d, swag_epochs, k)
-    tune_s = time.perf_counter() - start
-    mean_net = swag.mean_model(last)
-    q = swag.posterior(scale=choice["scale"])
-    rows["SWAG-diagonal"] = {
-        **scores(*sampled(mean_net, q, d["x_test"], k), y),
-        "fit s": choice.pop("fit s"),
-        "tune s": tune_s,
-        "predict s": seconds(lambda: sampled(mean_net, q, d["x_test"], k), 0.05),
-        **choice,
-    }
+    rows["SWAG-diagonal"], _ = swag_row(
+        lambda: choose_swag(det, d, swag_epochs, k),
+        lambda net, q: sampled(net, q, d["x_test"], k),
+        lambda out: scores(*out, y),
+        0.05,
+    )
     return rows
 
 

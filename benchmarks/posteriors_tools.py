@@ -1,11 +1,14 @@
 r"""What the posterior benchmarks share: the validation search of the Laplace prior
-precision and curvature temperature, a timer, and the table printer."""
+precision and curvature temperature, a timer, the SWAG row and the table printer."""
 
 from __future__ import annotations
+
+import time
 
 from collections.abc import Callable
 
 import torch
+import torch.nn as nn
 
 from torch.utils import benchmark
 
@@ -85,3 +88,28 @@ def print_rows(title: str, rows: dict[str, dict], columns: tuple[str, ...]) -> N
         extra = {a: b for a, b in r.items() if a not in (*columns, *times)}
         notes = ", ".join(f"{a} {note(b)}" for a, b in extra.items() if b)
         print(f"{name:>{width}} | " + " | ".join(cells) + (f" | {notes}" if notes else ""))
+
+
+def swag_row(
+    choose: Callable[[], tuple[dict, bf.SWAG, nn.Module]],
+    predict: Callable[[nn.Module, bf.Posterior], object],
+    score: Callable[[object], dict[str, float]],
+    min_run_time: float = 0.2,
+) -> tuple[dict, nn.Module]:
+    r"""SWAG-diagonal as `choose()` picks it on the validation split: its row (the scores of
+    `predict(mean_net, q)`, the fit, tuning and prediction seconds, the choices) and the
+    mean model."""
+
+    start = time.perf_counter()
+    choice, swag, last = choose()
+    tune_s = time.perf_counter() - start
+    mean_net = swag.mean_model(last)
+    q = swag.posterior(scale=choice["scale"])
+    row = {
+        **score(predict(mean_net, q)),
+        "fit s": choice.pop("fit s"),
+        "tune s": tune_s,
+        "predict s": seconds(lambda: predict(mean_net, q), min_run_time),
+        **choice,
+    }
+    return row, mean_net
