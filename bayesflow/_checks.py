@@ -63,11 +63,19 @@ def check_not_bridge(where: str, module: nn.Module) -> None:
         )
 
 
-def check_callable(where: str, what: str, fn: object, optional: bool = True) -> None:
+def check_callable(
+    where: str, what: str, fn: object, optional: bool = True, form: str = ""
+) -> None:
+    r"""Checks that `fn` is callable (or :py:`None` if `optional`); `form` tells how it is
+    called, e.g. `"fn(module, *args) returning per-datum log-likelihoods"`."""
+
     if (fn is None and optional) or callable(fn):
         return
     also = " or None" if optional else ""
-    raise TypeError(f"{where}: expected {what} to be callable{also}, got {type(fn).__name__}")
+    form = f" as {form}" if form else ""
+    raise TypeError(
+        f"{where}: expected {what} to be callable{form}{also}, got {type(fn).__name__}"
+    )
 
 
 def check_int(

@@ -101,7 +101,13 @@ def check_fit_args(
 ) -> FitOptions:
     check_module(where, module)
     check_not_bridge(where, module)
-    check_callable(where, "fn", fn, optional=False)
+    check_callable(
+        where,
+        "fn",
+        fn,
+        optional=False,
+        form="fn(module, *batch) returning per-datum log-likelihoods",
+    )
     if hessian not in HESSIANS:
         raise ValueError(f"{where}: expected hessian to be 'ggn' or 'ef', got {hessian!r}")
     check_callable(where, "output", output)
