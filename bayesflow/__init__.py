@@ -86,10 +86,9 @@ from .laplace import (
     laplace_fit,
     laplace_marglik,
     laplace_posterior,
-    linearized_predictive,
     optimize_prior_precision,
-    probit_probs,
 )
+from .linearized import linearized_predictive, probit_probs
 from .local import local_call, local_layers
 from .metrics import (
     CalibrationCurve,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 __all__ = [
     "check_bool",
+    "check_broadcasts",
     "check_buffers",
     "check_callable",
     "check_float",
@@ -62,11 +63,19 @@ def check_not_bridge(where: str, module: nn.Module) -> None:
         )
 
 
-def check_callable(where: str, what: str, fn: object, optional: bool = True) -> None:
+def check_callable(
+    where: str, what: str, fn: object, optional: bool = True, form: str = ""
+) -> None:
+    r"""Checks that `fn` is callable (or :py:`None` if `optional`); `form` tells how it is
+    called, e.g. `"fn(module, *args) returning per-datum log-likelihoods"`."""
+
     if (fn is None and optional) or callable(fn):
         return
     also = " or None" if optional else ""
-    raise TypeError(f"{where}: expected {what} to be callable{also}, got {type(fn).__name__}")
+    form = f" as {form}" if form else ""
+    raise TypeError(
+        f"{where}: expected {what} to be callable{form}{also}, got {type(fn).__name__}"
+    )
 
 
 def check_int(
@@ -105,6 +114,20 @@ def check_bool(where: str, what: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{where}: expected {what} to be a bool, got {type(value).__name__}")
     return value
+
+
+def check_broadcasts(where: str, what: str, value: Tensor, shape: torch.Size) -> None:
+    r"""Checks that `value` broadcasts to `shape` without growing it."""
+
+    try:
+        fits = torch.broadcast_shapes(value.shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{where}: expected {what} to broadcast to {tuple(shape)}, got shape "
+            f"{tuple(value.shape)}"
+        )
 
 
 def check_generator(where: str, generator: object) -> None:

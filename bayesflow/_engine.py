@@ -334,12 +334,14 @@ _FOOTPRINTS: PerObject[Bounded[tuple, int]] = PerObject()
 
 
 def _footprint(job: _Job) -> int:
-    r"""Returns the bytes one sample's call allocates, measured once per module, `fn` code,
-    argument shapes and gradient mode (the global random state left as it was)."""
+    r"""Returns the bytes one sample's call allocates, measured once per module, `fn` code
+    and argument shapes, without gradients (a pass that records nothing: a checkpoint
+    around the call recomputes what the first pass saved, and no more), the global random
+    state left as it was."""
 
     st, module, params, args, dims, _, opts, _ = job
     footprints = _FOOTPRINTS.setdefault(module, lambda: Bounded(16, cache=False))
-    key = (fn_key(opts.fn), torch.is_grad_enabled(), tuple(params), _signature(args, dims))
+    key = (fn_key(opts.fn), tuple(params), _signature(args, dims))
     per_sample = footprints.get(key)
     if per_sample is None:
 
@@ -351,7 +353,7 @@ def _footprint(job: _Job) -> int:
         state = State(st, job.buffers)
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
                 per_sample = per_sample_bytes(one)
         finally:
             state.restore()

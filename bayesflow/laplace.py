@@ -1,5 +1,5 @@
 r"""Laplace approximations after training: a diagonal Gaussian at the trained parameters,
-with its curvature from per-example gradients and Jacobians vectorized by :mod:`torch.func`."""
+with its curvature from the training data, its prior precision from the evidence."""
 
 from __future__ import annotations
 
@@ -11,52 +11,28 @@ __all__ = [
     "laplace_fit",
     "laplace_marglik",
     "laplace_posterior",
-    "linearized_predictive",
     "optimize_prior_precision",
-    "probit_probs",
 ]
 
 import math
 import numbers
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from torch import Tensor
-from torch.func import grad, jacrev, vjp, vmap
 
-from . import _posterior
-from ._checks import (
-    check_callable,
-    check_float,
-    check_int,
-    check_module,
-    check_not_bridge,
-    check_number,
-    check_posterior,
-    check_same_shape,
-    check_tensor,
-)
+from . import _curvature, _posterior
+from ._checks import check_broadcasts
+from ._curvature import HESSIANS, LIKELIHOODS, Fn, check_fit_args
 from ._numerics import LOGVAR_LIMIT
-from ._numerics import var as _var
 from ._types import Posterior
-from .call import vmap_call
-from .posterior import mean_params
-
-#: The curvatures :func:`laplace_fit` computes: the generalized Gauss-Newton matrix and the
-#: empirical Fisher, both diagonal.
-HESSIANS = ("ggn", "ef")
-
-#: The likelihoods whose output Hessian the generalized Gauss-Newton matrix uses.
-LIKELIHOODS = ("classification", "regression")
 
 STRUCTURES = ("scalar", "tensor")
 
-Fn = Callable[..., Tensor]
 PriorPrecision = float | Tensor | Mapping[str, float | Tensor]
 
 
@@ -86,149 +62,6 @@ class LaplaceFit(NamedTuple):
 
 
 LaplaceFit.__module__ = "bayesflow"
-
-
-@contextmanager
-def _evaluating(module: nn.Module) -> Iterator[None]:
-    r"""Puts `module` in evaluation mode for a block, then gives every submodule its own
-    mode back."""
-
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-def _batches(where: str, data: object) -> Iterator[tuple[Tensor, ...]]:
-    if isinstance(data, (Tensor, Mapping, str)) or not isinstance(data, Iterable):
-        raise TypeError(
-            f"{where}: expected data to be an iterable of batches (tuples of tensors, e.g. a "
-            f"DataLoader), got {type(data).__name__}"
-        )
-    for i, batch in enumerate(data):
-        if not isinstance(batch, (tuple, list)) or not batch:
-            raise TypeError(
-                f"{where}: expected each batch to be a tuple or list of tensors, got "
-                f"{type(batch).__name__} at batch {i} (one batch (x, y) is passed as [(x, y)])"
-            )
-        size = None
-        for j, t in enumerate(batch):
-            if not isinstance(t, Tensor) or t.dim() == 0:
-                what = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-                raise TypeError(
-                    f"{where}: expected each batch to hold tensors with a leading batch dim, "
-                    f"got {what} at position {j} of batch {i}"
-                )
-            if size is None:
-                size = t.shape[0]
-            elif t.shape[0] != size:
-                raise ValueError(
-                    f"{where}: expected the tensors of a batch to share their leading dim, got "
-                    f"{size} and {t.shape[0]} in batch {i}"
-                )
-        if size == 0:
-            continue
-        yield tuple(batch)
-
-
-def _per_example(module: nn.Module, fn: Fn) -> Callable[..., Tensor]:
-    r"""Returns `call(params, *example)`: `fn(module, *batch)` for a batch of one example,
-    with `params` swapped in (through :func:`bayesflow.vmap_call`, the one swap of the
-    library), without its sample dim: the shape of `fn`'s output, `(1, ...)`."""
-
-    def call(params: dict[str, Tensor], *example: Tensor) -> Tensor:
-        batch = tuple(t.unsqueeze(0) for t in example)
-        one = {k: v.unsqueeze(0) for k, v in params.items()}
-        return vmap_call(module, one, *batch, fn=fn)[0]
-
-    return call
-
-
-def _check_per_datum(where: str, what: str, out: object, size: int) -> Tensor:
-    if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != size:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"{where}: expected {what} to return a tensor with one row per datum, leading dim "
-            f"{size} as the batch, got {shape}"
-        )
-    check_float(where, f"the output of {what}", out)
-    return out
-
-
-def _check_split(where: str, what: str, whole: Tensor, parts: Tensor) -> None:
-    r"""Checks that `fn` on single examples gives what it gives on the batch: a batch that
-    couples its examples (train-mode BatchNorm, a mean over the batch) has no per-example
-    curvature."""
-
-    tol = math.sqrt(torch.finfo(whole.dtype).eps)
-    scale = whole.abs().max().clamp_min(1.0)
-    if not torch.allclose(whole, parts, rtol=tol, atol=tol * scale):
-        error = (whole - parts).abs().max().item()
-        raise ValueError(
-            f"{where}: expected {what} on one example at a time to give what it gives on the "
-            f"whole batch, got differences up to {error:.3g}: does it mix the examples of a "
-            "batch (a mean over the batch, BatchNorm statistics)?"
-        )
-
-
-def _ef_batch(
-    module: nn.Module,
-    fn: Fn,
-    params: dict[str, Tensor],
-    batch: tuple[Tensor, ...],
-    chunk_size: int | None,
-) -> tuple[dict[str, Tensor], Tensor]:
-    call = _per_example(module, fn)
-
-    def loglik(p: dict[str, Tensor], *example: Tensor) -> tuple[Tensor, Tensor]:
-        total = call(p, *example).sum()
-        return total, total.detach()
-
-    dims = (None, *(0,) * len(batch))
-    grads, values = vmap(grad(loglik, has_aux=True), in_dims=dims, chunk_size=chunk_size)(
-        params, *batch
-    )
-    return {k: _sum_of_squares(g, 1) for k, g in grads.items()}, values
-
-
-def _ggn_batch(
-    module: nn.Module,
-    output: Fn,
-    likelihood: str,
-    sigma: float,
-    params: dict[str, Tensor],
-    batch: tuple[Tensor, ...],
-    chunk_size: int | None,
-) -> tuple[dict[str, Tensor], Tensor]:
-    call = _per_example(module, output)
-
-    def roots(p: dict[str, Tensor], *example: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        # Lambda = L L^T, so diag(J^T Lambda J) = sum_c (J^T L_c)^2: one vector-Jacobian
-        # product per column of L. For the softmax, L = diag(sqrt p) - p sqrt(p)^T (since
-        # sum_c p_c = 1); for a Gaussian, L = I / sigma.
-        out, pullback = vjp(lambda q: call(q, *example).reshape(-1), p)
-        out = out.detach()
-        if likelihood == "classification":
-            probs = out.softmax(dim=-1)
-            root = probs.sqrt()
-            columns = torch.diag(root) - root.unsqueeze(-1) * probs  # row c: L_c
-        else:
-            columns = torch.eye(len(out), dtype=out.dtype, device=out.device) / sigma
-        return vmap(pullback)(columns)[0], out
-
-    dims = (None, *(0,) * len(batch))
-    rows, out = vmap(roots, in_dims=dims, chunk_size=chunk_size)(params, *batch)
-    h = {k: _sum_of_squares(r, 2).view_as(params[k]) for k, r in rows.items()}
-    return h, out
-
-
-def _sum_of_squares(t: Tensor, dims: int) -> Tensor:
-    r"""Sums the squares of `t` over its first `dims` dims."""
-
-    return t.flatten(0, dims - 1).square().sum(0)
 
 
 def laplace_fit(
@@ -264,6 +97,19 @@ def laplace_fit(
     with the parameters swapped in by :func:`bayesflow.vmap_call`. The GGN is positive
     semi-definite and is the better choice; the empirical Fisher needs only `fn` (Kunstner
     et al., 2019, on its limits).
+
+    A last layer costs one forward pass per batch: for the weight :math:`W` (and bias
+    :math:`b`) of one :class:`torch.nn.Linear` whose output is `output`'s, with input
+    features :math:`\phi_i` (read by a forward hook),
+
+    .. math:: h_{W_{cj}} = \sum_i \Lambda_{i,cc} \phi_{ij}^2, \qquad
+        h_{b_c} = \sum_i \Lambda_{i,cc},
+
+    and for the empirical Fisher of any linear layer that runs once,
+    :math:`\Lambda_{i,cc}` is replaced by :math:`g_{ic}^2`, with :math:`g_i` the gradient
+    of :math:`\ell_i` in the layer's output. This closed form is used by itself, and checked
+    on the first example against the per-example path, which takes over where they differ
+    (the weight also used elsewhere in the net).
 
     The module is evaluated in evaluation mode (dropout off, BatchNorm on its running
     statistics), and left in the modes, and with the parameters and buffers, it had.
@@ -318,134 +164,11 @@ def laplace_fit(
         | https://arxiv.org/abs/1905.12558
     """
 
-    return _fit(
-        "laplace_fit",
-        module,
-        fn,
-        data,
-        hessian,
-        output,
-        likelihood,
-        sigma,
-        include,
-        exclude,
-        chunk_size,
-    )
-
-
-def _check_fit_args(
-    where: str,
-    module: object,
-    fn: object,
-    hessian: object,
-    output: object,
-    likelihood: object,
-    sigma: object,
-    include: Sequence[str],
-    exclude: Sequence[str],
-    chunk_size: object,
-) -> tuple[list[str], float, int | None]:
-    check_module(where, module)
-    check_not_bridge(where, module)
-    if not callable(fn):
-        raise TypeError(
-            f"{where}: expected fn to be a callable fn(module, *batch) returning per-datum "
-            f"log-likelihoods, got {type(fn).__name__}"
-        )
-    if hessian not in HESSIANS:
-        raise ValueError(f"{where}: expected hessian to be 'ggn' or 'ef', got {hessian!r}")
-    check_callable(where, "output", output)
-    if likelihood is not None and likelihood not in LIKELIHOODS:
-        raise ValueError(
-            f"{where}: expected likelihood to be 'classification', 'regression' or None, "
-            f"got {likelihood!r}"
-        )
-    if hessian == "ggn" and (output is None or likelihood is None):
-        raise ValueError(
-            f"{where}: expected output and likelihood with hessian='ggn' (the GGN is "
-            "J^T Lambda J of the model output), got "
-            f"output={'None' if output is None else 'a callable'} and likelihood={likelihood!r}"
-        )
-    sigma = check_number(where, "sigma", sigma, 0.0, strict=True)
-    if chunk_size is not None:
-        chunk_size = check_int(where, "chunk_size", chunk_size, or_none=True)
-
-    names = _posterior.select(where, module, include, exclude)
-    if not names:
-        raise ValueError(
-            f"{where}: expected include={tuple(include)!r} and exclude={tuple(exclude)!r} to "
-            f"pick at least one parameter of {type(module).__name__}, got none"
-        )
-    for name in names:
-        p = module.get_parameter(name)
-        if not p.is_floating_point():
-            raise TypeError(
-                f"{where}: expected real floating-point parameters, got {name!r} of dtype "
-                f"{p.dtype}: exclude it"
-            )
-    return names, sigma, chunk_size
-
-
-def _fit(
-    where: str,
-    module: nn.Module,
-    fn: Fn,
-    data: object,
-    hessian: str,
-    output: Fn | None,
-    likelihood: str | None,
-    sigma: float,
-    include: Sequence[str],
-    exclude: Sequence[str],
-    chunk_size: int | None,
-) -> LaplaceFit:
-    names, sigma, chunk_size = _check_fit_args(
+    where = "laplace_fit"
+    options = check_fit_args(
         where, module, fn, hessian, output, likelihood, sigma, include, exclude, chunk_size
     )
-    batches = _batches(where, data)
-    params = {k: module.get_parameter(k).detach() for k in names}
-    h = {k: torch.zeros_like(p) for k, p in params.items()}
-    log_likelihood = None
-    num_data = 0
-
-    with _evaluating(module), torch.no_grad():
-        for batch in batches:
-            size = batch[0].shape[0]
-            ll = _check_per_datum(where, "fn", fn(module, *batch), size)
-            per_datum = ll.reshape(size, -1).sum(1)
-            if hessian == "ef":
-                hb, parts = _ef_batch(module, fn, params, batch, chunk_size)
-                _check_split(where, "fn", per_datum, parts)
-            else:
-                f = _check_per_datum(where, "output", output(module, *batch), size)
-                if f.dim() > 2 or (
-                    likelihood == "classification" and (f.dim() != 2 or f.shape[1] < 2)
-                ):
-                    shapes = (
-                        "(B, C), C >= 2" if likelihood == "classification" else "(B, C) or (B,)"
-                    )
-                    raise ValueError(
-                        f"{where}: expected output of shape {shapes}, got {tuple(f.shape)}"
-                    )
-                hb, parts = _ggn_batch(
-                    module, output, likelihood, sigma, params, batch, chunk_size
-                )
-                _check_split(where, "output", f.reshape(size, -1), parts)
-            for k in h:
-                h[k] += hb[k]
-            total = ll.sum()
-            log_likelihood = total if log_likelihood is None else log_likelihood + total
-            num_data += size
-
-    if log_likelihood is None:
-        raise ValueError(f"{where}: expected data with at least one datum, got none")
-
-    return LaplaceFit(
-        mean={k: p.clone() for k, p in params.items()},
-        hessian=h,
-        log_likelihood=log_likelihood,
-        num_data=num_data,
-    )
+    return LaplaceFit(*_curvature.fit(where, module, fn, data, options))
 
 
 def _check_fit(where: str, fit: object) -> LaplaceFit:
@@ -487,24 +210,14 @@ def _prior_precision(
                 f"dict of them by parameter name, got {type(value).__name__}"
             )
         _positive(where, f"prior_precision for {name!r}", t)
-        try:
-            fits = torch.broadcast_shapes(t.shape, p.shape) == p.shape
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(
-                f"{where}: expected prior_precision for {name!r} to broadcast to "
-                f"{tuple(p.shape)}, got shape {tuple(t.shape)}"
-            )
+        check_broadcasts(where, f"prior_precision for {name!r}", t, p.shape)
         return t
 
     if isinstance(prior_precision, Mapping):
-        unknown = sorted(set(prior_precision) - set(names))
-        missing = [n for n in names if n not in prior_precision]
-        if unknown or missing:
+        if set(prior_precision) != set(names):
             raise ValueError(
-                f"{where}: expected prior_precision to map every fitted parameter name, got "
-                f"unknown names {unknown} and missing names {missing}"
+                f"{where}: expected prior_precision to map every fitted parameter name, "
+                f"{list(names)}, and no other, got {list(prior_precision)}"
             )
         return {n: one(n, prior_precision[n]) for n in names}
     return {n: one(n, prior_precision) for n in names}
@@ -732,7 +445,7 @@ def laplace(
     """
 
     where = "laplace"
-    names, _, _ = _check_fit_args(
+    options = check_fit_args(
         where, module, fn, hessian, output, likelihood, sigma, include, exclude, chunk_size
     )
     if isinstance(prior_precision, str):
@@ -742,196 +455,10 @@ def laplace(
                 f"'marglik', got {prior_precision!r}"
             )
     else:
-        like = {k: module.get_parameter(k) for k in names}
-        _prior_precision(where, names, like, prior_precision)
+        like = {k: module.get_parameter(k) for k in options.names}
+        _prior_precision(where, options.names, like, prior_precision)
 
-    fit = _fit(
-        where, module, fn, data, hessian, output, likelihood, sigma, include, exclude, chunk_size
-    )
-    if prior_precision == "marglik":
+    fit = LaplaceFit(*_curvature.fit(where, module, fn, data, options))
+    if isinstance(prior_precision, str):
         prior_precision = optimize_prior_precision(fit)
     return laplace_posterior(fit, prior_precision)
-
-
-def _linear_layer(module: nn.Module, names: list[str]) -> tuple[nn.Linear, str] | None:
-    r"""Returns the :class:`torch.nn.Linear` whose weight (and maybe bias) are all of
-    `names`, with the prefix of their names."""
-
-    for prefix, m in module.named_modules():
-        if type(m) is nn.Linear:
-            dot = f"{prefix}." if prefix else ""
-            own = {f"{dot}{n}" for n, _ in m.named_parameters()}
-            if f"{dot}weight" in names and set(names) <= own:
-                return m, dot
-    return None
-
-
-def _last_layer_variance(
-    module: nn.Module,
-    posterior: Posterior,
-    fn: Fn,
-    args: tuple,
-    layer: nn.Linear,
-    prefix: str,
-) -> tuple[Tensor, Tensor] | None:
-    seen = []
-    handle = layer.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
-    try:
-        out = vmap_call(module, mean_params(posterior), *args, fn=fn)[0]
-    finally:
-        handle.remove()
-    if len(seen) != 1:
-        return None
-    phi, z = seen[0]
-    if phi.dim() != 2 or not isinstance(out, Tensor) or out.shape != z.shape:
-        return None
-    if not torch.equal(out, z):
-        return None
-    var = _var(posterior.logvar[f"{prefix}weight"])
-    f_var = phi.square() @ var.T
-    bias = posterior.logvar.get(f"{prefix}bias")
-    if bias is not None:
-        f_var = f_var + _var(bias)
-    return out, f_var
-
-
-def linearized_predictive(
-    module: nn.Module,
-    posterior: Posterior,
-    *args: Tensor,
-    fn: Fn | None = None,
-    chunk_size: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    r"""Returns the mean and variance of the model output under the linearized model,
-    :math:`f(x, \theta) \approx f(x, \mu) + J(x) (\theta - \mu)` with
-    :math:`\theta \sim \mathcal{N}(\mu, \mathrm{diag}(\sigma^2))`:
-
-    .. math:: \mathbb{E}[f] = f(x, \mu), \qquad
-        \mathbb{V}[f_c] = \sum_j J_{cj}(x)^2 \sigma_j^2,
-
-    the GLM predictive of Laplace Redux, per output (the diagonal of its covariance). For
-    a posterior over the last :class:`torch.nn.Linear` layer alone, whose output is that of
-    `fn`, the model is linear in those parameters and the variance is read from the
-    layer's input features :math:`\phi` (a forward hook) as
-    :math:`\phi^2 \sigma_W^{2\top} + \sigma_b^2`; otherwise the Jacobians come from
-    :func:`torch.func.jacrev` vectorized over the examples.
-
-    Example:
-        >>> net = zuko.nn.MLP(4, 3, hidden_features=[8])
-        >>> q = bayesflow.init(net, init_logvar=-4.0, include=["2"])
-        >>> mean, var = linearized_predictive(net, q, torch.randn(5, 4))
-        >>> probit_probs(mean, var).shape
-        torch.Size([5, 3])
-
-    Arguments:
-        module: A module.
-        posterior: A posterior over parameters of `module`.
-        args: The inputs of `fn`, tensors with a leading batch dim.
-        fn: The model output, `fn(module, *args)`, of shape `(B, C)` or `(B,)`;
-            `module(*args)` if :py:`None`.
-        chunk_size: The number of examples per vectorized chunk of the Jacobians; all at
-            once if :py:`None`.
-
-    Returns:
-        The mean :math:`f(x, \mu)` and the variance, two tensors of the output's shape,
-        detached.
-
-    References:
-        | Laplace Redux -- Effortless Bayesian Deep Learning (Daxberger et al., 2021)
-        | https://arxiv.org/abs/2106.14806
-    """
-
-    where = "linearized_predictive"
-    check_module(where, module)
-    check_not_bridge(where, module)
-    check_posterior(where, posterior)
-    _posterior.check_matches(where, module, posterior)
-    check_callable(where, "fn", fn)
-    if chunk_size is not None:
-        chunk_size = check_int(where, "chunk_size", chunk_size, or_none=True)
-    if not args:
-        raise ValueError(f"{where}: expected at least one input tensor, got none")
-    for j, a in enumerate(args):
-        if not isinstance(a, Tensor) or a.dim() == 0 or a.shape[0] != args[0].shape[0]:
-            what = f"shape {tuple(a.shape)}" if isinstance(a, Tensor) else type(a).__name__
-            raise ValueError(
-                f"{where}: expected input tensors that share a leading batch dim, got {what} "
-                f"at position {j}"
-            )
-    fn = (lambda m, *a: m(*a)) if fn is None else fn
-    size = args[0].shape[0]
-    names = list(posterior.mean)
-
-    with torch.no_grad():
-        out = _check_per_datum(
-            where, "fn", vmap_call(module, mean_params(posterior), *args, fn=fn)[0], size
-        )
-        if out.dim() > 2:
-            raise ValueError(
-                f"{where}: expected fn to return (B, C) or (B,), got {tuple(out.shape)}"
-            )
-
-        found = _linear_layer(module, names)
-        if found is not None:
-            last = _last_layer_variance(module, posterior, fn, args, *found)
-            if last is not None:
-                return last[0].detach(), last[1].detach()
-
-        f_var = _jacobian_variance(module, posterior, fn, args, chunk_size)
-    return out.detach(), f_var.reshape(out.shape)
-
-
-def _jacobian_variance(
-    module: nn.Module, posterior: Posterior, fn: Fn, args: tuple, chunk_size: int | None
-) -> Tensor:
-    r"""Returns :math:`\sum_j J_{cj}^2 \sigma_j^2` per example and output, `(B, C)`, with
-    the Jacobians at the posterior mean by :func:`torch.func.jacrev` over examples."""
-
-    call = _per_example(module, fn)
-    mean = {k: m.detach() for k, m in posterior.mean.items()}
-    var = {k: _var(lv.detach()) for k, lv in posterior.logvar.items()}
-
-    def f(p: dict[str, Tensor], *example: Tensor) -> Tensor:
-        return call(p, *example).reshape(-1)
-
-    with torch.no_grad():
-        jac = vmap(jacrev(f), in_dims=(None, *(0,) * len(args)), chunk_size=chunk_size)(
-            mean, *args
-        )
-        return sum((j.square() * var[k]).flatten(2).sum(-1) for k, j in jac.items())
-
-
-def probit_probs(mean: Tensor, var: Tensor) -> Tensor:
-    r"""Returns the probit approximation of the predictive probabilities of a Gaussian
-    over logits, :math:`\mathrm{softmax}(\kappa \odot m)` with
-    :math:`\kappa = (1 + \frac{\pi}{8} v)^{-1/2}`.
-
-    With :func:`linearized_predictive`, the linearized (GLM) predictive of a Laplace
-    posterior, without sampling (MacKay, 1992; laplace-torch's `link_approx="probit"`).
-
-    Example:
-        >>> probit_probs(torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]]))
-        tensor([[0.8808, 0.1192]])
-
-    Arguments:
-        mean: The means :math:`m` of the logits, `(..., C)`.
-        var: Their variances :math:`v \geq 0`, of the same shape.
-
-    Returns:
-        Probabilities of the shape of `mean`, summing to 1 over the last dim.
-
-    References:
-        | The Evidence Framework Applied to Classification Networks (MacKay, 1992)
-        | https://doi.org/10.1162/neco.1992.4.5.720
-    """
-
-    where = "probit_probs"
-    check_tensor(where, "mean", mean)
-    check_tensor(where, "var", var)
-    check_float(where, "mean", mean)
-    check_float(where, "var", var)
-    check_same_shape(where, mean=mean, var=var)
-    if (var < 0).any():
-        raise ValueError(f"{where}: expected variances >= 0, got {var.min().item()}")
-    kappa = (1 + math.pi / 8 * var).rsqrt()
-    return (kappa * mean).softmax(dim=-1)

@@ -15,7 +15,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _posterior
-from ._checks import check_generator, check_module, check_n, check_number, check_posterior
+from ._checks import (
+    check_broadcasts,
+    check_generator,
+    check_module,
+    check_n,
+    check_number,
+    check_posterior,
+)
 from ._numerics import gaussian_kl, softclip
 from ._types import Posterior
 
@@ -198,15 +205,7 @@ class GaussianPrior(Prior):
             for what, value in (("mean", self.mean), ("var", self.var)):
                 v = _lookup(value, name, m)
                 if isinstance(v, Tensor):
-                    try:
-                        fits = torch.broadcast_shapes(v.shape, m.shape) == m.shape
-                    except RuntimeError:
-                        fits = False
-                    if not fits:
-                        raise ValueError(
-                            f"{where}: expected the prior {what} of {name!r} to broadcast to "
-                            f"{tuple(m.shape)}, got shape {tuple(v.shape)}"
-                        )
+                    check_broadcasts(where, f"the prior {what} of {name!r}", v, m.shape)
 
     def log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
         for what, value in (("mean", self.mean), ("var", self.var)):

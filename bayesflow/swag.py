@@ -68,22 +68,12 @@ class SWAG:
         where = "SWAG"
         check_module(where, module)
         check_not_bridge(where, module)
-        names = _posterior.select(where, module, include, exclude)
-        if not names:
-            raise ValueError(
-                f"{where}: expected include={tuple(include)!r} and exclude={tuple(exclude)!r} "
-                f"to pick at least one parameter of {type(module).__name__}, got none"
-            )
-        for name in names:
-            p = module.get_parameter(name)
-            if not p.is_floating_point():
-                raise TypeError(
-                    f"{where}: expected real floating-point parameters, got {name!r} of dtype "
-                    f"{p.dtype}: exclude it"
-                )
+        # The posterior's own selection and its checks (nothing picked, tied names, lazy or
+        # integer parameters).
+        mean = _posterior.init(where, module, 0.0, include, exclude).mean
 
         self.n = 0
-        self.mean = {k: torch.zeros_like(module.get_parameter(k).detach()) for k in names}
+        self.mean = {k: torch.zeros_like(m.detach()) for k, m in mean.items()}
         self._m2 = {k: torch.zeros_like(m) for k, m in self.mean.items()}
 
     def _check(self, where: str, module: object) -> dict[str, Tensor]:

@@ -2,13 +2,17 @@ r"""The cost of fitting a diagonal Laplace approximation, bayesflow against lapl
 in epochs of the training that precedes it.
 
     python benchmarks/posteriors_fit.py --threads 1
+    python benchmarks/posteriors_fit.py --threads 1 --repeat 10 --subsets last_layer --no-peer
 
 On the digits MLP and CNN of benchmarks/posteriors.py (trained 40 epochs, float32), the
 training split in minibatches of 64: the diagonal GGN and empirical Fisher, all weights and
 the last layer; and one epoch of the nets' Adam training. Median seconds of a few runs,
 measured in one process with torch.utils.benchmark.Timer. laplace-torch runs with its
 default backend (curvlinops) except for the last-layer empirical Fisher, where that
-backend returns a zero curvature in 0.3 and ASDL is used.
+backend returns a zero curvature in 0.3 and ASDL is used. The last layer takes the closed
+form of `laplace_fit`; the lines "(per-ex.)" time the per-example path on it, for reference.
+`--repeat 10` tiles the training set ten times (the nets are trained on it once), to see the
+per-batch cost apart from the fit's fixed one.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import copy
 import warnings
+
+from unittest import mock
 
 import torch
 
@@ -32,6 +38,13 @@ def ours(net: torch.nn.Module, loader: list, hessian: str, subset: str) -> None:
         net, log_likelihood, loader, hessian=hessian, output=logits,
         likelihood="classification", include=SUBSETS[subset],
     )  # fmt: skip
+
+
+def per_example(net: torch.nn.Module, loader: list, hessian: str, subset: str) -> None:
+    r"""The last layer by the per-example path, the closed form switched off."""
+
+    with mock.patch("bayesflow._curvature.last_layer", return_value=None):
+        ours(net, loader, hessian, subset)
 
 
 def theirs(net: torch.nn.Module, loader: object, hessian: str, subset: str) -> None:
@@ -58,18 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-run-time", type=float, default=2.0)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--subsets", nargs="+", choices=sorted(SUBSETS), default=list(SUBSETS))
+    parser.add_argument("--repeat", type=int, default=1, help="the training set tiled N times")
+    parser.add_argument("--no-peer", action="store_true", help="skip laplace-torch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     try:
         import laplace  # noqa: F401
 
-        have_peer = True
+        have_peer = not args.no_peer
     except ImportError:
         have_peer = False
 
     split = digits()
-    x, y = split["x_fit"], split["y_fit"]
+    net_x, net_y = split["x_fit"], split["y_fit"]
+    x, y = net_x.repeat(args.repeat, 1, 1, 1), net_y.repeat(args.repeat)
     batches = list(zip(x.split(64), y.split(64), strict=True))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
     print(f"digits 0-6, {len(y)} training images in batches of 64, torch {torch.__version__}, "
@@ -77,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':>5} | {'hessian':>7} | {'subset':>10} | {'bayesflow s':>11} | "
           f"{'laplace-torch s':>15} | {'ratio':>5} | {'epochs':>6}")  # fmt: skip
     for model in args.models:
-        net = train_deterministic(MODELS[model], x, y, epochs=40)
+        net = train_deterministic(MODELS[model], net_x, net_y, epochs=40)
         trainee = copy.deepcopy(net)
         optimizer = torch.optim.Adam(trainee.parameters(), lr=3e-3, weight_decay=1e-4)
         generator = torch.Generator().manual_seed(0)
@@ -87,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{model:>5} | one Adam epoch: {epoch:.4f} s")
         for hessian in ("ggn", "ef"):
-            for subset in SUBSETS:
+            for subset in args.subsets:
                 a = median(
                     lambda n=net, h=hessian, s=subset: ours(n, batches, h, s), args.min_run_time
                 )
@@ -98,9 +115,16 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     peer, ratio = f"{b:15.4f}", f"{b / a:5.2f}"
                 else:
-                    peer, ratio = f"{'not installed':>15}", f"{'-':>5}"
+                    peer, ratio = f"{'not run':>15}", f"{'-':>5}"
                 print(f"{model:>5} | {hessian:>7} | {subset:>10} | {a:11.4f} | {peer} | "
                       f"{ratio} | {a / epoch:6.2f}")  # fmt: skip
+                if subset == "last_layer":
+                    c = median(
+                        lambda n=net, h=hessian, s=subset: per_example(n, batches, h, s),
+                        args.min_run_time,
+                    )
+                    print(f"{model:>5} | {hessian:>7} | {'(per-ex.)':>10} | {c:11.4f} | "
+                          f"{'':>15} | {'':>5} | {c / epoch:6.2f}")  # fmt: skip
     return 0
 
 

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 import bayesflow as bf
 
+from bayesflow import _curvature
 from bayesflow._numerics import LOGVAR_LIMIT, logvar_from_var
 from bayesflow._numerics import var as var_of
 from bayesflow._posterior import posterior_from_variance
-from bayesflow.laplace import _jacobian_variance
+from bayesflow.linearized import _jacobian_variance
 
 HAS_LAPLACE = importlib.util.find_spec("laplace") is not None
 needs_laplace = pytest.mark.skipif(
@@ -271,8 +272,9 @@ def test_a_fn_that_mixes_the_batch_is_refused():
     centred = lambda m, x, y: classification_ll(m, x, y) - classification_ll(m, x, y).mean()
     before = snapshot(module)
 
-    with pytest.raises(ValueError, match="laplace_fit: expected fn on one example at a time"):
-        bf.laplace_fit(module, centred, [(x, y)], hessian="ef")
+    for include in ([""], ["4"]):  # the per-example path and the closed form
+        with pytest.raises(ValueError, match="laplace_fit: expected fn on one example at a"):
+            bf.laplace_fit(module, centred, [(x, y)], hessian="ef", include=include)
     with pytest.raises(ValueError, match="laplace_fit: expected output on one example"):
         bf.laplace_fit(
             module,
@@ -282,6 +284,144 @@ def test_a_fn_that_mixes_the_batch_is_refused():
             likelihood="classification",
         )
     assert unchanged(module, before)
+
+
+# The closed form of a last linear layer.
+
+
+def per_example_calls(monkeypatch):
+    r"""Records the batch sizes the per-example (generic) path is called with."""
+
+    sizes = []
+    for name in ("_ggn_batch", "_ef_batch"):
+        original = getattr(_curvature, name)
+
+        def spy(*args, original=original):
+            sizes.append(args[-1][0].shape[0])
+            return original(*args)
+
+        monkeypatch.setattr(_curvature, name, spy)
+    return sizes
+
+
+LAST = {
+    **{f"{case}-{h}": (case, h, ("4",)) for case in CASES for h in ("ggn", "ef")},
+    "weight-only": ("mlp-classification", "ggn", ("4.weight",)),
+    "weight-only-ef": ("mlp-regression", "ef", ("4.weight",)),
+}
+
+
+@pytest.mark.parametrize("name", LAST)
+def test_the_last_layer_closed_form_matches_the_per_example_path(name, monkeypatch):
+    case, hessian, include = LAST[name]
+    build, fn, likelihood, kind = CASES[case]
+    module = build()
+    x, y = data(kind, n=17)
+    kw = dict(hessian=hessian, output=output, likelihood=likelihood, sigma=SIGMA, include=include)
+    before = snapshot(module)
+
+    sizes = per_example_calls(monkeypatch)
+    fast = bf.laplace_fit(module, fn, batches(x, y, 6), **kw)
+    assert sizes == [1]  # the closed form, checked on one example
+    monkeypatch.setattr(_curvature, "last_layer", lambda module, names: None)
+    slow = bf.laplace_fit(module, fn, batches(x, y, 6), **kw)
+    assert sizes == [1, 6, 6, 5]
+
+    assert unchanged(module, before)
+    assert list(fast.hessian) == list(slow.hessian) == bf.select(module, include)
+    for k, h in fast.hessian.items():
+        assert torch.allclose(h, slow.hessian[k], rtol=1e-10, atol=1e-12), k
+        assert torch.equal(fast.mean[k], slow.mean[k])
+    assert any(h.abs().max() > 1e-3 for h in fast.hessian.values())
+    assert torch.allclose(fast.log_likelihood, slow.log_likelihood, rtol=1e-12)
+    assert fast.num_data == slow.num_data == len(x)
+
+
+def test_the_closed_form_with_an_output_of_shape_b(monkeypatch):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten(0))
+    x, y = torch.randn(9, 3), torch.randn(9)
+    fn = lambda m, x, y: torch.distributions.Normal(m(x), SIGMA).log_prob(y)
+    sizes = per_example_calls(monkeypatch)
+
+    for hessian in ("ggn", "ef"):
+        fit = bf.laplace_fit(
+            module, fn, batches(x, y, 4), hessian=hessian, output=output,
+            likelihood="regression", sigma=SIGMA, include=["2"],
+        )  # fmt: skip
+        names = bf.select(module, ["2"])
+        if hessian == "ggn":
+            expected = loop_ggn(module, "regression", x, names)
+        else:
+            expected = loop_ef(module, fn, x, y, names)
+        for k, h in fit.hessian.items():
+            assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12), (hessian, k)
+    assert sizes == [1, 1]
+
+
+class Reused(nn.Module):
+    r"""A last layer whose weight also enters the net elsewhere, in a functional call."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(F.linear(x, self.out.weight)))
+
+
+def tied():
+    r"""A first layer whose weight is also the last layer's."""
+
+    first, out = nn.Linear(3, 3), nn.Linear(3, 3)
+    out.weight = first.weight
+    return nn.Sequential(first, nn.Tanh(), out)
+
+
+@pytest.mark.parametrize("hessian", ["ggn", "ef"])
+@pytest.mark.parametrize("kind", ["reused", "tied", "middle-layer"])
+def test_the_per_example_path_where_the_closed_form_does_not_hold(kind, hessian, monkeypatch):
+    torch.manual_seed(0)
+    module, include = {
+        "reused": (Reused(), ["out"]),
+        "tied": (tied(), ["0"]),
+        "middle-layer": (mlp(), ["2"]),
+    }[kind]
+    x = torch.randn(10, 4 if kind == "middle-layer" else 3)
+    y = torch.randint(0, 3, (10,))
+    sizes = per_example_calls(monkeypatch)
+
+    fit = bf.laplace_fit(
+        module, classification_ll, batches(x, y), hessian=hessian, output=output,
+        likelihood="classification", include=include,
+    )  # fmt: skip
+
+    names = bf.select(module, include)
+    if hessian == "ggn":
+        expected = loop_ggn(module, "classification", x, names)
+    else:
+        expected = loop_ef(module, classification_ll, x, y, names)
+    for k, h in fit.hessian.items():
+        assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12), k
+    if kind == "middle-layer" and hessian == "ef":
+        # g phi^T is the gradient of any linear layer called once: the closed form holds.
+        assert sizes == [1]
+    else:
+        assert sizes[-2:] == [5, 5]  # the per-example path took over
+
+
+def test_the_closed_form_before_an_in_place_activation(monkeypatch):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
+    x, y = data("classification")
+    sizes = per_example_calls(monkeypatch)
+
+    fit = bf.laplace_fit(module, classification_ll, batches(x, y), hessian="ef", include=["0"])
+
+    expected = loop_ef(module, classification_ll, x, y, bf.select(module, ["0"]))
+    for k, h in fit.hessian.items():
+        assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12), k
+    assert sizes == [1]
 
 
 # The evidence and the prior precision.
@@ -426,6 +566,21 @@ def test_linearized_variance_matches_explicit_jacobians(include):
     assert (var > 0).all()
 
 
+def test_linearized_variance_where_the_last_layer_weight_is_reused():
+    torch.manual_seed(0)
+    module = Reused()
+    q = bf.init(module, init_logvar=-2.0, include=["out"])
+    x = torch.randn(5, 3)
+
+    mean, var = bf.linearized_predictive(module, q, x)
+
+    sigma2 = torch.cat([var_of(q.logvar[k]).reshape(-1) for k in q.mean])
+    for i in range(len(x)):
+        jac = explicit_jacobian(module, x[i], list(q.mean))
+        assert torch.allclose(var[i], (jac.square() * sigma2).sum(1), rtol=1e-10, atol=1e-14)
+    assert torch.allclose(mean, module(x), atol=1e-12)
+
+
 def test_probit_probs():
     mean = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 3.0]])
     var = torch.tensor([[1.0, 4.0, 0.0], [0.5, 0.5, 10.0]])
@@ -476,7 +631,7 @@ BAD = {
     "fn": (
         lambda m, X, Y: bf.laplace_fit(m, None, [(X, Y)], **GOOD),
         TypeError,
-        "laplace_fit: expected fn to be a callable",
+        "laplace_fit: expected fn to be callable",
     ),
     "hessian": (
         lambda m, X, Y: bf.laplace_fit(m, classification_ll, [(X, Y)], hessian="kfac"),

@@ -1,0 +1,462 @@
+r"""The curvature of a log-likelihood at trained parameters, summed over examples: the
+diagonal empirical Fisher and generalized Gauss-Newton matrix from per-example gradients and
+vector-Jacobian products vectorized by :mod:`torch.func`, a closed form for a last linear
+layer, the one pass over the data, and the checks of its batches."""
+
+from __future__ import annotations
+
+__all__ = [
+    "HESSIANS",
+    "LIKELIHOODS",
+    "FitOptions",
+    "check_fit_args",
+    "check_per_datum",
+    "evaluating",
+    "fit",
+    "last_layer",
+    "per_example",
+]
+
+import math
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from torch import Tensor
+from torch.func import grad, vjp, vmap
+
+from . import _posterior
+from ._checks import (
+    check_callable,
+    check_float,
+    check_int,
+    check_module,
+    check_not_bridge,
+    check_number,
+)
+from .call import vmap_call
+
+#: The curvatures :func:`bayesflow.laplace_fit` computes: the generalized Gauss-Newton
+#: matrix and the empirical Fisher, both diagonal.
+HESSIANS = ("ggn", "ef")
+
+#: The likelihoods whose output Hessian the generalized Gauss-Newton matrix uses.
+LIKELIHOODS = ("classification", "regression")
+
+Fn = Callable[..., Tensor]
+Batch = tuple[Tensor, ...]
+Step = tuple[dict[str, Tensor], Tensor]
+
+
+class FitOptions(NamedTuple):
+    r"""The checked arguments of a fit: the parameter names, the curvature and the
+    likelihood of the GGN."""
+
+    names: list[str]
+    hessian: str
+    output: Fn | None
+    likelihood: str | None
+    sigma: float
+    chunk_size: int | None
+
+
+class LastLayer(NamedTuple):
+    r"""A :class:`torch.nn.Linear` layer whose weight (and maybe bias) are the parameters
+    of a fit or a posterior, with their names."""
+
+    layer: nn.Linear
+    weight: str
+    bias: str | None
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    r"""Puts `module` in evaluation mode for a block, then gives every submodule its own
+    mode back."""
+
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def check_fit_args(
+    where: str,
+    module: object,
+    fn: object,
+    hessian: object,
+    output: object,
+    likelihood: object,
+    sigma: object,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    chunk_size: object,
+) -> FitOptions:
+    check_module(where, module)
+    check_not_bridge(where, module)
+    check_callable(
+        where,
+        "fn",
+        fn,
+        optional=False,
+        form="fn(module, *batch) returning per-datum log-likelihoods",
+    )
+    if hessian not in HESSIANS:
+        raise ValueError(f"{where}: expected hessian to be 'ggn' or 'ef', got {hessian!r}")
+    check_callable(where, "output", output)
+    if likelihood is not None and likelihood not in LIKELIHOODS:
+        raise ValueError(
+            f"{where}: expected likelihood to be 'classification', 'regression' or None, "
+            f"got {likelihood!r}"
+        )
+    if hessian == "ggn" and (output is None or likelihood is None):
+        raise ValueError(
+            f"{where}: expected output and likelihood with hessian='ggn' (the GGN is "
+            "J^T Lambda J of the model output), got "
+            f"output={'None' if output is None else 'a callable'} and likelihood={likelihood!r}"
+        )
+    sigma = check_number(where, "sigma", sigma, 0.0, strict=True)
+    if chunk_size is not None:
+        chunk_size = check_int(where, "chunk_size", chunk_size, or_none=True)
+    # The posterior's own selection: no parameter picked, tied names, lazy or integer
+    # parameters are refused with its messages.
+    names = list(_posterior.init(where, module, 0.0, include, exclude).mean)
+    return FitOptions(names, hessian, output, likelihood, sigma, chunk_size)
+
+
+def batches(where: str, data: object) -> Iterator[Batch]:
+    if isinstance(data, (Tensor, Mapping, str)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"{where}: expected data to be an iterable of batches (tuples of tensors, e.g. a "
+            f"DataLoader), got {type(data).__name__}"
+        )
+    for i, batch in enumerate(data):
+        if not isinstance(batch, (tuple, list)) or not batch:
+            raise TypeError(
+                f"{where}: expected each batch to be a tuple or list of tensors, got "
+                f"{type(batch).__name__} at batch {i} (one batch (x, y) is passed as [(x, y)])"
+            )
+        size = None
+        for j, t in enumerate(batch):
+            if not isinstance(t, Tensor) or t.dim() == 0:
+                what = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise TypeError(
+                    f"{where}: expected each batch to hold tensors with a leading batch dim, "
+                    f"got {what} at position {j} of batch {i}"
+                )
+            if size is None:
+                size = t.shape[0]
+            elif t.shape[0] != size:
+                raise ValueError(
+                    f"{where}: expected the tensors of a batch to share their leading dim, got "
+                    f"{size} and {t.shape[0]} in batch {i}"
+                )
+        if size == 0:
+            continue
+        yield tuple(batch)
+
+
+def per_example(module: nn.Module, fn: Fn) -> Callable[..., Tensor]:
+    r"""Returns `call(params, *example)`: `fn(module, *batch)` for a batch of one example,
+    with `params` swapped in (through :func:`bayesflow.vmap_call`, the one swap of the
+    library), without its sample dim: the shape of `fn`'s output, `(1, ...)`."""
+
+    def call(params: dict[str, Tensor], *example: Tensor) -> Tensor:
+        batch = tuple(t.unsqueeze(0) for t in example)
+        one = {k: v.unsqueeze(0) for k, v in params.items()}
+        return vmap_call(module, one, *batch, fn=fn)[0]
+
+    return call
+
+
+def check_per_datum(where: str, what: str, out: object, size: int) -> Tensor:
+    if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != size:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"{where}: expected {what} to return a tensor with one row per datum, leading dim "
+            f"{size} as the batch, got {shape}"
+        )
+    check_float(where, f"the output of {what}", out)
+    return out
+
+
+def _check_output(where: str, likelihood: str, f: Tensor) -> None:
+    if f.dim() > 2 or (likelihood == "classification" and (f.dim() != 2 or f.shape[1] < 2)):
+        shapes = "(B, C), C >= 2" if likelihood == "classification" else "(B, C) or (B,)"
+        raise ValueError(f"{where}: expected output of shape {shapes}, got {tuple(f.shape)}")
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    tol = math.sqrt(torch.finfo(a.dtype).eps)
+    return torch.allclose(a, b, rtol=tol, atol=tol * a.abs().max().clamp_min(1.0).item())
+
+
+def _check_split(where: str, what: str, whole: Tensor, parts: Tensor) -> None:
+    r"""Checks that `fn` on single examples gives what it gives on the batch: a batch that
+    couples its examples (train-mode BatchNorm, a mean over the batch) has no per-example
+    curvature."""
+
+    if not _close(whole, parts):
+        error = (whole - parts).abs().max().item()
+        raise ValueError(
+            f"{where}: expected {what} on one example at a time to give what it gives on the "
+            f"whole batch, got differences up to {error:.3g}: does it mix the examples of a "
+            "batch (a mean over the batch, BatchNorm statistics)?"
+        )
+
+
+def _sum_of_squares(t: Tensor, dims: int) -> Tensor:
+    r"""Sums the squares of `t` over its first `dims` dims."""
+
+    return t.flatten(0, dims - 1).square().sum(0)
+
+
+def _ef_batch(
+    module: nn.Module, fn: Fn, options: FitOptions, params: dict[str, Tensor], batch: Batch
+) -> Step:
+    call = per_example(module, fn)
+
+    def loglik(p: dict[str, Tensor], *example: Tensor) -> tuple[Tensor, Tensor]:
+        total = call(p, *example).sum()
+        return total, total.detach()
+
+    dims = (None, *(0,) * len(batch))
+    grads, values = vmap(grad(loglik, has_aux=True), in_dims=dims, chunk_size=options.chunk_size)(
+        params, *batch
+    )
+    return {k: _sum_of_squares(g, 1) for k, g in grads.items()}, values
+
+
+def _ggn_batch(
+    module: nn.Module, options: FitOptions, params: dict[str, Tensor], batch: Batch
+) -> Step:
+    call = per_example(module, options.output)
+
+    def roots(p: dict[str, Tensor], *example: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        # Lambda = L L^T, so diag(J^T Lambda J) = sum_c (J^T L_c)^2: one vector-Jacobian
+        # product per column of L. For the softmax, L = diag(sqrt p) - p sqrt(p)^T (since
+        # sum_c p_c = 1); for a Gaussian, L = I / sigma.
+        out, pullback = vjp(lambda q: call(q, *example).reshape(-1), p)
+        out = out.detach()
+        if options.likelihood == "classification":
+            probs = out.softmax(dim=-1)
+            root = probs.sqrt()
+            columns = torch.diag(root) - root.unsqueeze(-1) * probs  # row c: L_c
+        else:
+            columns = torch.eye(len(out), dtype=out.dtype, device=out.device) / options.sigma
+        return vmap(pullback)(columns)[0], out
+
+    dims = (None, *(0,) * len(batch))
+    rows, out = vmap(roots, in_dims=dims, chunk_size=options.chunk_size)(params, *batch)
+    h = {k: _sum_of_squares(r, 2).view_as(params[k]) for k, r in rows.items()}
+    return h, out
+
+
+def last_layer(module: nn.Module, names: Sequence[str]) -> LastLayer | None:
+    r"""Returns the :class:`torch.nn.Linear` whose weight, and maybe bias, are exactly
+    `names`, if neither is tied to another name of `module`."""
+
+    counts: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    for prefix, m in module.named_modules():
+        if type(m) is not nn.Linear:
+            continue
+        dot = f"{prefix}." if prefix else ""
+        own = {f"{dot}{n}": p for n, p in m.named_parameters()}
+        weight = f"{dot}weight"
+        if weight in names and set(names) <= own.keys():
+            if all(counts[id(p)] == 1 for p in own.values()):
+                bias = f"{dot}bias" if f"{dot}bias" in names else None
+                return LastLayer(m, weight, bias)
+            return None
+    return None
+
+
+def capture(layer: nn.Module, call: Callable[[], Tensor], leaf: bool = False) -> tuple | None:
+    r"""Runs `call()` and returns its result with the input :math:`\phi` `(B, d)` and
+    output :math:`z` `(B, C)` of `layer`, or :py:`None` unless `layer` ran once on a
+    matrix. With `leaf`, `z` is a leaf whose copy the rest of the call continues from,
+    recorded, for the gradient of the result in `z`."""
+
+    seen = []
+    grad_mode = torch.is_grad_enabled()
+
+    def hook(m: nn.Module, inputs: tuple, out: Tensor) -> Tensor | None:
+        seen.append((inputs[0] if inputs else None, out))
+        if leaf and len(seen) == 1 and isinstance(out, Tensor):
+            # Only what follows the layer is recorded: gradients are switched on here, inside
+            # the call, and back off after it.
+            torch.set_grad_enabled(True)
+            z = out.detach().requires_grad_()
+            seen[0] = (seen[0][0], z)
+            return z.clone()  # not the leaf itself: an in-place ReLU may follow
+        return None
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        result = call()
+    finally:
+        handle.remove()
+        torch.set_grad_enabled(grad_mode)
+    if len(seen) != 1:
+        return None
+    phi, z = seen[0]
+    if not (isinstance(phi, Tensor) and isinstance(z, Tensor) and phi.dim() == z.dim() == 2):
+        return None
+    return result, phi, z
+
+
+def _layer_step(found: LastLayer, phi: Tensor, lam: Tensor) -> dict[str, Tensor]:
+    r""":math:`h_{W_{cj}} = \sum_b \Lambda_{bc} \phi_{bj}^2` and
+    :math:`h_{b_c} = \sum_b \Lambda_{bc}`: the diagonal of :math:`J^\top \Lambda J` of a
+    linear layer, for a diagonal :math:`\Lambda` or the diagonal of the squared gradients."""
+
+    h = {found.weight: lam.T @ phi.square()}
+    if found.bias is not None:
+        h[found.bias] = lam.sum(0)
+    return h
+
+
+class _Closed(NamedTuple):
+    r"""A batch in closed form: its curvature, `fn` per datum, the curvature of its first
+    example, and what the per-example path is checked against (`fn` for the empirical
+    Fisher, `output` for the GGN on the first batch)."""
+
+    h: dict[str, Tensor]
+    ll: Tensor
+    one: dict[str, Tensor]
+    value: Tensor | None
+
+
+def _last_layer_batch(
+    where: str,
+    module: nn.Module,
+    fn: Fn,
+    options: FitOptions,
+    found: LastLayer,
+    batch: Batch,
+    first: bool,
+) -> _Closed | None:
+    r"""The curvature of a batch in closed form, from one call of `fn` that records the
+    layer's input and output (and, on the `first` batch, one of `output`, which must be
+    the layer's output); :py:`None` where the closed form does not apply."""
+
+    size = batch[0].shape[0]
+    ef = options.hessian == "ef"
+    got = capture(found.layer, lambda: fn(module, *batch), leaf=ef)
+    if got is None or got[1].shape[0] != size or got[2].shape[0] != size:
+        return None
+    ll, phi, z = got
+    ll = check_per_datum(where, "fn", ll, size)
+    value = None
+    if ef:
+        if not ll.requires_grad:
+            return None
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(ll.sum(), z)
+        lam = g.square()
+        value = ll = ll.detach()
+    else:
+        if first:
+            value = check_per_datum(where, "output", options.output(module, *batch), size)
+            _check_output(where, options.likelihood, value)
+            if value.reshape(size, -1).shape != z.shape or not torch.equal(
+                value.reshape(z.shape), z
+            ):
+                return None
+        if options.likelihood == "classification":
+            p = z.softmax(dim=-1)
+            lam = p - p.square()
+        else:
+            lam = torch.full_like(z, options.sigma**-2)
+    one = _layer_step(found, phi[:1], lam[:1])
+    return _Closed(_layer_step(found, phi, lam), ll, one, value)
+
+
+def _agree(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+
+
+def fit(
+    where: str, module: nn.Module, fn: Fn, data: object, options: FitOptions
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, int]:
+    r"""Returns the trained parameters, the curvature diagonals, the log-likelihood and the
+    number of data, in one pass over `data`.
+
+    Where the parameters are one linear layer's, and for the GGN its output is the model's
+    (checked on the first batch), each batch takes one call of `fn` and the closed form; the
+    first example is checked against the per-example path, which takes over where they
+    differ (the layer's weight also used elsewhere) or the closed form does not apply."""
+
+    params = {k: module.get_parameter(k).detach() for k in options.names}
+    h = {k: torch.zeros_like(p) for k, p in params.items()}
+    found = last_layer(module, options.names)
+    checked = False
+    log_likelihood = None
+    num_data = 0
+
+    with evaluating(module), torch.no_grad():
+        for batch in batches(where, data):
+            size = batch[0].shape[0]
+            fast = None
+            if found is not None:
+                try:
+                    fast = _last_layer_batch(where, module, fn, options, found, batch, not checked)
+                except RuntimeError:
+                    fast = None  # the per-example path runs, and raises what is wrong
+            if fast is not None and not checked:
+                one = tuple(t[:1] for t in batch)
+                slow = _slow_batch(where, module, fn, options, params, one, fast.value[:1])
+                checked = _agree(fast.one, slow[0])
+                fast = fast if checked else None
+            if fast is not None:
+                step, ll = fast.h, fast.ll
+            else:
+                found = None
+                ll = check_per_datum(where, "fn", fn(module, *batch), size)
+                if options.hessian == "ef":
+                    step = _slow_batch(where, module, fn, options, params, batch, ll)[0]
+                else:
+                    f = check_per_datum(where, "output", options.output(module, *batch), size)
+                    _check_output(where, options.likelihood, f)
+                    step = _slow_batch(where, module, fn, options, params, batch, f)[0]
+            for k in h:
+                h[k] += step[k]
+            total = ll.sum()
+            log_likelihood = total if log_likelihood is None else log_likelihood + total
+            num_data += size
+
+    if log_likelihood is None:
+        raise ValueError(f"{where}: expected data with at least one datum, got none")
+    return {k: p.clone() for k, p in params.items()}, h, log_likelihood, num_data
+
+
+def _slow_batch(
+    where: str,
+    module: nn.Module,
+    fn: Fn,
+    options: FitOptions,
+    params: dict[str, Tensor],
+    batch: Batch,
+    whole: Tensor,
+) -> Step:
+    r"""The curvature of a batch by per-example gradients or vector-Jacobian products,
+    checked to give on one example at a time what `fn` or `output` gave on the batch
+    (`whole`, per datum)."""
+
+    size = batch[0].shape[0]
+    if options.hessian == "ef":
+        step = _ef_batch(module, fn, options, params, batch)
+        _check_split(where, "fn", whole.reshape(size, -1).sum(1), step[1])
+    else:
+        step = _ggn_batch(module, options, params, batch)
+        _check_split(where, "output", whole.reshape(size, -1), step[1])
+    return step

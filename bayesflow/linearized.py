@@ -1,0 +1,197 @@
+r"""The linearized (GLM) predictive of a Gaussian posterior and its probit approximation
+for classification."""
+
+from __future__ import annotations
+
+__all__ = ["linearized_predictive", "probit_probs"]
+
+import math
+
+import torch
+import torch.nn as nn
+
+from torch import Tensor
+from torch.func import jacrev, vmap
+
+from . import _posterior
+from ._checks import (
+    check_callable,
+    check_float,
+    check_int,
+    check_module,
+    check_not_bridge,
+    check_posterior,
+    check_same_shape,
+    check_tensor,
+)
+from ._curvature import Fn, LastLayer, capture, check_per_datum, last_layer, per_example
+from ._numerics import var as _var
+from ._types import Posterior
+from .call import vmap_call
+from .posterior import mean_params
+
+
+def _last_layer_variance(
+    module: nn.Module, posterior: Posterior, fn: Fn, args: tuple, found: LastLayer
+) -> tuple[Tensor, Tensor] | None:
+    r"""The mean and variance of the output from the layer's input features, where the
+    layer's output is `fn`'s; checked on the first example against the Jacobians."""
+
+    got = capture(found.layer, lambda: vmap_call(module, mean_params(posterior), *args, fn=fn)[0])
+    if got is None:
+        return None
+    out, phi, z = got
+    if not isinstance(out, Tensor) or out.shape != z.shape or not torch.equal(out, z):
+        return None
+    f_var = phi.square() @ _var(posterior.logvar[found.weight]).T
+    if found.bias is not None:
+        f_var = f_var + _var(posterior.logvar[found.bias])
+    one = _jacobian_variance(module, posterior, fn, tuple(a[:1] for a in args), None)
+    tol = math.sqrt(torch.finfo(f_var.dtype).eps)
+    if not torch.allclose(f_var[:1], one, rtol=tol, atol=tol * one.abs().max().item()):
+        return None  # the layer's weight is also used elsewhere
+    return out, f_var
+
+    return out, f_var
+
+
+def linearized_predictive(
+    module: nn.Module,
+    posterior: Posterior,
+    *args: Tensor,
+    fn: Fn | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Returns the mean and variance of the model output under the linearized model,
+    :math:`f(x, \theta) \approx f(x, \mu) + J(x) (\theta - \mu)` with
+    :math:`\theta \sim \mathcal{N}(\mu, \mathrm{diag}(\sigma^2))`:
+
+    .. math:: \mathbb{E}[f] = f(x, \mu), \qquad
+        \mathbb{V}[f_c] = \sum_j J_{cj}(x)^2 \sigma_j^2,
+
+    the GLM predictive of Laplace Redux, per output (the diagonal of its covariance). For
+    a posterior over the last :class:`torch.nn.Linear` layer alone, whose output is that of
+    `fn`, the model is linear in those parameters and the variance is read from the
+    layer's input features :math:`\phi` (a forward hook) as
+    :math:`\phi^2 \sigma_W^{2\top} + \sigma_b^2`; otherwise the Jacobians come from
+    :func:`torch.func.jacrev` vectorized over the examples.
+
+    Example:
+        >>> net = zuko.nn.MLP(4, 3, hidden_features=[8])
+        >>> q = bayesflow.init(net, init_logvar=-4.0, include=["2"])
+        >>> mean, var = linearized_predictive(net, q, torch.randn(5, 4))
+        >>> probit_probs(mean, var).shape
+        torch.Size([5, 3])
+
+    Arguments:
+        module: A module.
+        posterior: A posterior over parameters of `module`.
+        args: The inputs of `fn`, tensors with a leading batch dim.
+        fn: The model output, `fn(module, *args)`, of shape `(B, C)` or `(B,)`;
+            `module(*args)` if :py:`None`.
+        chunk_size: The number of examples per vectorized chunk of the Jacobians; all at
+            once if :py:`None`.
+
+    Returns:
+        The mean :math:`f(x, \mu)` and the variance, two tensors of the output's shape,
+        detached.
+
+    References:
+        | Laplace Redux -- Effortless Bayesian Deep Learning (Daxberger et al., 2021)
+        | https://arxiv.org/abs/2106.14806
+    """
+
+    where = "linearized_predictive"
+    check_module(where, module)
+    check_not_bridge(where, module)
+    check_posterior(where, posterior)
+    _posterior.check_matches(where, module, posterior)
+    check_callable(where, "fn", fn)
+    if chunk_size is not None:
+        chunk_size = check_int(where, "chunk_size", chunk_size, or_none=True)
+    if not args:
+        raise ValueError(f"{where}: expected at least one input tensor, got none")
+    for j, a in enumerate(args):
+        if not isinstance(a, Tensor) or a.dim() == 0 or a.shape[0] != args[0].shape[0]:
+            what = f"shape {tuple(a.shape)}" if isinstance(a, Tensor) else type(a).__name__
+            raise ValueError(
+                f"{where}: expected input tensors that share a leading batch dim, got {what} "
+                f"at position {j}"
+            )
+    fn = (lambda m, *a: m(*a)) if fn is None else fn
+    size = args[0].shape[0]
+    names = list(posterior.mean)
+
+    with torch.no_grad():
+        out = check_per_datum(
+            where, "fn", vmap_call(module, mean_params(posterior), *args, fn=fn)[0], size
+        )
+        if out.dim() > 2:
+            raise ValueError(
+                f"{where}: expected fn to return (B, C) or (B,), got {tuple(out.shape)}"
+            )
+
+        found = last_layer(module, names)
+        if found is not None:
+            last = _last_layer_variance(module, posterior, fn, args, found)
+            if last is not None:
+                return last[0].detach(), last[1].detach()
+
+        f_var = _jacobian_variance(module, posterior, fn, args, chunk_size)
+    return out.detach(), f_var.reshape(out.shape)
+
+
+def _jacobian_variance(
+    module: nn.Module, posterior: Posterior, fn: Fn, args: tuple, chunk_size: int | None
+) -> Tensor:
+    r"""Returns :math:`\sum_j J_{cj}^2 \sigma_j^2` per example and output, `(B, C)`, with
+    the Jacobians at the posterior mean by :func:`torch.func.jacrev` over examples."""
+
+    call = per_example(module, fn)
+    mean = {k: m.detach() for k, m in posterior.mean.items()}
+    var = {k: _var(lv.detach()) for k, lv in posterior.logvar.items()}
+
+    def f_var(p: dict[str, Tensor], *example: Tensor) -> Tensor:
+        # Reduced per example: the Jacobians of a chunk never stand together.
+        jac = jacrev(lambda q: call(q, *example).reshape(-1))(p)
+        return sum((j.square() * var[k]).flatten(1).sum(-1) for k, j in jac.items())
+
+    with torch.no_grad():
+        dims = (None, *(0,) * len(args))
+        return vmap(f_var, in_dims=dims, chunk_size=chunk_size)(mean, *args)
+
+
+def probit_probs(mean: Tensor, var: Tensor) -> Tensor:
+    r"""Returns the probit approximation of the predictive probabilities of a Gaussian
+    over logits, :math:`\mathrm{softmax}(\kappa \odot m)` with
+    :math:`\kappa = (1 + \frac{\pi}{8} v)^{-1/2}`.
+
+    With :func:`linearized_predictive`, the linearized (GLM) predictive of a Laplace
+    posterior, without sampling (MacKay, 1992; laplace-torch's `link_approx="probit"`).
+
+    Example:
+        >>> probit_probs(torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]]))
+        tensor([[0.8808, 0.1192]])
+
+    Arguments:
+        mean: The means :math:`m` of the logits, `(..., C)`.
+        var: Their variances :math:`v \geq 0`, of the same shape.
+
+    Returns:
+        Probabilities of the shape of `mean`, summing to 1 over the last dim.
+
+    References:
+        | The Evidence Framework Applied to Classification Networks (MacKay, 1992)
+        | https://doi.org/10.1162/neco.1992.4.5.720
+    """
+
+    where = "probit_probs"
+    check_tensor(where, "mean", mean)
+    check_tensor(where, "var", var)
+    check_float(where, "mean", mean)
+    check_float(where, "var", var)
+    check_same_shape(where, mean=mean, var=var)
+    if (var < 0).any():
+        raise ValueError(f"{where}: expected variances >= 0, got {var.min().item()}")
+    kappa = (1 + math.pi / 8 * var).rsqrt()
+    return (kappa * mean).softmax(dim=-1)
