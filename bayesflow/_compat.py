@@ -13,6 +13,7 @@ __all__ = [
     "WeightNorm",
     "allocated_bytes",
     "batched_at_current_level",
+    "counting_allocations",
     "flat_cat",
     "fused_rnn",
     "is_compiling",
@@ -182,18 +183,30 @@ class _Allocations(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         # Views and in-place results share an input's storage: only new storage counts.
-        seen = {
-            t.untyped_storage().data_ptr()
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, Tensor)
-        }
+        seen = set()
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, Tensor):
+                try:
+                    seen.add(t.untyped_storage().data_ptr())
+                except RuntimeError:
+                    continue
         for t in tree_leaves(out):
             if isinstance(t, Tensor):
-                storage = t.untyped_storage()
+                try:
+                    storage = t.untyped_storage()
+                except RuntimeError:  # a tensor subclass without storage of its own
+                    continue
                 if storage.data_ptr() not in seen:
                     seen.add(storage.data_ptr())
                     self.bytes += storage.nbytes()
         return out
+
+
+def counting_allocations() -> Any:
+    r"""A context manager that sums the bytes of new storage the operations in its block
+    allocate, in its `bytes` attribute."""
+
+    return _Allocations()
 
 
 def allocated_bytes(call: Callable[[], Any]) -> int:

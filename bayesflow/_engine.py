@@ -29,7 +29,12 @@ from . import _posterior, _torch_layers
 from ._buffers import State
 from ._caches import Bounded, PerObject, fn_key, identity
 from ._checks import check_buffers, check_in_dims, check_params
-from ._compat import StopRecomputation, is_compiling, saved_tensors_hooks_active
+from ._compat import (
+    StopRecomputation,
+    counting_allocations,
+    is_compiling,
+    saved_tensors_hooks_active,
+)
 from ._errors import Passthrough
 from ._layers import LocalPlan, Recorder, StaleShapes, Tape
 from ._memory import auto_chunk_size, cache_chunk_size, per_sample_bytes
@@ -196,14 +201,24 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
     if job.n == 1:  # a plain call costs less than vmap's fixed overhead
         return _single(job), None
 
-    chunk_size = opts.chunk_size
+    chunk_size, measure = opts.chunk_size, None
     if chunk_size == "auto":
         chunk_size = auto_chunk_size(_footprint(job), job.n, _device(job), opts.max_memory)
-    elif chunk_size is None and _device(job).type == "cpu":
-        chunk_size = cache_chunk_size(_footprint(job), job.n)
+    elif chunk_size is None and _fits_the_cache(job):
+        footprints, key = _footprints(job)
+        per_sample = footprints.get(key)
+        if per_sample is None:
+            measure = (footprints, key)  # this call, all at once, measures it
+        else:
+            chunk_size = cache_chunk_size(per_sample, job.n)
     state = State(job.st, job.buffers)
     try:
-        return _vectorized(job, chunk_size, state), None
+        if measure is None:
+            return _vectorized(job, chunk_size, state), None
+        with counting_allocations() as counter:
+            out = _vectorized(job, None, state)
+        measure[0].put(measure[1], max(1, counter.bytes // job.n))
+        return out, None
     except (Passthrough, StopRecomputation):
         state.restore()
         raise
@@ -333,15 +348,30 @@ def _signature(args: tuple, dims: tuple) -> tuple:
 _FOOTPRINTS: PerObject[Bounded[tuple, int]] = PerObject()
 
 
+def _fits_the_cache(job: _Job) -> bool:
+    r"""Whether the default chunk is the one that fits the CPU's cache: on the CPU, outside
+    compilation, for torch modules (zuko's flows run their own stand-ins)."""
+
+    return not is_compiling() and not job.st.uses_zuko and _device(job).type == "cpu"
+
+
+def _footprints(job: _Job) -> tuple[Bounded, tuple]:
+    r"""Returns the footprints measured for the module of `job`, and the key of its call:
+    `fn` code and argument shapes."""
+
+    footprints = _FOOTPRINTS.setdefault(job.module, lambda: Bounded(16, cache=False))
+    key = (fn_key(job.opts.fn), tuple(job.params), _signature(job.args, job.dims))
+    return footprints, key
+
+
 def _footprint(job: _Job) -> int:
-    r"""Returns the bytes one sample's call allocates, measured once per module, `fn` code
-    and argument shapes, without gradients (a pass that records nothing: a checkpoint
-    around the call recomputes what the first pass saved, and no more), the global random
-    state left as it was."""
+    r"""Returns the bytes one sample's call allocates, measured before the call by one
+    unbatched pass without gradients (a pass that records nothing: a checkpoint around the
+    call recomputes what the first pass saved, and no more), the global random state left
+    as it was; remembered."""
 
     st, module, params, args, dims, _, opts, _ = job
-    footprints = _FOOTPRINTS.setdefault(module, lambda: Bounded(16, cache=False))
-    key = (fn_key(opts.fn), tuple(params), _signature(args, dims))
+    footprints, key = _footprints(job)
     per_sample = footprints.get(key)
     if per_sample is None:
 
