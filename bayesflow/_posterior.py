@@ -4,17 +4,33 @@ function takes the name of the public caller for its error messages."""
 
 from __future__ import annotations
 
-__all__ = ["init", "kl_divergence", "mean_model", "sample", "select"]
+__all__ = [
+    "FlatPrior",
+    "PriorMaker",
+    "clear_plans",
+    "gaussian_kl_divergence",
+    "init",
+    "kl_divergence",
+    "mean_model",
+    "sample",
+    "sample_and_kl",
+    "select",
+    "zero_mean_prior",
+]
 
 import copy
+import math
 import re
+import weakref
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import (
     check_generator,
@@ -24,8 +40,8 @@ from ._checks import (
     check_posterior,
     describe,
 )
-from ._compat import flat_cat
-from ._numerics import gaussian_kl, std
+from ._compat import flat_cat, is_compiling
+from ._numerics import LOGVAR_BOUND, constant, gaussian_kl, reach, std
 from ._types import Posterior
 
 InitLogvar = float | Mapping[str, float | Tensor] | Callable[[str, Tensor], float | Tensor]
@@ -170,44 +186,465 @@ def init(
     )
 
 
-def _flat(posterior: Posterior, names: list[str]) -> tuple[Tensor, Tensor]:
-    r"""Returns the means and standard deviations of `names`, flat, in one tensor each."""
+# Sampling and the closed-form KL divergence, fused. The tensors of one device and dtype
+# (a group) get one flat copy of their means and log-variances, one draw of noise, and
+# one node of the autograd graph that computes sigma, every sample and the KL in a few
+# passes over the P numbers, and all their gradients in a few more. The plain path
+# (`_plain`: the same formulas, one differentiable torch operation at a time) runs where
+# such a node cannot: inside torch.compile and torch.func transforms, for a graph of the
+# gradients (create_graph=True), and for log-variances so large that (logvar / 18)^2
+# overflows.
 
-    if len(names) == 1:
-        mean = posterior.mean[names[0]].reshape(-1)
-        logvar = posterior.logvar[names[0]].reshape(-1)
-    else:
-        mean = flat_cat([posterior.mean[k] for k in names])
-        logvar = flat_cat([posterior.logvar[k] for k in names])
-    return mean, std(logvar)
+
+_split = torch.split_with_sizes
+
+
+class _Group(NamedTuple):
+    r"""The tensors of one device and dtype: their positions, sizes and shapes."""
+
+    index: tuple[int, ...]
+    sizes: tuple[int, ...]
+    shapes: tuple[torch.Size, ...]
+    device: torch.device
+    dtype: torch.dtype
+
+
+class _Plan(NamedTuple):
+    r"""What sampling needs of a posterior's structure, checked once for its tensors."""
+
+    names: tuple[str, ...]
+    refs: tuple[weakref.ref, ...]
+    layout: list[tuple[torch.Size, torch.dtype, torch.device]]
+    groups: tuple[_Group, ...]
+
+
+# Keyed by the first mean tensor, held weakly; an entry serves a posterior only while all
+# its tensors are those it was made for, with the same names, shapes, dtypes and devices.
+_PLANS = WeakIdKeyDictionary()
+_MAX_PLANS = 16
+
+
+def clear_plans() -> None:
+    r"""Forgets the structure of every posterior seen so far."""
+
+    _PLANS.clear()
+
+
+def _fits(plan: _Plan, names: tuple[str, ...], tensors: list[Tensor]) -> bool:
+    if names != plan.names:
+        return False
+    for ref, t, layout in zip(plan.refs, tensors, plan.layout, strict=True):
+        if ref() is not t or (t.shape, t.dtype, t.device) != layout:
+            return False
+    return True
+
+
+def _plan(where: str, posterior: object) -> tuple[_Plan, list[Tensor]]:
+    r"""Returns the plan of `posterior` and its tensors (the means, then the log-variances
+    in the same order), checking the posterior when its tensors are new."""
+
+    if isinstance(posterior, Posterior):
+        mean, logvar = posterior
+        if type(mean) is dict and type(logvar) is dict and mean and len(mean) == len(logvar):
+            try:
+                tensors = [*mean.values(), *map(logvar.__getitem__, mean)]
+            except KeyError:
+                tensors = None
+            if tensors is not None and isinstance(tensors[0], Tensor):
+                plan = _PLANS.get(tensors[0])
+                if plan is not None and _fits(plan, tuple(mean), tensors):
+                    return plan, tensors
+
+    check_posterior(where, posterior)
+    names = tuple(posterior.mean)
+    tensors = [*posterior.mean.values(), *(posterior.logvar[k] for k in names)]
+
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, name in enumerate(names):
+        m, lv = tensors[i], tensors[len(names) + i]
+        if not m.is_floating_point():
+            raise TypeError(
+                f"{where}: expected real floating-point posterior tensors, got "
+                f"posterior.mean[{name!r}] of dtype {m.dtype}"
+            )
+        if lv.dtype != m.dtype or lv.device != m.device:
+            raise ValueError(
+                f"{where}: expected posterior.logvar[{name!r}] with the dtype and device of "
+                f"its mean ({describe(m)}), got {describe(lv)}"
+            )
+        groups.setdefault((m.device, m.dtype), []).append(i)
+
+    plan = _Plan(
+        names=names,
+        refs=tuple(weakref.ref(t) for t in tensors),
+        layout=[(t.shape, t.dtype, t.device) for t in tensors],
+        groups=tuple(
+            _Group(
+                index=tuple(index),
+                sizes=tuple(tensors[i].numel() for i in index),
+                shapes=tuple(tensors[i].shape for i in index),
+                device=device,
+                dtype=dtype,
+            )
+            for (device, dtype), index in groups.items()
+        ),
+    )
+    if tensors:
+        if len(_PLANS) >= _MAX_PLANS:
+            del _PLANS[next(iter(_PLANS.keys()))]
+        _PLANS[tensors[0]] = plan
+
+    return plan, tensors
+
+
+class FlatPrior(NamedTuple):
+    r"""A Gaussian prior over the flat parameters of a group: its mean (:py:`None` for
+    zero, a float or a flat tensor) and its variance (a float or a flat tensor)."""
+
+    mean: float | Tensor | None
+    var: float | Tensor
+
+
+#: Makes the flat prior of a group from its names, shapes, dtype and device.
+PriorMaker = Callable[[list[str], tuple[torch.Size, ...], torch.dtype, torch.device], FlatPrior]
+
+
+def _fused(
+    eps: Tensor | None,
+    m: Tensor,
+    lv: Tensor,
+    prior: FlatPrior | None,
+    sizes: tuple[int, ...],
+    grads: bool,
+) -> tuple[tuple[Tensor, ...], Tensor | None, tuple[Tensor | None, ...]]:
+    r"""Returns the samples `(n, size)` of each tensor of a group, its KL divergence from
+    `prior`, and what its gradients need, from the flat means `m` and log-variances `lv`."""
+
+    # With y = 4 (1 + (lv / b)^2) and r = y^(-1/2), h = lv r is softclip(lv) / 2 and
+    # sigma = e^h, bit for bit as std(lv) computes it (the factors 2 and 4 are exact),
+    # and dh / dlv = 4 r^3 = 4 r / y.
+    y = torch.addcmul(constant(4.0, lv), lv, lv, value=4 / LOGVAR_BOUND**2)
+    r = y.rsqrt()
+    h = lv * r
+    sigma = h.exp()
+    dh = torch.addcdiv(constant(0.0, lv), r, y, value=4.0, out=r) if grads else None
+    del y, r
+
+    thetas = ()
+    if eps is not None:
+        # Separate tensors, not views of one (modules may write to their weights in
+        # place): disjoint pieces of one buffer with version counters of their own.
+        theta = torch.addcmul(m, sigma, eps)
+        thetas = (theta,) if len(sizes) == 1 else torch.unsafe_split_with_sizes(theta, sizes, 1)
+
+    kl, d = None, None
+    if prior is not None:
+        d = m if prior.mean is None else m - prior.mean
+        # Element by element, then one sum: no cancellation between large sums.
+        if isinstance(prior.var, Tensor):
+            u = sigma * sigma
+            u.addcmul_(d, d).div_(prior.var).sub_(h, alpha=2.0).add_(prior.var.log()).sub_(1.0)
+            kl = u.sum().mul_(0.5)
+        else:
+            s2 = prior.var
+            k = torch.full((), s2 * (math.log(s2) - 1.0), dtype=m.dtype, device=m.device)
+            u = torch.addcmul(k, sigma, sigma)
+            u.addcmul_(d, d).sub_(h, alpha=2.0 * s2)
+            kl = u.sum().mul_(0.5 / s2)
+
+    return thetas, kl, (d, sigma, dh)
+
+
+def _fused_grads(
+    g_thetas: tuple[Tensor | None, ...],
+    g_kl: Tensor | None,
+    eps: Tensor | None,
+    prior: FlatPrior | None,
+    d: Tensor | None,
+    sigma: Tensor,
+    dh: Tensor,
+    sizes: tuple[int, ...],
+) -> tuple[Tensor | None, Tensor | None]:
+    r"""Returns the gradients of the flat means and log-variances of a group,
+
+    .. math:: g_\mu = \sum_k g_k + c \, (\mu - m), \quad
+        g_{\log \sigma^2} = \frac{dh}{d \log \sigma^2} \left( \sigma \left(
+        \sum_k g_k \epsilon_k + c \, \sigma \right) - g_\mathrm{KL} \right),
+
+    with :math:`c = g_\mathrm{KL} / s^2`, from those of the samples :math:`g_k` and of the
+    KL :math:`g_\mathrm{KL}`."""
+
+    g, own = None, False  # own: g is a buffer of ours, free to overwrite
+    if eps is not None and any(t is not None for t in g_thetas):
+        n = eps.shape[0]
+        if len(sizes) > 1:
+            g = torch.cat(
+                [
+                    eps.new_zeros(n, s) if t is None else t.reshape(n, s)
+                    for t, s in zip(g_thetas, sizes, strict=True)
+                ],
+                dim=1,
+            )
+            own = True
+        else:
+            g = g_thetas[0].reshape(n, sizes[0])
+
+    c = None if g_kl is None else g_kl / prior.var
+
+    g_mean, g_logvar = None, None
+    if g is not None:
+        if g.shape[0] == 1:
+            g_mean, a = g[0], torch.mul(g[0], eps[0])
+        else:
+            g_mean, a, own = g.sum(0), (g.mul_(eps) if own else g * eps).sum(0), True
+        if c is not None:
+            g_mean = g_mean.addcmul_(d, c) if own else torch.addcmul(g_mean, d, c)
+            a.addcmul_(sigma, c)
+        g_logvar = a.mul_(sigma)
+        if g_kl is not None:
+            g_logvar.sub_(g_kl)
+    elif c is not None:
+        g_mean = d * c
+        g_logvar = torch.mul(sigma, c).mul_(sigma).sub_(g_kl)
+
+    if g_logvar is not None:
+        g_logvar.mul_(dh)
+    return g_mean, g_logvar
+
+
+def _unflat(g: Tensor | None, like: list[Tensor], sizes: tuple[int, ...]) -> tuple:
+    if g is None:
+        return (None,) * len(like)
+    if len(like) == 1:
+        return (g.view(like[0].shape),)
+    return tuple(t.view(x.shape) for t, x in zip(_split(g, sizes), like, strict=True))
+
+
+class _SampleKL(torch.autograd.Function):
+    r"""The samples and the KL divergence of a group, as one node of the graph."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        eps: Tensor | None,
+        m: Tensor,
+        lv: Tensor,
+        prior: FlatPrior | None,
+        sizes: tuple[int, ...],
+        *leaves: Tensor,
+    ) -> tuple[Tensor, ...]:
+        thetas, kl, (d, sigma, dh) = _fused(eps, m, lv, prior, sizes, grads=True)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(eps, d, sigma, dh, *leaves)
+        ctx.prior, ctx.sizes = prior, sizes
+        return (*thetas, *(() if kl is None else (kl,)))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        eps, d, sigma, dh, *leaves = ctx.saved_tensors
+        prior, sizes = ctx.prior, ctx.sizes
+        t = len(sizes)
+        g_thetas = grads[:t] if eps is not None else ()
+        g_kl = grads[-1] if prior is not None else None
+
+        if torch.is_grad_enabled():
+            # A graph of the gradients is asked for (create_graph=True): differentiate
+            # the plain formulas, which autograd can differentiate again.
+            thetas, kl = _plain(eps, leaves[:t], leaves[t:], prior, sizes)
+            outs = zip((*thetas, kl), (*g_thetas, g_kl), strict=False)
+            pairs = [(o, g) for o, g in outs if g is not None]
+            wrt = [x for x in leaves if x.requires_grad]
+            found = iter(
+                torch.autograd.grad(
+                    [o for o, _ in pairs],
+                    wrt,
+                    [g for _, g in pairs],
+                    create_graph=True,
+                    allow_unused=True,
+                )
+            )
+            return (None,) * 5 + tuple(next(found) if x.requires_grad else None for x in leaves)
+
+        g_mean, g_logvar = _fused_grads(g_thetas, g_kl, eps, prior, d, sigma, dh, sizes)
+        return (
+            (None,) * 5 + _unflat(g_mean, leaves[:t], sizes) + _unflat(g_logvar, leaves[t:], sizes)
+        )
+
+
+def _plain(
+    eps: Tensor | None,
+    means: list[Tensor],
+    logvars: list[Tensor],
+    prior: FlatPrior | None,
+    sizes: tuple[int, ...],
+) -> tuple[tuple[Tensor, ...], Tensor | None]:
+    r"""Returns the samples and the KL of :func:`_fused`, one torch operation at a time."""
+
+    m = flat_cat(list(means)) if len(means) > 1 else means[0].reshape(-1)
+    lv = flat_cat(list(logvars)) if len(logvars) > 1 else logvars[0].reshape(-1)
+    thetas = ()
+    if eps is not None:
+        thetas = _split(torch.addcmul(m, std(lv), eps), sizes, 1)
+    kl = None
+    if prior is not None:
+        kl = gaussian_kl(m, lv, 0.0 if prior.mean is None else prior.mean, prior.var)
+    return thetas, kl
+
+
+def _flat_pair(means: list[Tensor], logvars: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Returns flat copies (or views) of the means and log-variances of a group, and the
+    least and largest of all their values, then of the log-variances."""
+
+    with torch.no_grad():
+        if len(means) == 1:
+            m, lv = means[0].reshape(-1), logvars[0].reshape(-1)
+            (lo, hi), (lv_lo, lv_hi) = torch.aminmax(m), torch.aminmax(lv)
+            lo, hi = torch.minimum(lo, lv_lo), torch.maximum(hi, lv_hi)
+            bounds = torch.stack([lo, hi, lv_lo, lv_hi])
+        else:
+            flat = flat_cat([*means, *logvars])
+            m, lv = flat.chunk(2)
+            bounds = torch.stack([*torch.aminmax(flat), *torch.aminmax(lv)])
+    return m, lv, bounds
+
+
+def _check(
+    where: str,
+    bounds: list[float],
+    group: _Group,
+    names: tuple[str, ...],
+    means: list[Tensor],
+    logvars: list[Tensor],
+) -> bool:
+    r"""Raises if a tensor of the group holds NaN or infinite values; returns whether its
+    log-variances are within :func:`reach` (beyond, the fused formulas overflow)."""
+
+    c = reach(group.dtype)
+    lo, hi, lv_lo, lv_hi = bounds
+    if -c <= lo <= hi <= c:
+        return True
+    for field, tensors in (("mean", means), ("logvar", logvars)):
+        for i, x in zip(group.index, tensors, strict=True):
+            finite = torch.isfinite(x)
+            if not finite.all():
+                nan = int(torch.isnan(x).sum())
+                raise ValueError(
+                    f"{where}: expected finite values in posterior.{field}[{names[i]!r}], "
+                    f"got {nan} NaN and {int((~finite).sum()) - nan} infinite of {x.numel()}"
+                )
+    return -c <= lv_lo <= lv_hi <= c
+
+
+def _traced() -> bool:
+    # Inside torch.compile or a torch.func transform: no custom node, and no check that
+    # reads values (a graph break, or an error under vmap).
+    return is_compiling() or torch._C._are_functorch_transforms_active()
+
+
+def _run(
+    where: str,
+    plan: _Plan,
+    tensors: list[Tensor],
+    n: int | None,
+    generator: torch.Generator | None,
+    prior: PriorMaker | None,
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    r"""Returns the samples of every parameter (if `n`) and the KL divergence from the
+    prior (if `prior`), each group of tensors in one pass."""
+
+    names, t = plan.names, len(plan.names)
+    traced = _traced()
+    work = []
+    for group in plan.groups:
+        if len(plan.groups) == 1:
+            means, logvars = tensors[:t], tensors[t:]
+        else:
+            means = [tensors[i] for i in group.index]
+            logvars = [tensors[t + i] for i in group.index]
+        flat = None
+        if not traced:
+            m, lv, bounds = _flat_pair(means, logvars)
+            if _check(where, bounds.tolist(), group, names, means, logvars):
+                flat = m, lv
+        p = None
+        if prior is not None:
+            p = prior([names[i] for i in group.index], group.shapes, group.dtype, group.device)
+        work.append((group, means, logvars, flat, p))
+
+    # Every check has passed: only now draw the noise, one call per group, in order.
+    params: list[Tensor | None] = [None] * t
+    kl = None
+    for group, means, logvars, flat, p in work:
+        eps = None
+        if n is not None:
+            size = sum(group.sizes)
+            eps = torch.randn(n, size, generator=generator, device=group.device, dtype=group.dtype)
+
+        # The KL of half precision is summed in float32: the plain path converts.
+        fused_p = p if group.dtype in (torch.float32, torch.float64) else None
+        if flat is None:
+            thetas, term = _plain(eps, means, logvars, p, group.sizes)
+        else:
+            if torch.is_grad_enabled() and any(x.requires_grad for x in (*means, *logvars)):
+                out = _SampleKL.apply(eps, *flat, fused_p, group.sizes, *means, *logvars)
+                thetas, term = (out[:-1], out[-1]) if fused_p is not None else (out, None)
+            else:
+                thetas, term, _ = _fused(eps, *flat, fused_p, group.sizes, grads=False)
+            if p is not None and fused_p is None:
+                term = _plain(None, means, logvars, p, group.sizes)[1]
+
+        for i, theta, shape in zip(group.index, thetas, group.shapes, strict=False):
+            params[i] = theta.view(n, *shape)
+        if term is not None:
+            kl = term if kl is None else kl + term.to(kl.device)
+
+    return (dict(zip(names, params, strict=True)) if n is not None else {}), kl
 
 
 def sample(
     where: str, posterior: Posterior, n: int, generator: torch.Generator | None
 ) -> dict[str, Tensor]:
-    check_posterior(where, posterior)
+    plan, tensors = _plan(where, posterior)
     n = check_n(where, n)
     check_generator(where, generator)
 
-    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
-    for name, m in posterior.mean.items():
-        groups.setdefault((m.device, m.dtype), []).append(name)
+    return _run(where, plan, tensors, n, generator, None)[0]
 
-    params = {}
-    for (device, dtype), names in groups.items():
-        means = [posterior.mean[k] for k in names]
-        sizes = [m.numel() for m in means]
-        eps = torch.randn(n, sum(sizes), generator=generator, device=device, dtype=dtype)
-        mean, sigma = _flat(posterior, names)
 
-        # One fused pass over all K x P numbers, theta = mu + sigma * eps: in place where no
-        # gradient needs eps (a fresh K x P buffer costs about as much as the pass).
-        tracked = torch.is_grad_enabled() and (mean.requires_grad or sigma.requires_grad)
-        theta = torch.addcmul(mean, sigma, eps, out=None if tracked else eps)
-        for name, m, t in zip(names, means, torch.split_with_sizes(theta, sizes, 1), strict=True):
-            params[name] = t.view(n, *m.shape)
+def sample_and_kl(
+    where: str,
+    posterior: Posterior,
+    n: int,
+    generator: torch.Generator | None,
+    prior: PriorMaker,
+) -> tuple[dict[str, Tensor], Tensor]:
+    r"""Returns :func:`sample`'s parameters and the KL divergence from a Gaussian prior,
+    with the same numbers as apart, in one pass."""
 
-    return {name: params[name] for name in posterior.mean}
+    plan, tensors = _plan(where, posterior)
+    n = check_n(where, n)
+    check_generator(where, generator)
+
+    params, kl = _run(where, plan, tensors, n, generator, prior)
+    return params, torch.zeros(()) if kl is None else kl
+
+
+def gaussian_kl_divergence(where: str, posterior: Posterior, prior: PriorMaker) -> Tensor:
+    r"""Returns the closed-form KL divergence of `posterior` from a Gaussian prior."""
+
+    plan, tensors = _plan(where, posterior)
+    return _kl(where, plan, tensors, prior)
+
+
+def _kl(where: str, plan: _Plan, tensors: list[Tensor], prior: PriorMaker) -> Tensor:
+    kl = _run(where, plan, tensors, None, None, prior)[1]
+    return torch.zeros(()) if kl is None else kl
+
+
+def zero_mean_prior(var: float) -> PriorMaker:
+    r"""Returns the flat prior :math:`\mathcal{N}(0, s^2 I)` of every group."""
+
+    return lambda names, shapes, dtype, device: FlatPrior(None, var)
 
 
 def check_matches(where: str, module: nn.Module, posterior: Posterior) -> None:
@@ -245,12 +682,7 @@ def mean_model(where: str, module: object, posterior: object) -> nn.Module:
 
 
 def kl_divergence(where: str, posterior: object, prior_var: object) -> Tensor:
-    check_posterior(where, posterior)
+    plan, tensors = _plan(where, posterior)
     prior_var = check_number(where, "prior_var", prior_var, 0.0, strict=True)
 
-    kl = torch.zeros(())
-    for i, (name, m) in enumerate(posterior.mean.items()):
-        term = gaussian_kl(m, posterior.logvar[name], 0.0, prior_var)
-        kl = term if i == 0 else kl + term.to(kl.device)
-
-    return kl
+    return _kl(where, plan, tensors, zero_mean_prior(prior_var))

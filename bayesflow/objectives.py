@@ -14,7 +14,6 @@ import torch.nn as nn
 
 from torch import Tensor
 
-from . import _posterior
 from ._checks import (
     check_bool,
     check_generator,
@@ -27,7 +26,7 @@ from ._checks import (
 from ._engine import check_chunk_size, run
 from ._types import Posterior
 from .local import local_call
-from .priors import Prior, prior_kl
+from .priors import Prior, prior_kl, sample_and_kl
 
 Fn = Callable[..., Tensor]
 
@@ -175,8 +174,9 @@ def _nelbo(
         )
     check_bool(where, "vectorized", vectorized)
 
+    kl = None
     if estimator == "weights":
-        params = _posterior.sample(where, posterior, n, generator)
+        params, kl = sample_and_kl(where, posterior, n, generator, prior)
         ll = run(
             where,
             module,
@@ -212,8 +212,9 @@ def _nelbo(
             f"stacked to a leading dim n = {n}, got {shape}"
         )
 
-    closed = prior is None or not isinstance(prior, Prior) or prior.closed_form
-    kl = prior_kl(posterior, prior, generator=generator, n=None if closed else n)
+    if kl is None:  # the local estimators, and priors with no Gaussian closed form
+        closed = prior is None or not isinstance(prior, Prior) or prior.closed_form
+        kl = prior_kl(posterior, prior, generator=generator, n=None if closed else n)
 
     return kl_weight * kl / num_data - ll.mean()
 

@@ -15,8 +15,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _posterior
-from ._checks import check_generator, check_module, check_n, check_posterior
-from ._numerics import gaussian_kl, softclip
+from ._checks import check_generator, check_module, check_n, check_number, check_posterior
+from ._compat import flat_cat
+from ._numerics import softclip
 from ._types import Posterior
 
 Value = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]  # noqa: UP007
@@ -120,6 +121,26 @@ class Prior:
 
     def _check_names(self, where: str, posterior: Posterior) -> None:
         pass
+
+
+def _flat_value(
+    value: Value,
+    names: list[str],
+    shapes: tuple[torch.Size, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> float | Tensor:
+    r"""Returns a prior value for the flat parameters `names`: a float if it is one
+    float for all, else a flat tensor (the names and shapes are checked already)."""
+
+    values = [value[k] for k in names] if isinstance(value, Mapping) else [value] * len(names)
+    if not any(isinstance(v, Tensor) for v in values) and len(set(values)) == 1:
+        return float(values[0])
+    parts = [
+        torch.as_tensor(v, dtype=dtype, device=device).expand(shape)
+        for v, shape in zip(values, shapes, strict=True)
+    ]
+    return flat_cat(parts)
 
 
 def _lookup(value: Value, name: str, like: Tensor) -> Tensor | float:
@@ -255,13 +276,20 @@ class GaussianPrior(Prior):
         check_generator(where, generator)
         self._check_names(where, posterior)
 
-        kl = 0.0
-        for name, mu in posterior.mean.items():
-            m = _lookup(self.mean, name, mu)
-            s2 = _lookup(self.var, name, mu)
-            kl = kl + gaussian_kl(mu, posterior.logvar[name], m, s2)
+        return _posterior.gaussian_kl_divergence(where, posterior, self._flat)
 
-        return torch.as_tensor(kl)
+    def _flat(
+        self,
+        names: list[str],
+        shapes: tuple[torch.Size, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> _posterior.FlatPrior:
+        r"""Returns the prior of the parameters `names`, flattened and concatenated."""
+
+        mean = _flat_value(self.mean, names, shapes, dtype, device)
+        var = _flat_value(self.var, names, shapes, dtype, device)
+        return _posterior.FlatPrior(None if isinstance(mean, float) and mean == 0.0 else mean, var)
 
 
 class ScaleMixturePrior(Prior):
@@ -317,6 +345,31 @@ class ScaleMixturePrior(Prior):
             x = torch.logaddexp(a - 0.5 * x2 / self.var1, b - 0.5 * x2 / self.var2)
             lp = lp + x.flatten(1).sum(1)
         return torch.as_tensor(lp)
+
+
+def sample_and_kl(
+    where: str,
+    posterior: Posterior,
+    n: int,
+    generator: torch.Generator | None,
+    prior: Prior | float | None,
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    r"""Returns `n` samples of `posterior` and its closed-form KL divergence from `prior`,
+    in one pass, where the prior is Gaussian (:py:`None`, a float variance or a
+    :class:`GaussianPrior`); the KL is :py:`None` for any other prior. The objectives'
+    helper: the numbers are those of :func:`bayesflow.sample` and :func:`prior_kl`."""
+
+    if prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool)):
+        var = 1.0 if prior is None else check_number(where, "prior", prior, 0.0, strict=True)
+        return _posterior.sample_and_kl(
+            where, posterior, n, generator, _posterior.zero_mean_prior(var)
+        )
+    if isinstance(prior, GaussianPrior) and type(prior).kl is GaussianPrior.kl:
+        check_posterior(where, posterior)
+        prior._check_names(where, posterior)
+        return _posterior.sample_and_kl(where, posterior, n, generator, prior._flat)
+
+    return _posterior.sample(where, posterior, n, generator), None
 
 
 def prior_kl(
