@@ -196,9 +196,6 @@ def init(
 # overflows.
 
 
-_split = torch.split_with_sizes
-
-
 class _Group(NamedTuple):
     r"""The tensors of one device and dtype: their positions, sizes and shapes."""
 
@@ -310,114 +307,90 @@ PriorMaker = Callable[[list[str], tuple[torch.Size, ...], torch.dtype, torch.dev
 
 
 def _fused(
-    eps: Tensor | None,
-    m: Tensor,
-    lv: Tensor,
-    prior: FlatPrior | None,
-    sizes: tuple[int, ...],
-    grads: bool,
-) -> tuple[tuple[Tensor, ...], Tensor | None, tuple[Tensor | None, ...]]:
-    r"""Returns the samples `(n, size)` of each tensor of a group, its KL divergence from
-    `prior`, and what its gradients need, from the flat means `m` and log-variances `lv`."""
+    eps: Tensor | None, m: Tensor, lv: Tensor, prior: FlatPrior | None, grads: bool
+) -> tuple[Tensor | None, Tensor | None, tuple[Tensor | None, Tensor, Tensor | None]]:
+    r"""Returns the flat samples `(n, P)` of a group, its KL divergence from `prior`, and
+    what its gradients need, from its flat means `m` and log-variances `lv`."""
 
-    # With y = 4 (1 + (lv / b)^2) and r = y^(-1/2), h = lv r is softclip(lv) / 2 and
-    # sigma = e^h, bit for bit as std(lv) computes it (the factors 2 and 4 are exact),
-    # and dh / dlv = 4 r^3 = 4 r / y.
-    y = torch.addcmul(constant(4.0, lv), lv, lv, value=4 / LOGVAR_BOUND**2)
-    r = y.rsqrt()
+    # With r = (4 (1 + (lv / b)^2))^(-1/2), h = lv r is softclip(lv) / 2 and sigma = e^h,
+    # bit for bit as std(lv) computes it (the factors 2 and 4 are exact), and
+    # dh / dlv = 4 r^3. Few fresh buffers: a pass over P numbers costs several times
+    # more when it writes to memory that was not just used.
+    r = torch.addcmul(constant(4.0, lv), lv, lv, value=4 / LOGVAR_BOUND**2).rsqrt_()
     h = lv * r
     sigma = h.exp()
-    dh = torch.addcdiv(constant(0.0, lv), r, y, value=4.0, out=r) if grads else None
-    del y, r
-
-    thetas = ()
-    if eps is not None:
-        # Separate tensors, not views of one (modules may write to their weights in
-        # place): disjoint pieces of one buffer with version counters of their own.
-        theta = torch.addcmul(m, sigma, eps)
-        thetas = (theta,) if len(sizes) == 1 else torch.unsafe_split_with_sizes(theta, sizes, 1)
+    dh = r.pow_(3).mul_(4.0) if grads else None
+    del r
 
     kl, d = None, None
     if prior is not None:
         d = m if prior.mean is None else m - prior.mean
         # Element by element, then one sum: no cancellation between large sums.
         if isinstance(prior.var, Tensor):
-            u = sigma * sigma
-            u.addcmul_(d, d).div_(prior.var).sub_(h, alpha=2.0).add_(prior.var.log()).sub_(1.0)
+            u = torch.addcmul(d * d, sigma, sigma).div_(prior.var)
+            u.sub_(h, alpha=2.0).add_(prior.var.log()).sub_(1.0)
             kl = u.sum().mul_(0.5)
         else:
             s2 = prior.var
             k = torch.full((), s2 * (math.log(s2) - 1.0), dtype=m.dtype, device=m.device)
-            u = torch.addcmul(k, sigma, sigma)
-            u.addcmul_(d, d).sub_(h, alpha=2.0 * s2)
+            u = torch.add(k, h, alpha=-2.0 * s2, out=h).addcmul_(sigma, sigma).addcmul_(d, d)
             kl = u.sum().mul_(0.5 / s2)
 
-    return thetas, kl, (d, sigma, dh)
+    theta = None
+    if eps is not None:
+        # Into a buffer done with: the noise's (no gradient) or h's (one sample).
+        out = eps if not grads else h.view(1, -1) if eps.shape[0] == 1 else None
+        theta = torch.addcmul(m, sigma, eps, out=out)
+
+    return theta, kl, (d, sigma, dh)
 
 
 def _fused_grads(
-    g_thetas: tuple[Tensor | None, ...],
+    g_theta: Tensor | None,
     g_kl: Tensor | None,
     eps: Tensor | None,
     prior: FlatPrior | None,
     d: Tensor | None,
     sigma: Tensor,
     dh: Tensor,
-    sizes: tuple[int, ...],
-) -> tuple[Tensor | None, Tensor | None]:
-    r"""Returns the gradients of the flat means and log-variances of a group,
+    out: Tensor,
+) -> None:
+    r"""Writes the gradients of the flat means and log-variances of a group into the rows
+    of `out`, `(2, P)`,
 
     .. math:: g_\mu = \sum_k g_k + c \, (\mu - m), \quad
         g_{\log \sigma^2} = \frac{dh}{d \log \sigma^2} \left( \sigma \left(
         \sum_k g_k \epsilon_k + c \, \sigma \right) - g_\mathrm{KL} \right),
 
-    with :math:`c = g_\mathrm{KL} / s^2`, from those of the samples :math:`g_k` and of the
-    KL :math:`g_\mathrm{KL}`."""
+    with :math:`c = g_\mathrm{KL} / s^2`, from those of the samples :math:`g_k` (which may
+    be in the first row of `out` already) and of the KL :math:`g_\mathrm{KL}` (either may
+    be :py:`None`)."""
 
-    g, own = None, False  # own: g is a buffer of ours, free to overwrite
-    if eps is not None and any(t is not None for t in g_thetas):
-        n = eps.shape[0]
-        if len(sizes) > 1:
-            g = torch.cat(
-                [
-                    eps.new_zeros(n, s) if t is None else t.reshape(n, s)
-                    for t, s in zip(g_thetas, sizes, strict=True)
-                ],
-                dim=1,
-            )
-            own = True
-        else:
-            g = g_thetas[0].reshape(n, sizes[0])
-
+    g_mean, g_logvar = out
     c = None if g_kl is None else g_kl / prior.var
 
-    g_mean, g_logvar = None, None
-    if g is not None:
-        if g.shape[0] == 1:
-            g_mean, a = g[0], torch.mul(g[0], eps[0])
+    if g_theta is None:
+        torch.mul(d, c, out=g_mean)
+        torch.mul(sigma, c, out=g_logvar).mul_(sigma)
+    else:
+        if g_theta.shape[0] > 1:
+            torch.sum(g_theta * eps, 0, out=g_logvar)
+            torch.sum(g_theta, 0, out=g_mean)
         else:
-            g_mean, a, own = g.sum(0), (g.mul_(eps) if own else g * eps).sum(0), True
+            torch.mul(g_theta[0], eps[0], out=g_logvar)
+            if g_theta.data_ptr() != g_mean.data_ptr():
+                if c is not None:
+                    torch.addcmul(g_theta[0], d, c, out=g_mean)
+                else:
+                    g_mean.copy_(g_theta[0])
         if c is not None:
-            g_mean = g_mean.addcmul_(d, c) if own else torch.addcmul(g_mean, d, c)
-            a.addcmul_(sigma, c)
-        g_logvar = a.mul_(sigma)
-        if g_kl is not None:
-            g_logvar.sub_(g_kl)
-    elif c is not None:
-        g_mean = d * c
-        g_logvar = torch.mul(sigma, c).mul_(sigma).sub_(g_kl)
-
-    if g_logvar is not None:
-        g_logvar.mul_(dh)
-    return g_mean, g_logvar
-
-
-def _unflat(g: Tensor | None, like: list[Tensor], sizes: tuple[int, ...]) -> tuple:
-    if g is None:
-        return (None,) * len(like)
-    if len(like) == 1:
-        return (g.view(like[0].shape),)
-    return tuple(t.view(x.shape) for t, x in zip(_split(g, sizes), like, strict=True))
+            if g_theta.shape[0] > 1 or g_theta.data_ptr() == g_mean.data_ptr():
+                g_mean.addcmul_(d, c)
+            g_logvar.addcmul_(sigma, c)
+        g_logvar.mul_(sigma)
+    if g_kl is not None:
+        g_logvar.sub_(g_kl)
+    g_logvar.mul_(dh)
 
 
 class _SampleKL(torch.autograd.Function):
@@ -427,85 +400,91 @@ class _SampleKL(torch.autograd.Function):
     def forward(
         ctx: Any,
         eps: Tensor | None,
-        m: Tensor,
-        lv: Tensor,
         prior: FlatPrior | None,
         sizes: tuple[int, ...],
-        *leaves: Tensor,
-    ) -> tuple[Tensor, ...]:
-        thetas, kl, (d, sigma, dh) = _fused(eps, m, lv, prior, sizes, grads=True)
+        *flat: Tensor,
+    ) -> tuple[Tensor | None, ...]:
+        # `flat`: the means and log-variances in one tensor, or in two.
+        m, lv = flat if len(flat) == 2 else flat[0].chunk(2)
+        theta, kl, (d, sigma, dh) = _fused(eps, m, lv, prior, grads=True)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(eps, d, sigma, dh, *leaves)
+        ctx.save_for_backward(eps, d if d is not m else None, sigma, dh, *flat)
         ctx.prior, ctx.sizes = prior, sizes
-        return (*thetas, *(() if kl is None else (kl,)))
+        return (*_pieces(theta, sizes), kl)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        eps, d, sigma, dh, *leaves = ctx.saved_tensors
+        eps, d, sigma, dh, *flat = ctx.saved_tensors
         prior, sizes = ctx.prior, ctx.sizes
-        t = len(sizes)
-        g_thetas = grads[:t] if eps is not None else ()
-        g_kl = grads[-1] if prior is not None else None
+        g_pieces, g_kl = grads[:-1], grads[-1]
+        out = sigma.new_empty(2, sigma.numel())
+        g_theta = None
+        if eps is not None and any(g is not None for g in g_pieces):
+            n = eps.shape[0]
+            if len(sizes) == 1:
+                g_theta = g_pieces[0]
+            else:
+                g_theta = torch.cat(
+                    [
+                        eps.new_zeros(n, size) if g is None else g
+                        for g, size in zip(g_pieces, sizes, strict=True)
+                    ],
+                    dim=1,
+                    out=out[:1] if n == 1 else None,
+                )
+        if g_theta is None and g_kl is None:
+            return (None,) * (3 + len(flat))
 
         if torch.is_grad_enabled():
             # A graph of the gradients is asked for (create_graph=True): differentiate
             # the plain formulas, which autograd can differentiate again.
-            thetas, kl = _plain(eps, leaves[:t], leaves[t:], prior, sizes)
-            outs = zip((*thetas, kl), (*g_thetas, g_kl), strict=False)
-            pairs = [(o, g) for o, g in outs if g is not None]
-            wrt = [x for x in leaves if x.requires_grad]
-            found = iter(
-                torch.autograd.grad(
-                    [o for o, _ in pairs],
-                    wrt,
-                    [g for _, g in pairs],
-                    create_graph=True,
-                    allow_unused=True,
-                )
-            )
-            return (None,) * 5 + tuple(next(found) if x.requires_grad else None for x in leaves)
+            m, lv = flat if len(flat) == 2 else flat[0].chunk(2)
+            theta, kl = _plain(eps, m, lv, prior)
+            pairs = [(o, g) for o, g in ((theta, g_theta), (kl, g_kl)) if g is not None]
+            outs, gs = zip(*pairs, strict=True)
+            found = torch.autograd.grad(outs, flat, gs, create_graph=True, allow_unused=True)
+            return (None, None, None, *found)
 
-        g_mean, g_logvar = _fused_grads(g_thetas, g_kl, eps, prior, d, sigma, dh, sizes)
-        return (
-            (None,) * 5 + _unflat(g_mean, leaves[:t], sizes) + _unflat(g_logvar, leaves[t:], sizes)
-        )
+        if d is None:
+            d = flat[0] if len(flat) == 2 else flat[0][: sigma.numel()]
+        _fused_grads(g_theta, g_kl, eps, prior, d, sigma, dh, out)
+        return (None, None, None, *(out if len(flat) == 2 else (out.view(-1),)))
+
+
+def _pieces(theta: Tensor | None, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+    r"""Returns the samples of each tensor of a group, `(n, size)`, from the flat ones:
+    separate tensors, not views of one (modules may write to their weights in place), but
+    disjoint pieces of one buffer with version counters of their own."""
+
+    return () if theta is None else torch.unsafe_split_with_sizes(theta, sizes, 1)
 
 
 def _plain(
-    eps: Tensor | None,
-    means: list[Tensor],
-    logvars: list[Tensor],
-    prior: FlatPrior | None,
-    sizes: tuple[int, ...],
-) -> tuple[tuple[Tensor, ...], Tensor | None]:
+    eps: Tensor | None, m: Tensor, lv: Tensor, prior: FlatPrior | None
+) -> tuple[Tensor | None, Tensor | None]:
     r"""Returns the samples and the KL of :func:`_fused`, one torch operation at a time."""
 
-    m = flat_cat(list(means)) if len(means) > 1 else means[0].reshape(-1)
-    lv = flat_cat(list(logvars)) if len(logvars) > 1 else logvars[0].reshape(-1)
-    thetas = ()
-    if eps is not None:
-        thetas = _split(torch.addcmul(m, std(lv), eps), sizes, 1)
+    theta = None if eps is None else torch.addcmul(m, std(lv), eps)
     kl = None
     if prior is not None:
         kl = gaussian_kl(m, lv, 0.0 if prior.mean is None else prior.mean, prior.var)
-    return thetas, kl
+    return theta, kl
 
 
-def _flat_pair(means: list[Tensor], logvars: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Returns flat copies (or views) of the means and log-variances of a group, and the
-    least and largest of all their values, then of the log-variances."""
+def _flat(means: list[Tensor], logvars: list[Tensor]) -> tuple[Tensor, ...]:
+    r"""Returns the means and log-variances of a group, flat: one tensor, or views of the
+    two of a group of one tensor (differentiable)."""
 
-    with torch.no_grad():
-        if len(means) == 1:
-            m, lv = means[0].reshape(-1), logvars[0].reshape(-1)
-            (lo, hi), (lv_lo, lv_hi) = torch.aminmax(m), torch.aminmax(lv)
-            lo, hi = torch.minimum(lo, lv_lo), torch.maximum(hi, lv_hi)
-            bounds = torch.stack([lo, hi, lv_lo, lv_hi])
-        else:
-            flat = flat_cat([*means, *logvars])
-            m, lv = flat.chunk(2)
-            bounds = torch.stack([*torch.aminmax(flat), *torch.aminmax(lv)])
-    return m, lv, bounds
+    if len(means) == 1:
+        return means[0].reshape(-1), logvars[0].reshape(-1)
+    return (flat_cat([*means, *logvars]),)
+
+
+def _bounds(flat: tuple[Tensor, ...]) -> list[float]:
+    r"""Returns the least and largest mean, then log-variance (one synchronization)."""
+
+    m, lv = (t.detach() for t in flat) if len(flat) == 2 else flat[0].detach().chunk(2)
+    return torch.stack([*torch.aminmax(m), *torch.aminmax(lv)]).tolist()
 
 
 def _check(
@@ -521,7 +500,7 @@ def _check(
 
     c = reach(group.dtype)
     lo, hi, lv_lo, lv_hi = bounds
-    if -c <= lo <= hi <= c:
+    if -math.inf < lo <= hi < math.inf and -c <= lv_lo <= lv_hi <= c:  # False for NaN
         return True
     for field, tensors in (("mean", means), ("logvar", logvars)):
         for i, x in zip(group.index, tensors, strict=True):
@@ -561,20 +540,17 @@ def _run(
         else:
             means = [tensors[i] for i in group.index]
             logvars = [tensors[t + i] for i in group.index]
-        flat = None
-        if not traced:
-            m, lv, bounds = _flat_pair(means, logvars)
-            if _check(where, bounds.tolist(), group, names, means, logvars):
-                flat = m, lv
+        flat = _flat(means, logvars)
+        fused = not traced and _check(where, _bounds(flat), group, names, means, logvars)
         p = None
         if prior is not None:
             p = prior([names[i] for i in group.index], group.shapes, group.dtype, group.device)
-        work.append((group, means, logvars, flat, p))
+        work.append((group, flat, fused, p))
 
     # Every check has passed: only now draw the noise, one call per group, in order.
     params: list[Tensor | None] = [None] * t
     kl = None
-    for group, means, logvars, flat, p in work:
+    for group, flat, fused, p in work:
         eps = None
         if n is not None:
             size = sum(group.sizes)
@@ -582,19 +558,23 @@ def _run(
 
         # The KL of half precision is summed in float32: the plain path converts.
         fused_p = p if group.dtype in (torch.float32, torch.float64) else None
-        if flat is None:
-            thetas, term = _plain(eps, means, logvars, p, group.sizes)
+        if not fused:
+            m, lv = flat if len(flat) == 2 else flat[0].chunk(2)
+            theta, term = _plain(eps, m, lv, p)
+            pieces = _pieces(theta, group.sizes)
         else:
-            if torch.is_grad_enabled() and any(x.requires_grad for x in (*means, *logvars)):
-                out = _SampleKL.apply(eps, *flat, fused_p, group.sizes, *means, *logvars)
-                thetas, term = (out[:-1], out[-1]) if fused_p is not None else (out, None)
+            if torch.is_grad_enabled() and any(x.requires_grad for x in flat):
+                *pieces, term = _SampleKL.apply(eps, fused_p, group.sizes, *flat)
             else:
-                thetas, term, _ = _fused(eps, *flat, fused_p, group.sizes, grads=False)
+                m, lv = flat if len(flat) == 2 else flat[0].chunk(2)
+                theta, term, _ = _fused(eps, m, lv, fused_p, grads=False)
+                pieces = _pieces(theta, group.sizes)
             if p is not None and fused_p is None:
-                term = _plain(None, means, logvars, p, group.sizes)[1]
+                m, lv = flat if len(flat) == 2 else flat[0].chunk(2)
+                term = _plain(None, m, lv, p)[1]
 
-        for i, theta, shape in zip(group.index, thetas, group.shapes, strict=False):
-            params[i] = theta.view(n, *shape)
+        for i, piece, shape in zip(group.index, pieces, group.shapes, strict=False):
+            params[i] = piece if len(shape) == 1 else piece.view(n, *shape)
         if term is not None:
             kl = term if kl is None else kl + term.to(kl.device)
 
