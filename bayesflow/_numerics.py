@@ -55,11 +55,14 @@ _CONSTANTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
 
 
 def constant(value: float, like: Tensor) -> Tensor:
-    r"""Returns `value` as a 0-dim tensor of the dtype and device of `like`, made once."""
+    r"""Returns `value` as a 0-dim tensor of the dtype and device of `like`, made once (a
+    Python number in an operation on float32 tensors is converted at every call)."""
 
     key = (value, like.dtype, like.device)
     c = _CONSTANTS.get(key)
     if c is None:
+        if len(_CONSTANTS) >= 64:
+            _CONSTANTS.clear()
         c = _CONSTANTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
     return c
 

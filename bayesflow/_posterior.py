@@ -21,6 +21,7 @@ __all__ = [
 import copy
 import math
 import re
+import threading
 import weakref
 
 from collections.abc import Callable, Mapping, Sequence
@@ -218,6 +219,7 @@ class _Plan(NamedTuple):
 # Keyed by the first mean tensor, held weakly; an entry serves a posterior only while all
 # its tensors are those it was made for, with the same names, shapes, dtypes and devices.
 _PLANS = WeakIdKeyDictionary()
+_PLANS_LOCK = threading.Lock()
 _MAX_PLANS = 16
 
 
@@ -287,9 +289,10 @@ def _plan(where: str, posterior: object) -> tuple[_Plan, list[Tensor]]:
         ),
     )
     if tensors:
-        if len(_PLANS) >= _MAX_PLANS:
-            del _PLANS[next(iter(_PLANS.keys()))]
-        _PLANS[tensors[0]] = plan
+        with _PLANS_LOCK:
+            while len(_PLANS) >= _MAX_PLANS:
+                del _PLANS[next(iter(_PLANS.keys()))]
+            _PLANS[tensors[0]] = plan
 
     return plan, tensors
 
@@ -314,12 +317,12 @@ def _fused(
 
     # With r = (4 (1 + (lv / b)^2))^(-1/2), h = lv r is softclip(lv) / 2 and sigma = e^h,
     # bit for bit as std(lv) computes it (the factors 2 and 4 are exact), and
-    # dh / dlv = 4 r^3. Few fresh buffers: a pass over P numbers costs several times
-    # more when it writes to memory that was not just used.
+    # dh / dlv = 4 r^3 (the backward pass applies the 4). Few fresh buffers: a pass over
+    # P numbers costs several times more when it writes to memory not just used.
     r = torch.addcmul(constant(4.0, lv), lv, lv, value=4 / LOGVAR_BOUND**2).rsqrt_()
     h = lv * r
     sigma = h.exp()
-    dh = r.pow_(3).mul_(4.0) if grads else None
+    r3 = r.pow_(3) if grads else None
     del r
 
     kl, d = None, None
@@ -331,10 +334,12 @@ def _fused(
             u.sub_(h, alpha=2.0).add_(prior.var.log()).sub_(1.0)
             kl = u.sum().mul_(0.5)
         else:
-            s2 = prior.var
-            k = torch.full((), s2 * (math.log(s2) - 1.0), dtype=m.dtype, device=m.device)
-            u = torch.add(k, h, alpha=-2.0 * s2, out=h).addcmul_(sigma, sigma).addcmul_(d, d)
-            kl = u.sum().mul_(0.5 / s2)
+            # 0.5 ((sigma^2 + d^2) / s^2 + log s^2 - 2 h - 1), scaled in every operation
+            # (a Python number in a float32 operation costs a conversion each time).
+            c = 0.5 / prior.var
+            k = torch.full((), 0.5 * (math.log(prior.var) - 1.0), dtype=m.dtype, device=m.device)
+            u = torch.add(k, h, alpha=-1.0, out=h)
+            kl = u.addcmul_(sigma, sigma, value=c).addcmul_(d, d, value=c).sum()
 
     theta = None
     if eps is not None:
@@ -342,7 +347,7 @@ def _fused(
         out = eps if not grads else h.view(1, -1) if eps.shape[0] == 1 else None
         theta = torch.addcmul(m, sigma, eps, out=out)
 
-    return theta, kl, (d, sigma, dh)
+    return theta, kl, (d, sigma, r3)
 
 
 def _fused_grads(
@@ -352,45 +357,54 @@ def _fused_grads(
     prior: FlatPrior | None,
     d: Tensor | None,
     sigma: Tensor,
-    dh: Tensor,
+    r3: Tensor,
     out: Tensor,
 ) -> None:
-    r"""Writes the gradients of the flat means and log-variances of a group into the rows
-    of `out`, `(2, P)`,
+    r"""Writes the gradients of the flat means and log-variances of a group into `out`,
+    `(2, 1, P)`,
 
     .. math:: g_\mu = \sum_k g_k + c \, (\mu - m), \quad
-        g_{\log \sigma^2} = \frac{dh}{d \log \sigma^2} \left( \sigma \left(
+        g_{\log \sigma^2} = 4 r^3 \left( \sigma \left(
         \sum_k g_k \epsilon_k + c \, \sigma \right) - g_\mathrm{KL} \right),
 
-    with :math:`c = g_\mathrm{KL} / s^2`, from those of the samples :math:`g_k` (which may
-    be in the first row of `out` already) and of the KL :math:`g_\mathrm{KL}` (either may
-    be :py:`None`)."""
+    with :math:`c = g_\mathrm{KL} / s^2` and :math:`4 r^3 = dh / d \log \sigma^2`, from
+    those of the samples :math:`g_k`, `(n, P)` (which may be in `out[0]` already), and of
+    the KL :math:`g_\mathrm{KL}` (either may be :py:`None`)."""
 
     g_mean, g_logvar = out
-    c = None if g_kl is None else g_kl / prior.var
+    zero = constant(0.0, sigma)
+    c = None
+    if g_kl is not None:
+        c = (
+            g_kl / prior.var
+            if isinstance(prior.var, Tensor)
+            else g_kl * constant(1 / prior.var, g_kl)
+        )
 
     if g_theta is None:
+        g_mean, g_logvar = out.view(2, -1)
         torch.mul(d, c, out=g_mean)
-        torch.mul(sigma, c, out=g_logvar).mul_(sigma)
+        torch.addcmul(zero, sigma, c, value=4.0, out=g_logvar)
     else:
         if g_theta.shape[0] > 1:
-            torch.sum(g_theta * eps, 0, out=g_logvar)
-            torch.sum(g_theta, 0, out=g_mean)
+            torch.sum(g_theta * eps, 0, keepdim=True, out=g_logvar).mul_(4.0)
+            torch.sum(g_theta, 0, keepdim=True, out=g_mean)
         else:
-            torch.mul(g_theta[0], eps[0], out=g_logvar)
+            torch.addcmul(zero, g_theta, eps, value=4.0, out=g_logvar)
             if g_theta.data_ptr() != g_mean.data_ptr():
                 if c is not None:
-                    torch.addcmul(g_theta[0], d, c, out=g_mean)
+                    torch.addcmul(g_theta, d, c, out=g_mean)
                 else:
-                    g_mean.copy_(g_theta[0])
+                    g_mean.copy_(g_theta)
         if c is not None:
             if g_theta.shape[0] > 1 or g_theta.data_ptr() == g_mean.data_ptr():
                 g_mean.addcmul_(d, c)
-            g_logvar.addcmul_(sigma, c)
+            g_logvar.addcmul_(sigma, c, value=4.0)
+    if g_kl is None:
         g_logvar.mul_(sigma)
-    if g_kl is not None:
-        g_logvar.sub_(g_kl)
-    g_logvar.mul_(dh)
+    else:
+        torch.addcmul(g_kl * constant(-4.0, g_kl), g_logvar, sigma, out=g_logvar)
+    g_logvar.mul_(r3)
 
 
 class _SampleKL(torch.autograd.Function):
@@ -406,18 +420,18 @@ class _SampleKL(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         # `flat`: the means and log-variances in one tensor, or in two.
         m, lv = flat if len(flat) == 2 else flat[0].chunk(2)
-        theta, kl, (d, sigma, dh) = _fused(eps, m, lv, prior, grads=True)
+        theta, kl, (d, sigma, r3) = _fused(eps, m, lv, prior, grads=True)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(eps, d if d is not m else None, sigma, dh, *flat)
+        ctx.save_for_backward(eps, d if d is not m else None, sigma, r3, *flat)
         ctx.prior, ctx.sizes = prior, sizes
         return (*_pieces(theta, sizes), kl)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        eps, d, sigma, dh, *flat = ctx.saved_tensors
+        eps, d, sigma, r3, *flat = ctx.saved_tensors
         prior, sizes = ctx.prior, ctx.sizes
         g_pieces, g_kl = grads[:-1], grads[-1]
-        out = sigma.new_empty(2, sigma.numel())
+        out = sigma.new_empty(2, 1, sigma.numel())
         g_theta = None
         if eps is not None and any(g is not None for g in g_pieces):
             n = eps.shape[0]
@@ -430,7 +444,7 @@ class _SampleKL(torch.autograd.Function):
                         for g, size in zip(g_pieces, sizes, strict=True)
                     ],
                     dim=1,
-                    out=out[:1] if n == 1 else None,
+                    out=out[0] if n == 1 else None,
                 )
         if g_theta is None and g_kl is None:
             return (None,) * (3 + len(flat))
@@ -446,9 +460,9 @@ class _SampleKL(torch.autograd.Function):
             return (None, None, None, *found)
 
         if d is None:
-            d = flat[0] if len(flat) == 2 else flat[0][: sigma.numel()]
-        _fused_grads(g_theta, g_kl, eps, prior, d, sigma, dh, out)
-        return (None, None, None, *(out if len(flat) == 2 else (out.view(-1),)))
+            d = flat[0] if len(flat) == 2 else flat[0].narrow(0, 0, sigma.numel())
+        _fused_grads(g_theta, g_kl, eps, prior, d, sigma, r3, out)
+        return (None, None, None, *(out.view(2, -1) if len(flat) == 2 else (out.view(-1),)))
 
 
 def _pieces(theta: Tensor | None, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
@@ -481,9 +495,13 @@ def _flat(means: list[Tensor], logvars: list[Tensor]) -> tuple[Tensor, ...]:
 
 
 def _bounds(flat: tuple[Tensor, ...]) -> list[float]:
-    r"""Returns the least and largest mean, then log-variance (one synchronization)."""
+    r"""Returns the least and largest of all the means and log-variances, then of the
+    log-variances alone, in one synchronization. For one flat tensor, the second pair is
+    the first again: when all values are within the soft clip's reach, so are those."""
 
-    m, lv = (t.detach() for t in flat) if len(flat) == 2 else flat[0].detach().chunk(2)
+    if len(flat) == 1:
+        return torch.stack(torch.aminmax(flat[0].detach())).tolist() * 2
+    m, lv = (t.detach() for t in flat)
     return torch.stack([*torch.aminmax(m), *torch.aminmax(lv)]).tolist()
 
 

@@ -174,7 +174,6 @@ def _nelbo(
         )
     check_bool(where, "vectorized", vectorized)
 
-    kl = None
     if estimator == "weights":
         params, kl = sample_and_kl(where, posterior, n, generator, prior)
         ll = run(
@@ -190,6 +189,7 @@ def _nelbo(
             max_memory=max_memory,
         )
     else:
+        _, kl = sample_and_kl(where, posterior, None, generator, prior)  # checks before work
         ll = local_call(
             module,
             posterior,
@@ -212,7 +212,7 @@ def _nelbo(
             f"stacked to a leading dim n = {n}, got {shape}"
         )
 
-    if kl is None:  # the local estimators, and priors with no Gaussian closed form
+    if kl is None:  # priors with no Gaussian closed form: after the draws of the samples
         closed = prior is None or not isinstance(prior, Prior) or prior.closed_form
         kl = prior_kl(posterior, prior, generator=generator, n=None if closed else n)
 

@@ -350,26 +350,31 @@ class ScaleMixturePrior(Prior):
 def sample_and_kl(
     where: str,
     posterior: Posterior,
-    n: int,
+    n: int | None,
     generator: torch.Generator | None,
     prior: Prior | float | None,
 ) -> tuple[dict[str, Tensor], Tensor | None]:
-    r"""Returns `n` samples of `posterior` and its closed-form KL divergence from `prior`,
-    in one pass, where the prior is Gaussian (:py:`None`, a float variance or a
-    :class:`GaussianPrior`); the KL is :py:`None` for any other prior. The objectives'
-    helper: the numbers are those of :func:`bayesflow.sample` and :func:`prior_kl`."""
+    r"""Returns `n` samples of `posterior` (none if `n` is :py:`None`) and its closed-form
+    KL divergence from `prior`, in one pass, where the prior is Gaussian (:py:`None`, a
+    float variance or a :class:`GaussianPrior`); the KL is :py:`None` for any other prior.
+    The objectives' helper: the numbers are those of :func:`bayesflow.sample` and
+    :func:`prior_kl`, and every check comes before any work."""
 
     if prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool)):
         var = 1.0 if prior is None else check_number(where, "prior", prior, 0.0, strict=True)
-        return _posterior.sample_and_kl(
-            where, posterior, n, generator, _posterior.zero_mean_prior(var)
-        )
-    if isinstance(prior, GaussianPrior) and type(prior).kl is GaussianPrior.kl:
+        make = _posterior.zero_mean_prior(var)
+    elif isinstance(prior, GaussianPrior) and type(prior).kl is GaussianPrior.kl:
         check_posterior(where, posterior)
         prior._check_names(where, posterior)
-        return _posterior.sample_and_kl(where, posterior, n, generator, prior._flat)
+        make = prior._flat
+    elif n is None:
+        return {}, None
+    else:
+        return _posterior.sample(where, posterior, n, generator), None
 
-    return _posterior.sample(where, posterior, n, generator), None
+    if n is None:
+        return {}, _posterior.gaussian_kl_divergence(where, posterior, make)
+    return _posterior.sample_and_kl(where, posterior, n, generator, make)
 
 
 def prior_kl(

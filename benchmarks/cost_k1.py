@@ -1,27 +1,32 @@
-r"""The cost of being Bayesian at K = 1: a training step and a forward pass, against
-the deterministic ones, on one CPU thread, all ratios taken in one run.
+r"""The cost of being Bayesian at K = 1: a training step and a forward pass against the
+deterministic ones, on one CPU thread, every ratio taken in one run.
 
-    python benchmarks/cost_k1.py              # tables, then the profile of the wide step
-    python benchmarks/cost_k1.py --quick      # shorter timings, no profile
+    python benchmarks/cost_k1.py              # the tables, the phases and the profile
+    python benchmarks/cost_k1.py --quick      # shorter timings, no phases, no profile
 
-Training steps (sample, forward, backward, Adam on every trained tensor):
+Training steps (sample, forward, backward, Adam with its defaults on every trained tensor):
 
 - `deterministic`: the plain module, Adam on its parameters;
 - `nelbo`: `bf.nelbo(net, q, x, y, fn=..., n=1)`, Adam on `q.mean` and `q.logvar`;
-- `per-tensor`: the same step written by hand in plain torch, one tensor at a time
-  (sigma, sample and KL per tensor, `torch.func.functional_call`);
-- `flat`: a hand-written limit: one flat mean and one flat logvar (2 leaves, not a
-  `bf.Posterior`), the sample and the KL in one custom autograd Function.
+- `per-tensor`: the same step written by hand in plain torch, one tensor at a time (sigma,
+  sample and KL per tensor, `torch.func.functional_call`), Adam on the same leaves;
+- `flat`: a hand-written reference that gives up separate tensors: one flat mean and one
+  flat log-variance (2 leaves, not a `bf.Posterior`), the sample and the KL in one custom
+  autograd Function.
 
 Models: zuko's tutorial MLP 5-64-64-5 at batch 64 (mean squared error), and a wide MLP
 784-1024-1024-10 at batch 256 (cross-entropy). Forward: `bf.vmap_call(net, bf.sample(q, 1),
-x)` against `net(x)`, with and without autograd.
+x)` against `net(x)`, with and without autograd. Each time is the median of
+`torch.utils.benchmark.Timer.blocked_autorange`, then the median over interleaved rounds (the
+machine may be shared: interleaving spreads the load over every method alike).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import time
 
 import torch
 import torch.nn as nn
@@ -149,9 +154,7 @@ def flat(net, args, ll):
         opt.zero_grad()
         eps = torch.randn(mean.shape, generator=g)
         theta, kl = _FlatSampleKL.apply(mean, logvar, eps)
-        params = {
-            k: t.view(s) for k, t, s in zip(names, theta.split(sizes), shapes, strict=True)
-        }
+        params = {k: t.view(s) for k, t, s in zip(names, theta.split(sizes), shapes, strict=True)}
         loss = kl / NUM_DATA - ll(lambda *a: functional_call(net, params, a), *args).mean()
         loss.backward()
         opt.step()
@@ -167,14 +170,16 @@ STEPS = {
 }
 
 
-def forwards(net, args, ll):
+def forwards(net, args):
     q = bf.init(net, init_logvar=-9.0)
     g = torch.Generator().manual_seed(0)
     x = args[0]
+    size = sum(m.numel() for m in q.mean.values())
     return {
         "plain": lambda: net(x),
         "vmap_call(sample(q, 1))": lambda: bf.vmap_call(net, bf.sample(q, 1, generator=g), x),
         "sample(q, 1)": lambda: bf.sample(q, 1, generator=g),
+        "randn(1, P) alone": lambda: torch.randn(1, size, generator=g),
     }
 
 
@@ -186,9 +191,6 @@ def _median_ms(fn, min_run_time: float) -> float:
 
 
 def _measure(stmts: dict, min_run_time: float, rounds: int) -> dict[str, float]:
-    r"""Medians over `rounds` interleaved rounds (the machine is shared: interleaving spreads
-    the load evenly), then the median of those."""
-
     times = {k: [] for k in stmts}
     for _ in range(rounds):
         for k, fn in stmts.items():
@@ -204,8 +206,64 @@ def _table(title: str, ms: dict[str, float], base: str) -> None:
         print(f"| {k:<26} | {v:9.3f} | {v / ms[base]:16.2f} |")
 
 
-def profile(rows: int = 20) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+def phases(rounds: int = 10) -> None:
+    r"""Where a step's time goes, phase by phase (CPU time, least of `rounds` steps)."""
+
+    try:
+        from bayesflow.priors import sample_and_kl
+    except ImportError:  # before sampling and the KL were fused
+
+        def sample_and_kl(where, q, n, g, prior):
+            return bf.sample(q, n, generator=g), bf.kl_divergence(q)
+
+    torch.manual_seed(0)
+    net, (x, y), ll = wide()
+    q = bf.init(net, init_logvar=-9.0)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam([*q.mean.values(), *q.logvar.values()], lr=1e-4)
+    dopt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+    def bayesian():
+        opt.zero_grad()
+        params, kl = sample_and_kl("nelbo", q, 1, g, None)
+        yield "sample and KL"
+        out = bf.vmap_call(net, params, x, y, fn=ll)
+        yield "forward"
+        (kl / NUM_DATA - out.mean()).backward()
+        yield "backward"
+        opt.step()
+        yield "Adam"
+
+    def plain():
+        dopt.zero_grad()
+        yield "sample and KL"
+        out = ll(net, x, y)
+        yield "forward"
+        (-out.mean()).backward()
+        yield "backward"
+        dopt.step()
+        yield "Adam"
+
+    print("\nPhases of a step, wide MLP (ms of CPU time, least of", rounds, "steps)\n")
+    print(f"| {'phase':<14} | {'deterministic':>13} | {'nelbo(n=1)':>10} |")
+    print(f"|{'-' * 16}|{'-' * 15}|{'-' * 12}|")
+    best = {}
+    for name, step in (("deterministic", plain), ("nelbo", bayesian)):
+        for _ in range(rounds + 2):
+            t = time.process_time()
+            for phase in step():
+                now = time.process_time()
+                key = (name, phase)
+                best[key] = min(best.get(key, float("inf")), now - t)
+                t = now
+    for phase in ("sample and KL", "forward", "backward", "Adam"):
+        a, b = best[("deterministic", phase)], best[("nelbo", phase)]
+        print(f"| {phase:<14} | {a * 1e3:13.2f} | {b * 1e3:10.2f} |")
+
+
+def profile(rows: int = 25) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     torch.manual_seed(0)
     step = bayesflow_nelbo(*wide())
@@ -214,7 +272,7 @@ def profile(rows: int = 20) -> None:
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             step()
-    print("\nProfile of 5 nelbo(n=1) steps, wide MLP (self CPU time)\n")
+    print("\nProfile of 5 nelbo(n=1) steps, wide MLP (self CPU time, wall clock)\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
@@ -222,15 +280,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short timings, no profile")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per table")
-    parser.add_argument("--no-profile", action="store_true")
     opts = parser.parse_args()
 
     torch.set_num_threads(1)
     min_run_time = 0.2 if opts.quick else 1.0
     rounds = 1 if opts.quick else opts.rounds
     print(
-        f"torch {torch.__version__}, zuko {zuko.__version__}, bayesflow {bf.__version__}, "
-        f"Python {platform.python_version()}, 1 thread, float32, median ms"
+        f"torch {torch.__version__}, zuko {zuko.__version__}, bayesflow {bf.__version__} "
+        f"({os.path.dirname(bf.__file__)}), Python {platform.python_version()}, 1 thread, "
+        f"float32, median ms; load average {os.getloadavg()[0]:.2f}"
     )
 
     for title, build in MODELS.items():
@@ -240,14 +298,16 @@ def main() -> None:
         _table(f"Training step, {title}", _measure(steps, min_run_time, rounds), "deterministic")
 
         if build is tutorial:
-            ms = _measure(forwards(net, args, ll), min_run_time, rounds)
+            ms = _measure(forwards(net, args), min_run_time, rounds)
             _table(f"K = 1 forward, {title}", ms, "plain")
             with torch.no_grad():
-                ms = _measure(forwards(net, args, ll), min_run_time, rounds)
+                ms = _measure(forwards(net, args), min_run_time, rounds)
             _table(f"K = 1 forward under torch.no_grad(), {title}", ms, "plain")
 
-    if not (opts.quick or opts.no_profile):
+    if not opts.quick:
+        phases()
         profile()
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -341,6 +341,10 @@ def calls(module, q, g):
         "kl_divergence": lambda: bf.kl_divergence(q, 2.0),
         "nelbo": lambda: bf.nelbo(module, q, x, fn=ll, num_data=10, n=1, generator=g),
         "loop_nelbo": lambda: bf.loop_nelbo(module, q, x, fn=ll, num_data=10, n=3, generator=g),
+        "local_nelbo": lambda: bf.local_nelbo(module, q, x, fn=ll, num_data=10, n=2, generator=g),
+        "flipout_nelbo": lambda: bf.flipout_nelbo(
+            module, q, x, fn=ll, num_data=10, n=2, generator=g, prior=GaussianPrior(0.0, 2.0)
+        ),
         "prior_kl": lambda: prior_kl(q, GaussianPrior(0.1, 2.0)),
         "GaussianPrior.kl": lambda: GaussianPrior(0.1, 2.0).kl(q),
     }
@@ -408,3 +412,26 @@ def test_structure_is_cached_by_the_tensors_themselves(gen):
     for _ in range(3 * _posterior._MAX_PLANS):
         bf.sample(posterior({"x": (2,)}), 1)
     assert len(_posterior._PLANS) <= _posterior._MAX_PLANS
+
+
+@pytest.mark.parametrize("prior", [0.0, -1.0])
+def test_nelbo_checks_the_prior_before_any_work(gen, prior):
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    q = bf.init(module, init_logvar=-3.0)
+    before = snapshot(module, q.mean, q.logvar)
+
+    for objective in (bf.nelbo, bf.local_nelbo):
+        with pytest.raises(
+            ValueError, match=rf"{objective.__name__}: expected a finite prior > 0"
+        ):
+            objective(
+                module,
+                q,
+                torch.randn(4, 3),
+                fn=lambda m, x: m(x).sum(-1),
+                num_data=10,
+                prior=prior,
+            )
+
+    after = snapshot(module, q.mean, q.logvar)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
