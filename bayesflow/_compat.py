@@ -10,6 +10,7 @@ __all__ = [
     "batched_at_current_level",
     "flat_cat",
     "fused_rnn",
+    "in_func_transform",
     "is_batched",
     "is_compiling",
     "is_wrapped",
@@ -173,3 +174,9 @@ def allocated_bytes(call: Callable[[], Any]) -> int:
     with _Allocations() as counter:
         call()
     return counter.bytes
+
+
+def in_func_transform() -> bool:
+    r"""Whether a :mod:`torch.func` transform (vmap, grad, jvp, ...) is active."""
+
+    return torch._C._are_functorch_transforms_active()

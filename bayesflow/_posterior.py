@@ -41,7 +41,7 @@ from ._checks import (
     check_posterior,
     describe,
 )
-from ._compat import flat_cat, is_compiling
+from ._compat import flat_cat, in_func_transform, is_compiling
 from ._numerics import LOGVAR_BOUND, constant, gaussian_kl, reach, std
 from ._types import Posterior
 
@@ -535,7 +535,7 @@ def _check(
 def _traced() -> bool:
     # Inside torch.compile or a torch.func transform: no custom node, and no check that
     # reads values (a graph break, or an error under vmap).
-    return is_compiling() or torch._C._are_functorch_transforms_active()
+    return is_compiling() or in_func_transform()
 
 
 def _run(

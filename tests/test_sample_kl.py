@@ -20,6 +20,16 @@ from .registry import snapshot
 SHAPES = {"w": (3, 4), "b": (4,), "s": (), "c": (2, 1, 3)}
 
 
+@pytest.fixture(autouse=True)
+def _float64():
+    r"""The oracle is float64 whatever `--dtype` says; other dtypes are tested by name."""
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 def posterior(shapes=SHAPES, dtype=None, scale=6.0, seed=0):
     g = torch.Generator(torch.get_default_device()).manual_seed(seed)
 
@@ -435,3 +445,23 @@ def test_nelbo_checks_the_prior_before_any_work(gen, prior):
 
     after = snapshot(module, q.mean, q.logvar)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_posterior_tensors_must_be_real_and_agree():
+    ints = bf.Posterior(
+        {"w": torch.zeros(3, dtype=torch.long)}, {"w": torch.zeros(3, dtype=torch.long)}
+    )
+    with pytest.raises(
+        TypeError,
+        match=r"sample: expected real floating-point posterior tensors, got posterior.mean\['w'\] of dtype torch.int64",
+    ):
+        bf.sample(ints, 1)
+
+    mixed = bf.Posterior(
+        {"w": torch.zeros(3, dtype=torch.float64)}, {"w": torch.zeros(3, dtype=torch.float32)}
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"kl_divergence: expected posterior.logvar\['w'\] with the dtype and device of its mean",
+    ):
+        bf.kl_divergence(mixed)
