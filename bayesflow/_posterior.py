@@ -431,7 +431,10 @@ class _SampleKL(torch.autograd.Function):
         eps, d, sigma, r3, *flat = ctx.saved_tensors
         prior, sizes = ctx.prior, ctx.sizes
         g_pieces, g_kl = grads[:-1], grads[-1]
-        out = sigma.new_empty(2, 1, sigma.numel())
+        # A graph of the gradients (create_graph=True): the plain formulas, which autograd
+        # can differentiate again; else the gradients written into one buffer.
+        graph = torch.is_grad_enabled()
+        out = None if graph else sigma.new_empty(2, 1, sigma.numel())
         g_theta = None
         if eps is not None and any(g is not None for g in g_pieces):
             n = eps.shape[0]
@@ -444,14 +447,12 @@ class _SampleKL(torch.autograd.Function):
                         for g, size in zip(g_pieces, sizes, strict=True)
                     ],
                     dim=1,
-                    out=out[0] if n == 1 else None,
+                    out=out[0] if n == 1 and out is not None else None,
                 )
         if g_theta is None and g_kl is None:
             return (None,) * (3 + len(flat))
 
-        if torch.is_grad_enabled():
-            # A graph of the gradients is asked for (create_graph=True): differentiate
-            # the plain formulas, which autograd can differentiate again.
+        if graph:
             m, lv = flat if len(flat) == 2 else flat[0].chunk(2)
             theta, kl = _plain(eps, m, lv, prior)
             pairs = [(o, g) for o, g in ((theta, g_theta), (kl, g_kl)) if g is not None]

@@ -465,3 +465,21 @@ def test_posterior_tensors_must_be_real_and_agree():
         match=r"kl_divergence: expected posterior.logvar\['w'\] with the dtype and device of its mean",
     ):
         bf.kl_divergence(mixed)
+
+
+@pytest.mark.parametrize("shapes", [SHAPES, {"w": (2, 3)}], ids=["tensors", "one-tensor"])
+def test_gradients_of_gradients(gen, shapes):
+    # create_graph=True with gradients that are themselves differentiable
+    q = posterior(shapes)
+    params, kl = sample_and_kl("test", q, 2, gen(0), 0.5)
+    expected, expected_kl = formulas(q, draw(q, 2, 0), None, 0.5)
+    w = {k: torch.randn(2, *s, requires_grad=True) for k, s in shapes.items()}
+
+    def second(params, kl):
+        g = torch.autograd.grad(
+            [*params.values(), kl], leaves(q), [*w.values(), torch.tensor(0.3)], create_graph=True
+        )
+        return torch.autograd.grad(sum((x * x).sum() for x in g), [*w.values(), *leaves(q)])
+
+    for a, b in zip(second(params, kl), second(expected, expected_kl), strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
