@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from torch import Tensor
 
-from . import _posterior
+from . import _posterior, _sampling
 from ._checks import check_generator, check_module, check_n, check_number, check_posterior
 from ._compat import flat_cat
 from ._numerics import softclip
@@ -276,7 +276,7 @@ class GaussianPrior(Prior):
         check_generator(where, generator)
         self._check_names(where, posterior)
 
-        return _posterior.gaussian_kl_divergence(where, posterior, self._flat)
+        return _sampling.gaussian_kl_divergence(where, posterior, self._flat)
 
     def _flat(
         self,
@@ -284,12 +284,12 @@ class GaussianPrior(Prior):
         shapes: tuple[torch.Size, ...],
         dtype: torch.dtype,
         device: torch.device,
-    ) -> _posterior.FlatPrior:
+    ) -> _sampling.FlatPrior:
         r"""Returns the prior of the parameters `names`, flattened and concatenated."""
 
         mean = _flat_value(self.mean, names, shapes, dtype, device)
         var = _flat_value(self.var, names, shapes, dtype, device)
-        return _posterior.FlatPrior(None if isinstance(mean, float) and mean == 0.0 else mean, var)
+        return _sampling.FlatPrior(None if isinstance(mean, float) and mean == 0.0 else mean, var)
 
 
 class ScaleMixturePrior(Prior):
@@ -362,7 +362,7 @@ def sample_and_kl(
 
     if prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool)):
         var = 1.0 if prior is None else check_number(where, "prior", prior, 0.0, strict=True)
-        make = _posterior.zero_mean_prior(var)
+        make = _sampling.zero_mean_prior(var)
     elif isinstance(prior, GaussianPrior) and type(prior).kl is GaussianPrior.kl:
         check_posterior(where, posterior)
         prior._check_names(where, posterior)
@@ -373,8 +373,8 @@ def sample_and_kl(
         return _posterior.sample(where, posterior, n, generator), None
 
     if n is None:
-        return {}, _posterior.gaussian_kl_divergence(where, posterior, make)
-    return _posterior.sample_and_kl(where, posterior, n, generator, make)
+        return {}, _sampling.gaussian_kl_divergence(where, posterior, make)
+    return _sampling.sample_and_kl(where, posterior, n, generator, make)
 
 
 def prior_kl(

@@ -12,7 +12,7 @@ import zuko
 
 import bayesflow as bf
 
-from bayesflow import _posterior
+from bayesflow import _sampling
 from bayesflow.priors import GaussianPrior, prior_kl, sample_and_kl
 
 from .registry import snapshot
@@ -419,9 +419,9 @@ def test_structure_is_cached_by_the_tensors_themselves(gen):
     del q, q2, params
     gc.collect()
     assert ref() is None
-    for _ in range(3 * _posterior._MAX_PLANS):
+    for _ in range(3 * _sampling._MAX_PLANS):
         bf.sample(posterior({"x": (2,)}), 1)
-    assert len(_posterior._PLANS) <= _posterior._MAX_PLANS
+    assert len(_sampling._PLANS) <= _sampling._MAX_PLANS
 
 
 @pytest.mark.parametrize("prior", [0.0, -1.0])
