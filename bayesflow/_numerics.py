@@ -9,6 +9,7 @@ __all__ = [
     "constant",
     "fused_sample_kl",
     "gaussian_kl",
+    "halves",
     "log_mean_exp",
     "pieces",
     "plain_sample_kl",
@@ -239,7 +240,7 @@ class SampleKL(torch.autograd.Function):
         *flat: Tensor,
     ) -> tuple[Tensor | None, ...]:
         # `flat`: the means and log-variances in one tensor, or in two.
-        m, lv = flat if len(flat) == 2 else flat[0].chunk(2)
+        m, lv = halves(flat)
         theta, kl, (d, sigma, r3) = fused_sample_kl(eps, m, lv, prior, grads=True)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(eps, d if d is not m else None, sigma, r3, *flat)
@@ -273,7 +274,7 @@ class SampleKL(torch.autograd.Function):
             return (None,) * (3 + len(flat))
 
         if graph:
-            m, lv = flat if len(flat) == 2 else flat[0].chunk(2)
+            m, lv = halves(flat)
             theta, kl = plain_sample_kl(eps, m, lv, prior)
             pairs = [(o, g) for o, g in ((theta, g_theta), (kl, g_kl)) if g is not None]
             outs, gs = zip(*pairs, strict=True)
@@ -284,6 +285,13 @@ class SampleKL(torch.autograd.Function):
             d = flat[0] if len(flat) == 2 else flat[0].narrow(0, 0, sigma.numel())
         _fused_grads(g_theta, g_kl, eps, prior, d, sigma, r3, out)
         return (None, None, None, *(out.view(2, -1) if len(flat) == 2 else (out.view(-1),)))
+
+
+def halves(flat: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    r"""Returns the means and log-variances of a group from `flat`: one tensor (the means,
+    then the log-variances) or the two."""
+
+    return flat if len(flat) == 2 else flat[0].chunk(2)
 
 
 def pieces(theta: Tensor | None, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:

@@ -32,6 +32,7 @@ from ._numerics import (
     FlatPrior,
     SampleKL,
     fused_sample_kl,
+    halves,
     pieces,
     plain_sample_kl,
     reach,
@@ -244,18 +245,18 @@ def _run(
         # The KL of half precision is summed in float32: the plain path converts.
         fused_p = p if group.dtype in (torch.float32, torch.float64) else None
         if not fused:
-            m, lv = flat if len(flat) == 2 else flat[0].chunk(2)
+            m, lv = halves(flat)
             theta, term = plain_sample_kl(eps, m, lv, p)
             samples = pieces(theta, group.sizes)
         else:
             if torch.is_grad_enabled() and any(x.requires_grad for x in flat):
                 *samples, term = SampleKL.apply(eps, fused_p, group.sizes, *flat)
             else:
-                m, lv = flat if len(flat) == 2 else flat[0].chunk(2)
+                m, lv = halves(flat)
                 theta, term, _ = fused_sample_kl(eps, m, lv, fused_p, grads=False)
                 samples = pieces(theta, group.sizes)
             if p is not None and fused_p is None:
-                m, lv = flat if len(flat) == 2 else flat[0].chunk(2)
+                m, lv = halves(flat)
                 term = plain_sample_kl(None, m, lv, p)[1]
 
         for i, piece, shape in zip(group.index, samples, group.shapes, strict=False):
