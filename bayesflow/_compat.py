@@ -16,6 +16,7 @@ __all__ = [
     "counting_allocations",
     "flat_cat",
     "fused_rnn",
+    "in_func_transform",
     "is_compiling",
     "is_wrapped",
     "load_jvp_decompositions",
@@ -215,3 +216,9 @@ def allocated_bytes(call: Callable[[], Any]) -> int:
     with _Allocations() as counter:
         call()
     return counter.bytes
+
+
+def in_func_transform() -> bool:
+    r"""Whether a :mod:`torch.func` transform (vmap, grad, jvp, ...) is active."""
+
+    return torch._C._are_functorch_transforms_active()

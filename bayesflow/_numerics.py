@@ -5,16 +5,26 @@ from __future__ import annotations
 __all__ = [
     "LOGVAR_BOUND",
     "LOGVAR_LIMIT",
+    "FlatPrior",
+    "SampleKL",
+    "constant",
+    "fused_sample_kl",
     "gaussian_kl",
+    "halves",
     "inverse_softclip",
     "log_mean_exp",
     "logvar_from_var",
+    "pieces",
+    "plain_sample_kl",
+    "reach",
     "softclip",
     "std",
     "var",
 ]
 
 import math
+
+from typing import Any, NamedTuple
 
 import torch
 
@@ -31,9 +41,26 @@ LOGVAR_BOUND = 18.0
 LOGVAR_LIMIT = LOGVAR_BOUND - 2**-6
 
 
-def softclip(x: Tensor, bound: float = LOGVAR_BOUND) -> Tensor:
-    r"""Returns :math:`x / \sqrt{1 + (x / b)^2}`, zuko's bound on log-variances."""
+def reach(dtype: torch.dtype) -> float:
+    r"""Returns how far from 0 the soft clip's formula holds in `dtype`: beyond,
+    :math:`(x / b)^2` overflows and the formula gives 0 (or NaN at infinity) instead of
+    :math:`\pm b`. Clamping to it changes no value within (:math:`b` to the last bit)."""
 
+    r = _REACH.get(dtype)
+    if r is None:
+        r = _REACH[dtype] = LOGVAR_BOUND * math.sqrt(torch.finfo(dtype).max) / 4
+    return r
+
+
+_REACH: dict[torch.dtype, float] = {}
+
+
+def softclip(x: Tensor, bound: float = LOGVAR_BOUND) -> Tensor:
+    r"""Returns :math:`x / \sqrt{1 + (x / b)^2}`, zuko's bound on log-variances, for every
+    :math:`x` in :math:`[-\infty, \infty]` (NaN stays NaN)."""
+
+    c = reach(x.dtype) * bound / LOGVAR_BOUND
+    x = x.clamp(-c, c)
     return x * (1 + (x / bound).square()).rsqrt()
 
 
@@ -43,22 +70,34 @@ def var(logvar: Tensor) -> Tensor:
     return softclip(logvar).exp()
 
 
-_ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-register(_ONES.clear)
+_CONSTANTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+register(_CONSTANTS.clear)
+
+
+def constant(value: float, like: Tensor) -> Tensor:
+    r"""Returns `value` as a 0-dim tensor of the dtype and device of `like`, made once (a
+    Python number in an operation on float32 tensors is converted at every call)."""
+
+    key = (value, like.dtype, like.device)
+    c = _CONSTANTS.get(key)
+    if c is None:
+        if len(_CONSTANTS) >= 64:
+            _CONSTANTS.clear()
+        c = _CONSTANTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+    return c
 
 
 def std(logvar: Tensor) -> Tensor:
-    r"""Returns :math:`\sigma = \exp(\mathrm{softclip}(\log \sigma^2) / 2)`.
+    r"""Returns :math:`\sigma = \exp(\mathrm{softclip}(\log \sigma^2) / 2)`, within
+    :math:`[e^{-b/2}, e^{b/2}]` for every log-variance in :math:`[-\infty, \infty]`.
 
-    In five kernels rather than seven (the draw of every sample starts with it).
+    In six kernels rather than eight.
     """
 
-    key = (logvar.dtype, logvar.device)
-    one = _ONES.get(key)
-    if one is None:
-        one = _ONES[key] = torch.ones((), dtype=logvar.dtype, device=logvar.device)
-    r = torch.addcmul(one, logvar, logvar, value=1 / LOGVAR_BOUND**2).rsqrt_()
-    return r.mul(logvar).mul_(0.5).exp_()
+    c = reach(logvar.dtype)
+    logvar = logvar.clamp(-c, c)
+    r = torch.addcmul(constant(1.0, logvar), logvar, logvar, value=1 / LOGVAR_BOUND**2)
+    return r.rsqrt_().mul(logvar).mul_(0.5).exp_()
 
 
 def _accumulator(t: Tensor) -> torch.dtype:
@@ -93,6 +132,198 @@ def gaussian_kl(
     kl = 0.5 * ((logvar.exp() + diff.square()) / prior_var + log_prior_var - logvar - 1.0)
 
     return kl.expand_as(mean).sum()
+
+
+class FlatPrior(NamedTuple):
+    r"""A Gaussian prior over the flat parameters of a group: its mean (:py:`None` for
+    zero, a float or a flat tensor) and its variance (a float or a flat tensor)."""
+
+    mean: float | Tensor | None
+    var: float | Tensor
+
+
+def fused_sample_kl(
+    eps: Tensor | None, m: Tensor, lv: Tensor, prior: FlatPrior | None, grads: bool
+) -> tuple[Tensor | None, Tensor | None, tuple[Tensor | None, Tensor, Tensor | None]]:
+    r"""Returns the flat samples `(n, P)` of a group, its KL divergence from `prior`, and
+    what its gradients need, from its flat means `m` and log-variances `lv`."""
+
+    # With r = (4 (1 + (lv / b)^2))^(-1/2), h = lv r is softclip(lv) / 2 and sigma = e^h,
+    # bit for bit as std(lv) computes it (the factors 2 and 4 are exact), and
+    # dh / dlv = 4 r^3 (the backward pass applies the 4). Few fresh buffers: a pass over
+    # P numbers costs several times more when it writes to memory not just used.
+    r = torch.addcmul(constant(4.0, lv), lv, lv, value=4 / LOGVAR_BOUND**2).rsqrt_()
+    h = lv * r
+    sigma = h.exp()
+    r3 = r.pow_(3) if grads else None
+    del r
+
+    kl, d = None, None
+    if prior is not None:
+        d = m if prior.mean is None else m - prior.mean
+        # Element by element, then one sum: no cancellation between large sums.
+        if isinstance(prior.var, Tensor):
+            u = torch.addcmul(d * d, sigma, sigma).div_(prior.var)
+            u.sub_(h, alpha=2.0).add_(prior.var.log()).sub_(1.0)
+            kl = u.sum().mul_(0.5)
+        else:
+            # 0.5 ((sigma^2 + d^2) / s^2 + log s^2 - 2 h - 1), scaled in every operation
+            # (a Python number in a float32 operation costs a conversion each time).
+            c = 0.5 / prior.var
+            k = torch.full((), 0.5 * (math.log(prior.var) - 1.0), dtype=m.dtype, device=m.device)
+            u = torch.add(k, h, alpha=-1.0, out=h)
+            kl = u.addcmul_(sigma, sigma, value=c).addcmul_(d, d, value=c).sum()
+
+    theta = None
+    if eps is not None:
+        # Into a buffer done with: the noise's (no gradient) or h's (one sample).
+        out = eps if not grads else h.view(1, -1) if eps.shape[0] == 1 else None
+        theta = torch.addcmul(m, sigma, eps, out=out)
+
+    return theta, kl, (d, sigma, r3)
+
+
+def _fused_grads(
+    g_theta: Tensor | None,
+    g_kl: Tensor | None,
+    eps: Tensor | None,
+    prior: FlatPrior | None,
+    d: Tensor | None,
+    sigma: Tensor,
+    r3: Tensor,
+    out: Tensor,
+) -> None:
+    r"""Writes the gradients of the flat means and log-variances of a group into `out`,
+    `(2, 1, P)`,
+
+    .. math:: g_\mu = \sum_k g_k + c \, (\mu - m), \quad
+        g_{\log \sigma^2} = 4 r^3 \left( \sigma \left(
+        \sum_k g_k \epsilon_k + c \, \sigma \right) - g_\mathrm{KL} \right),
+
+    with :math:`c = g_\mathrm{KL} / s^2` and :math:`4 r^3 = dh / d \log \sigma^2`, from
+    those of the samples :math:`g_k`, `(n, P)` (which may be in `out[0]` already), and of
+    the KL :math:`g_\mathrm{KL}` (either may be :py:`None`)."""
+
+    g_mean, g_logvar = out
+    zero = constant(0.0, sigma)
+    c = None
+    if g_kl is not None:
+        c = (
+            g_kl / prior.var
+            if isinstance(prior.var, Tensor)
+            else g_kl * constant(1 / prior.var, g_kl)
+        )
+
+    if g_theta is None:
+        g_mean, g_logvar = out.view(2, -1)
+        torch.mul(d, c, out=g_mean)
+        torch.addcmul(zero, sigma, c, value=4.0, out=g_logvar)
+    else:
+        if g_theta.shape[0] > 1:
+            torch.sum(g_theta * eps, 0, keepdim=True, out=g_logvar).mul_(4.0)
+            torch.sum(g_theta, 0, keepdim=True, out=g_mean)
+        else:
+            torch.addcmul(zero, g_theta, eps, value=4.0, out=g_logvar)
+            if g_theta.data_ptr() != g_mean.data_ptr():
+                if c is not None:
+                    torch.addcmul(g_theta, d, c, out=g_mean)
+                else:
+                    g_mean.copy_(g_theta)
+        if c is not None:
+            if g_theta.shape[0] > 1 or g_theta.data_ptr() == g_mean.data_ptr():
+                g_mean.addcmul_(d, c)
+            g_logvar.addcmul_(sigma, c, value=4.0)
+    if g_kl is None:
+        g_logvar.mul_(sigma)
+    else:
+        torch.addcmul(g_kl * constant(-4.0, g_kl), g_logvar, sigma, out=g_logvar)
+    g_logvar.mul_(r3)
+
+
+class SampleKL(torch.autograd.Function):
+    r"""The samples and the KL divergence of a group, as one node of the graph."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        eps: Tensor | None,
+        prior: FlatPrior | None,
+        sizes: tuple[int, ...],
+        *flat: Tensor,
+    ) -> tuple[Tensor | None, ...]:
+        # `flat`: the means and log-variances in one tensor, or in two.
+        m, lv = halves(flat)
+        theta, kl, (d, sigma, r3) = fused_sample_kl(eps, m, lv, prior, grads=True)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(eps, d if d is not m else None, sigma, r3, *flat)
+        ctx.prior, ctx.sizes = prior, sizes
+        return (*pieces(theta, sizes), kl)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        eps, d, sigma, r3, *flat = ctx.saved_tensors
+        prior, sizes = ctx.prior, ctx.sizes
+        g_pieces, g_kl = grads[:-1], grads[-1]
+        # A graph of the gradients (create_graph=True): the plain formulas, which autograd
+        # can differentiate again; else the gradients written into one buffer.
+        graph = torch.is_grad_enabled()
+        out = None if graph else sigma.new_empty(2, 1, sigma.numel())
+        g_theta = None
+        if eps is not None and any(g is not None for g in g_pieces):
+            n = eps.shape[0]
+            if len(sizes) == 1:
+                g_theta = g_pieces[0]
+            else:
+                g_theta = torch.cat(
+                    [
+                        eps.new_zeros(n, size) if g is None else g
+                        for g, size in zip(g_pieces, sizes, strict=True)
+                    ],
+                    dim=1,
+                    out=out[0] if n == 1 and out is not None else None,
+                )
+        if g_theta is None and g_kl is None:
+            return (None,) * (3 + len(flat))
+
+        if graph:
+            m, lv = halves(flat)
+            theta, kl = plain_sample_kl(eps, m, lv, prior)
+            pairs = [(o, g) for o, g in ((theta, g_theta), (kl, g_kl)) if g is not None]
+            outs, gs = zip(*pairs, strict=True)
+            found = torch.autograd.grad(outs, flat, gs, create_graph=True, allow_unused=True)
+            return (None, None, None, *found)
+
+        if d is None:
+            d = flat[0] if len(flat) == 2 else flat[0].narrow(0, 0, sigma.numel())
+        _fused_grads(g_theta, g_kl, eps, prior, d, sigma, r3, out)
+        return (None, None, None, *(out.view(2, -1) if len(flat) == 2 else (out.view(-1),)))
+
+
+def halves(flat: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    r"""Returns the means and log-variances of a group from `flat`: one tensor (the means,
+    then the log-variances) or the two."""
+
+    return flat if len(flat) == 2 else flat[0].chunk(2)
+
+
+def pieces(theta: Tensor | None, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+    r"""Returns the samples of each tensor of a group, `(n, size)`, from the flat ones:
+    separate tensors, not views of one (modules may write to their weights in place), but
+    disjoint pieces of one buffer with version counters of their own."""
+
+    return () if theta is None else torch.unsafe_split_with_sizes(theta, sizes, 1)
+
+
+def plain_sample_kl(
+    eps: Tensor | None, m: Tensor, lv: Tensor, prior: FlatPrior | None
+) -> tuple[Tensor | None, Tensor | None]:
+    r"""Returns the samples and the KL of :func:`_fused`, one torch operation at a time."""
+
+    theta = None if eps is None else torch.addcmul(m, std(lv), eps)
+    kl = None
+    if prior is not None:
+        kl = gaussian_kl(m, lv, 0.0 if prior.mean is None else prior.mean, prior.var)
+    return theta, kl
 
 
 def log_mean_exp(x: Tensor, dim: int = 0) -> Tensor:

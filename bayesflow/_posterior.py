@@ -1,6 +1,6 @@
 r"""The mean-field posterior's machinery, shared by the functional API and the bridge:
-glob selection, initialization, sampling, the KL divergence and the mean model. Every
-function takes the name of the public caller for its error messages."""
+glob selection, initialization, sampling and the KL divergence (from `_sampling`) and the
+mean model. Every function takes the name of the public caller for its error messages."""
 
 from __future__ import annotations
 
@@ -24,16 +24,9 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.parameter import is_lazy
 
-from ._checks import (
-    check_generator,
-    check_module,
-    check_n,
-    check_number,
-    check_posterior,
-    describe,
-)
-from ._compat import flat_cat
-from ._numerics import gaussian_kl, logvar_from_var, std
+from ._checks import check_module, check_posterior, describe
+from ._numerics import logvar_from_var
+from ._sampling import kl_divergence, sample
 from ._types import Posterior
 
 InitLogvar = float | Mapping[str, float | Tensor] | Callable[[str, Tensor], float | Tensor]
@@ -185,46 +178,6 @@ def init(
     )
 
 
-def _flat(posterior: Posterior, names: list[str]) -> tuple[Tensor, Tensor]:
-    r"""Returns the means and standard deviations of `names`, flat, in one tensor each."""
-
-    if len(names) == 1:
-        mean = posterior.mean[names[0]].reshape(-1)
-        logvar = posterior.logvar[names[0]].reshape(-1)
-    else:
-        mean = flat_cat([posterior.mean[k] for k in names])
-        logvar = flat_cat([posterior.logvar[k] for k in names])
-    return mean, std(logvar)
-
-
-def sample(
-    where: str, posterior: Posterior, n: int, generator: torch.Generator | None
-) -> dict[str, Tensor]:
-    check_posterior(where, posterior)
-    n = check_n(where, n)
-    check_generator(where, generator)
-
-    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
-    for name, m in posterior.mean.items():
-        groups.setdefault((m.device, m.dtype), []).append(name)
-
-    params = {}
-    for (device, dtype), names in groups.items():
-        means = [posterior.mean[k] for k in names]
-        sizes = [m.numel() for m in means]
-        eps = torch.randn(n, sum(sizes), generator=generator, device=device, dtype=dtype)
-        mean, sigma = _flat(posterior, names)
-
-        # One fused pass over all K x P numbers, theta = mu + sigma * eps: in place where no
-        # gradient needs eps (a fresh K x P buffer costs about as much as the pass).
-        tracked = torch.is_grad_enabled() and (mean.requires_grad or sigma.requires_grad)
-        theta = torch.addcmul(mean, sigma, eps, out=None if tracked else eps)
-        for name, m, t in zip(names, means, torch.split_with_sizes(theta, sizes, 1), strict=True):
-            params[name] = t.view(n, *m.shape)
-
-    return {name: params[name] for name in posterior.mean}
-
-
 def check_matches(where: str, module: nn.Module, posterior: Posterior) -> None:
     r"""Checks that a posterior's names, shapes, dtypes and devices are the module's."""
 
@@ -257,18 +210,6 @@ def mean_model(where: str, module: object, posterior: object) -> nn.Module:
                 p.copy_(posterior.mean[name])
 
     return new
-
-
-def kl_divergence(where: str, posterior: object, prior_var: object) -> Tensor:
-    check_posterior(where, posterior)
-    prior_var = check_number(where, "prior_var", prior_var, 0.0, strict=True)
-
-    kl = torch.zeros(())
-    for i, (name, m) in enumerate(posterior.mean.items()):
-        term = gaussian_kl(m, posterior.logvar[name], 0.0, prior_var)
-        kl = term if i == 0 else kl + term.to(kl.device)
-
-    return kl
 
 
 def posterior_from_variance(

@@ -14,7 +14,6 @@ import torch.nn as nn
 
 from torch import Tensor
 
-from . import _posterior
 from ._checks import (
     check_generator,
     check_module,
@@ -27,7 +26,7 @@ from ._engine import run
 from ._options import call_options
 from ._types import Posterior
 from .local import local_with_options
-from .priors import Prior, check_prior, prior_kl
+from .priors import Prior, check_prior, prior_kl, sample_and_kl
 
 Fn = Callable[..., Tensor]
 
@@ -175,9 +174,10 @@ def _nelbo(
     opts = call_options(where, fn, chunk_size, True, in_dims, randomness, vectorized, max_memory)
 
     if estimator == "weights":
-        params = _posterior.sample(where, posterior, n, generator)
+        params, kl = sample_and_kl(where, posterior, n, generator, prior)
         ll = run(module, params, args, opts)
     else:
+        _, kl = sample_and_kl(where, posterior, None, generator, prior)  # checks before work
         flipout = estimator == "flipout"
         ll = local_with_options(module, posterior, n, args, opts, generator, flipout, False)
 
@@ -188,8 +188,9 @@ def _nelbo(
             f"stacked to a leading dim n = {n}, got {shape}"
         )
 
-    closed = prior is None or not isinstance(prior, Prior) or prior.closed_form
-    kl = prior_kl(posterior, prior, generator=generator, n=None if closed else n)
+    if kl is None:  # priors with no Gaussian closed form: after the draws of the samples
+        closed = prior is None or not isinstance(prior, Prior) or prior.closed_form
+        kl = prior_kl(posterior, prior, generator=generator, n=None if closed else n)
 
     return kl_weight * kl / num_data - ll.mean()
 

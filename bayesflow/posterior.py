@@ -120,6 +120,10 @@ def sample(
 
     Returns:
         Tensors of shape `(n, *param.shape)`, differentiable with respect to `posterior`.
+
+    Raises:
+        ValueError: If a mean or log-variance holds NaN or infinite values (checked before
+            any noise is drawn).
     """
 
     return _posterior.sample("sample", posterior, n, generator)
@@ -145,7 +149,8 @@ def std(posterior: Posterior) -> dict[str, Tensor]:
         posterior: The posterior :math:`q`.
 
     Returns:
-        Tensors of the parameters' shapes, differentiable with respect to `posterior`.
+        Tensors of the parameters' shapes, differentiable with respect to `posterior`,
+        within :math:`[e^{-9}, e^9]` for every log-variance, infinite ones included.
     """
 
     check_posterior("std", posterior)
@@ -201,6 +206,9 @@ def kl_divergence(posterior: Posterior, prior_var: float = 1.0) -> Tensor:
 
     Returns:
         A scalar tensor (float32 or float64), differentiable with respect to `posterior`.
+
+    Raises:
+        ValueError: If a mean or log-variance holds NaN or infinite values.
     """
 
     return _posterior.kl_divergence("kl_divergence", posterior, prior_var)

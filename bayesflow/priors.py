@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from torch import Tensor
 
-from . import _posterior
+from . import _posterior, _sampling
 from ._checks import (
     check_broadcasts,
     check_generator,
@@ -23,7 +23,8 @@ from ._checks import (
     check_number,
     check_posterior,
 )
-from ._numerics import gaussian_kl, softclip
+from ._compat import flat_cat
+from ._numerics import softclip
 from ._types import Posterior
 
 Value = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]  # noqa: UP007
@@ -127,6 +128,26 @@ class Prior:
 
     def _check_names(self, where: str, posterior: Posterior) -> None:
         pass
+
+
+def _flat_value(
+    value: Value,
+    names: list[str],
+    shapes: tuple[torch.Size, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> float | Tensor:
+    r"""Returns a prior value for the flat parameters `names`: a float if it is one
+    float for all, else a flat tensor (the names and shapes are checked already)."""
+
+    values = [value[k] for k in names] if isinstance(value, Mapping) else [value] * len(names)
+    if not any(isinstance(v, Tensor) for v in values) and len(set(values)) == 1:
+        return float(values[0])
+    parts = [
+        torch.as_tensor(v, dtype=dtype, device=device).expand(shape)
+        for v, shape in zip(values, shapes, strict=True)
+    ]
+    return flat_cat(parts)
 
 
 def _lookup(value: Value, name: str, like: Tensor) -> Tensor | float:
@@ -254,13 +275,20 @@ class GaussianPrior(Prior):
         check_generator(where, generator)
         self._check_names(where, posterior)
 
-        kl = 0.0
-        for name, mu in posterior.mean.items():
-            m = _lookup(self.mean, name, mu)
-            s2 = _lookup(self.var, name, mu)
-            kl = kl + gaussian_kl(mu, posterior.logvar[name], m, s2)
+        return _sampling.gaussian_kl_divergence(where, posterior, self._flat)
 
-        return torch.as_tensor(kl)
+    def _flat(
+        self,
+        names: list[str],
+        shapes: tuple[torch.Size, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> _sampling.FlatPrior:
+        r"""Returns the prior of the parameters `names`, flattened and concatenated."""
+
+        mean = _flat_value(self.mean, names, shapes, dtype, device)
+        var = _flat_value(self.var, names, shapes, dtype, device)
+        return _sampling.FlatPrior(None if isinstance(mean, float) and mean == 0.0 else mean, var)
 
 
 class ScaleMixturePrior(Prior):
@@ -332,6 +360,36 @@ def check_prior(where: str, prior: object, posterior: Posterior) -> None:
             f"got {type(prior).__name__}"
         )
     check_number(where, "prior variance", prior, 0.0, strict=True)
+
+
+def sample_and_kl(
+    where: str,
+    posterior: Posterior,
+    n: int | None,
+    generator: torch.Generator | None,
+    prior: Prior | float | None,
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    r"""Returns `n` samples of `posterior` (none if `n` is :py:`None`) and its closed-form
+    KL divergence from `prior`, in one pass, where the prior is Gaussian (:py:`None`, a
+    float variance or a :class:`GaussianPrior`); the KL is :py:`None` for any other prior.
+    The objectives' helper: the numbers are those of :func:`bayesflow.sample` and
+    :func:`prior_kl`, and every check comes before any work."""
+
+    if prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool)):
+        var = 1.0 if prior is None else check_number(where, "prior", prior, 0.0, strict=True)
+        make = _sampling.zero_mean_prior(var)
+    elif isinstance(prior, GaussianPrior) and type(prior).kl is GaussianPrior.kl:
+        check_posterior(where, posterior)
+        prior._check_names(where, posterior)
+        make = prior._flat
+    elif n is None:
+        return {}, None
+    else:
+        return _posterior.sample(where, posterior, n, generator), None
+
+    if n is None:
+        return {}, _sampling.gaussian_kl_divergence(where, posterior, make)
+    return _sampling.sample_and_kl(where, posterior, n, generator, make)
 
 
 def prior_kl(

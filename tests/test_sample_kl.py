@@ -1,0 +1,462 @@
+r"""Sampling and the closed-form KL divergence (one fused pass per group of tensors)
+against the plain torch formulas: values, gradients, generator semantics, refusals."""
+
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+import torch.nn as nn
+import zuko
+
+import bayesflow as bf
+
+from bayesflow import _sampling
+from bayesflow.priors import GaussianPrior, prior_kl, sample_and_kl
+
+from .registry import snapshot
+
+SHAPES = {"w": (3, 4), "b": (4,), "s": (), "c": (2, 1, 3)}
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    r"""The oracle is float64 whatever `--dtype` says; other dtypes are tested by name."""
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def posterior(shapes=SHAPES, dtype=None, scale=6.0, seed=0):
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
+
+    def draw(shape):
+        return torch.randn(shape, generator=g, dtype=dtype)
+
+    return bf.Posterior(
+        mean={k: draw(s).requires_grad_() for k, s in shapes.items()},
+        logvar={k: (scale * draw(s) - 2.0).requires_grad_() for k, s in shapes.items()},
+    )
+
+
+def leaves(q):
+    return [*q.mean.values(), *q.logvar.values()]
+
+
+def softclip(x):
+    return x / torch.sqrt(1 + (x / 18) ** 2)
+
+
+def formulas(q, eps, prior_mean=None, prior_var=1.0):
+    r"""The samples and KL, one tensor at a time, in plain torch: the oracle."""
+
+    n, params, kl, offset = eps.shape[0], {}, 0.0, 0
+    for name, m in q.mean.items():
+        lv = softclip(q.logvar[name])
+        e = eps[:, offset : offset + m.numel()].reshape(n, *m.shape)
+        params[name] = m + torch.exp(lv / 2) * e
+        offset += m.numel()
+        m0 = 0.0 if prior_mean is None else prior_mean[name]
+        s2 = prior_var[name] if isinstance(prior_var, dict) else prior_var
+        s2 = torch.as_tensor(s2, dtype=lv.dtype)
+        kl = kl + (0.5 * ((lv.exp() + (m - m0) ** 2) / s2 + s2.log() - lv - 1)).sum()
+    return params, kl
+
+
+def draw(q, n, seed, dtype=None):
+    size = sum(m.numel() for m in q.mean.values())
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
+    return torch.randn(n, size, generator=g, dtype=dtype)
+
+
+def loss_of(params, kl, weights, beta=0.7):
+    return sum((params[k] * weights[k]).sum() for k in params) + beta * kl
+
+
+def flat_formula(q, eps):
+    r"""What sample computed before its passes were fused: flat copies of the means and
+    log-variances, std, one addcmul; split by name."""
+
+    names = list(q.mean)
+    m = torch.cat([q.mean[k].detach().flatten() for k in names])
+    lv = torch.cat([q.logvar[k].detach().flatten() for k in names])
+    r = torch.addcmul(torch.ones((), dtype=lv.dtype), lv, lv, value=1 / 18**2).rsqrt()
+    theta = torch.addcmul(m, r.mul(lv).mul(0.5).exp(), eps)
+    pieces = theta.split([q.mean[k].numel() for k in names], 1)
+    return {k: t.reshape(-1, *q.mean[k].shape) for k, t in zip(names, pieces, strict=True)}
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_sample_is_the_formula_bit_for_bit(gen, n):
+    q = posterior(scale=20.0)
+    expected = flat_formula(q, draw(q, n, 5))
+
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            params = bf.sample(q, n, generator=gen(5))
+        assert list(params) == list(SHAPES)
+        for k, e in expected.items():
+            assert params[k].shape == (n, *SHAPES[k])
+            assert torch.equal(params[k], e)
+            assert params[k].requires_grad == grad
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("prior", ["none", "var", "gaussian", "per-element"])
+def test_values_and_gradients_match_the_formulas(gen, n, prior):
+    q = posterior()
+    pm, pv = None, 1.0
+    if prior == "var":
+        pv = 2.5
+    elif prior == "gaussian":
+        pm, pv = dict.fromkeys(SHAPES, 0.3), 0.5
+    elif prior == "per-element":
+        pm = {k: 0.1 * torch.randn(s) for k, s in SHAPES.items()}
+        pv = {k: torch.rand(s) + 0.5 for k, s in SHAPES.items()}
+        pv["b"] = torch.tensor(2.0)  # broadcast
+    p = None if prior == "none" else pv if prior == "var" else GaussianPrior(pm or 0.0, pv)
+
+    params, kl = sample_and_kl("test", q, n, gen(3), p)
+    expected, expected_kl = formulas(q, draw(q, n, 3), pm, pv)
+
+    assert kl.shape == () and torch.allclose(kl, expected_kl, rtol=1e-12)
+    assert torch.allclose(kl, prior_kl(q, p), rtol=1e-12)
+    for k in SHAPES:
+        assert torch.allclose(params[k], expected[k], rtol=1e-13, atol=1e-15)
+
+    weights = {k: torch.randn(n, *s) for k, s in SHAPES.items()}
+    for beta in (0.0, 0.7):  # the samples alone, and with the KL
+        grads = torch.autograd.grad(
+            loss_of(params, kl, weights, beta), leaves(q), retain_graph=True
+        )
+        oracle = torch.autograd.grad(
+            loss_of(expected, expected_kl, weights, beta), leaves(q), retain_graph=True
+        )
+        for a, b in zip(grads, oracle, strict=True):
+            assert torch.allclose(a, b, rtol=1e-11, atol=1e-13)
+
+    # the KL alone
+    grads = torch.autograd.grad(kl, leaves(q))
+    oracle = torch.autograd.grad(expected_kl, leaves(q))
+    assert all(
+        torch.allclose(a, b, rtol=1e-11, atol=1e-13) for a, b in zip(grads, oracle, strict=True)
+    )
+
+
+def test_gradients_when_some_samples_are_unused(gen):
+    q = posterior()
+    params, kl = sample_and_kl("test", q, 2, gen(1), None)
+    expected, expected_kl = formulas(q, draw(q, 2, 1))
+
+    loss = params["w"].sum() + params["c"].square().sum() + kl
+    oracle = expected["w"].sum() + expected["c"].square().sum() + expected_kl
+    grads = torch.autograd.grad(loss, leaves(q))
+    for a, b in zip(grads, torch.autograd.grad(oracle, leaves(q)), strict=True):
+        assert torch.allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_gradcheck(gen):
+    shapes = {"w": (2, 3), "b": (3,)}
+    q = posterior(shapes, scale=3.0)
+
+    def f(*tensors):
+        mean, logvar = tensors[:2], tensors[2:]
+        p = bf.Posterior(
+            dict(zip(shapes, mean, strict=True)), dict(zip(shapes, logvar, strict=True))
+        )
+        params, kl = sample_and_kl("test", p, 2, gen(0), 1.5)
+        return (*params.values(), kl)
+
+    assert torch.autograd.gradcheck(f, leaves(q))
+    assert torch.autograd.gradgradcheck(f, leaves(q))  # create_graph: the plain formulas
+
+
+def test_single_tensor_posterior(gen):
+    q = posterior({"w": (5, 2)})
+    params, kl = sample_and_kl("test", q, 4, gen(2), None)
+    expected, expected_kl = formulas(q, draw(q, 4, 2))
+    assert torch.allclose(params["w"], expected["w"], rtol=1e-13)
+    assert torch.allclose(kl, expected_kl, rtol=1e-12)
+    weights = {"w": torch.randn(4, 5, 2)}
+    grads = torch.autograd.grad(loss_of(params, kl, weights), leaves(q))
+    oracle = torch.autograd.grad(loss_of(expected, expected_kl, weights), leaves(q))
+    assert all(torch.allclose(a, b, rtol=1e-11) for a, b in zip(grads, oracle, strict=True))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_float32(gen, n):
+    q = posterior(dtype=torch.float32)
+    q64 = bf.Posterior(
+        {k: v.detach().double().requires_grad_() for k, v in q.mean.items()},
+        {k: v.detach().double().requires_grad_() for k, v in q.logvar.items()},
+    )
+    params, kl = sample_and_kl("test", q, n, gen(4), 2.0)
+    expected, expected_kl = formulas(q64, draw(q, n, 4, torch.float32).double(), None, 2.0)
+
+    assert kl.dtype == torch.float32
+    assert abs(kl.item() - expected_kl.item()) < 1e-6 * abs(expected_kl.item())
+    for k in SHAPES:
+        assert params[k].dtype == torch.float32
+        assert torch.allclose(params[k].double(), expected[k], rtol=1e-5, atol=1e-6)
+
+    weights = {k: torch.randn(n, *s, dtype=torch.float64) for k, s in SHAPES.items()}
+    grads = torch.autograd.grad(
+        loss_of(params, kl, {k: w.float() for k, w in weights.items()}), leaves(q)
+    )
+    oracle = torch.autograd.grad(loss_of(expected, expected_kl, weights), leaves(q64))
+    for a, b in zip(grads, oracle, strict=True):
+        assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_half_precision_kl_is_summed_in_float32(gen):
+    q = posterior({"w": (300, 100), "b": (100,)}, dtype=torch.float16, scale=1.0)
+    q64 = bf.Posterior(
+        {k: v.detach().double() for k, v in q.mean.items()},
+        {k: v.detach().double() for k, v in q.logvar.items()},
+    )
+    params, kl = sample_and_kl("test", q, 2, gen(0), None)
+    expected = bf.kl_divergence(q64)
+
+    assert kl.dtype == torch.float32 and bf.kl_divergence(q).dtype == torch.float32
+    assert abs(kl.item() - expected.item()) < 1e-3 * expected.item()
+    assert params["w"].dtype == torch.float16
+    # the samples are those of the half-precision formula
+    expected = flat_formula(q, draw(q, 2, 0, torch.float16))
+    assert all(torch.equal(params[k], expected[k]) for k in params)
+    kl.backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves(q))
+
+
+def test_groups_of_dtypes_draw_in_order(gen):
+    q = bf.Posterior(
+        {"a": torch.randn(3, requires_grad=True), "b": torch.randn(2, dtype=torch.float32)},
+        {"a": torch.randn(3, requires_grad=True), "b": torch.randn(2, dtype=torch.float32)},
+    )
+    params, kl = sample_and_kl("test", q, 2, gen(9), 3.0)
+
+    g = gen(9)
+    e64 = torch.randn(2, 3, generator=g)
+    e32 = torch.randn(2, 2, generator=g, dtype=torch.float32)
+    assert torch.allclose(params["a"], q.mean["a"] + bf.std(q)["a"] * e64, rtol=1e-14)
+    assert torch.allclose(params["b"], q.mean["b"] + bf.std(q)["b"] * e32, rtol=1e-6)
+    assert params["b"].dtype == torch.float32 and not params["b"].requires_grad
+    assert kl.dtype == torch.float64
+    assert torch.allclose(kl, formulas(q, torch.cat([e64, e32.double()], 1), None, 3.0)[1])
+
+
+def test_generator_semantics(gen):
+    q = posterior()
+    a, b, c = gen(7), gen(7), gen(8)
+    pa, pb, pc = bf.sample(q, 3, a), bf.sample(q, 3, b), bf.sample(q, 3, c)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert not any(torch.equal(pa[k], pc[k]) for k in pa)
+
+    # one draw of n x P numbers: the generator ends where such a draw leaves it
+    g = gen(7)
+    draw(q, 3, 0)  # another generator: no effect on g
+    torch.randn(3, sum(m.numel() for m in q.mean.values()), generator=g)
+    assert torch.equal(torch.randn(5, generator=a), torch.randn(5, generator=g))
+
+    # sample_and_kl and nelbo draw the same numbers as sample
+    params, _ = sample_and_kl("test", q, 3, gen(7), None)
+    assert all(torch.equal(params[k], pa[k]) for k in pa)
+
+
+def test_samples_can_be_written_in_place(gen):
+    # a module may write to its weights in place (Embedding(max_norm) renormalizes rows):
+    # the backward pass must still work and give the formula's gradients
+    q = posterior()
+    params, kl = sample_and_kl("test", q, 1, gen(0), None)
+    expected, expected_kl = formulas(q, draw(q, 1, 0))
+
+    for p in (params, expected):
+        with torch.no_grad():
+            p["w"].mul_(0.5)
+        p["b"].mul_(3.0).add_(p["s"].square().unsqueeze(-1))
+    loss = (params["w"] * params["b"]).sum() + params["c"].sum() + kl
+    oracle = (expected["w"] * expected["b"]).sum() + expected["c"].sum() + expected_kl
+    grads = torch.autograd.grad(loss, leaves(q))
+    for a, b in zip(grads, torch.autograd.grad(oracle, leaves(q)), strict=True):
+        assert torch.allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_embedding_with_max_norm_trains(gen):
+    emb = nn.Embedding(6, 3, max_norm=1.0)
+    q = bf.init(emb, init_logvar=-4.0)
+    x = torch.tensor([0, 2, 2, 5])
+    loss = bf.nelbo(emb, q, x, fn=lambda m, x: m(x).sum(-1), num_data=10, n=1, generator=gen(0))
+    loss.backward()
+    assert torch.isfinite(q.mean["weight"].grad).all() and q.logvar["weight"].grad.abs().sum() > 0
+
+
+def test_under_torch_func_grad(gen):
+    q = posterior({"w": (3,)})
+
+    def f(m):
+        p = bf.Posterior({"w": m}, {"w": q.logvar["w"].detach()})
+        return bf.sample(p, 2, generator=gen(0))["w"].square().sum() + bf.kl_divergence(p)
+
+    grad = torch.func.grad(f)(q.mean["w"].detach())
+    m = q.mean["w"].detach().requires_grad_()
+    expected = torch.autograd.grad(f(m), m)[0]
+    assert torch.allclose(grad, expected, rtol=1e-12)
+
+
+def test_std_and_logvars_at_the_ends():
+    # the soft clip keeps sigma^2 within [e^-18, e^18] for every log-variance, infinite
+    # ones included, and where (logvar / 18)^2 overflows
+    for dtype, big in ((torch.float64, 1e200), (torch.float32, 1e30), (torch.float16, 6e4)):
+        lv = torch.tensor([math.inf, -math.inf, big, -big, 0.0], dtype=dtype)
+        sigma = bf.std(bf.Posterior({"x": torch.zeros(5, dtype=dtype)}, {"x": lv}))["x"]
+        e = torch.tensor([9.0, -9.0, 9.0, -9.0, 0.0], dtype=torch.float64).exp()
+        assert torch.allclose(sigma.double(), e, rtol=2e-3), dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_huge_logvars_are_clipped_not_overflowed(gen, dtype):
+    big = 1e200 if dtype == torch.float64 else 1e30
+    q = posterior({"w": (2, 3)}, dtype=dtype)
+    with torch.no_grad():
+        q.logvar["w"][0, 0] = big
+        q.logvar["w"][1, 2] = -big
+    params, kl = sample_and_kl("test", q, 2, gen(0), None)
+    eps = draw(q, 2, 0, dtype).view(2, 2, 3)
+    sigma = (softclip(q.logvar["w"].detach().double().clamp(-1e100, 1e100)) / 2).exp()
+
+    assert torch.allclose(sigma[0, 0], torch.tensor(math.exp(9.0)))
+    theta = q.mean["w"].detach().double() + sigma * eps.double()
+    assert torch.allclose(params["w"].double(), theta, rtol=1e-5)
+    lv = softclip(q.logvar["w"].detach().double().clamp(-1e100, 1e100))
+    expected = 0.5 * (lv.exp() + q.mean["w"].detach().double() ** 2 - lv - 1).sum()
+    assert torch.allclose(kl.double(), expected, rtol=1e-6)
+
+
+NONFINITE = [
+    ("mean", math.nan),
+    ("mean", math.inf),
+    ("logvar", math.nan),
+    ("logvar", math.inf),
+    ("logvar", -math.inf),
+]
+
+
+def calls(module, q, g):
+    x = torch.randn(4, 3)
+    ll = lambda m, x: m(x).sum(-1)
+    return {
+        "sample": lambda: bf.sample(q, 2, generator=g),
+        "kl_divergence": lambda: bf.kl_divergence(q, 2.0),
+        "nelbo": lambda: bf.nelbo(module, q, x, fn=ll, num_data=10, n=1, generator=g),
+        "loop_nelbo": lambda: bf.loop_nelbo(module, q, x, fn=ll, num_data=10, n=3, generator=g),
+        "local_nelbo": lambda: bf.local_nelbo(module, q, x, fn=ll, num_data=10, n=2, generator=g),
+        "flipout_nelbo": lambda: bf.flipout_nelbo(
+            module, q, x, fn=ll, num_data=10, n=2, generator=g, prior=GaussianPrior(0.0, 2.0)
+        ),
+        "prior_kl": lambda: prior_kl(q, GaussianPrior(0.1, 2.0)),
+        "GaussianPrior.kl": lambda: GaussianPrior(0.1, 2.0).kl(q),
+    }
+
+
+@pytest.mark.parametrize("field, value", NONFINITE)
+@pytest.mark.parametrize("name", list(calls(None, None, None)))
+def test_nonfinite_posteriors_are_refused(gen, field, value, name):
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    q = bf.init(module, init_logvar=-3.0)
+    with torch.no_grad():
+        getattr(q, field)["2.weight"][1, 3] = value
+    g = gen(0)
+    before = snapshot(module, q.mean, q.logvar)
+
+    call = calls(module, q, g)[name]
+    where = "GaussianPrior.kl" if name == "prior_kl" else name
+    pattern = rf"{where}: expected finite values in posterior.{field}\['2.weight'\], got"
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+    after = snapshot(module, q.mean, q.logvar)  # BatchNorm's statistics too
+    assert all(
+        torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+        for a, b in zip(before, after, strict=True)
+    )
+    assert torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=gen(0)))  # no draw
+
+
+def test_bridge_refuses_nonfinite_posteriors():
+    bnet = bf.BayesianModel(zuko.nn.MLP(3, 2, hidden_features=(4,)), init_logvar=-3.0)
+    with torch.no_grad():
+        bnet.logvars["0-bias"][0] = math.nan
+    for call, where in (
+        (lambda: bnet(torch.randn(2, 3)), "BayesianModel.forward"),
+        (lambda: bnet.sample_params(), "BayesianModel.sample_params"),
+        (lambda: bnet.kl_divergence(), "BayesianModel.kl_divergence"),
+    ):
+        with pytest.raises(ValueError, match=rf"{where}: expected finite values in posterior"):
+            call()
+
+
+def test_structure_is_cached_by_the_tensors_themselves(gen):
+    q = posterior()
+    bf.sample(q, 1, generator=gen(0))
+
+    # a tensor replaced under the same name, with a new shape: the new one is sampled
+    q.mean["w"] = torch.randn(5, 2)
+    q.logvar["w"] = torch.full((5, 2), -3.0)
+    params = bf.sample(q, 2, generator=gen(0))
+    assert params["w"].shape == (2, 5, 2)
+    assert torch.allclose(params["w"], formulas(q, draw(q, 2, 0))[0]["w"])
+
+    # renamed: the new names
+    q2 = bf.Posterior(
+        {"z" + k: v for k, v in q.mean.items()}, {"z" + k: v for k, v in q.logvar.items()}
+    )
+    assert list(bf.sample(q2, 1, generator=gen(0))) == ["z" + k for k in q.mean]
+
+    # the cache keeps no posterior alive, and is bounded
+    ref = weakref.ref(q.mean["w"])
+    del q, q2, params
+    gc.collect()
+    assert ref() is None
+    for _ in range(3 * _sampling._MAX_PLANS):
+        bf.sample(posterior({"x": (2,)}), 1)
+    assert len(_sampling._PLANS) <= _sampling._MAX_PLANS
+
+
+def test_posterior_tensors_must_be_real_and_agree():
+    ints = bf.Posterior(
+        {"w": torch.zeros(3, dtype=torch.long)}, {"w": torch.zeros(3, dtype=torch.long)}
+    )
+    with pytest.raises(
+        TypeError,
+        match=r"sample: expected real floating-point posterior tensors, got posterior.mean\['w'\] of dtype torch.int64",
+    ):
+        bf.sample(ints, 1)
+
+    mixed = bf.Posterior(
+        {"w": torch.zeros(3, dtype=torch.float64)}, {"w": torch.zeros(3, dtype=torch.float32)}
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"kl_divergence: expected posterior.logvar\['w'\] with the dtype and device of its mean",
+    ):
+        bf.kl_divergence(mixed)
+
+
+@pytest.mark.parametrize("shapes", [SHAPES, {"w": (2, 3)}], ids=["tensors", "one-tensor"])
+def test_gradients_of_gradients(gen, shapes):
+    # create_graph=True with gradients that are themselves differentiable
+    q = posterior(shapes)
+    params, kl = sample_and_kl("test", q, 2, gen(0), 0.5)
+    expected, expected_kl = formulas(q, draw(q, 2, 0), None, 0.5)
+    w = {k: torch.randn(2, *s, requires_grad=True) for k, s in shapes.items()}
+
+    def second(params, kl):
+        g = torch.autograd.grad(
+            [*params.values(), kl], leaves(q), [*w.values(), torch.tensor(0.3)], create_graph=True
+        )
+        return torch.autograd.grad(sum((x * x).sum() for x in g), [*w.values(), *leaves(q)])
+
+    for a, b in zip(second(params, kl), second(expected, expected_kl), strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
