@@ -12,7 +12,6 @@ __all__ = [
     "SWAG",
     "BayesianModel",
     "CalibrationCurve",
-    "ClassificationSummary",
     "ConstantSchedule",
     "CyclicalSchedule",
     "Ensemble",
@@ -22,16 +21,13 @@ __all__ = [
     "Posterior",
     "Prior",
     "ScaleMixturePrior",
-    "Summary",
     "VmapFallbackWarning",
     "auroc",
     "calibration_curve",
     "categorical_nll",
-    "classification_summary",
     "clear_caches",
     "ensemble",
     "expected_calibration_error",
-    "expected_entropy",
     "flipout_nelbo",
     "flow_sample",
     "gaussian_nll",
@@ -46,22 +42,12 @@ __all__ = [
     "local_call",
     "local_layers",
     "local_nelbo",
-    "log_mean_probs",
     "loop_call",
     "loop_nelbo",
     "mean_model",
     "mean_params",
-    "mean_probs",
-    "mixture_log_prob",
-    "mutual_information",
     "nelbo",
     "optimize_prior_precision",
-    "predictive_entropy",
-    "predictive_interval",
-    "predictive_mean",
-    "predictive_nll",
-    "predictive_quantiles",
-    "predictive_std",
     "prior_kl",
     "probit_probs",
     "sample",
@@ -69,11 +55,10 @@ __all__ = [
     "stack_modules",
     "stack_params",
     "std",
-    "summarize",
     "vmap_call",
 ]
 
-from . import datasets  # noqa: F401
+from . import datasets, predictive  # noqa: F401
 from ._caches import clear_caches
 from .bayesian import BayesianModel
 from .call import VmapFallbackWarning, loop_call, vmap_call
@@ -111,23 +96,9 @@ from .posterior import (
     stack_params,
     std,
 )
-from .predictive import (
-    ClassificationSummary,
-    Summary,
-    classification_summary,
-    expected_entropy,
-    log_mean_probs,
-    mean_probs,
-    mixture_log_prob,
-    mutual_information,
-    predictive_entropy,
-    predictive_interval,
-    predictive_mean,
-    predictive_nll,
-    predictive_quantiles,
-    predictive_std,
-    summarize,
-)
+from .predictive import *  # noqa: F403 (the names of predictive.__all__)
 from .priors import GaussianPrior, Prior, ScaleMixturePrior, prior_kl
 from .schedules import ConstantSchedule, CyclicalSchedule, LinearWarmup
 from .swag import SWAG
+
+__all__ += predictive.__all__

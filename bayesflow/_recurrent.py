@@ -254,6 +254,18 @@ def _scan(mode: str, tensors: Direction, reverse: bool) -> tuple[Tensor, Tensor,
     return out, h, c
 
 
+def _states(
+    hx: Any, lstm: bool, batched: bool, dim: int, zeros: Callable[[], tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    r"""Returns the initial states `(h, c)` of a layer or cell from its `hx` (an LSTM's is a
+    pair; zeros if :py:`None`), with the batch dim `dim` added to an unbatched input's."""
+
+    if hx is None:
+        return zeros()
+    h, c = hx if lstm else (hx, hx)
+    return (h, c) if batched else (h.unsqueeze(dim), c.unsqueeze(dim))
+
+
 def _run_rnn(m: nn.RNNBase, input: Any, hx: Any) -> tuple[Tensor, Any]:
     if isinstance(input, PackedSequence):
         raise NotImplementedError(
@@ -275,16 +287,14 @@ def _run_rnn(m: nn.RNNBase, input: Any, hx: Any) -> tuple[Tensor, Any]:
     hidden = m.hidden_size
     real = m.proj_size if m.proj_size > 0 else hidden
 
-    if hx is None:
-        h0 = input.new_zeros(m.num_layers * directions, batch, real)
-        c0 = input.new_zeros(m.num_layers * directions, batch, hidden)
-    elif lstm:
-        h0, c0 = hx
-        if not batched:
-            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-    else:
-        h0 = hx if batched else hx.unsqueeze(1)
-        c0 = h0
+    layers = m.num_layers * directions
+    h0, c0 = _states(
+        hx,
+        lstm,
+        batched,
+        1,
+        lambda: (input.new_zeros(layers, batch, real), input.new_zeros(layers, batch, hidden)),
+    )
     expected = (m.num_layers * directions, batch, real)
     if tuple(h0.shape) != expected:
         raise RuntimeError(f"Expected hidden size {expected}, got {tuple(h0.shape)}")
@@ -403,15 +413,8 @@ def _cell(m: nn.RNNCellBase, x: Tensor, hx: Any) -> Any:
         x = x.unsqueeze(0)
 
     lstm = isinstance(m, nn.LSTMCell)
-    if hx is None:
-        zeros = x.new_zeros(x.shape[0], m.hidden_size)
-        h, c = zeros, zeros
-    elif lstm:
-        h, c = hx
-        if not batched:
-            h, c = h.unsqueeze(0), c.unsqueeze(0)
-    else:
-        h = hx if batched else hx.unsqueeze(0)
+    zeros = x.new_zeros(x.shape[0], m.hidden_size) if hx is None else None
+    h, c = _states(hx, lstm, batched, 0, lambda: (zeros, zeros))
 
     gi = F.linear(x, m.weight_ih, m.bias_ih)
     gh = F.linear(h, m.weight_hh, m.bias_hh)

@@ -112,24 +112,9 @@ def nelbo(
         | https://arxiv.org/abs/1505.05424
     """
 
-    return _nelbo(
-        "nelbo",
-        module,
-        posterior,
-        args,
-        fn=fn,
-        num_data=num_data,
-        n=n,
-        prior=prior,
-        kl_weight=kl_weight,
-        generator=generator,
-        chunk_size=chunk_size,
-        in_dims=in_dims,
-        estimator=estimator,
-        vectorized=vectorized,
-        randomness=randomness,
-        max_memory=max_memory,
-    )
+    # Every option, by name, as given: none can be dropped on the way.
+    options = {k: v for k, v in locals().items() if k not in ("module", "posterior", "args")}
+    return _nelbo("nelbo", module, posterior, args, **options)
 
 
 def _nelbo(

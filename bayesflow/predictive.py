@@ -342,16 +342,16 @@ def predictive_entropy(logits: Tensor) -> Tensor:
     uncertainty), in nats.
 
     Example:
-        >>> z = torch.tensor([[[0.0, -1000.0]], [[-1000.0, 0.0]]])  # two confident samples
-        >>> predictive_entropy(z)  # that disagree: log 2
-        tensor([0.6931])
+        >>> z = torch.zeros(4, 2, 3)  # 4 samples, 2 inputs, each sample unsure among 3
+        >>> predictive_entropy(z)  # log 3
+        tensor([1.0986, 1.0986])
 
     Arguments:
-        logits: Per-sample logits (or log-probabilities), with shape
-            `(K, *batch, C)` (at least one batch dim).
+        logits: Per-sample logits (or log-probabilities) of shape `(K, *batch, C)`, with at
+            least one batch dim.
 
     Returns:
-        The entropy, with shape `(*)`.
+        The entropy, with shape `(*batch)`.
     """
 
     return _entropy(log_mean_exp(_log_softmax("predictive_entropy", logits)))
@@ -367,11 +367,10 @@ def expected_entropy(logits: Tensor) -> Tensor:
         tensor([0.6931])
 
     Arguments:
-        logits: Per-sample logits (or log-probabilities), with shape
-            `(K, *batch, C)` (at least one batch dim).
+        logits: The `K` samples' logits (or log-probabilities), `(K, *batch, C)`.
 
     Returns:
-        The expected entropy, with shape `(*)`.
+        The expected entropy of every input, with shape `(*batch)`.
     """
 
     return _entropy(_log_softmax("expected_entropy", logits)).mean(dim=0)
@@ -400,7 +399,7 @@ def mutual_information(logits: Tensor) -> Tensor:
             `(K, *batch, C)` (at least one batch dim).
 
     Returns:
-        The mutual information, with shape `(*)`.
+        The mutual information of every input, with shape `(*batch)`.
 
     References:
         | Bayesian Active Learning for Classification and Preference Learning

@@ -65,7 +65,7 @@ class Prior:
     r"""A prior :math:`p(\theta)` over named parameters.
 
     Subclasses implement :meth:`log_prob`; those with a closed-form KL divergence from
-    a mean-field Gaussian posterior also override :meth:`kl` for `n=None`.
+    a mean-field Gaussian posterior set `closed_form` and implement `_closed_kl`.
     """
 
     closed_form: bool = False
@@ -108,7 +108,16 @@ class Prior:
             A scalar tensor, differentiable with respect to `posterior`.
         """
 
-        return self._kl_mc(f"{type(self).__name__}.kl", posterior, generator, n)
+        where = f"{type(self).__name__}.kl"
+        if n is None and self.closed_form:
+            check_posterior(where, posterior)
+            check_generator(where, generator)
+            self._check_names(where, posterior)
+            return self._closed_kl(where, posterior)
+        return self._kl_mc(where, posterior, generator, n)
+
+    def _closed_kl(self, where: str, posterior: Posterior) -> Tensor:
+        raise NotImplementedError
 
     def _kl_mc(
         self,
@@ -163,7 +172,11 @@ class GaussianPrior(Prior):
 
     The mean and variance are scalars, or dicts from parameter names to floats or
     tensors broadcastable to the parameter; a dict must name every parameter of the
-    posterior it meets, and may name others.
+    posterior it meets, and may name others. Its KL divergence from a mean-field Gaussian
+    posterior has a closed form (:meth:`kl` with `n=None`),
+
+    .. math:: \mathrm{KL} = \frac{1}{2} \sum \left( \frac{\sigma^2 + (\mu - m)^2}{s^2}
+        + \log s^2 - \log \sigma^2 - 1 \right).
 
     Example:
         >>> q = bayesflow.init(zuko.nn.MLP(3, 5), init_logvar=-6.0)
@@ -245,36 +258,7 @@ class GaussianPrior(Prior):
             lp = lp + x.expand_as(theta).flatten(1).sum(1)
         return torch.as_tensor(lp)
 
-    def kl(
-        self,
-        posterior: Posterior,
-        generator: torch.Generator | None = None,
-        n: int | None = None,
-    ) -> Tensor:
-        r"""Returns :math:`\mathrm{KL}(q \,\|\, p)`, in closed form if `n` is :py:`None`,
-
-        .. math:: \mathrm{KL} = \frac{1}{2} \sum \left( \frac{\sigma^2 + (\mu - m)^2}{s^2}
-            + \log s^2 - \log \sigma^2 - 1 \right),
-
-        else by Monte Carlo with `n` samples (see :meth:`Prior.kl`).
-
-        Arguments:
-            posterior: The posterior :math:`q`.
-            generator: The source of randomness of the Monte Carlo estimate.
-            n: The number of Monte Carlo samples; :py:`None` for the closed form.
-
-        Returns:
-            A scalar tensor, differentiable with respect to `posterior`.
-        """
-
-        where = "GaussianPrior.kl"
-        if n is not None:
-            return self._kl_mc(where, posterior, generator, n)
-
-        check_posterior(where, posterior)
-        check_generator(where, generator)
-        self._check_names(where, posterior)
-
+    def _closed_kl(self, where: str, posterior: Posterior) -> Tensor:
         return _sampling.gaussian_kl_divergence(where, posterior, self._flat)
 
     def _flat(
@@ -378,7 +362,7 @@ def sample_and_kl(
     if prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool)):
         var = 1.0 if prior is None else check_number(where, "prior", prior, 0.0, strict=True)
         make = _sampling.zero_mean_prior(var)
-    elif isinstance(prior, GaussianPrior) and type(prior).kl is GaussianPrior.kl:
+    elif isinstance(prior, GaussianPrior) and type(prior)._closed_kl is GaussianPrior._closed_kl:
         check_posterior(where, posterior)
         prior._check_names(where, posterior)
         make = prior._flat

@@ -32,7 +32,6 @@ import copy
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
@@ -45,13 +44,13 @@ from . import peers
 from .cases import Case
 from .limit import gemms
 from .peers import NUM_DATA
-from .status import NotApplicable
+from .status import Named, NotApplicable
 
 Run = Callable[[int | None], Any]
 Build = Callable[..., Run]
 
 
-class Noise(str, Enum):
+class Noise(Named):
     r"""How a method draws its noise, which says how it is checked against the loop."""
 
     #: One flat draw from a :class:`torch.Generator`, as :func:`bayesflow.sample`: exact.
@@ -64,9 +63,6 @@ class Noise(str, Enum):
     OWN = "own"
     #: No posterior noise (the plain module): exact, against the mean model.
     NONE = "none"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def bf_targets(case: Case) -> dict[str, Tensor]:

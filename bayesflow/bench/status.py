@@ -2,12 +2,19 @@ r"""What became of a benchmark cell: a status, and the exceptions that lead to e
 
 from __future__ import annotations
 
-__all__ = ["NotApplicable", "NotInstalled", "Status", "Unsupported", "Wrong"]
+__all__ = ["Named", "NotApplicable", "NotInstalled", "Status", "Unsupported", "Wrong"]
 
 from enum import Enum
 
 
-class Status(str, Enum):
+class Named(str, Enum):
+    r"""An enum whose members print as their values (what tables and JSON show)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Status(Named):
     r"""The outcome of one cell (model, mode, K, method); its value is what JSON holds."""
 
     OK = "ok"
@@ -16,9 +23,6 @@ class Status(str, Enum):
     NOT_APPLICABLE = "n/a"
     NOT_INSTALLED = "not installed"
     OOM = "oom"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class NotApplicable(Exception):
