@@ -155,6 +155,9 @@ class PerObject(Generic[V]):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
 
 def register(clear: Callable[[], None]) -> None:
     r"""Registers the clear function of a cache that is neither :class:`Bounded` nor

@@ -20,6 +20,7 @@ __all__ = [
     "is_compiling",
     "is_wrapped",
     "load_jvp_decompositions",
+    "no_saved_tensors_hooks",
     "saved_tensors_hooks_active",
     "unbatched",
     "unwrap_at",
@@ -153,6 +154,27 @@ def unwrap_batched(t: Tensor) -> Tensor:
     while _functorch.is_functorch_wrapped_tensor(t):
         t = _functorch.get_unwrapped(t)
     return t
+
+
+class no_saved_tensors_hooks:
+    r"""Disables saved-tensor hooks for a block, with an error message for whoever tries to
+    use them there: :func:`torch.autograd.graph.disable_saved_tensors_hooks`, without its
+    generator machinery (a call's every forward pass enters it)."""
+
+    __slots__ = ("message", "previous")
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __enter__(self) -> None:
+        self.previous = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
+        torch._C._autograd._saved_tensors_hooks_disable(self.message)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is None:
+            torch._C._autograd._saved_tensors_hooks_enable()
+        else:
+            torch._C._autograd._saved_tensors_hooks_disable(self.previous)
 
 
 def saved_tensors_hooks_active() -> bool:

@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 
 from torch import Tensor
-from torch.autograd.graph import disable_saved_tensors_hooks
 from torch.func import vmap
 
 from . import _posterior, _torch_layers
@@ -33,6 +32,7 @@ from ._compat import (
     StopRecomputation,
     counting_allocations,
     is_compiling,
+    no_saved_tensors_hooks,
     saved_tensors_hooks_active,
 )
 from ._errors import Passthrough
@@ -148,6 +148,8 @@ def _changes(st: Structure, module: nn.Module, extra: list) -> list[tuple[Any, s
     r"""What every call on `module` changes for its duration: the forwards of the holds
     undone, the weights that hooks assign put back afterwards, and `extra`."""
 
+    if not st.hooked and not _HOLDS:
+        return extra
     changes = []
     for patch in reversed(_HOLDS.get(module) or ()):
         changes += [(obj, name, old) for obj, name, old in reversed(patch.done)]
@@ -183,9 +185,9 @@ def _no_recomputation(where: str) -> Any:
     active around the call: a checkpoint around the whole call recomputes it whole).
     """
 
-    if is_compiling() or not torch.is_grad_enabled() or saved_tensors_hooks_active():
+    if not torch.is_grad_enabled() or is_compiling() or saved_tensors_hooks_active():
         return nullcontext()
-    return disable_saved_tensors_hooks(
+    return no_saved_tensors_hooks(
         f"{where}: activation checkpointing (torch.utils.checkpoint) inside the call cannot "
         "see the sampled parameters: its backward pass recomputes the forward after the "
         "call has put the module's own parameters back, so the gradients would be those "

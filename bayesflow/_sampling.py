@@ -6,6 +6,7 @@ from __future__ import annotations
 __all__ = [
     "FlatPrior",
     "PriorMaker",
+    "check_finite",
     "clear_plans",
     "gaussian_kl_divergence",
     "kl_divergence",
@@ -269,6 +270,18 @@ def _run(
             kl = term if kl is None else kl + term.to(kl.device)
 
     return (dict(zip(names, params, strict=True)) if n is not None else {}), kl
+
+
+def check_finite(where: str, posterior: Posterior) -> None:
+    r"""Raises if a mean or log-variance of `posterior` holds NaN or infinite values (the
+    check :func:`sample` makes before any draw)."""
+
+    plan, tensors = _plan(where, posterior)
+    names, t = plan.names, len(plan.names)
+    for group in plan.groups:
+        means = [tensors[i] for i in group.index]
+        logvars = [tensors[t + i] for i in group.index]
+        _check(where, _bounds(_flat(means, logvars)), group, names, means, logvars)
 
 
 def sample(

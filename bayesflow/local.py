@@ -22,6 +22,7 @@ from ._checks import (
 from ._engine import run_local
 from ._layers import LocalPlan, is_local
 from ._options import CallOptions, call_options
+from ._sampling import check_finite
 from ._types import Fn, Posterior
 
 
@@ -176,6 +177,7 @@ def local_with_options(
     check_bool(where, "flipout", flipout)
     check_bool(where, "per_position", per_position)
     check_posterior(where, posterior)
+    check_finite(where, posterior)
     _posterior.check_matches(where, module, posterior)
 
     plan = LocalPlan(module, posterior, flipout, per_position)

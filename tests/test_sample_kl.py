@@ -355,6 +355,8 @@ def calls(module, q, g):
         "flipout_nelbo": lambda: bf.flipout_nelbo(
             module, q, x, fn=ll, num_data=10, n=2, generator=g, prior=GaussianPrior(0.0, 2.0)
         ),
+        "local_call": lambda: bf.local_call(module, q, 2, x, generator=g),
+        "vmap_call-of-sample": lambda: bf.vmap_call(module, bf.sample(q, 2, generator=g), x),
         "prior_kl": lambda: prior_kl(q, GaussianPrior(0.1, 2.0)),
         "GaussianPrior.kl": lambda: GaussianPrior(0.1, 2.0).kl(q),
     }
@@ -371,7 +373,7 @@ def test_nonfinite_posteriors_are_refused(gen, field, value, name):
     before = snapshot(module, q.mean, q.logvar)
 
     call = calls(module, q, g)[name]
-    where = "GaussianPrior.kl" if name == "prior_kl" else name
+    where = {"prior_kl": "GaussianPrior.kl", "vmap_call-of-sample": "sample"}.get(name, name)
     pattern = rf"{where}: expected finite values in posterior.{field}\['2.weight'\], got"
     with pytest.raises(ValueError, match=pattern):
         call()
