@@ -628,3 +628,19 @@ def test_the_default_chunk_fits_the_cpu_cache(monkeypatch, gen, fresh_caches):
     assert torch.allclose(y, bf.loop_call(net, params, x), atol=1e-10)
     assert torch.allclose(y, y_at_once, atol=1e-10) and torch.allclose(y, y_first, atol=1e-10)
     assert not torch.allclose(y[0], y[1])
+
+
+def test_in_place_randomness_points_to_flow_sample():
+    # randomness="different" was passed: the advice is flow_sample, not that option again.
+    flow = zuko.flows.MAF(2, 1)
+    params = bf.sample(bf.init(flow), 3)
+
+    with pytest.raises(RuntimeError, match=r"vmap cannot run MAF .*use bayesflow\.flow_sample"):
+        bf.vmap_call(
+            flow,
+            params,
+            torch.randn(1),
+            fn=lambda f, c: f(c).rsample(),
+            randomness="different",
+            fallback=False,
+        )
