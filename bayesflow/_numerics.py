@@ -332,11 +332,16 @@ def log_mean_exp(x: Tensor, dim: int = 0) -> Tensor:
     return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])
 
 
-def inverse_softclip(y: Tensor, bound: float = LOGVAR_BOUND) -> Tensor:
+def inverse_softclip(y: Tensor, bound: float = LOGVAR_BOUND, out: Tensor | None = None) -> Tensor:
     r"""Returns :math:`x = y / \sqrt{1 - (y / b)^2}`, the :math:`x` with
-    :math:`\mathrm{softclip}(x, b) = y`, for :math:`|y| < b`."""
+    :math:`\mathrm{softclip}(x, b) = y`, for :math:`|y| < b`, written into `out` if given
+    (a tensor other than `y`).
 
-    return y * (1 - (y / bound).square()).rsqrt()
+    In three passes, in place: not differentiable.
+    """
+
+    x = torch.addcmul(constant(1.0, y), y, y, value=-1 / bound**2, out=out)
+    return x.rsqrt_().mul_(y)
 
 
 def logvar_from_var(variance: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ __all__ = ["IVON"]
 import math
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,42 +23,12 @@ from ._checks import (
     check_not_bridge,
     check_number,
 )
-from ._numerics import LOGVAR_BOUND, LOGVAR_LIMIT
+from ._ivon import HYPER, Draw, Flat, Hyper, averages, fold, set_variance, update, update_one
 from ._types import Posterior
 from .posterior import select
 
-_HYPER = (
-    "lr",
-    "ess",
-    "hess_init",
-    "beta1",
-    "beta2",
-    "weight_decay",
-    "clip_radius",
-    "rescale_lr",
-    "debias",
-)
 
-
-class _Hyper(NamedTuple):
-    lr: float
-    ess: float
-    hess_init: float
-    beta1: float
-    beta2: float
-    weight_decay: float
-    clip_radius: float
-    rescale_lr: bool
-    debias: bool
-
-
-class _Draw(NamedTuple):
-    n: int
-    eps: Tensor  # (n, P): the standard normals of the draw
-    leaves: list[Tensor]  # the sampled parameters handed out, (n, *shape) each
-
-
-def _check_hyper(where: str, values: Mapping[str, Any]) -> _Hyper:
+def _check_hyper(where: str, values: Mapping[str, Any]) -> Hyper:
     lr = check_number(where, "lr", values["lr"], 0.0, strict=False)
     ess = check_number(where, "ess", values["ess"], 0.0, strict=True)
     hess_init = check_number(where, "hess_init", values["hess_init"], 0.0, strict=True)
@@ -77,7 +47,7 @@ def _check_hyper(where: str, values: Mapping[str, Any]) -> _Hyper:
     rescale_lr = check_bool(where, "rescale_lr", values["rescale_lr"])
     debias = check_bool(where, "debias", values["debias"])
 
-    return _Hyper(
+    return Hyper(
         lr, ess, hess_init, beta1, beta2, weight_decay, float(clip_radius), rescale_lr, debias
     )
 
@@ -217,7 +187,7 @@ class IVON(torch.optim.Optimizer):
         check_module(where, module)
         check_not_bridge(where, module)
         values = (lr, ess, hess_init, beta1, beta2, weight_decay, clip_radius, rescale_lr, debias)
-        h = _check_hyper(where, dict(zip(_HYPER, values, strict=True)))
+        h = _check_hyper(where, dict(zip(HYPER, values, strict=True)))
         check_bool(where, "sync", sync)
         if process_group is not None:
             if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
@@ -255,31 +225,7 @@ class IVON(torch.optim.Optimizer):
                 f"{where}: expected the picked parameters to share one dtype and device, got {got}"
             )
 
-        dtype, device = params[0].dtype, params[0].device
-        self._names = names
-        self._shapes = [p.shape for p in params]
-        self._sizes = [p.numel() for p in params]
-        self._dtype, self._device = dtype, device
-        size = sum(self._sizes)
-
-        # Flat buffers: every operation of a step is one pass over all P numbers. Their
-        # views by name are the posterior, and the means are the module's own storage.
-        with torch.no_grad():
-            self._mean = torch.cat([p.detach().reshape(-1) for p in params])
-        self._hess = torch.full((size,), h.hess_init, dtype=dtype, device=device)
-        self._momentum = torch.zeros(size, dtype=dtype, device=device)
-        self._H = torch.empty(size, dtype=dtype, device=device)  # hess + weight_decay
-        self._std = torch.empty(size, dtype=dtype, device=device)
-        self._logvar = torch.empty(size, dtype=dtype, device=device)
-        self._work = torch.empty(2, size, dtype=dtype, device=device)
-        self._stats = torch.empty(2, size, dtype=dtype, device=device)  # those of a draw
-        self._stats_views = (self._views(self._stats[0], 1), self._views(self._stats[1], 1))
-        self._sums: Tensor | None = None  # (2, P): those of several draws, summed
-        self._count = 0  # the number of draws in `_sums`
-        self._eps: Tensor | None = None  # (n, P): the noise of the last draw
-        self._eps_views: list[Tensor] = []  # by parameter, (n, *shape)
-        self._draw: _Draw | None = None
-        self._t = 0
+        self._state = s = Flat(names, params, h.hess_init)
 
         # The processes to average over, fixed here: torch.distributed is set up first.
         self._group = None
@@ -287,18 +233,17 @@ class IVON(torch.optim.Optimizer):
             if dist.get_world_size(process_group) > 1:
                 self._group = process_group if process_group is not None else dist.group.WORLD
                 src = 0 if process_group is None else dist.get_global_rank(process_group, 0)
-                dist.broadcast(self._mean, src=src, group=process_group)
-        self._scalars: dict[float, Tensor] = {}
+                dist.broadcast(s.mean, src=src, group=process_group)
 
-        mean = self._views(self._mean)
+        # The means are the module's own storage: `module(x)` is the mean model.
+        mean = s.views(s.mean)
         with torch.no_grad():
             for p, m in zip(params, mean.values(), strict=True):
                 p.data = m
-        self._posterior = Posterior(mean=mean, logvar=self._views(self._logvar))
-        self._momentum_views = self._views(self._momentum, 1)
-        self._set_variance(h.ess, h.weight_decay)
+        self._posterior = Posterior(mean=mean, logvar=s.views(s.logvar))
+        set_variance(s, h.ess, h.weight_decay)
 
-        super().__init__(list(mean.values()), {k: getattr(h, k) for k in _HYPER})
+        super().__init__(list(mean.values()), {k: getattr(h, k) for k in HYPER})
         self._checked = (tuple(h), h)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -310,37 +255,6 @@ class IVON(torch.optim.Optimizer):
                 "second; train other parameters with another optimizer"
             )
         super().add_param_group(param_group)
-
-    def _views(self, flat: Tensor, n: int | None = None) -> Any:
-        r"""Returns the views by name of a flat `(P,)` tensor, or with `n` the list of
-        views `(n, *shape)` of an `(n, P)` one."""
-
-        if n is None:
-            pieces = torch.split_with_sizes(flat, self._sizes)
-            return {
-                name: t.view(shape)
-                for name, shape, t in zip(self._names, self._shapes, pieces, strict=True)
-            }
-        pieces = torch.split_with_sizes(flat.view(n, -1), self._sizes, 1)
-        return [t.view(n, *shape) for shape, t in zip(self._shapes, pieces, strict=True)]
-
-    def _set_variance(self, ess: float, weight_decay: float) -> None:
-        r"""Sets :math:`H = h + \delta` and the variances, from the Hessian estimates."""
-
-        torch.add(self._hess, weight_decay, out=self._H)
-        self._set_std(ess)
-        self._variance_of = (ess, weight_decay)
-
-    def _set_std(self, ess: float) -> None:
-        r"""Sets :math:`\sigma = 1 / \sqrt{\lambda H}`, clamped, and the posterior's
-        log-variances :math:`\log \sigma^2`, unclipped."""
-
-        bound = math.exp(LOGVAR_LIMIT / 2)
-        torch.mul(self._H, ess, out=self._std).rsqrt_().clamp_(1 / bound, bound)
-        z = torch.log(self._std, out=self._work[0])
-        # softclip^-1(2 z) = 2 z / sqrt(1 - (2 z / b)^2) = z / sqrt(1 / 4 - z^2 / b^2)
-        torch.addcmul(self._scalar(0.25), z, z, value=-1 / LOGVAR_BOUND**2, out=self._logvar)
-        self._logvar.rsqrt_().mul_(z)
 
     @property
     def posterior(self) -> Posterior:
@@ -356,28 +270,29 @@ class IVON(torch.optim.Optimizer):
     def hess(self) -> dict[str, Tensor]:
         r"""The Hessian estimates :math:`h`, by name (views of the optimizer's state)."""
 
-        return self._views(self._hess)
+        return self._state.views(self._state.hess)
 
     @property
     def momentum(self) -> dict[str, Tensor]:
         r"""The gradient momentum :math:`\mu`, by name (views of the optimizer's state)."""
 
-        return self._views(self._momentum)
+        return self._state.views(self._state.momentum)
 
-    def _hyper(self, where: str) -> _Hyper:
+    def _hyper(self, where: str) -> Hyper:
         r"""Returns the hyperparameters of `param_groups[0]`, checked (once per change)."""
 
         group = self.param_groups[0]
-        values = tuple(group[k] for k in _HYPER)
+        values = tuple(group[k] for k in HYPER)
         if values != self._checked[0]:
             self._checked = (values, _check_hyper(where, group))
         return self._checked[1]
 
-    def _refresh(self, h: _Hyper) -> None:
+    def _refresh(self, h: Hyper) -> None:
         r"""Recomputes the variances if `ess` or `weight_decay` changed since they were set."""
 
-        if self._variance_of != (h.ess, h.weight_decay):
-            self._set_variance(h.ess, h.weight_decay)
+        s = self._state
+        if s.variance_of != (h.ess, h.weight_decay):
+            set_variance(s, h.ess, h.weight_decay)
 
     def sample(self, n: int = 1, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         r"""Draws the `n` parameter sets :math:`\theta_k = m + \sigma \odot \epsilon_k` of a
@@ -399,69 +314,30 @@ class IVON(torch.optim.Optimizer):
         where = "IVON.sample"
         n = check_int(where, "n", n)
         check_generator(where, generator)
-        if generator is not None and generator.device.type != self._device.type:
+        s = self._state
+        if generator is not None and generator.device.type != s.device.type:
             raise ValueError(
-                f"{where}: expected a generator on the posterior's device ({self._device}), "
+                f"{where}: expected a generator on the posterior's device ({s.device}), "
                 f"got one on {generator.device}"
             )
         h = self._hyper(where)
 
-        self._fold()
+        fold(s)
         self._refresh(h)
-        size = self._mean.numel()
-        if self._eps is None or self._eps.shape[0] != n:
-            self._eps = torch.empty(n, size, dtype=self._dtype, device=self._device)
-            self._eps_views = self._views(self._eps, n)
         eps = torch.randn(
-            n, size, generator=generator, dtype=self._dtype, device=self._device, out=self._eps
+            n, s.mean.numel(), generator=generator, dtype=s.dtype, device=s.device, out=s.noise(n)
         )
-        theta = torch.addcmul(self._mean, self._std, eps)
-        leaves = [t.requires_grad_() for t in self._views(theta, n)]
-        self._draw = _Draw(n, eps, leaves)
+        theta = torch.addcmul(s.mean, s.std, eps)
+        leaves = [t.requires_grad_() for t in s.views(theta, n)]
+        s.draw = Draw(n, eps, leaves)
 
-        return dict(zip(self._names, leaves, strict=True))
-
-    def _statistics(self, draw: _Draw, grads: list[Tensor | None]) -> None:
-        r"""Writes the sums over the samples of a draw of :math:`g_k` and
-        :math:`\epsilon_k \odot g_k` into `_stats`, from the gradients of its samples."""
-
-        n, eps = draw.n, draw.eps
-        grads = [
-            torch.zeros_like(t) if g is None else g
-            for t, g in zip(draw.leaves, grads, strict=True)
-        ]
-        g_sum, nx_sum = self._stats[0], self._stats[1]
-        if n == 1:
-            torch.cat([g.view(-1) for g in grads], out=g_sum)
-            torch.mul(eps[0], g_sum, out=nx_sum)
-            return
-        noise = self._eps_views
-        torch._foreach_mul_(noise, grads)
-        for g, nx, g_out, nx_out in zip(grads, noise, *self._stats_views, strict=True):
-            torch.sum(g, 0, keepdim=True, out=g_out)
-            torch.sum(nx, 0, keepdim=True, out=nx_out)
-
-    def _fold(self) -> None:
-        r"""Adds the statistics of the last draw, if any gradient reached it, to the sums."""
-
-        draw, self._draw = self._draw, None
-        grads = [] if draw is None else [t.grad for t in draw.leaves]
-        if all(g is None for g in grads):
-            return
-        self._statistics(draw, grads)
-        if self._sums is None:
-            self._sums = torch.empty_like(self._stats)
-        if self._count == 0:
-            self._sums.copy_(self._stats)
-        else:
-            self._sums.add_(self._stats)
-        self._count += 1
+        return dict(zip(s.names, leaves, strict=True))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         r"""Drops the samples drawn since the last step, and their gradients."""
 
-        self._draw = None
-        self._count = 0
+        self._state.draw = None
+        self._state.count = 0
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -485,91 +361,23 @@ class IVON(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         h = self._hyper(where)
-        group = self._group
+        group, s = self._group, self._state
         self._refresh(h)
 
-        draw = self._draw
+        draw = s.draw
         grads = [] if draw is None else [t.grad for t in draw.leaves]
-        if self._count == 0 and all(g is None for g in grads):
+        if s.count == 0 and all(g is None for g in grads):
             raise RuntimeError(
                 f"{where}: expected gradients of the samples drawn by IVON.sample since the "
                 "last step, got none: draw with sample(), backpropagate the loss, then step()"
             )
-        if (
-            self._count == 0
-            and group is None
-            and draw.n == 1
-            and all(g is not None for g in grads)
-        ):
-            # One sample: from the gradients by name, without a flat copy of them.
-            self._draw = None
-            torch._foreach_mul_(self._eps_views, grads)
-            torch._foreach_lerp_(self._momentum_views, grads, 1 - h.beta1)
-            self._update(draw.eps[0], h)
-            return loss
-
-        if self._count == 0:
-            self._draw = None
-            self._statistics(draw, grads)
-            stats = self._stats
+        if s.count == 0 and group is None and draw.n == 1 and all(g is not None for g in grads):
+            s.draw = None
+            update_one(s, draw, grads, h)
         else:
-            self._fold()
-            stats = self._sums
-            if self._count > 1:
-                stats.div_(self._count)
-        self._count = 0
-
-        if group is not None:
-            dist.all_reduce(stats, group=group)
-            stats.div_(dist.get_world_size(group))
-
-        self._momentum.lerp_(stats[0], 1 - h.beta1)
-        self._update(stats[1], h)
+            g, nx = averages(s, group)
+            update(s, g, nx, h)
         return loss
-
-    def _update(self, nx: Tensor, h: _Hyper) -> None:
-        r"""Updates the Hessian estimates, the means and the variances, given the updated
-        momentum and the average of :math:`\epsilon_k \odot g_k` (overwritten)."""
-
-        m, hess, H = self._mean, self._hess, self._H
-        d, t = self._work[0], self._work[1]
-        self._t += 1
-
-        # With f = nx / sigma (the reparameterization estimate g * (theta - m) / sigma^2,
-        # for the sigma sampled) and d = h - f, the new h = b2 h + r f + r^2 d^2 / (2 H)
-        # is h + d (r^2 d / (2 H) - r): three passes.
-        r = 1 - h.beta2
-        torch.addcdiv(hess, nx, self._std, value=-1, out=d)
-        torch.addcdiv(self._scalar(-r), d, H, value=0.5 * r * r, out=t)
-        hess.addcmul_(d, t)
-        torch.add(hess, h.weight_decay, out=H)
-
-        # m - lr clip((mu / bias + wd m) / H) with u = bias (mu / bias + wd m)
-        bias = 1 - h.beta1**self._t if h.debias else 1.0
-        lr = h.lr * (h.hess_init + h.weight_decay) if h.rescale_lr else h.lr
-        u = self._momentum
-        if h.weight_decay > 0:
-            u = torch.add(u, m, alpha=h.weight_decay * bias, out=d)
-        if h.clip_radius < math.inf:
-            radius = h.clip_radius * bias
-            m.sub_(torch.div(u, H, out=d).clamp_(-radius, radius), alpha=lr / bias)
-        else:
-            m.addcdiv_(u, H, value=-lr / bias)
-
-        self._set_std(h.ess)
-        self._variance_of = (h.ess, h.weight_decay)
-
-    def _scalar(self, value: float) -> Tensor:
-        r"""Returns `value` as a 0-dim tensor, made once."""
-
-        t = self._scalars.get(value)
-        if t is None:
-            if len(self._scalars) > 8:  # a changing beta2 must not grow this forever
-                self._scalars.clear()
-            t = self._scalars[value] = torch.full(
-                (), value, dtype=self._dtype, device=self._device
-            )
-        return t
 
     def state_dict(self) -> dict[str, Any]:
         r"""Returns the state of the optimizer, to resume training with :meth:`load_state_dict`.
@@ -582,14 +390,15 @@ class IVON(torch.optim.Optimizer):
         """
 
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        s = self._state
         return {
             "state": {
-                "step": self._t,
-                "mean": self._mean.clone(),
-                "hess": self._hess.clone(),
-                "momentum": self._momentum.clone(),
+                "step": s.t,
+                "mean": s.mean.clone(),
+                "hess": s.hess.clone(),
+                "momentum": s.momentum.clone(),
             },
-            "param_groups": [group | {"params": list(self._names)}],
+            "param_groups": [group | {"params": list(s.names)}],
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -615,30 +424,32 @@ class IVON(torch.optim.Optimizer):
             raise ValueError(
                 f"{where}: expected a dict from IVON.state_dict(), got keys {sorted(state_dict)}"
             ) from None
-        if names != self._names or count != 1:
+        s = self._state
+        if names != s.names or count != 1:
             raise ValueError(
-                f"{where}: expected a state over the parameters {self._names}, got {names}"
+                f"{where}: expected a state over the parameters {s.names}, got {names}"
             )
-        size = self._mean.numel()
+        size = s.mean.numel()
         for k, t in tensors.items():
             if not isinstance(t, Tensor) or t.shape != (size,):
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{where}: expected {k} of shape ({size},), got {shape}")
         step = check_int(where, "step", step, minimum=0)
         h = _check_hyper(where, group)
-        hess = tensors["hess"].to(self._hess)
+        hess = tensors["hess"].to(s.hess)
         if not (torch.isfinite(hess).all() and (hess + h.weight_decay > 0).all()):
             raise ValueError(f"{where}: expected finite hess with hess + weight_decay > 0")
 
-        self._mean.copy_(tensors["mean"])
-        self._hess.copy_(hess)
-        self._momentum.copy_(tensors["momentum"])
-        self._t = step
+        s.mean.copy_(tensors["mean"])
+        s.hess.copy_(hess)
+        s.momentum.copy_(tensors["momentum"])
+        s.t = step
         self.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
-        self._draw, self._count = None, 0
-        self._set_variance(h.ess, h.weight_decay)
+        s.draw, s.count = None, 0
+        set_variance(s, h.ess, h.weight_decay)
 
     def __repr__(self) -> str:
         group = self.param_groups[0]
-        hyper = ", ".join(f"{k}={group[k]!r}" for k in _HYPER)
-        return f"IVON({len(self._names)} tensors, {self._mean.numel()} parameters, {hyper})"
+        hyper = ", ".join(f"{k}={group[k]!r}" for k in HYPER)
+        s = self._state
+        return f"IVON({len(s.names)} tensors, {s.mean.numel()} parameters, {hyper})"
