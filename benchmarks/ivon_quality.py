@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from posteriors_tools import diabetes
+
 import bayesflow as bf
 
 # ---------------------------------------------------------------------------------------------
@@ -268,27 +270,6 @@ def run_digits(
 
 # ---------------------------------------------------------------------------------------------
 # Diabetes
-
-
-def diabetes(seed: int) -> dict[str, torch.Tensor]:
-    r"""Notebook 06's split `seed`: a quarter of the patients for the test, a fifth of the
-    rest for validation, standardized with the training part's statistics."""
-
-    from sklearn.datasets import load_diabetes
-
-    data = load_diabetes(scaled=False)
-    features = torch.tensor(data.data, dtype=torch.float32)
-    target = torch.tensor(data.target, dtype=torch.float32)
-    i = torch.randperm(len(target), generator=torch.Generator().manual_seed(seed))
-    test, train = i[: len(i) // 4], i[len(i) // 4 :]
-    x_mean, x_std = features[train].mean(dim=0), features[train].std(dim=0)
-    y_mean, y_std = target[train].mean(), target[train].std()
-    x, y = (features - x_mean) / x_std, (target - y_mean) / y_std
-    val, fit = train[: len(train) // 5], train[len(train) // 5 :]
-    return {
-        "x_fit": x[fit], "y_fit": y[fit], "x_val": x[val], "y_val": y[val],
-        "x_test": x[test], "y_test": y[test], "y_std": y_std,
-    }  # fmt: skip
 
 
 def make_mlp() -> nn.Sequential:

@@ -28,32 +28,11 @@ import posteriors
 import torch
 import torch.nn as nn
 
-from posteriors_tools import TEMPERATURES, search, seconds, swag_row, tempered
+from posteriors_tools import TEMPERATURES, diabetes, search, seconds, swag_row, tempered
 
 import bayesflow as bf
 
 DRAWS = 4000
-
-
-def diabetes(seed: int) -> dict[str, torch.Tensor]:
-    r"""Returns split `seed` of notebook 06: `x_fit, y_fit, x_val, y_val, x_test, y_test`,
-    standardized, and `y_std`, the target's scale."""
-
-    from sklearn.datasets import load_diabetes
-
-    data = load_diabetes(scaled=False)
-    features = torch.tensor(data.data, dtype=torch.float32)
-    target = torch.tensor(data.target, dtype=torch.float32)
-    i = torch.randperm(len(target), generator=torch.Generator().manual_seed(seed))
-    test, train = i[: len(i) // 4], i[len(i) // 4 :]
-    x_mean, x_std = features[train].mean(dim=0), features[train].std(dim=0)
-    y_mean, y_std = target[train].mean(), target[train].std()
-    x, y = (features - x_mean) / x_std, (target - y_mean) / y_std
-    val, fit = train[: len(train) // 5], train[len(train) // 5 :]
-    return {
-        "x_fit": x[fit], "y_fit": y[fit], "x_val": x[val], "y_val": y[val],
-        "x_test": x[test], "y_test": y[test], "y_std": y_std,
-    }  # fmt: skip
 
 
 def make_net() -> nn.Sequential:

@@ -23,6 +23,28 @@ PRECISIONS = tuple(10 ** (i / 2) for i in range(-4, 17))
 TEMPERATURES = (1.0, 0.3, 0.1, 0.03, 0.01)
 
 
+def diabetes(seed: int) -> dict[str, torch.Tensor]:
+    r"""Returns split `seed` of notebook 06 (a quarter of the patients for the test, a fifth of
+    the rest for validation): `x_fit, y_fit, x_val, y_val, x_test, y_test`,
+    standardized with the training part's statistics, and `y_std`, the target's scale."""
+
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes(scaled=False)
+    features = torch.tensor(data.data, dtype=torch.float32)
+    target = torch.tensor(data.target, dtype=torch.float32)
+    i = torch.randperm(len(target), generator=torch.Generator().manual_seed(seed))
+    test, train = i[: len(i) // 4], i[len(i) // 4 :]
+    x_mean, x_std = features[train].mean(dim=0), features[train].std(dim=0)
+    y_mean, y_std = target[train].mean(), target[train].std()
+    x, y = (features - x_mean) / x_std, (target - y_mean) / y_std
+    val, fit = train[: len(train) // 5], train[len(train) // 5 :]
+    return {
+        "x_fit": x[fit], "y_fit": y[fit], "x_val": x[val], "y_val": y[val],
+        "x_test": x[test], "y_test": y[test], "y_std": y_std,
+    }  # fmt: skip
+
+
 def tempered(fit: bf.LaplaceFit, temperature: float) -> bf.LaplaceFit:
     r"""The fit with its curvature divided by `temperature`: the posterior precision
     :math:`h / T + \lambda`."""
