@@ -37,7 +37,7 @@ from ._compat import (
 )
 from ._errors import Passthrough
 from ._layers import LocalPlan, Recorder, StaleShapes, Tape
-from ._memory import auto_chunk_size, cache_chunk_size, per_sample_bytes
+from ._memory import auto_chunk_size, cache_chunk_size, one_by_one, per_sample_bytes
 from ._options import CallOptions
 from ._outputs import flatten, map_outputs, stack, unflatten
 from ._structure import Structure, lock, structure
@@ -211,6 +211,8 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
         per_sample = footprints.get(key)
         if per_sample is None:
             measure = (footprints, key)  # this call, all at once, measures it
+        elif one_by_one(per_sample):
+            return _loop(job), None
         else:
             chunk_size = cache_chunk_size(per_sample, job.n)
     state = State(job.st, job.buffers)
@@ -258,18 +260,33 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
+def _split(t: Tensor, unbind: bool) -> Tensor | tuple[Tensor, ...]:
+    r"""Returns what the loop indexes for sample `i`: for a tensor that records gradients,
+    its K slices, split at once (one backward node that stacks the K gradients, where K
+    indexings `t[i]` each fill a zero tensor of the whole stack's size), else `t` itself (a
+    slice that the call may write in place)."""
+
+    if unbind and t.requires_grad and torch.is_grad_enabled():
+        return t.unbind(0)
+    return t
+
+
 def _loop(job: _Job, state: State | None = None) -> Any:
     st, opts = job.st, job.opts
     state = State(st, job.buffers) if state is None else state
     rng = _rng_state() if opts.randomness == "same" else None
     outs = []
+    params = {k: _split(v, k not in st.written) for k, v in job.params.items()}
+    args = [
+        (a, _split(a, True) if d == 0 else None) for a, d in zip(job.args, job.dims, strict=True)
+    ]
     try:
         for i in range(job.n):
             if rng is not None:
                 _set_rng_state(rng)
             buffers = {**state.fresh(), **{k: b[i] for k, b in job.buffers.items()}}
-            with swapped(st, {k: v[i] for k, v in job.params.items()}, buffers):
-                out = opts.fn(job.module, *_index(job.args, job.dims, i))
+            with swapped(st, {k: v[i] for k, v in params.items()}, buffers):
+                out = opts.fn(job.module, *(a if u is None else u[i] for a, u in args))
                 held = state.current()
             map_outputs(opts.where, lambda t: None, out)
             outs.append(out)

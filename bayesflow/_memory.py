@@ -8,6 +8,8 @@ __all__ = [
     "available_memory",
     "cache_bytes",
     "cache_chunk_size",
+    "core_cache_bytes",
+    "one_by_one",
     "per_sample_bytes",
 ]
 
@@ -24,9 +26,12 @@ from ._compat import allocated_bytes
 # The share of the free memory a call may use when no budget is given.
 FRACTION = 0.5
 
-# The last-level cache when the system does not say (a common size for a server CPU).
+# The last-level cache, and the cache of one core (level 2), when the system does not say
+# (common sizes for a server CPU).
 DEFAULT_CACHE = 32 * 2**20
+DEFAULT_CORE_CACHE = 2**20
 _CACHE: list[int] = []
+_CORE_CACHE: list[int] = []
 
 
 def per_sample_bytes(call: Callable[[], Any]) -> int:
@@ -56,21 +61,39 @@ def auto_chunk_size(per_sample: int, n: int, device: torch.device, max_memory: i
     return max(1, min(n, budget // per_sample))
 
 
+def _cache_sizes() -> dict[int, int]:
+    r"""Returns the size in bytes of each level of the first CPU's caches, from sysfs (none
+    where it does not say)."""
+
+    sizes: dict[int, int] = {}
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(index, "size")) as f:
+                text = f.read().strip().upper()
+            with open(os.path.join(index, "level")) as f:
+                level = int(f.read().strip())
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            size = int(text.rstrip("KMG")) * scale
+        except (OSError, ValueError):
+            continue
+        sizes[level] = max(size, sizes.get(level, 0))
+    return sizes
+
+
 def cache_bytes() -> int:
     r"""Returns the size of the CPU's largest cache, in bytes (read once from sysfs)."""
 
     if not _CACHE:
-        sizes = []
-        for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-            try:
-                with open(path) as f:
-                    text = f.read().strip().upper()
-                scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
-                sizes.append(int(text.rstrip("KMG")) * scale)
-            except (OSError, ValueError):
-                continue
-        _CACHE.append(max(sizes, default=DEFAULT_CACHE))
+        _CACHE.append(max(_cache_sizes().values(), default=DEFAULT_CACHE))
     return _CACHE[0]
+
+
+def core_cache_bytes() -> int:
+    r"""Returns the size of one core's level-2 cache, in bytes (read once from sysfs)."""
+
+    if not _CORE_CACHE:
+        _CORE_CACHE.append(_cache_sizes().get(2, DEFAULT_CORE_CACHE))
+    return _CORE_CACHE[0]
 
 
 def cache_chunk_size(per_sample: int, n: int) -> int | None:
@@ -78,11 +101,25 @@ def cache_chunk_size(per_sample: int, n: int) -> int | None:
     working set fits the last-level cache, else as many as fit it, at least one.
 
     K samples of a large call (a convolutional net at a large batch) overflow the caches,
-    and every operation then runs at memory speed: chunks that fit run faster, and never
-    slower than a loop over the samples (`python benchmarks/cnn_chunks.py` measures it).
+    and every operation then runs at memory speed: chunks that fit run faster
+    (`python benchmarks/cnn_chunks.py` measures it).
     """
 
     budget = cache_bytes()
     if per_sample * n <= budget:
         return None
     return max(1, budget // per_sample)
+
+
+def one_by_one(per_sample: int) -> bool:
+    r"""Whether samples run faster one by one (a loop) than together on the CPU: when one
+    sample's working set overflows a core's cache.
+
+    Such a sample gains nothing from running with others: each of its operations is long
+    enough that a loop's fixed cost per operation is small, and one sample at a time
+    through the whole call keeps each result in cache for the next operation, where a
+    vectorized operation over several samples evicts it (`python benchmarks/cnn_chunks.py`
+    measures it).
+    """
+
+    return per_sample > core_cache_bytes()

@@ -94,12 +94,16 @@ def vmap_call(
         chunk_size: The number of samples per vectorized chunk. If :py:`None`: all at
             once on a GPU; on the CPU, as many as fit its last-level cache (all, unless K
             samples of a large call overflow it, as a convolutional net at a large batch
-            does: chunks that fit then run faster, about as fast as a loop at worst).
-            With `"auto"`, as many as fit in `max_memory`. Both measure the memory one
-            sample's call allocates, once per module, `fn` code and argument shapes (by
-            counting the bytes of every tensor its operations return: an upper bound).
-            Chunking changes no number (unless `fn` draws random numbers itself, with
-            `randomness="different"`).
+            does: chunks that fit then run faster), and one by one, as
+            :func:`loop_call` does, where one sample's call overflows a core's (level 2)
+            cache: such a sample gains nothing from running with others. With `"auto"`,
+            as many as fit in `max_memory`. Both measure the memory one sample's call
+            allocates, once per module, `fn` code and argument shapes (by counting the
+            bytes of every tensor its operations return: an upper bound); the first call
+            with a new measure runs all samples at once. Chunking changes no number
+            (unless `fn` draws random numbers itself, with `randomness="different"`); one
+            by one gives the loop's numbers, equal to rounding. An int or `"auto"` always
+            vectorizes.
         fallback: What to do where vmap cannot run `fn`: if :py:`True`, warn with
             :class:`VmapFallbackWarning` and run :func:`loop_call` from the state the call
             found; else raise.

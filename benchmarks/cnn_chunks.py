@@ -4,7 +4,8 @@ vmap_call by default and at fixed chunk sizes, over a range of batch sizes, on o
     python benchmarks/cnn_chunks.py [K] [BATCH ...]     (default: K = 32, batches 16 to 1024)
 
 The default (`chunk_size=None`) runs as many samples at once as fit the CPU's last-level
-cache: the column to compare with the loop and with the fixed chunks. Ratios are to the loop.
+cache, or one by one where one sample overflows a core's level-2 cache: the column to
+compare with the loop and with the fixed chunks. Ratios are to the loop.
 """
 
 from __future__ import annotations

@@ -630,6 +630,48 @@ def test_the_default_chunk_fits_the_cpu_cache(monkeypatch, gen, fresh_caches):
     assert not torch.allclose(y[0], y[1])
 
 
+def test_a_sample_larger_than_a_core_cache_runs_one_by_one(monkeypatch, gen, fresh_caches):
+    # On the CPU, once the footprint of a call is known, samples that each overflow a
+    # core's cache run one by one: the loop's numbers and gradients, with no vmap at all.
+    from bayesflow import _engine, _memory
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+    q = bf.init(net, -3.0)
+    x = torch.randn(16, 1, 4, 4)
+
+    calls = []
+    vmap = _engine.vmap
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("chunk_size"))
+        return vmap(*args, **kwargs)
+
+    monkeypatch.setattr(_engine, "vmap", recording)
+
+    def run(call):
+        params = bf.sample(q, 5, generator=gen(3))
+        y = call(net, params, x)
+        grads = torch.autograd.grad(y.square().sum(), [*q.mean.values(), *q.logvar.values()])
+        return y, grads
+
+    y_first, _ = run(bf.vmap_call)  # all at once: measures the footprint
+    (measured,) = _engine._FOOTPRINTS.get(net).entries.values()
+    monkeypatch.setattr(_memory, "_CORE_CACHE", [measured - 1])
+    y, grads = run(bf.vmap_call)
+    y_loop, grads_loop = run(bf.loop_call)
+    monkeypatch.setattr(_memory, "_CORE_CACHE", [measured])
+    y_together, grads_together = run(bf.vmap_call)
+
+    if x.device.type == "cpu":
+        assert calls == [None, None]  # the first and the last call only
+        assert torch.equal(y, y_loop)
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_loop, strict=True))
+    assert torch.allclose(y, y_together, atol=1e-10) and torch.allclose(y, y_first, atol=1e-10)
+    for a, b in zip(grads, grads_together, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+    assert not torch.allclose(y[0], y[1])
+
+
 def test_in_place_randomness_points_to_flow_sample():
     # randomness="different" was passed: the advice is flow_sample, not that option again.
     flow = zuko.flows.MAF(2, 1)
