@@ -99,7 +99,7 @@ SWEEPS: dict[str, dict[str, Any]] = {
     "cnn": {
         "models": ["digits-cnn"],
         "samples": [1, 8, 32],
-        "batch": [16, 64, 540, 1024],
+        "batch": [16, 64, 256, 540, 1024],
         "modes": ["forward", "train"],
         "methods": ["deterministic", "zuko-loop", "loop", "vmap", "torch-func"],
         "min_time": 0.25,
