@@ -99,8 +99,9 @@ def vmap_call(
             cache: such a sample gains nothing from running with others. With `"auto"`,
             as many as fit in `max_memory`. Both measure the memory one sample's call
             allocates, once per module, `fn` code and argument shapes (by counting the
-            bytes of every tensor its operations return: an upper bound); the first call
-            with a new measure runs all samples at once. Chunking changes no number
+            bytes of every tensor its operations return: an upper bound): the default
+            during its first call, which runs all samples at once, `"auto"` by one more
+            pass of one sample before it. Chunking changes no number
             (unless `fn` draws random numbers itself, with `randomness="different"`); one
             by one gives the loop's numbers, equal to rounding. An int or `"auto"` always
             vectorizes.
