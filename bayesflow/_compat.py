@@ -15,6 +15,7 @@ __all__ = [
     "batched_at_current_level",
     "counting_allocations",
     "flat_cat",
+    "function_apply",
     "fused_rnn",
     "in_func_transform",
     "is_compiling",
@@ -244,3 +245,30 @@ def in_func_transform() -> bool:
     r"""Whether a :mod:`torch.func` transform (vmap, grad, jvp, ...) is active."""
 
     return torch._C._are_functorch_transforms_active()
+
+
+try:  # what torch.autograd.Function.apply runs after binding its arguments
+    from torch._functorch.autograd_function import custom_function_call
+    from torch._functorch.utils import unwrap_dead_wrappers
+except ImportError:  # pragma: no cover - another torch layout: the public apply
+    custom_function_call = unwrap_dead_wrappers = None
+
+
+def function_apply(cls: type[torch.autograd.Function], *args: Any) -> Any:
+    r"""Returns `cls.apply(*args)` for a Function with `setup_context` whose callers pass
+    every argument of its `forward` positionally.
+
+    `Function.apply` binds the arguments to `forward`'s signature on every call
+    (:func:`inspect.signature`, about 20 us: more than a small layer's matmul); with every
+    argument given in order, the binding changes nothing, so this skips it.
+    """
+
+    if custom_function_call is None:
+        return cls.apply(*args)
+    if not torch._C._are_functorch_transforms_active():
+        # A tensor left over from a finished transform is unwrapped first (its own cost:
+        # a tree map over the arguments, paid only when one is wrapped).
+        if any(isinstance(a, Tensor) and is_wrapped(a) for a in args):
+            args = unwrap_dead_wrappers(args)
+        return super(torch.autograd.Function, cls).apply(*args)
+    return custom_function_call(cls, *args)

@@ -39,6 +39,7 @@ from ._compat import (
     SpectralNorm,
     WeightNorm,
     batched_at_current_level,
+    function_apply,
     is_compiling,
     unbatched,
     unwrap_at,
@@ -146,7 +147,7 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             v = v.reshape(k, -1, inputs)
         if b is not None:
             b = b if b_dim is None else b.movedim(b_dim, 0).unsqueeze(1)
-        y = _Bmm.apply(v, w, b).view(k, *lead, out)
+        y = function_apply(_Bmm, v, w, b).view(k, *lead, out)
     return wrap_at(y, 0, level)
 
 

@@ -1,5 +1,6 @@
 r"""Tests for bayesflow._compat: the private torch APIs bayesflow relies on still behave."""
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -57,3 +58,52 @@ def test_private_classes():
     assert isinstance(nn.Conv2d(1, 1, 1), compat.ConvNd)
     layer = nn.utils.parametrizations.weight_norm(nn.Linear(2, 2))
     assert isinstance(layer.parametrizations.weight[0], compat.WeightNorm)
+
+
+class _Scale(torch.autograd.Function):
+    # setup_context style, whose apply binds its arguments on every call.
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w):
+        return x * w
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g * w, (g * x).sum_to_size(w.shape)
+
+
+def test_function_apply_is_apply_without_the_binding(monkeypatch):
+    import inspect
+
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def loss(apply, x, w):
+        return (apply(_Scale, x, w) ** 2).sum()
+
+    public = torch.autograd.grad(loss(lambda f, *a: f.apply(*a), x, w), (x, w))
+    with monkeypatch.context() as m:
+        m.setattr(inspect, "signature", lambda *a, **k: pytest.fail("bound the arguments"))
+        ours = torch.autograd.grad(loss(compat.function_apply, x, w), (x, w))
+    assert all(torch.equal(a, b) for a, b in zip(public, ours, strict=True))
+
+    # under torch.func transforms: apply's own path (custom_function_call)
+    grads = torch.func.grad(lambda x, w: loss(compat.function_apply, x, w), argnums=(0, 1))
+    assert all(
+        torch.allclose(a, b) for a, b in zip(public, grads(x.detach(), w.detach()), strict=True)
+    )
+    rows = torch.func.vmap(lambda r: compat.function_apply(_Scale, r, w.detach()))(x.detach())
+    assert torch.equal(rows, x.detach() * w.detach())
+
+    # a tensor left over from a finished transform is unwrapped first, as apply does
+    leaked = []
+    torch.func.grad(lambda t: leaked.append(t) or (t * 1.0).sum())(torch.ones(4))
+    assert compat.is_wrapped(leaked[0])
+    out = compat.function_apply(_Scale, leaked[0], w.detach())
+    assert not compat.is_wrapped(out) and torch.equal(out, w.detach())

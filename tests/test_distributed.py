@@ -2,7 +2,6 @@ r"""Data-parallel training of a BayesianModel with DistributedDataParallel (gloo
 
 import datetime
 import os
-import socket
 import time
 
 import torch
@@ -41,11 +40,15 @@ def _grads(bnet):
     }
 
 
-def _worker(rank, port, path):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank, rendezvous, path):
+    # A file to meet at, not a TCP port: a free port found beforehand may be taken by
+    # another process before the workers bind it.
     dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
     )
     try:
         bnet, x, y = _setup()
@@ -66,18 +69,19 @@ def _worker(rank, port, path):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Done and saved: leave without the interpreter's teardown, where gloo's threads now and
+    # then abort the process ("terminate called without an active exception", SIGABRT).
+    os._exit(0)
 
 
 def test_ddp_gradients_match_one_process(tmp_path):
     path = tmp_path / "rank0.pt"
     context = mp.start_processes(
-        _worker, args=(_free_port(), str(path)), nprocs=WORLD, join=False, start_method="spawn"
+        _worker,
+        args=(str(tmp_path / "rendezvous"), str(path)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
     )
 
     deadline = time.monotonic() + TIMEOUT

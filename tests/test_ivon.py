@@ -510,16 +510,20 @@ def test_bad_calls(gen):
 WORLD = 2
 
 
-def _ivon_worker(rank, port, path):
+def _ivon_worker(rank, rendezvous, path):
     import datetime
     import os
 
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+    # A file to meet at, not a TCP port: a free port found beforehand may be taken by
+    # another process before the workers bind it.
     dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
     )
     try:
         torch.set_default_dtype(torch.float64)
@@ -542,20 +546,23 @@ def _ivon_worker(rank, port, path):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Done and saved: leave without the interpreter's teardown, where gloo's threads now and
+    # then abort the process ("terminate called without an active exception", SIGABRT).
+    os._exit(0)
 
 
 def test_data_parallel_equals_one_process_with_two_samples(tmp_path, monkeypatch):
-    import socket
     import time
 
     import torch.multiprocessing as mp
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     path = str(tmp_path / "rank")
     context = mp.start_processes(
-        _ivon_worker, args=(port, path), nprocs=WORLD, join=False, start_method="spawn"
+        _ivon_worker,
+        args=(str(tmp_path / "rendezvous"), path),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + 120.0
     try:
