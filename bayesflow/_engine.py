@@ -260,13 +260,12 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _split(t: Tensor, unbind: bool) -> Tensor | tuple[Tensor, ...]:
+def _split(t: Tensor) -> Tensor | tuple[Tensor, ...]:
     r"""Returns what the loop indexes for sample `i`: for a tensor that records gradients,
     its K slices, split at once (one backward node that stacks the K gradients, where K
-    indexings `t[i]` each fill a zero tensor of the whole stack's size), else `t` itself (a
-    slice that the call may write in place)."""
+    indexings `t[i]` each fill a zero tensor of the whole stack's size), else `t` itself."""
 
-    if unbind and t.requires_grad and torch.is_grad_enabled():
+    if t.requires_grad and torch.is_grad_enabled():
         return t.unbind(0)
     return t
 
@@ -276,10 +275,10 @@ def _loop(job: _Job, state: State | None = None) -> Any:
     state = State(st, job.buffers) if state is None else state
     rng = _rng_state() if opts.randomness == "same" else None
     outs = []
-    params = {k: _split(v, k not in st.written) for k, v in job.params.items()}
-    args = [
-        (a, _split(a, True) if d == 0 else None) for a, d in zip(job.args, job.dims, strict=True)
-    ]
+    # A weight the module writes in place keeps its per-sample slice (a slice of `unbind`
+    # may not be written in place).
+    params = {k: v if k in st.written else _split(v) for k, v in job.params.items()}
+    args = [(a, _split(a) if d == 0 else None) for a, d in zip(job.args, job.dims, strict=True)]
     try:
         for i in range(job.n):
             if rng is not None:

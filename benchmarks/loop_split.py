@@ -21,7 +21,7 @@ import bayesflow as bf
 from bayesflow import _engine
 
 
-def _indexing(t: torch.Tensor, unbind: bool) -> torch.Tensor:
+def _indexing(t: torch.Tensor) -> torch.Tensor:
     return t  # the loop indexes `t[i]` for every sample
 
 
