@@ -34,8 +34,7 @@ from torch import Size, Tensor
 
 from ._compat import ConvNd
 from ._errors import Passthrough
-from ._numerics import std as _std
-from ._numerics import var as _var
+from ._numerics import spread
 
 _CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 
@@ -104,41 +103,38 @@ def _apply(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> 
 
 @dataclass
 class Moments:
-    r"""The Gaussian of a layer's weight and bias: means, variances and standard
-    deviations (:py:`None` where the tensor is not Bayesian; its mean is then its value)."""
+    r"""The Gaussian of a layer's weight and bias as an estimator reads it: the means, and
+    the variances (the local trick) or the standard deviations (Flipout); a spread is
+    :py:`None` where the tensor is not Bayesian (its mean is then its value)."""
 
     w_mean: Tensor
-    w_var: Tensor | None
-    w_std: Tensor | None
+    w_spread: Tensor | None
     b_mean: Tensor | None
-    b_var: Tensor | None
-    b_std: Tensor | None
+    b_spread: Tensor | None
 
 
 def moments(
     layer: nn.Module,
     w: tuple[Tensor, Tensor] | None,
     b: tuple[Tensor, Tensor] | None,
+    power: int,
 ) -> Moments:
     r"""Returns the moments of a layer from the `(mean, logvar)` of its weight and bias,
-    or :py:`None` for a deterministic one (the layer's own tensor is used)."""
+    or :py:`None` for a deterministic one (the layer's own tensor is used), with the
+    variances (`power=2`) or the standard deviations (`power=1`)."""
 
     mask = mask_of(layer)
     if w is None:
-        w_mean, w_var, w_std = layer.weight, None, None
+        w_mean, w_spread = layer.weight, None
     else:
-        w_mean, w_var, w_std = w[0], _var(w[1]), _std(w[1])
+        w_mean, w_spread = w[0], spread(w[1], power)
     if mask is not None:  # a 0/1 mask: (A w)^2 = A w^2
         w_mean = mask * w_mean
-        w_var = None if w_var is None else mask * w_var
-        w_std = None if w_std is None else mask * w_std
+        w_spread = None if w_spread is None else mask * w_spread
 
     if b is None:
-        b_mean, b_var, b_std = layer.bias, None, None
-    else:
-        b_mean, b_var, b_std = b[0], _var(b[1]), _std(b[1])
-
-    return Moments(w_mean, w_var, w_std, b_mean, b_var, b_std)
+        return Moments(w_mean, w_spread, layer.bias, None)
+    return Moments(w_mean, w_spread, b[0], spread(b[1], power))
 
 
 class StaleShapes(Passthrough):
@@ -245,11 +241,11 @@ def _bias_view(b: Tensor, layer: nn.Module, y: Tensor) -> Tensor:
 
 def _local(name: str, layer: nn.Module, x: Tensor, m: Moments, noise: Noise) -> Tensor:
     mean = _apply(layer, x, m.w_mean, m.b_mean)
-    if m.w_var is None:
-        var = _bias_view(m.b_var, layer, mean).expand_as(mean)
+    if m.w_spread is None:
+        var = _bias_view(m.b_spread, layer, mean).expand_as(mean)
     else:
-        var = _apply(layer, x.square(), m.w_var, m.b_var)
-    if m.b_var is None:
+        var = _apply(layer, x.square(), m.w_spread, m.b_spread)
+    if m.b_spread is None:
         # The clamp keeps the gradient of the square root finite where the variance
         # vanishes (an all-zero input); a Bayesian bias keeps it positive anyway.
         var = var.clamp_min(torch.finfo(var.dtype).tiny)
@@ -266,11 +262,11 @@ def _channels(layer: nn.Module, t: Tensor) -> Size:
 def _flipout(name: str, layer: nn.Module, x: Tensor, m: Moments, noise: Noise) -> Tensor:
     y = _apply(layer, x, m.w_mean, m.b_mean)
 
-    if m.w_std is not None:
+    if m.w_spread is not None:
         # A perturbation dW of this sample, decorrelated between examples by random signs:
         # W = mu + dW * (r s^T) has the law of the weight for every example. A
         # convolution's signs are per channel, shared by all positions of an example.
-        dw = m.w_std * noise.normal(name, m.w_std.shape, x)
+        dw = m.w_spread * noise.normal(name, m.w_spread.shape, x)
         if is_conv(layer):
             spatial = (1,) * (layer.weight.dim() - 2)
             s = noise.signs(name, _channels(layer, x), x)
@@ -280,8 +276,8 @@ def _flipout(name: str, layer: nn.Module, x: Tensor, m: Moments, noise: Noise) -
             s = noise.signs(name, x.shape, x)
             r = noise.signs(name, y.shape, y)
         y = y + _apply(layer, x * s, dw, None) * r
-    if m.b_std is not None:
-        y = y + _bias_view(m.b_std * noise.normal(name, m.b_std.shape, y), layer, y)
+    if m.b_spread is not None:
+        y = y + _bias_view(m.b_spread * noise.normal(name, m.b_spread.shape, y), layer, y)
 
     return y
 
@@ -338,7 +334,8 @@ class LocalPlan:
         def pair(key: str) -> tuple[Tensor, Tensor] | None:
             return (q.mean[key], q.logvar[key]) if key in q.mean else None
 
-        return moments(self.layers[name], pair(prefix + "weight"), pair(prefix + "bias"))
+        power = 1 if self.flipout else 2
+        return moments(self.layers[name], pair(prefix + "weight"), pair(prefix + "bias"), power)
 
     def exact(self, layer: nn.Module, x: Tensor) -> bool:
         r"""Whether the estimator gives every example of input `x` the law of a weight sample."""

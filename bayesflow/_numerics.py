@@ -7,6 +7,7 @@ __all__ = [
     "LOGVAR_LIMIT",
     "FlatPrior",
     "SampleKL",
+    "Spread",
     "constant",
     "fused_sample_kl",
     "gaussian_kl",
@@ -18,6 +19,7 @@ __all__ = [
     "plain_sample_kl",
     "reach",
     "softclip",
+    "spread",
     "std",
     "var",
 ]
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ._caches import register
+from ._compat import in_func_transform, is_compiling
 
 LOGVAR_BOUND = 18.0
 
@@ -98,6 +101,52 @@ def std(logvar: Tensor) -> Tensor:
     logvar = logvar.clamp(-c, c)
     r = torch.addcmul(constant(1.0, logvar), logvar, logvar, value=1 / LOGVAR_BOUND**2)
     return r.rsqrt_().mul(logvar).mul_(0.5).exp_()
+
+
+class Spread(torch.autograd.Function):
+    r"""The variance (`power=2`, :func:`var`) or the standard deviation (`power=1`,
+    :func:`std`) of log-variances, bit for bit, as one node of the graph: the same
+    formulas, without the autograd records of each of their six operations, and one
+    gradient pass,
+
+    .. math:: \frac{d \sigma^p}{d \log \sigma^2} = \frac{p}{2} \, \sigma^p
+        \left(1 + (\log \sigma^2 / b)^2\right)^{-3/2},
+
+    zero beyond :func:`reach` (where the clamp of the formulas holds the value)."""
+
+    @staticmethod
+    def forward(ctx: Any, logvar: Tensor, power: int) -> Tensor:
+        out = var(logvar) if power == 2 else std(logvar)
+        ctx.save_for_backward(logvar, out)
+        ctx.power = power
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        logvar, out = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph of the gradients: autograd's own
+            y = var(logvar) if ctx.power == 2 else std(logvar)
+            (g,) = torch.autograd.grad(y, logvar, grad, create_graph=True)
+            return g, None
+        # Beyond reach the factor underflows to zero: the clamp's zero gradient.
+        c = reach(logvar.dtype)
+        s = torch.clamp(logvar, -c, c)
+        s = torch.addcmul(constant(1.0, s), s, s, value=1 / LOGVAR_BOUND**2, out=s)
+        s.rsqrt_().pow_(3).mul_(out).mul_(grad)
+        return (s if ctx.power == 2 else s.mul_(0.5)), None
+
+
+def spread(logvar: Tensor, power: int) -> Tensor:
+    r"""Returns :func:`var` (`power=2`) or :func:`std` (`power=1`) of `logvar`, as one
+    :class:`Spread` node where autograd records it (not inside torch.compile or a
+    torch.func transform, which get the plain formulas)."""
+
+    plain = var if power == 2 else std
+    if not logvar.requires_grad or not torch.is_grad_enabled():
+        return plain(logvar)
+    if is_compiling() or in_func_transform():
+        return plain(logvar)
+    return Spread.apply(logvar, power)
 
 
 def _accumulator(t: Tensor) -> torch.dtype:

@@ -166,8 +166,10 @@ def local_with_options(
     generator: torch.Generator | None,
     flipout: bool,
     per_position: bool,
+    finite: bool = False,
 ) -> Any:
-    r"""Runs :func:`local_call` with options checked by the caller (:func:`bayesflow.nelbo`)."""
+    r"""Runs :func:`local_call` with options checked by the caller (:func:`bayesflow.nelbo`),
+    which may have checked that the posterior holds finite values (`finite`): its KL did."""
 
     where = opts.where
     check_module(where, module)
@@ -177,7 +179,8 @@ def local_with_options(
     check_bool(where, "flipout", flipout)
     check_bool(where, "per_position", per_position)
     check_posterior(where, posterior)
-    check_finite(where, posterior)
+    if not finite:
+        check_finite(where, posterior)
     _posterior.check_matches(where, module, posterior)
 
     plan = LocalPlan(module, posterior, flipout, per_position)

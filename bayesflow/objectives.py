@@ -22,6 +22,7 @@ from ._checks import (
     check_number,
     check_posterior,
 )
+from ._compat import in_func_transform, is_compiling
 from ._engine import run
 from ._options import call_options
 from ._types import Posterior
@@ -163,8 +164,12 @@ def _nelbo(
         ll = run(module, params, args, opts)
     else:
         _, kl = sample_and_kl(where, posterior, None, generator, prior)  # checks before work
+        # A closed-form KL, outside a trace, has checked that every value is finite.
+        finite = kl is not None and not (is_compiling() or in_func_transform())
         flipout = estimator == "flipout"
-        ll = local_with_options(module, posterior, n, args, opts, generator, flipout, False)
+        ll = local_with_options(
+            module, posterior, n, args, opts, generator, flipout, False, finite=finite
+        )
 
     if not isinstance(ll, Tensor) or ll.dim() == 0 or ll.shape[0] != n:
         shape = tuple(ll.shape) if isinstance(ll, Tensor) else type(ll).__name__

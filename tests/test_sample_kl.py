@@ -12,8 +12,8 @@ import zuko
 
 import bayesflow as bf
 
-from bayesflow import _sampling
-from bayesflow.priors import GaussianPrior, prior_kl, sample_and_kl
+from bayesflow import _numerics, _sampling
+from bayesflow.priors import GaussianPrior, ScaleMixturePrior, prior_kl, sample_and_kl
 
 from .registry import snapshot
 
@@ -346,6 +346,7 @@ NONFINITE = [
 def calls(module, q, g):
     x = torch.randn(4, 3)
     ll = lambda m, x: m(x).sum(-1)
+    mixture = ScaleMixturePrior(0.5, 1.0, 0.01)
     return {
         "sample": lambda: bf.sample(q, 2, generator=g),
         "kl_divergence": lambda: bf.kl_divergence(q, 2.0),
@@ -354,6 +355,13 @@ def calls(module, q, g):
         "local_nelbo": lambda: bf.local_nelbo(module, q, x, fn=ll, num_data=10, n=2, generator=g),
         "flipout_nelbo": lambda: bf.flipout_nelbo(
             module, q, x, fn=ll, num_data=10, n=2, generator=g, prior=GaussianPrior(0.0, 2.0)
+        ),
+        # A prior with no closed form: no KL checks the values before the call does.
+        "local_nelbo-mixture": lambda: bf.local_nelbo(
+            module, q, x, fn=ll, num_data=10, n=2, generator=g, prior=mixture
+        ),
+        "flipout_nelbo-mixture": lambda: bf.flipout_nelbo(
+            module, q, x, fn=ll, num_data=10, n=2, generator=g, prior=mixture
         ),
         "local_call": lambda: bf.local_call(module, q, 2, x, generator=g),
         "vmap_call-of-sample": lambda: bf.vmap_call(module, bf.sample(q, 2, generator=g), x),
@@ -374,6 +382,7 @@ def test_nonfinite_posteriors_are_refused(gen, field, value, name):
 
     call = calls(module, q, g)[name]
     where = {"prior_kl": "GaussianPrior.kl", "vmap_call-of-sample": "sample"}.get(name, name)
+    where = where.removesuffix("-mixture")
     pattern = rf"{where}: expected finite values in posterior.{field}\['2.weight'\], got"
     with pytest.raises(ValueError, match=pattern):
         call()
@@ -462,3 +471,51 @@ def test_gradients_of_gradients(gen, shapes):
 
     for a, b in zip(second(params, kl), second(expected, expected_kl), strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("power", [1, 2], ids=["std", "var"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_spread_is_the_formulas_as_one_node(power, dtype):
+    # The variances and standard deviations the local trick and Flipout read: the values
+    # of var and std bit for bit, their gradients by autograd through those formulas,
+    # zero beyond the clamp, for ordinary, tiny, huge and infinite log-variances.
+    big = 1e200 if dtype == torch.float64 else 1e30
+    g = torch.Generator().manual_seed(0)
+    lv = torch.cat(
+        [
+            torch.randn(50, generator=g, dtype=dtype) * 10,
+            torch.tensor([0.0, 17.9, -17.9, 40.0, big, -big, math.inf, -math.inf], dtype=dtype),
+        ]
+    )
+    plain = _numerics.var if power == 2 else _numerics.std
+    upstream = torch.randn(lv.shape, generator=g, dtype=dtype)
+
+    a = lv.clone().requires_grad_()
+    y = _numerics.spread(a, power)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "SpreadBackward"
+    (ga,) = torch.autograd.grad(y, a, upstream)
+
+    b = lv.clone().requires_grad_()
+    z = plain(b)
+    (gb,) = torch.autograd.grad(z, b, upstream)
+
+    assert torch.equal(y.detach(), z.detach())
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(ga, gb, rtol=rtol, atol=0.0)
+    assert torch.equal(ga[-4:], torch.zeros(4, dtype=dtype))  # beyond reach: the clamp's 0
+    assert ga[:50].abs().min() > 0  # and not zero where the clamp does not hold
+
+
+@pytest.mark.parametrize("power", [1, 2], ids=["std", "var"])
+def test_spread_gradcheck_and_gradients_of_gradients(power):
+    lv = (torch.randn(6, generator=torch.Generator().manual_seed(1)) * 5).requires_grad_()
+    torch.autograd.gradcheck(lambda t: _numerics.spread(t, power), (lv,))
+    torch.autograd.gradgradcheck(lambda t: _numerics.spread(t, power), (lv,))
+
+    w = torch.randn(6, dtype=lv.dtype)
+    plain = _numerics.var if power == 2 else _numerics.std
+    found = []
+    for f in (lambda t: _numerics.spread(t, power), plain):
+        (g,) = torch.autograd.grad((f(lv) * w).sum(), lv, create_graph=True)
+        found.append(torch.autograd.grad(g.square().sum(), lv)[0])
+    assert torch.allclose(*found, rtol=1e-12)
