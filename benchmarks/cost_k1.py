@@ -12,7 +12,10 @@ Training steps (sample, forward, backward, Adam with its defaults on every train
   sample and KL per tensor, `torch.func.functional_call`), Adam on the same leaves;
 - `flat`: a hand-written reference that gives up separate tensors: one flat mean and one
   flat log-variance (2 leaves, not a `bf.Posterior`), the sample and the KL in one custom
-  autograd Function.
+  autograd Function;
+- `nelbo, local trick`: `bf.nelbo(..., estimator="local")`;
+- `local trick by hand`: the same written in plain torch (per linear layer the mean and the
+  variance of its outputs, two matrix products, and one draw per output; the KL per tensor).
 
 Both again with `torch.optim.Adam(..., fused=True)`: on the CPU, torch's default Adam updates
 one tensor at a time, which costs more than the arithmetic on small tensors.
@@ -165,11 +168,62 @@ def flat(net, args, ll):
     return step
 
 
+def bayesflow_local(net, args, ll):
+    q = bf.init(net, init_logvar=-9.0)
+    opt = torch.optim.Adam([*q.mean.values(), *q.logvar.values()], lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        opt.zero_grad()
+        loss = bf.nelbo(
+            net, q, *args, fn=ll, num_data=NUM_DATA, n=1, generator=g, estimator="local"
+        )
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def local_by_hand(net, args, ll):
+    r"""The local trick written in plain torch for a sequence of linear layers and
+    activations: two matrix products per layer, the KL per tensor."""
+
+    q = bf.init(net, init_logvar=-9.0)
+    opt = torch.optim.Adam([*q.mean.values(), *q.logvar.values()], lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    layers = [(f"{i}.", layer) for i, layer in enumerate(net)]
+
+    def forward(x):
+        for prefix, layer in layers:
+            if not isinstance(layer, nn.Linear):
+                x = layer(x)
+                continue
+            w, b = prefix + "weight", prefix + "bias"
+            mean = F.linear(x, q.mean[w], q.mean[b])
+            var = F.linear(x.square(), _softclip(q.logvar[w]).exp(), _softclip(q.logvar[b]).exp())
+            x = torch.addcmul(mean, var.sqrt(), torch.randn(mean.shape, generator=g))
+        return x
+
+    def step():
+        opt.zero_grad()
+        kl = 0.0
+        for name, mu in q.mean.items():
+            lv = _softclip(q.logvar[name])
+            kl = kl + 0.5 * (lv.exp() + mu.square() - lv - 1).sum()
+        loss = kl / NUM_DATA - ll(forward, *args).mean()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 STEPS = {
     "deterministic": deterministic,
     "nelbo": bayesflow_nelbo,
     "per-tensor": per_tensor,
     "flat": flat,
+    "nelbo, local trick": bayesflow_local,
+    "local trick by hand": local_by_hand,
 }
 
 
