@@ -107,7 +107,9 @@ def main() -> None:
         return statistics.median(d[key] for d in found[which, tuned])
 
     print(f"wide MLP 784-1024-1024-10, batch 256, 1 thread, {a.rounds} rounds of {a.steps} steps")
-    print("| step | glibc defaults (ms) | faults/step | tuned (ms) | faults/step | tuned / defaults |")
+    head = ("step", "glibc defaults (ms)", "faults/step", "tuned (ms)", "faults/step")
+    head += ("tuned / defaults",)
+    print("| " + " | ".join(head) + " |")
     print("|---|---:|---:|---:|---:|---:|")
     for which in STEPS:
         d, t = med(which, False, "ms"), med(which, True, "ms")
