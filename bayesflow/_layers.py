@@ -32,9 +32,13 @@ import torch.nn.functional as F
 
 from torch import Size, Tensor
 
-from ._compat import ConvNd
+from ._compat import ConvNd, flat_cat
 from ._errors import Passthrough
 from ._numerics import spread
+
+# Below this many numbers in all, a local call computes its layers' spreads in one node
+# (the per-operation cost of a node per tensor outweighs one copy of the log-variances).
+_SMALL = 1 << 16
 
 _CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 
@@ -117,24 +121,17 @@ def moments(
     layer: nn.Module,
     w: tuple[Tensor, Tensor] | None,
     b: tuple[Tensor, Tensor] | None,
-    power: int,
 ) -> Moments:
-    r"""Returns the moments of a layer from the `(mean, logvar)` of its weight and bias,
-    or :py:`None` for a deterministic one (the layer's own tensor is used), with the
-    variances (`power=2`) or the standard deviations (`power=1`)."""
+    r"""Returns the moments of a layer from the `(mean, spread)` of its weight and bias,
+    or :py:`None` for a deterministic one (the layer's own tensor is used)."""
 
     mask = mask_of(layer)
-    if w is None:
-        w_mean, w_spread = layer.weight, None
-    else:
-        w_mean, w_spread = w[0], spread(w[1], power)
+    w_mean, w_spread = (layer.weight, None) if w is None else w
     if mask is not None:  # a 0/1 mask: (A w)^2 = A w^2
         w_mean = mask * w_mean
         w_spread = None if w_spread is None else mask * w_spread
-
-    if b is None:
-        return Moments(w_mean, w_spread, layer.bias, None)
-    return Moments(w_mean, w_spread, b[0], spread(b[1], power))
+    b_mean, b_spread = (layer.bias, None) if b is None else b
+    return Moments(w_mean, w_spread, b_mean, b_spread)
 
 
 class StaleShapes(Passthrough):
@@ -326,16 +323,40 @@ class LocalPlan:
                 self.layers[name] = layer
                 self.covered[name] = names
         self.key = (flipout, per_position, tuple(self.layers))
-        self._moments = None if lazy else {name: self._read(name) for name in self.layers}
+        self._moments = None
+        if not lazy:
+            spreads = self._spreads([n for names in self.covered.values() for n in names])
+            self._moments = {name: self._read(name, spreads) for name in self.layers}
 
-    def _read(self, name: str) -> Moments:
-        q, prefix = self.posterior, f"{name}." if name else ""
-
-        def pair(key: str) -> tuple[Tensor, Tensor] | None:
-            return (q.mean[key], q.logvar[key]) if key in q.mean else None
+    def _spreads(self, names: list[str]) -> dict[str, Tensor]:
+        r"""Returns the variances (the local trick) or standard deviations (Flipout) of the
+        tensors `names`: small ones of one dtype and device together, in one node."""
 
         power = 1 if self.flipout else 2
-        return moments(self.layers[name], pair(prefix + "weight"), pair(prefix + "bias"), power)
+        logvars = [self.posterior.logvar[n] for n in names]
+        like = logvars[0] if logvars else None
+        small = sum(t.numel() for t in logvars) <= _SMALL
+        if (
+            len(logvars) < 2
+            or not small
+            or any(t.dtype != like.dtype or t.device != like.device for t in logvars)
+        ):
+            return {n: spread(t, power) for n, t in zip(names, logvars, strict=True)}
+        flat = spread(flat_cat(logvars), power)
+        pieces = flat.split([t.numel() for t in logvars])
+        return {n: p.view(t.shape) for n, p, t in zip(names, pieces, logvars, strict=True)}
+
+    def _read(self, name: str, spreads: dict[str, Tensor] | None = None) -> Moments:
+        q, prefix = self.posterior, f"{name}." if name else ""
+        if spreads is None:
+            spreads = self._spreads(
+                [n for n in (prefix + "weight", prefix + "bias") if n in q.mean]
+            )
+
+        def pair(key: str) -> tuple[Tensor, Tensor] | None:
+            return (q.mean[key], spreads[key]) if key in q.mean else None
+
+        return moments(self.layers[name], pair(prefix + "weight"), pair(prefix + "bias"))
 
     def exact(self, layer: nn.Module, x: Tensor) -> bool:
         r"""Whether the estimator gives every example of input `x` the law of a weight sample."""

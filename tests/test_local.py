@@ -390,3 +390,51 @@ def test_a_fresh_lambda_is_a_fresh_fn_of_its_own_code():
     for _ in range(4):
         bf.local_call(net, q, 2, x, fn=lambda m, x: m(x) + 0.0)
     assert len(calls) == 4 + 1
+
+
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+def test_spreads_together_or_one_by_one_are_the_same(flipout, gen, monkeypatch):
+    # A small posterior's variances (Flipout: standard deviations) are computed in one node
+    # over all its log-variances; a large one's tensor by tensor. Same numbers, same
+    # gradients, and the grouped node really is taken for small ones.
+    from bayesflow import _layers
+
+    net = zuko.nn.MLP(3, 2, hidden_features=(8, 8))
+    x = torch.randn(6, 3)
+
+    def run(small):
+        monkeypatch.setattr(_layers, "_SMALL", small)
+        q = bf.init(net, init_logvar=-2.0)
+        plan = _layers.LocalPlan(net, q, flipout)
+        nodes = {name: m.w_spread.grad_fn for name, m in plan._moments.items()}
+        y = bf.local_call(net, q, 3, x, generator=gen(2), flipout=flipout)
+        grads = torch.autograd.grad(y.square().sum(), [*q.mean.values(), *q.logvar.values()])
+        return y, grads, nodes
+
+    y1, g1, nodes1 = run(1 << 16)
+    y2, g2, nodes2 = run(0)
+    assert torch.allclose(y1, y2, rtol=1e-12, atol=0)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-300) for a, b in zip(g1, g2, strict=True))
+    assert not torch.allclose(y1[0], y1[1])
+    # grouped: the pieces of one node's output; one by one: a node per tensor
+    assert len({type(n).__name__ for n in nodes1.values()}) == 1
+    assert len({id(n.next_functions[0][0]) for n in nodes1.values()}) == 1
+    assert len({id(n) for n in nodes2.values()}) == len(nodes2)
+
+
+def test_spreads_of_mixed_dtypes_are_computed_one_by_one():
+    # Tensors of several dtypes cannot share one node: each gets its own, in its dtype.
+    from bayesflow import _layers, _numerics
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    q = bf.init(net, init_logvar=-2.0)
+
+    def to32(d):
+        return {k: v.detach().float().requires_grad_() if k[0] == "2" else v for k, v in d.items()}
+
+    q32 = bf.Posterior(to32(q.mean), to32(q.logvar))
+    for flipout, plain in ((False, _numerics.var), (True, _numerics.std)):
+        for name, m in _layers.LocalPlan(net, q32, flipout)._moments.items():
+            for key, found in ((f"{name}.weight", m.w_spread), (f"{name}.bias", m.b_spread)):
+                assert found.dtype == q32.logvar[key].dtype
+                assert torch.equal(found, plain(q32.logvar[key]))
