@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from torch import Size, Tensor
 
-from ._compat import ConvNd, flat_cat
+from ._compat import ConvNd, flat_cat, in_func_transform, is_compiling
 from ._errors import Passthrough
 from ._numerics import spread
 
@@ -330,16 +330,18 @@ class LocalPlan:
 
     def _spreads(self, names: list[str]) -> dict[str, Tensor]:
         r"""Returns the variances (the local trick) or standard deviations (Flipout) of the
-        tensors `names`: small ones of one dtype and device together, in one node."""
+        tensors `names`: small ones of one dtype and device together, in one node (not
+        inside torch.compile or a torch.func transform, where no node is made)."""
 
         power = 1 if self.flipout else 2
         logvars = [self.posterior.logvar[n] for n in names]
         like = logvars[0] if logvars else None
-        small = sum(t.numel() for t in logvars) <= _SMALL
         if (
             len(logvars) < 2
-            or not small
+            or sum(t.numel() for t in logvars) > _SMALL
             or any(t.dtype != like.dtype or t.device != like.device for t in logvars)
+            or is_compiling()
+            or in_func_transform()
         ):
             return {n: spread(t, power) for n, t in zip(names, logvars, strict=True)}
         flat = spread(flat_cat(logvars), power)

@@ -106,8 +106,8 @@ def std(logvar: Tensor) -> Tensor:
 class Spread(torch.autograd.Function):
     r"""The variance (`power=2`, :func:`var`) or the standard deviation (`power=1`,
     :func:`std`) of log-variances, bit for bit, as one node of the graph: the same
-    formulas, without the autograd records of each of their six operations, and one
-    gradient pass,
+    formulas without an autograd record per operation (six or seven, each saving its
+    inputs), and a gradient in five passes,
 
     .. math:: \frac{d \sigma^p}{d \log \sigma^2} = \frac{p}{2} \, \sigma^p
         \left(1 + (\log \sigma^2 / b)^2\right)^{-3/2},
