@@ -34,7 +34,7 @@ import importlib
 import sys
 import warnings
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -245,6 +245,24 @@ def in_func_transform() -> bool:
     r"""Whether a :mod:`torch.func` transform (vmap, grad, jvp, ...) is active."""
 
     return torch._C._are_functorch_transforms_active()
+
+
+def in_forward_ad() -> bool:
+    r"""Whether a level of forward-mode AD is open (:mod:`torch.autograd.forward_ad`): dual
+    tensors may flow, which operations with `out=` cannot take."""
+
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+def batched_gradients(grads: Iterable[Tensor | None]) -> bool:
+    r"""Whether autograd runs a backward under its own vmap (`is_grads_batched`, a
+    vectorized Jacobian): the incoming gradients are batched, and in-place or `out=`
+    operations mixing them with plain tensors fail."""
+
+    return any(g is not None and _is_legacy_batched(g) for g in grads)
+
+
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 try:  # what torch.autograd.Function.apply runs after binding its arguments

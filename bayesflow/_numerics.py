@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ._caches import register
-from ._compat import in_func_transform, is_compiling
+from ._compat import batched_gradients, in_func_transform, is_compiling
 
 LOGVAR_BOUND = 18.0
 
@@ -107,17 +107,20 @@ class Spread(torch.autograd.Function):
     r"""The variance (`power=2`, :func:`var`) or the standard deviation (`power=1`,
     :func:`std`) of log-variances, bit for bit, as one node of the graph: the same
     formulas without an autograd record per operation (six or seven, each saving its
-    inputs), and a gradient in five passes,
+    inputs), and a derivative in five passes,
 
     .. math:: \frac{d \sigma^p}{d \log \sigma^2} = \frac{p}{2} \, \sigma^p
         \left(1 + (\log \sigma^2 / b)^2\right)^{-3/2},
 
-    zero beyond :func:`reach` (where the clamp of the formulas holds the value)."""
+    zero beyond :func:`reach` (where the clamp of the formulas holds the value). Backward
+    and forward mode; out of place where the gradient comes in, so that autograd may batch
+    it (`is_grads_batched`, vectorized Jacobians)."""
 
     @staticmethod
     def forward(ctx: Any, logvar: Tensor, power: int) -> Tensor:
         out = var(logvar) if power == 2 else std(logvar)
         ctx.save_for_backward(logvar, out)
+        ctx.save_for_forward(logvar, out)
         ctx.power = power
         return out
 
@@ -128,12 +131,40 @@ class Spread(torch.autograd.Function):
             y = var(logvar) if ctx.power == 2 else std(logvar)
             (g,) = torch.autograd.grad(y, logvar, grad, create_graph=True)
             return g, None
-        # Beyond reach the factor underflows to zero: the clamp's zero gradient.
+        return _spread_derivative(logvar, out, ctx.power) * grad, None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor, _: None) -> Tensor:
+        # Operations that forward mode can differentiate again (the saved tensors may
+        # carry tangents of an outer level).
+        logvar, out = ctx.saved_tensors
         c = reach(logvar.dtype)
-        s = torch.clamp(logvar, -c, c)
-        s = torch.addcmul(constant(1.0, s), s, s, value=1 / LOGVAR_BOUND**2, out=s)
-        s.rsqrt_().pow_(3).mul_(out).mul_(grad)
-        return (s if ctx.power == 2 else s.mul_(0.5)), None
+        s = logvar.clamp(-c, c)
+        d = (1 + (s / LOGVAR_BOUND).square()).rsqrt().pow(3) * out * (ctx.power / 2)
+        if _beyond_reach_survives(logvar.dtype):
+            d = d.masked_fill(logvar.abs() > c, 0.0)
+        return d * tangent
+
+
+def _spread_derivative(logvar: Tensor, out: Tensor, power: int) -> Tensor:
+    r"""Returns :math:`d \sigma^p / d \log \sigma^2` (:class:`Spread`), a fresh tensor."""
+
+    c = reach(logvar.dtype)
+    s = torch.clamp(logvar, -c, c)
+    s = torch.addcmul(constant(1.0, s), s, s, value=1 / LOGVAR_BOUND**2, out=s)
+    s.rsqrt_().pow_(3).mul_(out)
+    if power == 1:
+        s.mul_(0.5)
+    # Beyond reach the factor (about (b / c)^3) underflows to zero, the clamp's zero
+    # derivative, in every dtype but float16, where it is zeroed.
+    if _beyond_reach_survives(logvar.dtype):
+        s.masked_fill_(logvar.abs() > c, 0.0)
+    return s
+
+
+def _beyond_reach_survives(dtype: torch.dtype) -> bool:
+    info = torch.finfo(dtype)
+    return (LOGVAR_BOUND / reach(dtype)) ** 3 >= info.tiny * info.eps
 
 
 def spread(logvar: Tensor, power: int) -> Tensor:
@@ -313,9 +344,10 @@ class SampleKL(torch.autograd.Function):
         eps, d, sigma, r3, *flat = ctx.saved_tensors
         prior, sizes = ctx.prior, ctx.sizes
         g_pieces, g_kl = grads[:-1], grads[-1]
-        # A graph of the gradients (create_graph=True): the plain formulas, which autograd
-        # can differentiate again; else the gradients written into one buffer.
-        graph = torch.is_grad_enabled()
+        # A graph of the gradients (create_graph=True), or gradients that autograd batches:
+        # the plain formulas, which autograd can differentiate again and batch; else the
+        # gradients written into one buffer.
+        graph = torch.is_grad_enabled() or batched_gradients(grads)
         out = None if graph else sigma.new_empty(2, 1, sigma.numel())
         g_theta = None
         if eps is not None and any(g is not None for g in g_pieces):
@@ -335,11 +367,13 @@ class SampleKL(torch.autograd.Function):
             return (None,) * (3 + len(flat))
 
         if graph:
-            m, lv = halves(flat)
-            theta, kl = plain_sample_kl(eps, m, lv, prior)
-            pairs = [(o, g) for o, g in ((theta, g_theta), (kl, g_kl)) if g is not None]
-            outs, gs = zip(*pairs, strict=True)
-            found = torch.autograd.grad(outs, flat, gs, create_graph=True, allow_unused=True)
+            create = torch.is_grad_enabled()
+            with torch.enable_grad():  # a batched backward runs without
+                m, lv = halves(flat)
+                theta, kl = plain_sample_kl(eps, m, lv, prior)
+                pairs = [(o, g) for o, g in ((theta, g_theta), (kl, g_kl)) if g is not None]
+                outs, gs = zip(*pairs, strict=True)
+                found = torch.autograd.grad(outs, flat, gs, create_graph=create, allow_unused=True)
             return (None, None, None, *found)
 
         if d is None:

@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._caches import register
 from ._checks import check_generator, check_n, check_number, check_posterior, describe
-from ._compat import flat_cat, in_func_transform, is_compiling
+from ._compat import flat_cat, in_forward_ad, in_func_transform, is_compiling
 from ._numerics import (
     FlatPrior,
     SampleKL,
@@ -223,7 +223,7 @@ def _run(
     prior (if `prior`), each group of tensors in one pass."""
 
     names, t = plan.names, len(plan.names)
-    traced = _traced()
+    traced, dual = _traced(), in_forward_ad()
     work = []
     for group in plan.groups:
         if len(plan.groups) == 1:
@@ -232,7 +232,9 @@ def _run(
             means = [tensors[i] for i in group.index]
             logvars = [tensors[t + i] for i in group.index]
         flat = _flat(means, logvars)
+        # Dual tensors of forward mode take the plain path too (the fused one writes `out=`).
         fused = not traced and _check(where, _bounds(flat), group, names, means, logvars)
+        fused = fused and not dual
         p = None
         if prior is not None:
             p = prior([names[i] for i in group.index], group.shapes, group.dtype, group.device)

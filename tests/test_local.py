@@ -438,3 +438,44 @@ def test_spreads_of_mixed_dtypes_are_computed_one_by_one():
             for key, found in ((f"{name}.weight", m.w_spread), (f"{name}.bias", m.b_spread)):
                 assert found.dtype == q32.logvar[key].dtype
                 assert torch.equal(found, plain(q32.logvar[key]))
+
+
+# torch's forward mode loads its decompositions through torch.jit.script on first use, and
+# vmap cannot run over its dual tensors (the call falls back to the loop and says so).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::bayesflow.VmapFallbackWarning")
+@pytest.mark.parametrize("small", [1 << 16, 0], ids=["grouped", "per-tensor"])
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+def test_batched_and_forward_mode_gradients(flipout, small, gen, monkeypatch):
+    # Autograd runs a backward under vmap for batched gradients (`is_grads_batched`,
+    # vectorized Jacobians) and a forward-mode pass for Jacobian-vector products: both
+    # against one backward per cotangent, on the same noise.
+    from torch.autograd import forward_ad
+
+    from bayesflow import _layers
+
+    monkeypatch.setattr(_layers, "_SMALL", small)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    q = bf.init(net, init_logvar=-2.0)
+    leaves = [*q.mean.values(), *q.logvar.values()]
+    x = torch.randn(6, 4)
+    y = bf.local_call(net, q, 3, x, generator=gen(4), flipout=flipout)
+    assert not torch.allclose(y[0], y[1])
+
+    v = torch.randn(5, *y.shape)
+    batched = torch.autograd.grad(y, leaves, v, is_grads_batched=True, retain_graph=True)
+    one_by_one = [torch.autograd.grad(y, leaves, w, retain_graph=True) for w in v]
+    for i, found in enumerate(batched):
+        assert torch.allclose(found, torch.stack([g[i] for g in one_by_one]), rtol=1e-12)
+
+    # <v, J t> = <J^T v, t> for a tangent t of every log-variance
+    t = {k: torch.randn_like(lv) for k, lv in q.logvar.items()}
+    with forward_ad.dual_level():
+        logvar = {k: forward_ad.make_dual(lv, t[k]) for k, lv in q.logvar.items()}
+        out = bf.local_call(
+            net, bf.Posterior(q.mean, logvar), 3, x, generator=gen(4), flipout=flipout
+        )
+        jvp = forward_ad.unpack_dual(out).tangent
+    vjp = torch.autograd.grad(y, list(q.logvar.values()), v[0], retain_graph=True)
+    expected = sum((g * t[k]).sum() for g, k in zip(vjp, q.logvar, strict=True))
+    assert torch.allclose((jvp * v[0]).sum(), expected, rtol=1e-10)

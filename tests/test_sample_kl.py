@@ -455,6 +455,42 @@ def test_posterior_tensors_must_be_real_and_agree():
         bf.kl_divergence(mixed)
 
 
+# torch's forward mode loads its decompositions through torch.jit.script on first use.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("shapes", [SHAPES, {"w": (2, 3)}], ids=["tensors", "one-tensor"])
+def test_batched_and_forward_mode_gradients(gen, shapes):
+    # Gradients that autograd batches (`is_grads_batched`, vectorized Jacobians: the
+    # backward runs under autograd's vmap) and forward mode (dual tensors), against the
+    # plain formulas on the same noise.
+    from torch.autograd import forward_ad
+
+    def flat(params, kl):
+        return torch.cat([*(p.reshape(-1) for p in params.values()), kl.reshape(1)])
+
+    q = posterior(shapes)
+    out = flat(*sample_and_kl("test", q, 2, gen(0), 0.5))
+    expected = flat(*formulas(q, draw(q, 2, 0), None, 0.5))
+    assert torch.allclose(out, expected, rtol=1e-12)
+
+    v = torch.randn(3, out.numel())
+    found = torch.autograd.grad(out, leaves(q), v, is_grads_batched=True)
+    wanted = torch.autograd.grad(expected, leaves(q), v, is_grads_batched=True, retain_graph=True)
+    for a, b in zip(found, wanted, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12)
+    one = torch.autograd.grad(expected, leaves(q), v[1], retain_graph=True)
+    assert all(torch.allclose(a[1], b, rtol=1e-12) for a, b in zip(found, one, strict=True))
+
+    with forward_ad.dual_level():
+        dual = bf.Posterior(
+            *({k: forward_ad.make_dual(t, torch.randn_like(t)) for k, t in d.items()} for d in q)
+        )
+        out = forward_ad.unpack_dual(flat(*sample_and_kl("test", dual, 2, gen(0), 0.5)))
+        expected = forward_ad.unpack_dual(flat(*formulas(dual, draw(q, 2, 0), None, 0.5)))
+    assert torch.allclose(out.primal, expected.primal, rtol=1e-12)
+    assert torch.allclose(out.tangent, expected.tangent, rtol=1e-12)
+    assert out.tangent.abs().min() > 0
+
+
 @pytest.mark.parametrize("shapes", [SHAPES, {"w": (2, 3)}], ids=["tensors", "one-tensor"])
 def test_gradients_of_gradients(gen, shapes):
     # create_graph=True with gradients that are themselves differentiable
@@ -507,9 +543,38 @@ def test_spread_is_the_formulas_as_one_node(power, dtype):
 
 
 @pytest.mark.parametrize("power", [1, 2], ids=["std", "var"])
+def test_spread_in_half_precision_has_the_clamps_zero_gradient_beyond_reach(power):
+    # float16's reach is about 1152: beyond, the derivative's factor (about (b / c)^3 =
+    # 4e-6) does not underflow in float16 as it does in every wider dtype, yet the clamp
+    # of the formulas holds the value there, so the gradient is 0.
+    dtype = torch.float16
+    c = _numerics.reach(dtype)
+    lv = torch.tensor(
+        [-3.0, 0.5, 1.0, 8.0, c + 50, 5000.0, 60000.0, -5000.0, math.inf], dtype=dtype
+    )
+    plain = _numerics.var if power == 2 else _numerics.std
+    a, b = lv.clone().requires_grad_(), lv.clone().requires_grad_()
+    y, z = _numerics.spread(a, power), plain(b)
+    (ga,) = torch.autograd.grad(y.sum(), a)
+    (gb,) = torch.autograd.grad(z.sum(), b)
+
+    assert torch.equal(y.detach(), z.detach())
+    assert torch.equal(ga[4:], torch.zeros(5, dtype=dtype))
+    assert torch.equal(gb[4:], torch.zeros(5, dtype=dtype))
+    assert ga[:4].abs().min() > 0
+    assert torch.allclose(ga[:4].double(), gb[:4].double(), rtol=1e-2, atol=0.0)
+
+
+# torch's forward mode loads its decompositions through torch.jit.script on first use.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("power", [1, 2], ids=["std", "var"])
 def test_spread_gradcheck_and_gradients_of_gradients(power):
     lv = (torch.randn(6, generator=torch.Generator().manual_seed(1)) * 5).requires_grad_()
-    torch.autograd.gradcheck(lambda t: _numerics.spread(t, power), (lv,))
+    # Backward (batched too: autograd runs the backward under vmap), forward mode, and
+    # the gradient of the gradient.
+    torch.autograd.gradcheck(
+        lambda t: _numerics.spread(t, power), (lv,), check_batched_grad=True, check_forward_ad=True
+    )
     torch.autograd.gradgradcheck(lambda t: _numerics.spread(t, power), (lv,))
 
     w = torch.randn(6, dtype=lv.dtype)
