@@ -1,4 +1,4 @@
-r"""The CPU memory allocator and the cost of a large model's training step.
+r"""The CPU memory allocator and the cost of a large model's step or of a vectorized call.
 
     python benchmarks/allocator.py             # 1 thread, 3 rounds
     python benchmarks/allocator.py --rounds 5
