@@ -147,7 +147,11 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             v = v.reshape(k, -1, inputs)
         if b is not None:
             b = b if b_dim is None else b.movedim(b_dim, 0).unsqueeze(1)
-        y = function_apply(_Bmm, v, w, b).view(k, *lead, out)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (v, w, b)):
+            y = function_apply(_Bmm, v, w, b)
+        else:  # no graph to record: the same kernel without the Function's bookkeeping
+            y = _Bmm.forward(v, w, b)
+        y = y.view(k, *lead, out)
     return wrap_at(y, 0, level)
 
 
