@@ -243,6 +243,38 @@ def test_randomness_same_and_error():
         bf.vmap_call(net, params, x, randomness="other")
 
 
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_a_chunk_of_every_sample_is_no_chunk(monkeypatch, randomness):
+    # chunk_size >= n runs unchunked (torch's chunked path would split and concatenate),
+    # with the numbers and the dropout masks of torch's own one-chunk vmap.
+    from bayesflow import _engine
+
+    net = _dropout_net()
+    x = torch.randn(5, 3)
+    params = bf.sample(bf.init(net, -3.0), 4)
+    seen = []
+    torch_vmap = _engine.torch_vmap
+
+    def recording(*args, chunk_size=None, **kwargs):
+        seen.append(chunk_size)
+        return torch_vmap(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(_engine, "torch_vmap", recording)
+    outs = []
+    for chunk_size in (4, 9, None):
+        torch.manual_seed(7)
+        outs.append(bf.vmap_call(net, params, x, chunk_size=chunk_size, randomness=randomness))
+    assert seen == [None, None, None]
+
+    monkeypatch.setattr(_engine, "torch_vmap", torch_vmap)
+    monkeypatch.setattr(_engine, "vmap", lambda *a, size, **k: torch_vmap(*a, **k))
+    torch.manual_seed(7)
+    chunked = bf.vmap_call(net, params, x, chunk_size=4, randomness=randomness)
+    for y in outs:
+        assert torch.equal(y, chunked)
+    assert not torch.equal(chunked[0], chunked[1])  # the samples (and masks) differ
+
+
 def test_randomness_reaches_nelbo_and_the_bridge():
     net = _dropout_net()
     q = bf.init(net, -6.0)
