@@ -243,6 +243,21 @@ def test_randomness_same_and_error():
         bf.vmap_call(net, params, x, randomness="other")
 
 
+def _record_chunks(monkeypatch, name="vmap"):
+    r"""Wraps `_engine.<name>` in a spy; returns the list of the chunk sizes it is called with."""
+    from bayesflow import _engine
+
+    seen = []
+    original = getattr(_engine, name)
+
+    def recording(*args, chunk_size=None, **kwargs):
+        seen.append(chunk_size)
+        return original(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(_engine, name, recording)
+    return seen
+
+
 @pytest.mark.parametrize("randomness", ["different", "same"])
 def test_a_chunk_of_every_sample_is_no_chunk(monkeypatch, randomness):
     # chunk_size >= n runs unchunked (torch's chunked path would split and concatenate),
@@ -252,14 +267,8 @@ def test_a_chunk_of_every_sample_is_no_chunk(monkeypatch, randomness):
     net = _dropout_net()
     x = torch.randn(5, 3)
     params = bf.sample(bf.init(net, -3.0), 4)
-    seen = []
     torch_vmap = _engine.torch_vmap
-
-    def recording(*args, chunk_size=None, **kwargs):
-        seen.append(chunk_size)
-        return torch_vmap(*args, chunk_size=chunk_size, **kwargs)
-
-    monkeypatch.setattr(_engine, "torch_vmap", recording)
+    seen = _record_chunks(monkeypatch, "torch_vmap")
     outs = []
     for chunk_size in (4, 9, None):
         torch.manual_seed(7)
@@ -363,7 +372,7 @@ def test_init_messages_show_patterns():
 
 
 def test_auto_chunk_size_fits_the_budget(monkeypatch):
-    from bayesflow import _engine, _memory
+    from bayesflow import _memory
 
     net = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 8))
     params = bf.sample(bf.init(net, -3.0), 40)
@@ -371,14 +380,7 @@ def test_auto_chunk_size_fits_the_budget(monkeypatch):
     per_sample = _memory.per_sample_bytes(lambda: net(x))
     assert per_sample >= 32 * 256 * 8  # at least the hidden activations, in float64
 
-    chunks = []
-    vmap = _engine.vmap
-
-    def recording(*args, chunk_size=None, **kwargs):
-        chunks.append(chunk_size)
-        return vmap(*args, chunk_size=chunk_size, **kwargs)
-
-    monkeypatch.setattr(_engine, "vmap", recording)
+    chunks = _record_chunks(monkeypatch)
     budget = 5 * per_sample + 1
     y = bf.vmap_call(net, params, x, chunk_size="auto", max_memory=budget, fallback=False)
 
@@ -639,14 +641,7 @@ def test_the_default_chunk_fits_the_cpu_cache(monkeypatch, gen, fresh_caches):
     params = bf.sample(bf.init(net, -3.0), 12, generator=gen(1))
     x = torch.randn(16, 1, 4, 4)
 
-    chunks = []
-    vmap = _engine.vmap
-
-    def recording(*args, chunk_size=None, **kwargs):
-        chunks.append(chunk_size)
-        return vmap(*args, chunk_size=chunk_size, **kwargs)
-
-    monkeypatch.setattr(_engine, "vmap", recording)
+    chunks = _record_chunks(monkeypatch)
     y_first = bf.vmap_call(net, params, x, fallback=False)
     measured = list(_engine._FOOTPRINTS.get(net).entries.values())
     monkeypatch.setattr(_memory, "_CACHE", [3 * measured[0] + 1])
@@ -671,14 +666,7 @@ def test_a_sample_larger_than_a_core_cache_runs_one_by_one(monkeypatch, gen, fre
     q = bf.init(net, -3.0)
     x = torch.randn(16, 1, 4, 4)
 
-    calls = []
-    vmap = _engine.vmap
-
-    def recording(*args, **kwargs):
-        calls.append(kwargs.get("chunk_size"))
-        return vmap(*args, **kwargs)
-
-    monkeypatch.setattr(_engine, "vmap", recording)
+    calls = _record_chunks(monkeypatch)
 
     def run(call):
         params = bf.sample(q, 5, generator=gen(3))
