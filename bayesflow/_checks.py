@@ -315,10 +315,12 @@ def _check_stacked(
     return first
 
 
-def check_members(where: str, modules: object, equal_buffers: bool) -> None:
+def check_members(
+    where: str, modules: object, equal_buffers: bool, equal_frozen: bool = False
+) -> None:
     r"""Checks `n >= 1` modules of one architecture: one class, the same parameter names,
-    shapes, dtypes and devices, the same buffer names and shapes (and values, if
-    `equal_buffers`)."""
+    shapes, dtypes and devices (and `requires_grad`, if `equal_frozen`), the same buffer
+    names and shapes (and values, if `equal_buffers`)."""
 
     if isinstance(modules, nn.Module) or not isinstance(modules, Sequence):
         raise TypeError(
@@ -358,6 +360,11 @@ def check_members(where: str, modules: object, equal_buffers: bool) -> None:
                         f"{where}: expected {name!r} of shape {tuple(ref.shape)} ({ref.dtype}, "
                         f"{ref.device}) in every module, got {tuple(t.shape)} ({t.dtype}, "
                         f"{t.device}) at index {i}"
+                    )
+                if kind == "parameter" and equal_frozen and t.requires_grad != ref.requires_grad:
+                    raise ValueError(
+                        f"{where}: expected {name!r} with requires_grad={ref.requires_grad} in "
+                        f"every module (as in modules[0]), got {t.requires_grad} at index {i}"
                     )
                 if kind == "buffer" and equal_buffers and not torch.equal(t, ref):
                     raise ValueError(

@@ -24,8 +24,9 @@ class Ensemble(NamedTuple):
 
     Attributes:
         module: The module the calls run on (its own parameters and buffers are not used).
-        params: The members' parameters `{name: (K, *shape)}`: leaf tensors with
-            `requires_grad=True`.
+        params: The members' parameters `{name: (K, *shape)}`: leaf tensors that require
+            gradients as the members' own do (a parameter frozen in the members, with
+            `requires_grad=False`, stays frozen: optimizers skip it).
         buffers: The members' buffers `{name: (K, *shape)}` (BatchNorm's running
             statistics, say), which the calls update in place, each member its own.
         seeds: The seed each member was built with (:func:`ensemble`), or :py:`None`.
@@ -40,9 +41,12 @@ class Ensemble(NamedTuple):
 def _stack(modules: Sequence[nn.Module], seeds: list[int] | None) -> Ensemble:
     first = modules[0]
     with torch.no_grad():
+        # A frozen parameter (requires_grad=False) stays frozen: no optimizer moves it.
         params = {
-            name: torch.stack([m.get_parameter(name).detach() for m in modules]).requires_grad_()
-            for name, _ in first.named_parameters()
+            name: torch.stack([m.get_parameter(name).detach() for m in modules]).requires_grad_(
+                p.requires_grad
+            )
+            for name, p in first.named_parameters()
         }
         buffers = {
             name: torch.stack([m.get_buffer(name) for m in modules])
@@ -60,7 +64,8 @@ def ensemble(
     seed of its own, and stacks their parameters and buffers for training in one pass.
 
     Member `i` is exactly what `torch.manual_seed(ens.seeds[i]); make_module()` builds;
-    the global random state is left as it was. Trained with an optimizer whose update is
+    the global random state is left as it was, but for the draw of the seeds when
+    `generator` is :py:`None` (none if the call fails). Trained with an optimizer whose update is
     element-wise (SGD, Adam, AdamW, ...) on the sum of the members' losses, each member
     gets exactly its own gradient and its own optimizer state: `K` independent trainings
     in one vectorized pass. (A clipping of the global gradient norm would couple them.)
@@ -91,20 +96,26 @@ def ensemble(
     check_generator(where, generator)
 
     device = generator.device if generator is not None else torch.device("cpu")
-    seeds = torch.randint(0, 2**62, (k,), generator=generator, device=device).tolist()
-    members = []
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    for seed in seeds:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            member = make_module()
-        if not isinstance(member, nn.Module):
-            raise TypeError(
-                f"{where}: expected make_module to return a torch.nn.Module, "
-                f"got {type(member).__name__}"
-            )
-        members.append(member)
-    check_members(where, members, equal_buffers=False)
+    source = generator if generator is not None else torch.default_generator
+    state = source.get_state()
+    try:
+        seeds = torch.randint(0, 2**62, (k,), generator=generator, device=device).tolist()
+        members = []
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        for seed in seeds:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                member = make_module()
+            if not isinstance(member, nn.Module):
+                raise TypeError(
+                    f"{where}: expected make_module to return a torch.nn.Module, "
+                    f"got {type(member).__name__}"
+                )
+            members.append(member)
+        check_members(where, members, equal_buffers=False, equal_frozen=True)
+    except BaseException:
+        source.set_state(state)  # a failed call draws no seeds
+        raise
 
     return _stack(members, seeds)
 
@@ -126,11 +137,11 @@ def stack_modules(modules: Sequence[nn.Module]) -> Ensemble:
 
     Arguments:
         modules: `n >= 1` modules of the same class, with the same parameter and buffer
-            names, shapes, dtypes and devices.
+            names, shapes, dtypes and devices, and the same parameters frozen.
 
     Returns:
         An :class:`Ensemble` whose calls run on `modules[0]`.
     """  # noqa: E501
 
-    check_members("stack_modules", modules, equal_buffers=False)
+    check_members("stack_modules", modules, equal_buffers=False, equal_frozen=True)
     return _stack(list(modules), None)

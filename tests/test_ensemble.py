@@ -144,3 +144,61 @@ def test_ensemble_seeds_and_global_state(gen):
     for name, p in a.params.items():
         assert p.is_leaf and p.requires_grad and p.shape[0] == K
         assert torch.equal(p, b.params[name])
+
+
+def make_frozen():
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    net[0].weight.requires_grad_(False)  # a frozen feature layer, random per member
+    return net
+
+
+def test_frozen_parameters_stay_frozen_as_in_k_separate_trainings(gen):
+    data = batches((4,))
+    ens = bf.ensemble(make_frozen, K, generator=gen(4))
+    assert not ens.params["0.weight"].requires_grad and ens.params["0.bias"].requires_grad
+    start = ens.params["0.weight"].clone()
+    opt = torch.optim.SGD(ens.params.values(), lr=1e-1, momentum=0.9, weight_decay=1e-2)
+    for x, y in data:
+        logits = bf.vmap_call(ens.module, ens.params, x, fallback=False)
+        losses = F.cross_entropy(logits.transpose(1, 2), y.expand(K, -1), reduction="none")
+        opt.zero_grad()
+        losses.mean(1).sum().backward()
+        opt.step()
+
+    assert torch.equal(ens.params["0.weight"], start)
+    for i, seed in enumerate(ens.seeds):
+        torch.manual_seed(seed)
+        member = make_frozen()
+        member_opt = torch.optim.SGD(member.parameters(), lr=1e-1, momentum=0.9, weight_decay=1e-2)
+        for x, y in data:
+            member_opt.zero_grad()
+            F.cross_entropy(member(x), y).backward()
+            member_opt.step()
+        for p_name, p in member.named_parameters():
+            assert torch.allclose(ens.params[p_name][i], p, atol=1e-10), p_name
+    # each member keeps its own frozen layer: the outputs differ by member
+    out = bf.vmap_call(ens.module, ens.params, data[0][0])
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_members_that_freeze_different_parameters_are_refused(gen):
+    nets = [make_frozen(), make_frozen()]
+    nets[1][0].weight.requires_grad_(True)
+    for stack in (bf.stack_modules, lambda ms: bf.ensemble(iter(ms).__next__, 2)):
+        with pytest.raises(ValueError, match="requires_grad=False in every module"):
+            stack(nets)
+
+
+def test_a_failed_ensemble_call_draws_no_seeds(gen):
+    state = torch.random.get_rng_state()
+    for make in (lambda: "not a module", make_net):
+        with pytest.raises(TypeError, match="ensemble: expected k"):
+            bf.ensemble(make, 2.5)
+    with pytest.raises(TypeError, match="ensemble: expected make_module to return"):
+        bf.ensemble(lambda: "not a module", 2)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    g = gen(5)
+    g_state = g.get_state()
+    with pytest.raises(TypeError, match="ensemble: expected make_module to return"):
+        bf.ensemble(lambda: "not a module", 2, generator=g)
+    assert torch.equal(g.get_state(), g_state)
