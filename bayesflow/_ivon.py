@@ -8,13 +8,17 @@ __all__ = [
     "Flat",
     "Hyper",
     "averages",
+    "changed_since_taken",
     "fold",
+    "forget",
+    "gradients",
     "set_variance",
     "update",
     "update_one",
 ]
 
 import math
+import weakref
 
 from typing import Any, NamedTuple
 
@@ -57,7 +61,17 @@ class Draw(NamedTuple):
 
     n: int
     eps: Tensor  # (n, P): the standard normals of the draw
-    leaves: list[Tensor]  # the sampled parameters handed out, (n, *shape) each
+    leaves: list[Tensor | None]  # the sampled parameters handed out, (n, *shape) each
+    std: Tensor  # (P,): the standard deviations it was drawn with (`Flat.std` until changed)
+
+
+class Taken(NamedTuple):
+    r"""The gradient of a sample as a draw's statistics took it: what changes after that
+    (a backward pass, a clipping) would be silently ignored."""
+
+    leaf: weakref.ref
+    grad: weakref.ref
+    version: int
 
 
 class Flat:
@@ -93,7 +107,8 @@ class Flat:
         self.count = 0  # the number of draws in `sums`
         self.eps: Tensor | None = None  # (n, P): the noise of the last draw
         self.eps_views: list[Tensor] = []  # by parameter, (n, *shape)
-        self.draw: Draw | None = None
+        self.draws: list[Draw] = []  # those no gradient has reached yet, oldest first
+        self.taken: list[Taken] = []  # the gradients in `sums`
         self.t = 0  # the number of steps
         self.variance_of: tuple[float, float] | None = None  # (ess, weight_decay)
 
@@ -111,9 +126,11 @@ class Flat:
         return [t.view(n, *shape) for shape, t in zip(self.shapes, pieces, strict=True)]
 
     def noise(self, n: int) -> Tensor:
-        r"""Returns the buffer `(n, P)` of the noise of a draw of `n` samples."""
+        r"""Returns the buffer `(n, P)` of the noise of a draw of `n` samples (a fresh one
+        while a draw that awaits its gradients holds the last)."""
 
-        if self.eps is None or self.eps.shape[0] != n:
+        held = any(d.eps is self.eps for d in self.draws)
+        if self.eps is None or self.eps.shape[0] != n or held:
             self.eps = torch.empty(n, self.mean.numel(), dtype=self.dtype, device=self.device)
             self.eps_views = self.views(self.eps, n)
         return self.eps
@@ -121,8 +138,12 @@ class Flat:
 
 def set_variance(s: Flat, ess: float, weight_decay: float) -> None:
     r"""Sets :math:`H = h + \delta`, :math:`\sigma = 1 / \sqrt{\lambda H}` clamped to the
-    posterior's range, and the posterior's log-variances :math:`\log \sigma^2`, unclipped."""
+    posterior's range, and the posterior's log-variances :math:`\log \sigma^2`, unclipped.
+    Draws that await their gradients keep the sigma they were drawn with."""
 
+    if any(d.std is s.std for d in s.draws):
+        std = s.std.clone()
+        s.draws = [d._replace(std=std) if d.std is s.std else d for d in s.draws]
     torch.add(s.hess, weight_decay, out=s.H)
     bound = math.exp(LOGVAR_LIMIT / 2)
     torch.mul(s.H, ess, out=s.std).rsqrt_().clamp_(1 / bound, bound)
@@ -132,57 +153,103 @@ def set_variance(s: Flat, ess: float, weight_decay: float) -> None:
 
 
 def _statistics(s: Flat, draw: Draw, grads: list[Tensor | None]) -> None:
-    r"""Writes the sums over the samples of a draw of :math:`g_k` and
-    :math:`\epsilon_k \odot g_k` into `s.stats`, from the gradients of its samples."""
+    r"""Writes the sums over the samples of a draw of :math:`g_k` and of
+    :math:`\epsilon_k \odot g_k / \sigma` (for the sigma it was drawn with) into `s.stats`,
+    from the gradients of its samples."""
 
     n, eps = draw.n, draw.eps
     grads = [
-        torch.zeros_like(t) if g is None else g for t, g in zip(draw.leaves, grads, strict=True)
+        eps.new_zeros(n, *shape) if g is None else g
+        for shape, g in zip(s.shapes, grads, strict=True)
     ]
     g_sum, nx_sum = s.stats[0], s.stats[1]
     if n == 1:
         torch.cat([g.view(-1) for g in grads], out=g_sum)
-        torch.mul(eps[0], g_sum, out=nx_sum)
+        torch.mul(eps[0], g_sum, out=nx_sum).div_(draw.std)
         return
-    noise = s.eps_views
+    noise = s.eps_views if eps is s.eps else s.views(eps, n)
     torch._foreach_mul_(noise, grads)
     for g, nx, g_out, nx_out in zip(grads, noise, *s.stats_views, strict=True):
         torch.sum(g, 0, keepdim=True, out=g_out)
         torch.sum(nx, 0, keepdim=True, out=nx_out)
+    nx_sum.div_(draw.std)
+
+
+def gradients(draw: Draw) -> list[Tensor | None]:
+    r"""Returns the gradients of the samples of a draw (:py:`None` where none reached)."""
+
+    return [None if t is None else t.grad for t in draw.leaves]
+
+
+def take(s: Flat, draw: Draw, grads: list[Tensor | None]) -> None:
+    r"""Remembers the gradients a draw's statistics took (weakly)."""
+
+    s.taken.extend(
+        Taken(weakref.ref(t), weakref.ref(g), g._version)
+        for t, g in zip(draw.leaves, grads, strict=True)
+        if g is not None
+    )
+
+
+def changed_since_taken(s: Flat) -> bool:
+    r"""Whether a gradient of a draw in the sums changed after they took it."""
+
+    for taken in s.taken:
+        leaf = taken.leaf()
+        if leaf is None or leaf.grad is None:
+            continue  # dropped, or zeroed: nothing was added
+        if leaf.grad is not taken.grad() or leaf.grad._version != taken.version:
+            return True
+    return False
 
 
 def fold(s: Flat) -> None:
-    r"""Adds the statistics of the last draw, if any gradient reached it, to the sums."""
+    r"""Adds the statistics of the draws that gradients reached to the sums. The others
+    await theirs, unless nothing holds their samples any more (neither the caller nor a
+    graph): those no gradient can reach are forgotten."""
 
-    draw, s.draw = s.draw, None
-    grads = [] if draw is None else [t.grad for t in draw.leaves]
-    if all(g is None for g in grads):
-        return
-    _statistics(s, draw, grads)
-    if s.sums is None:
-        s.sums = torch.empty_like(s.stats)
-    if s.count == 0:
-        s.sums.copy_(s.stats)
-    else:
-        s.sums.add_(s.stats)
-    s.count += 1
+    draws, s.draws = s.draws, []
+    waiting = []
+    while draws:
+        draw = draws.pop(0)
+        grads = gradients(draw)
+        if all(g is None for g in grads):
+            refs = [None if t is None else weakref.ref(t) for t in draw.leaves]
+            waiting.append((draw._replace(leaves=[]), refs))
+        else:
+            _statistics(s, draw, grads)
+            take(s, draw, grads)
+            if s.sums is None:
+                s.sums = torch.empty_like(s.stats)
+            if s.count == 0:
+                s.sums.copy_(s.stats)
+            else:
+                s.sums.add_(s.stats)
+            s.count += 1
+        del draw, grads  # the last strong references of ours to its samples
+    for draw, refs in waiting:
+        leaves = [None if r is None else r() for r in refs]
+        if any(t is not None for t in leaves):
+            s.draws.append(draw._replace(leaves=leaves))
+
+
+def forget(s: Flat) -> None:
+    r"""Forgets every draw since the last step, and their statistics."""
+
+    s.draws, s.taken, s.count = [], [], 0
 
 
 def averages(s: Flat, group: Any) -> Tensor:
-    r"""Returns the averages of :math:`g_k` and :math:`\epsilon_k \odot g_k`, `(2, P)`,
-    over the samples of the draws since the last step, each draw weighted equally, and
-    over the processes of `group` (none if :py:`None`); and forgets the draws."""
+    r"""Returns the averages of :math:`g_k` and :math:`\epsilon_k \odot g_k / \sigma`,
+    `(2, P)`, over the samples of the draws since the last step that gradients reached,
+    each draw weighted equally, and over the processes of `group` (none if :py:`None`); and
+    forgets the draws."""
 
-    if s.count == 0:
-        draw, s.draw = s.draw, None
-        _statistics(s, draw, [t.grad for t in draw.leaves])
-        stats = s.stats
-    else:
-        fold(s)
-        stats = s.sums
-        if s.count > 1:
-            stats.div_(s.count)
-    s.count = 0
+    fold(s)
+    stats = s.sums
+    if s.count > 1:
+        stats.div_(s.count)
+    forget(s)
 
     if group is not None:
         dist.all_reduce(stats, group=group)
@@ -191,17 +258,20 @@ def averages(s: Flat, group: Any) -> Tensor:
 
 
 def update_one(s: Flat, draw: Draw, grads: list[Tensor], h: Hyper) -> None:
-    r"""Updates the state from the gradients by name of a draw of one sample (none
+    r"""Updates the state from the gradients by name of the last draw, of one sample (none
     missing), without a flat copy of them."""
 
     torch._foreach_mul_(s.eps_views, grads)  # epsilon * g, into the draw's noise
-    update(s, grads, draw.eps[0], h)
+    update(s, grads, draw.eps[0], h, draw.std)
 
 
-def update(s: Flat, g: Tensor | list[Tensor], nx: Tensor, h: Hyper) -> None:
+def update(
+    s: Flat, g: Tensor | list[Tensor], nx: Tensor, h: Hyper, std: Tensor | None = None
+) -> None:
     r"""Updates the momentum, the Hessian estimates, the variances and the means, given the
-    averages of :math:`g_k` (flat, or by parameter) and of :math:`\epsilon_k \odot g_k`
-    (flat, overwritten)."""
+    averages of :math:`g_k` (flat, or by parameter) and of :math:`\epsilon_k \odot g_k /
+    \sigma` (flat, overwritten), or of :math:`\epsilon_k \odot g_k` and the sigma `std`
+    they were drawn with."""
 
     if isinstance(g, Tensor):
         s.momentum.lerp_(g, 1 - h.beta1)
@@ -216,7 +286,10 @@ def update(s: Flat, g: Tensor | list[Tensor], nx: Tensor, h: Hyper) -> None:
     # for the sigma sampled) and d = h - f, the new h = b2 h + r f + r^2 d^2 / (2 H)
     # is h + d (r^2 d / (2 H) - r): three passes.
     r = 1 - h.beta2
-    torch.addcdiv(hess, nx, s.std, value=-1, out=d)
+    if std is None:
+        torch.sub(hess, nx, out=d)
+    else:
+        torch.addcdiv(hess, nx, std, value=-1, out=d)
     torch.addcdiv(constant(-r, d), d, H, value=0.5 * r * r, out=t)
     hess.addcmul_(d, t)
     set_variance(s, h.ess, h.weight_decay)

@@ -23,7 +23,20 @@ from ._checks import (
     check_not_bridge,
     check_number,
 )
-from ._ivon import HYPER, Draw, Flat, Hyper, averages, fold, set_variance, update, update_one
+from ._ivon import (
+    HYPER,
+    Draw,
+    Flat,
+    Hyper,
+    averages,
+    changed_since_taken,
+    fold,
+    forget,
+    gradients,
+    set_variance,
+    update,
+    update_one,
+)
 from ._types import Posterior
 from .posterior import select
 
@@ -97,7 +110,8 @@ class IVON(torch.optim.Optimizer):
     clamped variance (as does
     :math:`\hat h`, the Price estimator for the distribution sampled), so that the posterior
     is always the one sampled. Parameters that the posterior leaves out are never touched:
-    train them with another optimizer if they need training.
+    train them with another optimizer if they need training. Frozen parameters
+    (`requires_grad=False`) are left out, whatever the patterns.
 
     A training step looks like Adam's, plus the draw:
 
@@ -113,7 +127,14 @@ class IVON(torch.optim.Optimizer):
 
     The mean over the samples makes each sample's gradient :math:`g_k / K`, and
     :meth:`step` sums them. Several draws before one step (a loop, where memory is short)
-    are averaged, each draw weighted equally; a draw that no gradient reached is ignored.
+    are averaged, each draw weighted equally (backpropagate each draw's loss as for a draw
+    alone, not divided by the number of draws); a draw that no gradient reached is ignored.
+    Each draw's gradients are taken when the next draw is made (so that they can be
+    freed) or at :meth:`step`: backpropagate (and clip) a draw's loss before the next
+    draw, or draw every sample first and backpropagate their sum once. A gradient that
+    changes after it was taken makes :meth:`step` raise rather than ignore it. Clip the
+    gradients of the samples (`params.values()`), not the module's parameters, which get
+    none.
 
     With :mod:`torch.distributed` initialized before the optimizer is created, and `sync`
     true, every process draws its own samples (give each its own generator seed) and
@@ -156,8 +177,8 @@ class IVON(torch.optim.Optimizer):
         process_group: The processes to average over; the default group if :py:`None`.
 
     Raises:
-        ValueError: If a hyperparameter is out of range, the patterns pick nothing, or the
-            picked parameters do not share one dtype and device.
+        ValueError: If a hyperparameter is out of range, the patterns pick no trainable
+            parameter, or the picked parameters do not share one dtype and device.
         TypeError: If an argument has the wrong type, or a picked parameter is not real
             floating-point.
 
@@ -205,12 +226,16 @@ class IVON(torch.optim.Optimizer):
             names = select(module, include, exclude)
         except (TypeError, ValueError) as err:
             raise type(err)(str(err).replace("select:", f"{where}:", 1)) from None
+        named = dict(module.named_parameters())
+        frozen = [name for name in names if not named[name].requires_grad]
+        names = [name for name in names if named[name].requires_grad]
         if not names:
+            but = f" but frozen ones (requires_grad=False): {frozen}" if frozen else ""
             raise ValueError(
                 f"{where}: expected include={tuple(include)!r} and exclude={tuple(exclude)!r} "
-                f"to pick at least one parameter of {type(module).__name__}, got none"
+                f"to pick at least one trainable parameter of {type(module).__name__}, got "
+                f"none{but}"
             )
-        named = dict(module.named_parameters())
         params = [named[name] for name in names]
         for name, p in zip(names, params, strict=True):
             if not p.is_floating_point():
@@ -329,15 +354,14 @@ class IVON(torch.optim.Optimizer):
         )
         theta = torch.addcmul(s.mean, s.std, eps)
         leaves = [t.requires_grad_() for t in s.views(theta, n)]
-        s.draw = Draw(n, eps, leaves)
+        s.draws.append(Draw(n, eps, leaves, s.std))
 
         return dict(zip(s.names, leaves, strict=True))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         r"""Drops the samples drawn since the last step, and their gradients."""
 
-        self._state.draw = None
-        self._state.count = 0
+        forget(self._state)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -362,18 +386,34 @@ class IVON(torch.optim.Optimizer):
                 loss = closure()
         h = self._hyper(where)
         group, s = self._group, self._state
+        if changed_since_taken(s):
+            raise RuntimeError(
+                f"{where}: expected the gradients of each draw to be complete when the next "
+                "draw is made (IVON.sample takes them then), got a gradient changed since: "
+                "a backward pass or a change in place would be ignored. Backpropagate and clip "
+                "a draw's loss before the next draw, or draw every sample first; zero_grad() "
+                "drops the draws"
+            )
         self._refresh(h)
 
-        draw = s.draw
-        grads = [] if draw is None else [t.grad for t in draw.leaves]
-        if s.count == 0 and all(g is None for g in grads):
+        reached = [d for d in s.draws if any(g is not None for g in gradients(d))]
+        if s.count == 0 and not reached:
             raise RuntimeError(
                 f"{where}: expected gradients of the samples drawn by IVON.sample since the "
                 "last step, got none: draw with sample(), backpropagate the loss, then step()"
             )
-        if s.count == 0 and group is None and draw.n == 1 and all(g is not None for g in grads):
-            s.draw = None
-            update_one(s, draw, grads, h)
+        one = reached[0] if len(reached) == 1 else None
+        grads = [] if one is None else gradients(one)
+        if (
+            s.count == 0
+            and group is None
+            and one is not None
+            and one.n == 1
+            and one.eps is s.eps
+            and all(g is not None for g in grads)
+        ):
+            forget(s)
+            update_one(s, one, grads, h)
         else:
             g, nx = averages(s, group)
             update(s, g, nx, h)
@@ -420,9 +460,12 @@ class IVON(torch.optim.Optimizer):
             tensors = {k: state[k] for k in ("mean", "hess", "momentum")}
             step, group, count = state["step"], groups[0], len(groups)
             names = list(group["params"])
+            hyper = {k: group[k] for k in HYPER}
         except (KeyError, IndexError, TypeError):
             raise ValueError(
-                f"{where}: expected a dict from IVON.state_dict(), got keys {sorted(state_dict)}"
+                f"{where}: expected a dict from IVON.state_dict(), with the state, the "
+                f"parameter names and the hyperparameters {', '.join(HYPER)}, got keys "
+                f"{sorted(state_dict)}"
             ) from None
         s = self._state
         if names != s.names or count != 1:
@@ -435,17 +478,25 @@ class IVON(torch.optim.Optimizer):
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{where}: expected {k} of shape ({size},), got {shape}")
         step = check_int(where, "step", step, minimum=0)
-        h = _check_hyper(where, group)
-        hess = tensors["hess"].to(s.hess)
+        h = _check_hyper(where, hyper)
+        try:
+            mean, hess, momentum = (tensors[k].to(s.mean, copy=True) for k in tensors)
+        except (RuntimeError, NotImplementedError) as err:
+            raise ValueError(
+                f"{where}: expected tensors that convert to {s.dtype} on {s.device}: {err}"
+            ) from None
         if not (torch.isfinite(hess).all() and (hess + h.weight_decay > 0).all()):
             raise ValueError(f"{where}: expected finite hess with hess + weight_decay > 0")
+        for k, t in (("mean", mean), ("momentum", momentum)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{where}: expected finite values in {k}")
 
-        s.mean.copy_(tensors["mean"])
+        s.mean.copy_(mean)
         s.hess.copy_(hess)
-        s.momentum.copy_(tensors["momentum"])
+        s.momentum.copy_(momentum)
         s.t = step
         self.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
-        s.draw, s.count = None, 0
+        forget(s)
         set_variance(s, h.ess, h.weight_decay)
 
     def __repr__(self) -> str:

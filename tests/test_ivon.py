@@ -445,10 +445,14 @@ def test_bad_construction_changes_nothing(name):
 
 def test_bad_parameters():
     net = make_net()
-    net.register_parameter("count", nn.Parameter(torch.ones(2, dtype=torch.int64), False))
+    net.register_parameter("phase", nn.Parameter(torch.ones(2, dtype=torch.complex128)))
     with pytest.raises(TypeError, match=r"IVON: expected real floating-point parameters"):
         bf.IVON(net, lr=0.1, ess=1.0)
-    bf.IVON(net, lr=0.1, ess=1.0, exclude=["count"])
+    bf.IVON(net, lr=0.1, ess=1.0, exclude=["phase"])
+
+    counted = make_net()  # an integer parameter cannot require gradients: it is left out
+    counted.register_parameter("count", nn.Parameter(torch.ones(2, dtype=torch.int64), False))
+    assert "count" not in bf.IVON(counted, lr=0.1, ess=1.0).posterior.mean
 
     mixed = make_net()
     mixed[2].float()
@@ -618,3 +622,163 @@ def test_from_scratch_page_runs():
     assert len(blocks) >= 4
 
     exec(compile("\n".join(blocks), str(page), "exec"), {})
+
+
+def _loss(net, params, x, y):
+    return (bf.vmap_call(net, params, x) - y).square().mean()
+
+
+@pytest.mark.parametrize("pattern", ["documented", "draw-all-first", "graph-only"])
+def test_draws_before_one_backward_are_averaged(pattern, gen):
+    r"""Two draws of one sample, backpropagated at once (the draws kept by the caller, or
+    only by the graph), step as the documented loop of draws, each backpropagated before
+    the next; and as the paper's equations with the same noise."""
+
+    net, (x, y) = make_net(), data()
+    start = copy.deepcopy(net)
+    opt = bf.IVON(net, **HYPERS["decay-clip"])
+    g = gen(3)
+    state = g.get_state()
+    eps = torch.cat([torch.randn(1, size(net), generator=g) for _ in range(2)])
+    g.set_state(state)
+    if pattern == "documented":
+        for _ in range(2):
+            _loss(net, opt.sample(1, generator=g), x, y).backward()
+    elif pattern == "draw-all-first":
+        a, b = opt.sample(1, generator=g), opt.sample(1, generator=g)
+        out = bf.vmap_call(net, a, x)
+        assert not torch.allclose(out, bf.vmap_call(net, b, x))  # two different samples
+        (_loss(net, a, x, y) + _loss(net, b, x, y)).backward()  # each as if alone
+    else:
+        loss = _loss(net, opt.sample(1, generator=g), x, y)
+        loss = loss + _loss(net, opt.sample(1, generator=g), x, y)
+        loss.backward()
+        del loss  # the graph held the first draw's samples; nothing does now
+    opt.step()
+
+    m, h, mom, _ = paper_ivon(start, x, y, [eps], 1, **HYPERS["decay-clip"])
+    assert close(flat(net.parameters()), m)
+    assert close(flat(opt.hess.values()), h)
+    assert close(flat(opt.momentum.values()), mom)
+
+
+def test_draws_no_one_holds_are_forgotten(gen):
+    net = make_net()
+    opt = bf.IVON(net, lr=0.1, ess=20.0)
+    for _ in range(5):
+        opt.sample(4, generator=gen(0))  # for monitoring, dropped at once
+    held = opt.sample(2, generator=gen(1))
+    opt.sample(1, generator=gen(2))
+    assert [d.n for d in opt._state.draws] == [2, 1]  # memory: no dropped draw is kept
+    del held
+
+
+@pytest.mark.parametrize("change", ["backward", "clip"])
+def test_a_gradient_changed_after_it_was_taken_refuses_to_step(change, gen):
+    net, (x, y) = make_net(), data()
+    opt = bf.IVON(net, lr=0.1, ess=20.0)
+    a = opt.sample(1, generator=gen(0))
+    _loss(net, a, x, y).backward()
+    b = opt.sample(1, generator=gen(1))  # takes a's gradients
+    _loss(net, b, x, y).backward()
+    if change == "backward":
+        _loss(net, a, x, y).backward()  # more gradient for a, after it was taken
+    else:
+        torch.nn.utils.clip_grad_norm_([*a.values(), *b.values()], 1e-3)
+    before = {k: v.clone() for k, v in opt.state_dict()["state"].items() if k != "step"}
+    with pytest.raises(RuntimeError, match=r"IVON\.step: expected the gradients of each draw"):
+        opt.step()
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+    opt.zero_grad()  # drops the draws: a fresh start steps
+    _loss(net, opt.sample(1, generator=gen(2)), x, y).backward()
+    opt.step()
+
+
+def test_a_changed_ess_between_draw_and_step_uses_the_sigma_sampled(gen):
+    net, (x, y) = make_net(), data()
+    start = copy.deepcopy(net)
+    opt = bf.IVON(net, lr=0.1, ess=50.0, beta2=0.0)
+    g = gen(0)
+    state = g.get_state()
+    eps = torch.randn(size(net), generator=g)
+    g.set_state(state)
+    params = opt.sample(1, generator=g)
+    _loss(net, params, x, y).backward()
+    grad = flat(params[k].grad for k in params)
+    opt.param_groups[0]["ess"] = 200.0
+    opt.step()
+
+    wd, h0 = DEFAULTS["weight_decay"], 1.0
+    sigma = 1 / (50.0 * (h0 + wd)) ** 0.5
+    h_hat = grad * eps / sigma  # the Price estimator for the distribution sampled
+    expected = h_hat + 0.5 * (h0 - h_hat) ** 2 / (h0 + wd)
+    assert close(flat(opt.hess.values()), expected)
+    assert not torch.equal(flat(net.parameters()), flat(start.parameters()))
+    var = flat(bf.std(opt.posterior).values()) ** 2
+    assert close(var, 1 / (200.0 * (expected + wd)))
+
+
+def test_frozen_parameters_are_left_out(gen):
+    net, (x, y) = make_net(), data()
+    net[0].weight.requires_grad_(False)
+    frozen = net[0].weight.clone()
+    trainable = copy.deepcopy(net)
+    opt = bf.IVON(net, **HYPERS["decay-clip"])
+    ref = bf.IVON(trainable, **HYPERS["decay-clip"], exclude=["0.weight"])
+    assert list(opt.posterior.mean) == list(ref.posterior.mean) == ["0.bias", "2.weight", "2.bias"]
+    for t in range(3):
+        vectorized_step(opt, net, x, y, 2, gen(t))
+        vectorized_step(ref, trainable, x, y, 2, gen(t))
+    assert torch.equal(net[0].weight, frozen)
+    assert close(flat(net.parameters()), flat(trainable.parameters()))
+
+    net[0].bias.requires_grad_(False)
+    net[2].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"IVON: expected .* trainable parameter .* frozen ones"):
+        bf.IVON(net, lr=0.1, ess=20.0)
+
+
+@needs_ivon
+def test_frozen_parameters_match_ivon_opt_over_the_trainable_ones(gen, monkeypatch):
+    net, (x, y) = make_net(), data()
+    net[0].weight.requires_grad_(False)
+    reference = copy.deepcopy(net)
+    opt = bf.IVON(net, **HYPERS["decay-clip"])
+    trainable = [p for p in reference.parameters() if p.requires_grad]
+    ref = ivon.IVON(trainable, mc_samples=1, **(DEFAULTS | HYPERS["decay-clip"]))
+    for t in range(3):
+        eps = torch.randn(1, sum(p.numel() for p in trainable), generator=gen(t))
+        vectorized_step(opt, net, x, y, 1, gen(t))
+        with feeding(monkeypatch, eps):
+            with ref.sampled_params(train=True):
+                ref.zero_grad()
+                (reference(x) - y).square().mean().backward()
+            ref.step()
+    assert close(flat(net.parameters()), flat(reference.parameters()))
+    assert close(flat(opt.hess.values()), ref.param_groups[0]["hess"])
+
+
+def test_load_state_dict_refuses_a_bad_state_and_changes_nothing(gen):
+    net, (x, y) = make_net(), data()
+    opt = bf.IVON(net, lr=0.1, ess=20.0)
+    vectorized_step(opt, net, x, y, 2, gen(0))
+    good = opt.state_dict()
+    before = copy.deepcopy(good)
+
+    missing = copy.deepcopy(good)
+    del missing["param_groups"][0]["debias"]
+    with pytest.raises(ValueError, match=r"IVON\.load_state_dict: expected a dict from IVON"):
+        opt.load_state_dict(missing)
+    for key in ("mean", "momentum"):
+        bad = copy.deepcopy(good)
+        bad["state"][key][3] = math.nan
+        with pytest.raises(
+            ValueError, match=rf"IVON\.load_state_dict: expected finite values in {key}"
+        ):
+            opt.load_state_dict(bad)
+    after = opt.state_dict()
+    for k in ("mean", "hess", "momentum"):
+        assert torch.equal(after["state"][k], before["state"][k])
+    assert after["param_groups"] == before["param_groups"]
