@@ -498,14 +498,14 @@ def _layout(
     key = (fn_key(opts.fn), plan.key, module.training, _signature(args, dims))
     layout = None if fresh else recordings.get(key)
     if layout is None:
-        recorder = Recorder()
+        recorder = Recorder(plan.watched)
         # The layers as the vectorized pass sees them (without gradients, torch's fused
         # attention would skip the layers that the reference path calls).
         changes = _changes(st, module, plan.forwards(recorder, plan.layers))
         changes += _torch_layers.changes(st, module)
         state = State(st)
         try:
-            with torch.no_grad(), patched(changes):
+            with torch.no_grad(), patched(changes), recorder.reads():
                 opts.fn(module, *_index(args, dims, 0))
         finally:
             state.restore()

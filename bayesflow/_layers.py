@@ -21,6 +21,7 @@ __all__ = [
     "moments",
 ]
 
+import contextlib
 import sys
 
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torch import Size, Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from ._compat import ConvNd, flat_cat, in_func_transform, is_compiling
 from ._errors import Passthrough
@@ -149,6 +152,9 @@ class Noise:
     def enter(self, name: str, local: bool) -> None:
         pass
 
+    def leave(self, name: str) -> None:
+        pass
+
     def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -159,18 +165,62 @@ class Noise:
 
 class Recorder(Noise):
     r"""The noise of a shape-finding pass: records every call and every draw, and
-    returns zeros (the layers return their mean outputs)."""
+    returns zeros (the layers return their mean outputs); as a torch function mode,
+    records the layers whose Bayesian tensors `watched` (by id) an operation outside the
+    layer's own call reads."""
 
-    def __init__(self) -> None:
+    def __init__(self, watched: dict[int, str] | None = None) -> None:
         self.calls: list[tuple[str, bool]] = []
         self.draws: list[tuple[str, Size]] = []
+        self.watched = watched or {}
+        self.inside: list[str] = []
+        self.read_elsewhere: set[str] = set()
 
     def enter(self, name: str, local: bool) -> None:
         self.calls.append((name, local))
+        self.inside.append(name)
+
+    def leave(self, name: str) -> None:
+        self.inside.pop()
+
+    def reads(self) -> Any:
+        r"""Returns a context in which the reads of the watched tensors are recorded."""
+
+        return _Reads(self) if self.watched else contextlib.nullcontext()
 
     def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
         self.draws.append((name, shape))
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+# Operations that read a tensor's metadata, not its values.
+_METADATA = {
+    Tensor.size,
+    Tensor.dim,
+    Tensor.numel,
+    Tensor.stride,
+    Tensor.is_floating_point,
+    Tensor.is_complex,
+    Tensor.is_contiguous,
+    Tensor.element_size,
+    Tensor.__len__,
+}
+
+
+class _Reads(TorchFunctionMode):
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in _METADATA and getattr(func, "__name__", "") != "__get__":
+            rec = self.recorder
+            for a in tree_leaves((args, kwargs)):
+                owner = rec.watched.get(id(a)) if isinstance(a, Tensor) else None
+                if owner is not None and (not rec.inside or rec.inside[-1] != owner):
+                    rec.read_elsewhere.add(owner)
+        return func(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -292,7 +342,10 @@ class LocalPlan:
     example) the layer's weight is sampled whole, unless `per_position` asks for the
     estimator anyway, with independent noise at every position: an approximation whose
     outputs have the right law one by one, but whose sums over positions (a pooling, a
-    flatten and a linear head) have too small a variance.
+    flatten and a linear head) have too small a variance. A local call (:meth:`layout`)
+    also samples whole, whatever `per_position`, a layer whose weight or bias is shared
+    with another module (tied), one called more than once by `fn`, and one whose Bayesian
+    tensors `fn` reads outside the layer's call: their outputs share one weight.
 
     Arguments:
         module: The module.
@@ -322,6 +375,22 @@ class LocalPlan:
             if names:
                 self.layers[name] = layer
                 self.covered[name] = names
+
+        # The layers whose weight or bias another module holds too (tied), and the
+        # module's own Bayesian tensors of each layer, by id, for the shape-finding pass.
+        places: dict[int, int] = {}
+        for _, p in module.named_parameters(remove_duplicate=False):
+            places[id(p)] = places.get(id(p), 0) + 1
+        self.tied = {
+            name
+            for name, layer in self.layers.items()
+            for t in (layer.weight, getattr(layer, "bias", None))
+            if t is not None and places.get(id(t), 0) > 1
+        }
+        own = dict(module.named_parameters())
+        self.watched = {
+            id(own[n]): name for name, names in self.covered.items() for n in names if n in own
+        }
         self.key = (flipout, per_position, tuple(self.layers))
         self._moments = None
         if not lazy:
@@ -380,10 +449,13 @@ class LocalPlan:
         def forward(x: Tensor) -> Tensor:
             local = self.per_position or self.exact(layer, x)
             noise.enter(name, local)
-            if not local:
-                return original(layer, x)  # the weight sampled whole
-            m = self._read(name) if self._moments is None else self._moments[name]
-            return step(name, layer, x, m, noise)
+            try:
+                if not local:
+                    return original(layer, x)  # the weight sampled whole
+                m = self._read(name) if self._moments is None else self._moments[name]
+                return step(name, layer, x, m, noise)
+            finally:
+                noise.leave(name)
 
         return forward
 
@@ -400,8 +472,14 @@ class LocalPlan:
                 f"{type(module).__name__}, got {skipped} never called; use "
                 "bayesflow.vmap_call"
             )
+        # Sampled whole: the layers an estimator is inexact for, and those whose weight
+        # several calls or places share (their outputs must share one sample).
         inexact = {name for name, local in recorder.calls if not local}
-        whole = tuple(k for k in self.layers if k in inexact)
+        counts: dict[str, int] = {}
+        for name, _ in recorder.calls:
+            counts[name] = counts.get(name, 0) + 1
+        shared = {k for k, c in counts.items() if c > 1} | self.tied | recorder.read_elsewhere
+        whole = tuple(k for k in self.layers if k in inexact or k in shared)
         local = tuple(k for k in self.layers if k not in whole)
         draws = tuple(d for d in recorder.draws if d[0] in local)
         return Layout(local, whole, draws, sum(shape.numel() for _, shape in draws))

@@ -102,7 +102,12 @@ def local_call(
     for convolutions; for a linear layer on `(B, T, in)` its weight is sampled whole too,
     unless `per_position`. The examples are the first dim of a layer's input.
 
-    A layer called twice in one `fn` draws fresh noise each time. All the noise is drawn
+    A layer whose weight its outputs share otherwise is sampled whole too, whatever
+    `per_position`: one called more than once by `fn` (a weight-shared block, a MAF's
+    inverse), one whose weight or bias another module holds too (tied weights), and one
+    whose Bayesian tensors `fn` reads outside the layer's call (as `F.linear(h,
+    layer.weight)`); fresh noise per call, or the mean elsewhere, would be silently
+    wrong. All the noise is drawn
     before the vectorized pass, from `generator`, laid out by the layer calls of one
     shape-finding pass of `fn` (without gradients, buffers restored; remembered for the
     same `fn` code and argument shapes). The same generator state gives the same numbers

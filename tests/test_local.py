@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import zuko
 
 import bayesflow as bf
@@ -479,3 +480,63 @@ def test_batched_and_forward_mode_gradients(flipout, small, gen, monkeypatch):
     vjp = torch.autograd.grad(y, list(q.logvar.values()), v[0], retain_graph=True)
     expected = sum((g * t[k]).sum() for g, k in zip(vjp, q.logvar, strict=True))
     assert torch.allclose((jvp * v[0]).sum(), expected, rtol=1e-10)
+
+
+# A layer whose weight several calls or places share: its outputs must share one sample.
+
+
+class _ReadsItsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.inner(x)), self.inner.weight)  # a second use
+
+
+class _TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.head = nn.Linear(3, 5)
+        self.head.weight = self.embed.weight  # tied, as in a language model
+
+    def forward(self, i):
+        return self.head(torch.tanh(self.embed(i)))
+
+
+def _tied():
+    net = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    net[2].weight = net[0].weight
+    return net
+
+
+SHARED = {
+    "tied-layers": (_tied, lambda: torch.randn(2, 3), None),
+    "called-twice": (
+        lambda: nn.Linear(3, 3),
+        lambda: torch.randn(2, 3),
+        lambda m, x: m(m(x).tanh()),
+    ),
+    "weight-read-elsewhere": (_ReadsItsWeight, lambda: torch.randn(2, 3), None),
+    "tied-to-an-embedding": (_TiedHead, lambda: torch.tensor([1, 3]), None),
+}
+
+
+@pytest.mark.parametrize("per_position", [False, True], ids=["", "per-position"])
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_weights_keep_the_law_of_a_weight_sample(name, flipout, per_position, gen):
+    build, args, fn = SHARED[name]
+    module = build()
+    q = bf.init(module, init_logvar=-2.0)
+    x = args()
+    exact = bf.vmap_call(module, bf.sample(q, S, generator=gen(1)), x, fn=fn)
+
+    y = bf.local_call(
+        module, q, S, x, fn=fn, generator=gen(2), flipout=flipout, per_position=per_position
+    )
+
+    assert _agree(_joint(y), _joint(exact))
+    assert _agree(_across(y), _across(exact))  # one weight sample for the whole call
+    assert not torch.allclose(y[0], y[1])  # the posterior noise was used
