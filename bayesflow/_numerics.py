@@ -410,9 +410,12 @@ def plain_sample_kl(
 
 
 def log_mean_exp(x: Tensor, dim: int = 0) -> Tensor:
-    r"""Returns :math:`\log \frac{1}{K} \sum_k e^{x_k}` over `dim`, in log-space."""
+    r"""Returns :math:`\log \frac{1}{K} \sum_k e^{x_k}` over `dim`, in log-space: -inf
+    where every :math:`x_k` is, with a gradient of zero there (logsumexp's is NaN)."""
 
-    return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])
+    dead = x.amax(dim=dim, keepdim=True).isneginf()
+    lse = torch.logsumexp(x.masked_fill(dead, 0.0), dim=dim)
+    return lse.masked_fill(dead.squeeze(dim), -math.inf) - math.log(x.shape[dim])
 
 
 def inverse_softclip(y: Tensor, bound: float = LOGVAR_BOUND, out: Tensor | None = None) -> Tensor:

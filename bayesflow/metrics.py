@@ -141,18 +141,23 @@ def _calibration_curve(where: str, probs: Tensor, labels: Tensor, bins: int) -> 
     if y.numel() == 0:
         raise ValueError(f"{where}: expected at least one prediction, got none")
 
+    # In float64: sums of a million float32 confidences drift, a bfloat16 sum stops at 256,
+    # and the edges k / B are then correctly rounded (a float32 linspace put 0.5 above
+    # 7 / 14). Every value of a narrower dtype is exact in float64.
+    acc = torch.float64
     conf, pred = p.reshape(-1, p.shape[-1]).max(dim=-1)
-    correct = (pred == y.reshape(-1)).to(p.dtype)
+    conf = conf.to(acc)
+    correct = (pred == y.reshape(-1)).to(acc)
 
-    edges = torch.linspace(0, 1, bins + 1, dtype=p.dtype, device=p.device)[1:-1]
+    edges = torch.arange(1, bins, dtype=acc, device=p.device) / bins
     index = torch.bucketize(conf.detach(), edges, right=False)  # (lo, hi]
 
     count = torch.zeros(bins, dtype=torch.long, device=p.device).index_add_(
         0, index, torch.ones_like(index)
     )
-    total_conf = torch.zeros(bins, dtype=p.dtype, device=p.device).index_add(0, index, conf)
-    total_correct = torch.zeros(bins, dtype=p.dtype, device=p.device).index_add(0, index, correct)
-    denom = count.clamp(min=1).to(p.dtype)
+    total_conf = torch.zeros(bins, dtype=acc, device=p.device).index_add(0, index, conf)
+    total_correct = torch.zeros(bins, dtype=acc, device=p.device).index_add(0, index, correct)
+    denom = count.clamp(min=1).to(acc)
 
     return CalibrationCurve(total_conf / denom, total_correct / denom, count)
 
@@ -189,7 +194,7 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) ->
     curve = _calibration_curve("expected_calibration_error", probs, labels, bins)
     weight = curve.count.to(curve.confidence.dtype) / curve.count.sum()
 
-    return (weight * (curve.accuracy - curve.confidence).abs()).sum()
+    return (weight * (curve.accuracy - curve.confidence).abs()).sum().to(probs.dtype)
 
 
 def interval_coverage(lower: Tensor, upper: Tensor, y: Tensor) -> Tensor:
@@ -274,17 +279,17 @@ def auroc(scores: Tensor, labels: Tensor) -> Tensor:
             f"positives and {n_neg} negatives"
         )
 
-    # Average ranks (ties share the mean of their ranks), then Mann-Whitney's U.
+    # Average ranks (ties share the mean of their ranks), then Mann-Whitney's U, in
+    # float64: ranks above 256 are not exact in bfloat16, and float16 sums overflow.
     order = s.argsort()
     sorted_s = s[order]
-    ranks = torch.empty_like(s)
-    ranks[order] = torch.arange(1, len(s) + 1, dtype=s.dtype, device=s.device)
     _, inverse, counts = torch.unique_consecutive(
         sorted_s, return_inverse=True, return_counts=True
     )
-    ends = counts.cumsum(0).to(s.dtype)
-    mean_rank = ends - (counts.to(s.dtype) - 1) / 2
+    ends = counts.cumsum(0).to(torch.float64)
+    mean_rank = ends - (counts.to(torch.float64) - 1) / 2
+    ranks = torch.empty(s.shape, dtype=torch.float64, device=s.device)
     ranks[order] = mean_rank[inverse]
     u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
 
-    return u / (n_pos * n_neg)
+    return (u / (n_pos * n_neg)).to(s.dtype)

@@ -25,6 +25,8 @@ __all__ = [
     "summarize",
 ]
 
+import numbers
+
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -85,14 +87,24 @@ def predictive_std(samples: Tensor, correction: int = 1) -> Tensor:
 def _quantiles(x: Tensor, q: Tensor) -> Tensor:
     # Linear interpolation between order statistics, as `torch.quantile`, which refuses
     # inputs of more than 2**24 elements: K = 256 samples of a 256 x 256 image already are.
+    # The positions in float64 (in half precision q = 0.999 rounds to 1, the maximum),
+    # the interpolation in at least float32, rounded once.
     k = x.shape[0]
     xs = x.sort(dim=0).values
-    pos = q.to(x.dtype) * (k - 1)
+    pos = q.to(torch.float64) * (k - 1)
     lo = pos.floor().long().clamp(0, k - 1)
     hi = pos.ceil().long().clamp(0, k - 1)
-    frac = (pos - lo.to(x.dtype)).view(-1, *(1,) * (x.dim() - 1))
+    wide = torch.promote_types(x.dtype, torch.float32)
+    frac = (pos - lo.to(torch.float64)).to(wide).view(-1, *(1,) * (x.dim() - 1))
 
-    out = torch.lerp(xs[lo], xs[hi], frac)
+    below, above = xs[lo], xs[hi]
+    out = torch.lerp(below.to(wide), above.to(wide), frac).to(x.dtype)
+    # Towards an infinite order statistic the quantile is infinite, and on one or between
+    # equal ones there is nothing to interpolate: lerp gives inf - inf = NaN there.
+    up, down = above.isposinf(), below.isneginf()
+    out = torch.where(up & ~down, above, out)
+    out = torch.where(down & ~up, below, out)
+    out = torch.where((below == above) | (frac == 0), below, out)
 
     # As `torch.quantile`: a slice with a NaN has NaN quantiles (sort puts NaN last).
     nan = x.isnan().any(dim=0)
@@ -124,9 +136,9 @@ def predictive_quantiles(samples: Tensor, q: float | Sequence[float] | Tensor) -
     where = "predictive_quantiles"
     x = check_samples(where, samples)
 
-    scalar = isinstance(q, (int, float)) and not isinstance(q, bool)
+    scalar = isinstance(q, numbers.Real) and not isinstance(q, bool)
     try:
-        qs = torch.as_tensor(q, dtype=x.dtype, device=x.device)
+        qs = torch.as_tensor(q, dtype=torch.float64, device=x.device)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(
             f"{where}: expected q to be a float or a sequence of floats, got {q!r}"
@@ -166,7 +178,7 @@ def predictive_interval(samples: Tensor, level: float = 0.9) -> tuple[Tensor, Te
     x = check_samples(where, samples)
     level = check_level(where, level)
 
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=x.dtype, device=x.device)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64, device=x.device)
     lower, upper = _quantiles(x, q)
 
     return lower, upper
@@ -216,7 +228,7 @@ def summarize(samples: Tensor, level: float = 0.9) -> Summary:
     if x.shape[0] < 2:
         raise ValueError(f"{where}: expected at least 2 samples on dim 0, got {x.shape[0]}")
 
-    q = torch.tensor([0.5, (1 - level) / 2, (1 + level) / 2], dtype=x.dtype, device=x.device)
+    q = torch.tensor([0.5, (1 - level) / 2, (1 + level) / 2], dtype=torch.float64, device=x.device)
     median, lower, upper = _quantiles(x, q)
 
     return Summary(x.mean(dim=0), x.std(dim=0), median, lower, upper)

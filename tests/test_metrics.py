@@ -146,3 +146,84 @@ def test_auroc_against_the_pairwise_definition(gen):
         bf.auroc(torch.tensor([0.0, 1.0]), torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="auroc: expected scores and labels of the same shape"):
         bf.auroc(torch.tensor([0.0, 1.0]), torch.tensor([0, 1, 1]))
+
+
+# Low precision and large inputs: the oracles in float64 on the very same values.
+
+
+def _ece_float64(probs, labels, bins):
+    r"""The ECE of `probs` (any dtype) from their exact values, with edges k / B."""
+
+    conf, pred = probs.double().max(dim=-1)
+    correct = (pred == labels).double()
+    ece = 0.0
+    for b in range(bins):
+        inside = (conf > b / bins) & (conf <= (b + 1) / bins) if b else conf <= 1 / bins
+        if inside.any():
+            ece += inside.double().mean() * (correct[inside].mean() - conf[inside].mean()).abs()
+    return float(ece)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ece_of_many_low_precision_probabilities(dtype, gen):
+    # Always 90.625% sure (exact in every dtype), 60% right: an ECE of 0.30625. Sums in
+    # the input dtype drifted (float32, a million) or stopped (bfloat16 at 256).
+    n = 1_000_000 if dtype == torch.float32 else 2000
+    probs = torch.tensor([0.90625, 0.09375], dtype=dtype).expand(n, 2)
+    labels = (torch.rand(n, generator=gen(0)) >= 0.6).long()  # about 60% class 0
+    right = float((labels == 0).double().mean())
+
+    ece = bf.expected_calibration_error(probs, labels, bins=15)
+    curve = bf.calibration_curve(probs, labels, bins=15)
+
+    assert ece.dtype == dtype
+    assert abs(float(ece) - abs(0.90625 - right)) <= torch.finfo(dtype).eps
+    assert float(curve.confidence[curve.count > 0]) == 0.90625
+
+
+@pytest.mark.parametrize("bins", [14, 26, 28, 30])
+def test_ece_bins_have_the_exact_edges(bins):
+    # 0.5 = (bins / 2) / bins belongs to (0.5 - 1 / bins, 0.5]; a float32 linspace put its
+    # edge at 0.49999997 and 0.5 in the next bin, with 0.52.
+    probs = torch.tensor([[0.5, 0.5], [0.52, 0.48]], dtype=torch.float32)
+    labels = torch.tensor([0, 1])
+    for p in (probs, probs.double()):
+        curve = bf.calibration_curve(p, labels, bins=bins)
+        assert curve.count[bins // 2 - 1] == 1 and curve.count[bins // 2] == 1
+        ece = bf.expected_calibration_error(p, labels, bins=bins)
+        assert abs(float(ece) - _ece_float64(p, labels, bins)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_auroc_of_low_precision_scores(dtype, gen):
+    # Ranks above 256 are not exact in bfloat16, and a float16 rank sum overflows (NaN).
+    g = gen(1)
+    scores = torch.randn(1000, generator=g).to(dtype)
+    labels = torch.randint(0, 2, (1000,), generator=g)
+    s = scores.double()
+    pos, neg = s[labels == 1], s[labels == 0]
+    pairs = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
+
+    got = bf.auroc(scores, labels)
+
+    assert got.dtype == dtype
+    assert got == pairs.mean().to(dtype)  # the exact value, rounded once
+
+
+def test_probabilities_must_sum_to_one_whatever_the_number_of_classes(gen):
+    logits = torch.randn(8, 20_000, generator=gen(2), dtype=torch.float32) * 3
+    labels = torch.zeros(8, dtype=torch.long)
+    good = logits.softmax(-1)
+    bf.categorical_nll(good, labels)  # a float32 softmax over 20000 classes
+    bf.categorical_nll(good.double(), labels)  # float32 probabilities cast up
+    bf.categorical_nll(logits.half().softmax(-1), labels)
+
+    # float32 sums of 1.3: accepted by the old bound, sqrt(eps) per class (0.35)
+    bad = torch.full((8, 1000), 1.3 / 1000, dtype=torch.float32)
+    for metric in (
+        lambda p: bf.categorical_nll(p, labels),
+        lambda p: bf.expected_calibration_error(p, labels),
+        lambda p: bf.calibration_curve(p, labels),
+    ):
+        with pytest.raises(ValueError, match="expected probabilities that sum to 1"):
+            metric(bad)

@@ -308,3 +308,51 @@ def test_nan_propagates_as_in_torch_quantile():
     assert lower[0].isnan() and upper[0].isnan() and not lower[1].isnan()
     s = bf.summarize(x)
     assert all(t[0].isnan() and not t[1].isnan() for t in s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantiles_of_low_precision_samples(dtype, gen):
+    # In bfloat16, q = 0.999 rounded to 1: the quantile was the maximum.
+    x = torch.randn(4096, 3, generator=gen(0)).to(dtype)
+    q = [0.001, 0.5, 0.995, 0.999]
+    expected = torch.quantile(x.double(), torch.tensor(q, dtype=torch.float64), dim=0)
+
+    got = bf.predictive_quantiles(x, q)
+    lower, upper = bf.predictive_interval(x, level=0.998)
+
+    assert got.dtype == dtype
+    assert torch.equal(got, expected.to(dtype))  # the exact value, rounded once
+    assert torch.equal(upper, got[3]) and torch.equal(lower, got[0])
+    assert (upper < x.max(dim=0).values).all()
+
+
+def test_quantiles_of_infinite_samples_and_numpy_probabilities():
+    np = pytest.importorskip("numpy")
+    x = torch.tensor([[1.0], [math.inf], [math.inf], [2.0]])
+    assert bf.predictive_quantiles(x, 0.9).item() == math.inf  # NaN before (inf - inf)
+    assert bf.predictive_quantiles(x, 0.5).item() == math.inf
+    assert bf.predictive_quantiles(-x, 0.1).item() == -math.inf
+    assert bf.predictive_quantiles(x, np.float32(0.0)).item() == 1.0
+
+
+def test_a_class_impossible_in_every_sample_has_zero_gradients():
+    # log-probabilities of -inf for one class in every sample: logsumexp's gradient is NaN
+    # there; the oracle replaces -inf by -1e4 (float64: exp(-1e4) = 0).
+    z = torch.tensor([[[0.3, -math.inf, -0.2]], [[-0.5, -math.inf, 0.4]]], dtype=torch.float64)
+    finite = z.clamp(min=-1e4)
+    for f in (
+        bf.predictive_entropy,
+        bf.mutual_information,
+        bf.log_mean_probs,
+        bf.mean_probs,
+        lambda z: bf.classification_summary(z).mutual_information,
+        lambda z: bf.mixture_log_prob(z),
+    ):
+        a, b = z.clone().requires_grad_(), finite.clone().requires_grad_()
+        ya, yb = f(a), f(b)
+        assert torch.equal(ya.isneginf(), (yb <= -1e4 + 1e-9) & (yb < 0))
+        weights = torch.linspace(0.5, 1.5, ya.numel(), dtype=ya.dtype).view(ya.shape)
+        (ya.masked_fill(ya.isneginf(), 0) * weights).sum().backward()
+        (yb.masked_fill(yb <= -1e4 + 1e-9, 0) * weights).sum().backward()
+        assert torch.isfinite(a.grad).all()
+        assert torch.allclose(a.grad, b.grad, atol=1e-12)
