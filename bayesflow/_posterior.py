@@ -27,6 +27,7 @@ from torch.nn.parameter import is_lazy
 from ._checks import check_module, check_posterior, describe
 from ._numerics import logvar_from_var
 from ._sampling import kl_divergence, sample
+from ._structure import Structure
 from ._types import Posterior
 
 InitLogvar = float | Mapping[str, float | Tensor] | Callable[[str, Tensor], float | Tensor]
@@ -176,6 +177,22 @@ def init(
         mean={n: t.requires_grad_() for n, t in mean.items()},
         logvar={n: t.requires_grad_() for n, t in logvar.items()},
     )
+
+
+def check_fits(where: str, st: Structure, module: nn.Module, posterior: Posterior) -> None:
+    r"""Checks, before a draw, that the samples of a posterior will fit `module` (its
+    structure `st`): the names (a tied weight's other names too), shapes, dtypes and
+    devices of its parameters."""
+
+    expected, aliases = st.expected, st.aliases
+    for name, m in posterior.mean.items():
+        e = expected.get(aliases.get(name, name))
+        if e is None or m.shape != e[0] or m.dtype != e[1] or m.device != e[2]:
+            check_matches(where, module, posterior)  # says what does not fit
+            raise ValueError(
+                f"{where}: expected posterior names, shapes, dtypes and devices of "
+                f"{type(module).__name__}'s parameters, got {name!r}"
+            )
 
 
 def check_matches(where: str, module: nn.Module, posterior: Posterior) -> None:

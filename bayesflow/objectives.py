@@ -14,8 +14,10 @@ import torch.nn as nn
 
 from torch import Tensor
 
+from . import _posterior
 from ._checks import (
     check_generator,
+    check_in_dims,
     check_module,
     check_n,
     check_not_bridge,
@@ -25,6 +27,7 @@ from ._checks import (
 from ._compat import in_func_transform, is_compiling
 from ._engine import run
 from ._options import call_options
+from ._structure import lock, structure
 from ._types import Posterior
 from .local import local_with_options
 from .priors import Prior, check_prior, prior_kl, sample_and_kl
@@ -160,6 +163,10 @@ def _nelbo(
     opts = call_options(where, fn, chunk_size, True, in_dims, randomness, vectorized, max_memory)
 
     if estimator == "weights":
+        # The samples must fit the module before the draw: a failed call draws nothing.
+        with lock(module):
+            _posterior.check_fits(where, structure(module), module, posterior)
+        check_in_dims(where, args, in_dims, n)
         params, kl = sample_and_kl(where, posterior, n, generator, prior)
         ll = run(module, params, args, opts)
     else:

@@ -252,3 +252,38 @@ def test_docs_examples_run():
     assert len(blocks) >= 4
 
     exec(compile("\n".join(blocks), str(page), "exec"), {})
+
+
+@pytest.mark.parametrize("estimator", ["weights", "local"])
+def test_a_posterior_that_does_not_fit_draws_nothing(estimator):
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    q = bf.init(net, init_logvar=-3.0)
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+
+    def fn(m, x, y):
+        return -(m(x) - y).square().sum(-1)
+
+    extra = torch.zeros(2)
+    unknown = bf.Posterior({**q.mean, "nope": extra}, {**q.logvar, "nope": extra})
+    other = bf.Posterior(
+        {k: v.float() for k, v in q.mean.items()}, {k: v.float() for k, v in q.logvar.items()}
+    )
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    before = g.get_state()
+    for bad, kwargs in ((unknown, {}), (other, {}), (q, {"in_dims": (0, None)})):
+        with pytest.raises(ValueError, match="nelbo: expected"):
+            bf.nelbo(
+                net,
+                bad,
+                x,
+                y,
+                fn=fn,
+                num_data=10.0,
+                n=3,
+                generator=g,
+                estimator=estimator,
+                **kwargs,
+            )
+        assert torch.equal(g.get_state(), before)  # no draw: a retry gives the same numbers
+        assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
