@@ -227,10 +227,26 @@ class SWAG:
                         f"{where}: expected {field}[{k!r}] of shape {tuple(m.shape)}, got {got}"
                     )
 
-        self.n = n
+        # Every tensor converted and checked before anything changes.
+        try:
+            mean = {k: state["mean"][k].detach().to(m, copy=True) for k, m in self.mean.items()}
+            m2 = {k: state["m2"][k].detach().to(m, copy=True) for k, m in self._m2.items()}
+        except (RuntimeError, NotImplementedError) as err:
+            raise ValueError(
+                f"{where}: expected tensors that convert to the moments': {err}"
+            ) from None
         for k in self.mean:
-            self.mean[k] = state["mean"][k].detach().to(self.mean[k]).clone()
-            self._m2[k] = state["m2"][k].detach().to(self._m2[k]).clone()
+            if not torch.isfinite(mean[k]).all() or not torch.isfinite(m2[k]).all():
+                raise ValueError(f"{where}: expected finite moments, got others in {k!r}")
+            if (m2[k] < 0).any():
+                raise ValueError(
+                    f"{where}: expected m2 >= 0 (sums of squared deviations), got "
+                    f"{float(m2[k].min())} in {k!r}"
+                )
+
+        self.n = n
+        self.mean.update(mean)
+        self._m2.update(m2)
 
     def __repr__(self) -> str:
         size = sum(m.numel() for m in self.mean.values())

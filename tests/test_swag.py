@@ -231,6 +231,36 @@ def test_bad_input_leaves_module_and_moments_alone():
             ValueError,
             r"SWAG.load_state_dict: expected m2\['0.weight'\] of shape",
         ),
+        (
+            lambda: swag.load_state_dict(
+                {**state, "m2": {**state["m2"], "0.weight": -state["m2"]["0.weight"] - 1}}
+            ),
+            ValueError,
+            r"SWAG.load_state_dict: expected m2 >= 0",
+        ),
+        (
+            lambda: swag.load_state_dict(
+                {**state, "mean": {**state["mean"], "0.bias": state["mean"]["0.bias"] * math.nan}}
+            ),
+            ValueError,
+            r"SWAG.load_state_dict: expected finite moments, got others in '0.bias'",
+        ),
+        (
+            # a later tensor that cannot convert: nothing before it changed
+            lambda: swag.load_state_dict(
+                {
+                    **state,
+                    "n": state["n"] + 5,
+                    "mean": {k: v + 1 for k, v in state["mean"].items()},
+                    "m2": {
+                        **state["m2"],
+                        "2.bias": torch.empty(state["m2"]["2.bias"].shape, device="meta"),
+                    },
+                }
+            ),
+            ValueError,
+            r"SWAG.load_state_dict: expected tensors that convert",
+        ),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):
