@@ -189,7 +189,11 @@ def _nelbo(
         closed = prior is None or not isinstance(prior, Prior) or prior.closed_form
         kl = prior_kl(posterior, prior, generator=generator, n=None if closed else n)
 
-    return kl_weight * kl / num_data - ll.mean()
+    if isinstance(kl_weight, Tensor):
+        kl = kl_weight.reshape(()) * kl  # a weight of shape (1,) gives a scalar loss too
+    elif kl_weight != 1.0:
+        kl = kl_weight * kl
+    return kl / num_data - ll.mean()
 
 
 def loop_nelbo(module: nn.Module, posterior: Posterior, *args: Any, **kwargs: Any) -> Tensor:

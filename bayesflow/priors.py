@@ -49,7 +49,8 @@ def _check_value(where: str, what: str, value: object, positive: bool) -> Value:
         bound = " > 0" if positive else ""
         raise ValueError(f"{where}: expected a finite {what}{bound}, got {value}")
 
-    return float(value) if not isinstance(value, Tensor) else value.detach()
+    # A copy: a prior made from a module's parameters must not move as the module trains.
+    return float(value) if not isinstance(value, Tensor) else value.detach().clone()
 
 
 def _entropy(posterior: Posterior) -> Tensor:
@@ -187,6 +188,9 @@ class GaussianPrior(Prior):
     Arguments:
         mean: The prior mean :math:`m`.
         var: The prior variance :math:`s^2 > 0`.
+
+    Tensors are copied (detached): a prior made from a module's parameters stays where it
+    was made while the module trains.
     """
 
     closed_form = True

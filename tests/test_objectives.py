@@ -287,3 +287,18 @@ def test_a_posterior_that_does_not_fit_draws_nothing(estimator):
             )
         assert torch.equal(g.get_state(), before)  # no draw: a retry gives the same numbers
         assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+def test_a_kl_weight_of_one_element_gives_a_scalar_loss():
+    net = zuko.nn.MLP(3, 2, hidden_features=(8,))
+    q = bf.init(net, init_logvar=-3.0)
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+
+    def loss(kl_weight):
+        g = torch.Generator(torch.get_default_device()).manual_seed(5)
+        return bf.nelbo(net, q, x, y, fn=mse, num_data=10, n=2, generator=g, kl_weight=kl_weight)
+
+    for weight in (torch.tensor([0.5]), torch.tensor([[0.5]]), torch.tensor(0.5)):
+        out = loss(weight)
+        assert out.shape == () and torch.equal(out, loss(0.5))
+    assert torch.allclose(loss(1.0) - loss(0.0), bf.kl_divergence(q) / 10, atol=1e-12)

@@ -225,3 +225,16 @@ def test_per_parameter_tensors_are_detached_copies():
     prior = GaussianPrior(0.0, var)
 
     assert all(not v.requires_grad for v in prior.var.values())
+
+
+def test_a_prior_made_from_live_tensors_does_not_move_with_them():
+    net, q = _posterior()
+    mean = {k: p.detach() for k, p in net.named_parameters() if k in q.mean}  # the module's
+    prior = GaussianPrior(mean, 0.5)
+    kl = prior.kl(q)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)  # a training step moves the module
+    assert torch.equal(prior.kl(q), kl)
+    expected = bf.priors.GaussianPrior({k: v - 1.0 for k, v in mean.items()}, 0.5).kl(q)
+    assert torch.allclose(kl, expected)
