@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _posterior
-from ._checks import check_bool, check_generator, check_module, check_n
+from ._checks import check_bool, check_generator, check_in_dims, check_module, check_n
 from ._engine import hold, run
 from ._layers import Cached, LocalPlan
 from ._options import call_options
@@ -143,8 +143,11 @@ class BayesianModel(nn.Module):
             A deep copy of the base model.
         """
 
+        where = "BayesianModel.sample_model"
         with torch.no_grad():
-            params = self.sample_params(generator=generator)
+            params = {
+                k: v[0] for k, v in _posterior.sample(where, self.posterior, 1, generator).items()
+            }
 
         new = copy.deepcopy(self.base)
         new.load_state_dict(params, strict=False)
@@ -258,6 +261,7 @@ class BayesianModel(nn.Module):
         k = 1 if n is None else check_n(where, n)
         opts = call_options(where, fn, chunk_size, fallback, in_dims, randomness, True, max_memory)
         check_generator(where, generator)
+        check_in_dims(where, args, in_dims, k)  # before the draw: a failed call draws nothing
         params = _posterior.sample(where, self.posterior, k, generator)
         out = run(self.base, params, args, opts)
 

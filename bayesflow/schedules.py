@@ -60,8 +60,10 @@ class LinearWarmup:
 
     def __post_init__(self) -> None:
         check_int("LinearWarmup", "steps", self.steps)
-        check_number("LinearWarmup", "weight", self.weight, 0.0, strict=False)
-        check_number("LinearWarmup", "start", self.start, 0.0, strict=False)
+        # Floats, as documented (a one-element tensor gave tensors).
+        for name in ("weight", "start"):
+            value = check_number("LinearWarmup", name, getattr(self, name), 0.0, strict=False)
+            object.__setattr__(self, name, value)
 
     def __call__(self, step: int) -> float:
         r"""Returns the KL weight at training step `step >= 0`."""
@@ -99,10 +101,12 @@ class CyclicalSchedule:
 
     def __post_init__(self) -> None:
         check_int("CyclicalSchedule", "period", self.period)
-        check_number("CyclicalSchedule", "ratio", self.ratio, 0.0, strict=True)
-        if self.ratio > 1:
-            raise ValueError(f"CyclicalSchedule: expected 0 < ratio <= 1, got {self.ratio}")
-        check_number("CyclicalSchedule", "weight", self.weight, 0.0, strict=False)
+        ratio = check_number("CyclicalSchedule", "ratio", self.ratio, 0.0, strict=True)
+        if ratio > 1:
+            raise ValueError(f"CyclicalSchedule: expected 0 < ratio <= 1, got {ratio}")
+        weight = check_number("CyclicalSchedule", "weight", self.weight, 0.0, strict=False)
+        object.__setattr__(self, "ratio", ratio)
+        object.__setattr__(self, "weight", weight)
 
     def __call__(self, step: int) -> float:
         r"""Returns the KL weight at training step `step >= 0`."""

@@ -281,3 +281,16 @@ def test_init_logvar_noise_like_zuko():
 
     assert abs(lv.mean().item() + 4.0) < 5 * 1e-3 / math.sqrt(lv.numel())
     assert abs(lv.std().item() - 1e-3) < 5 * 1e-3 / math.sqrt(2 * lv.numel())
+
+
+def test_failed_calls_draw_nothing_and_name_the_method():
+    bnet = bf.BayesianModel(zuko.nn.MLP(3, 2))
+    x = torch.randn(5, 3)
+    state = torch.random.get_rng_state()
+    with pytest.raises(
+        ValueError, match=r"BayesianModel\.forward: expected argument 0 to be per-sample"
+    ):
+        bnet(x, n=4, in_dims=(0,))  # x has no sample dim of 4
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with pytest.raises(TypeError, match=r"BayesianModel\.sample_model: expected generator"):
+        bnet.sample_model(generator=1)

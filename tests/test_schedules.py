@@ -1,6 +1,7 @@
 r"""Tests for bayesflow.schedules: KL weights over training steps."""
 
 import pytest
+import torch
 
 import bayesflow as bf
 
@@ -28,3 +29,16 @@ def test_schedules():
         constant(-1)
     with pytest.raises(TypeError, match="CyclicalSchedule: expected step"):
         cyclical(1.0)
+
+
+def test_a_tensor_weight_gives_floats():
+    weight = torch.tensor(2.0)
+    for schedule in (
+        bf.ConstantSchedule(weight),
+        bf.LinearWarmup(steps=4, weight=weight, start=torch.tensor([0.5])),
+        bf.CyclicalSchedule(period=4, ratio=torch.tensor(0.5), weight=weight),
+    ):
+        values = [schedule(t) for t in range(6)]
+        assert all(type(v) is float for v in values), schedule
+    assert bf.LinearWarmup(steps=4, weight=weight, start=torch.tensor([0.5]))(2) == 1.25
+    assert bf.CyclicalSchedule(period=4, ratio=torch.tensor(0.5), weight=weight)(1) == 1.0
