@@ -182,7 +182,12 @@ class BayesianModel(nn.Module):
                 that keep their `forward` (such as zuko's `MaskedLinear`): their outputs,
                 rather than their weights, are sampled, with fresh noise per example, where
                 that is exact (inputs `(B, in)`: see :func:`bayesflow.local_call`).
-                Convolutions, and linear layers on inputs with positions, use the sample.
+                Convolutions, linear layers on inputs with positions, and layers whose
+                weight or bias another module holds too (tied) use the sample. As in
+                zuko, the noise of a layer is drawn once per output shape for the whole
+                block: a layer that `fn` calls more than once per pass (a weight-shared
+                block) does not have the joint law of one weight there; use
+                :func:`bayesflow.local_call`, which samples such layers whole.
             generator: The source of randomness; the global one if :py:`None`.
 
         Yields:
@@ -200,7 +205,9 @@ class BayesianModel(nn.Module):
         changes = []
         if local_trick:
             plan = LocalPlan(self.base, self.posterior, lazy=True)
-            changes = plan.forwards(Cached(generator), plan.layers)
+            # A layer tied to another module keeps the held sample, as its other holders.
+            local = [k for k in plan.layers if k not in plan.tied]
+            changes = plan.forwards(Cached(generator), local)
 
         with hold(self.base, params, changes) as base:
             yield base

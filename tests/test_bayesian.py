@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import zuko
 import zuko.bayesian
 
@@ -294,3 +295,16 @@ def test_failed_calls_draw_nothing_and_name_the_method():
     assert torch.equal(torch.random.get_rng_state(), state)
     with pytest.raises(TypeError, match=r"BayesianModel\.sample_model: expected generator"):
         bnet.sample_model(generator=1)
+
+
+def test_local_trick_leaves_tied_layers_with_the_held_sample():
+    net = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    net[2].weight = net[0].weight
+    bnet = bf.BayesianModel(net, init_logvar=-2.0)
+    x = torch.randn(4, 3)
+    with bnet.reparameterize(local_trick=True, generator=torch.Generator().manual_seed(0)) as m:
+        w = m[0].weight  # the held sample, in both places
+        assert m[2].weight is w
+        expected = F.linear(torch.tanh(F.linear(x, w, m[0].bias)), w, m[2].bias)
+        assert torch.equal(m(x), expected)
+    assert not torch.equal(w, bnet.posterior.mean["0.weight"])  # a sample, not the mean
