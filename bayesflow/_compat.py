@@ -19,6 +19,7 @@ __all__ = [
     "fused_rnn",
     "in_func_transform",
     "is_compiling",
+    "is_metadata",
     "is_wrapped",
     "load_jvp_decompositions",
     "no_saved_tensors_hooks",
@@ -290,3 +291,34 @@ def function_apply(cls: type[torch.autograd.Function], *args: Any) -> Any:
             args = unwrap_dead_wrappers(args)
         return super(torch.autograd.Function, cls).apply(*args)
     return custom_function_call(cls, *args)
+
+
+# Operations that read a tensor's metadata, not its values: methods, and properties by name
+# (`.T`, `.mT` or `.data` are values).
+_METADATA = {
+    Tensor.size,
+    Tensor.dim,
+    Tensor.numel,
+    Tensor.stride,
+    Tensor.is_floating_point,
+    Tensor.is_complex,
+    Tensor.is_contiguous,
+    Tensor.element_size,
+    Tensor.__len__,
+}
+_PROPERTIES = {
+    "shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_leaf", "grad",
+    "grad_fn", "names", "is_cuda", "is_sparse", "is_quantized", "is_meta", "is_nested",
+}  # fmt: skip
+
+
+def is_metadata(func: Any) -> bool:
+    r"""Whether a torch function (as a :class:`torch.overrides.TorchFunctionMode` sees it)
+    reads only a tensor's metadata (its shape, dtype, device, ...), not its values."""
+
+    if func in _METADATA:
+        return True
+    owner = getattr(func, "__self__", None)
+    return getattr(func, "__name__", "") == "__get__" and getattr(owner, "__name__", "") in (
+        _PROPERTIES
+    )

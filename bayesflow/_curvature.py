@@ -21,13 +21,15 @@ import math
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from torch import Tensor
 from torch.func import grad, vjp, vmap
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from . import _posterior
 from ._checks import (
@@ -38,6 +40,7 @@ from ._checks import (
     check_not_bridge,
     check_number,
 )
+from ._compat import is_metadata
 from .call import vmap_call
 
 #: The curvatures :func:`bayesflow.laplace_fit` computes: the generalized Gauss-Newton
@@ -280,16 +283,72 @@ def last_layer(module: nn.Module, names: Sequence[str]) -> LastLayer | None:
     return None
 
 
-def capture(layer: nn.Module, call: Callable[[], Tensor], leaf: bool = False) -> tuple | None:
-    r"""Runs `call()` and returns its result with the input :math:`\phi` `(B, d)` and
-    output :math:`z` `(B, C)` of `layer`, or :py:`None` unless `layer` ran once on a
-    matrix. With `leaf`, `z` is a leaf whose copy the rest of the call continues from,
-    recorded, for the gradient of the result in `z`."""
+class _Elsewhere(TorchFunctionMode):
+    r"""Records whether a torch function outside the calls of `layer` takes one of its
+    parameters `names`: the ones it holds now (swapped in, maybe), or held on entry."""
+
+    def __init__(self, layer: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        self.layer, self.names = layer, names
+        self.held = [getattr(layer, n) for n in names]
+        self.depth = 0
+        self.found = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if not (self.depth or self.found or is_metadata(func)):
+            held = [*self.held, *(getattr(self.layer, n) for n in self.names)]
+            self.found = any(a is t for a in tree_leaves((args, kwargs)) for t in held)
+        return func(*args, **kwargs)
+
+
+class Captured(NamedTuple):
+    r"""What :func:`capture` saw of a call: its result, the input :math:`\phi` `(B, d)` and
+    output :math:`z` `(B, C)` of the layer (or :py:`None`), and the output of the root
+    module's one call (or :py:`None`)."""
+
+    result: Any
+    features: tuple[Tensor, Tensor] | None
+    root: Any
+
+
+def attributes(found: LastLayer) -> list[str]:
+    r"""Returns the names, in the layer, of the parameters of `found`: `weight`, maybe
+    `bias`."""
+
+    return [n.rpartition(".")[2] for n in (found.weight, found.bias) if n is not None]
+
+
+def capture(
+    layer: nn.Module,
+    call: Callable[[], Any],
+    leaf: bool = False,
+    alone: Sequence[str] = (),
+    root: nn.Module | None = None,
+) -> Captured:
+    r"""Runs `call()` and returns its result with the input and output of `layer`, or with
+    :py:`None` for them unless `layer` ran once on a matrix and no torch function outside
+    that call took its parameters named in `alone`; and the output of `root`, if it ran
+    once. With `leaf`, :math:`z` is a leaf whose copy the rest of the call continues from,
+    recorded, for the gradient of the result in :math:`z`."""
 
     seen = []
+    roots = []
     grad_mode = torch.is_grad_enabled()
+    # The closed form holds where the parameters enter the result through this one call
+    # alone. A numerical check on some example cannot tell: another use of the weight
+    # may vanish there (a first row of zeros). The graph can, on one pass: no function
+    # outside the call, a mode sees them all, takes the parameters (what it reads of
+    # them, not their metadata), as a function of no particular example.
+    mode = _Elsewhere(layer, alone) if alone else None
+
+    def enter(m: nn.Module, inputs: tuple) -> None:
+        if mode is not None:
+            mode.depth += 1
 
     def hook(m: nn.Module, inputs: tuple, out: Tensor) -> Tensor | None:
+        if mode is not None:
+            mode.depth -= 1
         seen.append((inputs[0] if inputs else None, out))
         if leaf and len(seen) == 1 and isinstance(out, Tensor):
             # Only what follows the layer is recorded: gradients are switched on here, inside
@@ -300,18 +359,27 @@ def capture(layer: nn.Module, call: Callable[[], Tensor], leaf: bool = False) ->
             return z.clone()  # not the leaf itself: an in-place ReLU may follow
         return None
 
-    handle = layer.register_forward_hook(hook)
+    handles = [layer.register_forward_pre_hook(enter)]
+    handles.append(layer.register_forward_hook(hook, always_call=True))
+    if root is not None:
+        handles.append(root.register_forward_hook(lambda m, inputs, out: roots.append(out)))
     try:
-        result = call()
+        if mode is None:
+            result = call()
+        else:
+            with mode:
+                result = call()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         torch.set_grad_enabled(grad_mode)
-    if len(seen) != 1:
-        return None
+    out = roots[0] if len(roots) == 1 else None
+    if len(seen) != 1 or (mode is not None and mode.found):
+        return Captured(result, None, out)
     phi, z = seen[0]
     if not (isinstance(phi, Tensor) and isinstance(z, Tensor) and phi.dim() == z.dim() == 2):
-        return None
-    return result, phi, z
+        return Captured(result, None, out)
+    return Captured(result, (phi, z), out)
 
 
 def _layer_step(found: LastLayer, phi: Tensor, lam: Tensor) -> dict[str, Tensor]:
@@ -325,15 +393,27 @@ def _layer_step(found: LastLayer, phi: Tensor, lam: Tensor) -> dict[str, Tensor]
     return h
 
 
+def _fits(got: tuple[Tensor, Tensor] | None, size: int) -> bool:
+    return got is not None and got[0].shape[0] == got[1].shape[0] == size
+
+
+def _equal(f: object, z: Tensor) -> bool:
+    r"""Whether `f` holds the numbers of `z`, `(B, C)`, maybe without its dim of one."""
+
+    return isinstance(f, Tensor) and f.numel() == z.numel() and torch.equal(f.reshape(z.shape), z)
+
+
 class _Closed(NamedTuple):
     r"""A batch in closed form: its curvature, `fn` per datum, the curvature of its first
-    example, and what the per-example path is checked against (`fn` for the empirical
-    Fisher, `output` for the GGN on the first batch)."""
+    example, what the per-example path is checked against (`fn` for the empirical Fisher,
+    `output` for the GGN), and, for the GGN, whether `output` returns the module's own
+    output as it is (then later batches need no call of `output`)."""
 
     h: dict[str, Tensor]
     ll: Tensor
     one: dict[str, Tensor]
-    value: Tensor | None
+    value: Tensor
+    own: bool
 
 
 def _last_layer_batch(
@@ -343,42 +423,61 @@ def _last_layer_batch(
     options: FitOptions,
     found: LastLayer,
     batch: Batch,
-    first: bool,
+    own: bool | None,
 ) -> _Closed | None:
     r"""The curvature of a batch in closed form, from one call of `fn` that records the
-    layer's input and output (and, on the `first` batch, one of `output`, which must be
-    the layer's output); :py:`None` where the closed form does not apply."""
+    layer's input and output; :py:`None` where the closed form does not apply.
+
+    For the GGN, `output` must be the layer's output on every batch. On the first batch
+    (`own` is :py:`None`), `output` runs too, and must return the module's own output as it
+    is (`own`): then later batches compare that output with the layer's, both read from the
+    call of `fn`; else `output` runs on every batch. The first batch also checks that the
+    layer's parameters enter `fn` (the empirical Fisher) or `output` (the GGN) through the
+    layer alone."""
 
     size = batch[0].shape[0]
-    ef = options.hessian == "ef"
-    got = capture(found.layer, lambda: fn(module, *batch), leaf=ef)
-    if got is None or got[1].shape[0] != size or got[2].shape[0] != size:
-        return None
-    ll, phi, z = got
-    ll = check_per_datum(where, "fn", ll, size)
-    value = None
-    if ef:
-        if not ll.requires_grad:
+    first = own is None
+    alone = attributes(found) if first else []
+    if options.hessian == "ef":
+        got = capture(found.layer, lambda: fn(module, *batch), leaf=True, alone=alone)
+        ll = check_per_datum(where, "fn", got.result, size)
+        if not _fits(got.features, size) or not ll.requires_grad:
             return None
+        phi, z = got.features
         with torch.enable_grad():
             (g,) = torch.autograd.grad(ll.sum(), z)
         lam = g.square()
         value = ll = ll.detach()
     else:
-        if first:
-            value = check_per_datum(where, "output", options.output(module, *batch), size)
+        got = capture(found.layer, lambda: fn(module, *batch), root=module)
+        ll = check_per_datum(where, "fn", got.result, size)
+        if own:
+            if not _fits(got.features, size) or not _equal(got.root, got.features[1]):
+                return None  # an output that leaves the layer's on this batch (a late clamp)
+            phi, z = got.features
+            value = got.root
+        else:
+            out = capture(
+                found.layer, lambda: options.output(module, *batch), alone=alone, root=module
+            )
+            value = check_per_datum(where, "output", out.result, size)
             _check_output(where, options.likelihood, value)
-            if value.reshape(size, -1).shape != z.shape or not torch.equal(
-                value.reshape(z.shape), z
-            ):
+            if not _fits(out.features, size) or not _equal(value, out.features[1]):
                 return None
+            phi, z = out.features
+            if first:
+                own = (
+                    out.result is out.root
+                    and _fits(got.features, size)
+                    and all(map(torch.equal, got.features, out.features))
+                )
         if options.likelihood == "classification":
             p = z.softmax(dim=-1)
             lam = p - p.square()
         else:
             lam = torch.full_like(z, options.sigma**-2)
     one = _layer_step(found, phi[:1], lam[:1])
-    return _Closed(_layer_step(found, phi, lam), ll, one, value)
+    return _Closed(_layer_step(found, phi, lam), ll, one, value, bool(own))
 
 
 def _agree(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
@@ -391,15 +490,18 @@ def fit(
     r"""Returns the trained parameters, the curvature diagonals, the log-likelihood and the
     number of data, in one pass over `data`.
 
-    Where the parameters are one linear layer's, and for the GGN its output is the model's
-    (checked on the first batch), each batch takes one call of `fn` and the closed form; the
-    first example is checked against the per-example path, which takes over where they
-    differ (the layer's weight also used elsewhere) or the closed form does not apply."""
+    Where the parameters are one linear layer's, each batch takes the closed form from
+    one call of `fn` (and of `output`, for a GGN whose `output` is not the module's own;
+    `output` must be the layer's output on every batch). The first batch checks that no
+    operation outside the layer's one call takes its parameters, and its first example is
+    checked against the per-example path. From the first batch where any of this fails,
+    the per-example path takes over: the curvature is a sum over batches, and the batches
+    before were in closed form rightly."""
 
     params = {k: module.get_parameter(k).detach() for k in options.names}
     h = {k: torch.zeros_like(p) for k, p in params.items()}
     found = last_layer(module, options.names)
-    checked = False
+    own = None  # before the first batch in closed form; then, for the GGN, see _Closed
     log_likelihood = None
     num_data = 0
 
@@ -409,14 +511,14 @@ def fit(
             fast = None
             if found is not None:
                 try:
-                    fast = _last_layer_batch(where, module, fn, options, found, batch, not checked)
+                    fast = _last_layer_batch(where, module, fn, options, found, batch, own)
                 except RuntimeError:
                     fast = None  # the per-example path runs, and raises what is wrong
-            if fast is not None and not checked:
+            if fast is not None and own is None:
                 one = tuple(t[:1] for t in batch)
                 slow = _slow_batch(where, module, fn, options, params, one, fast.value[:1])
-                checked = _agree(fast.one, slow[0])
-                fast = fast if checked else None
+                fast = fast if _agree(fast.one, slow[0]) else None
+                own = None if fast is None else fast.own
             if fast is not None:
                 step, ll = fast.h, fast.ll
             else:

@@ -35,7 +35,7 @@ from torch import Size, Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ._compat import ConvNd, flat_cat, in_func_transform, is_compiling
+from ._compat import ConvNd, flat_cat, in_func_transform, is_compiling, is_metadata
 from ._errors import Passthrough
 from ._numerics import spread
 
@@ -193,20 +193,6 @@ class Recorder(Noise):
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-# Operations that read a tensor's metadata, not its values.
-_METADATA = {
-    Tensor.size,
-    Tensor.dim,
-    Tensor.numel,
-    Tensor.stride,
-    Tensor.is_floating_point,
-    Tensor.is_complex,
-    Tensor.is_contiguous,
-    Tensor.element_size,
-    Tensor.__len__,
-}
-
-
 class _Reads(TorchFunctionMode):
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
@@ -214,7 +200,7 @@ class _Reads(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func not in _METADATA and getattr(func, "__name__", "") != "__get__":
+        if not is_metadata(func):
             rec = self.recorder
             for a in tree_leaves((args, kwargs)):
                 owner = rec.watched.get(id(a)) if isinstance(a, Tensor) else None

@@ -98,7 +98,8 @@ def laplace_fit(
     semi-definite and is the better choice; the empirical Fisher needs only `fn` (Kunstner
     et al., 2019, on its limits).
 
-    A last layer costs one forward pass per batch: for the weight :math:`W` (and bias
+    A last layer costs one forward pass per batch (and one of `output`, where it does not
+    return the module's output itself, as `module(x)` does): for the weight :math:`W` (and bias
     :math:`b`) of one :class:`torch.nn.Linear` whose output is `output`'s, with input
     features :math:`\phi_i` (read by a forward hook),
 
@@ -107,9 +108,12 @@ def laplace_fit(
 
     and for the empirical Fisher of any linear layer that runs once,
     :math:`\Lambda_{i,cc}` is replaced by :math:`g_{ic}^2`, with :math:`g_i` the gradient
-    of :math:`\ell_i` in the layer's output. This closed form is used by itself, and checked
-    on the first example against the per-example path, which takes over where they differ
-    (the weight also used elsewhere in the net).
+    of :math:`\ell_i` in the layer's output. This closed form is used by itself where it
+    holds: the layer runs once per call, no operation outside that call takes its
+    parameters (seen on the first batch, whatever the data: a second use of the weight
+    that vanishes on some examples still counts), for the GGN `output` equals the layer's
+    output on every batch, and the first example gives what the per-example path gives.
+    From the first batch where one of these fails, the per-example path takes over.
 
     The module is evaluated in evaluation mode (dropout off, BatchNorm on its running
     statistics), and left in the modes, and with the parameters and buffers, it had.

@@ -24,7 +24,16 @@ from ._checks import (
     check_same_shape,
     check_tensor,
 )
-from ._curvature import Fn, LastLayer, capture, check_per_datum, last_layer, per_example
+from ._curvature import (
+    Fn,
+    LastLayer,
+    attributes,
+    capture,
+    check_per_datum,
+    evaluating,
+    last_layer,
+    per_example,
+)
 from ._numerics import var as _var
 from ._types import Posterior
 from .call import vmap_call
@@ -32,16 +41,20 @@ from .posterior import mean_params
 
 
 def _last_layer_variance(
-    module: nn.Module, posterior: Posterior, fn: Fn, args: tuple, found: LastLayer
-) -> tuple[Tensor, Tensor] | None:
-    r"""The mean and variance of the output from the layer's input features, where the
-    layer's output is `fn`'s; checked on the first example against the Jacobians."""
+    module: nn.Module,
+    posterior: Posterior,
+    fn: Fn,
+    args: tuple,
+    found: LastLayer,
+    out: Tensor,
+    phi: Tensor,
+    z: Tensor,
+) -> Tensor | None:
+    r"""The variance of the output from the layer's input features :math:`\phi`, where the
+    layer's output :math:`z` is `fn`'s, `out`; checked on the first example against the
+    Jacobians."""
 
-    got = capture(found.layer, lambda: vmap_call(module, mean_params(posterior), *args, fn=fn)[0])
-    if got is None:
-        return None
-    out, phi, z = got
-    if not isinstance(out, Tensor) or out.shape != z.shape or not torch.equal(out, z):
+    if out.shape != z.shape or not torch.equal(out, z):
         return None
     f_var = phi.square() @ _var(posterior.logvar[found.weight]).T
     if found.bias is not None:
@@ -49,10 +62,8 @@ def _last_layer_variance(
     one = _jacobian_variance(module, posterior, fn, tuple(a[:1] for a in args), None)
     tol = math.sqrt(torch.finfo(f_var.dtype).eps)
     if not torch.allclose(f_var[:1], one, rtol=tol, atol=tol * one.abs().max().item()):
-        return None  # the layer's weight is also used elsewhere
-    return out, f_var
-
-    return out, f_var
+        return None
+    return f_var
 
 
 def linearized_predictive(
@@ -71,10 +82,16 @@ def linearized_predictive(
 
     the GLM predictive of Laplace Redux, per output (the diagonal of its covariance). For
     a posterior over the last :class:`torch.nn.Linear` layer alone, whose output is that of
-    `fn`, the model is linear in those parameters and the variance is read from the
-    layer's input features :math:`\phi` (a forward hook) as
-    :math:`\phi^2 \sigma_W^{2\top} + \sigma_b^2`; otherwise the Jacobians come from
-    :func:`torch.func.jacrev` vectorized over the examples.
+    `fn` and whose parameters no other operation of `fn` takes, the model is linear in
+    those parameters and the variance is read from the layer's input features
+    :math:`\phi` (a forward hook) as :math:`\phi^2 \sigma_W^{2\top} + \sigma_b^2`;
+    otherwise the Jacobians come from :func:`torch.func.jacrev` vectorized over the
+    examples.
+
+    The module is evaluated in evaluation mode (dropout off, BatchNorm on its running
+    statistics), as by :func:`bayesflow.laplace_fit`: the linearized model is that of the
+    evaluation-mode network. It is left in the modes, and with the parameters and buffers,
+    it had, also where the call raises.
 
     Example:
         >>> net = zuko.nn.MLP(4, 3, hidden_features=[8])
@@ -96,6 +113,11 @@ def linearized_predictive(
         The mean :math:`f(x, \mu)` and the variance, two tensors of the output's shape,
         detached.
 
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If the posterior's names or shapes are not the module's, the inputs do
+            not share a leading batch dim, or `fn` does not return `(B, C)` or `(B,)`.
+
     References:
         | Laplace Redux -- Effortless Bayesian Deep Learning (Daxberger et al., 2021)
         | https://arxiv.org/abs/2106.14806
@@ -112,31 +134,38 @@ def linearized_predictive(
     if not args:
         raise ValueError(f"{where}: expected at least one input tensor, got none")
     for j, a in enumerate(args):
-        if not isinstance(a, Tensor) or a.dim() == 0 or a.shape[0] != args[0].shape[0]:
-            what = f"shape {tuple(a.shape)}" if isinstance(a, Tensor) else type(a).__name__
+        if not isinstance(a, Tensor):
+            raise TypeError(
+                f"{where}: expected input tensors that share a leading batch dim, got "
+                f"{type(a).__name__} at position {j}"
+            )
+        if a.dim() == 0 or a.shape[0] != args[0].shape[0]:
             raise ValueError(
-                f"{where}: expected input tensors that share a leading batch dim, got {what} "
-                f"at position {j}"
+                f"{where}: expected input tensors that share a leading batch dim, got shape "
+                f"{tuple(a.shape)} at position {j}"
             )
     fn = (lambda m, *a: m(*a)) if fn is None else fn
     size = args[0].shape[0]
     names = list(posterior.mean)
 
-    with torch.no_grad():
-        out = check_per_datum(
-            where, "fn", vmap_call(module, mean_params(posterior), *args, fn=fn)[0], size
-        )
+    def call() -> Tensor:
+        return vmap_call(module, mean_params(posterior), *args, fn=fn)[0]
+
+    with evaluating(module), torch.no_grad():
+        found = last_layer(module, names)
+        if found is None:
+            out, got = call(), None
+        else:
+            out, got, _ = capture(found.layer, call, alone=attributes(found))
+        out = check_per_datum(where, "fn", out, size)
         if out.dim() > 2:
             raise ValueError(
                 f"{where}: expected fn to return (B, C) or (B,), got {tuple(out.shape)}"
             )
-
-        found = last_layer(module, names)
-        if found is not None:
-            last = _last_layer_variance(module, posterior, fn, args, found)
-            if last is not None:
-                return last[0].detach(), last[1].detach()
-
+        if got is not None:
+            f_var = _last_layer_variance(module, posterior, fn, args, found, out, *got)
+            if f_var is not None:
+                return out.detach(), f_var.detach()
         f_var = _jacobian_variance(module, posterior, fn, args, chunk_size)
     return out.detach(), f_var.reshape(out.shape)
 
@@ -180,6 +209,9 @@ def probit_probs(mean: Tensor, var: Tensor) -> Tensor:
     Returns:
         Probabilities of the shape of `mean`, summing to 1 over the last dim.
 
+    Raises:
+        ValueError: If a variance is negative or NaN.
+
     References:
         | The Evidence Framework Applied to Classification Networks (MacKay, 1992)
         | https://doi.org/10.1162/neco.1992.4.5.720
@@ -191,7 +223,8 @@ def probit_probs(mean: Tensor, var: Tensor) -> Tensor:
     check_float(where, "mean", mean)
     check_float(where, "var", var)
     check_same_shape(where, mean=mean, var=var)
-    if (var < 0).any():
-        raise ValueError(f"{where}: expected variances >= 0, got {var.min().item()}")
+    bad = ~(var >= 0)  # NaN too
+    if bad.any():
+        raise ValueError(f"{where}: expected variances >= 0, got {var[bad][0].item()}")
     kappa = (1 + math.pi / 8 * var).rsqrt()
     return (kappa * mean).softmax(dim=-1)

@@ -32,6 +32,14 @@ needs_laplace = pytest.mark.skipif(
 SIGMA = 0.7
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mlp(outputs=3):
     torch.manual_seed(0)
     return nn.Sequential(
@@ -317,12 +325,20 @@ def test_the_last_layer_closed_form_matches_the_per_example_path(name, monkeypat
     build, fn, likelihood, kind = CASES[case]
     module = build()
     x, y = data(kind, n=17)
-    kw = dict(hessian=hessian, output=output, likelihood=likelihood, sigma=SIGMA, include=include)
+    outputs = []
+
+    def counted(m, x, y):
+        outputs.append(len(x))
+        return output(m, x, y)
+
+    kw = dict(hessian=hessian, output=counted, likelihood=likelihood, sigma=SIGMA, include=include)
     before = snapshot(module)
 
     sizes = per_example_calls(monkeypatch)
     fast = bf.laplace_fit(module, fn, batches(x, y, 6), **kw)
     assert sizes == [1]  # the closed form, checked on one example
+    # The GGN reads the output of later batches off the call of `fn`.
+    assert outputs == ([6, 1] if hessian == "ggn" else [])
     monkeypatch.setattr(_curvature, "last_layer", lambda module, names: None)
     slow = bf.laplace_fit(module, fn, batches(x, y, 6), **kw)
     assert sizes == [1, 6, 6, 5]
@@ -422,6 +438,150 @@ def test_the_closed_form_before_an_in_place_activation(monkeypatch):
     for k, h in fit.hessian.items():
         assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12), k
     assert sizes == [1]
+
+
+class Elsewhere(nn.Module):
+    r"""A last layer whose weight also enters the net before it, by `use`, a use that
+    vanishes on an input row of zeros; or only its shape is read there (`use=None`)."""
+
+    def __init__(self, use):
+        super().__init__()
+        self.use = use
+        self.out = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if self.use is None:
+            return self.out(torch.tanh(x[:, : self.out.weight.shape[1]]))
+        return self.out(torch.tanh(self.use(x, self.out.weight)))
+
+
+USES = {
+    "functional": lambda x, w: F.linear(x, w),
+    "transpose": lambda x, w: x @ w.T,
+}
+
+
+def jacrev_ggn_and_ef(module, x, y, names):
+    r"""The exact GGN and empirical Fisher, by torch.func.jacrev and grad per example."""
+
+    params = {k: module.get_parameter(k).detach() for k in names}
+    ggn = {k: torch.zeros_like(p) for k, p in params.items()}
+    ef = {k: torch.zeros_like(p) for k, p in params.items()}
+    for xi, yi in zip(x, y, strict=True):
+
+        def f(p, xi=xi):
+            return torch.func.functional_call(module, p, (xi[None],))[0]
+
+        jac = torch.func.jacrev(f)(params)
+        p = f(params).softmax(-1)
+        lam = torch.diag(p) - torch.outer(p, p)
+        g = torch.func.grad(lambda p, f=f, yi=yi: -F.cross_entropy(f(p), yi))(params)
+        for k in names:
+            j = jac[k].reshape(len(p), -1)
+            ggn[k] += torch.einsum("cp,cd,dp->p", j, lam, j).view_as(params[k])
+            ef[k] += g[k].square()
+    return ggn, ef
+
+
+@pytest.mark.parametrize("use", USES)
+def test_a_weight_used_elsewhere_where_that_use_vanishes_on_the_first_example(use, monkeypatch):
+    module = Elsewhere(USES[use])
+    x, y = data("classification", n=10)
+    x = x[:, :3].clone()
+    x[0] = 0.0  # the other use of the weight contributes nothing to the first example
+    before = snapshot(module)
+    sizes = per_example_calls(monkeypatch)
+
+    ggn = bf.laplace_fit(module, classification_ll, batches(x, y), **GOOD, include=["out"])
+    ef = bf.laplace_fit(module, classification_ll, batches(x, y), hessian="ef", include=["out"])
+
+    assert unchanged(module, before)
+    expected = jacrev_ggn_and_ef(module, x, y, ["out.weight", "out.bias"])
+    for fit, h in zip((ggn, ef), expected, strict=True):
+        for k in h:
+            assert torch.allclose(fit.hessian[k], h[k], rtol=1e-10, atol=1e-12), k
+    assert sizes[-2:] == [5, 5]  # the per-example path
+
+    q = bf.init(module, init_logvar=-2.0, include=["out"])
+    mean, var = bf.linearized_predictive(module, q, x)
+
+    sigma2 = torch.cat([var_of(q.logvar[k]).reshape(-1) for k in q.mean])
+    for i in range(len(x)):
+        jac = explicit_jacobian(module, x[i], list(q.mean))
+        assert torch.allclose(var[i], (jac.square() * sigma2).sum(1), rtol=1e-10, atol=1e-14)
+    assert torch.allclose(mean, module(x), atol=1e-12)
+
+
+def test_the_closed_form_where_only_the_weight_shape_is_read_elsewhere(monkeypatch):
+    module = Elsewhere(None)
+    x, y = data("classification", n=10)
+    x = x[:, :3]
+    sizes = per_example_calls(monkeypatch)
+
+    ggn = bf.laplace_fit(module, classification_ll, batches(x, y), **GOOD, include=["out"])
+    ef = bf.laplace_fit(module, classification_ll, batches(x, y), hessian="ef", include=["out"])
+
+    assert sizes == [1, 1]  # the closed form, checked on one example each
+    expected = jacrev_ggn_and_ef(module, x, y, ["out.weight", "out.bias"])
+    for fit, h in zip((ggn, ef), expected, strict=True):
+        for k in h:
+            assert torch.allclose(fit.hessian[k], h[k], rtol=1e-10, atol=1e-12), k
+
+
+class NonNegative(nn.Module):
+    r"""A regression net whose mean may be clamped at zero after its last layer."""
+
+    def __init__(self, clamp):
+        super().__init__()
+        self.clamp = clamp
+        self.body = nn.Sequential(nn.Linear(2, 6), nn.Tanh())
+        self.out = nn.Linear(6, 1)
+
+    def forward(self, x):
+        z = self.out(self.body(x))
+        return z.clamp(min=0.0).squeeze(-1) if self.clamp else z
+
+
+# Where the mean is clamped: the module's own output as it is (one call per batch), or an
+# output that is not (a call of `fn` and one of `output` per batch); and no clamp at all.
+CLAMPS = {
+    "in-the-module": (True, lambda f: f, [1, 4, 4]),
+    "in-output": (False, lambda f: f.clamp(min=0.0).squeeze(-1), [1, 4, 4]),
+    "none": (False, lambda f: f.squeeze(-1), [1]),
+}
+
+
+@pytest.mark.parametrize("where", CLAMPS)
+def test_an_output_that_leaves_the_layers_on_a_later_batch_only(where, monkeypatch):
+    clamp, post, calls = CLAMPS[where]
+    torch.manual_seed(0)
+    module = NonNegative(clamp)
+    x = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = module.out(module.body(x)).squeeze(-1)
+        x = x[torch.argsort(z - z.median(), descending=True)]
+        module.out.bias -= z.median()  # half clamped, all in the later batches
+        y = post(module(x)) + 0.1
+    out = lambda m, x, y: post(m(x))
+    fn = lambda m, x, y: torch.distributions.Normal(out(m, x, y), SIGMA).log_prob(y)
+    sizes = per_example_calls(monkeypatch)
+
+    fit = bf.laplace_fit(
+        module, fn, batches(x, y, 4), output=out, likelihood="regression", sigma=SIGMA,
+        include=["out"],
+    )  # fmt: skip
+
+    names = ["out.weight", "out.bias"]
+    params = {k: module.get_parameter(k).detach() for k in names}
+    f = lambda p, xi: post(torch.func.functional_call(module, p, (xi[None],)))[0]
+    jac = torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0))(params, x)
+    for k in names:
+        expected = jac[k].square().sum(0) / SIGMA**2
+        assert torch.allclose(fit.hessian[k], expected, rtol=1e-10, atol=1e-12), k
+    if where != "none":
+        assert (out(module, x[:4], None) > 0).all() and (out(module, x[4:], None) == 0).any()
+        assert fit.hessian["out.bias"].item() < 12 / SIGMA**2  # the clamped examples add none
+    assert sizes == calls  # the per-example path from the first batch where they differ
 
 
 # The evidence and the prior precision.
@@ -579,6 +739,43 @@ def test_linearized_variance_where_the_last_layer_weight_is_reused():
         jac = explicit_jacobian(module, x[i], list(q.mean))
         assert torch.allclose(var[i], (jac.square() * sigma2).sum(1), rtol=1e-10, atol=1e-14)
     assert torch.allclose(mean, module(x), atol=1e-12)
+
+
+@pytest.mark.parametrize("include", [("",), ("4",)])
+def test_linearized_predictive_is_the_evaluation_mode_nets(include, monkeypatch):
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3)
+    )
+    module.train()
+    module[1].running_mean.normal_()  # statistics the predictive must use, and leave alone
+    reference = copy.deepcopy(module).eval()
+    q = bf.init(module, init_logvar=-3.0, include=include)
+    x, _ = data("classification", n=6, seed=1)
+    before = snapshot(module)
+    sizes = []
+    original = bf.linearized._jacobian_variance
+
+    def spy(*args):
+        sizes.append(args[3][0].shape[0])
+        return original(*args)
+
+    monkeypatch.setattr(bf.linearized, "_jacobian_variance", spy)
+
+    mean, var = bf.linearized_predictive(module, q, x)
+
+    assert unchanged(module, before)
+    assert torch.allclose(mean, reference(x), atol=1e-12)
+    sigma2 = torch.cat([var_of(q.logvar[k]).reshape(-1) for k in q.mean])
+    for i in range(len(x)):
+        jac = explicit_jacobian(reference, x[i], list(q.mean))
+        assert torch.allclose(var[i], (jac.square() * sigma2).sum(1), rtol=1e-10, atol=1e-14)
+    assert sizes == ([1] if include == ("4",) else [6])  # the last layer in closed form
+
+    # A call that fails after the forward pass leaves the module as found too.
+    with pytest.raises(ValueError, match="linearized_predictive: expected fn to return"):
+        bf.linearized_predictive(module, q, x, fn=lambda m, x: m(x)[:, :, None, None])
+    assert unchanged(module, before)
 
 
 def test_probit_probs():
@@ -760,6 +957,17 @@ BAD = {
         lambda m, X, Y: bf.probit_probs(torch.zeros(2, 3), -torch.ones(2, 3)),
         ValueError,
         "probit_probs: expected variances >= 0",
+    ),
+    "probit-nan": (
+        lambda m, X, Y: bf.probit_probs(torch.zeros(1, 3), torch.tensor([[0.0, math.nan, 1.0]])),
+        ValueError,
+        "probit_probs: expected variances >= 0, got nan",
+    ),
+    "linearized-args-type": (
+        lambda m, X, Y: bf.linearized_predictive(m, bf.init(m), X, 3),
+        TypeError,
+        "linearized_predictive: expected input tensors that share a leading batch dim, got "
+        "int at position 1",
     ),
 }
 

@@ -494,6 +494,11 @@ class _ReadsItsWeight(nn.Module):
         return F.linear(torch.tanh(self.inner(x)), self.inner.weight)  # a second use
 
 
+class _ReadsItsWeightTransposed(_ReadsItsWeight):
+    def forward(self, x):
+        return torch.tanh(self.inner(x)) @ self.inner.weight.T  # .T reads the values
+
+
 class _TiedHead(nn.Module):
     def __init__(self):
         super().__init__()
@@ -519,6 +524,7 @@ SHARED = {
         lambda m, x: m(m(x).tanh()),
     ),
     "weight-read-elsewhere": (_ReadsItsWeight, lambda: torch.randn(2, 3), None),
+    "weight-transposed-elsewhere": (_ReadsItsWeightTransposed, lambda: torch.randn(2, 3), None),
     "tied-to-an-embedding": (_TiedHead, lambda: torch.tensor([1, 3]), None),
 }
 
