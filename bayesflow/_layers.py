@@ -38,6 +38,7 @@ from torch.utils._pytree import tree_leaves
 from ._compat import ConvNd, flat_cat, in_func_transform, is_compiling, is_metadata
 from ._errors import Passthrough
 from ._numerics import spread
+from ._swap import has_own_forward, ours
 
 # Below this many numbers in all, a local call computes its layers' spreads in one node
 # (the per-operation cost of a node per tensor outweighs one copy of the log-variances).
@@ -51,12 +52,16 @@ def is_linear(layer: nn.Module) -> bool:
 
     That is an instance of :class:`torch.nn.Linear` or :class:`zuko.nn.Linear`, or of a
     subclass, such as zuko's `MaskedLinear` (whose mask is :math:`A`), that keeps one of
-    their `forward` methods: a subclass with a `forward` of its own may compute anything.
+    their `forward` methods: a subclass with a `forward` of its own may compute anything,
+    and so may an instance whose `forward` was set on it (a monkeypatch, accelerate's
+    hooks).
 
     Importing zuko changes torch.distributions defaults, so bayesflow never imports it
     itself: a module that holds zuko layers was built after zuko was imported.
     """
 
+    if has_own_forward(layer):
+        return False  # its instance's forward runs, whatever it computes
     forwards = {nn.Linear.forward}
     zuko_nn = sys.modules.get("zuko.nn")
     if zuko_nn is not None:
@@ -73,7 +78,11 @@ def is_conv(layer: nn.Module) -> bool:
     r"""Returns whether `layer` is a :class:`torch.nn.Conv1d`, `Conv2d` or `Conv3d` (or a
     subclass that keeps their `forward`)."""
 
-    return isinstance(layer, ConvNd) and type(layer).forward in _CONV_FORWARDS
+    return (
+        isinstance(layer, ConvNd)
+        and type(layer).forward in _CONV_FORWARDS
+        and not has_own_forward(layer)
+    )
 
 
 def is_local(layer: nn.Module) -> bool:
@@ -425,7 +434,7 @@ class LocalPlan:
     def forwards(self, noise: Noise, names: Any) -> list[tuple[nn.Module, str, Any]]:
         r"""Returns the changes that give the layers `names` their stochastic forward."""
 
-        return [(self.layers[k], "forward", self._forward(k, noise)) for k in names]
+        return [(self.layers[k], "forward", ours(self._forward(k, noise))) for k in names]
 
     def _forward(self, name: str, noise: Noise) -> Any:
         layer = self.layers[name]

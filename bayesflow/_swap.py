@@ -4,7 +4,9 @@ holds them), :func:`patched` for instance attributes such as a layer's `forward`
 
 from __future__ import annotations
 
-__all__ = ["REMOVE", "patched", "swapped"]
+__all__ = ["REMOVE", "has_own_forward", "ours", "patched", "swapped"]
+
+import weakref
 
 from collections.abc import Mapping
 from typing import Any
@@ -56,6 +58,30 @@ class swapped:
 #: A value for :class:`patched`: the attribute is removed from the instance `__dict__`
 #: for the duration (its class's attribute shows through), and put back on exit.
 REMOVE: Any = object()
+
+# The forwards bayesflow has put on instances (held by a call or a `hold`).
+_FORWARDS: weakref.WeakSet = weakref.WeakSet()
+
+
+def has_own_forward(obj: Any) -> bool:
+    r"""Whether `obj` has a `forward` set on the instance by someone else than bayesflow
+    (a monkeypatch, accelerate's hooks): it, not the class's, runs, and no stand-in may
+    replace it."""
+
+    forward = vars(obj).get("forward")
+    if forward is None:
+        return False
+    try:
+        return forward not in _FORWARDS
+    except TypeError:  # not weakly referable: not ours
+        return True
+
+
+def ours(forward: Any) -> Any:
+    r"""Returns `forward`, a stand-in bayesflow puts on an instance, marked as such."""
+
+    _FORWARDS.add(forward)
+    return forward
 
 
 class patched:

@@ -48,6 +48,7 @@ from ._compat import (
 from ._layers import is_conv, is_linear, mask_of
 from ._recurrent import cell_forward, rnn_forward
 from ._structure import Structure
+from ._swap import has_own_forward, ours
 
 _RNN_FORWARDS = {nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward}
 _CELL_FORWARDS = {nn.RNNCell.forward, nn.LSTMCell.forward, nn.GRUCell.forward}
@@ -327,32 +328,38 @@ def changes(
     pass in which the parameters `sampled` are batched: `(instance, attribute, value)`."""
 
     changes: list[tuple[Any, str, Any]] = []
+
+    def put(m: nn.Module, forward: Any) -> None:
+        changes.append((m, "forward", ours(forward)))
+
     if not is_compiling():
         for prefix, m in st.find(module, _linear_types()):
             if is_linear(m) and m.weight.dim() == 2 and _name(prefix, "weight") in sampled:
-                changes.append((m, "forward", _linear_forward(m)))
+                put(m, _linear_forward(m))
         for prefix, m in st.find(module, ConvNd):
             if is_conv(m) and _name(prefix, "weight") in sampled:
-                changes.append((m, "forward", _conv_forward(m)))
+                put(m, _conv_forward(m))
     for _, m in st.find(module, _STANDINS):
+        if has_own_forward(m):
+            continue  # a forward set on the instance runs as it is
         if isinstance(m, nn.RNNBase) and type(m).forward in _RNN_FORWARDS:
-            changes.append((m, "forward", rnn_forward(m)))
+            put(m, rnn_forward(m))
         elif isinstance(m, nn.RNNCellBase) and type(m).forward in _CELL_FORWARDS:
-            changes.append((m, "forward", cell_forward(m)))
+            put(m, cell_forward(m))
         elif isinstance(m, nn.MultiheadAttention) and type(m).forward is _MHA_FORWARD:
-            changes.append((m, "forward", _attention_forward(m)))
+            put(m, _attention_forward(m))
             if not m.training:
                 # The reference path in eval mode: "training" with no dropout.
                 changes += [(m, "training", True), (m, "dropout", 0.0)]
         elif isinstance(m, nn.TransformerEncoderLayer) and not m.training:
             changes.append((m, "training", True))  # its own flag only gates the fast path
         elif type(m) is WeightNorm:
-            changes.append((m, "forward", _weight_norm_forward(m)))
+            put(m, _weight_norm_forward(m))
         elif type(m) is SpectralNorm and m.training:
-            changes.append((m, "forward", _spectral_norm_forward(m)))
+            put(m, _spectral_norm_forward(m))
         elif isinstance(m, nn.Embedding) and type(m).forward is _EMBEDDING_FORWARD:
             if m.max_norm is not None:
-                changes.append((m, "forward", _embedding_forward(m)))
+                put(m, _embedding_forward(m))
 
     for _, hook in st.hooked:
         if type(hook) is HookWeightNorm:

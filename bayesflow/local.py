@@ -31,7 +31,8 @@ def local_layers(module: nn.Module) -> dict[str, nn.Module]:
 
     They are the instances of :class:`torch.nn.Linear`, :class:`zuko.nn.Linear` and
     :class:`torch.nn.Conv1d` / `Conv2d` / `Conv3d`, and of their subclasses that keep
-    their `forward`, such as zuko's `MaskedLinear`.
+    their `forward`, such as zuko's `MaskedLinear`, but for instances whose `forward` was
+    set on the instance (a monkeypatch, accelerate's hooks): that runs as it is.
 
     Arguments:
         module: A module.

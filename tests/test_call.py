@@ -225,3 +225,53 @@ def test_lazy_flow_runs_inside_the_swap():
 
     assert torch.allclose(naive, flow(c).log_prob(x))  # the trap, reproduced
     assert not torch.allclose(ours, naive, atol=1e-6)
+
+
+def _instance_forwards(rnn_too):
+    lin = nn.Linear(3, 4)
+    conv = nn.Conv1d(4, 2, 3, padding=1)
+    rnn = nn.GRU(2, 3, batch_first=True)
+    for m in (lin, conv, rnn) if rnn_too else (lin, conv):
+        plain = m.forward  # the class's, bound
+        m.forward = lambda *a, plain=plain: _twice(plain(*a))  # as a monkeypatch does
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.conv, self.rnn = lin, conv, rnn
+
+        def forward(self, x):
+            h = self.conv(self.lin(x).transpose(1, 2)).transpose(1, 2)
+            return self.rnn(h)[0]
+
+    return Net()
+
+
+def _twice(out):
+    return tuple(_twice(o) for o in out) if isinstance(out, tuple) else 2 * out + 1
+
+
+@pytest.mark.parametrize("rnn_too", [False, True], ids=["linear-conv", "and-gru"])
+def test_forwards_set_on_the_instance_run_as_they_are(rnn_too, gen):
+    # A stand-in put over an instance's own forward dropped it, silently.
+    net = _instance_forwards(rnn_too)
+    params = bf.sample(bf.init(net, init_logvar=-2.0), 3, generator=gen(0))
+    x = torch.randn(2, 5, 3)
+    oracle = torch.stack(
+        [
+            torch.func.functional_call(net, {k: v[i] for k, v in params.items()}, (x,))
+            for i in range(3)
+        ]
+    )
+
+    for chunk_size in (None, 2):
+        if rnn_too:  # no batching rule for the GRU's kernel without the stand-in: the loop
+            with pytest.warns(bf.VmapFallbackWarning, match="aten::gru"):
+                out = bf.vmap_call(net, params, x, chunk_size=chunk_size)
+        else:
+            out = bf.vmap_call(net, params, x, chunk_size=chunk_size, fallback=False)
+        assert torch.allclose(out, oracle, atol=1e-10)
+    assert torch.allclose(bf.loop_call(net, params, x), oracle, atol=1e-10)
+    assert not torch.allclose(oracle[0], oracle[1])  # the samples changed the output
+    assert all("forward" in vars(m) for m in (net.lin, net.conv))  # still theirs
+    assert bf.local_layers(net) == {}  # nor does the local trick
