@@ -216,6 +216,9 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
         else:
             chunk_size = cache_chunk_size(per_sample, job.n)
     state = State(job.st, job.buffers)
+    # Random operations under vmap draw from torch's generators: a fallback to the loop
+    # starts from the state the call found, as loop_call does.
+    rng = _rng_state() if opts.randomness in ("different", "same") and opts.fallback else None
     try:
         if measure is None:
             return _vectorized(job, chunk_size, state), None
@@ -228,12 +231,17 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
         raise
     except Exception as err:
         state.restore()
+        if rng is not None:
+            _set_rng_state(rng)
         message = (
             f"{opts.where}: vmap cannot run {type(job.module).__name__} ({_cause(err)})"
             f"{_torch_layers.hint(job.st, job.module, err, opts.randomness)}"
         )
         if not opts.fallback:
             raise RuntimeError(message) from err
+    except BaseException:  # an interrupt, say: the buffers as found, as in the loop
+        state.restore()
+        raise
 
     # A broken `fn` raises its own error here, rather than a warning about vmap.
     return _loop(job, state), message

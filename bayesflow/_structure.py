@@ -130,7 +130,7 @@ class Structure:
 
 
 _STRUCTURES: PerObject[Structure] = PerObject()
-_LOCKS: PerObject[threading.RLock] = PerObject(cache=False)
+_LOCK = threading.RLock()
 
 
 def structure(module: nn.Module) -> Structure:
@@ -146,16 +146,13 @@ def structure(module: nn.Module) -> Structure:
 
 
 def lock(module: nn.Module) -> Any:
-    r"""Serializes bayesflow calls on one module across threads (not while compiling).
+    r"""Serializes bayesflow calls across threads (not while compiling).
 
-    One lock per module, not per structure: while a call holds tensors swapped in, the
-    module's structure looks different to anyone else. Acquire it before
-    :func:`structure`, and hold it while tensors are swapped in.
+    One lock for every module: while a call holds tensors swapped in, the module's
+    structure, and that of every module it holds or that holds it, looks different to
+    anyone else (a lock per module let a call on a model and one on its submodule swap
+    each other's samples in and out). Acquire it before :func:`structure`, and hold it
+    while tensors are swapped in.
     """
 
-    if is_compiling():
-        return nullcontext()
-    found = _LOCKS.get(module)
-    if found is None:
-        found = _LOCKS.setdefault(module, threading.RLock)
-    return found
+    return nullcontext() if is_compiling() else _LOCK

@@ -2,6 +2,7 @@ r"""Regression tests for what a call must never do silently: corrupt tied weight
 side effects, mix threads, ignore randomness; and the small contracts of the call."""
 
 import copy
+import sys
 import threading
 import warnings
 
@@ -201,6 +202,43 @@ def test_threads_on_the_same_module_are_serialized():
 
     assert len(ok) == 20 and all(ok)
     assert _unchanged(module, before)
+
+
+def test_threads_on_a_module_and_its_submodule_are_serialized():
+    # A lock per module let the two calls swap each other's samples in and out.
+    old = sys.getswitchinterval()
+    inner = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    model = nn.Sequential(inner, nn.Tanh(), nn.Linear(8, 2))
+    before = _identity(model)
+    x = torch.randn(16, 8)
+    jobs = {
+        "model": (model, bf.sample(bf.init(model, -2.0), 4)),
+        "inner": (inner, bf.sample(bf.init(inner, -2.0), 4)),
+    }
+    expected = {k: bf.loop_call(m, p, x) for k, (m, p) in jobs.items()}
+    assert not torch.allclose(expected["model"][0], expected["model"][1])
+    ok, errors = [], []
+
+    def work(key):
+        m, p = jobs[key]
+        try:
+            for _ in range(50):
+                ok.append(torch.allclose(bf.vmap_call(m, p, x), expected[key], atol=1e-10))
+        except Exception as err:
+            errors.append(err)
+
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+
+    assert not errors and len(ok) == 100 and all(ok)
+    assert _unchanged(model, before)
 
 
 def _dropout_net():
@@ -706,3 +744,54 @@ def test_in_place_randomness_points_to_flow_sample():
             randomness="different",
             fallback=False,
         )
+
+
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_a_fallback_after_random_draws_starts_from_the_state_the_call_found(randomness):
+    module = _dropout_net()
+    params = bf.sample(bf.init(module, -2.0), 4)
+    x = torch.randn(5, 3)
+
+    def fn(m, x):
+        h = m(x)
+        h.sum().item()  # vmap cannot: the loop runs, after the dropout has drawn
+        return h
+
+    torch.manual_seed(1)
+    with pytest.warns(bf.VmapFallbackWarning):
+        out = bf.vmap_call(module, params, x, fn=fn, randomness=randomness)
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    if randomness == "different":  # the oracle: the loop, every sample its own draw
+        expected = bf.loop_call(module, params, x, fn=fn)
+    else:  # every sample with the one draw, as the vectorized call that succeeds
+        expected = bf.vmap_call(module, params, x, randomness="same")
+    assert torch.allclose(out, expected, atol=1e-12)
+    assert torch.equal(torch.rand(3), after)  # the generator advanced as by the oracle
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_an_interrupt_in_a_chunked_call_leaves_the_buffers_as_found():
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    params = bf.sample(bf.init(module, -2.0), 3)
+    own = {k: v.clone() for k, v in module.state_dict().items()}
+    buffers = {
+        "1.running_mean": torch.zeros(3, 4),
+        "1.running_var": torch.ones(3, 4),
+        "1.num_batches_tracked": torch.zeros(3, dtype=torch.long),
+    }
+    found = {k: v.clone() for k, v in buffers.items()}
+    calls = []
+
+    def fn(m, x):
+        calls.append(None)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return m(x)
+
+    for call in (bf.loop_call, lambda *a, **k: bf.vmap_call(*a, chunk_size=1, **k)):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            call(module, params, torch.randn(8, 3), fn=fn, buffers=buffers)
+        assert all(torch.equal(buffers[k], v) for k, v in found.items())
+        assert all(torch.equal(module.state_dict()[k], v) for k, v in own.items())
