@@ -64,6 +64,17 @@ class State:
                     d[attr] = t
                 t.copy_(clone)
 
+    def reassigned(self) -> list[str]:
+        r"""Returns the names of the module's own buffers that it holds no more: `fn`
+        assigned other tensors to them (`self.ema = 0.9 * self.ema + ...`)."""
+
+        moved = []
+        for name, t, _ in self.entries:
+            d, attr = self.st.buffer_slots[name][0]
+            if d.get(attr) is not t:
+                moved.append(name)
+        return moved
+
     def fresh(self) -> dict[str, Tensor]:
         r"""Returns copies of the initial buffers for one sample of a loop to update.
 

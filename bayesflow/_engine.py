@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
 
 from torch import Tensor
 from torch.func import vmap as torch_vmap
@@ -159,11 +160,25 @@ def _changes(st: Structure, module: nn.Module, extra: list) -> list[tuple[Any, s
     return changes + extra
 
 
+def _check_no_parametrization_cache(where: str, st: Structure, module: nn.Module) -> None:
+    r"""Refuses a call inside :func:`torch.nn.utils.parametrize.cached` on a module with
+    parametrizations: the cache keeps the first weight computed (the module's own, or the
+    first sample's) for every later sample."""
+
+    if parametrize._cache_enabled and st.find(module, parametrize.ParametrizationList):
+        raise RuntimeError(
+            f"{where}: expected no torch.nn.utils.parametrize.cached() around a call on a "
+            "module with parametrizations, got one: its cache would give every sample the "
+            "weight computed first; call outside cached()"
+        )
+
+
 def _call(job: _Job, extra: list | None = None) -> tuple[Any, str | None]:
     r"""Runs a checked call under the lock, with the attribute changes `extra`; returns its
     outputs and, if it fell back to the loop, why."""
 
     st = job.st
+    _check_no_parametrization_cache(job.opts.where, st, job.module)
     if st.written:  # a module that writes its weight in place gets a copy of its own
         params = {k: v.clone() if k in st.written else v for k, v in job.params.items()}
         job = job._replace(params=params)
@@ -353,6 +368,13 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
             size=n,
         )(*flat)
 
+    reassigned = state.reassigned()
+    if reassigned:
+        # vmap's wrappers would escape into the module: the loop, which keeps the rule
+        raise RuntimeError(
+            f"fn assigns new tensors to the buffers {reassigned} (as `self.ema = 0.9 * "
+            "self.ema + ...` does), which vmap cannot batch; update them in place"
+        )
     for name, stacked in averaged.items():
         state.set_averaged(name, stacked)
 

@@ -42,7 +42,8 @@ class Structure:
         types: The class of every distinct submodule, by path.
         expected: The shape, dtype, device and sample rank of each parameter.
         written: The parameters their own module writes in place (an `Embedding` with
-            `max_norm` renormalizes rows of its weight).
+            `max_norm` renormalizes rows of its weight), read at every call: `max_norm`
+            may be set after the structure was seen.
         hooked: `(path, hook)` of the forward pre-hooks that compute a weight and assign it
             as a plain attribute, `hook.name` (the hook-based `weight_norm` and
             `spectral_norm`).
@@ -56,13 +57,13 @@ class Structure:
         self.buffers: dict[str, Tensor] = {}
         self.buffer_slots: dict[str, list[Slot]] = {}
         self.types: dict[str, type] = {}
-        self.written: set[str] = set()
+        self._embeddings: list[tuple[nn.Module, str]] = []
         self.hooked: list[tuple[str, Any]] = []
         self._subs: dict[str, nn.Module] = {}
         self._tables: list[tuple[dict, dict, dict]] = []
 
         by_id: dict[int, str] = {}
-        written: list[Any] = []
+        embeddings: list[tuple[nn.Module, Any]] = []
         seen_modules: set[int] = set()
         seen: set[tuple[int, str]] = set()
         for prefix, m in module.named_modules(remove_duplicate=False):
@@ -73,8 +74,8 @@ class Structure:
                 if m is not module:
                     self._subs[prefix] = m
                 self.hooked += [(prefix, hook) for hook in weight_hooks(m)]
-                if isinstance(m, nn.Embedding) and m.max_norm is not None:
-                    written.append(m._parameters.get("weight"))
+                if isinstance(m, nn.Embedding):
+                    embeddings.append((m, m._parameters.get("weight")))
             for table, slots, d in (
                 (self.params, self.slots, m._parameters),
                 (self.buffers, self.buffer_slots, m._buffers),
@@ -92,7 +93,7 @@ class Structure:
                         self.aliases[name] = canonical
                     slots[canonical].append((d, attr))
 
-        self.written = {by_id[id(t)] for t in written if id(t) in by_id}
+        self._embeddings = [(m, by_id[id(t)]) for m, t in embeddings if id(t) in by_id]
         self._dicts = [d for tables in self._tables for d in tables]
         self._fingerprint = self._fingerprint_of()
         self.expected = {
@@ -112,6 +113,10 @@ class Structure:
             tuple([id(v) for d in self._dicts for v in d.values()]),
             tuple([len(d) for d in self._dicts]),
         )
+
+    @property
+    def written(self) -> set[str]:
+        return {name for m, name in self._embeddings if m.max_norm is not None}
 
     def is_current(self) -> bool:
         r"""Whether no parameter, buffer or submodule was added, removed or replaced."""

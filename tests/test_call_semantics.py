@@ -795,3 +795,81 @@ def test_an_interrupt_in_a_chunked_call_leaves_the_buffers_as_found():
             call(module, params, torch.randn(8, 3), fn=fn, buffers=buffers)
         assert all(torch.equal(buffers[k], v) for k, v in found.items())
         assert all(torch.equal(module.state_dict()[k], v) for k, v in own.items())
+
+
+class _ReassignsItsBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.register_buffer("ema", torch.zeros(4))
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.training:
+            with torch.no_grad():
+                self.ema = 0.9 * self.ema + 0.1 * h.mean(0)  # a new tensor each time
+        return h - self.ema
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_a_buffer_assigned_anew_falls_back_to_the_loop(chunk_size):
+    # vmap's wrappers escaped into the module: wrong numbers when chunked, and a module
+    # that no later call could run.
+    module = _ReassignsItsBuffer().train()
+    params = bf.sample(bf.init(module, -2.0), 3)
+    x = torch.randn(8, 3)
+    oracle, emas = [], []
+    for i in range(3):  # a deep copy with sample i loaded
+        copy_i = copy.deepcopy(module)
+        copy_i.load_state_dict({**module.state_dict(), **{k: v[i] for k, v in params.items()}})
+        oracle.append(copy_i(x).detach())
+        emas.append(copy_i.ema)
+    oracle = torch.stack(oracle)
+
+    with pytest.warns(
+        bf.VmapFallbackWarning, match=r"assigns new tensors to the buffers \['ema'\]"
+    ):
+        out = bf.vmap_call(module, params, x, chunk_size=chunk_size)
+
+    assert torch.allclose(out, oracle, atol=1e-12)
+    assert not torch.allclose(oracle[0], oracle[1])
+    assert torch.allclose(module.ema, torch.stack(emas).mean(0), atol=1e-12)  # the average
+    module.eval()
+    assert bf.vmap_call(module, params, x, fallback=False).shape == (3, 8, 4)  # still usable
+
+
+def test_max_norm_set_after_a_first_call_leaves_the_samples_alone():
+    # The structure seen by the first call said no weight is written in place: the next
+    # call let the embedding renormalize the caller's samples.
+    module = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 9]])
+    params = {k: v.detach() for k, v in bf.sample(bf.init(module, -1.0), 3).items()}
+    bf.vmap_call(module, params, tokens)
+    module[0].max_norm = 1.0
+    before = {k: v.clone() for k, v in params.items()}
+    expected = bf.loop_call(module, params, tokens)
+
+    for call in (bf.vmap_call, bf.loop_call):
+        out = call(module, params, tokens)
+        assert all(torch.equal(params[k], v) for k, v in before.items())
+        assert torch.allclose(out, expected, atol=1e-12)
+    assert not torch.allclose(expected[0], expected[1])
+    assert params["0.weight"].norm(dim=-1).max() > 1.5  # rows the module renormalizes
+
+
+def test_calls_inside_a_parametrization_cache_are_refused():
+    # The cache kept the first weight computed for every sample (both paths).
+    module = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh())
+    params = bf.sample(bf.init(module, -2.0), 3)
+    x = torch.randn(5, 3)
+    expected = bf.loop_call(module, params, x)
+    assert not torch.allclose(expected[0], expected[1])
+    before = _identity(module)
+    with torch.nn.utils.parametrize.cached():
+        for call in (bf.vmap_call, bf.loop_call):
+            with pytest.raises(
+                RuntimeError, match=r"call: expected no torch\.nn\.utils\.parametrize\.cached"
+            ):
+                call(module, params, x)
+    assert _unchanged(module, before)
+    assert torch.allclose(bf.vmap_call(module, params, x, fallback=False), expected, atol=1e-12)
