@@ -99,7 +99,8 @@ def _logvar_value(where: str, name: str, value: object, like: Tensor) -> Tensor:
             f"got {type(value).__name__}"
         )
 
-    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    # Detached: the log-variances are fresh leaves, whatever graph `value` belongs to.
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device).detach()
 
     if not torch.isfinite(value).all():
         raise ValueError(f"{where}: expected a finite init_logvar for {name!r}, got {value}")

@@ -172,6 +172,8 @@ def _bounds(flat: tuple[Tensor, ...]) -> list[float]:
     log-variances alone, in one synchronization. For one flat tensor, the second pair is
     the first again: when all values are within the soft clip's reach, so are those."""
 
+    if flat[0].numel() == 0:  # a group of empty tensors: nothing to check
+        return [0.0] * 4
     if len(flat) == 1:
         return torch.stack(torch.aminmax(flat[0].detach())).tolist() * 2
     m, lv = (t.detach() for t in flat)

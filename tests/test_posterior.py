@@ -239,3 +239,30 @@ def test_posterior_repr_is_short():
     assert len(repr(big).splitlines()) == 25 and "... and 37 more tensors" in repr(big)
     assert repr(bf.Posterior({}, {})) == "Posterior(no parameters)"
     assert repr(bf.Posterior(1, 2)) == "Posterior(mean=1, logvar=2)"
+
+
+def test_init_logvar_from_tensors_that_record_gradients_gives_fresh_leaves():
+    net = nn.Linear(3, 2)
+    old = bf.init(net, init_logvar=-5.0)
+    p = torch.nn.Parameter(torch.tensor(-4.0))
+    for init_logvar in (dict(old.logvar), lambda name, w: p):
+        q = bf.init(net, init_logvar=init_logvar)
+        assert all(t.is_leaf and t.requires_grad for t in q.logvar.values())
+        torch.optim.Adam([*q.mean.values(), *q.logvar.values()])  # refused non-leaves
+        bf.kl_divergence(q).backward()
+        assert p.grad is None and all(t.grad is None for t in old.logvar.values())
+
+
+def test_posteriors_over_empty_tensors():
+    # aminmax over a group of empty tensors raised; a sample of no numbers is empty.
+    m, lv = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([-1.0, 0.0, 1.0])
+    q = bf.Posterior({"a": m, "b": torch.zeros(4, 0)}, {"a": lv, "b": torch.zeros(4, 0)})
+    samples = bf.sample(q, 2, generator=torch.Generator().manual_seed(0))
+    assert samples["a"].shape == (2, 3) and samples["b"].shape == (2, 4, 0)
+    assert not torch.equal(samples["a"][0], samples["a"][1])
+    only = bf.Posterior({"b": q.mean["b"]}, {"b": q.logvar["b"]})
+    assert bf.sample(only, 3)["b"].shape == (3, 4, 0)
+    assert bf.kl_divergence(only) == 0
+    clipped = lv / (1 + (lv / 18) ** 2).sqrt()  # the soft clip of log-variances at 18
+    expected = torch_kl(Normal(m, (clipped / 2).exp()), Normal(0.0, 1.0)).sum()
+    assert torch.allclose(bf.kl_divergence(q), expected, atol=1e-12)
