@@ -309,10 +309,7 @@ def _loop(job: _Job, state: State | None = None) -> Any:
             buffers = {**state.fresh(), **{k: b[i] for k, b in job.buffers.items()}}
             # zuko's pieces that recompute in their backward pass would run it with the
             # module's own parameters, put back by then: the stand-ins, plain autograd.
-            with (
-                swapped(st, {k: v[i] for k, v in params.items()}, buffers),
-                vmap_safe(st.uses_zuko),
-            ):
+            with swapped(st, {k: v[i] for k, v in params.items()}, buffers), _stand_ins(st):
                 out = opts.fn(job.module, *(a if u is None else u[i] for a, u in args))
                 held = state.current()
             map_outputs(opts.where, lambda t: None, out)
@@ -326,13 +323,17 @@ def _loop(job: _Job, state: State | None = None) -> Any:
     return stack(outs)
 
 
+def _stand_ins(st: Structure) -> Any:
+    return vmap_safe() if st.uses_zuko else nullcontext()
+
+
 def _single(job: _Job) -> Any:
     state = State(job.st, job.buffers) if job.st.buffers else None
     try:
         buffers = {k: b[0] for k, b in job.buffers.items()}
         # `squeeze`, a view, rather than `v[0]`, whose backward fills a zero gradient.
         params = {k: v.squeeze(0) for k, v in job.params.items()}
-        with swapped(job.st, params, buffers), vmap_safe(job.st.uses_zuko):  # as in the loop
+        with swapped(job.st, params, buffers), _stand_ins(job.st):  # as in the loop
             out = job.opts.fn(job.module, *_index(job.args, job.dims, 0))
         return map_outputs(job.opts.where, lambda t: t.unsqueeze(0), out)
     except BaseException:
