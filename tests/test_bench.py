@@ -201,6 +201,68 @@ def test_statistical_check(scale):
             assert r["status"] is Status.WRONG and r["median_ms"] is None, r
 
 
+def _nelbo_local(scale=1.0, offset=0.0):
+    # nelbo-local's training step with its gradients scaled and its loss shifted.
+    base = bench.METHODS["nelbo-local"]
+
+    def build(case, K, mode, fn, args, **options):
+        step = base.build(case, K, mode, fn, args, **options)
+
+        def run(seed):
+            loss, grads = step(seed)
+            return loss + offset, {k: scale * g for k, g in grads.items()}
+
+        return run
+
+    return bench.Method("variant", build, Noise.LOCAL, targets=None, kl=True)
+
+
+def _negated_local_trick(case, K, mode, fn, args, **options):
+    # local-trick's outputs, on a posterior whose values are the same but whose gradients
+    # are negated: only the gradients tell it from local-trick.
+    g = torch.Generator()
+    q = case.posterior
+
+    def run(seed):
+        flip = {k: 2 * v.detach() - v for k, v in q.mean.items()}
+        flip_logvar = {k: 2 * v.detach() - v for k, v in q.logvar.items()}
+        g.manual_seed(seed or 0)
+        return bf.local_call(
+            case.module, bf.Posterior(flip, flip_logvar), K, *args, fn=fn, generator=g
+        )
+
+    return run
+
+
+LOCAL_VARIANTS = {
+    "nelbo-local": (_nelbo_local(), "ok"),
+    "gradients-negated": (_nelbo_local(scale=-1.0), "gradient of"),
+    "gradients-doubled": (_nelbo_local(scale=2.0), "gradient of"),
+    "loss-plus-0.05": (_nelbo_local(offset=0.05), "loss mean off"),
+    "local-trick-negated": (
+        bench.Method("variant", _negated_local_trick, Noise.LOCAL),
+        "gradient of",
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", LOCAL_VARIANTS)
+def test_local_noise_training_steps_are_checked_statistically(variant):
+    method, expected = LOCAL_VARIANTS[variant]
+    # The default number of samples of a check (128), as in `bayesflow bench`: 32 draws of
+    # 4 samples each, against as many of the loop's.
+    (r,) = _run(
+        ["mlp"], [], modes=("train",), extra={"variant": method},
+        check_samples=bench.checks.STATISTICAL_SAMPLES,
+    )  # fmt: skip
+    if expected == "ok":
+        assert r["status"] is Status.OK and r["detail"] == "checked statistically", r
+        assert r["error"] <= 5.0
+    else:
+        assert r["status"] is Status.WRONG and r["median_ms"] is None, r
+        assert r["detail"].startswith(expected), r
+
+
 @pytest.fixture(scope="module")
 def records():
     return _run(["mlp"], ["vmap", "sample-model-loop", "bmm"])
@@ -216,6 +278,33 @@ def test_status_in_json_and_csv(records, tmp_path):
     ratios = {(r["method"], r["mode"]): r["ratio_to_bmm"] for r in loaded}
     assert ratios["bmm", "forward"] == 1.0 and ratios["vmap", "forward"] > 0
     assert ratios["sample-model-loop", "train"] is None
+
+
+def test_ratios_and_tables_are_those_of_each_run():
+    records = []
+    for dtype in (torch.float32, torch.float64):  # two runs into one list
+        methods = ["deterministic", "vmap", "bmm"]
+        _run(["mlp"], methods, modes=("forward",), dtype=dtype, records=records)
+    assert [r["dtype"] for r in records] == ["float32"] * 3 + ["float64"] * 3
+
+    # The oracle: each record over the references of its own run.
+    runs = {
+        d: {r["method"]: r for r in records if r["dtype"] == d} for d in ("float32", "float64")
+    }
+    for r in records:
+        mine = runs[r["dtype"]]
+        assert r["ratio_to_bmm"] == r["median_ms"] / mine["bmm"]["median_ms"], r
+        assert r["ratio_to_deterministic"] == r["median_ms"] / mine["deterministic"]["median_ms"]
+
+    # One table per run, each dividing by its own run's bmm.
+    tables = bench.format_table(records).split("\n\n")
+    for dtype, table in zip(runs, tables, strict=True):
+        assert table.startswith(f"mlp · forward · batch 4 · cpu {dtype} · ")
+        vmap = next(line for line in table.splitlines() if line.startswith("  vmap "))
+        assert f" {runs[dtype]['vmap']['ratio_to_bmm']:.2f}b" in vmap
+    markdown = bench.markdown_table(records)
+    assert "mlp, batch 4, cpu float32," in markdown and "mlp, batch 4, cpu float64," in markdown
+    assert markdown.count("| bmm |") == 2
 
 
 def test_markdown_table(records, tmp_path):
@@ -427,15 +516,27 @@ def test_cost_table():
 
 
 def test_flows_table():
+    def flow(model, method, K, ms, **kwargs):
+        return {**_record(method, K, ms, **kwargs), "model": model}
+
     rs = [
-        {**_record("deterministic", 32, 1.0), "model": "nsf"},
-        {**_record("zuko-loop", 32, 100.0), "model": "nsf"},
-        {**_record("vmap", 32, 40.0, iqr=20.0), "model": "nsf"},
-        {**_record("vmap", 32, 5.0), "model": "maf"},
-        {**_record("zuko-loop", 32, None, status=Status.UNSUPPORTED), "model": "maf"},
+        # nsf: the loop limited to K = 8 (max_loop_samples), a noisy vmap at K = 32.
+        flow("nsf", "deterministic", 8, 1.0),
+        flow("nsf", "zuko-loop", 8, 80.0),
+        flow("nsf", "vmap", 8, 10.0),
+        flow("nsf", "deterministic", 32, 1.0),
+        flow("nsf", "vmap", 32, 40.0, iqr=20.0),
+        # maf: vmap out of memory at K = 32, where the loop ran; the loop unsupported at 8.
+        flow("maf", "zuko-loop", 8, None, status=Status.UNSUPPORTED),
+        flow("maf", "vmap", 8, 5.0),
+        flow("maf", "zuko-loop", 32, 320.0),
+        flow("maf", "vmap", 32, None, status=Status.OOM),
     ]
     table = bench.flows_table(rs, {"maf": "MAF", "nsf": "NSF"})
+    # Each row is about its K: the speed-up divides the loop and vmap at that K only.
     assert table.splitlines()[2:] == [
-        "| MAF | forward | 32 | - | - | 5.00 | - |",
-        "| NSF | forward | 32 | 1.00 | 100 | 40.0~ | 2.5x |",
+        "| MAF | forward | 8 | not run | unsupported | 5.00 | - |",
+        "| MAF | forward | 32 | not run | 320 | oom | - |",
+        "| NSF | forward | 8 | 1.00 | 80.0 | 10.0 | 8.0x |",
+        "| NSF | forward | 32 | 1.00 | not run | 40.0~ | - |",
     ]

@@ -7,9 +7,11 @@ r"""The reference (the loop on the same noise) and the checks every method passe
 * zuko's own methods (`zuko-loop`, `sample-model-loop`) draw one tensor at a time from the
   global generator; the reference replays those draws (same seed, same order), so they
   are compared exactly too.
-* `local-trick` samples activations and the peers have their own samplers, so no shared
-  samples exist: they are checked statistically on `max(K, 128)` samples against the loop
-  on as many (see :func:`check_statistically`).
+* `local-trick`, `nelbo-local` and `nelbo-flipout` sample activations and the peers have
+  their own samplers, so no shared samples exist: they are checked statistically on
+  `max(K, 128)` samples against the loop on as many, in train mode as
+  :data:`STEP_DRAWS` independent draws whose means are compared in standard errors of
+  their spread (see :func:`check_statistically`).
 * `deterministic`, the plain module, is compared with the loop on the mean model
   (:func:`bayesflow.mean_params`): outputs, and in train mode the loss and the gradient
   with respect to every Bayesian parameter before its Adam step.
@@ -20,6 +22,7 @@ from __future__ import annotations
 __all__ = [
     "GRADIENT_ERROR",
     "STATISTICAL_SAMPLES",
+    "STEP_DRAWS",
     "Check",
     "check_deterministic",
     "check_exact",
@@ -31,9 +34,9 @@ __all__ = [
 
 import math
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -50,6 +53,12 @@ from .status import NotApplicable
 
 #: The least number of samples of a statistical check.
 STATISTICAL_SAMPLES = 128
+
+#: The number of independent draws a train-mode statistical check makes of the method
+#: and of the loop, each on `samples / STEP_DRAWS` of the samples: their means are compared
+#: in standard errors of the spread of the draws, that of the losses (one mean per draw,
+#: whether a method returns it or per-sample losses) and that of the gradients.
+STEP_DRAWS = 32
 
 #: The largest relative L2 error of a peer's gradient with respect to the means (their
 #: Monte Carlo noise gives 0.02-0.03 on the tutorial MLP at 128 samples; a gradient off by
@@ -99,9 +108,12 @@ def reference(case: Case, K: int, mode: str, noise: Noise, seed: int, kl: bool =
     """
 
     key = (K, mode, noise, seed, kl)
-    if key in case.cache:
-        return case.cache[key]
+    if key not in case.cache:
+        case.cache[key] = _loop(case, K, mode, noise, seed, kl)
+    return case.cache[key]
 
+
+def _loop(case: Case, K: int, mode: str, noise: Noise, seed: int, kl: bool) -> Any:
     q = case.posterior
     fn, args = mode_fn(case, mode)
     with torch.set_grad_enabled(mode == "train"):
@@ -120,8 +132,6 @@ def reference(case: Case, K: int, mode: str, noise: Noise, seed: int, kl: bool =
             result = (losses.detach(), dict(zip(targets, grads, strict=True)))
         else:
             result = out.detach()
-
-    case.cache[key] = result
     return result
 
 
@@ -206,33 +216,122 @@ def _check_outputs(got: Tensor, ref: Tensor) -> Check:
     return Check(ok, max(z_mean, z_var), detail)
 
 
-def _check_step(got: tuple[Tensor, dict], ref: tuple[Tensor, dict], own: bool) -> Check:
-    (a, grads), (b, ref_grads) = got, ref
-    a, b = a.double().flatten(), b.double()
-    vb = b.var()
-    va = a.var() if a.numel() > 1 else vb  # a peer that returns only the mean loss
-    se = (va / a.numel() + vb / b.numel()).sqrt().clamp_min(1e-12)
-    z = ((a.mean() - b.mean()).abs() / se).item()
+def _z(a: Tensor, b: Tensor) -> Tensor:
+    r"""Returns how far the means of the draws `a` and `b` (along dim 0) are apart, in
+    standard errors of that difference."""
+
+    a, b = a.double(), b.double()
+    diff = (a.mean(0) - b.mean(0)).abs()
+    se = (a.var(0) / a.shape[0] + b.var(0) / b.shape[0]).sqrt()
+    se = torch.maximum(se, 1e-12 * torch.maximum(a.mean(0).abs(), b.mean(0).abs()))
+    return torch.where(diff == 0, 0.0, diff / se)  # equal constants: 0, not 0 / 0
+
+
+class _Draws(NamedTuple):
+    r"""What a check keeps of independent training steps: per draw, the mean loss and each
+    gradient projected on its direction; over draws, the mean of some gradients; and, if a
+    step's gradients are unusable, why."""
+
+    losses: Tensor
+    projections: dict[str, Tensor]
+    means: dict[str, Tensor]
+    problem: str = ""
+
+
+def _draws(
+    steps: Iterable[tuple[Tensor, dict[str, Tensor]]],
+    directions: dict[str, Tensor],
+    keep: Iterable[str] = (),
+) -> _Draws:
+    r"""Summarizes training steps, one at a time (a step's gradients are dropped after):
+    each must have gradients for the tensors of `directions` exactly (if any), for those
+    named in `keep`, and finite ones."""
+
+    keep = list(keep)
+    losses: list[Tensor] = []
+    projections: dict[str, list[Tensor]] = {k: [] for k in directions}
+    sums: dict[str, Tensor] = {}
+    for loss, grads in steps:
+        problem = ""
+        if directions and grads.keys() != directions.keys():
+            problem = "gradients for other tensors than the posterior's"
+        elif not set(keep) <= grads.keys():
+            problem = "gradients missing for some means"
+        elif not all(torch.isfinite(g).all() for g in grads.values()):
+            problem = "non-finite gradients"
+        if problem:
+            return _Draws(torch.zeros(0), {}, {}, problem)
+        losses.append(loss.double().mean())
+        for k, u in directions.items():
+            projections[k].append((grads[k].double() * u).sum())
+        for k in keep:
+            sums[k] = sums[k] + grads[k].double() if k in sums else grads[k].double()
+    return _Draws(
+        torch.stack(losses),
+        {k: torch.stack(p) for k, p in projections.items()},
+        {k: g / len(losses) for k, g in sums.items()},
+    )
+
+
+def _reference_draws(
+    case: Case, m: int, noise: Noise, seed: int, kl: bool
+) -> tuple[dict[str, Tensor], _Draws]:
+    r"""Returns the loop's gradients on `m` samples for `seed`, as unit vectors (the
+    directions), and :data:`STEP_DRAWS` more of its training steps on `m` samples each
+    (seeds `seed + 1`, ...), summarized on those directions."""
+
+    key = ("draws", m, noise, seed, kl)
+    if key not in case.cache:
+        _, grads = _loop(case, m, "train", noise, seed, kl)
+        tiny = torch.finfo(torch.float64).tiny  # a gradient of zeros stays zeros
+        directions = {k: g.double() / g.double().norm().clamp_min(tiny) for k, g in grads.items()}
+        steps = (_loop(case, m, "train", noise, seed + 1 + i, kl) for i in range(STEP_DRAWS))
+        means = [k for k in grads if k.startswith("mean:")] if noise is Noise.OWN else []
+        case.cache[key] = (directions, _draws(steps, directions, means))
+    return case.cache[key]
+
+
+def _check_steps(
+    case: Case, m: int, noise: Noise, build: Callable[[int], Any], seed: int, kl: bool
+) -> Check:
+    r"""Checks :data:`STEP_DRAWS` training steps of a method on `m` samples each against
+    as many of the loop's."""
+
+    directions, ref = _reference_draws(case, m, noise, seed, kl)
+    own = noise is Noise.OWN
+    step = build(m)
+    # Seeds apart from the loop's: the same seed would replay the loop's normal draws.
+    seeds = range(seed + STEP_DRAWS + 1, seed + 2 * STEP_DRAWS + 1)
+    if own:  # a peer's own parameterization: only the means are shared
+        got = _draws((step(s) for s in seeds), {}, ref.means)
+    else:
+        got = _draws((step(s) for s in seeds), directions)
+    if got.problem:
+        return Check(False, math.inf, got.problem)
+
+    z = _z(got.losses, ref.losses).item()
     if not z <= 5.0:
         return Check(False, z, f"loss mean off by {z:.1f} standard errors")
-    if not all(torch.isfinite(g).all() for g in grads.values()):
-        return Check(False, math.inf, "non-finite gradients")
 
-    if not own:
-        ok = grads.keys() == ref_grads.keys()
-        return Check(ok, z, "" if ok else "gradients for other tensors than the posterior's")
+    if own:
+        # The gradient of the expected loss with respect to the means, estimated with
+        # other noise: the means are the one parameterization that every peer shares.
+        g = torch.cat([got.means[k].flatten() for k in ref.means])
+        r = torch.cat([ref.means[k].flatten() for k in ref.means])
+        err = ((g - r).norm() / r.norm()).item()
+        if not err <= GRADIENT_ERROR:
+            return Check(False, err, f"mean gradients off by {err:.0%} (relative L2)")
+        return Check(True, z)
 
-    means = [k for k in ref_grads if k.startswith("mean:")]
-    if not set(means) <= grads.keys():
-        return Check(False, math.inf, "gradients missing for some means")
-    # The gradient of the expected loss with respect to the means, estimated with other
-    # noise: the means are the one parameterization that every peer shares.
-    g = torch.cat([grads[k].double().flatten() for k in means])
-    r = torch.cat([ref_grads[k].double().flatten() for k in means])
-    err = ((g - r).norm() / r.norm()).item()
-    if not err <= GRADIENT_ERROR:
-        return Check(False, err, f"mean gradients off by {err:.0%} (relative L2)")
-    return Check(True, z)
+    # The same expected gradient, estimated with other noise: each tensor's, projected on
+    # the loop's from an independent draw, must agree within 5 standard errors.
+    zs = {k: _z(got.projections[k], ref.projections[k]).item() for k in directions}
+    worst = max(zs, key=zs.__getitem__)
+    if not zs[worst] <= 5.0:
+        return Check(
+            False, zs[worst], f"gradient of {worst} off by {zs[worst]:.1f} standard errors"
+        )
+    return Check(True, max(z, zs[worst]))
 
 
 def check_statistically(
@@ -250,15 +349,19 @@ def check_statistically(
 
     Forward and sample modes: for every output element, the mean over samples must agree
     with the loop's within 5 standard errors, and the average variance within 5 standard
-    errors of its log. Train mode: the mean loss within 5 standard errors and finite
-    gradients, for every posterior tensor; for a peer (which has its own
-    parameterization), the gradient with respect to the means within a relative L2 error
-    of :data:`GRADIENT_ERROR` of the loop's.
+    errors of its log. Train mode: :data:`STEP_DRAWS` training steps of the method, each on
+    `max(K, samples) / STEP_DRAWS` samples (rounded up), against as many of the loop's,
+    with finite gradients for every posterior tensor. The mean loss of a step (a method's
+    own, or the mean of its per-sample losses) averaged over the steps must agree with the
+    loop's within 5 standard errors of that average. The gradient of every posterior tensor,
+    projected on the loop's from one more step, likewise; for a peer (which has its own
+    parameterization), the gradient with respect to the means, averaged over the steps,
+    within a relative L2 error of :data:`GRADIENT_ERROR` of the loop's.
     """
 
     n = max(K, samples)
-    got = build(n)(seed + 1)
-    ref = reference(case, n, mode, noise, seed, kl or noise is Noise.OWN)
     if mode == "train":
-        return _check_step(got, ref, noise is Noise.OWN)
-    return _check_outputs(got, ref)
+        m = -(-n // STEP_DRAWS)
+        return _check_steps(case, m, noise, build, seed, kl or noise is Noise.OWN)
+    got = build(n)(seed + 1)
+    return _check_outputs(got, reference(case, n, mode, noise, seed))

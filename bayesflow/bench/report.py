@@ -54,10 +54,27 @@ def _ms(r: Record) -> str:
     return _fmt_ms(r["median_ms"]) + ("~" if _noisy(r) else "")
 
 
-def _groups(records: list[Record]) -> dict[tuple[str, str, Any], list[Record]]:
-    groups: dict[tuple[str, str, Any], list[Record]] = {}
+#: The fields of a record that tell its run from another: the tables compare and divide
+#: the times of one run only, whatever a list of records holds.
+_RUN = ("device", "device_name", "dtype", "threads", "chunk_size")
+
+
+def _run_of(r: Record) -> tuple:
+    versions = r.get("versions") or {}
+    return (*(r.get(k) for k in _RUN), *sorted(versions.items()))
+
+
+def _describe(r: Record) -> str:
+    chunk = r.get("chunk_size")
+    return f"{r['device']} {r['dtype']} · {r['threads']} thread(s)" + (
+        f" · chunk size {chunk}" if chunk is not None else ""
+    )
+
+
+def _groups(records: list[Record]) -> dict[tuple[str, str, Any, tuple], list[Record]]:
+    groups: dict[tuple[str, str, Any, tuple], list[Record]] = {}
     for r in records:
-        groups.setdefault((r["model"], r["mode"], r.get("batch")), []).append(r)
+        groups.setdefault((r["model"], r["mode"], r.get("batch"), _run_of(r)), []).append(r)
     return groups
 
 
@@ -86,7 +103,8 @@ def _legend(loop: str | None, det: bool, bmm: bool) -> str:
 
 
 def format_table(records: list[Record]) -> str:
-    r"""Formats records as plain-text tables, one per model, mode and batch size.
+    r"""Formats records as plain-text tables, one per model, mode, batch size and run (device,
+    dtype, threads, chunk size, versions).
 
     Each cell shows the median time in ms, then, where those methods ran: the speed-up
     over `zuko-loop` (`x`, higher is better; over bayesflow's `loop` when zuko's did not
@@ -99,17 +117,14 @@ def format_table(records: list[Record]) -> str:
 
     lines = []
     any_noisy = False
-    for (model, mode, _), rs in _groups(records).items():
+    for (model, mode, _, _), rs in _groups(records).items():
         ks = sorted({r["samples"] for r in rs})
         methods = list(dict.fromkeys(r["method"] for r in rs))
         by = {(r["method"], r["samples"]): r for r in rs}
         first = rs[0]
         loop, det, bmm = _loop_baseline(rs), _has(rs, "deterministic"), _has(rs, "bmm")
 
-        lines.append(
-            f"{model} · {mode} · batch {first['batch']} · {first['device']} {first['dtype']} · "
-            f"{first['threads']} thread(s)"
-        )
+        lines.append(f"{model} · {mode} · batch {first['batch']} · {_describe(first)}")
         lines.append("  " + _legend(loop, det, bmm))
         width = 9 + 7 * (bool(loop) + det + bmm)
         lines.append(f"  {'method':<18}" + "".join(f"{'K=' + str(k):>{width}}" for k in ks))
@@ -202,16 +217,16 @@ def _fastest(by: dict[tuple[str, int], Record], ks: list[int], loop: str | None)
 
 
 def markdown_table(records: list[Record]) -> str:
-    r"""Formats records as one markdown table per model and batch size: a row per method, a
+    r"""Formats records as one markdown table per model, batch size and run: a row per method, a
     column per mode and K, each cell the median ms and, in parentheses, the time relative
     to `deterministic` (`d`) and to `bmm` (`b`) of the same column where those ran; the
     fastest of each column in bold, a noisy cell (see :data:`NOISY`) marked `~`."""
 
     out = []
-    groups: dict[tuple[str, Any], list[Record]] = {}
+    groups: dict[tuple[str, Any, tuple], list[Record]] = {}
     for r in records:
-        groups.setdefault((r["model"], r.get("batch")), []).append(r)
-    for (model, _), rs in groups.items():
+        groups.setdefault((r["model"], r.get("batch"), _run_of(r)), []).append(r)
+    for (model, _, _), rs in groups.items():
         cols = list(dict.fromkeys((r["mode"], r["samples"]) for r in rs))
         cols.sort(key=lambda c: (["forward", "train", "sample"].index(c[0]), c[1]))
         methods = list(dict.fromkeys(r["method"] for r in rs))
@@ -225,9 +240,12 @@ def markdown_table(records: list[Record]) -> str:
 
         first = rs[0]
         ratios = ", ".join(f"time / {n} ({s})" for n, s in refs)
+        chunk = first.get("chunk_size")
         out.append(
             f"{model}, batch {first['batch']}, {first['device']} {first['dtype']}, "
-            f"{first['threads']} thread(s): median ms"
+            f"{first['threads']} thread(s)"
+            + (f", chunk size {chunk}" if chunk is not None else "")
+            + ": median ms"
             + (f"; in parentheses {ratios}" if refs else "")
             + "\n"
         )
@@ -262,23 +280,27 @@ def markdown_table(records: list[Record]) -> str:
 
 
 def cost_table(records: list[Record]) -> str:
-    r"""Formats the cost of being Bayesian as one markdown table, a row per model and batch:
+    r"""Formats the cost of being Bayesian as one markdown table, a row per model, batch and run:
     K = 1 against the plain module (`deterministic`), the forward (`vmap`) over a plain
     forward and the training steps (`nelbo`, `nelbo-local`, `nelbo-flipout`) over a plain
     Adam step, each ratio with its median in ms."""
 
-    groups: dict[tuple[str, Any], dict[tuple[str, str], Record]] = {}
+    groups: dict[tuple[str, Any, tuple], dict[tuple[str, str], Record]] = {}
     for r in records:
         if r["samples"] == 1:
-            groups.setdefault((r["model"], r.get("batch")), {})[r["method"], r["mode"]] = r
+            key = (r["model"], r.get("batch"), _run_of(r))
+            groups.setdefault(key, {})[r["method"], r["mode"]] = r
+    several = len({run for _, _, run in groups}) > 1
 
     rows = [
         "| model | batch | plain forward (ms) | vmap K=1 / plain | plain Adam step (ms) "
         "| nelbo K=1 / plain | local / plain | Flipout / plain |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (model, batch), by in groups.items():
-        cells = [model, str(batch)]
+    for (model, batch, _), by in groups.items():
+        # Runs of other devices, dtypes or threads: each row says which it is.
+        label = f"{model} ({_describe(next(iter(by.values())))})" if several else model
+        cells = [label, str(batch)]
         for mode, methods in (
             ("forward", ["vmap"]),
             ("train", ["nelbo", "nelbo-local", "nelbo-flipout"]),
@@ -299,8 +321,13 @@ def cost_table(records: list[Record]) -> str:
 
 
 def flows_table(records: list[Record], names: dict[str, str] | None = None) -> str:
-    r"""Formats one markdown row per flow and mode: the plain flow, zuko's loop and
-    `vmap_call` in ms, and the speed-up of `vmap_call` over the loop (docs/flows.md).
+    r"""Formats one markdown row per flow, mode and K: the plain flow, zuko's loop and
+    `vmap_call` in ms, and the speed-up of `vmap_call` over the loop at that K
+    (docs/flows.md).
+
+    A cell that has no time says why: its status (`oom`, `unsupported`, ...), or `not run`
+    where the sweep left it out (a loop above `max_loop_samples`); the speed-up is `-`
+    unless both ran at that K.
 
     Arguments:
         records: The records of the `flows` (or `flows-sample`) sweep.
@@ -308,9 +335,10 @@ def flows_table(records: list[Record], names: dict[str, str] | None = None) -> s
             order of the records, if :py:`None`.
     """
 
-    by = {(r["model"], r["mode"], r["method"]): r for r in records if _ok(r)}
+    by = {(r["model"], r["mode"], r["samples"], r["method"]): r for r in records}
     models = names or {m: m for m in dict.fromkeys(r["model"] for r in records)}
     modes = list(dict.fromkeys(r["mode"] for r in records))
+    ks = sorted({r["samples"] for r in records})
     rows = [
         "| flow | mode | K | plain flow (ms) | zuko `reparameterize()` loop (ms) "
         "| `vmap_call` (ms) | speed-up |",
@@ -318,16 +346,23 @@ def flows_table(records: list[Record], names: dict[str, str] | None = None) -> s
     ]
     for model, name in models.items():
         for mode in modes:
-            det, loop, vmap = (
-                by.get((model, mode, m)) for m in ("deterministic", "zuko-loop", "vmap")
-            )
-            if loop is None and vmap is None:
-                continue
-            k = (vmap or loop)["samples"]
-            cells = [_ms(r) if r else "-" for r in (det, loop, vmap)]
-            speedup = f"{loop['median_ms'] / vmap['median_ms']:.1f}x" if loop and vmap else "-"
-            rows.append(f"| {name} | {mode} | {k} | " + " | ".join(cells) + f" | {speedup} |")
+            for k in ks:
+                det, loop, vmap = (
+                    by.get((model, mode, k, m)) for m in ("deterministic", "zuko-loop", "vmap")
+                )
+                if loop is None and vmap is None:
+                    continue
+                cells = [_flow_cell(r) for r in (det, loop, vmap)]
+                ok = _ok(loop) and _ok(vmap)
+                speedup = f"{loop['median_ms'] / vmap['median_ms']:.1f}x" if ok else "-"
+                rows.append(f"| {name} | {mode} | {k} | " + " | ".join(cells) + f" | {speedup} |")
     return "\n".join(rows) + "\n"
+
+
+def _flow_cell(r: Record | None) -> str:
+    if r is None:
+        return "not run"
+    return _ms(r) if _ok(r) else _SHORT.get(r["status"], str(r["status"]))
 
 
 def replace_section(path: str, name: str, text: str) -> None:
@@ -377,7 +412,7 @@ def write_csv(records: list[Record], path: str) -> None:
 
 def plot(records: list[Record], path: str) -> None:
     r"""Plots time against K (log-log) and the speed-up over `zuko-loop` (or `loop`), per
-    model, mode and batch size."""
+    model, mode, batch size and run."""
 
     import matplotlib
 
@@ -390,10 +425,12 @@ def plot(records: list[Record], path: str) -> None:
         len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False, dpi=64
     )
     batches = {key[2] for key in groups}
-    for row, ((model, mode, batch), rs) in zip(axes, groups.items(), strict=True):
+    runs = {key[3] for key in groups}
+    for row, ((model, mode, batch, _), rs) in zip(axes, groups.items(), strict=True):
         loop = _loop_baseline(rs)
         zuko_ms = {r["samples"]: r["median_ms"] for r in rs if r["method"] == loop and _ok(r)}
         title = f"{model} · {mode}" + (f" · batch {batch}" if len(batches) > 1 else "")
+        title += f" · {_describe(rs[0])}" if len(runs) > 1 else ""
         for m in dict.fromkeys(r["method"] for r in rs):
             pts = sorted((r["samples"], r["median_ms"]) for r in rs if r["method"] == m and _ok(r))
             if not pts:

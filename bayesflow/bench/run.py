@@ -232,7 +232,7 @@ def _progress(total: int, enabled: bool) -> Any:
 
 def _ratios(records: list[dict[str, Any]]) -> None:
     r"""Sets each record's `ratio_to_bmm` and `ratio_to_deterministic`: its median over
-    the `bmm` and `deterministic` medians of its cell."""
+    the `bmm` and `deterministic` medians of its cell, among `records`, those of one run."""
 
     for name in ("bmm", "deterministic"):
         base = {
@@ -270,7 +270,8 @@ def run_bench(
             :py:`None`.
         extra: More methods, by name (e.g. a deliberately wrong one, in tests).
         records: A list to append the records to as they come (what is done survives
-            an interruption); a new one if :py:`None`.
+            an interruption); a new one if :py:`None`. The records it holds already are
+            left as they are.
         progress: Whether to show a progress bar on stderr.
         overrides: Fields of :class:`Options` to set (e.g. `batch=8`).
 
@@ -285,10 +286,13 @@ def run_bench(
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         records = [] if records is None else records
+        start = len(records)
         try:
             _run(models, samples, modes, methods, options, extra or {}, records, progress)
         finally:
-            _ratios(records)
+            # The ratios of this run's records to this run's references only: the list may
+            # hold other runs (another dtype, device or thread count) with the same cells.
+            _ratios(records[start:])
         return records
 
 
