@@ -424,6 +424,18 @@ def check_labels(where: str, labels: object, shape: torch.Size, classes: int) ->
     return y
 
 
+def _computed_in(p: Tensor) -> float:
+    r"""Returns the rounding unit of the coarsest floating-point dtype that holds every
+    value of `p` exactly (at least float32's)."""
+
+    own = torch.finfo(p.dtype).eps
+    for dtype in (torch.bfloat16, torch.float16):
+        eps = torch.finfo(dtype).eps
+        if eps > own and torch.equal(p, p.to(dtype).to(p.dtype)):
+            return eps
+    return max(own, torch.finfo(torch.float32).eps)
+
+
 def check_probs(where: str, probs: object) -> Tensor:
     p = check_tensor(where, "probs", probs, min_dim=1)
     check_float(where, "probs", p)
@@ -432,12 +444,12 @@ def check_probs(where: str, probs: object) -> Tensor:
     if p.numel() == 0:
         return p
 
-    # Each probability is computed to a few units of rounding of its dtype (at least
-    # float32's: probabilities cast up are common), so their sum is too, whatever the
-    # number of classes, but for the sum inside a softmax: 16 units, and one more per 64
-    # classes (a float32 softmax over 20000 classes is off by 42).
-    eps = max(torch.finfo(p.dtype).eps, torch.finfo(torch.float32).eps)
-    tol = eps * (16 + p.shape[-1] / 64)
+    # Each probability is computed to a few units of rounding of the dtype it was computed
+    # in, so their sum is too, whatever the number of classes, but for the sum inside a
+    # softmax: 16 units, and one more per 64 classes (a float32 softmax over 20000 classes
+    # is off by 42). That dtype is the narrowest one that holds every value exactly
+    # (probabilities are often computed in half precision or float32, then cast up).
+    tol = _computed_in(p) * (16 + p.shape[-1] / 64)
     if not ((p >= 0).all() and (p <= 1).all()):
         raise ValueError(
             f"{where}: expected probabilities in [0, 1], got values in "

@@ -135,7 +135,6 @@ class Structure:
 
 
 _STRUCTURES: PerObject[Structure] = PerObject()
-_LOCK = threading.RLock()
 
 
 def structure(module: nn.Module) -> Structure:
@@ -150,14 +149,64 @@ def structure(module: nn.Module) -> Structure:
     return st
 
 
-def lock(module: nn.Module) -> Any:
-    r"""Serializes bayesflow calls across threads (not while compiling).
+def _tree(module: nn.Module) -> set[int]:
+    r"""Returns the ids of `module` and of all its submodules."""
 
-    One lock for every module: while a call holds tensors swapped in, the module's
-    structure, and that of every module it holds or that holds it, looks different to
-    anyone else (a lock per module let a call on a model and one on its submodule swap
-    each other's samples in and out). Acquire it before :func:`structure`, and hold it
-    while tensors are swapped in.
+    ids: set[int] = set()
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if id(m) not in ids:
+            ids.add(id(m))
+            stack.extend(v for v in m._modules.values() if v is not None)
+    return ids
+
+
+# The modules inside a call, by id: [the thread that holds them, how many times].
+_OWNERS: dict[int, list[int]] = {}
+_CHANGED = threading.Condition()
+
+
+class _TreeLock:
+    r"""Holds a module and all its submodules for one thread: it waits while another thread
+    holds any of them, and takes them all at once (re-entrant)."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.ids = _tree(module)
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        with _CHANGED:
+            while any(_OWNERS.get(i, (me,))[0] != me for i in self.ids):
+                _CHANGED.wait()
+            for i in self.ids:
+                owner = _OWNERS.get(i)
+                if owner is None:
+                    _OWNERS[i] = [me, 1]
+                else:
+                    owner[1] += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with _CHANGED:
+            for i in self.ids:
+                owner = _OWNERS[i]
+                owner[1] -= 1
+                if not owner[1]:
+                    del _OWNERS[i]
+            _CHANGED.notify_all()
+
+
+def lock(module: nn.Module) -> Any:
+    r"""Serializes the bayesflow calls of several threads that share modules (not while
+    compiling).
+
+    A call holds its module and every submodule: while it has tensors swapped in, their
+    structure looks different to anyone else, and a submodule may belong to another
+    module too (a lock per module let a call on a model and one on its submodule swap
+    each other's samples in and out). Calls on disjoint modules run in parallel. Acquire
+    it before :func:`structure`, and hold it while tensors are swapped in.
     """
 
-    return nullcontext() if is_compiling() else _LOCK
+    return nullcontext() if is_compiling() else _TreeLock(module)

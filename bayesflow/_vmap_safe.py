@@ -8,9 +8,11 @@ solver, and the :py:`autograd.grad` trace of free-form Jacobian transforms (CNF)
 seventh, GMM's :func:`torch.masked_scatter`, runs under vmap but slowly, with a warning.
 
 While at least one thread is inside :func:`vmap_safe`, each of those attributes of zuko
-holds a dispatcher: in a thread inside a vectorized call it runs the equivalent in
-:mod:`bayesflow._zuko_transforms`, in any other thread zuko's own function. When the
-last such thread leaves, zuko's very objects are put back. Nothing is patched at import.
+holds a dispatcher: in a thread inside a bayesflow call (vectorized, looped or of one
+sample: zuko's pieces that recompute in their backward pass would see the module's own
+parameters by then) it runs the equivalent in :mod:`bayesflow._zuko_transforms`, in any
+other thread zuko's own function. When the last such thread leaves, zuko's very objects
+are put back. Nothing is patched at import.
 
 A piece is replaced only if it is still the function zuko defined (by module and
 qualified name; an object put there by someone else is left alone) and a probe shows,
@@ -213,7 +215,7 @@ TESTED = ((1, 6),)
 
 _LOCK = threading.Lock()
 _LOCAL = threading.local()
-_USERS = 0  # threads inside a vectorized call
+_USERS = 0  # threads inside a bayesflow call
 _INSTALLED: list[tuple[Any, str, Any]] = []
 _WARNED: set[str] = set()
 register(_WARNED.clear)

@@ -131,7 +131,9 @@ def calibration_curve(probs: Tensor, labels: Tensor, bins: int = 15) -> Calibrat
         A :class:`CalibrationCurve`.
     """  # noqa: E501
 
-    return _calibration_curve("calibration_curve", probs, labels, bins)
+    curve = _calibration_curve("calibration_curve", probs, labels, bins)
+    dtype = probs.dtype  # computed in float64, rounded once
+    return curve._replace(confidence=curve.confidence.to(dtype), accuracy=curve.accuracy.to(dtype))
 
 
 def _calibration_curve(where: str, probs: Tensor, labels: Tensor, bins: int) -> CalibrationCurve:

@@ -873,3 +873,32 @@ def test_calls_inside_a_parametrization_cache_are_refused():
                 call(module, params, x)
     assert _unchanged(module, before)
     assert torch.allclose(bf.vmap_call(module, params, x, fallback=False), expected, atol=1e-12)
+
+
+def test_a_call_on_another_module_does_not_wait_for_one_in_progress():
+    # While a call on `held` is inside its fn, a call on a disjoint module runs to the end
+    # (a single lock made it wait: a fn waiting on it would never return).
+    held, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    params = {m: bf.sample(bf.init(m, -2.0), 3) for m in (held, other)}
+    inside, finished = threading.Event(), threading.Event()
+    results = {}
+
+    def fn(m, x):
+        inside.set()
+        results["other finished while held"] = finished.wait(timeout=30)
+        return m(x)
+
+    def work():
+        inside.wait(timeout=30)
+        results["other"] = bf.vmap_call(other, params[other], x)
+        finished.set()
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    out = bf.loop_call(held, params[held], x, fn=fn)
+    thread.join()
+
+    assert results["other finished while held"]
+    assert torch.allclose(results["other"], bf.loop_call(other, params[other], x), atol=1e-12)
+    assert torch.allclose(out, bf.loop_call(held, params[held], x), atol=1e-12)

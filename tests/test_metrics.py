@@ -227,3 +227,17 @@ def test_probabilities_must_sum_to_one_whatever_the_number_of_classes(gen):
     ):
         with pytest.raises(ValueError, match="expected probabilities that sum to 1"):
             metric(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_probabilities_pass_as_they_are_and_cast_up(dtype, gen):
+    logits = torch.randn(64, 10, generator=gen(3), dtype=torch.float32) * 2
+    labels = torch.randint(0, 10, (64,), generator=gen(4))
+    half = logits.to(dtype).softmax(-1)  # after autocast, say
+    expected = _ece_float64(half, labels, 15)
+    for p in (half, half.float(), half.double()):
+        assert abs(float(bf.expected_calibration_error(p, labels)) - expected) < 1e-2
+        bf.categorical_nll(p, labels)
+    bad = half.float() * 0.95  # off by 5%: not a rounding of the half-precision values
+    with pytest.raises(ValueError, match="expected probabilities that sum to 1"):
+        bf.categorical_nll(bad, labels)
