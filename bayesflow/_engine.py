@@ -160,12 +160,19 @@ def _changes(st: Structure, module: nn.Module, extra: list) -> list[tuple[Any, s
     return changes + extra
 
 
-def _check_no_parametrization_cache(where: str, st: Structure, module: nn.Module) -> None:
+def check_no_parametrization_cache(
+    where: str, module: nn.Module, st: Structure | None = None
+) -> None:
     r"""Refuses a call inside :func:`torch.nn.utils.parametrize.cached` on a module with
     parametrizations: the cache keeps the first weight computed (the module's own, or the
     first sample's) for every later sample."""
 
-    if parametrize._cache_enabled and st.find(module, parametrize.ParametrizationList):
+    if not parametrize._cache_enabled:
+        return
+    if st is None:
+        with lock(module):
+            st = structure(module)
+    if st.find(module, parametrize.ParametrizationList):
         raise RuntimeError(
             f"{where}: expected no torch.nn.utils.parametrize.cached() around a call on a "
             "module with parametrizations, got one: its cache would give every sample the "
@@ -178,7 +185,7 @@ def _call(job: _Job, extra: list | None = None) -> tuple[Any, str | None]:
     outputs and, if it fell back to the loop, why."""
 
     st = job.st
-    _check_no_parametrization_cache(job.opts.where, st, job.module)
+    check_no_parametrization_cache(job.opts.where, job.module, st)
     if st.written:  # a module that writes its weight in place gets a copy of its own
         params = {k: v.clone() if k in st.written else v for k, v in job.params.items()}
         job = job._replace(params=params)
@@ -487,6 +494,7 @@ def run_local(
     where = opts.where
     with lock(module):
         st = structure(module)
+        check_no_parametrization_cache(where, module, st)  # before any draw
         dims = check_in_dims(where, args, opts.in_dims, n)
         for attempt in range(2):
             layout = _layout(st, module, plan, args, dims, opts, fresh=attempt > 0)

@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 import contextlib
+import functools
 import sys
 
 from dataclasses import dataclass
@@ -371,26 +372,37 @@ class LocalPlan:
                 self.layers[name] = layer
                 self.covered[name] = names
 
-        # The layers whose weight or bias another module holds too (tied), and the
-        # module's own Bayesian tensors of each layer, by id, for the shape-finding pass.
-        places: dict[int, int] = {}
-        for _, p in module.named_parameters(remove_duplicate=False):
-            places[id(p)] = places.get(id(p), 0) + 1
-        self.tied = {
-            name
-            for name, layer in self.layers.items()
-            for t in (layer.weight, getattr(layer, "bias", None))
-            if t is not None and places.get(id(t), 0) > 1
-        }
-        own = dict(module.named_parameters())
-        self.watched = {
-            id(own[n]): name for name, names in self.covered.items() for n in names if n in own
-        }
+        self.module = module
         self.key = (flipout, per_position, tuple(self.layers))
         self._moments = None
         if not lazy:
             spreads = self._spreads([n for names in self.covered.values() for n in names])
             self._moments = {name: self._read(name, spreads) for name in self.layers}
+
+    @functools.cached_property
+    def tied(self) -> set[str]:
+        r"""The layers whose weight or bias another module holds too (read when a layout is
+        made, not at every call)."""
+
+        places: dict[int, int] = {}
+        for _, p in self.module.named_parameters(remove_duplicate=False):
+            places[id(p)] = places.get(id(p), 0) + 1
+        return {
+            name
+            for name, layer in self.layers.items()
+            for t in (layer.weight, getattr(layer, "bias", None))
+            if t is not None and places.get(id(t), 0) > 1
+        }
+
+    @functools.cached_property
+    def watched(self) -> dict[int, str]:
+        r"""The module's own Bayesian tensors of each layer, by id, for the shape-finding
+        pass."""
+
+        own = dict(self.module.named_parameters())
+        return {
+            id(own[n]): name for name, names in self.covered.items() for n in names if n in own
+        }
 
     def _spreads(self, names: list[str]) -> dict[str, Tensor]:
         r"""Returns the variances (the local trick) or standard deviations (Flipout) of the

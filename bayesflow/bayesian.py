@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _posterior
 from ._checks import check_bool, check_generator, check_in_dims, check_module, check_n
-from ._engine import hold, run
+from ._engine import check_no_parametrization_cache, hold, run
 from ._layers import Cached, LocalPlan
 from ._options import call_options
 from ._outputs import map_outputs
@@ -269,6 +269,7 @@ class BayesianModel(nn.Module):
         opts = call_options(where, fn, chunk_size, fallback, in_dims, randomness, True, max_memory)
         check_generator(where, generator)
         check_in_dims(where, args, in_dims, k)  # before the draw: a failed call draws nothing
+        check_no_parametrization_cache(where, self.base)
         params = _posterior.sample(where, self.posterior, k, generator)
         out = run(self.base, params, args, opts)
 

@@ -25,7 +25,7 @@ from ._checks import (
     check_posterior,
 )
 from ._compat import in_func_transform, is_compiling
-from ._engine import run
+from ._engine import check_no_parametrization_cache, run
 from ._options import call_options
 from ._structure import lock, structure
 from ._types import Posterior
@@ -165,7 +165,9 @@ def _nelbo(
     if estimator == "weights":
         # The samples must fit the module before the draw: a failed call draws nothing.
         with lock(module):
-            _posterior.check_fits(where, structure(module), module, posterior)
+            st = structure(module)
+            _posterior.check_fits(where, st, module, posterior)
+            check_no_parametrization_cache(where, module, st)
         check_in_dims(where, args, in_dims, n)
         params, kl = sample_and_kl(where, posterior, n, generator, prior)
         ll = run(module, params, args, opts)

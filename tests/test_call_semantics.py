@@ -865,12 +865,25 @@ def test_calls_inside_a_parametrization_cache_are_refused():
     expected = bf.loop_call(module, params, x)
     assert not torch.allclose(expected[0], expected[1])
     before = _identity(module)
+    q, bnet = bf.init(module, -2.0), bf.BayesianModel(copy.deepcopy(module))
+
+    def loss(m, x):
+        return m(x).sum(-1)
+
+    calls = {
+        "vmap_call": lambda: bf.vmap_call(module, params, x),
+        "loop_call": lambda: bf.loop_call(module, params, x),
+        "nelbo": lambda: bf.nelbo(module, q, x, fn=loss, num_data=1.0),
+        "local_nelbo": lambda: bf.local_nelbo(module, q, x, fn=loss, num_data=1.0),
+        "BayesianModel.forward": lambda: bnet(x, n=2),
+    }
+    state = torch.random.get_rng_state()
     with torch.nn.utils.parametrize.cached():
-        for call in (bf.vmap_call, bf.loop_call):
-            with pytest.raises(
-                RuntimeError, match=r"call: expected no torch\.nn\.utils\.parametrize\.cached"
-            ):
-                call(module, params, x)
+        for where, call in calls.items():
+            message = rf"{where}: expected no torch\.nn\.utils\.parametrize\.cached"
+            with pytest.raises(RuntimeError, match=message):
+                call()
+    assert torch.equal(torch.random.get_rng_state(), state)  # no draw: a retry is the same
     assert _unchanged(module, before)
     assert torch.allclose(bf.vmap_call(module, params, x, fallback=False), expected, atol=1e-12)
 
