@@ -162,39 +162,51 @@ def _tree(module: nn.Module) -> set[int]:
     return ids
 
 
-# The modules inside a call, by id: [the thread that holds them, how many times].
-_OWNERS: dict[int, list[int]] = {}
+# The calls in progress: [module, the thread that holds it, how many times].
+_HELD: list[list[Any]] = []
 _CHANGED = threading.Condition()
+
+
+def _conflicts(module: nn.Module, me: int) -> bool:
+    r"""Whether another thread holds a module that shares a submodule with `module` (the
+    trees are only walked where another thread holds anything: never in one thread)."""
+
+    others = [held for held, owner, _ in _HELD if owner != me]
+    if not others:
+        return False
+    tree = _tree(module)
+    return any(not tree.isdisjoint(_tree(held)) for held in others)
 
 
 class _TreeLock:
     r"""Holds a module and all its submodules for one thread: it waits while another thread
-    holds any of them, and takes them all at once (re-entrant)."""
+    holds any of them (re-entrant)."""
 
-    __slots__ = ("ids",)
+    __slots__ = ("module",)
 
     def __init__(self, module: nn.Module) -> None:
-        self.ids = _tree(module)
+        self.module = module
 
     def __enter__(self) -> None:
         me = threading.get_ident()
         with _CHANGED:
-            while any(_OWNERS.get(i, (me,))[0] != me for i in self.ids):
+            while _conflicts(self.module, me):
                 _CHANGED.wait()
-            for i in self.ids:
-                owner = _OWNERS.get(i)
-                if owner is None:
-                    _OWNERS[i] = [me, 1]
-                else:
-                    owner[1] += 1
+            for entry in _HELD:
+                if entry[0] is self.module and entry[1] == me:
+                    entry[2] += 1
+                    return
+            _HELD.append([self.module, me, 1])
 
     def __exit__(self, *exc: object) -> None:
+        me = threading.get_ident()
         with _CHANGED:
-            for i in self.ids:
-                owner = _OWNERS[i]
-                owner[1] -= 1
-                if not owner[1]:
-                    del _OWNERS[i]
+            for i, entry in enumerate(_HELD):
+                if entry[0] is self.module and entry[1] == me:
+                    entry[2] -= 1
+                    if not entry[2]:
+                        del _HELD[i]
+                    break
             _CHANGED.notify_all()
 
 
