@@ -186,8 +186,9 @@ def _call(job: _Job, extra: list | None = None) -> tuple[Any, str | None]:
 
     st = job.st
     check_no_parametrization_cache(job.opts.where, job.module, st)
-    if st.written:  # a module that writes its weight in place gets a copy of its own
-        params = {k: v.clone() if k in st.written else v for k, v in job.params.items()}
+    written = st.written
+    if written:  # a module that writes its weight in place gets a copy of its own
+        params = {k: v.clone() if k in written else v for k, v in job.params.items()}
         job = job._replace(params=params)
     changes = _changes(st, job.module, extra or [])
     with _no_recomputation(job.opts.where):
@@ -307,7 +308,8 @@ def _loop(job: _Job, state: State | None = None) -> Any:
     outs = []
     # A weight the module writes in place keeps its per-sample slice (a slice of `unbind`
     # may not be written in place).
-    params = {k: v if k in st.written else _split(v) for k, v in job.params.items()}
+    written = st.written
+    params = {k: v if k in written else _split(v) for k, v in job.params.items()}
     args = [(a, _split(a) if d == 0 else None) for a, d in zip(job.args, job.dims, strict=True)]
     try:
         for i in range(job.n):

@@ -33,6 +33,19 @@ def batches(shape, steps=4, size=10):
     ]
 
 
+def _trained_alone(make, seed, opt_of, data):
+    r"""The oracle: one member built under its seed and trained by itself, in train mode."""
+
+    torch.manual_seed(seed)
+    member = make().train()
+    member_opt = opt_of(member.parameters())
+    for x, y in data:
+        member_opt.zero_grad()
+        F.cross_entropy(member(x), y).backward()
+        member_opt.step()
+    return member
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "sgd-momentum"])
 @pytest.mark.parametrize("name", BUILDERS)
 def test_one_pass_equals_k_separate_trainings(name, optimizer, gen):
@@ -54,13 +67,7 @@ def test_one_pass_equals_k_separate_trainings(name, optimizer, gen):
         opt.step()
 
     for i, seed in enumerate(ens.seeds):
-        torch.manual_seed(seed)
-        member = make().train()
-        member_opt = opt_of(member.parameters())
-        for x, y in data:
-            member_opt.zero_grad()
-            F.cross_entropy(member(x), y).backward()
-            member_opt.step()
+        member = _trained_alone(make, seed, opt_of, data)
         for p_name, p in member.named_parameters():
             assert torch.allclose(ens.params[p_name][i], p, atol=1e-10), p_name
         for b_name, b in member.named_buffers():
@@ -157,7 +164,11 @@ def test_frozen_parameters_stay_frozen_as_in_k_separate_trainings(gen):
     ens = bf.ensemble(make_frozen, K, generator=gen(4))
     assert not ens.params["0.weight"].requires_grad and ens.params["0.bias"].requires_grad
     start = ens.params["0.weight"].clone()
-    opt = torch.optim.SGD(ens.params.values(), lr=1e-1, momentum=0.9, weight_decay=1e-2)
+
+    def sgd(ps):
+        return torch.optim.SGD(ps, lr=1e-1, momentum=0.9, weight_decay=1e-2)
+
+    opt = sgd(ens.params.values())
     for x, y in data:
         logits = bf.vmap_call(ens.module, ens.params, x, fallback=False)
         losses = F.cross_entropy(logits.transpose(1, 2), y.expand(K, -1), reduction="none")
@@ -167,13 +178,7 @@ def test_frozen_parameters_stay_frozen_as_in_k_separate_trainings(gen):
 
     assert torch.equal(ens.params["0.weight"], start)
     for i, seed in enumerate(ens.seeds):
-        torch.manual_seed(seed)
-        member = make_frozen()
-        member_opt = torch.optim.SGD(member.parameters(), lr=1e-1, momentum=0.9, weight_decay=1e-2)
-        for x, y in data:
-            member_opt.zero_grad()
-            F.cross_entropy(member(x), y).backward()
-            member_opt.step()
+        member = _trained_alone(make_frozen, seed, sgd, data)
         for p_name, p in member.named_parameters():
             assert torch.allclose(ens.params[p_name][i], p, atol=1e-10), p_name
     # each member keeps its own frozen layer: the outputs differ by member

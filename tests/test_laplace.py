@@ -32,12 +32,7 @@ needs_laplace = pytest.mark.skipif(
 SIGMA = 0.7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(outputs=3):
@@ -502,14 +497,7 @@ def test_a_weight_used_elsewhere_where_that_use_vanishes_on_the_first_example(us
             assert torch.allclose(fit.hessian[k], h[k], rtol=1e-10, atol=1e-12), k
     assert sizes[-2:] == [5, 5]  # the per-example path
 
-    q = bf.init(module, init_logvar=-2.0, include=["out"])
-    mean, var = bf.linearized_predictive(module, q, x)
-
-    sigma2 = torch.cat([var_of(q.logvar[k]).reshape(-1) for k in q.mean])
-    for i in range(len(x)):
-        jac = explicit_jacobian(module, x[i], list(q.mean))
-        assert torch.allclose(var[i], (jac.square() * sigma2).sum(1), rtol=1e-10, atol=1e-14)
-    assert torch.allclose(mean, module(x), atol=1e-12)
+    _assert_linearized_matches_jacobians(module, bf.init(module, -2.0, include=["out"]), x)
 
 
 def test_the_closed_form_where_only_the_weight_shape_is_read_elsewhere(monkeypatch):
@@ -729,8 +717,12 @@ def test_linearized_variance_matches_explicit_jacobians(include):
 def test_linearized_variance_where_the_last_layer_weight_is_reused():
     torch.manual_seed(0)
     module = Reused()
-    q = bf.init(module, init_logvar=-2.0, include=["out"])
     x = torch.randn(5, 3)
+    _assert_linearized_matches_jacobians(module, bf.init(module, -2.0, include=["out"]), x)
+
+
+def _assert_linearized_matches_jacobians(module, q, x):
+    r"""The linearized predictive against explicit per-example Jacobians."""
 
     mean, var = bf.linearized_predictive(module, q, x)
 
