@@ -10,6 +10,7 @@ __all__ = [
     "InstanceNorm",
     "SpectralNorm",
     "StopRecomputation",
+    "ValueReads",
     "WeightNorm",
     "allocated_bytes",
     "batched_at_current_level",
@@ -19,7 +20,6 @@ __all__ = [
     "fused_rnn",
     "in_func_transform",
     "is_compiling",
-    "is_metadata",
     "is_wrapped",
     "load_jvp_decompositions",
     "no_saved_tensors_hooks",
@@ -48,6 +48,7 @@ from torch._C import _functorch
 from torch.nn.utils import parametrizations
 from torch.nn.utils.spectral_norm import SpectralNorm as _HookSpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _HookWeightNorm
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -312,7 +313,7 @@ _PROPERTIES = {
 }  # fmt: skip
 
 
-def is_metadata(func: Any) -> bool:
+def _is_metadata(func: Any) -> bool:
     r"""Whether a torch function (as a :class:`torch.overrides.TorchFunctionMode` sees it)
     reads only a tensor's metadata (its shape, dtype, device, ...), not its values."""
 
@@ -322,3 +323,19 @@ def is_metadata(func: Any) -> bool:
     return getattr(func, "__name__", "") == "__get__" and getattr(owner, "__name__", "") in (
         _PROPERTIES
     )
+
+
+class ValueReads(TorchFunctionMode):
+    r"""A torch function mode that hands `seen` the tensor arguments of every torch
+    function that reads their values (not only their shape, dtype, device, ...): how the
+    checks that a weight enters a call through its layer alone see every use of it."""
+
+    def __init__(self, seen: Callable[[list[Tensor]], None]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if not _is_metadata(func):
+            self.seen([a for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)])
+        return func(*args, **kwargs)

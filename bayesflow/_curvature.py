@@ -28,8 +28,6 @@ import torch.nn as nn
 
 from torch import Tensor
 from torch.func import grad, vjp, vmap
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from . import _posterior
 from ._checks import (
@@ -40,7 +38,7 @@ from ._checks import (
     check_not_bridge,
     check_number,
 )
-from ._compat import is_metadata
+from ._compat import ValueReads
 from .call import vmap_call
 
 #: The curvatures :func:`bayesflow.laplace_fit` computes: the generalized Gauss-Newton
@@ -283,23 +281,21 @@ def last_layer(module: nn.Module, names: Sequence[str]) -> LastLayer | None:
     return None
 
 
-class _Elsewhere(TorchFunctionMode):
+class _Elsewhere:
     r"""Records whether a torch function outside the calls of `layer` takes one of its
     parameters `names`: the ones it holds now (swapped in, maybe), or held on entry."""
 
     def __init__(self, layer: nn.Module, names: Sequence[str]) -> None:
-        super().__init__()
         self.layer, self.names = layer, names
         self.held = [getattr(layer, n) for n in names]
         self.depth = 0
         self.found = False
+        self.mode = ValueReads(self._seen)
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if not (self.depth or self.found or is_metadata(func)):
+    def _seen(self, tensors: list[Tensor]) -> None:
+        if not (self.depth or self.found):
             held = [*self.held, *(getattr(self.layer, n) for n in self.names)]
-            self.found = any(a is t for a in tree_leaves((args, kwargs)) for t in held)
-        return func(*args, **kwargs)
+            self.found = any(a is t for a in tensors for t in held)
 
 
 class Captured(NamedTuple):
@@ -367,7 +363,7 @@ def capture(
         if mode is None:
             result = call()
         else:
-            with mode:
+            with mode.mode:
                 result = call()
     finally:
         for handle in handles:

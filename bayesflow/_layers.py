@@ -33,10 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torch import Size, Tensor
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
-from ._compat import ConvNd, flat_cat, in_func_transform, is_compiling, is_metadata
+from ._compat import ConvNd, ValueReads, flat_cat, in_func_transform, is_compiling
 from ._errors import Passthrough
 from ._numerics import spread
 from ._swap import has_own_forward, ours
@@ -196,27 +194,17 @@ class Recorder(Noise):
     def reads(self) -> Any:
         r"""Returns a context in which the reads of the watched tensors are recorded."""
 
-        return _Reads(self) if self.watched else contextlib.nullcontext()
+        return ValueReads(self._seen) if self.watched else contextlib.nullcontext()
+
+    def _seen(self, tensors: list[Tensor]) -> None:
+        for t in tensors:
+            owner = self.watched.get(id(t))
+            if owner is not None and (not self.inside or self.inside[-1] != owner):
+                self.read_elsewhere.add(owner)
 
     def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
         self.draws.append((name, shape))
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
-
-
-class _Reads(TorchFunctionMode):
-    def __init__(self, recorder: Recorder) -> None:
-        super().__init__()
-        self.recorder = recorder
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if not is_metadata(func):
-            rec = self.recorder
-            for a in tree_leaves((args, kwargs)):
-                owner = rec.watched.get(id(a)) if isinstance(a, Tensor) else None
-                if owner is not None and (not rec.inside or rec.inside[-1] != owner):
-                    rec.read_elsewhere.add(owner)
-        return func(*args, **kwargs)
 
 
 @dataclass(frozen=True)
