@@ -127,6 +127,8 @@ def vmap_call(
         The outputs of `fn` stacked on a new leading dim of size `n`, differentiable with
         respect to `params` and `args`; the same numbers as :func:`loop_call` (for zuko's
         CNF, gradients within the ODE solver's accuracy: see the flows documentation).
+        Like the loop's, they never share memory with `params`, `args`, `buffers` or the
+        module's own tensors, even where `fn` returns one of them or a view of one.
 
     Raises:
         RuntimeError: If vmap cannot run `fn` and `fallback` is :py:`False`.
