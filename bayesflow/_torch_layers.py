@@ -139,13 +139,14 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     with unbatched():
         w = w.movedim(w_dim, 0)
         k, out, inputs = w.shape
+        # The rows counted, not inferred: a layer with no inputs has none to infer from.
         if x_dim is None:  # an input shared by every sample
             lead = v.shape[:-1]
-            v = v.reshape(1, -1, inputs).expand(k, -1, -1)
+            v = v.reshape(1, lead.numel(), inputs).expand(k, -1, -1)
         else:
             v = v.movedim(x_dim, 0)
             lead = v.shape[1:-1]
-            v = v.reshape(k, -1, inputs)
+            v = v.reshape(k, lead.numel(), inputs)
         if b is not None:
             b = b if b_dim is None else b.movedim(b_dim, 0).unsqueeze(1)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (v, w, b)):

@@ -1,5 +1,7 @@
 r"""vmap_call against its oracle, loop_call."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -119,6 +121,27 @@ def test_absent_parameters_stay_shared():
                 if name in chosen:
                     p.copy_(params[name][i])
         assert torch.allclose(y[i], case.fn(copy, *args), atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0)], ids=["no-inputs", "no-outputs"])
+@pytest.mark.parametrize("batch", [5, 0])
+def test_empty_linear_layers_run_vectorized(shape, batch, gen):
+    # A layer with no inputs (its output is its bias) or no outputs: vmap runs it, with
+    # no fallback, and gives the loop's numbers and gradients.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: initializing zero-element tensors
+        net = nn.Linear(*shape)
+    q = bf.init(net, -1.0)
+    params = bf.sample(q, 3, generator=gen(0))
+    x = torch.randn(batch, shape[0], generator=gen(1))
+    y = bf.vmap_call(net, params, x, fallback=False)
+    ref = bf.loop_call(net, params, x)
+    assert y.shape == (3, batch, shape[1])
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    if y.numel():  # the samples reach the output
+        assert not torch.allclose(y[0], y[1])
+    grads = torch.autograd.grad(y.square().sum(), params["bias"])
+    torch.testing.assert_close(grads, torch.autograd.grad(ref.square().sum(), params["bias"]))
 
 
 @pytest.mark.parametrize("name", MODELS)
