@@ -280,6 +280,20 @@ def test_status_in_json_and_csv(records, tmp_path):
     assert ratios["sample-model-loop", "train"] is None
 
 
+def test_tables_of_loaded_records_read_as_live_ones(records, tmp_path):
+    # A record loaded from JSON holds the status as a plain string: the tables must show
+    # it as they show the live enum member (a failed cell in capitals).
+    live = [dict(r) for r in records]
+    wrong = next(r for r in live if r["method"] == "vmap" and r["mode"] == "forward")
+    wrong.update(status=Status.WRONG, median_ms=None, iqr_ms=None, detail="off by 1")
+    bench.write_json(live, tmp_path / "r.json")
+    loaded = json.loads((tmp_path / "r.json").read_text())
+    assert any(r["status"] == "wrong" and type(r["status"]) is str for r in loaded)
+    for table in (bench.format_table, bench.markdown_table):
+        assert "WRONG" in table(live)
+        assert table(loaded) == table(live)
+
+
 def test_ratios_and_tables_are_those_of_each_run():
     records = []
     for dtype in (torch.float32, torch.float64):  # two runs into one list

@@ -24,13 +24,21 @@ from .status import Status
 
 Record = dict[str, Any]
 
-_SHORT = {Status.WRONG: "WRONG"}
+# Keyed by value: records loaded from JSON hold the plain string, whose hash is not the
+# enum member's.
+_SHORT = {Status.WRONG.value: "WRONG"}
 _ABSENT = (Status.NOT_APPLICABLE, Status.NOT_INSTALLED)
 
 
 #: A cell is noisy, and marked `~`, when its interquartile range exceeds this share of its
 #: median: re-measure it on a quieter machine before reading much into it.
 NOISY = 0.2
+
+
+def _short(status: Any) -> str:
+    r"""What a table shows for a status: in capitals where it is a failure."""
+
+    return _SHORT.get(str(status), str(status))
 
 
 def _fmt_ms(ms: float) -> str:
@@ -142,7 +150,7 @@ def format_table(records: list[Record]) -> str:
                     cells.append(f"{'':>{width}}")
                     continue
                 if not _ok(r):
-                    short = _SHORT.get(r["status"], str(r["status"]))
+                    short = _short(r["status"])
                     cells.append(f"{short:>{width}}")
                     status_note = _note(m, r)
                     continue
@@ -259,7 +267,7 @@ def markdown_table(records: list[Record]) -> str:
                 if r is None:
                     cells.append("")
                 elif not _ok(r):
-                    cells.append(_SHORT.get(r["status"], str(r["status"])))
+                    cells.append(_short(r["status"]))
                 else:
                     cell = _ms(r)
                     if r["median_ms"] == best.get((mode, k)):
@@ -362,7 +370,7 @@ def flows_table(records: list[Record], names: dict[str, str] | None = None) -> s
 def _flow_cell(r: Record | None) -> str:
     if r is None:
         return "not run"
-    return _ms(r) if _ok(r) else _SHORT.get(r["status"], str(r["status"]))
+    return _ms(r) if _ok(r) else _short(r["status"])
 
 
 def replace_section(path: str, name: str, text: str) -> None:
