@@ -101,7 +101,9 @@ class IVON(torch.optim.Optimizer):
 
     The module's picked parameters share their storage with :attr:`posterior`'s means, so
     that `module(x)` is the mean model at every step (as with ivon-opt; move the module to
-    its device and dtype before creating the optimizer). :attr:`posterior`'s log-variances
+    its device and dtype before creating the optimizer: :meth:`sample` and :meth:`step`
+    raise once a parameter has other memory, after `module.to(...)`, a second IVON over
+    it, or `load_state_dict(assign=True)`). :attr:`posterior`'s log-variances
     are updated with every step: :func:`bayesflow.sample`, :func:`bayesflow.vmap_call`, the
     predictive summaries and the metrics use it as any other posterior. Its variance
     :math:`\exp(\mathrm{softclip}(\log \sigma^2, 18))` cannot leave :math:`(e^{-18},
@@ -266,6 +268,13 @@ class IVON(torch.optim.Optimizer):
             for p, m in zip(params, mean.values(), strict=True):
                 p.data = m
         self._posterior = Posterior(mean=mean, logvar=s.views(s.logvar))
+        # Where each picked parameter sits (a module's own table: an assignment replaces
+        # the entry), and the memory it shares with the means.
+        self._slots = []
+        for name, m in zip(names, mean.values(), strict=True):
+            path, _, attr = name.rpartition(".")
+            table = module.get_submodule(path)._parameters
+            self._slots.append((name, table, attr, m.data_ptr()))
         set_variance(s, h.ess, h.weight_decay)
 
         super().__init__(list(mean.values()), {k: getattr(h, k) for k in HYPER})
@@ -312,6 +321,21 @@ class IVON(torch.optim.Optimizer):
             self._checked = (values, _check_hyper(where, group))
         return self._checked[1]
 
+    def _check_linked(self, where: str) -> None:
+        r"""Raises if a picked parameter of the module no longer shares the posterior's
+        memory: `module(x)` would silently not be the mean model."""
+
+        for name, table, attr, ptr in self._slots:
+            p = table.get(attr)
+            if p is None or p.data_ptr() != ptr:
+                raise RuntimeError(
+                    f"{where}: expected the module's parameter {name!r} to share the "
+                    "posterior's memory, as IVON set it up, got it moved elsewhere (by "
+                    "another IVON over the same parameters, module.to(...), "
+                    "load_state_dict(assign=True) or an assignment to .data): the module "
+                    "would no longer be the mean model. Create the IVON after such a change"
+                )
+
     def _refresh(self, h: Hyper) -> None:
         r"""Recomputes the variances if `ess` or `weight_decay` changed since they were set."""
 
@@ -346,6 +370,7 @@ class IVON(torch.optim.Optimizer):
                 f"got one on {generator.device}"
             )
         h = self._hyper(where)
+        self._check_linked(where)
 
         fold(s)
         self._refresh(h)
@@ -380,11 +405,13 @@ class IVON(torch.optim.Optimizer):
         """
 
         where = "IVON.step"
+        self._check_linked(where)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         h = self._hyper(where)
+        self._check_linked(where)  # again: the closure may have changed it
         group, s = self._group, self._state
         if changed_since_taken(s):
             raise RuntimeError(

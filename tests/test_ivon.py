@@ -782,3 +782,28 @@ def test_load_state_dict_refuses_a_bad_state_and_changes_nothing(gen):
     for k in ("mean", "hess", "momentum"):
         assert torch.equal(after["state"][k], before["state"][k])
     assert after["param_groups"] == before["param_groups"]
+
+
+@pytest.mark.parametrize("change", ["second-ivon", "to", "assign"])
+def test_an_optimizer_whose_module_moved_away_refuses_to_run(change, gen):
+    # The module's parameters share the posterior's memory: `net(x)` is the mean model.
+    # Once something gives them other memory, steps would silently train a posterior that
+    # the module no longer shows; sample and step refuse, before any change.
+    net, (x, y) = make_net(), data()
+    opt = bf.IVON(net, **HYPERS["defaults"])
+    vectorized_step(opt, net, x, y, 2, gen(0))
+    torch.testing.assert_close(net(x), bf.vmap_call(net, bf.mean_params(opt.posterior), x)[0])
+    if change == "second-ivon":
+        bf.IVON(net, **HYPERS["defaults"])
+    elif change == "to":
+        net.to(torch.float32)
+    else:
+        net.load_state_dict(copy.deepcopy(net.state_dict()), assign=True)
+    before = snapshot(opt.posterior.mean, opt.posterior.logvar, opt.hess, opt.momentum)
+    with pytest.raises(
+        RuntimeError, match=r"IVON.sample: expected the module's parameter '0.weight'"
+    ):
+        opt.sample(1, generator=gen(1))
+    with pytest.raises(RuntimeError, match=r"IVON.step: expected the module's parameter"):
+        opt.step(lambda: 0.0)
+    assert unchanged(before, opt.posterior.mean, opt.posterior.logvar, opt.hess, opt.momentum)
