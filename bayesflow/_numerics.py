@@ -8,6 +8,7 @@ __all__ = [
     "FlatPrior",
     "SampleKL",
     "Spread",
+    "accumulator",
     "constant",
     "fused_sample_kl",
     "gaussian_kl",
@@ -180,8 +181,10 @@ def spread(logvar: Tensor, power: int) -> Tensor:
     return Spread.apply(logvar, power)
 
 
-def _accumulator(t: Tensor) -> torch.dtype:
-    # Sums of many small terms overflow or lose everything in half precision.
+def accumulator(t: Tensor) -> torch.dtype:
+    r"""Returns the dtype to sum `t`'s terms in: float32 for half precision, whose sums of
+    many small terms overflow or lose everything."""
+
     return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
 
 
@@ -198,7 +201,7 @@ def gaussian_kl(
         + \log s^2 - \log \sigma^2 - 1 \right).
     """
 
-    acc = _accumulator(mean)
+    acc = accumulator(mean)
     mean, logvar = mean.to(acc), softclip(logvar.to(acc))
     if isinstance(prior_var, Tensor):
         prior_var = prior_var.to(acc)

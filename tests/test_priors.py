@@ -238,3 +238,58 @@ def test_a_prior_made_from_live_tensors_does_not_move_with_them():
     assert torch.equal(prior.kl(q), kl)
     expected = bf.priors.GaussianPrior({k: v - 1.0 for k, v in mean.items()}, 0.5).kl(q)
     assert torch.allclose(kl, expected)
+
+
+def _half(q, dtype):
+    return bf.Posterior(
+        {k: v.detach().to(dtype) for k, v in q.mean.items()},
+        {k: v.detach().to(dtype) for k, v in q.logvar.items()},
+    )
+
+
+def _kl64(q, prior_var):
+    r"""The closed form in float64 from the half-precision posterior's exact values."""
+
+    q64 = bf.Posterior(
+        {k: v.double() for k, v in q.mean.items()}, {k: v.double() for k, v in q.logvar.items()}
+    )
+    return bf.kl_divergence(q64, prior_var).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_kl_is_summed_in_float32_by_monte_carlo_too(dtype):
+    # 90 300 numbers: float16 sums of the entropy and the log-densities overflow (inf, NaN
+    # for a mixture), bfloat16 ones round to a step of the result. The oracle: the same
+    # draws, the same formula, in float64.
+    g = lambda: torch.Generator(torch.get_default_device()).manual_seed(0)
+    q = _half(bf.init(torch.nn.Linear(300, 300), init_logvar=-9.0), dtype)
+    mixture = ScaleMixturePrior(0.5, 1.0, math.exp(-6))
+    params = {k: v.double() for k, v in bf.sample(q, 4, generator=g()).items()}
+    q64 = bf.Posterior(
+        {k: v.double() for k, v in q.mean.items()}, {k: v.double() for k, v in q.logvar.items()}
+    )
+    for prior in (mixture, GaussianPrior()):
+        kl = prior.kl(q, generator=g(), n=4)
+        expected = (
+            -sum(
+                0.5 * (2 * sd.log() + math.log(2 * math.pi) + 1).sum()
+                for sd in bf.std(q64).values()
+            )
+            - prior.log_prob(params).mean()
+        )
+        assert kl.dtype == torch.float32 and torch.isfinite(kl)
+        assert abs(kl.item() - expected.item()) <= 1e-5 * abs(expected.item())
+    closed = _kl64(q, 1.0)
+    assert abs(GaussianPrior().kl(q, n=4).item() - closed) <= 1e-3 * closed
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_tensor_prior_of_a_half_precision_posterior_is_not_rounded(dtype):
+    # The KL is summed in float32: the prior must reach it unrounded, as a float does.
+    net = torch.nn.Linear(50, 50)
+    q = _half(bf.init(net, init_logvar=-2.0), dtype)
+    for var in (0.3, 1e-6):
+        as_tensor = GaussianPrior(0.0, {k: torch.full(v.shape, var) for k, v in q.mean.items()})
+        expected = _kl64(q, var)
+        for prior in (as_tensor, GaussianPrior(0.0, var)):
+            assert abs(prior.kl(q).item() - expected) <= 1e-5 * expected
