@@ -11,6 +11,7 @@ __all__ = [
     "FitOptions",
     "check_fit_args",
     "check_per_datum",
+    "check_split",
     "evaluating",
     "fit",
     "last_layer",
@@ -195,11 +196,13 @@ def _check_output(where: str, likelihood: str, f: Tensor) -> None:
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0), b.nan_to_num(0))
     tol = math.sqrt(torch.finfo(a.dtype).eps)
     return torch.allclose(a, b, rtol=tol, atol=tol * a.abs().max().clamp_min(1.0).item())
 
 
-def _check_split(where: str, what: str, whole: Tensor, parts: Tensor) -> None:
+def check_split(where: str, what: str, whole: Tensor, parts: Tensor) -> None:
     r"""Checks that `fn` on single examples gives what it gives on the batch: a batch that
     couples its examples (train-mode BatchNorm, a mean over the batch) has no per-example
     curvature."""
@@ -553,8 +556,8 @@ def _slow_batch(
     size = batch[0].shape[0]
     if options.hessian == "ef":
         step = _ef_batch(module, fn, options, params, batch)
-        _check_split(where, "fn", whole.reshape(size, -1).sum(1), step[1])
+        check_split(where, "fn", whole.reshape(size, -1).sum(1), step[1])
     else:
         step = _ggn_batch(module, options, params, batch)
-        _check_split(where, "output", whole.reshape(size, -1), step[1])
+        check_split(where, "output", whole.reshape(size, -1), step[1])
     return step

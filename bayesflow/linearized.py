@@ -30,11 +30,13 @@ from ._curvature import (
     attributes,
     capture,
     check_per_datum,
+    check_split,
     evaluating,
     last_layer,
     per_example,
 )
 from ._numerics import var as _var
+from ._sampling import check_finite
 from ._types import Posterior
 from .call import vmap_call
 from .posterior import mean_params
@@ -59,7 +61,9 @@ def _last_layer_variance(
     f_var = phi.square() @ _var(posterior.logvar[found.weight]).T
     if found.bias is not None:
         f_var = f_var + _var(posterior.logvar[found.bias])
-    one = _jacobian_variance(module, posterior, fn, tuple(a[:1] for a in args), None)
+    one, one_out = _jacobian_variance(module, posterior, fn, tuple(a[:1] for a in args), None)
+    if not torch.equal(one_out.reshape(out[:1].shape), out[:1]) or not one.isfinite().all():
+        return None  # fn mixes the examples of a batch: the per-example path says so
     tol = math.sqrt(torch.finfo(f_var.dtype).eps)
     if not torch.allclose(f_var[:1], one, rtol=tol, atol=tol * one.abs().max().item()):
         return None
@@ -115,8 +119,10 @@ def linearized_predictive(
 
     Raises:
         TypeError: If an argument has the wrong type.
-        ValueError: If the posterior's names or shapes are not the module's, the inputs do
-            not share a leading batch dim, or `fn` does not return `(B, C)` or `(B,)`.
+        ValueError: If the posterior's names or shapes are not the module's or it holds
+            NaN or infinite values, the inputs do not share a leading batch dim, `fn` does
+            not return `(B, C)` or `(B,)`, or `fn` mixes the examples of a batch (a mean
+            over the batch, train-mode statistics): the linearized model is per example.
 
     References:
         | Laplace Redux -- Effortless Bayesian Deep Learning (Daxberger et al., 2021)
@@ -128,6 +134,7 @@ def linearized_predictive(
     check_not_bridge(where, module)
     check_posterior(where, posterior)
     _posterior.check_matches(where, module, posterior)
+    check_finite(where, posterior)
     check_callable(where, "fn", fn)
     if chunk_size is not None:
         chunk_size = check_int(where, "chunk_size", chunk_size, or_none=True)
@@ -166,24 +173,31 @@ def linearized_predictive(
             f_var = _last_layer_variance(module, posterior, fn, args, found, out, *got)
             if f_var is not None:
                 return out.detach(), f_var.detach()
-        f_var = _jacobian_variance(module, posterior, fn, args, chunk_size)
+        f_var, outs = _jacobian_variance(module, posterior, fn, args, chunk_size)
+        # The linearized model is that of each example on its own: fn must not mix them.
+        check_split(where, "fn", out.reshape(size, -1), outs.reshape(size, -1))
     return out.detach(), f_var.reshape(out.shape)
 
 
 def _jacobian_variance(
     module: nn.Module, posterior: Posterior, fn: Fn, args: tuple, chunk_size: int | None
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     r"""Returns :math:`\sum_j J_{cj}^2 \sigma_j^2` per example and output, `(B, C)`, with
-    the Jacobians at the posterior mean by :func:`torch.func.jacrev` over examples."""
+    the Jacobians at the posterior mean by :func:`torch.func.jacrev` over examples, and
+    the output of each example on its own."""
 
     call = per_example(module, fn)
     mean = {k: m.detach() for k, m in posterior.mean.items()}
     var = {k: _var(lv.detach()) for k, lv in posterior.logvar.items()}
 
-    def f_var(p: dict[str, Tensor], *example: Tensor) -> Tensor:
+    def f_var(p: dict[str, Tensor], *example: Tensor) -> tuple[Tensor, Tensor]:
+        def f(q: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            y = call(q, *example).reshape(-1)
+            return y, y
+
         # Reduced per example: the Jacobians of a chunk never stand together.
-        jac = jacrev(lambda q: call(q, *example).reshape(-1))(p)
-        return sum((j.square() * var[k]).flatten(1).sum(-1) for k, j in jac.items())
+        jac, y = jacrev(f, has_aux=True)(p)
+        return sum((j.square() * var[k]).flatten(1).sum(-1) for k, j in jac.items()), y
 
     with torch.no_grad():
         dims = (None, *(0,) * len(args))

@@ -709,7 +709,7 @@ def test_linearized_variance_matches_explicit_jacobians(include):
     for i in range(len(x)):
         jac = explicit_jacobian(shifted, x[i], list(q.mean))
         assert torch.allclose(var[i], (jac.square() * sigma2).sum(1), rtol=1e-10, atol=1e-14)
-    generic = _jacobian_variance(module, q, lambda m, x: m(x), (x,), None)
+    generic, _ = _jacobian_variance(module, q, lambda m, x: m(x), (x,), None)
     assert torch.allclose(var, generic, rtol=1e-10, atol=1e-14)  # the last-layer shortcut
     assert (var > 0).all()
 
@@ -719,6 +719,48 @@ def test_linearized_variance_where_the_last_layer_weight_is_reused():
     module = Reused()
     x = torch.randn(5, 3)
     _assert_linearized_matches_jacobians(module, bf.init(module, -2.0, include=["out"]), x)
+
+
+class _Fn(nn.Module):
+    def __init__(self, net, fn):
+        super().__init__()
+        self.net, self.fn = net, fn
+
+    def forward(self, x):
+        return self.fn(self.net, x)
+
+
+MIXING = {
+    "outputs-centred": lambda m, x: m(x) - m(x).mean(0),
+    "inputs-centred": lambda m, x: m(x - x.mean(0)),
+    "inputs-scaled": lambda m, x: m(x / x.std(0)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:std\\(\\)")  # the std of one example
+@pytest.mark.parametrize("fn", MIXING, ids=list(MIXING))
+@pytest.mark.parametrize("include", [("",), ("2",)], ids=["all", "last-layer"])
+def test_linearized_predictive_refuses_an_fn_that_mixes_the_examples(fn, include):
+    # The variance comes from each example on its own: an fn that centres or scales over
+    # the batch has other Jacobians (the returned variance was 0, or off by a third, or
+    # NaN), and raises as laplace_fit does, leaving the module as it was.
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+    q = bf.init(module, init_logvar=-2.0, include=include)
+    x = torch.randn(6, 3)
+    before = snapshot(module)
+    with pytest.raises(ValueError, match=r"linearized_predictive: .* mix the examples"):
+        bf.linearized_predictive(module, q, x, fn=MIXING[fn])
+    assert unchanged(module, before)
+    # The same fn on a batch of one example mixes nothing: the explicit Jacobians agree.
+    if fn != "inputs-scaled":  # the std of one example is NaN
+        one = x[:1]
+        mean, var = bf.linearized_predictive(module, q, one, fn=MIXING[fn])
+        sigma2 = torch.cat([var_of(q.logvar[k]).reshape(-1) for k in q.mean])
+        wrapped = _Fn(bf.mean_model(module, q), MIXING[fn])
+        jac = explicit_jacobian(wrapped, one[0], [f"net.{k}" for k in q.mean])
+        assert torch.allclose(mean, wrapped(one), atol=1e-12)
+        assert torch.allclose(var[0], (jac.square() * sigma2).sum(1), rtol=1e-10, atol=1e-14)
 
 
 def _assert_linearized_matches_jacobians(module, q, x):
@@ -940,6 +982,11 @@ BAD = {
         ValueError,
         "linearized_predictive: expected input tensors that share",
     ),
+    "linearized-nan": (
+        lambda m, X, Y: bf.linearized_predictive(m, _with_nan(bf.init(m)), X),
+        ValueError,
+        r"linearized_predictive: expected finite values in posterior.logvar\['0.weight'\]",
+    ),
     "probit-shapes": (
         lambda m, X, Y: bf.probit_probs(torch.zeros(2, 3), torch.zeros(2, 2)),
         ValueError,
@@ -962,6 +1009,12 @@ BAD = {
         "int at position 1",
     ),
 }
+
+
+def _with_nan(q):
+    with torch.no_grad():
+        q.logvar["0.weight"][0, 0] = math.nan
+    return q
 
 
 @pytest.mark.parametrize("case", BAD)
