@@ -168,21 +168,26 @@ def flow_sample(
     n = count(flow, params, opts)
 
     # The shapes, outside vmap: lazy flows build their transforms only when evaluated.
+    # A flow's networks run only once its transform is called: once here, on the base
+    # mean, so that a missing or ill-shaped context raises before any draw.
     with torch.no_grad():
-        if c is not None:
-            d = flow(c)
-        else:
-            try:
-                d = flow()
-                if _is_flow(d):  # a conditional flow fails only once its networks run
-                    d.transform.inv(d.base.mean)
-            except (RuntimeError, AttributeError, TypeError, ValueError) as e:
+        try:
+            d = flow() if c is None else flow(c)
+            if _is_flow(d):
+                d.transform(d.base.mean)
+        except (RuntimeError, AttributeError, TypeError, ValueError) as e:
+            cause = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+            if c is None:
                 raise ValueError(
                     f"{where}: expected a context c, got None; the flow cannot be evaluated "
-                    f"without one ({type(e).__name__}: {str(e).strip().splitlines()[0]}): "
-                    "pass c, a tensor whose last dim is the flow's number of context "
-                    "features, as in flow(c)"
+                    f"without one ({cause}): pass c, a tensor whose last dim is the flow's "
+                    "number of context features, as in flow(c)"
                 ) from e
+            raise ValueError(
+                f"{where}: expected a context c whose last dim is the flow's number of "
+                f"context features, got shape {tuple(c.shape)}; the flow cannot be "
+                f"evaluated on it ({cause})"
+            ) from e
 
     if _is_flow(d):
         kind, _ = _base(where, d.base)

@@ -452,6 +452,11 @@ def test_flow_sample_says_a_conditional_flow_needs_a_context(build, gen):
 
     assert torch.equal(g.get_state(), before)  # no noise drawn
     assert all(torch.equal(v, state[k]) for k, v in flow.state_dict().items())
+    # A context of the wrong size: the same, before any draw.
+    with pytest.raises(ValueError, match=r"flow_sample: expected a context c .* got shape \(5,\)"):
+        bf.flow_sample(flow, params, torch.randn(5), (5,), generator=g)
+    assert torch.equal(g.get_state(), before)
+    assert all(torch.equal(v, state[k]) for k, v in flow.state_dict().items())
     # With a context, the same call runs.
     assert bf.flow_sample(flow, params, torch.randn(3), (5,), generator=g).shape == (3, 5, 2)
 
