@@ -111,7 +111,11 @@ class Prior:
             A scalar tensor, differentiable with respect to `posterior`.
         """
 
-        where = f"{type(self).__name__}.kl"
+        return self._kl(f"{type(self).__name__}.kl", posterior, generator, n)
+
+    def _kl(
+        self, where: str, posterior: Posterior, generator: torch.Generator | None, n: int | None
+    ) -> Tensor:
         if n is None and self.closed_form:
             check_posterior(where, posterior)
             check_generator(where, generator)
@@ -407,16 +411,17 @@ def prior_kl(
         A scalar tensor, differentiable with respect to `posterior`.
     """
 
+    where = "prior_kl"
     if prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool)):
+        var = 1.0 if prior is None else check_number(where, "prior_var", prior, 0.0, strict=True)
         if n is not None:
-            return GaussianPrior(0.0, 1.0 if prior is None else prior).kl(posterior, generator, n)
-        return _posterior.kl_divergence(
-            "prior_kl", posterior, 1.0 if prior is None else float(prior)
-        )
+            return GaussianPrior(0.0, var)._kl(where, posterior, generator, n)
+        return _posterior.kl_divergence(where, posterior, var)
     if not isinstance(prior, Prior):
         raise TypeError(
-            f"prior_kl: expected prior to be a bayesflow.priors.Prior, a float variance or "
+            f"{where}: expected prior to be a bayesflow.priors.Prior, a float variance or "
             f"None, got {type(prior).__name__}"
         )
-
-    return prior.kl(posterior, generator=generator, n=n)
+    if type(prior).kl is not Prior.kl:  # a prior of its own kl: its own errors
+        return prior.kl(posterior, generator=generator, n=n)
+    return prior._kl(where, posterior, generator, n)

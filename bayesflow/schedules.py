@@ -24,13 +24,16 @@ class ConstantSchedule:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        check_number("ConstantSchedule", "weight", self.weight, 0.0, strict=False)
+        # A float, as documented: a tensor kept here would carry later changes in place,
+        # past this check.
+        weight = check_number("ConstantSchedule", "weight", self.weight, 0.0, strict=False)
+        object.__setattr__(self, "weight", weight)
 
     def __call__(self, step: int) -> float:
         r"""Returns the KL weight at training step `step >= 0`."""
 
         _check_step("ConstantSchedule", step)
-        return float(self.weight)
+        return self.weight
 
 
 @dataclass(frozen=True)

@@ -42,3 +42,18 @@ def test_a_tensor_weight_gives_floats():
         assert all(type(v) is float for v in values), schedule
     assert bf.LinearWarmup(steps=4, weight=weight, start=torch.tensor([0.5]))(2) == 1.25
     assert bf.CyclicalSchedule(period=4, ratio=torch.tensor(0.5), weight=weight)(1) == 1.0
+
+
+def test_a_tensor_weight_changed_later_changes_no_schedule():
+    # Each schedule checks its weight once: it must keep that checked value, not the
+    # tensor, whose later changes in place (to a negative or NaN weight) would pass.
+    weight = torch.tensor(0.5)
+    schedules = (
+        bf.ConstantSchedule(weight),
+        bf.LinearWarmup(steps=1, weight=weight),
+        bf.CyclicalSchedule(period=4, ratio=0.5, weight=weight),
+    )
+    before = [[s(t) for t in range(6)] for s in schedules]
+    for value in (-3.0, float("nan")):
+        weight.fill_(value)
+        assert [[s(t) for t in range(6)] for s in schedules] == before
