@@ -219,7 +219,12 @@ def _weight_norm_forward(m: Any) -> Any:
     def forward(weight_g: Tensor, weight_v: Tensor) -> Tensor:
         # torch._weight_norm has no batching rule (a slow per-sample fallback).
         dims = [d for d in range(weight_v.dim()) if m.dim == -1 or d != m.dim % weight_v.dim()]
-        return weight_v * (weight_g / torch.linalg.vector_norm(weight_v, dim=dims, keepdim=True))
+        # No dim to reduce (a vector normalized along its only dim): the norm of each element
+        # on its own, as torch's `norm_except_dim`; `vector_norm(dim=[])` would take all.
+        norm = (
+            torch.linalg.vector_norm(weight_v, dim=dims, keepdim=True) if dims else weight_v.abs()
+        )
+        return weight_v * (weight_g / norm)
 
     return forward
 

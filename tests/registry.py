@@ -161,6 +161,15 @@ def _hook_weight_norm():
         )
 
 
+def _weight_norm_1d(hooked):
+    # Weight norm of a vector along its only dim: each element has its own norm (|v_i|),
+    # where a norm over all the remaining dims, none, must not become a norm over all.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)
+        norm = hook_weight_norm if hooked else weight_norm
+        return nn.Sequential(norm(nn.Linear(3, 4), name="bias", dim=0), nn.Tanh())
+
+
 def _trunk():
     return nn.Sequential(
         nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)
@@ -259,6 +268,8 @@ ARCHS = {
         lambda: (torch.randn(5, 3),),
     ),
     "weight-norm-hook": Case(_hook_weight_norm, lambda: (torch.randn(5, 3),)),
+    "weight-norm-1d": Case(lambda: _weight_norm_1d(False), lambda: (torch.randn(5, 3),)),
+    "weight-norm-1d-hook": Case(lambda: _weight_norm_1d(True), lambda: (torch.randn(5, 3),)),
     "spectral-norm-hook-train": Case(
         lambda: nn.Sequential(hook_spectral_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)),
         lambda: (torch.randn(5, 3),),
