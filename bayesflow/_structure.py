@@ -42,8 +42,8 @@ class Structure:
         own: The ids of the parameters and buffers.
         types: The class of every distinct submodule, by path.
         expected: The shape, dtype, device and sample rank of each parameter.
-        written: The parameters their own module writes in place (an `Embedding` with
-            `max_norm` renormalizes rows of its weight), read at every call: `max_norm`
+        written: The parameters their own module writes in place (an `Embedding` or
+            `EmbeddingBag` with `max_norm` renormalizes rows of its weight), read at every call: `max_norm`
             may be set after the structure was seen.
         hooked: `(path, hook)` of the forward pre-hooks that compute a weight and assign it
             as a plain attribute, `hook.name` (the hook-based `weight_norm` and
@@ -75,7 +75,7 @@ class Structure:
                 if m is not module:
                     self._subs[prefix] = m
                 self.hooked += [(prefix, hook) for hook in weight_hooks(m)]
-                if isinstance(m, nn.Embedding):
+                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
                     embeddings.append((m, m._parameters.get("weight")))
             for table, slots, d in (
                 (self.params, self.slots, m._parameters),

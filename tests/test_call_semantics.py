@@ -896,6 +896,39 @@ def test_max_norm_set_after_a_first_call_leaves_the_samples_alone():
     assert params["0.weight"].norm(dim=-1).max() > 1.5  # rows the module renormalizes
 
 
+@pytest.mark.parametrize("bag", [False, True], ids=["embedding", "embedding-bag"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_max_norm_renormalizes_copies_never_the_callers_samples(bag, grad, gen):
+    # Embedding and EmbeddingBag with max_norm renormalize the rows they use in place:
+    # each sample its own copy, never the caller's tensors, vectorized or looped.
+    emb = nn.EmbeddingBag(10, 4, mode="sum", max_norm=0.5) if bag else nn.Embedding(10, 4, 0, 0.5)
+    module = nn.Sequential(emb, nn.Linear(4, 2))
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 9]])
+    q = bf.init(module, -1.0)
+    with torch.set_grad_enabled(grad):
+        params = bf.sample(q, 3, generator=gen(0))
+        before = {k: v.detach().clone() for k, v in params.items()}
+        assert before["0.weight"][:, [1, 2, 3, 4, 5, 9]].norm(dim=-1).max() > 1.0
+        with warnings.catch_warnings():  # embedding_bag falls back: no batching rule
+            warnings.simplefilter("ignore", bf.VmapFallbackWarning)
+            outs = [call(module, params, tokens) for call in (bf.vmap_call, bf.loop_call)]
+    for k, v in before.items():
+        assert torch.equal(params[k], v), k
+    # The oracle: sample k in a deep copy, renormalized there.
+    for k in range(3):
+        m = copy.deepcopy(module)
+        with torch.no_grad():
+            for name, v in before.items():
+                m.get_parameter(name).copy_(v[k])
+            expected = m(tokens)
+        for out in outs:
+            torch.testing.assert_close(out[k].detach(), expected, rtol=0, atol=1e-12)
+    assert not torch.allclose(outs[0][0], outs[0][1])
+    if grad:
+        g = [torch.autograd.grad(o.sum(), q.mean["0.weight"], retain_graph=True)[0] for o in outs]
+        torch.testing.assert_close(g[0], g[1])
+
+
 def test_calls_inside_a_parametrization_cache_are_refused():
     # The cache kept the first weight computed for every sample (both paths).
     module = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh())
