@@ -43,8 +43,8 @@ class Structure:
         types: The class of every distinct submodule, by path.
         expected: The shape, dtype, device and sample rank of each parameter.
         written: The parameters their own module writes in place (an `Embedding` or
-            `EmbeddingBag` with `max_norm` renormalizes rows of its weight), read at every call: `max_norm`
-            may be set after the structure was seen.
+            `EmbeddingBag` with `max_norm` renormalizes rows of its weight), read at every
+            call: `max_norm` may be set after the structure was seen.
         hooked: `(path, hook)` of the forward pre-hooks that compute a weight and assign it
             as a plain attribute, `hook.name` (the hook-based `weight_norm` and
             `spectral_norm`).
