@@ -295,9 +295,14 @@ def _run_rnn(m: nn.RNNBase, input: Any, hx: Any) -> tuple[Tensor, Any]:
         1,
         lambda: (input.new_zeros(layers, batch, real), input.new_zeros(layers, batch, hidden)),
     )
-    expected = (m.num_layers * directions, batch, real)
+    # As torch checks them: broadcasting a state of another shape would be silent.
+    expected = (layers, batch, real)
     if tuple(h0.shape) != expected:
         raise RuntimeError(f"Expected hidden size {expected}, got {tuple(h0.shape)}")
+    if lstm and tuple(c0.shape) != (layers, batch, hidden):
+        raise RuntimeError(
+            f"Expected hidden[1] size {(layers, batch, hidden)}, got {tuple(c0.shape)}"
+        )
 
     fused = _fused(m, input, h0, c0)
     if fused is not None:
@@ -415,6 +420,15 @@ def _cell(m: nn.RNNCellBase, x: Tensor, hx: Any) -> Any:
     lstm = isinstance(m, nn.LSTMCell)
     zeros = x.new_zeros(x.shape[0], m.hidden_size) if hx is None else None
     h, c = _states(hx, lstm, batched, 0, lambda: (zeros, zeros))
+    # As torch checks them: broadcasting a state of another shape would be silent.
+    for i, t in enumerate((h, c) if lstm else (h,)):
+        if tuple(t.shape) != (x.shape[0], m.hidden_size):
+            got = tuple(t.shape if batched else t.shape[1:])
+            want = (x.shape[0], m.hidden_size) if batched else (m.hidden_size,)
+            raise RuntimeError(
+                f"{type(m).__name__}: expected hx{f'[{i}]' if lstm else ''} of shape {want}, "
+                f"got {got}"
+            )
 
     gi = F.linear(x, m.weight_ih, m.bias_ih)
     gh = F.linear(h, m.weight_hh, m.bias_hh)

@@ -2,6 +2,7 @@ r"""Every common architecture under vmap_call(fallback=False): the loop's number
 deep-copy oracle's numbers (independent of bayesflow's swap), gradients, state."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -174,6 +175,36 @@ def test_recurrent_paths(name, fused, monkeypatch, gen):
         test_native_matches_loop_and_oracle(name, gen)
         test_gradients_match_loop(name, gen)
     assert bool(calls) == fused
+
+
+R = torch.randn
+BAD_STATES = {
+    "lstm-c0-batch": (lambda: torch.nn.LSTM(3, 4), lambda: (R(5, 2, 3), (R(1, 2, 4), R(1, 1, 4)))),
+    "lstm-proj-c0-size": (
+        lambda: torch.nn.LSTM(3, 4, proj_size=2),
+        lambda: (R(5, 2, 3), (R(1, 2, 2), R(1, 2, 1))),
+    ),
+    "gru-cell-unbatched-hx": (lambda: torch.nn.GRUCell(3, 4), lambda: (R(2, 3), R(4))),
+    "lstm-cell-c-batch": (lambda: torch.nn.LSTMCell(3, 4), lambda: (R(2, 3), (R(2, 4), R(1, 4)))),
+    "rnn-cell-hx-size": (lambda: torch.nn.RNNCell(3, 4), lambda: (R(2, 3), R(2, 5))),
+}
+
+
+@pytest.mark.parametrize("case", BAD_STATES)
+@pytest.mark.parametrize("fallback", [True, False])
+def test_initial_states_of_the_wrong_shape_raise_as_in_torch(case, fallback, gen):
+    # torch refuses them; bayesflow's recurrence broadcast them into numbers.
+    build, args = BAD_STATES[case]
+    module, args = build(), args()
+    params = bf.sample(bf.init(module, -2.0), 3, generator=gen(0))
+    with pytest.raises(RuntimeError):
+        module(*args)
+    with pytest.raises(RuntimeError):
+        bf.loop_call(module, params, *args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bf.VmapFallbackWarning)
+        with pytest.raises(RuntimeError):
+            bf.vmap_call(module, params, *args, fallback=fallback)
 
 
 def test_recurrent_path_choice():
