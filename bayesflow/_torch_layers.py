@@ -19,6 +19,7 @@ from __future__ import annotations
 
 __all__ = ["changes", "hint", "updated_buffers"]
 
+import math
 import sys
 
 from collections.abc import Collection
@@ -82,6 +83,11 @@ def _attention_forward(m: nn.MultiheadAttention) -> Any:
     ) -> tuple[Tensor, Tensor | None]:
         # The explicit softmax path: CPU's fused scaled_dot_product_attention kernel has
         # no batching rule (a slow per-sample fallback).
+        dead = None
+        if not need_weights and (key_padding_mask is not None or attn_mask is not None):
+            dead, key_padding_mask, attn_mask = _open_dead_rows(
+                m, query, key, key_padding_mask, attn_mask
+            )
         out, weights = _MHA_FORWARD(
             m,
             query,
@@ -93,9 +99,65 @@ def _attention_forward(m: nn.MultiheadAttention) -> Any:
             average_attn_weights=average_attn_weights,
             is_causal=is_causal,
         )
+        if dead is not None:  # zero attention, as scaled_dot_product_attention gives
+            bias = m.out_proj.bias
+            fill = out.new_zeros(()) if bias is None else bias
+            out = torch.where(dead.unsqueeze(-1), fill, out)
         return out, weights if need_weights else None
 
     return forward
+
+
+def _open_dead_rows(
+    m: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    r"""Finds the queries whose keys are all masked, which torch's path without weights
+    (scaled_dot_product_attention) gives zero attention and the explicit softmax NaN.
+    Returns where they are, laid out as the output's rows, and the masks merged into one
+    with those rows opened (their outputs are then replaced); or :py:`None` and the masks
+    as given where there are none."""
+
+    if m.bias_k is not None or m.add_zero_attn:
+        return None, key_padding_mask, attn_mask  # a key that no mask hides
+    batched, first = query.dim() == 3, m.batch_first
+    b = (query.shape[0] if first else query.shape[1]) if batched else 1
+    length = query.shape[1] if batched and first else query.shape[0]
+    source = key.shape[1] if batched and first else key.shape[0]
+    heads = m.num_heads
+
+    def additive(mask: Tensor) -> Tensor:
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                mask, -math.inf
+            )
+        return mask.to(query.dtype)
+
+    total = torch.zeros(b, heads, length, source, dtype=query.dtype, device=query.device)
+    if key_padding_mask is not None:
+        total = total + additive(key_padding_mask).reshape(b, 1, 1, source)
+    if attn_mask is not None:
+        mask = additive(attn_mask)
+        total = total + (mask if mask.dim() == 2 else mask.reshape(b, heads, length, source))
+    dead = total.isneginf().all(-1)  # (b, heads, length)
+    if not dead.any():
+        return None, key_padding_mask, attn_mask
+    if not torch.equal(dead, dead[:, :1].expand_as(dead)):
+        raise NotImplementedError(
+            "attention rows whose keys are all masked in some heads only (a per-head "
+            "attn_mask) are not vectorized"
+        )
+    dead = dead[:, 0]  # (b, length)
+    merged = total.masked_fill(dead[:, None, :, None], 0.0)
+    merged = merged.reshape(b * heads if batched else heads, length, source)
+    if not batched:
+        dead = dead[0]
+    elif not first:
+        dead = dead.T
+    return dead, None, merged
 
 
 class _Bmm(torch.autograd.Function):

@@ -2,6 +2,7 @@ r"""Every common architecture under vmap_call(fallback=False): the loop's number
 deep-copy oracle's numbers (independent of bayesflow's swap), gradients, state."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -275,3 +276,83 @@ def test_conv_paths(name, monkeypatch, gen):
     test_native_matches_loop_and_oracle(name, gen)
     test_gradients_match_loop(name, gen)
     assert calls
+
+
+def _attention_case(layout, masks, bias):
+    r"""An attention call where query 0 of sequence 0 sees no key (left padding under a
+    causal mask) and every other query some; with padding alone (or one sequence and
+    padding), every query sees some key."""
+
+    g = torch.Generator().manual_seed(0)
+    E, H, L, B = 8, 2, 4, 2
+    mha = torch.nn.MultiheadAttention(E, H, bias=bias, batch_first=layout == "batch-first")
+    x = torch.randn(B, L, E, generator=g)
+    pad = torch.tensor([[True, False, False, False], [False] * L])
+    causal = torch.ones(L, L, dtype=torch.bool).triu(1)
+    kpm, am = None, None
+    if "padding" in masks:
+        kpm = pad
+    if "causal" in masks:
+        am = causal
+    if "per-batch" in masks:  # a 3-D mask, the same in every head
+        am = (causal | pad[:, None, :]).repeat_interleave(H, dim=0)
+    if "float" in masks:
+        kpm = None if kpm is None else torch.zeros(kpm.shape).masked_fill(kpm, -math.inf)
+        am = None if am is None else torch.zeros(am.shape).masked_fill(am, -math.inf)
+    if layout == "seq-first":
+        x = x.transpose(0, 1)
+    if layout == "unbatched":
+        x, kpm = x[0], None if kpm is None else kpm[0]
+        am = am if am is None or am.dim() == 2 else am[:H]
+
+    def fn(m, x):
+        return m(x, x, x, key_padding_mask=kpm, attn_mask=am, need_weights=False)[0]
+
+    return mha, x, fn
+
+
+ATTENTION_MASKS = ["padding", "padding-causal", "float-padding-causal", "per-batch"]
+
+
+@pytest.mark.parametrize("masks", ATTENTION_MASKS)
+@pytest.mark.parametrize("layout", ["batch-first", "seq-first", "unbatched"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval-grad"])
+def test_attention_rows_whose_keys_are_all_masked(masks, layout, bias, train, gen):
+    # torch's path without weights gives such a row zero attention (out_proj's bias), the
+    # explicit softmax NaN: NaN outputs and NaN gradients for every weight. The oracles:
+    # the loop, and a deep copy with sample k loaded.
+    mha, x, fn = _attention_case(layout, masks, bias)
+    mha.train(train)  # dropout 0: train mode differs only in torch's choice of path
+    q = bf.init(mha, -2.0)
+    params = bf.sample(q, 3, generator=gen(0))
+    out = bf.vmap_call(mha, params, x, fn=fn, fallback=False)
+    ref = bf.loop_call(mha, params, x, fn=fn)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for k in range(3):
+        m = copy.deepcopy(mha)
+        with torch.no_grad():
+            for name, v in params.items():
+                m.get_parameter(name).copy_(v[k])
+        torch.testing.assert_close(out[k], fn(m, x), rtol=0, atol=1e-12)
+    assert not torch.allclose(out[0], out[1])
+    weights = [q.mean["in_proj_weight"], q.logvar["in_proj_weight"]]
+    grads = [torch.autograd.grad(o.square().sum(), weights, retain_graph=True) for o in (out, ref)]
+    for a, b in zip(*grads, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_rows_dead_in_some_heads_only_fall_back(gen):
+    # A per-head mask that hides every key from a query in one head only: not vectorized,
+    # and said so; the loop's numbers.
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 4, 8)
+    am = torch.zeros(4, 4, 4, dtype=torch.bool)
+    am[0, 0] = True  # sequence 0, head 0, query 0
+    fn = lambda m, x: m(x, x, x, attn_mask=am, need_weights=False)[0]
+    params = bf.sample(bf.init(mha, -2.0), 3, generator=gen(0))
+    with pytest.warns(bf.VmapFallbackWarning, match="some heads only"):
+        out = bf.vmap_call(mha, params, x, fn=fn)
+    torch.testing.assert_close(out, bf.loop_call(mha, params, x, fn=fn), rtol=0, atol=0)
