@@ -404,6 +404,8 @@ def _unshared(job: _Job, t: Tensor) -> Tensor:
     parameters and buffers), as the loop's stack copies every output: writing to an output
     never changes an input, and a later change of the module never changes an output."""
 
+    if is_compiling():
+        return t  # not checked while traced: `_is_view` would break the graph
     if not (
         t._is_view()
         or id(t) in job.st.own
@@ -411,7 +413,7 @@ def _unshared(job: _Job, t: Tensor) -> Tensor:
         or any(t is x for x in job.args)
     ):
         return t  # a fresh tensor: nothing but the call holds its memory
-    if t.layout != torch.strided or is_wrapped(t) or is_compiling():
+    if t.layout != torch.strided or is_wrapped(t):
         return t  # no storage to compare (inside a torch.func transform, say)
     held = (*job.params.values(), *job.buffers.values(), *job.args)
     held += (*job.st.params.values(), *job.st.buffers.values())

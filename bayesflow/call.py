@@ -128,7 +128,8 @@ def vmap_call(
         respect to `params` and `args`; the same numbers as :func:`loop_call` (for zuko's
         CNF, gradients within the ODE solver's accuracy: see the flows documentation).
         Like the loop's, they never share memory with `params`, `args`, `buffers` or the
-        module's own tensors, even where `fn` returns one of them or a view of one.
+        module's own tensors, even where `fn` returns one of them or a view of one (outside
+        :func:`torch.compile` and :mod:`torch.func` transforms, which keep torch's aliasing).
 
     Raises:
         RuntimeError: If vmap cannot run `fn` and `fallback` is :py:`False`.
