@@ -422,6 +422,4 @@ def prior_kl(
             f"{where}: expected prior to be a bayesflow.priors.Prior, a float variance or "
             f"None, got {type(prior).__name__}"
         )
-    if type(prior).kl is not Prior.kl:  # a prior of its own kl: its own errors
-        return prior.kl(posterior, generator=generator, n=n)
-    return prior._kl(where, posterior, generator, n)
+    return prior.kl(posterior, generator=generator, n=n)  # its errors name its kl

@@ -212,12 +212,14 @@ def test_errors():
         prior_kl(q, "normal")
     with pytest.raises(ValueError, match="prior_kl: expected a finite prior_var > 0"):
         prior_kl(q, -1.0)
-    # prior_kl names itself whichever prior it builds or is given.
+    # prior_kl names itself where it builds the prior, the prior's kl where it is given one.
     with pytest.raises(ValueError, match="prior_kl: expected a finite prior_var > 0"):
         prior_kl(q, -1.0, n=4)
-    for prior in (None, 2.0, GaussianPrior(), ScaleMixturePrior(0.5, 1.0, 0.1)):
+    for prior in (None, 2.0):
         with pytest.raises(ValueError, match=r"prior_kl: expected n"):
             prior_kl(q, prior, n=0)
+    with pytest.raises(ValueError, match=r"ScaleMixturePrior.kl: expected n"):
+        prior_kl(q, ScaleMixturePrior(0.5, 1.0, 0.1), n=0)
     with pytest.raises(ValueError, match=r"GaussianPrior.log_prob: expected the prior var"):
         GaussianPrior(0.0, {"a": 1.0}).log_prob({"b": torch.zeros(2, 3)})
     with pytest.raises(NotImplementedError):
