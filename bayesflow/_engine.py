@@ -345,7 +345,10 @@ def _single(job: _Job) -> Any:
         params = {k: v.squeeze(0) for k, v in job.params.items()}
         with swapped(job.st, params, buffers), _stand_ins(job.st):  # as in the loop
             out = job.opts.fn(job.module, *_index(job.args, job.dims, 0))
-        return map_outputs(job.opts.where, lambda t: _unshared(job, t).unsqueeze(0), out)
+        leaves: list[Tensor] = []
+        map_outputs(job.opts.where, leaves.append, out)
+        own = iter(_unshared(job, leaves))
+        return map_outputs(job.opts.where, lambda t: next(own).unsqueeze(0), out)
     except BaseException:
         if state is not None:
             state.restore()
@@ -395,34 +398,43 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
     for name, stacked in averaged.items():
         state.set_averaged(name, stacked)
 
-    return unflatten(spec[0], [_unshared(job, t) for t in leaves])
+    return unflatten(spec[0], _unshared(job, list(leaves)))
 
 
-def _unshared(job: _Job, t: Tensor) -> Tensor:
-    r"""Returns an output of the vectorized or single call, copied if it shares memory with
-    a tensor the caller holds (a sampled parameter or buffer, an argument, the module's own
-    parameters and buffers), as the loop's stack copies every output: writing to an output
-    never changes an input, and a later change of the module never changes an output."""
+def _unshared(job: _Job, leaves: list[Tensor]) -> list[Tensor]:
+    r"""Returns the outputs of the vectorized or single call, each copied if it shares
+    memory with a tensor the caller holds (a sampled parameter or buffer, an argument, the
+    module's own parameters and buffers), as the loop's stack copies every output: writing
+    to an output never changes an input, and a later change of the module never changes an
+    output. Only a view, or an input itself, can share it: a fresh output costs no lookup."""
 
     if is_compiling():
-        return t  # not checked while traced: `_is_view` would break the graph
-    if not (
-        t._is_view()
-        or id(t) in job.st.own
-        or any(t is x for x in job.params.values())
-        or any(t is x for x in job.args)
-    ):
-        return t  # a fresh tensor: nothing but the call holds its memory
-    if t.layout != torch.strided or is_wrapped(t):
-        return t  # no storage to compare (inside a torch.func transform, say)
+        return leaves  # not checked while traced: `_is_view` would break the graph
+    suspects = []
+    for i, t in enumerate(leaves):
+        if not (
+            t._is_view()
+            or id(t) in job.st.own
+            or any(t is x for x in job.params.values())
+            or any(t is x for x in job.args)
+        ):
+            continue  # a fresh tensor: nothing but the call holds its memory
+        if t.layout is torch.strided and not is_wrapped(t):  # else no storage to compare
+            suspects.append(i)
+    if not suspects:
+        return leaves
     held = (*job.params.values(), *job.buffers.values(), *job.args)
     held += (*job.st.params.values(), *job.st.buffers.values())
-    memory = t.untyped_storage().data_ptr()
-    for x in held:
-        if isinstance(x, Tensor) and x.layout == torch.strided and not is_wrapped(x):
-            if x.untyped_storage().data_ptr() == memory:
-                return t.clone()
-    return t
+    memory = {
+        x.untyped_storage().data_ptr()
+        for x in held
+        if isinstance(x, Tensor) and x.layout is torch.strided and not is_wrapped(x)
+    }
+    out = list(leaves)
+    for i in suspects:
+        if out[i].untyped_storage().data_ptr() in memory:
+            out[i] = out[i].clone()
+    return out
 
 
 def vmap(
