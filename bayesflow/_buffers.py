@@ -125,11 +125,43 @@ class State:
                 else:
                     t.copy_(first)
 
+    def given_held(self, given: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        r"""Returns the tensors that hold the given buffers' places now, by name, where
+        they are not `given`'s: `fn` assigned others to them."""
+
+        slots = self.st.buffer_slots
+        held = {}
+        for name, t in given.items():
+            d, attr = slots[name][0]
+            if d[attr] is not t:
+                held[name] = d[attr]
+        return held
+
+    def write_given(
+        self, where: str, given: Mapping[str, Tensor], held: dict[str, Tensor]
+    ) -> None:
+        r"""Writes what `fn` assigned to given buffers (`held`, from :meth:`given_held`)
+        into them, in place: they are the caller's, per sample."""
+
+        with torch.no_grad():
+            for name, value in held.items():
+                t = given[name]
+                if value.shape != t.shape:
+                    raise RuntimeError(
+                        f"{where}: fn assigned a tensor of shape {tuple(value.shape)} to the "
+                        f"buffer {name!r}, given per sample with shape {tuple(t.shape)}"
+                    )
+                t.copy_(value)
+
     def set_averaged(self, name: str, stack: Tensor) -> None:
-        r"""Writes a vectorized call's per-sample buffer values `(n, *shape)` by the rule."""
+        r"""Writes a vectorized call's per-sample buffer values `(n, *shape)` by the rule;
+        a buffer that no sample changed is left as it is (the mean of equal values may
+        round differently)."""
 
         t = self.st.buffers[name]
         with torch.no_grad():
+            if torch.equal(stack, t.unsqueeze(0).expand_as(stack)):
+                return
             if t.is_floating_point() or t.is_complex():
                 t.copy_(stack.mean(0))
             else:

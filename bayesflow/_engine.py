@@ -316,12 +316,15 @@ def _loop(job: _Job, state: State | None = None) -> Any:
         for i in range(job.n):
             if rng is not None:
                 _set_rng_state(rng)
-            buffers = {**state.fresh(), **{k: b[i] for k, b in job.buffers.items()}}
+            given = {k: b[i] for k, b in job.buffers.items()}
+            buffers = {**state.fresh(), **given}
             # zuko's pieces that recompute in their backward pass would run it with the
             # module's own parameters, put back by then: the stand-ins, plain autograd.
             with swapped(st, {k: v[i] for k, v in params.items()}, buffers), _stand_ins(st):
                 out = opts.fn(job.module, *(a if u is None else u[i] for a, u in args))
                 held = state.current()
+                assigned = state.given_held(given)
+            state.write_given(opts.where, given, assigned)
             map_outputs(opts.where, lambda t: None, out)
             outs.append(out)
             state.collect(held)
@@ -345,6 +348,9 @@ def _single(job: _Job) -> Any:
         params = {k: v.squeeze(0) for k, v in job.params.items()}
         with swapped(job.st, params, buffers), _stand_ins(job.st):  # as in the loop
             out = job.opts.fn(job.module, *_index(job.args, job.dims, 0))
+            assigned = state.given_held(buffers) if state is not None else {}
+        if assigned:
+            state.write_given(job.opts.where, buffers, assigned)
         leaves: list[Tensor] = []
         map_outputs(job.opts.where, leaves.append, out)
         own = iter(_unshared(job, leaves))
@@ -363,7 +369,7 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
         for name in updated
     }
     buffers = {**averaged, **job.buffers}
-    names, buffer_names = list(params), list(buffers)
+    names, buffer_names, given = list(params), list(buffers), list(job.buffers)
     flat = (*params.values(), *buffers.values(), *job.args)
     split, end = len(names), len(names) + len(buffer_names)
     spec: list[Any] = []
@@ -375,6 +381,12 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
         b = dict(zip(buffer_names, inputs[split:end], strict=True))
         with swapped(st, p, b):
             out = fn(module, *inputs[end:])
+            if given and state.given_held({k: b[k] for k in given}):
+                # vmap's wrappers cannot be written back: the loop, which writes them
+                raise RuntimeError(
+                    "fn assigns new tensors to buffers given per sample (as `self.ema = "
+                    "0.9 * self.ema + ...` does), which vmap cannot batch"
+                )
         leaves, s = flatten(where, out)
         spec[:] = [s]
         return leaves

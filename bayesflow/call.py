@@ -120,8 +120,10 @@ def vmap_call(
         buffers: Per-sample buffers `{name: (n, *shape)}`, keyed by
             :meth:`torch.nn.Module.named_buffers` names, that stand in for the module's own
             (a deep ensemble's, see :func:`bayesflow.ensemble`): each sample uses its own,
-            and a train-mode layer updates its own in place; the module's buffers of those
-            names are left alone. `params` may then be empty.
+            and a train-mode layer updates its own in place; what `fn` assigns to one
+            anew (`self.ema = 0.9 * self.ema + ...`) is written into it (by the loop:
+            vmap cannot batch such assignments); the module's buffers of those names are
+            left alone. `params` may then be empty.
 
     Returns:
         The outputs of `fn` stacked on a new leading dim of size `n`, differentiable with

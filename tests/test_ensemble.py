@@ -207,3 +207,53 @@ def test_a_failed_ensemble_call_draws_no_seeds(gen):
     with pytest.raises(TypeError, match="ensemble: expected make_module to return"):
         bf.ensemble(lambda: "not a module", 2, generator=g)
     assert torch.equal(g.get_state(), g_state)
+
+
+class _EMA(nn.Module):
+    r"""Updates its buffers by assigning new tensors (`self.ema = ...`), not in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("ema", torch.zeros(2))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        y = self.lin(x)
+        self.ema = 0.9 * self.ema + 0.1 * y.detach().mean(0)
+        self.steps = self.steps + 1
+        return y
+
+
+@pytest.mark.parametrize("k", [3, 1])
+@pytest.mark.parametrize("call", ["loop", "vmap"])
+def test_members_buffers_assigned_anew_are_written_back(call, k):
+    # The members' buffers, given per sample, must end as K separate runs leave them
+    # whether fn updates them in place or assigns new tensors; they stayed as they were.
+    # vmap cannot batch the assignment: it falls back to the loop and says why.
+    members = []
+    for s in range(k):
+        torch.manual_seed(s)
+        members.append(_EMA())
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    ens = bf.stack_modules(members)
+    separate = [copy.deepcopy(m) for m in members]
+    expected = torch.stack([m(x) for m in separate])
+    own = copy.deepcopy(ens.module.state_dict())
+
+    if call == "loop":
+        y = bf.loop_call(ens.module, ens.params, x, buffers=ens.buffers)
+    elif k == 1:
+        y = bf.vmap_call(ens.module, ens.params, x, buffers=ens.buffers, fallback=False)
+    else:
+        with pytest.warns(bf.VmapFallbackWarning, match="buffers given per sample"):
+            y = bf.vmap_call(ens.module, ens.params, x, buffers=ens.buffers)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    assert k == 1 or not torch.allclose(y[0], y[1])
+    for name in ("ema", "steps"):
+        torch.testing.assert_close(
+            ens.buffers[name], torch.stack([m.get_buffer(name) for m in separate])
+        )
+    assert (ens.buffers["steps"] == 1).all()
+    for name, v in own.items():  # the module's own are left alone
+        assert torch.equal(ens.module.state_dict()[name], v)
