@@ -46,7 +46,8 @@ class BayesianModel(nn.Module):
         include_params: Glob patterns of the parameters to make Bayesian: `*` matches one
             name segment, `**` several (see :func:`bayesflow.select`). All by default.
             Unlike zuko's, a pattern matches whole segments only: `"1"` picks `1.weight`
-            but not `10.weight`.
+            but not `10.weight`; and `*` may match nothing: `"enc*"` picks `enc.weight`
+            as well as `enc_head.weight` (zuko's only the latter).
         exclude_params: Glob patterns of the parameters to leave deterministic.
 
     Attributes:
@@ -82,14 +83,21 @@ class BayesianModel(nn.Module):
         self.means = nn.ParameterDict()
         self.logvars = nn.ParameterDict()
 
+        named = dict(base.named_parameters())
+        plain = isinstance(init_logvar, (int, float)) and not isinstance(init_logvar, bool)
         for name, mean in q.mean.items():
             key = name.replace(".", "-")
-            logvar = q.logvar[name].detach()
-            # The same draw as zuko's `normal_(init_logvar, 1e-3)`, in the same order.
-            noise = torch.empty_like(logvar).normal_(0.0, 1e-3)
+            # zuko's very draw, `empty_like(param).normal_(init_logvar, 1e-3)`, in the same
+            # order: the same numbers for the same seed (the parameter's memory layout and
+            # one rounding included); a tensor or per-name value gets the same noise added.
+            like = torch.empty_like(named[name])
+            if plain:
+                logvar = like.normal_(float(init_logvar), 1e-3)
+            else:
+                logvar = q.logvar[name].detach() + like.normal_(0.0, 1e-3)
 
             self.means[key] = nn.Parameter(mean.detach())
-            self.logvars[key] = nn.Parameter(logvar + noise)
+            self.logvars[key] = nn.Parameter(logvar)
 
     def extra_repr(self) -> str:
         numel = sum(m.numel() for m in self.means.values())
