@@ -763,6 +763,41 @@ def test_linearized_predictive_refuses_an_fn_that_mixes_the_examples(fn, include
         assert torch.allclose(var[0], (jac.square() * sigma2).sum(1), rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "inf-masked"])
+def test_linearized_checks_hold_on_a_real_batch(dtype, masked, monkeypatch):
+    # The checks against one example at a time compare outputs that different matrix
+    # shapes round differently (to the last bits, in float64 too), and logits masked to
+    # -inf: the last layer must still take the closed form (one example's Jacobians, then
+    # none), a masked fn the per-example Jacobians without a refusal; both the variance
+    # of the Jacobians.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 128), nn.Tanh(), nn.Linear(128, 10)).to(dtype)
+    q = bf.init(net, -4.0, include=("2",))
+    x = torch.randn(256, 16, dtype=dtype)
+    allowed = torch.arange(10) % 4 != 3  # the same classes for every example
+
+    def fn(m, x):
+        return m(x).masked_fill(~allowed, -math.inf) if masked else m(x)
+
+    sizes = []
+    original = bf.linearized._jacobian_variance
+
+    def spy(*args):
+        sizes.append(args[3][0].shape[0])
+        return original(*args)
+
+    monkeypatch.setattr(bf.linearized, "_jacobian_variance", spy)
+    mean, var = bf.linearized_predictive(net, q, x, fn=fn)
+    assert sizes == ([256] if masked else [1])  # masked: not the layer's output
+    generic, _ = original(net, q, fn, (x,), None)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(var, generic, rtol=tol, atol=tol * generic.abs().max().item())
+    hidden = ~allowed if masked else torch.zeros(10, dtype=torch.bool)
+    assert (var[:, ~hidden] > 0).all() and (var[:, hidden] == 0).all()
+    assert torch.equal(mean.isneginf(), hidden.expand_as(mean))
+
+
 def _assert_linearized_matches_jacobians(module, q, x):
     r"""The linearized predictive against explicit per-example Jacobians."""
 
