@@ -168,13 +168,14 @@ def flow_sample(
     n = count(flow, params, opts)
 
     # The shapes, outside vmap: lazy flows build their transforms only when evaluated.
-    # A flow's networks run only once its transform is called: once here, on the base
-    # mean, so that a missing or ill-shaped context raises before any draw.
+    # A flow's networks run only once its transform is called: once here, in the direction
+    # of sampling (for the cost of one sample), on the base mean, so that a missing or
+    # ill-shaped context raises before any draw.
     with torch.no_grad():
         try:
             d = flow() if c is None else flow(c)
             if _is_flow(d):
-                d.transform(d.base.mean)
+                d.transform.inv(d.base.mean)
         except (RuntimeError, AttributeError, TypeError, ValueError) as e:
             cause = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
             if c is None:
