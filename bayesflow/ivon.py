@@ -269,12 +269,12 @@ class IVON(torch.optim.Optimizer):
                 p.data = m
         self._posterior = Posterior(mean=mean, logvar=s.views(s.logvar))
         # Where each picked parameter sits (a module's own table: an assignment replaces
-        # the entry), and the memory it shares with the means.
+        # the entry), and the view of the means whose memory it shares.
         self._slots = []
         for name, m in zip(names, mean.values(), strict=True):
             path, _, attr = name.rpartition(".")
             table = module.get_submodule(path)._parameters
-            self._slots.append((name, table, attr, m.data_ptr()))
+            self._slots.append((name, table, attr, m))
         set_variance(s, h.ess, h.weight_decay)
 
         super().__init__(list(mean.values()), {k: getattr(h, k) for k in HYPER})
@@ -325,9 +325,10 @@ class IVON(torch.optim.Optimizer):
         r"""Raises if a picked parameter of the module no longer shares the posterior's
         memory: `module(x)` would silently not be the mean model."""
 
-        for name, table, attr, ptr in self._slots:
+        # Pointers compared now, not kept: `share_memory_()` moves both, still shared.
+        for name, table, attr, mean in self._slots:
             p = table.get(attr)
-            if p is None or p.data_ptr() != ptr:
+            if p is None or p.data_ptr() != mean.data_ptr():
                 raise RuntimeError(
                     f"{where}: expected the module's parameter {name!r} to share the "
                     "posterior's memory, as IVON set it up, got it moved elsewhere (by "

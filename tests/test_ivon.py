@@ -807,3 +807,13 @@ def test_an_optimizer_whose_module_moved_away_refuses_to_run(change, gen):
     with pytest.raises(RuntimeError, match=r"IVON.step: expected the module's parameter"):
         opt.step(lambda: 0.0)
     assert unchanged(before, opt.posterior.mean, opt.posterior.logvar, opt.hess, opt.momentum)
+
+
+def test_an_optimizer_whose_memory_moved_with_its_module_runs_on(gen):
+    # `share_memory_()` moves the storage the module and the means share: still linked.
+    net, (x, y) = make_net(), data()
+    opt = bf.IVON(net, **HYPERS["defaults"])
+    net.share_memory()
+    assert net[0].weight.is_shared() and opt.posterior.mean["0.weight"].is_shared()
+    vectorized_step(opt, net, x, y, 2, gen(0))
+    torch.testing.assert_close(net(x), bf.vmap_call(net, bf.mean_params(opt.posterior), x)[0])
