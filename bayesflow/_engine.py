@@ -33,7 +33,6 @@ from ._compat import (
     StopRecomputation,
     counting_allocations,
     is_compiling,
-    is_wrapped,
     no_saved_tensors_hooks,
     saved_tensors_hooks_active,
 )
@@ -351,10 +350,7 @@ def _single(job: _Job) -> Any:
             assigned = state.given_held(buffers) if state is not None else {}
         if assigned:
             state.write_given(job.opts.where, buffers, assigned)
-        leaves: list[Tensor] = []
-        map_outputs(job.opts.where, leaves.append, out)
-        own = iter(_unshared(job, leaves))
-        return map_outputs(job.opts.where, lambda t: next(own).unsqueeze(0), out)
+        return map_outputs(job.opts.where, lambda t: t.unsqueeze(0), out)
     except BaseException:
         if state is not None:
             state.restore()
@@ -410,43 +406,7 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
     for name, stacked in averaged.items():
         state.set_averaged(name, stacked)
 
-    return unflatten(spec[0], _unshared(job, list(leaves)))
-
-
-def _unshared(job: _Job, leaves: list[Tensor]) -> list[Tensor]:
-    r"""Returns the outputs of the vectorized or single call, each copied if it shares
-    memory with a tensor the caller holds (a sampled parameter or buffer, an argument, the
-    module's own parameters and buffers), as the loop's stack copies every output: writing
-    to an output never changes an input, and a later change of the module never changes an
-    output. Only a view, or an input itself, can share it: a fresh output costs no lookup."""
-
-    if is_compiling():
-        return leaves  # not checked while traced: `_is_view` would break the graph
-    suspects = []
-    for i, t in enumerate(leaves):
-        if not (
-            t._is_view()
-            or id(t) in job.st.own
-            or any(t is x for x in job.params.values())
-            or any(t is x for x in job.args)
-        ):
-            continue  # a fresh tensor: nothing but the call holds its memory
-        if t.layout is torch.strided and not is_wrapped(t):  # else no storage to compare
-            suspects.append(i)
-    if not suspects:
-        return leaves
-    held = (*job.params.values(), *job.buffers.values(), *job.args)
-    held += (*job.st.params.values(), *job.st.buffers.values())
-    memory = {
-        x.untyped_storage().data_ptr()
-        for x in held
-        if isinstance(x, Tensor) and x.layout is torch.strided and not is_wrapped(x)
-    }
-    out = list(leaves)
-    for i in suspects:
-        if out[i].untyped_storage().data_ptr() in memory:
-            out[i] = out[i].clone()
-    return out
+    return unflatten(spec[0], leaves)
 
 
 def vmap(

@@ -39,7 +39,6 @@ class Structure:
         slots: Every place that holds each parameter (tied weights: several).
         aliases: The second and later names of tied parameters, with their first name.
         buffers: The buffers, by name; `buffer_slots` their places.
-        own: The ids of the parameters and buffers.
         types: The class of every distinct submodule, by path.
         expected: The shape, dtype, device and sample rank of each parameter.
         written: The parameters their own module writes in place (an `Embedding` or
@@ -97,7 +96,6 @@ class Structure:
         self._embeddings = [(m, by_id[id(t)]) for m, t in embeddings if id(t) in by_id]
         self._dicts = [d for tables in self._tables for d in tables]
         self._fingerprint = self._fingerprint_of()
-        self.own = frozenset(map(id, [*self.params.values(), *self.buffers.values()]))
         self.expected = {
             name: (p.shape, p.dtype, p.device, p.dim() + 1) for name, p in self.params.items()
         }

@@ -129,9 +129,10 @@ def vmap_call(
         The outputs of `fn` stacked on a new leading dim of size `n`, differentiable with
         respect to `params` and `args`; the same numbers as :func:`loop_call` (for zuko's
         CNF, gradients within the ODE solver's accuracy: see the flows documentation).
-        Like the loop's, they never share memory with `params`, `args`, `buffers` or the
-        module's own tensors, even where `fn` returns one of them or a view of one (outside
-        :func:`torch.compile` and :mod:`torch.func` transforms, which keep torch's aliasing).
+        Where `fn` returns an input itself (a sampled parameter, an argument, a buffer,
+        the module's own tensors) or a view of one, the output may share its memory, as
+        with :func:`torch.func.vmap`; the loop's stack always copies. Clone such an output
+        before changing it in place.
 
     Raises:
         RuntimeError: If vmap cannot run `fn` and `fallback` is :py:`False`.
