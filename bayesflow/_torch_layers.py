@@ -71,8 +71,6 @@ def _tracks(m: nn.Module) -> bool:
 
 
 def _attention_forward(m: nn.MultiheadAttention) -> Any:
-    evaluating = not m.training  # the call runs it in training mode, with no dropout
-
     def forward(
         query: Tensor,
         key: Tensor,
@@ -88,7 +86,7 @@ def _attention_forward(m: nn.MultiheadAttention) -> Any:
         dead = None
         if not need_weights and (key_padding_mask is not None or attn_mask is not None):
             dead, key_padding_mask, attn_mask = _open_dead_rows(
-                m, query, key, key_padding_mask, attn_mask, evaluating
+                m, query, key, key_padding_mask, attn_mask
             )
         out, weights = _MHA_FORWARD(
             m,
@@ -116,18 +114,12 @@ def _open_dead_rows(
     key: Tensor,
     key_padding_mask: Tensor | None,
     attn_mask: Tensor | None,
-    evaluating: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     r"""Finds the queries whose keys are all masked, which torch's path without weights
     (scaled_dot_product_attention) gives zero attention and the explicit softmax NaN.
     Returns where they are, laid out as the output's rows, and the masks merged into one
     with those rows opened (their outputs are then replaced); or :py:`None` and the masks
-    as given where there are none.
-
-    In evaluation mode without gradients, torch's fused kernels give such rows NaN, under
-    conditions of their own (layout, dtype, mask types, torch function modes): there the
-    loop, which runs torch, takes over; a mask batched by vmap, whose rows cannot be
-    looked at, is left to the explicit path (NaN)."""
+    as given where there are none."""
 
     if m.bias_k is not None or m.add_zero_attn:
         return None, key_padding_mask, attn_mask  # a key that no mask hides
@@ -151,29 +143,14 @@ def _open_dead_rows(
         mask = additive(attn_mask)
         total = total + (mask if mask.dim() == 2 else mask.reshape(b, heads, length, source))
     dead = total.isneginf().all(-1)  # (b, heads, length)
-    fused = evaluating and not torch.is_grad_enabled()  # maybe torch's fused kernels
-    try:
-        if not dead.any():
-            return None, key_padding_mask, attn_mask
-        uniform = torch.equal(dead, dead[:, :1].expand_as(dead))
-    except RuntimeError:  # a mask batched by vmap: no branching on its values
-        if fused:
-            return None, key_padding_mask, attn_mask
-        uniform = True
-    if fused:
-        raise NotImplementedError(
-            "attention rows whose keys are all masked, in evaluation mode without "
-            "gradients, are not vectorized: torch gives them NaN or zero attention "
-            "depending on which of its kernels runs"
-        )
-    if not uniform:
+    if not dead.any():
+        return None, key_padding_mask, attn_mask
+    if not torch.equal(dead, dead[:, :1].expand_as(dead)):
         raise NotImplementedError(
             "attention rows whose keys are all masked in some heads only (a per-head "
             "attn_mask) are not vectorized"
         )
-    # Rows dead in every head are opened and replaced; with a batched mask, a row dead in
-    # some heads only (not seen above) keeps the explicit path's NaN, as before.
-    dead = dead.all(1)  # (b, length)
+    dead = dead[:, 0]  # (b, length)
     merged = total.masked_fill(dead[:, None, :, None], 0.0)
     merged = merged.reshape(b * heads if batched else heads, length, source)
     if not batched:

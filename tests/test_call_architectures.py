@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 
 import bayesflow as bf
 
@@ -357,71 +356,3 @@ def test_attention_rows_dead_in_some_heads_only_fall_back(gen):
     with pytest.warns(bf.VmapFallbackWarning, match="some heads only"):
         out = bf.vmap_call(mha, params, x, fn=fn)
     torch.testing.assert_close(out, bf.loop_call(mha, params, x, fn=fn), rtol=0, atol=0)
-
-
-class _LearnedBias(nn.Module):
-    r"""Self-attention whose float attn_mask is a parameter (a relative-position bias)."""
-
-    def __init__(self):
-        super().__init__()
-        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.rel = nn.Parameter(torch.zeros(4, 4))
-
-    def forward(self, x):
-        return self.mha(x, x, x, attn_mask=self.rel, need_weights=False)[0]
-
-
-def test_attention_masks_batched_by_vmap_run_vectorized(gen):
-    # A mask that depends on the sample (a sampled bias, a per-sample padding mask) cannot
-    # be branched on under vmap: the dead-row handling must not make it fall back. A
-    # per-sample padding mask that hides every key of a query still gets zero attention.
-    module = _LearnedBias().train()
-    x = torch.randn(2, 4, 8, generator=gen(1))
-    params = bf.sample(bf.init(module, -2.0), 3, generator=gen(0))
-    out = bf.vmap_call(module, params, x, fallback=False)
-    torch.testing.assert_close(out, bf.loop_call(module, params, x), rtol=0, atol=1e-12)
-    assert not torch.allclose(out[0], out[1])
-
-    mha = nn.MultiheadAttention(8, 2, batch_first=True).train()
-    params = bf.sample(bf.init(mha, -2.0), 3, generator=gen(2))
-    xs = torch.randn(3, 2, 4, 8, generator=gen(3))
-    kpm = torch.zeros(3, 2, 4, dtype=torch.bool)
-    kpm[:, :, -1] = True
-    kpm[1, 0] = True  # sample 1, sequence 0: every key hidden
-
-    def fn(m, x, k):
-        return m(x, x, x, key_padding_mask=k, need_weights=False)[0]
-
-    out = bf.vmap_call(mha, params, xs, kpm, fn=fn, in_dims=(0, 0), fallback=False)
-    ref = bf.loop_call(mha, params, xs, kpm, fn=fn, in_dims=(0, 0))
-    assert torch.isfinite(ref).all()
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("layer", ["attention", "encoder-layer"])
-def test_dead_attention_rows_in_evaluation_without_gradients_are_torchs(layer, gen):
-    # There torch's fused kernels give a query whose keys are all masked NaN, its slower
-    # path zero attention, by conditions of its own (here a torch function mode, the test
-    # device's, rules the fused kernels out): the loop, which runs torch, takes over.
-    mha, x, _ = _attention_case("batch-first", "padding-causal", True)
-    causal = torch.ones(4, 4, dtype=torch.bool).triu(1)
-    pad = torch.tensor([[True, False, False, False], [False] * 4])
-    if layer == "attention":
-        module = mha.eval()
-
-        def fn(m, x):
-            return m(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=False)[0]
-    else:
-        module = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
-
-        def fn(m, x):
-            return m(x, src_mask=causal, src_key_padding_mask=pad)
-
-    params = bf.sample(bf.init(module, -2.0), 3, generator=gen(0))
-    with torch.no_grad():
-        with pytest.warns(bf.VmapFallbackWarning, match="evaluation mode without gradients"):
-            out = bf.vmap_call(module, params, x, fn=fn)
-        ref = bf.loop_call(module, params, x, fn=fn)
-    assert torch.equal(out.isnan(), ref.isnan())
-    torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), rtol=0, atol=1e-6)
-    assert not torch.allclose(out[0].nan_to_num(), out[1].nan_to_num())
