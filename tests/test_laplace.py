@@ -763,6 +763,21 @@ def test_linearized_predictive_refuses_an_fn_that_mixes_the_examples(fn, include
         assert torch.allclose(var[0], (jac.square() * sigma2).sum(1), rtol=1e-10, atol=1e-14)
 
 
+def _count_jacobian_batches(monkeypatch):
+    r"""Spies on the per-example Jacobian pass: returns the list its batch sizes go to,
+    and the pass itself."""
+
+    sizes = []
+    original = bf.linearized._jacobian_variance
+
+    def spy(*args):
+        sizes.append(args[3][0].shape[0])
+        return original(*args)
+
+    monkeypatch.setattr(bf.linearized, "_jacobian_variance", spy)
+    return sizes, original
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "inf-masked"])
 def test_linearized_checks_hold_on_a_real_batch(dtype, masked, monkeypatch):
@@ -780,14 +795,7 @@ def test_linearized_checks_hold_on_a_real_batch(dtype, masked, monkeypatch):
     def fn(m, x):
         return m(x).masked_fill(~allowed, -math.inf) if masked else m(x)
 
-    sizes = []
-    original = bf.linearized._jacobian_variance
-
-    def spy(*args):
-        sizes.append(args[3][0].shape[0])
-        return original(*args)
-
-    monkeypatch.setattr(bf.linearized, "_jacobian_variance", spy)
+    sizes, original = _count_jacobian_batches(monkeypatch)
     mean, var = bf.linearized_predictive(net, q, x, fn=fn)
     assert sizes == ([256] if masked else [1])  # masked: not the layer's output
     generic, _ = original(net, q, fn, (x,), None)
@@ -822,14 +830,7 @@ def test_linearized_predictive_is_the_evaluation_mode_nets(include, monkeypatch)
     q = bf.init(module, init_logvar=-3.0, include=include)
     x, _ = data("classification", n=6, seed=1)
     before = snapshot(module)
-    sizes = []
-    original = bf.linearized._jacobian_variance
-
-    def spy(*args):
-        sizes.append(args[3][0].shape[0])
-        return original(*args)
-
-    monkeypatch.setattr(bf.linearized, "_jacobian_variance", spy)
+    sizes, _ = _count_jacobian_batches(monkeypatch)
 
     mean, var = bf.linearized_predictive(module, q, x)
 
