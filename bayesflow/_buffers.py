@@ -144,6 +144,9 @@ class State:
         into them, in place: they are the caller's, per sample."""
 
         with torch.no_grad():
+            # Every value read before any is written: `self.prev = self.cur` holds a given
+            # buffer that another assignment overwrites.
+            held = {name: value.clone() for name, value in held.items()}
             for name, value in held.items():
                 t = given[name]
                 if value.shape != t.shape:

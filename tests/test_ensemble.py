@@ -1,6 +1,7 @@
 r"""Deep ensembles trained and predicted in one pass: K separate trainings are the oracle."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -257,3 +258,42 @@ def test_members_buffers_assigned_anew_are_written_back(call, k):
     assert (ens.buffers["steps"] == 1).all()
     for name, v in own.items():  # the module's own are left alone
         assert torch.equal(ens.module.state_dict()[name], v)
+
+
+class _KeepsThePrevious(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("cur", torch.zeros(2))
+        self.register_buffer("prev", torch.zeros(2))
+
+    def forward(self, x):
+        self.prev = self.cur  # a given buffer, assigned to another
+        self.cur = self.cur + 1
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("k", [3, 1])
+@pytest.mark.parametrize("call", [bf.loop_call, bf.vmap_call], ids=["loop", "vmap"])
+def test_members_buffers_assigned_each_other_are_read_before_written(call, k):
+    # The oracle: K separate runs, two calls each (cur 2, prev 1); the write-back read
+    # `prev`'s value after overwriting `cur` (2, 2).
+    members = []
+    for s in range(k):
+        torch.manual_seed(s)
+        members.append(_KeepsThePrevious())
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    separate = [copy.deepcopy(m) for m in members]
+    for m in separate:
+        expected = m(x), m(x)
+    ens = bf.stack_modules(members)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bf.VmapFallbackWarning)  # vmap: the loop writes back
+        for _ in range(2):
+            y = call(ens.module, ens.params, x, buffers=ens.buffers)
+    torch.testing.assert_close(y[-1], expected[1])
+    assert k == 1 or not torch.allclose(y[0], y[1])
+    for name in ("cur", "prev"):
+        torch.testing.assert_close(
+            ens.buffers[name], torch.stack([m.get_buffer(name) for m in separate])
+        )
