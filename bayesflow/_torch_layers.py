@@ -85,6 +85,8 @@ def _attention_forward(m: nn.MultiheadAttention) -> Any:
         # no batching rule (a slow per-sample fallback).
         dead = None
         if not need_weights and (key_padding_mask is not None or attn_mask is not None):
+            key_padding_mask = _in_dtype_of(query, key_padding_mask)
+            attn_mask = _in_dtype_of(query, attn_mask)
             dead, key_padding_mask, attn_mask = _open_dead_rows(
                 m, query, key, key_padding_mask, attn_mask
             )
@@ -106,6 +108,23 @@ def _attention_forward(m: nn.MultiheadAttention) -> Any:
         return out, weights if need_weights else None
 
     return forward
+
+
+def _in_dtype_of(query: Tensor, mask: Tensor | None) -> Tensor | None:
+    r"""Returns a floating-point mask in the query's dtype, which the explicit softmax
+    needs: torch's path without weights adds a wider mask (float32 to a float16 query) as
+    it is. A finite value that the cast would make infinite (-1e9 in float16) would turn
+    a row that torch attends uniformly into a dead one: not vectorized."""
+
+    if mask is None or not mask.is_floating_point() or mask.dtype == query.dtype:
+        return mask
+    cast = mask.to(query.dtype)
+    if not torch.equal(cast.isinf(), mask.isinf()):
+        raise NotImplementedError(
+            f"a {mask.dtype} attention mask whose finite values overflow the query's "
+            f"{query.dtype} is not vectorized"
+        )
+    return cast
 
 
 def _open_dead_rows(
@@ -134,7 +153,7 @@ def _open_dead_rows(
             return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                 mask, -math.inf
             )
-        return mask.to(query.dtype)
+        return mask
 
     total = torch.zeros(b, heads, length, source, dtype=query.dtype, device=query.device)
     if key_padding_mask is not None:

@@ -356,3 +356,29 @@ def test_attention_rows_dead_in_some_heads_only_fall_back(gen):
     with pytest.warns(bf.VmapFallbackWarning, match="some heads only"):
         out = bf.vmap_call(mha, params, x, fn=fn)
     torch.testing.assert_close(out, bf.loop_call(mha, params, x, fn=fn), rtol=0, atol=0)
+
+
+def test_attention_float_mask_wider_than_a_half_precision_query(gen):
+    # torch's path without weights adds a float32 mask to a half-precision query as it is;
+    # the explicit softmax needs it in the query's dtype. In bfloat16 the cast keeps -1e9
+    # finite: vectorized, the loop's numbers up to bfloat16 rounding. In float16 it makes
+    # -1e9 -inf, which would turn the uniformly attended row 1 into a dead one (zero
+    # attention, 2.5 away from the loop): not vectorized, the loop's numbers exactly.
+    mask = torch.zeros(4, 4, dtype=torch.float32)
+    mask[1] = -1e9  # every key: torch attends this row uniformly
+    mask[2, :2] = -1e9
+    fn = lambda m, x: m(x, x, x, attn_mask=mask, need_weights=False)[0]
+    for dtype in (torch.bfloat16, torch.float16):
+        mha = torch.nn.MultiheadAttention(8, 2, batch_first=True).to(dtype)
+        x = torch.randn(2, 4, 8, generator=gen(1)).to(dtype)
+        params = bf.sample(bf.init(mha, -2.0), 3, generator=gen(0))
+        ref = bf.loop_call(mha, params, x, fn=fn)
+        assert torch.isfinite(ref).all() and ref[:, :, 1].abs().amax() > 0.1
+        assert not torch.allclose(ref[0], ref[1])
+        if dtype == torch.bfloat16:
+            out = bf.vmap_call(mha, params, x, fn=fn, fallback=False)
+            torch.testing.assert_close(out, ref, rtol=0.02, atol=0.02)
+        else:
+            with pytest.warns(bf.VmapFallbackWarning, match="overflow the query's"):
+                out = bf.vmap_call(mha, params, x, fn=fn)
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
