@@ -20,9 +20,17 @@ from torch.distributions import (
     Uniform,
 )
 
+from ._caches import PerObject
 from ._checks import check_generator, check_module
 from ._engine import count, run
 from ._options import call_options
+from ._structure import Structure, structure
+
+# The contexts each flow was seen to take, while its structure stays the same: the check
+# of a context depends only on the two, and runs the flow's networks (a MAF's, once per
+# feature).
+_CONTEXTS: PerObject[tuple[Structure, set[tuple]]] = PerObject()
+_MAX_CONTEXTS = 64
 
 
 def _gaussian(where: str, d: Distribution) -> tuple[Tensor, Tensor, bool]:
@@ -168,14 +176,22 @@ def flow_sample(
     n = count(flow, params, opts)
 
     # The shapes, outside vmap: lazy flows build their transforms only when evaluated.
-    # A flow's networks run only once its transform is called: once here, in the direction
-    # of sampling (for the cost of one sample), on the base mean, so that a missing or
-    # ill-shaped context raises before any draw.
+    # A flow's networks run only once its transform is called: here, in the direction of
+    # sampling (for the cost of one sample), on the base mean, so that a missing or
+    # ill-shaped context raises before any draw; once per flow structure and context.
+    st = structure(flow)
+    seen = _CONTEXTS.get(flow)
+    if seen is None or seen[0] is not st:
+        seen = _CONTEXTS.put(flow, (st, set()))
+    context = None if c is None else (tuple(c.shape), c.dtype, c.device)
     with torch.no_grad():
         try:
             d = flow() if c is None else flow(c)
-            if _is_flow(d):
+            if _is_flow(d) and context not in seen[1]:
                 d.transform.inv(d.base.mean)
+                if len(seen[1]) >= _MAX_CONTEXTS:
+                    seen[1].clear()
+                seen[1].add(context)
         except (RuntimeError, AttributeError, TypeError, ValueError) as e:
             cause = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
             if c is None:

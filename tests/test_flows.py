@@ -461,6 +461,30 @@ def test_flow_sample_says_a_conditional_flow_needs_a_context(build, gen):
     assert bf.flow_sample(flow, params, torch.randn(3), (5,), generator=g).shape == (3, 5, 2)
 
 
+def test_flow_sample_checks_each_new_context_and_structure(gen):
+    # The check of a context runs once per flow structure and context shape: a context
+    # seen before is not checked again, a new one or a changed flow is.
+    flow = zuko.flows.MAF(2, 3)
+    params = bf.sample(bf.init(flow, init_logvar=-4.0), 3, generator=gen(0))
+    assert bf.flow_sample(flow, params, torch.randn(3), (5,), generator=gen(1)).shape == (3, 5, 2)
+    g = gen(2)
+    before = g.get_state()
+    with pytest.raises(ValueError, match=r"flow_sample: expected a context c .* got shape \(4,\)"):
+        bf.flow_sample(flow, params, torch.randn(4), (5,), generator=g)
+    assert torch.equal(g.get_state(), before)
+
+    flow.transform = zuko.flows.MAF(2, 4).transform  # now 4 context features
+    params = bf.sample(bf.init(flow, init_logvar=-4.0), 3, generator=gen(0))
+    with pytest.raises(ValueError, match=r"flow_sample: expected a context c .* got shape \(3,\)"):
+        bf.flow_sample(flow, params, torch.randn(3), (5,), generator=g)
+    assert torch.equal(g.get_state(), before)
+    c = torch.randn(4)
+    x = bf.flow_sample(flow, params, c, (5,), generator=gen(1))
+    ref = bf.flow_sample(flow, params, c, (5,), generator=gen(1), vectorized=False)
+    assert x.shape == (3, 5, 2) and torch.allclose(x, ref, atol=1e-10)
+    assert not torch.allclose(x[0], x[1])
+
+
 def test_flow_sample_without_context_on_an_unconditional_flow(gen):
     flow = zuko.flows.MAF(2)
     params = bf.sample(bf.init(flow, init_logvar=-4.0), 3, generator=gen(0))
