@@ -4,6 +4,7 @@ check and the reduced sweep, every file in one folder."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -44,7 +45,11 @@ def test_gpu_check_rehearsal(tmp_path):
     env_log = (tmp_path / "cpu-rehearsal-env.txt").read_text()
     assert "zuko from zuko-" in env_log and "/site/zuko/__init__.py" in env_log  # the wheel
     assert f"bayesflow {bayesflow.__version__} from {ROOT}/bayesflow/" in env_log
-    assert env_log.count("max relative error 0.0e+00") == 4
+    # The CPU against itself: the same numbers up to rounding. Not always bit for bit: the
+    # first call runs all samples at once (and measures their footprint), a later one may
+    # run them one by one where a sample overflows a core's cache (a CNN at 512 KiB).
+    errors = re.findall(r"float64 cpu against cpu, .*: max relative error (\S+)", env_log)
+    assert len(errors) == 4 and all(float(e) <= 1e-14 for e in errors), errors
 
     tests = (tmp_path / "cpu-rehearsal-tests.txt").read_text()
     assert "nbformat is not installed (the test extra)" in tests  # skipped, and says why
