@@ -14,6 +14,7 @@ __all__ = [
 ]
 
 import copy
+import numbers
 import re
 
 from collections.abc import Callable, Mapping, Sequence
@@ -93,7 +94,7 @@ def _tied(module: nn.Module, inc: list[re.Pattern], exc: list[re.Pattern]) -> di
 
 
 def _logvar_value(where: str, name: str, value: object, like: Tensor) -> Tensor:
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
         raise TypeError(
             f"{where}: expected init_logvar for {name!r} to be a float or a tensor, "
             f"got {type(value).__name__}"

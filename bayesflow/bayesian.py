@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = ["BayesianModel"]
 
 import copy
+import numbers
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -84,7 +85,7 @@ class BayesianModel(nn.Module):
         self.logvars = nn.ParameterDict()
 
         named = dict(base.named_parameters())
-        plain = isinstance(init_logvar, (int, float)) and not isinstance(init_logvar, bool)
+        plain = isinstance(init_logvar, numbers.Real) and not isinstance(init_logvar, bool)
         for name, mean in q.mean.items():
             key = name.replace(".", "-")
             # zuko's very draw, `empty_like(param).normal_(init_logvar, 1e-3)`, in the same

@@ -3,6 +3,7 @@ r"""The bridge, against zuko.bayesian.BayesianModel as the oracle."""
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -65,6 +66,7 @@ LAYOUTS = {
     "float16": (lambda: nn.Linear(5, 8).half(), -3.3),
     "bfloat16": (lambda: nn.Linear(5, 8).bfloat16(), 0.1),
     "float32": (lambda: nn.Linear(5, 8).float(), 0.1),
+    "numpy-init": (lambda: nn.Linear(5, 8), np.float32(-2.5)),  # zuko takes any real
 }
 
 

@@ -2,6 +2,7 @@ r"""Posterior, init, sample, select and kl_divergence against closed forms and z
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -86,6 +87,8 @@ def test_init_logvar_forms():
         assert torch.all(by_dict.logvar[n] == -float(i))
         assert torch.all(by_fn.logvar[n] == (-1.0 if "bias" in n else -7.0))
     assert torch.equal(by_tensor.logvar["0.bias"], torch.arange(4.0))
+    for real in (np.float32(-2.5), np.int64(-2)):  # any real number, as zuko takes
+        assert torch.all(bf.init(net, real).logvar["0.bias"] == float(real))
 
 
 def test_sample_statistics():
