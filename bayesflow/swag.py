@@ -7,7 +7,7 @@ __all__ = ["SWAG"]
 
 import copy
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -166,8 +166,10 @@ class SWAG:
             A standalone copy of `module`, in the mode `module` is in.
 
         Raises:
-            ValueError: If `module` has BatchNorm layers and `data` is :py:`None`, or no
-                parameter set was collected.
+            ValueError: If `module` has BatchNorm layers and `data` is :py:`None` or holds
+                no batch, or no parameter set was collected.
+            TypeError: If `module` has BatchNorm layers and `data` is not an iterable of
+                batches.
         """
 
         where = "SWAG.mean_model"
@@ -181,12 +183,35 @@ class SWAG:
                 "(their running statistics must be recomputed for the mean weights), got None"
             )
 
+        if has_bn and (isinstance(data, Tensor) or not isinstance(data, Iterable)):
+            raise TypeError(
+                f"{where}: expected data to be an iterable of batches (a DataLoader, a list "
+                f"of (x, ...) tuples or of tensors), got {type(data).__name__}"
+                + ("; a single batch x goes in a list: [x]" if isinstance(data, Tensor) else "")
+            )
+
         new = copy.deepcopy(module)
         with torch.no_grad():
             for k, m in self.mean.items():
                 new.get_parameter(k).copy_(m)
         if has_bn:
-            torch.optim.swa_utils.update_bn(data, new)
+            batches = 0
+
+            def counted() -> Iterator[Any]:
+                nonlocal batches
+                for batch in data:
+                    batches += 1
+                    yield batch
+
+            modes = [(m, m.training) for m in new.modules()]
+            torch.optim.swa_utils.update_bn(counted(), new)
+            for m, training in modes:  # update_bn sets every submodule to the top's mode
+                m.training = training
+            if batches == 0:  # update_bn reset the statistics and averaged nothing
+                raise ValueError(
+                    f"{where}: expected data to hold at least one batch (an iterator already "
+                    "consumed holds none), got an empty iterable"
+                )
         return new
 
     def state_dict(self) -> dict[str, Any]:

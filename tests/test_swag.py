@@ -143,6 +143,35 @@ def test_mean_model_refreshes_batchnorm_statistics_for_the_mean_weights():
     assert torch.equal(plain_swag.mean_model(plain)[0].weight, plain_swag.mean["0.weight"])
 
 
+def test_mean_model_keeps_every_submodule_mode_and_refuses_data_without_batches():
+    # torch's update_bn sets every submodule to the top module's mode, and on no batch at
+    # all leaves the statistics reset (mean 0, var 1): a copy that predicts otherwise.
+    module = bn_net()
+    swag = bf.SWAG(module)
+    x, _ = train(module, swag)
+    module.train()
+    module[1].eval()  # a frozen BatchNorm in a training net
+    modes = [m.training for m in module.modules()]
+    before = snapshot(module)
+
+    mean_net = swag.mean_model(module, [(x,)])
+    assert [m.training for m in mean_net.modules()] == modes
+    assert unchanged(module, before)
+
+    batches = iter([(x,)])
+    next(batches)  # consumed
+    for data in ([], batches):
+        with pytest.raises(ValueError, match=r"SWAG\.mean_model: expected data to hold at least"):
+            swag.mean_model(module, data)
+    with pytest.raises(
+        TypeError, match=r"SWAG\.mean_model: expected data to be an iterable.*\[x\]"
+    ):
+        swag.mean_model(module, x)
+    with pytest.raises(TypeError, match=r"SWAG\.mean_model: expected data to be an iterable"):
+        swag.mean_model(module, 5)
+    assert unchanged(module, before)
+
+
 def test_state_dict_round_trip_and_resumed_collection():
     module = net()
     swag = bf.SWAG(module)
