@@ -21,6 +21,7 @@ __all__ = [
     "in_func_transform",
     "is_compiling",
     "is_wrapped",
+    "keep_lazy_cuda_seed",
     "load_jvp_decompositions",
     "no_saved_tensors_hooks",
     "saved_tensors_hooks_active",
@@ -64,6 +65,30 @@ InstanceNorm = nn.modules.instancenorm._InstanceNorm
 StopRecomputation = torch.utils.checkpoint._StopRecomputationError
 HookWeightNorm = _HookWeightNorm
 HookSpectralNorm = _HookSpectralNorm
+
+
+@contextmanager
+def keep_lazy_cuda_seed() -> Iterator[None]:
+    r"""Puts back the CUDA seed that :func:`torch.manual_seed` queues while CUDA is not
+    initialized (applied when it is): :func:`torch.random.fork_rng` restores the states of
+    initialized devices only."""
+
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
+    fields = ("manual_seed_all_cb", "manual_seed_cb", "call_order")
+    if (
+        tracker is None
+        or torch.cuda.is_initialized()
+        or not all(hasattr(tracker, f) for f in fields)
+    ):
+        yield
+        return
+    saved = [getattr(tracker, f) for f in fields]
+    try:
+        yield
+    finally:
+        if not torch.cuda.is_initialized():
+            for f, v in zip(fields, saved, strict=True):
+                setattr(tracker, f, v)
 
 
 def weight_hooks(module: nn.Module) -> list[Any]:

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._checks import check_callable, check_generator, check_int, check_members
+from ._compat import keep_lazy_cuda_seed
 
 
 class Ensemble(NamedTuple):
@@ -103,7 +104,7 @@ def ensemble(
         members = []
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         for seed in seeds:
-            with torch.random.fork_rng(devices=devices):
+            with keep_lazy_cuda_seed(), torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
                 member = make_module()
             if not isinstance(member, nn.Module):

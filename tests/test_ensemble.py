@@ -145,9 +145,16 @@ def test_a_failed_call_leaves_the_members_buffers_as_found(gen):
 
 def test_ensemble_seeds_and_global_state(gen):
     state = torch.random.get_rng_state()
+    # Before CUDA starts, torch.manual_seed queues the seed it will get: each member's seed
+    # must not stay queued in place of the user's (on a CPU-only build too).
+    tracker = torch.cuda._lazy_seed_tracker
+    torch.cuda.manual_seed_all(11)
+    queued = list(tracker.get_calls())
     a = bf.ensemble(make_net, K, generator=gen(3))
     b = bf.ensemble(make_net, K, generator=gen(3))
     assert torch.equal(torch.random.get_rng_state(), state)  # the global state is untouched
+    if not torch.cuda.is_initialized():
+        assert tracker.get_calls() == queued
     assert a.seeds == b.seeds and len(set(a.seeds)) == K
     for name, p in a.params.items():
         assert p.is_leaf and p.requires_grad and p.shape[0] == K
