@@ -361,7 +361,8 @@ class LocalPlan:
                 self.covered[name] = names
 
         self.module = module
-        self.key = (flipout, per_position, tuple(self.layers))
+        # What the layout recorded depends on which of their tensors the posterior holds.
+        self.key = (flipout, per_position, tuple(self.covered.items()))
         self._moments = None
         if not lazy:
             spreads = self._spreads([n for names in self.covered.values() for n in names])

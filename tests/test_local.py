@@ -546,3 +546,25 @@ def test_shared_weights_keep_the_law_of_a_weight_sample(name, flipout, per_posit
     assert _agree(_joint(y), _joint(exact))
     assert _agree(_across(y), _across(exact))  # one weight sample for the whole call
     assert not torch.allclose(y[0], y[1])  # the posterior noise was used
+
+
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+def test_layout_recorded_for_one_posterior_is_not_reused_for_another(flipout, gen):
+    # The recorded layout (which layers run whole, the Flipout draws) depends on the tensors
+    # the posterior holds: one over the weights only once served one over weights and
+    # biases, whose bias read outside its layer then missed the sample (output variance
+    # 3.6 where sampling the weights gives 6.6), and the same generator gave other numbers.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    fn = lambda m, x: m[2](m[1](m[0](x))) + m[2].bias
+    x = torch.randn(2, 3)
+    q_weights = bf.init(net, init_logvar=-2.0, exclude=["**.bias"])
+    q = bf.init(net, init_logvar=0.0)
+
+    bf.clear_caches()
+    fresh = bf.local_call(net, q, 3, x, fn=fn, generator=gen(2), flipout=flipout)
+    bf.clear_caches()
+    bf.local_call(net, q_weights, 3, x, fn=fn, generator=gen(1), flipout=flipout)
+    again = bf.local_call(net, q, 3, x, fn=fn, generator=gen(2), flipout=flipout)
+    assert torch.equal(again, fresh)
+    assert not torch.allclose(again[0], again[1])
