@@ -63,6 +63,12 @@ def _entropy(posterior: Posterior) -> Tensor:
     return torch.as_tensor(h)
 
 
+def _sum_per_sample(x: Tensor) -> Tensor:
+    r"""Sums `(n, *shape)` over all but the first dim; a scalar parameter's `(n,)` as it is."""
+
+    return x if x.dim() == 1 else x.flatten(1).sum(1)
+
+
 class Prior:
     r"""A prior :math:`p(\theta)` over named parameters.
 
@@ -266,7 +272,7 @@ class GaussianPrior(Prior):
             s2 = _lookup(self.var, name, theta)
             log_s2 = torch.log(s2) if isinstance(s2, Tensor) else math.log(s2)
             x = -0.5 * ((theta - m).square() / s2 + log_s2 + LOG_2PI)
-            lp = lp + x.expand_as(theta).flatten(1).sum(1)
+            lp = lp + _sum_per_sample(x.expand_as(theta))
         return torch.as_tensor(lp)
 
     def _closed_kl(self, where: str, posterior: Posterior) -> Tensor:
@@ -341,7 +347,7 @@ class ScaleMixturePrior(Prior):
         for theta in params.values():
             x2 = theta.to(accumulator(theta)).square()  # half precision: in float32
             x = torch.logaddexp(a - 0.5 * x2 / self.var1, b - 0.5 * x2 / self.var2)
-            lp = lp + x.flatten(1).sum(1)
+            lp = lp + _sum_per_sample(x)
         return torch.as_tensor(lp)
 
 

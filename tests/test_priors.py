@@ -301,3 +301,35 @@ def test_a_tensor_prior_of_a_half_precision_posterior_is_not_rounded(dtype):
         expected = _kl64(q, var)
         for prior in (as_tensor, GaussianPrior(0.0, var)):
             assert abs(prior.kl(q).item() - expected) <= 1e-5 * expected
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))  # a 0-dim parameter
+        self.lin = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def test_monte_carlo_kl_of_a_scalar_parameter(gen):
+    # A 0-dim parameter's samples are (n,): the Monte Carlo terms raised an IndexError.
+    q = bf.init(_Scaled(), init_logvar=-2.0)
+    n = 4000
+    gaussian = GaussianPrior(mean=0.3, var=0.5)
+    values = _mc_values(gaussian, q, n, seed=0)
+    mc = gaussian.kl(q, generator=gen(0), n=n)
+    assert torch.allclose(mc, values.mean())
+    assert (mc - gaussian.kl(q)).abs() <= 5 * values.std() / n**0.5
+    mixture = ScaleMixturePrior(0.5, 1.0, 0.01)
+    params = bf.sample(q, 3, generator=gen(1))
+    normal = lambda var, t: torch.distributions.Normal(0.0, var**0.5).log_prob(t)
+    expected = sum(
+        torch.logaddexp(math.log(0.5) + normal(1.0, t), math.log(0.5) + normal(0.01, t))
+        .reshape(3, -1)
+        .sum(1)
+        for t in params.values()
+    )
+    assert torch.allclose(mixture.log_prob(params), expected, rtol=1e-12)
+    assert mixture.kl(q, generator=gen(2), n=3).isfinite()
