@@ -242,7 +242,8 @@ class Tape(Noise):
         size = shape.numel()
         e = self.slab[self.pos : self.pos + size]
         self.pos += size
-        return e.view(shape)
+        # One slab in the first tensor's dtype: a layer of another takes its own.
+        return e.view(shape).to(dtype=like.dtype, device=like.device)
 
 
 class Cached(Noise):

@@ -568,3 +568,17 @@ def test_layout_recorded_for_one_posterior_is_not_reused_for_another(flipout, ge
     again = bf.local_call(net, q, 3, x, fn=fn, generator=gen(2), flipout=flipout)
     assert torch.equal(again, fresh)
     assert not torch.allclose(again[0], again[1])
+
+
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+def test_each_layer_takes_noise_in_its_own_dtype(flipout, gen):
+    # The noise is one slab in the first tensor's dtype: a float32 layer after a float64
+    # one took float64 noise, and the output came back float64 where vmap_call's is float32.
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2).float())
+    fn = lambda m, x: m[2](m[1](m[0](x)).float())
+    x = torch.randn(5, 3)
+    q = bf.init(net, init_logvar=-2.0)
+    out = bf.local_call(net, q, 4, x, fn=fn, generator=gen(0), flipout=flipout)
+    ref = bf.vmap_call(net, bf.sample(q, 4, generator=gen(0)), x, fn=fn)
+    assert out.dtype == ref.dtype == torch.float32
+    assert not torch.allclose(out[0], out[1])
