@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _posterior
+from ._buffers import State
 from ._checks import (
     check_generator,
     check_in_dims,
@@ -161,6 +162,8 @@ def _nelbo(
             f"got {estimator!r}"
         )
     opts = call_options(where, fn, chunk_size, True, in_dims, randomness, vectorized, max_memory)
+    # The buffers as found: an fn whose output is refused leaves them so.
+    state = State(structure(module)) if any(True for _ in module.buffers()) else None
 
     if estimator == "weights":
         # The samples must fit the module before the draw: a failed call draws nothing.
@@ -181,6 +184,8 @@ def _nelbo(
         )
 
     if not isinstance(ll, Tensor) or ll.dim() == 0 or ll.shape[0] != n:
+        if state is not None:
+            state.restore()
         shape = tuple(ll.shape) if isinstance(ll, Tensor) else type(ll).__name__
         raise ValueError(
             f"{where}: expected fn to return per-datum log-likelihoods, a tensor per sample, "

@@ -302,3 +302,20 @@ def test_a_kl_weight_of_one_element_gives_a_scalar_loss():
         out = loss(weight)
         assert out.shape == () and torch.equal(out, loss(0.5))
     assert torch.allclose(loss(1.0) - loss(0.0), bf.kl_divergence(q) / 10, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["weights", "local", "flipout"])
+def test_an_output_refused_leaves_the_buffers_as_found(estimator):
+    # The output is checked after the forward passes, which update a train-mode
+    # BatchNorm's running statistics: a refused output left them updated.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    q = bf.init(net, init_logvar=-2.0)
+    x = torch.randn(8, 3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="nelbo: expected fn to return per-datum"):
+        bf.nelbo(net, q, x, fn=lambda m, x: (m(x).squeeze(-1),), num_data=10, estimator=estimator)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    # The same call with a per-datum output does update them.
+    bf.nelbo(net, q, x, fn=lambda m, x: m(x).squeeze(-1), num_data=10, estimator=estimator)
+    assert not torch.equal(net[1].running_mean, before["1.running_mean"])
