@@ -406,6 +406,10 @@ class IVON(torch.optim.Optimizer):
         """
 
         where = "IVON.step"
+        if closure is not None and not callable(closure):
+            raise TypeError(
+                f"{where}: expected closure to be a callable or None, got {type(closure).__name__}"
+            )
         self._check_linked(where)
         loss = None
         if closure is not None:

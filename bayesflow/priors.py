@@ -63,6 +63,14 @@ def _entropy(posterior: Posterior) -> Tensor:
     return torch.as_tensor(h)
 
 
+def _check_params(where: str, params: object) -> None:
+    if not isinstance(params, Mapping) or not all(isinstance(t, Tensor) for t in params.values()):
+        raise TypeError(
+            f"{where}: expected parameter sets {{name: (n, *shape) tensor}}, as "
+            f"bayesflow.sample gives, got {type(params).__name__}"
+        )
+
+
 def _sum_per_sample(x: Tensor) -> Tensor:
     r"""Sums `(n, *shape)` over all but the first dim; a scalar parameter's `(n,)` as it is."""
 
@@ -258,6 +266,7 @@ class GaussianPrior(Prior):
                     check_broadcasts(where, f"the prior {what} of {name!r}", v, m.shape)
 
     def log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
+        _check_params("GaussianPrior.log_prob", params)
         for what, value in (("mean", self.mean), ("var", self.var)):
             if isinstance(value, Mapping) and not params.keys() <= value.keys():
                 raise ValueError(
@@ -340,6 +349,7 @@ class ScaleMixturePrior(Prior):
         return f"ScaleMixturePrior(pi={self.pi}, var1={self.var1}, var2={self.var2})"
 
     def log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
+        _check_params("ScaleMixturePrior.log_prob", params)
         a = math.log(self.pi) - 0.5 * (math.log(self.var1) + LOG_2PI)
         b = math.log1p(-self.pi) - 0.5 * (math.log(self.var2) + LOG_2PI)
 

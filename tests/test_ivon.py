@@ -467,6 +467,8 @@ def test_bad_calls(gen):
 
     with pytest.raises(RuntimeError, match=r"IVON\.step: expected gradients of the samples drawn"):
         opt.step()
+    with pytest.raises(TypeError, match=r"IVON\.step: expected closure to be a callable or None"):
+        opt.step(1)
     opt.sample(2, generator=gen(0))
     with pytest.raises(RuntimeError, match=r"IVON\.step: expected gradients"):
         opt.step()  # no backward

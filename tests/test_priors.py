@@ -182,6 +182,11 @@ def test_errors():
         GaussianPrior(float("nan"))
     with pytest.raises(TypeError, match="GaussianPrior: expected mean to be a float"):
         GaussianPrior("0")
+    theta = torch.zeros(2, 3)  # a tensor where parameter sets {name: tensor} go
+    with pytest.raises(TypeError, match=r"GaussianPrior\.log_prob: expected parameter sets"):
+        GaussianPrior().log_prob(theta)
+    with pytest.raises(TypeError, match=r"ScaleMixturePrior\.log_prob: expected parameter sets"):
+        ScaleMixturePrior(0.5, 1.0, 0.01).log_prob(theta)
     with pytest.raises(ValueError, match=r"GaussianPrior.kl: expected the prior mean to name"):
         GaussianPrior({"0.weight": 0.0}).kl(q)
     with pytest.raises(
