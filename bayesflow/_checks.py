@@ -416,11 +416,20 @@ def check_labels(where: str, labels: object, shape: torch.Size, classes: int) ->
         raise TypeError(f"{where}: expected integer labels, got {y.dtype}")
     if y.shape != shape:
         raise ValueError(f"{where}: expected labels of shape {tuple(shape)}, got {tuple(y.shape)}")
-    if y.numel() > 0 and (y.min() < 0 or y.max() >= classes):
-        raise ValueError(
-            f"{where}: expected labels in [0, {classes - 1}], got values in "
-            f"[{int(y.min())}, {int(y.max())}]"
-        )
+    # As int64, which gather indexes with, and which compares and reduces (torch does
+    # neither for uint16, uint32 and uint64): uint64 labels of 2**63 and more wrap to
+    # negative, refused below as the values they were.
+    dtype, y = y.dtype, y.long()
+    if y.numel() > 0:
+        lo, hi = (int(v) for v in y.aminmax())
+        if lo < 0 or hi >= classes:
+            if dtype == torch.uint64 and lo < 0:
+                small = y[y >= 0]
+                hi = int(y[y < 0].max()) + 2**64
+                lo = int(small.min()) if small.numel() > 0 else int(y.min()) + 2**64
+            raise ValueError(
+                f"{where}: expected labels in [0, {classes - 1}], got values in [{lo}, {hi}]"
+            )
     return y
 
 
@@ -465,11 +474,22 @@ def check_probs(where: str, probs: object) -> Tensor:
 
 
 def check_level(where: str, level: object) -> float:
-    if isinstance(level, bool) or not isinstance(level, (int, float)):
-        raise TypeError(f"{where}: expected level to be a float, got {type(level).__name__}")
-    if not 0 < level < 1:
-        raise ValueError(f"{where}: expected level in (0, 1), got {level}")
-    return float(level)
+    r"""Returns `level` as a float in :math:`(0, 1)`: any real number (Python, NumPy) or a
+    tensor of one real element is accepted, bools are not, as in :func:`check_number`."""
+
+    expected = f"{where}: expected level to be a float (a real number or a tensor of one element)"
+    value = level
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{expected}, got a tensor of shape {tuple(value.shape)}")
+        value = value.detach().item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        got = f"{level.dtype} tensor" if isinstance(level, Tensor) else type(level).__name__
+        raise TypeError(f"{expected}, got {got}")
+    value = float(value)
+    if not 0 < value < 1:
+        raise ValueError(f"{where}: expected level in (0, 1), got {value}")
+    return value
 
 
 def check_same_shape(where: str, **tensors: Tensor) -> None:

@@ -84,7 +84,7 @@ def categorical_nll(probs: Tensor, labels: Tensor, reduction: str = "mean") -> T
     Arguments:
         probs: Probabilities that sum to 1 on the last dim, with shape `(*, C)`, e.g. from
             :func:`mean_probs`.
-        labels: Integer labels in :math:`[0, C)`, with shape `(*)`.
+        labels: Integer labels in :math:`[0, C)`, of any integer dtype, with shape `(*)`.
         reduction: `'mean'` or `'sum'` over the observations, or `'none'`.
 
     Returns:
@@ -124,7 +124,7 @@ def calibration_curve(probs: Tensor, labels: Tensor, bins: int = 15) -> Calibrat
 
     Arguments:
         probs: Probabilities that sum to 1 on the last dim, with shape `(*, C)`.
-        labels: Integer labels in :math:`[0, C)`, with shape `(*)`.
+        labels: Integer labels in :math:`[0, C)`, of any integer dtype, with shape `(*)`.
         bins: The number of bins `B >= 1`.
 
     Returns:
@@ -182,7 +182,7 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) ->
     Arguments:
         probs: Probabilities that sum to 1 on the last dim, with shape `(*, C)`, e.g. from
             :func:`mean_probs`.
-        labels: Integer labels in :math:`[0, C)`, with shape `(*)`.
+        labels: Integer labels in :math:`[0, C)`, of any integer dtype, with shape `(*)`.
         bins: The number of bins `B >= 1`.
 
     Returns:
@@ -207,6 +207,9 @@ def interval_coverage(lower: Tensor, upper: Tensor, y: Tensor) -> Tensor:
     :func:`predictive_interval`), it is about `level`, within a standard error of
     :math:`\sqrt{\mathrm{level} (1 - \mathrm{level}) / N}`.
 
+    A NaN bound or observation (e.g. the interval of an output whose samples include a
+    NaN, from :func:`summarize`) is an error, not a miss.
+
     Example:
         >>> lower, upper = torch.tensor([0.0, 0.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])
         >>> interval_coverage(lower, upper, torch.tensor([0.5, 1.0, 1.5, -0.1]))
@@ -227,6 +230,13 @@ def interval_coverage(lower: Tensor, upper: Tensor, y: Tensor) -> Tensor:
     check_same_shape(where, lower=lower, upper=upper, y=y)
     if y.numel() == 0:
         raise ValueError(f"{where}: expected at least one observation, got none")
+    # A NaN compares false: it would count as a miss, and pass the check below.
+    for name, t in (("lower", lower), ("upper", upper), ("y", y)):
+        if t.isnan().any():
+            raise ValueError(
+                f"{where}: expected {name} without NaN, got {int(t.isnan().sum())} NaN among "
+                f"{t.numel()} values"
+            )
     if (lower > upper).any():
         raise ValueError(f"{where}: expected lower <= upper, got lower > upper somewhere")
 

@@ -25,8 +25,6 @@ __all__ = [
     "summarize",
 ]
 
-import numbers
-
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -111,6 +109,18 @@ def _quantiles(x: Tensor, q: Tensor) -> Tensor:
     return out.masked_fill(nan, float("nan")) if nan.any() else out
 
 
+def _has_bools(q: object) -> bool:
+    # torch.as_tensor takes True for 1.0: a probability no one meant.
+    if isinstance(q, bool):
+        return True
+    dtype = getattr(q, "dtype", None)  # tensors, NumPy arrays and scalars
+    if dtype is not None:
+        return dtype == torch.bool or getattr(dtype, "kind", None) == "b"
+    if isinstance(q, Sequence) and not isinstance(q, (str, bytes)):
+        return any(_has_bools(v) for v in q)
+    return False
+
+
 def predictive_quantiles(samples: Tensor, q: float | Sequence[float] | Tensor) -> Tensor:
     r"""Returns quantiles of the predictive distribution over the sample dim.
 
@@ -127,7 +137,8 @@ def predictive_quantiles(samples: Tensor, q: float | Sequence[float] | Tensor) -
 
     Arguments:
         samples: Predictions, with shape `(K, *)`.
-        q: The probabilities, in :math:`[0, 1]`: a float or a 1-d sequence of `Q` floats.
+        q: The probabilities, in :math:`[0, 1]`: a float (or a 0-d tensor or array) or a
+            1-d sequence of `Q` floats; not bools.
 
     Returns:
         The quantiles, with shape `(*)` if `q` is a float, else `(Q, *)`.
@@ -136,14 +147,17 @@ def predictive_quantiles(samples: Tensor, q: float | Sequence[float] | Tensor) -
     where = "predictive_quantiles"
     x = check_samples(where, samples)
 
-    scalar = isinstance(q, numbers.Real) and not isinstance(q, bool)
+    if _has_bools(q):
+        raise TypeError(
+            f"{where}: expected q to be a float or a sequence of floats, got bools in {q!r}"
+        )
     try:
         qs = torch.as_tensor(q, dtype=torch.float64, device=x.device)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(
             f"{where}: expected q to be a float or a sequence of floats, got {q!r}"
         ) from None
-    if qs.dim() > 1 or (qs.dim() == 0 and not scalar and not isinstance(q, Tensor)):
+    if qs.dim() > 1:
         raise ValueError(f"{where}: expected q to be a float or 1-d, got shape {tuple(qs.shape)}")
     if qs.numel() == 0:
         raise ValueError(f"{where}: expected at least one probability in q, got none")
@@ -168,7 +182,8 @@ def predictive_interval(samples: Tensor, level: float = 0.9) -> tuple[Tensor, Te
 
     Arguments:
         samples: Predictions, with shape `(K, *)`.
-        level: The probability mass inside the interval, in :math:`(0, 1)`.
+        level: The probability mass inside the interval, in :math:`(0, 1)`: a real number
+            (Python or NumPy) or a tensor of one element.
 
     Returns:
         The lower and upper bounds, each with shape `(*)`.
@@ -215,7 +230,8 @@ def summarize(samples: Tensor, level: float = 0.9) -> Summary:
 
     Arguments:
         samples: Predictions, with shape `(K, *)`, `K >= 2`.
-        level: The probability mass inside the interval, in :math:`(0, 1)`.
+        level: The probability mass inside the interval, in :math:`(0, 1)`: a real number
+            (Python or NumPy) or a tensor of one element.
 
     Returns:
         A :class:`Summary` of tensors with shape `(*)`; `std` is the unbiased one. Where
@@ -323,7 +339,7 @@ def log_mean_probs(logits: Tensor) -> Tensor:
             `(K, *batch, C)` (at least one batch dim).
 
     Returns:
-        The log-probabilities, with shape `(*batch, C)`.
+        The log-probabilities, at most 0, with shape `(*batch, C)`.
     """
 
     return log_mean_exp(_log_softmax("log_mean_probs", logits))
@@ -343,7 +359,8 @@ def mean_probs(logits: Tensor) -> Tensor:
             `(K, *batch, C)` (at least one batch dim).
 
     Returns:
-        The probabilities, with shape `(*batch, C)`.
+        The probabilities, in :math:`[0, 1]` (as the metrics require), with shape
+        `(*batch, C)`.
     """
 
     return log_mean_exp(_log_softmax("mean_probs", logits)).exp()

@@ -241,3 +241,63 @@ def test_half_precision_probabilities_pass_as_they_are_and_cast_up(dtype, gen):
     bad = half.float() * 0.95  # off by 5%: not a rounding of the half-precision values
     with pytest.raises(ValueError, match="expected probabilities that sum to 1"):
         bf.categorical_nll(bad, labels)
+
+
+def test_interval_coverage_refuses_nan(gen):
+    # One diverged sample of output 1: its interval is NaN, which compared false (a miss)
+    # and passed the lower <= upper check.
+    samples = torch.randn(256, 4, generator=gen(0))
+    samples[5, 1] = math.nan
+    s = bf.summarize(samples, level=0.9)
+    y = torch.zeros(4)
+    with pytest.raises(ValueError, match="interval_coverage: expected lower without NaN"):
+        bf.interval_coverage(s.lower, s.upper, y)
+
+    lower, upper, y = torch.zeros(3), torch.ones(3), torch.full((3,), 0.5)
+    nan = torch.tensor([0.0, math.nan, 0.0])
+    for name, args in (
+        ("lower", (lower + nan, upper, y)),
+        ("upper", (lower, upper + nan, y)),
+        ("y", (lower, upper, y + nan)),
+    ):
+        with pytest.raises(ValueError, match=f"interval_coverage: expected {name} without NaN"):
+            bf.interval_coverage(*args)
+    assert bf.interval_coverage(lower - math.inf, upper + math.inf, y) == 1.0
+
+
+INTEGERS = [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32]
+INTEGERS += [torch.int64, torch.uint64]
+
+
+@pytest.mark.parametrize("dtype", INTEGERS, ids=lambda d: str(d)[6:])
+def test_every_integer_label_dtype_gives_the_int64_result(dtype, gen):
+    probs = torch.randn(50, 4, generator=gen(0)).mul(2).softmax(dim=-1)
+    labels = torch.randint(4, (50,), generator=gen(1))
+    ours = labels.to(dtype)
+
+    nll = bf.categorical_nll(probs, ours, reduction="none")
+    oracle = -probs.double()[torch.arange(50), labels].log()
+    assert torch.allclose(nll.double(), oracle, rtol=4 * torch.finfo(probs.dtype).eps)
+    assert torch.equal(nll, bf.categorical_nll(probs, labels, reduction="none"))
+    ece = bf.expected_calibration_error(probs, ours, bins=7)
+    assert math.isclose(float(ece), _ece_float64(probs, labels, 7), abs_tol=1e-6)
+    curves = bf.calibration_curve(probs, ours), bf.calibration_curve(probs, labels)
+    assert all(torch.equal(a, b) for a, b in zip(*curves, strict=True))
+
+    with pytest.raises(
+        ValueError, match=r"categorical_nll: expected labels in \[0, 3\], got .* 4\]"
+    ):
+        bf.categorical_nll(
+            probs, labels.clamp(max=3).index_fill(0, torch.tensor([7]), 4).to(dtype)
+        )
+
+
+def test_labels_beyond_int64_are_refused_as_they_are():
+    probs = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+    big = torch.tensor([0, 2**63 + 5], dtype=torch.uint64)  # -9223372036854775803 as int64
+    with pytest.raises(ValueError, match=rf"got values in \[0, {2**63 + 5}\]"):
+        bf.categorical_nll(probs, big)
+    with pytest.raises(ValueError, match=rf"got values in \[{2**63 + 5}, {2**64 - 1}\]"):
+        bf.expected_calibration_error(
+            probs, torch.tensor([2**64 - 1, 2**63 + 5], dtype=torch.uint64)
+        )

@@ -356,3 +356,67 @@ def test_a_class_impossible_in_every_sample_has_zero_gradients():
         (yb.masked_fill(yb <= -1e4 + 1e-9, 0) * weights).sum().backward()
         assert torch.isfinite(a.grad).all()
         assert torch.allclose(a.grad, b.grad, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [7, 47, 49])
+def test_confident_classifiers_give_probabilities_of_at_most_one(k, dtype, gen):
+    # A float32 logsumexp of K = 7 equal values is 1 ulp above the correctly rounded
+    # log 7: probabilities of 1 + 1e-7, which the metrics then refused.
+    z = torch.randn(k, 256, 10, generator=gen(k))
+    z[..., 0] += 20 + 5 * torch.randn(1, 256, generator=gen(k + 1))
+    sure = torch.full((k, 1, 10), -100.0).index_fill_(-1, torch.tensor([0]), 0.0)
+    z = torch.cat([z, sure], dim=1).to(dtype)  # p = 1 exactly, in every sample
+    labels = torch.zeros(257, dtype=torch.long)
+    oracle = z.double().softmax(dim=-1).mean(dim=0)  # the exact mean of the same logits
+    eps = torch.finfo(dtype).eps
+
+    log_p, p = bf.log_mean_probs(z), bf.mean_probs(z)
+    s = bf.classification_summary(z)
+
+    assert (log_p <= 0).all() and (p <= 1).all() and (s.probs <= 1).all()
+    assert (bf.predictive_entropy(z) >= 0).all() and (s.predictive_entropy >= 0).all()
+    assert torch.equal(s.probs, p)
+    # Within a few units of rounding of log p (that of the logits' log-softmax, in p's).
+    bound = 4 * eps * (1 + oracle.log().abs())
+    assert ((log_p.double() - oracle.log()).abs() <= bound).all()
+    assert ((p.double() - oracle).abs() <= bound * oracle + torch.finfo(dtype).tiny).all()
+    bf.categorical_nll(p, labels)
+    bf.expected_calibration_error(p, labels)
+    bf.calibration_curve(s.probs, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [7, 47, 49])
+def test_mixture_of_identical_samples_is_each_of_them_exactly(k, dtype, gen):
+    lp = (torch.randn(300, generator=gen(0)) * 10).to(dtype)
+
+    assert torch.equal(bf.mixture_log_prob(lp.expand(k, 300)), lp)
+    z = lp.view(1, 3, 100).expand(k, 3, 100)
+    assert torch.equal(bf.log_mean_probs(z), z[0].log_softmax(dim=-1))
+
+
+def test_level_takes_any_real_number_and_q_no_bools():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(100, 3)
+    for level in (np.float32(0.9), np.float64(0.5), torch.tensor(0.8), torch.tensor([0.8])):
+        a = (1 - float(level)) / 2
+        q = torch.tensor([a, 1 - a], dtype=x.dtype)
+        lower, upper = bf.predictive_interval(x, level)
+        s = bf.summarize(x, level=level)
+        assert torch.allclose(torch.stack([lower, upper]), torch.quantile(x, q, dim=0))
+        assert torch.equal(s.lower, lower) and torch.equal(s.upper, upper)
+    assert torch.equal(bf.predictive_quantiles(x, np.array(0.3)), torch.quantile(x, 0.3, dim=0))
+
+    for where, f in (("predictive_interval", bf.predictive_interval), ("summarize", bf.summarize)):
+        for bad in (True, "0.9", torch.tensor(True), 0.5 + 0j, np.bool_(True)):
+            with pytest.raises(TypeError, match=f"{where}: expected level to be a float"):
+                f(x, bad)
+        with pytest.raises(ValueError, match=rf"{where}: expected level .* shape \(2,\)"):
+            f(x, torch.tensor([0.8, 0.9]))
+        for bad in (torch.tensor(1.0), np.float32(0.0), math.nan):
+            with pytest.raises(ValueError, match=rf"{where}: expected level in \(0, 1\)"):
+                f(x, bad)
+    for bad in (True, False, [0.5, True], torch.tensor([True, False]), np.array([True])):
+        with pytest.raises(TypeError, match="predictive_quantiles: expected q to be a float"):
+            bf.predictive_quantiles(x, bad)
