@@ -163,7 +163,8 @@ def _nelbo(
         )
     opts = call_options(where, fn, chunk_size, True, in_dims, randomness, vectorized, max_memory)
     # The buffers as found: an fn whose output is refused leaves them so.
-    state = State(structure(module)) if any(True for _ in module.buffers()) else None
+    st = structure(module)
+    state = State(st) if st.buffers else None
 
     if estimator == "weights":
         # The samples must fit the module before the draw: a failed call draws nothing.
