@@ -234,12 +234,13 @@ def _run(
             means = [tensors[i] for i in group.index]
             logvars = [tensors[t + i] for i in group.index]
         flat = _flat(means, logvars)
-        # Dual tensors of forward mode take the plain path too (the fused one writes `out=`).
-        fused = not traced and _check(where, _bounds(flat), group, names, means, logvars)
-        fused = fused and not dual
         p = None
         if prior is not None:
             p = prior([names[i] for i in group.index], group.shapes, group.dtype, group.device)
+        # Dual tensors of forward mode take the plain path too (the fused one writes `out=`),
+        # as does a prior variance with a gradient of its own (the fused node gives it none).
+        fused = not traced and _check(where, _bounds(flat), group, names, means, logvars)
+        fused = fused and not dual and not (p is not None and _learned(p.var))
         work.append((group, flat, fused, p))
 
     # Every check has passed: only now draw the noise, one call per group, in order.
@@ -328,7 +329,11 @@ def _kl(where: str, plan: _Plan, tensors: list[Tensor], prior: PriorMaker) -> Te
     return torch.zeros(()) if kl is None else kl
 
 
-def zero_mean_prior(var: float) -> PriorMaker:
+def _learned(var: float | Tensor) -> bool:
+    return isinstance(var, Tensor) and var.requires_grad
+
+
+def zero_mean_prior(var: float | Tensor) -> PriorMaker:
     r"""Returns the flat prior :math:`\mathcal{N}(0, s^2 I)` of every group."""
 
     return lambda names, shapes, dtype, device: FlatPrior(None, var)
@@ -336,6 +341,13 @@ def zero_mean_prior(var: float) -> PriorMaker:
 
 def kl_divergence(where: str, posterior: object, prior_var: object) -> Tensor:
     plan, tensors = _plan(where, posterior)
-    prior_var = check_number(where, "prior_var", prior_var, 0.0, strict=True)
+    value = check_number(where, "prior_var", prior_var, 0.0, strict=True)
+    # A learned prior variance (a tensor with a gradient, or one a torch.func transform
+    # or forward-mode AD differentiates) keeps its gradient: the KL is differentiable
+    # with respect to it too.
+    if isinstance(prior_var, Tensor) and (
+        prior_var.requires_grad or in_func_transform() or in_forward_ad()
+    ):
+        value = prior_var.reshape(())
 
-    return _kl(where, plan, tensors, zero_mean_prior(prior_var))
+    return _kl(where, plan, tensors, zero_mean_prior(value))

@@ -226,7 +226,8 @@ class BayesianModel(nn.Module):
         :math:`\mathcal{N}(0, \mathrm{prior\_var})`, as :func:`bayesflow.kl_divergence`.
 
         Arguments:
-            prior_var: The variance of the centred Gaussian prior.
+            prior_var: The variance of the centred Gaussian prior: a number, or a
+                one-element tensor; one that requires grad gets its gradient.
 
         Returns:
             A scalar tensor, differentiable with respect to :attr:`means` and :attr:`logvars`.

@@ -202,10 +202,12 @@ def kl_divergence(posterior: Posterior, prior_var: float = 1.0) -> Tensor:
 
     Arguments:
         posterior: The posterior :math:`q`.
-        prior_var: The prior variance :math:`s^2 > 0`.
+        prior_var: The prior variance :math:`s^2 > 0`: a number, or a one-element tensor;
+            one that requires grad (a learned prior variance) gets its gradient.
 
     Returns:
-        A scalar tensor (float32 or float64), differentiable with respect to `posterior`.
+        A scalar tensor (float32 or float64), differentiable with respect to `posterior`
+        (and to `prior_var` if it requires grad).
 
     Raises:
         ValueError: If a mean or log-variance holds NaN or infinite values.

@@ -305,6 +305,42 @@ def test_under_torch_func_grad(gen):
     assert torch.allclose(grad, expected, rtol=1e-12)
 
 
+# torch's forward mode loads its decompositions through torch.jit.script on first use.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_learned_prior_variance_gets_its_gradient(gen):
+    # kl_divergence(q, prior_var) with a tensor that requires grad (empirical Bayes) must
+    # give it the closed form's gradient, log term included; it was detached silently.
+    bnet = bf.BayesianModel(nn.Linear(3, 2), init_logvar=-2.0)
+    for q, kl_of in (
+        (posterior(), lambda q, s: bf.kl_divergence(q, prior_var=s)),
+        (bnet.posterior, lambda q, s: bnet.kl_divergence(s)),
+    ):
+        s, s_ref = torch.tensor(2.5, requires_grad=True), torch.tensor(2.5, requires_grad=True)
+        kl = kl_of(q, s)
+        size = sum(m.numel() for m in q.mean.values())
+        expected = formulas(q, torch.zeros(1, size), None, s_ref)[1]
+        assert torch.allclose(kl, expected, rtol=1e-12)
+        (g,) = torch.autograd.grad(kl, s, retain_graph=True)
+        (g_ref,) = torch.autograd.grad(expected, s_ref)
+        assert g.abs() > 1e-3 and torch.allclose(g, g_ref, rtol=1e-12)
+        # the posterior's gradients are those with a float prior variance of the same value
+        got = torch.autograd.grad(kl, leaves(q))
+        want = torch.autograd.grad(bf.kl_divergence(q, prior_var=2.5), leaves(q))
+        assert all(torch.allclose(a, b, rtol=1e-12) for a, b in zip(got, want, strict=True))
+
+    # through torch.func.grad and forward-mode AD as well
+    kl_of_s = lambda s: bf.kl_divergence(q, prior_var=s)  # noqa: E731
+    assert torch.allclose(torch.func.grad(kl_of_s)(torch.tensor(2.5)), g_ref, rtol=1e-12)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(torch.tensor(2.5), torch.tensor(1.0))
+        tangent = torch.autograd.forward_ad.unpack_dual(kl_of_s(dual)).tangent
+    assert torch.allclose(tangent, g_ref, rtol=1e-12)
+    # a tensor without a gradient is a number, as before; its value is checked either way
+    assert torch.allclose(kl_of_s(torch.tensor(2.5)), expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="kl_divergence: expected a finite prior_var > 0"):
+        kl_of_s(torch.tensor(-1.0, requires_grad=True))
+
+
 def test_std_and_logvars_at_the_ends():
     # the soft clip keeps sigma^2 within [e^-18, e^18] for every log-variance, infinite
     # ones included, and where (logvar / 18)^2 overflows
