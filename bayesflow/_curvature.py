@@ -368,15 +368,15 @@ def capture(
     def hook(m: nn.Module, inputs: tuple, out: Tensor) -> Tensor | None:
         if mode is not None:
             mode.depth -= 1
-        seen.append((inputs[0] if inputs else None, out))
-        if leaf and len(seen) == 1 and isinstance(out, Tensor):
+        phi, z, back = inputs[0] if inputs else None, out, None
+        if leaf and not seen and isinstance(out, Tensor):
             # Only what follows the layer is recorded: gradients are switched on here, inside
             # the call, and back off after it.
             torch.set_grad_enabled(True)
             z = out.detach().requires_grad_()
-            seen[0] = (seen[0][0], z)
-            return z.clone()  # not the leaf itself: an in-place ReLU may follow
-        return None
+            back = z.clone()  # not the leaf itself: an in-place ReLU may follow
+        seen.append((phi, z, _versions(phi, z)))
+        return back
 
     handles = [layer.register_forward_pre_hook(enter)]
     handles.append(layer.register_forward_hook(hook, always_call=True))
@@ -395,10 +395,24 @@ def capture(
     out = roots[0] if len(roots) == 1 else None
     if len(seen) != 1 or (mode is not None and mode.found):
         return Captured(result, None, out)
-    phi, z = seen[0]
+    phi, z, versions = seen[0]
     if not (isinstance(phi, Tensor) and isinstance(z, Tensor) and phi.dim() == z.dim() == 2):
         return Captured(result, None, out)
+    if _versions(phi, z) != versions:
+        # Written in place after the layer ran (a ReLU(inplace=True), a clamp_ of the
+        # logits): they no longer hold the layer's input and output, and a check that
+        # compares the call's output with them would compare a tensor with itself.
+        return Captured(result, None, out)
     return Captured(result, (phi, z), out)
+
+
+def _versions(*tensors: object) -> tuple[int | None, ...]:
+    r"""The version counters of `tensors`, which every in-place write moves (:py:`None`
+    for what has none: inference tensors, which no check here then trusts)."""
+
+    return tuple(
+        t._version if isinstance(t, Tensor) and not t.is_inference() else None for t in tensors
+    )
 
 
 def _layer_step(found: LastLayer, phi: Tensor, lam: Tensor) -> dict[str, Tensor]:

@@ -527,6 +527,8 @@ class NonNegative(nn.Module):
 
     def forward(self, x):
         z = self.out(self.body(x))
+        if self.clamp == "in-place":  # writes to the layer's output itself
+            return z.clamp_(min=0.0).squeeze(-1)
         return z.clamp(min=0.0).squeeze(-1) if self.clamp else z
 
 
@@ -536,9 +538,14 @@ CLAMPS = {
     "in-the-module": (True, lambda f: f, [1, 4, 4]),
     "in-output": (False, lambda f: f.clamp(min=0.0).squeeze(-1), [1, 4, 4]),
     "none": (False, lambda f: f.squeeze(-1), [1]),
+    # In place, the layer's output tensor itself holds the clamped numbers: a check that
+    # compares the call's output with it compared a tensor with itself and passed.
+    "in-place-in-the-module": ("in-place", lambda f: f, [4, 4, 4]),
+    "in-place-in-output": (False, lambda f: f.clamp_(min=0.0).squeeze(-1), [4, 4, 4]),
 }
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap's clamp_
 @pytest.mark.parametrize("where", CLAMPS)
 def test_an_output_that_leaves_the_layers_on_a_later_batch_only(where, monkeypatch):
     clamp, post, calls = CLAMPS[where]
@@ -719,6 +726,22 @@ def test_linearized_variance_where_the_last_layer_weight_is_reused():
     module = Reused()
     x = torch.randn(5, 3)
     _assert_linearized_matches_jacobians(module, bf.init(module, -2.0, include=["out"]), x)
+
+
+def test_linearized_variance_after_an_in_place_relu():
+    # A ReLU(inplace=True) after the last layer writes its output tensor itself: the check
+    # that fn's output is the layer's compared a tensor with itself, so clamped examples
+    # got the bare layer's variance (0.22 where their Jacobian is zero).
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 1), nn.ReLU(inplace=True))
+    x = torch.randn(12, 2)
+    with torch.no_grad():
+        module[2].bias -= module[:3](x).median()  # half of the outputs clamped to 0
+    q = bf.init(module, -2.0, include=["2"])
+    assert (module(x) == 0).sum() >= 5 and (module(x) > 0).sum() >= 5
+
+    _assert_linearized_matches_jacobians(module, q, x)
+    assert (bf.linearized_predictive(module, q, x)[1][module(x) > 0] > 0).all()
 
 
 class _Fn(nn.Module):
