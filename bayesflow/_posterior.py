@@ -17,7 +17,7 @@ import copy
 import numbers
 import re
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,10 @@ def _compile(where: str, pattern: object) -> re.Pattern:
         raise TypeError(f"{where}: expected glob patterns as strings, got {pattern!r}")
     if pattern == "":
         return re.compile(r".*")
+    if len(pattern) > 1 and pattern.endswith("."):
+        # zuko's way to end a prefix at a segment ("net.1." for net.1 but not net.10):
+        # here every pattern does.
+        pattern = pattern[:-1]
 
     parts = []
     for segment in pattern.split("."):
@@ -58,7 +62,8 @@ def _compile(where: str, pattern: object) -> re.Pattern:
 def _patterns(where: str, what: str, globs: object) -> tuple[tuple[str, ...], list[re.Pattern]]:
     if isinstance(globs, str):
         globs = (globs,)
-    if not isinstance(globs, Sequence):
+    # Any iterable, as zuko takes (a set, dict keys, a generator), but no tensor or bytes.
+    if not isinstance(globs, Iterable) or isinstance(globs, (bytes, Tensor)):
         raise TypeError(
             f"{where}: expected {what} to be a sequence of glob patterns, got {globs!r}"
         )

@@ -17,13 +17,24 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _posterior
-from ._checks import check_bool, check_generator, check_in_dims, check_module, check_n
+from ._checks import check_generator, check_in_dims, check_module, check_n
 from ._engine import check_no_parametrization_cache, hold, run
 from ._layers import Cached, LocalPlan
 from ._options import call_options
 from ._outputs import map_outputs
 from ._posterior import InitLogvar
 from ._types import Posterior
+
+
+def _zuko_flag(where: str, what: str, value: object) -> bool:
+    r"""A flag as zuko reads it (`if local_trick:`), on what config files hold: a bool,
+    0, 1 or :py:`None`."""
+
+    if value is None:
+        return False
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{where}: expected {what} to be a bool (or 0, 1, None), got {value!r}")
 
 
 class BayesianModel(nn.Module):
@@ -47,8 +58,10 @@ class BayesianModel(nn.Module):
         include_params: Glob patterns of the parameters to make Bayesian: `*` matches one
             name segment, `**` several (see :func:`bayesflow.select`). All by default.
             Unlike zuko's, a pattern matches whole segments only: `"1"` picks `1.weight`
-            but not `10.weight`; and `*` may match nothing: `"enc*"` picks `enc.weight`
-            as well as `enc_head.weight` (zuko's only the latter).
+            but not `10.weight` (zuko's trailing dot, `"1."`, changes nothing), and
+            `"**.bias"` no LSTM `bias_ih_l0` (write `"**.bias*"`); and `*` may match
+            nothing: `"enc*"` picks `enc.weight` as well as `enc_head.weight` (zuko's only
+            the latter). Any iterable of patterns, or one string.
         exclude_params: Glob patterns of the parameters to leave deterministic.
 
     Attributes:
@@ -186,7 +199,8 @@ class BayesianModel(nn.Module):
         parameters they do not sample are the held ones.
 
         Arguments:
-            local_trick: Whether to use the local reparameterization trick for the Bayesian
+            local_trick: Whether to use the local reparameterization trick (a bool; 0, 1
+                and :py:`None` are read as zuko reads them) for the Bayesian
                 layers among :class:`torch.nn.Linear`, zuko's `Linear` and their subclasses
                 that keep their `forward` (such as zuko's `MaskedLinear`): their outputs,
                 rather than their weights, are sampled, with fresh noise per example, where
@@ -208,7 +222,7 @@ class BayesianModel(nn.Module):
         """
 
         where = "BayesianModel.reparameterize"
-        check_bool(where, "local_trick", local_trick)
+        local_trick = _zuko_flag(where, "local_trick", local_trick)
         check_generator(where, generator)
         params = self.sample_params(generator=generator)
         changes = []

@@ -38,8 +38,8 @@ def select(
     A name is picked if it starts with a match of an `include` pattern and with no match
     of an `exclude` pattern. Patterns are dot-separated: `*` matches one name segment
     (or part of one, as in `lin*`), `**` one or more segments, and a pattern matches
-    whole leading segments, so `0` picks `0.weight` but not `10.weight`. The empty
-    pattern picks everything. Names are those of :meth:`torch.nn.Module.named_parameters`:
+    whole leading segments, so `0` picks `0.weight` but not `10.weight` (a trailing dot,
+    `0.`, changes nothing). The empty pattern picks everything. Names are those of :meth:`torch.nn.Module.named_parameters`:
     a Parameter shared by several modules (tied weights) has one name, its first.
 
     Example:
@@ -49,8 +49,8 @@ def select(
 
     Arguments:
         module: A module.
-        include: Patterns of the names to pick.
-        exclude: Patterns of the names to leave out.
+        include: Patterns of the names to pick: any iterable of strings, or one string.
+        exclude: Patterns of the names to leave out, likewise.
 
     Returns:
         The picked names, in the order of :meth:`torch.nn.Module.named_parameters`.

@@ -108,6 +108,49 @@ def test_state_dicts_load_both_ways(name):
     )
 
 
+class _Numbered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(*[nn.Linear(2, 2) for _ in range(12)])
+        self.head = nn.Linear(2, 1)
+
+
+@pytest.mark.parametrize(
+    "include, exclude",
+    [
+        (["net.1."], []),  # zuko's way to pick net.1 and not net.10
+        (["net.1.", "head."], ["net.1.bias"]),
+        ({"net.1.", "head"}, ()),  # a set
+        (dict.fromkeys(["net.10", "head.weight"]).keys(), iter(["net.10.bias"])),
+        ((p for p in ["net.*."]), ["**.bias"]),  # a generator
+    ],
+    ids=["trailing-dot", "trailing-dots", "set", "dict-keys", "generator"],
+)
+def test_picks_what_zuko_picks_from_what_zuko_takes(include, exclude):
+    include, exclude = list(include), list(exclude)  # the same patterns for both, once
+    ours = bf.BayesianModel(_Numbered(), include_params=set(include), exclude_params=iter(exclude))
+    theirs = zuko.bayesian.BayesianModel(_Numbered(), include_params=include, exclude_params=exclude)
+    assert sorted(ours.means) == sorted(theirs.means) and len(ours.means) > 0
+    assert bf.select(_Numbered(), include=iter(include), exclude=exclude) == [
+        k.replace("-", ".") for k in theirs.means
+    ]
+
+
+@pytest.mark.parametrize("flag, local", [(0, False), (1, True), (None, False), (np.int64(1), True)])
+def test_local_trick_flags_as_zuko_reads_them(flag, local):
+    bnet = bf.BayesianModel(zuko.nn.MLP(3, 2, hidden_features=(8,)), init_logvar=-2.0)
+    x = torch.randn(4, 3)
+    with bnet.reparameterize(local_trick=flag, generator=torch.Generator().manual_seed(0)) as net:
+        y = net(x)
+    with bnet.reparameterize(local_trick=local, generator=torch.Generator().manual_seed(0)) as net:
+        assert torch.equal(y, net(x))
+    with bnet.reparameterize(local_trick=not local, generator=torch.Generator().manual_seed(0)) as net:
+        assert not torch.allclose(y, net(x))  # the flag changed the estimator
+    with pytest.raises(TypeError, match=r"reparameterize: expected local_trick to be a bool"):
+        with bnet.reparameterize(local_trick="yes"):
+            pass
+
+
 def test_reparameterize_behaves_like_zuko():
     ours, theirs = pair("mlp", init_logvar=-2.0)
     x = torch.randn(5)

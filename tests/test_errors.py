@@ -275,9 +275,9 @@ CASES = [
     ),
     (
         "bridge-glob",
-        lambda: bf.BayesianModel(net_, include_params=["0."]),
+        lambda: bf.BayesianModel(net_, include_params=["0..weight"]),
         ValueError,
-        r"BayesianModel: malformed glob pattern '0.'",
+        r"BayesianModel: malformed glob pattern '0..weight'",
     ),
     (
         "bridge-empty",
