@@ -126,14 +126,18 @@ def init(
     init_logvar: InitLogvar,
     include: Sequence[str],
     exclude: Sequence[str],
+    empty: bool = False,
 ) -> Posterior:
+    r"""Returns the posterior of the parameters `include` and `exclude` pick, at their
+    values; a selection that picks none is an error unless `empty` (zuko's wrapper)."""
+
     check_module(where, module)
     inc_globs, inc = _patterns(where, "include", include)
     exc_globs, exc = _patterns(where, "exclude", exclude)
     params = dict(module.named_parameters())
     names = [name for name in params if _picks(inc, exc, name)]
 
-    if not names:
+    if not names and not empty:
         tied = _tied(module, inc, exc)
         if tied:
             pairs = ", ".join(f"{k!r} is tied to {v!r}" for k, v in tied.items())

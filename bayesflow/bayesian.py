@@ -21,7 +21,7 @@ from ._checks import check_generator, check_in_dims, check_module, check_n
 from ._engine import check_no_parametrization_cache, hold, run
 from ._layers import Cached, LocalPlan
 from ._options import call_options
-from ._outputs import map_outputs
+from ._outputs import map_outputs, stack
 from ._posterior import InitLogvar
 from ._types import Posterior
 
@@ -61,7 +61,8 @@ class BayesianModel(nn.Module):
             but not `10.weight` (zuko's trailing dot, `"1."`, changes nothing), and
             `"**.bias"` no LSTM `bias_ih_l0` (write `"**.bias*"`); and `*` may match
             nothing: `"enc*"` picks `enc.weight` as well as `enc_head.weight` (zuko's only
-            the latter). Any iterable of patterns, or one string.
+            the latter). Any iterable of patterns, or one string. As in zuko, a selection
+            that picks nothing gives a wrapper with nothing Bayesian.
         exclude_params: Glob patterns of the parameters to leave deterministic.
 
     Attributes:
@@ -82,7 +83,10 @@ class BayesianModel(nn.Module):
         exclude_params: Sequence[str] = (),
     ) -> None:
         check_module("BayesianModel", base)
-        q = _posterior.init("BayesianModel", base, init_logvar, include_params, exclude_params)
+        # As zuko's, a selection that picks nothing gives a wrapper with nothing Bayesian.
+        q = _posterior.init(
+            "BayesianModel", base, init_logvar, include_params, exclude_params, empty=True
+        )
 
         for name in q.mean:
             if "-" in name:
@@ -295,7 +299,12 @@ class BayesianModel(nn.Module):
         check_in_dims(where, args, in_dims, k)  # before the draw: a failed call draws nothing
         check_no_parametrization_cache(where, self.base)
         params = _posterior.sample(where, self.posterior, k, generator)
-        out = run(self.base, params, args, opts)
+        if not params and n is not None and not any(d is not None for d in in_dims or ()):
+            # Nothing Bayesian (zuko's empty wrapper) and no argument per sample: vmap has
+            # nothing to map over, so `n` calls of the one model, as the loop makes them.
+            outs = [run(self.base, params, args, opts, n=1) for _ in range(k)]
+            return stack([map_outputs(where, lambda t: t.squeeze(0), o) for o in outs])
+        out = run(self.base, params, args, opts, n=k)  # `n`: for a wrapper with no tensors
 
         return out if n is not None else map_outputs(where, lambda t: t.squeeze(0), out)
 

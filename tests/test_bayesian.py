@@ -136,6 +136,36 @@ def test_picks_what_zuko_picks_from_what_zuko_takes(include, exclude):
     ]
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(include_params=[]), dict(exclude_params=["**"]), dict(include_params=["nothing"])],
+    ids=["no-patterns", "all-excluded", "no-match"],
+)
+def test_a_selection_that_picks_nothing_is_zukos_empty_wrapper(kwargs):
+    # zuko builds a wrapper with nothing Bayesian (configs switch layers off by pattern);
+    # this raised. Its every method is the base model's.
+    base = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    torch.manual_seed(0)
+    ours = bf.BayesianModel(base, **kwargs)
+    rng = torch.get_rng_state()
+    torch.manual_seed(0)
+    theirs = zuko.bayesian.BayesianModel(base, **kwargs)
+    assert torch.equal(rng, torch.get_rng_state())  # nothing drawn by either
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert ours.sample_params() == theirs.sample_params() == {} == ours.sample_params(3)
+    assert float(ours.kl_divergence(0.5)) == theirs.kl_divergence(0.5) == 0.0
+    x = torch.randn(5, 3)
+    for local in (False, True):
+        with ours.reparameterize(local_trick=local) as a, theirs.reparameterize() as b:
+            assert torch.equal(a(x), b(x)) and torch.equal(a(x), base(x))
+    assert torch.equal(ours(x), base(x))
+    assert torch.equal(ours(x, n=4), base(x).expand(4, 5, 2))
+    xs = torch.randn(4, 5, 3)  # an argument per sample: vmap maps over it
+    assert torch.allclose(ours(xs, n=4, in_dims=(0,)), base(xs), rtol=1e-14, atol=1e-15)
+    assert torch.equal(ours.sample_model()(x), base(x))
+    assert torch.equal(ours.mean_model()(x), base(x))
+
+
 @pytest.mark.parametrize("flag, local", [(0, False), (1, True), (None, False), (np.int64(1), True)])
 def test_local_trick_flags_as_zuko_reads_them(flag, local):
     bnet = bf.BayesianModel(zuko.nn.MLP(3, 2, hidden_features=(8,)), init_logvar=-2.0)

@@ -280,12 +280,6 @@ CASES = [
         r"BayesianModel: malformed glob pattern '0..weight'",
     ),
     (
-        "bridge-empty",
-        lambda: bf.BayesianModel(net_, exclude_params=["**"]),
-        ValueError,
-        r"BayesianModel: expected include=.* to pick at least one parameter",
-    ),
-    (
         "init-lazy",
         lambda: bf.init(nn.LazyLinear(3)),
         ValueError,
