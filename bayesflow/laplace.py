@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _curvature, _posterior
-from ._checks import check_broadcasts
+from ._checks import check_broadcasts, describe
 from ._curvature import HESSIANS, LIKELIHOODS, Fn, check_fit_args
 from ._numerics import LOGVAR_LIMIT
 from ._types import Posterior
@@ -176,12 +176,99 @@ def laplace_fit(
 
 
 def _check_fit(where: str, fit: object) -> LaplaceFit:
+    r"""Checks a fit as :func:`laplace_fit` makes it, or as edited with `fit._replace`: the
+    same names in `mean` and `hessian`, each curvature of its mean's shape, dtype and
+    device, finite and non-negative, finite means, a finite scalar log-likelihood and
+    `num_data >= 1`. The values take one reduction per tensor and one synchronization per
+    device."""
+
     if not isinstance(fit, LaplaceFit):
         raise TypeError(
             f"{where}: expected a bayesflow.LaplaceFit (from laplace_fit), got "
             f"{type(fit).__name__}"
         )
-    return fit
+    for field in ("mean", "hessian"):
+        value = getattr(fit, field)
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                f"{where}: expected fit.{field} to be a dict from parameter names to tensors, "
+                f"got {type(value).__name__}"
+            )
+    if not fit.mean:
+        raise ValueError(f"{where}: expected a fit of at least one parameter, got none")
+    if fit.mean.keys() != fit.hessian.keys():
+        missing = [k for k in fit.mean if k not in fit.hessian]
+        extra = [k for k in fit.hessian if k not in fit.mean]
+        raise ValueError(
+            f"{where}: expected fit.hessian with the names of fit.mean, {list(fit.mean)}, "
+            f"got {missing} missing and {extra} extra"
+        )
+
+    ok = []
+    for name, m in fit.mean.items():
+        h = fit.hessian[name]
+        for field, t in (("mean", m), ("hessian", h)):
+            if not isinstance(t, Tensor):
+                raise TypeError(
+                    f"{where}: expected fit.{field}[{name!r}] to be a tensor, got "
+                    f"{type(t).__name__}"
+                )
+        if not m.is_floating_point():
+            raise TypeError(
+                f"{where}: expected fit.mean[{name!r}] to be a floating-point tensor, got "
+                f"{m.dtype}"
+            )
+        if h.shape != m.shape:
+            raise ValueError(
+                f"{where}: expected fit.hessian[{name!r}] of its mean's shape "
+                f"{tuple(m.shape)}, got {tuple(h.shape)}"
+            )
+        if h.dtype != m.dtype or h.device != m.device:
+            raise ValueError(
+                f"{where}: expected fit.hessian[{name!r}] with its mean's dtype and device, "
+                f"{describe(m)}, got {describe(h)}"
+            )
+        m, h = m.detach(), h.detach()
+        ok.append(m.isfinite().all() & (h.isfinite() & (h >= 0)).all())
+
+    ll = fit.log_likelihood
+    if not isinstance(ll, Tensor) or not ll.is_floating_point():
+        got = ll.dtype if isinstance(ll, Tensor) else type(ll).__name__
+        raise TypeError(
+            f"{where}: expected fit.log_likelihood to be a floating-point tensor, got {got}"
+        )
+    if ll.dim() != 0:
+        raise ValueError(
+            f"{where}: expected fit.log_likelihood to be a scalar, got shape {tuple(ll.shape)}"
+        )
+    n = fit.num_data
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{where}: expected fit.num_data to be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"{where}: expected fit.num_data >= 1, got {n}")
+    ok.append(ll.detach().isfinite())
+
+    devices: dict[torch.device, list[Tensor]] = {}
+    for flag in ok:
+        devices.setdefault(flag.device, []).append(flag)
+    if all(bool(torch.stack(flags).all()) for flags in devices.values()):
+        return fit
+
+    # Only on the way to an error: which tensor, and what it holds.
+    for name, m in fit.mean.items():
+        h = fit.hessian[name].detach()
+        for field, t, good in (
+            ("mean", m.detach(), m.detach().isfinite()),
+            ("hessian", h, h.isfinite() & (h >= 0)),
+        ):
+            if not good.all():
+                bad = t[~good]
+                what = "finite values" if field == "mean" else "finite values >= 0"
+                raise ValueError(
+                    f"{where}: expected {what} in fit.{field}[{name!r}], got {bad[0].item()} "
+                    f"({bad.numel()} of {t.numel()} entries)"
+                )
+    raise ValueError(f"{where}: expected a finite fit.log_likelihood, got {ll.item()}")
 
 
 def _positive(where: str, what: str, value: Tensor) -> None:
@@ -257,6 +344,13 @@ def laplace_marglik(fit: LaplaceFit, prior_precision: PriorPrecision) -> Tensor:
 
     Returns:
         A scalar tensor, differentiable with respect to `prior_precision`.
+
+    Raises:
+        TypeError: If `fit` is not a :class:`LaplaceFit` or holds a field of the wrong type.
+        ValueError: If `fit`, e.g. as edited with `fit._replace`, is not what
+            :func:`laplace_fit` gives: a `hessian` without the names, shapes, dtypes and
+            devices of `mean`, a negative or non-finite curvature, a non-finite mean or
+            `log_likelihood`; or if `prior_precision` is not positive or does not broadcast.
 
     References:
         | A Practical Bayesian Framework for Backpropagation Networks (MacKay, 1992)
@@ -351,6 +445,13 @@ def optimize_prior_precision(
         The precision: a float for `"scalar"`, a dict from every fitted name to a float for
         `"tensor"`; either can be passed to :func:`laplace_posterior`.
 
+    Raises:
+        TypeError: If `fit` is not a :class:`LaplaceFit` or holds a field of the wrong type.
+        ValueError: If `fit`, e.g. as edited with `fit._replace`, is not what
+            :func:`laplace_fit` gives: a `hessian` without the names, shapes, dtypes and
+            devices of `mean`, a negative or non-finite curvature, a non-finite mean or
+            `log_likelihood`; or if `structure` is unknown.
+
     References:
         | A Practical Bayesian Framework for Backpropagation Networks (MacKay, 1992)
         | https://doi.org/10.1162/neco.1992.4.3.448
@@ -389,6 +490,13 @@ def laplace_posterior(fit: LaplaceFit, prior_precision: PriorPrecision = 1.0) ->
     Returns:
         A posterior over the fitted parameters whose tensors are fresh leaves with
         `requires_grad=True`, as :func:`bayesflow.init` makes them.
+
+    Raises:
+        TypeError: If `fit` is not a :class:`LaplaceFit` or holds a field of the wrong type.
+        ValueError: If `fit`, e.g. as edited with `fit._replace`, is not what
+            :func:`laplace_fit` gives: a `hessian` without the names, shapes, dtypes and
+            devices of `mean`, a negative or non-finite curvature, a non-finite mean or
+            `log_likelihood`; or if `prior_precision` is not positive or does not broadcast.
     """
 
     where = "laplace_posterior"
@@ -462,7 +570,7 @@ def laplace(
         like = {k: module.get_parameter(k) for k in options.names}
         _prior_precision(where, options.names, like, prior_precision)
 
-    fit = LaplaceFit(*_curvature.fit(where, module, fn, data, options))
+    fit = _check_fit(where, LaplaceFit(*_curvature.fit(where, module, fn, data, options)))
     if isinstance(prior_precision, str):
         prior_precision = optimize_prior_precision(fit)
     return laplace_posterior(fit, prior_precision)

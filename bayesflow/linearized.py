@@ -116,7 +116,8 @@ def linearized_predictive(
 
     Returns:
         The mean :math:`f(x, \mu)` and the variance, two tensors of the output's shape,
-        detached.
+        detached: for a batch of zero examples, `(0, C)` or `(0,)`, from one call of `fn`
+        and no Jacobian.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -170,6 +171,10 @@ def linearized_predictive(
             raise ValueError(
                 f"{where}: expected fn to return (B, C) or (B,), got {tuple(out.shape)}"
             )
+        if out.numel() == 0:
+            # No example (or no output), no Jacobian: torch.func cannot take one of an
+            # empty output. The result is empty, as vmap_call's is on zero examples.
+            return out.detach(), torch.zeros_like(out)
         if got is not None:
             f_var = _last_layer_variance(module, posterior, fn, args, found, out, *got)
             if f_var is not None:

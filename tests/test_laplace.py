@@ -875,6 +875,31 @@ def test_linearized_predictive_is_the_evaluation_mode_nets(include, monkeypatch)
     assert unchanged(module, before)
 
 
+OUTPUTS = {"(B, C)": ((3,), lambda m, x: m(x)), "(B,)": ((), lambda m, x: m(x)[:, 1])}
+
+
+@pytest.mark.parametrize("shape", OUTPUTS)
+@pytest.mark.parametrize("include", [("",), ("4",)], ids=["all", "last-layer"])
+def test_linearized_predictive_on_zero_examples_is_empty(include, shape, monkeypatch):
+    # A batch of zero examples once raised a bare RuntimeError from inside torch.func.
+    module = mlp()
+    q = bf.init(module, init_logvar=-3.0, include=include)
+    x = torch.randn(0, 4)
+    trailing, fn = OUTPUTS[shape]
+    before = snapshot(module)
+    sizes, _ = _count_jacobian_batches(monkeypatch)
+
+    mean, var = bf.linearized_predictive(module, q, x, fn=fn)
+
+    assert mean.shape == var.shape == (0, *trailing)
+    assert mean.dtype == var.dtype == torch.float64 and not mean.requires_grad
+    assert torch.equal(mean, fn(module, x)) and torch.equal(var, torch.zeros(0, *trailing))
+    assert sizes == []  # no Jacobian was taken
+    assert unchanged(module, before)
+    if shape == "(B, C)":
+        assert bf.probit_probs(mean, var).shape == (0, 3)
+
+
 def test_probit_probs():
     mean = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 3.0]])
     var = torch.tensor([[1.0, 4.0, 0.0], [0.5, 0.5, 10.0]])
@@ -1113,6 +1138,177 @@ def test_bad_fits_and_precisions():
         bf.laplace_posterior(fit, {k: torch.ones(7) for k in fit.mean})
     with pytest.raises(ValueError, match="optimize_prior_precision: expected structure"):
         bf.optimize_prior_precision(fit, "diag")
+
+
+def _edit(field, change):
+    r"""Returns an edit of a fit: `change(name, tensor)` applied to each tensor of
+    `fit.mean` or `fit.hessian`, or `change(value)` to another field."""
+
+    def edit(fit):
+        value = getattr(fit, field)
+        if field in ("mean", "hessian"):
+            value = {k: change(k, v) for k, v in value.items()}
+            value = {k: v for k, v in value.items() if v is not None}
+        else:
+            value = change(value)
+        return fit._replace(**{field: value})
+
+    return edit
+
+
+def _set(index, number):
+    def change(name, t):
+        if name != "2.weight":
+            return t
+        t = t.clone()
+        t[index] = number
+        return t
+
+    return change
+
+
+# Edits of a fit as a user may make them with fit._replace: (edit, error, message).
+BAD_FITS = {
+    "hessian-name-missing": (
+        _edit("hessian", lambda k, h: None if k == "4.bias" else h),
+        ValueError,
+        r"expected fit.hessian with the names of fit.mean, .*got \['4.bias'\] missing and "
+        r"\[\] extra",
+    ),
+    "hessian-name-extra": (
+        lambda fit: fit._replace(hessian={**fit.hessian, "5.weight": torch.ones(2)}),
+        ValueError,
+        r"expected fit.hessian with the names of fit.mean, .*got \[\] missing and "
+        r"\['5.weight'\] extra",
+    ),
+    "hessian-shape": (
+        _edit("hessian", lambda k, h: h.reshape(-1)[:1]),
+        ValueError,
+        r"expected fit.hessian\['0.weight'\] of its mean's shape \(6, 4\), got \(1,\)",
+    ),
+    "hessian-dtype": (
+        _edit("hessian", lambda k, h: h.float()),
+        ValueError,
+        r"expected fit.hessian\['0.weight'\] with its mean's dtype and device, torch.float64 "
+        r"on cpu, got torch.float32 on cpu",
+    ),
+    "hessian-list": (
+        _edit("hessian", lambda k, h: h.tolist()),
+        TypeError,
+        r"expected fit.hessian\['0.weight'\] to be a tensor, got list",
+    ),
+    "hessian-not-a-dict": (
+        lambda fit: fit._replace(hessian=list(fit.hessian.values())),
+        TypeError,
+        "expected fit.hessian to be a dict from parameter names to tensors, got list",
+    ),
+    "hessian-nan": (
+        _edit("hessian", _set((1, 2), math.nan)),
+        ValueError,
+        r"expected finite values >= 0 in fit.hessian\['2.weight'\], got nan \(1 of 30",
+    ),
+    "hessian-inf": (
+        _edit("hessian", _set((1, 2), math.inf)),
+        ValueError,
+        r"expected finite values >= 0 in fit.hessian\['2.weight'\], got inf \(1 of 30",
+    ),
+    "hessian-negative": (
+        _edit("hessian", _set(0, -0.5)),
+        ValueError,
+        r"expected finite values >= 0 in fit.hessian\['2.weight'\], got -0.5 \(6 of 30",
+    ),
+    "mean-nan": (
+        _edit("mean", _set((0, 0), math.nan)),
+        ValueError,
+        r"expected finite values in fit.mean\['2.weight'\], got nan \(1 of 30",
+    ),
+    "empty": (
+        lambda fit: fit._replace(mean={}, hessian={}),
+        ValueError,
+        "expected a fit of at least one parameter, got none",
+    ),
+    "log-likelihood-nan": (
+        _edit("log_likelihood", lambda ll: ll * math.nan),
+        ValueError,
+        "expected a finite fit.log_likelihood, got nan",
+    ),
+    "log-likelihood-inf": (
+        _edit("log_likelihood", lambda ll: ll - math.inf),
+        ValueError,
+        "expected a finite fit.log_likelihood, got -inf",
+    ),
+    "log-likelihood-shape": (
+        _edit("log_likelihood", lambda ll: ll.reshape(1)),
+        ValueError,
+        r"expected fit.log_likelihood to be a scalar, got shape \(1,\)",
+    ),
+    "log-likelihood-float": (
+        _edit("log_likelihood", float),
+        TypeError,
+        "expected fit.log_likelihood to be a floating-point tensor, got float",
+    ),
+    "num-data": (
+        _edit("num_data", lambda n: 0),
+        ValueError,
+        "expected fit.num_data >= 1, got 0",
+    ),
+}
+FIT_USERS = {
+    "laplace_marglik": lambda fit: bf.laplace_marglik(fit, 1.0),
+    "optimize_prior_precision": lambda fit: bf.optimize_prior_precision(fit, "tensor"),
+    "laplace_posterior": lambda fit: bf.laplace_posterior(fit, 1.0),
+}
+
+
+@pytest.mark.parametrize("where", FIT_USERS)
+@pytest.mark.parametrize("case", BAD_FITS)
+def test_an_edited_fit_is_checked_before_use(case, where):
+    _, fit = fitted()
+    edit, error, message = BAD_FITS[case]
+    bad = edit(fit)
+
+    with pytest.raises(error, match=f"^{where}: {message}"):
+        FIT_USERS[where](bad)
+
+
+def test_laplace_names_itself_where_fn_gives_nan():
+    module = mlp()
+    x, y = data("classification")
+    before = snapshot(module)
+
+    with pytest.raises(
+        ValueError, match=r"^laplace: expected a finite fit\.log_likelihood, got nan"
+    ):
+        bf.laplace(module, lambda m, x, y: classification_ll(m, x, y) * math.nan, [(x, y)], **GOOD)
+    assert unchanged(module, before)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["number", "tensor"])
+def test_a_fit_edited_with_a_temperature_keeps_its_numbers(grad):
+    _, fit = fitted()
+    zeroed = {k: v.clone() for k, v in fit.hessian.items()}
+    zeroed["0.bias"][2] = 0.0  # a zero curvature (a weight no example moves) is valid too
+    fit = fit._replace(hessian=zeroed)
+    t = torch.tensor(0.3, requires_grad=True) if grad else 0.3
+    tempered = fit._replace(hessian={k: h / t for k, h in fit.hessian.items()})  # as the docs
+    h = {k: v.detach() for k, v in tempered.hessian.items()}
+    lam = {k: 0.5 + i for i, k in enumerate(fit.mean)}
+
+    evidence = bf.laplace_marglik(tempered, lam)
+    best = bf.optimize_prior_precision(tempered, "tensor")
+    q = bf.laplace_posterior(tempered, lam)
+
+    plain = fit._replace(hessian=h)
+    assert torch.allclose(evidence, marglik_formula(plain, lam), rtol=1e-12)
+    for k in fit.mean:
+        assert torch.allclose(bf.std(q)[k].square(), 1 / (h[k] + lam[k]), rtol=1e-12)
+        # MacKay's condition at the optimum: lambda |theta|^2 = sum h / (h + lambda).
+        gamma = (h[k] / (h[k] + best[k])).sum()
+        assert torch.allclose(best[k] * fit.mean[k].square().sum(), gamma, rtol=1e-9)
+    if grad:  # the temperature stays differentiable: d/dT of -1/2 sum log(h/T + lambda)
+        evidence.backward()
+        d = sum((v / 0.3**2 / (v / 0.3 + lam[k])).sum() for k, v in fit.hessian.items()) / 2
+        assert torch.allclose(t.grad, d, rtol=1e-10)
 
 
 # laplace-torch 0.3, the reference package, on the same float64 nets.
