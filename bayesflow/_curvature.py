@@ -131,6 +131,17 @@ def check_fit_args(
     # The posterior's own selection: no parameter picked, tied names, lazy or integer
     # parameters are refused with its messages.
     names = list(_posterior.init(where, module, 0.0, include, exclude).mean)
+    # Frozen parameters were not trained (no mode of the loss), and laplace-torch leaves
+    # them out: so do the fits, as IVON does.
+    named = dict(module.named_parameters())
+    frozen = [name for name in names if not named[name].requires_grad]
+    names = [name for name in names if named[name].requires_grad]
+    if not names:
+        raise ValueError(
+            f"{where}: expected include and exclude to pick at least one trainable "
+            f"parameter of {type(module).__name__}, got only frozen ones "
+            f"(requires_grad=False): {frozen}"
+        )
     return FitOptions(names, hessian, output, likelihood, sigma, chunk_size)
 
 

@@ -144,7 +144,9 @@ def laplace_fit(
             `sigma`). It must be the likelihood `fn` computes.
         sigma: The noise standard deviation :math:`\sigma` of `"regression"`.
         include: Glob patterns of the parameters to fit (see :func:`bayesflow.select`),
-            e.g. `["out"]` for a last layer named `out`.
+            e.g. `["out"]` for a last layer named `out`. Frozen parameters
+            (`requires_grad=False`: not trained, so at no mode) are left out, whatever the
+            patterns, as laplace-torch leaves them.
         exclude: Glob patterns of the parameters to leave out.
         chunk_size: The number of examples per vectorized chunk (memory: the GGN holds
             `chunk_size x C` gradients); a whole batch at once if :py:`None`.

@@ -1385,6 +1385,45 @@ def test_against_laplace_torch(case, subset, hessian):
             )
 
 
+def test_frozen_parameters_are_left_out_as_laplace_torch_does():
+    # A fine-tuned head on a frozen body: the fit took the body too (51 numbers where
+    # laplace-torch takes 21), so the evidence differed (-65.4 against -56.7).
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    module[0].requires_grad_(False)
+    x, y = data("classification", n=23)
+    args = (module, classification_ll, batches(x, y, 8))
+    kw = dict(output=output, likelihood="classification")
+
+    fit = bf.laplace_fit(*args, **kw)
+    assert list(fit.mean) == ["2.weight", "2.bias"]
+    explicit = bf.laplace_fit(*args, **kw, include=["2"])
+    assert all(torch.equal(fit.hessian[k], explicit.hessian[k]) for k in fit.hessian)
+    assert list(bf.laplace(*args, **kw).mean) == ["2.weight", "2.bias"]
+    with pytest.raises(ValueError, match=r"laplace_fit: .* got only frozen ones .*'0.weight'"):
+        bf.laplace_fit(*args, **kw, include=["0"])
+
+
+@needs_laplace
+def test_frozen_parameters_against_laplace_torch():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    module[0].requires_grad_(False)
+    x, y = data("classification", n=23)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+    fit = bf.laplace_fit(
+        module, classification_ll, loader, output=output, likelihood="classification"
+    )
+    la = laplace_torch(module, "classification", loader, "all", "ggn")
+    ours = torch.cat([h.reshape(-1) for h in fit.hessian.values()])
+    assert ours.shape == la.H.shape and torch.allclose(ours, la.H, rtol=1e-10, atol=1e-12)
+    prec = torch.tensor(1.0)
+    assert torch.allclose(
+        bf.laplace_marglik(fit, 1.0), la.log_marginal_likelihood(prec), rtol=1e-10
+    )
+
+
 @needs_laplace
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_prior_precision_and_probit_predictive_against_laplace_torch(subset):
