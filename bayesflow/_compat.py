@@ -172,6 +172,21 @@ def unbatched() -> Iterator[None]:
         _functorch.push_dynamic_layer_stack(saved)
 
 
+@contextmanager
+def outside_func_transforms() -> Iterator[None]:
+    r"""Runs a block as if no :mod:`torch.func` transform were active: every level is
+    popped off functorch's stack for its duration, and pushed back after."""
+
+    saved = []
+    try:
+        while _functorch.peek_interpreter_stack() is not None:
+            saved.append(_functorch.pop_dynamic_layer_stack())
+        yield
+    finally:
+        while saved:
+            _functorch.push_dynamic_layer_stack(saved.pop())
+
+
 def unwrap_batched(t: Tensor) -> Tensor:
     r"""Returns the plain tensor under every functorch wrapper of `t` (all vmap levels).
 

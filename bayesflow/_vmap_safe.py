@@ -41,7 +41,7 @@ from torch.func import vmap
 
 from . import _zuko_transforms as _safe
 from ._caches import PerObject, register
-from ._compat import is_compiling, load_jvp_decompositions
+from ._compat import is_compiling, load_jvp_decompositions, outside_func_transforms
 
 
 @dataclass(frozen=True)
@@ -255,9 +255,13 @@ def _agree(a: Any, b: Any) -> bool:
 
 
 def _verdict(piece: _Piece, original: Any) -> bool:
-    r"""Whether the stand-in is needed for `original` and gives its numbers."""
+    r"""Whether the stand-in is needed for `original` and gives its numbers.
 
-    with torch.inference_mode(False), torch.enable_grad():
+    The probes run outside any :mod:`torch.func` transform of the caller: zuko's
+    old-style functions raise inside one, which read as "zuko changed" and, cached, kept
+    the stand-ins out of every later call."""
+
+    with outside_func_transforms(), torch.inference_mode(False), torch.enable_grad():
         try:
             expected = piece.probe(original, False)
         except Exception as err:
