@@ -32,6 +32,7 @@ from ._checks import check_buffers, check_in_dims, check_params
 from ._compat import (
     StopRecomputation,
     counting_allocations,
+    in_func_transform,
     is_compiling,
     no_saved_tensors_hooks,
     saved_tensors_hooks_active,
@@ -124,7 +125,7 @@ def hold(
 
     with lock(module):
         st = structure(module)
-        swap = swapped(st, params)
+        swap = swapped(st, params, module=module)
         swap.__enter__()
         patch = patched(changes)
         try:
@@ -319,7 +320,8 @@ def _loop(job: _Job, state: State | None = None) -> Any:
             buffers = {**state.fresh(), **given}
             # zuko's pieces that recompute in their backward pass would run it with the
             # module's own parameters, put back by then: the stand-ins, plain autograd.
-            with swapped(st, {k: v[i] for k, v in params.items()}, buffers), _stand_ins(st):
+            sample = {k: v[i] for k, v in params.items()}
+            with swapped(st, sample, buffers, job.module), _stand_ins(st):
                 out = opts.fn(job.module, *(a if u is None else u[i] for a, u in args))
                 held = state.current()
                 assigned = state.given_held(given)
@@ -335,18 +337,30 @@ def _loop(job: _Job, state: State | None = None) -> Any:
     return stack(outs)
 
 
+# A context that does nothing (reusable).
+_NOTHING = nullcontext()
+
+
 def _stand_ins(st: Structure) -> Any:
-    return vmap_safe() if st.uses_zuko else nullcontext()
+    return vmap_safe() if st.uses_zuko else _NOTHING
 
 
 def _single(job: _Job) -> Any:
-    state = State(job.st, job.buffers) if job.st.buffers else None
+    st, module = job.st, job.module
+    state = State(st, job.buffers) if st.buffers else None
     try:
         buffers = {k: b[0] for k, b in job.buffers.items()}
         # `squeeze`, a view, rather than `v[0]`, whose backward fills a zero gradient.
         params = {k: v.squeeze(0) for k, v in job.params.items()}
-        with swapped(job.st, params, buffers), _stand_ins(job.st):  # as in the loop
-            out = job.opts.fn(job.module, *_index(job.args, job.dims, 0))
+        # Under an outer transform (vmap over examples), torch's fused kernels of the
+        # recurrent layers have no batching rule: the layers of the vectorized path.
+        layers = in_func_transform() and _torch_layers.changes(st, module, params.keys())
+        with (
+            swapped(st, params, buffers, module),
+            _stand_ins(st),
+            patched(layers) if layers else _NOTHING,
+        ):
+            out = job.opts.fn(module, *_index(job.args, job.dims, 0))
             assigned = state.given_held(buffers) if state is not None else {}
         if assigned:
             state.write_given(job.opts.where, buffers, assigned)
@@ -375,7 +389,7 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
         # Flat inputs: vmap's pytree handling of nested dicts costs more than the swap.
         p = dict(zip(names, inputs[:split], strict=True))
         b = dict(zip(buffer_names, inputs[split:end], strict=True))
-        with swapped(st, p, b):
+        with swapped(st, p, b, module):
             out = fn(module, *inputs[end:])
             if given and state.given_held({k: b[k] for k in given}):
                 # vmap's wrappers cannot be written back: the loop, which writes them
@@ -467,7 +481,7 @@ def _footprint(job: _Job) -> int:
 
         def one() -> None:
             buffers = {k: b[0] for k, b in job.buffers.items()}
-            with swapped(st, {k: v[0] for k, v in params.items()}, buffers):
+            with swapped(st, {k: v[0] for k, v in params.items()}, buffers, module):
                 opts.fn(module, *_index(args, dims, 0))
 
         state = State(st, job.buffers)

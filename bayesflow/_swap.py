@@ -1,6 +1,7 @@
 r"""How bayesflow puts tensors and attributes in a module for a call, and always puts the
 very same objects back: :class:`swapped` for parameters and buffers (in every place that
-holds them), :func:`patched` for instance attributes such as a layer's `forward`."""
+holds them, and the weights a recurrent layer caches), :func:`patched` for instance
+attributes such as a layer's `forward`."""
 
 from __future__ import annotations
 
@@ -11,29 +12,76 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+import torch.nn as nn
+
 from torch import Tensor
 
+from ._caches import PerObject, identity
+from ._compat import is_compiling
 from ._structure import Structure
+
+# The attributes in which torch's recurrent layers cache their weights.
+_FLAT = ("_flat_weights", "_flat_weight_refs")
+
+# Per structure: the recurrent layers, each as its path and the names of its parameters.
+_RECURRENT: PerObject[tuple[tuple[str, frozenset[str]], ...]] = PerObject()
+
+
+def _recurrent_of(st: Structure, module: nn.Module) -> tuple[tuple[str, frozenset[str]], ...]:
+    r"""Returns the recurrent layers (:class:`torch.nn.RNNBase`) of `module`: the path of
+    each, and the names by which `st` knows the parameters it holds, its parametrizations'
+    included (tied ones by their first name); none for most modules. Cached with the
+    structure."""
+
+    found = _RECURRENT.get(st)
+    if found is None:
+        layers = []
+        for path, m in st.find(module, nn.RNNBase):
+            tables = {identity(sub._parameters) for sub in m.modules()}
+            names = [
+                name
+                for name, slots in st.slots.items()
+                if any(identity(d) in tables for d, _ in slots)
+            ]
+            layers.append((path, frozenset(names)))
+        found = tuple(layers)
+        if not is_compiling():
+            _RECURRENT.put(st, found)
+    return found
 
 
 class swapped:
     r"""Puts `params` (and `buffers`) in every place that holds them, tied and shared
-    places included, and puts the original objects back on exit."""
+    places included, and puts the original objects back on exit.
 
-    __slots__ = ("buffers", "done", "params", "st")
+    Given `module`, the module `st` describes (as the engine always gives it), the
+    recurrent layers whose parameters are swapped also get back the very lists in which
+    torch caches their weights (`_flat_weights`), as they were: torch's forward fills them
+    with the tensors it finds, which would keep a sample (a view of a whole draw, its
+    graph, or a dead vmap tensor) alive in the module after the call.
+    """
+
+    __slots__ = ("buffers", "done", "flat", "module", "params", "st")
 
     def __init__(
         self,
         st: Structure,
         params: Mapping[str, Tensor],
         buffers: Mapping[str, Tensor] | None = None,
+        module: nn.Module | None = None,
     ) -> None:
-        self.st, self.params, self.buffers = st, params, buffers
+        self.st, self.params, self.buffers, self.module = st, params, buffers, module
         self.done: list[tuple[dict, str, Tensor]] = []
+        # Per recurrent layer: its `__dict__`, and per cached list the list and its items.
+        self.flat: list[tuple[dict, list[tuple[str, Any, list]]]] = []
 
     def __enter__(self) -> None:
         done = self.done
         try:
+            if self.module is not None:
+                recurrent = _recurrent_of(self.st, self.module)
+                if recurrent:
+                    self._keep_flat(recurrent)
             slots = self.st.slots
             for name, t in self.params.items():
                 for d, attr in slots[name]:
@@ -49,10 +97,29 @@ class swapped:
             self.__exit__()
             raise
 
+    def _keep_flat(self, recurrent: tuple[tuple[str, frozenset[str]], ...]) -> None:
+        for path, names in recurrent:
+            if names.isdisjoint(self.params):
+                continue
+            d = vars(self.st.sub(self.module, path))
+            kept = []
+            for attr in _FLAT:
+                cached = d.get(attr, REMOVE)
+                kept.append((attr, cached, REMOVE if cached is REMOVE else list(cached)))
+            self.flat.append((d, kept))
+
     def __exit__(self, *exc: object) -> None:
         for d, attr, original in reversed(self.done):
             d[attr] = original
         self.done.clear()
+        for d, kept in self.flat:
+            for attr, cached, items in kept:
+                if cached is REMOVE:
+                    d.pop(attr, None)
+                else:
+                    cached[:] = items  # torch updates the list in place on `m.weight = w`
+                    d[attr] = cached
+        self.flat.clear()
 
 
 #: A value for :class:`patched`: the attribute is removed from the instance `__dict__`

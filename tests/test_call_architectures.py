@@ -2,15 +2,17 @@ r"""Every common architecture under vmap_call(fallback=False): the loop's number
 deep-copy oracle's numbers (independent of bayesflow's swap), gradients, state."""
 
 import copy
+import gc
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
 
 import bayesflow as bf
 
-from bayesflow import _recurrent
+from bayesflow import _engine, _recurrent
 
 from .registry import ARCHS
 
@@ -382,3 +384,251 @@ def test_attention_float_mask_wider_than_a_half_precision_query(gen):
             with pytest.warns(bf.VmapFallbackWarning, match="overflow the query's"):
                 out = bf.vmap_call(mha, params, x, fn=fn)
             torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+class _OwnForwardLSTM(torch.nn.LSTM):
+    r"""An LSTM whose class has a forward of its own: no stand-in replaces it, so vmap
+    meets torch's fused kernel (no batching rule)."""
+
+    def forward(self, x, hx=None):
+        return super().forward(x, hx)
+
+
+RECURRENT_LAYERS = {
+    "rnn": lambda: torch.nn.RNN(3, 4, num_layers=2),
+    "gru": lambda: torch.nn.GRU(3, 4, num_layers=2, bidirectional=True),
+    "lstm-proj": lambda: torch.nn.LSTM(3, 4, num_layers=2, proj_size=2),
+}
+
+
+def flat_weights_are_own(m):
+    r"""Whether torch's cache of the layer's weights holds the layer's own tensors."""
+
+    own = [getattr(m, name) for name in m._flat_weights_names]
+    return (
+        len(m._flat_weights) == len(m._flat_weight_refs) == len(own)
+        and all(w is o for w, o in zip(m._flat_weights, own, strict=True))
+        and all(r() is o for r, o in zip(m._flat_weight_refs, own, strict=True))
+    )
+
+
+def deep_copy_oracle(module, params, x):
+    r"""Sample k copied into a deep copy of the module, run by torch alone."""
+
+    outs = []
+    for k in range(next(iter(params.values())).shape[0]):
+        m = copy.deepcopy(module)
+        with torch.no_grad():
+            for name, v in params.items():
+                m.get_parameter(name).copy_(v[k])
+            outs.append(m(x)[0])
+    return torch.stack(outs)
+
+
+def refs_to(tensors):
+    r"""Weak references to `tensors` and to the draws they are views of."""
+
+    tensors = list(tensors)
+    return [weakref.ref(t) for t in tensors + [t._base for t in tensors if t._base is not None]]
+
+
+def run_recurrent(how, module, q, x, gen, monkeypatch):
+    r"""Runs `module` on `x` with samples of `q` in the way `how`; returns the output, the
+    samples it used (stacked) and weak references to everything the samples keep alive."""
+
+    if how == "reparameterize":
+        bnet = bf.BayesianModel(module, init_logvar=-2.0)
+        params = {
+            k: v.detach().unsqueeze(0) for k, v in bnet.sample_params(generator=gen(4)).items()
+        }
+        with bnet.reparameterize(generator=gen(4)) as base:
+            refs = refs_to(base._parameters[name] for name in params)
+            y = base(x)[0].unsqueeze(0)
+        return y, params, refs
+    n = 1 if how == "one-sample" else 3
+    sampled = bf.sample(q, n, generator=gen(1))  # differentiable: a graph to q
+    refs = refs_to(sampled.values())
+    params = {k: v.detach() for k, v in sampled.items()}
+    if how == "loop":
+        y = bf.loop_call(module, sampled, x)[0]
+    elif how == "one-by-one":  # the footprint rule picks the loop (once measured)
+        chosen = []
+        monkeypatch.setattr(_engine, "one_by_one", lambda size: chosen.append(size) or True)
+        bf.vmap_call(module, sampled, x)
+        y = bf.vmap_call(module, sampled, x)[0]
+        assert chosen
+    elif how == "auto-chunks":  # a footprint pass, then vmap
+        y = bf.vmap_call(module, sampled, x, chunk_size="auto")[0]
+    else:
+        y = bf.vmap_call(module, sampled, x)[0]
+    return y, params, refs
+
+
+@pytest.mark.parametrize(
+    "how", ["loop", "one-sample", "one-by-one", "auto-chunks", "reparameterize"]
+)
+@pytest.mark.parametrize("layer", RECURRENT_LAYERS)
+def test_recurrent_layers_keep_their_own_weights_cached(layer, how, monkeypatch, gen):
+    r"""torch's forward caches a recurrent layer's weights (`_flat_weights`): after a call
+    that ran it with samples, the cache holds the layer's own Parameters again, and
+    nothing in the module keeps a sample (its whole draw, its graph) alive."""
+
+    module = RECURRENT_LAYERS[layer]()
+    q = bf.init(module, init_logvar=-2.0)
+    x = torch.randn(5, 2, 3)
+    plain = module(x)[0]
+    assert flat_weights_are_own(module)
+
+    y, params, refs = run_recurrent(how, module, q, x, gen, monkeypatch)
+
+    assert flat_weights_are_own(module)  # before the oracle, whose deep copy refreshes it
+    expected = deep_copy_oracle(module, params, x)
+    assert torch.allclose(y, expected, atol=1e-10)  # float64
+    assert not torch.allclose(y[0], plain, atol=1e-6)  # the samples were used
+    del y, params
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert torch.equal(module(x)[0], plain)
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_recurrent_layer_with_its_own_forward_keeps_its_weights_cached(fallback, gen):
+    r"""An RNN subclass with its own forward: vmap cannot run it. Falling back, or raising,
+    the call leaves its weight cache holding its own Parameters, not a sample or a dead
+    vmap tensor."""
+
+    module = _OwnForwardLSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    plain = module(x)[0]
+    sampled = bf.sample(bf.init(module, init_logvar=-2.0), 3, generator=gen(1))
+    refs = refs_to(sampled.values())
+    params = {k: v.detach() for k, v in sampled.items()}
+    if fallback:
+        with pytest.warns(bf.VmapFallbackWarning, match="vmap cannot run _OwnForwardLSTM"):
+            y = bf.vmap_call(module, sampled, x)[0]
+    else:
+        with pytest.raises(RuntimeError, match="vmap cannot run _OwnForwardLSTM"):
+            bf.vmap_call(module, sampled, x, fallback=False)
+
+    # Before the oracle: a deep copy of a recurrent layer refreshes its cache.
+    assert flat_weights_are_own(module)
+    if fallback:
+        assert torch.allclose(y, deep_copy_oracle(module, params, x), atol=1e-10)
+        assert not torch.allclose(y[0], plain, atol=1e-6)
+        del y
+    del sampled, params
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert torch.equal(module(x)[0], plain)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_parametrized_recurrent_layer_keeps_its_weights_cached(n, gen):
+    r"""A recurrent layer whose weight a parametrization computes (from the sample's
+    `original`s, in a submodule of the layer): its weight cache is left as found."""
+
+    module = torch.nn.utils.parametrizations.weight_norm(torch.nn.GRU(3, 4), "weight_hh_l0")
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():  # torch's forward with gradients caches a weight deepcopy refuses
+        plain = module(x)[0]
+    cached, items = module._flat_weights, list(module._flat_weights)
+    sampled = bf.sample(bf.init(module, init_logvar=-2.0), n, generator=gen(1))
+    refs = refs_to(sampled.values())
+    params = {k: v.detach() for k, v in sampled.items()}
+
+    y = (bf.loop_call if n > 1 else bf.vmap_call)(module, sampled, x)[0]
+
+    assert module._flat_weights is cached
+    assert all(a is b for a, b in zip(module._flat_weights, items, strict=True))
+    with torch.no_grad():
+        assert torch.allclose(y, deep_copy_oracle(module, params, x), atol=1e-10)
+    assert not torch.allclose(y[0], plain, atol=1e-6)
+    del y, sampled, params
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize("layer", RECURRENT_LAYERS)
+def test_one_sample_under_an_outer_vmap(layer, gen):
+    r"""One sample under :func:`torch.func.vmap` over the data (as `laplace_fit`'s
+    per-example curvature runs): torch's fused kernels have no batching rule, bayesflow's
+    recurrence gives the loop's numbers."""
+
+    module = RECURRENT_LAYERS[layer]()
+    params = bf.sample(bf.init(module, init_logvar=-2.0), 1, generator=gen(1))
+    xs = torch.randn(4, 5, 2, 3)
+
+    y = torch.func.vmap(lambda x: bf.vmap_call(module, params, x)[0])(xs)
+
+    y_loop = torch.stack([bf.loop_call(module, params, x)[0] for x in xs])
+    assert torch.allclose(y, y_loop, atol=1e-12)  # float64
+    assert not torch.allclose(y[:, 0], torch.stack([module(x)[0] for x in xs]), atol=1e-6)
+    assert "forward" not in vars(module)  # the stand-in is gone
+
+
+class _GRUNet(torch.nn.Module):
+    def __init__(self, outputs):
+        super().__init__()
+        self.rnn, self.head = torch.nn.GRU(3, 4, batch_first=True), torch.nn.Linear(4, outputs)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def _per_example_curvature(net, x, y, likelihood, hessian):
+    r"""The oracle: the diagonal GGN or empirical Fisher from explicit per-example
+    Jacobians, one autograd pass per example and output (plain torch, float64)."""
+
+    params = dict(net.named_parameters())
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    for i in range(x.shape[0]):
+        f = net(x[i : i + 1])[0]
+        if hessian == "ef":
+            if likelihood == "regression":
+                ll = -0.5 * (f - y[i]).square().sum()
+            else:
+                ll = -torch.nn.functional.cross_entropy(f, y[i])
+            rows = [torch.autograd.grad(ll, list(params.values()))]
+            lam = torch.ones(1, 1)
+        else:
+            rows = [torch.autograd.grad(fc, list(params.values()), retain_graph=True) for fc in f]
+            if likelihood == "regression":
+                lam = torch.eye(f.shape[0])  # sigma = 1
+            else:
+                p = f.detach().softmax(-1)
+                lam = torch.diag(p) - torch.outer(p, p)
+        for j, name in enumerate(params):
+            jac = torch.stack([r[j].flatten() for r in rows])  # (outputs, size)
+            total[name] += torch.einsum("cp,cd,dp->p", jac, lam, jac).view_as(params[name])
+    return total
+
+
+@pytest.mark.parametrize(
+    "likelihood, hessian",
+    [("regression", "ggn"), ("classification", "ggn"), ("classification", "ef")],
+)
+def test_laplace_fit_of_a_recurrent_model(likelihood, hessian):
+    r"""`laplace_fit` over every parameter of a GRU -> Linear model (the GRU's curvature by
+    one sample under vmap over the examples) gives the per-example Jacobians' curvature."""
+
+    outputs = 2 if likelihood == "regression" else 3
+    net = _GRUNet(outputs)
+    x = torch.randn(6, 5, 3)
+    if likelihood == "regression":
+        y = torch.randn(6, outputs)
+        fn = lambda m, x, y: -0.5 * (m(x) - y).square().sum(-1)
+    else:
+        y = torch.randint(0, outputs, (6,))
+        fn = lambda m, x, y: -torch.nn.functional.cross_entropy(m(x), y, reduction="none")
+    output = None if hessian == "ef" else (lambda m, x, y: m(x))
+
+    fit = bf.laplace_fit(
+        net, fn, [(x, y)], hessian=hessian, output=output, likelihood=likelihood, include=("",)
+    )
+
+    assert flat_weights_are_own(net.rnn)
+    expected = _per_example_curvature(copy.deepcopy(net), x, y, likelihood, hessian)
+    assert fit.hessian.keys() == expected.keys()
+    for name, h in expected.items():
+        torch.testing.assert_close(fit.hessian[name], h, rtol=1e-9, atol=1e-12)
+    assert fit.hessian["rnn.weight_hh_l0"].abs().sum() > 0
