@@ -303,6 +303,18 @@ def _split(t: Tensor) -> Tensor | tuple[Tensor, ...]:
 
 
 def _loop(job: _Job, state: State | None = None) -> Any:
+    if job.st.uses_zuko and is_compiling():
+        return _eager_loop(job, state)
+    return _loop_now(job, state)
+
+
+def _single(job: _Job) -> Any:
+    if job.st.uses_zuko and is_compiling():
+        return _eager_single(job)
+    return _single_now(job)
+
+
+def _loop_now(job: _Job, state: State | None = None) -> Any:
     st, opts = job.st, job.opts
     state = State(st, job.buffers) if state is None else state
     rng = _rng_state() if opts.randomness == "same" else None
@@ -345,7 +357,7 @@ def _stand_ins(st: Structure) -> Any:
     return vmap_safe() if st.uses_zuko else _NOTHING
 
 
-def _single(job: _Job) -> Any:
+def _single_now(job: _Job) -> Any:
     st, module = job.st, job.module
     state = State(st, job.buffers) if st.buffers else None
     try:
@@ -369,6 +381,14 @@ def _single(job: _Job) -> Any:
         if state is not None:
             state.restore()
         raise
+
+
+# Under torch.compile, a zuko flow's loop and single call run eagerly (a graph break):
+# zuko's pieces that recompute in their backward need the stand-ins, which are only
+# installed outside tracing (traced, the backward ran with the module's own parameters:
+# silently wrong gradients).
+_eager_loop = torch.compiler.disable(_loop_now)
+_eager_single = torch.compiler.disable(_single_now)
 
 
 def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:

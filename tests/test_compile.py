@@ -102,3 +102,33 @@ def test_compiled_fullgraph_with_one_recompile():
         assert torch.allclose(f(params, x), bf.loop_call(net, params, x), atol=1e-10)
 
     assert counters["stats"]["unique_graphs"] <= 2  # K = 4, then one dynamic graph
+
+
+@pytest.mark.filterwarnings("ignore::bayesflow.VmapFallbackWarning")  # vmap cannot trace UNAF
+@pytest.mark.parametrize("n", [1, 2])
+def test_compiled_flow_whose_backward_recomputes_gets_zukos_gradients(n, gen):
+    # zuko's quadrature recomputes the flow in its backward, after the call has put the
+    # module's own parameters back; traced, no stand-in was installed, and in eval mode the
+    # gradients were silently those of other weights (off by 12.5).
+    import copy
+
+    flow = zuko.flows.UNAF(2, 1, transforms=1, signal=2, network={"hidden_features": (4,)})
+    flow.eval()
+    q = bf.init(flow, init_logvar=-4.0)
+    c, x = torch.randn(3, 1), torch.randn(3, 2)
+    params = {k: v.detach().requires_grad_() for k, v in bf.sample(q, n, generator=gen(1)).items()}
+
+    def log_prob(params, c, x):
+        return bf.vmap_call(flow, params, c, x, fn=lambda f, c, x: f(c).log_prob(x))
+
+    y = torch.compile(log_prob, backend="eager")(params, c, x)
+    grads = torch.autograd.grad(y.sum(), list(params.values()))
+    for i in range(n):
+        clone = copy.deepcopy(flow).train()  # zuko differentiates its parameters in train mode
+        with torch.no_grad():
+            for name, p in clone.named_parameters():
+                p.copy_(params[name][i])
+        expected = torch.autograd.grad(clone(c).log_prob(x).sum(), list(clone.parameters()))
+        for g, e in zip(grads, expected, strict=True):
+            assert torch.allclose(g[i], e, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(y[0], flow(c).log_prob(x), atol=1e-3)  # the samples were used
