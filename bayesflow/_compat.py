@@ -58,6 +58,7 @@ BatchNorm = nn.modules.batchnorm._BatchNorm
 ConvNd = nn.modules.conv._ConvNd
 WeightNorm = parametrizations._WeightNorm
 SpectralNorm = parametrizations._SpectralNorm
+Orthogonal = parametrizations._Orthogonal
 InstanceNorm = nn.modules.instancenorm._InstanceNorm
 
 

@@ -25,6 +25,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from ._compat import (
+    Orthogonal,
+    WeightNorm,
     batched_at_current_level,
     fused_rnn,
     is_wrapped,
@@ -32,6 +34,10 @@ from ._compat import (
     unwrap_at,
     wrap_at,
 )
+
+# Parametrizations that hold no state and draw no noise in training mode: their value does
+# not depend on how many times a forward reads the weight.
+_PURE = (WeightNorm, Orthogonal)
 
 # Which path a vectorized call takes: :py:`None` chooses by :func:`_fused_pays_off`;
 # :py:`True` / :py:`False` force torch's fused kernel per sample / the batched steps.
@@ -272,6 +278,12 @@ def _run_rnn(m: nn.RNNBase, input: Any, hx: Any) -> tuple[Tensor, Any]:
             "bayesflow's vectorized recurrent layers do not take a PackedSequence: pad the "
             "sequences instead"
         )
+    if m.training and _impure_parametrization(m):
+        raise NotImplementedError(
+            "a parametrized weight of a recurrent layer in training mode (spectral_norm's "
+            "power iteration, DropConnect's mask) runs once per read, and torch's own "
+            "forward reads each weight a number of times of its own"
+        )
 
     lstm = m.mode == "LSTM"
     if input.dim() not in (2, 3):
@@ -333,6 +345,13 @@ def _run_rnn(m: nn.RNNBase, input: Any, hx: Any) -> tuple[Tensor, Any]:
             x = F.dropout(x, m.dropout, training=True)
 
     return _result(m, batched, lstm, x, torch.stack(h_n), torch.stack(c_n))
+
+
+def _impure_parametrization(m: nn.Module) -> bool:
+    params = getattr(m, "parametrizations", None)
+    if not isinstance(params, nn.ModuleDict):
+        return False
+    return any(not isinstance(p, _PURE) for plist in params.values() for p in plist)
 
 
 def _result(

@@ -548,6 +548,55 @@ def test_parametrized_recurrent_layer_keeps_its_weights_cached(n, gen):
     assert all(r() is None for r in refs)
 
 
+class _DropConnect(torch.nn.Module):
+    def forward(self, w):
+        return torch.nn.functional.dropout(w, 0.3, self.training)
+
+
+PARAMETRIZED = {
+    "spectral-norm": lambda m: torch.nn.utils.parametrizations.spectral_norm(m, "weight_hh_l0"),
+    "drop-connect": lambda m: torch.nn.utils.parametrize.register_parametrization(
+        m, "weight_hh_l0", _DropConnect()
+    ),
+    "weight-norm": lambda m: torch.nn.utils.parametrizations.weight_norm(m, "weight_hh_l0"),
+}
+
+
+@pytest.mark.parametrize("kind", PARAMETRIZED)
+def test_recurrent_layer_with_a_stateful_or_random_parametrization_in_training(kind, gen):
+    # The vectorized recurrence read a parametrized weight three times a pass, torch's own
+    # forward (the loop) two or four: spectral_norm's power iteration ran another number
+    # of steps (outputs 2.9e-3 off, its `_u` 0.089), DropConnect drew other masks. Such a
+    # layer now runs the loop; weight_norm, which is pure, stays vectorized.
+    torch.manual_seed(0)
+    module = PARAMETRIZED[kind](torch.nn.LSTM(3, 4)).train()
+    x = torch.randn(5, 2, 3)
+    params = bf.sample(bf.init(module, init_logvar=-2.0), 3, generator=gen(1))
+    a, b = copy.deepcopy(module), copy.deepcopy(module)
+
+    pure = kind == "weight-norm"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(7)
+        y, (h, c) = bf.vmap_call(a, params, x, randomness="same")
+    fell_back = [w for w in caught if issubclass(w.category, bf.VmapFallbackWarning)]
+    assert bool(fell_back) is not pure
+    assert pure or "parametrized weight of a recurrent layer" in str(fell_back[0].message)
+    if kind == "drop-connect":  # the oracle of randomness="same": one seed for every sample
+        outs = []
+        for i in range(3):
+            torch.manual_seed(7)
+            outs.append(torch.func.functional_call(b, {k: v[i] for k, v in params.items()}, x))
+        y_loop, h_loop = torch.stack([o[0] for o in outs]), torch.stack([o[1][0] for o in outs])
+    else:
+        y_loop, (h_loop, _) = bf.loop_call(b, params, x)
+    assert torch.allclose(y, y_loop, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(h, h_loop, rtol=1e-12, atol=1e-14)
+    for (k, u), (_, v) in zip(a.named_buffers(), b.named_buffers(), strict=True):
+        assert torch.allclose(u, v, rtol=1e-12, atol=1e-14), k  # spectral_norm's `_u`
+    assert not torch.allclose(y[0], y[1], atol=1e-6)  # the samples were used
+
+
 @pytest.mark.parametrize("layer", RECURRENT_LAYERS)
 def test_one_sample_under_an_outer_vmap(layer, gen):
     r"""One sample under :func:`torch.func.vmap` over the data (as `laplace_fit`'s
