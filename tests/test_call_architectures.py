@@ -146,6 +146,7 @@ def test_objective_and_bridge(name, gen):
     )
     out = leaves(bnet(*args, n=N, fn=arch.fn, fallback=False))
     assert out[0].shape[0] == N
+    assert not torch.allclose(out[0][0], out[0][1], atol=1e-10)  # the samples were used
     out[0].square().sum().backward()
     assert all(p.grad is not None for p in bnet.means.values())
 
