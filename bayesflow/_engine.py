@@ -332,7 +332,9 @@ def _loop_now(job: _Job, state: State | None = None) -> Any:
             buffers = {**state.fresh(), **given}
             # zuko's pieces that recompute in their backward pass would run it with the
             # module's own parameters, put back by then: the stand-ins, plain autograd.
-            sample = {k: v[i] for k, v in params.items()}
+            # A written weight gets a copy per sample: views of one copy share a version
+            # counter, and a sample's write would break the graphs of the samples before.
+            sample = {k: v[i].clone() if k in written else v[i] for k, v in params.items()}
             with swapped(st, sample, buffers, job.module), _stand_ins(st):
                 out = opts.fn(job.module, *(a if u is None else u[i] for a, u in args))
                 held = state.current()
@@ -597,8 +599,16 @@ def _layout(
         changes = _changes(st, module, plan.forwards(recorder, plan.layers))
         changes += _torch_layers.changes(st, module)
         state = State(st)
+        # Its random numbers are not the call's: the same seed gives the same call, whether
+        # the layout was recorded before or not.
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         try:
-            with torch.no_grad(), patched(changes), recorder.reads():
+            with (
+                torch.random.fork_rng(devices=devices),
+                torch.no_grad(),
+                patched(changes),
+                recorder.reads(),
+            ):
                 opts.fn(module, *_index(args, dims, 0))
         finally:
             state.restore()

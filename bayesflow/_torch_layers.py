@@ -420,11 +420,13 @@ def changes(
         changes.append((m, "forward", ours(forward)))
 
     if not is_compiling():
+        # The name first: reading `m.weight` of a parametrized layer runs its
+        # parametrization (a power iteration on the module's own `_u`, a random mask).
         for prefix, m in st.find(module, _linear_types()):
-            if is_linear(m) and m.weight.dim() == 2 and _name(prefix, "weight") in sampled:
+            if _name(prefix, "weight") in sampled and is_linear(m) and m.weight.dim() == 2:
                 put(m, _linear_forward(m))
         for prefix, m in st.find(module, ConvNd):
-            if is_conv(m) and _name(prefix, "weight") in sampled:
+            if _name(prefix, "weight") in sampled and is_conv(m):
                 put(m, _conv_forward(m))
     for _, m in st.find(module, _STANDINS):
         if has_own_forward(m):

@@ -359,6 +359,7 @@ def test_attention_rows_dead_in_some_heads_only_fall_back(gen):
     with pytest.warns(bf.VmapFallbackWarning, match="some heads only"):
         out = bf.vmap_call(mha, params, x, fn=fn)
     torch.testing.assert_close(out, bf.loop_call(mha, params, x, fn=fn), rtol=0, atol=0)
+    assert not torch.allclose(out[0], out[1])  # the samples were used
 
 
 def test_attention_float_mask_wider_than_a_half_precision_query(gen):
@@ -682,3 +683,77 @@ def test_laplace_fit_of_a_recurrent_model(likelihood, hessian):
     for name, h in expected.items():
         torch.testing.assert_close(fit.hessian[name], h, rtol=1e-9, atol=1e-12)
     assert fit.hessian["rnn.weight_hh_l0"].abs().sum() > 0
+
+
+def _linear_with(parametrize):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    parametrize(net[0])
+    return net.train()
+
+
+def test_a_parametrized_linear_is_not_computed_outside_the_pass(gen):
+    # The layers' preparation read `m.weight` of every Linear, which runs a parametrization
+    # on the module's own tensors: spectral_norm took a power step on the module's `_u`
+    # although `buffers=` gave it per sample (1.16), and a DropConnect drew its mask from
+    # the global generator before the pass (randomness="same": 0.49 off its oracle).
+    net = _linear_with(torch.nn.utils.parametrizations.spectral_norm)
+    x = torch.randn(5, 3)
+    params = bf.sample(bf.init(net, init_logvar=-3.0), 3, generator=gen(1))
+    given = {k: b.detach().expand(3, *b.shape).clone() for k, b in net.named_buffers()}
+    own = {k: b.clone() for k, b in net.named_buffers()}
+    fresh = {k: b.clone() for k, b in given.items()}  # the calls update given buffers
+    y = bf.vmap_call(net, params, x, buffers=given)
+    assert all(torch.equal(b, own[k]) for k, b in net.named_buffers())  # left alone
+    y_loop = bf.loop_call(copy.deepcopy(net), params, x, buffers=fresh)
+    assert torch.allclose(y, y_loop, rtol=1e-12, atol=1e-14)
+    assert all(torch.allclose(given[k], fresh[k], rtol=1e-12, atol=1e-14) for k in given)
+    assert not torch.allclose(y[0], y[1])  # the samples were used
+
+    net = _linear_with(
+        lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight", _DropConnect())
+    )
+    params = {k: v.detach() for k, v in bf.sample(bf.init(net, -4.0), 3, generator=gen(1)).items()}
+    torch.manual_seed(7)
+    y = bf.vmap_call(net, params, x, randomness="same", fallback=False)
+    outs = []
+    for i in range(3):
+        torch.manual_seed(7)  # the oracle of randomness="same": one seed for every sample
+        outs.append(torch.func.functional_call(net, {k: v[i] for k, v in params.items()}, x))
+    assert torch.allclose(y, torch.stack(outs), rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(y[0], y[1])
+
+
+class _TiedEmbedding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4, max_norm=1.0)
+        self.dec = torch.nn.Linear(4, 10, bias=False)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, t):
+        return self.dec(torch.tanh(self.emb(t)))
+
+
+def test_loop_backward_through_an_embedding_with_max_norm_read_again(gen):
+    # Each sample renormalizes its weight in place; the loop gave all samples views of one
+    # copy, whose shared version counter made backward raise once a tied decoder read it.
+    torch.manual_seed(0)
+    net = _TiedEmbedding()
+    tokens = torch.tensor([[1, 2, 3, 2], [4, 5, 9, 0]])
+    q = bf.init(net, init_logvar=-1.0)
+    leaves = [*q.mean.values(), *q.logvar.values()]
+
+    grads = []
+    for call in (bf.loop_call, bf.vmap_call):
+        y = call(copy.deepcopy(net), bf.sample(q, 3, generator=gen(2)), tokens)
+        grads.append(torch.autograd.grad(y.square().sum(), leaves))
+    p = bf.sample(q, 3, generator=gen(2))
+    ref = torch.stack([
+        torch.func.functional_call(copy.deepcopy(net), {k: v[i].clone() for k, v in p.items()}, tokens)
+        for i in range(3)
+    ])  # fmt: skip
+    expected = torch.autograd.grad(ref.square().sum(), leaves)
+    for got in grads:
+        assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(got, expected))
+    assert not torch.allclose(ref[0], ref[1])  # the samples were used

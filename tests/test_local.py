@@ -582,3 +582,20 @@ def test_each_layer_takes_noise_in_its_own_dtype(flipout, gen):
     ref = bf.vmap_call(net, bf.sample(q, 4, generator=gen(0)), x, fn=fn)
     assert out.dtype == ref.dtype == torch.float32
     assert not torch.allclose(out[0], out[1])
+
+
+def test_the_layout_pass_draws_no_random_numbers_of_the_call(fresh_caches):
+    # The first local call records its layout with one pass of fn; that pass used up global
+    # random numbers, so the first call after a seed gave other dropout masks than the
+    # same call later (4.8 apart).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    q = bf.init(net, init_logvar=-3.0)
+    x = torch.randn(5, 3)
+    ys = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        g = torch.Generator().manual_seed(1)
+        ys.append(bf.local_call(net, q, 4, x, generator=g, randomness="different"))
+    assert torch.equal(ys[0], ys[1])
+    assert not torch.allclose(ys[0][0], ys[0][1])  # the samples were used
