@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = ["Slot", "Structure", "lock", "structure"]
 
 import threading
+import types
 
 from contextlib import nullcontext
 from typing import Any
@@ -25,6 +26,43 @@ from ._compat import is_compiling, weight_hooks
 
 # A place that holds a tensor: the `_parameters` or `_buffers` dict of a module, and a key.
 Slot = tuple[dict, str]
+
+
+def _is_zuko(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and (name == "zuko" or name.startswith("zuko."))
+        and not (name == "zuko.nn" or name.startswith("zuko.nn."))
+    )
+
+
+def _names_zuko(code: types.CodeType, scope: dict[str, Any]) -> bool:
+    r"""Whether `code` (or a function defined in it) names a global that belongs to zuko,
+    outside zuko.nn: one of its classes or functions, or zuko's modules themselves."""
+
+    for name in code.co_names:
+        obj = scope.get(name)
+        if isinstance(obj, types.ModuleType):
+            where = obj.__name__
+        else:
+            where = getattr(obj, "__module__", None)
+        if _is_zuko(where):
+            return True
+    return any(isinstance(c, types.CodeType) and _names_zuko(c, scope) for c in code.co_consts)
+
+
+def _runs_zuko(cls: type) -> bool:
+    r"""Whether a module of type `cls` runs zuko's transforms: a zuko class (outside
+    zuko.nn) or a subclass of one, or a class whose own `forward` names zuko."""
+
+    for c in cls.__mro__:
+        if _is_zuko(c.__module__):
+            return True
+        forward = c.__dict__.get("forward")
+        code = getattr(forward, "__code__", None)
+        if code is not None and _names_zuko(code, forward.__globals__):
+            return True
+    return False
 
 
 class Structure:
@@ -99,12 +137,10 @@ class Structure:
         self.expected = {
             name: (p.shape, p.dtype, p.device, p.dim() + 1) for name, p in self.params.items()
         }
-        # Zuko's lazy transforms run inside its flows' modules: only those need the
-        # stand-ins (zuko.nn's networks are plain torch).
-        self.uses_zuko = any(
-            t.__module__.startswith("zuko.") and not t.__module__.startswith("zuko.nn")
-            for t in self.types.values()
-        )
+        # Zuko's lazy transforms run inside its flows' modules, and in modules whose forward
+        # builds zuko's transforms: only those need the stand-ins (zuko.nn's networks are
+        # plain torch; installing them costs ~50 us a call).
+        self.uses_zuko = any(_runs_zuko(t) for t in set(self.types.values()))
 
     def _fingerprint_of(self) -> tuple:
         # The objects every table holds, in order, and the tables' sizes: cheap to build,

@@ -39,8 +39,9 @@ def select(
     of an `exclude` pattern. Patterns are dot-separated: `*` matches one name segment
     (or part of one, as in `lin*`), `**` one or more segments, and a pattern matches
     whole leading segments, so `0` picks `0.weight` but not `10.weight` (a trailing dot,
-    `0.`, changes nothing). The empty pattern picks everything. Names are those of :meth:`torch.nn.Module.named_parameters`:
-    a Parameter shared by several modules (tied weights) has one name, its first.
+    `0.`, changes nothing). The empty pattern picks everything. Names are those of
+    :meth:`torch.nn.Module.named_parameters`: a Parameter shared by several modules (tied
+    weights) has one name, its first.
 
     Example:
         >>> net = zuko.nn.MLP(3, 5)

@@ -129,7 +129,9 @@ class _Numbered(nn.Module):
 def test_picks_what_zuko_picks_from_what_zuko_takes(include, exclude):
     include, exclude = list(include), list(exclude)  # the same patterns for both, once
     ours = bf.BayesianModel(_Numbered(), include_params=set(include), exclude_params=iter(exclude))
-    theirs = zuko.bayesian.BayesianModel(_Numbered(), include_params=include, exclude_params=exclude)
+    theirs = zuko.bayesian.BayesianModel(
+        _Numbered(), include_params=include, exclude_params=exclude
+    )
     assert sorted(ours.means) == sorted(theirs.means) and len(ours.means) > 0
     assert bf.select(_Numbered(), include=iter(include), exclude=exclude) == [
         k.replace("-", ".") for k in theirs.means
@@ -166,7 +168,9 @@ def test_a_selection_that_picks_nothing_is_zukos_empty_wrapper(kwargs):
     assert torch.equal(ours.mean_model()(x), base(x))
 
 
-@pytest.mark.parametrize("flag, local", [(0, False), (1, True), (None, False), (np.int64(1), True)])
+@pytest.mark.parametrize(
+    "flag, local", [(0, False), (1, True), (None, False), (np.int64(1), True)]
+)
 def test_local_trick_flags_as_zuko_reads_them(flag, local):
     bnet = bf.BayesianModel(zuko.nn.MLP(3, 2, hidden_features=(8,)), init_logvar=-2.0)
     x = torch.randn(4, 3)
@@ -174,7 +178,9 @@ def test_local_trick_flags_as_zuko_reads_them(flag, local):
         y = net(x)
     with bnet.reparameterize(local_trick=local, generator=torch.Generator().manual_seed(0)) as net:
         assert torch.equal(y, net(x))
-    with bnet.reparameterize(local_trick=not local, generator=torch.Generator().manual_seed(0)) as net:
+    with bnet.reparameterize(
+        local_trick=not local, generator=torch.Generator().manual_seed(0)
+    ) as net:
         assert not torch.allclose(y, net(x))  # the flag changed the estimator
     with pytest.raises(TypeError, match=r"reparameterize: expected local_trick to be a bool"):
         with bnet.reparameterize(local_trick="yes"):

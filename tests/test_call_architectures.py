@@ -580,7 +580,7 @@ def test_recurrent_layer_with_a_stateful_or_random_parametrization_in_training(k
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.manual_seed(7)
-        y, (h, c) = bf.vmap_call(a, params, x, randomness="same")
+        y, (h, _) = bf.vmap_call(a, params, x, randomness="same")
     fell_back = [w for w in caught if issubclass(w.category, bf.VmapFallbackWarning)]
     assert bool(fell_back) is not pure
     assert pure or "parametrized weight of a recurrent layer" in str(fell_back[0].message)
@@ -755,5 +755,8 @@ def test_loop_backward_through_an_embedding_with_max_norm_read_again(gen):
     ])  # fmt: skip
     expected = torch.autograd.grad(ref.square().sum(), leaves)
     for got in grads:
-        assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(got, expected))
+        assert all(
+            torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+            for a, b in zip(got, expected, strict=True)
+        )
     assert not torch.allclose(ref[0], ref[1])  # the samples were used

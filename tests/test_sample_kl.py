@@ -329,7 +329,7 @@ def test_a_learned_prior_variance_gets_its_gradient(gen):
         assert all(torch.allclose(a, b, rtol=1e-12) for a, b in zip(got, want, strict=True))
 
     # through torch.func.grad and forward-mode AD as well
-    kl_of_s = lambda s: bf.kl_divergence(q, prior_var=s)  # noqa: E731
+    kl_of_s = lambda s: bf.kl_divergence(q, prior_var=s)
     assert torch.allclose(torch.func.grad(kl_of_s)(torch.tensor(2.5)), g_ref, rtol=1e-12)
     with torch.autograd.forward_ad.dual_level():
         dual = torch.autograd.forward_ad.make_dual(torch.tensor(2.5), torch.tensor(1.0))
