@@ -36,7 +36,7 @@ from torch.distributions import Distribution, MultivariateNormal
 from torch.func import jvp, vmap
 
 from ._caches import register
-from ._compat import is_compiling, unwrap_batched
+from ._compat import function_apply, is_compiling, unwrap_batched
 from ._errors import NonFiniteError
 
 _MAX_ODE_ATTEMPTS = 10_000
@@ -89,6 +89,70 @@ def monotonic_call_and_ladj(self: Any, x: Tensor) -> tuple[Tensor, Tensor]:
     return y, dy.log()
 
 
+_SECOND_ORDER = (
+    "bisection: expected derivatives of first order through the inverse of a monotonic "
+    "transform (NAF, UNAF, SOSPF, GF, BPF); got a request to differentiate its gradient "
+    "again: its implicit gradient is exact to first order only (zuko's own bisection "
+    "raises here too)"
+)
+
+
+class _Refuse(torch.autograd.Function):
+    r"""Returns `g`, in a graph that raises where it is differentiated: its second input,
+    `x`, ties it to everything `x` depends on (:class:`_FirstOrder`)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g: Tensor, x: Tensor) -> Tensor:
+        return g.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        raise RuntimeError(_SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx: Any, g_t: Tensor, x_t: Tensor) -> Tensor:
+        raise RuntimeError(_SECOND_ORDER)
+
+
+class _FirstOrder(torch.autograd.Function):
+    r"""The identity, whose gradient cannot be differentiated again.
+
+    With a graph of the gradient requested (`create_graph=True`, or nested
+    :mod:`torch.func` transforms), the gradient passes through :class:`_Refuse`, tied to
+    `x`'s graph: any derivative of it with respect to what `x` depends on raises, also
+    when the incoming gradient is a constant (where `once_differentiable` lets it pass).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return grad
+        (x,) = ctx.saved_tensors
+        return function_apply(_Refuse, grad, x)
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return function_apply(_Refuse, tangent, x)
+
+
 def bisection(
     f: Callable[[Tensor], Tensor],
     y: Tensor,
@@ -102,7 +166,9 @@ def bisection(
     The root :math:`x^\star` is found without gradients. The returned value is exactly
     :math:`x^\star`, and its gradients are those of the implicit function theorem,
     :math:`\partial x = (\partial y - \partial f_\phi(x^\star)) / f'_\phi(x^\star)`, as
-    in zuko's backward, with respect to every tensor :math:`f` depends on.
+    in zuko's backward, with respect to every tensor :math:`f` depends on. They are exact
+    to first order only: differentiating them again raises (:class:`_FirstOrder`), as
+    zuko's own `once_differentiable` backward does, except inside :func:`torch.compile`.
     """
 
     a = torch.as_tensor(a).to(y)
@@ -124,7 +190,11 @@ def bisection(
     delta = (y - fx) / dfx.detach()
 
     # `delta - delta.detach()` is zero in value and carries the implicit gradients.
-    return x + torch.where(torch.isfinite(delta), delta - delta.detach(), 0.0)
+    x = x + torch.where(torch.isfinite(delta), delta - delta.detach(), 0.0)
+
+    # Dynamo cannot trace a custom `jvp` (a graph break), and it would compile the
+    # backward's test of `create_graph` away: traced code gets the plain formulas.
+    return x if is_compiling() else function_apply(_FirstOrder, x)
 
 
 @cache
@@ -157,17 +227,34 @@ def gauss_legendre(
 
     The bounds get the exact gradients :math:`-f(a)` and :math:`f(b)` (the fundamental
     theorem of calculus, as in zuko's backward), and the parameters of :math:`f` the
-    gradient of the quadrature.
+    gradient of the quadrature. Unlike zuko's, these gradients can be differentiated
+    again: the second derivatives are exact too (:func:`_bound`).
     """
 
     area = _quadrature(f, a.detach(), b.detach(), n)
 
     if torch.is_grad_enabled():
-        # Zero in value; the gradients of the bounds.
-        area = area + (b - b.detach()) * f(b.detach()).detach()
-        area = area - (a - a.detach()) * f(a.detach()).detach()
+        area = area + _bound(f, b)
+        area = area - _bound(f, a)
 
     return area
+
+
+def _bound(f: Callable[[Tensor], Tensor], b: Tensor) -> Tensor:
+    r"""Returns zero, with the derivatives of :math:`\int_{b_0}^{b} f(t) \, dt` at
+    :math:`b_0 = b`, to second order.
+
+    The midpoint rule :math:`s f(b_0 + s / 2)`, :math:`s = b - b_0`, has the exact
+    derivatives :math:`f(b_0)` in :math:`s`, :math:`f'(b_0)` in :math:`s` twice, and
+    :math:`\partial f(b_0)` in :math:`s` and anything :math:`f` depends on. Its third
+    derivative in :math:`s` is :math:`3 f''(b_0) / 4` instead of :math:`f''(b_0)`.
+    """
+
+    s = b - b.detach()
+
+    # `s` is zero: the point is `b` itself and the first-order gradients are f(b), bit
+    # for bit; only a second derivative sees the point move (at half the speed of `b`).
+    return s * f(b.detach() + s / 2)
 
 
 # fmt: off
