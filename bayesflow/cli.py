@@ -6,6 +6,7 @@ __all__ = ["main"]
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -15,6 +16,26 @@ from collections.abc import Sequence
 from typing import Any
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+#: The keys of a sweep (see :mod:`bayesflow.bench.sweeps`).
+SWEEP_KEYS = (
+    "models",
+    "samples",
+    "modes",
+    "methods",
+    "batch",
+    "device",
+    "dtype",
+    "threads",
+    "chunk_size",
+    "min_time",
+    "repeats",
+    "seed",
+    "model_samples",
+    "max_loop_samples",
+    "small",
+)
 
 
 def _positive_int(text: str) -> int:
@@ -34,6 +55,22 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+#: The seeds torch takes, with room for the offsets the checks add.
+SEEDS = range(-(2**63), 2**63)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value not in SEEDS:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from -2**63 to 2**63 - 1, got {value}"
+        )
     return value
 
 
@@ -122,13 +159,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="B",
         help="batch size, or several for a batch sweep (default: per model)",
     )
-    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--device", choices=DEVICES, default="auto")
     bench.add_argument("--dtype", choices=DTYPES, help="floating point type (default: float32)")
     bench.add_argument("--threads", type=_positive_int, help="CPU threads (default: 1)")
     bench.add_argument("--chunk-size", type=_positive_int, help="vmap chunk size")
     bench.add_argument("--min-time", type=_positive_float, help="seconds of timing per cell")
     bench.add_argument("--repeats", type=_positive_int, help="timed measurements per cell")
-    bench.add_argument("--seed", type=int, help="seed of models, inputs and checks (default: 0)")
+    bench.add_argument("--seed", type=_seed, help="seed of models, inputs and checks (default: 0)")
     bench.add_argument(
         "--max-loop-samples",
         type=_positive_int,
@@ -146,6 +183,56 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_sweep(parser: argparse.ArgumentParser, sweep: Any, path: str) -> dict[str, Any]:
+    r"""Checks the values of a sweep file as the command line checks its options; the names
+    (models, modes, methods, dtype) and lists of K and batch sizes are checked after the
+    merge, as the command line's are."""
+
+    def fail(key: str, what: str, value: Any) -> None:
+        parser.error(f"--sweep: expected {what} for {key!r} in {path}, got {value!r}")
+
+    if not isinstance(sweep, dict):
+        parser.error(f"--sweep: expected a JSON object in {path}, got {type(sweep).__name__}")
+    unknown = [k for k in sweep if k not in SWEEP_KEYS]
+    if unknown:
+        parser.error(
+            f"--sweep: expected keys from {', '.join(SWEEP_KEYS)} in {path}, "
+            f"got {', '.join(map(repr, unknown))}"
+        )
+
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key, value in sweep.items():
+        if key in ("threads", "chunk_size", "max_loop_samples", "repeats"):
+            optional = key != "repeats"  # null: torch's threads, no chunks, no limit
+            if not (integer(value) and value >= 1) and not (optional and value is None):
+                fail(key, "a positive integer" + (" or null" if optional else ""), value)
+        elif key == "min_time":
+            if not (integer(value) or isinstance(value, float)) or not 0 < value < math.inf:
+                fail(key, "a positive number", value)
+        elif key == "seed":
+            if not integer(value) or value not in SEEDS:
+                fail(key, "an integer from -2**63 to 2**63 - 1", value)
+        elif key == "device":
+            if value not in DEVICES:
+                fail(key, f"one of {', '.join(DEVICES)}", value)
+        elif key == "small":
+            if not isinstance(value, bool):
+                fail(key, "true or false", value)
+        elif key in ("models", "modes", "methods"):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                fail(key, "a list of names", value)
+        elif key in ("samples", "batch"):
+            values = value if isinstance(value, list) else [value]
+            if not (key == "batch" and value is None) and not all(map(integer, values)):
+                fail(key, "an integer or a list of integers", value)
+        elif key == "dtype":
+            if value not in DTYPES:
+                fail(key, f"one of {', '.join(DTYPES)}", value)
+    return sweep
+
+
 def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
     r"""Merges defaults, `--quick`, `--sweep` and explicit options, in that order."""
 
@@ -161,12 +248,13 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
         else:
             try:
                 with open(args.sweep) as f:
-                    config.update(json.load(f))
+                    sweep = json.load(f)
             except (OSError, ValueError) as e:
                 parser.error(
                     f"--sweep: expected one of {', '.join(SWEEPS)} or a JSON file, "
                     f"got {args.sweep!r} ({e})"
                 )
+            config.update(_check_sweep(parser, sweep, args.sweep))
 
     for key in ("models", "modes", "methods", "samples", "batch"):
         value = _split(getattr(args, key))
@@ -228,10 +316,7 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
     if dtype not in DTYPES:
         parser.error(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     config["dtype"] = getattr(torch, dtype)
-    seed = config.get("seed", 0) if args.seed is None else args.seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        parser.error(f"--seed: expected an int, got {seed!r}")
-    config["seed"] = seed
+    config["seed"] = config.get("seed", 0) if args.seed is None else args.seed
 
     return config
 
@@ -263,6 +348,14 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for option in ("json", "csv", "markdown", "plot"):
         if getattr(args, option):
             _writable(parser, f"--{option}", getattr(args, option))
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            parser.error(
+                f"--plot: expected matplotlib, which `pip install bayesflow[bench]` installs "
+                f"({type(e).__name__}: {e})"
+            )
 
     from . import bench
 
@@ -277,6 +370,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         seed=config["seed"],
         model_samples=config["model_samples"],
         max_loop_samples=config.get("max_loop_samples"),
+        small=config.get("small", False),
     )
     start = time.perf_counter()
     records: list[dict[str, Any]] = []

@@ -3,6 +3,7 @@ r"""Tests for the benchmark package behind `bayesflow bench`."""
 import ast
 import copy
 import json
+import math
 import sys
 
 from pathlib import Path
@@ -554,3 +555,167 @@ def test_flows_table():
         "| NSF | forward | 8 | 1.00 | 80.0 | 10.0 | 8.0x |",
         "| NSF | forward | 32 | 1.00 | not run | 40.0~ | - |",
     ]
+
+
+@pytest.mark.parametrize("duration", [2e-6, 1e-4, 0.05])
+def test_each_measurement_lasts_min_time_over_repeats(duration, monkeypatch):
+    # A call of known duration on a fake clock, the one torch's Timer reads: the
+    # calibration's arithmetic, not the speed of anything.
+    import timeit
+
+    now = [0.0]
+
+    def call():
+        now[0] += duration
+
+    monkeypatch.setattr(timeit, "default_timer", lambda: now[0])
+    min_time, repeats = 0.03, 3
+    t = bench.measure.time_call(call, 1, torch.device("cpu"), min_time, repeats)
+    assert t["median_ms"] == pytest.approx(duration * 1e3)
+    budget = min_time / repeats
+    if duration < budget:
+        assert t["runs"] == repeats
+        assert t["calls_per_run"] * duration == pytest.approx(budget, rel=0.05)
+    else:  # single calls, about 2 * min_time of them
+        assert t["calls_per_run"] == 1 and t["runs"] == 3
+
+
+def _zero_logvar_gradients(case, K, mode, fn, args, **options):
+    # vmap's training step with every log-variance gradient replaced by zeros.
+    from bayesflow.bench.run import _wrap_mode
+
+    vmap = bench.METHODS["vmap"]
+    step = _wrap_mode(vmap, case, vmap.build(case, K, mode, fn, args, **options), mode)
+
+    def run(seed):
+        losses, grads = step(seed)
+        return losses, {k: 0 * g if k.startswith("logvar:") else g for k, g in grads.items()}
+
+    return run
+
+
+def test_small_gradients_are_checked_on_their_own_scale():
+    # The LSTM's log-variance gradients are all below 2e-4 (float32's tolerance): an
+    # absolute bound would let zeros pass.
+    method = bench.Method("zeroed", _zero_logvar_gradients, targets=None)
+    records = _run(
+        ["lstm"], ["vmap"], modes=("train",), dtype=torch.float32, extra={"zeroed": method}
+    )
+    by = {r["method"]: r for r in records}
+    assert by["vmap"]["status"] is Status.OK, by["vmap"]  # float32 rounding passes
+    assert by["zeroed"]["status"] is Status.WRONG, by["zeroed"]
+    assert "(gradient of logvar:" in by["zeroed"]["detail"]
+
+
+def test_a_model_without_a_sample_mode_reports_its_cells():
+    records = _run(["mlp"], ["loop", "vmap"], modes=("sample",))
+    assert [(r["method"], r["status"]) for r in records] == [
+        ("loop", Status.NOT_APPLICABLE),
+        ("vmap", Status.NOT_APPLICABLE),
+    ]
+    assert all(r["detail"] == "mlp has no sample mode" for r in records)
+    assert "loop: n/a (mlp has no sample mode)" in bench.format_table(records)
+
+
+@pytest.mark.parametrize("method", ["vmap", "local-trick", "torch-func"])
+def test_chunk_size_reaches_the_vectorized_methods(method, monkeypatch):
+    seen = []
+    for owner, name in ((bf, "vmap_call"), (bf, "local_call"), (torch, "vmap")):
+        original = getattr(owner, name)
+
+        def spy(*args, _original=original, **kwargs):
+            seen.append(kwargs.get("chunk_size"))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spy)
+    (r,) = _run(["mlp"], [method], modes=("forward",), chunk_size=2)
+    assert r["status"] is Status.OK and r["chunk_size"] == 2, r
+    assert 2 in seen, seen
+
+
+def test_json_is_standard_and_keeps_why_a_check_failed(tmp_path):
+    def one_sample(case, K, mode, fn, args, **options):
+        return lambda seed: fn(case.module, *args).unsqueeze(0)  # one sample, not K
+
+    method = bench.Method("one", one_sample)
+    (r,) = _run(["mlp"], [], modes=("forward",), extra={"one": method})
+    assert r["status"] is Status.WRONG and "shape (1, 4, 5) != (2, 4, 5)" in r["detail"], r
+
+    bench.write_json([r], tmp_path / "r.json")
+
+    def reject(constant):
+        raise ValueError(f"not standard JSON: {constant}")
+
+    (loaded,) = json.loads((tmp_path / "r.json").read_text(), parse_constant=reject)
+    assert loaded["error"] is None and loaded["detail"] == r["detail"]
+
+
+def _scaled_deterministic(scale):
+    base = bench.METHODS["deterministic"]
+
+    def build(case, K, mode, fn, args, **options):
+        step = base.build(case, K, mode, fn, args, **options)
+
+        def run(seed):
+            losses, grads = step(seed)
+            return losses, {k: scale * g for k, g in grads.items()}
+
+        return run
+
+    return bench.Method("scaled", build, Noise.NONE, targets=None, uses_k=False)
+
+
+def test_the_plain_cnf_is_checked_to_its_adjoints_accuracy():
+    # zuko's ODE adjoint is 1.3% off (bayesflow's loop agrees with a finite difference):
+    # within the CNF's tolerance, and said so; a gradient 20% off is still wrong.
+    records = _run(
+        ["cnf"], ["deterministic"], modes=("train",), threads=1,
+        extra={"scaled": _scaled_deterministic(1.2)},
+    )  # fmt: skip
+    by = {r["method"]: r for r in records}
+    assert by["deterministic"]["status"] is Status.OK, by["deterministic"]
+    assert "ODE adjoint" in by["deterministic"]["detail"]
+    assert 1e-3 < by["deterministic"]["error"] < 5e-2
+    assert by["scaled"]["status"] is Status.WRONG, by["scaled"]
+
+
+def test_small_settings_of_the_slow_flows():
+    full, small = (bench.make_case("cnf", batch=2, small=s) for s in (False, True))
+    count = sum(p.numel() for p in small.module.parameters())
+    assert count < sum(p.numel() for p in full.module.parameters())
+    assert bench.make_case("mlp", batch=2, small=True).posterior.mean.keys() == (
+        bench.make_case("mlp", batch=2).posterior.mean.keys()
+    )
+    (r,) = _run(["cnf"], ["deterministic"], modes=("forward",), small=True, threads=1)
+    assert r["small"] is True and "small settings" in bench.format_table([r])
+    (r,) = _run(["mlp"], ["deterministic"], modes=("forward",), small=True)
+    assert r["small"] is False  # the same model either way
+
+
+def _local_trick_variance(factor):
+    # The local trick on a posterior whose variances are off by `factor`.
+    def build(case, K, mode, fn, args, **options):
+        g = torch.Generator()
+        q = case.posterior
+        wrong = bf.Posterior(q.mean, {k: v + math.log(factor) for k, v in q.logvar.items()})
+
+        def run(seed):
+            g.manual_seed(seed or 0)
+            return bf.local_call(case.module, wrong, K, *args, fn=fn, generator=g)
+
+        return run
+
+    return bench.Method("variance", build, Noise.LOCAL)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("factor", [1.0, 2.0])
+def test_statistical_check_of_the_output_variance(factor, seed):
+    (r,) = _run(
+        ["mlp"], [], modes=("forward",), batch=16, seed=seed, extra={"v": _local_trick_variance(factor)},
+        check_samples=bench.checks.STATISTICAL_SAMPLES,
+    )  # fmt: skip
+    if factor == 1.0:
+        assert r["status"] is Status.OK, r
+    else:
+        assert r["status"] is Status.WRONG and "variances by" in r["detail"], r

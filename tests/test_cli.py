@@ -86,7 +86,8 @@ def test_quick(tmp_path, capsys):
             for method in ("zuko-loop", "loop", "vmap"):
                 assert (model, mode, method) in seen
     assert ("nsf", "sample", "vmap") in seen
-    assert ("mlp", "sample", "vmap") not in seen  # no sample mode for an MLP
+    mlp_sample = [r for r in records if r["model"] == "mlp" and r["mode"] == "sample"]
+    assert mlp_sample and all(r["status"] == "n/a" for r in mlp_sample)  # none for an MLP
 
     ok = {(r["model"], r["mode"], r["method"]) for r in records if r["status"] == "ok"}
     assert ("mlp", "forward", "vmap") in ok
@@ -159,6 +160,8 @@ def test_wrong_method_fails_the_command(monkeypatch, tmp_path, capsys):
         ["--threads", "-2"],
         ["--dtype", "int8"],
         ["--sweep", "no-such-sweep"],
+        ["--seed", "99999999999999999999999"],
+        ["--seed", "many"],
     ],
     ids=lambda a: " ".join(a),
 )
@@ -291,3 +294,59 @@ def test_bad_batch_and_loop_limit(argv, capsys):
         main(["bench", *argv])
     assert info.value.code == 2
     assert "expected a positive integer" in capsys.readouterr().err
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the sweep ran")
+
+
+@pytest.mark.parametrize(
+    "sweep, key",
+    [
+        ({"repeats": 0}, "repeats"),
+        ({"threads": 0}, "threads"),
+        ({"device": "tpu"}, "device"),
+        ({"min_time": "0.1"}, "min_time"),
+        ({"min_time": -1}, "min_time"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"seed": 2**64}, "seed"),
+        ({"small": "yes"}, "small"),
+        ({"models": "mlp"}, "models"),
+        ({"samples": [1, "many"]}, "samples"),
+        ({"modle": ["mlp"], "sampels": [2]}, "modle"),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else v,
+)
+def test_bad_sweep_file_fails_before_the_sweep(sweep, key, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "run_bench", _never)
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(sweep))
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--sweep", str(path), "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--sweep: expected" in err and repr(key) in err and str(path) in err, err
+
+
+def test_plot_without_matplotlib_fails_before_the_sweep(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "run_bench", _never)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an import of None fails
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--quick", "--plot", str(tmp_path / "r.png"), "--no-progress"])
+    assert info.value.code == 2
+    assert "--plot: expected matplotlib" in capsys.readouterr().err
+
+
+def test_quick_takes_the_small_settings(monkeypatch, capsys):
+    seen = {}
+
+    def spy(*args, options, **kwargs):
+        seen["small"] = options.small
+        return []
+
+    monkeypatch.setattr(bench, "run_bench", spy)
+    assert main(["bench", "--quick", "--no-progress"]) == 0
+    assert seen == {"small": True}
+    assert main(["bench", "--models", "mlp", "--no-progress"]) == 0
+    assert seen == {"small": False}
+    capsys.readouterr()

@@ -112,7 +112,8 @@ def peak_memory(call: Callable[[], Any], device: torch.device) -> tuple[float | 
 def time_call(
     call: Callable[[], Any], num_threads: int, device: torch.device, min_time: float, repeats: int
 ) -> dict[str, Any]:
-    r"""Times `call` after one warm-up call, which also gives its peak memory.
+    r"""Times `call` after warm-up calls: the first gives its peak memory, the next its
+    time per call, from which the number of calls per measurement is set.
 
     Each of the `repeats` measurements lasts about `min_time / repeats` seconds; a cell
     slower than that gets single-call measurements, at least 3 (or `repeats` if fewer) and
@@ -128,11 +129,16 @@ def time_call(
     # The Timer synchronizes CUDA itself.
     timer = Timer("call()", globals={"call": call}, num_threads=num_threads)
 
-    t0 = time.perf_counter()
     peak, kind = peak_memory(call, device)
-    once = max(time.perf_counter() - t0, 1e-7)
+    # Not the call above: on CPU, starting and joining its polling thread takes up to a
+    # millisecond or more, which would give a fast call a small fraction of `min_time`.
+    once = timer.timeit(1).median
+    budget = min_time / repeats
+    if once < budget / 100:  # one fast call is mostly timer overhead and jitter: time more
+        n = int(budget / 10 / once)
+        once = timer.timeit(n).median
 
-    number = max(1, int(min_time / repeats / once))
+    number = max(1, int(budget / max(once, 1e-9)))
     if number == 1:
         repeats = min(repeats, max(3, int(2 * min_time / once)))
     times = [timer.timeit(number).median for _ in range(repeats)]

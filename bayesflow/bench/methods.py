@@ -197,13 +197,21 @@ def _build_vmap_compiled(
     return run
 
 
-def _build_local_trick(case: Case, K: int, mode: str, fn: Callable, args: tuple, **_: Any) -> Run:
+def _build_local_trick(
+    case: Case, K: int, mode: str, fn: Callable, args: tuple, chunk_size: int | None = None
+) -> Run:
     _require_local_layers(case)
     g = _generator(case)
 
     def run(seed: int | None) -> Tensor:
         return bf.local_call(
-            case.module, case.posterior, K, *args, fn=fn, generator=_seeded(g, seed)
+            case.module,
+            case.posterior,
+            K,
+            *args,
+            fn=fn,
+            generator=_seeded(g, seed),
+            chunk_size=chunk_size,
         )
 
     return run
@@ -251,7 +259,9 @@ def _build_limit(case: Case, K: int, mode: str, fn: Callable, args: tuple, **_: 
     return step
 
 
-def _build_torch_func(case: Case, K: int, mode: str, fn: Callable, args: tuple, **_: Any) -> Run:
+def _build_torch_func(
+    case: Case, K: int, mode: str, fn: Callable, args: tuple, chunk_size: int | None = None
+) -> Run:
     if case.output is None or fn is not case.fn:
         raise NotApplicable("fn does more than call the module (a lazy flow)")
 
@@ -271,7 +281,9 @@ def _build_torch_func(case: Case, K: int, mode: str, fn: Callable, args: tuple, 
     def fmodel(params: dict[str, Tensor], shared: dict[str, Tensor], *a: Tensor) -> Tensor:
         return output(functional_call(base, (params, shared), a))
 
-    vectorized = torch.vmap(fmodel, in_dims=(0, None, *(None for _ in args)))
+    vectorized = torch.vmap(
+        fmodel, in_dims=(0, None, *(None for _ in args)), chunk_size=chunk_size
+    )
     g = _generator(case)
 
     def run(seed: int | None) -> Tensor:

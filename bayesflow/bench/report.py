@@ -16,6 +16,7 @@ __all__ = [
 
 import csv
 import json
+import math
 
 from typing import Any
 
@@ -64,7 +65,7 @@ def _ms(r: Record) -> str:
 
 #: The fields of a record that tell its run from another: the tables compare and divide
 #: the times of one run only, whatever a list of records holds.
-_RUN = ("device", "device_name", "dtype", "threads", "chunk_size")
+_RUN = ("device", "device_name", "dtype", "threads", "chunk_size", "small")
 
 
 def _run_of(r: Record) -> tuple:
@@ -74,8 +75,10 @@ def _run_of(r: Record) -> tuple:
 
 def _describe(r: Record) -> str:
     chunk = r.get("chunk_size")
-    return f"{r['device']} {r['dtype']} · {r['threads']} thread(s)" + (
-        f" · chunk size {chunk}" if chunk is not None else ""
+    return (
+        f"{r['device']} {r['dtype']} · {r['threads']} thread(s)"
+        + (f" · chunk size {chunk}" if chunk is not None else "")
+        + (" · small settings" if r.get("small") else "")
     )
 
 
@@ -253,6 +256,7 @@ def markdown_table(records: list[Record]) -> str:
             f"{model}, batch {first['batch']}, {first['device']} {first['dtype']}, "
             f"{first['threads']} thread(s)"
             + (f", chunk size {chunk}" if chunk is not None else "")
+            + (", small settings" if first.get("small") else "")
             + ": median ms"
             + (f"; in parentheses {ratios}" if refs else "")
             + "\n"
@@ -392,11 +396,20 @@ def _plain(record: Record) -> Record:
     return {k: str(v) if isinstance(v, Status) else v for k, v in record.items()}
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
 def write_json(records: list[Record], path: str) -> None:
-    r"""Writes records as a JSON list."""
+    r"""Writes records as a JSON list, standard JSON: a non-finite number (the error of a
+    check that failed on shapes or non-finite values, which its detail says) as null."""
 
     with open(path, "w") as f:
-        json.dump([_plain(r) for r in records], f, indent=1)
+        json.dump([_finite(_plain(r)) for r in records], f, indent=1, allow_nan=False)
         f.write("\n")
 
 

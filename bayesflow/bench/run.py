@@ -19,7 +19,7 @@ import zuko
 
 import bayesflow as bf
 
-from .cases import Case, make_case
+from .cases import SMALL, Case, make_case
 from .checks import (
     STATISTICAL_SAMPLES,
     check_deterministic,
@@ -51,6 +51,8 @@ class Options:
         check_samples: The least number of samples of a statistical check.
         max_loop_samples: The largest K at which the Python loops over samples
             (:data:`~bayesflow.bench.methods.LOOPS`) run; no limit if :py:`None`.
+        small: Whether the slowest flows take their smaller settings
+            (:data:`~bayesflow.bench.cases.SMALL`), for a smoke test.
     """
 
     batch: int | Sequence[int] | None = None
@@ -64,6 +66,7 @@ class Options:
     model_samples: Mapping[str, Sequence[int]] = field(default_factory=dict)
     check_samples: int = STATISTICAL_SAMPLES
     max_loop_samples: int | None = None
+    small: bool = False
 
 
 def _wrap_mode(method: Method, case: Case, run: Callable, mode: str) -> Callable:
@@ -141,7 +144,7 @@ def measure_cell(
                 method.noise,
                 build,
                 options.seed,
-                options.check_samples,
+                min(options.check_samples, case.check_samples or options.check_samples),
                 method.kl,
             )
             # Built anew after the check, which built its own: some peers hold global
@@ -183,7 +186,8 @@ def measure_cell(
     return {
         **timing,
         "status": Status.OK,
-        "detail": "checked statistically" if statistical else "checked exactly",
+        "detail": ("checked statistically" if statistical else "checked exactly")
+        + (f" ({check.detail})" if check.detail else ""),
         "error": check.error,
         "compile_s": compile_s,
     }
@@ -343,13 +347,17 @@ def _run(
         for model in models:
             for batch in batches:
                 case = make_case(
-                    model, batch, device=device, dtype=options.dtype, seed=options.seed
+                    model,
+                    batch,
+                    device=device,
+                    dtype=options.dtype,
+                    seed=options.seed,
+                    small=options.small,
                 )
                 for mode in modes:
                     cells = [(K, n, m) for K in ks(model) for n, m in table.items() if runs(n, K)]
-                    if mode == "sample" and case.sample_fn is None:
-                        bar.update(len(cells))
-                        continue
+                    # Reported, not dropped: a model without a sample mode gets n/a cells.
+                    none = mode == "sample" and case.sample_fn is None
                     once: dict[str, dict[str, Any]] = {}  # the cells of methods without K
                     for K, name, method in cells:
                         bar.set_description(f"{model} {mode} K={K} {name}")
@@ -360,9 +368,19 @@ def _run(
                             "mode": mode,
                             "batch": case.batch,
                             **common,
+                            "small": options.small and model in SMALL,
                             "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                         }
-                        if name in once:
+                        if none:
+                            result = {
+                                "median_ms": None,
+                                "iqr_ms": None,
+                                "peak_mem_mb": None,
+                                "error": None,
+                                "status": Status.NOT_APPLICABLE,
+                                "detail": f"{model} has no sample mode",
+                            }
+                        elif name in once:
                             result = once[name]
                         else:
                             result = measure_cell(method, case, K, mode, options)

@@ -2,9 +2,10 @@ r"""What `bayesflow bench` runs: the defaults and the named sweeps (`--sweep NAM
 
 A sweep sets any of `models`, `samples`, `modes`, `methods`, `batch` (one size or a list:
 a batch sweep), `device`, `dtype`, `threads`, `chunk_size`, `min_time`, `repeats`, `seed`,
-`model_samples` (numbers of samples for some models, in place of `samples`) and
-`max_loop_samples` (the largest K of the Python loops); a JSON file with these keys is a
-sweep too.
+`model_samples` (numbers of samples for some models, in place of `samples`),
+`max_loop_samples` (the largest K of the Python loops) and `small` (the smaller settings
+of the slowest flows, :data:`~bayesflow.bench.cases.SMALL`); a JSON file with these keys
+is a sweep too.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ SWEEPS: dict[str, dict[str, Any]] = {
         "batch": 16,
         "min_time": 0.01,
         "repeats": 3,
+        "small": True,
     },
     "paper": {
         "models": ["mlp", "nsf"],
