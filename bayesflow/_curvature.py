@@ -380,6 +380,8 @@ def capture(
         if mode is not None:
             mode.depth -= 1
         phi, z, back = inputs[0] if inputs else None, out, None
+        # Inference tensors have no version counter to tell a later in-place write: copies.
+        phi, z = (t.clone() if isinstance(t, Tensor) and t.is_inference() else t for t in (phi, z))
         if leaf and not seen and isinstance(out, Tensor):
             # Only what follows the layer is recorded: gradients are switched on here, inside
             # the call, and back off after it.
@@ -419,7 +421,7 @@ def capture(
 
 def _versions(*tensors: object) -> tuple[int | None, ...]:
     r"""The version counters of `tensors`, which every in-place write moves (:py:`None`
-    for what has none: inference tensors, which no check here then trusts)."""
+    for what has none: inference tensors, which :func:`capture` keeps as copies)."""
 
     return tuple(
         t._version if isinstance(t, Tensor) and not t.is_inference() else None for t in tensors

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 __all__ = ["Slot", "Structure", "lock", "structure"]
 
+import inspect
 import threading
 import types
 
+from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -28,39 +30,58 @@ from ._compat import is_compiling, weight_hooks
 Slot = tuple[dict, str]
 
 
+# zuko's modules whose pieces the vmap-safe stand-ins replace, and those that build them
+# (zuko.nn's networks and zuko.distributions' plain distributions need none).
+_ZUKO_PARTS = ("transforms", "utils", "flows", "lazy", "mixtures")
+
+
 def _is_zuko(name: object) -> bool:
-    return (
-        isinstance(name, str)
-        and (name == "zuko" or name.startswith("zuko."))
-        and not (name == "zuko.nn" or name.startswith("zuko.nn."))
+    return isinstance(name, str) and any(
+        name == f"zuko.{part}" or name.startswith(f"zuko.{part}.") for part in _ZUKO_PARTS
     )
 
 
 def _names_zuko(code: types.CodeType, scope: dict[str, Any]) -> bool:
-    r"""Whether `code` (or a function defined in it) names a global that belongs to zuko,
-    outside zuko.nn: one of its classes or functions, or zuko's modules themselves."""
+    r"""Whether `code` (or a function defined in it) names a global from zuko's parts that
+    need the stand-ins: one of their classes or functions, or the modules themselves (also
+    as `zuko.transforms...`)."""
 
     for name in code.co_names:
         obj = scope.get(name)
         if isinstance(obj, types.ModuleType):
-            where = obj.__name__
-        else:
-            where = getattr(obj, "__module__", None)
-        if _is_zuko(where):
+            if _is_zuko(obj.__name__):
+                return True
+            if obj.__name__ == "zuko" and any(part in code.co_names for part in _ZUKO_PARTS):
+                return True
+        elif _is_zuko(getattr(obj, "__module__", None)):
             return True
     return any(isinstance(c, types.CodeType) and _names_zuko(c, scope) for c in code.co_consts)
 
 
+def _functions(cls: type) -> Iterator[types.FunctionType]:
+    r"""The functions a class defines itself, through decorators (`functools.wraps`)."""
+
+    for value in vars(cls).values():
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        elif isinstance(value, property):
+            value = value.fget
+        value = inspect.unwrap(value) if callable(value) else value
+        if isinstance(value, types.FunctionType):
+            yield value
+
+
 def _runs_zuko(cls: type) -> bool:
-    r"""Whether a module of type `cls` runs zuko's transforms: a zuko class (outside
-    zuko.nn) or a subclass of one, or a class whose own `forward` names zuko."""
+    r"""Whether a module of type `cls` may run zuko's transforms: a class of zuko's (outside
+    zuko.nn and zuko.distributions) or a subclass of one, or a class one of whose own
+    methods (its forward, the helpers it calls) names them."""
 
     for c in cls.__mro__:
         if _is_zuko(c.__module__):
             return True
-        forward = c.__dict__.get("forward")
-        code = getattr(forward, "__code__", None)
-        if code is not None and _names_zuko(code, forward.__globals__):
+        if c.__module__.startswith(("torch.", "builtins")):
+            continue
+        if any(_names_zuko(f.__code__, f.__globals__) for f in _functions(c)):
             return True
     return False
 

@@ -177,12 +177,13 @@ def laplace_fit(
     return LaplaceFit(*_curvature.fit(where, module, fn, data, options))
 
 
-def _check_fit(where: str, fit: object) -> LaplaceFit:
+def _check_fit(where: str, fit: object, likelihood: bool = True) -> LaplaceFit:
     r"""Checks a fit as :func:`laplace_fit` makes it, or as edited with `fit._replace`: the
     same names in `mean` and `hessian`, each curvature of its mean's shape, dtype and
     device, finite and non-negative, finite means, a finite scalar log-likelihood and
     `num_data >= 1`. The values take one reduction per tensor and one synchronization per
-    device."""
+    device. Without `likelihood` (for what does not read it), the log-likelihood may be
+    infinite."""
 
     if not isinstance(fit, LaplaceFit):
         raise TypeError(
@@ -248,7 +249,8 @@ def _check_fit(where: str, fit: object) -> LaplaceFit:
         raise TypeError(f"{where}: expected fit.num_data to be an int, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"{where}: expected fit.num_data >= 1, got {n}")
-    ok.append(ll.detach().isfinite())
+    if likelihood:  # the evidence reads it; the posterior does not (-inf in float16 is fine)
+        ok.append(ll.detach().isfinite())
 
     devices: dict[torch.device, list[Tensor]] = {}
     for flag in ok:
@@ -502,7 +504,7 @@ def laplace_posterior(fit: LaplaceFit, prior_precision: PriorPrecision = 1.0) ->
     """
 
     where = "laplace_posterior"
-    _check_fit(where, fit)
+    _check_fit(where, fit, likelihood=False)
     lam = _prior_precision(where, list(fit.mean), fit.mean, prior_precision)
     with torch.no_grad():
         variance = {k: 1 / (fit.hessian[k] + lam[k]) for k in fit.mean}
@@ -572,7 +574,8 @@ def laplace(
         like = {k: module.get_parameter(k) for k in options.names}
         _prior_precision(where, options.names, like, prior_precision)
 
-    fit = _check_fit(where, LaplaceFit(*_curvature.fit(where, module, fn, data, options)))
+    fit = LaplaceFit(*_curvature.fit(where, module, fn, data, options))
+    fit = _check_fit(where, fit, likelihood=isinstance(prior_precision, str))
     if isinstance(prior_precision, str):
         prior_precision = optimize_prior_precision(fit)
     return laplace_posterior(fit, prior_precision)

@@ -2,6 +2,7 @@ r"""Regression tests for what a call must never do silently: corrupt tied weight
 side effects, mix threads, ignore randomness; and the small contracts of the call."""
 
 import copy
+import functools
 import sys
 import threading
 import warnings
@@ -993,16 +994,58 @@ class _OwnMonotonic(nn.Module):
         return transform(x).sum(-1)
 
 
+class _OwnMonotonicByHelper(_OwnMonotonic):
+    def make(self, c):
+        s = self.hyper(c)[..., None, :]
+        return zuko.transforms.UnconstrainedMonotonicTransform(g=lambda u: self.g(s, u), phi=(s,))
+
+    def forward(self, c, x):  # names no zuko: its helper does
+        return self.make(c)(x).sum(-1)
+
+
+def _passing(f):
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+class _OwnMonotonicDecorated(_OwnMonotonic):
+    forward = _passing(_OwnMonotonic.forward)
+
+
+class _GaussianLikelihood(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(2, 3)
+
+    def forward(self, x, y):  # zuko's plain distributions need no stand-in
+        return zuko.distributions.DiagNormal(self.net(x), torch.ones(3)).log_prob(y)
+
+
+OWN_MONOTONIC = {
+    "forward": _OwnMonotonic,
+    "helper": _OwnMonotonicByHelper,
+    "decorated": _OwnMonotonicDecorated,
+}
+
+
+@pytest.mark.parametrize("kind", OWN_MONOTONIC)
 @pytest.mark.parametrize("call", ["vmap_call", "loop_call"])
-def test_a_module_whose_forward_builds_zukos_transforms_gets_the_stand_ins(call, gen):
+def test_a_module_whose_forward_builds_zukos_transforms_gets_the_stand_ins(call, kind, gen):
     # Only zuko's own module types got the vmap-safe stand-ins: here zuko's quadrature ran,
     # its backward recomputed the integrand after the call had put the module's own
     # weights back, and the gradients were those of other weights (0.29 for 3.47).
     from bayesflow._structure import structure
 
     torch.manual_seed(0)
-    net = _OwnMonotonic()
-    assert structure(net).uses_zuko and not structure(nn.Linear(2, 2)).uses_zuko
+    net = OWN_MONOTONIC[kind]()
+    assert structure(net).uses_zuko
+    # the stand-ins cost ~50 us a call: not for modules that do not need them
+    assert not structure(nn.Linear(2, 2)).uses_zuko
+    assert not structure(_GaussianLikelihood()).uses_zuko
+    assert not structure(zuko.nn.MLP(2, 2)).uses_zuko
     c, x = torch.randn(4, 2), torch.randn(4, 5)
     q = bf.init(net, init_logvar=-2.0)
     params = {k: v.detach().requires_grad_() for k, v in bf.sample(q, 3, generator=gen(1)).items()}
