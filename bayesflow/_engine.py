@@ -304,13 +304,13 @@ def _split(t: Tensor) -> Tensor | tuple[Tensor, ...]:
 
 def _loop(job: _Job, state: State | None = None) -> Any:
     if job.st.uses_zuko and is_compiling():
-        return _eager_loop(job, state)
+        return _eager(_loop_now)(job, state)
     return _loop_now(job, state)
 
 
 def _single(job: _Job) -> Any:
     if job.st.uses_zuko and is_compiling():
-        return _eager_single(job)
+        return _eager(_single_now)(job)
     return _single_now(job)
 
 
@@ -388,9 +388,16 @@ def _single_now(job: _Job) -> Any:
 # Under torch.compile, a zuko flow's loop and single call run eagerly (a graph break):
 # zuko's pieces that recompute in their backward need the stand-ins, which are only
 # installed outside tracing (traced, the backward ran with the module's own parameters:
-# silently wrong gradients).
-_eager_loop = torch.compiler.disable(_loop_now)
-_eager_single = torch.compiler.disable(_single_now)
+# silently wrong gradients). Made on first use: `torch.compiler.disable` imports dynamo,
+# which would cost every `import bayesflow` more than a second.
+_EAGER: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _eager(f: Callable[..., Any]) -> Callable[..., Any]:
+    eager = _EAGER.get(f)
+    if eager is None:
+        eager = _EAGER[f] = torch.compiler.disable(f)
+    return eager
 
 
 def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
