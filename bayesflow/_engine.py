@@ -107,8 +107,8 @@ def _warn(message: str | None, n: int) -> None:
         )
 
 
-# The layer forwards that `hold` keeps patched, per module, innermost last.
-_HOLDS: PerObject[list[patched]] = PerObject(cache=False)
+# What `hold` keeps in place, per module, innermost last: its attribute patches and swap.
+_HOLDS: PerObject[list[tuple[patched, swapped]]] = PerObject(cache=False)
 
 
 @contextmanager
@@ -133,17 +133,25 @@ def hold(
         except BaseException:
             swap.__exit__()
             raise
-        _HOLDS.setdefault(module, list).append(patch)
+        _HOLDS.setdefault(module, list).append((patch, swap))
     try:
         yield module
     finally:
         with lock(module):
             holds = _HOLDS.get(module)
-            holds.remove(patch)
+            i = next(i for i, (p, _) in enumerate(holds) if p is patch)
+            del holds[i]
+            if i < len(holds):
+                # Left before a hold entered after it (out of order): that one keeps its
+                # sample in place and, on its exit, puts back what this one found.
+                inner_patch, inner_swap = holds[i]
+                patch.hand_over(inner_patch)
+                swap.hand_over(inner_swap)
+            else:
+                patch.__exit__()
+                swap.__exit__()
             if not holds:
                 _HOLDS.pop(module)
-            patch.__exit__()
-            swap.__exit__()
 
 
 def _changes(st: Structure, module: nn.Module, extra: list) -> list[tuple[Any, str, Any]]:
@@ -153,7 +161,7 @@ def _changes(st: Structure, module: nn.Module, extra: list) -> list[tuple[Any, s
     if not st.hooked and not _HOLDS:
         return extra
     changes = []
-    for patch in reversed(_HOLDS.get(module) or ()):
+    for patch, _ in reversed(_HOLDS.get(module) or ()):
         changes += [(obj, name, old) for obj, name, old in reversed(patch.done)]
     for path, hook in st.hooked:
         m = st.sub(module, path)

@@ -9,7 +9,7 @@ __all__ = ["REMOVE", "has_own_forward", "ours", "patched", "swapped"]
 
 import weakref
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch.nn as nn
@@ -108,6 +108,13 @@ class swapped:
                 kept.append((attr, cached, REMOVE if cached is REMOVE else list(cached)))
             self.flat.append((d, kept))
 
+    def hand_over(self, inner: swapped) -> None:
+        r"""Leaves without restoring: `inner`, entered after this one and still open, puts
+        back on its exit what this one found."""
+
+        _hand_over(self.done, inner.done, lambda e: (id(e[0]), e[1]))
+        _hand_over(self.flat, inner.flat, lambda e: id(e[0]))
+
     def __exit__(self, *exc: object) -> None:
         for d, attr, original in reversed(self.done):
             d[attr] = original
@@ -179,6 +186,12 @@ class patched:
             self.__exit__()
             raise
 
+    def hand_over(self, inner: patched) -> None:
+        r"""Leaves without restoring: `inner`, entered after this one and still open, puts
+        back on its exit what this one found."""
+
+        _hand_over(self.done, inner.done, lambda e: (id(e[0]), e[1]))
+
     def __exit__(self, *exc: object) -> None:
         for obj, name, old in reversed(self.done):
             if old is REMOVE:
@@ -186,3 +199,21 @@ class patched:
             else:
                 vars(obj)[name] = old
         self.done.clear()
+
+
+def _hand_over(outer: list, inner: list, place: Callable[[Any], Any]) -> None:
+    r"""Moves the records of what `outer` found into `inner`, a change made after it on
+    the same places: where both changed a place, the inner one's record (the outer one's
+    value) becomes the outer one's; a place only the outer one changed is restored last."""
+
+    first: dict[Any, int] = {}
+    for i, entry in enumerate(inner):
+        first.setdefault(place(entry), i)
+    for entry in reversed(outer):
+        i = first.get(place(entry))
+        if i is None:
+            inner.insert(0, entry)
+            first = {k: v + 1 for k, v in first.items()}
+        else:
+            inner[i] = entry
+    outer.clear()

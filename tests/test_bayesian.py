@@ -422,3 +422,31 @@ def test_local_trick_leaves_tied_layers_with_the_held_sample():
         expected = F.linear(torch.tanh(F.linear(x, w, m[0].bias)), w, m[2].bias)
         assert torch.equal(m(x), expected)
     assert not torch.equal(w, bnet.posterior.mean["0.weight"])  # a sample, not the mean
+
+
+@pytest.mark.parametrize("local_trick", [False, True])
+def test_reparameterize_blocks_left_out_of_order(local_trick):
+    # Enter A, enter B, leave A, leave B: A put its originals back under B, and B then put
+    # back A's sample, which stayed in the base for good (zuko does the same).
+    torch.manual_seed(0)
+    base = zuko.nn.MLP(3, 2, hidden_features=(8,))
+    bnet = bf.BayesianModel(base, init_logvar=-2.0)
+    x = torch.randn(4, 3)
+    before = snapshot(base)
+    originals = list(base.parameters())
+    forwards = [dict(vars(m)) for m in base.modules()]
+
+    a = bnet.reparameterize(local_trick=local_trick, generator=torch.Generator().manual_seed(1))
+    b = bnet.reparameterize(local_trick=local_trick, generator=torch.Generator().manual_seed(2))
+    a.__enter__()
+    y_a = base(x)
+    b.__enter__()
+    y_b = base(x)
+    assert not torch.allclose(y_a, y_b)  # each block holds its own sample
+    a.__exit__(None, None, None)
+    assert torch.equal(base(x), y_b)  # B's block still sees B's sample
+    b.__exit__(None, None, None)
+
+    assert all(p is q for p, q in zip(base.parameters(), originals, strict=True))
+    assert unchanged(before, base)
+    assert [dict(vars(m)) for m in base.modules()] == forwards  # no forward left patched
