@@ -499,8 +499,9 @@ def laplace_posterior(fit: LaplaceFit, prior_precision: PriorPrecision = 1.0) ->
         TypeError: If `fit` is not a :class:`LaplaceFit` or holds a field of the wrong type.
         ValueError: If `fit`, e.g. as edited with `fit._replace`, is not what
             :func:`laplace_fit` gives: a `hessian` without the names, shapes, dtypes and
-            devices of `mean`, a negative or non-finite curvature, a non-finite mean or
-            `log_likelihood`; or if `prior_precision` is not positive or does not broadcast.
+            devices of `mean`, a negative or non-finite curvature or a non-finite mean (its
+            `log_likelihood`, which it does not read, may be infinite); or if
+            `prior_precision` is not positive or does not broadcast.
     """
 
     where = "laplace_posterior"
