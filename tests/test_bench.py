@@ -202,6 +202,67 @@ def test_statistical_check(scale):
             assert r["status"] is Status.WRONG and r["median_ms"] is None, r
 
 
+def _own_noise(logvar_scale):
+    # A method with its own noise (as a peer) whose log-variance gradients are scaled.
+    def build(case, K, mode, fn, args, **options):
+        step = _biased_build(1.0)(case, K, mode, fn, args, **options)
+
+        def run(seed):
+            losses, grads = step(seed)
+            scaled = {
+                k: logvar_scale * g if k.startswith("logvar:") else g for k, g in grads.items()
+            }
+            return losses, scaled
+
+        return run
+
+    return bench.Method("own", build, Noise.OWN, targets=None, kl=True)
+
+
+@pytest.mark.parametrize("logvar_scale", [1.0, 0.0, 2.0])
+def test_own_noise_log_variance_gradients_are_checked(logvar_scale):
+    # A peer's gradients with respect to its standard-deviation parameter were not checked:
+    # zeroed, they passed. Their expectation is small next to their spread, so their
+    # squared norm is what catches them; at the default number of samples, as the CLI.
+    (r,) = _run(
+        ["mlp"], [], modes=("train",), extra={"own": _own_noise(logvar_scale)},
+        check_samples=bench.checks.STATISTICAL_SAMPLES,
+    )  # fmt: skip
+    if logvar_scale == 1.0:
+        assert r["status"] is Status.OK and r["detail"] == "checked statistically", r
+    else:
+        assert r["status"] is Status.WRONG, r
+        assert "squared norm of the gradient of logvar:" in r["detail"], r
+
+
+@pytest.mark.parametrize("peer", ["bayesian-torch", "posteriors", "pyro"])
+def test_peers_std_gradients_reach_the_check(peer):
+    # Each peer's gradient with respect to its own standard-deviation parameter comes taken
+    # to the log-variance: zeroed, its training step is refused.
+    pytest.importorskip(dict(zip(PEERS, PEER_MODULES, strict=False))[peer])
+    base = bench.METHODS[peer]
+
+    def build(case, K, mode, fn, args, **options):
+        step = base.build(case, K, mode, fn, args, **options)
+
+        def run(seed):
+            losses, grads = step(seed)
+            assert grads.keys() == bench.methods.bf_targets(case).keys()
+            return losses, {k: 0 * g if k.startswith("logvar:") else g for k, g in grads.items()}
+
+        return run
+
+    zeroed = bench.Method("zeroed", build, Noise.OWN, targets=None, kl=True)
+    records = _run(
+        ["mlp"], [peer], modes=("train",), extra={"zeroed": zeroed},
+        check_samples=bench.checks.STATISTICAL_SAMPLES,
+    )  # fmt: skip
+    by = {r["method"]: r for r in records}
+    assert by[peer]["status"] is Status.OK, by[peer]
+    assert by["zeroed"]["status"] is Status.WRONG, by["zeroed"]
+    assert "squared norm of the gradient of logvar:" in by["zeroed"]["detail"]
+
+
 def _nelbo_local(scale=1.0, offset=0.0):
     # nelbo-local's training step with its gradients scaled and its loss shifted.
     base = bench.METHODS["nelbo-local"]

@@ -269,12 +269,13 @@ def _z(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _Draws(NamedTuple):
-    r"""What a check keeps of independent training steps: per draw, the mean loss and each
-    gradient projected on its direction; over draws, the mean of some gradients; and, if a
-    step's gradients are unusable, why."""
+    r"""What a check keeps of independent training steps: per draw, the mean loss, each
+    gradient projected on its direction and each gradient's squared norm; over draws, the
+    mean of some gradients; and, if a step's gradients are unusable, why."""
 
     losses: Tensor
     projections: dict[str, Tensor]
+    squares: dict[str, Tensor]
     means: dict[str, Tensor]
     problem: str = ""
 
@@ -291,6 +292,7 @@ def _draws(
     keep = list(keep)
     losses: list[Tensor] = []
     projections: dict[str, list[Tensor]] = {k: [] for k in directions}
+    squares: dict[str, list[Tensor]] = {k: [] for k in directions}
     sums: dict[str, Tensor] = {}
     for loss, grads in steps:
         problem = ""
@@ -301,15 +303,18 @@ def _draws(
         elif not all(torch.isfinite(g).all() for g in grads.values()):
             problem = "non-finite gradients"
         if problem:
-            return _Draws(torch.zeros(0), {}, {}, problem)
+            return _Draws(torch.zeros(0), {}, {}, {}, problem)
         losses.append(loss.double().mean())
         for k, u in directions.items():
-            projections[k].append((grads[k].double() * u).sum())
+            g = grads[k].double()
+            projections[k].append((g * u).sum())
+            squares[k].append(g.square().sum())
         for k in keep:
             sums[k] = sums[k] + grads[k].double() if k in sums else grads[k].double()
     return _Draws(
         torch.stack(losses),
         {k: torch.stack(p) for k, p in projections.items()},
+        {k: torch.stack(p) for k, p in squares.items()},
         {k: g / len(losses) for k, g in sums.items()},
     )
 
@@ -343,10 +348,7 @@ def _check_steps(
     step = build(m)
     # Seeds apart from the loop's: the same seed would replay the loop's normal draws.
     seeds = range(seed + STEP_DRAWS + 1, seed + 2 * STEP_DRAWS + 1)
-    if own:  # a peer's own parameterization: only the means are shared
-        got = _draws((step(s) for s in seeds), {}, ref.means)
-    else:
-        got = _draws((step(s) for s in seeds), directions)
+    got = _draws((step(s) for s in seeds), directions, ref.means)
     if got.problem:
         return Check(False, math.inf, got.problem)
 
@@ -362,10 +364,22 @@ def _check_steps(
         err = ((g - r).norm() / r.norm()).item()
         if not err <= GRADIENT_ERROR:
             return Check(False, err, f"mean gradients off by {err:.0%} (relative L2)")
-        return Check(True, z)
+        # The same estimator (weights sampled, the gradient through the sample) has the
+        # same spread whatever the noise: each gradient's squared norm, averaged over the
+        # steps, within 5 standard errors. The expected gradient of a log-variance is
+        # small next to its spread (a zeroed or doubled one passes the projections).
+        zs = {k: _z(got.squares[k], ref.squares[k]).item() for k in directions}
+        worst = max(zs, key=zs.__getitem__)
+        if not zs[worst] <= 5.0:
+            return Check(
+                False, zs[worst], f"squared norm of the gradient of {worst} off by "
+                f"{zs[worst]:.1f} standard errors"
+            )  # fmt: skip
 
     # The same expected gradient, estimated with other noise: each tensor's, projected on
-    # the loop's from an independent draw, must agree within 5 standard errors.
+    # the loop's from an independent draw, must agree within 5 standard errors. A peer's
+    # gradient with respect to its own standard-deviation parameter comes taken to the
+    # log-variance by the chain rule (see bayesflow.bench.peers), so it is checked too.
     zs = {k: _z(got.projections[k], ref.projections[k]).item() for k in directions}
     worst = max(zs, key=zs.__getitem__)
     if not zs[worst] <= 5.0:
@@ -398,8 +412,8 @@ def check_statistically(
     own, or the mean of its per-sample losses) averaged over the steps must agree with the
     loop's within 5 standard errors of that average. The gradient of every posterior tensor,
     projected on the loop's from one more step, likewise; for a peer (which has its own
-    parameterization), the gradient with respect to the means, averaged over the steps,
-    within a relative L2 error of :data:`GRADIENT_ERROR` of the loop's.
+    parameterization), also the gradient with respect to the means, averaged over the
+    steps, within a relative L2 error of :data:`GRADIENT_ERROR` of the loop's.
     """
 
     n = max(K, samples)

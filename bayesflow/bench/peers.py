@@ -11,8 +11,11 @@ only when its method is built, and a missing one is reported `not installed`
   :math:`\frac{1}{K} \sum_k \mathrm{mean}_b (f_k(x_b) - y_b)^2 + \mathrm{KL} / N` with
   :math:`N = 10^6` and the prior :math:`\mathcal{N}(0, I)`, and its gradients, computed
   the way each library's training step computes them, without the optimizer's update
-  (like every other method's train cell). The losses are on that per-datum scale and the
-  gradients keyed `mean:<name>` (on the same scale) and `<peer's std parameter>:<name>`.
+  (like every other method's train cell). The losses are on that per-datum scale, the
+  gradients keyed `mean:<name>` (on the same scale) and `logvar:<name>`: the gradient with
+  respect to the peer's own standard-deviation parameter (rho, log sd, Pyro's
+  unconstrained scale), taken to the case's log-variance by the chain rule
+  (:func:`_to_logvar`), so that both are checked against the loop's.
 
 Their noise is their own, so they are checked statistically (see
 :func:`bayesflow.bench.checks.check_statistically`).
@@ -89,6 +92,25 @@ def _check_map(where: str, case: Case, mean: dict[str, Tensor], sd: dict[str, Te
         err = max(err, ((sd[name] - want_s).abs() / want_s).max().item())
     if not err <= tol:
         raise Wrong(f"{where}: its posterior differs from the case's by {err:.1e}")
+
+
+def _to_logvar(
+    case: Case, sd: dict[str, Callable[[Tensor], Tensor]], u: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    r"""Returns, per tensor, the factor that takes a gradient with respect to a peer's
+    standard-deviation parameter `u[name]` (:math:`\sigma = ` `sd[name](u)`) to one with
+    respect to the case's log-variance: :math:`\frac{\partial \sigma / \partial \log
+    \sigma^2}{\partial \sigma / \partial u}`, both elementwise."""
+
+    factors = {}
+    with torch.enable_grad():
+        for name, f in sd.items():
+            lv = case.posterior.logvar[name].detach().requires_grad_()
+            (d_lv,) = torch.autograd.grad(std(lv).sum(), lv)
+            uu = u[name].detach().requires_grad_()
+            (d_u,) = torch.autograd.grad(f(uu).sum(), uu)
+            factors[name] = d_lv.to(d_u.dtype) / d_u
+    return factors
 
 
 def _mse(out: Tensor, y: Tensor) -> Tensor:
@@ -189,6 +211,10 @@ def build_bayesian_torch(
 
     model.train()
     params = [p for pair in pairs.values() for p in pair]
+    softplus = lambda rho: torch.log1p(torch.exp(rho))
+    factor = _to_logvar(
+        case, dict.fromkeys(pairs, softplus), {k: r for k, (_, r) in pairs.items()}
+    )
 
     def step(seed: int | None) -> tuple[Tensor, dict[str, Tensor]]:
         _seed(seed)
@@ -203,7 +229,7 @@ def build_bayesian_torch(
             losses.append(loss.detach())
         grads = {
             **{f"mean:{k}": m.grad for k, (m, _) in pairs.items()},
-            **{f"rho:{k}": r.grad for k, (_, r) in pairs.items()},
+            **{f"logvar:{k}": r.grad * factor[k] for k, (_, r) in pairs.items()},
         }
         return torch.stack(losses) + kl.detach(), grads
 
@@ -273,6 +299,8 @@ def build_posteriors(case: Case, K: int, mode: str, fn: Callable, args: tuple, *
 
         return forward
 
+    factor = _to_logvar(case, dict.fromkeys(mean, torch.exp), dict(state.log_sd_diag))
+
     def nelbo(m: dict[str, Tensor], lsd: dict[str, Tensor]) -> tuple[Tensor, Any]:
         sd = tree_map(torch.exp, lsd)
         return posteriors.vi.diag.nelbo(m, sd, (x, y), log_posterior, 1 / NUM_DATA, K, True)
@@ -285,7 +313,7 @@ def build_posteriors(case: Case, K: int, mode: str, fn: Callable, args: tuple, *
             )
         grads = {
             **{f"mean:{k}": v for k, v in g_mean.items()},
-            **{f"log_sd:{k}": v for k, v in g_lsd.items()},
+            **{f"logvar:{k}": v * factor[k] for k, v in g_lsd.items()},
         }
         return value.reshape(1), grads
 
@@ -379,6 +407,13 @@ def _build_pyro(case: Case, K: int, mode: str, fn: Callable, vectorize: bool) ->
 
         return forward
 
+    from torch.distributions import biject_to
+
+    scales = {k: store[f"AutoNormal.scales.net.{k}"].unconstrained() for k in q.mean}
+    factor = _to_logvar(
+        case, dict.fromkeys(q.mean, biject_to(AutoNormal.scale_constraint)), scales
+    )
+
     if vectorize:
         elbo = Trace_ELBO(num_particles=K, vectorize_particles=True, max_plate_nesting=1)
     else:
@@ -395,7 +430,8 @@ def _build_pyro(case: Case, K: int, mode: str, fn: Callable, vectorize: bool) ->
         grads = {}
         for k in q.mean:
             grads[f"mean:{k}"] = params[f"AutoNormal.locs.net.{k}"].grad / NUM_DATA
-            grads[f"scale:{k}"] = params[f"AutoNormal.scales.net.{k}"].grad / NUM_DATA
+            scale = params[f"AutoNormal.scales.net.{k}"].grad / NUM_DATA
+            grads[f"logvar:{k}"] = scale * factor[k]
         for p in params.values():
             p.grad = None
         value = torch.tensor([loss / NUM_DATA - const], dtype=x.dtype, device=x.device)
