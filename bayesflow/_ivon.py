@@ -110,7 +110,8 @@ class Flat:
         self.draws: list[Draw] = []  # those no gradient has reached yet, oldest first
         self.taken: list[Taken] = []  # the gradients in `sums`
         self.t = 0  # the number of steps
-        self.variance_of: tuple[float, float] | None = None  # (ess, weight_decay)
+        # (ess, weight_decay, the version of hess) when the variances were set
+        self.variance_of: tuple[float, float, int] | None = None
 
     def views(self, flat: Tensor, n: int | None = None) -> Any:
         r"""Returns the views by name of a flat `(P,)` tensor, or with `n` the list of
@@ -146,10 +147,11 @@ def set_variance(s: Flat, ess: float, weight_decay: float) -> None:
         s.draws = [d._replace(std=std) if d.std is s.std else d for d in s.draws]
     torch.add(s.hess, weight_decay, out=s.H)
     bound = math.exp(LOGVAR_LIMIT / 2)
-    torch.mul(s.H, ess, out=s.std).rsqrt_().clamp_(1 / bound, bound)
+    # 1 / sqrt(H) / sqrt(ess): ess * H overflows float16 (65504) for ess = 1e5 and H = 1.
+    torch.rsqrt(s.H, out=s.std).mul_(ess**-0.5).clamp_(1 / bound, bound)
     y = torch.log(s.std, out=s.work[0])
     inverse_softclip(torch.add(y, y, out=y), out=s.logvar)  # of log sigma^2 = 2 log sigma
-    s.variance_of = (ess, weight_decay)
+    s.variance_of = (ess, weight_decay, s.hess._version)
 
 
 def _statistics(s: Flat, draw: Draw, grads: list[Tensor | None]) -> None:

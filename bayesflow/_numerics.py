@@ -437,9 +437,16 @@ def inverse_softclip(y: Tensor, bound: float = LOGVAR_BOUND, out: Tensor | None 
     :math:`\mathrm{softclip}(x, b) = y`, for :math:`|y| < b`, written into `out` if given
     (a tensor other than `y`).
 
-    In three passes, in place: not differentiable.
+    In three passes, in place: not differentiable. In half precision, a :math:`|y|` just
+    below the bound rounds onto it (bfloat16's step there is 0.125), where :math:`x` is
+    infinite: there :math:`y` is taken to float32, clamped to within :math:`2^{-6}` of the
+    bound (:data:`LOGVAR_LIMIT` for the default) and :math:`x` rounded back once.
     """
 
+    if y.dtype in (torch.float16, torch.bfloat16):
+        limit = bound - 2**-6
+        x = inverse_softclip(y.float().clamp(-limit, limit), bound)
+        return x.to(y.dtype) if out is None else out.copy_(x)
     x = torch.addcmul(constant(1.0, y), y, y, value=-1 / bound**2, out=out)
     return x.rsqrt_().mul_(y)
 
@@ -451,4 +458,6 @@ def logvar_from_var(variance: Tensor) -> Tensor:
     `variance` must be positive (not checked here: see :func:`posterior_from_variance`).
     """
 
+    if variance.dtype in (torch.float16, torch.bfloat16):  # the log to float32's precision
+        variance = variance.float()
     return inverse_softclip(variance.log().clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT))

@@ -295,14 +295,29 @@ class IVON(torch.optim.Optimizer):
         r"""The posterior :math:`q(\theta) = \mathcal{N}(m, \mathrm{diag}(\sigma^2))`, by name.
 
         Its tensors are views of the optimizer's state, updated in place by every step: a
-        reference to it stays current. They do not require gradients.
+        reference to it stays current. They do not require gradients. After a write through
+        :attr:`hess` (or a change of `ess` or `weight_decay`), the variances are recomputed
+        when this is read, or by the next :meth:`sample` or :meth:`step`.
         """
 
+        where = "IVON.posterior"
+        group = self.param_groups[0]
+        try:
+            ess = check_number(where, "ess", group["ess"], 0.0, strict=True)
+            weight_decay = check_number(where, "weight_decay", group["weight_decay"], 0.0, False)
+        except (TypeError, ValueError):
+            return self._posterior  # the state's: sample() and step() refuse such values
+        self._refresh(where, ess, weight_decay)
         return self._posterior
 
     @property
     def hess(self) -> dict[str, Tensor]:
-        r"""The Hessian estimates :math:`h`, by name (views of the optimizer's state)."""
+        r"""The Hessian estimates :math:`h`, by name (views of the optimizer's state).
+
+        A write through them (a per-layer initial :math:`h`, say) is read by the next
+        :meth:`sample`, :meth:`step` and :attr:`posterior`; it must keep :math:`h + \delta`
+        positive and finite.
+        """
 
         return self._state.views(self._state.hess)
 
@@ -317,6 +332,11 @@ class IVON(torch.optim.Optimizer):
 
         group = self.param_groups[0]
         values = tuple(group[k] for k in HYPER)
+        if any(isinstance(v, Tensor) for v in values):
+            # By value: a scheduler updates a tensor lr in place (the same object).
+            if any(isinstance(v, Tensor) and v.numel() != 1 for v in values):
+                return _check_hyper(where, group)  # raises
+            values = tuple(v.item() if isinstance(v, Tensor) else v for v in values)
         if values != self._checked[0]:
             self._checked = (values, _check_hyper(where, group))
         return self._checked[1]
@@ -337,12 +357,20 @@ class IVON(torch.optim.Optimizer):
                     "would no longer be the mean model. Create the IVON after such a change"
                 )
 
-    def _refresh(self, h: Hyper) -> None:
-        r"""Recomputes the variances if `ess` or `weight_decay` changed since they were set."""
+    def _refresh(self, where: str, ess: float, weight_decay: float) -> None:
+        r"""Recomputes the variances if `ess`, `weight_decay` or the Hessian estimates (a
+        write through :attr:`hess`) changed since they were set."""
 
         s = self._state
-        if s.variance_of != (h.ess, h.weight_decay):
-            set_variance(s, h.ess, h.weight_decay)
+        if s.variance_of == (ess, weight_decay, s.hess._version):
+            return
+        if s.variance_of is not None and s.variance_of[2] != s.hess._version:
+            if not (torch.isfinite(s.hess).all() and (s.hess + weight_decay > 0).all()):
+                raise ValueError(
+                    f"{where}: expected finite Hessian estimates with hess + weight_decay > 0, "
+                    "got others written through IVON.hess"
+                )
+        set_variance(s, ess, weight_decay)
 
     def sample(self, n: int = 1, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         r"""Draws the `n` parameter sets :math:`\theta_k = m + \sigma \odot \epsilon_k` of a
@@ -374,7 +402,7 @@ class IVON(torch.optim.Optimizer):
         self._check_linked(where)
 
         fold(s)
-        self._refresh(h)
+        self._refresh(where, h.ess, h.weight_decay)
         eps = torch.randn(
             n, s.mean.numel(), generator=generator, dtype=s.dtype, device=s.device, out=s.noise(n)
         )
@@ -426,14 +454,15 @@ class IVON(torch.optim.Optimizer):
                 "a draw's loss before the next draw, or draw every sample first; zero_grad() "
                 "drops the draws"
             )
-        self._refresh(h)
-
-        reached = [d for d in s.draws if any(g is not None for g in gradients(d))]
-        if s.count == 0 and not reached:
+        if s.count == 0 and not any(g is not None for d in s.draws for g in gradients(d)):
             raise RuntimeError(
                 f"{where}: expected gradients of the samples drawn by IVON.sample since the "
                 "last step, got none: draw with sample(), backpropagate the loss, then step()"
             )
+        self._refresh(
+            where, h.ess, h.weight_decay
+        )  # after the checks: a failed step changes nothing
+        reached = [d for d in s.draws if any(g is not None for g in gradients(d))]
         one = reached[0] if len(reached) == 1 else None
         grads = [] if one is None else gradients(one)
         if (
@@ -497,10 +526,12 @@ class IVON(torch.optim.Optimizer):
             raise ValueError(
                 f"{where}: expected a dict from IVON.state_dict(), with the state, the "
                 f"parameter names and the hyperparameters {', '.join(HYPER)}, got keys "
-                f"{sorted(state_dict)}"
+                f"{', '.join(sorted(map(repr, state_dict)))}"
             ) from None
         s = self._state
-        if names != s.names or count != 1:
+        if count != 1:
+            raise ValueError(f"{where}: expected one parameter group, got {count}")
+        if names != s.names:
             raise ValueError(
                 f"{where}: expected a state over the parameters {s.names}, got {names}"
             )
@@ -509,6 +540,8 @@ class IVON(torch.optim.Optimizer):
             if not isinstance(t, Tensor) or t.shape != (size,):
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{where}: expected {k} of shape ({size},), got {shape}")
+            if t.is_complex():
+                raise TypeError(f"{where}: expected real {k}, got {t.dtype}")
         step = check_int(where, "step", step, minimum=0)
         h = _check_hyper(where, hyper)
         try:

@@ -819,3 +819,134 @@ def test_an_optimizer_whose_memory_moved_with_its_module_runs_on(gen):
     assert net[0].weight.is_shared() and opt.posterior.mean["0.weight"].is_shared()
     vectorized_step(opt, net, x, y, 2, gen(0))
     torch.testing.assert_close(net(x), bf.vmap_call(net, bf.mean_params(opt.posterior), x)[0])
+
+
+# Half precision, writes through IVON.hess, tensor hyperparameters, failed steps.
+
+
+@pytest.mark.parametrize("ess", [6e4, 1e5, 1.28e6])
+def test_float16_variance_where_ess_times_h_overflows(ess):
+    # ess * (h + weight_decay) above float16's largest number (65504) made the variance
+    # the posterior's floor, e^-17.98, for the posterior and the draws alike.
+    # Within 2 % (float16's log-variances are 2^-6 apart near 16); the floor is 1000x off.
+    net = nn.Linear(4, 1).to(torch.float16)
+    nn.init.zeros_(net.weight)  # theta = sigma * eps, without rounding against the mean
+    opt = bf.IVON(net, lr=0.1, ess=ess, weight_decay=1e-4)
+    want = 1 / (ess * (1.0 + 1e-4))  # float64: the closed form, well inside the range
+    var = bf.std(opt.posterior)["weight"].double().square()
+    assert close(var, torch.full_like(var, want), rtol=2e-2)
+    state = torch.Generator().manual_seed(0)
+    theta = opt.sample(1, generator=state)["weight"].detach().double()
+    eps = torch.randn(1, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float16)
+    drawn = (theta - net.weight.detach().double()).view(-1) / eps.double().view(-1)[:4]
+    assert close(drawn.square(), torch.full_like(drawn, want), rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_log_variances_at_the_limit_are_finite(dtype):
+    # A variance at the floor, e^-17.98, rounds to log-variance -18 in bfloat16, where the
+    # inverse soft clip is infinite: the posterior's log-variances were NaN.
+    net = nn.Linear(3, 1).to(dtype)
+    opt = bf.IVON(net, lr=0.1, ess=1e9)  # sigma^2 = 1e-9 < e^-17.98: clamped
+    logvar = opt.posterior.logvar["weight"]
+    assert torch.isfinite(logvar).all()
+    std = bf.std(opt.posterior)["weight"].double()
+    floor = math.exp(-LOGVAR_LIMIT / 2)  # within 2 %: bfloat16's soft clip rounds
+    assert close(std, torch.full_like(std, floor), rtol=2e-2)
+    assert close(opt._state.std.double(), torch.full((4,), floor, dtype=torch.float64), 2e-2)
+    assert torch.isfinite(bf.sample(opt.posterior, 2)["weight"]).all()
+
+
+def test_writes_through_hess_are_read(gen):
+    # A per-layer initial Hessian, written through IVON.hess, was ignored by sample(), the
+    # posterior and the next step until ess or weight_decay changed.
+    net, (x, y) = make_net(), data()
+    twin = copy.deepcopy(net)
+    opt = bf.IVON(net, lr=0.1, ess=30.0)
+    opt.hess["2.weight"].fill_(10.0)
+    wd = DEFAULTS["weight_decay"]
+
+    var = bf.std(opt.posterior)["2.weight"].double().square()
+    assert close(var, torch.full_like(var, 1 / (30.0 * (10.0 + wd))))
+    eps = torch.randn(1, size(net), generator=gen(0))
+    params = opt.sample(1, generator=gen(0))
+    sigma = (30.0 * (flat(opt.hess.values()) + wd)).rsqrt()
+    assert close(flat(params.values()), flat(net.parameters()) + sigma * eps[0])
+
+    # The oracle: the same state through load_state_dict, which sets the variances.
+    ref = bf.IVON(twin, lr=0.1, ess=30.0)
+    ref.load_state_dict(opt.state_dict())
+    for o, n in ((opt, net), (ref, twin)):
+        if o is ref:
+            o.sample(1, generator=gen(0))
+            p = dict(zip(params, (v.detach().clone().requires_grad_() for v in params.values())))
+            o._state.draws[-1] = o._state.draws[-1]._replace(leaves=list(p.values()))
+        else:
+            p = params
+        (bf.vmap_call(n, p, x) - y).square().mean().backward()
+        o.step()
+    assert torch.equal(flat(opt.hess.values()), flat(ref.hess.values()))
+    assert torch.equal(flat(net.parameters()), flat(twin.parameters()))
+
+    before = snapshot(net, opt.posterior, opt.hess)
+    opt.hess["0.bias"][0] = -1.0
+    with pytest.raises(ValueError, match=r"IVON\.sample: expected finite Hessian estimates"):
+        opt.sample(1)
+
+
+def test_tensor_lr_updated_in_place_by_a_scheduler(gen):
+    # torch's schedulers update a tensor lr in place (the same object): IVON kept the lr
+    # it had read first.
+    nets = make_net(), make_net()
+    x, y = data()
+    by_float = bf.IVON(nets[0], lr=0.1, ess=20.0)
+    by_tensor = bf.IVON(nets[1], lr=0.1, ess=20.0)
+    by_tensor.param_groups[0]["lr"] = torch.tensor(0.1)
+    schedule = torch.optim.lr_scheduler.StepLR(by_tensor, step_size=1, gamma=0.1)
+    for t in range(3):
+        vectorized_step(by_float, nets[0], x, y, 1, gen(t))
+        vectorized_step(by_tensor, nets[1], x, y, 1, gen(t))
+        schedule.step()
+        by_float.param_groups[0]["lr"] = float(by_tensor.param_groups[0]["lr"])
+    assert isinstance(by_tensor.param_groups[0]["lr"], torch.Tensor)
+    assert abs(by_float.param_groups[0]["lr"] - 1e-4) < 1e-12
+    assert torch.equal(flat(nets[0].parameters()), flat(nets[1].parameters()))
+
+    by_tensor.param_groups[0]["lr"] = torch.tensor([0.1, 0.2])
+    with pytest.raises(TypeError, match=r"IVON\.sample: expected lr to be a number, got Tensor"):
+        by_tensor.sample(1)
+
+
+def test_a_failed_step_changes_nothing(gen):
+    net = make_net()
+    opt = bf.IVON(net, lr=0.1, ess=10.0)
+    before = snapshot(net, opt.posterior, opt.hess)
+    opt.param_groups[0]["ess"] = 40.0  # the variances are set again at the next draw or step
+    with pytest.raises(RuntimeError, match=r"IVON\.step: expected gradients of the samples"):
+        opt.step()
+    opt.param_groups[0]["ess"] = 10.0
+    assert unchanged(before, net, opt._posterior, opt.hess)
+
+
+def test_bad_states_are_named():
+    opt = bf.IVON(make_net(), lr=0.1, ess=10.0)
+    before = snapshot(opt._posterior, opt.hess)
+    with pytest.raises(
+        ValueError,
+        match=r"IVON\.load_state_dict: expected a dict from IVON.*got keys 'param_groups', 0",
+    ):
+        opt.load_state_dict({0: {}, "param_groups": []})
+    state = opt.state_dict()
+    two = copy.deepcopy(state)
+    two["param_groups"] = two["param_groups"] * 2
+    with pytest.raises(
+        ValueError, match=r"IVON\.load_state_dict: expected one parameter group, got 2"
+    ):
+        opt.load_state_dict(two)
+    complex_state = copy.deepcopy(state)
+    complex_state["state"]["momentum"] = complex_state["state"]["momentum"].to(torch.complex128)
+    with pytest.raises(
+        TypeError, match=r"IVON\.load_state_dict: expected real momentum, got torch\.complex128"
+    ):
+        opt.load_state_dict(complex_state)
+    assert unchanged(before, opt._posterior, opt.hess)
