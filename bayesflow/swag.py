@@ -16,9 +16,28 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _posterior
-from ._checks import check_module, check_not_bridge, check_number
+from ._checks import check_int, check_module, check_not_bridge, check_number
 from ._compat import BatchNorm
 from ._types import Posterior
+
+
+def _check_batch(where: str, batch: object, i: int) -> None:
+    r"""Checks that `batch` is what :func:`torch.optim.swa_utils.update_bn` calls a module
+    on: a tensor `x`, or a tuple or list `(x, ...)`."""
+
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(x, Tensor):
+        return
+    if x is not batch:
+        got = f"a {type(batch).__name__} whose first item is {type(x).__name__}"
+    elif isinstance(batch, (tuple, list)):
+        got = f"an empty {type(batch).__name__}"
+    else:
+        got = type(batch).__name__
+    raise TypeError(
+        f"{where}: expected each batch to be a tensor x or a tuple or list (x, ...) whose "
+        f"first item is a tensor, got {got} at batch {i}"
+    )
 
 
 class SWAG:
@@ -35,6 +54,10 @@ class SWAG:
     :meth:`mean_model` returns, whose statistics are recomputed on the training data.
 
     The collector holds the moments only (two tensors per parameter), never the module.
+    Parameters frozen when it is made (`requires_grad=False`) are not trained, so they are
+    left out, as :class:`bayesflow.IVON` and :func:`bayesflow.laplace` leave them: the
+    posterior, the state and :meth:`mean_model`'s means cover the trainable ones only (a
+    frozen parameter keeps its value in the mean model).
 
     Example:
         >>> net = zuko.nn.MLP(3, 1)
@@ -51,7 +74,8 @@ class SWAG:
 
     Arguments:
         module: The module being trained.
-        include: Glob patterns of the parameters to collect (see :func:`bayesflow.select`).
+        include: Glob patterns of the parameters to collect (see :func:`bayesflow.select`),
+            among the trainable ones.
         exclude: Glob patterns of the parameters to leave out.
 
     References:
@@ -71,6 +95,17 @@ class SWAG:
         # The posterior's own selection and its checks (nothing picked, tied names, lazy or
         # integer parameters).
         mean = _posterior.init(where, module, 0.0, include, exclude).mean
+        # Frozen parameters are not trained, so their iterates have no spread to read: they
+        # are left out, as IVON and Laplace leave them.
+        named = dict(module.named_parameters())
+        frozen = [k for k in mean if not named[k].requires_grad]
+        mean = {k: m for k, m in mean.items() if named[k].requires_grad}
+        if not mean:
+            raise ValueError(
+                f"{where}: expected include={tuple(include)!r} and exclude={tuple(exclude)!r} "
+                f"to pick at least one trainable parameter of {type(module).__name__}, got "
+                f"none but frozen ones (requires_grad=False): {frozen}"
+            )
 
         self.n = 0
         self.mean = {k: torch.zeros_like(m.detach()) for k, m in mean.items()}
@@ -98,9 +133,21 @@ class SWAG:
 
         Arguments:
             module: The module being trained (or any module with the same parameters).
+
+        Raises:
+            ValueError: If `module` lacks a collected parameter (or its shape, dtype or
+                device differ), or a collected parameter is not finite (a diverged step);
+                the moments are then left as they were.
         """
 
-        params = self._check("SWAG.collect", module)
+        where = "SWAG.collect"
+        params = self._check(where, module)
+        for k, p in params.items():
+            if not torch.isfinite(p).all():
+                raise ValueError(
+                    f"{where}: expected finite parameters (an SGD step that diverged must not "
+                    f"enter the moments), got {p[~torch.isfinite(p)][0].item()} in {k!r}"
+                )
         self.n += 1
         for k, p in params.items():
             delta = p - self.mean[k]
@@ -121,7 +168,11 @@ class SWAG:
 
         A posterior holds variances of at least :math:`e^{-17.98} \approx 1.55 \cdot
         10^{-8}` (see :class:`bayesflow.Posterior`); smaller ones, e.g. of weights that
-        never moved, are raised to it (the paper's code clamps at `1e-30`).
+        never moved, are raised to it (the paper's code clamps at `1e-30`), and larger
+        ones than :math:`e^{17.98} \approx 6.5 \cdot 10^7` lowered to that. In float16 and
+        bfloat16 the variances are computed in float32 (float16 holds neither the default
+        `min_var` nor :math:`s \cdot \sigma^2` above 65504), then written in the
+        parameters' dtype.
 
         Arguments:
             scale: The factor :math:`s > 0` of the variances, as the paper's code's
@@ -144,7 +195,14 @@ class SWAG:
                 f"{where}: expected at least 2 collected parameter sets (collect after each "
                 f"epoch), got {self.n}"
             )
-        var = {k: v.clamp_min(min_var) * scale for k, v in self.var.items()}
+        # In half precision the default min_var (1e-30) is 0 and scale * var may overflow:
+        # the variances are computed in float32, and the posterior is written in the means'
+        # dtype from them.
+        var = {
+            k: (m2.float() if m2.dtype in (torch.float16, torch.bfloat16) else m2) / self.n
+            for k, m2 in self._m2.items()
+        }
+        var = {k: v.clamp_min(min_var) * scale for k, v in var.items()}
         return _posterior.posterior_from_variance(where, self.mean, var)
 
     def mean_model(self, module: nn.Module, data: Iterable[Any] | None = None) -> nn.Module:
@@ -169,7 +227,8 @@ class SWAG:
             ValueError: If `module` has BatchNorm layers and `data` is :py:`None` or holds
                 no batch, or no parameter set was collected.
             TypeError: If `module` has BatchNorm layers and `data` is not an iterable of
-                batches.
+                batches, or a batch is neither a tensor nor a tuple or list whose first item
+                is a tensor (checked as the batches are read; `module` is left as found).
         """
 
         where = "SWAG.mean_model"
@@ -198,8 +257,11 @@ class SWAG:
             batches = 0
 
             def counted() -> Iterator[Any]:
+                # Each batch checked as update_bn reads it (data may be an iterator); a
+                # failure leaves only the copy half-updated, and the copy is dropped.
                 nonlocal batches
                 for batch in data:
+                    _check_batch(where, batch, batches)
                     batches += 1
                     yield batch
 
@@ -226,7 +288,14 @@ class SWAG:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         r"""Restores moments saved by :meth:`state_dict`, into a collector made for the same
-        parameters (checked before anything is changed)."""
+        parameters (checked before anything is changed).
+
+        Raises:
+            TypeError: If `n` is not an int, or a moment is a complex tensor.
+            ValueError: If the keys, names or shapes differ from the collector's, `n < 0`, a
+                moment is not finite, `m2 < 0`, or the moments contradict `n` (`m2` not zero
+                with `n <= 1`, `mean` not zero with `n = 0`).
+        """
 
         where = "SWAG.load_state_dict"
         if not isinstance(state, Mapping) or set(state) != {"n", "mean", "m2"}:
@@ -234,9 +303,7 @@ class SWAG:
             raise ValueError(
                 f"{where}: expected a dict with the keys 'm2', 'mean' and 'n', got {got}"
             )
-        n = state["n"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"{where}: expected n to be an int >= 0, got {n!r}")
+        n = check_int(where, "n", state["n"], minimum=0)
         for field in ("mean", "m2"):
             value = state[field]
             if not isinstance(value, Mapping) or value.keys() != self.mean.keys():
@@ -250,6 +317,10 @@ class SWAG:
                     got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                     raise ValueError(
                         f"{where}: expected {field}[{k!r}] of shape {tuple(m.shape)}, got {got}"
+                    )
+                if t.is_complex():  # converting would drop the imaginary part
+                    raise TypeError(
+                        f"{where}: expected real tensors, got {field}[{k!r}] of dtype {t.dtype}"
                     )
 
         # Every tensor converted and checked before anything changes.
@@ -267,6 +338,19 @@ class SWAG:
                 raise ValueError(
                     f"{where}: expected m2 >= 0 (sums of squared deviations), got "
                     f"{float(m2[k].min())} in {k!r}"
+                )
+            # Welford's update leaves exact zeros: both moments before the first collection,
+            # m2 after it.
+            if n == 0 and ((mean[k] != 0).any() or (m2[k] != 0).any()):
+                field = "mean" if (mean[k] != 0).any() else "m2"
+                raise ValueError(
+                    f"{where}: expected mean = 0 and m2 = 0 with n = 0 (nothing collected), "
+                    f"got a nonzero {field} in {k!r}"
+                )
+            if n == 1 and (m2[k] != 0).any():
+                raise ValueError(
+                    f"{where}: expected m2 = 0 with n = 1 (one parameter set has no spread), "
+                    f"got {float(m2[k].abs().max())} in {k!r}"
                 )
 
         self.n = n

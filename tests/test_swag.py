@@ -2,6 +2,7 @@ r"""SWAG-diagonal: the moments against a direct float64 computation over a recor
 trajectory, the posterior's variances, BatchNorm statistics for the mean weights, and
 save/load."""
 
+import copy
 import io
 import math
 
@@ -114,6 +115,106 @@ def test_posterior_scale_and_minimum():
     assert not torch.allclose(out[0], out[1])  # the sampled weights were used
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_posterior_holds_the_clamped_variances(dtype):
+    # Rows: a weight that never moved (variance 0: the floor, where float16 holds no
+    # min_var = 1e-30), and weights whose scaled variances are ~1e2, beyond float16 (~1e6)
+    # and beyond the posterior's cap (~2e8). Log-variances near +-17.98 were NaN in bfloat16.
+    module = nn.Linear(1, 4, bias=False).to(dtype)
+    swag = bf.SWAG(module)
+    g = torch.Generator().manual_seed(0)
+    offset = torch.tensor([[0.5], [0], [0], [0]])
+    amplitude = torch.tensor([[0], [1e-2], [1], [50]])
+    steps = [(offset + amplitude * torch.randn(4, 1, generator=g)).to(dtype) for _ in range(4)]
+    with torch.no_grad():
+        for w in steps:
+            module.weight.copy_(w)
+            swag.collect(module)
+    scale = 1e6
+
+    q = swag.posterior(scale=scale)
+
+    # The oracle: the paper's variance of the iterates in float64, scaled, in the range a
+    # posterior holds.
+    paper = scale * torch.stack(steps).double().var(0, unbiased=False)
+    low, high = math.exp(-LOGVAR_LIMIT), math.exp(LOGVAR_LIMIT)
+    assert paper[0] == 0 and 1 < paper[1] < 1e3 and 65504 < paper[2] < high < paper[3]
+    expected = paper.clamp(low, high).sqrt()
+    assert q.logvar["weight"].dtype == dtype and torch.isfinite(q.logvar["weight"]).all()
+    with torch.no_grad():
+        std = bf.std(q)["weight"]
+    # A log-variance y held in the dtype is off by up to |y| * eps / 2 per rounding (two:
+    # stored, then softclip), half of that in log std; |y| <= LOGVAR_LIMIT.
+    error = (std.double().log() - expected.log()).abs().max()
+    assert error <= LOGVAR_LIMIT * torch.finfo(dtype).eps
+
+    x = bf.sample(q, 3, generator=torch.Generator().manual_seed(0))["weight"]
+    assert x.dtype == dtype and torch.isfinite(x).all()
+    assert (x[:, 3] != x[0, 3]).any()  # drawn with the capped, not a NaN, variance
+
+
+def test_collect_refuses_a_diverged_iterate_and_goes_on():
+    module = net()
+    swag = bf.SWAG(module)
+    trajectory = []
+    train(module, swag, steps=3, record=trajectory)
+    state = swag.state_dict()
+
+    for value in (math.nan, math.inf, -math.inf):
+        diverged = copy.deepcopy(module)
+        with torch.no_grad():
+            diverged[2].bias[1] = value
+        with pytest.raises(
+            ValueError,
+            match=rf"SWAG\.collect: expected finite parameters.*got {value} in '2.bias'",
+        ):
+            swag.collect(diverged)
+        assert swag.n == state["n"]
+        assert all(torch.equal(swag.mean[k], v) for k, v in state["mean"].items())
+        assert all(torch.equal(swag._m2[k], v) for k, v in state["m2"].items())
+
+    train(module, swag, steps=3, seed=1, record=trajectory)  # training goes on
+    for k in swag.mean:
+        stack = torch.stack([t[k] for t in trajectory])
+        assert torch.allclose(swag.mean[k], stack.mean(0), rtol=1e-12, atol=1e-14)
+        assert torch.allclose(swag.var[k], stack.var(0, unbiased=False), rtol=1e-8, atol=1e-14)
+    assert swag.n == 6 and torch.isfinite(swag.posterior().logvar["0.weight"]).all()
+
+
+def test_frozen_parameters_are_left_out_as_ivon_and_laplace_do():
+    # A trained head on a frozen body: the posterior was over the body too.
+    module = net()
+    module[0].requires_grad_(False)
+    trainable = [k for k, p in module.named_parameters() if p.requires_grad]
+    swag = bf.SWAG(module)
+    trajectory = []
+
+    train(module, swag, steps=4, record=trajectory)
+
+    assert list(swag.mean) == trainable == ["2.weight", "2.bias"]
+    assert list(swag.posterior().mean) == trainable
+    assert list(swag.state_dict()["mean"]) == list(swag.state_dict()["m2"]) == trainable
+    assert list(bf.IVON(module, lr=0.1, ess=1.0).posterior.mean) == trainable
+    for k in trainable:
+        stack = torch.stack([t[k] for t in trajectory])
+        assert torch.allclose(swag.var[k], stack.var(0, unbiased=False), rtol=1e-8, atol=1e-14)
+    mean_net = swag.mean_model(module)
+    for k, p in mean_net.named_parameters():
+        assert torch.equal(p, swag.mean[k] if k in trainable else module.get_parameter(k))
+
+    resumed = bf.SWAG(module)
+    resumed.load_state_dict(swag.state_dict())
+    assert all(torch.equal(resumed.var[k], swag.var[k]) for k in trainable)
+    with pytest.raises(ValueError, match=r"SWAG\.load_state_dict: expected mean for the param"):
+        resumed.load_state_dict(bf.SWAG(net()).state_dict())  # a state over the body too
+    with pytest.raises(
+        ValueError,
+        match=r"SWAG: expected .* trainable parameter .* frozen ones \(requires_grad=False\): "
+        r"\['0.weight', '0.bias'\]",
+    ):
+        bf.SWAG(module, include=["0"])
+
+
 def test_mean_model_refreshes_batchnorm_statistics_for_the_mean_weights():
     module = bn_net()
     swag = bf.SWAG(module)
@@ -172,6 +273,37 @@ def test_mean_model_keeps_every_submodule_mode_and_refuses_data_without_batches(
     assert unchanged(module, before)
 
 
+def test_mean_model_checks_each_batch_as_it_is_read_and_leaves_the_module_as_found():
+    module = bn_net()
+    swag = bf.SWAG(module)
+    x, _ = train(module, swag)
+    module.train()
+    module[1].eval()
+    modes = [m.training for m in module.modules()]
+    before = snapshot(module)
+
+    # What update_bn takes: a tensor, or a tuple or list whose first item is the input.
+    reference = swag.mean_model(module, [(x[:16],), (x[16:],)])
+    for data in ([x[:16], x[16:]], [[x[:16], 0], (x[16:], "y")]):
+        mean_net = swag.mean_model(module, data)
+        assert torch.equal(mean_net[1].running_mean, reference[1].running_mean)
+        assert torch.equal(mean_net[1].running_var, reference[1].running_var)
+
+    cases = [
+        ([1, 2], "int at batch 0"),
+        (iter([(x[:16],), [5, x[16:]]]), "a list whose first item is int at batch 1"),
+        (((x[:16],), ()), "an empty tuple at batch 1"),
+        ([x, {"x": x}], "dict at batch 1"),
+    ]
+    for data, got in cases:
+        with pytest.raises(
+            TypeError, match=rf"SWAG\.mean_model: expected each batch to be a tensor .*got {got}"
+        ):
+            swag.mean_model(module, data)
+        assert unchanged(module, before)
+        assert [m.training for m in module.modules()] == modes
+
+
 def test_state_dict_round_trip_and_resumed_collection():
     module = net()
     swag = bf.SWAG(module)
@@ -192,6 +324,18 @@ def test_state_dict_round_trip_and_resumed_collection():
         assert torch.equal(resumed.mean[k], swag.mean[k])
         assert torch.equal(resumed.var[k], swag.var[k])
     assert repr(swag) == "SWAG(4 tensors, 50 parameters, n=9)"
+
+
+def test_state_dict_of_zero_and_one_collections_round_trips():
+    module = net()
+    for steps in (0, 1):
+        swag = bf.SWAG(module)
+        train(module, swag, steps=steps)
+        resumed = bf.SWAG(module)
+        resumed.load_state_dict(swag.state_dict())
+        assert resumed.n == steps
+        assert all(torch.equal(resumed.mean[k], swag.mean[k]) for k in swag.mean)
+        assert all(torch.equal(resumed.var[k], swag.var[k]) for k in swag.mean)
 
 
 def test_bad_input_leaves_module_and_moments_alone():
@@ -252,6 +396,44 @@ def test_bad_input_leaves_module_and_moments_alone():
             lambda: swag.load_state_dict({**state, "n": -1}),
             ValueError,
             "SWAG.load_state_dict: expected n",
+        ),
+        *(
+            (
+                lambda n=n: swag.load_state_dict({**state, "n": n}),
+                TypeError,
+                rf"SWAG.load_state_dict: expected n to be an int >= 0, got {type(n).__name__}",
+            )
+            for n in (3.0, None, True)
+        ),
+        (
+            lambda: swag.load_state_dict(
+                {**state, "mean": {**state["mean"], "0.weight": state["mean"]["0.weight"] + 1j}}
+            ),
+            TypeError,
+            r"SWAG.load_state_dict: expected real tensors, got mean\['0.weight'\] of dtype "
+            "torch.complex128",
+        ),
+        (
+            # one parameter set has no spread
+            lambda: swag.load_state_dict({**state, "n": 1}),
+            ValueError,
+            r"SWAG.load_state_dict: expected m2 = 0 with n = 1",
+        ),
+        (
+            lambda: swag.load_state_dict({**state, "n": 0}),
+            ValueError,
+            r"SWAG.load_state_dict: expected mean = 0 and m2 = 0 with n = 0 .*nonzero mean",
+        ),
+        (
+            lambda: swag.load_state_dict(
+                {
+                    **state,
+                    "n": 0,
+                    "mean": {k: torch.zeros_like(v) for k, v in state["mean"].items()},
+                }
+            ),
+            ValueError,
+            r"SWAG.load_state_dict: expected mean = 0 and m2 = 0 with n = 0 .*nonzero m2",
         ),
         (
             lambda: swag.load_state_dict(
