@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.func import jacrev, vmap
 
-from . import _posterior
+from . import _engine, _posterior
 from ._checks import (
     check_callable,
     check_float,
@@ -37,9 +37,9 @@ from ._curvature import (
     per_example,
 )
 from ._numerics import var as _var
+from ._options import call_options
 from ._sampling import check_finite
 from ._types import Posterior
-from .call import vmap_call
 from .posterior import mean_params
 
 
@@ -135,6 +135,11 @@ def linearized_predictive(
     check_module(where, module)
     check_not_bridge(where, module)
     check_posterior(where, posterior)
+    if not posterior.mean:
+        raise ValueError(
+            f"{where}: expected a posterior over at least one parameter of "
+            f"{type(module).__name__}, got none"
+        )
     _posterior.check_matches(where, module, posterior)
     check_finite(where, posterior)
     check_callable(where, "fn", fn)
@@ -148,6 +153,11 @@ def linearized_predictive(
                 f"{where}: expected input tensors that share a leading batch dim, got "
                 f"{type(a).__name__} at position {j}"
             )
+        if a.is_meta:
+            raise ValueError(
+                f"{where}: expected input tensors with data, got a tensor on the meta device "
+                f"at position {j}"
+            )
         if a.dim() == 0 or a.shape[0] != args[0].shape[0]:
             raise ValueError(
                 f"{where}: expected input tensors that share a leading batch dim, got shape "
@@ -156,9 +166,10 @@ def linearized_predictive(
     fn = (lambda m, *a: m(*a)) if fn is None else fn
     size = args[0].shape[0]
     names = list(posterior.mean)
+    opts = call_options(where, fn)  # the engine's errors about fn's output name us
 
     def call() -> Tensor:
-        return vmap_call(module, mean_params(posterior), *args, fn=fn)[0]
+        return _engine.run(module, mean_params(posterior), args, opts)[0]
 
     with evaluating(module), torch.no_grad():
         found = last_layer(module, names)

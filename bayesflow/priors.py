@@ -32,17 +32,19 @@ Value = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]  # noqa: UP007
 LOG_2PI = math.log(2 * math.pi)
 
 
-def _check_value(where: str, what: str, value: object, positive: bool) -> Value:
-    if isinstance(value, Mapping):
+def _check_value(where: str, what: str, value: object, positive: bool, top: bool = True) -> Value:
+    r"""Checks a prior value: a float, a tensor, or (at the top only) a dict of them."""
+
+    if top and isinstance(value, Mapping):
         return {
-            name: _check_value(where, f"{what}[{name!r}]", v, positive)
+            name: _check_value(where, f"{what}[{name!r}]", v, positive, top=False)
             for name, v in value.items()
         }
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
-        raise TypeError(
-            f"{where}: expected {what} to be a float, a tensor or a dict of them, "
-            f"got {type(value).__name__}"
-        )
+        kind = "a float, a tensor or a dict of them" if top else "a float or a tensor"
+        raise TypeError(f"{where}: expected {what} to be {kind}, got {type(value).__name__}")
+    if isinstance(value, Tensor) and value.is_meta:
+        raise ValueError(f"{where}: expected {what} with data, got a tensor on the meta device")
 
     t = torch.as_tensor(value)
     if not torch.isfinite(t).all() or (positive and not (t > 0).all()):
@@ -266,13 +268,19 @@ class GaussianPrior(Prior):
                     check_broadcasts(where, f"the prior {what} of {name!r}", v, m.shape)
 
     def log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
-        _check_params("GaussianPrior.log_prob", params)
+        where = "GaussianPrior.log_prob"
+        _check_params(where, params)
         for what, value in (("mean", self.mean), ("var", self.var)):
             if isinstance(value, Mapping) and not params.keys() <= value.keys():
                 raise ValueError(
-                    f"GaussianPrior.log_prob: expected the prior {what} to name every "
+                    f"{where}: expected the prior {what} to name every "
                     f"parameter, got missing names {sorted(params.keys() - value.keys())}"
                 )
+        for name, theta in params.items():
+            for what, value in (("mean", self.mean), ("var", self.var)):
+                v = value[name] if isinstance(value, Mapping) else value
+                if isinstance(v, Tensor):  # against the parameter's shape, (n, *shape)[1:]
+                    check_broadcasts(where, f"the prior {what} of {name!r}", v, theta.shape[1:])
 
         lp = 0.0
         for name, theta in params.items():
@@ -432,6 +440,7 @@ def prior_kl(
         var = 1.0 if prior is None else check_number(where, "prior_var", prior, 0.0, strict=True)
         if n is not None:
             return GaussianPrior(0.0, var)._kl(where, posterior, generator, n)
+        check_generator(where, generator)  # unused by the closed form, but still checked
         return _posterior.kl_divergence(where, posterior, var)
     if not isinstance(prior, Prior):
         raise TypeError(

@@ -905,6 +905,34 @@ def test_linearized_predictive_on_zero_examples_is_empty(include, shape, monkeyp
         assert bf.probit_probs(mean, var).shape == (0, 3)
 
 
+@pytest.mark.parametrize("include", [("",), ("4",)], ids=["all", "last-layer"])
+def test_linearized_predictive_names_itself_in_every_error(include):
+    # The call inside went through vmap_call, whose name its errors gave.
+    module = mlp()
+    q = bf.init(module, init_logvar=-3.0, include=include)
+    x = torch.randn(5, 4)
+    before = snapshot(module)
+
+    with pytest.raises(
+        ValueError,
+        match=r"linearized_predictive: expected a posterior over at least one parameter of "
+        r"Sequential, got none",
+    ):
+        bf.linearized_predictive(module, bf.Posterior({}, {}), x)
+    with pytest.raises(
+        TypeError, match=r"linearized_predictive: expected fn to return tensors .* got str"
+    ):
+        bf.linearized_predictive(module, q, x, fn=lambda m, x: "oops")
+    with pytest.raises(
+        ValueError,
+        match=r"linearized_predictive: expected input tensors with data, got a tensor on the "
+        r"meta device at position 0",
+    ):
+        bf.linearized_predictive(module, q, x.to("meta"))
+
+    assert unchanged(module, before)
+
+
 def test_probit_probs():
     mean = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 3.0]])
     var = torch.tensor([[1.0, 4.0, 0.0], [0.5, 0.5, 10.0]])

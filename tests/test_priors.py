@@ -231,6 +231,64 @@ def test_errors():
         Prior().log_prob({})
 
 
+def test_a_prior_value_is_one_dict_level_deep():
+    # A nested dict was accepted, then failed in kl with "unhashable type: 'dict'".
+    for value in ({"0.weight": {"w": 0.0}}, {"0.weight": [0.0]}):
+        with pytest.raises(
+            TypeError,
+            match=r"GaussianPrior: expected mean\['0.weight'\] to be a float or a tensor, "
+            r"got (dict|list)",
+        ):
+            GaussianPrior(mean=value)
+    with pytest.raises(
+        TypeError, match=r"GaussianPrior: expected var\['0.bias'\] to be a float or a tensor"
+    ):
+        GaussianPrior(var={"0.weight": 1.0, "0.bias": {"b": 1.0}})
+    prior = GaussianPrior(mean={"a": 0.5, "b": torch.zeros(3)}, var={"a": 2.0, "b": 1.0})
+    assert prior.mean["a"] == 0.5 and torch.equal(prior.mean["b"], torch.zeros(3))
+
+
+def test_prior_kl_checks_generator_and_n_with_every_prior():
+    # With no prior or a float, and n=None, the generator went unchecked. prior_kl names
+    # itself where it builds the prior, the prior's kl where it is given one.
+    _, q = _posterior()
+    for prior, where in (
+        (None, "prior_kl"),
+        (2.0, "prior_kl"),
+        (GaussianPrior(), "GaussianPrior.kl"),
+        (ScaleMixturePrior(0.5, 1.0, 0.1), "ScaleMixturePrior.kl"),
+    ):
+        with pytest.raises(
+            TypeError,
+            match=rf"{where}: expected generator to be a torch.Generator or None, got str",
+        ):
+            prior_kl(q, prior, generator="not a generator")
+        with pytest.raises(TypeError, match=rf"{where}: expected n to be a positive int"):
+            prior_kl(q, prior, n=1.5)
+    assert torch.equal(prior_kl(q, generator=torch.Generator()), bf.kl_divergence(q))
+
+
+def test_log_prob_checks_that_prior_tensors_broadcast_as_kl_does():
+    # kl refused a prior tensor that does not fit the parameter; log_prob gave torch's error.
+    q = bf.init(torch.nn.Linear(3, 2))
+    params = bf.sample(q, 2)
+    for prior, what in (
+        (GaussianPrior(var=torch.ones(5)), "var"),
+        (GaussianPrior(mean={"weight": torch.zeros(2, 2, 3), "bias": 0.0}), "mean"),
+    ):
+        for method, args in (("kl", (q, None, 2)), ("log_prob", (params,))):
+            with pytest.raises(
+                ValueError,
+                match=rf"GaussianPrior\.{method}: expected the prior {what} of 'weight' to "
+                r"broadcast to \(2, 3\), got shape",
+            ):
+                getattr(prior, method)(*args)
+    # Tensors that broadcast to the parameter, as kl takes them.
+    fits = GaussianPrior(var={"weight": torch.full((3,), 2.0), "bias": torch.ones(2)})
+    same = GaussianPrior(var={"weight": 2.0, "bias": 1.0})
+    assert torch.allclose(fits.log_prob(params), same.log_prob(params), rtol=1e-12)
+
+
 def test_per_parameter_tensors_are_detached_copies():
     _, q = _posterior()
     var = _per_param(q, lambda m: torch.full_like(m, 2.0).requires_grad_())
