@@ -40,7 +40,9 @@ import torch
 import torch.nn as nn
 
 from torch import Tensor
+from torch.nn.parameter import UninitializedTensorMixin
 
+from ._structure import lock
 from ._types import Posterior
 
 if TYPE_CHECKING:
@@ -169,6 +171,12 @@ def check_posterior(where: str, posterior: object) -> Posterior:
                 raise TypeError(
                     f"{where}: expected posterior.{field}[{name!r}] to be a tensor, "
                     f"got {type(t).__name__}"
+                )
+            # An attribute, no value read: this check runs on every training step.
+            if t.is_meta:
+                raise ValueError(
+                    f"{where}: expected posterior tensors with data, got "
+                    f"posterior.{field}[{name!r}] on the meta device"
                 )
         if m.shape != lv.shape:
             raise ValueError(
@@ -315,12 +323,25 @@ def _check_stacked(
     return first
 
 
+# A module's parameters and buffers, by name.
+Tables = tuple[dict[str, Tensor], dict[str, Tensor]]
+
+
+def _tables(module: nn.Module) -> Tables:
+    r"""Reads the parameters and buffers of `module` under its lock: while another thread's
+    call has samples swapped in, they are not the module's own."""
+
+    with lock(module):
+        return dict(module.named_parameters()), dict(module.named_buffers())
+
+
 def check_members(
     where: str, modules: object, equal_buffers: bool, equal_frozen: bool = False
-) -> None:
+) -> list[Tables]:
     r"""Checks `n >= 1` modules of one architecture: one class, the same parameter names,
     shapes, dtypes and devices (and `requires_grad`, if `equal_frozen`), the same buffer
-    names and shapes (and values, if `equal_buffers`)."""
+    names and shapes (and values, if `equal_buffers`), none of them lazy (uninitialized).
+    Returns each module's parameters and buffers, read under its lock."""
 
     if isinstance(modules, nn.Module) or not isinstance(modules, Sequence):
         raise TypeError(
@@ -335,8 +356,17 @@ def check_members(
                 f"at index {i}"
             )
 
+    tables = [_tables(m) for m in modules]
+    for i, (params, buffers) in enumerate(tables):
+        for name, t in (*params.items(), *buffers.items()):
+            if isinstance(t, UninitializedTensorMixin):
+                raise ValueError(
+                    f"{where}: expected initialized modules, got {name!r} uninitialized (a "
+                    f"lazy module) at index {i}; run a forward pass on each module first"
+                )
     first = modules[0]
-    if not dict(first.named_parameters()):
+    ours_params, ours_buffers = tables[0]
+    if not ours_params:
         raise ValueError(f"{where}: expected modules with parameters, got none")
     for i, m in enumerate(modules[1:], start=1):
         if type(m) is not type(first):
@@ -345,8 +375,8 @@ def check_members(
                 f"{type(m).__name__} at index {i}"
             )
         for kind, ours, theirs in (
-            ("parameter", dict(first.named_parameters()), dict(m.named_parameters())),
-            ("buffer", dict(first.named_buffers()), dict(m.named_buffers())),
+            ("parameter", ours_params, tables[i][0]),
+            ("buffer", ours_buffers, tables[i][1]),
         ):
             if list(theirs) != list(ours):
                 raise ValueError(
@@ -372,6 +402,7 @@ def check_members(
                         f"those of modules[0]), got a different {name!r} at index {i}; stack "
                         "them too with bayesflow.stack_modules"
                     )
+    return tables
 
 
 def describe(t: Any) -> str:
@@ -386,6 +417,8 @@ def describe(t: Any) -> str:
 def check_tensor(where: str, name: str, x: object, min_dim: int = 1) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{where}: expected {name} to be a tensor, got {type(x).__name__}")
+    if x.is_meta:
+        raise ValueError(f"{where}: expected {name} with data, got a tensor on the meta device")
     if x.dim() < min_dim:
         raise ValueError(
             f"{where}: expected {name} with at least {min_dim} dims, got shape {tuple(x.shape)}"
@@ -497,6 +530,10 @@ def check_same_shape(where: str, **tensors: Tensor) -> None:
     if len(set(shapes.values())) > 1:
         got = ", ".join(f"{k} {s}" for k, s in shapes.items())
         raise ValueError(f"{where}: expected tensors of the same shape, got {got}")
+    devices = {k: v.device for k, v in tensors.items()}
+    if len(set(devices.values())) > 1:
+        got = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"{where}: expected tensors on one device, got {got}")
 
 
 def reduce(where: str, x: Tensor, reduction: str) -> Tensor:

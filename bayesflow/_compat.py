@@ -297,6 +297,17 @@ def in_forward_ad() -> bool:
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
+def dual(tensors: Iterable[object]) -> bool:
+    r"""Whether one of `tensors` (non-tensors are skipped) is a dual tensor of the open
+    level of forward-mode AD. The level is the process's, not the thread's: a call in
+    another thread, on tensors of its own, is not one of forward mode."""
+
+    if not in_forward_ad():
+        return False
+    unpack = torch.autograd.forward_ad.unpack_dual
+    return any(isinstance(t, Tensor) and unpack(t).tangent is not None for t in tensors)
+
+
 def batched_gradients(grads: Iterable[Tensor | None]) -> bool:
     r"""Whether autograd runs a backward under its own vmap (`is_grads_batched`, a
     vectorized Jacobian): the incoming gradients are batched, and in-place or `out=`

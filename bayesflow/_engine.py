@@ -10,11 +10,19 @@ state the call found where vmap cannot run it.
 
 from __future__ import annotations
 
-__all__ = ["VmapFallbackWarning", "count", "hold", "run", "run_local"]
+__all__ = [
+    "VmapFallbackWarning",
+    "count",
+    "draw_state",
+    "hold",
+    "restore_draw_state",
+    "run",
+    "run_local",
+]
 
 import warnings
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
@@ -42,7 +50,7 @@ from ._layers import LocalPlan, Recorder, StaleShapes, Tape
 from ._memory import auto_chunk_size, cache_chunk_size, one_by_one, per_sample_bytes
 from ._options import CallOptions
 from ._outputs import flatten, map_outputs, stack, unflatten
-from ._structure import Structure, lock, structure
+from ._structure import Structure, fn_runs_zuko, lock, structure
 from ._swap import patched, swapped
 from ._types import Posterior
 from ._vmap_safe import vmap_safe
@@ -63,6 +71,7 @@ class _Job(NamedTuple):
     n: int
     opts: CallOptions
     buffers: Mapping[str, Tensor]  # per-sample buffers `(n, *shape)` (an ensemble's), or {}
+    zuko: bool  # whether zuko's transforms run, in the module or built by `fn`: stand-ins
 
 
 def run(
@@ -87,7 +96,8 @@ def run(
         if n is None or params:
             n = check_params(opts.where, st, module, params, n)
         dims = check_in_dims(opts.where, args, opts.in_dims, n)
-        job = _Job(st, module, params, args, dims, n, opts, buffers or {})
+        zuko = st.uses_zuko or fn_runs_zuko(opts.fn)
+        job = _Job(st, module, params, args, dims, n, opts, buffers or {}, zuko)
         out, message = _call(job)
     _warn(message, n)
     return out
@@ -195,16 +205,35 @@ def _call(job: _Job, extra: list | None = None) -> tuple[Any, str | None]:
 
     st = job.st
     check_no_parametrization_cache(job.opts.where, job.module, st)
-    written = st.written
+    written = {k: job.params[k] for k in st.written if k in job.params}
     if written:  # a module that writes its weight in place gets a copy of its own
         params = {k: v.clone() if k in written else v for k, v in job.params.items()}
         job = job._replace(params=params)
     changes = _changes(st, job.module, extra or [])
     with _no_recomputation(job.opts.where):
         if not changes:
-            return _dispatch(job)
-        with patched(changes):
-            return _dispatch(job)
+            result = _dispatch(job)
+        else:
+            with patched(changes):
+                result = _dispatch(job)
+    if written:
+        _hand_back(written, job.params)
+    return result
+
+
+def _hand_back(originals: Mapping[str, Tensor], copies: Mapping[str, Tensor]) -> None:
+    r"""Writes what the module wrote into its weight's copies (`Embedding(max_norm)`
+    renormalizes the rows it reads) back into the caller's tensors that are trainable
+    leaves (an ensemble's parameters, where each member's module would hold its own
+    weight): as torch writes a module's own weight, and K separate trainings see. Samples
+    of a posterior, computed or detached, are left as they are."""
+
+    if is_compiling() or in_func_transform():
+        return
+    with torch.no_grad():
+        for k, v in originals.items():
+            if v.is_leaf and v.requires_grad:
+                v.copy_(copies[k])
 
 
 def _no_recomputation(where: str) -> Any:
@@ -300,6 +329,41 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
+# What a failed call puts back: each generator it draws from, with the state it found.
+DrawState = list[tuple[torch.Generator, Tensor]]
+
+
+def draw_state(generator: torch.Generator | None, tensors: Iterable[Tensor] = ()) -> DrawState:
+    r"""Returns the state of the generators that a call drawing from `generator` uses:
+    `generator`, or if :py:`None`, torch's default generators of the CPU and of the CUDA
+    devices of `tensors` (where the draws are made). Under :func:`torch.compile` tracing,
+    nothing (a state read would break the graph).
+
+    A call that draws and then fails (a check of `fn`'s output, or `fn` itself) puts them
+    back with :func:`restore_draw_state`: a failed call draws nothing. A CPU generator's
+    state is a 5 KB copy, about 2 us.
+    """
+
+    if is_compiling():
+        return []
+    if generator is not None:
+        return [(generator, generator.get_state())]
+    saved = [(torch.default_generator, torch.default_generator.get_state())]
+    if torch.cuda.is_initialized():  # else no tensor is on a CUDA device
+        for device in {t.device for t in tensors if t.is_cuda}:
+            index = torch.cuda.current_device() if device.index is None else device.index
+            g = torch.cuda.default_generators[index]
+            saved.append((g, g.get_state()))
+    return saved
+
+
+def restore_draw_state(saved: DrawState) -> None:
+    r"""Puts back what :func:`draw_state` found."""
+
+    for g, state in saved:
+        g.set_state(state)
+
+
 def _split(t: Tensor) -> Tensor | tuple[Tensor, ...]:
     r"""Returns what the loop indexes for sample `i`: for a tensor that records gradients,
     its K slices, split at once (one backward node that stacks the K gradients, where K
@@ -311,13 +375,13 @@ def _split(t: Tensor) -> Tensor | tuple[Tensor, ...]:
 
 
 def _loop(job: _Job, state: State | None = None) -> Any:
-    if job.st.uses_zuko and is_compiling():
+    if job.zuko and is_compiling():
         return _eager(_loop_now)(job, state)
     return _loop_now(job, state)
 
 
 def _single(job: _Job) -> Any:
-    if job.st.uses_zuko and is_compiling():
+    if job.zuko and is_compiling():
         return _eager(_single_now)(job)
     return _single_now(job)
 
@@ -343,11 +407,15 @@ def _loop_now(job: _Job, state: State | None = None) -> Any:
             # A written weight gets a copy per sample: views of one copy share a version
             # counter, and a sample's write would break the graphs of the samples before.
             sample = {k: v[i].clone() if k in written else v[i] for k, v in params.items()}
-            with swapped(st, sample, buffers, job.module), _stand_ins(st):
+            with swapped(st, sample, buffers, job.module), _stand_ins(job.zuko):
                 out = opts.fn(job.module, *(a if u is None else u[i] for a, u in args))
                 held = state.current()
                 assigned = state.given_held(given)
             state.write_given(opts.where, given, assigned)
+            if written:  # the sample's own copy, as the module wrote it (see _hand_back)
+                with torch.no_grad():
+                    for k in written.intersection(sample):
+                        params[k][i].copy_(sample[k])
             map_outputs(opts.where, lambda t: None, out)
             outs.append(out)
             state.collect(held)
@@ -363,8 +431,8 @@ def _loop_now(job: _Job, state: State | None = None) -> Any:
 _NOTHING = nullcontext()
 
 
-def _stand_ins(st: Structure) -> Any:
-    return vmap_safe() if st.uses_zuko else _NOTHING
+def _stand_ins(zuko: bool) -> Any:
+    return vmap_safe() if zuko else _NOTHING
 
 
 def _single_now(job: _Job) -> Any:
@@ -379,7 +447,7 @@ def _single_now(job: _Job) -> Any:
         layers = in_func_transform() and _torch_layers.changes(st, module, params.keys())
         with (
             swapped(st, params, buffers, module),
-            _stand_ins(st),
+            _stand_ins(job.zuko),
             patched(layers) if layers else _NOTHING,
         ):
             out = job.opts.fn(module, *_index(job.args, job.dims, 0))
@@ -438,7 +506,7 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
         spec[:] = [s]
         return leaves
 
-    with vmap_safe(st.uses_zuko), patched(_torch_layers.changes(st, module, params.keys())):
+    with vmap_safe(job.zuko), patched(_torch_layers.changes(st, module, params.keys())):
         leaves = vmap(
             single,
             in_dims=(*(0,) * end, *job.dims),
@@ -493,7 +561,7 @@ def _fits_the_cache(job: _Job) -> bool:
     r"""Whether the default chunk is the one that fits the CPU's cache: on the CPU, outside
     compilation, for torch modules (zuko's flows run their own stand-ins)."""
 
-    return not is_compiling() and not job.st.uses_zuko and _device(job).type == "cpu"
+    return not is_compiling() and not job.zuko and _device(job).type == "cpu"
 
 
 def _footprints(job: _Job) -> tuple[Bounded, tuple]:
@@ -511,7 +579,7 @@ def _footprint(job: _Job) -> int:
     call recomputes what the first pass saved, and no more), the global random state left
     as it was; remembered."""
 
-    st, module, params, args, dims, _, opts, _ = job
+    st, module, params, args, dims, _, opts, _, _ = job
     footprints, key = _footprints(job)
     per_sample = footprints.get(key)
     if per_sample is None:
@@ -561,33 +629,42 @@ def run_local(
         st = structure(module)
         check_no_parametrization_cache(where, module, st)  # before any draw
         dims = check_in_dims(where, args, opts.in_dims, n)
-        for attempt in range(2):
-            layout = _layout(st, module, plan, args, dims, opts, fresh=attempt > 0)
-            like = next(iter(posterior.mean.values()))
-            # All the noise up front: one slab for the layers, then the whole samples.
-            slab = torch.randn(
-                n, layout.size, generator=generator, dtype=like.dtype, device=like.device
-            )
-            whole = plan.sampled(posterior, layout)
-            params = _posterior.sample(where, whole, n, generator) if whole.mean else {}
-            tape = Tape(layout)
+        # A call that fails after the draws (`fn`'s output refused, say) draws nothing.
+        zuko = st.uses_zuko or fn_runs_zuko(opts.fn)
+        saved = draw_state(generator, posterior.mean.values())
+        try:
+            for attempt in range(2):
+                layout = _layout(st, module, plan, args, dims, opts, fresh=attempt > 0)
+                like = next(iter(posterior.mean.values()))
+                # All the noise up front: one slab for the layers, then the whole samples.
+                slab = torch.randn(
+                    n, layout.size, generator=generator, dtype=like.dtype, device=like.device
+                )
+                whole = plan.sampled(posterior, layout)
+                params = _posterior.sample(where, whole, n, generator) if whole.mean else {}
+                tape = Tape(layout)
 
-            def local_fn(m: nn.Module, s: Tensor, *a: Any, tape: Tape = tape) -> Any:
-                tape.begin(s)
-                return opts.fn(m, *a)
+                def local_fn(m: nn.Module, s: Tensor, *a: Any, tape: Tape = tape) -> Any:
+                    tape.begin(s)
+                    return opts.fn(m, *a)
 
-            local = opts._replace(fn=local_fn)
-            forwards = plan.forwards(tape, layout.local)
-            job = _Job(st, module, params, (slab, *args), (0, *dims), n, local, {})
-            try:
-                out, message = _call(job, forwards)
-                break
-            except StaleShapes:
-                if attempt > 0:
-                    raise RuntimeError(
-                        f"{where}: expected the layers to be called with the same shapes "
-                        "as in the shape-finding pass, got others twice"
-                    ) from None
+                local = opts._replace(fn=local_fn)
+                forwards = plan.forwards(tape, layout.local)
+                job = _Job(st, module, params, (slab, *args), (0, *dims), n, local, {}, zuko)
+                try:
+                    out, message = _call(job, forwards)
+                    break
+                except StaleShapes:
+                    if attempt > 0:
+                        raise RuntimeError(
+                            f"{where}: expected the layers to be called with the same "
+                            "shapes as in the shape-finding pass, got others twice"
+                        ) from None
+                    # The retry draws what a call with a fresh layout draws.
+                    restore_draw_state(saved)
+        except BaseException:
+            restore_draw_state(saved)
+            raise
     _warn(message, n)
     return out
 

@@ -42,7 +42,8 @@ class _Leaf(int):
 
 
 def flatten(where: str, out: Any) -> tuple[tuple[Tensor, ...], Any]:
-    r"""Returns the tensors of `out` in order and what it takes to rebuild `out` from them."""
+    r"""Returns the tensors of `out` in order (none if `out` holds none, e.g. is :py:`None`)
+    and what it takes to rebuild `out` from them."""
 
     leaves: list[Tensor] = []
 
@@ -51,8 +52,6 @@ def flatten(where: str, out: Any) -> tuple[tuple[Tensor, ...], Any]:
         return _Leaf(len(leaves) - 1)
 
     spec = map_outputs(where, take, out)
-    if not leaves:
-        raise OutputError(f"{where}: expected fn to return at least one tensor, got {out!r}")
     return tuple(leaves), spec
 
 

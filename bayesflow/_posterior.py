@@ -28,7 +28,7 @@ from torch.nn.parameter import is_lazy
 from ._checks import check_module, check_posterior, describe
 from ._numerics import logvar_from_var
 from ._sampling import kl_divergence, sample
-from ._structure import Structure
+from ._structure import Structure, lock
 from ._types import Posterior
 
 InitLogvar = float | Mapping[str, float | Tensor] | Callable[[str, Tensor], float | Tensor]
@@ -134,7 +134,8 @@ def init(
     check_module(where, module)
     inc_globs, inc = _patterns(where, "include", include)
     exc_globs, exc = _patterns(where, "exclude", exclude)
-    params = dict(module.named_parameters())
+    with lock(module):  # another thread's call may have samples swapped in
+        params = dict(module.named_parameters())
     names = [name for name in params if _picks(inc, exc, name)]
 
     if not names and not empty:
@@ -229,9 +230,9 @@ def check_matches(where: str, module: nn.Module, posterior: Posterior) -> None:
 def mean_model(where: str, module: object, posterior: object) -> nn.Module:
     check_module(where, module)
     check_posterior(where, posterior)
-    check_matches(where, module, posterior)
-
-    new = copy.deepcopy(module)
+    with lock(module):  # another thread's call may have samples swapped in
+        check_matches(where, module, posterior)
+        new = copy.deepcopy(module)
     with torch.no_grad():
         for name, p in new.named_parameters():
             if name in posterior.mean:

@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._caches import register
 from ._checks import check_generator, check_n, check_number, check_posterior, describe
-from ._compat import flat_cat, in_forward_ad, in_func_transform, is_compiling
+from ._compat import dual, flat_cat, in_func_transform, is_compiling
 from ._numerics import (
     FlatPrior,
     SampleKL,
@@ -225,7 +225,7 @@ def _run(
     prior (if `prior`), each group of tensors in one pass."""
 
     names, t = plan.names, len(plan.names)
-    traced, dual = _traced(), in_forward_ad()
+    traced = _traced()
     work = []
     for group in plan.groups:
         if len(plan.groups) == 1:
@@ -240,7 +240,8 @@ def _run(
         # Dual tensors of forward mode take the plain path too (the fused one writes `out=`),
         # as does a prior variance with a gradient of its own (the fused node gives it none).
         fused = not traced and _check(where, _bounds(flat), group, names, means, logvars)
-        fused = fused and not dual and not (p is not None and _learned(p.var))
+        fused = fused and not (p is not None and _learned(p.var))
+        fused = fused and not dual((*flat, *(() if p is None else p)))
         work.append((group, flat, fused, p))
 
     # Every check has passed: only now draw the noise, one call per group, in order.
@@ -346,7 +347,7 @@ def kl_divergence(where: str, posterior: object, prior_var: object) -> Tensor:
     # or forward-mode AD differentiates) keeps its gradient: the KL is differentiable
     # with respect to it too.
     if isinstance(prior_var, Tensor) and (
-        prior_var.requires_grad or in_func_transform() or in_forward_ad()
+        prior_var.requires_grad or in_func_transform() or dual((prior_var,))
     ):
         value = prior_var.reshape(())
 

@@ -9,13 +9,16 @@ treat specially.
 
 from __future__ import annotations
 
-__all__ = ["Slot", "Structure", "lock", "structure"]
+__all__ = ["Slot", "Structure", "fn_runs_zuko", "lock", "structure"]
 
+import functools
 import inspect
+import sys
 import threading
 import types
+import weakref
 
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -23,7 +26,7 @@ import torch.nn as nn
 
 from torch import Tensor
 
-from ._caches import PerObject
+from ._caches import Bounded, PerObject, identity, register
 from ._compat import is_compiling, weight_hooks
 
 # A place that holds a tensor: the `_parameters` or `_buffers` dict of a module, and a key.
@@ -36,26 +39,92 @@ _ZUKO_PARTS = ("transforms", "utils", "flows", "lazy", "mixtures")
 
 
 def _is_zuko(name: object) -> bool:
-    return isinstance(name, str) and any(
-        name == f"zuko.{part}" or name.startswith(f"zuko.{part}.") for part in _ZUKO_PARTS
+    return (
+        isinstance(name, str)
+        and name.startswith("zuko.")
+        and any(name == f"zuko.{part}" or name.startswith(f"zuko.{part}.") for part in _ZUKO_PARTS)
     )
 
 
-def _names_zuko(code: types.CodeType, scope: dict[str, Any]) -> bool:
+# Libraries whose functions never build zuko's transforms: not read.
+_LIBRARIES = frozenset(
+    ("torch", "bayesflow", "zuko", "numpy", "einops", "builtins", "functools", "math", "typing")
+)
+
+# How many calls deep the user's own functions and classes are read for zuko's parts.
+_DEPTH = 3
+
+
+def _library(name: object) -> bool:
+    return not isinstance(name, str) or name.partition(".")[0] in _LIBRARIES
+
+
+def _scope(f: types.FunctionType) -> dict[str, Any]:
+    r"""The names a function reads from outside: its module's globals and its closure."""
+
+    if not f.__closure__:
+        return f.__globals__
+    scope = dict(f.__globals__)
+    for name, cell in zip(f.__code__.co_freevars, f.__closure__, strict=True):
+        try:
+            scope[name] = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            pass
+    return scope
+
+
+def _names_zuko(
+    code: types.CodeType, scope: dict[str, Any], depth: int = 0, seen: set | None = None
+) -> bool:
     r"""Whether `code` (or a function defined in it) names a global from zuko's parts that
     need the stand-ins: one of their classes or functions, or the modules themselves (also
-    as `zuko.transforms...`)."""
+    as `zuko.transforms...`); or calls, up to :data:`_DEPTH` deep, a function or class of
+    the user's own (in another module too, as `helpers.make_flow`) that does."""
 
-    for name in code.co_names:
+    seen = set() if seen is None else seen
+    for name in (*code.co_names, *code.co_freevars):
         obj = scope.get(name)
         if isinstance(obj, types.ModuleType):
             if _is_zuko(obj.__name__):
                 return True
             if obj.__name__ == "zuko" and any(part in code.co_names for part in _ZUKO_PARTS):
                 return True
+            if depth < _DEPTH and not _library(obj.__name__):
+                members = vars(obj)
+                if any(_reaches_zuko(members.get(a), depth + 1, seen) for a in code.co_names):
+                    return True
         elif _is_zuko(getattr(obj, "__module__", None)):
             return True
-    return any(isinstance(c, types.CodeType) and _names_zuko(c, scope) for c in code.co_consts)
+        elif depth < _DEPTH and _reaches_zuko(obj, depth + 1, seen):
+            return True
+    return any(
+        isinstance(c, types.CodeType) and _names_zuko(c, scope, depth, seen)
+        for c in code.co_consts
+    )
+
+
+def _reaches_zuko(obj: object, depth: int, seen: set) -> bool:
+    r"""Whether a function or class of the user's (not a library's) names zuko's parts
+    (:func:`_names_zuko`), `depth` calls deep."""
+
+    if isinstance(obj, types.MethodType):
+        obj = obj.__func__
+    if isinstance(obj, type):
+        if obj in seen or _library(obj.__module__):
+            return False
+        seen.add(obj)
+        return any(
+            _names_zuko(f.__code__, _scope(f), depth, seen) for c in obj.__mro__ for f in (
+                () if _library(c.__module__) else _functions(c)
+            )
+        )  # fmt: skip
+    if not isinstance(obj, types.FunctionType):
+        return False
+    obj = inspect.unwrap(obj)
+    if not isinstance(obj, types.FunctionType) or obj.__code__ in seen or _library(obj.__module__):
+        return False
+    seen.add(obj.__code__)
+    return _names_zuko(obj.__code__, _scope(obj), depth, seen)
 
 
 def _functions(cls: type) -> Iterator[types.FunctionType]:
@@ -74,15 +143,80 @@ def _functions(cls: type) -> Iterator[types.FunctionType]:
 def _runs_zuko(cls: type) -> bool:
     r"""Whether a module of type `cls` may run zuko's transforms: a class of zuko's (outside
     zuko.nn and zuko.distributions) or a subclass of one, or a class one of whose own
-    methods (its forward, the helpers it calls) names them."""
+    methods (its forward, the helpers it calls, in its module or another) names them."""
 
     for c in cls.__mro__:
         if _is_zuko(c.__module__):
             return True
         if c.__module__.startswith(("torch.", "builtins")):
             continue
-        if any(_names_zuko(f.__code__, f.__globals__) for f in _functions(c)):
+        if any(_names_zuko(f.__code__, _scope(f)) for f in _functions(c)):
             return True
+    return False
+
+
+# The verdicts of :func:`fn_runs_zuko`: on the code of an `fn` (a new lambda per call has the
+# same), held weakly, and on the functions and classes its closure holds, by identity.
+_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_VERDICTS: Bounded[Hashable, bool] = Bounded(128)
+register(_CODES.clear)
+
+
+def _verdict(obj: object, compute: Callable[[], bool]) -> bool:
+    if is_compiling():  # traced once per compilation: no cache (its lock breaks the graph)
+        return compute()
+    key = identity(obj)
+    verdict = _VERDICTS.get(key)
+    if verdict is None:
+        verdict = _VERDICTS.put(key, compute())
+    return verdict
+
+
+def _held_runs_zuko(obj: object) -> bool:
+    return _is_zuko(getattr(obj, "__module__", None)) or _reaches_zuko(obj, 1, set())
+
+
+def fn_runs_zuko(fn: object) -> bool:
+    r"""Whether the `fn` of a call may build zuko's transforms itself (as
+    `lambda net, c, x: zuko.transforms.UnconstrainedMonotonicTransform(...)(x)`), in its
+    own code or in the user's functions it calls (:func:`_names_zuko`): then the call
+    needs the stand-ins as a flow's does. About a microsecond a call once zuko is
+    imported: the verdict on its code is cached, the functions its closure holds are
+    looked up at every call."""
+
+    if "zuko" not in sys.modules:
+        return False
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if isinstance(fn, types.MethodType):
+        fn = fn.__func__
+    if not isinstance(fn, types.FunctionType):
+        if isinstance(fn, nn.Module):
+            return False  # its own forward is read with its structure
+        cls = type(fn)  # a callable object: its class
+        return _verdict(cls, lambda: _reaches_zuko(cls, 0, set()))
+    module = fn.__module__
+    if _library(module):
+        return _is_zuko(module)
+    code = fn.__code__
+    verdict = None if is_compiling() else _CODES.get(code)
+    if verdict is None:
+        verdict = _names_zuko(code, fn.__globals__)
+        if not is_compiling():
+            _CODES[code] = verdict
+    if verdict or not fn.__closure__:
+        return verdict
+    for cell in fn.__closure__:
+        try:
+            obj = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            continue
+        if isinstance(obj, types.ModuleType):
+            if obj.__name__ == "zuko" or _is_zuko(obj.__name__):
+                return True
+        elif isinstance(obj, (types.FunctionType, types.MethodType, type)):
+            if _verdict(obj, functools.partial(_held_runs_zuko, obj)):
+                return True
     return False
 
 

@@ -18,11 +18,18 @@ from torch import Tensor
 
 from . import _posterior
 from ._checks import check_generator, check_in_dims, check_module, check_n
-from ._engine import check_no_parametrization_cache, hold, run
+from ._engine import (
+    check_no_parametrization_cache,
+    draw_state,
+    hold,
+    restore_draw_state,
+    run,
+)
 from ._layers import Cached, LocalPlan
 from ._options import call_options
 from ._outputs import map_outputs, stack
 from ._posterior import InitLogvar
+from ._structure import lock
 from ._types import Posterior
 
 
@@ -175,7 +182,8 @@ class BayesianModel(nn.Module):
                 k: v[0] for k, v in _posterior.sample(where, self.posterior, 1, generator).items()
             }
 
-        new = copy.deepcopy(self.base)
+        with lock(self.base):  # another thread's call may have samples swapped in
+            new = copy.deepcopy(self.base)
         new.load_state_dict(params, strict=False)
 
         return new
@@ -285,7 +293,8 @@ class BayesianModel(nn.Module):
             n: The number of sampled models; one, without a sample dim, if :py:`None`.
             fn: What to compute, `fn(base, *args)`; `base(*args)` if :py:`None`. It must
                 return tensors: for a flow, `fn=lambda f, c, x: f(c).log_prob(x)`.
-            generator: The source of randomness; the global one if :py:`None`.
+            generator: The source of randomness; the global one if :py:`None`. A call
+                that raises (`fn` itself, or its output refused) leaves it as found.
             chunk_size, fallback, in_dims, randomness, max_memory: As in
                 :func:`bayesflow.vmap_call`.
 
@@ -297,17 +306,26 @@ class BayesianModel(nn.Module):
         k = 1 if n is None else check_n(where, n)
         opts = call_options(where, fn, chunk_size, fallback, in_dims, randomness, True, max_memory)
         check_generator(where, generator)
-        check_in_dims(where, args, in_dims, k)  # before the draw: a failed call draws nothing
-        check_no_parametrization_cache(where, self.base)
-        params = _posterior.sample(where, self.posterior, k, generator)
-        if not params and n is not None and not any(d is not None for d in in_dims or ()):
-            # Nothing Bayesian (zuko's empty wrapper) and no argument per sample: vmap has
-            # nothing to map over, so `n` calls of the one model, as the loop makes them.
-            outs = [run(self.base, params, args, opts, n=1) for _ in range(k)]
-            return stack([map_outputs(where, lambda t: t.squeeze(0), o) for o in outs])
-        out = run(self.base, params, args, opts, n=k)  # `n`: for a wrapper with no tensors
-
-        return out if n is not None else map_outputs(where, lambda t: t.squeeze(0), out)
+        # Before the draw: a failed call draws nothing.
+        check_in_dims(where, args, in_dims, k)
+        base, posterior = self.base, self.posterior
+        check_no_parametrization_cache(where, base)
+        # A call that fails after the draw (fn's output refused, fn itself, or a base
+        # converted since it was wrapped) leaves the generator as found.
+        saved = draw_state(generator, posterior.mean.values())
+        try:
+            params = _posterior.sample(where, posterior, k, generator)
+            if not params and n is not None and not any(d is not None for d in in_dims or ()):
+                # Nothing Bayesian (zuko's empty wrapper) and no argument per sample: vmap
+                # has nothing to map over, so `n` calls of the one model, as the loop
+                # makes them.
+                outs = [run(base, params, args, opts, n=1) for _ in range(k)]
+                return stack([map_outputs(where, lambda t: t.squeeze(0), o) for o in outs])
+            out = run(base, params, args, opts, n=k)  # `n`: for a wrapper with no tensors
+            return out if n is not None else map_outputs(where, lambda t: t.squeeze(0), out)
+        except BaseException:
+            restore_draw_state(saved)
+            raise
 
     def __getattr__(self, name: str) -> Any:
         r"""Looks attributes up in the base model if the wrapper does not have them."""

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from torch import Tensor
 
-from ._checks import check_callable, check_generator, check_int, check_members
+from ._checks import Tables, check_callable, check_generator, check_int, check_members
 from ._compat import keep_lazy_cuda_seed
 
 
@@ -39,20 +39,21 @@ class Ensemble(NamedTuple):
     seeds: list[int] | None = None
 
 
-def _stack(modules: Sequence[nn.Module], seeds: list[int] | None) -> Ensemble:
-    first = modules[0]
+def _stack(
+    modules: Sequence[nn.Module], tables: list[Tables], seeds: list[int] | None
+) -> Ensemble:
+    r"""Stacks the members' parameters and buffers, as :func:`check_members` read them."""
+
+    first, (params, buffers) = modules[0], tables[0]
     with torch.no_grad():
         # A frozen parameter (requires_grad=False) stays frozen: no optimizer moves it.
         params = {
-            name: torch.stack([m.get_parameter(name).detach() for m in modules]).requires_grad_(
+            name: torch.stack([t[0][name].detach() for t in tables]).requires_grad_(
                 p.requires_grad
             )
-            for name, p in first.named_parameters()
+            for name, p in params.items()
         }
-        buffers = {
-            name: torch.stack([m.get_buffer(name) for m in modules])
-            for name, _ in first.named_buffers()
-        }
+        buffers = {name: torch.stack([t[1][name] for t in tables]) for name in buffers}
     return Ensemble(first, params, buffers, seeds)
 
 
@@ -113,12 +114,12 @@ def ensemble(
                     f"got {type(member).__name__}"
                 )
             members.append(member)
-        check_members(where, members, equal_buffers=False, equal_frozen=True)
+        tables = check_members(where, members, equal_buffers=False, equal_frozen=True)
     except BaseException:
         source.set_state(state)  # a failed call draws no seeds
         raise
 
-    return _stack(members, seeds)
+    return _stack(members, tables, seeds)
 
 
 def stack_modules(modules: Sequence[nn.Module]) -> Ensemble:
@@ -144,5 +145,5 @@ def stack_modules(modules: Sequence[nn.Module]) -> Ensemble:
         An :class:`Ensemble` whose calls run on `modules[0]`.
     """  # noqa: E501
 
-    check_members("stack_modules", modules, equal_buffers=False, equal_frozen=True)
-    return _stack(list(modules), None)
+    tables = check_members("stack_modules", modules, equal_buffers=False, equal_frozen=True)
+    return _stack(list(modules), tables, None)

@@ -37,6 +37,7 @@ from ._ivon import (
     update,
     update_one,
 )
+from ._structure import lock
 from ._types import Posterior
 from .posterior import select
 
@@ -228,7 +229,8 @@ class IVON(torch.optim.Optimizer):
             names = select(module, include, exclude)
         except (TypeError, ValueError) as err:
             raise type(err)(str(err).replace("select:", f"{where}:", 1)) from None
-        named = dict(module.named_parameters())
+        with lock(module):  # another thread's call may have samples swapped in
+            named = dict(module.named_parameters())
         frozen = [name for name in names if not named[name].requires_grad]
         names = [name for name in names if named[name].requires_grad]
         if not names:

@@ -26,8 +26,8 @@ from ._checks import (
     check_posterior,
 )
 from ._compat import in_func_transform, is_compiling
-from ._engine import check_no_parametrization_cache, run
-from ._options import call_options
+from ._engine import check_no_parametrization_cache, draw_state, restore_draw_state, run
+from ._options import CallOptions, call_options
 from ._structure import lock, structure
 from ._types import Posterior
 from .local import local_with_options
@@ -100,7 +100,8 @@ def nelbo(
             estimate.
         kl_weight: The weight :math:`\beta \geq 0` of the KL term.
         generator: The source of all the randomness; the global one if :py:`None`.
-            The same state gives the same loss, whatever `chunk_size`.
+            The same state gives the same loss, whatever `chunk_size`; a call that raises
+            (`fn` itself, or its output refused) leaves it as found.
         chunk_size, in_dims, randomness, max_memory: As in :func:`bayesflow.vmap_call`.
         estimator: How the model is sampled: `"weights"` (whole weight samples, through
             :func:`bayesflow.vmap_call`), `"local"` (the local reparameterization trick)
@@ -162,7 +163,7 @@ def _nelbo(
             f"got {estimator!r}"
         )
     opts = call_options(where, fn, chunk_size, True, in_dims, randomness, vectorized, max_memory)
-    # The buffers as found: an fn whose output is refused leaves them so.
+    # The buffers as found: a call that fails leaves them so.
     st = structure(module)
     state = State(st) if st.buffers else None
 
@@ -173,35 +174,63 @@ def _nelbo(
             _posterior.check_fits(where, st, module, posterior)
             check_no_parametrization_cache(where, module, st)
         check_in_dims(where, args, in_dims, n)
-        params, kl = sample_and_kl(where, posterior, n, generator, prior)
-        ll = run(module, params, args, opts)
-    else:
-        _, kl = sample_and_kl(where, posterior, None, generator, prior)  # checks before work
-        # A closed-form KL, outside a trace, has checked that every value is finite.
-        finite = kl is not None and not (is_compiling() or in_func_transform())
-        flipout = estimator == "flipout"
-        ll = local_with_options(
-            module, posterior, n, args, opts, generator, flipout, False, finite=finite
-        )
 
-    if not isinstance(ll, Tensor) or ll.dim() == 0 or ll.shape[0] != n:
+    # A call that fails after the draws (fn's output refused, fn itself, a Monte Carlo
+    # KL) leaves the module's buffers and the generator as found.
+    saved = draw_state(generator, posterior.mean.values())
+    try:
+        ll, kl = _draw_and_run(
+            where, module, posterior, args, n, prior, generator, opts, estimator
+        )
+        if not isinstance(ll, Tensor) or ll.dim() == 0 or ll.shape[0] != n:
+            shape = tuple(ll.shape) if isinstance(ll, Tensor) else type(ll).__name__
+            raise ValueError(
+                f"{where}: expected fn to return per-datum log-likelihoods, a tensor per "
+                f"sample, stacked to a leading dim n = {n}, got {shape}"
+            )
+
+        if kl is None:  # priors with no Gaussian closed form: after the draws of the samples
+            closed = prior is None or not isinstance(prior, Prior) or prior.closed_form
+            kl = prior_kl(posterior, prior, generator=generator, n=None if closed else n)
+    except BaseException:
         if state is not None:
             state.restore()
-        shape = tuple(ll.shape) if isinstance(ll, Tensor) else type(ll).__name__
-        raise ValueError(
-            f"{where}: expected fn to return per-datum log-likelihoods, a tensor per sample, "
-            f"stacked to a leading dim n = {n}, got {shape}"
-        )
-
-    if kl is None:  # priors with no Gaussian closed form: after the draws of the samples
-        closed = prior is None or not isinstance(prior, Prior) or prior.closed_form
-        kl = prior_kl(posterior, prior, generator=generator, n=None if closed else n)
+        restore_draw_state(saved)
+        raise
 
     if isinstance(kl_weight, Tensor):
         kl = kl_weight.reshape(()) * kl  # a weight of shape (1,) gives a scalar loss too
     elif kl_weight != 1.0:
         kl = kl_weight * kl
     return kl / num_data - ll.mean()
+
+
+def _draw_and_run(
+    where: str,
+    module: nn.Module,
+    posterior: Posterior,
+    args: tuple,
+    n: int,
+    prior: Prior | float | None,
+    generator: torch.Generator | None,
+    opts: CallOptions,
+    estimator: str,
+) -> tuple[Any, Tensor | None]:
+    r"""Draws the samples (or the local noise) and runs `fn`: its outputs and the
+    closed-form KL (:py:`None` for a prior without one)."""
+
+    if estimator == "weights":
+        params, kl = sample_and_kl(where, posterior, n, generator, prior)
+        return run(module, params, args, opts), kl
+
+    _, kl = sample_and_kl(where, posterior, None, generator, prior)  # checks before work
+    # A closed-form KL, outside a trace, has checked that every value is finite.
+    finite = kl is not None and not (is_compiling() or in_func_transform())
+    flipout = estimator == "flipout"
+    ll = local_with_options(
+        module, posterior, n, args, opts, generator, flipout, False, finite=finite
+    )
+    return ll, kl
 
 
 def loop_nelbo(module: nn.Module, posterior: Posterior, *args: Any, **kwargs: Any) -> Tensor:

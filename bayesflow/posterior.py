@@ -14,7 +14,7 @@ __all__ = [
     "std",
 ]
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -94,7 +94,35 @@ def init(
         TypeError: If a picked parameter is not real floating-point (complex or integer).
     """
 
+    _check_data("init", module, init_logvar, include, exclude)
     return _posterior.init("init", module, init_logvar, include, exclude)
+
+
+def _check_data(
+    where: str,
+    module: object,
+    init_logvar: object,
+    include: Sequence[str],
+    exclude: Sequence[str],
+) -> None:
+    r"""Refuses parameters and log-variances on the meta device (shapes without data), which
+    :func:`init` would copy: torch's own error names no function."""
+
+    params = dict(module.named_parameters()) if isinstance(module, nn.Module) else {}
+    if any(p.is_meta for p in params.values()):
+        for name in _posterior.select(where, module, include, exclude):
+            if params[name].is_meta:
+                raise ValueError(
+                    f"{where}: expected parameters with data, got {name!r} on the meta "
+                    f"device; materialize the module first (module.to_empty(device=...), "
+                    "then initialize or load its parameters)"
+                )
+    values = init_logvar.values() if isinstance(init_logvar, Mapping) else [init_logvar]
+    for value in values:
+        if isinstance(value, Tensor) and value.is_meta:
+            raise ValueError(
+                f"{where}: expected init_logvar with data, got a tensor on the meta device"
+            )
 
 
 def sample(
@@ -155,6 +183,12 @@ def std(posterior: Posterior) -> dict[str, Tensor]:
     """
 
     check_posterior("std", posterior)
+    for name, lv in posterior.logvar.items():
+        if not lv.is_floating_point():
+            raise TypeError(
+                f"std: expected real floating-point posterior tensors, got "
+                f"posterior.logvar[{name!r}] of dtype {lv.dtype}"
+            )
     return {name: _std(lv) for name, lv in posterior.logvar.items()}
 
 
@@ -241,7 +275,5 @@ def stack_params(modules: Sequence[nn.Module]) -> dict[str, Tensor]:
         parameters.
     """
 
-    check_members("stack_params", modules, equal_buffers=True)
-
-    named = dict(modules[0].named_parameters())
-    return {name: torch.stack([m.get_parameter(name) for m in modules]) for name in named}
+    tables = check_members("stack_params", modules, equal_buffers=True)
+    return {name: torch.stack([t[0][name] for t in tables]) for name in tables[0][0]}

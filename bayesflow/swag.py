@@ -18,6 +18,7 @@ from torch import Tensor
 from . import _posterior
 from ._checks import check_int, check_module, check_not_bridge, check_number
 from ._compat import BatchNorm
+from ._structure import lock
 from ._types import Posterior
 
 
@@ -97,7 +98,8 @@ class SWAG:
         mean = _posterior.init(where, module, 0.0, include, exclude).mean
         # Frozen parameters are not trained, so their iterates have no spread to read: they
         # are left out, as IVON and Laplace leave them.
-        named = dict(module.named_parameters())
+        with lock(module):  # another thread's call may have samples swapped in
+            named = dict(module.named_parameters())
         frozen = [k for k in mean if not named[k].requires_grad]
         mean = {k: m for k, m in mean.items() if named[k].requires_grad}
         if not mean:
@@ -141,7 +143,8 @@ class SWAG:
         """
 
         where = "SWAG.collect"
-        params = self._check(where, module)
+        with lock(module):  # another thread's call may have samples swapped in
+            params = self._check(where, module)
         for k, p in params.items():
             if not torch.isfinite(p).all():
                 raise ValueError(
@@ -249,7 +252,8 @@ class SWAG:
                 + ("; a single batch x goes in a list: [x]" if isinstance(data, Tensor) else "")
             )
 
-        new = copy.deepcopy(module)
+        with lock(module):  # another thread's call may have samples swapped in
+            new = copy.deepcopy(module)
         with torch.no_grad():
             for k, m in self.mean.items():
                 new.get_parameter(k).copy_(m)

@@ -450,3 +450,61 @@ def test_reparameterize_blocks_left_out_of_order(local_trick):
     assert all(p is q for p, q in zip(base.parameters(), originals, strict=True))
     assert unchanged(before, base)
     assert [dict(vars(m)) for m in base.modules()] == forwards  # no forward left patched
+
+
+def _returns_str(m, x):
+    m(x)
+    return "oops"
+
+
+def _raises(m, x):
+    m(x)
+    raise RuntimeError("fn fails after its forward pass")
+
+
+@pytest.mark.parametrize("seeded", [True, False], ids=["generator", "global"])
+@pytest.mark.parametrize(
+    "fn, error, message",
+    [
+        (_returns_str, TypeError, r"BayesianModel\.forward: expected fn to return tensors"),
+        (_raises, RuntimeError, "fn fails after"),
+    ],
+    ids=["output-refused", "fn-raises"],
+)
+@pytest.mark.parametrize("n", [None, 1, 3])
+def test_a_failed_forward_leaves_the_generator_as_found(n, fn, error, message, seeded, device):
+    # The parameters were sampled, then fn's output was refused: the generator (or
+    # torch's global one) was left advanced.
+    bnet = bf.BayesianModel(nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)))
+    x = torch.randn(6, 3)
+    before = snapshot(bnet)
+    g = torch.Generator(device).manual_seed(1) if seeded else None
+
+    def rng():
+        if g is not None:
+            return [g.get_state()]
+        cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+        return [torch.get_rng_state(), *cuda]
+
+    found = rng()
+    with pytest.raises(error, match=message):
+        bnet(x, n=n, fn=fn, generator=g)
+    assert all(torch.equal(a, b) for a, b in zip(rng(), found, strict=True))
+    assert unchanged(before, bnet)
+
+    if seeded:  # a retry draws what the failed call drew
+        y = bnet(x, n=n, generator=g)
+        fresh = torch.Generator(device).manual_seed(1)
+        assert torch.allclose(y, bnet(x, n=n, generator=fresh), atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [None, 3])
+def test_a_base_converted_after_wrapping_leaves_the_generator_as_found(n, device):
+    # The posterior was sampled in the base's old dtype, then the call refused the samples.
+    bnet = bf.BayesianModel(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).float())
+    bnet.base.double()  # the posterior keeps float32 means
+    g = torch.Generator(device).manual_seed(1)
+    found = g.get_state()
+    with pytest.raises(ValueError, match=r"BayesianModel\.forward: expected .*'0\.weight'"):
+        bnet(torch.randn(5, 3, dtype=torch.float64), n=n, generator=g)
+    assert torch.equal(g.get_state(), found)

@@ -5,6 +5,7 @@ import copy
 import functools
 import sys
 import threading
+import types
 import warnings
 
 import numpy as np
@@ -1024,10 +1025,65 @@ class _GaussianLikelihood(nn.Module):
         return zuko.distributions.DiagNormal(self.net(x), torch.ones(3)).log_prob(y)
 
 
+# A module of the user's other than this one (its own globals), whose function builds the
+# transform: a module calling it, or an `fn` that builds it, names no zuko itself.
+_HELPERS = types.ModuleType("user_flow_helpers")
+exec(
+    "import zuko\n"
+    "def make(net, c):\n"
+    "    s = net.hyper(c)[..., None, :]\n"
+    "    return zuko.transforms.UnconstrainedMonotonicTransform(\n"
+    "        g=lambda u: net.g(s, u), phi=(s,)\n"
+    "    )\n",
+    _HELPERS.__dict__,
+)
+_make = _HELPERS.make
+
+
+class _Integrand(nn.Module):
+    r"""The layers of :class:`_OwnMonotonic`, with a forward that names no zuko."""
+
+    def __init__(self):
+        super().__init__()
+        self.hyper = nn.Linear(2, 3)
+        self.integrand = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    g = _OwnMonotonic.g
+
+    def forward(self, c, x):
+        return self.hyper(c).sum(-1, keepdim=True) + x
+
+
+class _ByOtherModule(_Integrand):
+    def forward(self, c, x):
+        return _HELPERS.make(self, c)(x).sum(-1)
+
+
+class _ByImportedFunction(_Integrand):
+    def forward(self, c, x):
+        return _make(self, c)(x).sum(-1)
+
+
+def _fn_builds(m, c, x):
+    s = m.hyper(c)[..., None, :]
+    return zuko.transforms.UnconstrainedMonotonicTransform(g=lambda u: m.g(s, u), phi=(s,))(x).sum(
+        -1
+    )
+
+
+def _closing_over(make):
+    return lambda m, c, x: make(m, c)(x).sum(-1)
+
+
+# The module, and the `fn` of the call (None: the module's forward).
 OWN_MONOTONIC = {
-    "forward": _OwnMonotonic,
-    "helper": _OwnMonotonicByHelper,
-    "decorated": _OwnMonotonicDecorated,
+    "forward": (_OwnMonotonic, None),
+    "helper": (_OwnMonotonicByHelper, None),
+    "decorated": (_OwnMonotonicDecorated, None),
+    "other-module": (_ByOtherModule, None),
+    "imported-function": (_ByImportedFunction, None),
+    "fn": (_Integrand, _fn_builds),
+    "fn-closure": (_Integrand, _closing_over(_HELPERS.make)),
 }
 
 
@@ -1036,12 +1092,15 @@ OWN_MONOTONIC = {
 def test_a_module_whose_forward_builds_zukos_transforms_gets_the_stand_ins(call, kind, gen):
     # Only zuko's own module types got the vmap-safe stand-ins: here zuko's quadrature ran,
     # its backward recomputed the integrand after the call had put the module's own
-    # weights back, and the gradients were those of other weights (0.29 for 3.47).
-    from bayesflow._structure import structure
+    # weights back, and the gradients were those of other weights (0.29 for 3.47). So it
+    # did where the transform was built by a function of another module, or by `fn`.
+    from bayesflow._structure import fn_runs_zuko, structure
 
     torch.manual_seed(0)
-    net = OWN_MONOTONIC[kind]()
-    assert structure(net).uses_zuko
+    make, fn = OWN_MONOTONIC[kind]
+    net = make()
+    assert structure(net).uses_zuko or fn_runs_zuko(fn)
+    assert not fn_runs_zuko(lambda m, c, x: m(c, x)) and not fn_runs_zuko(None)
     # the stand-ins cost ~50 us a call: not for modules that do not need them
     assert not structure(nn.Linear(2, 2)).uses_zuko
     assert not structure(_GaussianLikelihood()).uses_zuko
@@ -1051,7 +1110,7 @@ def test_a_module_whose_forward_builds_zukos_transforms_gets_the_stand_ins(call,
     params = {k: v.detach().requires_grad_() for k, v in bf.sample(q, 3, generator=gen(1)).items()}
 
     y = getattr(bf, call)(
-        net, params, c, x, **({"fallback": False} if call == "vmap_call" else {})
+        net, params, c, x, fn=fn, **({"fallback": False} if call == "vmap_call" else {})
     )
     names = ["hyper.bias", "integrand.2.bias"]  # the oracle: central differences (zuko's
     grads = torch.autograd.grad(y.sum(), [params[k] for k in names])  # drops the integrand's)
@@ -1062,7 +1121,7 @@ def test_a_module_whose_forward_builds_zukos_transforms_gets_the_stand_ins(call,
             for k, p in clone.named_parameters():
                 p.copy_(params[k][i])
             clone.get_parameter(name).view(-1)[j] += step
-            return clone(c, x).sum()
+            return (clone(c, x) if fn is None else fn(clone, c, x)).sum()
 
     for i in range(3):
         for g, name in zip(grads, names, strict=True):
@@ -1072,3 +1131,121 @@ def test_a_module_whose_forward_builds_zukos_transforms_gets_the_stand_ins(call,
             ]
             assert torch.allclose(g[i].reshape(-1), torch.stack(fd), rtol=1e-6, atol=1e-7)
     assert not torch.allclose(y[0], y[1])  # the samples were used
+
+
+NO_TENSORS = {
+    "none": lambda m, x: None,
+    "empty-tuple": lambda m, x: (),
+    "nested": lambda m, x: {"a": None, "b": [None, ()]},
+}
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, "auto"])
+@pytest.mark.parametrize("name", NO_TENSORS)
+def test_an_fn_that_returns_no_tensors_gives_what_the_loop_gives(name, chunk_size, gen):
+    # vmap_call with n >= 2 refused an fn whose output holds no tensor ("expected fn to
+    # return at least one tensor, got None"), where the loop and a one-sample call return it.
+    def fn(m, x):
+        m(x)  # the forward pass still runs: the buffer rule applies
+        return NO_TENSORS[name](m, x)
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+    params = bf.sample(bf.init(net, init_logvar=-3.0), 3, generator=gen(1))
+    x = torch.randn(5, 3)
+    looped = copy.deepcopy(net)
+
+    expected = bf.loop_call(looped, params, x, fn=fn)
+    out = bf.vmap_call(net, params, x, fn=fn, chunk_size=chunk_size, fallback=False)
+
+    assert out == expected
+    assert type(out) is type(expected)
+    for (k, a), b in zip(net.state_dict().items(), looped.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-12), k  # the samples' passes ran and updated them
+    assert not torch.equal(net[1].running_mean, torch.zeros(4))
+
+
+def _params(module):
+    assert all(isinstance(p, nn.Parameter) for p in module.parameters())
+    return dict(module.named_parameters())
+
+
+def _collect(m):
+    swag = bf.SWAG(m)  # before the call: collect is what reads during it
+
+    def read():
+        swag.collect(m)
+        return swag.mean
+
+    return read
+
+
+def _swag_mean_model(m):
+    swag = bf.SWAG(m)
+    swag.collect(m)
+    return lambda: _params(swag.mean_model(m))
+
+
+def _swag(m):
+    swag = bf.SWAG(m)
+    swag.collect(m)
+    return swag.mean
+
+
+# What reads a module's parameters, prepared before another thread's call starts: the
+# values read, by name.
+READERS = {
+    "mean_model": lambda m: lambda: _params(bf.mean_model(m, bf.init(m))),
+    "init": lambda m: lambda: bf.init(m).mean,
+    "stack_params": lambda m: lambda: {k: t[0] for k, t in bf.stack_params([m, m]).items()},
+    "stack_modules": lambda m: (
+        lambda: {k: t[1] for k, t in bf.stack_modules([m, m]).params.items()}
+    ),
+    "SWAG": lambda m: lambda: _swag(m),
+    "SWAG.mean_model": _swag_mean_model,
+    "SWAG.collect": _collect,
+    "IVON": lambda m: (
+        lambda: {k: v.clone() for k, v in bf.IVON(m, lr=0.1, ess=1.0).posterior.mean.items()}
+    ),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_reading_a_module_waits_for_a_call_in_progress(reader):
+    # mean_model, the stack functions, SWAG and init read the module without its lock:
+    # while another thread's call had samples swapped in, they copied or stacked the
+    # samples (a mean model 1.6 off, tensors that were not Parameters, torch's deepcopy
+    # error on a module holding computed tensors).
+    module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    own = {k: v.detach().clone() for k, v in module.named_parameters()}
+    params = {k: v + 1.0 for k, v in bf.sample(bf.init(module, -2.0), 2).items()}  # far off
+    read = READERS[reader](module)
+    inside, release = threading.Event(), threading.Event()
+    results = {}
+
+    def fn(m, x):
+        inside.set()
+        release.wait(timeout=30)
+        return m(x)
+
+    def work():
+        inside.wait(timeout=30)
+        results["read"] = read()
+
+    reader_thread = threading.Thread(target=work)
+    caller = threading.Thread(
+        target=lambda: bf.loop_call(module, params, torch.randn(5, 3), fn=fn)
+    )
+    caller.start()
+    reader_thread.start()
+    inside.wait(timeout=30)
+    reader_thread.join(timeout=0.5)
+    waited = reader_thread.is_alive()  # it waits for the call to end
+    release.set()
+    caller.join()
+    reader_thread.join()
+
+    assert waited
+    got = results["read"]
+    assert got.keys() == own.keys()
+    for k, t in got.items():
+        assert torch.equal(t, own[k]), k

@@ -304,3 +304,58 @@ def test_members_buffers_assigned_each_other_are_read_before_written(call, k):
         torch.testing.assert_close(
             ens.buffers[name], torch.stack([m.get_buffer(name) for m in separate])
         )
+
+
+class _Bag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Embedding(6, 4, max_norm=0.5)  # renormalizes the rows it reads, in place
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, idx):
+        return self.head(self.e(idx).mean(1))
+
+
+@pytest.mark.parametrize("call", ["vmap_call", "loop_call"])
+def test_embeddings_with_max_norm_train_as_k_separate_trainings(call, gen):
+    # Each sample renormalized a copy of its weight, and the ensemble's parameters never
+    # saw it: trained, they were not the K separate trainings (weights 1.7 apart).
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randint(0, 5, (8, 3), generator=g), torch.randint(0, 3, (8,), generator=g))]
+    data *= 3
+    opt_of = lambda ps: torch.optim.SGD(ps, lr=0.5)
+
+    ens = bf.ensemble(_Bag, K, generator=gen(0))
+    opt = opt_of(ens.params.values())
+    for idx, y in data:
+        logits = getattr(bf, call)(ens.module, ens.params, idx)
+        losses = F.cross_entropy(logits.transpose(1, 2), y.expand(K, -1), reduction="none")
+        opt.zero_grad()
+        losses.mean(1).sum().backward()
+        opt.step()
+
+    for i, seed in enumerate(ens.seeds):
+        member = _trained_alone(_Bag, seed, opt_of, data)
+        for p_name, p in member.named_parameters():
+            assert torch.allclose(ens.params[p_name][i], p, atol=1e-12), p_name
+    norms = ens.params["e.weight"].detach().norm(dim=-1)
+    # Rows read were renormalized to 0.5 (initial norms about 2), then moved by the steps;
+    # row 5, never read, kept its own.
+    assert (norms[:, :5] < 0.6).all() and (norms[:, 5] > 0.6).all()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_lazy_members_are_refused_with_a_message(k, gen):
+    # torch's "Can't access the shape of an uninitialized parameter" (or "Attempted to use an
+    # uninitialized parameter") came from deep inside the stacking, naming no function.
+    state = gen(0).get_state()
+    g = gen(0)
+    with pytest.raises(
+        ValueError, match=r"ensemble: expected initialized modules, got '0\.weight'"
+    ):
+        bf.ensemble(lambda: nn.Sequential(nn.LazyLinear(3)), k, generator=g)
+    assert torch.equal(g.get_state(), state)  # a failed call draws no seeds
+    lazy = [nn.Sequential(nn.LazyLinear(3)) for _ in range(k)]
+    for where, stack in (("stack_params", bf.stack_params), ("stack_modules", bf.stack_modules)):
+        with pytest.raises(ValueError, match=rf"{where}: expected initialized modules"):
+            stack(lazy)

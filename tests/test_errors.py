@@ -20,6 +20,12 @@ NORMED = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
 BNET = bf.BayesianModel(net())
 params_ = bf.sample(q_, 3)
 x_ = torch.randn(5, 3)
+# A posterior and tensors on the meta device: shapes without data.
+QM = bf.Posterior(
+    {k: v.detach().to("meta") for k, v in q_.mean.items()},
+    {k: v.detach().to("meta") for k, v in q_.logvar.items()},
+)
+XM = torch.randn(4, 5, 2, device="meta")
 
 # Predictions, probabilities and labels.
 X = torch.randn(4, 3)
@@ -648,6 +654,81 @@ CASES = [
         ValueError,
         "interval_coverage: expected at least one observation",
     ),
+    # Meta tensors reached torch, whose errors (Tensor.item() cannot be called on meta
+    # tensors) named no function.
+    (
+        "meta-sample",
+        lambda: bf.sample(QM, 2),
+        ValueError,
+        r"sample: expected posterior tensors with data, got posterior.mean\['0.weight'\] on "
+        r"the meta device",
+    ),
+    (
+        "meta-kl",
+        lambda: bf.kl_divergence(QM),
+        ValueError,
+        r"kl_divergence: expected posterior tensors with data",
+    ),
+    (
+        "meta-prior-kl",
+        lambda: bf.prior_kl(QM),
+        ValueError,
+        r"prior_kl: expected posterior tensors with data",
+    ),
+    (
+        "meta-std",
+        lambda: bf.std(QM),
+        ValueError,
+        r"std: expected posterior tensors with data",
+    ),
+    (
+        "meta-local-call",
+        lambda: bf.local_call(net_, QM, 2, x_),
+        ValueError,
+        r"local_call: expected posterior tensors with data",
+    ),
+    (
+        "meta-linearized",
+        lambda: bf.linearized_predictive(net_, QM, x_),
+        ValueError,
+        r"linearized_predictive: expected posterior tensors with data",
+    ),
+    (
+        "meta-gaussian-prior",
+        lambda: bf.GaussianPrior(var=torch.ones(2, device="meta")),
+        ValueError,
+        r"GaussianPrior: expected var with data, got a tensor on the meta device",
+    ),
+    (
+        "meta-interval",
+        lambda: bf.predictive_interval(XM),
+        ValueError,
+        r"predictive_interval: expected samples with data, got a tensor on the meta device",
+    ),
+    (
+        "meta-quantiles",
+        lambda: bf.predictive_quantiles(XM, [0.5]),
+        ValueError,
+        r"predictive_quantiles: expected samples with data",
+    ),
+    (
+        "meta-probit",
+        lambda: bf.probit_probs(XM, XM),
+        ValueError,
+        r"probit_probs: expected mean with data, got a tensor on the meta device",
+    ),
+    (
+        "meta-categorical",
+        lambda: bf.categorical_nll(P.to("meta"), L),
+        ValueError,
+        r"categorical_nll: expected probs with data",
+    ),
+    (
+        "meta-gaussian-nll",
+        lambda: bf.gaussian_nll(X, X.abs(), X.to("meta")),
+        ValueError,
+        r"gaussian_nll: expected y with data, got a tensor on the meta device",
+    ),
     (
         "bridge-logvar",
         lambda: bf.BayesianModel(net_, init_logvar=float("inf")),
@@ -700,3 +781,17 @@ def test_bridge_rejects_names_it_cannot_mangle():
         ValueError, match=r"BayesianModel: expected parameter names without '-'.*got 'a-b.weight'"
     ):
         bf.BayesianModel(base)
+
+
+def test_same_shape_tensors_on_different_devices_are_refused():
+    # The metrics check shapes here; a y on another device reached torch's own error. Every
+    # public caller refuses a meta tensor before, so the devices are those of the check.
+    from bayesflow._checks import check_same_shape
+
+    with pytest.raises(
+        ValueError,
+        match=r"gaussian_nll: expected tensors on one device, got mean on cpu, std on cpu, "
+        r"y on meta",
+    ):
+        check_same_shape("gaussian_nll", mean=X, std=X, y=X.to("meta"))
+    check_same_shape("gaussian_nll", mean=X, std=X, y=X)

@@ -599,3 +599,89 @@ def test_the_layout_pass_draws_no_random_numbers_of_the_call(fresh_caches):
         ys.append(bf.local_call(net, q, 4, x, generator=g, randomness="different"))
     assert torch.equal(ys[0], ys[1])
     assert not torch.allclose(ys[0][0], ys[0][1])  # the samples were used
+
+
+def _returns_str(m, x):
+    m(x)
+    return "oops"
+
+
+def _raises(m, x):
+    m(x)
+    if torch.is_grad_enabled():  # not in the local trick's shape-finding pass: after the draws
+        raise RuntimeError("fn fails after its forward pass")
+    return m(x).sum(-1)
+
+
+@pytest.mark.parametrize("seeded", [True, False], ids=["generator", "global"])
+@pytest.mark.parametrize(
+    "fn, error, message",
+    [
+        (_returns_str, TypeError, "local_call: expected fn to return tensors"),
+        (_raises, RuntimeError, "fn fails after"),
+    ],
+    ids=["output-refused", "fn-raises"],
+)
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+def test_a_failed_call_leaves_the_generator_as_found(flipout, fn, error, message, seeded, device):
+    # The noise was drawn up front, then fn's output was refused: the generator (or
+    # torch's global one) was left advanced.
+    net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).train()
+    q = bf.init(net, init_logvar=-3.0)
+    x = torch.randn(6, 3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator(device).manual_seed(1) if seeded else None
+
+    def rng():
+        if g is not None:
+            return [g.get_state()]
+        cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+        return [torch.get_rng_state(), *cuda]
+
+    found = rng()
+    with pytest.raises(error, match=message):
+        bf.local_call(net, q, 3, x, fn=fn, generator=g, flipout=flipout)
+    assert all(torch.equal(a, b) for a, b in zip(rng(), found, strict=True))
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+    if seeded:  # a retry draws what the failed call drew
+        y = bf.local_call(net, q, 3, x, generator=g, flipout=flipout)
+        net.load_state_dict(before)
+        fresh = torch.Generator(device).manual_seed(1)
+        assert torch.equal(y, bf.local_call(net, q, 3, x, generator=fresh, flipout=flipout))
+
+
+class _Repeats(nn.Module):
+    r"""Calls its layer `self.times` times: an attribute the recorded layout cannot know."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+        self.times = 1
+
+    def forward(self, x):
+        for _ in range(self.times):
+            x = torch.tanh(self.layer(x))
+        return x
+
+
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+def test_a_stale_layout_draws_what_a_fresh_one_draws(flipout, gen):
+    # A layout recorded before, then stale (the layer is called twice now): the retry drew
+    # its noise after the first attempt's, so the same generator state gave other numbers
+    # than the same call with nothing recorded.
+    torch.manual_seed(0)
+    net, x = _Repeats(), torch.randn(5, 3)
+    q = bf.init(net, init_logvar=-2.0)
+    opts = dict(flipout=flipout)
+    bf.local_call(net, q, 4, x, generator=gen(0), **opts)  # records the layout
+    net.times = 2
+    g = gen(1)
+    stale = bf.local_call(net, q, 4, x, generator=g, **opts)
+    after_stale = g.get_state()
+    bf.clear_caches()
+    g = gen(1)
+    fresh = bf.local_call(net, q, 4, x, generator=g, **opts)
+    assert torch.equal(stale, fresh)
+    assert torch.equal(after_stale, g.get_state())
+    assert not torch.allclose(fresh[0], fresh[1])  # the samples were used

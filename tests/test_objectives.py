@@ -11,7 +11,7 @@ import zuko
 
 import bayesflow as bf
 
-from bayesflow.priors import GaussianPrior, ScaleMixturePrior
+from bayesflow.priors import GaussianPrior, Prior, ScaleMixturePrior
 
 from .registry import TRAINING, mse
 
@@ -319,3 +319,64 @@ def test_an_output_refused_leaves_the_buffers_as_found(estimator):
     # The same call with a per-datum output does update them.
     bf.nelbo(net, q, x, fn=lambda m, x: m(x).squeeze(-1), num_data=10, estimator=estimator)
     assert not torch.equal(net[1].running_mean, before["1.running_mean"])
+
+
+class _BrokenPrior(Prior):
+    r"""A prior without closed-form KL whose log-density fails: after the forward passes."""
+
+    def log_prob(self, params):
+        raise RuntimeError("no log-density here")
+
+
+def _ll_and_logits(m, x, y):  # a common slip: the log-likelihoods and the outputs
+    out = m(x)
+    return -(out - y).square().sum(-1), out
+
+
+def _raises(m, x, y):
+    m(x)
+    if torch.is_grad_enabled():  # not in the local trick's shape-finding pass: after the draws
+        raise RuntimeError("fn fails after its forward pass")
+    return m(x).sum(-1)
+
+
+FAILURES = {
+    "output-refused": (_ll_and_logits, None, ValueError, "nelbo: expected fn to return"),
+    "fn-raises": (_raises, None, RuntimeError, "fn fails after"),
+    "mc-kl-raises": (mse, _BrokenPrior(), RuntimeError, "no log-density here"),
+}
+
+
+@pytest.mark.parametrize("seeded", [True, False], ids=["generator", "global"])
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda f: f.__name__)
+def test_a_failed_call_leaves_the_generator_as_found(objective, failure, seeded, device):
+    # The samples (or the local noise) were drawn, then the call failed: the generator (or
+    # torch's global one) was left advanced, and a retry gave other numbers.
+    fn, prior, error, message = FAILURES[failure]
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    q = bf.init(net, init_logvar=-3.0)
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator(device).manual_seed(1) if seeded else None
+
+    def rng():
+        if g is not None:
+            return [g.get_state()]
+        cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+        return [torch.get_rng_state(), *cuda]
+
+    found = rng()
+    with pytest.raises(error, match=message):
+        objective(net, q, x, y, fn=fn, num_data=10, n=3, prior=prior, generator=g)
+    assert all(torch.equal(a, b) for a, b in zip(rng(), found, strict=True))
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+    # A retry draws what the failed call drew: the same loss as from a fresh generator.
+    if seeded:
+        loss = objective(net, q, x, y, fn=mse, num_data=10, n=3, generator=g)
+        fresh = torch.Generator(device).manual_seed(1)
+        net.load_state_dict(before)
+        assert torch.equal(
+            loss, objective(net, q, x, y, fn=mse, num_data=10, n=3, generator=fresh)
+        )

@@ -269,3 +269,36 @@ def test_posteriors_over_empty_tensors():
     clipped = lv / (1 + (lv / 18) ** 2).sqrt()  # the soft clip of log-variances at 18
     expected = torch_kl(Normal(m, (clipped / 2).exp()), Normal(0.0, 1.0)).sum()
     assert torch.allclose(bf.kl_divergence(q), expected, atol=1e-12)
+
+
+def test_std_refuses_integer_tensors():
+    # torch.finfo's TypeError named no function.
+    ints = bf.Posterior(
+        {"w": torch.zeros(3, dtype=torch.long)}, {"w": torch.zeros(3, dtype=torch.long)}
+    )
+    with pytest.raises(
+        TypeError,
+        match=r"std: expected real floating-point posterior tensors, got "
+        r"posterior.logvar\['w'\] of dtype torch.int64",
+    ):
+        bf.std(ints)
+
+
+def test_init_refuses_meta_tensors():
+    # torch's RuntimeError (Tensor.item() cannot be called on meta tensors) named no function.
+    net = nn.Linear(3, 2)
+    with pytest.raises(
+        ValueError, match=r"init: expected parameters with data, got 'weight' on the meta device"
+    ):
+        bf.init(nn.Linear(3, 2, device="meta"))
+    for init_logvar in (
+        torch.zeros((), device="meta"),
+        {"weight": torch.zeros((), device="meta"), "bias": -9.0},
+    ):
+        with pytest.raises(
+            ValueError, match=r"init: expected init_logvar with data, got a tensor on the meta"
+        ):
+            bf.init(net, init_logvar)
+    # A meta parameter that the selection leaves out is not read.
+    mixed = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2, device="meta"))
+    assert list(bf.init(mixed, include=["0"]).mean) == ["0.weight", "0.bias"]

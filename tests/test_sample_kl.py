@@ -527,6 +527,30 @@ def test_batched_and_forward_mode_gradients(gen, shapes):
     assert out.tangent.abs().min() > 0
 
 
+def test_an_open_forward_mode_level_of_others_changes_nothing(gen, monkeypatch):
+    # The level of forward-mode AD is the process's: while one thread held one open, the
+    # calls of every other thread took the plain path, whose numbers differ in the last
+    # bits (threads gave other numbers than alone). Tensors that are not dual take the
+    # fused path, whatever level is open.
+    from torch.autograd import forward_ad
+
+    fused = []
+    real = _numerics.SampleKL.apply
+    monkeypatch.setattr(_numerics.SampleKL, "apply", lambda *a: fused.append(1) or real(*a))
+
+    def run():
+        q = posterior()
+        params, kl = sample_and_kl("test", q, 2, gen(0), 0.5)
+        loss = sum(p.sin().sum() for p in params.values()) + kl
+        return [loss.detach(), *torch.autograd.grad(loss, leaves(q))]
+
+    alone = run()
+    with forward_ad.dual_level():
+        within = run()
+    assert len(fused) == 2
+    assert all(torch.equal(a, b) for a, b in zip(alone, within, strict=True))
+
+
 @pytest.mark.parametrize("shapes", [SHAPES, {"w": (2, 3)}], ids=["tensors", "one-tensor"])
 def test_gradients_of_gradients(gen, shapes):
     # create_graph=True with gradients that are themselves differentiable
