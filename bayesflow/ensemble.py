@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ._checks import Tables, check_callable, check_generator, check_int, check_members
 from ._compat import keep_lazy_cuda_seed
+from ._engine import draw_state, restore_draw_state
 
 
 class Ensemble(NamedTuple):
@@ -98,8 +99,7 @@ def ensemble(
     check_generator(where, generator)
 
     device = generator.device if generator is not None else torch.device("cpu")
-    source = generator if generator is not None else torch.default_generator
-    state = source.get_state()
+    saved = draw_state(generator)
     try:
         seeds = torch.randint(0, 2**62, (k,), generator=generator, device=device).tolist()
         members = []
@@ -116,7 +116,7 @@ def ensemble(
             members.append(member)
         tables = check_members(where, members, equal_buffers=False, equal_frozen=True)
     except BaseException:
-        source.set_state(state)  # a failed call draws no seeds
+        restore_draw_state(saved)  # a failed call draws no seeds
         raise
 
     return _stack(members, tables, seeds)
