@@ -205,7 +205,14 @@ class SWAG:
             k: (m2.float() if m2.dtype in (torch.float16, torch.bfloat16) else m2) / self.n
             for k, m2 in self._m2.items()
         }
-        var = {k: v.clamp_min(min_var) * scale for k, v in var.items()}
+        # Then kept positive and finite where min_var or scale leave the dtype's range (a
+        # scale of 1e-40 underflowed float32 to 0): the posterior clamps far inside it.
+        var = {
+            k: (v.clamp_min(min_var) * scale).clamp(
+                torch.finfo(v.dtype).tiny, torch.finfo(v.dtype).max
+            )
+            for k, v in var.items()
+        }
         return _posterior.posterior_from_variance(where, self.mean, var)
 
     def mean_model(self, module: nn.Module, data: Iterable[Any] | None = None) -> nn.Module:

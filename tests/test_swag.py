@@ -480,3 +480,20 @@ def test_bad_input_leaves_module_and_moments_alone():
         assert swag.n == state["n"]
         assert all(torch.equal(swag.mean[k], v) for k, v in state["mean"].items())
         assert all(torch.equal(swag._m2[k], v) for k, v in state["m2"].items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-300, 1e300], ids=["tiny", "huge"])
+def test_a_scale_beyond_the_dtype_gives_the_clamped_posterior(scale, dtype):
+    # scale * var underflowed to 0 (or overflowed to inf) in the dtype, and posterior()
+    # raised "expected finite positive variances" instead of giving the floor (the cap).
+    module = nn.Linear(2, 1).to(dtype)
+    swag = bf.SWAG(module)
+    for step in range(3):
+        with torch.no_grad():
+            module.weight.add_(0.1 * (step + 1))
+        swag.collect(module)
+    q = swag.posterior(scale=scale)
+    limit = -LOGVAR_LIMIT if scale < 1 else LOGVAR_LIMIT
+    logvar = bf.std(q)["weight"].double().square().log()
+    assert torch.allclose(logvar, torch.full_like(logvar, limit), rtol=1e-6)
