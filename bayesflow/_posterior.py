@@ -105,6 +105,11 @@ def _logvar_value(where: str, name: str, value: object, like: Tensor) -> Tensor:
             f"got {type(value).__name__}"
         )
 
+    if isinstance(value, Tensor) and value.is_meta:
+        raise ValueError(
+            f"{where}: expected init_logvar for {name!r} with data, got a tensor on the meta "
+            "device"
+        )
     # Detached: the log-variances are fresh leaves, whatever graph `value` belongs to.
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device).detach()
 
@@ -152,6 +157,13 @@ def init(
             f"least one parameter of {type(module).__name__}, got none"
         )
 
+    meta = [name for name in names if params[name].is_meta]
+    if meta:
+        raise ValueError(
+            f"{where}: expected parameters with data, got {meta} on the meta device; "
+            "materialize the module first (module.to_empty(device=...), then initialize or "
+            "load its parameters)"
+        )
     lazy = [name for name in names if is_lazy(params[name])]
     if lazy:
         raise ValueError(

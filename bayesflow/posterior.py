@@ -14,7 +14,7 @@ __all__ = [
     "std",
 ]
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -94,35 +94,7 @@ def init(
         TypeError: If a picked parameter is not real floating-point (complex or integer).
     """
 
-    _check_data("init", module, init_logvar, include, exclude)
     return _posterior.init("init", module, init_logvar, include, exclude)
-
-
-def _check_data(
-    where: str,
-    module: object,
-    init_logvar: object,
-    include: Sequence[str],
-    exclude: Sequence[str],
-) -> None:
-    r"""Refuses parameters and log-variances on the meta device (shapes without data), which
-    :func:`init` would copy: torch's own error names no function."""
-
-    params = dict(module.named_parameters()) if isinstance(module, nn.Module) else {}
-    if any(p.is_meta for p in params.values()):
-        for name in _posterior.select(where, module, include, exclude):
-            if params[name].is_meta:
-                raise ValueError(
-                    f"{where}: expected parameters with data, got {name!r} on the meta "
-                    f"device; materialize the module first (module.to_empty(device=...), "
-                    "then initialize or load its parameters)"
-                )
-    values = init_logvar.values() if isinstance(init_logvar, Mapping) else [init_logvar]
-    for value in values:
-        if isinstance(value, Tensor) and value.is_meta:
-            raise ValueError(
-                f"{where}: expected init_logvar with data, got a tensor on the meta device"
-            )
 
 
 def sample(

@@ -288,15 +288,20 @@ def test_init_refuses_meta_tensors():
     # torch's RuntimeError (Tensor.item() cannot be called on meta tensors) named no function.
     net = nn.Linear(3, 2)
     with pytest.raises(
-        ValueError, match=r"init: expected parameters with data, got 'weight' on the meta device"
+        ValueError,
+        match=r"init: expected parameters with data, got \['weight', 'bias'\] on the meta",
     ):
         bf.init(nn.Linear(3, 2, device="meta"))
+    with pytest.raises(ValueError, match=r"BayesianModel: expected parameters with data"):
+        bf.BayesianModel(nn.Linear(3, 2, device="meta"))
     for init_logvar in (
         torch.zeros((), device="meta"),
         {"weight": torch.zeros((), device="meta"), "bias": -9.0},
+        lambda name, p: torch.zeros((), device="meta"),
     ):
         with pytest.raises(
-            ValueError, match=r"init: expected init_logvar with data, got a tensor on the meta"
+            ValueError,
+            match=r"init: expected init_logvar for 'weight' with data, got a tensor on the meta",
         ):
             bf.init(net, init_logvar)
     # A meta parameter that the selection leaves out is not read.
