@@ -879,7 +879,7 @@ def test_writes_through_hess_are_read(gen):
     for o, n in ((opt, net), (ref, twin)):
         if o is ref:
             o.sample(1, generator=gen(0))
-            p = dict(zip(params, (v.detach().clone().requires_grad_() for v in params.values())))
+            p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
             o._state.draws[-1] = o._state.draws[-1]._replace(leaves=list(p.values()))
         else:
             p = params
@@ -888,10 +888,13 @@ def test_writes_through_hess_are_read(gen):
     assert torch.equal(flat(opt.hess.values()), flat(ref.hess.values()))
     assert torch.equal(flat(net.parameters()), flat(twin.parameters()))
 
-    before = snapshot(net, opt.posterior, opt.hess)
     opt.hess["0.bias"][0] = -1.0
+    before = snapshot(net, opt._posterior, opt.hess)
     with pytest.raises(ValueError, match=r"IVON\.sample: expected finite Hessian estimates"):
         opt.sample(1)
+    with pytest.raises(ValueError, match=r"IVON\.posterior: expected finite Hessian estimates"):
+        opt.posterior  # noqa: B018
+    assert unchanged(before, net, opt._posterior, opt.hess)
 
 
 def test_tensor_lr_updated_in_place_by_a_scheduler(gen):
