@@ -290,6 +290,12 @@ def in_func_transform() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def func_level() -> int | None:
+    r"""The level of the innermost active :mod:`torch.func` transform, :py:`None` if none."""
+
+    return torch._C._functorch.maybe_current_level()
+
+
 def in_forward_ad() -> bool:
     r"""Whether a level of forward-mode AD is open (:mod:`torch.autograd.forward_ad`): dual
     tensors may flow, which operations with `out=` cannot take."""

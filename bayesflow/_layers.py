@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from torch import Size, Tensor
 
-from ._compat import ConvNd, ValueReads, flat_cat, in_func_transform, is_compiling
+from ._compat import ConvNd, ValueReads, flat_cat, func_level, in_func_transform, is_compiling
 from ._errors import Passthrough
 from ._numerics import spread
 from ._swap import has_own_forward, ours
@@ -88,6 +88,17 @@ def is_local(layer: nn.Module) -> bool:
     r"""Returns whether the local reparameterization trick applies to `layer`."""
 
     return is_linear(layer) or is_conv(layer)
+
+
+def _plain(layer: nn.Module) -> bool:
+    r"""Whether the layer's weight and bias are its own Parameters. A weight computed from
+    others (a parametrization, hook-based weight norm) would be read once, as the module's
+    own, whatever the samples of the tensors it is computed from: such a layer is sampled
+    whole."""
+
+    own = layer._parameters
+    bias = getattr(layer, "bias", None)
+    return own.get("weight") is not None and (bias is None or own.get("bias") is bias)
 
 
 def mask_of(layer: nn.Module) -> Tensor | None:
@@ -183,10 +194,17 @@ class Recorder(Noise):
         self.watched = watched or {}
         self.inside: list[str] = []
         self.read_elsewhere: set[str] = set()
+        # The layers `fn` calls under a torch.func transform of its own (an inner vmap
+        # over positions, a derivative with respect to the input): the tape's noise is not
+        # batched over it, and an input derivative of the local output is not the weight's.
+        self.transformed: set[str] = set()
+        self.level = func_level()
 
     def enter(self, name: str, local: bool) -> None:
         self.calls.append((name, local))
         self.inside.append(name)
+        if func_level() != self.level:
+            self.transformed.add(name)
 
     def leave(self, name: str) -> None:
         self.inside.pop()
@@ -353,7 +371,7 @@ class LocalPlan:
         self.layers: dict[str, nn.Module] = {}
         self.covered: dict[str, tuple[str, ...]] = {}
         for name, layer in module.named_modules():
-            if not is_local(layer):
+            if not is_local(layer) or not _plain(layer):
                 continue
             prefix = f"{name}." if name else ""
             names = tuple(n for n in (prefix + "weight", prefix + "bias") if n in posterior.mean)
@@ -476,6 +494,7 @@ class LocalPlan:
         for name, _ in recorder.calls:
             counts[name] = counts.get(name, 0) + 1
         shared = {k for k, c in counts.items() if c > 1} | self.tied | recorder.read_elsewhere
+        shared |= recorder.transformed
         whole = tuple(k for k in self.layers if k in inexact or k in shared)
         local = tuple(k for k in self.layers if k not in whole)
         draws = tuple(d for d in recorder.draws if d[0] in local)

@@ -222,8 +222,12 @@ class BayesianModel(nn.Module):
                 weight or bias another module holds too (tied) use the sample. As in
                 zuko, the noise of a layer is drawn once per output shape for the whole
                 block: a layer that `fn` calls more than once per pass (a weight-shared
-                block) does not have the joint law of one weight there; use
-                :func:`bayesflow.local_call`, which samples such layers whole.
+                block) does not have the joint law of one weight there, nor does one
+                whose weight the block's code also reads outside the layer's call
+                (`F.linear(h, layer.weight)`: that read sees the held sample, the layer's
+                output fresh noise); use :func:`bayesflow.local_call`, which samples such
+                layers whole. Layers whose weight is a parametrization or a hook-based
+                weight norm use the sample.
             generator: The source of randomness; the global one if :py:`None`.
 
         Yields:

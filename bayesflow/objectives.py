@@ -106,7 +106,10 @@ def nelbo(
         estimator: How the model is sampled: `"weights"` (whole weight samples, through
             :func:`bayesflow.vmap_call`), `"local"` (the local reparameterization trick)
             or `"flipout"`, both through :func:`bayesflow.local_call`: same estimand,
-            less gradient noise.
+            less gradient noise, for models that treat examples independently; a module
+            that mixes examples after a Bayesian layer (train-mode BatchNorm, a softmax
+            over the batch) sees independent weights per example, and its loss and
+            gradients are then those of another estimand (see docs/training.md).
         vectorized: Whether to run vectorized or, the oracle, in a loop (same samples,
             same number).
 

@@ -685,3 +685,53 @@ def test_a_stale_layout_draws_what_a_fresh_one_draws(flipout, gen):
     assert torch.equal(stale, fresh)
     assert torch.equal(after_stale, g.get_state())
     assert not torch.allclose(fresh[0], fresh[1])  # the samples were used
+
+
+def _input_gradient(m, x):
+    return torch.func.vmap(torch.func.grad(lambda xi: m(xi).sum()))(x)
+
+
+def _inner_vmap(m, x):
+    return torch.func.vmap(m, in_dims=1, out_dims=1)(x).mean(1)  # a Linear per position
+
+
+# Layers the estimators cannot take as their call shows them: each is sampled whole.
+SAMPLED_WHOLE = {
+    # the weight is computed from original0/1 (read once, as the module's own: the layer's
+    # output had the bias's variance alone, z = -57)
+    "weight-norm": (
+        lambda: nn.Sequential(
+            nn.Linear(3, 4), nn.Tanh(), nn.utils.parametrizations.weight_norm(nn.Linear(4, 2))
+        ),
+        lambda: torch.randn(6, 3),
+        None,
+    ),
+    "hook-weight-norm": (
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.utils.weight_norm(nn.Linear(4, 2))),
+        lambda: torch.randn(6, 3),
+        None,
+    ),
+    # an input derivative of the local output is not the weight's (variance 0.02 for 0.61)
+    "input-gradient": (
+        lambda: nn.Sequential(nn.Linear(3, 2)),
+        lambda: torch.randn(6, 3),
+        _input_gradient,
+    ),
+    # the noise of the tape is not batched over fn's own vmap: one per example, shared
+    # by its positions (the mean over positions 3x too wide)
+    "inner-vmap": (lambda: nn.Linear(3, 2), lambda: torch.randn(4, 5, 3), _inner_vmap),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+@pytest.mark.parametrize("name", SAMPLED_WHOLE)
+def test_layers_the_estimator_cannot_take_keep_the_law_of_a_weight_sample(name, flipout, gen):
+    build, args, fn = SAMPLED_WHOLE[name]
+    torch.manual_seed(0)
+    module, x = build(), args()
+    q = bf.init(module, init_logvar=-1.0)
+    exact = bf.vmap_call(module, bf.sample(q, S, generator=gen(1)), x, fn=fn)
+    y = bf.local_call(module, q, S, x, fn=fn, generator=gen(2), flipout=flipout)
+    assert _agree(_joint(y), _joint(exact))
+    assert not torch.allclose(y[0], y[1])  # the posterior noise was used
