@@ -15,6 +15,7 @@ __all__ = [
     "count",
     "draw_state",
     "hold",
+    "mark_members",
     "restore_draw_state",
     "run",
     "run_local",
@@ -32,6 +33,7 @@ import torch.nn.utils.parametrize as parametrize
 
 from torch import Tensor
 from torch.func import vmap as torch_vmap
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _posterior, _torch_layers
 from ._buffers import State
@@ -221,18 +223,30 @@ def _call(job: _Job, extra: list | None = None) -> tuple[Any, str | None]:
     return result
 
 
+# The stacked parameters of ensembles (:func:`bayesflow.ensemble`, `stack_modules`): each
+# member's module would hold its own, which the module writes in place.
+_MEMBERS = WeakIdKeyDictionary()
+
+
+def mark_members(params: Mapping[str, Tensor]) -> None:
+    r"""Marks an ensemble's stacked parameters: what a module writes into its own weight
+    (`Embedding(max_norm)`) is written back into them, as into K separate modules."""
+
+    for t in params.values():
+        _MEMBERS[t] = True
+
+
 def _hand_back(originals: Mapping[str, Tensor], copies: Mapping[str, Tensor]) -> None:
     r"""Writes what the module wrote into its weight's copies (`Embedding(max_norm)`
-    renormalizes the rows it reads) back into the caller's tensors that are trainable
-    leaves (an ensemble's parameters, where each member's module would hold its own
-    weight): as torch writes a module's own weight, and K separate trainings see. Samples
-    of a posterior, computed or detached, are left as they are."""
+    renormalizes the rows it reads) back into an ensemble's parameters (:func:`mark_members`):
+    as torch writes a module's own weight, and K separate trainings see. Anything else,
+    the samples of a posterior among them, is left as it is."""
 
-    if is_compiling() or in_func_transform():
+    if in_func_transform():
         return
     with torch.no_grad():
         for k, v in originals.items():
-            if v.is_leaf and v.requires_grad:
+            if v in _MEMBERS:
                 v.copy_(copies[k])
 
 
@@ -333,21 +347,28 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
 DrawState = list[tuple[torch.Generator, Tensor]]
 
 
-def draw_state(generator: torch.Generator | None, tensors: Iterable[Tensor] = ()) -> DrawState:
-    r"""Returns the state of the generators that a call drawing from `generator` uses:
-    `generator`, or if :py:`None`, torch's default generators of the CPU and of the CUDA
+def draw_state(
+    generator: torch.Generator | None, tensors: Iterable[Tensor] = (), default: bool = False
+) -> DrawState:
+    r"""Returns the state of the generator a call draws from: `generator`; if :py:`None`,
+    nothing, unless `default`: then torch's default generators of the CPU and of the CUDA
     devices of `tensors` (where the draws are made). Under :func:`torch.compile` tracing,
     nothing (a state read would break the graph).
 
     A call that draws and then fails (a check of `fn`'s output, or `fn` itself) puts them
     back with :func:`restore_draw_state`: a failed call draws nothing. A CPU generator's
-    state is a 5 KB copy, about 2 us.
+    state is a 5 KB copy, about 2 us. torch's default generators are the process's: other
+    threads may draw from them meanwhile (torch.compile's own workers are threads), and
+    putting them back would replay those draws; only :func:`bayesflow.ensemble`, whose
+    seeds are drawn before any other work, asks for them.
     """
 
     if is_compiling():
         return []
     if generator is not None:
         return [(generator, generator.get_state())]
+    if not default:
+        return []
     saved = [(torch.default_generator, torch.default_generator.get_state())]
     if torch.cuda.is_initialized():  # else no tensor is on a CUDA device
         for device in {t.device for t in tensors if t.is_cuda}:

@@ -370,10 +370,15 @@ class LocalPlan:
         self.flipout, self.per_position, self.posterior = flipout, per_position, posterior
         self.layers: dict[str, nn.Module] = {}
         self.covered: dict[str, tuple[str, ...]] = {}
+        self.unplain: list[str] = []  # Bayesian layers sampled whole for their weight
         for name, layer in module.named_modules():
-            if not is_local(layer) or not _plain(layer):
+            if not is_local(layer):
                 continue
             prefix = f"{name}." if name else ""
+            if not _plain(layer):
+                if any(k.startswith(prefix) for k in posterior.mean):
+                    self.unplain.append(name)
+                continue
             names = tuple(n for n in (prefix + "weight", prefix + "bias") if n in posterior.mean)
             if names:
                 self.layers[name] = layer

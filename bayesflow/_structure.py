@@ -56,7 +56,30 @@ _DEPTH = 3
 
 
 def _library(name: object) -> bool:
-    return not isinstance(name, str) or name.partition(".")[0] in _LIBRARIES
+    r"""Whether the module `name` is a library's (installed, or Python's own), whose
+    functions are not read: only the user's code is."""
+
+    return not isinstance(name, str) or _installed(name.partition(".")[0])
+
+
+# Whether a top-level module is installed (or Python's own), by name.
+_INSTALLED: dict[str, bool] = {}
+register(_INSTALLED.clear)
+
+
+def _installed(top: str) -> bool:
+    verdict = _INSTALLED.get(top)
+    if verdict is None:
+        path = getattr(sys.modules.get(top), "__file__", None) or ""
+        verdict = (
+            top in _LIBRARIES
+            or top in sys.stdlib_module_names
+            or "site-packages" in path
+            or "dist-packages" in path
+        )
+        if not is_compiling() and len(_INSTALLED) < 4096:
+            _INSTALLED[top] = verdict
+    return verdict
 
 
 def _scope(f: types.FunctionType) -> dict[str, Any]:
@@ -81,9 +104,9 @@ def _names_zuko(
     as `zuko.transforms...`); or calls, up to :data:`_DEPTH` deep, a function or class of
     the user's own (in another module too, as `helpers.make_flow`) that does."""
 
-    seen = set() if seen is None else seen
+    seen = {} if seen is None else seen
     for name in (*code.co_names, *code.co_freevars):
-        obj = scope.get(name)
+        obj = _callee(scope.get(name))
         if isinstance(obj, types.ModuleType):
             if _is_zuko(obj.__name__):
                 return True
@@ -103,16 +126,42 @@ def _names_zuko(
     )
 
 
-def _reaches_zuko(obj: object, depth: int, seen: set) -> bool:
-    r"""Whether a function or class of the user's (not a library's) names zuko's parts
-    (:func:`_names_zuko`), `depth` calls deep."""
+def _callee(obj: object) -> object:
+    r"""What calling `obj` runs, as far as it is read for zuko's parts: a partial's function
+    (or a zuko class or function it wraps), a bound method's function, a callable object's
+    class; anything else as it is."""
 
+    while isinstance(obj, functools.partial):
+        if any(_is_zuko(getattr(a, "__module__", None)) for a in obj.args):
+            return obj.args[0] if _is_zuko(getattr(obj.args[0], "__module__", None)) else obj.func
+        obj = obj.func
     if isinstance(obj, types.MethodType):
-        obj = obj.__func__
+        return obj.__func__
+    if isinstance(
+        obj, (types.FunctionType, types.ModuleType, type, types.BuiltinFunctionType)
+    ) or not callable(obj):
+        return obj
+    return type(obj)
+
+
+def _first(key: object, depth: int, seen: dict) -> bool:
+    r"""Whether `key` is reached for the first time this shallow (it is then read)."""
+
+    if seen.get(key, _DEPTH + 1) <= depth:
+        return False
+    seen[key] = depth
+    return True
+
+
+def _reaches_zuko(obj: object, depth: int, seen: dict) -> bool:
+    r"""Whether a function or class of the user's (not a library's) names zuko's parts
+    (:func:`_names_zuko`), `depth` calls deep. `seen` holds the least depth each was read
+    at: one reached again shallower is read again, with more depth left."""
+
+    obj = _callee(obj)
     if isinstance(obj, type):
-        if obj in seen or _library(obj.__module__):
+        if _library(obj.__module__) or not _first(obj, depth, seen):
             return False
-        seen.add(obj)
         return any(
             _names_zuko(f.__code__, _scope(f), depth, seen) for c in obj.__mro__ for f in (
                 () if _library(c.__module__) else _functions(c)
@@ -121,9 +170,10 @@ def _reaches_zuko(obj: object, depth: int, seen: set) -> bool:
     if not isinstance(obj, types.FunctionType):
         return False
     obj = inspect.unwrap(obj)
-    if not isinstance(obj, types.FunctionType) or obj.__code__ in seen or _library(obj.__module__):
+    if not isinstance(obj, types.FunctionType) or _library(obj.__module__):
         return False
-    seen.add(obj.__code__)
+    if not _first(obj.__code__, depth, seen):
+        return False
     return _names_zuko(obj.__code__, _scope(obj), depth, seen)
 
 
@@ -173,7 +223,7 @@ def _verdict(obj: object, compute: Callable[[], bool]) -> bool:
 
 
 def _held_runs_zuko(obj: object) -> bool:
-    return _is_zuko(getattr(obj, "__module__", None)) or _reaches_zuko(obj, 1, set())
+    return _is_zuko(getattr(obj, "__module__", None)) or _reaches_zuko(obj, 1, {})
 
 
 def fn_runs_zuko(fn: object) -> bool:
@@ -194,7 +244,7 @@ def fn_runs_zuko(fn: object) -> bool:
         if isinstance(fn, nn.Module):
             return False  # its own forward is read with its structure
         cls = type(fn)  # a callable object: its class
-        return _verdict(cls, lambda: _reaches_zuko(cls, 0, set()))
+        return _verdict(cls, lambda: _reaches_zuko(cls, 0, {}))
     module = fn.__module__
     if _library(module):
         return _is_zuko(module)
@@ -208,7 +258,7 @@ def fn_runs_zuko(fn: object) -> bool:
         return verdict
     for cell in fn.__closure__:
         try:
-            obj = cell.cell_contents
+            obj = _callee(cell.cell_contents)
         except ValueError:  # a cell not yet filled
             continue
         if isinstance(obj, types.ModuleType):

@@ -298,7 +298,8 @@ class BayesianModel(nn.Module):
             fn: What to compute, `fn(base, *args)`; `base(*args)` if :py:`None`. It must
                 return tensors: for a flow, `fn=lambda f, c, x: f(c).log_prob(x)`.
             generator: The source of randomness; the global one if :py:`None`. A call
-                that raises (`fn` itself, or its output refused) leaves it as found.
+                that raises (`fn` itself, or its output refused) leaves a given generator
+                as found.
             chunk_size, fallback, in_dims, randomness, max_memory: As in
                 :func:`bayesflow.vmap_call`.
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._checks import Tables, check_callable, check_generator, check_int, check_members
 from ._compat import keep_lazy_cuda_seed
-from ._engine import draw_state, restore_draw_state
+from ._engine import draw_state, mark_members, restore_draw_state
 
 
 class Ensemble(NamedTuple):
@@ -55,6 +55,7 @@ def _stack(
             for name, p in params.items()
         }
         buffers = {name: torch.stack([t[1][name] for t in tables]) for name in buffers}
+    mark_members(params)
     return Ensemble(first, params, buffers, seeds)
 
 
@@ -99,7 +100,7 @@ def ensemble(
     check_generator(where, generator)
 
     device = generator.device if generator is not None else torch.device("cpu")
-    saved = draw_state(generator)
+    saved = draw_state(generator, default=True)
     try:
         seeds = torch.randint(0, 2**62, (k,), generator=generator, device=device).tolist()
         members = []

@@ -318,7 +318,8 @@ class IVON(torch.optim.Optimizer):
 
         A write through them (a per-layer initial :math:`h`, say) is read by the next
         :meth:`sample`, :meth:`step` and :attr:`posterior`; it must keep :math:`h + \delta`
-        positive and finite.
+        positive and finite. Writes are seen by the tensors' version counter: one made
+        through `.data` or from NumPy is not (write in place under `torch.no_grad()`).
         """
 
         return self._state.views(self._state.hess)

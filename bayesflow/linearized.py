@@ -169,7 +169,10 @@ def linearized_predictive(
     opts = call_options(where, fn)  # the engine's errors about fn's output name us
 
     def call() -> Tensor:
-        return _engine.run(module, mean_params(posterior), args, opts)[0]
+        out = _engine.run(module, mean_params(posterior), args, opts)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{where}: expected fn to return a tensor, got {type(out).__name__}")
+        return out[0]
 
     with evaluating(module), torch.no_grad():
         found = last_layer(module, names)

@@ -190,11 +190,10 @@ def local_with_options(
     _posterior.check_matches(where, module, posterior)
 
     plan = LocalPlan(module, posterior, flipout, per_position)
-    if not plan.layers:
+    if not plan.layers and not plan.unplain:
         raise ValueError(
             f"{where}: expected the posterior to hold the weight or bias of a linear or "
-            f"convolutional layer of {type(module).__name__} whose weight is its own "
-            "Parameter (not a parametrization or a hook-based weight norm), got none; use "
+            f"convolutional layer of {type(module).__name__}, got none; use "
             "bayesflow.vmap_call"
         )
     return run_local(module, posterior, n, args, opts, plan, generator)

@@ -101,7 +101,7 @@ def nelbo(
         kl_weight: The weight :math:`\beta \geq 0` of the KL term.
         generator: The source of all the randomness; the global one if :py:`None`.
             The same state gives the same loss, whatever `chunk_size`; a call that raises
-            (`fn` itself, or its output refused) leaves it as found.
+            (`fn` itself, or its output refused) leaves a given generator as found.
         chunk_size, in_dims, randomness, max_memory: As in :func:`bayesflow.vmap_call`.
         estimator: How the model is sampled: `"weights"` (whole weight samples, through
             :func:`bayesflow.vmap_call`), `"local"` (the local reparameterization trick)

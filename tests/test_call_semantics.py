@@ -1249,3 +1249,21 @@ def test_reading_a_module_waits_for_a_call_in_progress(reader):
     assert got.keys() == own.keys()
     for k, t in got.items():
         assert torch.equal(t, own[k]), k
+
+
+def test_max_norm_leaves_trainable_samples_alone(gen):
+    # The write-back of renormalized rows is for an ensemble's parameters only: a sample
+    # made a trainable leaf (detach().requires_grad_(), IVON's draws) is the caller's.
+    module = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5), nn.Linear(4, 2))
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 9]])
+    q = bf.init(module, -1.0)
+    opt = bf.IVON(copy.deepcopy(module), lr=0.1, ess=1.0)
+    for params in (
+        {k: v.detach().requires_grad_() for k, v in bf.sample(q, 3, generator=gen(0)).items()},
+        opt.sample(3, generator=gen(0)),
+    ):
+        before = {k: v.detach().clone() for k, v in params.items()}
+        assert before["0.weight"][:, [1, 2, 3, 4, 5, 9]].norm(dim=-1).max() > 0.5
+        for call in (bf.vmap_call, bf.loop_call):
+            call(module, params, tokens).sum().backward()
+            assert all(torch.equal(params[k], v) for k, v in before.items())

@@ -923,6 +923,11 @@ def test_linearized_predictive_names_itself_in_every_error(include):
         TypeError, match=r"linearized_predictive: expected fn to return tensors .* got str"
     ):
         bf.linearized_predictive(module, q, x, fn=lambda m, x: "oops")
+    for nothing in (None, (), (x, x)):  # a bare TypeError or IndexError before
+        with pytest.raises(
+            TypeError, match=r"linearized_predictive: expected fn to return a tensor, got"
+        ):
+            bf.linearized_predictive(module, q, x, fn=lambda m, x, out=nothing: out)
     with pytest.raises(
         ValueError,
         match=r"linearized_predictive: expected input tensors with data, got a tensor on the "
