@@ -18,7 +18,7 @@ import threading
 import types
 import weakref
 
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from torch import Tensor
 
-from ._caches import Bounded, PerObject, identity, register
+from ._caches import PerObject, register
 from ._compat import is_compiling, weight_hooks
 
 # A place that holds a tensor: the `_parameters` or `_buffers` dict of a module, and a key.
@@ -206,19 +206,20 @@ def _runs_zuko(cls: type) -> bool:
 
 
 # The verdicts of :func:`fn_runs_zuko`: on the code of an `fn` (a new lambda per call has the
-# same), held weakly, and on the functions and classes its closure holds, by identity.
+# same), and on the functions and classes its closure holds, all held weakly (a function
+# made per step, closing over its batch, is not kept alive).
 _CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_VERDICTS: Bounded[Hashable, bool] = Bounded(128)
+_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 register(_CODES.clear)
+register(_VERDICTS.clear)
 
 
 def _verdict(obj: object, compute: Callable[[], bool]) -> bool:
-    if is_compiling():  # traced once per compilation: no cache (its lock breaks the graph)
+    if is_compiling():  # traced once per compilation: no cache
         return compute()
-    key = identity(obj)
-    verdict = _VERDICTS.get(key)
+    verdict = _VERDICTS.get(obj)
     if verdict is None:
-        verdict = _VERDICTS.put(key, compute())
+        verdict = _VERDICTS[obj] = compute()
     return verdict
 
 
