@@ -241,6 +241,13 @@ class IVON(torch.optim.Optimizer):
                 f"none{but}"
             )
         params = [named[name] for name in names]
+        meta = [name for name, p in zip(names, params, strict=True) if p.is_meta]
+        if meta:
+            raise ValueError(
+                f"{where}: expected parameters with data, got {meta} on the meta device; "
+                "materialize the module first (module.to_empty(device=...), then initialize "
+                "or load its parameters)"
+            )
         for name, p in zip(names, params, strict=True):
             if not p.is_floating_point():
                 raise TypeError(

@@ -294,6 +294,8 @@ def test_init_refuses_meta_tensors():
         bf.init(nn.Linear(3, 2, device="meta"))
     with pytest.raises(ValueError, match=r"BayesianModel: expected parameters with data"):
         bf.BayesianModel(nn.Linear(3, 2, device="meta"))
+    with pytest.raises(ValueError, match=r"IVON: expected parameters with data"):
+        bf.IVON(nn.Linear(3, 2, device="meta"), lr=0.1, ess=1.0)
     for init_logvar in (
         torch.zeros((), device="meta"),
         {"weight": torch.zeros((), device="meta"), "bias": -9.0},
