@@ -68,18 +68,45 @@ register(_INSTALLED.clear)
 
 
 def _installed(top: str) -> bool:
+    r"""Whether the top-level module `top` is a library that cannot build zuko's
+    transforms: one of :data:`_LIBRARIES`, Python's own, or an installed package none of
+    whose loaded modules holds anything of zuko's (a user's own package installed with pip
+    may build them)."""
+
     verdict = _INSTALLED.get(top)
     if verdict is None:
         path = getattr(sys.modules.get(top), "__file__", None) or ""
         verdict = (
             top in _LIBRARIES
             or top in sys.stdlib_module_names
-            or "site-packages" in path
-            or "dist-packages" in path
+            or (("site-packages" in path or "dist-packages" in path) and not _holds_zuko(top))
         )
         if not is_compiling() and len(_INSTALLED) < 4096:
             _INSTALLED[top] = verdict
     return verdict
+
+
+def _module_of(obj: object) -> object:
+    try:
+        return getattr(obj, "__module__", None)
+    except Exception:  # an object whose attributes raise: nothing of zuko's
+        return None
+
+
+def _holds_zuko(top: str) -> bool:
+    r"""Whether a loaded module of the package `top` holds a module, class or function of
+    zuko among its globals."""
+
+    for name, module in list(sys.modules.items()):
+        if module is None or (name != top and not name.startswith(top + ".")):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, types.ModuleType):
+                if value.__name__ == "zuko" or value.__name__.startswith("zuko."):
+                    return True
+            elif _is_zuko(_module_of(value)):
+                return True
+    return False
 
 
 def _scope(f: types.FunctionType) -> dict[str, Any]:
@@ -116,7 +143,7 @@ def _names_zuko(
                 members = vars(obj)
                 if any(_reaches_zuko(members.get(a), depth + 1, seen) for a in code.co_names):
                     return True
-        elif _is_zuko(getattr(obj, "__module__", None)):
+        elif _is_zuko(_module_of(obj)):
             return True
         elif depth < _DEPTH and _reaches_zuko(obj, depth + 1, seen):
             return True
@@ -132,8 +159,9 @@ def _callee(obj: object) -> object:
     class; anything else as it is."""
 
     while isinstance(obj, functools.partial):
-        if any(_is_zuko(getattr(a, "__module__", None)) for a in obj.args):
-            return obj.args[0] if _is_zuko(getattr(obj.args[0], "__module__", None)) else obj.func
+        for a in (*obj.args, *obj.keywords.values()):
+            if _is_zuko(_module_of(a)):
+                return a
         obj = obj.func
     if isinstance(obj, types.MethodType):
         return obj.__func__
@@ -224,7 +252,7 @@ def _verdict(obj: object, compute: Callable[[], bool]) -> bool:
 
 
 def _held_runs_zuko(obj: object) -> bool:
-    return _is_zuko(getattr(obj, "__module__", None)) or _reaches_zuko(obj, 1, {})
+    return _is_zuko(_module_of(obj)) or _reaches_zuko(obj, 1, {})
 
 
 def fn_runs_zuko(fn: object) -> bool:

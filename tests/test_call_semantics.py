@@ -8,6 +8,8 @@ import threading
 import types
 import warnings
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -1075,8 +1077,36 @@ def _closing_over(make):
     return lambda m, c, x: make(m, c)(x).sum(-1)
 
 
+def _installed_helper_net():
+    # The user's own package, installed (under a site-packages folder) rather than edited
+    # in place: installed packages are otherwise not read.
+    import importlib
+    import tempfile
+
+    name = "user_installed_flows"
+    if name not in sys.modules:
+        root = Path(tempfile.mkdtemp()) / "site-packages"
+        (root / name).mkdir(parents=True)
+        (root / name / "__init__.py").write_text(
+            "from zuko.transforms import UnconstrainedMonotonicTransform\n"
+            "def make(net, c):\n"
+            "    s = net.hyper(c)[..., None, :]\n"
+            "    return UnconstrainedMonotonicTransform(g=lambda u: net.g(s, u), phi=(s,))\n"
+        )
+        sys.path.insert(0, str(root))
+        importlib.import_module(name)
+    make = sys.modules[name].make
+
+    class Net(_Integrand):
+        def forward(self, c, x):
+            return make(self, c)(x).sum(-1)
+
+    return Net()
+
+
 # The module, and the `fn` of the call (None: the module's forward).
 OWN_MONOTONIC = {
+    "installed-package": (_installed_helper_net, None),
     "forward": (_OwnMonotonic, None),
     "helper": (_OwnMonotonicByHelper, None),
     "decorated": (_OwnMonotonicDecorated, None),
