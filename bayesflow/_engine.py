@@ -23,7 +23,7 @@ __all__ = [
 
 import warnings
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
@@ -347,20 +347,17 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
 DrawState = list[tuple[torch.Generator, Tensor]]
 
 
-def draw_state(
-    generator: torch.Generator | None, tensors: Iterable[Tensor] = (), default: bool = False
-) -> DrawState:
+def draw_state(generator: torch.Generator | None, default: bool = False) -> DrawState:
     r"""Returns the state of the generator a call draws from: `generator`; if :py:`None`,
-    nothing, unless `default`: then torch's default generators of the CPU and of the CUDA
-    devices of `tensors` (where the draws are made). Under :func:`torch.compile` tracing,
-    nothing (a state read would break the graph).
+    nothing, unless `default`: then torch's default CPU generator. Under
+    :func:`torch.compile` tracing, nothing (a state read would break the graph).
 
-    A call that draws and then fails (a check of `fn`'s output, or `fn` itself) puts them
+    A call that draws and then fails (a check of `fn`'s output, or `fn` itself) puts it
     back with :func:`restore_draw_state`: a failed call draws nothing. A CPU generator's
     state is a 5 KB copy, about 2 us. torch's default generators are the process's: other
     threads may draw from them meanwhile (torch.compile's own workers are threads), and
     putting them back would replay those draws; only :func:`bayesflow.ensemble`, whose
-    seeds are drawn before any other work, asks for them.
+    seeds are drawn on the CPU before any other work, asks for it.
     """
 
     if is_compiling():
@@ -369,13 +366,7 @@ def draw_state(
         return [(generator, generator.get_state())]
     if not default:
         return []
-    saved = [(torch.default_generator, torch.default_generator.get_state())]
-    if torch.cuda.is_initialized():  # else no tensor is on a CUDA device
-        for device in {t.device for t in tensors if t.is_cuda}:
-            index = torch.cuda.current_device() if device.index is None else device.index
-            g = torch.cuda.default_generators[index]
-            saved.append((g, g.get_state()))
-    return saved
+    return [(torch.default_generator, torch.default_generator.get_state())]
 
 
 def restore_draw_state(saved: DrawState) -> None:
@@ -652,7 +643,7 @@ def run_local(
         dims = check_in_dims(where, args, opts.in_dims, n)
         # A call that fails after the draws (`fn`'s output refused, say) draws nothing.
         zuko = st.uses_zuko or fn_runs_zuko(opts.fn)
-        saved = draw_state(generator, posterior.mean.values())
+        saved = draw_state(generator)
         try:
             for attempt in range(2):
                 layout = _layout(st, module, plan, args, dims, opts, fresh=attempt > 0)

@@ -317,7 +317,7 @@ class BayesianModel(nn.Module):
         check_no_parametrization_cache(where, base)
         # A call that fails after the draw (fn's output refused, fn itself, or a base
         # converted since it was wrapped) leaves the generator as found.
-        saved = draw_state(generator, posterior.mean.values())
+        saved = draw_state(generator)
         try:
             params = _posterior.sample(where, posterior, k, generator)
             if not params and n is not None and not any(d is not None for d in in_dims or ()):

@@ -180,7 +180,7 @@ def _nelbo(
 
     # A call that fails after the draws (fn's output refused, fn itself, a Monte Carlo
     # KL) leaves the module's buffers and the generator as found.
-    saved = draw_state(generator, posterior.mean.values())
+    saved = draw_state(generator)
     try:
         ll, kl = _draw_and_run(
             where, module, posterior, args, n, prior, generator, opts, estimator
