@@ -5,6 +5,7 @@ mean model. Every function takes the name of the public caller for its error mes
 from __future__ import annotations
 
 __all__ = [
+    "check_data",
     "init",
     "kl_divergence",
     "mean_model",
@@ -125,6 +126,19 @@ def _logvar_value(where: str, name: str, value: object, like: Tensor) -> Tensor:
         ) from None
 
 
+def check_data(where: str, params: dict[str, Tensor]) -> None:
+    r"""Refuses picked parameters on the meta device (shapes without data): torch's own
+    error names no function."""
+
+    meta = [name for name, p in params.items() if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"{where}: expected parameters with data, got {meta} on the meta device; "
+            "materialize the module first (module.to_empty(device=...), then initialize or "
+            "load its parameters)"
+        )
+
+
 def init(
     where: str,
     module: object,
@@ -157,13 +171,7 @@ def init(
             f"least one parameter of {type(module).__name__}, got none"
         )
 
-    meta = [name for name in names if params[name].is_meta]
-    if meta:
-        raise ValueError(
-            f"{where}: expected parameters with data, got {meta} on the meta device; "
-            "materialize the module first (module.to_empty(device=...), then initialize or "
-            "load its parameters)"
-        )
+    check_data(where, {n: params[n] for n in names})
     lazy = [name for name in names if is_lazy(params[name])]
     if lazy:
         raise ValueError(

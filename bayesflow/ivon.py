@@ -37,6 +37,7 @@ from ._ivon import (
     update,
     update_one,
 )
+from ._posterior import check_data
 from ._structure import lock
 from ._types import Posterior
 from .posterior import select
@@ -241,13 +242,7 @@ class IVON(torch.optim.Optimizer):
                 f"none{but}"
             )
         params = [named[name] for name in names]
-        meta = [name for name, p in zip(names, params, strict=True) if p.is_meta]
-        if meta:
-            raise ValueError(
-                f"{where}: expected parameters with data, got {meta} on the meta device; "
-                "materialize the module first (module.to_empty(device=...), then initialize "
-                "or load its parameters)"
-            )
+        check_data(where, dict(zip(names, params, strict=True)))
         for name, p in zip(names, params, strict=True):
             if not p.is_floating_point():
                 raise TypeError(
