@@ -977,8 +977,9 @@ def test_a_call_on_another_module_does_not_wait_for_one_in_progress():
     assert torch.allclose(out, bf.loop_call(held, params[held], x), atol=1e-12)
 
 
-class _OwnMonotonic(nn.Module):
-    r"""Torch layers whose forward builds zuko's quadrature-based transform itself."""
+class _Integrand(nn.Module):
+    r"""The layers of a monotonic transform's hyper-network and integrand, with a forward
+    that names no zuko."""
 
     def __init__(self):
         super().__init__()
@@ -988,6 +989,13 @@ class _OwnMonotonic(nn.Module):
     def g(self, s, x):
         h = torch.cat((x[..., None], s.expand(*x.shape, 3)), -1)
         return nn.functional.softplus(self.integrand(h)).squeeze(-1) + 1e-2
+
+    def forward(self, c, x):
+        return self.hyper(c).sum(-1, keepdim=True) + x
+
+
+class _OwnMonotonic(_Integrand):
+    r"""Torch layers whose forward builds zuko's quadrature-based transform itself."""
 
     def forward(self, c, x):
         s = self.hyper(c)[..., None, :]
@@ -1040,20 +1048,6 @@ exec(
     _HELPERS.__dict__,
 )
 _make = _HELPERS.make
-
-
-class _Integrand(nn.Module):
-    r"""The layers of :class:`_OwnMonotonic`, with a forward that names no zuko."""
-
-    def __init__(self):
-        super().__init__()
-        self.hyper = nn.Linear(2, 3)
-        self.integrand = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-
-    g = _OwnMonotonic.g
-
-    def forward(self, c, x):
-        return self.hyper(c).sum(-1, keepdim=True) + x
 
 
 class _ByOtherModule(_Integrand):
