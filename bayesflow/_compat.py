@@ -20,6 +20,7 @@ __all__ = [
     "fused_rnn",
     "in_func_transform",
     "is_compiling",
+    "is_metadata",
     "is_wrapped",
     "keep_lazy_cuda_seed",
     "load_jvp_decompositions",
@@ -371,7 +372,7 @@ _PROPERTIES = {
 }  # fmt: skip
 
 
-def _is_metadata(func: Any) -> bool:
+def is_metadata(func: Any) -> bool:
     r"""Whether a torch function (as a :class:`torch.overrides.TorchFunctionMode` sees it)
     reads only a tensor's metadata (its shape, dtype, device, ...), not its values."""
 
@@ -394,6 +395,6 @@ class ValueReads(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if not _is_metadata(func):
+        if not is_metadata(func):
             self.seen([a for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)])
         return func(*args, **kwargs)

@@ -646,7 +646,10 @@ def run_local(
         saved = draw_state(generator)
         try:
             for attempt in range(2):
-                layout = _layout(st, module, plan, args, dims, opts, fresh=attempt > 0)
+                # torch.compile traces this once per guard: a layout recorded before a
+                # retrace (a module flag switched) would not be checked by a stand-in.
+                fresh = attempt > 0 or is_compiling()
+                layout = _layout(st, module, plan, args, dims, opts, fresh=fresh)
                 like = next(iter(posterior.mean.values()))
                 # All the noise up front: one slab for the layers, then the whole samples.
                 slab = torch.randn(
@@ -664,7 +667,10 @@ def run_local(
                 forwards = plan.forwards(tape, layout.local)
                 job = _Job(st, module, params, (slab, *args), (0, *dims), n, local, {}, zuko)
                 try:
-                    out, message = _call(job, forwards)
+                    # The module's own values of the local layers' tensors are never the
+                    # call's: a read of them outside their layer raises StaleShapes.
+                    with swapped(st, plan.absent(layout)):
+                        out, message = _call(job, forwards)
                     break
                 except StaleShapes:
                     if attempt > 0:

@@ -5,6 +5,7 @@ from, and their stochastic forward, planned once for :func:`bayesflow.local_call
 from __future__ import annotations
 
 __all__ = [
+    "Absent",
     "Cached",
     "Layout",
     "LocalPlan",
@@ -33,8 +34,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torch import Size, Tensor
+from torch.utils._pytree import tree_leaves
 
-from ._compat import ConvNd, ValueReads, flat_cat, func_level, in_func_transform, is_compiling
+from ._compat import (
+    ConvNd,
+    ValueReads,
+    flat_cat,
+    func_level,
+    in_func_transform,
+    is_compiling,
+    is_metadata,
+)
 from ._errors import Passthrough
 from ._numerics import spread
 from ._swap import has_own_forward, ours
@@ -158,6 +168,37 @@ def moments(
 
 class StaleShapes(Passthrough):
     r"""The layer calls of a vectorized pass differ from those its noise was drawn for."""
+
+
+class Absent(Tensor):
+    r"""What a local call puts in place of a local layer's Bayesian tensors (the module's
+    own values): any operation that reads its values raises :class:`StaleShapes`.
+
+    The layer's stochastic forward reads the posterior, never these; a read elsewhere
+    (a tied head, a penalty in `fn`) was unseen by the shape-finding pass, whose layout
+    is then stale (a module flag switched since), and the call records a fresh one in
+    which the layer is sampled whole. Shape, dtype, device and the like stay readable.
+    """
+
+    owner: str
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if is_metadata(func):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        leaves = tree_leaves((args, kwargs))
+        raise StaleShapes(next((a.owner for a in leaves if isinstance(a, Absent)), ""))
+
+
+def absent(t: Tensor, owner: str) -> Absent:
+    r"""Returns a stand-in for `t` (same shape, dtype, device and `requires_grad`) whose
+    values the layer `owner` alone may read, through the posterior."""
+
+    a = Tensor.as_subclass(t.detach().requires_grad_(t.requires_grad), Absent)
+    a.owner = owner
+    return a
 
 
 class Noise:
@@ -504,6 +545,22 @@ class LocalPlan:
         local = tuple(k for k in self.layers if k not in whole)
         draws = tuple(d for d in recorder.draws if d[0] in local)
         return Layout(local, whole, draws, sum(shape.numel() for _, shape in draws))
+
+    def absent(self, layout: Layout) -> dict[str, Tensor]:
+        r"""Returns the stand-ins of the local layers' Bayesian tensors of the module
+        (:class:`Absent`), by name, for the duration of a local call; none inside
+        torch.compile, which does not trace them."""
+
+        if is_compiling():
+            return {}
+        stand_ins = {}
+        for k in layout.local:
+            own = self.layers[k]._parameters
+            for n in self.covered[k]:
+                t = own.get(n.rpartition(".")[2])
+                if t is not None:
+                    stand_ins[n] = absent(t, k)
+        return stand_ins
 
     def sampled(self, posterior: Any, layout: Layout) -> Any:
         r"""Returns the part of `posterior` a local call samples whole: every parameter

@@ -111,8 +111,12 @@ def local_call(
     wrong. All the noise is drawn
     before the vectorized pass, from `generator`, laid out by the layer calls of one
     shape-finding pass of `fn` (without gradients, buffers restored; remembered for the
-    same `fn` code and argument shapes). The same generator state gives the same numbers
-    vectorized or not (`vectorized=False`, the loop oracle), and whatever `chunk_size`.
+    same `fn` code and argument shapes; recorded at every trace inside torch.compile).
+    During the call, the local layers' own tensors in `module` are stand-ins whose values
+    cannot be read: a read the remembered pass did not see (a module flag switched since
+    switches on a tied head) makes the call record its layout afresh. The same generator
+    state gives the same numbers vectorized or not (`vectorized=False`, the loop oracle),
+    and whatever `chunk_size`.
 
     Example:
         >>> net = zuko.nn.MLP(3, 5)

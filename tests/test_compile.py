@@ -132,3 +132,35 @@ def test_compiled_flow_whose_backward_recomputes_gets_zukos_gradients(n, gen):
         for g, e in zip(grads, expected, strict=True):
             assert torch.allclose(g[i], e, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(y[0], flow(c).log_prob(x), atol=1e-3)  # the samples were used
+
+
+class _TiesOnAFlag(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 4)
+        self.tie = False
+
+    def forward(self, x):
+        h = self.head(torch.tanh(self.body(x)))
+        if self.tie:  # the head's weight read outside its call
+            h = h + torch.nn.functional.linear(h, self.head.weight)
+        return h
+
+
+def test_compiled_local_call_sees_a_read_a_retrace_adds(gen):
+    # torch.compile retraces when the flag switches; the layout recorded by the first
+    # trace was reused, and the head's second read got the module's own weight (5.5 off).
+    torch.manual_seed(0)
+    net, x = _TiesOnAFlag(), torch.randn(5, 3)
+    q = bf.init(net, init_logvar=-2.0)
+
+    def call(g):
+        return bf.local_call(net, q, 1, x, generator=g, vectorized=False)
+
+    compiled = torch.compile(call, backend="eager")  # the layout is chosen while tracing
+    compiled(gen(0))
+    net.tie = True
+    y = compiled(gen(1))
+    bf.clear_caches()
+    assert torch.allclose(y, call(gen(1)), atol=1e-10)
+    assert not torch.allclose(y, bf.local_call(net, q, 1, x, generator=gen(2)))  # noise used

@@ -679,6 +679,68 @@ def test_a_stale_layout_draws_what_a_fresh_one_draws(flipout, gen):
     assert not torch.allclose(fresh[0], fresh[1])  # the samples were used
 
 
+class _TiesOnAFlag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(3, 4), nn.Linear(4, 4)
+        self.tie = False
+
+    def forward(self, x):
+        h = self.head(torch.tanh(self.body(x)))
+        if self.tie:  # the head's weight read outside its call from now on
+            h = h + F.linear(h, self.head.weight)
+        return h
+
+
+@pytest.mark.parametrize("vectorized", [True, False], ids=["vmap", "loop"])
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+def test_a_read_outside_the_layer_unseen_by_the_recorded_layout(flipout, vectorized, gen):
+    # A layout recorded while the head was read only through its call, then a module flag
+    # switched on a second read: the layout (same fn code, same shapes) was reused, and
+    # that read silently got the module's own weight (2.98 off the call with a fresh
+    # layout). Any read of a local layer's own tensor now makes the call record afresh.
+    torch.manual_seed(0)
+    net, x = _TiesOnAFlag(), torch.randn(5, 3)
+    q = bf.init(net, init_logvar=-2.0)
+    opts = dict(flipout=flipout, vectorized=vectorized)
+    bf.local_call(net, q, 4, x, generator=gen(0), **opts)  # records the layout
+    net.tie = True
+    g = gen(1)
+    stale = bf.local_call(net, q, 4, x, generator=g, **opts)
+    after_stale = g.get_state()
+    bf.clear_caches()
+    g = gen(1)
+    fresh = bf.local_call(net, q, 4, x, generator=g, **opts)
+    assert torch.equal(stale, fresh)
+    assert torch.equal(after_stale, g.get_state())
+    assert not torch.allclose(fresh[0], fresh[1])  # the samples were used
+    assert isinstance(net.head.weight, nn.Parameter)  # the module's own tensors are back
+    assert all(type(p) is nn.Parameter for p in net.parameters())
+
+    # and the law is the weight sample's, the tied read included
+    exact = bf.vmap_call(net, bf.sample(q, S, generator=gen(2)), x)
+    y = bf.local_call(net, q, S, x, generator=gen(3), flipout=flipout)
+    assert _agree(_joint(y), _joint(exact))
+
+
+def test_reading_a_local_layers_shape_keeps_it_local(gen):
+    # Shape, dtype and device of a local layer's tensors stay readable in fn: the layer
+    # keeps the estimator (the same numbers as an fn that reads nothing of it).
+    torch.manual_seed(0)
+    net, x = _TiesOnAFlag(), torch.randn(5, 3)
+    q = bf.init(net, init_logvar=-2.0)
+
+    def reads_shape(m, x):
+        w = m.head.weight
+        assert w.shape == (4, 4) and w.dim() == 2 and w.dtype == x.dtype
+        assert w.device == x.device and w.requires_grad
+        return m(x)
+
+    y = bf.local_call(net, q, 4, x, fn=reads_shape, generator=gen(1))
+    assert torch.equal(y, bf.local_call(net, q, 4, x, generator=gen(1)))
+    assert not torch.allclose(y[0], y[1])  # the samples were used
+
+
 def _input_gradient(m, x):
     return torch.func.vmap(torch.func.grad(lambda xi: m(xi).sum()))(x)
 
