@@ -661,7 +661,10 @@ def run_local(
 
                 def local_fn(m: nn.Module, s: Tensor, *a: Any, tape: Tape = tape) -> Any:
                     tape.begin(s)
-                    return opts.fn(m, *a)
+                    try:
+                        return opts.fn(m, *a)
+                    finally:
+                        tape.slab = None  # a sample's tensor, not to outlive the pass
 
                 local = opts._replace(fn=local_fn)
                 forwards = plan.forwards(tape, layout.local)
