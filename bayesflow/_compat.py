@@ -247,6 +247,13 @@ class _Allocations(TorchDispatchMode):
         super().__init__()
         self.bytes = 0
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Else torch wraps `__torch_dispatch__` in a guard whose first call imports
+        # torch._dynamo: seconds, on a process's first vectorized call. The mode never
+        # runs under torch.compile (the engine measures outside compilation).
+        return False
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
