@@ -62,8 +62,9 @@ class LinearWarmup:
     start: float = 0.0
 
     def __post_init__(self) -> None:
-        check_int("LinearWarmup", "steps", self.steps)
-        # Floats, as documented (a one-element tensor gave tensors).
+        # An int and floats, as documented (a NumPy int gave NumPy floats, a one-element
+        # tensor gave tensors).
+        object.__setattr__(self, "steps", check_int("LinearWarmup", "steps", self.steps))
         for name in ("weight", "start"):
             value = check_number("LinearWarmup", name, getattr(self, name), 0.0, strict=False)
             object.__setattr__(self, name, value)
@@ -72,7 +73,11 @@ class LinearWarmup:
         r"""Returns the KL weight at training step `step >= 0`."""
 
         step = _check_step("LinearWarmup", step)
-        return self.start + (self.weight - self.start) * min(step / self.steps, 1.0)
+        if step >= self.steps:
+            # `weight` itself: start + (weight - start) * 1.0 can be 1 ulp off it, and
+            # step / steps raised an OverflowError past 1e308 warm-ups.
+            return self.weight
+        return self.start + (self.weight - self.start) * (step / self.steps)
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ class CyclicalSchedule:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        check_int("CyclicalSchedule", "period", self.period)
+        object.__setattr__(self, "period", check_int("CyclicalSchedule", "period", self.period))
         ratio = check_number("CyclicalSchedule", "ratio", self.ratio, 0.0, strict=True)
         if ratio > 1:
             raise ValueError(f"CyclicalSchedule: expected 0 < ratio <= 1, got {ratio}")

@@ -57,3 +57,38 @@ def test_a_tensor_weight_changed_later_changes_no_schedule():
     for value in (-3.0, float("nan")):
         weight.fill_(value)
         assert [[s(t) for t in range(6)] for s in schedules] == before
+
+
+def test_numpy_ints_give_an_int_and_floats():
+    np = pytest.importorskip("numpy")
+    warmup = bf.LinearWarmup(steps=np.int64(10), weight=np.float32(0.5))
+    cyclical = bf.CyclicalSchedule(period=np.int32(8), ratio=0.25)
+    assert type(warmup.steps) is int and type(cyclical.period) is int
+    assert repr(warmup) == "LinearWarmup(steps=10, weight=0.5, start=0.0)"
+    assert repr(cyclical) == "CyclicalSchedule(period=8, ratio=0.25, weight=1.0)"
+    for schedule, plain in (
+        (warmup, bf.LinearWarmup(steps=10, weight=0.5)),
+        (cyclical, bf.CyclicalSchedule(period=8, ratio=0.25)),
+    ):
+        values = [schedule(t) for t in range(12)]
+        assert all(type(v) is float for v in values)
+        assert values == [plain(t) for t in range(12)]
+
+
+def test_the_warmup_ends_at_the_weight_itself():
+    # start + (weight - start) * 1.0 is 1 ulp off weight for 13 of these 121 pairs
+    # (0.2 + 0.7 * 1.0 = 0.8999999999999999).
+    grid = [i / 10 for i in range(11)]
+    for start in grid:
+        for weight in grid:
+            schedule = bf.LinearWarmup(steps=5, weight=weight, start=start)
+            assert [schedule(t) for t in (5, 6, 10**6)] == [weight] * 3
+            ramp = [start + (weight - start) * (t / 5) for t in range(5)]
+            assert [schedule(t) for t in range(5)] == ramp
+
+
+def test_a_step_beyond_the_float_range():
+    # 10**400 / 100 raised "OverflowError: integer division result too large for a float".
+    assert bf.LinearWarmup(steps=100)(10**400) == 1.0
+    assert bf.LinearWarmup(steps=10**400, weight=2.0)(10**399) == 0.2
+    assert bf.CyclicalSchedule(period=100, ratio=0.5)(10**400 + 25) == 0.5
