@@ -3,6 +3,13 @@ leading sample dim.
 
 Every function takes tensors whose dim 0 indexes `K` posterior samples (or the members of
 a deep ensemble), as returned by :func:`bayesflow.vmap_call`, and reduces over it.
+
+A NaN propagates, and is not an error: the summaries of an output whose samples include a
+NaN are NaN, and so are the probabilities, entropies and mutual information of an input
+whose logits include a NaN or a :math:`+\infty` (in some sample), as with
+:func:`torch.log_softmax`; the metrics then refuse them. An empty batch (no outputs)
+gives empty summaries, as :func:`torch.mean` does; :func:`predictive_nll` refuses it, as
+every mean over observations does.
 """
 
 from __future__ import annotations
@@ -79,7 +86,12 @@ def predictive_std(samples: Tensor, correction: int = 1) -> Tensor:
             f"got {x.shape[0]}"
         )
 
-    return x.std(dim=0, correction=correction)
+    return _std(x, correction)
+
+
+def _std(x: Tensor, correction: int) -> Tensor:
+    # torch.std warns of "degrees of freedom <= 0" on an empty batch, whatever K is.
+    return x.std(dim=0, correction=correction) if x.numel() > 0 else x.sum(dim=0)
 
 
 def _quantiles(x: Tensor, q: Tensor) -> Tensor:
@@ -235,7 +247,8 @@ def summarize(samples: Tensor, level: float = 0.9) -> Summary:
 
     Returns:
         A :class:`Summary` of tensors with shape `(*)`; `std` is the unbiased one. Where
-        the samples of an output include a NaN, all its summaries are NaN.
+        the samples of an output include a NaN, all its summaries are NaN. An empty `*`
+        (a batch of none) gives empty tensors, as the other summaries do.
     """
 
     where = "summarize"
@@ -247,7 +260,7 @@ def summarize(samples: Tensor, level: float = 0.9) -> Summary:
     q = torch.tensor([0.5, (1 - level) / 2, (1 + level) / 2], dtype=torch.float64, device=x.device)
     median, lower, upper = _quantiles(x, q)
 
-    return Summary(x.mean(dim=0), x.std(dim=0), median, lower, upper)
+    return Summary(x.mean(dim=0), _std(x, 1), median, lower, upper)
 
 
 # Density models.

@@ -420,3 +420,45 @@ def test_level_takes_any_real_number_and_q_no_bools():
     for bad in (True, False, [0.5, True], torch.tensor([True, False]), np.array([True])):
         with pytest.raises(TypeError, match="predictive_quantiles: expected q to be a float"):
             bf.predictive_quantiles(x, bad)
+
+
+# Empty batches and NaN.
+
+
+def test_an_empty_batch_gives_empty_summaries():
+    # torch.std warned "degrees of freedom is <= 0" (an error here) for any K.
+    x = torch.ones(4, 0, 3)
+    s = bf.summarize(x)
+    for field in s:
+        assert field.shape == (0, 3) and field.dtype == x.dtype
+    assert torch.equal(s.mean, x.mean(dim=0))
+    assert bf.predictive_std(x).shape == (0, 3)
+    assert bf.predictive_std(x, correction=0).shape == (0, 3)
+    assert bf.predictive_mean(x).shape == (0, 3)
+    with pytest.raises(ValueError, match="predictive_nll: expected at least one observation"):
+        bf.predictive_nll(x)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nan_or_inf_logit_makes_its_input_nan_and_no_other(bad, gen):
+    # As documented: NaN propagates through the summaries, the metrics refuse it.
+    z = torch.randn(5, 4, 3, generator=gen(0))
+    z[2, 1, 0] = bad  # one sample of input 1
+    clean = torch.cat([z[:, :1], z[:, 2:]], dim=1)  # the other inputs
+    p = z.softmax(dim=-1).mean(dim=0)
+
+    s = bf.classification_summary(z)
+    assert torch.allclose(bf.mean_probs(clean), p[[0, 2, 3]], atol=1e-12)
+    for f in (
+        bf.mean_probs,
+        bf.log_mean_probs,
+        bf.predictive_entropy,
+        bf.expected_entropy,
+        bf.mutual_information,
+        *(lambda z, i=i: bf.classification_summary(z)[i] for i in range(4)),
+    ):
+        got = f(z)
+        assert got[1].isnan().all()
+        assert torch.equal(torch.cat([got[:1], got[2:]]), f(clean))
+    with pytest.raises(ValueError, match=r"categorical_nll: expected probabilities in \[0, 1\]"):
+        bf.categorical_nll(s.probs, torch.zeros(4, dtype=torch.long))
