@@ -22,12 +22,14 @@ __all__ = [
     "check_params",
     "check_posterior",
     "check_probs",
+    "check_probs_stored",
     "check_randomness",
     "check_same_shape",
     "check_samples",
     "check_tensor",
     "describe",
     "reduce",
+    "stored_in",
 ]
 
 import math
@@ -466,44 +468,62 @@ def check_labels(where: str, labels: object, shape: torch.Size, classes: int) ->
     return y
 
 
-def _computed_in(p: Tensor) -> float:
-    r"""Returns the rounding unit of the coarsest floating-point dtype that holds every
-    value of `p` exactly (at least float32's)."""
+def stored_in(p: Tensor) -> torch.dtype:
+    r"""Returns the coarsest floating-point dtype that holds every value of `p` exactly:
+    bfloat16, float16 or float32 if one of them is coarser than `p`'s own, else its own
+    (probabilities are often computed in half precision or float32, then cast up)."""
 
     own = torch.finfo(p.dtype).eps
-    for dtype in (torch.bfloat16, torch.float16):
-        eps = torch.finfo(dtype).eps
-        if eps > own and torch.equal(p, p.to(dtype).to(p.dtype)):
-            return eps
-    return max(own, torch.finfo(torch.float32).eps)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        if torch.finfo(dtype).eps > own and torch.equal(p, p.to(dtype).to(p.dtype)):
+            return dtype
+    return p.dtype
+
+
+def _probs_tolerance(stored: torch.dtype, classes: int) -> float:
+    r"""Returns how far from 1 the sums of `classes` probabilities stored in `stored` may
+    be: :math:`\epsilon_s (2 + \ln C) + \epsilon_{32} (16 + C / 64)`.
+
+    Each probability rounded once to its dtype is off by at most :math:`\epsilon_s / 2` of
+    itself, so their sum is too, whatever `C`; :func:`mean_probs` rounds the log and then
+    the probability, which adds :math:`\epsilon_s / 2` of the entropy, at most
+    :math:`\epsilon_s \ln(C) / 2`. Only the float32 sum inside a softmax grows with `C`:
+    16 units of float32's rounding, and one more per 64 classes (a float32 softmax over
+    20000 classes is off by 42)."""
+
+    eps = torch.finfo(stored).eps
+    eps32 = torch.finfo(torch.float32).eps
+    return eps * (2 + math.log(classes)) + eps32 * (16 + classes / 64)
 
 
 def check_probs(where: str, probs: object) -> Tensor:
+    return check_probs_stored(where, probs)[0]
+
+
+def check_probs_stored(where: str, probs: object) -> tuple[Tensor, torch.dtype]:
+    r"""Checks probabilities `(*, C)` and returns them with the dtype they are stored in
+    (:func:`stored_in`)."""
+
     p = check_tensor(where, "probs", probs, min_dim=1)
     check_float(where, "probs", p)
     if p.shape[-1] < 1:
         raise ValueError(f"{where}: expected at least one class on the last dim, got none")
     if p.numel() == 0:
-        return p
+        return p, p.dtype
 
-    # Each probability is computed to a few units of rounding of the dtype it was computed
-    # in, so their sum is too, whatever the number of classes, but for the sum inside a
-    # softmax: 16 units, and one more per 64 classes (a float32 softmax over 20000 classes
-    # is off by 42). That dtype is the narrowest one that holds every value exactly
-    # (probabilities are often computed in half precision or float32, then cast up).
-    tol = _computed_in(p) * (16 + p.shape[-1] / 64)
     if not ((p >= 0).all() and (p <= 1).all()):
         raise ValueError(
             f"{where}: expected probabilities in [0, 1], got values in "
             f"[{float(p.min())}, {float(p.max())}]"
         )
+    stored = stored_in(p)
     error = (p.sum(dim=-1, dtype=torch.float64) - 1).abs().max()
-    if error > tol:
+    if error > _probs_tolerance(stored, p.shape[-1]):
         raise ValueError(
             f"{where}: expected probabilities that sum to 1 on the last dim, got sums off by "
             f"up to {float(error):.3g}"
         )
-    return p
+    return p, stored
 
 
 def check_level(where: str, level: object) -> float:

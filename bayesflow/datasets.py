@@ -10,7 +10,7 @@ import torch
 
 from torch import Tensor
 
-from ._checks import check_generator, check_int
+from ._checks import check_generator, check_int, check_number
 
 
 def two_moons(
@@ -34,7 +34,8 @@ def two_moons(
 
     Arguments:
         n: The number of points.
-        sigma: The standard deviation :math:`\sigma \geq 0` of the noise.
+        sigma: The standard deviation :math:`\sigma \geq 0` of the noise: a real number
+            (Python or NumPy) or a tensor of one element.
         generator: The source of randomness; the global one if :py:`None`.
 
     Returns:
@@ -43,10 +44,7 @@ def two_moons(
     """
 
     n = check_int("two_moons", "n", n)
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise TypeError(f"two_moons: expected sigma to be a float, got {type(sigma).__name__}")
-    if not (math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"two_moons: expected a finite sigma >= 0, got {sigma}")
+    sigma = check_number("two_moons", "sigma", sigma, 0.0, strict=False)
     check_generator("two_moons", generator)
 
     device = None if generator is None else generator.device

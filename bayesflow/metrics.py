@@ -26,6 +26,7 @@ from ._checks import (
     check_int,
     check_labels,
     check_probs,
+    check_probs_stored,
     check_same_shape,
     check_tensor,
     reduce,
@@ -40,6 +41,11 @@ def gaussian_nll(mean: Tensor, std: Tensor, y: Tensor, reduction: str = "mean") 
 
     with every constant included. For a moment-matched predictive, pass the outputs of
     :func:`predictive_mean` and :func:`predictive_std`.
+
+    Half-precision inputs are computed in float32 and the result rounded once, so it is
+    finite wherever the exact value fits the dtype. A NaN mean, standard deviation or
+    observation (e.g. the summary of an output whose samples include a NaN, from
+    :func:`summarize`) is an error, as in :func:`interval_coverage`.
 
     Example:
         >>> gaussian_nll(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([0.0]))
@@ -58,14 +64,28 @@ def gaussian_nll(mean: Tensor, std: Tensor, y: Tensor, reduction: str = "mean") 
     where = "gaussian_nll"
     for name, t in (("mean", mean), ("std", std), ("y", y)):
         check_float(where, name, check_tensor(where, name, t, min_dim=0))
+    out = torch.promote_types(torch.promote_types(mean.dtype, std.dtype), y.dtype)
     check_same_shape(where, mean=mean, std=std, y=y)
+    _check_no_nan(where, mean=mean, std=std, y=y)
     if std.numel() > 0 and not (std > 0).all():
         raise ValueError(f"{where}: expected std > 0, got a minimum of {float(std.min())}")
 
+    # In at least float32, rounded once: in float16, z**2 overflowed from |z| = 256
+    # (and the sum of a batch from 65504) where the NLL itself is far below that.
+    mean, std, y = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (mean, std, y))
     z = (y - mean) / std
     nll = 0.5 * z.square() + std.log() + 0.5 * math.log(2 * math.pi)
 
-    return reduce(where, nll, reduction)
+    return reduce(where, nll, reduction).to(out)
+
+
+def _check_no_nan(where: str, **tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if t.isnan().any():
+            raise ValueError(
+                f"{where}: expected {name} without NaN, got {int(t.isnan().sum())} NaN among "
+                f"{t.numel()} values"
+            )
 
 
 def categorical_nll(probs: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
@@ -117,6 +137,13 @@ def calibration_curve(probs: Tensor, labels: Tensor, bins: int = 15) -> Calibrat
     r"""Bins predictions by confidence, :math:`\max_c p_c`, into `bins` equal-width bins
     :math:`((b - 1) / B, b / B]`, and returns each bin's mean confidence and accuracy.
 
+    A confidence on an edge :math:`k / B` belongs to the bin below it,
+    :math:`((k - 1) / B, k / B]` (the first bin takes 0), and so does the rounding of
+    :math:`k / B` to the dtype the probabilities are stored in: 0.8 is in :math:`(0.7, 0.8]`
+    for `bins=10` in every dtype, though float32's 0.8 is 0.800000012 and bfloat16's
+    0.80078125. Probabilities cast up to a wider dtype keep the bins of their own (the
+    coarsest of bfloat16, float16 and float32 that holds every value of `probs` exactly).
+
     Example:
         >>> probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
         >>> calibration_curve(probs, torch.tensor([0, 1, 1]), bins=2)
@@ -138,7 +165,7 @@ def calibration_curve(probs: Tensor, labels: Tensor, bins: int = 15) -> Calibrat
 
 def _calibration_curve(where: str, probs: Tensor, labels: Tensor, bins: int) -> CalibrationCurve:
     bins = check_int(where, "bins", bins)
-    p = check_probs(where, probs)
+    p, stored = check_probs_stored(where, probs)
     y = check_labels(where, labels, p.shape[:-1], p.shape[-1])
     if y.numel() == 0:
         raise ValueError(f"{where}: expected at least one prediction, got none")
@@ -151,7 +178,9 @@ def _calibration_curve(where: str, probs: Tensor, labels: Tensor, bins: int) -> 
     conf = conf.to(acc)
     correct = (pred == y.reshape(-1)).to(acc)
 
-    edges = torch.arange(1, bins, dtype=acc, device=p.device) / bins
+    # The edges k / B as the probabilities' own dtype writes them: float32's 0.8 is above
+    # float64's, and fell in (0.8, 0.9] where float64's 0.8 fell in (0.7, 0.8].
+    edges = (torch.arange(1, bins, dtype=acc, device=p.device) / bins).to(stored).to(acc)
     index = torch.bucketize(conf.detach(), edges, right=False)  # (lo, hi]
 
     count = torch.zeros(bins, dtype=torch.long, device=p.device).index_add_(
@@ -231,12 +260,7 @@ def interval_coverage(lower: Tensor, upper: Tensor, y: Tensor) -> Tensor:
     if y.numel() == 0:
         raise ValueError(f"{where}: expected at least one observation, got none")
     # A NaN compares false: it would count as a miss, and pass the check below.
-    for name, t in (("lower", lower), ("upper", upper), ("y", y)):
-        if t.isnan().any():
-            raise ValueError(
-                f"{where}: expected {name} without NaN, got {int(t.isnan().sum())} NaN among "
-                f"{t.numel()} values"
-            )
+    _check_no_nan(where, lower=lower, upper=upper, y=y)
     if (lower > upper).any():
         raise ValueError(f"{where}: expected lower <= upper, got lower > upper somewhere")
 
@@ -279,8 +303,17 @@ def auroc(scores: Tensor, labels: Tensor) -> Tensor:
             f"{where}: expected scores and labels of the same shape (N,), got "
             f"{tuple(s.shape)} and {tuple(y.shape)}"
         )
-    if y.is_floating_point() or y.is_complex() or not ((y == 0) | (y == 1)).all():
-        raise ValueError(f"{where}: expected binary labels (bool, 0 or 1), got {y.dtype} values")
+    if y.is_floating_point() or y.is_complex():
+        raise ValueError(f"{where}: expected binary labels (bool, 0 or 1), got {y.dtype} labels")
+    binary = (y == 0) | (y == 1)
+    if not binary.all():
+        # Through Python ints: torch neither sorts nor reduces uint16, uint32 and uint64.
+        bad = sorted(set(y[~binary].tolist()))
+        shown = ", ".join(str(v) for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(
+            f"{where}: expected binary labels (bool, 0 or 1), got {int((~binary).sum())} of "
+            f"{y.numel()} {y.dtype} labels outside {{0, 1}}, of values {shown}"
+        )
     if torch.isnan(s).any():
         raise ValueError(f"{where}: expected scores without NaN, got some")
     positive = y.bool()

@@ -1,6 +1,8 @@
 r"""Tests for bayesflow.metrics: negative log-likelihoods, calibration, coverage, AUROC."""
 
+import importlib.util
 import math
+import pathlib
 
 import pytest
 import torch
@@ -301,3 +303,206 @@ def test_labels_beyond_int64_are_refused_as_they_are():
         bf.expected_calibration_error(
             probs, torch.tensor([2**64 - 1, 2**63 + 5], dtype=torch.uint64)
         )
+
+
+# Probabilities that do not sum to 1, in every dtype.
+
+
+@pytest.mark.parametrize(
+    "metric", ["categorical_nll", "expected_calibration_error", "calibration_curve"]
+)
+def test_probabilities_exact_in_half_precision_get_no_wider_tolerance(metric):
+    # Values exact in bfloat16 got bfloat16's tolerance times 16 + C / 64: 0.125 for
+    # any C, more than 1 from C = 6100, so that all zeros passed as probabilities.
+    f = getattr(bf, metric)
+    refused = [
+        torch.tensor([[0.75, 0.125], [0.5, 0.5]], dtype=torch.float32),  # off by 12.5%
+        torch.zeros(2, 8192),
+        torch.full((2, 1000), 0.8 / 1000).to(torch.bfloat16),  # off by 20%
+        torch.full((2, 1000), 0.9 / 1000).to(torch.float16),  # off by 10%
+    ]
+    for p in refused:
+        labels = torch.zeros(p.shape[:-1], dtype=torch.long)
+        # The oracle: sums off by 10% or more are no rounding of probabilities.
+        assert float((p.double().sum(-1) - 1).abs().max()) >= 0.1
+        with pytest.raises(ValueError, match=rf"{metric}: expected probabilities that sum to 1"):
+            f(p, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_softmax_and_mean_probs_outputs_pass_in_every_dtype(dtype, gen):
+    # Each probability rounded once is off by eps / 2 of itself; mean_probs rounds the
+    # log first, which adds eps / 2 of the entropy (up to 5 eps for 20000 classes).
+    g = gen(5)
+    for classes in (2, 10, 1000, 20_000):
+        for scale in (0.0, 0.1, 3.0):
+            z = (scale * torch.randn(3, 4, classes, generator=g)).to(dtype)
+            labels = torch.randint(classes, (4,), generator=g)
+            for p in (z[0].softmax(-1), bf.mean_probs(z)):
+                for q in (p, p.float(), p.double()):
+                    nll = bf.categorical_nll(q, labels, reduction="none")
+                    oracle = -q.double()[torch.arange(4), labels].log()
+                    assert torch.allclose(nll.double(), oracle, rtol=torch.finfo(q.dtype).eps)
+                    bf.expected_calibration_error(q, labels)
+
+
+# Calibration bins of a probability on an edge, whatever its dtype.
+
+
+def _cast_up(p):
+    r"""`p`, and `p` cast to float32 and float64 where they are wider."""
+
+    wider = [t for t in (torch.float32, torch.float64) if p.element_size() < t.itemsize]
+    return [p, *(p.to(t) for t in wider)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bins", [10, 15])
+def test_a_confidence_on_an_edge_is_in_the_bin_below_in_every_dtype(bins, dtype):
+    # float32's 0.8 is 0.800000012 and bfloat16's 0.80078125: they fell in (0.8, 0.9],
+    # where float64's 0.8 (0.80000000000000004) fell in (0.7, 0.8].
+    for k in range(bins // 3 + 1, bins):  # k / B > 1/3: a confidence of 3 classes or 2
+        c = torch.tensor(k / bins).to(dtype)  # the dtype's rounding of k / B
+        classes = 2 if 2 * k >= bins else 3
+        rest = (1 - c.double()) / (classes - 1)
+        probs = torch.cat([c.double().view(1), rest.expand(classes - 1)]).to(dtype)[None]
+        labels = torch.tensor([0])
+        for p in _cast_up(probs):  # cast up, they keep their bins
+            curve = bf.calibration_curve(p, labels, bins=bins)
+            assert curve.count.tolist() == [int(b == k - 1) for b in range(bins)], (k, p)
+            assert float(curve.confidence[k - 1]) == float(c)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_ece_of_edge_confidences_does_not_depend_on_the_dtype(dtype):
+    # 0.8 right and 0.85 wrong: two bins, |1 - 0.8| / 2 + |0 - 0.85| / 2 = 0.525 (in
+    # float32 both fell in (0.8, 0.9]: |1/2 - 0.825| = 0.325).
+    probs = torch.tensor([[0.8, 0.2], [0.85, 0.15]]).to(dtype)
+    labels = torch.tensor([0, 1])
+    c = probs.double()[:, 0]
+    oracle = (0.5 * (1 - c[0]) + 0.5 * c[1]).to(dtype)
+
+    for p in _cast_up(probs):
+        ece = bf.expected_calibration_error(p, labels, bins=10)
+        assert ece.dtype == p.dtype
+        assert abs(float(ece) - float(oracle)) <= torch.finfo(dtype).eps * float(oracle)
+        counts = bf.calibration_curve(p, labels, bins=10).count
+        assert counts.tolist() == [0] * 7 + [1, 1, 0]
+
+
+# The Gaussian NLL: half precision and NaN.
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gaussian_nll_of_half_precision_is_the_rounded_exact_value(dtype, gen):
+    # z**2 overflowed in float16 from |z| = 256: inf where the NLL is 44977.
+    g = gen(6)
+    mean = torch.randn(200, generator=g).to(dtype)
+    std = (torch.rand(200, generator=g) * 0.05 + 0.005).to(dtype)
+    y = (torch.randn(200, generator=g) * 3).to(dtype)
+    mean[0], std[0], y[0] = 0.0, 0.01, 3.0
+    exact = -torch.distributions.Normal(mean.double(), std.double()).log_prob(y.double())
+    eps = torch.finfo(dtype).eps
+
+    nll = bf.gaussian_nll(mean, std, y, reduction="none")
+    assert nll.dtype == dtype and float(exact[0]) > 256**2 / 2
+    big = exact.to(dtype).isinf()  # beyond the dtype's range: inf is the rounded value
+    assert torch.equal(nll.isinf(), big) and int(big.sum()) < 100
+    assert ((nll.double() - exact).abs() <= eps * exact.abs())[~big].all()  # within 1 ulp
+    for reduction, value in (("mean", exact.mean()), ("sum", exact.sum())):
+        got = bf.gaussian_nll(mean, std, y, reduction=reduction)
+        assert got.dtype == dtype
+        if value > torch.finfo(dtype).max:
+            assert got.isposinf()
+        else:
+            assert abs(float(got) - float(value)) <= eps * float(value)
+
+
+def test_gaussian_nll_refuses_nan():
+    mean, std, y = torch.zeros(3), torch.ones(3), torch.tensor([0.0, 0.5, 1.0])
+    nan = torch.tensor([0.0, math.nan, 0.0])
+    for name, args in (
+        ("mean", (mean + nan, std, y)),
+        ("std", (mean, std + nan, y)),
+        ("y", (mean, std, y + nan)),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"gaussian_nll: expected {name} without NaN, got 1 NaN among 3"
+        ):
+            bf.gaussian_nll(*args)
+    # Infinities are values: an observation at infinity is infinitely unlikely.
+    inf = bf.gaussian_nll(mean, std, y + torch.tensor([0.0, math.inf, 0.0]), reduction="none")
+    assert inf[1] == math.inf and torch.equal(
+        inf[[0, 2]], bf.gaussian_nll(mean[[0, 2]], std[[0, 2]], y[[0, 2]], reduction="none")
+    )
+
+
+# Messages, data sets and documentation.
+
+
+def test_auroc_names_the_labels_that_are_not_binary():
+    scores = torch.arange(6.0)
+    for labels in (
+        torch.tensor([0, 2, 1, 5, 2, 0]),
+        torch.tensor([0, 1, 1, -3, 0, 1], dtype=torch.int8),
+        torch.tensor([0, 1, 2**64 - 1, 0, 1, 0], dtype=torch.uint64),
+    ):
+        bad = sorted({int(v) for v in labels.tolist()} - {0, 1})
+        count = sum(int(v) not in (0, 1) for v in labels.tolist())
+        shown = ", ".join(map(str, bad))
+        with pytest.raises(
+            ValueError,
+            match=rf"auroc: expected binary labels \(bool, 0 or 1\), got {count} of 6 "
+            rf"{labels.dtype} labels outside \{{0, 1\}}, of values {shown}$",
+        ):
+            bf.auroc(scores, labels)
+
+
+def test_two_moons_takes_any_real_sigma(gen):
+    np = pytest.importorskip("numpy")
+    x, label = bf.datasets.two_moons(64, sigma=0.25, generator=gen(7))
+    for sigma in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25), 0.25):
+        y, other = bf.datasets.two_moons(64, sigma=sigma, generator=gen(7))
+        assert torch.equal(x, y) and torch.equal(label, other)
+    # Its float labels, as integers, feed the metrics.
+    probs = torch.stack([1 - label, label], dim=-1) * 0.5 + 0.25
+    assert bf.expected_calibration_error(probs, label.long()) == 0.25
+
+    for bad in ("0.1", True, None):
+        with pytest.raises(TypeError, match="two_moons: expected sigma to be a number"):
+            bf.datasets.two_moons(4, sigma=bad)
+    for bad in (-0.1, math.nan, np.float32(math.inf)):
+        with pytest.raises(ValueError, match="two_moons: expected a finite sigma >= 0"):
+            bf.datasets.two_moons(4, sigma=bad)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_every_metric_is_listed_in_the_readme_and_the_guide():
+    metrics = [name for name in bf.metrics.__all__ if name[0].islower()]
+    readme = ROOT.joinpath("README.md").read_text()
+    guide = ROOT.joinpath("docs", "predictive.md").read_text()
+    bullet = readme[readme.index("- **Posterior predictive**") :].split("\n- **")[0]
+    table = next(line for line in readme.splitlines() if line.endswith("| metrics |"))
+    rows = [line for line in guide.splitlines() if line.startswith("|")]
+    for name in metrics:
+        assert f"`{name}`" in bullet, name
+        assert f"`{name}`" in table, name
+        assert any(f"`{name}`" in row for row in rows), name
+
+
+def test_the_digits_split_sizes_in_the_docs_are_those_of_the_benchmark(monkeypatch):
+    pytest.importorskip("sklearn")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("_posteriors", ROOT / "benchmarks/posteriors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    split = module.digits()
+    n_test, n_ood, n_val = len(split["y_test"]), len(split["x_ood"]), len(split["y_val"])
+
+    text = " ".join(ROOT.joinpath("docs", "posteriors.md").read_text().split())
+    assert f"the other 20% ({n_val} images) the validation split" in text
+    assert f"NLL and ECE on the {n_test} test digits" in text
+    assert f"against the {n_ood} digits 7-9" in text
+    assert f"predict the {n_test + n_ood} test and out-of-distribution images" in text
