@@ -372,10 +372,15 @@ _METADATA = {
     Tensor.is_contiguous,
     Tensor.element_size,
     Tensor.__len__,
+    Tensor.get_device,
+    Tensor.is_inference,
+    Tensor.is_conj,
+    Tensor.is_neg,
 }
 _PROPERTIES = {
     "shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_leaf", "grad",
-    "grad_fn", "names", "is_cuda", "is_sparse", "is_quantized", "is_meta", "is_nested",
+    "grad_fn", "names", "is_cuda", "is_cpu", "is_sparse", "is_quantized", "is_meta",
+    "is_nested", "nbytes", "itemsize",
 }  # fmt: skip
 
 

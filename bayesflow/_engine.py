@@ -48,7 +48,7 @@ from ._compat import (
     saved_tensors_hooks_active,
 )
 from ._errors import Passthrough
-from ._layers import LocalPlan, Recorder, StaleShapes, Tape
+from ._layers import LocalPlan, ReadElsewhere, Recorder, StaleShapes, Tape, expire
 from ._memory import auto_chunk_size, cache_chunk_size, one_by_one, per_sample_bytes
 from ._options import CallOptions
 from ._outputs import flatten, map_outputs, stack, unflatten
@@ -645,11 +645,15 @@ def run_local(
         zuko = st.uses_zuko or fn_runs_zuko(opts.fn)
         saved = draw_state(generator)
         try:
-            for attempt in range(2):
-                # torch.compile traces this once per guard: a layout recorded before a
-                # retrace (a module flag switched) would not be checked by a stand-in.
+            # Layers whose own tensors a call read outside their call, unseen by the
+            # shape-finding pass (a read under grad mode, on a branch of the noise): whole.
+            forced: frozenset[str] = frozenset()
+            retried = False
+            for attempt in range(len(plan.layers) + 2):
+                # torch.compile traces this once per guard, with no stand-ins: a layout
+                # recorded before a retrace (a module flag switched) could be stale.
                 fresh = attempt > 0 or is_compiling()
-                layout = _layout(st, module, plan, args, dims, opts, fresh=fresh)
+                layout = _layout(st, module, plan, args, dims, opts, fresh, forced)
                 like = next(iter(posterior.mean.values()))
                 # All the noise up front: one slab for the layers, then the whole samples.
                 slab = torch.randn(
@@ -669,20 +673,32 @@ def run_local(
                 local = opts._replace(fn=local_fn)
                 forwards = plan.forwards(tape, layout.local)
                 job = _Job(st, module, params, (slab, *args), (0, *dims), n, local, {}, zuko)
+                # The module's own values of the local layers' tensors are never the
+                # call's: a read of one outside its layer raises ReadElsewhere.
+                stand_ins = plan.absent(layout)
                 try:
-                    # The module's own values of the local layers' tensors are never the
-                    # call's: a read of them outside their layer raises StaleShapes.
-                    with swapped(st, plan.absent(layout)):
+                    with swapped(st, stand_ins):
                         out, message = _call(job, forwards)
                     break
+                except ReadElsewhere as err:
+                    if err.args[0] in forced or err.args[0] not in plan.layers:
+                        raise RuntimeError(
+                            f"{where}: expected the local layers' own tensors to be read "
+                            f"through their layers alone, got a read of {err.args[0]!r}'s "
+                            "elsewhere that sampling it whole did not end"
+                        ) from None
+                    forced |= {err.args[0]}
                 except StaleShapes:
-                    if attempt > 0:
+                    if retried:
                         raise RuntimeError(
                             f"{where}: expected the layers to be called with the same "
                             "shapes as in the shape-finding pass, got others twice"
                         ) from None
-                    # The retry draws what a call with a fresh layout draws.
-                    restore_draw_state(saved)
+                    retried = True
+                finally:
+                    expire(stand_ins)
+                # The retry draws what a call with a fresh layout draws.
+                restore_draw_state(saved)
         except BaseException:
             restore_draw_state(saved)
             raise
@@ -698,6 +714,7 @@ def _layout(
     dims: tuple,
     opts: CallOptions,
     fresh: bool,
+    forced: frozenset[str] = frozenset(),
 ) -> Any:
     r"""Returns the layer calls of `opts.fn` as a local call sees them, recorded by one
     unbatched pass without gradients (buffers restored), or remembered."""
@@ -725,5 +742,5 @@ def _layout(
                 opts.fn(module, *_index(args, dims, 0))
         finally:
             state.restore()
-        layout = recordings.put(key, plan.layout(opts.where, module, recorder))
+        layout = recordings.put(key, plan.layout(opts.where, module, recorder, forced))
     return layout

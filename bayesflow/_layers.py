@@ -11,9 +11,11 @@ __all__ = [
     "LocalPlan",
     "Moments",
     "Noise",
+    "ReadElsewhere",
     "Recorder",
     "StaleShapes",
     "Tape",
+    "expire",
     "is_conv",
     "is_linear",
     "is_local",
@@ -24,6 +26,7 @@ __all__ = [
 
 import contextlib
 import functools
+import math
 import sys
 
 from dataclasses import dataclass
@@ -34,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torch import Size, Tensor
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ._compat import (
     ConvNd,
@@ -170,35 +173,62 @@ class StaleShapes(Passthrough):
     r"""The layer calls of a vectorized pass differ from those its noise was drawn for."""
 
 
-class Absent(Tensor):
+class ReadElsewhere(StaleShapes):
+    r"""A local layer's own tensor (an :class:`Absent` stand-in) was read outside the
+    layer's call: the layer must be sampled whole."""
+
+
+class Absent(nn.Parameter):
     r"""What a local call puts in place of a local layer's Bayesian tensors (the module's
-    own values): any operation that reads its values raises :class:`StaleShapes`.
+    own values) for its duration: any operation that reads its values raises
+    :class:`ReadElsewhere`, naming the layer.
 
     The layer's stochastic forward reads the posterior, never these; a read elsewhere
     (a tied head, a penalty in `fn`) was unseen by the shape-finding pass, whose layout
-    is then stale (a module flag switched since), and the call records a fresh one in
-    which the layer is sampled whole. Shape, dtype, device and the like stay readable.
+    is then stale (a module flag switched since), and the call samples the layer whole.
+    Shape, dtype, device and the like stay readable, and it is a parameter where the
+    module's own is. Its values are NaN, so that a read that bypasses torch functions
+    (TorchScript, DLPack) gives NaN rather than the module's own weight. Kept past the
+    call (by a module that stores `self.weight` somewhere), it stands for the module's
+    own tensor.
     """
 
     owner: str
+    original: Tensor
+    live: bool
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if is_metadata(func):
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-        leaves = tree_leaves((args, kwargs))
-        raise StaleShapes(next((a.owner for a in leaves if isinstance(a, Absent)), ""))
+        leaves = [a for a in tree_leaves((args, kwargs)) if isinstance(a, Absent)]
+        if any(a.live for a in leaves):
+            if is_metadata(func):
+                with torch._C.DisableTorchFunctionSubclass():
+                    return func(*args, **kwargs)
+            raise ReadElsewhere(next(a.owner for a in leaves if a.live))
+        # After the call: the module's own tensors.
+        own = tree_map(lambda a: a.original if isinstance(a, Absent) else a, (args, kwargs))
+        return func(*own[0], **own[1])
 
 
 def absent(t: Tensor, owner: str) -> Absent:
     r"""Returns a stand-in for `t` (same shape, dtype, device and `requires_grad`) whose
-    values the layer `owner` alone may read, through the posterior."""
+    values the layer `owner` alone may read, through the posterior; `expire` it after the
+    call."""
 
-    a = Tensor.as_subclass(t.detach().requires_grad_(t.requires_grad), Absent)
-    a.owner = owner
+    # Outside any torch function mode (a recorder's) and transform-safe (no requires_grad_).
+    with torch._C.DisableTorchFunction():
+        nan = torch.full((), math.nan, dtype=t.dtype, device=t.device).expand(t.shape)
+        a = Tensor._make_subclass(Absent, nan, t.requires_grad)
+    a.owner, a.original, a.live = owner, t, True
     return a
+
+
+def expire(stand_ins: dict[str, Absent]) -> None:
+    r"""Makes the stand-ins of a finished call stand for the module's own tensors."""
+
+    for a in stand_ins.values():
+        a.live = False
 
 
 class Noise:
@@ -256,7 +286,10 @@ class Recorder(Noise):
         return ValueReads(self._seen) if self.watched else contextlib.nullcontext()
 
     def _seen(self, tensors: list[Tensor]) -> None:
+        compiling = is_compiling()
         for t in tensors:
+            if compiling and not isinstance(t, nn.Parameter):
+                continue  # `id` of a traced tensor guards on it: a recompile at every call
             owner = self.watched.get(id(t))
             if owner is not None and (not self.inside or self.inside[-1] != owner):
                 self.read_elsewhere.add(owner)
@@ -520,8 +553,15 @@ class LocalPlan:
 
         return forward
 
-    def layout(self, where: str, module: nn.Module, recorder: Recorder) -> Layout:
-        r"""Returns the layout of a shape-finding pass's draws; raises if `fn` skipped a layer."""
+    def layout(
+        self,
+        where: str,
+        module: nn.Module,
+        recorder: Recorder,
+        whole: frozenset[str] = frozenset(),
+    ) -> Layout:
+        r"""Returns the layout of a shape-finding pass's draws, the layers `whole` sampled
+        whole; raises if `fn` skipped a layer."""
 
         called = {name for name, _ in recorder.calls}
         skipped = [name for name in self.layers if name not in called]
@@ -540,13 +580,13 @@ class LocalPlan:
         for name, _ in recorder.calls:
             counts[name] = counts.get(name, 0) + 1
         shared = {k for k, c in counts.items() if c > 1} | self.tied | recorder.read_elsewhere
-        shared |= recorder.transformed
+        shared |= recorder.transformed | whole
         whole = tuple(k for k in self.layers if k in inexact or k in shared)
         local = tuple(k for k in self.layers if k not in whole)
         draws = tuple(d for d in recorder.draws if d[0] in local)
         return Layout(local, whole, draws, sum(shape.numel() for _, shape in draws))
 
-    def absent(self, layout: Layout) -> dict[str, Tensor]:
+    def absent(self, layout: Layout) -> dict[str, Absent]:
         r"""Returns the stand-ins of the local layers' Bayesian tensors of the module
         (:class:`Absent`), by name, for the duration of a local call; none inside
         torch.compile, which does not trace them."""

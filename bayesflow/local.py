@@ -114,9 +114,10 @@ def local_call(
     same `fn` code and argument shapes; recorded at every trace inside torch.compile).
     During the call, the local layers' own tensors in `module` are stand-ins whose values
     cannot be read: a read the remembered pass did not see (a module flag switched since
-    switches on a tied head) makes the call record its layout afresh. The same generator
-    state gives the same numbers vectorized or not (`vectorized=False`, the loop oracle),
-    and whatever `chunk_size`.
+    switches on a tied head) makes the call start again with that layer sampled whole,
+    a layout then remembered (see the guide on training). The same generator state gives
+    the same numbers vectorized or not (`vectorized=False`, the loop oracle), and whatever
+    `chunk_size`.
 
     Example:
         >>> net = zuko.nn.MLP(3, 5)

@@ -161,6 +161,11 @@ def test_compiled_local_call_sees_a_read_a_retrace_adds(gen):
     compiled(gen(0))
     net.tie = True
     y = compiled(gen(1))
+    # and no recompile per call (the shape-finding pass guarded on each call's tensors),
+    # once the caches the first traces fill are full
+    compiled(gen(2)), compiled(gen(2))
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.allclose(compiled(gen(1)), y, atol=1e-10)
     bf.clear_caches()
     assert torch.allclose(y, call(gen(1)), atol=1e-10)
     assert not torch.allclose(y, bf.local_call(net, q, 1, x, generator=gen(2)))  # noise used

@@ -733,12 +733,80 @@ def test_reading_a_local_layers_shape_keeps_it_local(gen):
     def reads_shape(m, x):
         w = m.head.weight
         assert w.shape == (4, 4) and w.dim() == 2 and w.dtype == x.dtype
-        assert w.device == x.device and w.requires_grad
+        assert w.device == x.device and w.is_cpu and w.get_device() == -1 and w.requires_grad
+        assert isinstance(w, nn.Parameter) and w.nbytes == 16 * w.itemsize
         return m(x)
 
     y = bf.local_call(net, q, 4, x, fn=reads_shape, generator=gen(1))
     assert torch.equal(y, bf.local_call(net, q, 4, x, generator=gen(1)))
     assert not torch.allclose(y[0], y[1])  # the samples were used
+
+
+class _ReadsUnderGrad(_TiesOnAFlag):
+    def forward(self, x):
+        h = self.head(torch.tanh(self.body(x)))
+        if torch.is_grad_enabled():  # unseen by the shape-finding pass (no gradients)
+            h = h + F.linear(h, self.head.weight)
+        return h
+
+
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+def test_a_read_the_shape_finding_pass_cannot_see_samples_the_layer_whole(flipout, gen):
+    # A read only under grad mode: the pass (without gradients) never sees it, so the
+    # retry recorded the same layout and raised "got others twice" (silently the
+    # module's own weight before the stand-ins).
+    torch.manual_seed(0)
+    net, x = _ReadsUnderGrad(), torch.randn(5, 3)
+    q = bf.init(net, init_logvar=-2.0)
+    exact = bf.vmap_call(net, bf.sample(q, S, generator=gen(1)), x)
+    y = bf.local_call(net, q, S, x, generator=gen(2), flipout=flipout)
+    assert _agree(_joint(y), _joint(exact))
+    assert not torch.allclose(y[0], y[1])  # the samples were used
+    loop = bf.local_call(net, q, 4, x, generator=gen(3), flipout=flipout, vectorized=False)
+    vmapped = bf.local_call(net, q, 4, x, generator=gen(3), flipout=flipout)
+    assert torch.allclose(loop, vmapped, atol=1e-12)
+
+
+class _KeepsItsWeight(_TiesOnAFlag):
+    def forward(self, x):
+        self.kept = {"w": self.head.weight}  # a reference taken during the call
+        return super().forward(x)
+
+
+def test_a_stand_in_kept_past_the_call_is_the_modules_own_tensor(gen):
+    torch.manual_seed(0)
+    net, x = _KeepsItsWeight(), torch.randn(5, 3)
+    q = bf.init(net, init_logvar=-2.0)
+    y = bf.local_call(net, q, 4, x, generator=gen(1))
+    assert not torch.allclose(y[0], y[1])
+    kept = net.kept["w"]
+    assert torch.equal(kept * 1, net.head.weight) and torch.equal(kept.T, net.head.weight.T)
+    copy.deepcopy(net)  # raised StaleShapes: head
+    assert repr(kept) == repr(net.head.weight)
+
+
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+def test_local_calls_under_torch_func_transforms(flipout, gen):
+    # Making the stand-ins called requires_grad_(), which a transform refuses.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    q = bf.init(net, init_logvar=-2.0)
+    fn = lambda m, x, y: -(m(x) - y).square().sum(-1)
+    opts = dict(fn=fn, num_data=10.0, estimator="flipout" if flipout else "local", n=2)
+
+    def loss(mean, g):
+        return bf.nelbo(net, bf.Posterior(mean, q.logvar), x, y, generator=g, **opts)
+
+    grads = torch.func.grad(loss)(q.mean, gen(1))
+    expected = torch.autograd.grad(loss(q.mean, gen(1)), list(q.mean.values()))
+    for (k, g), e in zip(grads.items(), expected, strict=True):
+        assert torch.allclose(g, e, atol=1e-12), k
+
+    each = torch.func.vmap(
+        lambda xi: bf.local_call(net, q, 3, xi, flipout=flipout), randomness="different"
+    )(x)
+    assert each.shape == (5, 3, 2) and not torch.allclose(each[:, 0], each[:, 1])
 
 
 def _input_gradient(m, x):
