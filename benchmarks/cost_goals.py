@@ -130,7 +130,7 @@ def table(records: dict[str, list[dict]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].rstrip(":") + ".")
     parser.add_argument("--out", help="also write the table and the runs' JSON beside it")
     opts = parser.parse_args()
 

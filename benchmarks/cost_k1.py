@@ -334,7 +334,7 @@ def profile(rows: int = 25) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short timings, no profile")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per table")
     opts = parser.parse_args()

@@ -139,7 +139,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--k", type=int, default=5, help="members (default 5)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of timings (default 5)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")

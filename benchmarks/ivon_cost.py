@@ -125,7 +125,7 @@ def profile(name: str, step: Callable) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--profile", action="store_true", help="profile every step")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of timings (default 5)")

@@ -1,9 +1,13 @@
 r"""Posteriors after training on digits 0-6 (7-9 out of distribution): a deterministic net,
 Laplace (all weights, last layer) and SWAG-diagonal, scored on held-out data.
 
-    python benchmarks/posteriors.py --model cnn --threads 1     # the quality table
-    python benchmarks/posteriors.py --model mlp --quick         # a few seconds
-    python benchmarks/posteriors.py --model cnn --peer          # and laplace-torch's KFAC, full
+    python benchmarks/posteriors.py --model cnn --threads 1 --peer  # results/posteriors-cnn.txt
+    python benchmarks/posteriors.py --model mlp --threads 1 --peer  # results/posteriors-mlp.txt
+    python benchmarks/posteriors.py --model mlp --quick             # a few seconds
+
+`--peer` adds laplace-torch's last-layer Laplace (diagonal, KFAC, full), as in the committed
+results; without it the table has bayesflow's rows only. One training seed: for the noise of
+training, see benchmarks/seeds.py (results/seeds.txt).
 
 The pieces (data split, models, training, fitting, the validation search, scores) are
 functions that other scripts and notebooks import; `compare(...)` takes reduced sizes. The
@@ -460,7 +464,7 @@ SCORES = ("accuracy", "NLL", "ECE", "AUROC")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="2 epochs, K = 4")

@@ -67,7 +67,7 @@ def median(stmt: object, min_run_time: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-run-time", type=float, default=2.0)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])

@@ -229,7 +229,7 @@ def compare(splits: int = 5, **kwargs: object) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--splits", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 splits, 50 steps, K = 8")

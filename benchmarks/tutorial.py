@@ -121,7 +121,7 @@ def moons_experiment(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (seconds)")
     parser.add_argument("--experiment", choices=["sort", "moons", "all"], default="all")
     parser.add_argument("--k", type=int, default=4, help="posterior samples per step")

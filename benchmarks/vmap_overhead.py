@@ -80,7 +80,7 @@ def compare(title: str, net: nn.Module, x: torch.Tensor, k: int, rounds: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
     a = parser.parse_args()
     torch.set_num_threads(1)
