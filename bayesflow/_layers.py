@@ -211,6 +211,11 @@ class Absent(nn.Parameter):
         return func(*own[0], **own[1])
 
 
+# NaN of each shape, dtype and device (views of one number), behind the stand-ins: making
+# one costs 5x the rest of a stand-in.
+_NANS: dict[tuple[Size, torch.dtype, torch.device], Tensor] = {}
+
+
 def absent(t: Tensor, owner: str) -> Absent:
     r"""Returns a stand-in for `t` (same shape, dtype, device and `requires_grad`) whose
     values the layer `owner` alone may read, through the posterior; `expire` it after the
@@ -218,7 +223,13 @@ def absent(t: Tensor, owner: str) -> Absent:
 
     # Outside any torch function mode (a recorder's) and transform-safe (no requires_grad_).
     with torch._C.DisableTorchFunction():
-        nan = torch.full((), math.nan, dtype=t.dtype, device=t.device).expand(t.shape)
+        key = (t.shape, t.dtype, t.device)
+        nan = _NANS.get(key)
+        if nan is None:
+            if len(_NANS) > 4096:
+                _NANS.clear()
+            nan = torch.full((), math.nan, dtype=t.dtype, device=t.device).expand(t.shape)
+            _NANS[key] = nan
         a = Tensor._make_subclass(Absent, nan, t.requires_grad)
     a.owner, a.original, a.live = owner, t, True
     return a
