@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Size, Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
+from ._caches import register
 from ._compat import (
     ConvNd,
     ValueReads,
@@ -214,6 +215,7 @@ class Absent(nn.Parameter):
 # NaN of each shape, dtype and device (views of one number), behind the stand-ins: making
 # one costs 5x the rest of a stand-in.
 _NANS: dict[tuple[Size, torch.dtype, torch.device], Tensor] = {}
+register(_NANS.clear)
 
 
 def absent(t: Tensor, owner: str) -> Absent:
