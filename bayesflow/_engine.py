@@ -681,13 +681,16 @@ def run_local(
                         out, message = _call(job, forwards)
                     break
                 except ReadElsewhere as err:
-                    if err.args[0] in forced or err.args[0] not in plan.layers:
+                    owner, stand_in = err.args
+                    if not any(stand_in is a for a in stand_ins.values()):
+                        raise  # a stand-in of an enclosing local call
+                    if owner in forced:
                         raise RuntimeError(
-                            f"{where}: expected the local layers' own tensors to be read "
-                            f"through their layers alone, got a read of {err.args[0]!r}'s "
-                            "elsewhere that sampling it whole did not end"
+                            f"{where}: expected the tensors of layer {owner!r} to be read "
+                            "through the layer alone once it is sampled whole, got another "
+                            "read of them"
                         ) from None
-                    forced |= {err.args[0]}
+                    forced |= {owner}
                 except StaleShapes:
                     if retried:
                         raise RuntimeError(

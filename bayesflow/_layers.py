@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 import contextlib
+import copy
 import functools
 import math
 import sys
@@ -176,7 +177,8 @@ class StaleShapes(Passthrough):
 
 class ReadElsewhere(StaleShapes):
     r"""A local layer's own tensor (an :class:`Absent` stand-in) was read outside the
-    layer's call: the layer must be sampled whole."""
+    layer's call: the layer must be sampled whole. Its arguments: the layer, and the
+    stand-in (whose call, of nested ones, handles it)."""
 
 
 class Absent(nn.Parameter):
@@ -200,16 +202,21 @@ class Absent(nn.Parameter):
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not kwargs and len(args) == 1 and type(args[0]) is Absent and is_metadata(func):
+            return func(args[0].original)  # `weight.dim()` in a layer's call: the fast path
         kwargs = kwargs or {}
-        leaves = [a for a in tree_leaves((args, kwargs)) if isinstance(a, Absent)]
-        if any(a.live for a in leaves):
-            if is_metadata(func):
-                with torch._C.DisableTorchFunctionSubclass():
-                    return func(*args, **kwargs)
-            raise ReadElsewhere(next(a.owner for a in leaves if a.live))
-        # After the call: the module's own tensors.
+        live = [a for a in tree_leaves((args, kwargs)) if isinstance(a, Absent) and a.live]
+        if live and not is_metadata(func):
+            raise ReadElsewhere(live[0].owner, live[0])
+        # Metadata (strides and contiguity included), and anything after the call: the
+        # module's own tensors.
         own = tree_map(lambda a: a.original if isinstance(a, Absent) else a, (args, kwargs))
         return func(*own[0], **own[1])
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        if self.live:
+            raise ReadElsewhere(self.owner, self)
+        return copy.deepcopy(self.original, memo)
 
 
 # NaN of each shape, dtype and device (views of one number), behind the stand-ins: making
@@ -227,10 +234,11 @@ def absent(t: Tensor, owner: str) -> Absent:
     with torch._C.DisableTorchFunction():
         key = (t.shape, t.dtype, t.device)
         nan = _NANS.get(key)
-        if nan is None:
+        if nan is None or nan._version:  # written through an alias: made again
             if len(_NANS) > 4096:
                 _NANS.clear()
-            nan = torch.full((), math.nan, dtype=t.dtype, device=t.device).expand(t.shape)
+            with torch.inference_mode(False):  # not an inference tensor, whatever the mode
+                nan = torch.full((), math.nan, dtype=t.dtype, device=t.device).expand(t.shape)
             _NANS[key] = nan
         a = Tensor._make_subclass(Absent, nan, t.requires_grad)
     a.owner, a.original, a.live = owner, t, True

@@ -735,6 +735,7 @@ def test_reading_a_local_layers_shape_keeps_it_local(gen):
         assert w.shape == (4, 4) and w.dim() == 2 and w.dtype == x.dtype
         assert w.device == x.device and w.is_cpu and w.get_device() == -1 and w.requires_grad
         assert isinstance(w, nn.Parameter) and w.nbytes == 16 * w.itemsize
+        assert w.is_contiguous() and w.stride() == (4, 1)  # the module's own layout
         return m(x)
 
     y = bf.local_call(net, q, 4, x, fn=reads_shape, generator=gen(1))
@@ -783,6 +784,20 @@ def test_a_stand_in_kept_past_the_call_is_the_modules_own_tensor(gen):
     assert torch.equal(kept * 1, net.head.weight) and torch.equal(kept.T, net.head.weight.T)
     copy.deepcopy(net)  # raised StaleShapes: head
     assert repr(kept) == repr(net.head.weight)
+    assert torch.equal(copy.deepcopy(kept), net.head.weight)
+
+
+def test_a_call_under_inference_mode_leaves_later_calls_with_gradients_alone(gen, fresh_caches):
+    # The stand-ins' NaN made under inference_mode was an inference tensor, kept for later
+    # calls: any later call with gradients raised until clear_caches().
+    torch.manual_seed(0)
+    net, x = _TiesOnAFlag(), torch.randn(5, 3)
+    q = bf.init(net, init_logvar=-2.0)
+    with torch.inference_mode():
+        inferred = bf.local_call(net, q, 4, x, generator=gen(1))
+    y = bf.local_call(net, q, 4, x, generator=gen(1))
+    assert y.requires_grad and torch.equal(y.detach(), inferred)
+    assert not torch.allclose(y[0], y[1])
 
 
 @pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
