@@ -544,12 +544,13 @@ class LocalPlan:
 
         return moments(self.layers[name], pair(prefix + "weight"), pair(prefix + "bias"))
 
-    def exact(self, layer: nn.Module, x: Tensor) -> bool:
-        r"""Whether the estimator gives every example of input `x` the law of a weight sample."""
+    def exact(self, layer: nn.Module, x: Tensor, weight_dim: int | None = None) -> bool:
+        r"""Whether the estimator gives every example of input `x` the law of a weight sample
+        (`weight_dim`: the layer's weight's, if known)."""
 
         if is_conv(layer):
             return self.flipout
-        return x.dim() - layer.weight.dim() + 1 <= 1
+        return x.dim() - (weight_dim or layer.weight.dim()) + 1 <= 1
 
     def forwards(self, noise: Noise, names: Any) -> list[tuple[nn.Module, str, Any]]:
         r"""Returns the changes that give the layers `names` their stochastic forward."""
@@ -560,9 +561,10 @@ class LocalPlan:
         layer = self.layers[name]
         step = _flipout if self.flipout else _local
         original = type(layer).forward
+        weight_dim = layer.weight.dim()  # read once, not at every call of the layer
 
         def forward(x: Tensor) -> Tensor:
-            local = self.per_position or self.exact(layer, x)
+            local = self.per_position or self.exact(layer, x, weight_dim)
             noise.enter(name, local)
             try:
                 if not local:
