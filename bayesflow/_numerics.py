@@ -397,7 +397,11 @@ def pieces(theta: Tensor | None, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
     separate tensors, not views of one (modules may write to their weights in place), but
     disjoint pieces of one buffer with version counters of their own."""
 
-    return () if theta is None else torch.unsafe_split_with_sizes(theta, sizes, 1)
+    if theta is None:
+        return ()
+    if in_func_transform():  # no batching rule for the unsafe split: copies of views
+        return tuple(t.clone() for t in theta.split(sizes, 1))
+    return torch.unsafe_split_with_sizes(theta, sizes, 1)
 
 
 def plain_sample_kl(

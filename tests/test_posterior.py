@@ -309,3 +309,26 @@ def test_init_refuses_meta_tensors():
     # A meta parameter that the selection leaves out is not read.
     mixed = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2, device="meta"))
     assert list(bf.init(mixed, include=["0"]).mean) == ["0.weight", "0.bias"]
+
+
+def test_sample_under_an_outer_vmap(gen):
+    # The flat sample was cut by unsafe_split_with_sizes, which has no batching rule: a
+    # sample (or a local call sampling a layer whole) under vmap(randomness="different")
+    # raised.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2))
+    q = bf.init(net, init_logvar=-2.0)
+    x = torch.randn(5, 3)
+
+    def each(xi):
+        return bf.loop_call(net, bf.sample(q, 3), xi[None])[:, 0]
+
+    torch.manual_seed(1)
+    same = torch.func.vmap(each, randomness="same")(x)
+    torch.manual_seed(1)
+    assert torch.allclose(same, bf.loop_call(net, bf.sample(q, 3), x).transpose(0, 1))
+
+    different = torch.func.vmap(each, randomness="different")(x)
+    assert different.shape == (5, 3, 2) and not torch.allclose(different[0], different[1])
+    local = torch.func.vmap(lambda xi: bf.local_call(net, q, 3, xi), randomness="different")(x)
+    assert local.shape == (5, 3, 2) and not torch.allclose(local[:, 0], local[:, 1])
