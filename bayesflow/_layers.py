@@ -544,13 +544,13 @@ class LocalPlan:
 
         return moments(self.layers[name], pair(prefix + "weight"), pair(prefix + "bias"))
 
-    def exact(self, layer: nn.Module, x: Tensor, weight_dim: int | None = None) -> bool:
+    def exact(self, layer: nn.Module, x: Tensor, weight_dim: int) -> bool:
         r"""Whether the estimator gives every example of input `x` the law of a weight sample
-        (`weight_dim`: the layer's weight's, if known)."""
+        (`weight_dim`: the dims of the layer's weight)."""
 
         if is_conv(layer):
             return self.flipout
-        return x.dim() - (weight_dim or layer.weight.dim()) + 1 <= 1
+        return x.dim() - weight_dim + 1 <= 1
 
     def forwards(self, noise: Noise, names: Any) -> list[tuple[nn.Module, str, Any]]:
         r"""Returns the changes that give the layers `names` their stochastic forward."""
