@@ -89,9 +89,10 @@ def nelbo(
         posterior: A posterior :math:`q` over parameters of `module`.
         args: The arguments of `fn`, e.g. a batch of inputs and targets, shared by every
             sample unless `in_dims` says otherwise.
-        fn: The log-likelihood, `fn(module, *args)`, returning a tensor of per-datum
-            log-likelihoods (any shape; they are averaged). For a flow,
-            `fn=lambda f, c, x: f(c).log_prob(x)`.
+        fn: The log-likelihood, `fn(module, *args)`, returning one log-likelihood per
+            datum: a datum's several outputs summed in `fn` (`.sum(-1)`). Every entry it
+            returns is averaged as one datum, so a `(B, D)` output divides the data term
+            by `D`. For a flow, `fn=lambda f, c, x: f(c).log_prob(x)`.
         num_data: The number of data :math:`N` the KL is shared by.
         n: The number of posterior samples.
         prior: The prior :math:`p`: a :class:`bayesflow.priors.Prior`; a float
@@ -190,6 +191,11 @@ def _nelbo(
             raise ValueError(
                 f"{where}: expected fn to return per-datum log-likelihoods, a tensor per "
                 f"sample, stacked to a leading dim n = {n}, got {shape}"
+            )
+        if not ll.is_floating_point():  # complex would give a complex loss, integers no mean
+            raise TypeError(
+                f"{where}: expected fn to return real floating-point log-likelihoods, got "
+                f"{ll.dtype}"
             )
 
         if kl is None:  # priors with no Gaussian closed form: after the draws of the samples

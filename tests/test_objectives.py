@@ -244,6 +244,10 @@ def test_errors(objective):
         objective(bnet, bnet.posterior, x, y, fn=mse, num_data=10)
     with pytest.raises(ValueError, match=f"{name}: expected fn to return per-datum"):
         call(fn=lambda m, x, y: [mse(m, x, y)])
+    # A complex log-likelihood gave a complex loss; integers failed in torch's mean().
+    for dtype in (torch.complex128, torch.int64, torch.bool):
+        with pytest.raises(TypeError, match=f"{name}: expected fn to return real floating"):
+            call(fn=lambda m, x, y, dtype=dtype: mse(m, x, y).to(dtype))
 
 
 def test_docs_examples_run():
@@ -315,6 +319,9 @@ def test_an_output_refused_leaves_the_buffers_as_found(estimator):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(ValueError, match="nelbo: expected fn to return per-datum"):
         bf.nelbo(net, q, x, fn=lambda m, x: (m(x).squeeze(-1),), num_data=10, estimator=estimator)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    with pytest.raises(TypeError, match="nelbo: expected fn to return real floating"):
+        bf.nelbo(net, q, x, fn=lambda m, x: m(x).squeeze(-1).cfloat(), num_data=10)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     # The same call with a per-datum output does update them.
     bf.nelbo(net, q, x, fn=lambda m, x: m(x).squeeze(-1), num_data=10, estimator=estimator)
