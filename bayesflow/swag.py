@@ -7,7 +7,7 @@ __all__ = ["SWAG"]
 
 import copy
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,9 +22,17 @@ from ._structure import lock
 from ._types import Posterior
 
 
+def _moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    r"""The dtype the moments of parameters of `dtype` are kept in: float32 for float16 and
+    bfloat16, the dtype itself otherwise."""
+
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _check_batch(where: str, batch: object, i: int) -> None:
-    r"""Checks that `batch` is what :func:`torch.optim.swa_utils.update_bn` calls a module
-    on: a tensor `x`, or a tuple or list `(x, ...)`."""
+    r"""Checks that `batch` is what :meth:`SWAG.mean_model` calls the copy on (as
+    :func:`torch.optim.swa_utils.update_bn` does): a tensor `x`, or a tuple or list
+    `(x, ...)`."""
 
     x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
     if isinstance(x, Tensor):
@@ -41,6 +49,48 @@ def _check_batch(where: str, batch: object, i: int) -> None:
     )
 
 
+@torch.no_grad()  # as torch's update_bn: statistics only, no graph
+def _update_bn(where: str, module: nn.Module, data: Iterable[Any]) -> None:
+    r"""Recomputes the running statistics of the BatchNorm layers of `module` over one pass
+    of `data`, as the SWAG paper's `bn_update`: each batch weighted by its size :math:`b`
+    (momentum :math:`b / (n + b)` after :math:`n` examples), so that the running mean is
+    the data's. Every layer's momentum and every submodule's mode are restored, also when
+    a batch fails."""
+
+    bns = [m for m in module.modules() if isinstance(m, BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    modes = [(m, m.training) for m in module.modules()]
+    for m in bns:
+        m.reset_running_stats()
+    n = batches = 0
+    try:
+        module.train()
+        for batch in data:  # each batch checked as it is read (data may be an iterator)
+            _check_batch(where, batch, batches)
+            batches += 1
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            b = x.shape[0] if x.dim() > 0 else 1
+            if b == 0:  # no example, no statistics (and b / (n + b) = 0 / 0 at first)
+                continue
+            # torch's update_bn sets momentum=None instead: every batch weighs the same, and
+            # a short last batch counts as a full one.
+            for m in bns:
+                m.momentum = b / (n + b)
+            module(x)
+            n += b
+    finally:
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+    if n == 0:  # the statistics were reset and nothing averaged
+        got = "an empty iterable" if batches == 0 else f"{batches} batches of no examples"
+        raise ValueError(
+            f"{where}: expected data to hold at least one batch (an iterator already consumed "
+            f"holds none), got {got}"
+        )
+
+
 class SWAG:
     r"""Collects the running mean and variance of chosen parameters of a module along an
     SGD trajectory, and gives the diagonal SWAG posterior
@@ -48,7 +98,8 @@ class SWAG:
 
     Train as usual, typically with a constant or cyclical, fairly high learning rate after
     a warm-up, and call :meth:`collect` once per epoch (or every few steps): each call adds
-    the module's current parameters to the moments (Welford's update, stable in float32).
+    the module's current parameters to the moments (Welford's update, stable in float32;
+    for float16 and bfloat16 parameters the moments are kept in float32).
     :meth:`posterior` then gives a :class:`bayesflow.Posterior` that
     :func:`bayesflow.sample` and :func:`bayesflow.vmap_call` use as any other. A module
     with BatchNorm needs running statistics that fit the mean weights: use the copy
@@ -110,7 +161,13 @@ class SWAG:
             )
 
         self.n = 0
-        self.mean = {k: torch.zeros_like(m.detach()) for k, m in mean.items()}
+        # The parameters' dtypes, which the moments need not share: in float16 and bfloat16,
+        # mean += delta / n falls below half an ulp as n grows (the mean stalls, m2 loses
+        # its increments), so the moments are kept in float32 there.
+        self._dtypes = {k: m.dtype for k, m in mean.items()}
+        self.mean = {
+            k: torch.zeros_like(m.detach(), dtype=_moment_dtype(m.dtype)) for k, m in mean.items()
+        }
         self._m2 = {k: torch.zeros_like(m) for k, m in self.mean.items()}
 
     def _check(self, where: str, module: object) -> dict[str, Tensor]:
@@ -119,12 +176,12 @@ class SWAG:
         named = dict(module.named_parameters())
         params = {}
         for name, m in self.mean.items():
-            p = named.get(name)
-            if p is None or p.shape != m.shape or p.dtype != m.dtype or p.device != m.device:
+            p, dtype = named.get(name), self._dtypes[name]
+            if p is None or p.shape != m.shape or p.dtype != dtype or p.device != m.device:
                 got = "none" if p is None else f"{tuple(p.shape)} ({p.dtype}, {p.device})"
                 raise ValueError(
                     f"{where}: expected a module with the collected parameter {name!r} of "
-                    f"shape {tuple(m.shape)} ({m.dtype}, {m.device}), got {got}"
+                    f"shape {tuple(m.shape)} ({dtype}, {m.device}), got {got}"
                 )
             params[name] = p.detach()
         return params
@@ -153,6 +210,7 @@ class SWAG:
                 )
         self.n += 1
         for k, p in params.items():
+            p = p.to(self.mean[k].dtype)
             delta = p - self.mean[k]
             self.mean[k].add_(delta, alpha=1 / self.n)
             self._m2[k].addcmul_(delta, p - self.mean[k])
@@ -160,7 +218,8 @@ class SWAG:
     @property
     def var(self) -> dict[str, Tensor]:
         r"""The variances :math:`\overline{\theta^2} - \bar\theta^2` of the collected
-        parameters (over the :math:`n` collected, not :math:`n - 1`), by name."""
+        parameters (over the :math:`n` collected, not :math:`n - 1`), by name, in the
+        moments' dtype (float32 for float16 and bfloat16 parameters)."""
 
         n = max(self.n, 1)
         return {k: m2 / n for k, m2 in self._m2.items()}
@@ -173,9 +232,9 @@ class SWAG:
         10^{-8}` (see :class:`bayesflow.Posterior`); smaller ones, e.g. of weights that
         never moved, are raised to it (the paper's code clamps at `1e-30`), and larger
         ones than :math:`e^{17.98} \approx 6.5 \cdot 10^7` lowered to that. In float16 and
-        bfloat16 the variances are computed in float32 (float16 holds neither the default
-        `min_var` nor :math:`s \cdot \sigma^2` above 65504), then written in the
-        parameters' dtype.
+        bfloat16 the variances are computed from the float32 moments (float16 holds neither
+        the default `min_var` nor :math:`s \cdot \sigma^2` above 65504); the means and
+        variances are then written in the parameters' dtype.
 
         Arguments:
             scale: The factor :math:`s > 0` of the variances, as the paper's code's
@@ -199,12 +258,9 @@ class SWAG:
                 f"epoch), got {self.n}"
             )
         # In half precision the default min_var (1e-30) is 0 and scale * var may overflow:
-        # the variances are computed in float32, and the posterior is written in the means'
-        # dtype from them.
-        var = {
-            k: (m2.float() if m2.dtype in (torch.float16, torch.bfloat16) else m2) / self.n
-            for k, m2 in self._m2.items()
-        }
+        # the variances are computed from the float32 moments, and the posterior is written
+        # in the parameters' dtype from them.
+        var = {k: m2 / self.n for k, m2 in self._m2.items()}
         # Then kept positive and finite where min_var or scale leave the dtype's range (a
         # scale of 1e-40 underflowed float32 to 0): the posterior clamps far inside it.
         var = {
@@ -213,15 +269,20 @@ class SWAG:
             )
             for k, v in var.items()
         }
-        return _posterior.posterior_from_variance(where, self.mean, var)
+        mean = {k: m.to(self._dtypes[k]) for k, m in self.mean.items()}
+        return _posterior.posterior_from_variance(where, mean, var)
 
     def mean_model(self, module: nn.Module, data: Iterable[Any] | None = None) -> nn.Module:
         r"""Returns a copy of `module` with the SWAG means as parameters and, if it has
         BatchNorm layers, their running statistics recomputed for those weights on `data`.
 
-        The statistics are an average over one pass of `data`
-        (:func:`torch.optim.swa_utils.update_bn`, which calls the copy on the first element
-        of each batch). Sample from :meth:`posterior` with this copy, e.g.
+        The statistics are those of one pass of `data`, each batch weighted by its size, as
+        the paper's `bn_update` weighs them: the running mean is the mean of the data's
+        features, the running variance the size-weighted average of the batches' (unbiased)
+        variances. (:func:`torch.optim.swa_utils.update_bn` weighs every batch the same, a
+        short last batch as a full one.) The copy is called in training mode on the first
+        element of each batch; its submodules' modes and its BatchNorms' momenta are then
+        restored. Sample from :meth:`posterior` with this copy, e.g.
         `bayesflow.vmap_call(mean_net, bayesflow.sample(q, k), x)`: the statistics the
         SGD iterate left in `module` belong to other weights.
 
@@ -265,31 +326,13 @@ class SWAG:
             for k, m in self.mean.items():
                 new.get_parameter(k).copy_(m)
         if has_bn:
-            batches = 0
-
-            def counted() -> Iterator[Any]:
-                # Each batch checked as update_bn reads it (data may be an iterator); a
-                # failure leaves only the copy half-updated, and the copy is dropped.
-                nonlocal batches
-                for batch in data:
-                    _check_batch(where, batch, batches)
-                    batches += 1
-                    yield batch
-
-            modes = [(m, m.training) for m in new.modules()]
-            torch.optim.swa_utils.update_bn(counted(), new)
-            for m, training in modes:  # update_bn sets every submodule to the top's mode
-                m.training = training
-            if batches == 0:  # update_bn reset the statistics and averaged nothing
-                raise ValueError(
-                    f"{where}: expected data to hold at least one batch (an iterator already "
-                    "consumed holds none), got an empty iterable"
-                )
+            _update_bn(where, new, data)
         return new
 
     def state_dict(self) -> dict[str, Any]:
-        r"""Returns the collected moments: `{"n": int, "mean": {...}, "m2": {...}}`, copies,
-        for :func:`torch.save`."""
+        r"""Returns the collected moments: `{"n": int, "mean": {...}, "m2": {...}}`, copies
+        in the moments' dtype (float32 for float16 and bfloat16 parameters), for
+        :func:`torch.save`."""
 
         return {
             "n": self.n,
@@ -302,17 +345,19 @@ class SWAG:
         parameters (checked before anything is changed).
 
         Raises:
-            TypeError: If `n` is not an int, or a moment is a complex tensor.
+            TypeError: If `state` is not a dict, `n` is not an int, or a moment is a complex
+                tensor.
             ValueError: If the keys, names or shapes differ from the collector's, `n < 0`, a
                 moment is not finite, `m2 < 0`, or the moments contradict `n` (`m2` not zero
                 with `n <= 1`, `mean` not zero with `n = 0`).
         """
 
         where = "SWAG.load_state_dict"
-        if not isinstance(state, Mapping) or set(state) != {"n", "mean", "m2"}:
-            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{where}: expected a dict, got {type(state).__name__}")
+        if set(state) != {"n", "mean", "m2"}:
             raise ValueError(
-                f"{where}: expected a dict with the keys 'm2', 'mean' and 'n', got {got}"
+                f"{where}: expected a dict with the keys 'm2', 'mean' and 'n', got {sorted(state)}"
             )
         n = check_int(where, "n", state["n"], minimum=0)
         for field in ("mean", "m2"):

@@ -91,6 +91,51 @@ def test_float32_moments_stay_accurate_where_the_mean_dwarfs_the_spread():
     assert ((naive.double() - expected).abs() / expected).max() > 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_moments_are_those_of_the_iterates(dtype):
+    # Moments kept in the parameters' dtype: mean += delta / n fell below half an ulp as n
+    # grew, and the bfloat16 mean stalled up to 1.4 posterior stds off the iterates' mean,
+    # with variances up to 2.8 times theirs. The oracle: the float64 moments of the very same
+    # half-precision iterates (SGD-like noise of 2e-3 around weights of about 0.1).
+    torch.manual_seed(0)
+    module = nn.Linear(100, 50).to(dtype)
+    mode = {k: p.detach().double().clone() for k, p in module.named_parameters()}
+    swag = bf.SWAG(module)
+    trajectory = []
+    n = 300
+    for _ in range(n):
+        with torch.no_grad():
+            for k, p in module.named_parameters():
+                p.copy_(mode[k] + 2e-3 * torch.randn(p.shape))
+        swag.collect(module)
+        trajectory.append({k: p.detach().double().clone() for k, p in module.named_parameters()})
+
+    q = swag.posterior()
+
+    with torch.no_grad():
+        std = bf.std(q)
+    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).smallest_normal
+    eps32 = torch.finfo(torch.float32).eps
+    for k in swag.mean:
+        stack = torch.stack([t[k] for t in trajectory])
+        mean, var = stack.mean(0), stack.var(0, unbiased=False)
+        assert swag.mean[k].dtype == swag.var[k].dtype == torch.float32
+        assert q.mean[k].dtype == q.logvar[k].dtype == dtype
+        # Welford's update in float32 over n iterates: within n * eps_float32.
+        assert ((swag.var[k].double() - var).abs() <= n * eps32 * var).all()
+        # The posterior's mean: that float32 mean rounded once to the dtype, half an ulp
+        # (eps / 2 relative; float16's subnormals are eps * tiny apart).
+        bound = eps / 2 * (mean.abs() + tiny) + n * eps32 * mean.abs()
+        assert ((q.mean[k].double() - mean).abs() <= bound).all()
+        # Its log-variance y held in the dtype: off by up to |y| * eps / 2 (stored, then
+        # softclip), half of that in log std.
+        logvar = var.log()
+        assert ((std[k].double().log() - var.sqrt().log()).abs() <= logvar.abs() * eps / 2).all()
+    mean_net = swag.mean_model(module)
+    assert mean_net.weight.dtype == dtype
+    assert torch.equal(mean_net.weight, q.mean["weight"])
+
+
 def test_posterior_scale_and_minimum():
     module = net()
     swag = bf.SWAG(module)
@@ -244,6 +289,51 @@ def test_mean_model_refreshes_batchnorm_statistics_for_the_mean_weights():
     assert torch.equal(plain_swag.mean_model(plain)[0].weight, plain_swag.mean["0.weight"])
 
 
+def test_mean_model_weights_batchnorm_batches_by_their_size():
+    # torch's update_bn weighs every batch the same: a last batch of 2 examples counted as
+    # one of 64, and the running mean was 3.1 off the data's. The oracle is the paper's
+    # bn_update (momentum b / (n + b)): the mean of the data's features, and the average of
+    # the batches' unbiased variances weighted by their sizes.
+    module = bn_net()
+    swag = bf.SWAG(module)
+    train(module, swag)
+    module[1].momentum = None  # the copy keeps its momentum (as the module, another one)
+    x = torch.randn(130, 3, generator=torch.Generator().manual_seed(1))
+    x[128:] += 10.0
+    loader = [(x[:64],), (x[64:128],), (x[128:],)]
+    before = snapshot(module)
+
+    mean_net = swag.mean_model(module, loader)
+
+    assert unchanged(module, before) and mean_net[1].momentum is None
+    with torch.no_grad():
+        features = [mean_net[0](b[0]) for b in loader]
+    data = torch.cat(features)
+    running_var = sum(len(f) * f.var(0, unbiased=True) for f in features) / len(data)
+    assert torch.allclose(mean_net[1].running_mean, data.mean(0), rtol=1e-12, atol=1e-14)
+    assert torch.allclose(mean_net[1].running_var, running_var, rtol=1e-12)
+    equal_weights = torch.stack([f.mean(0) for f in features]).mean(0)
+    assert not torch.allclose(mean_net[1].running_mean, equal_weights, atol=1.0)
+
+    # A loader that fails halfway: the copy (seen through a hook the copy inherits) is
+    # dropped with its momentum and modes restored, the module left as found.
+    module[1].momentum = 0.3
+    module.eval()
+    copies = []
+    hook = module[1].register_forward_pre_hook(lambda m, args: copies.append(m))
+
+    def failing():
+        yield (x[:64],)
+        raise RuntimeError("the loader broke")
+
+    with pytest.raises(RuntimeError, match="the loader broke"):
+        swag.mean_model(module, failing())
+    hook.remove()
+    assert len(copies) == 1 and copies[0] is not module[1]
+    assert copies[0].momentum == 0.3 and not copies[0].training
+    assert module[1].momentum == 0.3 and unchanged(module, before)
+
+
 def test_mean_model_keeps_every_submodule_mode_and_refuses_data_without_batches():
     # torch's update_bn sets every submodule to the top module's mode, and on no batch at
     # all leaves the statistics reset (mean 0, var 1): a copy that predicts otherwise.
@@ -391,6 +481,11 @@ def test_bad_input_leaves_module_and_moments_alone():
             lambda: swag.load_state_dict({"n": 1}),
             ValueError,
             "SWAG.load_state_dict: expected a dict with the keys",
+        ),
+        (  # a TypeError, as IVON.load_state_dict's (a ValueError before)
+            lambda: swag.load_state_dict([1]),
+            TypeError,
+            "SWAG.load_state_dict: expected a dict, got list",
         ),
         (
             lambda: swag.load_state_dict({**state, "n": -1}),
