@@ -59,11 +59,12 @@ def check_module(where: str, module: object) -> nn.Module:
     return module
 
 
-def check_not_bridge(where: str, module: nn.Module) -> None:
+def check_not_bridge(
+    where: str, module: nn.Module, hint: str = "pass bnet.base and bnet.posterior"
+) -> None:
     if getattr(type(module), "_bayesflow_bridge", False):
         raise TypeError(
-            f"{where}: expected the module the posterior is over, got a BayesianModel; "
-            "pass bnet.base and bnet.posterior"
+            f"{where}: expected the module the posterior is over, got a BayesianModel; {hint}"
         )
 
 
@@ -342,8 +343,10 @@ def check_members(
 ) -> list[Tables]:
     r"""Checks `n >= 1` modules of one architecture: one class, the same parameter names,
     shapes, dtypes and devices (and `requires_grad`, if `equal_frozen`), the same buffer
-    names and shapes (and values, if `equal_buffers`), none of them lazy (uninitialized).
-    Returns each module's parameters and buffers, read under its lock."""
+    names and shapes (and values, if `equal_buffers`), none of them lazy (uninitialized),
+    and the same submodules (names and classes), each in the same mode and, for torch's
+    layers, with the same settings (eps, momentum, p, ...). Returns each module's
+    parameters and buffers, read under its lock."""
 
     if isinstance(modules, nn.Module) or not isinstance(modules, Sequence):
         raise TypeError(
@@ -404,7 +407,56 @@ def check_members(
                         f"those of modules[0]), got a different {name!r} at index {i}; stack "
                         "them too with bayesflow.stack_modules"
                     )
+        _check_submodules(where, first, m, i)
     return tables
+
+
+def _settings(module: nn.Module) -> str:
+    r"""The settings of a torch layer that its `extra_repr` prints (eps, momentum, p, an
+    activation's slope), or "" for other modules: their `extra_repr` may run code (zuko's
+    build a transform and draw from the global random state) or print tensor values."""
+
+    if type(module).extra_repr.__module__.startswith("torch.nn."):
+        return module.extra_repr()
+    return ""
+
+
+def _check_submodules(where: str, first: nn.Module, module: nn.Module, i: int) -> None:
+    r"""Checks that `module` has the submodules of `first` (names and classes), each in the
+    same mode and with the same settings: calls on the stack run `first` for every member."""
+
+    def label(name: str) -> str:
+        return f"submodule {name!r}" if name else "the module"
+
+    ours, theirs = list(first.named_modules()), list(module.named_modules())
+    for (name, ref), (other, m) in zip(ours, theirs, strict=False):
+        if other != name or type(m) is not type(ref):
+            raise ValueError(
+                f"{where}: expected the submodules of modules[0] (names and classes) in every "
+                f"module, got {label(other)} ({type(m).__name__}) at index {i} where "
+                f"modules[0] has {label(name)} ({type(ref).__name__})"
+            )
+    if len(ours) != len(theirs):
+        longer, which = (theirs, "an extra") if len(theirs) > len(ours) else (ours, "no")
+        other, m = longer[min(len(ours), len(theirs))]
+        raise ValueError(
+            f"{where}: expected the submodules of modules[0] (names and classes) in every "
+            f"module, got {which} {label(other)} ({type(m).__name__}) at index {i}"
+        )
+    for (name, ref), (_, m) in zip(ours, theirs, strict=True):
+        if m.training != ref.training:
+            mode = {True: "training", False: "evaluation"}
+            raise ValueError(
+                f"{where}: expected every module in the mode of modules[0], got "
+                f"{label(name)} in {mode[m.training]} mode at index {i} and in "
+                f"{mode[ref.training]} mode in modules[0]; call .train() or .eval() on each"
+            )
+        if _settings(m) != _settings(ref):
+            raise ValueError(
+                f"{where}: expected the settings of modules[0] in every module, got "
+                f"{label(name)} with ({_settings(m)}) at index {i} and ({_settings(ref)}) in "
+                "modules[0]"
+            )
 
 
 def describe(t: Any) -> str:

@@ -97,6 +97,13 @@ def run(
             n = check_buffers(opts.where, st, module, buffers, None if params else n)
         if n is None or params:
             n = check_params(opts.where, st, module, params, n)
+        if st.buffers and not buffers and any(v in _MEMBERS for v in params.values()):
+            raise ValueError(
+                f"{opts.where}: expected buffers=ens.buffers with an ensemble's stacked "
+                f"parameters (bayesflow.ensemble, stack_modules) on a module with buffers "
+                f"({', '.join(map(repr, st.buffers))}), got none: every member would use, and "
+                "update, the module's own (member 0's)"
+            )
         dims = check_in_dims(opts.where, args, opts.in_dims, n)
         zuko = st.uses_zuko or fn_runs_zuko(opts.fn)
         job = _Job(st, module, params, args, dims, n, opts, buffers or {}, zuko)

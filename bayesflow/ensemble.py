@@ -59,6 +59,23 @@ def _stack(
     return Ensemble(first, params, buffers, seeds)
 
 
+def _check_initializations(where: str, tables: list[Tables]) -> None:
+    r"""Refuses `k > 1` members whose parameters are all equal: trained alike, they stay
+    alike, an ensemble with no spread."""
+
+    first = tables[0][0]
+    if len(tables) < 2 or any(p.is_meta for p in first.values()):  # meta: no values
+        return
+    for params, _ in tables[1:]:
+        if not all(torch.equal(params[name], p) for name, p in first.items()):
+            return
+    raise ValueError(
+        f"{where}: expected members with different initial parameters, got {len(tables)} "
+        "equal ones, which would train identically; make_module must initialize each member "
+        "from torch's global random state (not copy a template or fix a seed of its own)"
+    )
+
+
 def ensemble(
     make_module: Callable[[], nn.Module],
     k: int,
@@ -81,12 +98,20 @@ def ensemble(
         torch.Size([4, 8, 2])
 
     Arguments:
-        make_module: A function that builds one member (with torch's global random state).
+        make_module: A function that builds a new member each call, initialized from
+            torch's global random state (`lambda: Net()`, not a module, nor a function that
+            returns one module or copies of a template).
         k: The number of members.
         generator: The source of the members' seeds; the global one if :py:`None`.
 
     Returns:
         An :class:`Ensemble`.
+
+    Raises:
+        TypeError: If `make_module` is a module, or returns something else.
+        ValueError: If `make_module` returns the same module twice, or `k > 1` members with
+            equal parameters (they would train identically), or members that differ in
+            architecture, mode or settings (see :func:`stack_modules`).
 
     References:
         | Simple and Scalable Predictive Uncertainty Estimation using Deep Ensembles
@@ -95,6 +120,13 @@ def ensemble(
     """
 
     where = "ensemble"
+    if isinstance(make_module, nn.Module):  # callable, but its call is a forward pass
+        name = type(make_module).__name__
+        raise TypeError(
+            f"{where}: expected make_module to be a function that builds a module, got the "
+            f"module {name}; pass one that builds a new member each call, e.g. "
+            f"lambda: {name}(...)"
+        )
     check_callable(where, "make_module", make_module, optional=False)
     k = check_int(where, "k", k)
     check_generator(where, generator)
@@ -114,8 +146,15 @@ def ensemble(
                     f"{where}: expected make_module to return a torch.nn.Module, "
                     f"got {type(member).__name__}"
                 )
+            same = [j for j, m in enumerate(members) if m is member]
+            if same:
+                raise ValueError(
+                    f"{where}: expected make_module to build a new module each call, got "
+                    f"the same {type(member).__name__} for members {same[0]} and {len(members)}"
+                )
             members.append(member)
         tables = check_members(where, members, equal_buffers=False, equal_frozen=True)
+        _check_initializations(where, tables)
     except BaseException:
         restore_draw_state(saved)  # a failed call draws no seeds
         raise
@@ -140,10 +179,16 @@ def stack_modules(modules: Sequence[nn.Module]) -> Ensemble:
 
     Arguments:
         modules: `n >= 1` modules of the same class, with the same parameter and buffer
-            names, shapes, dtypes and devices, and the same parameters frozen.
+            names, shapes, dtypes and devices, the same parameters frozen, and the same
+            submodules (names and classes), each in the same mode (train or eval) and, for
+            torch's layers, with the same settings (BatchNorm's eps and momentum, dropout's
+            `p`, an activation's slope, ...).
 
     Returns:
         An :class:`Ensemble` whose calls run on `modules[0]`.
+
+    Raises:
+        ValueError: If the modules differ in any of these, naming the first difference.
     """  # noqa: E501
 
     tables = check_members("stack_modules", modules, equal_buffers=False, equal_frozen=True)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _posterior
-from ._checks import check_members, check_posterior
+from ._checks import check_members, check_not_bridge, check_posterior
 from ._numerics import std as _std
 from ._posterior import InitLogvar
 from ._types import Posterior
@@ -91,9 +91,13 @@ def init(
     Raises:
         ValueError: If the patterns pick nothing (or only the second name of a tied
             Parameter), or `init_logvar` is not finite or does not fit.
-        TypeError: If a picked parameter is not real floating-point (complex or integer).
+        TypeError: If a picked parameter is not real floating-point (complex or integer),
+            or `module` is a :class:`bayesflow.BayesianModel` (whose posterior is
+            `bnet.posterior`).
     """
 
+    # A BayesianModel's own tensors are its posterior's means and log-variances.
+    check_not_bridge("init", module, "use bnet.posterior, or bayesflow.init(bnet.base)")
     return _posterior.init("init", module, init_logvar, include, exclude)
 
 
@@ -240,7 +244,8 @@ def stack_params(modules: Sequence[nn.Module]) -> dict[str, Tensor]:
 
     Arguments:
         modules: `n >= 1` modules of the same class, with the same parameter names and
-            shapes and equal buffers.
+            shapes, equal buffers and the same submodules (names and classes), each in the
+            same mode and, for torch's layers, with the same settings.
 
     Returns:
         Tensors of shape `(n, *param.shape)`, differentiable with respect to every member's

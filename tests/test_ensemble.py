@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import zuko
 
 import bayesflow as bf
 
@@ -96,8 +97,11 @@ def test_prediction_uses_every_members_buffers(gen):
     expected = torch.stack([m(x) for m in members])
     assert torch.allclose(y, expected, atol=1e-10)
     assert torch.allclose(y_loop, expected, atol=1e-10)
-    # without the buffers, every member would normalize with members[0]'s statistics
-    assert not torch.allclose(bf.vmap_call(ens.module, ens.params, x), expected, atol=1e-6)
+    # Without the buffers every member normalized with members[0]'s statistics (logits
+    # off by up to 1.2 in a newcomer's example), silently: refused, as in train mode below.
+    for call in (bf.vmap_call, bf.loop_call):
+        with pytest.raises(ValueError, match=f"{call.__name__}: expected buffers=ens.buffers"):
+            call(ens.module, ens.params, x)
     for k, v in module_state.items():
         assert torch.equal(ens.module.state_dict()[k], v)  # the module is left alone
     with pytest.raises(
@@ -126,6 +130,32 @@ def test_train_mode_updates_each_members_buffers_once_per_call(gen):
     assert not torch.allclose(after["1.running_mean"], before["1.running_mean"])
     for k, v in own.items():
         assert torch.equal(ens.module.state_dict()[k], v)
+
+
+def test_an_ensemble_called_without_its_buffers_is_refused(gen):
+    # In train mode the calls moved the module's own statistics (member 0's), averaged
+    # over the members, and ens.buffers never moved.
+    ens = bf.ensemble(make_net, K, generator=gen(3))
+    ens.module.train()
+    x = torch.randn(8, 4)
+    own = copy.deepcopy(ens.module.state_dict())
+    stacked = {k: v.clone() for k, v in ens.buffers.items()}
+    for call in (bf.vmap_call, bf.loop_call):
+        with pytest.raises(ValueError, match=f"{call.__name__}: expected buffers=ens.buffers"):
+            call(ens.module, ens.params, x)
+        with pytest.raises(ValueError, match=f"{call.__name__}: expected buffers=ens.buffers"):
+            call(ens.module, ens.params, x, buffers={})
+    assert all(torch.equal(ens.module.state_dict()[k], v) for k, v in own.items())
+    assert all(torch.equal(ens.buffers[k], v) for k, v in stacked.items())
+
+    # A module without buffers needs none; stack_params (equal buffers, used as the
+    # module's) is not an ensemble's stack.
+    plain = bf.ensemble(lambda: nn.Linear(4, 3), K, generator=gen(4))
+    y = bf.vmap_call(plain.module, plain.params, x)
+    assert y.shape == (K, 8, 3) and not torch.allclose(y[0], y[1])
+    members = [make_net().eval() for _ in range(K)]
+    y = bf.vmap_call(members[0], bf.stack_params(members), x)
+    assert torch.allclose(y, torch.stack([m(x) for m in members]), atol=1e-10)
 
 
 def test_a_failed_call_leaves_the_members_buffers_as_found(gen):
@@ -359,3 +389,154 @@ def test_lazy_members_are_refused_with_a_message(k, gen):
     for where, stack in (("stack_params", bf.stack_params), ("stack_modules", bf.stack_modules)):
         with pytest.raises(ValueError, match=rf"{where}: expected initialized modules"):
             stack(lazy)
+
+
+def test_ensemble_refuses_a_module_or_a_factory_that_gives_one_initialization(gen):
+    # A module is callable (its forward): "forward() missing 1 required positional argument"
+    # came from inside. A factory that returns one module, copies of a template or a net
+    # from a seed of its own gave K equal members, which train identically: an ensemble with
+    # no spread, and no word of it.
+    template = make_net()
+    before = copy.deepcopy(template.state_dict())
+    state = torch.random.get_rng_state()
+    g = gen(6)
+    g_state = g.get_state()
+
+    def fixed_seed():
+        torch.manual_seed(0)
+        return make_net()
+
+    with pytest.raises(
+        TypeError,
+        match=r"ensemble: expected make_module to be a function that builds a module, got the "
+        r"module Sequential; .*lambda: Sequential\(\.\.\.\)",
+    ):
+        bf.ensemble(template, K)
+    with pytest.raises(
+        ValueError,
+        match=r"ensemble: expected make_module to build a new module each call, got "
+        r"the same Sequential for members 0 and 1",
+    ):
+        bf.ensemble(lambda: template, K, generator=g)
+    for make in (lambda: copy.deepcopy(template), fixed_seed):
+        for generator in (None, g):
+            with pytest.raises(
+                ValueError,
+                match=rf"ensemble: expected members with different initial parameters, got {K} "
+                r"equal ones, which would train identically; make_module must initialize each "
+                r"member from torch's global random state",
+            ):
+                bf.ensemble(make, K, generator=generator)
+    assert torch.equal(torch.random.get_rng_state(), state)  # a failed call draws no seeds
+    assert torch.equal(g.get_state(), g_state)
+    assert all(torch.equal(v, before[k]) for k, v in template.state_dict().items())
+
+    one = bf.ensemble(lambda: template, 1, generator=g)  # one member: nothing to compare
+    assert torch.equal(one.params["0.weight"][0], template[0].weight)
+
+
+def _with(layer):
+    return lambda: nn.Sequential(nn.Linear(4, 8), layer(), nn.Linear(8, 3))
+
+
+# Members that differ only where check_members read no tensor: each ran as members[0].
+DIFFERENT = {
+    "activation": (
+        _with(nn.ReLU),
+        _with(nn.Tanh),
+        r"expected the submodules of modules\[0\] \(names and classes\) in every module, got "
+        r"submodule '1' \(Tanh\) at index 1 where modules\[0\] has submodule '1' \(ReLU\)",
+    ),
+    "submodule": (
+        _with(nn.ReLU),
+        lambda: nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.ReLU()), nn.Linear(8, 3)),
+        r"got submodule '1' \(Sequential\) at index 1 where modules\[0\] has submodule '1' \(ReLU\)",
+    ),
+    "batchnorm-eps": (
+        _with(lambda: nn.BatchNorm1d(8, eps=0.5)),
+        _with(lambda: nn.BatchNorm1d(8)),
+        r"expected the settings of modules\[0\] in every module, got submodule '1' with \(8, "
+        r"eps=1e-05, .*\) at index 1 and \(8, eps=0.5, .*\) in modules\[0\]",
+    ),
+    "batchnorm-momentum": (
+        _with(lambda: nn.BatchNorm1d(8, momentum=None)),
+        _with(lambda: nn.BatchNorm1d(8)),
+        r"got submodule '1' with \(8, eps=1e-05, momentum=0.1, .*\) at index 1",
+    ),
+    "dropout-p": (
+        _with(lambda: nn.Dropout(0.1)),
+        _with(lambda: nn.Dropout(0.5)),
+        r"got submodule '1' with \(p=0.5, inplace=False\) at index 1 and \(p=0.1",
+    ),
+    "leaky-relu-slope": (
+        _with(lambda: nn.LeakyReLU(0.1)),
+        _with(nn.LeakyReLU),
+        r"got submodule '1' with \(negative_slope=0.01\) at index 1",
+    ),
+    "mode": (
+        lambda: make_net().train(),
+        lambda: make_net().eval(),
+        r"expected every module in the mode of modules\[0\], got the module in evaluation mode "
+        r"at index 1 and in training mode in modules\[0\]; call .train\(\) or .eval\(\) on each",
+    ),
+    "submodule-mode": (
+        _with(lambda: nn.Dropout(0.5)),
+        lambda: _with(lambda: nn.Dropout(0.5).eval())(),
+        r"got submodule '1' in evaluation mode at index 1 and in training mode in modules\[0\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DIFFERENT)
+def test_stacking_refuses_members_that_differ_in_submodules_mode_or_settings(case):
+    # ReLU against Tanh: member 1's prediction was 0.5 off its own; BatchNorm's eps, 1.1.
+    make_first, make_other, message = DIFFERENT[case]
+    torch.manual_seed(0)
+    members = [make_first(), make_other()]
+    for where, stack in (
+        ("stack_modules", bf.stack_modules),
+        ("stack_params", bf.stack_params),
+        ("ensemble", lambda ms: bf.ensemble(iter(ms).__next__, 2)),
+    ):
+        with pytest.raises(ValueError, match=rf"{where}: .*{message}"):
+            stack(members)
+
+
+def test_stacking_refuses_members_with_a_submodule_more():
+    first = _with(nn.ReLU)()
+    other = _with(nn.ReLU)()
+    other.add_module("3", nn.Identity())
+    for where, stack in (("stack_modules", bf.stack_modules), ("stack_params", bf.stack_params)):
+        with pytest.raises(
+            ValueError,
+            match=rf"{where}: expected the submodules .*, got an extra submodule '3' "
+            r"\(Identity\) at index 1",
+        ):
+            stack([first, other])
+        with pytest.raises(ValueError, match=rf"{where}: .*got no submodule '3' \(Identity\)"):
+            stack([other, first])
+
+
+def test_stacking_takes_members_of_one_factory_with_their_own_statistics(gen):
+    # What the comparison must let through: BatchNorm statistics of their own (buffers,
+    # compared as tensors), and zuko flows, whose extra_repr builds a transform and draws from
+    # the global random state (not read: the state is left as found).
+    members = []
+    for seed in range(K):
+        torch.manual_seed(seed)
+        net = make_net().train()
+        net(torch.randn(16, 4) + seed)
+        members.append(net.eval())
+    assert bf.stack_modules(members).buffers["1.running_mean"].shape == (K, 8)
+
+    flows = []
+    for seed in range(K):
+        torch.manual_seed(seed)
+        flows.append(zuko.flows.NSF(2, 1, transforms=2, hidden_features=(8,)))
+    state = torch.random.get_rng_state()
+    ens = bf.stack_modules(flows)
+    params = bf.stack_params(flows)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert ens.params.keys() == params.keys()
+    ens = bf.ensemble(lambda: zuko.flows.NSF(2, 1, transforms=2, hidden_features=(8,)), K, gen(7))
+    assert torch.equal(torch.random.get_rng_state(), state)

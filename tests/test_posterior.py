@@ -284,6 +284,17 @@ def test_std_refuses_integer_tensors():
         bf.std(ints)
 
 
+def test_init_refuses_a_bridge():
+    # bf.init(bnet) gave a posterior over the wrapper's own means and log-variances (12
+    # tensors for a 4-tensor posterior), refused only later by another function.
+    bnet = bf.BayesianModel(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    state = {k: v.clone() for k, v in bnet.state_dict().items()}
+    with pytest.raises(TypeError, match=r"init: expected the module .* use bnet.posterior"):
+        bf.init(bnet)
+    assert all(torch.equal(v, state[k]) for k, v in bnet.state_dict().items())
+    assert sorted(bf.init(bnet.base).mean) == sorted(bnet.posterior.mean)
+
+
 def test_init_refuses_meta_tensors():
     # torch's RuntimeError (Tensor.item() cannot be called on meta tensors) named no function.
     net = nn.Linear(3, 2)
