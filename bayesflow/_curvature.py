@@ -8,15 +8,18 @@ from __future__ import annotations
 __all__ = [
     "HESSIANS",
     "LIKELIHOODS",
+    "Buffers",
     "FitOptions",
     "check_fit_args",
     "check_per_datum",
+    "check_per_example_layers",
     "check_split",
     "close",
     "evaluating",
     "fit",
     "last_layer",
     "per_example",
+    "transforming",
 ]
 
 import math
@@ -40,7 +43,7 @@ from ._checks import (
     check_not_bridge,
     check_number,
 )
-from ._compat import ValueReads
+from ._compat import BatchNorm, ValueReads
 from .call import vmap_call
 
 #: The curvatures :func:`bayesflow.laplace_fit` computes: the generalized Gauss-Newton
@@ -76,18 +79,115 @@ class LastLayer(NamedTuple):
     bias: str | None
 
 
+class Buffers:
+    r"""The buffers of a module as found: every place that holds one, the tensor it held,
+    a copy of its values and its version counter (which an in-place write moves, even one
+    that writes the same values)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.entries = [
+            (f"{prefix}.{attr}" if prefix else attr, m._buffers, attr, t, t.detach().clone())
+            for prefix, m in module.named_modules()
+            for attr, t in m._buffers.items()
+            if t is not None
+        ]
+        self.versions = [_version(e[3]) for e in self.entries]
+
+    def changed(self) -> list[str]:
+        r"""Returns the names of the buffers that the module holds no more, or that were
+        written since they were found (or last restored)."""
+
+        return [
+            name
+            for (name, d, attr, t, copy), version in zip(self.entries, self.versions, strict=True)
+            if d.get(attr) is not t or _version(t) != version or not _same(t, copy)
+        ]
+
+    def restore(self) -> None:
+        r"""Puts every buffer back: the tensor found in its place, holding the values found.
+
+        A forward that assigns a buffer under a :mod:`torch.func` transform
+        (`self.ema = 0.9 * self.ema + ...`) would leave the transform's dead wrapper in the
+        module."""
+
+        with torch.no_grad():
+            for i, (_, d, attr, t, copy) in enumerate(self.entries):
+                if d.get(attr) is not t:
+                    d[attr] = t
+                if t.shape != copy.shape:
+                    t.set_(copy.clone())
+                elif not _same(t, copy):
+                    t.copy_(copy)
+                self.versions[i] = _version(t)
+
+
+def _version(t: Tensor) -> int | None:
+    return None if t.is_inference() else t._version
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    r"""Whether `a` holds the values of `b`, NaN where `b` holds NaN."""
+
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+
+
 @contextmanager
-def evaluating(module: nn.Module) -> Iterator[None]:
+def evaluating(module: nn.Module) -> Iterator[Buffers]:
     r"""Puts `module` in evaluation mode for a block, then gives every submodule its own
-    mode back."""
+    mode back and every buffer as found (the same tensor, with the same values), also
+    where the block raises; yields the buffers found, for the checks of
+    :func:`transforming` and to be restored between parts of the block."""
 
     modes = [(m, m.training) for m in module.modules()]
+    found = Buffers(module)
     module.eval()
     try:
-        yield
+        yield found
     finally:
         for m, mode in modes:
             m.training = mode
+        found.restore()
+
+
+@contextmanager
+def transforming(where: str, found: Buffers) -> Iterator[None]:
+    r"""Runs a block of per-example transforms (:mod:`torch.func`), and turns their
+    failure after the module's forward wrote its buffers into an error that says so:
+    torch's own message names neither the function nor the buffers."""
+
+    try:
+        yield
+    except RuntimeError as err:
+        written = found.changed()
+        if not written:
+            raise
+        text = str(err).strip()
+        cause = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+        raise ValueError(
+            f"{where}: expected the module's forward to leave its buffers alone in evaluation "
+            f"mode, got writes to {written} (an observer's range, say), which the per-example "
+            f"gradients and Jacobians of torch.func cannot run ({cause})"
+        ) from err
+
+
+def check_per_example_layers(where: str, module: nn.Module) -> None:
+    r"""Refuses batch normalization without running statistics: in evaluation mode too,
+    it normalizes each example with the statistics of the batch (instance normalization
+    uses each example's own)."""
+
+    for name, m in module.named_modules():
+        if isinstance(m, BatchNorm) and m.running_mean is None and m.running_var is None:
+            layer = f"{type(m).__name__} {name!r}" if name else type(m).__name__
+            raise ValueError(
+                f"{where}: expected layers that treat each example on its own, got {layer} "
+                "without running statistics (track_running_stats=False): it normalizes with "
+                "the statistics of the batch in evaluation mode too, so it mixes the examples "
+                "of a batch"
+            )
 
 
 def check_fit_args(
@@ -142,6 +242,7 @@ def check_fit_args(
             f"parameter of {type(module).__name__}, got only frozen ones "
             f"(requires_grad=False): {frozen}"
         )
+    check_per_example_layers(where, module)
     return FitOptions(names, hessian, output, likelihood, sigma, chunk_size)
 
 
@@ -545,13 +646,15 @@ def fit(
     before were in closed form rightly."""
 
     params = {k: module.get_parameter(k).detach() for k in options.names}
-    h = {k: torch.zeros_like(p) for k, p in params.items()}
+    # Sums over many batches in half precision lose the later batches (a bfloat16 sum
+    # near 900 moves in steps of 4): they run in at least float32.
+    h = {k: torch.zeros_like(p, dtype=_accumulating(p.dtype)) for k, p in params.items()}
     found = last_layer(module, options.names)
     own = None  # before the first batch in closed form; then, for the GGN, see _Closed
-    log_likelihood = None
+    log_likelihood, dtype = None, None
     num_data = 0
 
-    with evaluating(module), torch.no_grad():
+    with evaluating(module) as buffers, torch.no_grad():
         for batch in batches(where, data):
             size = batch[0].shape[0]
             fast = None
@@ -562,7 +665,8 @@ def fit(
                     fast = None  # the per-example path runs, and raises what is wrong
             if fast is not None and own is None:
                 one = tuple(t[:1] for t in batch)
-                slow = _slow_batch(where, module, fn, options, params, one, fast.value[:1])
+                with transforming(where, buffers):
+                    slow = _slow_batch(where, module, fn, options, params, one, fast.value[:1])
                 fast = fast if _agree(fast.one, slow[0]) else None
                 own = None if fast is None else fast.own
             if fast is not None:
@@ -570,21 +674,43 @@ def fit(
             else:
                 found = None
                 ll = check_per_datum(where, "fn", fn(module, *batch), size)
+            if options.hessian == "ggn" and log_likelihood is None:
+                # The GGN runs `output` per example, never `fn`: one more forward, of one
+                # example, checks it (a (B, 1) mean against (B,) targets broadcasts to a
+                # (B, B) log-likelihood that sums over the batch), as the empirical Fisher
+                # checks `fn` on every example.
+                one = fn(module, *(t[:1] for t in batch))
+                if not isinstance(one, Tensor):
+                    check_per_datum(where, "fn", one, 1)
+                check_split(where, "fn", ll[:1].reshape(1, -1).sum(1), one.reshape(1, -1).sum(1))
+            if fast is None:
                 if options.hessian == "ef":
-                    step = _slow_batch(where, module, fn, options, params, batch, ll)[0]
+                    whole = ll
                 else:
-                    f = check_per_datum(where, "output", options.output(module, *batch), size)
-                    _check_output(where, options.likelihood, f)
-                    step = _slow_batch(where, module, fn, options, params, batch, f)[0]
+                    whole = check_per_datum(where, "output", options.output(module, *batch), size)
+                    _check_output(where, options.likelihood, whole)
+                with transforming(where, buffers):
+                    step = _slow_batch(where, module, fn, options, params, batch, whole)[0]
             for k in h:
                 h[k] += step[k]
-            total = ll.sum()
+            dtype = ll.dtype if dtype is None else torch.promote_types(dtype, ll.dtype)
+            total = ll.sum(dtype=_accumulating(ll.dtype))
             log_likelihood = total if log_likelihood is None else log_likelihood + total
             num_data += size
+            # Every batch runs the module as found: a forward that assigns a buffer under
+            # the per-example transforms leaves their dead wrapper in it.
+            buffers.restore()
 
     if log_likelihood is None:
         raise ValueError(f"{where}: expected data with at least one datum, got none")
-    return {k: p.clone() for k, p in params.items()}, h, log_likelihood, num_data
+    hessian = {k: v.to(params[k].dtype) for k, v in h.items()}
+    return {k: p.clone() for k, p in params.items()}, hessian, log_likelihood.to(dtype), num_data
+
+
+def _accumulating(dtype: torch.dtype) -> torch.dtype:
+    r"""The dtype of a sum over batches: `dtype`, at least float32."""
+
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _slow_batch(

@@ -116,7 +116,9 @@ def laplace_fit(
     From the first batch where one of these fails, the per-example path takes over.
 
     The module is evaluated in evaluation mode (dropout off, BatchNorm on its running
-    statistics), and left in the modes, and with the parameters and buffers, it had.
+    statistics), and left in the modes, and with the parameters and buffers (the same
+    tensors, with the same values), it had, also where the call raises. Every batch runs on
+    the buffers as found.
 
     Example:
         >>> net = zuko.nn.MLP(4, 3, hidden_features=[8])
@@ -153,13 +155,19 @@ def laplace_fit(
 
     Returns:
         The fit: the trained parameters, the curvature diagonals (both of the parameters'
-        shapes), :math:`\log p(\mathcal{D} \mid \theta_*)` and :math:`N`.
+        shapes and dtypes), :math:`\log p(\mathcal{D} \mid \theta_*)` (of `fn`'s
+        dtype) and :math:`N`. The sums over batches run in at least float32 (a module in
+        half precision), then are cast.
 
     Raises:
         TypeError: If an argument or a batch has the wrong type.
         ValueError: If the patterns pick nothing, `hessian` or `likelihood` is unknown,
-            `data` is empty, or `fn`/`output` do not return one row per datum (or give
-            other numbers on one example than on the batch).
+            `data` is empty, `fn`/`output` do not return one row per datum (or give
+            other numbers on one example than on the batch: `output` on every example,
+            `fn` on every example for the empirical Fisher and on the first for the GGN),
+            the module holds a batch normalization without running statistics (it mixes
+            the examples of a batch), or its forward writes its buffers in a way the
+            per-example transforms cannot run.
 
     References:
         | Laplace Redux -- Effortless Bayesian Deep Learning (Daxberger et al., 2021)

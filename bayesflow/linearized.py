@@ -25,16 +25,19 @@ from ._checks import (
     check_tensor,
 )
 from ._curvature import (
+    Buffers,
     Fn,
     LastLayer,
     attributes,
     capture,
     check_per_datum,
+    check_per_example_layers,
     check_split,
     close,
     evaluating,
     last_layer,
     per_example,
+    transforming,
 )
 from ._numerics import var as _var
 from ._options import call_options
@@ -44,11 +47,13 @@ from .posterior import mean_params
 
 
 def _last_layer_variance(
+    where: str,
     module: nn.Module,
     posterior: Posterior,
     fn: Fn,
     args: tuple,
     found: LastLayer,
+    buffers: Buffers,
     out: Tensor,
     phi: Tensor,
     z: Tensor,
@@ -62,7 +67,8 @@ def _last_layer_variance(
     f_var = phi.square() @ _var(posterior.logvar[found.weight]).T
     if found.bias is not None:
         f_var = f_var + _var(posterior.logvar[found.bias])
-    one, one_out = _jacobian_variance(module, posterior, fn, tuple(a[:1] for a in args), None)
+    with transforming(where, buffers):
+        one, one_out = _jacobian_variance(module, posterior, fn, tuple(a[:1] for a in args), None)
     if not close(out[:1], one_out.reshape(out[:1].shape)) or not one.isfinite().all():
         return None  # fn mixes the examples of a batch: the per-example path says so
     tol = math.sqrt(torch.finfo(f_var.dtype).eps)
@@ -95,8 +101,8 @@ def linearized_predictive(
 
     The module is evaluated in evaluation mode (dropout off, BatchNorm on its running
     statistics), as by :func:`bayesflow.laplace_fit`: the linearized model is that of the
-    evaluation-mode network. It is left in the modes, and with the parameters and buffers,
-    it had, also where the call raises.
+    evaluation-mode network. It is left in the modes, and with the parameters and buffers
+    (the same tensors, with the same values), it had, also where the call raises.
 
     Example:
         >>> net = zuko.nn.MLP(4, 3, hidden_features=[8])
@@ -123,8 +129,10 @@ def linearized_predictive(
         TypeError: If an argument has the wrong type.
         ValueError: If the posterior's names or shapes are not the module's or it holds
             NaN or infinite values, the inputs do not share a leading batch dim, `fn` does
-            not return `(B, C)` or `(B,)`, or `fn` mixes the examples of a batch (a mean
-            over the batch, train-mode statistics): the linearized model is per example.
+            not return `(B, C)` or `(B,)`, `fn` mixes the examples of a batch (a mean
+            over the batch, train-mode statistics, a batch normalization without running
+            statistics): the linearized model is per example; or the module's forward
+            writes its buffers in a way the per-example Jacobians cannot run.
 
     References:
         | Laplace Redux -- Effortless Bayesian Deep Learning (Daxberger et al., 2021)
@@ -163,6 +171,7 @@ def linearized_predictive(
                 f"{where}: expected input tensors that share a leading batch dim, got shape "
                 f"{tuple(a.shape)} at position {j}"
             )
+    check_per_example_layers(where, module)
     fn = (lambda m, *a: m(*a)) if fn is None else fn
     size = args[0].shape[0]
     names = list(posterior.mean)
@@ -174,7 +183,7 @@ def linearized_predictive(
             raise TypeError(f"{where}: expected fn to return a tensor, got {type(out).__name__}")
         return out[0]
 
-    with evaluating(module), torch.no_grad():
+    with evaluating(module) as buffers, torch.no_grad():
         found = last_layer(module, names)
         if found is None:
             out, got = call(), None
@@ -190,10 +199,14 @@ def linearized_predictive(
             # empty output. The result is empty, as vmap_call's is on zero examples.
             return out.detach(), torch.zeros_like(out)
         if got is not None:
-            f_var = _last_layer_variance(module, posterior, fn, args, found, out, *got)
+            f_var = _last_layer_variance(
+                where, module, posterior, fn, args, found, buffers, out, *got
+            )
             if f_var is not None:
                 return out.detach(), f_var.detach()
-        f_var, outs = _jacobian_variance(module, posterior, fn, args, chunk_size)
+            buffers.restore()  # what the check's transforms assigned, their dead wrappers
+        with transforming(where, buffers):
+            f_var, outs = _jacobian_variance(module, posterior, fn, args, chunk_size)
         # The linearized model is that of each example on its own: fn must not mix them.
         check_split(where, "fn", out.reshape(size, -1), outs.reshape(size, -1))
     return out.detach(), f_var.reshape(out.shape)
@@ -236,15 +249,22 @@ def probit_probs(mean: Tensor, var: Tensor) -> Tensor:
         >>> probit_probs(torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]]))
         tensor([[0.8808, 0.1192]])
 
+    For one logit (a binary classifier with a sigmoid), the probit approximation is
+    :math:`\mathrm{sigmoid}(\kappa m)`,
+    `torch.sigmoid(mean / torch.sqrt(1 + math.pi / 8 * var))`: a softmax over one logit
+    is 1 everywhere, so this function refuses it.
+
     Arguments:
-        mean: The means :math:`m` of the logits, `(..., C)`.
+        mean: The means :math:`m` of the logits, `(..., C)` with at least one leading dim
+            and :math:`C \geq 2` classes.
         var: Their variances :math:`v \geq 0`, of the same shape.
 
     Returns:
         Probabilities of the shape of `mean`, summing to 1 over the last dim.
 
     Raises:
-        ValueError: If a variance is negative or NaN.
+        ValueError: If `mean` has fewer than 2 dims or classes, or a variance is negative
+            or NaN.
 
     References:
         | The Evidence Framework Applied to Classification Networks (MacKay, 1992)
@@ -257,6 +277,12 @@ def probit_probs(mean: Tensor, var: Tensor) -> Tensor:
     check_float(where, "mean", mean)
     check_float(where, "var", var)
     check_same_shape(where, mean=mean, var=var)
+    if mean.dim() < 2 or mean.shape[-1] < 2:
+        raise ValueError(
+            f"{where}: expected logits of shape (..., C) with at least one leading dim and "
+            f"C >= 2 classes, got {tuple(mean.shape)}; for one logit (a sigmoid), the probit "
+            "approximation is torch.sigmoid(mean / torch.sqrt(1 + math.pi / 8 * var))"
+        )
     bad = ~(var >= 0)  # NaN too
     if bad.any():
         raise ValueError(f"{where}: expected variances >= 0, got {var[bad][0].item()}")
