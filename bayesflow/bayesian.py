@@ -6,11 +6,13 @@ __all__ = ["BayesianModel"]
 
 import copy
 import numbers
+import threading
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -27,31 +29,74 @@ from ._engine import (
 )
 from ._layers import Cached, LocalPlan
 from ._options import call_options
-from ._outputs import map_outputs, stack
+from ._outputs import map_outputs
 from ._posterior import InitLogvar
-from ._structure import lock
+from ._structure import lock, structure
 from ._types import Posterior
+from ._vmap_safe import vmap_safe
 
 
 def _zuko_flag(where: str, what: str, value: object) -> bool:
     r"""A flag as zuko reads it (`if local_trick:`), on what config files hold: a bool,
-    0, 1 or :py:`None`."""
+    0, 1 or :py:`None`, a NumPy bool or integer, or a one-element bool or integer tensor
+    equal to 0 or 1."""
 
     if value is None:
         return False
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if (
+        isinstance(value, Tensor)
+        and value.numel() == 1
+        and not (value.is_floating_point() or value.is_complex() or value.is_meta)
+    ):
+        value = value.item()
     if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
-    raise TypeError(f"{where}: expected {what} to be a bool (or 0, 1, None), got {value!r}")
+    raise TypeError(
+        f"{where}: expected {what} to be a bool (or 0, 1, None, or a one-element bool or "
+        f"integer tensor equal to 0 or 1), got {value!r}"
+    )
+
+
+# Per thread: how many `reparameterize()` blocks on a module that runs zuko's transforms
+# are open, and the stand-ins they share (blocks may be left out of order, and the
+# stand-ins' own context is left in the order it was entered).
+_BLOCKS: dict[int, list[Any]] = {}
+
+
+@contextmanager
+def _stand_ins() -> Iterator[None]:
+    r"""Runs zuko's pieces as bayesflow's stand-ins (plain autograd) in this thread while
+    a block is open: zuko's quadrature and ODE adjoint recompute the flow in their
+    backward pass, which may run after the block has put the module's own parameters
+    back."""
+
+    me = threading.get_ident()
+    entry = _BLOCKS.get(me)
+    if entry is None:
+        safe = vmap_safe()
+        safe.__enter__()
+        entry = _BLOCKS[me] = [safe, 0]
+    entry[1] += 1
+    try:
+        yield
+    finally:
+        entry[1] -= 1
+        if not entry[1]:
+            del _BLOCKS[me]
+            entry[0].__exit__(None, None, None)
 
 
 class BayesianModel(nn.Module):
     r"""Creates a Bayesian wrapper around a base model.
 
-    It accepts everything :class:`zuko.bayesian.BayesianModel` accepts, holds the same
-    state (`means` and `logvars` parameter dicts whose keys are the parameter names with
-    `.` replaced by `-`) and behaves the same. On top of that, it runs `n` sampled models
-    in one vectorized pass (:meth:`forward`) and exposes the posterior to the functional
-    API (:attr:`posterior`).
+    It accepts every valid argument that :class:`zuko.bayesian.BayesianModel` accepts
+    (zuko also takes a NaN, infinite or bool `init_logvar`, and any truthy `local_trick`,
+    which are refused here), holds the same state (`means` and `logvars` parameter dicts
+    whose keys are the parameter names with `.` replaced by `-`) and behaves the same. On
+    top of that, it runs `n` sampled models in one vectorized pass (:meth:`forward`) and
+    exposes the posterior to the functional API (:attr:`posterior`).
 
     Example:
         >>> bnet = BayesianModel(zuko.nn.MLP(3, 5), init_logvar=-6.0)
@@ -174,17 +219,24 @@ class BayesianModel(nn.Module):
 
         Returns:
             A deep copy of the base model.
+
+        Raises:
+            ValueError: If the posterior's names, shapes, dtypes or devices are not those
+                of the base model's parameters (the base changed since it was wrapped),
+                before any draw.
         """
 
         where = "BayesianModel.sample_model"
-        with torch.no_grad():
-            params = {
-                k: v[0] for k, v in _posterior.sample(where, self.posterior, 1, generator).items()
-            }
-
+        check_generator(where, generator)
         with lock(self.base):  # another thread's call may have samples swapped in
+            # Before the draw: a sample that no longer fits the base (renamed or converted
+            # since it was wrapped) would be loaded into nothing, the base's own weights
+            # left in its place.
+            _posterior.check_matches(where, self.base, self.posterior)
+            with torch.no_grad():
+                params = _posterior.sample(where, self.posterior, 1, generator)
             new = copy.deepcopy(self.base)
-        new.load_state_dict(params, strict=False)
+        new.load_state_dict({k: v[0] for k, v in params.items()}, strict=False)
 
         return new
 
@@ -211,9 +263,21 @@ class BayesianModel(nn.Module):
         :meth:`forward`, ...) use their own samples, with the layers' own forwards; the
         parameters they do not sample are the held ones.
 
+        On a base model that runs zuko's transforms (a flow), the thread that entered the
+        block runs zuko's quadrature (UNAF, SOSPF), bisection and ODE solver (CNF) as
+        bayesflow's stand-ins (plain autograd, as every bayesflow call does) until its last
+        such block is left. zuko's own pieces recompute the flow in their backward pass: a
+        `backward()` after the block, once the module's own parameters are back, raised
+        (train mode) or gave silently wrong gradients (eval mode). With the stand-ins,
+        `backward()` after the block gives the gradients it gives inside. They are those
+        of :func:`bayesflow.vmap_call`: in eval mode, UNAF's keep the gradients of its inner
+        network, which zuko drops; CNF's are those of the solver's steps, not zuko's
+        adjoint (see docs/flows.md, Limits).
+
         Arguments:
-            local_trick: Whether to use the local reparameterization trick (a bool; 0, 1
-                and :py:`None` are read as zuko reads them) for the Bayesian
+            local_trick: Whether to use the local reparameterization trick (a bool; 0, 1,
+                :py:`None`, a NumPy bool or integer, and a one-element bool or integer
+                tensor equal to 0 or 1 are read as zuko reads them) for the Bayesian
                 layers among :class:`torch.nn.Linear`, zuko's `Linear` and their subclasses
                 that keep their `forward` (such as zuko's `MaskedLinear`): their outputs,
                 rather than their weights, are sampled, with fresh noise per example, where
@@ -233,6 +297,11 @@ class BayesianModel(nn.Module):
         Yields:
             The reparameterized base model.
 
+        Raises:
+            ValueError: If the posterior's names, shapes, dtypes or devices no longer fit
+                the base model's parameters (the base changed since it was wrapped), before
+                any draw: the generator and the module are left as found.
+
         References:
             | Variational Dropout and the Local Reparameterization Trick (Kingma et al., 2015)
             | https://arxiv.org/abs/1506.02557
@@ -241,16 +310,30 @@ class BayesianModel(nn.Module):
         where = "BayesianModel.reparameterize"
         local_trick = _zuko_flag(where, "local_trick", local_trick)
         check_generator(where, generator)
-        params = self.sample_params(generator=generator)
-        changes = []
-        if local_trick:
-            plan = LocalPlan(self.base, self.posterior, lazy=True)
-            # A layer tied to another module keeps the held sample, as its other holders.
-            local = [k for k in plan.layers if k not in plan.tied]
-            changes = plan.forwards(Cached(generator), local)
+        base, posterior = self.base, self.posterior
+        # Before the draw, as forward's: a sample that no longer fits the base fails here.
+        with lock(base):
+            st = structure(base)
+            _posterior.check_fits(where, st, base, posterior)
 
-        with hold(self.base, params, changes) as base:
-            yield base
+        with ExitStack() as stack:
+            saved = draw_state(generator)
+            try:
+                params = self.sample_params(generator=generator)
+                changes = []
+                if local_trick:
+                    plan = LocalPlan(base, posterior, lazy=True)
+                    # A layer tied to another module keeps the held sample, as its other
+                    # holders.
+                    local = [k for k in plan.layers if k not in plan.tied]
+                    changes = plan.forwards(Cached(generator), local)
+                held = stack.enter_context(hold(base, params, changes))
+                if st.uses_zuko:
+                    stack.enter_context(_stand_ins())
+            except BaseException:
+                restore_draw_state(saved)
+                raise
+            yield held
 
     def kl_divergence(self, prior_var: float = 1.0) -> Tensor:
         r"""Returns the KL divergence between the posterior and the prior
@@ -322,10 +405,9 @@ class BayesianModel(nn.Module):
             params = _posterior.sample(where, posterior, k, generator)
             if not params and n is not None and not any(d is not None for d in in_dims or ()):
                 # Nothing Bayesian (zuko's empty wrapper) and no argument per sample: vmap
-                # has nothing to map over, so `n` calls of the one model, as the loop
-                # makes them.
-                outs = [run(base, params, args, opts, n=1) for _ in range(k)]
-                return stack([map_outputs(where, lambda t: t.squeeze(0), o) for o in outs])
+                # has nothing to map over. The loop's `n` calls, with its buffer rule (one
+                # update per call, as with a Bayesian tensor).
+                return run(base, params, args, opts._replace(vectorized=False), n=k)
             out = run(base, params, args, opts, n=k)  # `n`: for a wrapper with no tensors
             return out if n is not None else map_outputs(where, lambda t: t.squeeze(0), out)
         except BaseException:

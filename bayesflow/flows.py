@@ -20,11 +20,12 @@ from torch.distributions import (
     Uniform,
 )
 
+from ._buffers import State
 from ._caches import PerObject
-from ._checks import check_generator, check_module
-from ._engine import count, run
+from ._checks import check_generator, check_module, describe
+from ._engine import _rng_state, _set_rng_state, count, run
 from ._options import call_options
-from ._structure import Structure, structure
+from ._structure import Structure, lock, structure
 
 # The contexts each flow was seen to take, while its structure stays the same: the check
 # of a context depends only on the two, and runs the flow's networks (a MAF's, once per
@@ -85,6 +86,47 @@ def _push(flow: nn.Module, c: Tensor | None, eps: Tensor) -> Tensor:
     return d.transform.inv(reparameterize(eps))
 
 
+def _drew(found: tuple[Tensor, list[Tensor] | None]) -> bool:
+    r"""Whether torch's global generators moved since their state `found`."""
+
+    now = _rng_state()
+    if not torch.equal(now[0], found[0]):
+        return True
+    return now[1] is not None and (found[1] is None or not all(map(torch.equal, now[1], found[1])))
+
+
+def _evaluate(flow: nn.Module, st: Structure, c: Tensor | None, check: bool) -> Distribution:
+    r"""Returns `flow(c)` with the flow's own parameters and, if `check`, runs its inverse
+    transform on the base mean: a pass for shapes and checks only, which leaves the flow's
+    buffers and torch's global generators as it found them (a context encoder's
+    train-mode batch norm, its dropout). The sampling pass updates them, once."""
+
+    state = State(st) if st.buffers else None
+    rng = _rng_state()
+    try:
+        with torch.no_grad():
+            d = flow() if c is None else flow(c)
+            if check and _is_flow(d):
+                d.transform.inv(d.base.mean)
+    finally:
+        if state is not None:
+            state.restore()
+        # Only if this pass drew: putting them back replays what other threads drew.
+        if _drew(rng):
+            _set_rng_state(rng)
+
+    return d
+
+
+def _floating(flow: nn.Module) -> Tensor | None:
+    r"""Returns a floating-point tensor of the flow (a parameter, else a buffer), or None."""
+
+    for t in (*flow.parameters(), *flow.buffers()):
+        if t.is_floating_point():
+            return t
+    return None
+
+
 def _pick(w: Tensor, t: Tensor, event: int) -> Tensor:
     r"""Selects along the component dim of `t` (before its `event` last dims) with one-hot `w`."""
 
@@ -114,6 +156,29 @@ def _mixture(flow: nn.Module, c: Tensor | None, eps: Tensor, u: Tensor) -> Tenso
     return x.detach()
 
 
+def _context_error(where: str, flow: nn.Module, c: Tensor | None, e: Exception) -> ValueError:
+    r"""Says why the flow cannot be evaluated on the context `c`."""
+
+    cause = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+    if c is None:
+        return ValueError(
+            f"{where}: expected a context c, got None; the flow cannot be evaluated "
+            f"without one ({cause}): pass c, a tensor whose last dim is the flow's "
+            "number of context features, as in flow(c)"
+        )
+    like = _floating(flow)
+    if like is not None and (c.dtype != like.dtype or c.device != like.device):
+        return ValueError(
+            f"{where}: expected a context c of the flow's dtype and device "
+            f"({describe(like)}), got {describe(c)}; the flow cannot be evaluated on it "
+            f"({cause})"
+        )
+    return ValueError(
+        f"{where}: expected a context c whose last dim is the flow's number of context "
+        f"features, got shape {tuple(c.shape)}; the flow cannot be evaluated on it ({cause})"
+    )
+
+
 def flow_sample(
     flow: nn.Module,
     params: Mapping[str, Tensor],
@@ -133,7 +198,9 @@ def flow_sample(
     transform pushes it through, :math:`x = f_\theta^{-1}(\mu + \sigma \epsilon \mid c)`.
     For the same noise this is exactly zuko's `flow(c).rsample(shape)`, differentiable with
     respect to `params`. Gaussian mixtures (:class:`zuko.mixtures.GMM`) are sampled by
-    inverse CDF from uniform noise and, as in zuko, carry no gradient.
+    inverse CDF from uniform noise and, as in zuko, carry no gradient. Train-mode buffers
+    (a context encoder's batch norm) are updated once per call, as by `rsample`, with the
+    buffer rule of :func:`bayesflow.vmap_call` over the parameter sets.
 
     Example:
         >>> flow = zuko.flows.MAF(2, 3)
@@ -146,6 +213,8 @@ def flow_sample(
         params: Sampled parameters `{name: (n, *shape)}`, e.g. from :func:`bayesflow.sample`.
         c: The context, shared by every parameter set; :py:`None` if unconditional (a
             conditional flow then raises a :class:`ValueError` that says it needs one).
+            A context the flow cannot be evaluated on raises a :class:`ValueError`
+            before any draw, which names the flow's dtype and device where `c`'s differ.
         shape: The sample shape per parameter set, as in `rsample(shape)`.
         generator: The source of the noise; the global generator if :py:`None`.
         chunk_size, max_memory: As in :func:`bayesflow.vmap_call`.
@@ -179,32 +248,22 @@ def flow_sample(
     # A flow's networks run only once its transform is called: here, in the direction of
     # sampling (for the cost of one sample), on the base mean, so that a missing or
     # ill-shaped context raises before any draw; once per flow structure and context.
-    st = structure(flow)
-    seen = _CONTEXTS.get(flow)
-    if seen is None or seen[0] is not st:
-        seen = _CONTEXTS.put(flow, (st, set()))
-    context = None if c is None else (tuple(c.shape), c.dtype, c.device)
-    with torch.no_grad():
+    # Under the lock: the pass puts the buffers back, which another thread's call on the
+    # flow may be updating.
+    with lock(flow):
+        st = structure(flow)
+        seen = _CONTEXTS.get(flow)
+        if seen is None or seen[0] is not st:
+            seen = _CONTEXTS.put(flow, (st, set()))
+        context = None if c is None else (tuple(c.shape), c.dtype, c.device)
         try:
-            d = flow() if c is None else flow(c)
-            if _is_flow(d) and context not in seen[1]:
-                d.transform.inv(d.base.mean)
-                if len(seen[1]) >= _MAX_CONTEXTS:
-                    seen[1].clear()
-                seen[1].add(context)
+            d = _evaluate(flow, st, c, context not in seen[1])
         except (RuntimeError, AttributeError, TypeError, ValueError) as e:
-            cause = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
-            if c is None:
-                raise ValueError(
-                    f"{where}: expected a context c, got None; the flow cannot be evaluated "
-                    f"without one ({cause}): pass c, a tensor whose last dim is the flow's "
-                    "number of context features, as in flow(c)"
-                ) from e
-            raise ValueError(
-                f"{where}: expected a context c whose last dim is the flow's number of "
-                f"context features, got shape {tuple(c.shape)}; the flow cannot be "
-                f"evaluated on it ({cause})"
-            ) from e
+            raise _context_error(where, flow, c, e) from e
+        if _is_flow(d) and context not in seen[1]:
+            if len(seen[1]) >= _MAX_CONTEXTS:
+                seen[1].clear()
+            seen[1].add(context)
 
     if _is_flow(d):
         kind, _ = _base(where, d.base)

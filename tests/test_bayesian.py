@@ -1,5 +1,6 @@
 r"""The bridge, against zuko.bayesian.BayesianModel as the oracle."""
 
+import copy
 import io
 import math
 
@@ -10,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import zuko
 import zuko.bayesian
+
+from torch.nn.utils import parametrizations
 
 import bayesflow as bf
 import bayesflow._compat
@@ -168,9 +171,21 @@ def test_a_selection_that_picks_nothing_is_zukos_empty_wrapper(kwargs):
     assert torch.equal(ours.mean_model()(x), base(x))
 
 
-@pytest.mark.parametrize(
-    "flag, local", [(0, False), (1, True), (None, False), (np.int64(1), True)]
-)
+FLAGS = {
+    "0": (0, False),
+    "1": (1, True),
+    "None": (None, False),
+    "np.int64(1)": (np.int64(1), True),
+    "np.True_": (np.True_, True),
+    "np.False_": (np.False_, False),
+    "tensor(True)": (torch.tensor(True), True),
+    "tensor([False])": (torch.tensor([False]), False),
+    "tensor([[1]])": (torch.tensor([[1]]), True),
+    "tensor(0, uint8)": (torch.tensor(0, dtype=torch.uint8), False),
+}
+
+
+@pytest.mark.parametrize("flag, local", FLAGS.values(), ids=FLAGS)
 def test_local_trick_flags_as_zuko_reads_them(flag, local):
     bnet = bf.BayesianModel(zuko.nn.MLP(3, 2, hidden_features=(8,)), init_logvar=-2.0)
     x = torch.randn(4, 3)
@@ -182,9 +197,10 @@ def test_local_trick_flags_as_zuko_reads_them(flag, local):
         local_trick=not local, generator=torch.Generator().manual_seed(0)
     ) as net:
         assert not torch.allclose(y, net(x))  # the flag changed the estimator
-    with pytest.raises(TypeError, match=r"reparameterize: expected local_trick to be a bool"):
-        with bnet.reparameterize(local_trick="yes"):
-            pass
+    for bad in ("yes", 2, torch.tensor(2), torch.tensor(1.0), torch.tensor([True, False])):
+        with pytest.raises(TypeError, match=r"reparameterize: expected local_trick to be a bool"):
+            with bnet.reparameterize(local_trick=bad):
+                pass
 
 
 def test_reparameterize_behaves_like_zuko():
@@ -500,3 +516,76 @@ def test_a_base_converted_after_wrapping_leaves_the_generator_as_found(n, device
     with pytest.raises(ValueError, match=r"BayesianModel\.forward: expected .*'0\.weight'"):
         bnet(torch.randn(5, 3, dtype=torch.float64), n=n, generator=g)
     assert torch.equal(g.get_state(), found)
+
+
+def test_an_empty_wrapper_updates_buffers_once_per_call():
+    # forward(n=K) on a wrapper with nothing Bayesian made K calls, which moved the
+    # running statistics K times; a wrapper with a Bayesian tensor moves them once.
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))  # train mode
+    x = torch.randn(16, 3)
+    oracle = copy.deepcopy(base)
+    y = oracle(x)  # one train-mode call
+    bnet = bf.BayesianModel(copy.deepcopy(base), include_params=["nothing"])
+    # A Bayesian shift after the statistics, which it leaves as they are.
+    shift = bf.BayesianModel(copy.deepcopy(base), include_params=["1.bias"])
+
+    for wrapper in (bnet, shift):
+        assert wrapper(x, n=4).shape == (4, 16, 4)
+        bn, expected = wrapper.base[1], oracle[1]
+        assert bn.num_batches_tracked.item() == expected.num_batches_tracked.item() == 1
+        assert torch.allclose(bn.running_mean, expected.running_mean, rtol=0, atol=1e-15)
+        assert torch.allclose(bn.running_var, expected.running_var, rtol=0, atol=1e-15)
+    assert torch.equal(bnet(x, n=4), y.expand(4, 16, 4))  # nothing Bayesian: the base's
+    assert bnet.base[1].num_batches_tracked.item() == 2
+
+
+def _renamed():
+    bnet = bf.BayesianModel(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), 0.0)
+    parametrizations.weight_norm(bnet.base[0])  # '0.weight' is now a parametrization
+    return bnet, r"expected posterior names and shapes .* got '0\.weight'"
+
+
+def _converted():
+    bnet = bf.BayesianModel(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).float(), 0.0)
+    bnet.base.double()  # the posterior keeps float32 means
+    return bnet, r"expected the posterior's mean\['0\.weight'\] with the module's dtype"
+
+
+CHANGED = {"renamed": _renamed, "converted": _converted}
+
+
+@pytest.mark.parametrize("change", CHANGED)
+def test_sample_model_refuses_a_posterior_that_no_longer_fits(change, device):
+    # The sample was loaded with strict=False: a renamed weight kept the base's own value,
+    # returned as a "posterior sample"; a converted base got the sample cast.
+    bnet, message = CHANGED[change]()
+    g = torch.Generator(device).manual_seed(1)
+    found = g.get_state()
+    before = snapshot(bnet)
+    with pytest.raises(ValueError, match=r"BayesianModel\.sample_model: " + message):
+        bnet.sample_model(generator=g)
+    assert torch.equal(g.get_state(), found)  # nothing drawn
+    assert unchanged(before, bnet)
+    with pytest.raises(ValueError, match=r"BayesianModel\.mean_model: " + message):
+        bnet.mean_model()  # the same refusal
+
+
+@pytest.mark.parametrize("local_trick", [False, True])
+@pytest.mark.parametrize("change", CHANGED)
+def test_reparameterize_refuses_a_posterior_that_no_longer_fits(change, local_trick, device):
+    # It raised a bare KeyError, or torch's dtype error from inside the block, after the
+    # draw.
+    bnet, message = CHANGED[change]()
+    g = torch.Generator(device).manual_seed(1)
+    found = g.get_state()
+    before = snapshot(bnet)
+    originals = list(bnet.base.parameters())
+    forwards = [dict(vars(m)) for m in bnet.base.modules()]
+    with pytest.raises(ValueError, match=r"BayesianModel\.reparameterize: " + message):
+        with bnet.reparameterize(local_trick=local_trick, generator=g):
+            pass
+    assert torch.equal(g.get_state(), found)  # nothing drawn
+    assert unchanged(before, bnet)
+    assert all(p is q for p, q in zip(bnet.base.parameters(), originals, strict=True))
+    assert [dict(vars(m)) for m in bnet.base.modules()] == forwards

@@ -16,7 +16,7 @@ import bayesflow as bf
 from bayesflow import _vmap_safe, _zuko_transforms
 from bayesflow.flows import flow_sample
 
-from .registry import FLOWS, FLOWS_ONLY, INVERTED, NO_LOOP_GRAD, C, F
+from .registry import FLOWS, FLOWS_ONLY, INVERTED, NO_LOOP_GRAD, C, F, snapshot, unchanged
 
 B, K = 4, 3
 
@@ -602,3 +602,136 @@ def test_flow_sample_without_context_on_an_unconditional_flow(gen):
     ref = bf.flow_sample(flow, params, None, (5,), generator=gen(1), vectorized=False)
     assert x.shape == (3, 5, 2) and torch.allclose(x, ref, atol=1e-10)
     assert not torch.allclose(x[0], x[1])  # the sampled parameters were used
+
+
+class EncodedFlow(zuko.lazy.LazyDistribution):
+    r"""A flow behind a context encoder with a batch norm and, if `p`, a dropout (train
+    mode)."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.enc = torch.nn.Sequential(
+            torch.nn.Linear(C, C), torch.nn.BatchNorm1d(C), torch.nn.Dropout(p)
+        )
+        self.flow = zuko.flows.MAF(F, C, transforms=2, hidden_features=(8,))
+
+    def forward(self, c):
+        return self.flow(self.enc(c))
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("n", [1, 3])
+def test_flow_sample_updates_train_mode_buffers_once(n, vectorized, gen):
+    # The check pass before the sampling pass ran the encoder too: every call moved the
+    # batch norm's running statistics twice, where zuko's rsample moves them once.
+    flow = EncodedFlow()
+    params = draw(bf.init(flow, include=["flow.**"], init_logvar=-4.0), n)
+    c = torch.randn(8, C)
+    oracle = copy.deepcopy(flow)
+    with torch.no_grad():
+        for name, p in oracle.named_parameters():
+            if name in params:
+                p.copy_(params[name][0])
+    oracle(c).rsample((4,))
+
+    for calls in (1, 2):  # the second call: a context seen before
+        x = flow_sample(flow, params, c, (4,), generator=gen(calls), vectorized=vectorized)
+        assert x.shape == (n, 4, 8, F)
+        bn, expected = flow.enc[1], oracle.enc[1]
+        assert bn.num_batches_tracked.item() == expected.num_batches_tracked.item() == calls
+        assert torch.allclose(bn.running_mean, expected.running_mean, rtol=0, atol=1e-15)
+        assert torch.allclose(bn.running_var, expected.running_var, rtol=0, atol=1e-15)
+        oracle(c).rsample((4,))  # the oracle of the next call
+
+
+def test_flow_sample_draws_from_the_global_generator_as_one_pass(gen):
+    # The check pass's dropout drew from torch's global generator too.
+    flow = EncodedFlow(p=0.5)
+    params = draw(bf.init(flow, include=["flow.**"], init_logvar=-4.0), 1)
+    c = torch.randn(8, C)
+    for _ in range(2):  # a new context, then one seen before
+        torch.manual_seed(5)
+        flow_sample(flow, params, c, (4,), generator=gen(1))
+        after = torch.random.get_rng_state()
+        torch.manual_seed(5)
+        flow.enc(c)  # the one pass of the encoder, with its one dropout draw
+        assert torch.equal(after, torch.random.get_rng_state())
+
+
+def test_flow_sample_names_a_context_of_the_wrong_dtype_or_device(gen):
+    # A context of the right shape but another dtype was said to have the wrong last dim.
+    # (A float32 context of a float64 flow runs, as in zuko: the context is promoted.)
+    flow = FLOWS["MAF"]().float()
+    params = draw(bf.init(flow, init_logvar=-6.0))
+    like = next(flow.parameters())
+    g = gen(1)
+    before = g.get_state()
+    state = snapshot(flow)
+    for c in (torch.randn(B, C, dtype=torch.float64), torch.randn(B, C, device="meta")):
+        with pytest.raises(ValueError) as info:
+            flow_sample(flow, params, c, (5,), generator=g)
+        message = str(info.value)
+        assert message.startswith(
+            f"flow_sample: expected a context c of the flow's dtype and device "
+            f"({like.dtype} on {like.device}), got {c.dtype} on {c.device}; "
+        )
+        assert "last dim" not in message
+        assert torch.equal(g.get_state(), before)  # no noise drawn
+        assert unchanged(state, flow)
+    # The last dim's message, for a wrong last dim only.
+    with pytest.raises(ValueError, match=r"expected a context c whose last dim .* \(4, 3\)"):
+        flow_sample(flow, params, torch.randn(B, C + 1, dtype=torch.float32), (5,), generator=g)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", ["UNAF", "SOSPF", "CNF"])
+def test_reparameterize_backward_after_the_block_matches_inside(name, mode, gen):
+    # zuko's quadrature and ODE adjoint recompute the flow in their backward pass: after
+    # the block, with the module's own parameters back, that raised (train mode) or gave
+    # silently wrong gradients (eval mode). The block now runs the stand-ins.
+    flow = getattr(FLOWS[name](), mode)()
+    bnet = bf.BayesianModel(flow, init_logvar=-4.0)
+    c, x = torch.randn(B, C), torch.randn(B, F)
+    before = originals()
+
+    with bnet.reparameterize(generator=gen(1)) as f:
+        inside = torch.autograd.grad(log_prob(f, c, x).sum(), leaves(bnet.posterior))
+    with bnet.reparameterize(generator=gen(1)) as f:
+        y = log_prob(f, c, x)
+    assert all(originals()[k] is v for k, v in before.items())  # zuko's own pieces are back
+    after = torch.autograd.grad(y.sum(), leaves(bnet.posterior))
+
+    # The oracle: bayesflow's loop on the same sample.
+    params = bnet.sample_params(1, generator=gen(1))
+    y_loop = bf.loop_call(flow, params, c, x, fn=log_prob)
+    expected = torch.autograd.grad(y_loop.sum(), leaves(bnet.posterior))
+    assert torch.allclose(y, y_loop[0], rtol=0, atol=tight())
+    for a, b, e in zip(after, inside, expected, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=tight() * (1 + b.abs().max()))
+        assert torch.allclose(a, e, rtol=0, atol=tight() * (1 + e.abs().max()))
+    assert any(g.abs().sum() > 0 for g in after)
+
+
+def test_reparameterize_blocks_on_a_flow_left_out_of_order_keep_the_stand_ins(gen):
+    # Enter A, enter B, leave A: B's block still runs the stand-ins until it is left.
+    flow = FLOWS["UNAF"]().eval()
+    bnet = bf.BayesianModel(flow, init_logvar=-4.0)
+    c, x = torch.randn(B, C), torch.randn(B, F)
+    before = originals()
+    with bnet.reparameterize(generator=gen(2)) as f:
+        expected = torch.autograd.grad(log_prob(f, c, x).sum(), leaves(bnet.posterior))
+
+    a = bnet.reparameterize(generator=gen(1))
+    b = bnet.reparameterize(generator=gen(2))
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert all(originals()[k] is not v for k, v in before.items() if v is not None)
+    y = log_prob(flow, c, x)  # B's sample
+    b.__exit__(None, None, None)
+
+    assert all(originals()[k] is v for k, v in before.items())
+    assert getattr(_vmap_safe._LOCAL, "depth", 0) == 0
+    grads = torch.autograd.grad(y.sum(), leaves(bnet.posterior))
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.allclose(g, e, rtol=0, atol=tight() * (1 + e.abs().max()))
