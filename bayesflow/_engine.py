@@ -97,7 +97,13 @@ def run(
             n = check_buffers(opts.where, st, module, buffers, None if params else n)
         if n is None or params:
             n = check_params(opts.where, st, module, params, n)
-        if st.buffers and not buffers and any(v in _MEMBERS for v in params.values()):
+        # Not while compiling: dynamo cannot trace the weak dictionary's lookup.
+        if (
+            st.buffers
+            and not buffers
+            and not is_compiling()
+            and any(v in _MEMBERS for v in params.values())
+        ):
             raise ValueError(
                 f"{opts.where}: expected buffers=ens.buffers with an ensemble's stacked "
                 f"parameters (bayesflow.ensemble, stack_modules) on a module with buffers "

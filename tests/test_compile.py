@@ -104,6 +104,19 @@ def test_compiled_fullgraph_with_one_recompile():
     assert counters["stats"]["unique_graphs"] <= 2  # K = 4, then one dynamic graph
 
 
+def test_compiled_fullgraph_on_a_module_with_buffers():
+    # The check that an ensemble's stacked parameters come with their buffers looked up a
+    # weak dictionary, which dynamo cannot trace: every module with buffers failed fullgraph.
+    nn = torch.nn
+    net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    q = bf.init(net, -4.0)
+    x = torch.randn(6, 5)
+    params = {name: v.detach() for name, v in bf.sample(q, 4).items()}
+    out = torch.compile(lambda p, x: bf.vmap_call(net, p, x), fullgraph=True)(params, x)
+    assert torch.allclose(out, bf.loop_call(net, params, x), atol=1e-10)
+    assert not torch.allclose(out[0], out[1])
+
+
 @pytest.mark.filterwarnings("ignore::bayesflow.VmapFallbackWarning")  # vmap cannot trace UNAF
 @pytest.mark.parametrize("n", [1, 2])
 def test_compiled_flow_whose_backward_recomputes_gets_zukos_gradients(n, gen):
