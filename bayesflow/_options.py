@@ -63,13 +63,21 @@ def call_options(
     """
 
     check_callable(where, "fn", fn)
+    chunk_size = _chunk_size(where, chunk_size)
+    if max_memory is not None:
+        max_memory = check_int(where, "max_memory", max_memory)
+        if chunk_size != "auto":  # the budget of "auto" only: silently ignored otherwise
+            raise ValueError(
+                f"{where}: expected chunk_size='auto' with max_memory (the budget of its "
+                f"chunks), got chunk_size={chunk_size!r}"
+            )
     return CallOptions(
         where=where,
         fn=_call if fn is None else fn,
-        chunk_size=_chunk_size(where, chunk_size),
+        chunk_size=chunk_size,
         fallback=check_bool(where, "fallback", fallback),
         in_dims=in_dims,
         randomness=check_randomness(where, randomness),
         vectorized=check_bool(where, "vectorized", vectorized),
-        max_memory=None if max_memory is None else check_int(where, "max_memory", max_memory),
+        max_memory=max_memory,
     )

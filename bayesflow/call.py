@@ -117,6 +117,7 @@ def vmap_call(
             (where every sample draws its own).
         max_memory: The memory budget of `chunk_size="auto"`, in bytes; by default half
             the device's free memory (on the CPU, half the available physical memory).
+            Refused with any other `chunk_size`, which it would not change.
         buffers: Per-sample buffers `{name: (n, *shape)}`, keyed by
             :meth:`torch.nn.Module.named_buffers` names, that stand in for the module's own
             (a deep ensemble's, see :func:`bayesflow.ensemble`): each sample uses its own,

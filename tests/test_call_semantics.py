@@ -434,6 +434,10 @@ def test_auto_chunk_size_fits_the_budget(monkeypatch):
         bf.vmap_call(net, params, x, chunk_size="big")
     with pytest.raises(ValueError, match="vmap_call: expected max_memory"):
         bf.vmap_call(net, params, x, chunk_size="auto", max_memory=0)
+    # A budget without chunk_size="auto" was silently ignored: one unchunked pass.
+    for chunk_size in (None, 2):
+        with pytest.raises(ValueError, match="vmap_call: expected chunk_size='auto' with max"):
+            bf.vmap_call(net, params, x, chunk_size=chunk_size, max_memory=1)
     # at least one sample per chunk, and no more chunks than samples
     bf.vmap_call(net, params, x, chunk_size="auto", max_memory=1)
     bf.vmap_call(net, params, x, chunk_size="auto")
@@ -556,6 +560,7 @@ def test_bad_arguments_are_refused_before_the_first_forward():
             r"nelbo: expected the prior var to name every posterior parameter",
         ),
         (dict(max_memory=0), ValueError, r"nelbo: expected max_memory to be a positive int"),
+        (dict(max_memory=10**9), ValueError, r"nelbo: expected chunk_size='auto' with max_mem"),
         (dict(chunk_size="some"), ValueError, r"nelbo: expected chunk_size"),
         (dict(randomness="new"), ValueError, r"nelbo: expected randomness"),
         (dict(vectorized=1), TypeError, r"nelbo: expected vectorized to be a bool"),
