@@ -408,6 +408,17 @@ def updated_buffers(st: Structure, module: nn.Module) -> list[str]:
     return [name for name in names if name in st.buffers]
 
 
+def _torchs_tel(m: nn.TransformerEncoderLayer) -> bool:
+    r"""Whether an encoder layer runs torch's own forward and blocks, where its `training`
+    flag only gates the fast path: a subclass's may read it (stochastic depth, LayerDrop),
+    and keeps its flag (its fast path, if taken, fails under vmap: the loop runs it)."""
+
+    tel = nn.TransformerEncoderLayer
+    return all(
+        getattr(type(m), a) is getattr(tel, a) for a in ("forward", "_sa_block", "_ff_block")
+    )
+
+
 def changes(
     st: Structure, module: nn.Module, sampled: Collection[str] = ()
 ) -> list[tuple[Any, str, Any]]:
@@ -440,7 +451,7 @@ def changes(
             if not m.training:
                 # The reference path in eval mode: "training" with no dropout.
                 changes += [(m, "training", True), (m, "dropout", 0.0)]
-        elif isinstance(m, nn.TransformerEncoderLayer) and not m.training:
+        elif isinstance(m, nn.TransformerEncoderLayer) and not m.training and _torchs_tel(m):
             changes.append((m, "training", True))  # its own flag only gates the fast path
         elif type(m) is WeightNorm:
             put(m, _weight_norm_forward(m))

@@ -760,3 +760,33 @@ def test_loop_backward_through_an_embedding_with_max_norm_read_again(gen):
             for a, b in zip(got, expected, strict=True)
         )
     assert not torch.allclose(ref[0], ref[1])  # the samples were used
+
+
+class _LayerDropEncoder(torch.nn.TransformerEncoderLayer):
+    r"""An encoder layer whose forward reads its own `training` flag (LayerDrop)."""
+
+    def forward(self, src, *args, **kwargs):
+        out = super().forward(src, *args, **kwargs)
+        return out if not self.training else src + 0.5 * (out - src)
+
+
+@pytest.mark.filterwarnings("ignore::bayesflow.VmapFallbackWarning")  # its fast path
+def test_an_encoder_layer_of_its_own_keeps_its_eval_mode(gen):
+    # An eval-mode call set every encoder layer's flag to training (torch's own forward
+    # reads it only to choose the fast path): a subclass's forward ran its training branch,
+    # 0.28 off the copies holding each sample.
+    torch.manual_seed(0)
+    layer = _LayerDropEncoder(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    q = bf.init(layer, init_logvar=-4.0)
+    x = torch.randn(3, 5, 8)
+    params = bf.sample(q, 3, generator=gen(1))
+    with torch.no_grad():
+        out = bf.vmap_call(layer, params, x)
+        copies = [copy.deepcopy(layer) for _ in range(3)]
+        for i, m in enumerate(copies):
+            for k, v in params.items():
+                m.get_parameter(k).copy_(v[i])
+        expected = torch.stack([m(x) for m in copies])
+    assert not layer.training
+    assert torch.allclose(out, expected, atol=1e-10)
+    assert not torch.allclose(out[0], out[1])
