@@ -531,6 +531,18 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
         spec[:] = [s]
         return leaves
 
+    # In chunks, a buffer that fn writes in place with a value shared by the samples (a
+    # step counter, a running mean of the input) would be written once per chunk, and the
+    # later chunks would read the earlier ones' writes: such a call runs in the loop.
+    # (Buffers updated per sample, above, are stacked copies; one pass writes them once.)
+    watched = None
+    if chunk_size is not None and chunk_size < n and not is_compiling():
+        watched = [
+            (name, t, t._version)
+            for name, t in st.buffers.items()
+            if name not in buffers and not t.is_inference()
+        ]
+
     with vmap_safe(job.zuko), patched(_torch_layers.changes(st, module, params.keys())):
         leaves = vmap(
             single,
@@ -540,6 +552,13 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
             size=n,
         )(*flat)
 
+    written = [name for name, t, version in watched or () if t._version != version]
+    if written:
+        raise RuntimeError(
+            f"fn writes the buffers {written} in place, which a pass in chunks of "
+            f"{chunk_size} samples would write once per chunk (chunk_size={n} or more runs "
+            "all samples in one pass)"
+        )
     reassigned = state.reassigned()
     if reassigned:
         # vmap's wrappers would escape into the module: the loop, which keeps the rule

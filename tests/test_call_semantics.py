@@ -1323,3 +1323,63 @@ def test_the_zuko_verdicts_keep_no_batch_alive():
         step()
     gc.collect()
     assert all(r() is None for r in refs[:8])
+
+
+class _RunningInput(nn.Module):
+    r"""Writes buffers in place with values the samples share: a running mean of its
+    input and a step counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("mean", torch.zeros(3))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        self.count.add_(1)
+        return self.lin(x - self.mean)
+
+
+@pytest.mark.parametrize("chunking", ["int", "auto", "cache"])
+def test_buffers_written_in_place_by_a_chunked_pass_follow_the_rule(
+    chunking, monkeypatch, gen, fresh_caches
+):
+    # In chunks, the writes ran once per chunk and later chunks read the earlier ones':
+    # outputs 0.19 off the copies holding each sample, the counter at 2 for one call
+    # (the default's cache chunks too: the second call of a module differed).
+    from bayesflow import _engine, _memory
+
+    if chunking == "cache" and torch.get_default_device().type != "cpu":
+        pytest.skip("the default chunks by the cache on the CPU only")
+    net = _RunningInput()
+    params = bf.sample(bf.init(net, -2.0), 4, generator=gen(1))
+    x = torch.randn(5, 3) + 1.0
+    if chunking == "cache":
+        bf.vmap_call(net, params, x)  # all at once: measures the footprint
+        (measured,) = _engine._FOOTPRINTS.get(net).entries.values()
+        monkeypatch.setattr(_memory, "_CACHE", [2 * measured + 1])
+        with torch.no_grad():
+            net.mean.zero_(), net.count.zero_()
+    copies = [copy.deepcopy(net) for _ in range(4)]
+    with torch.no_grad():
+        for i, m in enumerate(copies):
+            for k, v in params.items():
+                m.get_parameter(k).copy_(v[i])
+    expected = torch.stack([m(x) for m in copies])
+
+    options = {"int": {"chunk_size": 2}, "auto": {"chunk_size": "auto"}, "cache": {}}[chunking]
+    if chunking == "auto":
+        monkeypatch.setattr(_engine, "auto_chunk_size", lambda *args: 2)
+    chunks = _record_chunks(monkeypatch)
+    with pytest.warns(bf.VmapFallbackWarning, match=r"writes the buffers \['mean', 'count'\]"):
+        out = bf.vmap_call(net, params, x, **options)
+
+    assert chunks == [2]
+    assert torch.allclose(out, expected, atol=1e-12)
+    assert not torch.allclose(out[0], out[1])
+    assert net.count.item() == 1  # once per call
+    assert torch.allclose(net.mean, copies[0].mean, atol=1e-15)
+    with pytest.raises(RuntimeError, match=r"chunk_size=4 or more runs all samples"):
+        bf.vmap_call(net, params, x, fallback=False, **options)
+    assert net.count.item() == 1  # the failed call left it as found
