@@ -18,6 +18,7 @@ __all__ = [
     "flat_cat",
     "function_apply",
     "fused_rnn",
+    "hook_name",
     "in_func_transform",
     "is_compiling",
     "is_metadata",
@@ -48,6 +49,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 from torch._C import _functorch
 from torch.nn.utils import parametrizations
+from torch.nn.utils.prune import BasePruningMethod as _Pruning
 from torch.nn.utils.spectral_norm import SpectralNorm as _HookSpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _HookWeightNorm
 from torch.overrides import TorchFunctionMode
@@ -95,14 +97,21 @@ def keep_lazy_cuda_seed() -> Iterator[None]:
 
 def weight_hooks(module: nn.Module) -> list[Any]:
     r"""Returns the forward pre-hooks of the hook-based :func:`torch.nn.utils.weight_norm`
-    and :func:`torch.nn.utils.spectral_norm` of `module`: each computes the weight named
-    `hook.name` and assigns it to the module before every forward."""
+    and :func:`torch.nn.utils.spectral_norm`, and of :mod:`torch.nn.utils.prune`, of
+    `module`: each computes a weight (named :func:`hook_name`) and assigns it to the
+    module, as a plain attribute, before every forward."""
 
     return [
         hook
         for hook in module._forward_pre_hooks.values()
-        if isinstance(hook, (_HookWeightNorm, _HookSpectralNorm))
+        if isinstance(hook, (_HookWeightNorm, _HookSpectralNorm, _Pruning))
     ]
+
+
+def hook_name(hook: Any) -> str:
+    r"""The name of the weight a hook of :func:`weight_hooks` assigns."""
+
+    return hook._tensor_name if isinstance(hook, _Pruning) else hook.name
 
 
 def flat_cat(tensors: list[Tensor]) -> Tensor:

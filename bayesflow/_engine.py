@@ -42,6 +42,7 @@ from ._checks import check_buffers, check_in_dims, check_params
 from ._compat import (
     StopRecomputation,
     counting_allocations,
+    hook_name,
     in_func_transform,
     is_compiling,
     no_saved_tensors_hooks,
@@ -190,7 +191,8 @@ def _changes(st: Structure, module: nn.Module, extra: list) -> list[tuple[Any, s
         changes += [(obj, name, old) for obj, name, old in reversed(patch.done)]
     for path, hook in st.hooked:
         m = st.sub(module, path)
-        changes.append((m, hook.name, vars(m).get(hook.name)))
+        name = hook_name(hook)
+        changes.append((m, name, vars(m).get(name)))
     return changes + extra
 
 

@@ -317,8 +317,8 @@ class Structure:
             `EmbeddingBag` with `max_norm` renormalizes rows of its weight), read at every
             call: `max_norm` may be set after the structure was seen.
         hooked: `(path, hook)` of the forward pre-hooks that compute a weight and assign it
-            as a plain attribute, `hook.name` (the hook-based `weight_norm` and
-            `spectral_norm`).
+            as a plain attribute (the hook-based `weight_norm` and `spectral_norm`, and
+            `torch.nn.utils.prune`'s masks).
         uses_zuko: Whether zuko's lazy transforms run inside the module.
     """
 

@@ -790,3 +790,31 @@ def test_an_encoder_layer_of_its_own_keeps_its_eval_mode(gen):
     assert not layer.training
     assert torch.allclose(out, expected, atol=1e-10)
     assert not torch.allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize("call", [bf.vmap_call, bf.loop_call])
+def test_a_pruned_layer_keeps_its_own_weight_after_a_call(call, gen):
+    # torch.nn.utils.prune assigns `weight = weight_orig * weight_mask` as a plain attribute
+    # before every forward; after a call the layer held the sample's: vmap's dead wrapper
+    # (any read raised), or the loop's last sample with its graph.
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    prune.l1_unstructured(net[0], "weight", 0.5)
+    q = bf.init(net, init_logvar=-2.0)
+    params = bf.sample(q, 3, generator=gen(1))
+    x = torch.randn(5, 3)
+    own, value = net[0].weight, net[0].weight.detach().clone()
+
+    out = call(net, params, x)
+
+    assert net[0].weight is own and torch.equal(own, value)
+    masked = params["0.weight_orig"] * net[0].weight_mask
+    expected = torch.stack([
+        torch.tanh(x @ masked[i].T + params["0.bias"][i]) @ params["2.weight"][i].T
+        + params["2.bias"][i]
+        for i in range(3)
+    ])  # fmt: skip
+    assert torch.allclose(out, expected, atol=1e-12)
+    assert not torch.allclose(out[0], out[1])
