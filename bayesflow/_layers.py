@@ -27,6 +27,7 @@ __all__ = [
 import contextlib
 import copy
 import functools
+import inspect
 import math
 import sys
 
@@ -339,13 +340,18 @@ class Tape(Noise):
         self.draws = layout.draws
         self.slab: Tensor | None = None
         self.pos = self.index = 0
+        self.level: int | None = None
 
     def begin(self, slab: Tensor) -> None:
         self.slab = slab
         self.pos = self.index = 0
+        self.level = func_level()
 
     def enter(self, name: str, local: bool) -> None:
-        if not local:
+        # A layer under a torch.func transform that `fn` opened (an inner vmap over
+        # positions, a derivative with respect to the input) with the shapes the layout
+        # recorded outside one: the layout is stale, and a fresh one samples it whole.
+        if not local or func_level() != self.level:
             raise StaleShapes(name)
 
     def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
@@ -427,6 +433,19 @@ def _flipout(name: str, layer: nn.Module, x: Tensor, m: Moments, noise: Noise) -
     return y
 
 
+def _bound_input(original: Any, layer: nn.Module, x: Tensor | None, kwargs: dict) -> Tensor:
+    r"""Returns the input of a call of `layer` as its own forward `original` binds it (its
+    errors, for a call that forward refuses)."""
+
+    args = () if x is None else (x,)
+    try:
+        bound = inspect.signature(original).bind(layer, *args, **kwargs)
+    except TypeError:
+        original(layer, *args, **kwargs)  # raises its own error, naming the argument
+        raise
+    return list(bound.arguments.values())[1]
+
+
 class LocalPlan:
     r"""The local reparameterization trick or Flipout for the layers of a module whose
     weight or bias a posterior holds (see :func:`is_local`), written once for
@@ -434,13 +453,15 @@ class LocalPlan:
 
     An estimator is exact for a call when every example's outputs have the joint law
     of a weight sample: the local trick for a linear layer on inputs `(B, in)` (one
-    leading dim: the examples), Flipout for those and for convolutions (signs per channel,
-    shared by the positions of an example). Elsewhere (a convolution under the local
-    trick, a linear layer on `(B, T, in)`, whose weight is shared by the positions of an
-    example) the layer's weight is sampled whole, unless `per_position` asks for the
-    estimator anyway, with independent noise at every position: an approximation whose
-    outputs have the right law one by one, but whose sums over positions (a pooling, a
-    flatten and a linear head) have too small a variance. A local call (:meth:`layout`)
+    leading dim: the examples) and for a stack `(S, out, in)` on `(B, S, in)` or
+    `(B, 1, in)` (a weight per position), Flipout for those and for convolutions (signs
+    per channel, shared by the positions of an example). Elsewhere (a convolution under
+    the local trick, a linear layer on `(B, T, in)` or a stack of one broadcast over its
+    `T` positions, whose weight is shared by the positions of an example) the layer's
+    weight is sampled whole, unless `per_position` asks for the estimator anyway, with
+    independent noise at every position: an approximation whose outputs have the right
+    law one by one, but whose sums over positions (a pooling, a flatten and a linear head)
+    have too small a variance. A local call (:meth:`layout`)
     also samples whole, whatever `per_position`, a layer whose weight or bias is shared
     with another module (tied), one called more than once by `fn`, and one whose Bayesian
     tensors `fn` reads outside the layer's call: their outputs share one weight.
@@ -544,13 +565,19 @@ class LocalPlan:
 
         return moments(self.layers[name], pair(prefix + "weight"), pair(prefix + "bias"))
 
-    def exact(self, layer: nn.Module, x: Tensor, weight_dim: int) -> bool:
+    def exact(self, layer: nn.Module, x: Tensor, stack: int | None) -> bool:
         r"""Whether the estimator gives every example of input `x` the law of a weight sample
-        (`weight_dim`: the dims of the layer's weight)."""
+        (`stack`: the size of a stacked weight's leading dim, :py:`None` for a weight
+        `(out, in)`)."""
 
         if is_conv(layer):
             return self.flipout
-        return x.dim() - weight_dim + 1 <= 1
+        if x.dim() <= 2:
+            return True
+        # A stack `(S, out, in)` on `(B, T, in)`: exact where every position has a weight
+        # of its own (T = S, or T = 1 broadcast against it), not where a stack of one is
+        # broadcast over the T positions, which then share it.
+        return stack is not None and x.dim() == 3 and x.shape[-2] <= stack
 
     def forwards(self, noise: Noise, names: Any) -> list[tuple[nn.Module, str, Any]]:
         r"""Returns the changes that give the layers `names` their stochastic forward."""
@@ -561,10 +588,13 @@ class LocalPlan:
         layer = self.layers[name]
         step = _flipout if self.flipout else _local
         original = type(layer).forward
-        weight_dim = layer.weight.dim()  # read once, not at every call of the layer
+        # Read once, not at every call of the layer.
+        stack = layer.weight.shape[0] if layer.weight.dim() == 3 else None
 
-        def forward(x: Tensor) -> Tensor:
-            local = self.per_position or self.exact(layer, x, weight_dim)
+        def forward(x: Tensor | None = None, /, **kwargs: Any) -> Tensor:
+            if kwargs or x is None:  # the input by keyword (`input=` for torch's layers)
+                x = _bound_input(original, layer, x, kwargs)
+            local = self.per_position or self.exact(layer, x, stack)
             noise.enter(name, local)
             try:
                 if not local:

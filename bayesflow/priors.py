@@ -213,6 +213,10 @@ class GaussianPrior(Prior):
 
     Tensors are copied (detached): a prior made from a module's parameters stays where it
     was made while the module trains.
+
+    A subclass may set `closed_form = False` (with a `log_prob` of its own: a Monte Carlo
+    KL) or override :meth:`kl`: the objectives then use its KL, as :func:`prior_kl` does,
+    rather than the Gaussian closed form.
     """
 
     closed_form = True
@@ -385,6 +389,17 @@ def check_prior(where: str, prior: object, posterior: Posterior) -> None:
     check_number(where, "prior variance", prior, 0.0, strict=True)
 
 
+def _gaussian_closed_form(prior: GaussianPrior) -> bool:
+    r"""Whether the KL of `prior` is :class:`GaussianPrior`'s closed form: not for a subclass
+    that declares none (`closed_form = False`, a Monte Carlo KL with its own `log_prob`) or
+    that computes its KL itself (`kl` or `_closed_kl` overridden)."""
+
+    kind = type(prior)
+    return (
+        prior.closed_form and kind.kl is Prior.kl and kind._closed_kl is GaussianPrior._closed_kl
+    )
+
+
 def sample_and_kl(
     where: str,
     posterior: Posterior,
@@ -394,14 +409,15 @@ def sample_and_kl(
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     r"""Returns `n` samples of `posterior` (none if `n` is :py:`None`) and its closed-form
     KL divergence from `prior`, in one pass, where the prior is Gaussian (:py:`None`, a
-    float variance or a :class:`GaussianPrior`); the KL is :py:`None` for any other prior.
+    float variance or a :class:`GaussianPrior` whose KL is that closed form); the KL is
+    :py:`None` for any other prior (its own :meth:`Prior.kl` is the objectives' to call).
     The objectives' helper: the numbers are those of :func:`bayesflow.sample` and
     :func:`prior_kl`, and every check comes before any work."""
 
     if prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool)):
         var = 1.0 if prior is None else check_number(where, "prior", prior, 0.0, strict=True)
         make = _sampling.zero_mean_prior(var)
-    elif isinstance(prior, GaussianPrior) and type(prior)._closed_kl is GaussianPrior._closed_kl:
+    elif isinstance(prior, GaussianPrior) and _gaussian_closed_form(prior):
         check_posterior(where, posterior)
         prior._check_names(where, posterior)
         make = prior._flat

@@ -289,6 +289,13 @@ POSITIONS = {
         lambda: torch.randn(2, 5, 4),
         lambda m, x: m(x).mean(-2),
     ),
+    # zuko's stack of one weight broadcast over the positions, which share it: counted
+    # exact, noise per position (the variance of the mean 0.35 of a weight sample's)
+    "zuko-stack-of-one-over-positions-mean": (
+        lambda: zuko.nn.Linear(4, 3, stack=1),
+        lambda: torch.randn(2, 5, 4),
+        lambda m, x: m(x).mean(-2),
+    ),
 }
 S = 4000
 
@@ -870,3 +877,144 @@ def test_layers_the_estimator_cannot_take_keep_the_law_of_a_weight_sample(name, 
     y = bf.local_call(module, q, S, x, fn=fn, generator=gen(2), flipout=flipout)
     assert _agree(_joint(y), _joint(exact))
     assert not torch.allclose(y[0], y[1])  # the posterior noise was used
+
+
+def test_a_stack_broadcast_over_positions_is_sampled_whole(gen):
+    # zuko.nn.Linear(stack=1) on (B, T, in) applies its one weight at every position; the
+    # estimators drew noise per position, as for a stack with a weight per position.
+    torch.manual_seed(0)
+    alike = torch.randn(2, 1, 4).expand(2, 5, 4)  # the positions of an example alike
+    layer = zuko.nn.Linear(4, 3, stack=1)
+    q = bf.init(layer, init_logvar=-2.0)
+    bnet = bf.BayesianModel(layer, init_logvar=-2.0)
+    for flipout in (False, True):
+        y = bf.local_call(layer, q, 3, alike, generator=gen(1), flipout=flipout)
+        assert torch.equal(y, y[:, :, :1].expand_as(y))  # one weight at every position
+        assert not torch.allclose(y[0], y[1])  # the samples were used
+    with bnet.reparameterize(local_trick=True, generator=gen(1)) as net:
+        y = net(alike)
+    assert torch.equal(y, y[:, :1].expand_as(y)) and not torch.allclose(y, layer(alike))
+
+    # a weight per position (T = S, or one position broadcast over the stack): the
+    # estimators, with noise of its own for every example (here alike)
+    layer = zuko.nn.Linear(4, 3, stack=2)
+    q = bf.init(layer, init_logvar=-2.0)
+    for x in (torch.randn(1, 2, 4).expand(2, 2, 4), torch.randn(1, 1, 4).expand(2, 1, 4)):
+        for flipout in (False, True):
+            y = bf.local_call(layer, q, 3, x, generator=gen(1), flipout=flipout)
+            assert y.shape == (3, 2, 2, 3) and not torch.allclose(y[:, 0], y[:, 1])
+
+
+class _TransformsOnAFlag(nn.Module):
+    r"""Calls its layer under a torch.func transform of its own once `self.inner` is set,
+    with the shapes of its plain call: a flag that the recorded layout cannot know."""
+
+    def __init__(self, transform):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.transform, self.inner = transform, False
+
+    def forward(self, x):  # x: (B, T, 3)
+        if not self.inner:
+            return self.lin(x.mean(1))
+        if self.transform == "vmap":  # the layer at every position, (B, 3) each
+            return torch.func.vmap(self.lin, in_dims=1)(x).mean(0)
+        h = x.mean(1)
+        if self.transform == "jvp":  # a derivative with respect to the input
+            return torch.func.jvp(self.lin, (h,), (torch.ones_like(h),))[1]
+        return torch.func.grad(lambda h: self.lin(h).square().sum())(h)
+
+
+# torch's forward mode loads its decompositions through torch.jit.script on first use.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+@pytest.mark.parametrize(
+    "transform",
+    [
+        "vmap",
+        # torch's vmap over the weights cannot run this jvp of F.linear (nor can
+        # vmap_call's): the call falls back to its loop (too slow for the law's S)
+        pytest.param(
+            "jvp", marks=pytest.mark.filterwarnings("ignore::bayesflow.VmapFallbackWarning")
+        ),
+        "grad",
+    ],
+)
+def test_a_layer_moved_under_an_inner_transform_after_its_layout(transform, flipout, gen):
+    # A layout recorded with the layer called plainly, then a flag moved the call under a
+    # transform of the module's own with the same shapes: the remembered layout kept the
+    # layer local (for the inner vmap, one noise for all positions: twice the variance of
+    # a weight sample's mean). A layer entered at another transform level than the call's
+    # now makes the call start again with a fresh layout, which samples the layer whole.
+    torch.manual_seed(0)
+    net, x = _TransformsOnAFlag(transform), torch.randn(3, 5, 3)
+    q = bf.init(net, init_logvar=-1.0)
+    _stale_is_fresh(net, q, x, lambda: setattr(net, "inner", True), gen, flipout=flipout)
+    if transform == "jvp":
+        return  # its loop over S samples takes seconds
+
+    net.inner = False
+    bf.local_call(net, q, 4, x, generator=gen(0), flipout=flipout)  # records the layout
+    net.inner = True
+    y = bf.local_call(net, q, S, x, generator=gen(2), flipout=flipout)
+    exact = bf.vmap_call(net, bf.sample(q, S, generator=gen(1)), x)
+    assert _agree(_joint(y), _joint(exact))
+    assert not torch.allclose(y[0], y[1])  # the posterior noise was used
+
+
+class _ByKeyword(nn.Module):
+    r"""Calls its layers with the input by keyword, as their own forwards name it (`input`
+    for torch's layers, `x` for zuko's), or positionally."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3) if conv else None
+        self.body, self.head = nn.Linear(6 if conv else 3, 4), zuko.nn.Linear(4, 2)
+        self.keyword = True
+
+    def forward(self, x):
+        if self.conv is not None:
+            c = self.conv(input=x) if self.keyword else self.conv(x)
+            x = torch.tanh(c).flatten(-2)
+        if self.keyword:
+            return self.head(x=torch.tanh(self.body(input=x)))
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize(
+    "flipout, conv",
+    [(False, False), (True, False), (True, True)],
+    ids=["local", "flipout", "conv"],
+)
+def test_a_layer_called_by_keyword(flipout, conv, gen):
+    # The stochastic forward took `x` alone: `self.lin(input=h)` raised a TypeError from
+    # local_call and nelbo's local estimators (vmap_call runs it).
+    torch.manual_seed(0)
+    net = _ByKeyword(conv)
+    x, target = torch.randn(5, 2, 4) if conv else torch.randn(5, 3), torch.randn(5, 2)
+    q = bf.init(net, init_logvar=-2.0)
+    fn = lambda m, x, t: -(m(x) - t).square().sum(-1)
+    estimator = "flipout" if flipout else "local"
+
+    y = bf.local_call(net, q, 4, x, generator=gen(1), flipout=flipout)
+    loss = bf.nelbo(net, q, x, target, fn=fn, num_data=10.0, generator=gen(2), estimator=estimator)
+    loop = bf.local_call(net, q, 4, x, generator=gen(1), flipout=flipout, vectorized=False)
+    assert torch.allclose(y, loop, atol=1e-12)
+    assert not torch.allclose(y[0], y[1])  # the samples were used
+    net.keyword = False  # the numbers of positional calls
+    assert torch.equal(y, bf.local_call(net, q, 4, x, generator=gen(1), flipout=flipout))
+    positional = bf.nelbo(
+        net, q, x, target, fn=fn, num_data=10.0, generator=gen(2), estimator=estimator
+    )
+    assert torch.equal(loss, positional)
+
+    net.keyword, mean = True, net(x)
+    bnet = bf.BayesianModel(net, init_logvar=-2.0)
+    with bnet.reparameterize(local_trick=True, generator=gen(1)) as model:
+        assert not torch.allclose(model(x), mean)
+
+    def misnamed(m, x):  # refused as the layer's own forward refuses it
+        return m.body(inp=x)
+
+    with pytest.raises(TypeError, match="'inp'"):
+        bf.local_call(net, q, 4, torch.randn(5, 3), fn=misnamed, flipout=flipout)

@@ -1,5 +1,6 @@
 r"""Tests for bayesflow.objectives: the vectorized negative ELBO and KL schedules."""
 
+import math
 import re
 
 from pathlib import Path
@@ -377,3 +378,60 @@ def test_a_failed_call_leaves_the_generator_as_found(objective, failure, device)
     fresh = torch.Generator(device).manual_seed(1)
     net.load_state_dict(before)
     assert torch.equal(loss, objective(net, q, x, y, fn=mse, num_data=10, n=3, generator=fresh))
+
+
+class _LaplacePrior(GaussianPrior):
+    r"""A Laplace prior of its Gaussian's variance: no closed form, the Monte Carlo KL of its
+    own log-density."""
+
+    closed_form = False
+
+    def log_prob(self, params):
+        b = math.sqrt(self.var / 2)
+        return sum((-(t.abs() / b) - math.log(2 * b)).flatten(1).sum(1) for t in params.values())
+
+
+def _laplace_kl(q, var):
+    r"""The exact KL from `q` of the centred Laplace prior of variance `var` (scale `b`):
+    :math:`-H(q) + E|\theta| / b + \log 2b`, with :math:`E|\theta| = s \sqrt{2 / \pi}
+    e^{-m^2 / 2 s^2} + m \, \mathrm{erf}(m / s \sqrt{2})` for :math:`\theta \sim N(m, s^2)`."""
+
+    b, sd, kl = math.sqrt(var / 2), bf.std(q), 0.0
+    for k, m in q.mean.items():
+        s = sd[k]
+        mean_abs = s * math.sqrt(2 / math.pi) * torch.exp(-(m**2) / (2 * s**2))
+        mean_abs = mean_abs + m * torch.erf(m / (s * math.sqrt(2)))
+        entropy = 0.5 * (torch.log(2 * math.pi * s**2) + 1)
+        kl = kl + (mean_abs / b + math.log(2 * b) - entropy).sum()
+    return kl
+
+
+class _DoubledKL(GaussianPrior):
+    r"""A Gaussian prior whose `kl` is its own: twice the closed form."""
+
+    def kl(self, posterior, generator=None, n=None):
+        return 2 * super().kl(posterior, generator, n)
+
+
+@pytest.mark.parametrize("estimator", ["weights", "local", "flipout"])
+def test_a_gaussian_prior_subclass_with_a_kl_of_its_own(estimator, gen):
+    # nelbo took GaussianPrior's fused closed form for every subclass that kept `_closed_kl`,
+    # whatever its `closed_form` or `kl`: a Laplace prior's loss was the Gaussian KL (3.17,
+    # 11 standard errors off its 3.06), an overridden `kl` was never called.
+    torch.manual_seed(0)
+    net, x = nn.Linear(3, 2), torch.randn(4, 3)
+    q = bf.init(net, init_logvar=-2.0)
+    zero = lambda m, x: 0.0 * m(x).sum(-1)  # the loss is the KL alone
+    kw = dict(fn=zero, num_data=1.0, estimator=estimator)
+
+    g, laplace = gen(1), _LaplacePrior(var=0.5)
+    kls = torch.stack(
+        [bf.nelbo(net, q, x, n=256, prior=laplace, generator=g, **kw).detach() for _ in range(100)]
+    )
+    se = kls.std() / 10
+    exact, closed = _laplace_kl(q, 0.5), bf.kl_divergence(q, 0.5).detach()
+    assert (kls.mean() - exact).abs() <= 5 * se
+    assert (kls.mean() - closed).abs() > 5 * se  # the test tells the two apart
+
+    doubled = bf.nelbo(net, q, x, n=2, prior=_DoubledKL(var=0.5), generator=gen(2), **kw)
+    assert torch.allclose(doubled, 2 * closed, rtol=1e-12)
