@@ -5,7 +5,9 @@
 #   1. zuko, if python cannot import it, from the wheel carried in .whl/ (pip --no-index
 #      --no-deps --target a temporary folder, put on PYTHONPATH); bayesflow from this checkout;
 #   2. the tests with --device cuda (the notebook and site tests skip when nbclient, nbformat
-#      or sphinx are missing), at most GPU_CHECK_TEST_SECONDS (default 300) seconds;
+#      or sphinx are missing; the benchmark's and CLI's tests, CPU-bound, and this script's
+#      rehearsal are left out: step 4 runs the benchmark on the device), at most
+#      GPU_CHECK_TEST_SECONDS (default 300) seconds;
 #   3. float64 on the GPU against the CPU, on the same posterior samples;
 #   4. the reduced CUDA sweep (`bayesflow bench --sweep cuda`: K = 1, 128, 1024; MLP, NSF, the
 #      digits CNN, a last-layer-Bayesian trunk; the plain module, vmap, bmm, limit, torch-func,
@@ -17,7 +19,8 @@
 #   bash scripts/gpu-check.sh --wheels    # here, with network: zuko's wheel into .whl/
 #   bash scripts/gpu-check.sh [PYTEST OPTIONS]                  # there, on the GPU machine
 #   GPU_CHECK_CPU=1 bash scripts/gpu-check.sh                   # a rehearsal on any CPU
-# GPU_CHECK_TESTS (test paths) and GPU_CHECK_SWEEP_OPTIONS (more bench options) narrow a run.
+# GPU_CHECK_TESTS (test paths) and GPU_CHECK_SWEEP_OPTIONS (more bench options) narrow a run;
+# GPU_CHECK_PYTHON names the interpreter (default: the checkout's .venv, else python3).
 # The rehearsal runs the same steps on the CPU at tiny sizes, with zuko, nbclient, nbformat and
 # sphinx hidden from python (as on the GPU machine) and zuko's wheel built from the installed
 # copy when .whl/ has none; its files are named cpu-rehearsal.* (in $OUT, or a temporary folder).
@@ -27,8 +30,8 @@ cd "$(dirname "$0")/.."
 root="$PWD"
 zuko_version="${ZUKO_VERSION:-1.6.0}"
 
-python=python3
-[[ -x .venv/bin/python ]] && python="$root/.venv/bin/python"
+python="${GPU_CHECK_PYTHON:-python3}"
+[[ -z "${GPU_CHECK_PYTHON:-}" && -x .venv/bin/python ]] && python="$root/.venv/bin/python"
 
 if [[ "${1:-}" == --wheels ]]; then
   mkdir -p .whl
@@ -89,6 +92,10 @@ PY
 fi
 
 # 1. zuko from the carried wheel, bayesflow from this checkout.
+if ! "$python" -c "import torch" 2> /dev/null; then
+  say "$python cannot import torch; set GPU_CHECK_PYTHON to an interpreter that can"
+  exit 1
+fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$python" -c "import zuko" 2> /dev/null; then
   [[ -z "${wheels:-}" ]] && wheels=(.whl/zuko-*.whl)
@@ -120,10 +127,10 @@ command -v nvidia-smi > /dev/null && nvidia-smi >> "$env_log" 2>&1
 # 2. The tests on the device (the package's doctests print CPU tensors: not here).
 timeout_opt=()
 "$python" -c "import pytest_timeout" 2> /dev/null && timeout_opt=(--timeout=180)
-tests=(tests)
+tests=(tests --ignore=tests/test_bench.py --ignore=tests/test_cli.py --ignore=tests/test_gpu_check.py)
 [[ -n "${GPU_CHECK_TESTS:-}" ]] && read -r -a tests <<< "$GPU_CHECK_TESTS"
 say "tests: python -m pytest --device $device ${tests[*]} $*"
-timeout -s INT "${GPU_CHECK_TEST_SECONDS:-300}" "$python" -m pytest -p no:cacheprovider -q -rfEs \
+timeout -s INT -k 20 "${GPU_CHECK_TEST_SECONDS:-300}" "$python" -m pytest -p no:cacheprovider -q -rfEs \
   --device "$device" "${timeout_opt[@]}" "${tests[@]}" "$@" > "$out/$prefix-tests.txt" 2>&1
 status=$?
 tail -n 25 "$out/$prefix-tests.txt"
@@ -158,7 +165,7 @@ fi
 # More options for the sweep (they win over the sweep's), e.g. "--models mlp".
 [[ -n "${GPU_CHECK_SWEEP_OPTIONS:-}" ]] && read -r -a more <<< "$GPU_CHECK_SWEEP_OPTIONS" && sweep+=("${more[@]}")
 say "sweep: bayesflow bench ${sweep[*]}"
-timeout -s INT "${GPU_CHECK_SWEEP_SECONDS:-150}" "$python" -m bayesflow bench "${sweep[@]}" \
+timeout -s INT -k 20 "${GPU_CHECK_SWEEP_SECONDS:-150}" "$python" -m bayesflow bench "${sweep[@]}" \
   --json "$out/$prefix.json" --csv "$out/$prefix.csv" --markdown "$out/$prefix.md" \
   > "$out/$prefix.txt" 2> "$tmp/sweep.err"
 status=$?

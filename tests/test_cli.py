@@ -34,11 +34,8 @@ KEYS = {
 def _wrong_build(case, K, mode, fn, args, **options):
     # The vectorized path, off by 1%: a method that must be caught before it is timed.
     def run(seed):
-        g = (
-            torch.Generator(torch.get_default_device()).manual_seed(seed)
-            if seed is not None
-            else None
-        )
+        device = next(iter(case.posterior.mean.values())).device  # the case's, not the tests'
+        g = torch.Generator(device).manual_seed(seed) if seed is not None else None
         params = bf.sample(case.posterior, K, generator=g)
         return 1.01 * bf.vmap_call(case.module, params, *args, fn=fn)
 

@@ -127,7 +127,9 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.set_default_dtype(torch.float32)  # as a user's session; the fixture restores it
     torch.manual_seed(0)
-    exec(compile("".join(blocks), str(path), "exec"), {"__name__": "__docs__"})
+    # A user's session on the CPU, whatever --device: the pages draw from CPU generators.
+    with torch.device("cpu"):
+        exec(compile("".join(blocks), str(path), "exec"), {"__name__": "__docs__"})
 
 
 def test_every_skipped_block_says_why():

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def test_gpu_check_rehearsal(tmp_path):
     env = {
         **os.environ,
         "GPU_CHECK_CPU": "1",
+        "GPU_CHECK_PYTHON": sys.executable,  # this interpreter, with or without a .venv
         "OUT": str(tmp_path),
         "GPU_CHECK_TESTS": "tests/test_notebooks.py tests/test_schedules.py",
         "GPU_CHECK_SWEEP_OPTIONS": "--models mlp --modes forward",

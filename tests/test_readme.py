@@ -16,4 +16,6 @@ def test_readme_examples_run():
     assert len(blocks) >= 3
 
     torch.set_default_dtype(torch.float32)
-    exec(compile("\n".join(blocks), str(README), "exec"), {})
+    # A user's session on the CPU, whatever --device: the pages draw from CPU generators.
+    with torch.device("cpu"):
+        exec(compile("\n".join(blocks), str(README), "exec"), {})
