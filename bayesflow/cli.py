@@ -53,8 +53,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
     return value
 
 
@@ -103,15 +103,33 @@ def _writable(parser: argparse.ArgumentParser, option: str, path: str) -> None:
     r"""Fails before any work if `path` cannot be written (a missing folder, a folder)."""
 
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
+    if not path:
+        why = "an empty path"
+    elif os.path.isdir(path):
         why = "it is a folder"
     elif not os.path.isdir(folder):
         why = f"no folder {folder}"
     elif not os.access(folder, os.W_OK):
         why = f"{folder} is not writable"
+    elif option == "--plot" and _plot_format(path) is not None:
+        why = _plot_format(path)
     else:
         return
     parser.error(f"{option}: expected a file path that can be written, got {path!r} ({why})")
+
+
+def _plot_format(path: str) -> str | None:
+    r"""Why matplotlib cannot write a figure to `path`, or :py:`None` if it can."""
+
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None  # said by the check of matplotlib itself
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    if suffix in formats:
+        return None
+    return f"matplotlib writes {', '.join(sorted(formats))}, by the file's suffix"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -288,6 +306,10 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
         return sorted(set(samples))
 
     config["samples"] = positive(config["samples"])
+    if not config["samples"]:
+        parser.error(
+            "--samples: expected at least one positive integer K (or a sweep's), got none"
+        )
     limit = config.get("max_loop_samples")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         parser.error(f"--max-loop-samples: expected a positive integer, got {limit!r}")
@@ -298,6 +320,10 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
                 batches.append(_positive_int(str(b)))
             except argparse.ArgumentTypeError as e:
                 parser.error(f"--batch: {e}")
+        if not batches:
+            parser.error(
+                "--batch: expected at least one positive integer (or a sweep's), got none"
+            )
         config["batch"] = batches[0] if len(batches) == 1 else list(dict.fromkeys(batches))
     per_model = config.get("model_samples") or {}
     if not isinstance(per_model, dict) or not set(per_model) <= set(MODELS):
@@ -305,6 +331,9 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
     config["model_samples"] = {
         m: positive(ks) for m, ks in per_model.items() if m in config["models"]
     }
+    empty = [m for m, ks in config["model_samples"].items() if not ks]
+    if empty:
+        parser.error(f"--sweep: expected at least one K in model_samples, got none for {empty}")
 
     import torch
 
@@ -346,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = _resolve(parser, args)
     for option in ("json", "csv", "markdown", "plot"):
-        if getattr(args, option):
+        if getattr(args, option) is not None:
             _writable(parser, f"--{option}", getattr(args, option))
     if args.plot:
         try:

@@ -325,6 +325,38 @@ def test_bad_sweep_file_fails_before_the_sweep(sweep, key, monkeypatch, tmp_path
     assert "--sweep: expected" in err and repr(key) in err and str(path) in err, err
 
 
+@pytest.mark.parametrize(
+    "argv, sweep, option",
+    [
+        (["--samples", ","], None, "--samples"),
+        (["--batch", ","], None, "--batch"),
+        ([], {"samples": []}, "--samples"),
+        ([], {"batch": []}, "--batch"),
+        ([], {"model_samples": {"mlp": []}}, "--sweep"),
+        (["--min-time", "inf"], None, "--min-time"),
+        (["--csv", ""], None, "--csv"),
+        (["--plot", "r.txt"], None, "--plot"),
+    ],
+    ids=["samples ,", "batch ,", "sweep samples []", "sweep batch []", "model_samples []",
+         "min-time inf", "empty csv path", "plot r.txt"],
+)  # fmt: skip
+def test_empty_or_unusable_values_fail_before_the_sweep(
+    argv, sweep, option, monkeypatch, tmp_path, capsys
+):
+    # These ran 0 cells and exited 0, wrote nothing, or failed after the whole sweep (a
+    # traceback, exit 1: "wrong numbers").
+    monkeypatch.setattr(bench, "run_bench", _never)
+    monkeypatch.chdir(tmp_path)
+    if sweep is not None:
+        (tmp_path / "sweep.json").write_text(json.dumps({"models": ["mlp"], **sweep}))
+        argv = [*argv, "--sweep", "sweep.json"]
+    with pytest.raises(SystemExit) as info:
+        main(["bench", *argv, "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{option}: expected" in err, err
+
+
 def test_plot_without_matplotlib_fails_before_the_sweep(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench, "run_bench", _never)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # an import of None fails
