@@ -33,7 +33,9 @@ def _recurrent_of(st: Structure, module: nn.Module) -> tuple[tuple[str, frozense
     included (tied ones by their first name); none for most modules. Cached with the
     structure."""
 
-    found = _RECURRENT.get(st)
+    # Not read while compiling: dynamo would guard on the weak dictionary's keys, which
+    # other modules' structures leave at any garbage collection (a failed guard).
+    found = None if is_compiling() else _RECURRENT.get(st)
     if found is None:
         layers = []
         for path, m in st.find(module, nn.RNNBase):

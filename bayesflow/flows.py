@@ -23,6 +23,7 @@ from torch.distributions import (
 from ._buffers import State
 from ._caches import PerObject
 from ._checks import check_generator, check_module, describe
+from ._compat import is_compiling
 from ._engine import _rng_state, _set_rng_state, count, run
 from ._options import call_options
 from ._structure import Structure, lock, structure
@@ -252,9 +253,10 @@ def flow_sample(
     # flow may be updating.
     with lock(flow):
         st = structure(flow)
-        seen = _CONTEXTS.get(flow)
+        # Not read while compiling (dynamo would guard on the weak dictionary's keys).
+        seen = None if is_compiling() else _CONTEXTS.get(flow)
         if seen is None or seen[0] is not st:
-            seen = _CONTEXTS.put(flow, (st, set()))
+            seen = (st, set()) if is_compiling() else _CONTEXTS.put(flow, (st, set()))
         context = None if c is None else (tuple(c.shape), c.dtype, c.device)
         try:
             d = _evaluate(flow, st, c, context not in seen[1])

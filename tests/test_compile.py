@@ -104,6 +104,20 @@ def test_compiled_fullgraph_with_one_recompile():
     assert counters["stats"]["unique_graphs"] <= 2  # K = 4, then one dynamic graph
 
 
+def test_compiled_calls_guard_on_no_weak_cache_of_structures():
+    # dynamo guarded on the keys of a weak dictionary keyed by modules' structures, which
+    # any garbage collection changes: in a full test run, a compilation failed at random
+    # ("Error while creating guard ... IndexError: list index out of range").
+    net = zuko.nn.MLP(5, 5, hidden_features=(16, 16))
+    q = bf.init(net, -4.0)
+    x = torch.randn(8, 5)
+    params = {name: v.detach() for name, v in bf.sample(q, 4).items()}
+    bf.vmap_call(net, params, x)  # fills the caches, as earlier calls do
+    out = torch._dynamo.explain(lambda p, x: bf.vmap_call(net, p, x))(params, x)
+    names = [g.name for g in out.out_guards]
+    assert names and not [n for n in names if "_RECURRENT" in n]
+
+
 def test_compiled_fullgraph_on_a_module_with_buffers():
     # The check that an ensemble's stacked parameters come with their buffers looked up a
     # weak dictionary, which dynamo cannot trace: every module with buffers failed fullgraph.
