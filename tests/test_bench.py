@@ -2,6 +2,7 @@ r"""Tests for the benchmark package behind `bayesflow bench`."""
 
 import ast
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -62,6 +63,8 @@ def test_every_method_is_checked_before_it_is_timed(method):
                 else "statistically"
             )
             assert r["detail"].startswith(f"checked {kind}"), r
+            if bench.METHODS[method].oracle is not None:
+                assert r["detail"].endswith("and exactly against bayesflow's loop"), r
     if method in EXACT:
         assert by["forward"]["status"] is Status.OK, by["forward"]
         train = Status.NOT_APPLICABLE if method == "sample-model-loop" else Status.OK
@@ -312,7 +315,7 @@ LOCAL_VARIANTS = {
 def test_local_noise_training_steps_are_checked_statistically(variant):
     method, expected = LOCAL_VARIANTS[variant]
     # The default number of samples of a check (128), as in `bayesflow bench`: 32 draws of
-    # 4 samples each, against as many of the loop's.
+    # 4 samples each (two calls at K = 2), against as many of the loop's.
     (r,) = _run(
         ["mlp"], [], modes=("train",), extra={"variant": method},
         check_samples=bench.checks.STATISTICAL_SAMPLES,
@@ -323,6 +326,94 @@ def test_local_noise_training_steps_are_checked_statistically(variant):
     else:
         assert r["status"] is Status.WRONG and r["median_ms"] is None, r
         assert r["detail"].startswith(expected), r
+
+
+LOCAL = ("local-trick", "nelbo-local", "nelbo-flipout")
+
+
+def _one_sample(name):
+    # The method on one sample, its outputs (or training step) passed off as K: an unbiased
+    # estimate, K times noisier.
+    base = bench.METHODS[name]
+
+    def build(case, K, mode, fn, args, **options):
+        run = base.build(case, 1, mode, fn, args, **options)
+
+        def one(seed):
+            out = run(seed)
+            return out if isinstance(out, tuple) else out.expand(K, *out.shape[1:])
+
+        return one
+
+    return dataclasses.replace(base, build=build)
+
+
+def _late_samples_scaled(name):
+    # The method with its samples past the 4th 3 times too large, as a bug in a later
+    # chunk would make them.
+    base = bench.METHODS[name]
+
+    def build(case, K, mode, fn, args, **options):
+        run = base.build(case, K, mode, fn, args, **options)
+
+        def late(seed):
+            out = run(seed)
+            scale = torch.ones(K, *(1,) * (out.dim() - 1), dtype=out.dtype)
+            scale[4:] = 3.0
+            return scale * out
+
+        return late
+
+    return dataclasses.replace(base, build=build)
+
+
+WRONG_LOCAL = {
+    **{f"one-sample:{name}": _one_sample(name) for name in LOCAL},
+    "late-samples:local-trick": _late_samples_scaled("local-trick"),
+}
+
+
+@pytest.mark.parametrize("variant", [*LOCAL, *WRONG_LOCAL])
+def test_local_methods_are_checked_against_their_loop_at_the_timed_k(variant):
+    # Checked statistically only, on steps of 4 samples built for them, both wrong methods
+    # passed and were timed at K = 8. The loop on the same draws (vectorized=False), at the
+    # K timed and with the object timed, tells them.
+    method = WRONG_LOCAL.get(variant) or bench.METHODS[variant]
+    (r,) = _run(
+        ["mlp"], [], samples=(8,), modes=("train",), extra={variant: method},
+        check_samples=bench.checks.STATISTICAL_SAMPLES,
+    )  # fmt: skip
+    if variant in LOCAL:
+        assert r["status"] is Status.OK and r["median_ms"] is not None, r
+        assert r["detail"] == "checked statistically, and exactly against bayesflow's loop", r
+    else:
+        assert r["status"] is Status.WRONG and r["median_ms"] is None, r
+        assert r["detail"].endswith(", against bayesflow's loop (vectorized=False)"), r
+
+
+def _wrong_at_one_sample(scale):
+    # Its own noise, off by `scale` when built for one sample only (a special path, as a
+    # plain call for K = 1 would be).
+    def build(case, K, mode, fn, args, **options):
+        return _biased_build(scale if K == 1 else 1.0)(case, K, mode, fn, args, **options)
+
+    return build
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.25])
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_statistical_checks_build_the_method_at_the_timed_k(mode, scale):
+    # Built at max(K, 128) samples (forward) or at the 4 of a training step, a method
+    # wrong at the K timed only passed; now it is called at K until it has as many.
+    method = bench.Method("own", _wrong_at_one_sample(scale), Noise.OWN, targets=None)
+    (r,) = _run(
+        ["mlp"], [], samples=(1,), modes=(mode,), extra={"own": method},
+        check_samples=bench.checks.STATISTICAL_SAMPLES,
+    )  # fmt: skip
+    if scale == 1.0:
+        assert r["status"] is Status.OK and r["detail"] == "checked statistically", r
+    else:
+        assert r["status"] is Status.WRONG and r["median_ms"] is None, r
 
 
 @pytest.fixture(scope="module")

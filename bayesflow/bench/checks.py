@@ -9,9 +9,13 @@ r"""The reference (the loop on the same noise) and the checks every method passe
   are compared exactly too.
 * `local-trick`, `nelbo-local` and `nelbo-flipout` sample activations and the peers have
   their own samplers, so no shared samples exist: they are checked statistically on
-  `max(K, 128)` samples against the loop on as many, in train mode as
+  `max(K, 128)` samples or more against the loop on as many, in train mode as
   :data:`STEP_DRAWS` independent draws whose means are compared in standard errors of
-  their spread (see :func:`check_statistically`).
+  their spread, the method built at the K timed where that costs little (see
+  :func:`check_statistically`). That checks the law of their estimator;
+  `local-trick`, `nelbo-local` and `nelbo-flipout` are also compared exactly, at the K
+  that is timed, with bayesflow's loop on the same draws, their oracle
+  (`vectorized=False`; see :func:`check_oracle`).
 * `deterministic`, the plain module, is compared with the loop on the mean model
   (:func:`bayesflow.mean_params`): outputs, and in train mode the loss and the gradient
   with respect to every Bayesian parameter before its Adam step.
@@ -27,15 +31,17 @@ __all__ = [
     "Check",
     "check_deterministic",
     "check_exact",
+    "check_oracle",
     "check_statistically",
     "mode_fn",
     "reference",
     "tolerance",
 ]
 
+import itertools
 import math
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -56,9 +62,9 @@ from .status import NotApplicable
 STATISTICAL_SAMPLES = 128
 
 #: The number of independent draws a train-mode statistical check makes of the method
-#: and of the loop, each on `samples / STEP_DRAWS` of the samples: their means are compared
-#: in standard errors of the spread of the draws, that of the losses (one mean per draw,
-#: whether a method returns it or per-sample losses) and that of the gradients.
+#: and of the loop, each on `samples / STEP_DRAWS` of the samples or more: their means are
+#: compared in standard errors of the spread of the draws, that of the losses (one mean per
+#: draw, whether a method returns it or per-sample losses) and that of the gradients.
 STEP_DRAWS = 32
 
 #: The number of groups of samples whose average output variances a forward-mode
@@ -189,7 +195,26 @@ def check_exact(
 
     tol = tolerance(case.posterior.mean[next(iter(case.posterior.mean))].dtype)
     got = work(seed)
-    ref = reference(case, K, mode, method.noise, seed, method.kl)
+    return _compare_work(got, reference(case, K, mode, method.noise, seed, method.kl), mode, tol)
+
+
+def check_oracle(
+    case: Case, mode: str, work: Callable[[int], Any], oracle: Callable[[int], Any], seed: int
+) -> Check:
+    r"""Checks a method against its oracle, bayesflow's loop over the same draws
+    (`vectorized=False`), both seeded with `seed`: outputs and, in train mode, every
+    gradient, each within :func:`tolerance` of its largest magnitude, as
+    :func:`check_exact`."""
+
+    tol = tolerance(case.posterior.mean[next(iter(case.posterior.mean))].dtype)
+    check = _compare_work(work(seed), oracle(seed), mode, tol)
+    why = f"{check.detail}, against bayesflow's loop (vectorized=False)"
+    return check if check.ok else Check(False, check.error, why)
+
+
+def _compare_work(got: Any, ref: Any, mode: str, tol: float) -> Check:
+    r"""Compares what a method computed with its reference: the outputs or, in train mode,
+    the losses and every gradient of the reference."""
 
     if mode == "train":
         # A whole training step (nelbo) returns the mean loss only.
@@ -319,6 +344,20 @@ def _draws(
     )
 
 
+def _averaged(
+    steps: Iterable[tuple[Tensor, dict[str, Tensor]]], calls: int
+) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    r"""Averages training steps by groups of `calls`, one draw on `calls` times as many
+    samples: the mean of their mean losses and their mean gradients (of the tensors that
+    every step of the group has gradients for)."""
+
+    steps = iter(steps)
+    while group := list(itertools.islice(steps, calls)):
+        loss = torch.stack([loss.double().mean() for loss, _ in group]).mean()
+        names = [k for k in group[0][1] if all(k in grads for _, grads in group)]
+        yield loss, {k: torch.stack([grads[k] for _, grads in group]).mean(0) for k in names}
+
+
 def _reference_draws(
     case: Case, m: int, noise: Noise, seed: int, kl: bool
 ) -> tuple[dict[str, Tensor], _Draws]:
@@ -338,17 +377,23 @@ def _reference_draws(
 
 
 def _check_steps(
-    case: Case, m: int, noise: Noise, build: Callable[[int], Any], seed: int, kl: bool
+    case: Case, K: int, m: int, noise: Noise, build: Callable[[int], Any], seed: int, kl: bool
 ) -> Check:
-    r"""Checks :data:`STEP_DRAWS` training steps of a method on `m` samples each against
-    as many of the loop's."""
+    r"""Checks :data:`STEP_DRAWS` draws of a method's training steps on `m` samples or more
+    each against as many of the loop's: below `m`, each draw averages the steps of
+    `ceil(m / K)` calls of the method built at `K`; from `m` on, a draw is one step of the
+    method built at `m`."""
 
-    directions, ref = _reference_draws(case, m, noise, seed, kl)
+    # Past m, the method built at K would cost STEP_DRAWS steps at K (a minute of Pyro's at
+    # K = 128): the local methods are checked at K against their oracle, the peers are not.
+    calls, size = (-(-m // K), K) if K < m else (1, m)
+    directions, ref = _reference_draws(case, calls * size, noise, seed, kl)
     own = noise is Noise.OWN
-    step = build(m)
+    step = build(size)
     # Seeds apart from the loop's: the same seed would replay the loop's normal draws.
-    seeds = range(seed + STEP_DRAWS + 1, seed + 2 * STEP_DRAWS + 1)
-    got = _draws((step(s) for s in seeds), directions, ref.means)
+    first = seed + STEP_DRAWS + 1
+    steps = (step(s) for s in range(first, first + calls * STEP_DRAWS))
+    got = _draws(_averaged(steps, calls) if calls > 1 else steps, directions, ref.means)
     if got.problem:
         return Check(False, math.inf, got.problem)
 
@@ -400,25 +445,31 @@ def check_statistically(
     kl: bool = False,
 ) -> Check:
     r"""Checks a method that has its own noise against the loop, on `max(K, samples)`
-    samples, with the method built anew for them.
+    samples or more, with the method built anew for them.
 
-    Forward and sample modes: for every output element, the mean over samples must agree
-    with the loop's within 5 standard errors; and the log of the average variance over
-    output elements, in each of :data:`VARIANCE_GROUPS` groups of the samples, averaged
-    over the groups, within 5 standard errors of that average (from the groups' spread).
-    Train mode: :data:`STEP_DRAWS` training steps of the method, each on
-    `max(K, samples) / STEP_DRAWS` samples (rounded up), against as many of the loop's,
-    with finite gradients for every posterior tensor. The mean loss of a step (a method's
-    own, or the mean of its per-sample losses) averaged over the steps must agree with the
+    Forward and sample modes: the method built at `K`, called `ceil(max(K, samples) / K)`
+    times (seeds `seed + 1`, ...), its outputs concatenated. For every output element, the
+    mean over samples must agree with the loop's within 5 standard errors; and the log of
+    the average variance over output elements, in each of :data:`VARIANCE_GROUPS` groups of
+    the samples, averaged over the groups, within 5 standard errors of that average (from
+    the groups' spread).
+    Train mode: :data:`STEP_DRAWS` draws of training steps of the method, each on
+    `m = max(K, samples) / STEP_DRAWS` samples (rounded up) or more, against as many of the
+    loop's, with finite gradients for every posterior tensor. Where `K < m`, a draw averages
+    the steps of `ceil(m / K)` calls of the method built at `K`; otherwise a draw is one
+    step of the method built at `m`, not at `K`. The mean loss of a draw (a method's own,
+    or the mean of its per-sample losses) averaged over the draws must agree with the
     loop's within 5 standard errors of that average. The gradient of every posterior tensor,
     projected on the loop's from one more step, likewise; for a peer (which has its own
     parameterization), also the gradient with respect to the means, averaged over the
-    steps, within a relative L2 error of :data:`GRADIENT_ERROR` of the loop's.
+    draws, within a relative L2 error of :data:`GRADIENT_ERROR` of the loop's, and each
+    gradient's squared norm within 5 standard errors.
     """
 
     n = max(K, samples)
     if mode == "train":
         m = -(-n // STEP_DRAWS)
-        return _check_steps(case, m, noise, build, seed, kl or noise is Noise.OWN)
-    got = build(n)(seed + 1)
-    return _check_outputs(got, reference(case, n, mode, noise, seed))
+        return _check_steps(case, K, m, noise, build, seed, kl or noise is Noise.OWN)
+    run, calls = build(K), -(-n // K)
+    got = torch.cat([run(seed + 1 + i) for i in range(calls)])
+    return _check_outputs(got, reference(case, calls * K, mode, noise, seed))

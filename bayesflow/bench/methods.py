@@ -57,7 +57,8 @@ class Noise(Named):
     FLAT = "flat"
     #: One draw per tensor from the global generator, as zuko: replayed, exact.
     ZUKO = "zuko"
-    #: Noise on activations (the local trick): statistical.
+    #: Noise on activations (the local trick): statistical, and exact against the
+    #: method's oracle (bayesflow's loop on the same draws) where it has one.
     LOCAL = "local"
     #: A peer library's own sampler: statistical.
     OWN = "own"
@@ -98,6 +99,11 @@ class Method:
             :data:`NUM_DATA` (a negative ELBO per datum), as the reference then does.
         uses_k: Whether the work depends on K; where it does not (`deterministic`), a
             cell is measured at the first K and its record repeated for the others.
+        oracle: `oracle(case, K, mode, fn, args)` returns the `run(seed)` of bayesflow's
+            loop over the samples (`vectorized=False`), which computes what the method
+            computes, on the same draws: a method checked statistically
+            (:attr:`Noise.LOCAL`) is also checked exactly against it, at the K that is
+            timed; :py:`None` where there is none.
     """
 
     name: str
@@ -107,6 +113,7 @@ class Method:
     targets: Callable[[Case], dict[str, Tensor]] | None = bf_targets
     kl: bool = False
     uses_k: bool = True
+    oracle: Build | None = None
 
 
 def _generator(case: Case) -> torch.Generator:
@@ -197,24 +204,28 @@ def _build_vmap_compiled(
     return run
 
 
-def _build_local_trick(
-    case: Case, K: int, mode: str, fn: Callable, args: tuple, chunk_size: int | None = None
-) -> Run:
-    _require_local_layers(case)
-    g = _generator(case)
+def _build_local_trick(vectorized: bool = True) -> Build:
+    def build(
+        case: Case, K: int, mode: str, fn: Callable, args: tuple, chunk_size: int | None = None
+    ) -> Run:
+        _require_local_layers(case)
+        g = _generator(case)
 
-    def run(seed: int | None) -> Tensor:
-        return bf.local_call(
-            case.module,
-            case.posterior,
-            K,
-            *args,
-            fn=fn,
-            generator=_seeded(g, seed),
-            chunk_size=chunk_size,
-        )
+        def run(seed: int | None) -> Tensor:
+            return bf.local_call(
+                case.module,
+                case.posterior,
+                K,
+                *args,
+                fn=fn,
+                generator=_seeded(g, seed),
+                chunk_size=chunk_size,
+                vectorized=vectorized,
+            )
 
-    return run
+        return run
+
+    return build
 
 
 def _build_bmm(case: Case, K: int, mode: str, fn: Callable, args: tuple, **_: Any) -> Run:
@@ -329,7 +340,7 @@ def _build_deterministic(
     return step
 
 
-def _build_nelbo(estimator: str) -> Build:
+def _build_nelbo(estimator: str, vectorized: bool = True) -> Build:
     def build(case: Case, K: int, mode: str, fn: Callable, args: tuple, **options: Any) -> Run:
         if mode != "train":
             raise NotApplicable("a training step only (forward: vmap, local-trick)")
@@ -376,6 +387,7 @@ def _build_nelbo(estimator: str) -> Build:
                 generator=_seeded(g, seed),
                 chunk_size=chunk_size,
                 estimator=estimator,
+                vectorized=vectorized,
             )
             loss.backward()
             grads = {}
@@ -410,12 +422,31 @@ METHODS: dict[str, Method] = {
         Method("loop", _build_loop),
         Method("vmap", _build_vmap),
         Method("vmap-compiled", _build_vmap_compiled),
-        Method("local-trick", _build_local_trick, Noise.LOCAL),
+        Method(
+            "local-trick",
+            _build_local_trick(),
+            Noise.LOCAL,
+            oracle=_build_local_trick(vectorized=False),
+        ),
         Method("bmm", _build_bmm),
         Method("limit", _build_limit, targets=None),
         Method("nelbo", _build_nelbo("weights"), targets=None, kl=True),
-        Method("nelbo-local", _build_nelbo("local"), Noise.LOCAL, targets=None, kl=True),
-        Method("nelbo-flipout", _build_nelbo("flipout"), Noise.LOCAL, targets=None, kl=True),
+        Method(
+            "nelbo-local",
+            _build_nelbo("local"),
+            Noise.LOCAL,
+            targets=None,
+            kl=True,
+            oracle=_build_nelbo("local", vectorized=False),
+        ),
+        Method(
+            "nelbo-flipout",
+            _build_nelbo("flipout"),
+            Noise.LOCAL,
+            targets=None,
+            kl=True,
+            oracle=_build_nelbo("flipout", vectorized=False),
+        ),
         Method("torch-func", _build_torch_func),
         _peer("bayesian-torch", peers.build_bayesian_torch),
         _peer("posteriors", peers.build_posteriors),
