@@ -33,6 +33,7 @@ import torch.nn.utils.parametrize as parametrize
 
 from torch import Tensor
 from torch.func import vmap as torch_vmap
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _posterior, _torch_layers
@@ -327,6 +328,8 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
             f"{opts.where}: vmap cannot run {type(job.module).__name__} ({_cause(err)})"
             f"{_torch_layers.hint(job.st, job.module, err, opts.randomness)}"
         )
+        if any(isinstance(a, PackedSequence) for a in job.args):  # torch's vmap fails on it
+            message += "; a PackedSequence is not vectorized: pad the sequences instead"
         if not opts.fallback:
             raise RuntimeError(message) from err
     except BaseException:  # an interrupt, say: the buffers as found, as in the loop

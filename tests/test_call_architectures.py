@@ -818,3 +818,28 @@ def test_a_pruned_layer_keeps_its_own_weight_after_a_call(call, gen):
     ])  # fmt: skip
     assert torch.allclose(out, expected, atol=1e-12)
     assert not torch.allclose(out[0], out[1])
+
+
+def test_a_packed_sequence_falls_back_to_the_loop_and_says_why(gen):
+    # Documented, untested: torch's vmap cannot take a PackedSequence (its warning named
+    # "'int' object has no attribute 'device'" alone).
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, batch_first=True)
+    params = bf.sample(bf.init(lstm, init_logvar=-3.0), 3, generator=gen(1))
+    packed = pack_padded_sequence(torch.randn(2, 5, 3), torch.tensor([5, 3]), batch_first=True)
+
+    def fn(m, p):
+        return m(p)[0].data
+
+    with pytest.warns(bf.VmapFallbackWarning, match="a PackedSequence is not vectorized"):
+        out = bf.vmap_call(lstm, params, packed, fn=fn)
+    copies = [copy.deepcopy(lstm) for _ in range(3)]
+    with torch.no_grad():
+        for i, m in enumerate(copies):
+            for k, v in params.items():
+                m.get_parameter(k).copy_(v[i])
+    assert torch.allclose(out, torch.stack([fn(m, packed) for m in copies]), atol=1e-12)
+    assert not torch.allclose(out[0], out[1])
+    assert all(w is p for w, p in zip(lstm._flat_weights, lstm.parameters(), strict=True))
