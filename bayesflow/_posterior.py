@@ -200,6 +200,14 @@ def init(
     elif callable(init_logvar):
         values = {n: init_logvar(n, params[n]) for n in names}
     else:
+        if isinstance(init_logvar, Tensor) and init_logvar.numel() != 1:
+            # Broadcast against every parameter, a per-unit vector landed on a weight's
+            # input columns (or failed on another parameter's shape).
+            raise TypeError(
+                f"{where}: expected init_logvar to be a float (or a one-element tensor), a "
+                "dict by parameter name or a callable, got a tensor of shape "
+                f"{tuple(init_logvar.shape)}; pass {{name: tensor}} for values per parameter"
+            )
         values = dict.fromkeys(names, init_logvar)
 
     logvar = {n: _logvar_value(where, n, values[n], params[n]) for n in names}

@@ -418,9 +418,18 @@ class IVON(torch.optim.Optimizer):
         return dict(zip(s.names, leaves, strict=True))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        r"""Drops the samples drawn since the last step, and their gradients."""
+        r"""Drops the samples drawn since the last step, and their gradients; and clears the
+        gradients of the module's picked parameters (see :meth:`step`), as torch's
+        optimizers do."""
 
         forget(self._state)
+        for _, table, attr, _ in self._slots:
+            p = table.get(attr)
+            if p is not None and p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -435,7 +444,8 @@ class IVON(torch.optim.Optimizer):
 
         Raises:
             RuntimeError: If no gradient reached a sample of :meth:`sample` since the last
-                step.
+                step, or a gradient reached the module's own picked parameters (a loss term
+                computed with the module itself), which the step would ignore.
         """
 
         where = "IVON.step"
@@ -450,6 +460,15 @@ class IVON(torch.optim.Optimizer):
                 loss = closure()
         h = self._hyper(where)
         self._check_linked(where)  # again: the closure may have changed it
+        reached = [name for name, table, attr, _ in self._slots if table[attr].grad is not None]
+        if reached:
+            raise RuntimeError(
+                f"{where}: expected gradients on the samples of IVON.sample only, got "
+                f"gradients on the module's own parameters {reached}, which a step would "
+                "ignore: a loss term computed with the module itself (a penalty on its "
+                "weights, net(x) outside the sampled call) goes through the samples, or into "
+                "the loss the samples get; zero_grad() clears them"
+            )
         group, s = self._group, self._state
         if changed_since_taken(s):
             raise RuntimeError(
@@ -495,9 +514,11 @@ class IVON(torch.optim.Optimizer):
             part of it.
         """
 
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():  # as torch's
+            pre_hook(self)
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         s = self._state
-        return {
+        state = {
             "state": {
                 "step": s.t,
                 "mean": s.mean.clone(),
@@ -506,6 +527,10 @@ class IVON(torch.optim.Optimizer):
             },
             "param_groups": [group | {"params": list(s.names)}],
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            state = state if result is None else result
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         r"""Restores a state from :meth:`state_dict`: the means (into the module too), the
@@ -521,6 +546,10 @@ class IVON(torch.optim.Optimizer):
         where = "IVON.load_state_dict"
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"{where}: expected a dict, got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():  # as torch's
+            result = pre_hook(self, state_dict)
+            state_dict = state_dict if result is None else result
         try:
             state, groups = state_dict["state"], state_dict["param_groups"]
             tensors = {k: state[k] for k in ("mean", "hess", "momentum")}
@@ -550,7 +579,9 @@ class IVON(torch.optim.Optimizer):
         step = check_int(where, "step", step, minimum=0)
         h = _check_hyper(where, hyper)
         try:
-            mean, hess, momentum = (tensors[k].to(s.mean, copy=True) for k in tensors)
+            # Detached: a state that records gradients (a mean from `bf.init`) would make the
+            # optimizer's own tensors record them, and every later sample a non-leaf.
+            mean, hess, momentum = (tensors[k].detach().to(s.mean, copy=True) for k in tensors)
         except (RuntimeError, NotImplementedError) as err:
             raise ValueError(
                 f"{where}: expected tensors that convert to {s.dtype} on {s.device}: {err}"
@@ -568,6 +599,15 @@ class IVON(torch.optim.Optimizer):
         self.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
         forget(s)
         set_variance(s, h.ess, h.weight_decay)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> Any:
+        raise TypeError(
+            "IVON: expected to be saved with state_dict() and restored with load_state_dict() "
+            "into an IVON over the module, got a copy or pickle of the optimizer itself, "
+            "which cannot be made: its means share their memory with the module's parameters"
+        )
 
     def __repr__(self) -> str:
         group = self.param_groups[0]

@@ -955,3 +955,83 @@ def test_bad_states_are_named():
     ):
         opt.load_state_dict(complex_state)
     assert unchanged(before, opt._posterior, opt.hess)
+
+
+def test_a_gradient_on_the_modules_own_parameters_is_refused_and_cleared(gen):
+    # A loss term computed with the module itself (a penalty on the mean model's weights)
+    # put gradients on the module's parameters: step() ignored them (the update was bit
+    # for bit the one without the term) and zero_grad() never cleared them.
+    torch.manual_seed(0)
+    net = nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    opt = bf.IVON(net, lr=0.1, ess=100.0)
+    before = copy.deepcopy(opt.state_dict())
+    params = opt.sample(1, generator=gen(1))
+    loss = (bf.vmap_call(net, params, x) - y).square().mean() + net.weight.square().sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match=r"IVON.step: expected gradients on the samples .*"
+                       r"the module's own parameters \['weight'\]"):  # fmt: skip
+        opt.step()
+    after = opt.state_dict()
+    assert all(
+        torch.equal(after["state"][k], v) for k, v in before["state"].items() if k != "step"
+    )
+    opt.zero_grad(set_to_none=False)
+    assert torch.equal(net.weight.grad, torch.zeros_like(net.weight))
+    opt.zero_grad()
+    assert net.weight.grad is None and net.bias.grad is None
+    params = opt.sample(1, generator=gen(1))
+    (bf.vmap_call(net, params, x) - y).square().mean().backward()
+    opt.step()  # the sampled term alone steps
+    assert not torch.equal(opt.state_dict()["state"]["mean"], before["state"]["mean"])
+
+
+def test_a_loaded_state_that_records_gradients_leaves_the_optimizer_working(gen):
+    # A warm start from a posterior of bf.init (whose tensors require gradients): the
+    # copies recorded history, the optimizer's means required gradients, samples were no
+    # leaves and every step failed, even after a clean state was loaded again.
+    torch.manual_seed(0)
+    net = nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    opt = bf.IVON(net, lr=0.1, ess=100.0)
+    q = bf.init(copy.deepcopy(net), init_logvar=-4.0)
+    state = opt.state_dict()
+    state["state"]["mean"] = torch.cat([q.mean[k].flatten() for k in ("weight", "bias")])
+    assert state["state"]["mean"].requires_grad
+    opt.load_state_dict(state)
+    assert not any(t.requires_grad for t in opt.posterior.mean.values())
+    params = opt.sample(1, generator=gen(2))
+    assert all(t.is_leaf for t in params.values())
+    (bf.vmap_call(net, params, x) - y).square().mean().backward()
+    opt.step()
+    assert torch.equal(net.weight, opt.posterior.mean["weight"])
+
+
+def test_state_dict_hooks_run_as_torchs_optimizers_run_them():
+    # IVON replaced state_dict and load_state_dict and never ran the hooks registered with
+    # torch's register_*_hook methods, which Adam and ivon-opt run.
+    net = nn.Linear(3, 1)
+    opt = bf.IVON(net, lr=0.1, ess=100.0)
+    ran = []
+    opt.register_state_dict_pre_hook(lambda o: ran.append("save pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "tag": 1})
+    opt.register_load_state_dict_pre_hook(
+        lambda o, sd: {k: v for k, v in sd.items() if k != "tag"}
+    )
+    opt.register_load_state_dict_post_hook(lambda o: ran.append("load post"))
+    state = opt.state_dict()
+    assert state["tag"] == 1 and ran == ["save pre"]
+    opt.load_state_dict(state)  # the pre-hook takes the tag out again
+    assert ran == ["save pre", "load post"]
+
+
+def test_copying_or_pickling_the_optimizer_is_refused_with_a_message():
+    # A copy (or pickle) kept torch's fields only and failed later with a bare
+    # AttributeError ('_state', '_slots') that named no function.
+    import io
+    import pickle
+
+    opt = bf.IVON(nn.Linear(3, 1), lr=0.1, ess=100.0)
+    for copy_it in (copy.deepcopy, copy.copy, lambda o: torch.save(o, io.BytesIO()), pickle.dumps):
+        with pytest.raises(TypeError, match=r"IVON: expected to be saved with state_dict\(\)"):
+            copy_it(opt)

@@ -89,6 +89,14 @@ def test_init_logvar_forms():
     assert torch.equal(by_tensor.logvar["0.bias"], torch.arange(4.0))
     for real in (np.float32(-2.5), np.int64(-2)):  # any real number, as zuko takes
         assert torch.all(bf.init(net, real).logvar["0.bias"] == float(real))
+    one = bf.init(net, torch.tensor([-3.0]))  # a one-element tensor, as a float
+    assert all(torch.all(v == -3.0) for v in one.logvar.values())
+    # A tensor of several values was broadcast against every parameter: a per-unit vector
+    # of a square layer landed on the weight's input columns.
+    square = nn.Linear(4, 4)
+    with pytest.raises(TypeError, match=r"init: expected init_logvar to be a float .*got a "
+                       r"tensor of shape \(4,\); pass \{name: tensor\}"):  # fmt: skip
+        bf.init(square, torch.tensor([-1.0, -2.0, -3.0, -4.0]))
 
 
 def test_sample_statistics():
