@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=15)
     a = parser.parse_args()
+    if a.rounds < 1 or a.steps < 1:
+        parser.error(f"expected positive --rounds and --steps, got {a.rounds} and {a.steps}")
     if sys.platform != "linux":
         raise SystemExit("allocator.py: the glibc settings it compares exist on Linux only")
 

@@ -21,6 +21,7 @@ from torch.utils.benchmark import Timer
 import bayesflow as bf
 
 from bayesflow import _torch_layers
+from bayesflow.cli import _positive_int
 
 SHAPES = [(1, 8, 8), (8, 16, 4), (16, 32, 8), (3, 16, 16)]  # in channels, out channels, size
 BATCHES = [8, 16, 32, 64, 128, 256, 540, 1024]
@@ -34,8 +35,8 @@ def median_ms(f: object, threads: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--k", type=_positive_int, default=32)
+    parser.add_argument("--threads", type=_positive_int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     threshold = _torch_layers.CONV_LOOP_ELEMENTS

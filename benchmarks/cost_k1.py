@@ -44,6 +44,8 @@ from torch.utils.benchmark import Timer
 
 import bayesflow as bf
 
+from bayesflow.cli import _positive_int
+
 NUM_DATA = 60_000.0
 BOUND = 18.0
 
@@ -336,7 +338,9 @@ def profile(rows: int = 25) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short timings, no profile")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per table")
+    parser.add_argument(
+        "--rounds", type=_positive_int, default=3, help="interleaved rounds per table"
+    )
     opts = parser.parse_args()
 
     torch.set_num_threads(1)

@@ -41,6 +41,8 @@ from torch.utils.benchmark import Timer
 
 import bayesflow as bf
 
+from bayesflow.cli import _positive_int
+
 
 def make_cnn() -> nn.Module:
     return nn.Sequential(
@@ -140,8 +142,10 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--k", type=int, default=5, help="members (default 5)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of timings (default 5)")
+    parser.add_argument("--k", type=_positive_int, default=5, help="members (default 5)")
+    parser.add_argument(
+        "--rounds", type=_positive_int, default=5, help="rounds of timings (default 5)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument(
         "--clock", choices=("cpu", "wall"), default="cpu", help="what the Timer reads (cpu)"

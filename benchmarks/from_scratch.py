@@ -28,6 +28,8 @@ import torch.nn as nn
 
 import bayesflow as bf
 
+from bayesflow.cli import _positive_int
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ivon_quality import (
@@ -171,7 +173,7 @@ def run_ivon(d: dict, epochs: int, seed: int = 0, **hyper: float) -> tuple[Curve
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=_positive_int, default=60)
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     args = parser.parse_args(argv)
 

@@ -33,6 +33,8 @@ from torch.utils.benchmark import Timer
 
 import bayesflow as bf
 
+from bayesflow.cli import _positive_int
+
 try:
     import ivon
 except ImportError:  # the comparison is optional
@@ -128,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--profile", action="store_true", help="profile every step")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of timings (default 5)")
+    parser.add_argument(
+        "--rounds", type=_positive_int, default=5, help="rounds of timings (default 5)"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)

@@ -34,6 +34,8 @@ from posteriors_tools import TEMPERATURES, print_rows, search, seconds, swag_row
 
 import bayesflow as bf
 
+from bayesflow.cli import _positive_int
+
 BINS = 10
 
 
@@ -466,7 +468,7 @@ SCORES = ("accuracy", "NLL", "ECE", "AUROC")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=_positive_int, default=1)
     parser.add_argument("--quick", action="store_true", help="2 epochs, K = 4")
     parser.add_argument("--peer", action="store_true", help="laplace-torch's last layer too")
     args = parser.parse_args(argv)

@@ -30,6 +30,8 @@ from torch.utils import benchmark
 
 import bayesflow as bf
 
+from bayesflow.cli import _positive_float, _positive_int
+
 SUBSETS = {"all": ("",), "last_layer": ("out",)}
 
 
@@ -68,11 +70,13 @@ def median(stmt: object, min_run_time: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--min-run-time", type=float, default=2.0)
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--threads", type=_positive_int, default=1)
+    parser.add_argument("--min-run-time", type=_positive_float, default=2.0)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mlp", "cnn"])
     parser.add_argument("--subsets", nargs="+", choices=sorted(SUBSETS), default=list(SUBSETS))
-    parser.add_argument("--repeat", type=int, default=1, help="the training set tiled N times")
+    parser.add_argument(
+        "--repeat", type=_positive_int, default=1, help="the training set tiled N times"
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip laplace-torch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

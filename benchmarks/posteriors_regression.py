@@ -32,6 +32,8 @@ from posteriors_tools import TEMPERATURES, diabetes, search, seconds, swag_row, 
 
 import bayesflow as bf
 
+from bayesflow.cli import _positive_int
+
 DRAWS = 4000
 
 
@@ -230,8 +232,8 @@ def compare(splits: int = 5, **kwargs: object) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--splits", type=int, default=5)
+    parser.add_argument("--threads", type=_positive_int, default=1)
+    parser.add_argument("--splits", type=_positive_int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 splits, 50 steps, K = 8")
     args = parser.parse_args(argv)
 

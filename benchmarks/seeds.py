@@ -59,6 +59,8 @@ from posteriors_tools import TEMPERATURES, note, tempered
 
 import bayesflow as bf
 
+from bayesflow.cli import _positive_int
+
 #: Notebook 07's IVON recipe for the digits CNN (`ivon_quality.DIGITS_GRID`'s choice).
 IVON = {"lr": 2.0, "hess_init": 1.0, "clip_radius": 0.003}
 #: The clip radii compared on the validation split (`math.inf`: no clip).
@@ -168,8 +170,8 @@ def print_differences(rows: dict[str, list[dict]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=5, help="training seeds 0, 1, ...")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", type=_positive_int, default=5, help="training seeds 0, 1, ...")
+    parser.add_argument("--threads", type=_positive_int, default=1)
     parser.add_argument("--quick", action="store_true", help="2 seeds, 2 epochs, K = 4")
     args = parser.parse_args(argv)
 

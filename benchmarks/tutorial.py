@@ -22,6 +22,7 @@ import zuko
 
 import bayesflow as bf
 
+from bayesflow.cli import _positive_int
 from bayesflow.datasets import two_moons
 from bayesflow.objectives import flipout_nelbo, local_nelbo, loop_nelbo, nelbo
 
@@ -124,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (seconds)")
     parser.add_argument("--experiment", choices=["sort", "moons", "all"], default="all")
-    parser.add_argument("--k", type=int, default=4, help="posterior samples per step")
+    parser.add_argument("--k", type=_positive_int, default=4, help="posterior samples per step")
     parser.add_argument("--method", choices=sorted(OBJECTIVES), default="vmap")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=_positive_int, default=None)
     args = parser.parse_args(argv)
 
     if args.threads is not None:

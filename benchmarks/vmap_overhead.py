@@ -24,6 +24,8 @@ from torch.utils.benchmark import Timer
 
 import bayesflow as bf
 
+from bayesflow.cli import _positive_int
+
 
 def digits_cnn() -> nn.Module:
     return nn.Sequential(
@@ -81,7 +83,7 @@ def compare(title: str, net: nn.Module, x: torch.Tensor, k: int, rounds: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=_positive_int, default=9)
     a = parser.parse_args()
     torch.set_num_threads(1)
 

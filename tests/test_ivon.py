@@ -19,6 +19,7 @@ import bayesflow as bf
 
 from bayesflow._numerics import LOGVAR_LIMIT
 
+from .pages import run_page
 from .registry import snapshot, unchanged
 
 try:
@@ -615,17 +616,7 @@ def test_data_parallel_equals_one_process_with_two_samples(tmp_path, monkeypatch
 
 
 def test_from_scratch_page_runs():
-    import re
-
-    from pathlib import Path
-
-    page = Path(__file__).resolve().parents[1] / "docs" / "from-scratch.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    assert len(blocks) >= 4
-
-    # A user's session on the CPU, whatever --device: the pages draw from CPU generators.
-    with torch.device("cpu"):
-        exec(compile("\n".join(blocks), str(page), "exec"), {})
+    run_page("from-scratch.md", 4)
 
 
 def _loss(net, params, x, y):

@@ -8,8 +8,6 @@ import math
 import re
 import warnings
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
@@ -22,6 +20,8 @@ from bayesflow._numerics import LOGVAR_LIMIT, logvar_from_var
 from bayesflow._numerics import var as var_of
 from bayesflow._posterior import posterior_from_variance
 from bayesflow.linearized import _jacobian_variance
+
+from .pages import run_page
 
 HAS_LAPLACE = importlib.util.find_spec("laplace") is not None
 needs_laplace = pytest.mark.skipif(
@@ -1800,10 +1800,4 @@ def test_prior_precision_and_probit_predictive_against_laplace_torch(subset):
 
 
 def test_docs_examples_run():
-    page = Path(__file__).resolve().parents[1] / "docs" / "posteriors.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    assert len(blocks) >= 3
-
-    # A user's session on the CPU, whatever --device: the pages draw from CPU generators.
-    with torch.device("cpu"):
-        exec(compile("\n".join(blocks), str(page), "exec"), {})
+    run_page("posteriors.md", 3)

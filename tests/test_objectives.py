@@ -1,9 +1,6 @@
 r"""Tests for bayesflow.objectives: the vectorized negative ELBO and KL schedules."""
 
 import math
-import re
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ import bayesflow as bf
 
 from bayesflow.priors import GaussianPrior, Prior, ScaleMixturePrior
 
+from .pages import run_page
 from .registry import TRAINING, mse
 
 
@@ -252,13 +250,7 @@ def test_errors(objective):
 
 
 def test_docs_examples_run():
-    page = Path(__file__).resolve().parents[1] / "docs" / "training.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    assert len(blocks) >= 4
-
-    # A user's session on the CPU, whatever --device: the pages draw from CPU generators.
-    with torch.device("cpu"):
-        exec(compile("\n".join(blocks), str(page), "exec"), {})
+    run_page("training.md", 4)
 
 
 @pytest.mark.parametrize("estimator", ["weights", "local"])

@@ -1,9 +1,6 @@
 r"""Tests for bayesflow.predictive: oracles are torch.quantile, loops and direct formulas."""
 
 import math
-import re
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +8,8 @@ import torch.nn as nn
 import zuko
 
 import bayesflow as bf
+
+from .pages import run_page
 
 
 def _tol(x: torch.Tensor) -> float:
@@ -289,13 +288,7 @@ def test_stack_params_rejects_mismatched_members():
 
 
 def test_docs_examples_run():
-    page = Path(__file__).resolve().parents[1] / "docs" / "predictive.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    assert len(blocks) >= 4
-
-    # A user's session on the CPU, whatever --device: the pages draw from CPU generators.
-    with torch.device("cpu"):
-        exec(compile("\n".join(blocks), str(page), "exec"), {})
+    run_page("predictive.md", 4)
 
 
 def test_nan_propagates_as_in_torch_quantile():

@@ -1,0 +1,71 @@
+r"""The benchmark scripts refuse counts they cannot run with, before any work."""
+
+import subprocess
+import sys
+
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# Each script with arguments it cannot run with: an argparse error (exit status 2) that
+# names the argument, not a traceback after minutes of work.
+BAD = [
+    ("allocator.py", ["--rounds", "0"], "expected positive --rounds"),
+    ("conv_paths.py", ["--k", "0"], "argument --k: expected a positive integer"),
+    ("cost_k1.py", ["--rounds", "0"], "argument --rounds: expected a positive integer"),
+    ("ensemble_cost.py", ["--k", "-1"], "argument --k: expected a positive integer"),
+    ("from_scratch.py", ["--epochs", "0"], "argument --epochs: expected a positive integer"),
+    ("ivon_cost.py", ["--rounds", "0"], "argument --rounds: expected a positive integer"),
+    ("posteriors.py", ["--threads", "0"], "argument --threads: expected a positive integer"),
+    ("posteriors_fit.py", ["--models", "foo"], "argument --models: invalid choice: 'foo'"),
+    (
+        "posteriors_fit.py",
+        ["--min-run-time", "nan"],
+        "argument --min-run-time: expected a positive",
+    ),
+    ("posteriors_regression.py", ["--splits", "0"], "argument --splits: expected a positive"),
+    ("seeds.py", ["--seeds", "0"], "argument --seeds: expected a positive integer, got 0"),
+    ("tutorial.py", ["--k", "0"], "argument --k: expected a positive integer"),
+    ("vmap_overhead.py", ["--rounds", "0"], "argument --rounds: expected a positive integer"),
+]
+
+# One interpreter runs every case (one import of torch, not thirteen): each script as
+# `python script args`, its own folder first on the path and its sibling modules forgotten
+# between scripts (benchmarks/posteriors.py would shadow the peer package of that name).
+RUNNER = r"""
+import json, runpy, sys
+cases, out = json.loads(sys.argv[1]), []
+base = set(sys.modules)
+for path, args in cases:
+    sys.argv = [path, *args]
+    sys.path.insert(0, path.rsplit("/", 1)[0])
+    try:
+        runpy.run_path(path, run_name="__main__")
+        out.append(None)
+    except SystemExit as e:
+        out.append(e.code)
+    finally:
+        sys.path.pop(0)
+        for name in set(sys.modules) - base:
+            if getattr(sys.modules[name], "__file__", None) and "/benchmarks/" in sys.modules[name].__file__:
+                del sys.modules[name]
+print(json.dumps(out))
+"""
+
+
+def test_bad_counts_are_refused_by_argparse():
+    import json
+
+    cases = [(str(BENCHMARKS / script), args) for script, args, _ in BAD]
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    codes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert codes == [2] * len(BAD), list(zip([b[0] for b in BAD], codes, strict=True))
+    assert "Traceback" not in done.stderr
+    for script, _, message in BAD:
+        assert f"{script}: error: {message}" in done.stderr, (script, done.stderr[-3000:])
