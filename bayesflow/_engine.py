@@ -291,7 +291,10 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
     opts = job.opts
     if not opts.vectorized:
         return _loop(job), None
-    if job.n == 1:  # a plain call costs less than vmap's fixed overhead
+    # `randomness="error"` asserts that `fn` draws nothing, and only vmap checks it: no
+    # shortcut around vmap (a plain call, the loop) is taken then.
+    checked = opts.randomness == "error"
+    if job.n == 1 and not checked:  # a plain call costs less than vmap's fixed overhead
         return _single(job), None
 
     chunk_size, measure = opts.chunk_size, None
@@ -302,8 +305,10 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
         per_sample = footprints.get(key)
         if per_sample is None:
             measure = (footprints, key)  # this call, all at once, measures it
-        elif one_by_one(per_sample):
+        elif one_by_one(per_sample) and not checked:
             return _loop(job), None
+        elif one_by_one(per_sample):
+            chunk_size = 1
         else:
             chunk_size = cache_chunk_size(per_sample, job.n)
     state = State(job.st, job.buffers)

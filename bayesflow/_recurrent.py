@@ -261,13 +261,28 @@ def _scan(mode: str, tensors: Direction, reverse: bool) -> tuple[Tensor, Tensor,
 
 
 def _states(
-    hx: Any, lstm: bool, batched: bool, dim: int, zeros: Callable[[], tuple[Tensor, Tensor]]
+    m: nn.Module,
+    hx: Any,
+    lstm: bool,
+    batched: bool,
+    dim: int,
+    zeros: Callable[[], tuple[Tensor, Tensor]],
 ) -> tuple[Tensor, Tensor]:
     r"""Returns the initial states `(h, c)` of a layer or cell from its `hx` (an LSTM's is a
     pair; zeros if :py:`None`), with the batch dim `dim` added to an unbatched input's."""
 
     if hx is None:
         return zeros()
+    # As torch refuses them: a stacked tensor `(2, ...)` would unpack along its first dim.
+    if lstm and not (
+        isinstance(hx, (tuple, list)) and len(hx) == 2 and all(isinstance(t, Tensor) for t in hx)
+    ):
+        raise TypeError(
+            f"{type(m).__name__}: expected hx to be a tuple (h, c) of two tensors, got "
+            f"{type(hx).__name__}"
+        )
+    if not lstm and not isinstance(hx, Tensor):
+        raise TypeError(f"{type(m).__name__}: expected hx to be a tensor, got {type(hx).__name__}")
     h, c = hx if lstm else (hx, hx)
     return (h, c) if batched else (h.unsqueeze(dim), c.unsqueeze(dim))
 
@@ -288,6 +303,18 @@ def _run_rnn(m: nn.RNNBase, input: Any, hx: Any) -> tuple[Tensor, Any]:
     lstm = m.mode == "LSTM"
     if input.dim() not in (2, 3):
         raise ValueError(f"{type(m).__name__}: expected input to be 2D or 3D, got {input.dim()}D")
+    # torch's checks and messages (its kernels', reached later, name neither).
+    if input.dtype != m.weight_ih_l0.dtype and not torch.is_autocast_enabled(input.device.type):
+        raise ValueError(
+            f"RNN input dtype ({input.dtype}) does not match weight dtype "
+            f"({m.weight_ih_l0.dtype}). Convert input: input.to({m.weight_ih_l0.dtype}), or "
+            f"convert model: model.to({input.dtype})"
+        )
+    if input.size(-1) != m.input_size:
+        raise RuntimeError(
+            f"input.size(-1) must be equal to input_size. Expected {m.input_size}, got "
+            f"{input.size(-1)}"
+        )
     batched = input.dim() == 3
     if not batched:
         input = input.unsqueeze(1)
@@ -301,6 +328,7 @@ def _run_rnn(m: nn.RNNBase, input: Any, hx: Any) -> tuple[Tensor, Any]:
 
     layers = m.num_layers * directions
     h0, c0 = _states(
+        m,
         hx,
         lstm,
         batched,
@@ -432,13 +460,17 @@ def rnn_forward(m: nn.RNNBase) -> Callable[..., tuple[Tensor, Any]]:
 def _cell(m: nn.RNNCellBase, x: Tensor, hx: Any) -> Any:
     if x.dim() not in (1, 2):
         raise ValueError(f"{type(m).__name__}: expected input to be 1D or 2D, got {x.dim()}D")
+    if x.size(-1) != m.input_size:
+        raise RuntimeError(
+            f"input has inconsistent input_size: got {x.size(-1)} expected {m.input_size}"
+        )
     batched = x.dim() == 2
     if not batched:
         x = x.unsqueeze(0)
 
     lstm = isinstance(m, nn.LSTMCell)
     zeros = x.new_zeros(x.shape[0], m.hidden_size) if hx is None else None
-    h, c = _states(hx, lstm, batched, 0, lambda: (zeros, zeros))
+    h, c = _states(m, hx, lstm, batched, 0, lambda: (zeros, zeros))
     # As torch checks them: broadcasting a state of another shape would be silent.
     for i, t in enumerate((h, c) if lstm else (h,)):
         if tuple(t.shape) != (x.shape[0], m.hidden_size):

@@ -111,7 +111,8 @@ def vmap_call(
         in_dims: One entry per argument: :py:`None` if shared, `0` if per-sample (with a
             leading dim `n`).
         randomness: What random operations inside `fn` (dropout in training mode, say)
-            do, as in :func:`torch.func.vmap`: `"error"` refuses them, `"different"` draws
+            do, as in :func:`torch.func.vmap`: `"error"` refuses them (checked by vmap
+            at every `n`, one sample included), `"different"` draws
             independently for every sample, `"same"` draws once for all samples. If
             :py:`None`, they are refused by vmap and the call falls back to the loop
             (where every sample draws its own).

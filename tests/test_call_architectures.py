@@ -248,6 +248,37 @@ def test_lstm_float32_default_path(monkeypatch):
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g, g_loop, strict=True))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_recurrent_bad_inputs_get_torchs_errors(fused, gen):
+    r"""What torch refuses, the vectorized layers refuse with torch's message, at every K
+    and with either fallback: a stacked LSTM state (unpacked along its first dim), inputs
+    of another size or dtype (kernel internals that named neither)."""
+
+    lstm, cell = torch.nn.LSTM(3, 5), torch.nn.LSTMCell(3, 5)
+    gru, gru_cell = torch.nn.GRU(3, 5), torch.nn.GRUCell(3, 5)
+    h = torch.zeros(1, 2, 5)
+    cases = [
+        (lstm, (torch.randn(4, 2, 3), torch.stack([h, h])), TypeError, "hx"),
+        (cell, (torch.randn(2, 3), torch.stack([h[0], h[0]])), TypeError, "hx"),
+        (gru, (torch.randn(4, 2, 3), (h,)), AttributeError, "expected hx to be a tensor"),
+        (gru, (torch.randn(4, 2, 4),), RuntimeError, "Expected 3, got 4"),
+        (gru_cell, (torch.randn(2, 4),), RuntimeError, "got 4 expected 3"),
+        (gru, (torch.ones(4, 2, 3, dtype=torch.long),), ValueError, "does not match weight"),
+    ]
+    with _recurrent.forced(fused):
+        for module, args, error, match in cases:
+            with pytest.raises(error):
+                module(*args)
+            for k in (1, 3):
+                params = bf.sample(bf.init(module), k, generator=gen(k))
+                with pytest.raises(error):
+                    bf.vmap_call(module, params, *args)
+                with pytest.raises(error):
+                    bf.loop_call(module, params, *args)
+            with pytest.raises(RuntimeError, match=match):
+                bf.vmap_call(module, params, *args, fallback=False)
+
+
 CONVS = [
     name
     for name, arch in ARCHS.items()

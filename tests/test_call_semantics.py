@@ -285,6 +285,42 @@ def test_randomness_same_and_error():
         bf.vmap_call(net, params, x, randomness="other")
 
 
+@pytest.mark.parametrize("fallback", [True, False])
+def test_randomness_error_refuses_a_draw_at_one_sample_and_one_by_one(
+    monkeypatch, gen, fresh_caches, fallback
+):
+    # "error" asserts that fn draws nothing: a plain call (K = 1) and the one-by-one loop
+    # (samples larger than a core's cache) drew dropout silently where vmap refuses (and,
+    # with the fallback, warns before the loop).
+    from bayesflow import _engine, _memory
+
+    def refused():
+        if fallback:
+            return pytest.warns(bf.VmapFallbackWarning, match="random operation")
+        return pytest.raises(RuntimeError, match="random operation")
+
+    net = _dropout_net()
+    q = bf.init(net, -3.0)
+    x = torch.randn(2, 3)
+    for k in (1, 3):
+        with refused():
+            bf.vmap_call(net, bf.sample(q, k), x, randomness="error", fallback=fallback)
+
+    bf.vmap_call(net, bf.sample(q, 3), x, randomness="different")  # measures the footprint
+    (measured,) = _engine._FOOTPRINTS.get(net).entries.values()
+    monkeypatch.setattr(_memory, "_CORE_CACHE", [measured - 1])
+    with refused():
+        bf.vmap_call(net, bf.sample(q, 3), x, randomness="error", fallback=fallback)
+
+    # A module that draws nothing runs, one sample or one by one, with the loop's numbers.
+    net.eval()
+    for k in (1, 3):
+        params = bf.sample(q, k, generator=gen(1))
+        y = bf.vmap_call(net, params, x, randomness="error", fallback=False)
+        assert torch.allclose(y, bf.loop_call(net, params, x), atol=1e-12)
+        assert k == 1 or not torch.allclose(y[0], y[1])
+
+
 def _record_chunks(monkeypatch, name="vmap"):
     r"""Wraps `_engine.<name>` in a spy; returns the list of the chunk sizes it is called with."""
     from bayesflow import _engine
