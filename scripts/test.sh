@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pytest "$@"
+# Over every core (pytest-xdist, a test extra): the suite is CPU-bound and each test stands
+# alone. `bash scripts/test.sh -n 0` runs it in one process.
+python -m pytest -n auto "$@"
