@@ -16,6 +16,7 @@ __all__ = [
     "inverse_softclip",
     "log_mean_exp",
     "logvar_from_var",
+    "normal_range",
     "pieces",
     "plain_sample_kl",
     "reach",
@@ -181,11 +182,31 @@ def spread(logvar: Tensor, power: int) -> Tensor:
     return Spread.apply(logvar, power)
 
 
-def accumulator(t: Tensor) -> torch.dtype:
-    r"""Returns the dtype to sum `t`'s terms in: float32 for half precision, whose sums of
-    many small terms overflow or lose everything."""
+def accumulator(t: Tensor | torch.dtype) -> torch.dtype:
+    r"""Returns the dtype to sum the terms of `t` (a tensor or a dtype) in: float32 for half
+    precision, whose sums of many small terms overflow or lose everything."""
 
-    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+    dtype = t if isinstance(t, torch.dtype) else t.dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def normal_range(dtype: torch.dtype) -> tuple[float, float]:
+    r"""Returns the bounds `(lo, hi)` of the floats :math:`x \geq 0` that `dtype`, float32 or
+    float64 (the dtypes of a KL), rounds to a normal number, at least `finfo(dtype).tiny`
+    (:math:`x \geq lo`), and to a finite one (:math:`x < hi`; infinite for float64)."""
+
+    r = _RANGE.get(dtype)
+    if r is None:
+        info = torch.finfo(dtype)
+        # Half a step below tiny, or above max, a value ties between two neighbours and
+        # rounds to the even one: tiny (significand 1.0), or 2^emax, infinity.
+        lo = info.tiny * (1 - info.eps / 2)
+        hi = info.max + math.ldexp(info.eps, math.frexp(info.max)[1] - 2)  # half a step
+        r = _RANGE[dtype] = (lo, hi)
+    return r
+
+
+_RANGE: dict[torch.dtype, tuple[float, float]] = {}
 
 
 def gaussian_kl(

@@ -7,6 +7,7 @@ __all__ = [
     "FlatPrior",
     "PriorMaker",
     "check_finite",
+    "check_prior_range",
     "clear_plans",
     "gaussian_kl_divergence",
     "kl_divergence",
@@ -29,12 +30,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._caches import register
 from ._checks import check_generator, check_n, check_number, check_posterior, describe
-from ._compat import dual, flat_cat, in_func_transform, is_compiling
+from ._compat import dual, flat_cat, in_func_transform, is_compiling, unwrap_batched
 from ._numerics import (
     FlatPrior,
     SampleKL,
+    accumulator,
     fused_sample_kl,
     halves,
+    normal_range,
     pieces,
     plain_sample_kl,
     reach,
@@ -154,8 +157,11 @@ def _plan(where: str, posterior: object) -> tuple[_Plan, list[Tensor]]:
     return plan, tensors
 
 
-#: Makes the flat prior of a group from its names, shapes, dtype and device.
-PriorMaker = Callable[[list[str], tuple[torch.Size, ...], torch.dtype, torch.device], FlatPrior]
+#: Makes the flat prior of a group from its names, shapes, dtype and device, checked
+#: (:func:`check_prior_range`) with the name of the public caller, the first argument.
+PriorMaker = Callable[
+    [str, list[str], tuple[torch.Size, ...], torch.dtype, torch.device], FlatPrior
+]
 
 
 def _flat(means: list[Tensor], logvars: list[Tensor]) -> tuple[Tensor, ...]:
@@ -164,7 +170,43 @@ def _flat(means: list[Tensor], logvars: list[Tensor]) -> tuple[Tensor, ...]:
 
     if len(means) == 1:
         return means[0].reshape(-1), logvars[0].reshape(-1)
+    if in_func_transform():  # flat_cat has no batching rule (vmap over posteriors)
+        return (torch.cat([t.reshape(-1) for t in (*means, *logvars)]),)
     return (flat_cat([*means, *logvars]),)
+
+
+def check_prior_range(
+    where: str,
+    what: str,
+    lo: float,
+    hi: float,
+    dtype: torch.dtype,
+    variance: bool,
+    converted: bool,
+) -> None:
+    r"""Raises unless the values of a prior, from `lo` to `hi`, give a KL that can be
+    computed in the dtype of the KL of a group of `dtype` (:func:`accumulator`): a mean must
+    round to a finite number there, a variance to a normal number (a smaller one rounds to
+    0, or its :math:`1 / s^2` overflows: NaN, or torch's overflow error inside the fused
+    node), and to a finite one where it is `converted` (a tensor; a float is used as a
+    Python number)."""
+
+    acc = accumulator(dtype)
+    least, top = normal_range(acc)
+    if variance and lo >= least and (not converted or hi < top):  # False for NaN
+        return
+    if not variance and -top < lo and hi < top:
+        return
+    info, name = torch.finfo(acc), str(acc).removeprefix("torch.")
+    if not variance:
+        value, bound = (lo if -lo >= hi else hi), f"finite in {name} (within +-{info.max:.6g}"
+    elif lo < least:
+        value, bound = lo, f"a normal number in {name} (>= {info.tiny:.6g}"
+    else:
+        value, bound = hi, f"finite in {name} (<= {info.max:.6g}"
+    raise ValueError(
+        f"{where}: expected {what} to be {bound}: the KL is computed in {name}), got {value:.6g}"
+    )
 
 
 def _bounds(flat: tuple[Tensor, ...]) -> list[float]:
@@ -236,7 +278,9 @@ def _run(
         flat = _flat(means, logvars)
         p = None
         if prior is not None:
-            p = prior([names[i] for i in group.index], group.shapes, group.dtype, group.device)
+            p = prior(
+                where, [names[i] for i in group.index], group.shapes, group.dtype, group.device
+            )
         # Dual tensors of forward mode take the plain path too (the fused one writes `out=`),
         # as does a prior variance with a gradient of its own (the fused node gives it none).
         fused = not traced and _check(where, _bounds(flat), group, names, means, logvars)
@@ -334,21 +378,54 @@ def _learned(var: float | Tensor) -> bool:
     return isinstance(var, Tensor) and var.requires_grad
 
 
-def zero_mean_prior(var: float | Tensor) -> PriorMaker:
-    r"""Returns the flat prior :math:`\mathcal{N}(0, s^2 I)` of every group."""
+def zero_mean_prior(var: float | Tensor, value: float | None, what: str) -> PriorMaker:
+    r"""Returns the flat prior :math:`\mathcal{N}(0, s^2 I)` of every group, with `var`, a
+    float or a tensor, whose `value` (:py:`None` if it cannot be read) is checked against
+    the dtype of each group's KL, under the name `what`."""
 
-    return lambda names, shapes, dtype, device: FlatPrior(None, var)
+    converted = isinstance(var, Tensor)
+
+    def make(
+        where: str,
+        names: list[str],
+        shapes: tuple[torch.Size, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> FlatPrior:
+        if value is not None:
+            check_prior_range(where, what, value, value, dtype, True, converted)
+        return FlatPrior(None, var)
+
+    return make
+
+
+def _batched(t: Tensor) -> bool:
+    r"""Whether a vmap batches `t`, at any level (its values cannot be read there): the plain
+    tensor under the wrappers has the batch dims."""
+
+    return in_func_transform() and unwrap_batched(t).dim() > t.dim()
 
 
 def kl_divergence(where: str, posterior: object, prior_var: object) -> Tensor:
     plan, tensors = _plan(where, posterior)
+    if isinstance(prior_var, Tensor) and _batched(prior_var):
+        # A prior variance that vmap batches: used as a learned one, with no check of its
+        # values, which `.item()` cannot read there.
+        if prior_var.numel() != 1 or prior_var.is_complex() or prior_var.dtype == torch.bool:
+            raise TypeError(
+                f"{where}: expected prior_var to be a number, or a real tensor of one element "
+                f"per vmapped call, got {prior_var.dtype} of shape {tuple(prior_var.shape)}"
+            )
+        return _kl(where, plan, tensors, zero_mean_prior(prior_var.reshape(()), None, "prior_var"))
+
     value = check_number(where, "prior_var", prior_var, 0.0, strict=True)
+    var: float | Tensor = value
     # A learned prior variance (a tensor with a gradient, or one a torch.func transform
     # or forward-mode AD differentiates) keeps its gradient: the KL is differentiable
     # with respect to it too.
     if isinstance(prior_var, Tensor) and (
         prior_var.requires_grad or in_func_transform() or dual((prior_var,))
     ):
-        value = prior_var.reshape(())
+        var = prior_var.reshape(())
 
-    return _kl(where, plan, tensors, zero_mean_prior(value))
+    return _kl(where, plan, tensors, zero_mean_prior(var, value, "prior_var"))

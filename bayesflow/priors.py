@@ -7,7 +7,7 @@ __all__ = ["GaussianPrior", "Prior", "ScaleMixturePrior", "prior_kl"]
 import math
 
 from collections.abc import Mapping
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,7 @@ from ._checks import (
     check_posterior,
 )
 from ._compat import flat_cat
+from ._engine import draw_state, restore_draw_state
 from ._numerics import accumulator, softclip
 from ._types import Posterior
 
@@ -32,27 +33,69 @@ Value = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]  # noqa: UP007
 LOG_2PI = math.log(2 * math.pi)
 
 
-def _check_value(where: str, what: str, value: object, positive: bool, top: bool = True) -> Value:
-    r"""Checks a prior value: a float, a tensor, or (at the top only) a dict of them."""
+class _Extent(NamedTuple):
+    r"""The least and the greatest values of a prior mean or variance: floats, or dicts of
+    floats by parameter name."""
+
+    lo: float | dict[str, float]
+    hi: float | dict[str, float]
+
+
+def _check_value(
+    where: str, what: str, value: object, positive: bool, top: bool = True
+) -> tuple[Value, _Extent]:
+    r"""Checks a prior value: a float, a tensor, or (at the top only) a dict of them. Returns
+    it (tensors copied) and its extent."""
 
     if top and isinstance(value, Mapping):
-        return {
+        checked = {
             name: _check_value(where, f"{what}[{name!r}]", v, positive, top=False)
             for name, v in value.items()
         }
+        return (
+            {name: v for name, (v, _) in checked.items()},
+            _Extent(
+                {name: e.lo for name, (_, e) in checked.items()},
+                {name: e.hi for name, (_, e) in checked.items()},
+            ),
+        )
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         kind = "a float, a tensor or a dict of them" if top else "a float or a tensor"
         raise TypeError(f"{where}: expected {what} to be {kind}, got {type(value).__name__}")
-    if isinstance(value, Tensor) and value.is_meta:
-        raise ValueError(f"{where}: expected {what} with data, got a tensor on the meta device")
+    if isinstance(value, Tensor):
+        if value.is_meta:
+            raise ValueError(
+                f"{where}: expected {what} with data, got a tensor on the meta device"
+            )
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(
+                f"{where}: expected {what} to be a real tensor (floating-point or integer), "
+                f"got {value.dtype}"
+            )
 
-    t = torch.as_tensor(value)
-    if not torch.isfinite(t).all() or (positive and not (t > 0).all()):
-        bound = " > 0" if positive else ""
-        raise ValueError(f"{where}: expected a finite {what}{bound}, got {value}")
+    # As Python floats, not in the default dtype: 1e-50 and 1e39 are positive and finite;
+    # the KL checks them against its own dtype (`_sampling.check_prior_range`).
+    if isinstance(value, Tensor) and value.numel() == 0:
+        lo, hi = math.inf, -math.inf  # no value: none to check, the identities of min and max
+    else:
+        if isinstance(value, Tensor):
+            lo, hi = (float(x) for x in torch.stack(torch.aminmax(value.detach())).tolist())
+        else:
+            lo = hi = _as_float(value)
+        if not (math.isfinite(lo) and math.isfinite(hi)) or (positive and not lo > 0):
+            bound = " > 0" if positive else ""
+            raise ValueError(f"{where}: expected a finite {what}{bound}, got {value}")
 
     # A copy: a prior made from a module's parameters must not move as the module trains.
-    return float(value) if not isinstance(value, Tensor) else value.detach().clone()
+    copy = float(value) if not isinstance(value, Tensor) else value.detach().clone()
+    return copy, _Extent(lo, hi)
+
+
+def _as_float(value: float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        return math.inf
 
 
 def _entropy(posterior: Posterior) -> Tensor:
@@ -70,6 +113,14 @@ def _check_params(where: str, params: object) -> None:
         raise TypeError(
             f"{where}: expected parameter sets {{name: (n, *shape) tensor}}, as "
             f"bayesflow.sample gives, got {type(params).__name__}"
+        )
+    # One set of unbatched parameters, or sets of different sizes, were broadcast silently.
+    tensors = params.values()
+    if any(t.dim() == 0 for t in tensors) or len({t.shape[0] for t in tensors}) > 1:
+        shapes = {name: tuple(t.shape) for name, t in params.items()}
+        raise ValueError(
+            f"{where}: expected parameter sets {{name: (n, *shape) tensor}} with the same "
+            f"leading n for every name, as bayesflow.sample gives, got shapes {shapes}"
         )
 
 
@@ -92,14 +143,17 @@ class Prior:
         r"""Returns :math:`\log p(\theta)` for parameter sets `{name: (n, *shape)}`.
 
         Arguments:
-            params: Sampled parameters, e.g. from :func:`bayesflow.sample`.
+            params: Sampled parameters, e.g. from :func:`bayesflow.sample`: every tensor
+                with the same leading dim `n` (checked).
 
         Returns:
             The log-densities, summed over the elements of every parameter, of shape `(n,)`
             (in float32 for half-precision parameters).
         """
 
-        raise NotImplementedError
+        where = f"{type(self).__name__}.log_prob"
+        _check_params(where, params)
+        raise NotImplementedError(f"{where}: not implemented (a subclass of Prior implements it)")
 
     def kl(
         self,
@@ -153,10 +207,20 @@ class Prior:
         check_generator(where, generator)
         n = 1 if n is None else check_n(where, n)
         self._check_names(where, posterior)
+        if type(self).log_prob is Prior.log_prob:
+            raise TypeError(
+                f"{where}: expected a prior with a log_prob of its own for a Monte Carlo KL, "
+                f"got {type(self).__name__}, which does not implement it"
+            )
 
-        params = _posterior.sample(where, posterior, n, generator)
-
-        return -_entropy(posterior) - self.log_prob(params).mean()
+        # A log_prob that raises leaves the generator as found: a failed call draws nothing.
+        saved = draw_state(generator)
+        try:
+            params = _posterior.sample(where, posterior, n, generator)
+            return -_entropy(posterior) - self.log_prob(params).mean()
+        except BaseException:
+            restore_draw_state(saved)
+            raise
 
     def _check_names(self, where: str, posterior: Posterior) -> None:
         pass
@@ -180,6 +244,34 @@ def _flat_value(
         for v, shape in zip(values, shapes, strict=True)
     ]
     return flat_cat(parts)
+
+
+def _check_range(
+    where: str,
+    what: str,
+    extent: _Extent,
+    names: list[str],
+    dtype: torch.dtype,
+    variance: bool,
+    converted: bool,
+) -> None:
+    r"""Checks the values of a prior mean or variance of the parameters `names` against the
+    dtype of their KL, from the extent found when the prior was made: no value is read."""
+
+    check = _sampling.check_prior_range
+    if not isinstance(extent.lo, Mapping):
+        check(where, f"the prior {what}", extent.lo, extent.hi, dtype, variance, converted)
+        return
+    # Over the names in C (map), not a Python loop: this runs at every training step.
+    lo = min(map(extent.lo.__getitem__, names), default=math.inf)
+    hi = max(map(extent.hi.__getitem__, names), default=-math.inf)
+    try:
+        check(where, f"the prior {what}", lo, hi, dtype, variance, converted)
+    except ValueError:
+        for name in names:  # the first that fails raises, with its name
+            lo, hi = extent.lo[name], extent.hi[name]
+            check(where, f"the prior {what} of {name!r}", lo, hi, dtype, variance, converted)
+        raise
 
 
 def _lookup(value: Value, name: str, like: Tensor) -> Tensor | float:
@@ -211,8 +303,13 @@ class GaussianPrior(Prior):
         mean: The prior mean :math:`m`.
         var: The prior variance :math:`s^2 > 0`.
 
-    Tensors are copied (detached): a prior made from a module's parameters stays where it
-    was made while the module trains.
+    Floats are taken as they are (in float64); tensors, real (floating-point or integer),
+    are copied (detached): a prior made from a module's parameters stays where it was made
+    while the module trains. The closed-form KL is computed in the posterior's dtype
+    (float32 for half precision), and refuses with a :class:`ValueError` a prior that
+    does not fit it there: a variance that rounds below `torch.finfo(dtype).tiny` (the
+    least normal number, 1.2e-38 in float32: its :math:`1 / s^2` overflows), a tensor
+    variance or a mean that rounds to infinity.
 
     A subclass may set `closed_form = False` (with a `log_prob` of its own: a Monte Carlo
     KL) or override :meth:`kl`: the objectives then use its KL, as :func:`prior_kl` does,
@@ -222,8 +319,9 @@ class GaussianPrior(Prior):
     closed_form = True
 
     def __init__(self, mean: Value = 0.0, var: Value = 1.0) -> None:
-        self.mean = _check_value("GaussianPrior", "mean", mean, positive=False)
-        self.var = _check_value("GaussianPrior", "var", var, positive=True)
+        self.mean, mean_extent = _check_value("GaussianPrior", "mean", mean, positive=False)
+        self.var, var_extent = _check_value("GaussianPrior", "var", var, positive=True)
+        self._extents = (self.mean, self.var, mean_extent, var_extent, set())
 
     def __repr__(self) -> str:
         def show(v: Value) -> str:
@@ -241,7 +339,8 @@ class GaussianPrior(Prior):
 
         Arguments:
             module: A module, whose parameters are copied (detached).
-            var: The prior variance :math:`s^2 > 0`, a scalar or a dict by name.
+            var: The prior variance :math:`s^2 > 0`, a scalar or a dict by name (as for
+                :class:`GaussianPrior`: within the range of the dtype of the KL).
 
         Returns:
             A :class:`GaussianPrior` whose mean maps every parameter name of `module`.
@@ -301,6 +400,7 @@ class GaussianPrior(Prior):
 
     def _flat(
         self,
+        where: str,
         names: list[str],
         shapes: tuple[torch.Size, ...],
         dtype: torch.dtype,
@@ -308,13 +408,32 @@ class GaussianPrior(Prior):
     ) -> _sampling.FlatPrior:
         r"""Returns the prior of the parameters `names`, flattened and concatenated: for
         half precision in float32, where its KL is summed (rounding the prior first would
-        move the KL by up to 1%)."""
+        move the KL by up to 1%); its values checked against that dtype."""
 
-        if dtype not in (torch.float32, torch.float64):
-            dtype = torch.float32
+        dtype = accumulator(dtype)
         mean = _flat_value(self.mean, names, shapes, dtype, device)
         var = _flat_value(self.var, names, shapes, dtype, device)
+        _, _, mean_extent, var_extent, fits = self._extent()
+        key = (tuple(names), dtype)
+        if key not in fits:  # once per names and dtype, not at every training step
+            _check_range(where, "mean", mean_extent, names, dtype, False, True)
+            _check_range(where, "var", var_extent, names, dtype, True, isinstance(var, Tensor))
+            if len(fits) >= 64:
+                fits.clear()
+            fits.add(key)
         return _sampling.FlatPrior(None if isinstance(mean, float) and mean == 0.0 else mean, var)
+
+    def _extent(self) -> tuple[Value, Value, _Extent, _Extent, set]:
+        r"""Returns the mean and the variance as they were checked, their extents, and the
+        names and dtypes they were found to fit; found again if either was replaced since
+        (or a subclass set them itself)."""
+
+        extents = self.__dict__.get("_extents")
+        if extents is None or extents[0] is not self.mean or extents[1] is not self.var:
+            _, mean_extent = _check_value("GaussianPrior", "mean", self.mean, positive=False)
+            _, var_extent = _check_value("GaussianPrior", "var", self.var, positive=True)
+            extents = self._extents = (self.mean, self.var, mean_extent, var_extent, set())
+        return extents
 
 
 class ScaleMixturePrior(Prior):
@@ -379,6 +498,14 @@ def check_prior(where: str, prior: object, posterior: Posterior) -> None:
     if prior is None:
         return
     if isinstance(prior, Prior):
+        kind = type(prior)
+        closed = prior.closed_form and kind._closed_kl is not Prior._closed_kl
+        if kind.log_prob is Prior.log_prob and kind.kl is Prior.kl and not closed:
+            raise TypeError(
+                f"{where}: expected a prior that implements log_prob, kl or a closed form "
+                f"(a subclass of bayesflow.priors.Prior), got {kind.__name__}, which "
+                f"implements none of them"
+            )
         prior._check_names(where, posterior)
         return
     if isinstance(prior, bool) or not isinstance(prior, (int, float)):
@@ -416,7 +543,7 @@ def sample_and_kl(
 
     if prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool)):
         var = 1.0 if prior is None else check_number(where, "prior", prior, 0.0, strict=True)
-        make = _sampling.zero_mean_prior(var)
+        make = _sampling.zero_mean_prior(var, var, "prior")
     elif isinstance(prior, GaussianPrior) and _gaussian_closed_form(prior):
         check_posterior(where, posterior)
         prior._check_names(where, posterior)
@@ -442,7 +569,9 @@ def prior_kl(
     Arguments:
         posterior: The posterior :math:`q`.
         prior: A :class:`Prior`; a float :math:`s^2` for :math:`\mathcal{N}(0, s^2 I)`;
-            :math:`\mathcal{N}(0, I)` if :py:`None`.
+            :math:`\mathcal{N}(0, I)` if :py:`None`. The closed form is computed in the
+            posterior's dtype (float32 for half precision) and refuses a variance that
+            rounds below `torch.finfo(dtype).tiny` there (1.2e-38 in float32).
         generator: The source of randomness of a Monte Carlo estimate.
         n: The number of Monte Carlo samples; :py:`None` for the closed form where there
             is one, else one sample.

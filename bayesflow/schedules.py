@@ -87,6 +87,8 @@ class CyclicalSchedule:
     Within each cycle, the weight grows linearly from 0 to `weight` over the first
     `ratio` of the cycle and stays there for the rest,
     :math:`\beta(t) = w \min(\tau / R, 1)` with :math:`\tau = (t \bmod P) / P`.
+    The first step of every cycle has weight 0; where :math:`P R \leq 1` the ramp has no
+    step in between: weight 0 at the first step of each cycle and :math:`w` at the others.
 
     Example:
         >>> schedule = CyclicalSchedule(period=100, ratio=0.5)
@@ -94,7 +96,8 @@ class CyclicalSchedule:
         (0.0, 0.5, 1.0, 0.5)
 
     Arguments:
-        period: The length :math:`P \geq 1` of a cycle, in steps.
+        period: The length :math:`P \geq 2` of a cycle, in steps (a cycle of one step would
+            give weight 0 at every step).
         ratio: The fraction :math:`0 < R \leq 1` of a cycle spent growing.
         weight: The top weight :math:`w \geq 0`.
 
@@ -108,7 +111,14 @@ class CyclicalSchedule:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "period", check_int("CyclicalSchedule", "period", self.period))
+        try:
+            period = check_int("CyclicalSchedule", "period", self.period, minimum=2)
+        except ValueError as e:
+            raise ValueError(
+                f"{e} (the first step of a cycle has weight 0, and with period 1 every "
+                f"step is a first one: the KL would be off throughout)"
+            ) from None
+        object.__setattr__(self, "period", period)
         ratio = check_number("CyclicalSchedule", "ratio", self.ratio, 0.0, strict=True)
         if ratio > 1:
             raise ValueError(f"CyclicalSchedule: expected 0 < ratio <= 1, got {ratio}")

@@ -396,3 +396,164 @@ def test_monte_carlo_kl_of_a_scalar_parameter(gen):
     )
     assert torch.allclose(mixture.log_prob(params), expected, rtol=1e-12)
     assert mixture.kl(q, generator=gen(2), n=3).isfinite()
+
+
+def test_float_prior_values_are_not_rounded_to_the_default_dtype():
+    # Rounded to float32 (the default dtype outside the tests), 1e-50 read as "not > 0" and
+    # 1e39 as "not finite": GaussianPrior refused them whatever the posterior's dtype.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        tiny, huge = GaussianPrior(0.0, 1e-50), GaussianPrior(1e39, 1.0)
+    finally:
+        torch.set_default_dtype(old)
+
+    assert (tiny.mean, tiny.var, huge.mean, huge.var) == (0.0, 1e-50, 1e39, 1.0)
+    q = bf.init(torch.nn.Linear(3, 2), init_logvar=-3.0)  # float64: both fit its KL
+    sd = bf.std(q)
+    for prior, m, s in ((tiny, 0.0, 1e-25), (huge, 1e39, 1.0)):
+        oracle = sum(
+            torch.distributions.kl_divergence(
+                torch.distributions.Normal(q.mean[k], sd[k]), torch.distributions.Normal(m, s)
+            ).sum()
+            for k in q.mean
+        )
+        assert torch.allclose(prior.kl(q), oracle, rtol=1e-12)
+
+
+def test_complex_and_bool_prior_tensors_are_refused():
+    # A complex mean lost its imaginary part (torch's cast warning only); a complex variance
+    # failed in torch ("gt_cpu" not implemented); a bool tensor was a variance of 1.
+    for what, value in (
+        ("mean", torch.tensor(1.0 + 5.0j)),
+        ("var", torch.tensor(1.0 + 0.0j)),
+        ("var", torch.tensor(True)),
+        ("mean", torch.tensor([True, False])),
+    ):
+        with pytest.raises(
+            TypeError,
+            match=rf"GaussianPrior: expected {what} to be a real tensor \(floating-point or "
+            rf"integer\), got {value.dtype}",
+        ):
+            GaussianPrior(**{what: value})
+        with pytest.raises(
+            TypeError, match=rf"GaussianPrior: expected {what}\['w'\] to be a real"
+        ):
+            GaussianPrior(**{what: {"w": value}})
+    # Integer tensors are numbers: those of the same floats.
+    q = bf.init(torch.nn.Linear(3, 2), init_logvar=-3.0)
+    ints = GaussianPrior(torch.tensor(1), {"weight": torch.tensor([2, 3, 4]), "bias": 5})
+    floats = GaussianPrior(1.0, {"weight": torch.tensor([2.0, 3.0, 4.0]), "bias": 5.0})
+    assert torch.allclose(ints.kl(q), floats.kl(q), rtol=1e-12)
+
+
+class _NoLogProb(Prior):
+    r"""A prior that implements nothing: the base class as a user might subclass it."""
+
+
+class _Refusing(Prior):
+    r"""A prior whose log_prob refuses negative parameters (after the draw)."""
+
+    def log_prob(self, params):
+        if any((t < 0).any() for t in params.values()):
+            raise ValueError("_Refusing.log_prob: expected non-negative parameters")
+        return sum(t.flatten(1).sum(1) for t in params.values())
+
+
+@pytest.mark.parametrize(
+    "prior",
+    [GaussianPrior(), ScaleMixturePrior(0.5, 1.0, 0.1), Prior()],
+    ids=["gaussian", "scale-mixture", "base"],
+)
+def test_log_prob_checks_the_leading_n_of_every_parameter(prior):
+    # A 0-dim tensor gave an IndexError; names with n = 3 and n = 1 were broadcast to (3,).
+    where = rf"{type(prior).__name__}\.log_prob"
+    for params, shapes in (
+        ({"s": torch.tensor(0.3)}, r"\{'s': \(\)\}"),
+        ({"a": torch.randn(3, 2), "b": torch.randn(1, 2)}, r"\{'a': \(3, 2\), 'b': \(1, 2\)\}"),
+        ({"a": torch.randn(3), "b": torch.randn(2, 3)}, r"\{'a': \(3,\), 'b': \(2, 3\)\}"),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=rf"{where}: expected parameter sets \{{name: \(n, \*shape\) tensor\}} with the "
+            rf"same leading n for every name, as bayesflow.sample gives, got shapes {shapes}",
+        ):
+            prior.log_prob(params)
+    if type(prior) is Prior:
+        with pytest.raises(NotImplementedError, match=r"Prior\.log_prob: not implemented"):
+            prior.log_prob({"a": torch.randn(3, 2)})
+        return
+    # Parameter sets of one n, scalar parameters (n,) included: torch.distributions' numbers.
+    params = {"a": torch.randn(3, 2), "s": torch.randn(3)}
+    if isinstance(prior, GaussianPrior):
+        oracle = lambda t: torch.distributions.Normal(0.0, 1.0).log_prob(t)
+    else:
+        normal = lambda var, t: torch.distributions.Normal(0.0, var**0.5).log_prob(t)
+        oracle = lambda t: torch.logaddexp(
+            math.log(0.5) + normal(1.0, t), math.log(0.5) + normal(0.1, t)
+        )
+    expected = oracle(params["a"]).sum(1) + oracle(params["s"])
+    assert torch.allclose(prior.log_prob(params), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("prior", [_NoLogProb(), _Refusing()], ids=["no-log_prob", "refusing"])
+def test_a_failed_monte_carlo_kl_leaves_the_generator_as_found(gen, prior):
+    # The samples were drawn before log_prob raised, and the generator stayed advanced.
+    q = bf.init(torch.nn.Linear(3, 2), init_logvar=-3.0)
+    g = gen(0)
+    error = TypeError if isinstance(prior, _NoLogProb) else ValueError
+    with pytest.raises(error, match=rf"{type(prior).__name__}\.(kl|log_prob): expected"):
+        prior.kl(q, generator=g, n=2)
+    assert torch.equal(g.get_state(), gen(0).get_state())
+    # A retry draws what a fresh generator draws.
+    if isinstance(prior, _Refusing):
+        with torch.no_grad():
+            for t in q.mean.values():
+                t.fill_(100.0)
+        assert torch.equal(prior.kl(q, generator=g, n=2), prior.kl(q, generator=gen(0), n=2))
+
+
+class _ClosedOnly(Prior):
+    r"""A closed-form KL of its own and no log_prob: N(0, I) written by hand."""
+
+    closed_form = True
+
+    def _closed_kl(self, where, posterior):
+        return bf.kl_divergence(posterior)
+
+
+def test_a_prior_that_implements_nothing_is_refused_before_any_work(gen):
+    # nelbo took bf.Prior() and raised NotImplementedError after the draw and fn's call.
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    q = bf.init(module, init_logvar=-3.0)
+    x, g, calls = torch.randn(5, 3), gen(0), []
+
+    def fn(m, x):
+        calls.append(1)
+        return m(x).sum(-1)
+
+    before = [t.clone() for t in module.state_dict().values()]
+    for prior in (Prior(), _NoLogProb()):
+        for estimator in ("weights", "local"):
+            with pytest.raises(
+                TypeError,
+                match=rf"nelbo: expected a prior that implements log_prob, kl or a closed form "
+                rf"\(a subclass of bayesflow.priors.Prior\), got {type(prior).__name__}",
+            ):
+                bf.nelbo(
+                    module, q, x, fn=fn, num_data=5, prior=prior, generator=g, estimator=estimator
+                )
+        with pytest.raises(
+            TypeError, match=rf"{type(prior).__name__}\.kl: expected a prior with a log_prob"
+        ):
+            prior.kl(q, generator=g)
+    assert not calls
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, module.state_dict().values(), strict=True)
+    )
+    assert torch.equal(g.get_state(), gen(0).get_state())
+
+    # A closed form of its own is enough: nelbo takes it, as prior_kl does.
+    zero = lambda m, x: 0.0 * m(x).sum(-1)
+    loss = bf.nelbo(module.eval(), q, x, fn=zero, num_data=5.0, prior=_ClosedOnly(), generator=g)
+    assert torch.allclose(loss, bf.kl_divergence(q) / 5.0, rtol=1e-12)

@@ -644,3 +644,253 @@ def test_spread_gradcheck_and_gradients_of_gradients(power):
         (g,) = torch.autograd.grad((f(lv) * w).sum(), lv, create_graph=True)
         found.append(torch.autograd.grad(g.square().sum(), lv)[0])
     assert torch.allclose(*found, rtol=1e-12)
+
+
+# Prior values against the dtype of the KL (float32 for a float32 or half-precision
+# posterior): a variance below float32's least normal number gave torch's overflow error
+# inside the fused node (forward or backward), NaN, or -inf under torch.func.grad.
+
+
+def _cast(q, dtype):
+    return bf.Posterior(
+        {k: v.detach().to(dtype) for k, v in q.mean.items()},
+        {k: v.detach().to(dtype) for k, v in q.logvar.items()},
+    )
+
+
+def _closed64(q, prior_var, prior_mean=0.0):
+    r"""The closed form by hand, in float64, from the posterior's exact values."""
+
+    kl = 0.0
+    for name, m in q.mean.items():
+        m, lv = m.detach().double(), softclip(q.logvar[name].detach().double())
+        term = (lv.exp() + (m - prior_mean) ** 2) / prior_var + math.log(prior_var) - lv - 1
+        kl += 0.5 * term.sum().item()
+    return kl
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
+def test_normal_range_is_where_torch_rounds(dtype):
+    # The oracle: torch's own rounding of float64 numbers (float32 and float64 are the
+    # dtypes of a KL; torch rounds float64 to half precision through float32, twice).
+    lo, hi = _numerics.normal_range(dtype)
+    info = torch.finfo(dtype)
+    to = lambda x: torch.tensor(x, dtype=torch.float64).to(dtype).item()
+    assert to(lo) >= info.tiny
+    assert (math.isinf(to(hi)) and math.isfinite(to(info.max))) or dtype == torch.float64
+    if dtype in (torch.float32, torch.float64):
+        assert to(math.nextafter(lo, 0.0)) < info.tiny
+        assert math.isinf(hi) or math.isfinite(to(math.nextafter(hi, 0.0)))
+
+
+_LL = lambda m, x: m(x).sum(-1)
+
+# The call, and whom and what its message names.
+TINY_VAR_CALLS = {
+    "kl_divergence": (
+        "kl_divergence: expected prior_var",
+        lambda m, q, x, g, s: bf.kl_divergence(q, s),
+    ),
+    "kl_divergence-learned": (
+        "kl_divergence: expected prior_var",
+        lambda m, q, x, g, s: bf.kl_divergence(
+            q, torch.tensor(s, dtype=torch.float64, requires_grad=True)
+        ),
+    ),
+    "kl_divergence-func-grad": (
+        "kl_divergence: expected prior_var",
+        lambda m, q, x, g, s: torch.func.grad(
+            lambda mean: bf.kl_divergence(bf.Posterior(mean, q.logvar), s)
+        )({k: v.detach() for k, v in q.mean.items()}),
+    ),
+    "prior_kl": ("prior_kl: expected prior_var", lambda m, q, x, g, s: prior_kl(q, s)),
+    "nelbo": (
+        "nelbo: expected prior",
+        lambda m, q, x, g, s: bf.nelbo(m, q, x, fn=_LL, num_data=10, prior=s, generator=g),
+    ),
+    "local_nelbo": (
+        "local_nelbo: expected prior",
+        lambda m, q, x, g, s: bf.local_nelbo(m, q, x, fn=_LL, num_data=10, prior=s, generator=g),
+    ),
+    "GaussianPrior.kl": (
+        "GaussianPrior.kl: expected the prior var",
+        lambda m, q, x, g, s: GaussianPrior(0.0, s).kl(q),
+    ),
+    "GaussianPrior.kl-tensor": (
+        "GaussianPrior.kl: expected the prior var",
+        lambda m, q, x, g, s: GaussianPrior(0.0, torch.tensor(s, dtype=torch.float64)).kl(q),
+    ),
+    "GaussianPrior.kl-dict": (
+        "GaussianPrior.kl: expected the prior var of '2.weight'",
+        lambda m, q, x, g, s: GaussianPrior(0.0, {**dict.fromkeys(q.mean, 1.0), "2.weight": s}).kl(
+            q
+        ),
+    ),
+    "nelbo-GaussianPrior": (
+        "nelbo: expected the prior var",
+        lambda m, q, x, g, s: bf.nelbo(
+            m, q, x, fn=_LL, num_data=10, prior=GaussianPrior(0.0, s), generator=g
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("s", [1e-50, 2.5e-39])  # 2.5e-39: a float32 subnormal
+@pytest.mark.parametrize("name", TINY_VAR_CALLS)
+def test_prior_variances_below_the_least_normal_number_of_the_kl_are_refused(gen, name, s):
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).float()
+    q = bf.init(module, init_logvar=-3.0)
+    x, g = torch.randn(4, 3, dtype=torch.float32), gen(0)
+    before = snapshot(module, q.mean, q.logvar)
+
+    message, call = TINY_VAR_CALLS[name]
+    with pytest.raises(
+        ValueError,
+        match=rf"{message} to be a normal number in float32 \(>= 1.17549e-38: the KL is "
+        rf"computed in float32\), got {s:g}",
+    ):
+        call(module, q, x, g, s)
+
+    after = snapshot(module, q.mean, q.logvar)  # BatchNorm's statistics too
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=gen(0)))  # no draw
+
+
+def test_prior_values_at_the_ends_of_the_dtype_of_the_kl():
+    module = nn.Linear(3, 2)
+    with torch.no_grad():
+        module.weight.mul_(0.1)
+        module.bias.mul_(0.1)
+    q64 = bf.init(module, init_logvar=-3.0)
+    q32 = _cast(q64, torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+
+    # At float32's least normal number, the fused node's forward and backward are finite
+    # and those of the float64 closed form (its terms near 1e37, its gradients near 1e36).
+    for s in (tiny, torch.tensor(tiny, dtype=torch.float32, requires_grad=True)):
+        q = bf.Posterior(
+            {k: v.clone().requires_grad_() for k, v in q32.mean.items()},
+            {k: v.clone().requires_grad_() for k, v in q32.logvar.items()},
+        )
+        kl = bf.kl_divergence(q, s)
+        grads = torch.autograd.grad(kl, leaves(q))
+        q_ref = bf.Posterior(
+            {k: v.double().requires_grad_() for k, v in q32.mean.items()},
+            {k: v.double().requires_grad_() for k, v in q32.logvar.items()},
+        )
+        kl_ref = formulas(q_ref, torch.zeros(1, 8), None, tiny)[1]
+        assert math.isclose(kl.item(), _closed64(q32, tiny), rel_tol=1e-5)
+        assert math.isclose(kl_ref.item(), _closed64(q32, tiny), rel_tol=1e-12)
+        for a, b in zip(grads, torch.autograd.grad(kl_ref, leaves(q_ref)), strict=True):
+            assert torch.isfinite(a).all() and torch.allclose(a.double(), b, rtol=1e-5)
+
+    # In float64, 1e-50 is a normal number: the KL is the closed form, 6e49 or so.
+    for kl in (
+        prior_kl(q64, 1e-50),
+        bf.kl_divergence(q64, 1e-50),
+        GaussianPrior(0.0, 1e-50).kl(q64),
+    ):
+        assert math.isclose(kl.item(), _closed64(q64, 1e-50), rel_tol=1e-12)
+    with pytest.raises(
+        ValueError, match=r"prior_kl: expected prior_var to be a normal number in float64"
+    ):
+        prior_kl(q64, 1e-310)
+
+    # A mean that float32 rounds to infinity: the message says in which dtype.
+    prior = GaussianPrior(mean=1e39)
+    assert math.isclose(prior.kl(q64).item(), _closed64(q64, 1.0, 1e39), rel_tol=1e-12)
+    for p, what in (
+        (prior, "the prior mean"),
+        (
+            GaussianPrior(mean={"weight": 0.0, "bias": torch.tensor([0.0, -1e39])}),
+            "the prior mean of 'bias'",
+        ),
+        (
+            GaussianPrior(var={"weight": 1.0, "bias": torch.tensor([1.0, 1e39])}),
+            "the prior var of 'bias'",
+        ),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=rf"GaussianPrior.kl: expected {what} to be finite in float32 \(.*: the KL "
+            r"is computed in float32\), got -?1e\+39",
+        ):
+            p.kl(q32)
+    # A float variance is used as a number, not rounded: 1e39 is as good as in float64.
+    assert math.isclose(bf.kl_divergence(q32, 1e39).item(), _closed64(q32, 1e39), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_the_kl_of_half_precision_takes_prior_variances_of_float32(dtype):
+    q = _cast(bf.init(nn.Linear(3, 2), init_logvar=-3.0), dtype)
+    for kl in (bf.kl_divergence(q, 1e-30), GaussianPrior(0.0, 1e-30).kl(q)):
+        assert kl.dtype == torch.float32
+        assert math.isclose(kl.item(), _closed64(q, 1e-30), rel_tol=1e-5)
+    for call, where in (
+        (lambda: bf.kl_divergence(q, 1e-40), "kl_divergence: expected prior_var"),
+        (lambda: GaussianPrior(0.0, 1e-40).kl(q), "GaussianPrior.kl: expected the prior var"),
+    ):
+        with pytest.raises(ValueError, match=rf"{where} to be a normal number in float32"):
+            call()
+
+
+def test_vmap_over_a_batch_of_posteriors_matches_a_loop(gen):
+    # Two tensors or more: torch's error ("no batching rule for flatten_dense_tensors").
+    b = 3
+    means = {"w": torch.randn(b, 3, 2), "b": torch.randn(b, 2)}
+    logvars = {"w": torch.randn(b, 3, 2) - 2, "b": torch.randn(b, 2) - 2}
+    one = lambda i: bf.Posterior(
+        {k: v[i] for k, v in means.items()}, {k: v[i] for k, v in logvars.items()}
+    )
+    prior = GaussianPrior(
+        mean={"w": 0.1 * torch.randn(3, 2), "b": 0.3}, var={"w": torch.rand(3, 2) + 0.5, "b": 2.0}
+    )
+    kls = {
+        "kl_divergence": lambda q: bf.kl_divergence(q, 2.5),
+        "prior_kl": lambda q: prior_kl(q, 2.5),
+        "GaussianPrior.kl": lambda q: prior.kl(q),
+    }
+    for name, kl in kls.items():
+        got = torch.func.vmap(lambda m, lv, kl=kl: kl(bf.Posterior(m, lv)))(means, logvars)
+        want = torch.stack([kl(one(i)) for i in range(b)])
+        assert torch.allclose(got, want, rtol=1e-12), name
+        grads = torch.func.vmap(torch.func.grad(lambda m, lv, kl=kl: kl(bf.Posterior(m, lv))))(
+            means, logvars
+        )
+        for i in range(b):
+            q = bf.Posterior(
+                {k: v.clone().requires_grad_() for k, v in one(i).mean.items()}, one(i).logvar
+            )
+            want = torch.autograd.grad(kl(q), list(q.mean.values()))
+            for k, w in zip(q.mean, want, strict=True):
+                assert torch.allclose(grads[k][i], w, rtol=1e-12), name
+
+    # The samples: with randomness="same", one draw for all, those of a loop on the seed.
+    draw_all = lambda randomness: torch.func.vmap(
+        lambda m, lv: bf.sample(bf.Posterior(m, lv), 4, generator=gen(1)), randomness=randomness
+    )
+    got = draw_all("same")(means, logvars)
+    for i in range(b):
+        want = bf.sample(one(i), 4, generator=gen(1))
+        assert all(torch.equal(got[k][i], want[k]) for k in want)
+    # With "different", each posterior draws its own: equal posteriors, different samples.
+    equal = ({k: v[:1].expand_as(v) for k, v in d.items()} for d in (means, logvars))
+    got = draw_all("different")(*equal)
+    assert got["w"].shape == (b, 4, 3, 2) and not torch.equal(got["w"][0], got["w"][1])
+
+    # A batch of prior variances: used as they are (their values cannot be read under vmap).
+    q, v = one(0), torch.tensor([0.5, 1.0, 2.5])
+    got = torch.func.vmap(lambda s: bf.kl_divergence(q, s))(v)
+    assert torch.allclose(got, torch.stack([bf.kl_divergence(q, s.item()) for s in v]), rtol=1e-12)
+    got = torch.func.vmap(torch.func.grad(lambda s: bf.kl_divergence(q, s)))(v)
+    want = [torch.func.grad(lambda s: bf.kl_divergence(q, s))(s) for s in v]
+    assert torch.allclose(got, torch.stack(want), rtol=1e-12)
+    for bad in (
+        torch.ones(3, 2),
+        torch.ones(3, dtype=torch.complex128),
+        torch.ones(3, dtype=torch.bool),
+    ):
+        with pytest.raises(TypeError, match="kl_divergence: expected prior_var to be a number"):
+            torch.func.vmap(lambda s: bf.kl_divergence(q, s))(bad)

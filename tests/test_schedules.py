@@ -92,3 +92,30 @@ def test_a_step_beyond_the_float_range():
     assert bf.LinearWarmup(steps=100)(10**400) == 1.0
     assert bf.LinearWarmup(steps=10**400, weight=2.0)(10**399) == 0.2
     assert bf.CyclicalSchedule(period=100, ratio=0.5)(10**400 + 25) == 0.5
+
+
+def test_a_cyclical_period_below_two_is_refused():
+    # period=1 was accepted, and every step, the first of its cycle, had weight 0: the KL
+    # was off for the whole run.
+    for period in (1, 0, -3):
+        with pytest.raises(
+            ValueError,
+            match=rf"CyclicalSchedule: expected period to be an int >= 2, got {period} \(the "
+            r"first step of a cycle has weight 0, and with period 1 every step is a first one",
+        ):
+            bf.CyclicalSchedule(period=period)
+    with pytest.raises(TypeError, match="CyclicalSchedule: expected period to be an int >= 2"):
+        bf.CyclicalSchedule(period=2.0)
+
+
+@pytest.mark.parametrize("period, ratio", [(2, 0.5), (3, 0.1), (10, 0.1), (4, 0.25), (8, 0.3)])
+def test_a_cyclical_ramp_of_at_most_one_step(period, ratio):
+    # As documented: the first step of a cycle has weight 0; where period * ratio <= 1 the
+    # others have the whole weight, else the ramp passes through weights in between.
+    schedule = bf.CyclicalSchedule(period=period, ratio=ratio, weight=2.0)
+    weights = [schedule(t) for t in range(3 * period)]
+    ramp = [2.0 * min((t % period) / period / ratio, 1.0) for t in range(3 * period)]
+    assert weights == ramp
+    assert weights[::period] == [0.0] * 3
+    between = [w for w in weights if 0.0 < w < 2.0]
+    assert (between == []) == (period * ratio <= 1)
