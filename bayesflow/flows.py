@@ -62,10 +62,19 @@ def _base(where: str, d: Distribution) -> tuple[str, Callable[[Tensor], Tensor]]
     if isinstance(inner, Uniform):
         return "uniform", lambda u: inner.low + u * (inner.high - inner.low)
 
+    kind = type(d).__name__
+    if inner is not d:
+        kind += f"({type(inner).__name__})"
     raise TypeError(
         f"{where}: expected a Normal or Uniform base distribution (possibly Independent), "
-        f"got {type(d).__name__}"
+        f"got {kind}"
     )
+
+
+def _drawable(d: Distribution) -> bool:
+    r"""Whether `flow_sample` can reparameterize the base distribution `d` (:func:`_base`)."""
+
+    return isinstance(d.base_dist if isinstance(d, Independent) else d, (Normal, Uniform))
 
 
 def _is_flow(d: object) -> bool:
@@ -107,7 +116,9 @@ def _evaluate(flow: nn.Module, st: Structure, c: Tensor | None, check: bool) -> 
     try:
         with torch.no_grad():
             d = flow() if c is None else flow(c)
-            if check and _is_flow(d):
+            # A base flow_sample cannot draw from (a mixture) is refused after this pass,
+            # by `_base`, with its own message; its mean may not exist.
+            if check and _is_flow(d) and _drawable(d.base):
                 d.transform.inv(d.base.mean)
     finally:
         if state is not None:
@@ -160,7 +171,8 @@ def _mixture(flow: nn.Module, c: Tensor | None, eps: Tensor, u: Tensor) -> Tenso
 def _context_error(where: str, flow: nn.Module, c: Tensor | None, e: Exception) -> ValueError:
     r"""Says why the flow cannot be evaluated on the context `c`."""
 
-    cause = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+    lines = str(e).strip().splitlines()
+    cause = type(e).__name__ + (f": {lines[0]}" if lines else "")
     if c is None:
         return ValueError(
             f"{where}: expected a context c, got None; the flow cannot be evaluated "

@@ -526,6 +526,57 @@ def test_flow_sample_errors():
         flow_sample(net, draw(bf.init(net)), torch.randn(C))
 
 
+def test_flow_sample_refuses_a_base_it_cannot_draw_from_before_any_draw(gen):
+    # The shape pass ran the inverse on the base's mean, which a mixture or a generalized
+    # normal does not have (torch's bare NotImplementedError), and the message helper then
+    # failed on the empty message: an IndexError instead of a clear TypeError.
+    from torch.distributions import Independent
+    from zuko.distributions import DiagNormal, GeneralizedNormal, Mixture
+    from zuko.lazy import Flow, UnconditionalDistribution
+
+    maf = zuko.flows.MAF(F, C, transforms=2, hidden_features=(8,))
+    bases = {
+        "Mixture": UnconditionalDistribution(
+            lambda loc, scale, w: Mixture(DiagNormal(loc, scale), w),
+            torch.randn(2, F),
+            torch.ones(2, F),
+            torch.zeros(2),
+            buffer=True,
+        ),
+        "Independent\\(GeneralizedNormal\\)": UnconditionalDistribution(
+            lambda beta: Independent(GeneralizedNormal(beta), 1), 3 * torch.ones(F), buffer=True
+        ),
+    }
+    for kind, base in bases.items():
+        flow = Flow(maf.transform, base)
+        c = torch.randn(C)
+        assert flow(c).sample((4,)).shape == (4, F)  # zuko draws from it
+        params, g = draw(bf.init(flow)), gen(0)
+        with pytest.raises(
+            TypeError,
+            match=rf"flow_sample: expected a Normal or Uniform base distribution \(possibly "
+            rf"Independent\), got {kind}$",
+        ):
+            flow_sample(flow, params, c, (4,), generator=g)
+        assert torch.equal(g.get_state(), gen(0).get_state())
+
+
+def test_flow_sample_names_a_context_error_without_a_message():
+    class Silent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, c):
+            raise RuntimeError()
+
+    flow = Silent()
+    with pytest.raises(
+        ValueError, match=r"flow_sample: expected a context c whose last dim .* \(RuntimeError\)$"
+    ):
+        flow_sample(flow, draw(bf.init(flow)), torch.randn(C))
+
+
 @pytest.mark.parametrize("fallback", [False, True])
 def test_cnf_with_nan_parameters_stops(fallback):
     flow = zuko.flows.CNF(2, 1, hidden_features=(8,))
