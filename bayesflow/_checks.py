@@ -186,6 +186,12 @@ def check_posterior(where: str, posterior: object) -> Posterior:
                 f"{where}: expected mean and logvar of {name!r} with the same shape, "
                 f"got {tuple(m.shape)} and {tuple(lv.shape)}"
             )
+        # (A mean that is not floating-point gets each caller's TypeError.)
+        if m.is_floating_point() and (lv.dtype != m.dtype or lv.device != m.device):
+            raise ValueError(
+                f"{where}: expected posterior.logvar[{name!r}] with the dtype and device of "
+                f"its mean ({describe(m)}), got {describe(lv)}"
+            )
     return posterior
 
 
@@ -237,10 +243,10 @@ def check_params(
             if (
                 e is None
                 or not isinstance(value, Tensor)
-                or value.dim() != e[3]
-                or value.shape[1:] != e[0]
-                or value.dtype != e[1]
-                or value.device != e[2]
+                or value.dim() != e.dim() + 1
+                or value.shape[1:] != e.shape
+                or value.dtype != e.dtype
+                or value.device != e.device
                 or (k >= 0 and value.shape[0] != k)
             ):
                 break

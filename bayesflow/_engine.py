@@ -94,7 +94,7 @@ def run(
     """
 
     with lock(module):
-        st = structure(module)
+        st = structure(module, opts.where)
         if buffers is not None and not (isinstance(buffers, Mapping) and not buffers):
             n = check_buffers(opts.where, st, module, buffers, None if params else n)
         if n is None or params:
@@ -124,7 +124,7 @@ def count(module: nn.Module, params: Mapping[str, Tensor], opts: CallOptions) ->
     r"""Checks sampled parameters against `module` and returns how many sets they hold."""
 
     with lock(module):
-        return check_params(opts.where, structure(module), module, params)
+        return check_params(opts.where, structure(module, opts.where), module, params)
 
 
 def _warn(message: str | None, n: int) -> None:
@@ -208,7 +208,7 @@ def check_no_parametrization_cache(
         return
     if st is None:
         with lock(module):
-            st = structure(module)
+            st = structure(module, where)
     if st.find(module, parametrize.ParametrizationList):
         raise RuntimeError(
             f"{where}: expected no torch.nn.utils.parametrize.cached() around a call on a "
@@ -454,12 +454,14 @@ def _loop_now(job: _Job, state: State | None = None) -> Any:
             map_outputs(opts.where, lambda t: None, out)
             outs.append(out)
             state.collect(held)
+        # Before the buffers are written: outputs that disagree leave them as found.
+        stacked = stack(opts.where, outs)
     except BaseException:
         state.restore()
         raise
     state.finish()
 
-    return stack(outs)
+    return stacked
 
 
 # A context that does nothing (reusable).
@@ -489,7 +491,12 @@ def _single_now(job: _Job) -> Any:
             assigned = state.given_held(buffers) if state is not None else {}
         if assigned:
             state.write_given(job.opts.where, buffers, assigned)
-        return map_outputs(job.opts.where, lambda t: t.unsqueeze(0), out)
+        if is_compiling():  # (a compiled graph's outputs follow its own aliasing rules)
+            return map_outputs(job.opts.where, lambda t: t.unsqueeze(0), out)
+        ids, own = _inputs(job), st.own
+        return map_outputs(
+            job.opts.where, lambda t: _unshared(t, ids, own, False).unsqueeze(0), out
+        )
     except BaseException:
         if state is not None:
             state.restore()
@@ -579,7 +586,36 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
     for name, stacked in averaged.items():
         state.set_averaged(name, stacked)
 
-    return unflatten(spec[0], leaves)
+    if is_compiling():
+        return unflatten(spec[0], leaves)
+    ids, own = _inputs(job), st.own
+    return unflatten(spec[0], [_unshared(t, ids, own, True) for t in leaves])
+
+
+def _inputs(job: _Job) -> set[int]:
+    r"""The ids of the tensors that a call's outputs must not share memory with, besides
+    the module's own (`Structure.own`): its arguments, samples and buffers."""
+
+    ids = {id(a) for a in job.args if isinstance(a, Tensor)}
+    ids.update(map(id, job.params.values()))
+    ids.update(map(id, job.buffers.values()))
+    return ids
+
+
+def _unshared(t: Tensor, ids: set[int], own: frozenset[int], stacked: bool) -> Tensor:
+    r"""Returns `t`, or a copy of it where it shares memory with a tensor of `ids` or `own`
+    or, if `stacked` (vmap's output), repeats one value over the samples (vmap expands an
+    output that does not depend on them): as the loop's stacked copies, a write to one
+    sample's output changes nothing else."""
+
+    base = id(t if t._base is None else t._base)
+    if (
+        base in ids
+        or base in own
+        or (stacked and t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0)
+    ):
+        return t.clone()
+    return t
 
 
 def vmap(
@@ -680,7 +716,7 @@ def run_local(
 
     where = opts.where
     with lock(module):
-        st = structure(module)
+        st = structure(module, where)
         check_no_parametrization_cache(where, module, st)  # before any draw
         dims = check_in_dims(where, args, opts.in_dims, n)
         # A call that fails after the draws (`fn`'s output refused, say) draws nothing.
@@ -777,15 +813,66 @@ def _layout(
         # Its random numbers are not the call's: the same seed gives the same call, whether
         # the layout was recorded before or not.
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        one = _index(args, dims, 0)
         try:
-            with (
-                torch.random.fork_rng(devices=devices),
-                torch.no_grad(),
-                patched(changes),
-                recorder.reads(),
-            ):
-                opts.fn(module, *_index(args, dims, 0))
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                rng = _rng_state()
+                with patched(changes), recorder.reads():
+                    opts.fn(module, *one)
+                if recorder.inputs:
+                    state.restore()
+                    _set_rng_state(rng)  # the same dropout masks
+                    forced |= _mixed(st, module, plan, opts, one, recorder.inputs)
         finally:
             state.restore()
         layout = recordings.put(key, plan.layout(opts.where, module, recorder, forced))
     return layout
+
+
+def _mixed(
+    st: Structure,
+    module: nn.Module,
+    plan: LocalPlan,
+    opts: CallOptions,
+    args: tuple,
+    inputs: list[tuple[str, Tensor]],
+) -> frozenset[str]:
+    r"""Returns the layers among `inputs` (their inputs in a shape-finding pass) whose
+    rows, which the estimator takes for independent examples, are not: the rows of an
+    unbatched sequence `(T, in)`, or of a batch flattened with its positions `(B * T,
+    in)`. The examples are the first dim of the first argument of two dims or more (and
+    of every argument of the same size): a second pass swaps the first two, and a row
+    of a layer's input beyond its first two that moves is one that mixes them."""
+
+    first = next((a for a in args if isinstance(a, Tensor) and a.dim() >= 2), None)
+    if first is None or first.shape[0] < 2:
+        return frozenset()
+    b = first.shape[0]
+    order = torch.arange(b, device=first.device)
+    order[:2] = order[:2].flip(0)
+    swapped = tuple(
+        a[order] if isinstance(a, Tensor) and a.dim() >= 1 and a.shape[0] == b else a for a in args
+    )
+    recorder = Recorder()
+    changes = _changes(st, module, plan.forwards(recorder, plan.layers))
+    changes += _torch_layers.changes(st, module)
+    suspects = frozenset(name for name, _ in inputs)
+    try:
+        with patched(changes):
+            opts.fn(module, *swapped)
+    except Exception:  # a pass that fails on swapped examples: its layers sampled whole
+        return suspects
+    found = recorder.inputs
+    if [name for name, _ in found] != [name for name, _ in inputs]:
+        return suspects
+    mixed = set()
+    for (name, x), (_, y) in zip(inputs, found, strict=True):
+        if x.shape != y.shape:
+            mixed.add(name)
+            continue
+        # Rounding only: the sums of a batch norm's statistics run in another order.
+        tol = 1e3 * torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0
+        scale = float(x.abs().max()) if x.numel() else 0.0
+        if not torch.allclose(y[2:], x[2:], rtol=tol, atol=tol * scale, equal_nan=True):
+            mixed.add(name)
+    return frozenset(mixed)

@@ -67,14 +67,40 @@ def unflatten(spec: Any, leaves: tuple[Tensor, ...] | list[Tensor]) -> Any:
     return _rebuild(spec, [unflatten(s, leaves) for s in spec])
 
 
-def stack(outs: list[Any]) -> Any:
-    r"""Stacks per-sample outputs of the same structure on a new leading dim."""
+def stack(where: str, outs: list[Any]) -> Any:
+    r"""Stacks per-sample outputs on a new leading dim. Every sample's outputs must have the
+    structure and the shapes of the first's: others raise a :class:`ValueError` (torch's
+    error named no function, and keys beyond the first sample's were dropped)."""
 
-    first = outs[0]
-    if isinstance(first, Tensor):
-        return torch.stack(outs)
-    if first is None:
-        return None
-    if isinstance(first, Mapping):
-        return {k: stack([o[k] for o in outs]) for k in first}
-    return _rebuild(first, [stack(list(o)) for o in zip(*outs, strict=True)])
+    leaves, spec = flatten(where, outs[0])
+    columns = [[t] for t in leaves]
+    shapes = [t.shape for t in leaves]
+    for i, out in enumerate(outs[1:], 1):
+        others, other = flatten(where, out)
+        if not _same(spec, other) or [t.shape for t in others] != shapes:
+            raise ValueError(
+                f"{where}: expected fn to return outputs of the same structure and shapes "
+                f"for every sample, got {_shapes(where, out)} for sample {i} and "
+                f"{_shapes(where, outs[0])} for sample 0"
+            )
+        for column, t in zip(columns, others, strict=True):
+            column.append(t)
+    return unflatten(spec, [torch.stack(column) for column in columns])
+
+
+def _same(a: Any, b: Any) -> bool:
+    r"""Whether two specs from :func:`flatten` are the same, containers and keys in order."""
+
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, Mapping):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _shapes(where: str, out: Any) -> str:
+    r"""Describes outputs by the shapes of their tensors."""
+
+    return repr(map_outputs(where, lambda t: tuple(t.shape), out))

@@ -126,9 +126,9 @@ def _logvar_value(where: str, name: str, value: object, like: Tensor) -> Tensor:
         ) from None
 
 
-def check_data(where: str, params: dict[str, Tensor]) -> None:
-    r"""Refuses picked parameters on the meta device (shapes without data): torch's own
-    error names no function."""
+def check_data(where: str, params: dict[str, Tensor], module: nn.Module) -> None:
+    r"""Refuses picked parameters of `module` on the meta device (shapes without data) or
+    uninitialized (a lazy module's): torch's own errors name no function."""
 
     meta = [name for name, p in params.items() if p.is_meta]
     if meta:
@@ -136,6 +136,13 @@ def check_data(where: str, params: dict[str, Tensor]) -> None:
             f"{where}: expected parameters with data, got {meta} on the meta device; "
             "materialize the module first (module.to_empty(device=...), then initialize or "
             "load its parameters)"
+        )
+    lazy = [name for name, p in params.items() if is_lazy(p)]
+    if lazy:
+        raise ValueError(
+            f"{where}: expected initialized parameters, got {lazy} uninitialized (a lazy "
+            f"module, such as torch.nn.LazyLinear): run one forward pass of "
+            f"{type(module).__name__} first, so that its parameters get their shapes"
         )
 
 
@@ -171,14 +178,7 @@ def init(
             f"least one parameter of {type(module).__name__}, got none"
         )
 
-    check_data(where, {n: params[n] for n in names})
-    lazy = [name for name in names if is_lazy(params[name])]
-    if lazy:
-        raise ValueError(
-            f"{where}: expected initialized parameters, got {lazy} uninitialized (a lazy "
-            f"module, such as torch.nn.LazyLinear): run one forward pass of "
-            f"{type(module).__name__} first, so that its parameters get their shapes"
-        )
+    check_data(where, {n: params[n] for n in names}, module)
     for name in names:
         p = params[name]
         if not p.is_floating_point():
@@ -227,7 +227,7 @@ def check_fits(where: str, st: Structure, module: nn.Module, posterior: Posterio
     expected, aliases = st.expected, st.aliases
     for name, m in posterior.mean.items():
         e = expected.get(aliases.get(name, name))
-        if e is None or m.shape != e[0] or m.dtype != e[1] or m.device != e[2]:
+        if e is None or m.shape != e.shape or m.dtype != e.dtype or m.device != e.device:
             check_matches(where, module, posterior)  # says what does not fit
             raise ValueError(
                 f"{where}: expected posterior names, shapes, dtypes and devices of "

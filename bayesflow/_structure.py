@@ -25,6 +25,7 @@ from typing import Any
 import torch.nn as nn
 
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 from ._caches import PerObject, register
 from ._compat import is_compiling, weight_hooks
@@ -368,9 +369,16 @@ class Structure:
         self._embeddings = [(m, by_id[id(t)]) for m, t in embeddings if id(t) in by_id]
         self._dicts = [d for tables in self._tables for d in tables]
         self._fingerprint = self._fingerprint_of()
-        self.expected = {
-            name: (p.shape, p.dtype, p.device, p.dim() + 1) for name, p in self.params.items()
-        }
+        # The module's own tensors, which a call's outputs must not share (see _engine).
+        self.own = frozenset(map(id, (*self.params.values(), *self.buffers.values())))
+        # Lazy (uninitialized) parameters and buffers have no shape: `structure(module,
+        # where)` refuses a module that holds any.
+        # (Not while compiling: dynamo traces no `is_lazy`, and a lazy module cannot run.)
+        tables = () if is_compiling() else (*self.params.items(), *self.buffers.items())
+        self.lazy = [name for name, t in tables if is_lazy(t)]
+        # The parameters that samples must fit, read at every call: `module.to()` changes
+        # their dtype and device in place (the same objects).
+        self.expected = {name: p for name, p in self.params.items() if name not in self.lazy}
         # Zuko's lazy transforms run inside its flows' modules, and in modules whose forward
         # builds zuko's transforms: only those need the stand-ins (zuko.nn's networks are
         # plain torch; installing them costs ~50 us a call).
@@ -407,15 +415,23 @@ class Structure:
 _STRUCTURES: PerObject[Structure] = PerObject()
 
 
-def structure(module: nn.Module) -> Structure:
-    r"""Returns the structure of `module`, cached while the module does not change."""
+def structure(module: nn.Module, where: str | None = None) -> Structure:
+    r"""Returns the structure of `module`, cached while the module does not change. With
+    `where`, the name of a public call, refuses a module with lazy parameters or buffers."""
 
     if is_compiling():
-        return Structure(module)
-
-    st = _STRUCTURES.get(module)
-    if st is None or not st.is_current():
-        st = _STRUCTURES.put(module, Structure(module))
+        st = Structure(module)
+    else:
+        st = _STRUCTURES.get(module)
+        # A lazy parameter is materialized in place (the same object): found again.
+        if st is None or st.lazy or not st.is_current():
+            st = _STRUCTURES.put(module, Structure(module))
+    if st.lazy and where is not None:
+        raise ValueError(
+            f"{where}: expected an initialized module, got {st.lazy} uninitialized (a lazy "
+            f"module, such as torch.nn.LazyLinear): run one forward pass of "
+            f"{type(module).__name__} first, so that its parameters get their shapes"
+        )
     return st
 
 

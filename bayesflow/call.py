@@ -131,10 +131,11 @@ def vmap_call(
         The outputs of `fn` stacked on a new leading dim of size `n`, differentiable with
         respect to `params` and `args`; the same numbers as :func:`loop_call` (for zuko's
         CNF, gradients within the ODE solver's accuracy: see the flows documentation).
-        Where `fn` returns an input itself (a sampled parameter, an argument, a buffer,
-        the module's own tensors) or a view of one, the output may share its memory, as
-        with :func:`torch.func.vmap`; the loop's stack always copies. Clone such an output
-        before changing it in place.
+        Like the loop's stacked outputs, they never share memory with the inputs: where
+        `fn` returns an input itself (a sampled parameter, an argument, a buffer, the
+        module's own tensors), a view of one, or a tensor that does not depend on the
+        sample (which :func:`torch.func.vmap` returns expanded), it is copied (inside
+        `torch.compile`, the compiled graph's own aliasing rules apply).
 
     Raises:
         RuntimeError: If vmap cannot run `fn` and `fallback` is :py:`False`.

@@ -264,7 +264,7 @@ def flow_sample(
     # Under the lock: the pass puts the buffers back, which another thread's call on the
     # flow may be updating.
     with lock(flow):
-        st = structure(flow)
+        st = structure(flow, where)
         # Not read while compiling (dynamo would guard on the weak dictionary's keys).
         seen = None if is_compiling() else _CONTEXTS.get(flow)
         if seen is None or seen[0] is not st:

@@ -242,7 +242,7 @@ class IVON(torch.optim.Optimizer):
                 f"none{but}"
             )
         params = [named[name] for name in names]
-        check_data(where, dict(zip(names, params, strict=True)))
+        check_data(where, dict(zip(names, params, strict=True)), module)
         for name, p in zip(names, params, strict=True):
             if not p.is_floating_point():
                 raise TypeError(

@@ -101,7 +101,11 @@ def local_call(
     local trick there anyway, with noise per position: an approximation, cheaper for large
     layers, whose outputs have the right law one by one but not jointly. Flipout is exact
     for convolutions; for a linear layer on `(B, T, in)` its weight is sampled whole too,
-    unless `per_position`. The examples are the first dim of a layer's input.
+    unless `per_position`. The examples are the first dim of a layer's input, where the
+    shape-finding pass finds them to be: a linear layer whose 2-D input rows change when
+    `fn` runs again with the first two examples of its arguments swapped (rows that are the
+    positions of an unbatched sequence, or of a batch flattened with them) is sampled whole
+    (see docs/training.md).
 
     A layer whose weight its outputs share otherwise is sampled whole too, whatever
     `per_position`: one called more than once by `fn` (a weight-shared block, a MAF's

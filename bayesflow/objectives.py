@@ -168,13 +168,13 @@ def _nelbo(
         )
     opts = call_options(where, fn, chunk_size, True, in_dims, randomness, vectorized, max_memory)
     # The buffers as found: a call that fails leaves them so.
-    st = structure(module)
+    st = structure(module, where)
     state = State(st) if st.buffers else None
 
     if estimator == "weights":
         # The samples must fit the module before the draw: a failed call draws nothing.
         with lock(module):
-            st = structure(module)
+            st = structure(module, where)
             _posterior.check_fits(where, st, module, posterior)
             check_no_parametrization_cache(where, module, st)
         check_in_dims(where, args, in_dims, n)

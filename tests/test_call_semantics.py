@@ -18,7 +18,7 @@ import zuko
 
 import bayesflow as bf
 
-from .registry import TiedLM
+from .registry import TiedLM, snapshot, unchanged
 
 
 def _shared():
@@ -627,6 +627,95 @@ def test_an_output_error_leaves_the_buffers_as_found(n):
         with pytest.raises(TypeError, match="expected fn to return tensors"):
             call()
         assert all(torch.equal(v, module.state_dict()[k]) for k, v in state.items())
+
+
+def test_outputs_that_differ_between_samples_are_refused_with_the_buffers_as_found(gen):
+    # The loop stacked them after writing the buffers' statistics: torch's "stack expects
+    # each tensor to be equal size" or a KeyError with the buffers moved, a key beyond the
+    # first sample's dropped silently, and a None first sample gave None for every sample.
+    module = _bn_train()
+    params = bf.sample(bf.init(module, -1.0), 3, generator=gen(0))
+    x = torch.randn(8, 3)
+    cases = {
+        r"\(\d+, 4\) for sample \d and \(\d+, 4\) for sample 0": lambda m, x: m(x)[m(x)[:, 0] > 0],
+        r"\{'\w+': \(8, 4\)\} for sample \d and \{'\w+': \(8, 4\)\} for sample 0": lambda m, x: {
+            "pos" if m(x)[:, 0].sum() > 0 else "neg": m(x)
+        },
+        r"for sample \d and \{'y': \(8, 4\)(, 'z': \(8, 4\))?\} for sample 0": lambda m, x: (
+            {"y": m(x)} if m(x)[:, 0].sum() > 0 else {"y": m(x), "z": m(x)}
+        ),
+        r"(None|\(8, 4\)) for sample \d and (None|\(8, 4\)) for sample 0": lambda m, x: (
+            m(x) if m(x)[:, 0].sum() > 0 else None
+        ),
+    }
+    # Each fn's outputs do differ between these samples (one sample at a time, on a copy).
+    for fn in cases.values():
+        shapes = {
+            str(bf._outputs.map_outputs("", lambda t: tuple(t.shape), out))
+            for out in (
+                bf.loop_call(
+                    copy.deepcopy(module), {k: v[i : i + 1] for k, v in params.items()}, x, fn=fn
+                )
+                for i in range(3)
+            )
+        }
+        assert len(shapes) > 1
+    before = snapshot(module)
+    for message, fn in cases.items():
+        for call in (bf.loop_call, bf.vmap_call):  # vmap_call: its fallback, the loop
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with pytest.raises(
+                    ValueError,
+                    match=rf"{call.__name__}: expected fn to return outputs of the same "
+                    rf"structure and shapes for every sample, got .*{message}",
+                ):
+                    call(module, params, x, fn=fn)
+            assert unchanged(before, module)
+    # Outputs of one structure stack as before: the loop's numbers, those of vmap.
+    assert torch.allclose(
+        bf.loop_call(module.eval(), params, x, fn=lambda m, x: {"y": m(x)})["y"],
+        bf.vmap_call(module, params, x),
+        rtol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_outputs_never_share_memory_with_the_inputs_or_the_module(n, gen):
+    # vmap expands an output that does not depend on the sample as a view of the tensor fn
+    # returned (stride 0), and the plain call at K = 1 returned such a tensor unsqueezed: a
+    # write to one sample's output rewrote the caller's input or the module's buffer (and
+    # every other sample's). The loop's outputs are stacked copies.
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    q = bf.init(module, init_logvar=-3.0, include=["0"])
+    params = bf.sample(q, n, generator=gen(0))
+    x, z = torch.randn(5, 3), torch.randn(n, 2)  # z: per sample
+
+    def fn(m, x, z):
+        return m(x), x, x[1:], z, m[1].running_var, m[2].weight
+
+    calls = {
+        "loop_call": lambda: bf.loop_call(module, params, x, z, fn=fn),
+        "vmap_call": lambda: bf.vmap_call(module, params, x, z, fn=fn),
+        "vmap_call, chunks": lambda: bf.vmap_call(module, params, x, z, fn=fn, chunk_size=2),
+        "local_call": lambda: bf.local_call(module, q, n, x, z, fn=fn, generator=gen(0)),
+        "BayesianModel": lambda: bf.BayesianModel(module, include_params=["0"])(x, z, n=n, fn=fn),
+    }
+    expected = calls["loop_call"]()
+    for name, call in calls.items():
+        before = snapshot(module, x, z, params)
+        outs = call()
+        if n > 1:  # the samples do change the output
+            assert not torch.allclose(outs[0][0], outs[0][1]), name
+        if name in ("loop_call", "vmap_call", "vmap_call, chunks"):
+            for a, b in zip(outs, expected, strict=True):
+                assert torch.allclose(a, b, rtol=1e-12), name
+        with torch.no_grad():
+            for t in outs[1:]:
+                t[0].fill_(-7.0)
+                if n > 1:
+                    assert not (t[1] == -7.0).any(), name
+        assert unchanged(before, module, x, z, params), name
 
 
 def test_nelbo_passes_max_memory_on(monkeypatch):

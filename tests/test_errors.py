@@ -795,3 +795,70 @@ def test_same_shape_tensors_on_different_devices_are_refused():
     ):
         check_same_shape("gaussian_nll", mean=X, std=X, y=X.to("meta"))
     check_same_shape("gaussian_nll", mean=X, std=X, y=X)
+
+
+def test_a_module_with_lazy_parameters_is_refused_by_every_call(gen):
+    # Only init, SWAG and the ensembles refused it; IVON, the calls, the objectives and the
+    # bridge (whose constructor took a selection of the initialized part) raised torch's
+    # "Can't access the shape of an uninitialized parameter", naming no function.
+    lazy = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 2))
+    q = bf.init(lazy, init_logvar=-3.0, include=["2"])  # the initialized layer: taken
+    params, x, g = bf.sample(q, 2), torch.randn(5, 3), gen(0)
+    ll = lambda m, x: m(x).sum(-1)
+    calls = {
+        "IVON": lambda: bf.IVON(lazy, lr=0.1, ess=100.0),
+        "vmap_call": lambda: bf.vmap_call(lazy, params, x),
+        "loop_call": lambda: bf.loop_call(lazy, params, x),
+        "local_call": lambda: bf.local_call(lazy, q, 2, x, generator=g),
+        "nelbo": lambda: bf.nelbo(lazy, q, x, fn=ll, num_data=5, generator=g),
+        "local_nelbo": lambda: bf.local_nelbo(lazy, q, x, fn=ll, num_data=5, generator=g),
+        "BayesianModel": lambda: bf.BayesianModel(lazy, include_params=["2"]),
+    }
+    for where, call in calls.items():
+        what = "parameters" if where == "IVON" else "module"
+        with pytest.raises(
+            ValueError,
+            match=rf"^{where}: expected (an )?initialized {what}, got \['0.weight', '0.bias'\] "
+            r"uninitialized \(a lazy module, such as torch.nn.LazyLinear\): run one forward "
+            r"pass of Sequential first",
+        ):
+            call()
+        assert isinstance(lazy[0], nn.LazyLinear)  # nothing ran it
+    assert torch.equal(g.get_state(), gen(0).get_state())
+
+    # Once a forward pass has given them shapes, the same calls run.
+    lazy(x)
+    assert bf.vmap_call(lazy, params, x).shape == (2, 5, 2)
+    assert bf.nelbo(lazy, q, x, fn=ll, num_data=5, generator=g).isfinite()
+
+
+def test_std_and_mean_params_refuse_a_logvar_of_another_dtype_than_its_mean():
+    # sample, kl_divergence and mean_model refused it; std gave float64 deviations of a
+    # float32 posterior, and mean_params took it.
+    q = bf.init(nn.Linear(3, 2).float())
+    bad = bf.Posterior(q.mean, {k: v.double() for k, v in q.logvar.items()})
+    for where, call in (("std", bf.std), ("mean_params", bf.mean_params)):
+        with pytest.raises(
+            ValueError,
+            match=rf"{where}: expected posterior.logvar\['weight'\] with the dtype and device "
+            r"of its mean \(torch.float32 on cpu\), got torch.float64",
+        ):
+            call(bad)
+    assert bf.std(q)["weight"].dtype == torch.float32
+
+
+def test_samples_are_checked_against_a_module_converted_after_a_first_call():
+    # The structure of a module, cached at its first call, kept the dtype its parameters
+    # had then: `module.float()` changes them in place (the same objects), and float64
+    # samples then got torch's "mat1 and mat2 must have the same dtype", naming no function.
+    module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = bf.sample(bf.init(module), 2)
+    x = torch.randn(5, 3)
+    y = bf.vmap_call(module, params, x)
+    assert not torch.allclose(y[0], y[1])  # the samples do change the output
+    module.float()
+    for call in (bf.vmap_call, bf.loop_call):
+        with pytest.raises(ValueError, match=rf"{call.__name__}: expected .*'0\.weight'"):
+            call(module, params, x)
+    f32 = {k: v.float() for k, v in params.items()}
+    assert torch.allclose(bf.vmap_call(module, f32, x.float()), y.float(), rtol=1e-5)
