@@ -486,6 +486,77 @@ def test_the_ggn_checks_fn_on_the_first_example(include):
     assert torch.allclose(fit.log_likelihood, right(module, x, y).sum(), rtol=1e-12)
 
 
+class _TimeIsBatch(nn.Module):
+    r"""A GRU without `batch_first` on `(B, T, F)`: it reads the batch dim as time, so the
+    features of example i depend on examples 0 to i - 1 (example 0 alone is unmixed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.out = nn.GRU(3, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+class _Centred(nn.Module):
+    r"""Features centred over the batch before the last layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.out(h - h.mean(0, keepdim=True))
+
+
+def test_the_last_layer_closed_form_checks_more_than_one_unmixed_example():
+    # The closed form was checked on the first example of the first batch alone: a module
+    # that leaves that example unmixed (a recurrent layer over the batch dim), or a first
+    # batch of one example, let a curvature or a variance of mixed features through, where
+    # the per-example path (all weights) raised.
+    torch.manual_seed(0)
+    ll = lambda m, x, y: -F.cross_entropy(m(x), y, reduction="none")
+    kw = dict(output=lambda m, x, y: m(x), likelihood="classification", include=["out"])
+    x, y = torch.randn(8, 4, 3), torch.randint(0, 3, (8,))
+    module = _TimeIsBatch()
+    assert not torch.allclose(module(x[1:2]), module(x)[1:2])  # example 1 is mixed
+    before = snapshot(module)
+    for hessian in ("ggn", "ef"):
+        with pytest.raises(ValueError, match=r"laplace_fit: expected (fn|output) on one example"):
+            bf.laplace_fit(module, ll, batches(x, y, 4), **{**kw, "hessian": hessian})
+    q = bf.init(module, init_logvar=-3.0, include=["out"])
+    with pytest.raises(ValueError, match=r"linearized_predictive: expected fn on one example"):
+        bf.linearized_predictive(module, q, x)
+    assert unchanged(module, before)
+
+    # A batch of one example first (it mixes nothing): the next batch is checked.
+    module, x2, y2 = _Centred(), torch.randn(9, 3), torch.randint(0, 3, (9,))
+    with pytest.raises(ValueError, match=r"laplace_fit: expected output on one example"):
+        bf.laplace_fit(module, ll, [(x2[:1], y2[:1]), (x2[1:], y2[1:])], **kw)
+    # Examples that do not mix: the closed form, as the per-example path gives it.
+    plain = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3))
+    data = [(x2[:1], y2[:1]), (x2[1:], y2[1:])]
+    fast = bf.laplace_fit(plain, ll, data, **{**kw, "include": ["2"]})
+    slow = bf.laplace_fit(plain, ll, data, **{**kw, "include": ["0", "2"]})
+    for k in fast.hessian:
+        assert torch.allclose(fast.hessian[k], slow.hessian[k], rtol=1e-10)
+
+
+def test_the_ggn_checks_fn_until_a_batch_of_two_examples():
+    # On a first batch of one example, a (B, 1) mean against (B,) targets is (1, 1), a
+    # per-datum shape: the later batches' (B, B) log-likelihoods were summed per datum, and
+    # the evidence was -87.1 for -18.0.
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
+    x, y = torch.randn(9, 3), torch.randn(9)
+    slip = lambda m, x, y: torch.distributions.Normal(m(x), SIGMA).log_prob(y)
+    kw = dict(output=output, likelihood="regression", sigma=SIGMA)
+    for include in ([""], ["2"]):
+        with pytest.raises(ValueError, match="laplace_fit: expected fn on one example at a time"):
+            bf.laplace_fit(module, slip, [(x[:1], y[:1]), (x[1:], y[1:])], **kw, include=include)
+
+
 NORMS = {
     "batch-norm": lambda: nn.BatchNorm1d(6, track_running_stats=False),
     "batch-norm-2d": lambda: nn.Sequential(
