@@ -21,6 +21,7 @@ __all__ = [
     "run_local",
 ]
 
+import functools
 import warnings
 
 from collections.abc import Callable, Iterator, Mapping
@@ -553,7 +554,12 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
     # later chunks would read the earlier ones' writes: such a call runs in the loop.
     # (Buffers updated per sample, above, are stacked copies; one pass writes them once.)
     watched = None
-    if chunk_size is not None and chunk_size < n and not is_compiling():
+    if chunk_size is not None and chunk_size < n and is_compiling():
+        # No version counter can be read while tracing: a module with buffers of its own
+        # runs all its samples in one pass, which writes them once.
+        if any(name not in buffers for name in st.buffers):
+            chunk_size = None
+    elif chunk_size is not None and chunk_size < n:
         watched = [
             (name, t, t._version)
             for name, t in st.buffers.items()
@@ -733,9 +739,13 @@ def run_local(
                 fresh = attempt > 0 or is_compiling()
                 layout = _layout(st, module, plan, args, dims, opts, fresh, forced)
                 like = next(iter(posterior.mean.values()))
-                # All the noise up front: one slab for the layers, then the whole samples.
+                # All the noise up front: one slab for the layers, then the whole samples;
+                # in the widest dtype of the posterior (a float64 layer behind a float16
+                # one took float16 noise), which each layer takes in its own.
+                dtypes = {t.dtype for t in posterior.mean.values()}
+                dtype = functools.reduce(torch.promote_types, dtypes)
                 slab = torch.randn(
-                    n, layout.size, generator=generator, dtype=like.dtype, device=like.device
+                    n, layout.size, generator=generator, dtype=dtype, device=like.device
                 )
                 whole = plan.sampled(posterior, layout)
                 params = _posterior.sample(where, whole, n, generator) if whole.mean else {}

@@ -377,7 +377,7 @@ class Tape(Noise):
         size = shape.numel()
         e = self.slab[self.pos : self.pos + size]
         self.pos += size
-        # One slab in the first tensor's dtype: a layer of another takes its own.
+        # One slab in the posterior's widest dtype: each layer takes it in its own.
         return e.view(shape).to(dtype=like.dtype, device=like.device)
 
 

@@ -214,3 +214,39 @@ def test_compiled_vectorized_local_call(gen):
     loop = bf.local_call(net, q, 4, x, generator=gen(1), vectorized=False)
     assert torch.allclose(y, loop, atol=1e-10)
     assert not torch.allclose(y[0], y[1])  # the samples were used
+
+
+class _Counted(torch.nn.Module):
+    r"""A step counter written in place, which scales the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 2)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        self.count += 1
+        return self.layer(x) * self.count
+
+
+def test_a_compiled_chunked_call_writes_a_buffer_once(gen):
+    # Compiled, the chunks of a call read the in-place writes of the chunks before them:
+    # samples 2 and 3 were scaled by 2, and the counter ended at 2 (an eager call sees the
+    # write and runs the loop; a trace reads no version counter).
+    x = torch.randn(5, 3)
+    outs, counts = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        net = _Counted()
+        params = bf.sample(bf.init(net, init_logvar=-2.0), 4, generator=gen(1))
+        f = lambda p, x, net=net: bf.vmap_call(net, p, x, chunk_size=2)
+        if compiled:
+            with torch.no_grad():
+                outs.append(torch.compile(f, backend="eager")(params, x))
+        else:
+            with torch.no_grad(), pytest.warns(bf.VmapFallbackWarning, match="once per chunk"):
+                outs.append(f(params, x))
+        counts.append(net.count.item())
+    assert counts == [1.0, 1.0]
+    assert torch.allclose(outs[1], outs[0], rtol=1e-12)
+    assert not torch.allclose(outs[0][0], outs[0][1])  # the samples were used

@@ -1071,3 +1071,36 @@ def test_a_layer_called_by_keyword(flipout, conv, gen):
 
     with pytest.raises(TypeError, match="'inp'"):
         bf.local_call(net, q, 4, torch.randn(5, 3), fn=misnamed, flipout=flipout)
+
+
+class _Mixed(nn.Module):
+    r"""A float32 layer, then a float64 one whose output is returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3).float(), nn.Linear(3, 2).double()
+
+    def forward(self, x):
+        return self.b(self.a(x.to(self.a.weight.dtype)).double())
+
+
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+def test_a_layer_of_a_wider_dtype_gets_noise_of_its_own_dtype(flipout, gen):
+    # The noise of every layer was drawn in the dtype of the posterior's first tensor: a
+    # float64 layer behind a float32 one took float32-rounded noise.
+    torch.manual_seed(0)
+    net = _Mixed()
+    q = bf.init(net, init_logvar=-2.0)
+    x = torch.randn(4, 3)
+    y = bf.local_call(net, q, 200, x, generator=gen(1), flipout=flipout)
+    assert y.dtype == torch.float64 and not torch.allclose(y[0], y[1])
+    # The numbers of one float64 slab: those of a float64 model of the same shapes (up to
+    # the float32 layer's rounding); a float32 slab draws other numbers altogether.
+    twin = _Mixed().double()
+    twin.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
+    q64 = bf.Posterior(
+        {k: v.detach().double() for k, v in q.mean.items()},
+        {k: v.detach().double() for k, v in q.logvar.items()},
+    )
+    y64 = bf.local_call(twin, q64, 200, x, generator=gen(1), flipout=flipout)
+    assert torch.allclose(y, y64, rtol=1e-4, atol=1e-5)
