@@ -551,8 +551,8 @@ def _equal(f: object, z: Tensor) -> bool:
 
 
 class _Closed(NamedTuple):
-    r"""A batch in closed form: its curvature, `fn` per datum, the curvature of its last
-    example, what the per-example path is checked against (`fn` for the empirical Fisher,
+    r"""A batch in closed form: its curvature, `fn` per datum, the curvature of its first
+    and last examples, what the per-example path is checked against (`fn` for the empirical Fisher,
     `output` for the GGN), and, for the GGN, whether `output` returns the module's own
     output as it is (then later batches need no call of `output`)."""
 
@@ -623,8 +623,17 @@ def _last_layer_batch(
             lam = p - p.square()
         else:
             lam = torch.full_like(z, options.sigma**-2)
-    one = _layer_step(found, phi[-1:], lam[-1:])
+    ends = _ends(size)
+    one = _layer_step(found, phi[ends], lam[ends])
     return _Closed(_layer_step(found, phi, lam), ll, one, value, bool(own))
+
+
+def _ends(size: int) -> list[int]:
+    r"""The first and the last example of a batch: a module that mixes the examples in
+    order (a recurrent layer over the batch dim, a cumulative sum) leaves one of them
+    alone, but not both."""
+
+    return [0, size - 1] if size > 1 else [0]
 
 
 def _agree(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
@@ -640,12 +649,13 @@ def fit(
     Where the parameters are one linear layer's, each batch takes the closed form from
     one call of `fn` (and of `output`, for a GGN whose `output` is not the module's own;
     `output` must be the layer's output on every batch). The first batch checks that no
-    operation outside the layer's one call takes its parameters, and its last example
-    (the one a module that mixes the examples in order mixes most) is checked against the
-    per-example path, on every batch until one of two examples or more has passed (one
-    example alone shows no mixing). From the first batch where any of this fails, the
-    per-example path takes over: the curvature is a sum over batches, and the batches
-    before were in closed form rightly. The same holds for the GGN's check of `fn`."""
+    operation outside the layer's one call takes its parameters, and its first and last
+    examples (a module that mixes the examples in order leaves one of them alone, not both)
+    are checked against the per-example path, on every batch until one of two examples or
+    more has passed (one example alone shows no mixing). From the first batch where any
+    of this fails, the per-example path takes over: the curvature is a sum over batches,
+    and the batches before were in closed form rightly. The same holds for the GGN's
+    check of `fn`."""
 
     params = {k: module.get_parameter(k).detach() for k in options.names}
     # Sums over many batches in half precision lose the later batches (a bfloat16 sum
@@ -669,9 +679,10 @@ def fit(
                 except RuntimeError:
                     fast = None  # the per-example path runs, and raises what is wrong
             if fast is not None and not closed_checked:
-                one = tuple(t[-1:] for t in batch)
+                ends = _ends(size)
+                one = tuple(t[ends] for t in batch)
                 with transforming(where, buffers):
-                    slow = _slow_batch(where, module, fn, options, params, one, fast.value[-1:])
+                    slow = _slow_batch(where, module, fn, options, params, one, fast.value[ends])
                 fast = fast if _agree(fast.one, slow[0]) else None
                 if own is None:
                     own = None if fast is None else fast.own
@@ -682,16 +693,17 @@ def fit(
                 found = None
                 ll = check_per_datum(where, "fn", fn(module, *batch), size)
             if options.hessian == "ggn" and not fn_checked:
-                # The GGN runs `output` per example, never `fn`: one more forward, of one
-                # example, checks it (a (B, 1) mean against (B,) targets broadcasts to a
+                # The GGN runs `output` per example, never `fn`: a forward of its first and
+                # of its last example checks it (a (B, 1) mean against (B,) targets broadcasts to a
                 # (B, B) log-likelihood that sums over the batch), as the empirical Fisher
                 # checks `fn` on every example; until a batch of two or more has passed
                 # (on a batch of one, (1, 1) is a per-datum shape).
-                one = fn(module, *(t[-1:] for t in batch))
-                if not isinstance(one, Tensor):
-                    check_per_datum(where, "fn", one, 1)
-                found_one = ll[-1:].reshape(1, -1).sum(1)
-                check_split(where, "fn", found_one, one.reshape(1, -1).sum(1))
+                for i in _ends(size):
+                    one = fn(module, *(t[i : i + 1] for t in batch))
+                    if not isinstance(one, Tensor):
+                        check_per_datum(where, "fn", one, 1)
+                    found_one = ll[i : i + 1].reshape(1, -1).sum(1)
+                    check_split(where, "fn", found_one, one.reshape(1, -1).sum(1))
                 fn_checked = size > 1
             if fast is None:
                 if options.hessian == "ef":

@@ -35,6 +35,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import Tensor
 from torch.func import vmap as torch_vmap
 from torch.nn.utils.rnn import PackedSequence
+from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _posterior, _torch_layers
@@ -555,9 +556,10 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
     # (Buffers updated per sample, above, are stacked copies; one pass writes them once.)
     watched = None
     if chunk_size is not None and chunk_size < n and is_compiling():
-        # No version counter can be read while tracing: a module with buffers of its own
-        # runs all its samples in one pass, which writes them once.
-        if any(name not in buffers for name in st.buffers):
+        # No version counter can be read while tracing: in training mode, where modules
+        # write their buffers (a step counter), a module with buffers of its own runs all
+        # its samples in one pass, which writes them once.
+        if module.training and any(name not in buffers for name in st.buffers):
             chunk_size = None
     elif chunk_size is not None and chunk_size < n:
         watched = [
@@ -600,9 +602,10 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
 
 def _inputs(job: _Job) -> set[int]:
     r"""The ids of the tensors that a call's outputs must not share memory with, besides
-    the module's own (`Structure.own`): its arguments, samples and buffers."""
+    the module's own (`Structure.own`): its arguments (in tuples, lists and dicts too),
+    samples and buffers."""
 
-    ids = {id(a) for a in job.args if isinstance(a, Tensor)}
+    ids = {id(a) for a in tree_leaves(job.args) if isinstance(a, Tensor)}
     ids.update(map(id, job.params.values()))
     ids.update(map(id, job.buffers.values()))
     return ids
@@ -823,66 +826,15 @@ def _layout(
         # Its random numbers are not the call's: the same seed gives the same call, whether
         # the layout was recorded before or not.
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        one = _index(args, dims, 0)
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                rng = _rng_state()
-                with patched(changes), recorder.reads():
-                    opts.fn(module, *one)
-                if recorder.inputs:
-                    state.restore()
-                    _set_rng_state(rng)  # the same dropout masks
-                    forced |= _mixed(st, module, plan, opts, one, recorder.inputs)
+            with (
+                torch.random.fork_rng(devices=devices),
+                torch.no_grad(),
+                patched(changes),
+                recorder.reads(),
+            ):
+                opts.fn(module, *_index(args, dims, 0))
         finally:
             state.restore()
         layout = recordings.put(key, plan.layout(opts.where, module, recorder, forced))
     return layout
-
-
-def _mixed(
-    st: Structure,
-    module: nn.Module,
-    plan: LocalPlan,
-    opts: CallOptions,
-    args: tuple,
-    inputs: list[tuple[str, Tensor]],
-) -> frozenset[str]:
-    r"""Returns the layers among `inputs` (their inputs in a shape-finding pass) whose
-    rows, which the estimator takes for independent examples, are not: the rows of an
-    unbatched sequence `(T, in)`, or of a batch flattened with its positions `(B * T,
-    in)`. The examples are the first dim of the first argument of two dims or more (and
-    of every argument of the same size): a second pass swaps the first two, and a row
-    of a layer's input beyond its first two that moves is one that mixes them."""
-
-    first = next((a for a in args if isinstance(a, Tensor) and a.dim() >= 2), None)
-    if first is None or first.shape[0] < 2:
-        return frozenset()
-    b = first.shape[0]
-    order = torch.arange(b, device=first.device)
-    order[:2] = order[:2].flip(0)
-    swapped = tuple(
-        a[order] if isinstance(a, Tensor) and a.dim() >= 1 and a.shape[0] == b else a for a in args
-    )
-    recorder = Recorder()
-    changes = _changes(st, module, plan.forwards(recorder, plan.layers))
-    changes += _torch_layers.changes(st, module)
-    suspects = frozenset(name for name, _ in inputs)
-    try:
-        with patched(changes):
-            opts.fn(module, *swapped)
-    except Exception:  # a pass that fails on swapped examples: its layers sampled whole
-        return suspects
-    found = recorder.inputs
-    if [name for name, _ in found] != [name for name, _ in inputs]:
-        return suspects
-    mixed = set()
-    for (name, x), (_, y) in zip(inputs, found, strict=True):
-        if x.shape != y.shape:
-            mixed.add(name)
-            continue
-        # Rounding only: the sums of a batch norm's statistics run in another order.
-        tol = 1e3 * torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0
-        scale = float(x.abs().max()) if x.numel() else 0.0
-        if not torch.allclose(y[2:], x[2:], rtol=tol, atol=tol * scale, equal_nan=True):
-            mixed.add(name)
-    return frozenset(mixed)

@@ -267,12 +267,6 @@ class Noise:
     def leave(self, name: str) -> None:
         pass
 
-    #: Whether :meth:`rows` is to be told of the inputs (a shape-finding pass).
-    records = False
-
-    def rows(self, name: str, x: Tensor) -> None:
-        r"""Is told of the input `x` of a linear layer that takes its rows for examples."""
-
     def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -298,16 +292,6 @@ class Recorder(Noise):
         # batched over it, and an input derivative of the local output is not the weight's.
         self.transformed: set[str] = set()
         self.level = func_level()
-        # The inputs whose rows the estimator takes for examples (copies), by call.
-        self.inputs: list[tuple[str, Tensor]] = []
-
-    records = True
-
-    def rows(self, name: str, x: Tensor) -> None:
-        # Not under a transform of fn's own (its layers are sampled whole, and its
-        # tensors cannot leave it), nor while compiling (no value is read there).
-        if x.shape[0] > 2 and func_level() == self.level and not is_compiling():
-            self.inputs.append((name, x.detach().clone()))
 
     def enter(self, name: str, local: bool) -> None:
         self.calls.append((name, local))
@@ -612,9 +596,6 @@ class LocalPlan:
                 x = _bound_input(original, layer, x, kwargs)
             local = self.per_position or self.exact(layer, x, stack)
             noise.enter(name, local)
-            if noise.records and local and x.dim() == 2 and not self.per_position:
-                if not is_conv(layer):
-                    noise.rows(name, x)
             try:
                 if not local:
                     return original(layer, x)  # the weight sampled whole

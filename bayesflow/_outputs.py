@@ -76,7 +76,7 @@ def stack(where: str, outs: list[Any]) -> Any:
     columns = [[t] for t in leaves]
     shapes = [t.shape for t in leaves]
     for i, out in enumerate(outs[1:], 1):
-        others, other = flatten(where, out)
+        others, other = flatten(where, _like(out, spec))
         if not _same(spec, other) or [t.shape for t in others] != shapes:
             raise ValueError(
                 f"{where}: expected fn to return outputs of the same structure and shapes "
@@ -86,6 +86,18 @@ def stack(where: str, outs: list[Any]) -> Any:
         for column, t in zip(columns, others, strict=True):
             column.append(t)
     return unflatten(spec, [torch.stack(column) for column in columns])
+
+
+def _like(out: Any, spec: Any) -> Any:
+    r"""Returns `out` with the keys of its dicts in the order of `spec`'s, where they have
+    the same keys: the loop stacks dicts by key."""
+
+    if isinstance(spec, Mapping) and isinstance(out, Mapping) and out.keys() == spec.keys():
+        return {k: _like(out[k], spec[k]) for k in spec}
+    if isinstance(spec, (tuple, list)) and isinstance(out, (tuple, list)):
+        if len(out) == len(spec):
+            return _rebuild(out, [_like(o, t) for o, t in zip(out, spec, strict=True)])
+    return out
 
 
 def _same(a: Any, b: Any) -> bool:

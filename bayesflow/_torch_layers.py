@@ -287,9 +287,10 @@ def _conv_forward(m: nn.Module) -> Any:
 
 
 def _linear_forward(m: nn.Module) -> Any:
-    mask = mask_of(m)
-
     def forward(x: Tensor) -> Tensor:
+        # Read at the call: an ensemble's members hold masks of their own (stacked buffers,
+        # swapped in after this forward is installed).
+        mask = mask_of(m)
         weight = m.weight if mask is None else mask * m.weight
         return batched_linear(x, weight, m.bias)
 

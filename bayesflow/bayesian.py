@@ -20,7 +20,6 @@ from torch import Tensor
 
 from . import _posterior
 from ._checks import check_generator, check_in_dims, check_module, check_n
-from ._compat import is_compiling, no_saved_tensors_hooks, saved_tensors_hooks_active
 from ._engine import (
     check_no_parametrization_cache,
     draw_state,
@@ -89,46 +88,6 @@ def _stand_ins() -> Iterator[None]:
             entry[0].__exit__(None, None, None)
 
 
-# Per thread: how many `reparameterize()` blocks are open, and the refusal of activation
-# checkpointing they share (left when the last block is, in whatever order).
-_CHECKPOINTS: dict[int, list[Any]] = {}
-
-_CHECKPOINT_MESSAGE = (
-    "BayesianModel.reparameterize: activation checkpointing (torch.utils.checkpoint) inside "
-    "the block cannot see the sampled parameters once it is left: a backward() after the "
-    "block recomputes the forward with the module's own parameters, and its gradients would "
-    "silently be those of other weights; take the checkpoint out of the model and, if "
-    "needed, checkpoint a call on drawn parameters, e.g. params = "
-    "bayesflow.sample(bnet.posterior, 1), then checkpoint(lambda x: "
-    "bayesflow.vmap_call(bnet.base, params, x), x, use_reentrant=False)"
-)
-
-
-@contextmanager
-def _no_checkpoints() -> Iterator[None]:
-    r"""Refuses activation checkpointing in this thread while a block is open (unless
-    saved-tensor hooks are active around the first block: a checkpoint around the whole
-    block, which recomputes it whole)."""
-
-    me = threading.get_ident()
-    entry = _CHECKPOINTS.get(me)
-    if entry is None:
-        refusal = None
-        if not saved_tensors_hooks_active() and not is_compiling():
-            refusal = no_saved_tensors_hooks(_CHECKPOINT_MESSAGE)
-            refusal.__enter__()
-        entry = _CHECKPOINTS[me] = [refusal, 0]
-    entry[1] += 1
-    try:
-        yield
-    finally:
-        entry[1] -= 1
-        if not entry[1]:
-            del _CHECKPOINTS[me]
-            if entry[0] is not None:
-                entry[0].__exit__(None, None, None)
-
-
 class BayesianModel(nn.Module):
     r"""Creates a Bayesian wrapper around a base model.
 
@@ -180,9 +139,6 @@ class BayesianModel(nn.Module):
         q = _posterior.init(
             "BayesianModel", base, init_logvar, include_params, exclude_params, empty=True
         )
-        # Lazy parameters left out of the selection would fail its every call.
-        with lock(base):
-            structure(base, "BayesianModel")
 
         for name in q.mean:
             if "-" in name:
@@ -316,7 +272,10 @@ class BayesianModel(nn.Module):
         `backward()` after the block gives the gradients it gives inside. They are those
         of :func:`bayesflow.vmap_call`: in eval mode, UNAF's keep the gradients of its inner
         network, which zuko drops; CNF's are those of the solver's steps, not zuko's
-        adjoint (see docs/flows.md, Limits).
+        adjoint (see docs/flows.md, Limits). Activation checkpointing inside the base
+        model has no such stand-in: a `backward()` after the block recomputes the
+        checkpointed part with the module's own parameters (silently wrong gradients, as
+        in zuko); run `backward()` inside the block there.
 
         Arguments:
             local_trick: Whether to use the local reparameterization trick (a bool; 0, 1,
@@ -326,9 +285,9 @@ class BayesianModel(nn.Module):
                 that keep their `forward` (such as zuko's `MaskedLinear`): their outputs,
                 rather than their weights, are sampled, with fresh noise per example, where
                 that is exact (inputs `(B, in)`: see :func:`bayesflow.local_call`). The
-                rows of every 2-D input are taken for examples, as in zuko: the rows of an
-                unbatched sequence `(T, in)` get independent noise, unlike in
-                :func:`bayesflow.local_call`, which checks them.
+                rows of every 2-D input are taken for examples, as in zuko and
+                :func:`bayesflow.local_call`: the rows of an unbatched sequence `(T, in)`
+                get independent noise, which is not the law of a weight sample.
                 Convolutions, linear layers on inputs with positions, and layers whose
                 weight or bias another module holds too (tied) use the sample. As in
                 zuko, the noise of a layer is drawn once per output shape for the whole
@@ -377,7 +336,6 @@ class BayesianModel(nn.Module):
                 held = stack.enter_context(hold(base, params, changes))
                 if st.uses_zuko:
                     stack.enter_context(_stand_ins())
-                stack.enter_context(_no_checkpoints())
             except BaseException:
                 restore_draw_state(saved)
                 raise

@@ -131,11 +131,13 @@ def vmap_call(
         The outputs of `fn` stacked on a new leading dim of size `n`, differentiable with
         respect to `params` and `args`; the same numbers as :func:`loop_call` (for zuko's
         CNF, gradients within the ODE solver's accuracy: see the flows documentation).
-        Like the loop's stacked outputs, they never share memory with the inputs: where
-        `fn` returns an input itself (a sampled parameter, an argument, a buffer, the
-        module's own tensors), a view of one, or a tensor that does not depend on the
-        sample (which :func:`torch.func.vmap` returns expanded), it is copied (inside
-        `torch.compile`, the compiled graph's own aliasing rules apply).
+        Where `fn` returns an input itself (a sampled parameter, an argument or a tensor
+        in one, a buffer, the module's own tensors) or a view of one, or a tensor that
+        does not depend on the sample (which :func:`torch.func.vmap` returns expanded),
+        it is copied, as the loop's stack copies. A tensor that shares an input's memory
+        otherwise (`x.detach()`, `x.data`) is not recognized: clone it in `fn` before
+        changing the output in place. Inside `torch.compile`, the compiled graph's own
+        aliasing rules apply.
 
     Raises:
         RuntimeError: If vmap cannot run `fn` and `fallback` is :py:`False`.

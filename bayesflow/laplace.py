@@ -112,8 +112,8 @@ def laplace_fit(
     holds: the layer runs once per call, no operation outside that call takes its
     parameters (seen on the first batch, whatever the data: a second use of the weight
     that vanishes on some examples still counts), for the GGN `output` equals the layer's
-    output on every batch, and the last example of a batch gives what the per-example
-    path gives (until a batch of two examples or more has passed).
+    output on every batch, and the first and the last example of a batch give what the
+    per-example path gives (until a batch of two examples or more has passed).
     From the first batch where one of these fails, the per-example path takes over.
 
     The module is evaluated in evaluation mode (dropout off, BatchNorm on its running
@@ -165,11 +165,10 @@ def laplace_fit(
         ValueError: If the patterns pick nothing, `hessian` or `likelihood` is unknown,
             `data` is empty, `fn`/`output` do not return one row per datum (or give
             other numbers on one example than on the batch: `output` on every example,
-            `fn` on every example for the empirical Fisher and on the last of a batch for
-            the GGN),
-            the module holds a batch normalization without running statistics (it mixes
-            the examples of a batch), or its forward writes its buffers in a way the
-            per-example transforms cannot run.
+            `fn` on every example for the empirical Fisher and on the first and last of
+            a batch for the GGN), the module holds a batch normalization without running
+            statistics (it mixes the examples of a batch), or its forward writes its
+            buffers in a way the per-example transforms cannot run.
 
     References:
         | Laplace Redux -- Effortless Bayesian Deep Learning (Daxberger et al., 2021)

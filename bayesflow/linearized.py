@@ -59,21 +59,24 @@ def _last_layer_variance(
     z: Tensor,
 ) -> Tensor | None:
     r"""The variance of the output from the layer's input features :math:`\phi`, where the
-    layer's output :math:`z` is `fn`'s, `out`; checked on the last example against the
-    Jacobians (the one that a module mixing the examples in order, as a recurrent layer
-    over the batch dim does, mixes most)."""
+    layer's output :math:`z` is `fn`'s, `out`; checked on the first and the last example
+    against the Jacobians (a module that mixes the examples in order, as a recurrent layer
+    over the batch dim, leaves one of them alone, not both)."""
 
     if out.shape != z.shape or not torch.equal(out, z):
         return None
     f_var = phi.square() @ _var(posterior.logvar[found.weight]).T
     if found.bias is not None:
         f_var = f_var + _var(posterior.logvar[found.bias])
-    with transforming(where, buffers):
-        one, one_out = _jacobian_variance(module, posterior, fn, tuple(a[-1:] for a in args), None)
-    if not close(out[-1:], one_out.reshape(out[-1:].shape)) or not one.isfinite().all():
+    ends = [0, out.shape[0] - 1] if out.shape[0] > 1 else [0]
+    with transforming(where, buffers):  # each example on its own
+        one, one_out = _jacobian_variance(
+            module, posterior, fn, tuple(a[ends] for a in args), None
+        )
+    if not close(out[ends], one_out.reshape(out[ends].shape)) or not one.isfinite().all():
         return None  # fn mixes the examples of a batch: the per-example path says so
     tol = math.sqrt(torch.finfo(f_var.dtype).eps)
-    if not torch.allclose(f_var[-1:], one, rtol=tol, atol=tol * one.abs().max().item()):
+    if not torch.allclose(f_var[ends], one, rtol=tol, atol=tol * one.abs().max().item()):
         return None
     return f_var
 

@@ -101,11 +101,10 @@ def local_call(
     local trick there anyway, with noise per position: an approximation, cheaper for large
     layers, whose outputs have the right law one by one but not jointly. Flipout is exact
     for convolutions; for a linear layer on `(B, T, in)` its weight is sampled whole too,
-    unless `per_position`. The examples are the first dim of a layer's input, where the
-    shape-finding pass finds them to be: a linear layer whose 2-D input rows change when
-    `fn` runs again with the first two examples of its arguments swapped (rows that are the
-    positions of an unbatched sequence, or of a batch flattened with them) is sampled whole
-    (see docs/training.md).
+    unless `per_position`. The examples are the first dim of a layer's input, unchecked: the
+    rows of a 2-D input that are the positions of an unbatched sequence `(T, in)`, or of a
+    batch flattened with them `(B * T, in)`, get independent noise, and sums over them are
+    far too narrow; keep the positions in a dim of their own (see docs/training.md).
 
     A layer whose weight its outputs share otherwise is sampled whole too, whatever
     `per_position`: one called more than once by `fn` (a weight-shared block, a MAF's

@@ -13,7 +13,6 @@ import zuko
 import zuko.bayesian
 
 from torch.nn.utils import parametrizations
-from torch.utils.checkpoint import checkpoint
 
 import bayesflow as bf
 import bayesflow._compat
@@ -590,48 +589,3 @@ def test_reparameterize_refuses_a_posterior_that_no_longer_fits(change, local_tr
     assert unchanged(before, bnet)
     assert all(p is q for p, q in zip(bnet.base.parameters(), originals, strict=True))
     assert [dict(vars(m)) for m in bnet.base.modules()] == forwards
-
-
-class _Checkpointed(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inner = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-
-    def forward(self, x):
-        return checkpoint(self.inner, x, use_reentrant=False)
-
-
-def test_activation_checkpointing_inside_a_reparameterize_block_is_refused(gen):
-    # A backward() after the block recomputed the checkpointed forward with the module's own
-    # parameters, put back by then: the gradients of other weights, silently.
-    bnet = bf.BayesianModel(_Checkpointed(), init_logvar=-3.0)
-    x = torch.randn(5, 3)
-    message = r"BayesianModel\.reparameterize: activation checkpointing"
-    with pytest.raises(RuntimeError, match=message):
-        with bnet.reparameterize(generator=gen(0)) as m:
-            m(x)
-    # Refused while any block is open, blocks left out of order; allowed once all are.
-    first, second = bnet.reparameterize(), bnet.reparameterize()
-    first.__enter__()
-    second.__enter__()
-    first.__exit__(None, None, None)
-    with pytest.raises(RuntimeError, match=message):
-        bnet.base(x)
-    second.__exit__(None, None, None)
-    bnet.base(x).sum().backward()
-    assert bnet.base.inner[0].weight.grad is not None
-
-    # The way the message gives, the checkpoint taken out of the model: a checkpointed
-    # call on drawn parameters, whose gradients are those of the call without it.
-    leaves = list(bnet.posterior.mean.values())
-    inner = {k.removeprefix("inner."): v for k, v in bnet.posterior.mean.items()}
-    q = bf.Posterior(
-        inner, {k.removeprefix("inner."): v for k, v in bnet.posterior.logvar.items()}
-    )
-    grads = []
-    for wrap in (lambda f, x: f(x), lambda f, x: checkpoint(f, x, use_reentrant=False)):
-        params = bf.sample(q, 1, generator=gen(1))
-        y = wrap(lambda x, params=params: bf.vmap_call(bnet.base.inner, params, x), x)
-        grads.append(torch.autograd.grad(y.sum(), leaves))
-    for a, b in zip(*grads, strict=True):
-        assert torch.allclose(a, b, rtol=1e-12) and a.abs().sum() > 0

@@ -672,6 +672,15 @@ def test_outputs_that_differ_between_samples_are_refused_with_the_buffers_as_fou
                 ):
                     call(module, params, x, fn=fn)
             assert unchanged(before, module)
+    # A dict's keys in another order for another sample: stacked by key, as before.
+    order = lambda m, x: (
+        {"a": m(x), "b": 2 * m(x)} if m(x)[:, 0].sum() > 0 else {"b": 2 * m(x), "a": m(x)}
+    )
+    out = bf.loop_call(module.eval(), params, x, fn=order)
+    assert len({bool(y[:, 0].sum() > 0) for y in out["a"]}) == 2  # both orders were met
+    assert torch.allclose(out["b"], 2 * out["a"], rtol=1e-12)
+    assert torch.allclose(out["a"], bf.loop_call(module, params, x), rtol=1e-12)
+    module.train()
     # Outputs of one structure stack as before: the loop's numbers, those of vmap.
     assert torch.allclose(
         bf.loop_call(module.eval(), params, x, fn=lambda m, x: {"y": m(x)})["y"],
@@ -716,6 +725,14 @@ def test_outputs_never_share_memory_with_the_inputs_or_the_module(n, gen):
                 if n > 1:
                     assert not (t[1] == -7.0).any(), name
         assert unchanged(before, module, x, z, params), name
+
+    # An input inside a container argument (a dict of tensors, a tuple).
+    before = snapshot(x)
+    for batch, pick in (({"x": x}, lambda b: b["x"]), ((x, z), lambda b: b[0][1:])):
+        out = bf.vmap_call(module, params, batch, fn=lambda m, b, pick=pick: pick(b))
+        with torch.no_grad():
+            out[0].fill_(-7.0)
+        assert unchanged(before, x)
 
 
 def test_nelbo_passes_max_memory_on(monkeypatch):

@@ -482,19 +482,22 @@ def test_the_ggn_checks_fn_on_the_first_example(include):
     sizes.clear()
     fit = bf.laplace_fit(module, right, batches(x, y), **kw)
 
-    assert sizes == [5, 1, 5, 2]  # one more forward, of one example
+    assert sizes == [5, 1, 1, 5, 2]  # two more forwards, of its first and last example
     assert torch.allclose(fit.log_likelihood, right(module, x, y).sum(), rtol=1e-12)
 
 
 class _TimeIsBatch(nn.Module):
     r"""A GRU without `batch_first` on `(B, T, F)`: it reads the batch dim as time, so the
-    features of example i depend on examples 0 to i - 1 (example 0 alone is unmixed)."""
+    features of example i depend on examples 0 to i - 1 (example 0 alone is unmixed), or,
+    `reverse`, on examples i + 1 to B - 1 (the last example alone is unmixed)."""
 
-    def __init__(self):
+    def __init__(self, reverse=False):
         super().__init__()
-        self.rnn, self.out = nn.GRU(3, 5), nn.Linear(5, 3)
+        self.rnn, self.out, self.reverse = nn.GRU(3, 5), nn.Linear(5, 3), reverse
 
     def forward(self, x):
+        if self.reverse:
+            return self.out(self.rnn(x.flip(0))[0][:, -1].flip(0))
         return self.out(self.rnn(x)[0][:, -1])
 
 
@@ -519,16 +522,19 @@ def test_the_last_layer_closed_form_checks_more_than_one_unmixed_example():
     ll = lambda m, x, y: -F.cross_entropy(m(x), y, reduction="none")
     kw = dict(output=lambda m, x, y: m(x), likelihood="classification", include=["out"])
     x, y = torch.randn(8, 4, 3), torch.randint(0, 3, (8,))
-    module = _TimeIsBatch()
-    assert not torch.allclose(module(x[1:2]), module(x)[1:2])  # example 1 is mixed
-    before = snapshot(module)
-    for hessian in ("ggn", "ef"):
-        with pytest.raises(ValueError, match=r"laplace_fit: expected (fn|output) on one example"):
-            bf.laplace_fit(module, ll, batches(x, y, 4), **{**kw, "hessian": hessian})
-    q = bf.init(module, init_logvar=-3.0, include=["out"])
-    with pytest.raises(ValueError, match=r"linearized_predictive: expected fn on one example"):
-        bf.linearized_predictive(module, q, x)
-    assert unchanged(module, before)
+    for reverse in (False, True):  # the first example alone unmixed, or the last
+        module = _TimeIsBatch(reverse)
+        assert not torch.allclose(module(x[1:2]), module(x)[1:2])  # example 1 is mixed
+        before = snapshot(module)
+        for hessian in ("ggn", "ef"):
+            with pytest.raises(
+                ValueError, match=r"laplace_fit: expected (fn|output) on one example"
+            ):
+                bf.laplace_fit(module, ll, batches(x, y, 4), **{**kw, "hessian": hessian})
+        q = bf.init(module, init_logvar=-3.0, include=["out"])
+        with pytest.raises(ValueError, match=r"linearized_predictive: expected fn on one example"):
+            bf.linearized_predictive(module, q, x)
+        assert unchanged(module, before)
 
     # A batch of one example first (it mixes nothing): the next batch is checked.
     module, x2, y2 = _Centred(), torch.randn(9, 3), torch.randint(0, 3, (9,))
@@ -555,6 +561,11 @@ def test_the_ggn_checks_fn_until_a_batch_of_two_examples():
     for include in ([""], ["2"]):
         with pytest.raises(ValueError, match="laplace_fit: expected fn on one example at a time"):
             bf.laplace_fit(module, slip, [(x[:1], y[:1]), (x[1:], y[1:])], **kw, include=include)
+    # An fn whose last datum alone is right (the others summed with the ones after them).
+    right = lambda m, x, y: torch.distributions.Normal(m(x).squeeze(-1), SIGMA).log_prob(y)
+    late = lambda m, x, y: right(m, x, y).flip(0).cumsum(0).flip(0)
+    with pytest.raises(ValueError, match="laplace_fit: expected fn on one example at a time"):
+        bf.laplace_fit(module, late, [(x, y)], **kw)
 
 
 NORMS = {
@@ -664,12 +675,12 @@ def test_the_last_layer_closed_form_matches_the_per_example_path(name, monkeypat
 
     sizes = per_example_calls(monkeypatch)
     fast = bf.laplace_fit(module, fn, batches(x, y, 6), **kw)
-    assert sizes == [1]  # the closed form, checked on one example
+    assert sizes == [2]  # the closed form, checked on its first and last example
     # The GGN reads the output of later batches off the call of `fn`.
     assert outputs == ([6, 1] if hessian == "ggn" else [])
     monkeypatch.setattr(_curvature, "last_layer", lambda module, names: None)
     slow = bf.laplace_fit(module, fn, batches(x, y, 6), **kw)
-    assert sizes == [1, 6, 6, 5]
+    assert sizes == [2, 6, 6, 5]
 
     assert unchanged(module, before)
     assert list(fast.hessian) == list(slow.hessian) == bf.select(module, include)
@@ -700,7 +711,7 @@ def test_the_closed_form_with_an_output_of_shape_b(monkeypatch):
             expected = loop_ef(module, fn, x, y, names)
         for k, h in fit.hessian.items():
             assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12), (hessian, k)
-    assert sizes == [1, 1]
+    assert sizes == [2, 2]
 
 
 class Reused(nn.Module):
@@ -749,7 +760,7 @@ def test_the_per_example_path_where_the_closed_form_does_not_hold(kind, hessian,
         assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12), k
     if kind == "middle-layer" and hessian == "ef":
         # g phi^T is the gradient of any linear layer called once: the closed form holds.
-        assert sizes == [1]
+        assert sizes == [2]
     else:
         assert sizes[-2:] == [5, 5]  # the per-example path took over
 
@@ -765,7 +776,7 @@ def test_the_closed_form_before_an_in_place_activation(monkeypatch):
     expected = loop_ef(module, classification_ll, x, y, bf.select(module, ["0"]))
     for k, h in fit.hessian.items():
         assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12), k
-    assert sizes == [1]
+    assert sizes == [2]
 
 
 class Elsewhere(nn.Module):
@@ -842,7 +853,7 @@ def test_the_closed_form_where_only_the_weight_shape_is_read_elsewhere(monkeypat
     ggn = bf.laplace_fit(module, classification_ll, batches(x, y), **GOOD, include=["out"])
     ef = bf.laplace_fit(module, classification_ll, batches(x, y), hessian="ef", include=["out"])
 
-    assert sizes == [1, 1]  # the closed form, checked on one example each
+    assert sizes == [2, 2]  # the closed form, checked on two examples each
     expected = jacrev_ggn_and_ef(module, x, y, ["out.weight", "out.bias"])
     for fit, h in zip((ggn, ef), expected, strict=True):
         for k in h:
@@ -868,9 +879,9 @@ class NonNegative(nn.Module):
 # Where the mean is clamped: the module's own output as it is (one call per batch), or an
 # output that is not (a call of `fn` and one of `output` per batch); and no clamp at all.
 CLAMPS = {
-    "in-the-module": (True, lambda f: f, [1, 4, 4]),
-    "in-output": (False, lambda f: f.clamp(min=0.0).squeeze(-1), [1, 4, 4]),
-    "none": (False, lambda f: f.squeeze(-1), [1]),
+    "in-the-module": (True, lambda f: f, [2, 4, 4]),
+    "in-output": (False, lambda f: f.clamp(min=0.0).squeeze(-1), [2, 4, 4]),
+    "none": (False, lambda f: f.squeeze(-1), [2]),
     # In place, the layer's output tensor itself holds the clamped numbers: a check that
     # compares the call's output with it compared a tensor with itself and passed.
     "in-place-in-the-module": ("in-place", lambda f: f, [4, 4, 4]),
@@ -1162,7 +1173,7 @@ def test_linearized_checks_hold_on_a_real_batch(dtype, masked, monkeypatch):
 
     sizes, original = _count_jacobian_batches(monkeypatch)
     mean, var = bf.linearized_predictive(net, q, x, fn=fn)
-    assert sizes == ([256] if masked else [1])  # masked: not the layer's output
+    assert sizes == ([256] if masked else [2])  # masked: not the layer's output
     generic, _ = original(net, q, fn, (x,), None)
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(var, generic, rtol=tol, atol=tol * generic.abs().max().item())
@@ -1205,7 +1216,7 @@ def test_linearized_predictive_is_the_evaluation_mode_nets(include, monkeypatch)
     for i in range(len(x)):
         jac = explicit_jacobian(reference, x[i], list(q.mean))
         assert torch.allclose(var[i], (jac.square() * sigma2).sum(1), rtol=1e-10, atol=1e-14)
-    assert sizes == ([1] if include == ("4",) else [6])  # the last layer in closed form
+    assert sizes == ([2] if include == ("4",) else [6])  # the last layer in closed form
 
     # A call that fails after the forward pass leaves the module as found too.
     with pytest.raises(ValueError, match="linearized_predictive: expected fn to return"):

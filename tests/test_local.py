@@ -392,13 +392,12 @@ def test_a_fresh_lambda_is_a_fresh_fn_of_its_own_code():
             bf.local_call(net, q, 2, x, fn=lambda m, x: x[..., :2] * 1.0)
 
     # ... while a fresh lambda of the same code, as written in a training loop, costs one
-    # forward pass per call (no new shape-finding pass: the first call's, with its second
-    # pass on swapped examples, which checks that the rows of x are examples).
+    # forward pass per call (no new shape-finding pass).
     calls = []
     net[0].register_forward_pre_hook(lambda m, a: calls.append(1))
     for _ in range(4):
         bf.local_call(net, q, 2, x, fn=lambda m, x: m(x) + 0.0)
-    assert len(calls) == 4 + 2
+    assert len(calls) == 4 + 1
 
 
 @pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
@@ -838,37 +837,8 @@ def _inner_vmap(m, x):
     return torch.func.vmap(m, in_dims=1, out_dims=1)(x).mean(1)  # a Linear per position
 
 
-class _Sequence(nn.Module):
-    r"""A recurrent layer on one unbatched sequence `(T, in)`, a linear head per step, the
-    steps summed: the head's input rows are the positions of one example."""
-
-    def __init__(self):
-        super().__init__()
-        self.rnn, self.head = nn.GRU(2, 4), nn.Linear(4, 1)
-
-    def forward(self, x):
-        return self.head(self.rnn(x)[0]).sum(0)
-
-
-class _Flattened(nn.Module):
-    r"""A linear layer on a batch flattened with its positions `(B * T, in)`, the positions
-    of each example summed."""
-
-    def __init__(self):
-        super().__init__()
-        self.layer = nn.Linear(3, 2)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        return self.layer(x.reshape(b * t, -1)).reshape(b, t, -1).sum(1)
-
-
 # Layers the estimators cannot take as their call shows them: each is sampled whole.
 SAMPLED_WHOLE = {
-    # rows that are positions, not examples: independent noise per row made the sum over
-    # positions far too narrow (pooled variance 0.05x with the local trick, 0.7x Flipout)
-    "unbatched-sequence": (_Sequence, lambda: torch.randn(8, 2), None),
-    "flattened-positions": (_Flattened, lambda: torch.randn(3, 5, 3), None),
     # the weight is computed from original0/1 (read once, as the module's own: the layer's
     # output had the bias's variance alone, z = -57)
     "weight-norm": (
@@ -907,29 +877,6 @@ def test_layers_the_estimator_cannot_take_keep_the_law_of_a_weight_sample(name, 
     y = bf.local_call(module, q, S, x, fn=fn, generator=gen(2), flipout=flipout)
     assert _agree(_joint(y), _joint(exact))
     assert not torch.allclose(y[0], y[1])  # the posterior noise was used
-
-
-@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
-@pytest.mark.parametrize("between", ["dropout", "batch-norm"])
-def test_rows_that_are_examples_keep_the_estimator(between, flipout, gen):
-    # The check that a layer's input rows are examples (a second pass with two examples
-    # swapped) takes a batch through train-mode dropout (its masks stay in place) or
-    # batch norm (its statistics do not depend on the order) for examples: the estimator
-    # is taken there, with noise of its own for every example.
-    from bayesflow import _engine
-
-    middle = nn.Dropout(0.5) if between == "dropout" else nn.BatchNorm1d(8)
-    net = nn.Sequential(nn.Linear(3, 8), middle, nn.Linear(8, 2)).train()
-    q = bf.init(net, init_logvar=-2.0)
-    x = torch.randn(6, 3)
-    y = bf.local_call(net, q, 3, x, generator=gen(1), flipout=flipout, randomness="different")
-    assert not torch.allclose(y[0], y[1])
-    (layout,) = _engine._RECORDINGS.get(net).entries.values()
-    assert layout.local == ("0", "2") and layout.whole == ()
-    # Alike examples get outputs of their own: noise per example, not one weight sample.
-    alike = torch.randn(1, 3).expand(6, 3)
-    first = bf.local_call(net[0], bf.init(net[0], -2.0), 3, alike, generator=gen(1))
-    assert not torch.allclose(first[:, 0], first[:, 1])
 
 
 def test_a_stack_broadcast_over_positions_is_sampled_whole(gen):
