@@ -15,6 +15,7 @@ __all__ = [
     "check_per_example_layers",
     "check_split",
     "close",
+    "ends",
     "evaluating",
     "fit",
     "last_layer",
@@ -623,12 +624,12 @@ def _last_layer_batch(
             lam = p - p.square()
         else:
             lam = torch.full_like(z, options.sigma**-2)
-    ends = _ends(size)
-    one = _layer_step(found, phi[ends], lam[ends])
+    rows = ends(size)
+    one = _layer_step(found, phi[rows], lam[rows])
     return _Closed(_layer_step(found, phi, lam), ll, one, value, bool(own))
 
 
-def _ends(size: int) -> list[int]:
+def ends(size: int) -> list[int]:
     r"""The first and the last example of a batch: a module that mixes the examples in
     order (a recurrent layer over the batch dim, a cumulative sum) leaves one of them
     alone, but not both."""
@@ -679,10 +680,10 @@ def fit(
                 except RuntimeError:
                     fast = None  # the per-example path runs, and raises what is wrong
             if fast is not None and not closed_checked:
-                ends = _ends(size)
-                one = tuple(t[ends] for t in batch)
+                rows = ends(size)
+                one = tuple(t[rows] for t in batch)
                 with transforming(where, buffers):
-                    slow = _slow_batch(where, module, fn, options, params, one, fast.value[ends])
+                    slow = _slow_batch(where, module, fn, options, params, one, fast.value[rows])
                 fast = fast if _agree(fast.one, slow[0]) else None
                 if own is None:
                     own = None if fast is None else fast.own
@@ -698,7 +699,7 @@ def fit(
                 # (B, B) log-likelihood that sums over the batch), as the empirical Fisher
                 # checks `fn` on every example; until a batch of two or more has passed
                 # (on a batch of one, (1, 1) is a per-datum shape).
-                for i in _ends(size):
+                for i in ends(size):
                     one = fn(module, *(t[i : i + 1] for t in batch))
                     if not isinstance(one, Tensor):
                         check_per_datum(where, "fn", one, 1)

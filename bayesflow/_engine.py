@@ -556,10 +556,13 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
     # (Buffers updated per sample, above, are stacked copies; one pass writes them once.)
     watched = None
     if chunk_size is not None and chunk_size < n and is_compiling():
-        # No version counter can be read while tracing: in training mode, where modules
-        # write their buffers (a step counter), a module with buffers of its own runs all
-        # its samples in one pass, which writes them once.
-        if module.training and any(name not in buffers for name in st.buffers):
+        # No version counter can be read while tracing: where a module that holds buffers
+        # of its own is in training mode, where modules write them (a step counter), all
+        # samples run in one pass, which writes them once.
+        owners = (
+            module.get_submodule(k.rpartition(".")[0]) for k in st.buffers if k not in buffers
+        )
+        if any(owner.training for owner in owners):
             chunk_size = None
     elif chunk_size is not None and chunk_size < n:
         watched = [
@@ -605,9 +608,12 @@ def _inputs(job: _Job) -> set[int]:
     the module's own (`Structure.own`): its arguments (in tuples, lists and dicts too),
     samples and buffers."""
 
-    ids = {id(a) for a in tree_leaves(job.args) if isinstance(a, Tensor)}
-    ids.update(map(id, job.params.values()))
-    ids.update(map(id, job.buffers.values()))
+    ids = set()
+    for t in (*tree_leaves(job.args), *job.params.values(), *job.buffers.values()):
+        if isinstance(t, Tensor):
+            ids.add(id(t))
+            if t._base is not None:  # a view (a slice of a data set): its root too
+                ids.add(id(t._base))
     return ids
 
 
@@ -617,9 +623,11 @@ def _unshared(t: Tensor, ids: set[int], own: frozenset[int], stacked: bool) -> T
     output that does not depend on them): as the loop's stacked copies, a write to one
     sample's output changes nothing else."""
 
-    base = id(t if t._base is None else t._base)
+    base = None if t._base is None else id(t._base)
     if (
-        base in ids
+        id(t) in ids
+        or base in ids
+        or id(t) in own
         or base in own
         or (stacked and t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0)
     ):

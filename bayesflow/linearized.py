@@ -34,6 +34,7 @@ from ._curvature import (
     check_per_example_layers,
     check_split,
     close,
+    ends,
     evaluating,
     last_layer,
     per_example,
@@ -68,15 +69,15 @@ def _last_layer_variance(
     f_var = phi.square() @ _var(posterior.logvar[found.weight]).T
     if found.bias is not None:
         f_var = f_var + _var(posterior.logvar[found.bias])
-    ends = [0, out.shape[0] - 1] if out.shape[0] > 1 else [0]
+    rows = ends(out.shape[0])
     with transforming(where, buffers):  # each example on its own
         one, one_out = _jacobian_variance(
-            module, posterior, fn, tuple(a[ends] for a in args), None
+            module, posterior, fn, tuple(a[rows] for a in args), None
         )
-    if not close(out[ends], one_out.reshape(out[ends].shape)) or not one.isfinite().all():
+    if not close(out[rows], one_out.reshape(out[rows].shape)) or not one.isfinite().all():
         return None  # fn mixes the examples of a batch: the per-example path says so
     tol = math.sqrt(torch.finfo(f_var.dtype).eps)
-    if not torch.allclose(f_var[ends], one, rtol=tol, atol=tol * one.abs().max().item()):
+    if not torch.allclose(f_var[rows], one, rtol=tol, atol=tol * one.abs().max().item()):
         return None
     return f_var
 

@@ -697,11 +697,13 @@ def test_outputs_never_share_memory_with_the_inputs_or_the_module(n, gen):
     # every other sample's). The loop's outputs are stacked copies.
     module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
     q = bf.init(module, init_logvar=-3.0, include=["0"])
-    params = bf.sample(q, n, generator=gen(0))
-    x, z = torch.randn(5, 3), torch.randn(n, 2)  # z: per sample
+    # Inputs that are views themselves: slices of a data set, samples of a larger draw.
+    params = {k: v[:n] for k, v in bf.sample(q, n + 2, generator=gen(0)).items()}
+    data, per_sample = torch.randn(9, 3), torch.randn(n + 2, 2)
+    x, z = data[2:7], per_sample[:n]  # z: per sample
 
     def fn(m, x, z):
-        return m(x), x, x[1:], z, m[1].running_var, m[2].weight
+        return m(x), x, x[1:], z, m[1].running_var, m[2].weight, m[0].weight
 
     calls = {
         "loop_call": lambda: bf.loop_call(module, params, x, z, fn=fn),
@@ -712,7 +714,7 @@ def test_outputs_never_share_memory_with_the_inputs_or_the_module(n, gen):
     }
     expected = calls["loop_call"]()
     for name, call in calls.items():
-        before = snapshot(module, x, z, params)
+        before = snapshot(module, data, per_sample, params)
         outs = call()
         if n > 1:  # the samples do change the output
             assert not torch.allclose(outs[0][0], outs[0][1]), name
@@ -724,15 +726,15 @@ def test_outputs_never_share_memory_with_the_inputs_or_the_module(n, gen):
                 t[0].fill_(-7.0)
                 if n > 1:
                     assert not (t[1] == -7.0).any(), name
-        assert unchanged(before, module, x, z, params), name
+        assert unchanged(before, module, data, per_sample, params), name
 
     # An input inside a container argument (a dict of tensors, a tuple).
-    before = snapshot(x)
+    before = snapshot(data)
     for batch, pick in (({"x": x}, lambda b: b["x"]), ((x, z), lambda b: b[0][1:])):
         out = bf.vmap_call(module, params, batch, fn=lambda m, b, pick=pick: pick(b))
         with torch.no_grad():
             out[0].fill_(-7.0)
-        assert unchanged(before, x)
+        assert unchanged(before, data)
 
 
 def test_nelbo_passes_max_memory_on(monkeypatch):

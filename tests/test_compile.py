@@ -229,7 +229,8 @@ class _Counted(torch.nn.Module):
         return self.layer(x) * self.count
 
 
-def test_a_compiled_chunked_call_writes_a_buffer_once(gen):
+@pytest.mark.parametrize("where", ["root", "submodule"])
+def test_a_compiled_chunked_call_writes_a_buffer_once(where, gen):
     # Compiled, the chunks of a call read the in-place writes of the chunks before them:
     # samples 2 and 3 were scaled by 2, and the counter ended at 2 (an eager call sees the
     # write and runs the loop; a trace reads no version counter).
@@ -238,6 +239,9 @@ def test_a_compiled_chunked_call_writes_a_buffer_once(gen):
     for compiled in (False, True):
         torch.manual_seed(0)
         net = _Counted()
+        if where == "submodule":  # the root in evaluation mode, the counter's owner not
+            net = torch.nn.Sequential(net).eval()
+            net[0].train()
         params = bf.sample(bf.init(net, init_logvar=-2.0), 4, generator=gen(1))
         f = lambda p, x, net=net: bf.vmap_call(net, p, x, chunk_size=2)
         if compiled:
@@ -246,7 +250,7 @@ def test_a_compiled_chunked_call_writes_a_buffer_once(gen):
         else:
             with torch.no_grad(), pytest.warns(bf.VmapFallbackWarning, match="once per chunk"):
                 outs.append(f(params, x))
-        counts.append(net.count.item())
+        counts.append((net if where == "root" else net[0]).count.item())
     assert counts == [1.0, 1.0]
     assert torch.allclose(outs[1], outs[0], rtol=1e-12)
     assert not torch.allclose(outs[0][0], outs[0][1])  # the samples were used
