@@ -608,12 +608,16 @@ def _inputs(job: _Job) -> set[int]:
     the module's own (`Structure.own`): its arguments (in tuples, lists and dicts too),
     samples and buffers."""
 
+    args = job.args
+    if not all(isinstance(a, Tensor) for a in args):  # (pytree's walk costs microseconds)
+        args = [a for a in tree_leaves(args) if isinstance(a, Tensor)]
     ids = set()
-    for t in (*tree_leaves(job.args), *job.params.values(), *job.buffers.values()):
-        if isinstance(t, Tensor):
+    for group in (args, job.params.values(), job.buffers.values()):
+        for t in group:
             ids.add(id(t))
-            if t._base is not None:  # a view (a slice of a data set): its root too
-                ids.add(id(t._base))
+            base = t._base
+            if base is not None:  # a view (a slice of a data set): its root too
+                ids.add(id(base))
     return ids
 
 
@@ -623,12 +627,12 @@ def _unshared(t: Tensor, ids: set[int], own: frozenset[int], stacked: bool) -> T
     output that does not depend on them): as the loop's stacked copies, a write to one
     sample's output changes nothing else."""
 
-    base = None if t._base is None else id(t._base)
+    key, base = id(t), t._base
+    root = None if base is None else id(base)
     if (
-        id(t) in ids
-        or base in ids
-        or id(t) in own
-        or base in own
+        key in ids
+        or key in own
+        or (root is not None and (root in ids or root in own))
         or (stacked and t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0)
     ):
         return t.clone()
