@@ -457,7 +457,7 @@ def test_a_fn_that_mixes_the_batch_is_refused():
 
 
 @pytest.mark.parametrize("include", [("",), ("2",)], ids=["all", "last-layer"])
-def test_the_ggn_checks_fn_on_the_first_example(include):
+def test_the_ggn_checks_fn_on_the_first_and_last_example(include):
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
     x = torch.randn(12, 2)
