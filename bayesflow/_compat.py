@@ -115,8 +115,12 @@ def hook_name(hook: Any) -> str:
 
 
 def flat_cat(tensors: list[Tensor]) -> Tensor:
-    r"""Returns the tensors flattened and concatenated, in one call (differentiable)."""
+    r"""Returns the tensors flattened and concatenated, in one call (differentiable); under
+    a :mod:`torch.func` transform, where that kernel has no batching rule (vmap over a
+    batch of posteriors), by :func:`torch.cat`."""
 
+    if torch._C._are_functorch_transforms_active():
+        return torch.cat([t.reshape(-1) for t in tensors])
     return torch._C._nn.flatten_dense_tensors(tensors)
 
 

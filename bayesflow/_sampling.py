@@ -170,8 +170,6 @@ def _flat(means: list[Tensor], logvars: list[Tensor]) -> tuple[Tensor, ...]:
 
     if len(means) == 1:
         return means[0].reshape(-1), logvars[0].reshape(-1)
-    if in_func_transform():  # flat_cat has no batching rule (vmap over posteriors)
-        return (torch.cat([t.reshape(-1) for t in (*means, *logvars)]),)
     return (flat_cat([*means, *logvars]),)
 
 
