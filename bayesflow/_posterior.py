@@ -29,7 +29,7 @@ from torch.nn.parameter import is_lazy
 from ._checks import check_module, check_posterior, describe
 from ._numerics import logvar_from_var
 from ._sampling import kl_divergence, sample
-from ._structure import Structure, lock
+from ._structure import Structure, lazy_error, lock
 from ._types import Posterior
 
 InitLogvar = float | Mapping[str, float | Tensor] | Callable[[str, Tensor], float | Tensor]
@@ -139,11 +139,7 @@ def check_data(where: str, params: dict[str, Tensor], module: nn.Module) -> None
         )
     lazy = [name for name, p in params.items() if is_lazy(p)]
     if lazy:
-        raise ValueError(
-            f"{where}: expected initialized parameters, got {lazy} uninitialized (a lazy "
-            f"module, such as torch.nn.LazyLinear): run one forward pass of "
-            f"{type(module).__name__} first, so that its parameters get their shapes"
-        )
+        raise lazy_error(where, "initialized parameters", lazy, module)
 
 
 def init(

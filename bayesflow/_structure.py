@@ -9,7 +9,7 @@ treat specially.
 
 from __future__ import annotations
 
-__all__ = ["Slot", "Structure", "fn_runs_zuko", "lock", "structure"]
+__all__ = ["Slot", "Structure", "fn_runs_zuko", "lazy_error", "lock", "structure"]
 
 import functools
 import inspect
@@ -427,12 +427,19 @@ def structure(module: nn.Module, where: str | None = None) -> Structure:
         if st is None or st.lazy or not st.is_current():
             st = _STRUCTURES.put(module, Structure(module))
     if st.lazy and where is not None:
-        raise ValueError(
-            f"{where}: expected an initialized module, got {st.lazy} uninitialized (a lazy "
-            f"module, such as torch.nn.LazyLinear): run one forward pass of "
-            f"{type(module).__name__} first, so that its parameters get their shapes"
-        )
+        raise lazy_error(where, "an initialized module", st.lazy, module)
     return st
+
+
+def lazy_error(where: str, what: str, names: list[str], module: nn.Module) -> ValueError:
+    r"""The error for the lazy (uninitialized) tensors `names` of `module`, where `what`
+    was expected."""
+
+    return ValueError(
+        f"{where}: expected {what}, got {names} uninitialized (a lazy module, such as "
+        f"torch.nn.LazyLinear): run one forward pass of {type(module).__name__} first, so "
+        "that its parameters get their shapes"
+    )
 
 
 def _tree(module: nn.Module) -> set[int]:
