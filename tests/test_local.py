@@ -1041,6 +1041,8 @@ def test_a_layer_of_a_wider_dtype_gets_noise_of_its_own_dtype(flipout, gen):
     x = torch.randn(4, 3)
     y = bf.local_call(net, q, 200, x, generator=gen(1), flipout=flipout)
     assert y.dtype == torch.float64 and not torch.allclose(y[0], y[1])
+    loop = bf.local_call(net, q, 200, x, generator=gen(1), flipout=flipout, vectorized=False)
+    assert torch.allclose(y, loop, rtol=1e-5, atol=1e-6)
     # The numbers of one float64 slab: those of a float64 model of the same shapes (up to
     # the float32 layer's rounding); a float32 slab draws other numbers altogether.
     twin = _Mixed().double()
