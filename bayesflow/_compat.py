@@ -354,12 +354,14 @@ except ImportError:  # pragma: no cover - another torch layout: the public apply
 
 
 def function_apply(cls: type[torch.autograd.Function], *args: Any) -> Any:
-    r"""Returns `cls.apply(*args)` for a Function with `setup_context` whose callers pass
-    every argument of its `forward` positionally.
+    r"""Returns `cls.apply(*args)` for a Function whose callers pass every argument of its
+    `forward` positionally (under a :mod:`torch.func` transform, a Function with
+    `setup_context`: functorch's own call runs it).
 
     `Function.apply` binds the arguments to `forward`'s signature on every call
-    (:func:`inspect.signature`, about 20 us: more than a small layer's matmul); with every
-    argument given in order, the binding changes nothing, so this skips it.
+    (:func:`inspect.signature`, about 20 us: more than a small layer's matmul) and walks
+    them for dead wrappers; with every argument given in order, the binding changes
+    nothing, so this skips it.
     """
 
     if custom_function_call is None:

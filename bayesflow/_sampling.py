@@ -30,7 +30,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._caches import register
 from ._checks import check_generator, check_n, check_number, check_posterior, describe
-from ._compat import dual, flat_cat, in_func_transform, is_compiling, unwrap_batched
+from ._compat import (
+    dual,
+    flat_cat,
+    function_apply,
+    in_func_transform,
+    is_compiling,
+    unwrap_batched,
+)
 from ._numerics import (
     FlatPrior,
     SampleKL,
@@ -303,7 +310,7 @@ def _run(
             samples = pieces(theta, group.sizes)
         else:
             if torch.is_grad_enabled() and any(x.requires_grad for x in flat):
-                *samples, term = SampleKL.apply(eps, fused_p, group.sizes, *flat)
+                *samples, term = function_apply(SampleKL, eps, fused_p, group.sizes, *flat)
             else:
                 m, lv = halves(flat)
                 theta, term, _ = fused_sample_kl(eps, m, lv, fused_p, grads=False)

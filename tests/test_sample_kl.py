@@ -535,8 +535,9 @@ def test_an_open_forward_mode_level_of_others_changes_nothing(gen, monkeypatch):
     from torch.autograd import forward_ad
 
     fused = []
-    real = _numerics.SampleKL.apply
-    monkeypatch.setattr(_numerics.SampleKL, "apply", lambda *a: fused.append(1) or real(*a))
+    real = _numerics.SampleKL.forward
+    spy = staticmethod(lambda *a: fused.append(1) or real(*a))
+    monkeypatch.setattr(_numerics.SampleKL, "forward", spy)
 
     def run():
         q = posterior()
