@@ -13,6 +13,9 @@ Training steps (sample, forward, backward, Adam with its defaults on every train
 - `flat`: a hand-written reference that gives up separate tensors: one flat mean and one
   flat log-variance (2 leaves, not a `bf.Posterior`), the sample and the KL in one custom
   autograd Function;
+- `flat, per-tensor leaves`: the same node over a `bf.Posterior`'s own tensors (a mean and
+  a log-variance per weight, copied into flat ones inside the node), Adam on all of them:
+  what any step pays for keeping them as tensors of their own;
 - `nelbo, local trick`: `bf.nelbo(..., estimator="local")`;
 - `local trick by hand`: the same written in plain torch (per linear layer the mean and the
   variance of its outputs, two matrix products, and one draw per output; the KL per tensor).
@@ -170,6 +173,54 @@ def flat(net, args, ll):
     return step
 
 
+class _LeavesSampleKL(torch.autograd.Function):
+    r"""`_FlatSampleKL` over a posterior's own tensors (a mean and a log-variance per
+    weight): copied into flat ones inside the node, their gradients handed back as views."""
+
+    @staticmethod
+    def forward(ctx, eps, shapes, *tensors):
+        t = len(tensors) // 2
+        mean = torch.cat([m.reshape(-1) for m in tensors[:t]])
+        logvar = torch.cat([lv.reshape(-1) for lv in tensors[t:]])
+        ctx.shapes = shapes
+        return _FlatSampleKL.forward(ctx, mean, logvar, eps)
+
+    @staticmethod
+    def backward(ctx, g_theta, g_kl):
+        g_mean, g_logvar, _ = _FlatSampleKL.backward(ctx, g_theta, g_kl)
+        sizes = [s.numel() for s in ctx.shapes]
+        views = [
+            g.view(s)
+            for whole in (g_mean, g_logvar)
+            for g, s in zip(whole.split(sizes), ctx.shapes, strict=True)
+        ]
+        return None, None, *views
+
+
+def flat_leaves(net, args, ll):
+    r"""`flat` on a `bf.Posterior`'s tensors, Adam on all of them: what any step must pay
+    to keep a mean and a log-variance per weight as tensors of their own."""
+
+    q = bf.init(net, init_logvar=-9.0)
+    names = list(q.mean)
+    shapes = [q.mean[k].shape for k in names]
+    sizes = [s.numel() for s in shapes]
+    tensors = [*q.mean.values(), *q.logvar.values()]
+    opt = torch.optim.Adam(tensors, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        opt.zero_grad()
+        eps = torch.randn(sum(sizes), generator=g)
+        theta, kl = _LeavesSampleKL.apply(eps, shapes, *tensors)
+        params = {k: t.view(s) for k, t, s in zip(names, theta.split(sizes), shapes, strict=True)}
+        loss = kl / NUM_DATA - ll(lambda *a: functional_call(net, params, a), *args).mean()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def bayesflow_local(net, args, ll):
     q = bf.init(net, init_logvar=-9.0)
     opt = torch.optim.Adam([*q.mean.values(), *q.logvar.values()], lr=1e-4)
@@ -224,6 +275,7 @@ STEPS = {
     "nelbo": bayesflow_nelbo,
     "per-tensor": per_tensor,
     "flat": flat,
+    "flat, per-tensor leaves": flat_leaves,
     "nelbo, local trick": bayesflow_local,
     "local trick by hand": local_by_hand,
 }

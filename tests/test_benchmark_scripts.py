@@ -1,4 +1,5 @@
-r"""The benchmark scripts refuse counts they cannot run with, before any work."""
+r"""The benchmark scripts refuse counts they cannot run with, before any work; their
+hand-written references compute what they stand for."""
 
 import subprocess
 import sys
@@ -69,3 +70,45 @@ def test_bad_counts_are_refused_by_argparse():
     assert "Traceback" not in done.stderr
     for script, _, message in BAD:
         assert f"{script}: error: {message}" in done.stderr, (script, done.stderr[-3000:])
+
+
+def test_cost_k1_hand_written_references_match_autograd():
+    # The references a K = 1 step is compared with must compute the same step: the
+    # sample, the KL and their gradients of the formulas, written with autograd (float64).
+    import runpy
+
+    import torch
+
+    ref = runpy.run_path(str(BENCHMARKS / "cost_k1.py"))
+    g = torch.Generator().manual_seed(0)
+    shapes = [torch.Size([3, 4]), torch.Size([4]), torch.Size([2, 3])]
+    means = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    logvars = [torch.randn(s, generator=g, dtype=torch.float64) * 8 - 4 for s in shapes]
+    size = sum(s.numel() for s in shapes)
+    eps, w = torch.randn(2, size, generator=g, dtype=torch.float64)
+
+    def loss(theta, kl):
+        return theta @ w + 0.3 * kl
+
+    m = torch.cat([t.reshape(-1) for t in means]).requires_grad_()
+    lv = torch.cat([t.reshape(-1) for t in logvars]).requires_grad_()
+    clipped = lv / (1 + (lv / ref["BOUND"]) ** 2).sqrt()
+    theta = m + (0.5 * clipped).exp() * eps
+    kl = 0.5 * (clipped.exp() + m.square() - clipped - 1).sum()
+    expected = torch.autograd.grad(loss(theta, kl), (m, lv))
+
+    m2, lv2 = m.detach().requires_grad_(), lv.detach().requires_grad_()
+    out = ref["_FlatSampleKL"].apply(m2, lv2, eps)
+    assert torch.allclose(out[0], theta) and torch.allclose(out[1], kl)
+    flat = torch.autograd.grad(loss(*out), (m2, lv2))
+
+    leaves = [t.clone().requires_grad_() for t in (*means, *logvars)]
+    out = ref["_LeavesSampleKL"].apply(eps, shapes, *leaves)
+    assert torch.allclose(out[0], theta) and torch.allclose(out[1], kl)
+    grads = torch.autograd.grad(loss(*out), leaves)
+    per_leaf = [torch.cat([t.reshape(-1) for t in half]) for half in (grads[:3], grads[3:])]
+
+    for got in (flat, per_leaf):
+        for a, b in zip(got, expected, strict=True):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert expected[1].abs().min() > 0  # the log-variances' gradients are not all zero
