@@ -41,6 +41,17 @@ class _Extent(NamedTuple):
     hi: float | dict[str, float]
 
 
+class _Checked(NamedTuple):
+    r"""A Gaussian prior's mean and variance as they were checked, their extents, and the
+    names and dtypes (of the KL) they were found to fit."""
+
+    mean: Value
+    var: Value
+    mean_extent: _Extent
+    var_extent: _Extent
+    fits: set[tuple[tuple[str, ...], torch.dtype]]
+
+
 def _check_value(
     where: str, what: str, value: object, positive: bool, top: bool = True
 ) -> tuple[Value, _Extent]:
@@ -321,7 +332,7 @@ class GaussianPrior(Prior):
     def __init__(self, mean: Value = 0.0, var: Value = 1.0) -> None:
         self.mean, mean_extent = _check_value("GaussianPrior", "mean", mean, positive=False)
         self.var, var_extent = _check_value("GaussianPrior", "var", var, positive=True)
-        self._extents = (self.mean, self.var, mean_extent, var_extent, set())
+        self._checked = _Checked(self.mean, self.var, mean_extent, var_extent, set())
 
     def __repr__(self) -> str:
         def show(v: Value) -> str:
@@ -413,27 +424,27 @@ class GaussianPrior(Prior):
         dtype = accumulator(dtype)
         mean = _flat_value(self.mean, names, shapes, dtype, device)
         var = _flat_value(self.var, names, shapes, dtype, device)
-        _, _, mean_extent, var_extent, fits = self._extent()
-        key = (tuple(names), dtype)
+        checked = self._checked_values()
+        key, fits = (tuple(names), dtype), checked.fits
         if key not in fits:  # once per names and dtype, not at every training step
-            _check_range(where, "mean", mean_extent, names, dtype, False, True)
+            _check_range(where, "mean", checked.mean_extent, names, dtype, False, True)
+            var_extent = checked.var_extent
             _check_range(where, "var", var_extent, names, dtype, True, isinstance(var, Tensor))
             if len(fits) >= 64:
                 fits.clear()
             fits.add(key)
         return _sampling.FlatPrior(None if isinstance(mean, float) and mean == 0.0 else mean, var)
 
-    def _extent(self) -> tuple[Value, Value, _Extent, _Extent, set]:
-        r"""Returns the mean and the variance as they were checked, their extents, and the
-        names and dtypes they were found to fit; found again if either was replaced since
-        (or a subclass set them itself)."""
+    def _checked_values(self) -> _Checked:
+        r"""Returns the mean and the variance as they were checked, found again if either
+        was replaced since (or a subclass set them itself)."""
 
-        extents = self.__dict__.get("_extents")
-        if extents is None or extents[0] is not self.mean or extents[1] is not self.var:
+        checked = self.__dict__.get("_checked")
+        if checked is None or checked.mean is not self.mean or checked.var is not self.var:
             _, mean_extent = _check_value("GaussianPrior", "mean", self.mean, positive=False)
             _, var_extent = _check_value("GaussianPrior", "var", self.var, positive=True)
-            extents = self._extents = (self.mean, self.var, mean_extent, var_extent, set())
-        return extents
+            checked = self._checked = _Checked(self.mean, self.var, mean_extent, var_extent, set())
+        return checked
 
 
 class ScaleMixturePrior(Prior):

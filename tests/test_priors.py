@@ -421,6 +421,46 @@ def test_float_prior_values_are_not_rounded_to_the_default_dtype():
         assert torch.allclose(prior.kl(q), oracle, rtol=1e-12)
 
 
+def test_prior_values_set_after_construction_are_checked_and_used():
+    # The checks remembered for a prior's values hold for those values only: a variance
+    # replaced later, or set by a subclass without GaussianPrior.__init__, is checked again.
+    q = bf.init(torch.nn.Linear(3, 2), init_logvar=-3.0)
+    sd = bf.std(q)
+
+    def oracle(m, var):
+        s = math.sqrt(var)
+        return sum(
+            torch.distributions.kl_divergence(
+                torch.distributions.Normal(q.mean[k], sd[k]), torch.distributions.Normal(m, s)
+            ).sum()
+            for k in q.mean
+        )
+
+    prior = GaussianPrior(0.0, 2.0)
+    assert torch.allclose(prior.kl(q), oracle(0.0, 2.0), rtol=1e-12)
+    prior.var = 1e-320  # below float64's least normal number: its 1 / s^2 overflows
+    with pytest.raises(
+        ValueError,
+        match=r"GaussianPrior\.kl: expected the prior var to be a normal number in float64",
+    ):
+        prior.kl(q)
+    prior.mean, prior.var = 0.25, 0.5
+    assert torch.allclose(prior.kl(q), oracle(0.25, 0.5), rtol=1e-12)
+
+    class Own(GaussianPrior):
+        def __init__(self):  # no GaussianPrior.__init__: nothing checked yet
+            self.mean, self.var = -1.0, 3.0
+
+    assert torch.allclose(Own().kl(q), oracle(-1.0, 3.0), rtol=1e-12)
+    own = Own()
+    own.var = 1e-320
+    with pytest.raises(
+        ValueError,
+        match=r"Own\.kl: expected the prior var to be a normal number in float64",
+    ):
+        own.kl(q)
+
+
 def test_complex_and_bool_prior_tensors_are_refused():
     # A complex mean lost its imaginary part (torch's cast warning only); a complex variance
     # failed in torch ("gt_cpu" not implemented); a bool tensor was a variance of 1.
