@@ -22,7 +22,6 @@ __all__ = [
     "check_params",
     "check_posterior",
     "check_probs",
-    "check_probs_stored",
     "check_randomness",
     "check_same_shape",
     "check_samples",
@@ -555,19 +554,15 @@ def _probs_tolerance(stored: torch.dtype, classes: int) -> float:
 
 
 def check_probs(where: str, probs: object) -> Tensor:
-    return check_probs_stored(where, probs)[0]
-
-
-def check_probs_stored(where: str, probs: object) -> tuple[Tensor, torch.dtype]:
-    r"""Checks probabilities `(*, C)` and returns them with the dtype they are stored in
-    (:func:`stored_in`)."""
+    r"""Checks probabilities `(*, C)` and returns them: in :math:`[0, 1]`, summing to 1
+    within the rounding of the dtype they are stored in (:func:`stored_in`)."""
 
     p = check_tensor(where, "probs", probs, min_dim=1)
     check_float(where, "probs", p)
     if p.shape[-1] < 1:
         raise ValueError(f"{where}: expected at least one class on the last dim, got none")
     if p.numel() == 0:
-        return p, p.dtype
+        return p
 
     if not ((p >= 0).all() and (p <= 1).all()):
         raise ValueError(
@@ -581,7 +576,7 @@ def check_probs_stored(where: str, probs: object) -> tuple[Tensor, torch.dtype]:
             f"{where}: expected probabilities that sum to 1 on the last dim, got sums off by "
             f"up to {float(error):.3g}"
         )
-    return p, stored
+    return p
 
 
 def check_level(where: str, level: object) -> float:

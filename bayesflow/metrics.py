@@ -26,7 +26,6 @@ from ._checks import (
     check_int,
     check_labels,
     check_probs,
-    check_probs_stored,
     check_same_shape,
     check_tensor,
     reduce,
@@ -139,10 +138,12 @@ def calibration_curve(probs: Tensor, labels: Tensor, bins: int = 15) -> Calibrat
 
     A confidence on an edge :math:`k / B` belongs to the bin below it,
     :math:`((k - 1) / B, k / B]` (the first bin takes 0), and so does the rounding of
-    :math:`k / B` to the dtype the probabilities are stored in: 0.8 is in :math:`(0.7, 0.8]`
-    for `bins=10` in every dtype, though float32's 0.8 is 0.800000012 and bfloat16's
-    0.80078125. Probabilities cast up to a wider dtype keep the bins of their own (the
-    coarsest of bfloat16, float16 and float32 that holds every value of `probs` exactly).
+    :math:`k / B` to the dtype of `probs`: 0.8 is in :math:`(0.7, 0.8]` for `bins=10` in
+    every dtype, though float32's 0.8 is 0.800000012 and bfloat16's 0.80078125. Each
+    confidence is compared with the edges of its own dtype, whatever the other rows hold:
+    probabilities cast up to a wider dtype meet that dtype's edges (bfloat16's 0.8 cast to
+    float32 is 0.80078125, above float32's 0.8, in :math:`(0.8, 0.9]`), so compute the
+    curve in the dtype the probabilities were computed in.
 
     Example:
         >>> probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
@@ -165,7 +166,7 @@ def calibration_curve(probs: Tensor, labels: Tensor, bins: int = 15) -> Calibrat
 
 def _calibration_curve(where: str, probs: Tensor, labels: Tensor, bins: int) -> CalibrationCurve:
     bins = check_int(where, "bins", bins)
-    p, stored = check_probs_stored(where, probs)
+    p = check_probs(where, probs)
     y = check_labels(where, labels, p.shape[:-1], p.shape[-1])
     if y.numel() == 0:
         raise ValueError(f"{where}: expected at least one prediction, got none")
@@ -178,9 +179,11 @@ def _calibration_curve(where: str, probs: Tensor, labels: Tensor, bins: int) -> 
     conf = conf.to(acc)
     correct = (pred == y.reshape(-1)).to(acc)
 
-    # The edges k / B as the probabilities' own dtype writes them: float32's 0.8 is above
-    # float64's, and fell in (0.8, 0.9] where float64's 0.8 fell in (0.7, 0.8].
-    edges = (torch.arange(1, bins, dtype=acc, device=p.device) / bins).to(stored).to(acc)
+    # The edges k / B as the probabilities' dtype writes them: float32's 0.8 is above
+    # float64's, and fell in (0.8, 0.9] where float64's 0.8 fell in (0.7, 0.8]. The dtype
+    # of `probs`, not one guessed from its values: a guess made for the whole table (all
+    # values exact in bfloat16: bfloat16's edges) moved a row by what the others held.
+    edges = (torch.arange(1, bins, dtype=acc, device=p.device) / bins).to(p.dtype).to(acc)
     index = torch.bucketize(conf.detach(), edges, right=False)  # (lo, hi]
 
     count = torch.zeros(bins, dtype=torch.long, device=p.device).index_add_(

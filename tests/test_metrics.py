@@ -4,6 +4,8 @@ import importlib.util
 import math
 import pathlib
 
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -367,10 +369,16 @@ def test_a_confidence_on_an_edge_is_in_the_bin_below_in_every_dtype(bins, dtype)
         rest = (1 - c.double()) / (classes - 1)
         probs = torch.cat([c.double().view(1), rest.expand(classes - 1)]).to(dtype)[None]
         labels = torch.tensor([0])
-        for p in _cast_up(probs):  # cast up, they keep their bins
-            curve = bf.calibration_curve(p, labels, bins=bins)
-            assert curve.count.tolist() == [int(b == k - 1) for b in range(bins)], (k, p)
-            assert float(curve.confidence[k - 1]) == float(c)
+        curve = bf.calibration_curve(probs, labels, bins=bins)
+        assert curve.count.tolist() == [int(b == k - 1) for b in range(bins)], (k, probs)
+        assert float(curve.confidence[k - 1]) == float(c)
+        for p in _cast_up(probs)[1:]:
+            # Cast up, the value meets the wider dtype's edges: above k / B there (the
+            # oracle, in exact rationals), it is in the bin above.
+            above = Fraction(float(p[0, 0])) > Fraction(k, bins)
+            expected = k if above else k - 1
+            counts = bf.calibration_curve(p, labels, bins=bins).count.tolist()
+            assert counts == [int(b == expected) for b in range(bins)], (k, p)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -382,12 +390,49 @@ def test_ece_of_edge_confidences_does_not_depend_on_the_dtype(dtype):
     c = probs.double()[:, 0]
     oracle = (0.5 * (1 - c[0]) + 0.5 * c[1]).to(dtype)
 
-    for p in _cast_up(probs):
-        ece = bf.expected_calibration_error(p, labels, bins=10)
-        assert ece.dtype == p.dtype
-        assert abs(float(ece) - float(oracle)) <= torch.finfo(dtype).eps * float(oracle)
-        counts = bf.calibration_curve(p, labels, bins=10).count
-        assert counts.tolist() == [0] * 7 + [1, 1, 0]
+    ece = bf.expected_calibration_error(probs, labels, bins=10)
+    assert ece.dtype == probs.dtype
+    assert abs(float(ece) - float(oracle)) <= torch.finfo(dtype).eps * float(oracle)
+    counts = bf.calibration_curve(probs, labels, bins=10).count
+    assert counts.tolist() == [0] * 7 + [1, 1, 0]
+
+
+def _exact_bins(probs, bins):
+    r"""The bin of each row's confidence, compared with the edges k / B in exact rationals."""
+
+    return [
+        next(b for b in range(bins) if b == bins - 1 or Fraction(c) <= Fraction(b + 1, bins))
+        for c in probs.max(dim=-1).values.tolist()
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_row_is_binned_by_its_own_value_not_by_the_other_rows(dtype):
+    # Vote fractions of 256 members are exact in bfloat16: when every value of a table was,
+    # its edges were bfloat16's, and 205 / 256 = 0.80078125 (bfloat16's 0.8, above 0.8)
+    # fell in (0.7, 0.8]; one more row that is not exact in bfloat16 moved it back.
+    votes = torch.tensor([205, 205, 205, 205, 154, 154, 230, 230], dtype=torch.float64) / 256
+    probs = torch.stack([votes, 1 - votes], -1).to(dtype)
+    labels = torch.tensor([0, 0, 0, 1, 0, 1, 0, 0])
+    extra = torch.tensor([[0.55 + 1e-7, 0.45 - 1e-7]], dtype=dtype)
+    more = torch.cat([probs, extra])
+
+    for p, y in ((probs, labels), (more, torch.cat([labels, torch.tensor([0])]))):
+        bins = _exact_bins(p, 10)
+        expected = [bins.count(b) for b in range(10)]
+        assert bf.calibration_curve(p, y, bins=10).count.tolist() == expected
+        oracle = _ece_float64(p, y, 10)
+        got = float(bf.expected_calibration_error(p, y, bins=10))
+        assert abs(got - oracle) <= 4 * torch.finfo(dtype).eps
+    assert _exact_bins(probs, 10)[0] == 8  # 0.80078125 in (0.8, 0.9]
+
+    # The same through mean_probs: 256 one-hot members, float32.
+    k = torch.tensor([205, 154, 77, 192, 160])
+    members = torch.arange(256)[:, None] < k  # (256, 5): member votes for class 0
+    log_probs = torch.stack([members, ~members], -1).to(dtype).log()
+    p, y = bf.mean_probs(log_probs), torch.tensor([0, 1, 0, 1, 0])
+    assert torch.equal(p[:, 0].double(), k.double() / 256)
+    assert abs(float(bf.expected_calibration_error(p, y, bins=10)) - _ece_float64(p, y, 10)) < 1e-6
 
 
 # The Gaussian NLL: half precision and NaN.
