@@ -66,12 +66,13 @@ class Draw(NamedTuple):
 
 
 class Taken(NamedTuple):
-    r"""The gradient of a sample as a draw's statistics took it: what changes after that
-    (a backward pass, a clipping) would be silently ignored."""
+    r"""The gradient of a sample as a draw's statistics took it (:py:`None` where none had
+    reached it, counted as zero): what changes after that (a backward pass, a clipping)
+    would be silently ignored."""
 
     leaf: weakref.ref
-    grad: weakref.ref
-    version: int
+    grad: weakref.ref | None
+    version: int | None
 
 
 class Flat:
@@ -187,20 +188,25 @@ def take(s: Flat, draw: Draw, grads: list[Tensor | None]) -> None:
     r"""Remembers the gradients a draw's statistics took (weakly)."""
 
     s.taken.extend(
-        Taken(weakref.ref(t), weakref.ref(g), g._version)
+        Taken(weakref.ref(t), None, None)
+        if g is None
+        else Taken(weakref.ref(t), weakref.ref(g), g._version)
         for t, g in zip(draw.leaves, grads, strict=True)
-        if g is not None
+        if t is not None
     )
 
 
 def changed_since_taken(s: Flat) -> bool:
-    r"""Whether a gradient of a draw in the sums changed after they took it."""
+    r"""Whether a gradient of a draw in the sums changed after they took it, or reached a
+    sample that had none then (taken as zero)."""
 
     for taken in s.taken:
         leaf = taken.leaf()
         if leaf is None or leaf.grad is None:
-            continue  # dropped, or zeroed: nothing was added
-        if leaf.grad is not taken.grad() or leaf.grad._version != taken.version:
+            continue  # dropped, zeroed, or still none: nothing was added
+        if taken.grad is None or leaf.grad is not taken.grad():
+            return True
+        if leaf.grad._version != taken.version:
             return True
     return False
 

@@ -136,9 +136,11 @@ class IVON(torch.optim.Optimizer):
     Each draw's gradients are taken when the next draw is made (so that they can be
     freed) or at :meth:`step`: backpropagate (and clip) a draw's loss before the next
     draw, or draw every sample first and backpropagate their sum once. A gradient that
-    changes after it was taken makes :meth:`step` raise rather than ignore it. Clip the
-    gradients of the samples (`params.values()`), not the module's parameters, which get
-    none.
+    changes after it was taken, or reaches a sample that had none then (taken as zero),
+    makes :meth:`step` raise rather than ignore it. Clip the gradients of the samples
+    (`params.values()`), not the module's parameters, which get none. A closure of
+    :meth:`step` that raises leaves the draws it made to the next step: start it with
+    :meth:`zero_grad`, which drops them.
 
     With :mod:`torch.distributed` initialized before the optimizer is created, and `sync`
     true, every process draws its own samples (give each its own generator seed) and
@@ -406,8 +408,10 @@ class IVON(torch.optim.Optimizer):
         h = self._hyper(where)
         self._check_linked(where)
 
-        fold(s)
+        # The check that may raise first: a failed call leaves the draws as they were (the
+        # draws that await their gradients keep the sigma they were drawn with).
         self._refresh(where, h.ess, h.weight_decay)
+        fold(s)
         eps = torch.randn(
             n, s.mean.numel(), generator=generator, dtype=s.dtype, device=s.device, out=s.noise(n)
         )

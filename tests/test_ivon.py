@@ -691,6 +691,80 @@ def test_a_gradient_changed_after_it_was_taken_refuses_to_step(change, gen):
     opt.step()
 
 
+def test_a_gradient_reaching_a_sample_only_after_its_draw_was_taken_refuses_to_step(gen):
+    # A loss for one head, the next draw (which takes the first draw's gradients: none yet
+    # for the other head's samples, counted as zero), then the other head's loss for the
+    # first draw: its gradient was ignored, and the step moved the other head's means as
+    # if it were zero (1.7e-2 off the step with both losses first).
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    x = data()[0]
+    torch.manual_seed(0)
+    net = TwoHeads()
+    opt = bf.IVON(net, lr=0.1, ess=10.0)
+    first = opt.sample(1, generator=gen(0))
+    ya, yb = bf.vmap_call(net, first, x)
+    ya.square().mean().backward()
+    second = opt.sample(1, generator=gen(1))  # takes the first draw's gradients
+    yb.square().mean().backward()  # b's samples of the first draw: a gradient only now
+    assert first["b.weight"].grad is not None
+    za, zb = bf.vmap_call(net, second, x)
+    (za.square().mean() + zb.square().mean()).backward()
+    before = {k: v.clone() for k, v in opt.state_dict()["state"].items() if k != "step"}
+    means = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(RuntimeError, match=r"IVON\.step: expected the gradients of each draw"):
+        opt.step()
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(torch.equal(p, m) for p, m in zip(net.parameters(), means, strict=True))
+
+    # Both losses before the next draw: the step takes both (the oracle of the order).
+    opt.zero_grad()
+    first = opt.sample(1, generator=gen(0))
+    ya, yb = bf.vmap_call(net, first, x)
+    (ya.square().mean() + yb.square().mean()).backward()
+    opt.sample(1, generator=gen(1))  # a draw no gradient reaches: forgotten
+    opt.step()
+    assert not any(torch.equal(p, m) for p, m in zip(net.parameters(), means, strict=True))
+
+
+def test_a_failed_sample_leaves_the_draws_as_found(gen):
+    # A Hessian estimate written invalid through IVON.hess: sample refused it, but had
+    # already folded the draw awaiting its gradients, so that a second loss term for that
+    # draw (legal: no draw came after it) then made step refuse.
+    net, (x, y) = make_net(), data()
+
+    def run(failed_call):
+        torch.manual_seed(0)
+        fresh = make_net()
+        opt = bf.IVON(fresh, lr=0.1, ess=10.0)
+        params = opt.sample(1, generator=gen(0))
+        out = bf.vmap_call(fresh, params, x)
+        (out - y).square().mean().backward(retain_graph=True)
+        if failed_call:
+            h = next(iter(opt.hess.values())).view(-1)
+            old = h[0].item()
+            with torch.no_grad():
+                h[0] = -1.0
+            with pytest.raises(ValueError, match=r"IVON\.sample: expected finite Hessian"):
+                opt.sample(1)
+            with torch.no_grad():
+                h[0] = old  # as it was
+        out.abs().mean().backward()  # a second loss term for the same draw
+        opt.step()
+        return [p.detach().clone() for p in fresh.parameters()]
+
+    expected, got = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(got, net.parameters(), strict=True))
+
+
 def test_a_changed_ess_between_draw_and_step_uses_the_sigma_sampled(gen):
     net, (x, y) = make_net(), data()
     start = copy.deepcopy(net)
