@@ -41,8 +41,9 @@ def gaussian_nll(mean: Tensor, std: Tensor, y: Tensor, reduction: str = "mean") 
     with every constant included. For a moment-matched predictive, pass the outputs of
     :func:`predictive_mean` and :func:`predictive_std`.
 
-    Half-precision inputs are computed in float32 and the result rounded once, so it is
-    finite wherever the exact value fits the dtype. A NaN mean, standard deviation or
+    Half-precision inputs are computed in float32 (bfloat16, whose range is float32's, in
+    float64) and the result rounded once, so it is finite wherever the exact value fits
+    the dtype. A NaN mean, standard deviation or
     observation (e.g. the summary of an output whose samples include a NaN, from
     :func:`summarize`) is an error, as in :func:`interval_coverage`.
 
@@ -70,8 +71,14 @@ def gaussian_nll(mean: Tensor, std: Tensor, y: Tensor, reduction: str = "mean") 
         raise ValueError(f"{where}: expected std > 0, got a minimum of {float(std.min())}")
 
     # In at least float32, rounded once: in float16, z**2 overflowed from |z| = 256
-    # (and the sum of a batch from 65504) where the NLL itself is far below that.
-    mean, std, y = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (mean, std, y))
+    # (and the sum of a batch from 65504) where the NLL itself is far below that. bfloat16
+    # reaches float32's range: z**2 overflowed float32 from |z| = 1.8e19, where the NLL of
+    # bfloat16 ends at 3.4e38, so it takes float64.
+    bf16 = torch.bfloat16 in (mean.dtype, std.dtype, y.dtype)
+    mean, std, y = (
+        t.to(torch.float64 if bf16 else torch.promote_types(t.dtype, torch.float32))
+        for t in (mean, std, y)
+    )
     z = (y - mean) / std
     nll = 0.5 * z.square() + std.log() + 0.5 * math.log(2 * math.pi)
 

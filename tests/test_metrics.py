@@ -463,6 +463,22 @@ def test_gaussian_nll_of_half_precision_is_the_rounded_exact_value(dtype, gen):
             assert abs(float(got) - float(value)) <= eps * float(value)
 
 
+def test_gaussian_nll_of_bfloat16_is_finite_to_the_end_of_its_range():
+    # bfloat16 has float32's range: z**2 overflowed float32 from |z| = 1.8e19 (inf), where
+    # the exact NLL (2e38 at z = 2e19) still fits bfloat16.
+    y = torch.tensor([2e19, -1.5e19, 1e19, 2.7e19], dtype=torch.bfloat16)
+    mean, std = torch.zeros_like(y), torch.ones_like(y)
+    exact = -torch.distributions.Normal(0.0, 1.0).log_prob(y.double())
+    fits = ~exact.to(torch.bfloat16).isinf()
+    assert fits[:3].all() and not fits[3]  # 2.7e19 gives 3.6e38: beyond bfloat16 too
+
+    nll = bf.gaussian_nll(mean, std, y, reduction="none")
+    assert nll.dtype == torch.bfloat16 and torch.equal(nll.isinf(), ~fits)
+    assert torch.equal(nll[fits], exact[fits].to(torch.bfloat16))  # rounded once
+    half = bf.gaussian_nll(mean[:3], std[:3], y[:3], reduction="mean")
+    assert half == exact[:3].mean().to(torch.bfloat16)
+
+
 def test_gaussian_nll_refuses_nan():
     mean, std, y = torch.zeros(3), torch.ones(3), torch.tensor([0.0, 0.5, 1.0])
     nan = torch.tensor([0.0, math.nan, 0.0])
