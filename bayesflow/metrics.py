@@ -43,9 +43,9 @@ def gaussian_nll(mean: Tensor, std: Tensor, y: Tensor, reduction: str = "mean") 
 
     Half-precision inputs are computed in float32 (bfloat16, whose range is float32's, in
     float64) and the result rounded once, so it is finite wherever the exact value fits
-    the dtype. A NaN mean, standard deviation or
-    observation (e.g. the summary of an output whose samples include a NaN, from
-    :func:`summarize`) is an error, as in :func:`interval_coverage`.
+    the dtype. A NaN mean, standard deviation or observation (e.g. the summary of an
+    output whose samples include a NaN, from :func:`summarize`) is an error, as in
+    :func:`interval_coverage`.
 
     Example:
         >>> gaussian_nll(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([0.0]))
