@@ -76,7 +76,18 @@ def _update_bn(where: str, module: nn.Module, data: Iterable[Any]) -> None:
             # a short last batch counts as a full one.
             for m in bns:
                 m.momentum = b / (n + b)
-            module(x)
+            try:
+                module(x)
+            except ValueError as err:
+                # torch's BatchNorm in training mode, given one value per channel: a batch of
+                # one example (a DataLoader's short last batch) has no variance to average.
+                if "more than 1 value per channel" not in str(err):
+                    raise
+                raise ValueError(
+                    f"{where}: expected batches whose BatchNorm layers see more than one "
+                    f"value per channel, got a batch of {b} at batch {batches - 1} (torch: "
+                    f"{err}); leave it out, e.g. DataLoader(..., drop_last=True)"
+                ) from err
             n += b
     finally:
         for m, momentum in zip(bns, momenta, strict=True):
@@ -296,7 +307,8 @@ class SWAG:
 
         Raises:
             ValueError: If `module` has BatchNorm layers and `data` is :py:`None` or holds
-                no batch, or no parameter set was collected.
+                no batch, or a batch that gives a BatchNorm layer one value per channel (a
+                last batch of one example), or no parameter set was collected.
             TypeError: If `module` has BatchNorm layers and `data` is not an iterable of
                 batches, or a batch is neither a tensor nor a tuple or list whose first item
                 is a tensor (checked as the batches are read; `module` is left as found).

@@ -394,6 +394,23 @@ def test_mean_model_checks_each_batch_as_it_is_read_and_leaves_the_module_as_fou
         assert [m.training for m in module.modules()] == modes
 
 
+def test_mean_model_names_a_batch_of_one_for_batchnorm():
+    # A DataLoader's last batch of one example: torch's BatchNorm error named no function.
+    module = bn_net()
+    swag = bf.SWAG(module)
+    x, _ = train(module, swag)
+    before = snapshot(module)
+    data = [(x[:16],), (x[16:31],), (x[31:],)]  # 16, 15, 1
+    with pytest.raises(
+        ValueError,
+        match=r"SWAG\.mean_model: expected batches whose BatchNorm layers see more than one "
+        r"value per channel, got a batch of 1 at batch 2 .*drop_last=True",
+    ):
+        swag.mean_model(module, data)
+    assert unchanged(module, before)
+    swag.mean_model(module, data[:2])  # without it
+
+
 def test_state_dict_round_trip_and_resumed_collection():
     module = net()
     swag = bf.SWAG(module)
