@@ -100,7 +100,7 @@ def categorical_nll(probs: Tensor, labels: Tensor, reduction: str = "mean") -> T
 
     For the model average of per-sample logits, :func:`predictive_nll` of the gathered
     per-sample log-probabilities gives the same numbers in log-space, robust to
-    probabilities that underflow.
+    probabilities that underflow (and NaN for a NaN, which this refuses).
 
     Example:
         >>> probs = torch.tensor([[0.5, 0.5], [0.25, 0.75]])
@@ -141,7 +141,8 @@ class CalibrationCurve(NamedTuple):
 
 def calibration_curve(probs: Tensor, labels: Tensor, bins: int = 15) -> CalibrationCurve:
     r"""Bins predictions by confidence, :math:`\max_c p_c`, into `bins` equal-width bins
-    :math:`((b - 1) / B, b / B]`, and returns each bin's mean confidence and accuracy.
+    :math:`((b - 1) / B, b / B]`, and returns each bin's mean confidence and accuracy. The
+    prediction is the class of highest probability, the first of them on a tie.
 
     A confidence on an edge :math:`k / B` belongs to the bin below it,
     :math:`((k - 1) / B, k / B]` (the first bin takes 0), and so does the rounding of

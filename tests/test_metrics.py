@@ -567,3 +567,12 @@ def test_the_digits_split_sizes_in_the_docs_are_those_of_the_benchmark(monkeypat
     assert f"NLL and ECE on the {n_test} test digits" in text
     assert f"against the {n_ood} digits 7-9" in text
     assert f"predict the {n_test + n_ood} test and out-of-distribution images" in text
+
+
+def test_a_tie_for_the_top_class_predicts_the_first():
+    # As documented: the prediction is the first class of highest probability.
+    probs = torch.tensor([[0.25, 0.375, 0.375], [0.5, 0.5, 0.0]])
+    for labels, right in (([1, 0], [1.0, 1.0]), ([2, 1], [0.0, 0.0])):
+        curve = bf.calibration_curve(probs, torch.tensor(labels), bins=2)
+        assert curve.count.tolist() == [2, 0]
+        assert float(curve.accuracy[0]) == sum(right) / 2
