@@ -11,6 +11,7 @@ __all__ = [
     "Buffers",
     "FitOptions",
     "check_fit_args",
+    "check_no_max_norm",
     "check_per_datum",
     "check_per_example_layers",
     "check_split",
@@ -45,6 +46,7 @@ from ._checks import (
     check_number,
 )
 from ._compat import BatchNorm, ValueReads
+from ._structure import structure
 from .call import vmap_call
 
 #: The curvatures :func:`bayesflow.laplace_fit` computes: the generalized Gauss-Newton
@@ -191,6 +193,20 @@ def check_per_example_layers(where: str, module: nn.Module) -> None:
             )
 
 
+def check_no_max_norm(where: str, module: nn.Module) -> None:
+    r"""Refuses an embedding with `max_norm`: its forward renormalizes the rows of its
+    weight in place, which no :mod:`torch.func` transform can run, and which would rewrite
+    the user's weight before the transform fails, whether the weight is fitted or not."""
+
+    written = sorted(structure(module).written)
+    if written:
+        raise ValueError(
+            f"{where}: expected no nn.Embedding or nn.EmbeddingBag with max_norm (it "
+            "renormalizes the rows of its weight in place at every forward, which the "
+            f"per-example derivatives cannot run), got max_norm on the weights {written}"
+        )
+
+
 def check_fit_args(
     where: str,
     module: object,
@@ -244,6 +260,7 @@ def check_fit_args(
             f"(requires_grad=False): {frozen}"
         )
     check_per_example_layers(where, module)
+    check_no_max_norm(where, module)
     return FitOptions(names, hessian, output, likelihood, sigma, chunk_size)
 
 

@@ -28,10 +28,14 @@ from torch import Tensor
 from . import _curvature, _posterior
 from ._checks import check_broadcasts, describe
 from ._curvature import HESSIANS, LIKELIHOODS, Fn, check_fit_args
-from ._numerics import LOGVAR_LIMIT
+from ._numerics import LOGVAR_LIMIT, accumulator
 from ._types import Posterior
 
 STRUCTURES = ("scalar", "tensor")
+
+# The posterior holds a precision as at most e^(L + 1): any precision above e^L gives the
+# least variance e^-L, and this one is in float32's range, as a float64 above 3.4e38 is not.
+_MOST = math.exp(LOGVAR_LIMIT + 1.0)
 
 PriorPrecision = float | Tensor | Mapping[str, float | Tensor]
 
@@ -167,8 +171,10 @@ def laplace_fit(
             other numbers on one example than on the batch: `output` on every example,
             `fn` on every example for the empirical Fisher and on the first and last of
             a batch for the GGN), the module holds a batch normalization without running
-            statistics (it mixes the examples of a batch), or its forward writes its
-            buffers in a way the per-example transforms cannot run.
+            statistics (it mixes the examples of a batch) or an :class:`torch.nn.Embedding`
+            or :class:`torch.nn.EmbeddingBag` with `max_norm` (it renormalizes its weight
+            in place at every forward; both refused before any forward), or its forward
+            writes its buffers in a way the per-example transforms cannot run.
 
     References:
         | Laplace Redux -- Effortless Bayesian Deep Learning (Daxberger et al., 2021)
@@ -293,28 +299,48 @@ def _positive(where: str, what: str, value: Tensor) -> None:
 
 
 def _prior_precision(
-    where: str, names: Sequence[str], like: Mapping[str, Tensor], prior_precision: object
+    where: str,
+    names: Sequence[str],
+    like: Mapping[str, Tensor],
+    prior_precision: object,
+    least: torch.dtype = torch.float32,
+    most: float | None = None,
 ) -> dict[str, Tensor]:
     r"""Returns the prior precision of every name, a tensor broadcastable to the parameter
-    (differentiable where `prior_precision` is a tensor)."""
+    (differentiable where `prior_precision` is a tensor), held in the wider of the
+    parameter's dtype and `least`, at least float32: a float16 parameter takes precisions
+    above 65504. It is checked as given, before the cast; with `most`, it is held as at
+    most `most`."""
 
     def one(name: str, value: object) -> Tensor:
         p = like[name]
+        dtype = torch.promote_types(accumulator(p.dtype), least)
         if isinstance(value, Tensor):
             if not value.is_floating_point():
                 raise TypeError(
                     f"{where}: expected a floating-point prior_precision, got {value.dtype}"
                 )
-            t = value.to(p.dtype)
+            given = value
         elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-            t = torch.tensor(float(value), dtype=p.dtype, device=p.device)
+            given = torch.tensor(float(value), dtype=torch.float64)  # on the CPU: any device
         else:
             raise TypeError(
                 f"{where}: expected prior_precision to be a positive number, a tensor or a "
                 f"dict of them by parameter name, got {type(value).__name__}"
             )
-        _positive(where, f"prior_precision for {name!r}", t)
-        check_broadcasts(where, f"prior_precision for {name!r}", t, p.shape)
+        what = f"prior_precision for {name!r}"
+        _positive(where, what, given)
+        check_broadcasts(where, what, given, p.shape)
+        if isinstance(value, Tensor):
+            t = value.to(dtype) if most is None else value.clamp(max=most).to(dtype)
+        else:
+            v = float(value) if most is None else min(float(value), most)
+            t = torch.tensor(v, dtype=dtype, device=p.device)
+        if not (torch.isfinite(t).all() and (t > 0).all()):  # a float64 beyond float32's range
+            raise ValueError(
+                f"{where}: expected a {what} that {dtype} holds (the precision of {p.dtype} "
+                f"parameters is held in it), got {given.detach().flatten()[:4].tolist()}"
+            )
         return t
 
     if isinstance(prior_precision, Mapping):
@@ -356,14 +382,20 @@ def laplace_marglik(fit: LaplaceFit, prior_precision: PriorPrecision) -> Tensor:
             those (one precision per parameter tensor, or per element).
 
     Returns:
-        A scalar tensor, differentiable with respect to `prior_precision`.
+        A scalar tensor, differentiable with respect to `prior_precision`, computed in
+        the widest of float32, the log-likelihood's dtype and the parameters' dtypes, with
+        the precision held in it: a half-precision fit's evidence in float32 (its two
+        sums of logs, of thousands each, nearly cancel, and in the half dtype would leave
+        it tens of nats off).
 
     Raises:
         TypeError: If `fit` is not a :class:`LaplaceFit` or holds a field of the wrong type.
         ValueError: If `fit`, e.g. as edited with `fit._replace`, is not what
             :func:`laplace_fit` gives: a `hessian` without the names, shapes, dtypes and
             devices of `mean`, a negative or non-finite curvature, a non-finite mean or
-            `log_likelihood`; or if `prior_precision` is not positive or does not broadcast.
+            `log_likelihood`; or if `prior_precision` is not finite and positive, does not
+            broadcast, or (a float64 precision beyond about :math:`3.4 \cdot 10^{38}` or
+            below about :math:`10^{-45}`) does not fit a float32 evidence.
 
     References:
         | A Practical Bayesian Framework for Backpropagation Networks (MacKay, 1992)
@@ -375,15 +407,19 @@ def laplace_marglik(fit: LaplaceFit, prior_precision: PriorPrecision) -> Tensor:
 
     where = "laplace_marglik"
     _check_fit(where, fit)
-    lam = _prior_precision(where, list(fit.mean), fit.mean, prior_precision)
+    # The two sums of logs, thousands each, nearly cancel: rounded to a half dtype's three
+    # significant digits, they would put the evidence tens of nats off.
+    dtype = accumulator(fit.log_likelihood.dtype)
+    for m in fit.mean.values():
+        dtype = torch.promote_types(dtype, m.dtype)
+    lam = _prior_precision(where, list(fit.mean), fit.mean, prior_precision, least=dtype)
 
-    penalty = fit.log_likelihood.new_zeros(())
+    penalty = fit.log_likelihood.new_zeros((), dtype=dtype)
     for k, m in fit.mean.items():
+        m, h = m.to(dtype), fit.hessian[k].to(dtype)
         prec = torch.broadcast_to(lam[k], m.shape)
-        penalty = penalty + (
-            (fit.hessian[k] + prec).log().sum() - prec.log().sum() + (prec * m.square()).sum()
-        )
-    return fit.log_likelihood - 0.5 * penalty
+        penalty = penalty + ((h + prec).log().sum() - prec.log().sum() + (prec * m.square()).sum())
+    return fit.log_likelihood.to(dtype) - 0.5 * penalty
 
 
 def _groups(fit: LaplaceFit, structure: str) -> dict[str, list[str]]:
@@ -494,7 +530,10 @@ def laplace_posterior(fit: LaplaceFit, prior_precision: PriorPrecision = 1.0) ->
 
     Variances are written as a :class:`bayesflow.Posterior` holds them, within
     :math:`[e^{-L}, e^{L}]`, :math:`L \approx 17.98`: a precision above
-    :math:`e^{L} \approx 6.5 \cdot 10^7` gives the variance :math:`e^{-L}`.
+    :math:`e^{L} \approx 6.5 \cdot 10^7` gives the variance :math:`e^{-L}`. The
+    precision and :math:`1 / (h + \lambda)` are computed in at least float32 (a float16 fit
+    takes precisions above its largest number, 65504), then the log-variances are rounded
+    to the parameters' dtype.
 
     Arguments:
         fit: The fit (:func:`laplace_fit`).
@@ -510,14 +549,15 @@ def laplace_posterior(fit: LaplaceFit, prior_precision: PriorPrecision = 1.0) ->
             :func:`laplace_fit` gives: a `hessian` without the names, shapes, dtypes and
             devices of `mean`, a negative or non-finite curvature or a non-finite mean (its
             `log_likelihood`, which it does not read, may be infinite); or if
-            `prior_precision` is not positive or does not broadcast.
+            `prior_precision` is not finite and positive, does not broadcast, or (a float64
+            precision below about :math:`10^{-45}`) is 0 in float32.
     """
 
     where = "laplace_posterior"
     _check_fit(where, fit, likelihood=False)
-    lam = _prior_precision(where, list(fit.mean), fit.mean, prior_precision)
-    with torch.no_grad():
-        variance = {k: 1 / (fit.hessian[k] + lam[k]) for k in fit.mean}
+    lam = _prior_precision(where, list(fit.mean), fit.mean, prior_precision, most=_MOST)
+    with torch.no_grad():  # in the precision's dtype, at least float32
+        variance = {k: 1 / (fit.hessian[k].to(lam[k].dtype) + lam[k]) for k in fit.mean}
     return _posterior.posterior_from_variance(where, fit.mean, variance)
 
 
@@ -582,7 +622,7 @@ def laplace(
             )
     else:
         like = {k: module.get_parameter(k) for k in options.names}
-        _prior_precision(where, options.names, like, prior_precision)
+        _prior_precision(where, options.names, like, prior_precision, most=_MOST)
 
     fit = LaplaceFit(*_curvature.fit(where, module, fn, data, options))
     fit = _check_fit(where, fit, likelihood=isinstance(prior_precision, str))

@@ -30,6 +30,7 @@ from ._curvature import (
     LastLayer,
     attributes,
     capture,
+    check_no_max_norm,
     check_per_datum,
     check_per_example_layers,
     check_split,
@@ -136,8 +137,11 @@ def linearized_predictive(
             NaN or infinite values, the inputs do not share a leading batch dim, `fn` does
             not return `(B, C)` or `(B,)`, `fn` mixes the examples of a batch (a mean
             over the batch, train-mode statistics, a batch normalization without running
-            statistics): the linearized model is per example; or the module's forward
-            writes its buffers in a way the per-example Jacobians cannot run.
+            statistics): the linearized model is per example; or the module holds an
+            :class:`torch.nn.Embedding` or :class:`torch.nn.EmbeddingBag` with `max_norm`
+            (it renormalizes its weight in place at every forward; refused before any
+            forward), or its forward writes its buffers in a way the per-example Jacobians
+            cannot run.
 
     References:
         | Laplace Redux -- Effortless Bayesian Deep Learning (Daxberger et al., 2021)
@@ -177,6 +181,7 @@ def linearized_predictive(
                 f"{tuple(a.shape)} at position {j}"
             )
     check_per_example_layers(where, module)
+    check_no_max_norm(where, module)
     fn = (lambda m, *a: m(*a)) if fn is None else fn
     size = args[0].shape[0]
     names = list(posterior.mean)

@@ -614,6 +614,82 @@ def test_batch_norm_without_running_statistics_is_refused_before_any_work(norm, 
     assert unchanged(module, before)
 
 
+class Embedded(nn.Module):
+    def __init__(self, bag):
+        super().__init__()
+        # Embedding and EmbeddingBag with max_norm renormalize the rows they read, in place.
+        emb = nn.EmbeddingBag(5, 4, max_norm=1.0) if bag else nn.Embedding(5, 4, max_norm=1.0)
+        self.emb, self.out = emb, nn.Linear(4, 3)
+
+    def forward(self, t):
+        return self.out(self.emb(t))
+
+
+EMBEDDED_CALLS = {
+    "ggn-last-layer": (
+        "laplace_fit",
+        lambda m, fn, t, y: bf.laplace_fit(m, fn, [(t, y)], **GOOD, include=["out"]),
+    ),
+    "ggn-all": ("laplace_fit", lambda m, fn, t, y: bf.laplace_fit(m, fn, [(t, y)], **GOOD)),
+    "ef-all": (
+        "laplace_fit",
+        lambda m, fn, t, y: bf.laplace_fit(m, fn, [(t, y)], hessian="ef"),
+    ),
+    "laplace": (
+        "laplace",
+        lambda m, fn, t, y: bf.laplace(m, fn, [(t, y)], **GOOD, prior_precision="marglik"),
+    ),
+    "linearized-last-layer": (
+        "linearized_predictive",
+        lambda m, fn, t, y: bf.linearized_predictive(
+            m, bf.init(m, init_logvar=-3.0, include=["out"]), t, y, fn=output
+        ),
+    ),
+    "linearized-all": (
+        "linearized_predictive",
+        lambda m, fn, t, y: bf.linearized_predictive(
+            m, bf.init(m, init_logvar=-3.0), t, y, fn=output
+        ),
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # embedding_bag
+@pytest.mark.parametrize("call", EMBEDDED_CALLS)
+@pytest.mark.parametrize("bag", [False, True], ids=["embedding", "embedding-bag"])
+def test_an_embedding_with_max_norm_is_refused_before_any_forward(bag, call):
+    # Its forward renormalizes the weight's rows in place, which torch.func cannot run:
+    # the calls failed with torch's bare RuntimeError, after rewriting the user's rows.
+    torch.manual_seed(0)
+    module = Embedded(bag)
+    with torch.no_grad():
+        module.emb.weight.mul_(3.0)
+    t = torch.tensor([[0, 1], [2, 3], [4, 0], [1, 2]]) if bag else torch.tensor([0, 1, 2, 3])
+    y = torch.tensor([0, 1, 2, 0])
+    calls = []
+
+    def fn(m, t, y):
+        calls.append(len(t))
+        return classification_ll(m, t, y)
+
+    before = snapshot(module)
+    assert (module.emb.weight.norm(dim=1) > module.emb.max_norm).all()  # rows it would rewrite
+    where, run = EMBEDDED_CALLS[call]
+
+    with pytest.raises(
+        ValueError,
+        match=rf"^{where}: expected no nn\.Embedding or nn\.EmbeddingBag with max_norm \(it "
+        r"renormalizes the rows of its weight in place at every forward, .*\), got max_norm "
+        r"on the weights \['emb\.weight'\]$",
+    ):
+        run(module, fn, t, y)
+
+    assert calls == []
+    assert unchanged(module, before)  # the rows above max_norm too, bit for bit
+    module.emb.max_norm = None  # the same net without the renormalization is fitted
+    run(module, fn, t, y)
+
+
 def test_instance_norm_uses_each_examples_own_statistics_and_is_accepted():
     torch.manual_seed(0)
     module = nn.Sequential(
@@ -980,6 +1056,58 @@ def test_marglik_matches_its_formula_and_is_differentiable(kind):
     assert torch.allclose(log_lam.grad, d, rtol=1e-10)
 
 
+def half_fit(module, dtype, inputs=1.0, n=64):
+    r"""A fit of `module` in `dtype` on inputs of scale `inputs`, with a float32
+    log-likelihood, and the same fit's tensors in float64."""
+
+    module = module.to(dtype)
+    x, y = data("classification", n=n)
+    x = (inputs * x).to(dtype)
+    fn = lambda m, x, y: -F.cross_entropy(m(x).float(), y, reduction="none")
+    fit = bf.laplace_fit(module, fn, batches(x, y, 16), **GOOD)
+    exact = fit._replace(
+        mean={k: v.double() for k, v in fit.mean.items()},
+        hessian={k: v.double() for k, v in fit.hessian.items()},
+        log_likelihood=fit.log_likelihood.double(),
+    )
+    return fn, (x, y), fit, exact
+
+
+def float32_tolerance(exact, lam):
+    r"""A few float32 roundings of the magnitudes of the evidence's terms (float64 `lam`)."""
+
+    terms = sum(
+        ((exact.hessian[k] + v).log().abs() + v.log().abs() + v * exact.mean[k].square()).sum()
+        for k, v in lam.items()
+    )
+    return 16 * torch.finfo(torch.float32).eps * (exact.log_likelihood.abs() + terms / 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_half_precision_evidence_is_computed_in_float32(dtype):
+    # Its terms, sums of hundreds, nearly cancel: each was rounded in the half dtype before,
+    # which put the evidence tens of nats off on a 10k-parameter net, enough to prefer the
+    # wrong precision.
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    _, _, fit, exact = half_fit(module, dtype)
+    per_element = {k: torch.rand(m.shape) * 10 + 0.1 for k, m in fit.mean.items()}
+    for lam in (0.01, 1.0, 30.0, 1e5, per_element):
+        given = lam if isinstance(lam, dict) else {k: lam for k in fit.mean}
+        given = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in given.items()}
+
+        evidence = bf.laplace_marglik(fit, lam)
+
+        assert evidence.dtype == torch.float32
+        # The oracle: the fit's own numbers, with the Gaussian's formula in float64.
+        error = abs(evidence.double() - marglik_formula(exact, given))
+        assert error <= float32_tolerance(exact, given), lam
+
+    log_lam = torch.tensor(0.0, requires_grad=True)  # float64: the gradient reaches it
+    bf.laplace_marglik(fit, log_lam.exp()).backward()
+    assert log_lam.grad.dtype == torch.float64 and log_lam.grad.isfinite()
+
+
 @pytest.mark.parametrize("structure", ["scalar", "tensor"])
 def test_the_optimized_prior_precision_maximizes_the_evidence(structure):
     _, fit = fitted()
@@ -1016,6 +1144,56 @@ def test_posterior_is_centred_on_the_fit_with_precision_h_plus_lambda():
         assert q.mean[k].is_leaf and q.mean[k].requires_grad and q.logvar[k].requires_grad
         expected = 1 / (fit.hessian[k] + torch.as_tensor(lam[k]))
         assert torch.allclose(bf.std(q)[k].square(), expected, rtol=1e-12)
+
+
+def test_a_float16_posterior_takes_precisions_beyond_65504():
+    # The precision was cast to float16 first: every one above 65504 became inf and was
+    # refused, the optimum of laplace(prior_precision="marglik") among them.
+    torch.manual_seed(0)
+    module = nn.Linear(4, 3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(5e-4)  # small weights, large inputs: a large precision
+    fn, (x, y), fit, exact = half_fit(module, torch.float16, inputs=10.0)
+    best = bf.optimize_prior_precision(fit)
+    assert best > 65504
+    LIMIT = math.exp(LOGVAR_LIMIT)
+
+    def expected(lam):  # the posterior in float64, rounded to float16 once
+        return {
+            k: logvar_from_var(1 / (exact.hessian[k] + lam)).to(torch.float16)
+            for k in exact.hessian
+        }
+
+    before = snapshot(module)
+    q_best = bf.laplace(module, fn, batches(x, y, 16), **GOOD, prior_precision="marglik")
+    assert unchanged(module, before)
+    q_huge = bf.laplace_posterior(fit, LIMIT * 1e300)  # beyond float32 too
+    for lam, q in (
+        (1e5, bf.laplace_posterior(fit, 1e5)),
+        (best, bf.laplace_posterior(fit, best)),
+        (best, q_best),
+        (LIMIT * 1e300, q_huge),
+    ):
+        for k, lv in expected(lam).items():
+            assert torch.equal(q.mean[k], fit.mean[k])
+            assert q.logvar[k].dtype == torch.float16
+            # One float16 rounding apart at most (float32 against float64 before it).
+            eps = torch.finfo(torch.float16).eps
+            assert torch.allclose(q.logvar[k].double(), lv.double(), rtol=eps, atol=0.0)
+    # A precision above e^L gives the least variance, e^-L.
+    least = logvar_from_var(torch.tensor(1 / LIMIT)).to(torch.float16)
+    assert all(torch.equal(v, least.expand_as(v)) for v in q_huge.logvar.values())
+
+    given = {k: torch.tensor(best) for k in fit.mean}
+    error = abs(bf.laplace_marglik(fit, best).double() - marglik_formula(exact, given))
+    assert error <= float32_tolerance(exact, given)
+    with pytest.raises(
+        ValueError,
+        match=r"^laplace_marglik: expected a prior_precision for 'weight' that torch.float32 "
+        r"holds \(the precision of torch.float16 parameters is held in it\), got \[1e\+300\]",
+    ):
+        bf.laplace_marglik(fit, 1e300)
 
 
 def test_laplace_is_the_fit_the_optimum_and_the_posterior():
