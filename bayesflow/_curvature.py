@@ -46,6 +46,7 @@ from ._checks import (
     check_number,
 )
 from ._compat import BatchNorm, ValueReads
+from ._numerics import accumulator
 from ._structure import structure
 from .call import vmap_call
 
@@ -678,7 +679,7 @@ def fit(
     params = {k: module.get_parameter(k).detach() for k in options.names}
     # Sums over many batches in half precision lose the later batches (a bfloat16 sum
     # near 900 moves in steps of 4): they run in at least float32.
-    h = {k: torch.zeros_like(p, dtype=_accumulating(p.dtype)) for k, p in params.items()}
+    h = {k: torch.zeros_like(p, dtype=accumulator(p.dtype)) for k, p in params.items()}
     found = last_layer(module, options.names)
     own = None  # before the first batch in closed form; then, for the GGN, see _Closed
     # Whether a batch of two examples or more has passed the check of the closed form
@@ -734,7 +735,7 @@ def fit(
             for k in h:
                 h[k] += step[k]
             dtype = ll.dtype if dtype is None else torch.promote_types(dtype, ll.dtype)
-            total = ll.sum(dtype=_accumulating(ll.dtype))
+            total = ll.sum(dtype=accumulator(ll.dtype))
             log_likelihood = total if log_likelihood is None else log_likelihood + total
             num_data += size
             # Every batch runs the module as found: a forward that assigns a buffer under
@@ -745,12 +746,6 @@ def fit(
         raise ValueError(f"{where}: expected data with at least one datum, got none")
     hessian = {k: v.to(params[k].dtype) for k, v in h.items()}
     return {k: p.clone() for k, p in params.items()}, hessian, log_likelihood.to(dtype), num_data
-
-
-def _accumulating(dtype: torch.dtype) -> torch.dtype:
-    r"""The dtype of a sum over batches: `dtype`, at least float32."""
-
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _slow_batch(
