@@ -298,6 +298,17 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
     checked = opts.randomness == "error"
     if job.n == 1 and not checked:  # a plain call costs less than vmap's fixed overhead
         return _single(job), None
+    hooked = _backward_hooked(job.st, job.module) if torch.is_grad_enabled() else None
+    if hooked:
+        # torch.func's vmap runs no backward hook: the gradients would be those of the
+        # module without them. The loop runs them, as a plain call does.
+        message = (
+            f"{opts.where}: vmap runs no backward hook, and {type(job.module).__name__} has "
+            f"{hooked}: the gradients would be those of the module without them"
+        )
+        if not opts.fallback:
+            raise RuntimeError(message)
+        return _loop(job), message
 
     chunk_size, measure = opts.chunk_size, None
     if chunk_size == "auto":
@@ -345,6 +356,25 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
 
     # A broken `fn` raises its own error here, rather than a warning about vmap.
     return _loop(job, state), message
+
+
+def _backward_hooked(st: Structure, module: nn.Module) -> str | None:
+    r"""Says which backward hooks (module hooks and pre-hooks, global ones too) would run
+    in a plain call of `module`; :py:`None` if none."""
+
+    found = [
+        repr(path)
+        for path, m in st.find(module, nn.Module)
+        if m._backward_hooks or m._backward_pre_hooks
+    ]
+    if found:
+        return f"backward hooks on the submodules {found}"
+    glob = torch.nn.modules.module
+    if getattr(glob, "_global_backward_hooks", None) or getattr(
+        glob, "_global_backward_pre_hooks", None
+    ):
+        return "global module backward hooks (register_module_full_backward_hook)"
+    return None
 
 
 def _cause(err: BaseException) -> str:

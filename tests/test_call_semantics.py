@@ -1527,3 +1527,66 @@ def test_buffers_written_in_place_by_a_chunked_pass_follow_the_rule(
     with pytest.raises(RuntimeError, match=r"chunk_size=4 or more runs all samples"):
         bf.vmap_call(net, params, x, fallback=False, **options)
     assert net.count.item() == 1  # the failed call left it as found
+
+
+@pytest.mark.parametrize("kind", ["full", "pre", "global"])
+def test_backward_hooks_are_run_as_a_plain_call_runs_them(kind, gen):
+    # torch.func's vmap runs no backward hook: at K >= 2 the gradients were those of the
+    # module without the hook (21.7 off a deep copy's, where K = 1 and the loop ran it).
+    calls = []
+
+    def scale(*args):
+        calls.append(1)
+        grad = args[-1]  # grad_output of a pre-hook, grad_input of a hook
+        return (grad[0] * 3.0,)
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    # (An input that requires gradients: torch warns where a global hook fires on a module
+    # whose inputs require none.)
+    x = torch.randn(6, 3, generator=gen(0)).requires_grad_()
+    k = 3
+    q = bf.init(net, init_logvar=-2.0)
+    samples = {n: v.detach() for n, v in bf.sample(q, k, generator=gen(1)).items()}
+
+    def grads(call, module):
+        params = {n: v.clone().requires_grad_() for n, v in samples.items()}
+        out = call(module, params, x)
+        return torch.autograd.grad(out.square().sum(), params["0.weight"])[0]
+
+    plain = grads(bf.vmap_call, net)  # before any hook
+    if kind == "full":
+        handle = net[2].register_full_backward_hook(lambda m, gi, go: scale(gi))
+    elif kind == "pre":
+        handle = net[2].register_full_backward_pre_hook(lambda m, go: scale(go))
+    else:
+        handle = nn.modules.module.register_module_full_backward_hook(
+            lambda m, gi, go: scale(gi) if getattr(m, "out_features", 0) == 2 else None
+        )
+    try:
+        oracle = []  # sample k in a deep copy, called as plain torch
+        for i in range(k):
+            m = copy.deepcopy(net)
+            with torch.no_grad():
+                for n, v in samples.items():
+                    m.get_parameter(n).copy_(v[i])
+            out = m(x).square().sum()
+            oracle.append(torch.autograd.grad(out, m[0].weight)[0])
+        oracle = torch.stack(oracle)
+        assert not torch.allclose(oracle, plain)  # the hook changes the gradients
+
+        before = snapshot(net)
+        calls.clear()
+        with pytest.warns(bf.VmapFallbackWarning, match="vmap runs no backward hook"):
+            got = grads(bf.vmap_call, net)
+        assert torch.allclose(got, oracle, rtol=1e-12, atol=1e-12) and len(calls) == k
+        assert torch.allclose(grads(bf.loop_call, net), oracle, rtol=1e-12, atol=1e-12)
+        with pytest.raises(RuntimeError, match=r"vmap_call: vmap runs no backward hook"):
+            bf.vmap_call(net, samples, x, fallback=False)
+        assert unchanged(before, net)
+        with torch.no_grad():  # no backward: vectorized, no warning
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", bf.VmapFallbackWarning)
+                out = bf.vmap_call(net, samples, x, fallback=False)
+        assert out.shape == (k, 6, 2)
+    finally:
+        handle.remove()
