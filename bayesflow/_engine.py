@@ -310,7 +310,7 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
             raise RuntimeError(message)
         return _loop(job), message
 
-    chunk_size, measure = opts.chunk_size, None
+    chunk_size, measure, cached = opts.chunk_size, None, None
     if chunk_size == "auto":
         chunk_size = auto_chunk_size(_footprint(job), job.n, _device(job), opts.max_memory)
     elif chunk_size is None and _fits_the_cache(job):
@@ -318,19 +318,35 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
         per_sample = footprints.get(key)
         if per_sample is None:
             measure = (footprints, key)  # this call, all at once, measures it
+        elif footprints.get((key, "one pass")):
+            pass  # fn writes buffers in place: chunks would write them once each
         elif one_by_one(per_sample) and not checked:
             return _loop(job), None
         elif one_by_one(per_sample):
-            chunk_size = 1
+            chunk_size, cached = 1, (footprints, key)
         else:
-            chunk_size = cache_chunk_size(per_sample, job.n)
+            chunk_size, cached = cache_chunk_size(per_sample, job.n), (footprints, key)
     state = State(job.st, job.buffers)
     # Random operations under vmap draw from torch's generators: a fallback to the loop
-    # starts from the state the call found, as loop_call does.
-    rng = _rng_state() if opts.randomness in ("different", "same") and opts.fallback else None
+    # (or a pass again, all at once) starts from the state the call found, as loop_call does.
+    again = opts.fallback or cached is not None
+    rng = _rng_state() if opts.randomness in ("different", "same") and again else None
     try:
         if measure is None:
-            return _vectorized(job, chunk_size, state), None
+            try:
+                return _vectorized(job, chunk_size, state), None
+            except _ChunkedWrites:
+                if cached is None or chunk_size is None or chunk_size >= job.n:
+                    raise
+            # Chunks the user did not ask for (the cache's) made fn write a buffer once per
+            # chunk: the buffers as found, then all samples in one pass, as the first call
+            # did; remembered for the module and call.
+            state.restore()
+            if rng is not None:
+                _set_rng_state(rng)
+            cached[0].put((cached[1], "one pass"), 1)
+            state = State(job.st, job.buffers)
+            return _vectorized(job, None, state), None
         with counting_allocations() as counter:
             out = _vectorized(job, None, state)
         measure[0].put(measure[1], max(1, counter.bytes // job.n))
@@ -550,6 +566,10 @@ def _eager(f: Callable[..., Any]) -> Callable[..., Any]:
     return eager
 
 
+class _ChunkedWrites(RuntimeError):
+    r"""`fn` wrote a buffer in place in a pass in chunks: once per chunk."""
+
+
 def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
     st, module, params, n, opts = job.st, job.module, job.params, job.n, job.opts
     updated = [k for k in _torch_layers.updated_buffers(st, module) if k not in job.buffers]
@@ -612,7 +632,7 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
 
     written = [name for name, t, version in watched or () if t._version != version]
     if written:
-        raise RuntimeError(
+        raise _ChunkedWrites(
             f"fn writes the buffers {written} in place, which a pass in chunks of "
             f"{chunk_size} samples would write once per chunk (chunk_size={n} or more runs "
             "all samples in one pass)"

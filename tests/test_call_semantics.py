@@ -1516,17 +1516,59 @@ def test_buffers_written_in_place_by_a_chunked_pass_follow_the_rule(
     if chunking == "auto":
         monkeypatch.setattr(_engine, "auto_chunk_size", lambda *args: 2)
     chunks = _record_chunks(monkeypatch)
-    with pytest.warns(bf.VmapFallbackWarning, match=r"writes the buffers \['mean', 'count'\]"):
-        out = bf.vmap_call(net, params, x, **options)
+    if chunking == "cache":
+        # Chunks the user did not ask for: the writes put back, then one pass (as the
+        # first call ran), remembered. Before, the same call succeeded once, then fell
+        # back to the loop (or raised, with fallback=False) at every later call.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", bf.VmapFallbackWarning)
+            out = bf.vmap_call(net, params, x, fallback=False)
+        assert chunks == [2, None]
+    else:
+        with pytest.warns(bf.VmapFallbackWarning, match=r"writes the buffers \['mean', 'count'\]"):
+            out = bf.vmap_call(net, params, x, **options)
+        assert chunks == [2]
 
-    assert chunks == [2]
     assert torch.allclose(out, expected, atol=1e-12)
     assert not torch.allclose(out[0], out[1])
     assert net.count.item() == 1  # once per call
     assert torch.allclose(net.mean, copies[0].mean, atol=1e-15)
+    if chunking == "cache":
+        chunks.clear()
+        again = bf.vmap_call(net, params, x, fallback=False)  # one pass at once
+        assert chunks == [None] and net.count.item() == 2
+        assert not torch.allclose(again, out)  # it read the mean the first call wrote
+        return
     with pytest.raises(RuntimeError, match=r"chunk_size=4 or more runs all samples"):
         bf.vmap_call(net, params, x, fallback=False, **options)
     assert net.count.item() == 1  # the failed call left it as found
+
+
+def test_a_pass_again_at_once_draws_what_a_pass_at_once_draws(monkeypatch, fresh_caches):
+    # The pass again, after the cache's chunks wrote a buffer once per chunk, starts from
+    # the random state the call found: the draws of a call all at once.
+    from bayesflow import _engine, _memory
+
+    if torch.get_default_device().type != "cpu":
+        pytest.skip("the default chunks by the cache on the CPU only")
+    net = nn.Sequential(_RunningInput(), nn.Dropout(0.5))
+    params = bf.sample(bf.init(net, -2.0), 4, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(5, 3)
+    options = {"randomness": "different", "fallback": False}
+    bf.vmap_call(net, params, x, **options)  # all at once: measures the footprint
+    (measured,) = _engine._FOOTPRINTS.get(net).entries.values()
+    monkeypatch.setattr(_memory, "_CACHE", [2 * measured + 1])
+    state = copy.deepcopy(net.state_dict())
+
+    chunks = _record_chunks(monkeypatch)
+    torch.manual_seed(7)
+    out = bf.vmap_call(net, params, x, **options)
+    assert chunks == [2, None]
+    net.load_state_dict(state)
+    torch.manual_seed(7)
+    at_once = bf.vmap_call(net, params, x, chunk_size=4, **options)
+    assert torch.equal(out, at_once)
+    assert not torch.equal((out[0] == 0), (out[1] == 0))  # the samples' own masks
 
 
 @pytest.mark.parametrize("kind", ["full", "pre", "global"])
