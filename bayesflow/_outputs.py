@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
 from ._errors import OutputError
 
@@ -27,6 +28,12 @@ def map_outputs(where: str, f: Callable[[Tensor], Any], out: Any) -> Any:
         return None
     if isinstance(out, Mapping):
         return {k: map_outputs(where, f, v) for k, v in out.items()}
+    if isinstance(out, PackedSequence):  # (a tuple that cannot be rebuilt from pieces)
+        raise OutputError(
+            f"{where}: expected fn to return tensors (or tuples, lists or dicts of them), got "
+            "a PackedSequence, whose samples cannot be stacked into one; pad it inside fn, "
+            "e.g. fn=lambda rnn, x: pad_packed_sequence(rnn(x)[0], batch_first=True)[0]"
+        )
     if isinstance(out, (tuple, list)):
         return _rebuild(out, [map_outputs(where, f, o) for o in out])
 

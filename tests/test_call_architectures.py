@@ -874,3 +874,38 @@ def test_a_packed_sequence_falls_back_to_the_loop_and_says_why(gen):
     assert torch.allclose(out, torch.stack([fn(m, packed) for m in copies]), atol=1e-12)
     assert not torch.allclose(out[0], out[1])
     assert all(w is p for w, p in zip(lstm._flat_weights, lstm.parameters(), strict=True))
+
+
+def test_a_packed_sequence_output_is_refused_with_the_way_out(gen):
+    # The default fn returns the PackedSequence itself: both calls died in torch's
+    # constructor ("Expected data to be a list or tuple of length 2"), naming nothing.
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, batch_first=True)
+    params = bf.sample(bf.init(lstm, init_logvar=-3.0), 3, generator=gen(1))
+    packed = pack_padded_sequence(torch.randn(2, 5, 3), torch.tensor([5, 3]), batch_first=True)
+    before = [p.detach().clone() for p in lstm.parameters()]
+    for name, call in (("vmap_call", bf.vmap_call), ("loop_call", bf.loop_call)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", bf.VmapFallbackWarning)
+            with pytest.raises(
+                TypeError, match=rf"{name}: expected fn to return tensors .*got a PackedSequence"
+            ):
+                call(lstm, params, packed)
+        assert all(torch.equal(p, b) for p, b in zip(lstm.parameters(), before, strict=True))
+
+    # The way out the message gives: the padded outputs, as each sample's copy gives them.
+    def fn(rnn, x):
+        return pad_packed_sequence(rnn(x)[0], batch_first=True)[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bf.VmapFallbackWarning)
+        out = bf.vmap_call(lstm, params, packed, fn=fn)
+    copies = [copy.deepcopy(lstm) for _ in range(3)]
+    with torch.no_grad():
+        for i, m in enumerate(copies):
+            for k, v in params.items():
+                m.get_parameter(k).copy_(v[i])
+    assert torch.allclose(out, torch.stack([fn(m, packed) for m in copies]), atol=1e-12)
+    assert not torch.allclose(out[0], out[1])
