@@ -171,11 +171,11 @@ def hold(
             i = next(i for i, (p, _) in enumerate(holds) if p is patch)
             del holds[i]
             if i < len(holds):
-                # Left before a hold entered after it (out of order): that one keeps its
-                # sample in place and, on its exit, puts back what this one found.
-                inner_patch, inner_swap = holds[i]
-                patch.hand_over(inner_patch)
-                swap.hand_over(inner_swap)
+                # Left before holds entered after it (out of order): where one of them holds
+                # a place too, it keeps its sample there and, on its exit, puts back what
+                # this one found; the places only this one held are put back now.
+                patch.hand_over([p for p, _ in holds[i:]])
+                swap.hand_over([w for _, w in holds[i:]])
             else:
                 patch.__exit__()
                 swap.__exit__()

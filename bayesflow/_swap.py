@@ -110,25 +110,36 @@ class swapped:
                 kept.append((attr, cached, REMOVE if cached is REMOVE else list(cached)))
             self.flat.append((d, kept))
 
-    def hand_over(self, inner: swapped) -> None:
-        r"""Leaves without restoring: `inner`, entered after this one and still open, puts
-        back on its exit what this one found."""
+    def hand_over(self, inners: list[swapped]) -> None:
+        r"""Leaves before `inners`, entered after this one and still open (in order): a
+        place one of them changed too is put back by the first of those on its exit, to
+        what this one found; the others are put back now."""
 
-        _hand_over(self.done, inner.done, lambda e: (id(e[0]), e[1]))
-        _hand_over(self.flat, inner.flat, lambda e: id(e[0]))
+        _hand_over(self.done, [i.done for i in inners], lambda e: (id(e[0]), e[1]), _put)
+        _hand_over(self.flat, [i.flat for i in inners], lambda e: id(e[0]), _put_flat)
 
     def __exit__(self, *exc: object) -> None:
-        for d, attr, original in reversed(self.done):
-            d[attr] = original
+        for entry in reversed(self.done):
+            _put(entry)
         self.done.clear()
-        for d, kept in self.flat:
-            for attr, cached, items in kept:
-                if cached is REMOVE:
-                    d.pop(attr, None)
-                else:
-                    cached[:] = items  # torch updates the list in place on `m.weight = w`
-                    d[attr] = cached
+        for entry in self.flat:
+            _put_flat(entry)
         self.flat.clear()
+
+
+def _put(entry: tuple[dict, str, Tensor]) -> None:
+    d, attr, original = entry
+    d[attr] = original
+
+
+def _put_flat(entry: tuple[dict, list[tuple[str, Any, list]]]) -> None:
+    d, kept = entry
+    for attr, cached, items in kept:
+        if cached is REMOVE:
+            d.pop(attr, None)
+        else:
+            cached[:] = items  # torch updates the list in place on `m.weight = w`
+            d[attr] = cached
 
 
 #: A value for :class:`patched`: the attribute is removed from the instance `__dict__`
@@ -188,34 +199,49 @@ class patched:
             self.__exit__()
             raise
 
-    def hand_over(self, inner: patched) -> None:
-        r"""Leaves without restoring: `inner`, entered after this one and still open, puts
-        back on its exit what this one found."""
+    def hand_over(self, inners: list[patched]) -> None:
+        r"""Leaves before `inners`, entered after this one and still open (in order): an
+        attribute one of them changed too is put back by the first of those on its exit,
+        to what this one found; the others are put back now."""
 
-        _hand_over(self.done, inner.done, lambda e: (id(e[0]), e[1]))
+        _hand_over(self.done, [i.done for i in inners], lambda e: (id(e[0]), e[1]), _unpatch)
 
     def __exit__(self, *exc: object) -> None:
-        for obj, name, old in reversed(self.done):
-            if old is REMOVE:
-                vars(obj).pop(name, None)
-            else:
-                vars(obj)[name] = old
+        for entry in reversed(self.done):
+            _unpatch(entry)
         self.done.clear()
 
 
-def _hand_over(outer: list, inner: list, place: Callable[[Any], Any]) -> None:
-    r"""Moves the records of what `outer` found into `inner`, a change made after it on
-    the same places: where both changed a place, the inner one's record (the outer one's
-    value) becomes the outer one's; a place only the outer one changed is restored last."""
+def _unpatch(entry: tuple[Any, str, Any]) -> None:
+    obj, name, old = entry
+    if old is REMOVE:
+        vars(obj).pop(name, None)
+    else:
+        vars(obj)[name] = old
 
-    first: dict[Any, int] = {}
-    for i, entry in enumerate(inner):
-        first.setdefault(place(entry), i)
+
+def _hand_over(
+    outer: list, inners: list[list], place: Callable[[Any], Any], put: Callable[[Any], None]
+) -> None:
+    r"""Leaves the changes recorded in `outer` before those of `inners`, made after it and
+    still in place (in order). Where one of them changed a place too, the first such
+    record (what it found: this one's value) becomes this one's, and it puts the place
+    back on its exit; a place none of them changed is put back now (with `put`), as on an
+    exit in order: another change left open keeps none of this one's values in place."""
+
+    firsts = []
+    for records in inners:
+        first: dict[Any, int] = {}
+        for i, entry in enumerate(records):
+            first.setdefault(place(entry), i)
+        firsts.append(first)
     for entry in reversed(outer):
-        i = first.get(place(entry))
-        if i is None:
-            inner.insert(0, entry)
-            first = {k: v + 1 for k, v in first.items()}
+        key = place(entry)
+        for records, first in zip(inners, firsts, strict=True):
+            i = first.get(key)
+            if i is not None:
+                records[i] = entry
+                break
         else:
-            inner[i] = entry
+            put(entry)
     outer.clear()

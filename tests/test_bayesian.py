@@ -468,6 +468,50 @@ def test_reparameterize_blocks_left_out_of_order(local_trick):
     assert [dict(vars(m)) for m in base.modules()] == forwards  # no forward left patched
 
 
+def test_blocks_of_two_wrappers_on_one_base_left_out_of_order():
+    # Two wrappers of one base with disjoint selections (an encoder, a head): leaving the
+    # encoder's block first handed its whole swap to the head's, so the encoder's sample
+    # stayed in the base until the head's block ended, and a loss computed after the
+    # encoder's block sent gradients into its means (zuko puts its weights back).
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    originals = list(base.parameters())
+    before = snapshot(base)
+    enc = bf.BayesianModel(base, init_logvar=-2.0, include_params=["0.*"])
+    head = bf.BayesianModel(base, init_logvar=-2.0, include_params=["2.*"])
+    again = bf.BayesianModel(base, init_logvar=-2.0, include_params=["0.*"])
+
+    a, b = enc.reparameterize(), head.reparameterize()
+    a.__enter__()
+    b.__enter__()
+    sampled_head = base[2].weight
+    assert sampled_head is not originals[2]
+    a.__exit__(None, None, None)
+    assert base[0].weight is originals[0] and base[0].bias is originals[1]
+    assert base[2].weight is sampled_head  # the head's block is still open
+    base(x).square().sum().backward()
+    assert all(m.grad is None for m in enc.posterior.mean.values())
+    assert all(m.grad is not None for m in head.posterior.mean.values())
+    b.__exit__(None, None, None)
+    assert all(p is q for p, q in zip(base.parameters(), originals, strict=True))
+
+    # Three blocks, the first left first: a place a later block holds too keeps that
+    # block's sample, and goes back to the base's own weight when that block ends.
+    a, b, c = enc.reparameterize(), head.reparameterize(), again.reparameterize()
+    a.__enter__()
+    b.__enter__()
+    c.__enter__()
+    held = base[0].weight
+    a.__exit__(None, None, None)
+    assert base[0].weight is held and base[2].weight is not originals[2]
+    c.__exit__(None, None, None)
+    assert base[0].weight is originals[0] and base[2].weight is not originals[2]
+    b.__exit__(None, None, None)
+    assert all(p is q for p, q in zip(base.parameters(), originals, strict=True))
+    assert unchanged(before, base)
+
+
 def _returns_str(m, x):
     m(x)
     return "oops"
