@@ -154,7 +154,11 @@ class BayesianModel(nn.Module):
         self.logvars = nn.ParameterDict()
 
         named = dict(base.named_parameters())
-        plain = isinstance(init_logvar, numbers.Real) and not isinstance(init_logvar, bool)
+        # A 0-dim tensor is read as its number, as zuko's `normal_` reads it (added to the
+        # noise, it would be rounded twice).
+        plain = (isinstance(init_logvar, numbers.Real) and not isinstance(init_logvar, bool)) or (
+            isinstance(init_logvar, Tensor) and init_logvar.dim() == 0
+        )
         for name, mean in q.mean.items():
             key = name.replace(".", "-")
             # zuko's very draw, `empty_like(param).normal_(init_logvar, 1e-3)`, in the same

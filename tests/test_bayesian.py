@@ -70,6 +70,9 @@ LAYOUTS = {
     "bfloat16": (lambda: nn.Linear(5, 8).bfloat16(), 0.1),
     "float32": (lambda: nn.Linear(5, 8).float(), 0.1),
     "numpy-init": (lambda: nn.Linear(5, 8), np.float32(-2.5)),  # zuko takes any real
+    # A 0-dim float64 tensor on float32 parameters: added to the noise, it was rounded twice
+    # (1 ulp off zuko's on tensors under 16 elements, where torch draws one by one).
+    "tensor-init": (lambda: nn.Linear(5, 3).float(), torch.tensor(-4.3, dtype=torch.float64)),
 }
 
 
