@@ -871,3 +871,40 @@ def test_statistical_check_of_the_output_variance(factor, seed):
         assert r["status"] is Status.OK, r
     else:
         assert r["status"] is Status.WRONG and "variances by" in r["detail"], r
+
+
+def test_non_finite_values_of_the_loop_are_compared_too():
+    # A non-finite value in the loop's gradient made the error NaN, which max() passed
+    # over: a method that returned that gradient as zeros was "ok, checked exactly".
+    from bayesflow.bench.checks import _compare
+
+    ref = torch.tensor([1.0, -2.0, math.inf, 0.5])
+    losses = (torch.ones(3), torch.ones(3))
+    cases = {
+        "zeros": (torch.zeros(4), False),
+        "the same inf": (ref.clone(), True),
+        "the same inf, a finite value off": (torch.tensor([1.0, -2.5, math.inf, 0.5]), False),
+        "-inf for inf": (torch.tensor([1.0, -2.0, -math.inf, 0.5]), False),
+    }
+    for name, (got, ok) in cases.items():
+        check = _compare([("loss", *losses, 2e-4), ("gradient", got, ref, 2e-4)])
+        assert check.ok is ok, name
+        if not ok:
+            assert "gradient" in check.detail, name
+    nan = torch.tensor([1.0, math.nan])
+    assert not _compare([("loss", *losses, 2e-4), ("gradient", nan.clone(), nan, 2e-4)]).ok
+    # And the other way round: finite numbers where the loop's are finite pass as before.
+    assert _compare([("gradient", ref[:2] * (1 + 1e-5), ref[:2], 2e-4)]).ok
+
+
+def test_the_markdown_bold_leaves_the_references_aside(records):
+    # The bold of a column went to `deterministic` or `limit` where the text table's
+    # `fastest` line named the fastest method that is not a reference.
+    fast = copy.deepcopy(records)
+    for r in fast:
+        if r["method"] == "bmm" and r["status"] == Status.OK:
+            r["median_ms"] = 1e-6  # a reference faster than everything
+    table = bench.markdown_table(fast)
+    bmm_rows = [line for line in table.splitlines() if line.startswith("| bmm |")]
+    assert bmm_rows and all("**" not in line for line in bmm_rows)
+    assert "**" in table  # each column's fastest method that is not a reference

@@ -231,7 +231,8 @@ def markdown_table(records: list[Record]) -> str:
     r"""Formats records as one markdown table per model, batch size and run: a row per method, a
     column per mode and K, each cell the median ms and, in parentheses, the time relative
     to `deterministic` (`d`) and to `bmm` (`b`) of the same column where those ran; the
-    fastest of each column in bold, a noisy cell (see :data:`NOISY`) marked `~`."""
+    fastest of each column that is not a reference (`deterministic`, `bmm`, `limit`, as in
+    the text table's `fastest` line) in bold, a noisy cell (see :data:`NOISY`) marked `~`."""
 
     out = []
     groups: dict[tuple[str, Any, tuple], list[Record]] = {}
@@ -244,7 +245,11 @@ def markdown_table(records: list[Record]) -> str:
         by = {(r["method"], r["mode"], r["samples"]): r for r in rs}
         best = {}
         for mode, k in cols:
-            ok = [by[m, mode, k] for m in methods if _ok(by.get((m, mode, k)))]
+            ok = [
+                by[m, mode, k]
+                for m in methods
+                if m not in REFERENCES and _ok(by.get((m, mode, k)))
+            ]
             if ok:
                 best[mode, k] = min(r["median_ms"] for r in ok)
         refs = [(n, s) for n, s in (("deterministic", "d"), ("bmm", "b")) if _has(rs, n)]
