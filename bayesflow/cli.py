@@ -358,8 +358,10 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 if every method ran and was checked correct or was reported as
-        unsupported, not applicable or not installed; 1 if a method gave wrong numbers;
-        2 for bad arguments; 130 if interrupted (the cells done so far are reported).
+        unsupported, not applicable or not installed; 1 if a method gave wrong numbers, or
+        one of bayesflow's own methods crashed on a programming error (`error`:
+        AttributeError, KeyError, ...: a bug, not a limitation); 2 for bad arguments; 130 if
+        interrupted (the cells done so far are reported).
     """
 
     parser = _parser()
@@ -438,6 +440,13 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f"bayesflow bench: {r['method']} gave wrong numbers on {r['model']} {r['mode']} "
             f"K={r['samples']}: {r['detail']}\n"
         )
+    crashed = [r for r in records if r["status"] == bench.Status.ERROR]
+    for r in crashed:
+        sys.stderr.write(
+            f"bayesflow bench: {r['method']} crashed on {r['model']} {r['mode']} "
+            f"K={r['samples']}: {r['detail']}\n"
+        )
+    wrong += crashed
 
     if interrupted:
         return 130

@@ -908,3 +908,28 @@ def test_the_markdown_bold_leaves_the_references_aside(records):
     bmm_rows = [line for line in table.splitlines() if line.startswith("| bmm |")]
     assert bmm_rows and all("**" not in line for line in bmm_rows)
     assert "**" in table  # each column's fastest method that is not a reference
+
+
+def test_a_crash_of_an_own_method_is_an_error_not_a_limitation(monkeypatch, tmp_path, capsys):
+    # Any exception read "unsupported" and the run exited 0: a regression that made vmap
+    # crash on a model it ran passed a job that reads the exit status.
+    def crashing(case, K, mode, fn, args, **options):
+        raise AttributeError("'Tensor' object has no attribute 'no_such_attribute'")
+
+    vmap = dataclasses.replace(bench.METHODS["vmap"], build=crashing)
+    monkeypatch.setitem(bench.METHODS, "vmap", vmap)
+    refused = dataclasses.replace(bench.METHODS["loop"], build=_refusing)
+    monkeypatch.setitem(bench.METHODS, "loop", refused)
+    out = tmp_path / "r.json"
+    argv = ["bench", "--models", "mlp", "--samples", "2", "--modes", "forward", "--batch", "4"]
+    argv += ["--methods", "vmap", "loop", "--min-time", "0.001", "--repeats", "1"]
+    assert main([*argv, "--json", str(out), "--no-progress"]) == 1
+    statuses = {r["method"]: r["status"] for r in json.loads(out.read_text())}
+    assert statuses == {"vmap": "error", "loop": "unsupported"}
+    err = capsys.readouterr().err
+    assert "bayesflow bench: vmap crashed on mlp forward K=2: AttributeError" in err
+    assert "loop" not in err  # a limitation the method says it has: no error
+
+
+def _refusing(case, K, mode, fn, args, **options):
+    raise ValueError("loop_call: expected something this model is not")

@@ -20,6 +20,7 @@ __all__ = [
     "LOOPS",
     "METHODS",
     "NUM_DATA",
+    "PEER_METHODS",
     "REFERENCES",
     "VECTORIZED",
     "Method",
@@ -460,6 +461,9 @@ VECTORIZED = ("vmap", "vmap-compiled", "local-trick")
 
 #: The Python loops over samples (`--max-loop-samples` bounds their K).
 LOOPS = ("zuko-loop", "sample-model-loop", "loop")
+
+#: The peer libraries' methods (an error of theirs is a limitation of theirs).
+PEER_METHODS = ("bayesian-torch", "posteriors", "pyro", "pyro-vec")
 
 #: The references the tables divide by, never "fastest": the plain module and the
 #: hand-written batched GEMMs.

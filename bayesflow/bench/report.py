@@ -27,7 +27,7 @@ Record = dict[str, Any]
 
 # Keyed by value: records loaded from JSON hold the plain string, whose hash is not the
 # enum member's.
-_SHORT = {Status.WRONG.value: "WRONG"}
+_SHORT = {Status.WRONG.value: "WRONG", Status.ERROR.value: "ERROR"}
 _ABSENT = (Status.NOT_APPLICABLE, Status.NOT_INSTALLED)
 
 

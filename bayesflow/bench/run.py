@@ -30,8 +30,8 @@ from .checks import (
 )
 from .measure import threads as _threads
 from .measure import time_call
-from .methods import LOOPS, METHODS, Method, Noise
-from .status import NotApplicable, NotInstalled, Status, Unsupported, Wrong
+from .methods import LOOPS, METHODS, PEER_METHODS, Method, Noise
+from .status import BUGS, NotApplicable, NotInstalled, Status, Unsupported, Wrong
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,10 @@ def measure_cell(
             return failed(Status.OOM, f"out of memory at K={K}")
         if isinstance(e, Unsupported):
             return failed(Status.UNSUPPORTED, str(e))
-        return failed(Status.UNSUPPORTED, f"{_error_type(e)}: {_first_line(e)}")
+        status = Status.UNSUPPORTED
+        if isinstance(e, BUGS) and method.name not in PEER_METHODS:
+            status = Status.ERROR  # a crash of bayesflow's own method: not a limitation
+        return failed(status, f"{_error_type(e)}: {_first_line(e)}")
 
     if not check.ok or work is None:
         return {**failed(Status.WRONG, check.detail), "error": check.error}

@@ -2,7 +2,15 @@ r"""What became of a benchmark cell: a status, and the exceptions that lead to e
 
 from __future__ import annotations
 
-__all__ = ["Named", "NotApplicable", "NotInstalled", "Status", "Unsupported", "Wrong"]
+__all__ = [
+    "BUGS",
+    "Named",
+    "NotApplicable",
+    "NotInstalled",
+    "Status",
+    "Unsupported",
+    "Wrong",
+]
 
 from enum import Enum
 
@@ -19,6 +27,9 @@ class Status(Named):
 
     OK = "ok"
     WRONG = "wrong"
+    #: One of bayesflow's own methods raised a programming error (see :data:`BUGS`): a
+    #: bug to fix, not a limitation (the run exits with status 1, as for `wrong`).
+    ERROR = "error"
     UNSUPPORTED = "unsupported"
     NOT_APPLICABLE = "n/a"
     NOT_INSTALLED = "not installed"
@@ -39,3 +50,9 @@ class Unsupported(Exception):
 
 class Wrong(Exception):
     r"""Raised by a method whose check fails before any output is compared."""
+
+
+#: Exceptions that no limitation of a model or a mode raises, only a bug in the code that
+#: runs it: bayesflow refuses what it cannot run with ValueError, TypeError, RuntimeError or
+#: NotImplementedError, each naming the call. A peer library raising one is `unsupported`.
+BUGS = (AttributeError, NameError, AssertionError, KeyError, IndexError, ZeroDivisionError)
