@@ -167,16 +167,15 @@ def _nelbo(
             f"got {estimator!r}"
         )
     opts = call_options(where, fn, chunk_size, True, in_dims, randomness, vectorized, max_memory)
-    # The buffers as found: a call that fails leaves them so.
-    st = structure(module, where)
-    state = State(st) if st.buffers else None
-
-    if estimator == "weights":
-        # The samples must fit the module before the draw: a failed call draws nothing.
-        with lock(module):
-            st = structure(module, where)
+    with lock(module):
+        st = structure(module, where)
+        # The buffers as found: a call that fails leaves them so.
+        state = State(st) if st.buffers else None
+        if estimator == "weights":
+            # The samples must fit the module before the draw: a failed call draws nothing.
             _posterior.check_fits(where, st, module, posterior)
             check_no_parametrization_cache(where, module, st)
+    if estimator == "weights":
         check_in_dims(where, args, in_dims, n)
 
     # A call that fails after the draws (fn's output refused, fn itself, a Monte Carlo
