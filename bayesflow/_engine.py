@@ -298,7 +298,7 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
     checked = opts.randomness == "error"
     if job.n == 1 and not checked:  # a plain call costs less than vmap's fixed overhead
         return _single(job), None
-    hooked = _backward_hooked(job.st, job.module) if torch.is_grad_enabled() else None
+    hooked = _backward_hooked(job.st, job.module) if _records_gradients(job) else None
     if hooked:
         # torch.func's vmap runs no backward hook: the gradients would be those of the
         # module without them. The loop runs them, as a plain call does.
@@ -374,17 +374,30 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
     return _loop(job, state), message
 
 
+def _records_gradients(job: _Job) -> bool:
+    r"""Whether a call may record gradients: grad mode on, and a sample, a per-sample
+    buffer, an argument or a parameter of the module it does not sample requires them."""
+
+    if not torch.is_grad_enabled():
+        return False
+    if any(t.requires_grad for group in (job.params, job.buffers) for t in group.values()):
+        return True
+    if any(p.requires_grad for name, p in job.st.params.items() if name not in job.params):
+        return True
+    return any(isinstance(a, Tensor) and a.requires_grad for a in tree_leaves(job.args))
+
+
 def _backward_hooked(st: Structure, module: nn.Module) -> str | None:
     r"""Says which backward hooks (module hooks and pre-hooks, global ones too) would run
     in a plain call of `module`; :py:`None` if none."""
 
     found = [
-        repr(path)
+        repr(path) if path else "the module itself"
         for path, m in st.find(module, nn.Module)
         if m._backward_hooks or m._backward_pre_hooks
     ]
     if found:
-        return f"backward hooks on the submodules {found}"
+        return f"backward hooks (on {', '.join(found)})"
     glob = torch.nn.modules.module
     if getattr(glob, "_global_backward_hooks", None) or getattr(
         glob, "_global_backward_pre_hooks", None

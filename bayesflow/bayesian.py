@@ -260,10 +260,12 @@ class BayesianModel(nn.Module):
         Within this context the base model holds sampled parameters, differentiable with
         respect to the posterior, and is deterministic: the same inputs give the same
         outputs. The original parameters (the very same objects) are restored on exit,
-        also after an error, and also when nested blocks are left out of order: a block
-        left before blocks entered after it puts back at once what none of them holds (the
-        parameters of another wrapper's selection), and leaves the rest to the first of
-        them that holds it; tied weights are sampled once and held in every place.
+        also after an error, and also when nested blocks on one base module are left out
+        of order: a block left before blocks entered after it puts back at once what none
+        of them holds (the parameters of another wrapper's selection), and leaves the rest
+        to the first of them that holds it. (Blocks of a wrapper of a submodule of the base
+        are not seen from the base's: leave those in order.) Tied weights are sampled once
+        and held in every place.
 
         Calls of bayesflow on the base model inside the block (:func:`bayesflow.vmap_call`,
         :meth:`forward`, ...) use their own samples, with the layers' own forwards; the

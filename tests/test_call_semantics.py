@@ -1625,10 +1625,22 @@ def test_backward_hooks_are_run_as_a_plain_call_runs_them(kind, gen):
         with pytest.raises(RuntimeError, match=r"vmap_call: vmap runs no backward hook"):
             bf.vmap_call(net, samples, x, fallback=False)
         assert unchanged(before, net)
-        with torch.no_grad():  # no backward: vectorized, no warning
+        if kind != "global":
+            where = "on '2'"
+            with pytest.raises(RuntimeError, match=rf"has backward hooks \({where}\)"):
+                bf.vmap_call(net, samples, x, fallback=False)
+        # Nothing that records gradients: vectorized, no warning (under no_grad, and with
+        # samples, input and the module's other parameters that require none).
+        frozen = copy.deepcopy(net)
+        frozen.requires_grad_(False)
+        for module, args in ((net, (x,)), (frozen, (x.detach(),))):
             with warnings.catch_warnings():
                 warnings.simplefilter("error", bf.VmapFallbackWarning)
-                out = bf.vmap_call(net, samples, x, fallback=False)
-        assert out.shape == (k, 6, 2)
+                with torch.no_grad():
+                    out = bf.vmap_call(module, samples, *args, fallback=False)
+                calls.clear()
+                again = bf.vmap_call(frozen, samples, x.detach(), fallback=False)
+            assert torch.equal(out, again) and out.shape == (k, 6, 2) and not calls
+            assert not again.requires_grad
     finally:
         handle.remove()

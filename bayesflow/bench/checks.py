@@ -150,9 +150,10 @@ def _loop(case: Case, K: int, mode: str, noise: Noise, seed: int, kl: bool) -> A
 def tolerance(dtype: torch.dtype) -> float:
     r"""Returns the relative error allowed between a method and the loop."""
 
-    # Half precision: a few units of its rounding (2**-8 in bfloat16) relative to a
-    # tensor's largest value, as two orders of the same sums give them.
-    return {torch.float64: 1e-8, torch.float32: 2e-4, torch.bfloat16: 5e-2}.get(dtype, 2e-2)
+    # Half precision: a few units of its rounding relative to a tensor's largest value, as
+    # two orders of the same sums give them (zuko's own loop was 3.7e-2 off the reference
+    # on an LSTM step in float16, 2.1e-2 on an NSF step in bfloat16).
+    return {torch.float64: 1e-8, torch.float32: 2e-4}.get(dtype, 5e-2)
 
 
 def _close(a: Tensor, b: Tensor, tol: float) -> tuple[bool, float, str]:

@@ -20,8 +20,8 @@ __all__ = [
     "LOOPS",
     "METHODS",
     "NUM_DATA",
-    "PEER_METHODS",
     "REFERENCES",
+    "THEIRS",
     "VECTORIZED",
     "Method",
     "Noise",
@@ -462,8 +462,9 @@ VECTORIZED = ("vmap", "vmap-compiled", "local-trick")
 #: The Python loops over samples (`--max-loop-samples` bounds their K).
 LOOPS = ("zuko-loop", "sample-model-loop", "loop")
 
-#: The peer libraries' methods (an error of theirs is a limitation of theirs).
-PEER_METHODS = ("bayesian-torch", "posteriors", "pyro", "pyro-vec")
+#: The methods that run another library's code (zuko's loop, torch's ensembling recipe,
+#: the peers): an error of theirs is a limitation of theirs, not a crash of bayesflow's.
+THEIRS = ("zuko-loop", "torch-func", "bayesian-torch", "posteriors", "pyro", "pyro-vec")
 
 #: The references the tables divide by, never "fastest": the plain module and the
 #: hand-written batched GEMMs.

@@ -30,7 +30,7 @@ from .checks import (
 )
 from .measure import threads as _threads
 from .measure import time_call
-from .methods import LOOPS, METHODS, PEER_METHODS, Method, Noise
+from .methods import LOOPS, METHODS, THEIRS, Method, Noise
 from .status import BUGS, NotApplicable, NotInstalled, Status, Unsupported, Wrong
 
 
@@ -179,7 +179,7 @@ def measure_cell(
         if isinstance(e, Unsupported):
             return failed(Status.UNSUPPORTED, str(e))
         status = Status.UNSUPPORTED
-        if isinstance(e, BUGS) and method.name not in PEER_METHODS:
+        if isinstance(e, BUGS) and method.name not in THEIRS:
             status = Status.ERROR  # a crash of bayesflow's own method: not a limitation
         return failed(status, f"{_error_type(e)}: {_first_line(e)}")
 
