@@ -298,8 +298,8 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
     checked = opts.randomness == "error"
     if job.n == 1 and not checked:  # a plain call costs less than vmap's fixed overhead
         return _single(job), None
-    hooked = _backward_hooked(job.st, job.module) if _records_gradients(job) else None
-    if hooked:
+    hooked = _backward_hooked(job.st, job.module) if torch.is_grad_enabled() else None
+    if hooked and _records_gradients(job):
         # torch.func's vmap runs no backward hook: the gradients would be those of the
         # module without them. The loop runs them, as a plain call does.
         message = (
@@ -375,11 +375,9 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
 
 
 def _records_gradients(job: _Job) -> bool:
-    r"""Whether a call may record gradients: grad mode on, and a sample, a per-sample
-    buffer, an argument or a parameter of the module it does not sample requires them."""
+    r"""Whether a call (in grad mode) may record gradients: a sample, a per-sample buffer,
+    an argument or a parameter of the module it does not sample requires them."""
 
-    if not torch.is_grad_enabled():
-        return False
     if any(t.requires_grad for group in (job.params, job.buffers) for t in group.values()):
         return True
     if any(p.requires_grad for name, p in job.st.params.items() if name not in job.params):

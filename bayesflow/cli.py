@@ -198,6 +198,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a tiny run, for a smoke test")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    # The errors found after parsing (a sweep merged with the options) are the bench's:
+    # its usage line, not the top-level one.
+    bench.set_defaults(command_parser=bench)
     return parser
 
 
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "bench":
-        return _bench(parser, args)
+        return _bench(args.command_parser, args)
 
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2  # pragma: no cover

@@ -168,6 +168,9 @@ def test_bad_input(argv, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "expected" in err or "invalid choice" in err
+    # The bench's usage, wherever the error was found (after a sweep was merged too: the
+    # top-level usage line said nothing of the bench's options).
+    assert "usage: bayesflow bench" in err and "bayesflow bench: error:" in err
 
 
 def test_no_command(capsys):
