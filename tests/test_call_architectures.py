@@ -45,14 +45,22 @@ def oracle(arch, module, params, args):
     r"""Sample k copied into a deep copy of the module (each from the same initial state)."""
 
     outs, states = [], []
-    for k in range(N):
-        m = copy.deepcopy(module)
+    for m in sample_copies(module, params):
         with torch.no_grad():
-            for name, v in params.items():
-                m.get_parameter(name).copy_(v[k])
             outs.append(leaves(call(arch, m, *args)))
         states.append({name: b.clone() for name, b in m.named_buffers()})
     return [torch.stack(ts) for ts in zip(*outs, strict=True)], states
+
+
+def sample_copies(module, params):
+    r"""Deep copies of `module`, copy k holding sample k of `params` (the oracle's copies)."""
+
+    copies = [copy.deepcopy(module) for _ in range(next(iter(params.values())).shape[0])]
+    with torch.no_grad():
+        for i, m in enumerate(copies):
+            for name, v in params.items():
+                m.get_parameter(name).copy_(v[i])
+    return copies
 
 
 def expected_buffers(states):
@@ -813,11 +821,7 @@ def test_an_encoder_layer_of_its_own_keeps_its_eval_mode(gen):
     params = bf.sample(q, 3, generator=gen(1))
     with torch.no_grad():
         out = bf.vmap_call(layer, params, x)
-        copies = [copy.deepcopy(layer) for _ in range(3)]
-        for i, m in enumerate(copies):
-            for k, v in params.items():
-                m.get_parameter(k).copy_(v[i])
-        expected = torch.stack([m(x) for m in copies])
+        expected = torch.stack([m(x) for m in sample_copies(layer, params)])
     assert not layer.training
     assert torch.allclose(out, expected, atol=1e-10)
     assert not torch.allclose(out[0], out[1])
@@ -866,11 +870,7 @@ def test_a_packed_sequence_falls_back_to_the_loop_and_says_why(gen):
 
     with pytest.warns(bf.VmapFallbackWarning, match="a PackedSequence is not vectorized"):
         out = bf.vmap_call(lstm, params, packed, fn=fn)
-    copies = [copy.deepcopy(lstm) for _ in range(3)]
-    with torch.no_grad():
-        for i, m in enumerate(copies):
-            for k, v in params.items():
-                m.get_parameter(k).copy_(v[i])
+    copies = sample_copies(lstm, params)
     assert torch.allclose(out, torch.stack([fn(m, packed) for m in copies]), atol=1e-12)
     assert not torch.allclose(out[0], out[1])
     assert all(w is p for w, p in zip(lstm._flat_weights, lstm.parameters(), strict=True))
@@ -902,10 +902,6 @@ def test_a_packed_sequence_output_is_refused_with_the_way_out(gen):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", bf.VmapFallbackWarning)
         out = bf.vmap_call(lstm, params, packed, fn=fn)
-    copies = [copy.deepcopy(lstm) for _ in range(3)]
-    with torch.no_grad():
-        for i, m in enumerate(copies):
-            for k, v in params.items():
-                m.get_parameter(k).copy_(v[i])
+    copies = sample_copies(lstm, params)
     assert torch.allclose(out, torch.stack([fn(m, packed) for m in copies]), atol=1e-12)
     assert not torch.allclose(out[0], out[1])
