@@ -75,19 +75,13 @@ def test_committed_notebook(path):
         assert not re.search(r"bayesflow\._[a-z]|bf\._[a-z]|from \.", cell.source)
 
 
-@pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
-def test_notebook_runs(path, tmp_path, monkeypatch):
-    # A temporary copy: executing never rewrites the committed notebook.
-    copy = tmp_path / path.name
-    shutil.copy(path, copy)
-    before = path.read_bytes()
+def execute(nb, tmp_path, monkeypatch):
+    r"""Executes `nb` at reduced size in a fresh kernel, in `tmp_path`."""
 
     monkeypatch.setenv("BAYESFLOW_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
-
-    nb = read(copy)
     client = nbclient.NotebookClient(
         nb,
         timeout=120,
@@ -96,7 +90,40 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     )
     client.execute()  # raises CellExecutionError on any error
 
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
+def test_notebook_runs(path, tmp_path, monkeypatch):
+    # A temporary copy: executing never rewrites the committed notebook.
+    copy = tmp_path / path.name
+    shutil.copy(path, copy)
+    before = path.read_bytes()
+
+    nb = read(copy)
+    execute(nb, tmp_path, monkeypatch)
+
     outputs = [o for c in code_cells(nb) for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert path.read_bytes() == before
+
+
+# The notebooks that split a fixed data set (the digits) into training and test images.
+# (02 draws a new data set in the cell that splits it: run again, both parts are new.)
+FIXED_SPLITS = ["05_digits_uncertainty", "07_posteriors_compared"]
+
+
+@pytest.mark.parametrize("name", FIXED_SPLITS)
+def test_split_is_the_same_when_run_again(name, tmp_path, monkeypatch):
+    # A split drawn from the global generator changes when its cell runs again, after
+    # anything else has drawn: its test set then holds images the models were trained on.
+    cells = code_cells(read(NOTEBOOKS / f"{name}.ipynb"))
+    k = next(i for i, c in enumerate(cells) if re.search(r"^x_test\b.*=", c.source, re.M))
+    again = (
+        "first = x_train.clone(), x_test.clone()\n"
+        "torch.rand(3)  # anything that draws from the global generator\n"
+        f"{cells[k].source}\n"
+        "assert torch.equal(first[0], x_train) and torch.equal(first[1], x_test)\n"
+    )
+    new = nbformat.v4.new_code_cell
+    nb = nbformat.v4.new_notebook(cells=[new(c.source) for c in cells[: k + 1]] + [new(again)])
+    execute(nb, tmp_path, monkeypatch)
