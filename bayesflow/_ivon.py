@@ -241,6 +241,28 @@ def fold(s: Flat) -> None:
             s.draws.append(draw._replace(leaves=leaves))
 
 
+def finite(tensors: list[Tensor]) -> bool:
+    r"""Whether every value of `tensors` is finite. Their L2 norms first, in one fast pass
+    (a NaN or an infinity makes a norm NaN or infinite); where one is not finite, a large
+    finite value may have overflowed its square: then the exact test, on their least and
+    largest values."""
+
+    tensors = [t for t in tensors if t.numel() > 0]
+    if not tensors:
+        return True
+    if math.isfinite(torch.stack(torch._foreach_norm(tensors, 2)).sum().item()):
+        return True
+    return all(math.isfinite(v) for t in tensors for v in torch.stack(t.aminmax()).tolist())
+
+
+def finite_gradients(s: Flat) -> bool:
+    r"""Whether the gradients of the draws since the last step, and the sums of those
+    taken already, are finite."""
+
+    tensors = [g for draw in s.draws for g in gradients(draw) if g is not None]
+    return finite(tensors + ([s.sums] if s.count > 0 else []))
+
+
 def forget(s: Flat) -> None:
     r"""Forgets every draw since the last step, and their statistics."""
 

@@ -72,6 +72,13 @@ def _patterns(where: str, what: str, globs: object) -> tuple[tuple[str, ...], li
     return globs, [_compile(where, g) for g in globs]
 
 
+def globs(where: str, what: str, patterns: object) -> tuple[str, ...]:
+    r"""Returns `patterns` (one string, or any iterable of them) as a tuple, checked: what
+    a message shows of them, and what can be read twice (a generator cannot)."""
+
+    return _patterns(where, what, patterns)[0]
+
+
 def _picks(inc: list[re.Pattern], exc: list[re.Pattern], name: str) -> bool:
     return any(p.fullmatch(name) for p in inc) and not any(p.fullmatch(name) for p in exc)
 

@@ -333,7 +333,8 @@ class BayesianModel(nn.Module):
         with ExitStack() as stack:
             saved = draw_state(generator)
             try:
-                params = self.sample_params(generator=generator)
+                params = _posterior.sample(where, posterior, 1, generator)
+                params = {k: v[0] for k, v in params.items()}
                 changes = []
                 if local_trick:
                     plan = LocalPlan(base, posterior, lazy=True)

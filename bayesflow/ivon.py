@@ -30,6 +30,8 @@ from ._ivon import (
     Hyper,
     averages,
     changed_since_taken,
+    finite,
+    finite_gradients,
     fold,
     forget,
     gradients,
@@ -37,10 +39,14 @@ from ._ivon import (
     update,
     update_one,
 )
-from ._posterior import check_data
+from ._posterior import check_data, globs
 from ._structure import lock
 from ._types import Posterior
 from .posterior import select
+
+# What to do where a step is refused because a loss diverged (a NaN or infinite loss, an
+# exploding gradient): its update would write NaN into the means, the module's own weights.
+_DIVERGED = "lower the learning rate or clip the gradients"
 
 
 def _check_hyper(where: str, values: Mapping[str, Any]) -> Hyper:
@@ -228,6 +234,8 @@ class IVON(torch.optim.Optimizer):
                     "process_group, got none initialized"
                 )
 
+        include = globs(where, "include", include)
+        exclude = globs(where, "exclude", exclude)
         try:
             names = select(module, include, exclude)
         except (TypeError, ValueError) as err:
@@ -239,7 +247,7 @@ class IVON(torch.optim.Optimizer):
         if not names:
             but = f" but frozen ones (requires_grad=False): {frozen}" if frozen else ""
             raise ValueError(
-                f"{where}: expected include={tuple(include)!r} and exclude={tuple(exclude)!r} "
+                f"{where}: expected include={include!r} and exclude={exclude!r} "
                 f"to pick at least one trainable parameter of {type(module).__name__}, got "
                 f"none{but}"
             )
@@ -450,6 +458,10 @@ class IVON(torch.optim.Optimizer):
             RuntimeError: If no gradient reached a sample of :meth:`sample` since the last
                 step, or a gradient reached the module's own picked parameters (a loss term
                 computed with the module itself), which the step would ignore.
+            ValueError: If a gradient is NaN or infinite (a loss that diverged): nothing is
+                updated. In data-parallel training, where the averages over the processes
+                are checked, every process raises, and the draws since the last step are
+                dropped.
         """
 
         where = "IVON.step"
@@ -487,6 +499,14 @@ class IVON(torch.optim.Optimizer):
                 f"{where}: expected gradients of the samples drawn by IVON.sample since the "
                 "last step, got none: draw with sample(), backpropagate the loss, then step()"
             )
+        # In data-parallel training every process checks the averages instead, after the
+        # same all-reduce: one that raised before it would leave the others waiting.
+        if group is None and not finite_gradients(s):
+            raise ValueError(
+                f"{where}: expected finite gradients of the samples, got NaN or infinite ones "
+                f"(a loss that diverged): nothing was updated, zero_grad() drops the draws; "
+                f"{_DIVERGED}"
+            )
         self._refresh(
             where, h.ess, h.weight_decay
         )  # after the checks: a failed step changes nothing
@@ -505,6 +525,13 @@ class IVON(torch.optim.Optimizer):
             update_one(s, one, grads, h)
         else:
             g, nx = averages(s, group)
+            if group is not None and not finite([g, nx]):
+                raise ValueError(
+                    f"{where}: expected finite gradients averaged over the processes, got NaN "
+                    "or infinite ones (a loss that diverged in at least one process): the "
+                    f"posterior was not updated, the draws since the last step are dropped; "
+                    f"{_DIVERGED}"
+                )
             update(s, g, nx, h)
         return loss
 

@@ -157,6 +157,8 @@ class SWAG:
         check_not_bridge(where, module)
         # The posterior's own selection and its checks (nothing picked, tied names, lazy or
         # integer parameters).
+        include = _posterior.globs(where, "include", include)
+        exclude = _posterior.globs(where, "exclude", exclude)
         mean = _posterior.init(where, module, 0.0, include, exclude).mean
         # Frozen parameters are not trained, so their iterates have no spread to read: they
         # are left out, as IVON and Laplace leave them.
@@ -166,7 +168,7 @@ class SWAG:
         mean = {k: m for k, m in mean.items() if named[k].requires_grad}
         if not mean:
             raise ValueError(
-                f"{where}: expected include={tuple(include)!r} and exclude={tuple(exclude)!r} "
+                f"{where}: expected include={include!r} and exclude={exclude!r} "
                 f"to pick at least one trainable parameter of {type(module).__name__}, got "
                 f"none but frozen ones (requires_grad=False): {frozen}"
             )

@@ -430,6 +430,25 @@ def test_failed_calls_draw_nothing_and_name_the_method():
         bnet.sample_model(generator=1)
 
 
+@pytest.mark.parametrize("method", ["forward", "sample_model", "reparameterize"])
+def test_a_non_finite_posterior_is_refused_by_the_method_called(method):
+    bnet = bf.BayesianModel(nn.Linear(3, 2), init_logvar=-3.0)
+    with torch.no_grad():
+        bnet.logvars["weight"][0, 0] = math.nan
+    before, x = snapshot(bnet), torch.randn(4, 3)
+    calls = {
+        "forward": lambda: bnet(x),
+        "sample_model": bnet.sample_model,
+        "reparameterize": lambda: bnet.reparameterize().__enter__(),
+    }
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match=rf"^BayesianModel\.{method}: expected finite values"):
+        calls[method]()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for a, b in zip(before, snapshot(bnet), strict=True):  # (the NaN too)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 def test_local_trick_leaves_tied_layers_with_the_held_sample():
     net = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
     net[2].weight = net[0].weight

@@ -558,14 +558,17 @@ def _ivon_worker(rank, rendezvous, path):
     os._exit(0)
 
 
-def test_data_parallel_equals_one_process_with_two_samples(tmp_path, monkeypatch):
+def _run_workers(worker, tmp_path):
+    r"""Runs `worker(rank, rendezvous, path)` in :data:`WORLD` processes; returns what each
+    saved at `path.rank`."""
+
     import time
 
     import torch.multiprocessing as mp
 
     path = str(tmp_path / "rank")
     context = mp.start_processes(
-        _ivon_worker,
+        worker,
         args=(str(tmp_path / "rendezvous"), path),
         nprocs=WORLD,
         join=False,
@@ -579,7 +582,11 @@ def test_data_parallel_equals_one_process_with_two_samples(tmp_path, monkeypatch
         for p in context.processes:
             if p.is_alive():
                 p.terminate()
-    ranks = [torch.load(f"{path}.{r}") for r in range(WORLD)]
+    return [torch.load(f"{path}.{r}") for r in range(WORLD)]
+
+
+def test_data_parallel_equals_one_process_with_two_samples(tmp_path, monkeypatch):
+    ranks = _run_workers(_ivon_worker, tmp_path)
 
     # one process, the same two samples, as two draws on the two shards, then one step
     (x, y), looped = data(), make_net()
@@ -613,6 +620,49 @@ def test_data_parallel_equals_one_process_with_two_samples(tmp_path, monkeypatch
             for k in ("mean", "hess", "momentum", "logvar"):
                 assert close(rank[k], state[k]), (name, k)
     assert not close(ranks[0]["mean"], flat(make_net().parameters()), 1e-3)
+
+
+def _diverged_worker(rank, rendezvous, path):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        torch.set_default_dtype(torch.float64)
+        torch.set_num_threads(1)
+        net, (x, y) = make_net(), data()
+        opt = bf.IVON(net, **HYPERS["decay-clip"])
+        before = flat(net.parameters())
+        params = opt.sample(1, generator=torch.Generator().manual_seed(rank))
+        loss = (bf.vmap_call(net, params, x) - y).square().mean()
+        (loss * (math.nan if rank == 1 else 1.0)).backward()  # diverged in process 1 only
+        try:
+            opt.step()
+            error = None
+        except ValueError as e:
+            error = str(e)
+        state = {"error": error, "updated": not torch.equal(flat(net.parameters()), before)}
+        state["finite"] = bool(torch.isfinite(flat(net.parameters())).all())
+        torch.save(state, f"{path}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_data_parallel_a_loss_diverged_in_one_process_is_refused_in_every_one(tmp_path):
+    for rank in _run_workers(_diverged_worker, tmp_path):
+        assert rank["error"] is not None
+        assert rank["error"].startswith("IVON.step: expected finite gradients averaged over")
+        assert not rank["updated"] and rank["finite"]
 
 
 def test_from_scratch_page_runs():
@@ -807,6 +857,24 @@ def test_frozen_parameters_are_left_out(gen):
     net[2].requires_grad_(False)
     with pytest.raises(ValueError, match=r"IVON: expected .* trainable parameter .* frozen ones"):
         bf.IVON(net, lr=0.1, ess=20.0)
+
+
+@pytest.mark.parametrize("kind", ["string", "iterator"])
+def test_patterns_are_shown_as_given(kind):
+    # One string is one pattern (not its characters), an iterator is read once: the
+    # message shows the patterns that picked nothing trainable, for IVON and SWAG alike.
+    net = make_net()
+    net[0].requires_grad_(False)
+
+    def include():
+        return "0." if kind == "string" else iter(["0."])  # (0. is 0)
+
+    for make in (
+        lambda: bf.IVON(net, lr=0.1, ess=20.0, include=include()),
+        lambda: bf.SWAG(net, include=include()),
+    ):
+        with pytest.raises(ValueError, match=r"expected include=\('0\.',\) and exclude=\(\) "):
+            make()
 
 
 @needs_ivon
@@ -1100,3 +1168,43 @@ def test_copying_or_pickling_the_optimizer_is_refused_with_a_message():
     for copy_it in (copy.deepcopy, copy.copy, lambda o: torch.save(o, io.BytesIO()), pickle.dumps):
         with pytest.raises(TypeError, match=r"IVON: expected to be saved with state_dict\(\)"):
             copy_it(opt)
+
+
+def _diverged_draws(opt, net, x, y, draws, bad, g):
+    r"""Draws `draws` (each a number of samples) and backpropagates each draw's loss, the
+    last sample's output times `bad` (NaN or an infinity) in the last draw."""
+
+    for i, n in enumerate(draws):
+        out = bf.vmap_call(net, opt.sample(n, generator=g), x)
+        if i == len(draws) - 1:
+            out = torch.cat((out[:-1], out[-1:] * bad))
+        (out - y).square().mean().backward()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("draws", [(1,), (2,), (1, 1)], ids=["one", "two-samples", "two-draws"])
+def test_a_diverged_loss_is_refused_and_changes_nothing(draws, bad, gen):
+    r"""A NaN or infinite gradient (in the one sample's, the vectorized draw's, or the
+    draw already taken by the next draw) is refused before anything is updated: the
+    means, which are the module's weights, stay finite, and after zero_grad() the next
+    step is the step of an optimizer that never saw the diverged draw."""
+
+    net, (x, y) = make_net(), data()
+    twin = copy.deepcopy(net)
+    opt, twin_opt = bf.IVON(net, **HYPERS["decay-clip"]), bf.IVON(twin, **HYPERS["decay-clip"])
+    vectorized_step(opt, net, x, y, 2, gen(1))
+    vectorized_step(twin_opt, twin, x, y, 2, gen(1))
+    before, start = snapshot(net, opt.posterior, opt.hess, opt.momentum), flat(net.parameters())
+
+    _diverged_draws(opt, net, x, y, draws, bad, gen(2))
+    with pytest.raises(ValueError, match=r"IVON\.step: expected finite gradients of the samples"):
+        opt.step()
+    assert unchanged(before, net, opt.posterior, opt.hess, opt.momentum)
+
+    opt.zero_grad()
+    vectorized_step(opt, net, x, y, 2, gen(3))
+    vectorized_step(twin_opt, twin, x, y, 2, gen(3))
+    assert torch.equal(flat(net.parameters()), flat(twin.parameters()))
+    assert torch.equal(flat(opt.hess.values()), flat(twin_opt.hess.values()))
+    assert torch.equal(flat(opt.momentum.values()), flat(twin_opt.momentum.values()))
+    assert not torch.equal(flat(net.parameters()), start)  # the step did update
