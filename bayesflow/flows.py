@@ -24,7 +24,7 @@ from ._buffers import State
 from ._caches import PerObject
 from ._checks import check_generator, check_module, describe
 from ._compat import is_compiling
-from ._engine import _rng_state, _set_rng_state, count, run
+from ._engine import _rng_state, _set_rng_state, count, draw_state, restore_draw_state, run
 from ._options import call_options
 from ._structure import Structure, lock, structure
 
@@ -229,7 +229,9 @@ def flow_sample(
             A context the flow cannot be evaluated on raises a :class:`ValueError`
             before any draw, which names the flow's dtype and device where `c`'s differ.
         shape: The sample shape per parameter set, as in `rsample(shape)`.
-        generator: The source of the noise; the global generator if :py:`None`.
+        generator: The source of the noise; the global generator if :py:`None`. A call
+            that fails after the draw (the flow itself, or vmap with `fallback=False`)
+            leaves a given generator as found.
         chunk_size, max_memory: As in :func:`bayesflow.vmap_call`.
         fallback: As in :func:`bayesflow.vmap_call`.
         vectorized: Whether to use :func:`bayesflow.vmap_call` or, the oracle,
@@ -296,6 +298,9 @@ def flow_sample(
             f"got {type(d).__name__}"
         )
 
+    # A run that fails after the draw (the flow itself, vmap without a fallback) leaves
+    # the generator as found.
+    saved = draw_state(generator)
     noise = []
     for kind, size in zip(kinds, sizes, strict=True):
         z = torch.empty(size, dtype=loc.dtype, device=loc.device)
@@ -306,4 +311,8 @@ def flow_sample(
         )
 
     in_dims = (None, *(0 for _ in noise))
-    return run(flow, params, (c, *noise), opts._replace(fn=fn, in_dims=in_dims))
+    try:
+        return run(flow, params, (c, *noise), opts._replace(fn=fn, in_dims=in_dims))
+    except BaseException:
+        restore_draw_state(saved)
+        raise

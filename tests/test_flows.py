@@ -711,6 +711,38 @@ def test_flow_sample_draws_from_the_global_generator_as_one_pass(gen):
         assert torch.equal(after, torch.random.get_rng_state())
 
 
+@pytest.mark.parametrize("how", ["vectorized", "loop", "no-fallback"])
+def test_a_failed_flow_sample_leaves_the_generator_as_found(how, gen):
+    # The noise is drawn before the run: a run that fails (the flow's own forward, or vmap
+    # that cannot run it without the loop to fall back on) puts the generator back.
+    flow = FLOWS["MAF"]()
+    params = draw(bf.init(flow, init_logvar=-6.0), 2)
+    c = torch.randn(C)
+    g = gen(1)
+    state = g.get_state()
+
+    def fails_in_the_run(module, inputs, output):
+        if torch.equal(g.get_state(), state):  # the shape pass, before the draw
+            return None
+        if how == "no-fallback":
+            output.abs().max().item()  # a value read, which vmap cannot batch
+            return None
+        raise KeyError("the hyper-network failed")
+
+    first = flow.transform.transforms[0].hyper
+    handle = first.register_forward_hook(fails_in_the_run)
+    options = dict(vectorized=how != "loop", fallback=how != "no-fallback")
+    try:
+        with pytest.raises((KeyError, RuntimeError)):
+            flow_sample(flow, params, c, (4,), generator=g, **options)
+    finally:
+        handle.remove()
+    assert torch.equal(g.get_state(), state)
+    a = flow_sample(flow, params, c, (4,), generator=g)  # as if the failed call never was
+    b = flow_sample(flow, params, c, (4,), generator=gen(1))
+    assert torch.equal(a, b) and not torch.allclose(a[0], a[1])
+
+
 def test_flow_sample_names_a_context_of_the_wrong_dtype_or_device(gen):
     # A context of the right shape but another dtype was said to have the wrong last dim.
     # (A float32 context of a float64 flow runs, as in zuko: the context is promoted.)
