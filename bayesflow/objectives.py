@@ -31,7 +31,7 @@ from ._options import CallOptions, call_options
 from ._structure import lock, structure
 from ._types import Posterior
 from .local import local_with_options
-from .priors import Prior, check_prior, prior_kl, sample_and_kl
+from .priors import Prior, check_prior, checked_kl, prior_kl, sample_and_kl
 
 Fn = Callable[..., Tensor]
 
@@ -199,7 +199,11 @@ def _nelbo(
 
         if kl is None:  # priors with no Gaussian closed form: after the draws of the samples
             closed = prior is None or not isinstance(prior, Prior) or prior.closed_form
-            kl = prior_kl(posterior, prior, generator=generator, n=None if closed else n)
+            m = None if closed else n
+            if isinstance(prior, Prior):  # its own kl, perhaps: what it returns is checked
+                kl = checked_kl(where, prior, prior.kl(posterior, generator=generator, n=m))
+            else:
+                kl = prior_kl(posterior, prior, generator=generator, n=m)
     except BaseException:
         if state is not None:
             state.restore()

@@ -228,7 +228,15 @@ class Prior:
         saved = draw_state(generator)
         try:
             params = _posterior.sample(where, posterior, n, generator)
-            return -_entropy(posterior) - self.log_prob(params).mean()
+            log_prob = self.log_prob(params)
+            if not isinstance(log_prob, Tensor) or log_prob.shape != (n,):
+                got = tuple(log_prob.shape) if isinstance(log_prob, Tensor) else type(log_prob)
+                raise ValueError(
+                    f"{where}: expected {type(self).__name__}.log_prob to return one "
+                    f"log-density per parameter set, of shape ({n},), got "
+                    f"{got if isinstance(got, tuple) else got.__name__}"
+                )
+            return -_entropy(posterior) - log_prob.mean()
         except BaseException:
             restore_draw_state(saved)
             raise
@@ -603,4 +611,22 @@ def prior_kl(
             f"{where}: expected prior to be a bayesflow.priors.Prior, a float variance or "
             f"None, got {type(prior).__name__}"
         )
-    return prior.kl(posterior, generator=generator, n=n)  # its errors name its kl
+    return checked_kl(where, prior, prior.kl(posterior, generator=generator, n=n))
+
+
+def checked_kl(where: str, prior: Prior, kl: object) -> Tensor:
+    r"""Returns what `prior.kl` returned, a KL, as a scalar, or raises if it is not one (a
+    `kl` of one's own that forgot its `return`, or returns a KL per tensor)."""
+
+    what = f"{type(prior).__name__}.kl"
+    if not isinstance(kl, Tensor) or not kl.is_floating_point():
+        got = f"a {kl.dtype} tensor" if isinstance(kl, Tensor) else type(kl).__name__
+        raise TypeError(
+            f"{where}: expected {what} to return a real floating-point tensor, got {got}"
+        )
+    if kl.numel() != 1:
+        raise ValueError(
+            f"{where}: expected {what} to return one KL, a scalar tensor, got shape "
+            f"{tuple(kl.shape)}"
+        )
+    return kl.reshape(())

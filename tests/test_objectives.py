@@ -12,7 +12,7 @@ import bayesflow as bf
 from bayesflow.priors import GaussianPrior, Prior, ScaleMixturePrior
 
 from .pages import run_page
-from .registry import TRAINING, mse
+from .registry import TRAINING, mse, snapshot, unchanged
 
 
 @pytest.fixture(autouse=True)
@@ -429,3 +429,85 @@ def test_a_gaussian_prior_subclass_with_a_kl_of_its_own(estimator, gen):
 
     doubled = bf.nelbo(net, q, x, n=2, prior=_DoubledKL(var=0.5), generator=gen(2), **kw)
     assert torch.allclose(doubled, 2 * closed, rtol=1e-12)
+
+
+class _OwnKL(Prior):
+    r"""A prior whose `kl` is its own and returns `value(posterior)`."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def kl(self, posterior, generator=None, n=None):
+        return self.value(posterior)
+
+
+def _summed(q):
+    return sum(m.square().sum() for m in q.mean.values())
+
+
+BAD_KLS = {
+    "no return": (lambda q: None, TypeError, r"a real floating-point tensor, got NoneType"),
+    "one per tensor": (
+        lambda q: torch.stack([m.square().sum() for m in q.mean.values()]),
+        ValueError,
+        r"one KL, a scalar tensor, got shape \(4,\)",
+    ),
+    "integers": (
+        lambda q: torch.tensor(3),
+        TypeError,
+        r"a real floating-point tensor, got a torch\.int64 tensor",
+    ),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_KLS)
+@pytest.mark.parametrize("estimator", ["weights", "local", "flipout"])
+def test_a_kl_of_ones_own_that_is_not_one_kl_is_refused(estimator, bad, gen):
+    # A `kl` that forgot its return failed with a bare TypeError after the forward pass,
+    # which had updated the BatchNorm statistics and advanced the generator; one KL per
+    # tensor gave a vector loss.
+    value, error, message = BAD_KLS[bad]
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    q = bf.init(net, init_logvar=-3.0, include=["0", "2"])
+    x = torch.randn(8, 3, dtype=torch.float64)
+    g = gen(1)
+    before, state = snapshot(net), g.get_state()
+    kw = dict(fn=lambda m, x: -m(x).square().sum(-1), num_data=10, estimator=estimator)
+    with pytest.raises(error, match=rf"^nelbo: expected _OwnKL\.kl to return {message}"):
+        bf.nelbo(net, q, x, n=2, prior=_OwnKL(value), generator=g, **kw)
+    assert unchanged(before, net) and torch.equal(g.get_state(), state)
+    with pytest.raises(error, match=rf"^prior_kl: expected _OwnKL\.kl to return {message}"):
+        bf.prior_kl(q, _OwnKL(value))
+
+    # One KL in a tensor of one element is one KL: the loss is a scalar.
+    one = bf.nelbo(
+        net, q, x, n=2, prior=_OwnKL(lambda q: _summed(q).reshape(1)), generator=gen(2), **kw
+    )
+    two = bf.nelbo(net, q, x, n=2, prior=_OwnKL(_summed), generator=gen(2), **kw)
+    assert one.shape == () and torch.equal(one, two)
+
+
+class _ShapedLogProb(Prior):
+    r"""A prior whose `log_prob` gives `extra` more values than parameter sets."""
+
+    def __init__(self, extra):
+        self.extra = extra
+
+    def log_prob(self, params):
+        n = next(iter(params.values())).shape[0]
+        return sum(p.flatten(1).square().sum(1) for p in params.values()).repeat(1 + self.extra)[
+            : n + self.extra
+        ]
+
+
+def test_a_log_prob_of_the_wrong_shape_is_refused(gen):
+    # The Monte Carlo KL averaged a log_prob of any shape.
+    q = bf.init(nn.Linear(3, 2).double(), init_logvar=-3.0)
+    g = gen(1)
+    state = g.get_state()
+    with pytest.raises(
+        ValueError, match=r"^_ShapedLogProb\.kl: expected _ShapedLogProb\.log_prob to return one"
+    ):
+        bf.prior_kl(q, _ShapedLogProb(4), generator=g, n=3)
+    assert torch.equal(g.get_state(), state)
+    assert bf.prior_kl(q, _ShapedLogProb(0), generator=g, n=3).shape == ()
