@@ -12,9 +12,9 @@ __all__ = [
     "fold",
     "forget",
     "gradients",
+    "noise_times_gradients",
     "set_variance",
     "update",
-    "update_one",
 ]
 
 import math
@@ -241,26 +241,14 @@ def fold(s: Flat) -> None:
             s.draws.append(draw._replace(leaves=leaves))
 
 
-def finite(tensors: list[Tensor]) -> bool:
-    r"""Whether every value of `tensors` is finite. Their L2 norms first, in one fast pass
-    (a NaN or an infinity makes a norm NaN or infinite); where one is not finite, a large
-    finite value may have overflowed its square: then the exact test, on their least and
-    largest values."""
+def finite(t: Tensor) -> bool:
+    r"""Whether every value of `t` is finite. Its sum first, one fast pass (NaN or
+    infinite where a value is); where that is not finite, a sum of finite values may have
+    overflowed: then the exact test, on the least and largest values."""
 
-    tensors = [t for t in tensors if t.numel() > 0]
-    if not tensors:
+    if t.numel() == 0 or math.isfinite(t.sum().item()):
         return True
-    if math.isfinite(torch.stack(torch._foreach_norm(tensors, 2)).sum().item()):
-        return True
-    return all(math.isfinite(v) for t in tensors for v in torch.stack(t.aminmax()).tolist())
-
-
-def finite_gradients(s: Flat) -> bool:
-    r"""Whether the gradients of the draws since the last step, and the sums of those
-    taken already, are finite."""
-
-    tensors = [g for draw in s.draws for g in gradients(draw) if g is not None]
-    return finite(tensors + ([s.sums] if s.count > 0 else []))
+    return all(math.isfinite(v) for v in torch.stack(t.aminmax()).tolist())
 
 
 def forget(s: Flat) -> None:
@@ -287,12 +275,13 @@ def averages(s: Flat, group: Any) -> Tensor:
     return stats
 
 
-def update_one(s: Flat, draw: Draw, grads: list[Tensor], h: Hyper) -> None:
-    r"""Updates the state from the gradients by name of the last draw, of one sample (none
-    missing), without a flat copy of them."""
+def noise_times_gradients(s: Flat, grads: list[Tensor]) -> Tensor:
+    r"""Returns :math:`\epsilon \odot g`, flat, for the last draw, of one sample (its
+    gradients by name, none missing), written into its noise: without a flat copy of the
+    gradients. The draw cannot be used again."""
 
-    torch._foreach_mul_(s.eps_views, grads)  # epsilon * g, into the draw's noise
-    update(s, grads, draw.eps[0], h, draw.std)
+    torch._foreach_mul_(s.eps_views, grads)
+    return s.eps[0]
 
 
 def update(

@@ -31,13 +31,12 @@ from ._ivon import (
     averages,
     changed_since_taken,
     finite,
-    finite_gradients,
     fold,
     forget,
     gradients,
+    noise_times_gradients,
     set_variance,
     update,
-    update_one,
 )
 from ._posterior import check_data, globs
 from ._structure import lock
@@ -372,19 +371,26 @@ class IVON(torch.optim.Optimizer):
                     "would no longer be the mean model. Create the IVON after such a change"
                 )
 
-    def _refresh(self, where: str, ess: float, weight_decay: float) -> None:
-        r"""Recomputes the variances if `ess`, `weight_decay` or the Hessian estimates (a
-        write through :attr:`hess`) changed since they were set."""
+    def _check_hess(self, where: str, weight_decay: float) -> None:
+        r"""Raises if the Hessian estimates were written through :attr:`hess` since the
+        variances were set, with values they cannot be set from."""
 
         s = self._state
-        if s.variance_of == (ess, weight_decay, s.hess._version):
-            return
         if s.variance_of is not None and s.variance_of[2] != s.hess._version:
             if not (torch.isfinite(s.hess).all() and (s.hess + weight_decay > 0).all()):
                 raise ValueError(
                     f"{where}: expected finite Hessian estimates with hess + weight_decay > 0, "
                     "got others written through IVON.hess"
                 )
+
+    def _refresh(self, where: str, ess: float, weight_decay: float) -> None:
+        r"""Recomputes the variances if `ess`, `weight_decay` or the Hessian estimates (a
+        write through :attr:`hess`, checked) changed since they were set."""
+
+        s = self._state
+        if s.variance_of == (ess, weight_decay, s.hess._version):
+            return
+        self._check_hess(where, weight_decay)
         set_variance(s, ess, weight_decay)
 
     def sample(self, n: int = 1, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -458,10 +464,9 @@ class IVON(torch.optim.Optimizer):
             RuntimeError: If no gradient reached a sample of :meth:`sample` since the last
                 step, or a gradient reached the module's own picked parameters (a loss term
                 computed with the module itself), which the step would ignore.
-            ValueError: If a gradient is NaN or infinite (a loss that diverged): nothing is
-                updated. In data-parallel training, where the averages over the processes
-                are checked, every process raises, and the draws since the last step are
-                dropped.
+            ValueError: If a gradient is NaN or infinite (a loss that diverged), in any
+                process of data-parallel training: nothing is updated, and the draws since
+                the last step are dropped.
         """
 
         where = "IVON.step"
@@ -499,39 +504,43 @@ class IVON(torch.optim.Optimizer):
                 f"{where}: expected gradients of the samples drawn by IVON.sample since the "
                 "last step, got none: draw with sample(), backpropagate the loss, then step()"
             )
-        # In data-parallel training every process checks the averages instead, after the
-        # same all-reduce: one that raised before it would leave the others waiting.
-        if group is None and not finite_gradients(s):
-            raise ValueError(
-                f"{where}: expected finite gradients of the samples, got NaN or infinite ones "
-                f"(a loss that diverged): nothing was updated, zero_grad() drops the draws; "
-                f"{_DIVERGED}"
-            )
-        self._refresh(
-            where, h.ess, h.weight_decay
-        )  # after the checks: a failed step changes nothing
+        self._check_hess(where, h.weight_decay)  # the last check: a failed step changes nothing
         reached = [d for d in s.draws if any(g is not None for g in gradients(d))]
         one = reached[0] if len(reached) == 1 else None
         grads = [] if one is None else gradients(one)
-        if (
+        single = (
             s.count == 0
             and group is None
             and one is not None
             and one.n == 1
             and one.eps is s.eps
             and all(g is not None for g in grads)
-        ):
-            forget(s)
-            update_one(s, one, grads, h)
+        )
+        # What the update reads must be finite: a loss that diverged would write NaN into
+        # the means, the module's weights. One pass over a flat tensor: epsilon * g, NaN
+        # or infinite wherever g is, or the averages (in data-parallel training, those of
+        # every process: all of them raise).
+        if single:
+            g, nx = grads, noise_times_gradients(s, grads)
+            read = nx
         else:
-            g, nx = averages(s, group)
-            if group is not None and not finite([g, nx]):
-                raise ValueError(
-                    f"{where}: expected finite gradients averaged over the processes, got NaN "
-                    "or infinite ones (a loss that diverged in at least one process): the "
-                    f"posterior was not updated, the draws since the last step are dropped; "
-                    f"{_DIVERGED}"
-                )
+            g, nx = read = averages(s, group)
+        if not finite(read):
+            forget(s)
+            raise ValueError(
+                f"{where}: expected finite gradients of the samples, got NaN or infinite "
+                f"values{' in a process' if group is not None else ''} (a loss that "
+                f"diverged): nothing was updated, the draws since the last step are dropped; "
+                f"{_DIVERGED}"
+            )
+        # The variances for a changed ess or hess (the draw of one sample keeps the sigma
+        # it was drawn with).
+        self._refresh(where, h.ess, h.weight_decay)
+        if single:
+            std = next(d.std for d in s.draws if d.eps is one.eps)
+            forget(s)
+            update(s, g, nx, h, std)
+        else:
             update(s, g, nx, h)
         return loss
 

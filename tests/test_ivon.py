@@ -661,7 +661,8 @@ def _diverged_worker(rank, rendezvous, path):
 def test_data_parallel_a_loss_diverged_in_one_process_is_refused_in_every_one(tmp_path):
     for rank in _run_workers(_diverged_worker, tmp_path):
         assert rank["error"] is not None
-        assert rank["error"].startswith("IVON.step: expected finite gradients averaged over")
+        assert rank["error"].startswith("IVON.step: expected finite gradients of the samples")
+        assert "NaN or infinite values in a process" in rank["error"]
         assert not rank["updated"] and rank["finite"]
 
 
@@ -1185,9 +1186,9 @@ def _diverged_draws(opt, net, x, y, draws, bad, g):
 @pytest.mark.parametrize("draws", [(1,), (2,), (1, 1)], ids=["one", "two-samples", "two-draws"])
 def test_a_diverged_loss_is_refused_and_changes_nothing(draws, bad, gen):
     r"""A NaN or infinite gradient (in the one sample's, the vectorized draw's, or the
-    draw already taken by the next draw) is refused before anything is updated: the
-    means, which are the module's weights, stay finite, and after zero_grad() the next
-    step is the step of an optimizer that never saw the diverged draw."""
+    draw already taken by the next draw) is refused, and nothing is updated: the means,
+    which are the module's weights, stay finite, and the next step is the step of an
+    optimizer that never saw the diverged draws."""
 
     net, (x, y) = make_net(), data()
     twin = copy.deepcopy(net)
@@ -1201,10 +1202,22 @@ def test_a_diverged_loss_is_refused_and_changes_nothing(draws, bad, gen):
         opt.step()
     assert unchanged(before, net, opt.posterior, opt.hess, opt.momentum)
 
-    opt.zero_grad()
+    # The draws were dropped: no zero_grad() needed.
     vectorized_step(opt, net, x, y, 2, gen(3))
     vectorized_step(twin_opt, twin, x, y, 2, gen(3))
     assert torch.equal(flat(net.parameters()), flat(twin.parameters()))
     assert torch.equal(flat(opt.hess.values()), flat(twin_opt.hess.values()))
     assert torch.equal(flat(opt.momentum.values()), flat(twin_opt.momentum.values()))
     assert not torch.equal(flat(net.parameters()), start)  # the step did update
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_finiteness_check_is_exact_where_a_sum_overflows(dtype):
+    from bayesflow._ivon import finite
+
+    big = torch.full((8,), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert not math.isfinite(big.sum().item())  # the fast sum overflows: the exact test
+    assert finite(big) and finite(-big) and finite(big[:0])
+    for bad in (math.nan, math.inf, -math.inf):
+        assert not finite(torch.cat((big, torch.tensor([bad], dtype=dtype))))
+        assert not finite(torch.tensor([1.0, bad], dtype=dtype))
