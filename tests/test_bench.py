@@ -934,5 +934,27 @@ def test_a_crash_of_an_own_method_is_an_error_not_a_limitation(monkeypatch, tmp_
     assert "loop" not in err  # limitations, not crashes of bayesflow's: no error
 
 
+def test_the_cpu_allocators_failure_is_out_of_memory(monkeypatch, tmp_path):
+    # A K too large for the CPU's memory read "vmap: unsupported": the CPU allocator's
+    # error is a RuntimeError that does not say "out of memory".
+    def allocating(case, K, mode, fn, args, **options):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+            "allocate memory: you tried to allocate 1947600000000 bytes. Error code 12 "
+            "(Cannot allocate memory)"
+        )
+
+    monkeypatch.setitem(
+        bench.METHODS, "vmap", dataclasses.replace(bench.METHODS["vmap"], build=allocating)
+    )
+    out = tmp_path / "r.json"
+    argv = ["bench", "--models", "mlp", "--samples", "2", "--modes", "forward", "--batch", "4"]
+    argv += ["--methods", "vmap", "loop", "--min-time", "0.001", "--repeats", "1"]
+    assert main([*argv, "--json", str(out), "--no-progress"]) == 0
+    records = {r["method"]: r for r in json.loads(out.read_text())}
+    assert records["vmap"]["status"] == "oom" and records["loop"]["status"] == "ok"
+    assert records["vmap"]["detail"] == "out of memory at K=2"
+
+
 def _refusing(case, K, mode, fn, args, **options):
     raise ValueError("loop_call: expected something this model is not")

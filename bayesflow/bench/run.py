@@ -105,7 +105,14 @@ def _first_line(err: BaseException) -> str:
 
 
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    # CUDA's out of memory error, or the CPU allocator's RuntimeError ("DefaultCPUAllocator:
+    # can't allocate memory: you tried to allocate ... bytes").
+    text = str(err).lower()
+    return (
+        isinstance(err, torch.OutOfMemoryError)
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )
 
 
 def measure_cell(
