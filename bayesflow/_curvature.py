@@ -512,7 +512,9 @@ def capture(
         return back
 
     handles = [layer.register_forward_pre_hook(enter)]
-    handles.append(layer.register_forward_hook(hook, always_call=True))
+    # Before the user's own forward hooks: what the layer computed, which a hook of theirs
+    # may replace (a clamp of the logits on some examples); the closed form holds for it.
+    handles.append(layer.register_forward_hook(hook, prepend=True, always_call=True))
     if root is not None:
         handles.append(root.register_forward_hook(lambda m, inputs, out: roots.append(out)))
     try:

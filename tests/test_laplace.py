@@ -1271,6 +1271,51 @@ def test_linearized_variance_after_an_in_place_relu():
     assert torch.equal(var, bf.linearized_predictive(module, q, x)[1])
 
 
+def _clamped_last_layer():
+    # A forward hook on the last layer clamps its logits, which changes example 7 alone
+    # (mid-batch, in the second batch of 5): the layer's output was read after the hook,
+    # so the closed form took the clamped logits for the layer's and gave the clamped
+    # example the curvature and variance of an unclamped one.
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        module[2].weight.mul_(4)
+    module[2].register_forward_hook(lambda m, inputs, out: out.clamp(-2.0, 2.0))
+    x, y = data("classification", n=13, seed=1)
+    x = x * 0.1
+    x[7] = torch.tensor([30.0, -30.0, 30.0, -30.0])
+    with torch.no_grad():  # (without the hook)
+        clamped = (module[1](module[0](x)) @ module[2].weight.T + module[2].bias).abs() > 2
+    assert clamped.any(1).nonzero().flatten().tolist() == [7]
+    return module, x, y, clamped
+
+
+@pytest.mark.parametrize("hessian", ["ggn", "ef"])
+def test_a_hook_that_clamps_the_last_layers_output_on_some_examples(hessian):
+    module, x, y, clamped = _clamped_last_layer()
+    fit = bf.laplace_fit(
+        module,
+        classification_ll,
+        batches(x, y),
+        hessian=hessian,
+        output=output,
+        likelihood="classification",
+        include=["2"],
+    )
+    names = bf.select(module, ["2"])
+    if hessian == "ggn":
+        expected = loop_ggn(module, "classification", x, names)
+    else:
+        expected = loop_ef(module, classification_ll, x, y, names)
+    for k, h in fit.hessian.items():
+        assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12), k
+
+    q = bf.init(module, -2.0, include=["2"])
+    _assert_linearized_matches_jacobians(module, q, x)
+    var = bf.linearized_predictive(module, q, x)[1]
+    assert torch.equal(var == 0, clamped)  # a clamped logit does not move with the weights
+
+
 class _Fn(nn.Module):
     def __init__(self, net, fn):
         super().__init__()
