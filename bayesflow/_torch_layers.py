@@ -361,22 +361,29 @@ def _spectral_norm_forward(m: Any) -> Any:
     return forward
 
 
-def _embedding_forward(m: nn.Embedding) -> Any:
+def _embedding_forward(m: nn.Embedding, sampled: bool) -> Any:
     def forward(input: Tensor) -> Tensor:
-        # torch.embedding_renorm_ has no batching rule: the same renormalization of the
-        # rows `input` uses, as one in-place multiplication of the sample's own weight.
         weight = m.weight
-        with torch.no_grad():
-            rows = torch.zeros(weight.shape[-2], dtype=torch.bool, device=weight.device)
-            used = rows.index_fill(0, input.reshape(-1), True)
-            norms = torch.linalg.vector_norm(weight, ord=m.norm_type, dim=-1, keepdim=True)
-            scale = torch.where(
-                used.unsqueeze(-1) & (norms > m.max_norm), m.max_norm / (norms + 1e-7), 1.0
+        if m.max_norm is not None:
+            # torch.embedding_renorm_ has no batching rule: the same renormalization of the
+            # rows `input` uses, as one in-place multiplication of the sample's own weight.
+            with torch.no_grad():
+                rows = torch.zeros(weight.shape[-2], dtype=torch.bool, device=weight.device)
+                used = rows.index_fill(0, input.reshape(-1), True)
+                norms = torch.linalg.vector_norm(weight, ord=m.norm_type, dim=-1, keepdim=True)
+                scale = torch.where(
+                    used.unsqueeze(-1) & (norms > m.max_norm), m.max_norm / (norms + 1e-7), 1.0
+                )
+                weight.mul_(scale)
+        if m.padding_idx is None or not sampled:
+            return F.embedding(
+                input, weight, m.padding_idx, None, m.norm_type, m.scale_grad_by_freq, m.sparse
             )
-            weight.mul_(scale)
-        return F.embedding(
-            input, weight, m.padding_idx, None, m.norm_type, m.scale_grad_by_freq, m.sparse
-        )
+        # torch's batching rule, where both the weight and the indices have the sample dim,
+        # keeps the gradient from the padding row of the first sample's weight only: the
+        # rows read at padding positions are taken without a gradient instead.
+        out = F.embedding(input, weight, None, None, m.norm_type, m.scale_grad_by_freq, m.sparse)
+        return torch.where((input == m.padding_idx).unsqueeze(-1), out.detach(), out)
 
     return forward
 
@@ -440,7 +447,7 @@ def changes(
         for prefix, m in st.find(module, ConvNd):
             if _name(prefix, "weight") in sampled and is_conv(m):
                 put(m, _conv_forward(m))
-    for _, m in st.find(module, _STANDINS):
+    for prefix, m in st.find(module, _STANDINS):
         if has_own_forward(m):
             continue  # a forward set on the instance runs as it is
         if isinstance(m, nn.RNNBase) and type(m).forward in _RNN_FORWARDS:
@@ -459,8 +466,9 @@ def changes(
         elif type(m) is SpectralNorm and m.training:
             put(m, _spectral_norm_forward(m))
         elif isinstance(m, nn.Embedding) and type(m).forward is _EMBEDDING_FORWARD:
-            if m.max_norm is not None:
-                put(m, _embedding_forward(m))
+            sampled_weight = _name(prefix, "weight") in sampled
+            if m.max_norm is not None or (m.padding_idx is not None and sampled_weight):
+                put(m, _embedding_forward(m, sampled_weight))
 
     for _, hook in st.hooked:
         if type(hook) is HookWeightNorm:
