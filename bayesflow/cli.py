@@ -188,7 +188,8 @@ def _parser() -> argparse.ArgumentParser:
         "--max-loop-samples",
         type=_positive_int,
         metavar="K",
-        help="run the Python loops only up to this K (default: no limit)",
+        help="run the Python loops over samples (loop, zuko-loop, sample-model-loop, "
+        "bayesian-torch, pyro) only up to this K (default: no limit)",
     )
     bench.add_argument("--sweep", help=f"a named sweep ({', '.join(SWEEPS)}) or a JSON file")
     bench.add_argument("--json", metavar="PATH", help="write the records as JSON")

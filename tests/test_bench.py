@@ -151,6 +151,19 @@ def test_model_samples():
     ]
 
 
+def test_a_peer_installed_but_broken_is_not_said_to_be_missing(monkeypatch, tmp_path):
+    # Any ImportError read "not installed", its message dropped: a peer built for another
+    # torch looked absent.
+    (tmp_path / "pyro").mkdir()
+    (tmp_path / "pyro" / "__init__.py").write_text("from torch import a_name_torch_lacks\n")
+    for name in [m for m in sys.modules if m == "pyro" or m.startswith("pyro.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    records = _run(["mlp"], ["pyro"], modes=("forward",))
+    assert {r["status"] for r in records} == {Status.UNSUPPORTED}
+    assert all("a_name_torch_lacks" in r["detail"] for r in records)
+
+
 def test_peers_not_installed(monkeypatch, tmp_path, capsys):
     for name in PEER_MODULES:  # an import of None raises ImportError
         monkeypatch.setitem(sys.modules, name, None)
@@ -958,3 +971,104 @@ def test_the_cpu_allocators_failure_is_out_of_memory(monkeypatch, tmp_path):
 
 def _refusing(case, K, mode, fn, args, **options):
     raise ValueError("loop_call: expected something this model is not")
+
+
+def _bench(tmp_path, *extra, samples=("2",), modes=("forward",), status=0):
+    out = tmp_path / "r.json"
+    argv = ["bench", "--models", "mlp", "--samples", *samples, "--modes", *modes]
+    argv += ["--batch", "4", "--min-time", "0.001", "--repeats", "1", *extra]
+    assert main([*argv, "--json", str(out), "--no-progress"]) == status
+    return json.loads(out.read_text())
+
+
+def test_a_programming_error_that_vmap_call_wraps_is_an_error(monkeypatch, tmp_path, capsys):
+    # vmap_call(fallback=False) raises a RuntimeError from what stopped vmap: a KeyError of
+    # bayesflow's own read "unsupported", and the run exited 0.
+    from bayesflow import _engine
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug in the vectorized path")
+
+    monkeypatch.setattr(_engine, "_vectorized", broken)
+    records = _bench(tmp_path, "--methods", "vmap", "loop", status=1)
+    statuses = {r["method"]: r["status"] for r in records}
+    assert statuses == {"vmap": "error", "loop": "ok"}
+    assert "vmap crashed on mlp forward K=2: KeyError" in capsys.readouterr().err
+
+
+def test_zukos_sample_model_loop_failing_is_zukos_limitation(monkeypatch, tmp_path):
+    # sample-model-loop runs zuko's code only: its error read "error" and exit 1.
+    import zuko.bayesian
+
+    def broken(self, *args, **kwargs):
+        raise AttributeError("zuko's sample_model failed")
+
+    monkeypatch.setattr(zuko.bayesian.BayesianModel, "sample_model", broken)
+    records = _bench(tmp_path, "--methods", "sample-model-loop", "loop")
+    statuses = {r["method"]: r["status"] for r in records}
+    assert statuses == {"sample-model-loop": "unsupported", "loop": "ok"}
+
+
+def _checked_then(after):
+    r"""A build of bayesflow's loop whose timed calls (no seed) return `after(result)`."""
+
+    loop = bench.METHODS["loop"].build
+
+    def build(case, K, mode, fn, args, **options):
+        run = loop(case, K, mode, fn, args, **options)
+        return lambda seed: run(seed) if seed is not None else after(run(seed))
+
+    return build
+
+
+def _raises(result):
+    raise ValueError("the tenth call fails")
+
+
+def _diverged(result):
+    return result * math.nan  # the outputs, hence the loss
+
+
+@pytest.mark.parametrize("after", [_raises, _diverged], ids=["raises", "diverges"])
+def test_a_timed_call_that_fails_is_that_cells_failure(after, monkeypatch, tmp_path):
+    # A timed call that raised aborted the whole run, with no table and no JSON (a float16
+    # training step after the checked one); one that diverged was timed and read "ok".
+    method = dataclasses.replace(bench.METHODS["loop"], build=_checked_then(after))
+    monkeypatch.setitem(bench.METHODS, "loop", method)
+    records = _bench(tmp_path, "--methods", "loop", "vmap", modes=("train",))
+    statuses = {r["method"]: r["status"] for r in records}
+    assert statuses == {"loop": "unsupported", "vmap": "ok"}
+    loop = next(r for r in records if r["method"] == "loop")
+    assert loop["median_ms"] is None
+    assert ("ValueError: the tenth call fails" if after is _raises else "diverged") in loop[
+        "detail"
+    ]
+
+
+def test_float16_training_steps_stay_finite(tmp_path):
+    # Adam's eps of 1e-8 rounds to 0 in float16: the steps after the checked one divided
+    # zero by zero, and the run died in the timing of nelbo.
+    records = _bench(
+        tmp_path, "--methods", "deterministic", "nelbo", "--dtype", "float16", modes=("train",)
+    )
+    assert {r["method"]: r["status"] for r in records} == {"deterministic": "ok", "nelbo": "ok"}
+
+
+def test_max_loop_samples_bounds_the_peers_python_loops(tmp_path):
+    # bayesian-torch's forward passes and Pyro's Predictive loop over the K samples in Python.
+    argv = ["--methods", "loop", "bayesian-torch", "pyro", "vmap", "--max-loop-samples", "1"]
+    records = _bench(tmp_path, *argv, samples=("1", "2"))
+    above = {r["method"] for r in records if r["samples"] == 2}
+    assert above == {"vmap"}
+    assert {r["method"] for r in records if r["samples"] == 1} == {
+        "loop",
+        "bayesian-torch",
+        "pyro",
+        "vmap",
+    }
+
+
+def test_records_carry_their_runs_seed(tmp_path):
+    # The tables keep runs apart by date and seed: the records must hold the seed.
+    records = _bench(tmp_path, "--methods", "loop", "--seed", "3")
+    assert records and {r["seed"] for r in records} == {3}

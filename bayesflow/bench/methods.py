@@ -305,6 +305,14 @@ def _build_torch_func(
     return run
 
 
+def _adam_eps(module: torch.nn.Module) -> float:
+    r"""Adam's `eps` for the parameters of `module`: its default 1e-8 rounds to zero in
+    float16, where an element with no gradient yet then divides zero by zero (NaN)."""
+
+    dtype = next(module.parameters()).dtype
+    return 1e-4 if dtype == torch.float16 else 1e-8
+
+
 def _build_deterministic(
     case: Case, K: int, mode: str, fn: Callable, args: tuple, **_: Any
 ) -> Run:
@@ -320,7 +328,7 @@ def _build_deterministic(
         with torch.no_grad():
             for p, p0 in zip(net.parameters(), case.module.parameters(), strict=True):
                 p.copy_(p0)
-        state["optimizer"] = torch.optim.Adam(net.parameters(), lr=1e-3)
+        state["optimizer"] = torch.optim.Adam(net.parameters(), lr=1e-3, eps=_adam_eps(net))
 
     reset()
 
@@ -365,7 +373,9 @@ def _build_nelbo(estimator: str, vectorized: bool = True) -> Build:
                 for k in q.mean:
                     mine.mean[k].copy_(q.mean[k])
                     mine.logvar[k].copy_(q.logvar[k])
-            state["optimizer"] = torch.optim.Adam(list(targets.values()), lr=1e-3)
+            state["optimizer"] = torch.optim.Adam(
+                list(targets.values()), lr=1e-3, eps=_adam_eps(case.module)
+            )
 
         reset()
         loglik = case.loglik
@@ -459,12 +469,22 @@ METHODS: dict[str, Method] = {
 #: The vectorized bayesflow methods, for the "fastest" line of the tables.
 VECTORIZED = ("vmap", "vmap-compiled", "local-trick")
 
-#: The Python loops over samples (`--max-loop-samples` bounds their K).
-LOOPS = ("zuko-loop", "sample-model-loop", "loop")
+#: The Python loops over samples (`--max-loop-samples` bounds their K): bayesflow's,
+#: zuko's and the peers' that loop (bayesian-torch's forward passes, Pyro's `Predictive`
+#: and `Trace_ELBO` without vectorized particles).
+LOOPS = ("zuko-loop", "sample-model-loop", "loop", "bayesian-torch", "pyro")
 
-#: The methods that run another library's code (zuko's loop, torch's ensembling recipe,
+#: The methods that run another library's code (zuko's loops, torch's ensembling recipe,
 #: the peers): an error of theirs is a limitation of theirs, not a crash of bayesflow's.
-THEIRS = ("zuko-loop", "torch-func", "bayesian-torch", "posteriors", "pyro", "pyro-vec")
+THEIRS = (
+    "zuko-loop",
+    "sample-model-loop",
+    "torch-func",
+    "bayesian-torch",
+    "posteriors",
+    "pyro",
+    "pyro-vec",
+)
 
 #: The references the tables divide by, never "fastest": the plain module and the
 #: hand-written batched GEMMs.

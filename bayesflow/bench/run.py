@@ -104,6 +104,30 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:200] if text else ""
 
 
+def _failure(err: Exception, method: Method, K: int) -> tuple[Status, str]:
+    r"""The status and detail of a cell whose method raised `err`."""
+
+    if _is_oom(err):
+        return Status.OOM, f"out of memory at K={K}"
+    if isinstance(err, Unsupported):
+        return Status.UNSUPPORTED, str(err)
+    # A crash of bayesflow's own method (a programming error, or one that bayesflow
+    # wrapped, as vmap_call(fallback=False) wraps what stopped vmap): not a limitation.
+    cause = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, BUGS) and method.name not in THEIRS:
+        return Status.ERROR, f"{_error_type(err)}: {_first_line(err)}"
+    return Status.UNSUPPORTED, f"{_error_type(err)}: {_first_line(err)}"
+
+
+def _finite_loss(out: Any) -> bool:
+    r"""Whether the loss of a training step's result `(losses, gradients)` is finite."""
+
+    losses = out[0] if isinstance(out, tuple) else out
+    return not isinstance(losses, torch.Tensor) or bool(torch.isfinite(losses).all())
+
+
 def _is_oom(err: BaseException) -> bool:
     # CUDA's out of memory error, or the CPU allocator's RuntimeError ("DefaultCPUAllocator:
     # can't allocate memory: you tried to allocate ... bytes").
@@ -181,26 +205,28 @@ def measure_cell(
     except Wrong as e:
         return failed(Status.WRONG, str(e))
     except Exception as e:
-        if _is_oom(e):
-            return failed(Status.OOM, f"out of memory at K={K}")
-        if isinstance(e, Unsupported):
-            return failed(Status.UNSUPPORTED, str(e))
-        status = Status.UNSUPPORTED
-        if isinstance(e, BUGS) and method.name not in THEIRS:
-            status = Status.ERROR  # a crash of bayesflow's own method: not a limitation
-        return failed(status, f"{_error_type(e)}: {_first_line(e)}")
+        return failed(*_failure(e, method, K))
 
     if not check.ok or work is None:
         return {**failed(Status.WRONG, check.detail), "error": check.error}
 
+    last: list[Any] = [None]
+
+    def timed() -> None:
+        last[0] = work(None)
+
     try:
         timing = time_call(
-            lambda: work(None), torch.get_num_threads(), device, options.min_time, options.repeats
+            timed, torch.get_num_threads(), device, options.min_time, options.repeats
         )
-    except Exception as e:
-        if _is_oom(e):
-            return failed(Status.OOM, f"out of memory at K={K}")
-        raise
+    except Exception as e:  # a timed call that fails: this cell's, not the whole run's
+        return failed(*_failure(e, method, K))
+    if mode == "train" and not _finite_loss(last[0]):
+        # A training step timed after the checked one diverged (its optimizer's steps):
+        # the timings are of steps on NaN or infinite numbers.
+        return failed(
+            Status.UNSUPPORTED, "the timed training steps diverged (a NaN or infinite loss)"
+        )
 
     how = "checked statistically" if statistical else "checked exactly"
     if statistical and method.oracle is not None:
@@ -361,6 +387,7 @@ def _run(
         "dtype": str(options.dtype).removeprefix("torch."),
         "threads": n_threads,
         "chunk_size": options.chunk_size,
+        "seed": options.seed,  # (with the date: which run a record is of)
         "versions": _versions(),
     }
 
