@@ -64,8 +64,9 @@ def _ms(r: Record) -> str:
 
 
 #: The fields of a record that tell its run from another: the tables compare and divide
-#: the times of one run only, whatever a list of records holds.
-_RUN = ("device", "device_name", "dtype", "threads", "chunk_size", "small")
+#: the times of one run only, whatever a list of records holds. Two runs of the same
+#: settings and versions still differ in their date or seed.
+_RUN = ("device", "device_name", "dtype", "threads", "chunk_size", "small", "date", "seed")
 
 
 def _run_of(r: Record) -> tuple:
@@ -73,13 +74,27 @@ def _run_of(r: Record) -> tuple:
     return (*(r.get(k) for k in _RUN), *sorted(versions.items()))
 
 
-def _describe(r: Record) -> str:
+def _describe(r: Record, stamp: bool = False) -> str:
+    r"""The run of a record in words; with its date and seed if `stamp`."""
+
     chunk = r.get("chunk_size")
     return (
         f"{r['device']} {r['dtype']} · {r['threads']} thread(s)"
         + (f" · chunk size {chunk}" if chunk is not None else "")
         + (" · small settings" if r.get("small") else "")
+        + _stamp(r, stamp, " · ")
     )
+
+
+def _stamp(r: Record, stamp: bool, sep: str) -> str:
+    parts = [str(r["date"])] if stamp and r.get("date") else []
+    if stamp and r.get("seed") is not None:
+        parts.append(f"seed {r['seed']}")
+    return "".join(sep + part for part in parts)
+
+
+def _several(records: list[Record]) -> bool:
+    return len({_run_of(r) for r in records}) > 1
 
 
 def _groups(records: list[Record]) -> dict[tuple[str, str, Any, tuple], list[Record]]:
@@ -115,7 +130,8 @@ def _legend(loop: str | None, det: bool, bmm: bool) -> str:
 
 def format_table(records: list[Record]) -> str:
     r"""Formats records as plain-text tables, one per model, mode, batch size and run (device,
-    dtype, threads, chunk size, versions).
+    dtype, threads, chunk size, versions, date and seed; the last two shown where the records
+    hold several runs).
 
     Each cell shows the median time in ms, then, where those methods ran: the speed-up
     over `zuko-loop` (`x`, higher is better; over bayesflow's `loop` when zuko's did not
@@ -128,6 +144,7 @@ def format_table(records: list[Record]) -> str:
 
     lines = []
     any_noisy = False
+    several = _several(records)
     for (model, mode, _, _), rs in _groups(records).items():
         ks = sorted({r["samples"] for r in rs})
         methods = list(dict.fromkeys(r["method"] for r in rs))
@@ -135,47 +152,55 @@ def format_table(records: list[Record]) -> str:
         first = rs[0]
         loop, det, bmm = _loop_baseline(rs), _has(rs, "deterministic"), _has(rs, "bmm")
 
-        lines.append(f"{model} · {mode} · batch {first['batch']} · {_describe(first)}")
-        lines.append("  " + _legend(loop, det, bmm))
-        width = 9 + 7 * (bool(loop) + det + bmm)
-        lines.append(f"  {'method':<18}" + "".join(f"{'K=' + str(k):>{width}}" for k in ks))
+        # A cell is its status, or its time and ratios (empty where a reference did not run).
+        rows: list[tuple[str, list[str | list[str]]]] = []
         notes: list[str] = []
         for m in methods:
             mine = [by[(m, k)] for k in ks if (m, k) in by]
+            # One note per status and detail, in K order: a later `oom` must not hide why
+            # an earlier cell was wrong.
+            notes.extend(dict.fromkeys(_note(m, r) for r in mine if not _ok(r)))
             if all(r["status"] in _ABSENT for r in mine):
-                notes.append(_note(m, mine[0]))
                 continue
-            cells = []
-            status_note = None
+            cells: list[str | list[str]] = []
             for k in ks:
                 r = by.get((m, k))
-                if r is None:
-                    cells.append(f"{'':>{width}}")
-                    continue
-                if not _ok(r):
-                    short = _short(r["status"])
-                    cells.append(f"{short:>{width}}")
-                    status_note = _note(m, r)
+                if r is None or not _ok(r):
+                    cells.append("" if r is None else _short(r["status"]))
                     continue
                 any_noisy |= _noisy(r)
-                cell = f"{_ms(r):>8}"
+                cell = [_ms(r)]
                 for name, kind in ((loop, "x"), ("deterministic" if det else None, "d")):
                     if name is None:
                         continue
                     base = by.get((name, k))
                     if not _ok(base):
-                        cell += " " * 7
+                        cell.append("")
                     elif kind == "x":
-                        cell += _ratio(base["median_ms"] / r["median_ms"], "x", 1)
+                        cell.append(_ratio(base["median_ms"] / r["median_ms"], "x", 1))
                     else:
-                        cell += _ratio(r["median_ms"] / base["median_ms"], "d", 2)
+                        cell.append(_ratio(r["median_ms"] / base["median_ms"], "d", 2))
                 if bmm:
                     b = by.get(("bmm", k))
-                    cell += _ratio(r["median_ms"] / b["median_ms"], "b", 2) if _ok(b) else " " * 7
-                cells.append(f"{cell:>{width}}")
-            lines.append(f"  {m:<18}" + "".join(cells))
-            if status_note:
-                notes.append(status_note)
+                    cell.append(_ratio(r["median_ms"] / b["median_ms"], "b", 2) if _ok(b) else "")
+                cells.append(cell)
+            rows.append((m, cells))
+        # Six characters a ratio, unless one far below one needs more (0.0013b): then all
+        # of the table's, so that its columns stay aligned.
+        texts = [t for _, cs in rows for c in cs if isinstance(c, list) for t in c[1:]]
+        field = max([6, *map(len, texts)])
+        width = 9 + (field + 1) * (bool(loop) + det + bmm)
+
+        lines.append(f"{model} · {mode} · batch {first['batch']} · {_describe(first, several)}")
+        lines.append("  " + _legend(loop, det, bmm))
+        lines.append(f"  {'method':<18}" + "".join(f"{'K=' + str(k):>{width}}" for k in ks))
+        for m, cells in rows:
+            line = f"  {m:<18}"
+            for c in cells:
+                if isinstance(c, list):
+                    c = f"{c[0]:>8}" + "".join(f" {t:>{field}}" for t in c[1:])
+                line += f"{c:>{width}}"
+            lines.append(line)
         fastest = _fastest(by, ks, loop)
         if fastest:
             lines.append(f"  fastest: {fastest}")
@@ -188,13 +213,22 @@ def format_table(records: list[Record]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _fmt_ratio(value: float, decimals: int) -> str:
+    # With fixed decimals, a ratio below 10^-decimals would read as zero: two significant
+    # digits keep it (0.033, 0.0013, 1.2e-05).
+    if 0 < value < 10**-decimals:
+        return f"{value:.2g}"
+    return f"{value:.{decimals}f}"
+
+
 def _ratio(value: float, suffix: str, decimals: int) -> str:
-    # Six characters and a space, whatever the size: 1.23d, 12.3d, 1234d.
+    # Six characters, whatever the size: 1.23d, 12.3d, 1234d; more only for a ratio far
+    # below one (0.0013b).
     for d in range(decimals, -1, -1):
-        text = f"{value:.{d}f}{suffix}"
+        text = _fmt_ratio(value, d) + suffix
         if len(text) <= 6:
             break
-    return f" {text:>6}"
+    return text
 
 
 def _note(method: str, r: Record) -> str:
@@ -216,7 +250,7 @@ def _fastest(by: dict[tuple[str, int], Record], ks: list[int], loop: str | None)
         base = by.get((loop, k)) if loop else None
 
         def x(r: Record, base: Record | None = base) -> str:
-            return f" {base['median_ms'] / r['median_ms']:.1f}x" if _ok(base) else ""
+            return f" {_fmt_ratio(base['median_ms'] / r['median_ms'], 1)}x" if _ok(base) else ""
 
         part = f"K={k} {best['method']}{x(best)}"
         vectorized = [r for r in rs if r["method"] in VECTORIZED]
@@ -238,6 +272,7 @@ def markdown_table(records: list[Record]) -> str:
     groups: dict[tuple[str, Any, tuple], list[Record]] = {}
     for r in records:
         groups.setdefault((r["model"], r.get("batch"), _run_of(r)), []).append(r)
+    several = _several(records)
     for (model, _, _), rs in groups.items():
         cols = list(dict.fromkeys((r["mode"], r["samples"]) for r in rs))
         cols.sort(key=lambda c: (["forward", "train", "sample"].index(c[0]), c[1]))
@@ -262,6 +297,7 @@ def markdown_table(records: list[Record]) -> str:
             f"{first['threads']} thread(s)"
             + (f", chunk size {chunk}" if chunk is not None else "")
             + (", small settings" if first.get("small") else "")
+            + _stamp(first, several, ", ")
             + ": median ms"
             + (f"; in parentheses {ratios}" if refs else "")
             + "\n"
@@ -285,7 +321,8 @@ def markdown_table(records: list[Record]) -> str:
                     for name, sym in refs:
                         b = by.get((name, mode, k))
                         if _ok(b):
-                            parts.append(f"{r['median_ms'] / b['median_ms']:.2f}{sym}")
+                            ratio = r["median_ms"] / b["median_ms"]
+                            parts.append(f"{_fmt_ratio(ratio, 2)}{sym}")
                     if parts:
                         cell += f" ({' '.join(parts)})"
                     cells.append(cell)
@@ -315,21 +352,24 @@ def cost_table(records: list[Record]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (model, batch, _), by in groups.items():
-        # Runs of other devices, dtypes or threads: each row says which it is.
-        label = f"{model} ({_describe(next(iter(by.values())))})" if several else model
+        # Runs of other devices, dtypes, threads or dates: each row says which it is.
+        label = f"{model} ({_describe(next(iter(by.values())), True)})" if several else model
         cells = [label, str(batch)]
         for mode, methods in (
             ("forward", ["vmap"]),
             ("train", ["nelbo", "nelbo-local", "nelbo-flipout"]),
         ):
             det = by.get(("deterministic", mode))
-            cells.append(_ms(det) if _ok(det) else "-")
+            cells.append("-" if det is None else _ms(det) if _ok(det) else _short(det["status"]))
             for method in methods:
                 r = by.get((method, mode))
                 if _ok(r) and _ok(det):
-                    cells.append(f"**{r['median_ms'] / det['median_ms']:.2f}x** ({_ms(r)})")
+                    ratio = _fmt_ratio(r["median_ms"] / det["median_ms"], 2)
+                    cells.append(f"**{ratio}x** ({_ms(r)})")
+                elif r is None or _ok(r):  # nothing to divide by: the plain column says why
+                    cells.append("-")
                 else:
-                    cells.append("-" if r is None else str(r["status"]))
+                    cells.append(_short(r["status"]))
         rows.append("| " + " | ".join(cells) + " |")
     if any(_ok(r) and _noisy(r) for r in records):
         rows.append("")
@@ -340,7 +380,8 @@ def cost_table(records: list[Record]) -> str:
 def flows_table(records: list[Record], names: dict[str, str] | None = None) -> str:
     r"""Formats one markdown row per flow, mode and K: the plain flow, zuko's loop and
     `vmap_call` in ms, and the speed-up of `vmap_call` over the loop at that K
-    (docs/flows.md).
+    (docs/flows.md); one table per batch size and run, each captioned where there are
+    several.
 
     A cell that has no time says why: its status (`oom`, `unsupported`, ...), or `not run`
     where the sweep left it out (a loop above `max_loop_samples`); the speed-up is `-`
@@ -352,28 +393,41 @@ def flows_table(records: list[Record], names: dict[str, str] | None = None) -> s
             order of the records, if :py:`None`.
     """
 
-    by = {(r["model"], r["mode"], r["samples"], r["method"]): r for r in records}
-    models = names or {m: m for m in dict.fromkeys(r["model"] for r in records)}
-    modes = list(dict.fromkeys(r["mode"] for r in records))
-    ks = sorted({r["samples"] for r in records})
-    rows = [
-        "| flow | mode | K | plain flow (ms) | zuko `reparameterize()` loop (ms) "
-        "| `vmap_call` (ms) | speed-up |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for model, name in models.items():
-        for mode in modes:
-            for k in ks:
-                det, loop, vmap = (
-                    by.get((model, mode, k, m)) for m in ("deterministic", "zuko-loop", "vmap")
-                )
-                if loop is None and vmap is None:
-                    continue
-                cells = [_flow_cell(r) for r in (det, loop, vmap)]
-                ok = _ok(loop) and _ok(vmap)
-                speedup = f"{loop['median_ms'] / vmap['median_ms']:.1f}x" if ok else "-"
-                rows.append(f"| {name} | {mode} | {k} | " + " | ".join(cells) + f" | {speedup} |")
-    return "\n".join(rows) + "\n"
+    groups: dict[tuple[Any, tuple], list[Record]] = {}
+    for r in records:
+        groups.setdefault((r.get("batch"), _run_of(r)), []).append(r)
+    several = _several(records)
+    tables = []
+    for (batch, _), rs in groups.items():
+        by = {(r["model"], r["mode"], r["samples"], r["method"]): r for r in rs}
+        models = names or {m: m for m in dict.fromkeys(r["model"] for r in rs)}
+        modes = list(dict.fromkeys(r["mode"] for r in rs))
+        ks = sorted({r["samples"] for r in rs})
+        # One batch size and run: a caption only where the records hold several.
+        rows = [f"batch {batch} · {_describe(rs[0], several)}:", ""] if len(groups) > 1 else []
+        rows += [
+            "| flow | mode | K | plain flow (ms) | zuko `reparameterize()` loop (ms) "
+            "| `vmap_call` (ms) | speed-up |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for model, name in models.items():
+            for mode in modes:
+                for k in ks:
+                    det, loop, vmap = (
+                        by.get((model, mode, k, m)) for m in ("deterministic", "zuko-loop", "vmap")
+                    )
+                    if loop is None and vmap is None:
+                        continue
+                    cells = [_flow_cell(r) for r in (det, loop, vmap)]
+                    ok = _ok(loop) and _ok(vmap)
+                    speedup = (
+                        f"{_fmt_ratio(loop['median_ms'] / vmap['median_ms'], 1)}x" if ok else "-"
+                    )
+                    rows.append(
+                        f"| {name} | {mode} | {k} | " + " | ".join(cells) + f" | {speedup} |"
+                    )
+        tables.append("\n".join(rows) + "\n")
+    return "\n".join(tables)
 
 
 def _flow_cell(r: Record | None) -> str:
@@ -456,7 +510,7 @@ def plot(records: list[Record], path: str) -> None:
         loop = _loop_baseline(rs)
         zuko_ms = {r["samples"]: r["median_ms"] for r in rs if r["method"] == loop and _ok(r)}
         title = f"{model} · {mode}" + (f" · batch {batch}" if len(batches) > 1 else "")
-        title += f" · {_describe(rs[0])}" if len(runs) > 1 else ""
+        title += f" · {_describe(rs[0], True)}" if len(runs) > 1 else ""
         for m in dict.fromkeys(r["method"] for r in rs):
             pts = sorted((r["samples"], r["median_ms"]) for r in rs if r["method"] == m and _ok(r))
             if not pts:
