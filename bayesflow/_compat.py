@@ -425,3 +425,11 @@ class ValueReads(TorchFunctionMode):
         if not is_metadata(func):
             self.seen([a for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)])
         return func(*args, **kwargs)
+
+
+def generating(generator: torch.Generator | None) -> dict[str, torch.Generator]:
+    r"""The keyword arguments of torch's random functions for `generator`: none for torch's
+    default one (an explicit `generator=None` fails under torch.compile once a size is
+    dynamic, as the number of samples is after it changed)."""
+
+    return {} if generator is None else {"generator": generator}

@@ -45,6 +45,7 @@ from ._checks import check_buffers, check_in_dims, check_params
 from ._compat import (
     StopRecomputation,
     counting_allocations,
+    generating,
     hook_name,
     in_func_transform,
     is_compiling,
@@ -821,7 +822,7 @@ def run_local(
                 dtypes = {t.dtype for t in posterior.mean.values()}
                 dtype = functools.reduce(torch.promote_types, dtypes)
                 slab = torch.randn(
-                    n, layout.size, generator=generator, dtype=dtype, device=like.device
+                    n, layout.size, **generating(generator), dtype=dtype, device=like.device
                 )
                 whole = plan.sampled(posterior, layout)
                 params = _posterior.sample(where, whole, n, generator) if whole.mean else {}

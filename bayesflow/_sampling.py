@@ -34,6 +34,7 @@ from ._compat import (
     dual,
     flat_cat,
     function_apply,
+    generating,
     in_func_transform,
     is_compiling,
     unwrap_batched,
@@ -300,7 +301,9 @@ def _run(
         eps = None
         if n is not None:
             size = sum(group.sizes)
-            eps = torch.randn(n, size, generator=generator, device=group.device, dtype=group.dtype)
+            eps = torch.randn(
+                n, size, **generating(generator), device=group.device, dtype=group.dtype
+            )
 
         # The KL of half precision is summed in float32: the plain path converts.
         fused_p = p if group.dtype in (torch.float32, torch.float64) else None

@@ -23,7 +23,7 @@ from torch.distributions import (
 from ._buffers import State
 from ._caches import PerObject
 from ._checks import check_generator, check_module, describe
-from ._compat import is_compiling
+from ._compat import generating, is_compiling
 from ._engine import _rng_state, _set_rng_state, count, draw_state, restore_draw_state, run
 from ._options import call_options
 from ._structure import Structure, lock, structure
@@ -305,9 +305,9 @@ def flow_sample(
     for kind, size in zip(kinds, sizes, strict=True):
         z = torch.empty(size, dtype=loc.dtype, device=loc.device)
         noise.append(
-            z.normal_(generator=generator)
+            z.normal_(**generating(generator))
             if kind == "normal"
-            else z.uniform_(0, 1, generator=generator)
+            else z.uniform_(0, 1, **generating(generator))
         )
 
     in_dims = (None, *(0 for _ in noise))

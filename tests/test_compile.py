@@ -254,3 +254,24 @@ def test_a_compiled_chunked_call_writes_a_buffer_once(where, gen):
     assert counts == [1.0, 1.0]
     assert torch.allclose(outs[1], outs[0], rtol=1e-12)
     assert not torch.allclose(outs[0][0], outs[0][1])  # the samples were used
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_sampling_from_the_global_generator_as_the_number_of_samples_changes(backend):
+    # An explicit generator=None made torch.randn fail once K was dynamic (a
+    # TorchRuntimeError at the third K), where "changing K recompiles once".
+    net = torch.nn.Linear(3, 2)
+    q = bf.init(net, -2.0)
+    x = torch.randn(4, 3)
+
+    @torch.compile(backend=backend)
+    def f(x, k):
+        params = bf.sample(q, k)
+        return bf.vmap_call(net, params, x), params
+
+    for k in (2, 3, 4):
+        out, params = f(x, k)
+        assert out.shape == (k, 4, 2)
+        expected = bf.loop_call(net, {n: v.detach() for n, v in params.items()}, x)
+        assert torch.allclose(out, expected, rtol=1e-12, atol=1e-14)
+        assert not torch.allclose(out[0], out[1])
