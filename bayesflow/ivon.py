@@ -504,7 +504,7 @@ class IVON(torch.optim.Optimizer):
                 f"{where}: expected gradients of the samples drawn by IVON.sample since the "
                 "last step, got none: draw with sample(), backpropagate the loss, then step()"
             )
-        self._check_hess(where, h.weight_decay)  # the last check: a failed step changes nothing
+        self._check_hess(where, h.weight_decay)  # before anything changes
         reached = [d for d in s.draws if any(g is not None for g in gradients(d))]
         one = reached[0] if len(reached) == 1 else None
         grads = [] if one is None else gradients(one)
