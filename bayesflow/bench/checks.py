@@ -11,8 +11,9 @@ r"""The reference (the loop on the same noise) and the checks every method passe
   their own samplers, so no shared samples exist: they are checked statistically on
   `max(K, 128)` samples or more against the loop on as many, in train mode as
   :data:`STEP_DRAWS` independent draws whose means are compared in standard errors of
-  their spread, the method built at the K timed where that costs little (see
-  :func:`check_statistically`). That checks the law of their estimator;
+  their spread, the method built at the K timed where that costs little; in forward and
+  sample modes each call's output shape and the independence of the K samples of a call
+  are checked too (see :func:`check_statistically`). That checks the law of their estimator;
   `local-trick`, `nelbo-local` and `nelbo-flipout` are also compared exactly, at the K
   that is timed, with bayesflow's loop on the same draws, their oracle
   (`vectorized=False`; see :func:`check_oracle`).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 __all__ = [
     "GRADIENT_ERROR",
+    "PERMUTATIONS",
     "STATISTICAL_SAMPLES",
     "STEP_DRAWS",
     "VARIANCE_GROUPS",
@@ -70,6 +72,10 @@ STEP_DRAWS = 32
 #: The number of groups of samples whose average output variances a forward-mode
 #: statistical check compares, in standard errors of their spread.
 VARIANCE_GROUPS = 8
+
+#: The number of random assignments of the samples to calls that give the law of the
+#: independence statistic of a forward-mode statistical check under independence.
+PERMUTATIONS = 200
 
 #: The largest relative L2 error of a peer's gradient with respect to the means (their
 #: Monte Carlo noise gives 0.02-0.03 on the tutorial MLP at 128 samples; a gradient off by
@@ -278,11 +284,18 @@ def _log_variances(x: Tensor, groups: int) -> Tensor:
     return v.clamp_min(1e-300).log()
 
 
-def _check_outputs(got: Tensor, ref: Tensor) -> Check:
-    a, b = got.double().flatten(1), ref.double().flatten(1)
+def _check_outputs(outs: list[Tensor], ref: Tensor) -> Check:
+    r"""Checks the outputs of calls of a method built at `K` against the loop's `ref` on as
+    many samples: each call's shape, then the law of their elements (see
+    :func:`check_statistically`) and the independence of the samples of a call."""
+
+    want = (ref.shape[0] // len(outs), *ref.shape[1:])
+    # Before any flattening: `(K, B * D)` for `(K, B, D)` has the same elements.
+    for out in outs:
+        if tuple(out.shape) != want:
+            return Check(False, math.inf, f"shape {tuple(out.shape)} != {want}")
+    a, b = torch.cat(outs).double().flatten(1), ref.double().flatten(1)
     n = b.shape[0]
-    if a.shape != b.shape:
-        return Check(False, math.inf, f"shape {tuple(got.shape)} != {tuple(ref.shape)}")
     if not torch.isfinite(a).all():
         return Check(False, math.inf, "non-finite outputs")
     va, vb = a.var(0), b.var(0)
@@ -293,8 +306,96 @@ def _check_outputs(got: Tensor, ref: Tensor) -> Check:
     groups = min(VARIANCE_GROUPS, n // 2)
     z_var = _z(_log_variances(a, groups), _log_variances(b, groups)).item() if groups > 1 else 0
     ok = z_mean <= 5.0 and z_var <= 5.0
-    detail = "" if ok else f"means off by {z_mean:.1f} SE, variances by {z_var:.1f} SE"
-    return Check(ok, max(z_mean, z_var), detail)
+    if not ok:
+        return Check(
+            False, max(z_mean, z_var), f"means off by {z_mean:.1f} SE, variances by {z_var:.1f} SE"
+        )
+    independence = _check_independence(a, len(outs))
+    if not independence.ok:
+        return independence
+    return Check(True, max(z_mean, z_var, independence.error))
+
+
+def _between_within(gram: Tensor, perms: Tensor, C: int, K: int) -> Tensor:
+    r"""Returns the log of the ratio of the between-call and within-call mean squares of
+    samples whose centered Gram matrix is `gram`, reordered by each of `perms` (of shape
+    `(R, N)`) and taken as `C` calls of `K` consecutive samples."""
+
+    R = perms.shape[0]
+    blocks = gram[perms[:, :, None], perms[:, None, :]].reshape(R, C, K, C, K)
+    between = blocks.diagonal(dim1=1, dim2=3).sum((1, 2, 3)) / K
+    within = (gram.trace() - between).clamp_min(0)
+    tiny = torch.finfo(torch.float64).tiny
+    return (between / (C - 1)).clamp_min(tiny).log() - (within / (C * (K - 1))).clamp_min(
+        tiny
+    ).log()
+
+
+def _ranks(x: Tensor) -> Tensor:
+    r"""Returns the ranks of the entries of each column of `x` among that column's, tied
+    entries sharing their average rank."""
+
+    col = x.T.contiguous()
+    ordered = col.sort(1).values
+    lo = torch.searchsorted(ordered, col, right=False)
+    hi = torch.searchsorted(ordered, col, right=True)
+    return ((lo + hi - 1) / 2).T.double()
+
+
+def _check_independence(x: Tensor, C: int) -> Check:
+    r"""Checks that the samples of each of `C` calls, the consecutive rows of `x` in groups
+    of `K`, are independent: the ratio of the between-call and within-call mean squares of
+    their ranks (pooled over the columns) against its law when the rows are assigned to
+    calls at random."""
+
+    N = x.shape[0]
+    K = N // C
+    if K < 2 or C < 2:
+        return Check(True, 0.0)  # one sample a call, or one call: nothing to compare
+    # Ranks: a few outlying samples (heavy-tailed log-densities) would otherwise make the
+    # statistic's law under random assignment heavy-tailed too, and 5 of its standard
+    # deviations no longer rare. Tied entries (constant elements) share one rank.
+    r = _ranks(x)
+    r = r - r.mean(0)
+    calls = r.reshape(C, K, -1)
+    total = r.square().sum().item()
+    within = (calls - calls.mean(1, keepdim=True)).square().sum().item()
+    if total == 0:
+        return Check(True, 0.0)  # constant outputs: the law of the elements was compared
+    if within == 0:
+        # Every call made of one sample repeated: the chance of that under a random
+        # assignment of the samples to calls, C! / prod (m / K)! of N! / prod m!
+        # arrangements, if each distinct sample occurs m times, a multiple of K.
+        counts = torch.unique(x, dim=0, return_counts=True)[1].tolist()
+        if all(m % K == 0 for m in counts):
+            log_p = math.lgamma(C + 1) - math.lgamma(N + 1)
+            log_p += sum(math.lgamma(m + 1) - math.lgamma(m // K + 1) for m in counts)
+            if log_p < math.log(1e-6):
+                return Check(False, math.inf, "the samples of a call are all equal")
+        return Check(True, 0.0)
+    # Samples alike within a call (repeated draws) make the spread of the call means, in
+    # K times their mean square, larger than that within the calls: with K independent
+    # samples the two agree in expectation, whatever the correlations across output
+    # elements. The law of their log-ratio is that of the same samples assigned to calls
+    # at random (exact under independence, as samples are then exchangeable): the
+    # statistic must not be more than 5 of its standard deviations, from
+    # :data:`PERMUTATIONS` assignments, above their mean. On ranks and on the log scale
+    # the right tail of that law is no heavier than a normal's.
+    between = total - within
+    stat = math.log(between / (C - 1) / (within / (C * (K - 1)))) if between > 0 else -math.inf
+    gram = (r @ r.T).cpu()
+    g = torch.Generator().manual_seed(0)
+    perms = torch.rand(PERMUTATIONS, N, generator=g).argsort(1)
+    batch = max(1, 2**22 // N**2)  # 32 MiB of reordered Gram matrices at a time
+    null = torch.cat([_between_within(gram, p, C, K) for p in perms.split(batch)])
+    mean, sd = null.mean().item(), null.std().item()
+    z = (stat - mean) / sd if sd > 0 else (math.inf if stat > mean else 0.0)
+    if not z <= 5.0:
+        return Check(
+            False, z, f"samples of a call not independent: between-call variance of ranks "
+            f"{math.exp(stat):.2f} times the within-call one, {z:.1f} SD above chance"
+        )  # fmt: skip
+    return Check(True, max(z, 0.0))
 
 
 def _z(a: Tensor, b: Tensor) -> Tensor:
@@ -463,11 +564,15 @@ def check_statistically(
     samples or more, with the method built anew for them.
 
     Forward and sample modes: the method built at `K`, called `ceil(max(K, samples) / K)`
-    times (seeds `seed + 1`, ...), its outputs concatenated. For every output element, the
-    mean over samples must agree with the loop's within 5 standard errors; and the log of
-    the average variance over output elements, in each of :data:`VARIANCE_GROUPS` groups of
-    the samples, averaged over the groups, within 5 standard errors of that average (from
-    the groups' spread).
+    times (seeds `seed + 1`, ...). Each call's output must have the shape of the loop's on
+    `K` samples; then, concatenated, for every output element, the mean over samples must
+    agree with the loop's within 5 standard errors; the log of the average variance over
+    output elements, in each of :data:`VARIANCE_GROUPS` groups of the samples, averaged
+    over the groups, within 5 standard errors of that average (from the groups' spread);
+    and, for `K > 1` and two calls or more, the samples of a call must be independent: the
+    ratio of the between-call and within-call mean squares of their ranks, pooled over
+    output elements, no more than 5 standard deviations above its mean when the samples
+    are assigned to calls at random (:data:`PERMUTATIONS` assignments).
     Train mode: :data:`STEP_DRAWS` draws of training steps of the method, each on
     `m = max(K, samples) / STEP_DRAWS` samples (rounded up) or more, against as many of the
     loop's, with finite gradients for every posterior tensor. Where `K < m`, a draw averages
@@ -486,5 +591,5 @@ def check_statistically(
         m = -(-n // STEP_DRAWS)
         return _check_steps(case, K, m, noise, build, seed, kl or noise is Noise.OWN)
     run, calls = build(K), -(-n // K)
-    got = torch.cat([run(seed + 1 + i) for i in range(calls)])
-    return _check_outputs(got, reference(case, calls * K, mode, noise, seed))
+    outs = [run(seed + 1 + i) for i in range(calls)]
+    return _check_outputs(outs, reference(case, calls * K, mode, noise, seed))
