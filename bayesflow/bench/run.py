@@ -121,10 +121,9 @@ def _failure(err: Exception, method: Method, K: int) -> tuple[Status, str]:
     return Status.UNSUPPORTED, f"{_error_type(err)}: {_first_line(err)}"
 
 
-def _finite_loss(out: Any) -> bool:
-    r"""Whether the loss of a training step's result `(losses, gradients)` is finite."""
+def _finite_loss(losses: Any) -> bool:
+    r"""Whether the losses of a training step are finite."""
 
-    losses = out[0] if isinstance(out, tuple) else out
     return not isinstance(losses, torch.Tensor) or bool(torch.isfinite(losses).all())
 
 
@@ -210,10 +209,13 @@ def measure_cell(
     if not check.ok or work is None:
         return {**failed(Status.WRONG, check.detail), "error": check.error}
 
-    last: list[Any] = [None]
+    last: list[Any] = [None]  # a training step's losses (outputs would hold memory)
+    train = mode == "train"
 
     def timed() -> None:
-        last[0] = work(None)
+        out = work(None)
+        if train:
+            last[0] = out[0] if isinstance(out, tuple) else out
 
     try:
         timing = time_call(
@@ -221,7 +223,7 @@ def measure_cell(
         )
     except Exception as e:  # a timed call that fails: this cell's, not the whole run's
         return failed(*_failure(e, method, K))
-    if mode == "train" and not _finite_loss(last[0]):
+    if train and not _finite_loss(last[0]):
         # A training step timed after the checked one diverged (its optimizer's steps):
         # the timings are of steps on NaN or infinite numbers.
         return failed(
