@@ -42,7 +42,7 @@ from torch import Tensor
 from bayesflow._numerics import softclip, std
 
 from .cases import Case
-from .status import NotApplicable, NotInstalled, Unsupported, Wrong
+from .status import NotApplicable, NotInstalled, Unsupported, Wrong, first_line
 
 #: The number of data of the ELBO (zuko's tutorial weighs its KL by 1e-6).
 NUM_DATA = 1e6
@@ -68,17 +68,12 @@ def _require(module: str, dist: str) -> None:
         missing = isinstance(e, ModuleNotFoundError) and e.name == module.split(".")[0]
         if not missing:
             raise Unsupported(
-                f"import {module} failed ({e.__class__.__name__}: {_first_line(e)}); "
+                f"import {module} failed ({e.__class__.__name__}: {first_line(e)}); "
                 f"bash scripts/peers.sh installs {dist}"
             ) from None
         raise NotInstalled(
             f"{e.__class__.__name__} on import {module}; bash scripts/peers.sh installs {dist}"
         ) from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else ""
 
 
 def _applies(case: Case, fn: Callable) -> None:

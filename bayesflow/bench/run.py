@@ -31,7 +31,7 @@ from .checks import (
 from .measure import threads as _threads
 from .measure import time_call
 from .methods import LOOPS, METHODS, THEIRS, Method, Noise
-from .status import BUGS, NotApplicable, NotInstalled, Status, Unsupported, Wrong
+from .status import BUGS, NotApplicable, NotInstalled, Status, Unsupported, Wrong, first_line
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,6 @@ def _error_type(err: BaseException) -> str:
     return type(cause).__name__
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else ""
-
-
 def _failure(err: Exception, method: Method, K: int) -> tuple[Status, str]:
     r"""The status and detail of a cell whose method raised `err`."""
 
@@ -117,8 +112,8 @@ def _failure(err: Exception, method: Method, K: int) -> tuple[Status, str]:
     while cause.__cause__ is not None:
         cause = cause.__cause__
     if isinstance(cause, BUGS) and method.name not in THEIRS:
-        return Status.ERROR, f"{_error_type(err)}: {_first_line(err)}"
-    return Status.UNSUPPORTED, f"{_error_type(err)}: {_first_line(err)}"
+        return Status.ERROR, f"{_error_type(err)}: {first_line(err)}"
+    return Status.UNSUPPORTED, f"{_error_type(err)}: {first_line(err)}"
 
 
 def _finite_loss(losses: Any) -> bool:

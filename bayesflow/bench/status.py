@@ -10,6 +10,7 @@ __all__ = [
     "Status",
     "Unsupported",
     "Wrong",
+    "first_line",
 ]
 
 from enum import Enum
@@ -56,3 +57,10 @@ class Wrong(Exception):
 #: runs it: bayesflow refuses what it cannot run with ValueError, TypeError, RuntimeError or
 #: NotImplementedError, each naming the call. A peer library raising one is `unsupported`.
 BUGS = (AttributeError, NameError, AssertionError, KeyError, IndexError, ZeroDivisionError)
+
+
+def first_line(err: BaseException) -> str:
+    r"""The first line of an exception's message, at most 200 characters (a cell's detail)."""
+
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else ""
