@@ -517,7 +517,10 @@ def test_bad_calls(gen):
 WORLD = 2
 
 
-def _ivon_worker(rank, rendezvous, path):
+def _worker(rank, steps, rendezvous, path):
+    r"""Runs `steps(rank)` in process `rank` of a gloo group and saves what it returns at
+    `path.rank`."""
+
     import datetime
     import os
 
@@ -535,20 +538,7 @@ def _ivon_worker(rank, rendezvous, path):
     try:
         torch.set_default_dtype(torch.float64)
         torch.set_num_threads(1)
-        net, (x, y) = make_net(), data()
-        if rank == 1:
-            with torch.no_grad():  # the optimizer starts every process from the first's means
-                net[0].weight.add_(1.0)
-        opt = bf.IVON(net, **HYPERS["decay-clip"])
-        shard = slice(10 * rank, 10 * (rank + 1))
-        for t in range(3):
-            # each process draws its own sample, on its own shard of the batch
-            params = opt.sample(1, generator=torch.Generator().manual_seed(100 * t + rank))
-            (bf.vmap_call(net, params, x[shard]) - y[shard]).square().mean().backward()
-            opt.step()
-        state = opt.state_dict()["state"]
-        state["logvar"] = flat(opt.posterior.logvar.values())
-        torch.save(state, f"{path}.{rank}")
+        torch.save(steps(rank), f"{path}.{rank}")
         # Neither process tears gloo down while the other still talks to it.
         dist.barrier()
     finally:
@@ -558,9 +548,26 @@ def _ivon_worker(rank, rendezvous, path):
     os._exit(0)
 
 
-def _run_workers(worker, tmp_path):
-    r"""Runs `worker(rank, rendezvous, path)` in :data:`WORLD` processes; returns what each
-    saved at `path.rank`."""
+def _ivon_steps(rank):
+    net, (x, y) = make_net(), data()
+    if rank == 1:
+        with torch.no_grad():  # the optimizer starts every process from the first's means
+            net[0].weight.add_(1.0)
+    opt = bf.IVON(net, **HYPERS["decay-clip"])
+    shard = slice(10 * rank, 10 * (rank + 1))
+    for t in range(3):
+        # each process draws its own sample, on its own shard of the batch
+        params = opt.sample(1, generator=torch.Generator().manual_seed(100 * t + rank))
+        (bf.vmap_call(net, params, x[shard]) - y[shard]).square().mean().backward()
+        opt.step()
+    state = opt.state_dict()["state"]
+    state["logvar"] = flat(opt.posterior.logvar.values())
+    return state
+
+
+def _run_workers(steps, tmp_path):
+    r"""Runs `steps(rank)` in :data:`WORLD` processes of a gloo group; returns what each
+    returned."""
 
     import time
 
@@ -568,8 +575,8 @@ def _run_workers(worker, tmp_path):
 
     path = str(tmp_path / "rank")
     context = mp.start_processes(
-        worker,
-        args=(str(tmp_path / "rendezvous"), path),
+        _worker,
+        args=(steps, str(tmp_path / "rendezvous"), path),
         nprocs=WORLD,
         join=False,
         start_method="spawn",
@@ -586,7 +593,7 @@ def _run_workers(worker, tmp_path):
 
 
 def test_data_parallel_equals_one_process_with_two_samples(tmp_path, monkeypatch):
-    ranks = _run_workers(_ivon_worker, tmp_path)
+    ranks = _run_workers(_ivon_steps, tmp_path)
 
     # one process, the same two samples, as two draws on the two shards, then one step
     (x, y), looped = data(), make_net()
@@ -622,44 +629,25 @@ def test_data_parallel_equals_one_process_with_two_samples(tmp_path, monkeypatch
     assert not close(ranks[0]["mean"], flat(make_net().parameters()), 1e-3)
 
 
-def _diverged_worker(rank, rendezvous, path):
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{rendezvous}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
+def _diverged_steps(rank):
+    net, (x, y) = make_net(), data()
+    opt = bf.IVON(net, **HYPERS["decay-clip"])
+    before = flat(net.parameters())
+    params = opt.sample(1, generator=torch.Generator().manual_seed(rank))
+    loss = (bf.vmap_call(net, params, x) - y).square().mean()
+    (loss * (math.nan if rank == 1 else 1.0)).backward()  # diverged in process 1 only
     try:
-        torch.set_default_dtype(torch.float64)
-        torch.set_num_threads(1)
-        net, (x, y) = make_net(), data()
-        opt = bf.IVON(net, **HYPERS["decay-clip"])
-        before = flat(net.parameters())
-        params = opt.sample(1, generator=torch.Generator().manual_seed(rank))
-        loss = (bf.vmap_call(net, params, x) - y).square().mean()
-        (loss * (math.nan if rank == 1 else 1.0)).backward()  # diverged in process 1 only
-        try:
-            opt.step()
-            error = None
-        except ValueError as e:
-            error = str(e)
-        state = {"error": error, "updated": not torch.equal(flat(net.parameters()), before)}
-        state["finite"] = bool(torch.isfinite(flat(net.parameters())).all())
-        torch.save(state, f"{path}.{rank}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)
+        opt.step()
+        error = None
+    except ValueError as e:
+        error = str(e)
+    state = {"error": error, "updated": not torch.equal(flat(net.parameters()), before)}
+    state["finite"] = bool(torch.isfinite(flat(net.parameters())).all())
+    return state
 
 
 def test_data_parallel_a_loss_diverged_in_one_process_is_refused_in_every_one(tmp_path):
-    for rank in _run_workers(_diverged_worker, tmp_path):
+    for rank in _run_workers(_diverged_steps, tmp_path):
         assert rank["error"] is not None
         assert rank["error"].startswith("IVON.step: expected finite gradients of the samples")
         assert "NaN or infinite values in a process" in rank["error"]
