@@ -564,6 +564,11 @@ def check_probs(where: str, probs: object) -> Tensor:
     if p.numel() == 0:
         return p
 
+    if p.isnan().any():
+        raise ValueError(
+            f"{where}: expected probabilities without NaN, got {int(p.isnan().sum())} NaN "
+            f"among {p.numel()} values"
+        )
     if not ((p >= 0).all() and (p <= 1).all()):
         raise ValueError(
             f"{where}: expected probabilities in [0, 1], got values in "

@@ -443,7 +443,8 @@ def log_mean_exp(x: Tensor, dim: int = 0) -> Tensor:
 
     It is :math:`m + \log \frac{1}{K} \sum_k e^{x_k - m}` with :math:`m = \max_k x_k`,
     in at least float32, rounded once: never above :math:`m` (log-probabilities stay
-    :math:`\leq 0`), and within a few units of rounding of the exact value.
+    :math:`\leq 0`), and within a few units of rounding of :math:`\max(1, |m|)` of the
+    exact value (an absolute error: a result near 0 may be off by many units of its own).
     """
 
     # Not logsumexp - log K: the two logs round apart (a float32 logsumexp of 7 equal

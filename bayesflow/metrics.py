@@ -80,7 +80,13 @@ def gaussian_nll(mean: Tensor, std: Tensor, y: Tensor, reduction: str = "mean") 
         for t in (mean, std, y)
     )
     z = (y - mean) / std
-    nll = 0.5 * z.square() + std.log() + 0.5 * math.log(2 * math.pi)
+    nll = (0.5 * z) * z + std.log() + 0.5 * math.log(2 * math.pi)  # z^2 / 2 overflows later
+    if nll.isnan().any():  # only from infinities: inf - inf, inf / inf
+        raise ValueError(
+            f"{where}: expected a defined NLL, got infinite values of mean, std or y that "
+            f"leave it undefined (inf - inf or inf / inf) at {int(nll.isnan().sum())} of "
+            f"{nll.numel()} positions"
+        )
 
     return reduce(where, nll, reduction).to(out)
 
@@ -276,8 +282,9 @@ def interval_coverage(lower: Tensor, upper: Tensor, y: Tensor) -> Tensor:
         raise ValueError(f"{where}: expected lower <= upper, got lower > upper somewhere")
 
     inside = (lower <= y) & (y <= upper)
+    dtype = torch.promote_types(torch.promote_types(lower.dtype, upper.dtype), y.dtype)
 
-    return inside.to(y.dtype).mean()
+    return inside.to(dtype).mean()
 
 
 def auroc(scores: Tensor, labels: Tensor) -> Tensor:
@@ -315,7 +322,7 @@ def auroc(scores: Tensor, labels: Tensor) -> Tensor:
             f"{tuple(s.shape)} and {tuple(y.shape)}"
         )
     if y.is_floating_point() or y.is_complex():
-        raise ValueError(f"{where}: expected binary labels (bool, 0 or 1), got {y.dtype} labels")
+        raise TypeError(f"{where}: expected binary labels (bool, 0 or 1), got {y.dtype} labels")
     binary = (y == 0) | (y == 1)
     if not binary.all():
         # Through Python ints: torch neither sorts nor reduces uint16, uint32 and uint64.

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_int, check_level, check_samples, reduce
-from ._numerics import log_mean_exp
+from ._numerics import accumulator, log_mean_exp
 
 # Summaries over the sample dim.
 
@@ -108,7 +108,14 @@ def _quantiles(x: Tensor, q: Tensor) -> Tensor:
     frac = (pos - lo.to(torch.float64)).to(wide).view(-1, *(1,) * (x.dim() - 1))
 
     below, above = xs[lo], xs[hi]
-    out = torch.lerp(below.to(wide), above.to(wide), frac).to(x.dtype)
+    a, b = below.to(wide), above.to(wide)
+    out = torch.lerp(a, b, frac)
+    # lerp takes b - a, which overflows between finite order statistics of opposite signs
+    # near the ends of the range: the weighted sum does not.
+    far = (b - a).isinf() & a.isfinite() & b.isfinite()
+    if far.any():
+        out = torch.where(far, a * (1 - frac) + b * frac, out)
+    out = out.to(x.dtype)
     # Towards an infinite order statistic the quantile is infinite, and on one or between
     # equal ones there is nothing to interpolate: lerp gives inf - inf = NaN there.
     up, down = above.isposinf(), below.isneginf()
@@ -119,6 +126,14 @@ def _quantiles(x: Tensor, q: Tensor) -> Tensor:
     # As `torch.quantile`: a slice with a NaN has NaN quantiles (sort puts NaN last).
     nan = x.isnan().any(dim=0)
     return out.masked_fill(nan, float("nan")) if nan.any() else out
+
+
+def _is_complex(q: object) -> bool:
+    # torch.as_tensor casts a complex tensor or array to a real dtype with a warning only,
+    # dropping the imaginary part.
+    if isinstance(q, Tensor):
+        return q.is_complex()
+    return getattr(getattr(q, "dtype", None), "kind", None) == "c"
 
 
 def _has_bools(q: object) -> bool:
@@ -163,6 +178,8 @@ def predictive_quantiles(samples: Tensor, q: float | Sequence[float] | Tensor) -
         raise TypeError(
             f"{where}: expected q to be a float or a sequence of floats, got bools in {q!r}"
         )
+    if _is_complex(q):
+        raise TypeError(f"{where}: expected q to be real, got complex values {q!r}")
     try:
         qs = torch.as_tensor(q, dtype=torch.float64, device=x.device)
     except (TypeError, ValueError, RuntimeError):
@@ -317,7 +334,10 @@ def predictive_nll(log_probs: Tensor, reduction: str = "mean") -> Tensor:
 # Classifiers.
 
 
-def _log_softmax(where: str, logits: object) -> Tensor:
+def _log_softmax(where: str, logits: object) -> tuple[Tensor, torch.dtype]:
+    r"""Returns the log-probabilities of `logits`, in at least float32, and the dtype of
+    `logits`, which the results are rounded to once."""
+
     x = check_samples(where, logits, "logits")
     if x.dim() < 3:
         # (K, C) is also (B, C) with the sample dim forgotten: one would be silently
@@ -329,7 +349,9 @@ def _log_softmax(where: str, logits: object) -> Tensor:
         )
     if x.shape[-1] < 1:
         raise ValueError(f"{where}: expected at least one class on the last dim, got none")
-    return x.log_softmax(dim=-1)
+    # Entropies of half-precision log-probabilities lose everything below 2^-8 of their
+    # size: the mutual information, a small difference, came out as 0 or 0.03.
+    return x.to(accumulator(x)).log_softmax(dim=-1), x.dtype
 
 
 def _entropy(logp: Tensor) -> Tensor:
@@ -355,7 +377,8 @@ def log_mean_probs(logits: Tensor) -> Tensor:
         The log-probabilities, at most 0, with shape `(*batch, C)`.
     """
 
-    return log_mean_exp(_log_softmax("log_mean_probs", logits))
+    lp, dtype = _log_softmax("log_mean_probs", logits)
+    return log_mean_exp(lp).to(dtype)
 
 
 def mean_probs(logits: Tensor) -> Tensor:
@@ -376,7 +399,8 @@ def mean_probs(logits: Tensor) -> Tensor:
         `(*batch, C)`.
     """
 
-    return log_mean_exp(_log_softmax("mean_probs", logits)).exp()
+    lp, dtype = _log_softmax("mean_probs", logits)
+    return log_mean_exp(lp).exp().to(dtype)
 
 
 def predictive_entropy(logits: Tensor) -> Tensor:
@@ -396,7 +420,8 @@ def predictive_entropy(logits: Tensor) -> Tensor:
         The entropy, with shape `(*batch)`.
     """
 
-    return _entropy(log_mean_exp(_log_softmax("predictive_entropy", logits)))
+    lp, dtype = _log_softmax("predictive_entropy", logits)
+    return _entropy(log_mean_exp(lp)).to(dtype)
 
 
 def expected_entropy(logits: Tensor) -> Tensor:
@@ -415,12 +440,18 @@ def expected_entropy(logits: Tensor) -> Tensor:
         The expected entropy of every input, with shape `(*batch)`.
     """
 
-    return _entropy(_log_softmax("expected_entropy", logits)).mean(dim=0)
+    lp, dtype = _log_softmax("expected_entropy", logits)
+    return _entropy(lp).mean(dim=0).to(dtype)
 
 
-def _mutual_information(lp: Tensor) -> Tensor:
-    # Non-negative by Jensen's inequality; rounding can leave it at -1e-16.
-    return (_entropy(log_mean_exp(lp)) - _entropy(lp).mean(dim=0)).clamp(min=0)
+def _mutual_information(lp: Tensor, log_mean: Tensor) -> Tensor:
+    # The mean KL divergence of the samples from their average, not the difference of two
+    # entropies: that cancels two numbers of about log C, and loses a small information
+    # (1e-6 nats in float32) in their rounding. Clamped as _entropy, so that p = 0 gives
+    # 0 * finite; non-negative by Jensen's inequality, rounding can leave it at -1e-16.
+    lo = torch.finfo(lp.dtype).min
+    lp, log_mean = lp.clamp(min=lo), log_mean.clamp(min=lo)
+    return (lp.exp() * (lp - log_mean)).sum(dim=-1).mean(dim=0).clamp(min=0)
 
 
 def mutual_information(logits: Tensor) -> Tensor:
@@ -428,8 +459,12 @@ def mutual_information(logits: Tensor) -> Tensor:
     (epistemic uncertainty), in nats.
 
     .. math:: \mathbb{I}[y; \theta] = \mathbb{H}[\bar{p}] - \frac{1}{K} \sum_k \mathbb{H}[p_k]
+        = \frac{1}{K} \sum_k \mathrm{KL}(p_k \,\|\, \bar{p})
 
-    It is zero when all samples agree, and at most :math:`\log C`.
+    It is zero when all samples agree, and at most :math:`\log C`. It is computed as the
+    mean KL divergence, which keeps a small information that the difference of two
+    entropies of about :math:`\log C` would lose to rounding; half-precision logits in
+    float32, the result rounded once.
 
     Example:
         >>> z = torch.tensor([[[0.0, -1000.0]], [[-1000.0, 0.0]]])  # two confident samples
@@ -449,13 +484,14 @@ def mutual_information(logits: Tensor) -> Tensor:
         | https://arxiv.org/abs/1112.5745
     """
 
-    return _mutual_information(_log_softmax("mutual_information", logits))
+    lp, dtype = _log_softmax("mutual_information", logits)
+    return _mutual_information(lp, log_mean_exp(lp)).to(dtype)
 
 
 class ClassificationSummary(NamedTuple):
     r"""A classifier's predictive distribution and its uncertainty decomposition, from
     :func:`classification_summary`; `predictive_entropy = expected_entropy +
-    mutual_information`.
+    mutual_information`, up to rounding.
 
     Attributes:
         probs: The model-average probabilities, with shape `(*, C)`.
@@ -489,14 +525,12 @@ def classification_summary(logits: Tensor) -> ClassificationSummary:
         A :class:`ClassificationSummary`.
     """
 
-    lp = _log_softmax("classification_summary", logits)
+    lp, dtype = _log_softmax("classification_summary", logits)
     log_mean = log_mean_exp(lp)
-    total = _entropy(log_mean)
-    aleatoric = _entropy(lp).mean(dim=0)
 
     return ClassificationSummary(
-        probs=log_mean.exp(),
-        predictive_entropy=total,
-        expected_entropy=aleatoric,
-        mutual_information=(total - aleatoric).clamp(min=0),
+        probs=log_mean.exp().to(dtype),
+        predictive_entropy=_entropy(log_mean).to(dtype),
+        expected_entropy=_entropy(lp).mean(dim=0).to(dtype),
+        mutual_information=_mutual_information(lp, log_mean).to(dtype),
     )

@@ -119,6 +119,10 @@ def test_interval_coverage_hand_example():
 
     assert torch.allclose(bf.interval_coverage(lower, upper, y), torch.tensor(0.6))
 
+    # In the dtype the three promote to, not y's: 2/3 in bfloat16 is 0.668.
+    got = bf.interval_coverage(lower[:3].double(), upper[:3].double(), y[1:4].bfloat16())
+    assert got.dtype == torch.float64 and torch.allclose(got, torch.tensor(2 / 3).double())
+
 
 @pytest.mark.parametrize("level", [0.5, 0.9])
 def test_interval_coverage_of_exact_gaussian_quantiles(level, gen):
@@ -496,6 +500,25 @@ def test_gaussian_nll_refuses_nan():
     assert inf[1] == math.inf and torch.equal(
         inf[[0, 2]], bf.gaussian_nll(mean[[0, 2]], std[[0, 2]], y[[0, 2]], reduction="none")
     )
+    # ... but an infinite mean at an infinite observation (or an infinite std and error)
+    # has no NLL: it was a silent NaN.
+    inf = torch.tensor([0.0, math.inf, 0.0])
+    for args in ((mean + inf, std, y + inf), (mean, std + inf, y - inf)):
+        with pytest.raises(
+            ValueError, match=r"gaussian_nll: expected a defined NLL, got .* at 1 of 3"
+        ):
+            bf.gaussian_nll(*args)
+
+
+def test_gaussian_nll_of_float32_is_finite_where_the_exact_value_fits():
+    # z**2 overflowed float32 from |z| = 1.8e19, where z**2 / 2 fits up to 2.6e19.
+    y = torch.tensor([2e19, -2.5e19, 1e19])
+    mean, std = torch.zeros_like(y), torch.ones_like(y)
+    exact = -torch.distributions.Normal(0.0, 1.0).log_prob(y.double())
+    assert exact.to(torch.float32).isfinite().all()
+
+    nll = bf.gaussian_nll(mean, std, y, reduction="none")
+    assert torch.allclose(nll.double(), exact, rtol=1e-6, atol=0)
 
 
 # Messages, data sets and documentation.
@@ -517,6 +540,11 @@ def test_auroc_names_the_labels_that_are_not_binary():
             rf"{labels.dtype} labels outside \{{0, 1\}}, of values {shown}$",
         ):
             bf.auroc(scores, labels)
+    # A dtype, not a value: TypeError, as the other metrics give (it was a ValueError).
+    with pytest.raises(
+        TypeError, match=r"auroc: expected binary labels \(bool, 0 or 1\), got torch.float32"
+    ):
+        bf.auroc(scores, torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0], dtype=torch.float32))
 
 
 def test_two_moons_takes_any_real_sigma(gen):
