@@ -282,10 +282,11 @@ class _Allocations(TorchDispatchMode):
             if isinstance(t, Tensor):
                 try:
                     storage = t.untyped_storage()
-                except RuntimeError:  # a tensor subclass without storage of its own
+                    ptr = storage.data_ptr()
+                except RuntimeError:  # no storage of its own (a subclass, a dual tensor)
                     continue
-                if storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
+                if ptr not in seen:
+                    seen.add(ptr)
                     self.bytes += storage.nbytes()
         return out
 

@@ -332,9 +332,12 @@ def _run(
 
 def check_finite(where: str, posterior: Posterior) -> None:
     r"""Raises if a mean or log-variance of `posterior` holds NaN or infinite values (the
-    check :func:`sample` makes before any draw)."""
+    check :func:`sample` makes before any draw, and skips as it does where values cannot
+    be read: inside torch.compile or a torch.func transform)."""
 
     plan, tensors = _plan(where, posterior)
+    if _traced():
+        return
     names, t = plan.names, len(plan.names)
     for group in plan.groups:
         means = [tensors[i] for i in group.index]

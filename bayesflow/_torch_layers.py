@@ -182,7 +182,12 @@ def _open_dead_rows(
 class _Bmm(torch.autograd.Function):
     r"""`baddbmm(b, v, w^T)` whose backward gives the weight's gradient contiguous,
     `bmm(g^T, v)`: autograd's own is a transposed view, which a leaf weight (an ensemble's,
-    IVON's) then copies once more."""
+    IVON's) then copies once more. Under an outer :func:`torch.func.vmap` (per-example
+    gradients), functorch batches it by running these formulas per example; under forward
+    mode (:func:`torch.func.jvp`, :func:`torch.func.hessian`), :meth:`jvp` gives its
+    tangent."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(v: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -192,7 +197,25 @@ class _Bmm(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         v, w, b = inputs
         ctx.save_for_backward(v, w)
+        ctx.save_for_forward(v, w)
         ctx.bias_shape = None if b is None else b.shape
+        ctx.out_shape = output.shape
+
+    @staticmethod
+    def jvp(ctx: Any, v_t: Tensor | None, w_t: Tensor | None, b_t: Tensor | None) -> Tensor:
+        v, w = ctx.saved_tensors
+        terms = [
+            t
+            for t in (
+                None if v_t is None else torch.bmm(v_t, w.mT),
+                None if w_t is None else torch.bmm(v, w_t.mT),
+                None if b_t is None else b_t.expand(ctx.out_shape),
+            )
+            if t is not None
+        ]
+        if not terms:
+            return v.new_zeros(ctx.out_shape)
+        return sum(terms[1:], terms[0])
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
@@ -203,6 +226,23 @@ class _Bmm(torch.autograd.Function):
         if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
             grad_b = g.sum_to_size(ctx.bias_shape)
         return grad_v, grad_w, grad_b
+
+
+def _autocast(device: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    r"""Returns `tensors` as autocast gives them to `F.linear` on `device`: in the
+    autocast dtype where it is enabled (any floating dtype but float64). Before the
+    Function, not inside: its backward would multiply the saved float32 inputs by a
+    gradient of the lower dtype."""
+
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(  # as autocast: any floating dtype but float64
+        t.to(dtype)
+        if t is not None and t.is_floating_point() and t.dtype not in (torch.float64, dtype)
+        else t
+        for t in tensors
+    )
 
 
 def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -230,6 +270,7 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             v = v.reshape(k, lead.numel(), inputs)
         if b is not None:
             b = b if b_dim is None else b.movedim(b_dim, 0).unsqueeze(1)
+        v, w, b = _autocast(v.device.type, v, w, b)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (v, w, b)):
             y = function_apply(_Bmm, v, w, b)
         else:  # no graph to record: the same kernel without the Function's bookkeeping

@@ -822,6 +822,47 @@ def test_second_derivatives_match_the_loop(gen):
     assert all(a.abs().sum() > 0 for a in vectorized)
 
 
+# torch's forward mode loads its decompositions through torch.jit.script on first use.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_outer_torch_func_transforms_run_vectorized_with_the_loops_numbers(fresh_caches, gen):
+    # The batched linear layer's Function had no vmap rule and no jvp: per-example gradients
+    # (vmap of grad), jvp and Hessians (jacfwd of jacrev) over vmap_call fell back to the
+    # loop with "vmap cannot run Sequential", and the first jvp of an fn and shape failed
+    # in the memory-measuring pass. fallback=False: they must run vectorized.
+    from torch.func import grad, hessian, jvp, vmap
+
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    q = bf.init(net, init_logvar=-2.0)
+    params = {k: v.detach() for k, v in bf.sample(q, 4, generator=gen(1)).items()}
+    x, y = torch.randn(6, 3, generator=gen(2)), torch.randn(6, 2, generator=gen(3))
+    vec = lambda p, x: bf.vmap_call(net, p, x, fallback=False)
+
+    def per_example(call):
+        loss = lambda p, xi, yi: (call(p, xi[None]) - yi).square().sum()
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+    got, want = per_example(vec), per_example(lambda p, x: bf.loop_call(net, p, x))
+    assert all(torch.allclose(got[k], want[k], atol=1e-12) for k in params)
+    assert not torch.allclose(got["0.weight"][:, 0], got["0.weight"][:, 1])  # per sample
+
+    tangents = {k: torch.randn(v.shape, generator=gen(4)) for k, v in params.items()}
+    x_t = torch.randn(x.shape, generator=gen(5))
+    for call in (vec, lambda p, x: bf.loop_call(net, p, x)):
+        out, out_t = jvp(call, (params, x), (tangents, x_t))
+        if call is vec:
+            got = out, out_t
+        else:
+            assert torch.allclose(got[0], out, atol=1e-12)
+            assert torch.allclose(got[1], out_t, atol=1e-12)
+    assert got[1].abs().sum() > 0
+
+    w = params["2.weight"]
+    h = lambda call: hessian(lambda w: call({**params, "2.weight": w}, x).square().sum())(w)
+    got = h(vec)
+    assert torch.allclose(got, h(lambda p, x: bf.loop_call(net, p, x)), atol=1e-10)
+    assert got.abs().sum() > 0
+
+
 def test_the_default_chunk_fits_the_cpu_cache(monkeypatch, gen, fresh_caches):
     # On the CPU, samples whose working set overflows the last-level cache run in chunks
     # that fit it (the same numbers); those that fit run at once. The first call, all at
@@ -1644,3 +1685,34 @@ def test_backward_hooks_are_run_as_a_plain_call_runs_them(kind, gen):
             assert not again.requires_grad
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_gives_the_loops_outputs_and_gradients(dtype, gen):
+    # The batched linear layer's Function saved float32 inputs and multiplied them by the
+    # gradient autocast gave in bfloat16: the backward raised "expected scalar type
+    # BFloat16 but found Float". Oracle: the loop under the same autocast.
+    f32 = torch.float32
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(f32)
+    q = bf.init(net, init_logvar=-3.0)
+    x = torch.randn(6, 3, generator=gen(0), dtype=f32)
+    before = snapshot(net)
+
+    results = []
+    for call in (bf.loop_call, bf.vmap_call):
+        params = bf.sample(q, 3, generator=gen(1))
+        kwargs = {} if call is bf.loop_call else {"fallback": False}
+        with torch.autocast("cpu", dtype=dtype):
+            out = call(net, params, x, **kwargs)
+        grads = torch.autograd.grad(
+            out.float().square().sum(), [*q.mean.values(), *q.logvar.values()]
+        )
+        results.append((out, grads))
+
+    (loop, loop_grads), (vec, vec_grads) = results
+    assert vec.dtype == loop.dtype == dtype
+    assert torch.allclose(vec.float(), loop.float(), rtol=1e-2, atol=1e-2)
+    for a, b in zip(vec_grads, loop_grads, strict=True):
+        assert torch.allclose(a, b, rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(vec[0].float(), vec[1].float())  # the samples change the output
+    assert unchanged(before, net)

@@ -1053,3 +1053,33 @@ def test_a_layer_of_a_wider_dtype_gets_noise_of_its_own_dtype(flipout, gen):
     )
     y64 = bf.local_call(twin, q64, 200, x, generator=gen(1), flipout=flipout)
     assert torch.allclose(y, y64, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
+def test_vmap_over_a_batch_of_posteriors_matches_a_loop(estimator, gen):
+    # As bf.sample and the KLs (docs/training.md): the NaN check read the values of the
+    # batched posterior, "Cannot access data pointer of Tensor that doesn't have storage".
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    q = bf.init(net, init_logvar=-3.0)
+    b, x, y = 3, torch.randn(5, 3, generator=gen(0)), torch.randn(5, 2, generator=gen(1))
+    shift = torch.tensor([0.0, 0.3, -0.2])  # posteriors that differ
+    means = {k: v.detach() + shift.view(-1, *(1,) * v.dim()) for k, v in q.mean.items()}
+    logvars = {k: v.detach() - shift.view(-1, *(1,) * v.dim()) for k, v in q.logvar.items()}
+    one = lambda i: bf.Posterior(
+        {k: v[i] for k, v in means.items()}, {k: v[i] for k, v in logvars.items()}
+    )
+    ll = lambda m, x, y: -(m(x) - y).square().sum(-1)
+    flipout = estimator == "flipout"
+    calls = {
+        "local_call": lambda p: bf.local_call(net, p, 4, x, generator=gen(2), flipout=flipout),
+        "nelbo": lambda p: bf.nelbo(
+            net, p, x, y, fn=ll, num_data=100, n=4, generator=gen(2), estimator=estimator
+        ),
+    }
+    for name, call in calls.items():
+        got = torch.func.vmap(
+            lambda m, lv, call=call: call(bf.Posterior(m, lv)), randomness="same"
+        )(means, logvars)
+        want = torch.stack([call(one(i)) for i in range(b)])
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-14), name
+        assert not torch.allclose(want[0], want[1]), name  # the posteriors change the result
