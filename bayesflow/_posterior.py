@@ -113,6 +113,11 @@ def _logvar_value(where: str, name: str, value: object, like: Tensor) -> Tensor:
             f"got {type(value).__name__}"
         )
 
+    if isinstance(value, Tensor) and (value.dtype == torch.bool or value.is_complex()):
+        raise TypeError(
+            f"{where}: expected init_logvar for {name!r} to be real, got a tensor of "
+            f"{value.dtype}"
+        )
     if isinstance(value, Tensor) and value.is_meta:
         raise ValueError(
             f"{where}: expected init_logvar for {name!r} with data, got a tensor on the meta "
@@ -258,12 +263,30 @@ def check_matches(where: str, module: nn.Module, posterior: Posterior) -> None:
                 )
 
 
+def copy_module(where: str, module: nn.Module) -> nn.Module:
+    r"""Returns `copy.deepcopy(module)`, or raises a ValueError that says why there is
+    none: a module holding a tensor computed from others (a sample of a `reparameterize()`
+    block, the weight of hook-based `weight_norm`), which torch refuses to copy."""
+
+    try:
+        return copy.deepcopy(module)
+    except RuntimeError as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"{where}: expected a module that copy.deepcopy can copy, got "
+            f"{type(module).__name__}, which holds a tensor computed from others ({reason}): "
+            "inside a BayesianModel.reparameterize() block the base holds a sample (call it "
+            "after the block); hook-based torch.nn.utils.weight_norm holds a computed weight "
+            "(torch.nn.utils.parametrizations.weight_norm copies)"
+        ) from e
+
+
 def mean_model(where: str, module: object, posterior: object) -> nn.Module:
     check_module(where, module)
     check_posterior(where, posterior)
     with lock(module):  # another thread's call may have samples swapped in
         check_matches(where, module, posterior)
-        new = copy.deepcopy(module)
+        new = copy_module(where, module)
     with torch.no_grad():
         for name, p in new.named_parameters():
             if name in posterior.mean:

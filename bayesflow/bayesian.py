@@ -4,7 +4,6 @@ from __future__ import annotations
 
 __all__ = ["BayesianModel"]
 
-import copy
 import numbers
 import threading
 
@@ -237,9 +236,9 @@ class BayesianModel(nn.Module):
             # since it was wrapped) would be loaded into nothing, the base's own weights
             # left in its place.
             _posterior.check_matches(where, self.base, self.posterior)
+            new = _posterior.copy_module(where, self.base)  # before the draw: it may fail
             with torch.no_grad():
                 params = _posterior.sample(where, self.posterior, 1, generator)
-            new = copy.deepcopy(self.base)
         new.load_state_dict({k: v[0] for k, v in params.items()}, strict=False)
 
         return new

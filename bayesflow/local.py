@@ -27,9 +27,14 @@ from ._types import Fn, Posterior
 
 
 def local_layers(module: nn.Module) -> dict[str, nn.Module]:
-    r"""Returns the layers of `module` that :func:`local_call` samples locally, by name.
+    r"""Returns the layers of `module` that :func:`local_call` can sample locally (the
+    candidates), by name: which of them it does depends on the estimator and on how
+    `fn` calls them (see :func:`local_call`). Under the local trick a convolution, or a
+    linear layer whose input has positions besides the example dim, takes a whole weight
+    sample, and under Flipout so does a linear layer on `(B, T, in)`, unless
+    `per_position`; and so does a layer that `fn` calls twice or that shares its weight.
 
-    They are the instances of :class:`torch.nn.Linear`, :class:`zuko.nn.Linear` and
+    The candidates are the instances of :class:`torch.nn.Linear`, :class:`zuko.nn.Linear` and
     :class:`torch.nn.Conv1d` / `Conv2d` / `Conv3d`, and of their subclasses that keep
     their `forward`, such as zuko's `MaskedLinear`, but for instances whose `forward` was
     set on the instance (a monkeypatch, accelerate's hooks): that runs as it is.

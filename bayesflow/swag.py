@@ -5,7 +5,6 @@ from __future__ import annotations
 
 __all__ = ["SWAG"]
 
-import copy
 
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -335,7 +334,7 @@ class SWAG:
             )
 
         with lock(module):  # another thread's call may have samples swapped in
-            new = copy.deepcopy(module)
+            new = _posterior.copy_module(where, module)
         with torch.no_grad():
             for k, m in self.mean.items():
                 new.get_parameter(k).copy_(m)

@@ -655,3 +655,59 @@ def test_reparameterize_refuses_a_posterior_that_no_longer_fits(change, local_tr
     assert unchanged(before, bnet)
     assert all(p is q for p, q in zip(bnet.base.parameters(), originals, strict=True))
     assert [dict(vars(m)) for m in bnet.base.modules()] == forwards
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_a_base_that_cannot_be_copied_is_refused_before_the_draw(gen):
+    # sample_model drew, then deep-copied: torch's bare RuntimeError ("Only Tensors created
+    # explicitly by the user ... support the deepcopy protocol"), the generator advanced.
+    hooked = nn.Sequential(nn.utils.weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2))
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    bnets = bf.BayesianModel(hooked, init_logvar=-3.0), bf.BayesianModel(plain, init_logvar=-3.0)
+    swag = bf.SWAG(hooked)
+    swag.collect(hooked)
+
+    def refused(bnet):
+        g = gen(0)
+        state, before = g.get_state(), snapshot(bnet)
+        for where, call in (
+            ("BayesianModel.sample_model", lambda: bnet.sample_model(generator=g)),
+            ("BayesianModel.mean_model", bnet.mean_model),
+            ("mean_model", lambda: bf.mean_model(bnet.base, bnet.posterior)),
+        ):
+            with pytest.raises(
+                ValueError, match=rf"^{where}: expected a module that copy.deepcopy"
+            ):
+                call()
+        assert torch.equal(g.get_state(), state) and unchanged(before, bnet)
+
+    refused(bnets[0])
+    with bnets[1].reparameterize():
+        refused(bnets[1])
+    with pytest.raises(
+        ValueError, match=r"^SWAG.mean_model: expected a module that copy.deepcopy"
+    ):
+        swag.mean_model(hooked)
+
+    # After the block, a copy: the sample the same generator state draws.
+    new = bnets[1].sample_model(generator=gen(0))
+    params = bnets[1].sample_params(generator=gen(0))
+    x = torch.randn(5, 3)
+    assert torch.allclose(
+        new(x), bf.loop_call(plain, {k: v[None] for k, v in params.items()}, x)[0]
+    )
+    assert not torch.allclose(new(x), plain(x))
+
+
+def test_init_logvar_tensors_of_bools_or_complex_numbers_are_refused():
+    # torch.tensor(True) was taken as 1.0 (a bool is refused); a complex one gave a bare
+    # RuntimeError after torch's warning that it drops the imaginary part.
+    for value in (torch.tensor(True), torch.tensor(1 + 2j)):
+        for where, make in (
+            ("init", lambda v: bf.init(nn.Linear(3, 2), init_logvar=v)),
+            ("BayesianModel", lambda v: bf.BayesianModel(nn.Linear(3, 2), init_logvar=v)),
+        ):
+            with pytest.raises(
+                TypeError, match=rf"^{where}: expected init_logvar for 'weight' to be real"
+            ):
+                make(value)
