@@ -18,6 +18,9 @@ from typing import Any
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 
+#: Timed measurements per cell, unless `--quick` or a sweep says otherwise.
+REPEATS = 7
+
 #: The keys of a sweep (see :mod:`bayesflow.bench.sweeps`).
 SWEEP_KEYS = (
     "models",
@@ -142,7 +145,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .bench import METHODS, MODELS, MODES, SWEEPS
+    from .bench import DEFAULTS, METHODS, MODELS, MODES, SWEEPS
+
+    quick = SWEEPS["quick"]
+
+    def default(key: str, value: Any = None) -> str:
+        # `(default: ...; --quick: ...)`, from the values that `_resolve` merges.
+        def words(v: Any) -> str:
+            return " ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+        value = DEFAULTS[key] if value is None else value
+        if quick.get(key, value) == value:
+            return f"(default: {words(value)})"
+        return f"(default: {words(value)}; --quick: {words(quick[key])})"
 
     parser = argparse.ArgumentParser(
         prog="bayesflow",
@@ -163,26 +178,64 @@ def _parser() -> argparse.ArgumentParser:
             "time relative to hand-written batched GEMMs with their own draw (b: bmm, for "
             "MLPs and flows' hyper-networks; limit is the same GEMMs on pre-drawn weights); "
             "~ marks a noisy cell. Peer libraries that are not installed are reported so. "
-            "Lists take spaces or commas: --samples 1 8 32 or --samples 1,8,32."
+            "Lists take spaces or commas: --samples 1 8 32 or --samples 1,8,32. An option "
+            "left out takes its value from --sweep, else from --quick, else its default."
         ),
         formatter_class=_HelpFormatter,
     )
-    bench.add_argument("--models", nargs="+", metavar="MODEL", help=f"from {', '.join(MODELS)}")
-    bench.add_argument("--samples", nargs="+", metavar="K", help="numbers of posterior samples")
-    bench.add_argument("--modes", nargs="+", metavar="MODE", help=f"from {', '.join(MODES)}")
-    bench.add_argument("--methods", nargs="+", metavar="METHOD", help=f"from {', '.join(METHODS)}")
+    bench.add_argument(
+        "--models",
+        nargs="+",
+        metavar="MODEL",
+        help=f"from {', '.join(MODELS)} {default('models')}",
+    )
+    bench.add_argument(
+        "--samples",
+        nargs="+",
+        metavar="K",
+        help=f"numbers of posterior samples {default('samples')}",
+    )
+    bench.add_argument(
+        "--modes", nargs="+", metavar="MODE", help=f"from {', '.join(MODES)} {default('modes')}"
+    )
+    bench.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="METHOD",
+        help=f"from {', '.join(METHODS)} {default('methods')}",
+    )
     bench.add_argument(
         "--batch",
         nargs="+",
         metavar="B",
-        help="batch size, or several for a batch sweep (default: per model)",
+        help="batch size, or several for a batch sweep "
+        f"(default: per model; --quick: {quick['batch']})",
     )
-    bench.add_argument("--device", choices=DEVICES, default="auto")
+    bench.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where to run; auto: the sweep's device if it names one, else cuda if torch "
+        "sees a GPU, else cpu",
+    )
     bench.add_argument("--dtype", choices=DTYPES, help="floating point type (default: float32)")
     bench.add_argument("--threads", type=_positive_int, help="CPU threads (default: 1)")
-    bench.add_argument("--chunk-size", type=_positive_int, help="vmap chunk size")
-    bench.add_argument("--min-time", type=_positive_float, help="seconds of timing per cell")
-    bench.add_argument("--repeats", type=_positive_int, help="timed measurements per cell")
+    bench.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        help="samples per vectorized chunk (without it: vmap_call's own chunks, all K at "
+        "once on a GPU and what fits the last-level cache on a CPU; torch-func all K at once)",
+    )
+    bench.add_argument(
+        "--min-time",
+        type=_positive_float,
+        help=f"seconds of timing per cell {default('min_time')}",
+    )
+    bench.add_argument(
+        "--repeats",
+        type=_positive_int,
+        help=f"timed measurements per cell {default('repeats', REPEATS)}",
+    )
     bench.add_argument("--seed", type=_seed, help="seed of models, inputs and checks (default: 0)")
     bench.add_argument(
         "--max-loop-samples",
@@ -206,9 +259,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_sweep(parser: argparse.ArgumentParser, sweep: Any, path: str) -> dict[str, Any]:
-    r"""Checks the values of a sweep file as the command line checks its options; the names
-    (models, modes, methods, dtype) and lists of K and batch sizes are checked after the
-    merge, as the command line's are."""
+    r"""Checks the values of a sweep file as the command line checks its options, naming the
+    file and the key, also where an option overrides the key (`--samples` drops
+    `model_samples`); the names of models, modes and methods, and empty lists of K and batch
+    sizes, are checked after the merge, as the command line's are."""
 
     def fail(key: str, what: str, value: Any) -> None:
         parser.error(f"--sweep: expected {what} for {key!r} in {path}, got {value!r}")
@@ -247,11 +301,27 @@ def _check_sweep(parser: argparse.ArgumentParser, sweep: Any, path: str) -> dict
                 fail(key, "a list of names", value)
         elif key in ("samples", "batch"):
             values = value if isinstance(value, list) else [value]
-            if not (key == "batch" and value is None) and not all(map(integer, values)):
-                fail(key, "an integer or a list of integers", value)
+            if not (key == "batch" and value is None) and not all(
+                integer(v) and v >= 1 for v in values
+            ):
+                fail(key, "a positive integer or a list of them", value)
         elif key == "dtype":
             if value not in DTYPES:
                 fail(key, f"one of {', '.join(DTYPES)}", value)
+        elif key == "model_samples":
+            from .bench import MODELS
+
+            if not isinstance(value, dict):
+                fail(key, "an object that maps model names to numbers of samples", value)
+            for model, ks in value.items():
+                if model not in MODELS:
+                    fail(key, f"model names from {', '.join(MODELS)}", model)
+                values = ks if isinstance(ks, list) else [ks]
+                if not values or not all(integer(k) and k >= 1 for k in values):
+                    parser.error(
+                        f"--sweep: expected a positive integer or a non-empty list of them "
+                        f"for {model!r} in 'model_samples' in {path}, got {ks!r}"
+                    )
     return sweep
 
 
@@ -261,7 +331,7 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
     from .bench import DEFAULTS, METHODS, MODELS, MODES, SWEEPS
 
     config: dict[str, Any] = dict(DEFAULTS)
-    config["repeats"] = 7
+    config["repeats"] = REPEATS
     if args.quick:
         config.update(SWEEPS["quick"])
     if args.sweep is not None:
@@ -300,16 +370,16 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
         config[key] = list(dict.fromkeys(values))
     config["methods"] = [m for m in METHODS if m in config["methods"]]  # table order
 
-    def positive(ks: Any) -> list[int]:
+    def positive(ks: Any, option: str) -> list[int]:
         samples = []
         for k in ks if isinstance(ks, list) else [ks]:
             try:
                 samples.append(_positive_int(str(k)))
             except argparse.ArgumentTypeError as e:
-                parser.error(f"--samples: {e}")
+                parser.error(f"{option}: {e}")
         return sorted(set(samples))
 
-    config["samples"] = positive(config["samples"])
+    config["samples"] = positive(config["samples"], "--samples")
     if not config["samples"]:
         parser.error(
             "--samples: expected at least one positive integer K (or a sweep's), got none"
@@ -333,7 +403,9 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
     if not isinstance(per_model, dict) or not set(per_model) <= set(MODELS):
         parser.error(f"--sweep: expected model_samples to map models to lists, got {per_model!r}")
     config["model_samples"] = {
-        m: positive(ks) for m, ks in per_model.items() if m in config["models"]
+        m: positive(ks, f"--sweep: model_samples[{m!r}]")
+        for m, ks in per_model.items()
+        if m in config["models"]
     }
     empty = [m for m, ks in config["model_samples"].items() if not ks]
     if empty:

@@ -248,7 +248,8 @@ def _draw_and_run(
 def loop_nelbo(module: nn.Module, posterior: Posterior, *args: Any, **kwargs: Any) -> Tensor:
     r"""Returns :func:`nelbo` with `vectorized=False`: the oracle, one sample at a time.
 
-    Same signature, same samples for the same generator state, same number.
+    :func:`nelbo`'s arguments but `vectorized`, the same samples for the same generator
+    state, the same number.
     """
 
     return _alias("loop_nelbo", module, posterior, args, kwargs, vectorized=False)
@@ -256,16 +257,28 @@ def loop_nelbo(module: nn.Module, posterior: Posterior, *args: Any, **kwargs: An
 
 def local_nelbo(module: nn.Module, posterior: Posterior, *args: Any, **kwargs: Any) -> Tensor:
     r"""Returns :func:`nelbo` with `estimator="local"`: the local reparameterization
-    trick for the linear and convolutional layers."""
+    trick for the linear and convolutional layers; :func:`nelbo`'s arguments but
+    `estimator`."""
 
     return _alias("local_nelbo", module, posterior, args, kwargs, estimator="local")
 
 
 def flipout_nelbo(module: nn.Module, posterior: Posterior, *args: Any, **kwargs: Any) -> Tensor:
     r"""Returns :func:`nelbo` with `estimator="flipout"`: Flipout for the linear and
-    convolutional layers."""
+    convolutional layers; :func:`nelbo`'s arguments but `estimator`."""
 
     return _alias("flipout_nelbo", module, posterior, args, kwargs, estimator="flipout")
+
+
+def _less(name: str) -> inspect.Signature:
+    # What help() and editors show for an alias: nelbo's signature less what it fixes.
+    sig = inspect.signature(nelbo)
+    return sig.replace(parameters=[p for p in sig.parameters.values() if p.name != name])
+
+
+loop_nelbo.__signature__ = _less("vectorized")
+local_nelbo.__signature__ = _less("estimator")
+flipout_nelbo.__signature__ = _less("estimator")
 
 
 def _alias(

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Creates .venv with a CPU build of torch and bayesflow installed in it.
-# Usage: bash scripts/setup.sh [EXTRAS]   (EXTRAS: bench, test or dev; default: bench)
+# Usage: bash scripts/setup.sh [EXTRAS]
+#   EXTRAS: bench, test, dev (test and ruff), docs or peers, or several joined by commas
+#   (test,docs); default: bench. scripts/bench.sh passes bench, test.sh test, docs.sh docs,
+#   package.sh dev. TORCH_VERSION (default 2.13.0), TORCH_INDEX_URL and PYTHON (the venv's
+#   interpreter, default python3) are read from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -2,6 +2,7 @@ r"""Tests for the `bayesflow bench` command line."""
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -313,6 +314,8 @@ def _never(*args, **kwargs):
         ({"small": "yes"}, "small"),
         ({"models": "mlp"}, "models"),
         ({"samples": [1, "many"]}, "samples"),
+        ({"samples": [0]}, "samples"),
+        ({"batch": -4}, "batch"),
         ({"modle": ["mlp"], "sampels": [2]}, "modle"),
     ],
     ids=lambda v: json.dumps(v) if isinstance(v, dict) else v,
@@ -326,6 +329,68 @@ def test_bad_sweep_file_fails_before_the_sweep(sweep, key, monkeypatch, tmp_path
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--sweep: expected" in err and repr(key) in err and str(path) in err, err
+
+
+@pytest.mark.parametrize(
+    "model_samples",
+    [{"mlp": "abc"}, {"mlp": [0]}, {"mlp": [2, 1.5]}, {"mlp": []}, {"resnet": [2]}, [2]],
+    ids=json.dumps,
+)
+@pytest.mark.parametrize("argv", [[], ["--samples", "2"]], ids=["alone", "under --samples"])
+def test_bad_model_samples_names_the_file_and_key(
+    model_samples, argv, monkeypatch, tmp_path, capsys
+):
+    # It was reported as a `--samples` error naming neither, and dropped unchecked when
+    # `--samples` was given.
+    monkeypatch.setattr(bench, "run_bench", _never)
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"model_samples": model_samples}))
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--models", "mlp", *argv, "--sweep", str(path), "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--sweep: expected" in err and "'model_samples'" in err and str(path) in err, err
+
+
+def _bench_help(monkeypatch, capsys) -> dict[str, str]:
+    r"""The help text of every `bayesflow bench` option, by option, unwrapped."""
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside hyphenated names
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0
+    options = capsys.readouterr().out.split("options:")[1]
+    blocks = re.split(r"\n  (?=-)", options)
+    return {b.split()[0].rstrip(","): " ".join(b.split()) for b in blocks if b.strip()}
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["plain", "quick"])
+def test_help_states_the_defaults(quick, monkeypatch, capsys):
+    helps = _bench_help(monkeypatch, capsys)
+    seen = {}
+
+    def spy(models, samples, modes, methods, *, options, **kwargs):
+        seen.update(models=models, samples=samples, modes=modes, methods=methods)
+        seen.update({"min-time": options.min_time, "repeats": options.repeats})
+        return []
+
+    monkeypatch.setattr(bench, "run_bench", spy)
+    assert main(["bench", "--no-progress", *(["--quick"] if quick else [])]) == 0
+    capsys.readouterr()
+
+    for option, value in seen.items():
+        text = helps[f"--{option}"]
+        match = re.search(r"\(default: ([^;)]*)(?:; --quick: ([^)]*))?\)", text)
+        assert match is not None, text
+        stated = match[1] if not quick or match[2] is None else match[2]
+        got = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+        assert stated == got, (option, text)
+
+
+def test_help_says_what_device_and_chunk_size_do(monkeypatch, capsys):
+    helps = _bench_help(monkeypatch, capsys)
+    assert "auto: " in helps["--device"] and "cuda if torch sees a GPU" in helps["--device"]
+    assert "without it: " in helps["--chunk-size"]
 
 
 @pytest.mark.parametrize(

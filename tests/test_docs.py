@@ -6,6 +6,7 @@ The first tests read the sources and need no Sphinx. The site's tests check a si
 into a temporary folder when Sphinx (the `docs` extra) is installed, and skip otherwise.
 """
 
+import ast
 import html.parser
 import os
 import re
@@ -142,6 +143,73 @@ def test_every_skipped_block_says_why():
                 assert tests and all((ROOT / t).exists() for t in tests), (
                     f"{path.name}:{line}: a block that is not run names the test that runs it"
                 )
+
+
+# docs/architecture.md's layers against the code.
+
+PACKAGE = ROOT / "bayesflow"
+
+
+def _layer_rows() -> list[set[str]]:
+    r"""The modules of each row of the table under "The layers", bottom layer first."""
+
+    modules = {p.stem for p in PACKAGE.glob("*.py")} | {"bench"}
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = text.split("## The layers", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("|")][2:]
+    rows = []
+    for line in table:
+        names = re.findall(r"`([\w/]+)`", line.split("|")[2])
+        rows.append({n.rstrip("/") for n in names} & modules)
+    return rows
+
+
+def _internal_imports() -> list[tuple[str, str, str]]:
+    r"""`(importer, imported, where)` for every import of one bayesflow module by another,
+    at module level, inside functions and under `TYPE_CHECKING`; `bench/` is one module and
+    `bayesflow` itself is `__init__`."""
+
+    modules = {p.stem for p in PACKAGE.glob("*.py")} | {"bench"}
+    found = []
+    for path in sorted(PACKAGE.glob("*.py")) + sorted(PACKAGE.glob("bench/*.py")):
+        in_bench = path.parent.name == "bench"
+        importer = "bench" if in_bench else path.stem
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.Import):
+                parts = [a.name.split(".") for a in node.names]
+                targets = [(p[1:] or ["__init__"])[0] for p in parts if p[0] == "bayesflow"]
+            elif isinstance(node, ast.ImportFrom):
+                level = node.level - in_bench  # relative to bayesflow/
+                parts = (node.module or "").split(".")
+                if node.level == 0 and parts[0] == "bayesflow":
+                    level, parts = 1, parts[1:]
+                if level == 1:
+                    names = [a.name if a.name in modules else "__init__" for a in node.names]
+                    targets = [parts[0]] if parts and parts[0] else names
+            where = f"{path.relative_to(PACKAGE)}:{node.lineno}" if targets else ""
+            found += [(importer, t, where) for t in targets if t != importer]
+    return found
+
+
+def test_architecture_layers_hold_every_module():
+    rows = _layer_rows()
+    listed = [m for row in rows for m in row]
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"} | {"bench"}
+    assert sorted(listed) == sorted(modules), "docs/architecture.md: each module in one row"
+
+
+def test_architecture_layers_match_the_imports():
+    rows = _layer_rows()
+    layer = {m: i for i, row in enumerate(rows) for m in row}
+    layer["__init__"] = layer["bayesian"]  # the package re-exports the bridge
+    layer["__main__"] = layer["cli"]
+    upward = [
+        f"{where}: {a} (row {layer[a] + 1}) imports {b} (row {layer[b] + 1})"
+        for a, b, where in _internal_imports()
+        if layer[b] > layer[a]
+    ]
+    assert not upward, "docs/architecture.md's layers: " + "; ".join(upward)
 
 
 # The built site.

@@ -511,3 +511,28 @@ def test_a_log_prob_of_the_wrong_shape_is_refused(gen):
         bf.prior_kl(q, _ShapedLogProb(4), generator=g, n=3)
     assert torch.equal(g.get_state(), state)
     assert bf.prior_kl(q, _ShapedLogProb(0), generator=g, n=3).shape == ()
+
+
+def test_the_aliases_show_nelbos_signature_less_what_they_fix():
+    # help() showed (module, posterior, *args, **kwargs), and the docs said "one signature".
+    import inspect
+
+    full = inspect.signature(bf.nelbo).parameters
+    for objective, fixed in (
+        (bf.loop_nelbo, "vectorized"),
+        (bf.local_nelbo, "estimator"),
+        (bf.flipout_nelbo, "estimator"),
+    ):
+        shown = inspect.signature(objective).parameters
+        assert list(shown) == [name for name in full if name != fixed]
+        assert all(shown[name] == full[name] for name in shown)
+        net = nn.Linear(2, 1)
+        with pytest.raises(TypeError, match=rf"{objective.__name__}: .*{fixed}"):
+            objective(
+                net,
+                bf.init(net),
+                torch.randn(3, 2),
+                fn=lambda m, x: m(x)[:, 0],
+                num_data=3,
+                **{fixed: None},
+            )
