@@ -301,8 +301,19 @@ def _needed(piece: _Piece, original: Any) -> bool:
     return verdict
 
 
+def _depth() -> list[int]:
+    r"""Returns this thread's count of open blocks, as an object: a block left in another
+    thread (its context manager exited there) counts down the thread that entered it."""
+
+    depth = getattr(_LOCAL, "depth", None)
+    if depth is None:
+        depth = _LOCAL.depth = [0]
+    return depth
+
+
 def _inside() -> bool:
-    return getattr(_LOCAL, "depth", 0) > 0
+    depth = getattr(_LOCAL, "depth", None)
+    return depth is not None and depth[0] > 0
 
 
 def _dispatcher(original: Any, replacement: Callable[..., Any]) -> Callable[..., Any]:
@@ -354,7 +365,8 @@ def vmap_safe(uses_zuko: bool = True) -> Iterator[None]:
 
     global _INSTALLED, _USERS
 
-    depth = getattr(_LOCAL, "depth", 0)
+    counter = _depth()
+    depth = counter[0]
     if not uses_zuko or is_compiling() or "zuko.transforms" not in sys.modules:
         yield
         return
@@ -364,12 +376,12 @@ def vmap_safe(uses_zuko: bool = True) -> Iterator[None]:
             if _USERS == 0:
                 _INSTALLED = _install()
             _USERS += 1
-    _LOCAL.depth = depth + 1
+    counter[0] = depth + 1
 
     try:
         yield
     finally:
-        _LOCAL.depth = depth
+        counter[0] = depth
         if depth == 0:
             with _LOCK:
                 _USERS -= 1

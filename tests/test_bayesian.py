@@ -711,3 +711,33 @@ def test_init_logvar_tensors_of_bools_or_complex_numbers_are_refused():
                 TypeError, match=rf"^{where}: expected init_logvar for 'weight' to be real"
             ):
                 make(value)
+
+
+def test_a_block_left_in_another_thread_leaves_this_one_as_it_found_it(gen):
+    # The block's stand-ins count the blocks open in a thread; one left in another thread
+    # counted down that thread, so this one never installed them again, and a backward
+    # pass after a later block recomputed UNAF with the module's own weights (off by 66).
+    import threading
+
+    flow = zuko.flows.UNAF(2, 1, transforms=1, hidden_features=(8,)).eval()
+    bnet = bf.BayesianModel(flow, init_logvar=-3.0)
+    c, x = torch.randn(5, 1, generator=gen(0)), torch.randn(5, 2, generator=gen(1))
+    leaves = list(bnet.means.values())
+
+    def inside_and_after():
+        with bnet.reparameterize(generator=gen(2)) as f:
+            lp = f(c).log_prob(x).sum()
+            inside = torch.autograd.grad(lp, leaves, retain_graph=True)
+        return inside, torch.autograd.grad(lp, leaves)
+
+    block = bnet.reparameterize()
+    block.__enter__()
+    other = threading.Thread(target=block.__exit__, args=(None, None, None))
+    other.start()
+    other.join()
+
+    inside, after = inside_and_after()
+    assert all(
+        torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(inside, after, strict=True)
+    )
+    assert any(a.abs().sum() > 0 for a in inside)
