@@ -23,6 +23,7 @@ __all__ = [
     "check_posterior",
     "check_probs",
     "check_randomness",
+    "check_real",
     "check_same_shape",
     "check_samples",
     "check_tensor",
@@ -31,8 +32,12 @@ __all__ = [
     "stored_in",
 ]
 
+import enum
+import functools
 import math
 import numbers
+import types
+import weakref
 
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -42,6 +47,7 @@ import torch.nn as nn
 
 from torch import Tensor
 from torch.nn.parameter import UninitializedTensorMixin
+from torch.nn.utils import parametrize
 
 from ._structure import lock
 from ._types import Posterior
@@ -102,12 +108,26 @@ def check_n(where: str, n: object) -> int:
     return check_int(where, "n", n)
 
 
-def check_number(where: str, what: str, value: object, low: float, strict: bool) -> float:
+def check_real(where: str, what: str, value: object) -> float:
+    r"""Returns a real number as a float: Python and NumPy real numbers and tensors of one
+    real element are accepted, bools are not; an int beyond the float range is infinite."""
+
     if isinstance(value, Tensor) and value.numel() == 1:
+        if value.is_meta:
+            raise ValueError(
+                f"{where}: expected {what} with data, got a tensor on the meta device"
+            )
         value = value.detach().item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where}: expected {what} to be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        return math.inf
+
+
+def check_number(where: str, what: str, value: object, low: float, strict: bool) -> float:
+    value = check_real(where, what, value)
     if not math.isfinite(value) or value < low or (strict and value == low):
         op = ">" if strict else ">="
         raise ValueError(f"{where}: expected a finite {what} {op} {low:g}, got {value}")
@@ -349,8 +369,9 @@ def check_members(
     r"""Checks `n >= 1` modules of one architecture: one class, the same parameter names,
     shapes, dtypes and devices (and `requires_grad`, if `equal_frozen`), the same buffer
     names and shapes (and values, if `equal_buffers`), none of them lazy (uninitialized),
-    and the same submodules (names and classes), each in the same mode and, for torch's
-    layers, with the same settings (eps, momentum, p, ...). Returns each module's
+    and the same submodules (names and classes; a parametrized module's original class),
+    each in the same mode and with the same settings (the plain attributes of each: eps,
+    momentum, p, batch_first, an activation function, ...). Returns each module's
     parameters and buffers, read under its lock."""
 
     if isinstance(modules, nn.Module) or not isinstance(modules, Sequence):
@@ -379,10 +400,10 @@ def check_members(
     if not ours_params:
         raise ValueError(f"{where}: expected modules with parameters, got none")
     for i, m in enumerate(modules[1:], start=1):
-        if type(m) is not type(first):
+        if _class(m) is not _class(first):
+            ours, theirs = _class_names(first, m)
             raise ValueError(
-                f"{where}: expected modules of one class, got {type(first).__name__} and "
-                f"{type(m).__name__} at index {i}"
+                f"{where}: expected modules of one class, got {ours} and {theirs} at index {i}"
             )
         for kind, ours, theirs in (
             ("parameter", ours_params, tables[i][0]),
@@ -416,14 +437,127 @@ def check_members(
     return tables
 
 
-def _settings(module: nn.Module) -> str:
-    r"""The settings of a torch layer that its `extra_repr` prints (eps, momentum, p, an
-    activation's slope), or "" for other modules: their `extra_repr` may run code (zuko's
-    build a transform and draw from the global random state) or print tensor values."""
+def _class(module: nn.Module) -> type:
+    r"""The class of `module`, the original one where `torch.nn.utils.parametrize` made a
+    subclass of its own for this module (it makes one for each parametrized module)."""
 
-    if type(module).extra_repr.__module__.startswith("torch.nn."):
-        return module.extra_repr()
-    return ""
+    kind = type(module)
+    return kind.__bases__[0] if parametrize.is_parametrized(module) else kind
+
+
+def _class_names(first: nn.Module, module: nn.Module) -> tuple[str, str]:
+    r"""The names of the classes of `first` and `module`, qualified where they are alike."""
+
+    a, b = _class(first), _class(module)
+    if a.__name__ != b.__name__:
+        return a.__name__, b.__name__
+    return f"{a.__module__}.{a.__qualname__}", f"{b.__module__}.{b.__qualname__}"
+
+
+# What every module holds in its `__dict__` (hooks, parameters, submodules) and what may
+# differ between members without changing what they compute.
+_NOT_SETTINGS = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
+_UNSET = object()
+
+
+class _Data:
+    r"""Stands for a module among a module's attributes: each member's own, as its
+    submodules are (these are compared apart)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Data)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+class _Values:
+    r"""Stands for a tensor among a module's attributes (not a parameter or a buffer, which
+    are each member's own): member 0's is the one every member runs with, so the values
+    must be equal."""
+
+    def __init__(self, t: Tensor) -> None:
+        self.t = t
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Values):
+            return False
+        a, b = self.t.detach(), other.t.detach()
+        if (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device):
+            return False
+        if a.is_meta or torch.equal(a, b):
+            return True
+        return a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+    def __hash__(self) -> int:
+        return 0
+
+
+def _setting(value: object, depth: int = 0) -> object:
+    r"""A value of a module's attribute in a form that compares as member 0's module must
+    match for it to compute another member's function: plain values and tensors by value,
+    functions by identity or by their code, defaults and closure, modules not at all (they
+    are compared apart), any other object by its class."""
+
+    if isinstance(value, Tensor):
+        return _Values(value)
+    if isinstance(value, nn.Module):
+        return _Data()
+    if isinstance(value, float) and math.isnan(value):
+        return ("nan",)
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, enum.Enum)):
+        return value
+    if isinstance(value, (type, torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return value
+    if depth > 8:  # a structure that holds itself: as deep as it goes, its classes
+        return (type(value),)
+    if isinstance(value, (tuple, list, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return (type(value), tuple(_setting(v, depth + 1) for v in items))
+    if isinstance(value, Mapping):
+        items = value.items()
+        return (
+            type(value),
+            tuple((_setting(k, depth + 1), _setting(v, depth + 1)) for k, v in items),
+        )
+    if isinstance(value, types.MethodType):
+        return (types.MethodType, _setting(value.__func__, depth + 1))
+    if isinstance(value, functools.partial):
+        parts = (value.func, value.args, value.keywords)
+        return (functools.partial, _setting(parts, depth + 1))
+    if isinstance(value, types.FunctionType):
+        # A function made in the module's __init__ (a lambda) is a new object in each
+        # member: the same code, defaults and captured values compute the same.
+        cells = []
+        for cell in value.__closure__ or ():
+            try:
+                cells.append(_setting(cell.cell_contents, depth + 1))
+            except ValueError:  # an empty cell
+                cells.append(None)
+        defaults = (value.__defaults__, value.__kwdefaults__)
+        return (types.FunctionType, value.__code__, _setting(defaults, depth + 1), tuple(cells))
+    if isinstance(value, types.BuiltinFunctionType):  # torch.tanh, math.exp
+        return value
+    if isinstance(value, weakref.ref):
+        return (weakref.ref, _setting(value(), depth + 1))
+    return (type(value),)
+
+
+def _settings(module: nn.Module) -> dict[str, object]:
+    r"""The settings of `module`: the attributes in its `__dict__` (torch's layers keep
+    there what `extra_repr` does not show, MultiheadAttention's `batch_first`, a
+    TransformerEncoderLayer's `norm_first` and `activation` function), apart from hooks,
+    parameters, buffers and submodules, as :func:`_setting` compares them."""
+
+    return {k: v for k, v in vars(module).items() if k not in _NOT_SETTINGS}
+
+
+def _show(value: object) -> str:
+    if value is _UNSET:
+        return "unset"
+    if callable(value) and isinstance(getattr(value, "__name__", None), str):
+        return f"{getattr(value, '__module__', None) or '?'}.{value.__name__}"
+    return repr(value)
 
 
 def _check_submodules(where: str, first: nn.Module, module: nn.Module, i: int) -> None:
@@ -435,11 +569,12 @@ def _check_submodules(where: str, first: nn.Module, module: nn.Module, i: int) -
 
     ours, theirs = list(first.named_modules()), list(module.named_modules())
     for (name, ref), (other, m) in zip(ours, theirs, strict=False):
-        if other != name or type(m) is not type(ref):
+        if other != name or _class(m) is not _class(ref):
+            ref_class, m_class = _class_names(ref, m)
             raise ValueError(
                 f"{where}: expected the submodules of modules[0] (names and classes) in every "
-                f"module, got {label(other)} ({type(m).__name__}) at index {i} where "
-                f"modules[0] has {label(name)} ({type(ref).__name__})"
+                f"module, got {label(other)} ({m_class}) at index {i} where "
+                f"modules[0] has {label(name)} ({ref_class})"
             )
     if len(ours) != len(theirs):
         longer, which = (theirs, "an extra") if len(theirs) > len(ours) else (ours, "no")
@@ -456,12 +591,19 @@ def _check_submodules(where: str, first: nn.Module, module: nn.Module, i: int) -
                 f"{label(name)} in {mode[m.training]} mode at index {i} and in "
                 f"{mode[ref.training]} mode in modules[0]; call .train() or .eval() on each"
             )
-        if _settings(m) != _settings(ref):
-            raise ValueError(
-                f"{where}: expected the settings of modules[0] in every module, got "
-                f"{label(name)} with ({_settings(m)}) at index {i} and ({_settings(ref)}) in "
-                "modules[0]"
-            )
+        settings, ref_settings = _settings(m), _settings(ref)
+        for key in (*ref_settings, *(k for k in settings if k not in ref_settings)):
+            value, ref_value = settings.get(key, _UNSET), ref_settings.get(key, _UNSET)
+            unset = value is _UNSET or ref_value is _UNSET
+            if unset or _setting(value) != _setting(ref_value):
+                shown, ref_shown = _show(value), _show(ref_value)
+                if shown == ref_shown:  # a lambda of the module's: what it captured differs
+                    shown += " (with other defaults or captured values)"
+                raise ValueError(
+                    f"{where}: expected the settings of modules[0] in every module, got "
+                    f"{label(name)} with {key}={shown} at index {i} and {key}={ref_shown} in "
+                    "modules[0]"
+                )
 
 
 def describe(t: Any) -> str:

@@ -178,11 +178,13 @@ def stack_modules(modules: Sequence[nn.Module]) -> Ensemble:
         torch.Size([3, 4])
 
     Arguments:
-        modules: `n >= 1` modules of the same class, with the same parameter and buffer
-            names, shapes, dtypes and devices, the same parameters frozen, and the same
-            submodules (names and classes), each in the same mode (train or eval) and, for
-            torch's layers, with the same settings (BatchNorm's eps and momentum, dropout's
-            `p`, an activation's slope, ...).
+        modules: `n >= 1` modules of the same class (a parametrized module's original
+            class: weight norm, spectral norm, orthogonal), with the same parameter and
+            buffer names, shapes, dtypes and devices, the same parameters frozen, and the
+            same submodules (names and classes), each in the same mode (train or eval) and
+            with the same settings: the plain attributes of each submodule (BatchNorm's eps
+            and momentum, dropout's `p`, MultiheadAttention's `batch_first`, a
+            TransformerEncoderLayer's `norm_first` and `activation` function, ...).
 
     Returns:
         An :class:`Ensemble` whose calls run on `modules[0]`.

@@ -47,7 +47,7 @@ def nelbo(
     fn: Fn,
     num_data: float,
     n: int = 4,
-    prior: Prior | float | None = None,
+    prior: Prior | float | Tensor | None = None,
     kl_weight: float | Tensor = 1.0,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
@@ -95,9 +95,10 @@ def nelbo(
             by `D`. For a flow, `fn=lambda f, c, x: f(c).log_prob(x)`.
         num_data: The number of data :math:`N` the KL is shared by.
         n: The number of posterior samples.
-        prior: The prior :math:`p`: a :class:`bayesflow.priors.Prior`; a float
-            :math:`s^2` for :math:`\mathcal{N}(0, s^2 I)`; :math:`\mathcal{N}(0, I)` if
-            :py:`None`. A prior without closed-form KL uses an `n`-sample Monte Carlo
+        prior: The prior :math:`p`: a :class:`bayesflow.priors.Prior`; a variance
+            :math:`s^2` for :math:`\mathcal{N}(0, s^2 I)` (a real number or a one-element
+            tensor, as :func:`bayesflow.kl_divergence` takes it); :math:`\mathcal{N}(0, I)`
+            if :py:`None`. A prior without closed-form KL uses an `n`-sample Monte Carlo
             estimate.
         kl_weight: The weight :math:`\beta \geq 0` of the KL term.
         generator: The source of all the randomness; the global one if :py:`None`.

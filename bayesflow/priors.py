@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = ["GaussianPrior", "Prior", "ScaleMixturePrior", "prior_kl"]
 
 import math
+import numbers
 
 from collections.abc import Mapping
 from typing import NamedTuple, Union
@@ -22,8 +23,9 @@ from ._checks import (
     check_n,
     check_number,
     check_posterior,
+    check_real,
 )
-from ._compat import flat_cat
+from ._compat import dual, flat_cat, in_func_transform
 from ._engine import draw_state, restore_draw_state
 from ._numerics import accumulator, softclip
 from ._types import Posterior
@@ -70,7 +72,7 @@ def _check_value(
                 {name: e.hi for name, (_, e) in checked.items()},
             ),
         )
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
         kind = "a float, a tensor or a dict of them" if top else "a float or a tensor"
         raise TypeError(f"{where}: expected {what} to be {kind}, got {type(value).__name__}")
     if isinstance(value, Tensor):
@@ -482,18 +484,17 @@ class ScaleMixturePrior(Prior):
 
     def __init__(self, pi: float, var1: float, var2: float) -> None:
         where = "ScaleMixturePrior"
-        for what, value in (("pi", pi), ("var1", var1), ("var2", var2)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(
-                    f"{where}: expected {what} to be a float, got {type(value).__name__}"
-                )
+        pi, var1, var2 = (
+            check_real(where, what, value)
+            for what, value in (("pi", pi), ("var1", var1), ("var2", var2))
+        )
         if not (0 < pi < 1):
             raise ValueError(f"{where}: expected 0 < pi < 1, got {pi}")
         for what, value in (("var1", var1), ("var2", var2)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{where}: expected a finite {what} > 0, got {value}")
 
-        self.pi, self.var1, self.var2 = float(pi), float(var1), float(var2)
+        self.pi, self.var1, self.var2 = pi, var1, var2
 
     def __repr__(self) -> str:
         return f"ScaleMixturePrior(pi={self.pi}, var1={self.var1}, var2={self.var2})"
@@ -527,12 +528,35 @@ def check_prior(where: str, prior: object, posterior: Posterior) -> None:
             )
         prior._check_names(where, posterior)
         return
-    if isinstance(prior, bool) or not isinstance(prior, (int, float)):
+    if not _is_variance(prior):
         raise TypeError(
             f"{where}: expected prior to be a bayesflow.priors.Prior, a float variance or None, "
             f"got {type(prior).__name__}"
         )
     check_number(where, "prior variance", prior, 0.0, strict=True)
+
+
+def _is_variance(prior: object) -> bool:
+    r"""Whether `prior` stands for :math:`\mathcal{N}(0, s^2 I)` by its variance: a real
+    number (NumPy's too; a bool is not) or a tensor (of one real element, checked by
+    :func:`check_number` as :func:`bayesflow.kl_divergence` checks it)."""
+
+    return isinstance(prior, Tensor) or (
+        isinstance(prior, numbers.Real) and not isinstance(prior, bool)
+    )
+
+
+def _zero_mean_prior(where: str, what: str, prior: float | Tensor) -> _sampling.PriorMaker:
+    r"""Returns the prior :math:`\mathcal{N}(0, s^2 I)` of a variance as
+    :func:`bayesflow.kl_divergence` takes it: a tensor that requires grad (or that a
+    torch.func transform or forward-mode AD differentiates) keeps its gradient."""
+
+    value = check_number(where, what, prior, 0.0, strict=True)
+    if isinstance(prior, Tensor) and (
+        prior.requires_grad or in_func_transform() or dual((prior,))
+    ):
+        return _sampling.zero_mean_prior(prior.reshape(()), value, what)
+    return _sampling.zero_mean_prior(value, value, what)
 
 
 def _gaussian_closed_form(prior: GaussianPrior) -> bool:
@@ -551,18 +575,18 @@ def sample_and_kl(
     posterior: Posterior,
     n: int | None,
     generator: torch.Generator | None,
-    prior: Prior | float | None,
+    prior: Prior | float | Tensor | None,
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     r"""Returns `n` samples of `posterior` (none if `n` is :py:`None`) and its closed-form
     KL divergence from `prior`, in one pass, where the prior is Gaussian (:py:`None`, a
-    float variance or a :class:`GaussianPrior` whose KL is that closed form); the KL is
-    :py:`None` for any other prior (its own :meth:`Prior.kl` is the objectives' to call).
+    variance as :func:`prior_kl` takes it, or a :class:`GaussianPrior` whose KL is that
+    closed form); the KL is :py:`None` for any other prior (its own :meth:`Prior.kl` is
+    the objectives' to call).
     The objectives' helper: the numbers are those of :func:`bayesflow.sample` and
     :func:`prior_kl`, and every check comes before any work."""
 
-    if prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool)):
-        var = 1.0 if prior is None else check_number(where, "prior", prior, 0.0, strict=True)
-        make = _sampling.zero_mean_prior(var, var, "prior")
+    if prior is None or _is_variance(prior):
+        make = _zero_mean_prior(where, "prior", 1.0 if prior is None else prior)
     elif isinstance(prior, GaussianPrior) and _gaussian_closed_form(prior):
         check_posterior(where, posterior)
         prior._check_names(where, posterior)
@@ -579,7 +603,7 @@ def sample_and_kl(
 
 def prior_kl(
     posterior: Posterior,
-    prior: Prior | float | None = None,
+    prior: Prior | float | Tensor | None = None,
     generator: torch.Generator | None = None,
     n: int | None = None,
 ) -> Tensor:
@@ -587,7 +611,9 @@ def prior_kl(
 
     Arguments:
         posterior: The posterior :math:`q`.
-        prior: A :class:`Prior`; a float :math:`s^2` for :math:`\mathcal{N}(0, s^2 I)`;
+        prior: A :class:`Prior`; a variance :math:`s^2` for :math:`\mathcal{N}(0, s^2 I)`,
+            a real number or a one-element tensor, as :func:`bayesflow.kl_divergence` takes
+            it (one that requires grad gets its gradient, in the closed form only);
             :math:`\mathcal{N}(0, I)` if :py:`None`. The closed form is computed in the
             posterior's dtype (float32 for half precision) and refuses a variance that
             rounds below `torch.finfo(dtype).tiny` there (1.2e-38 in float32).
@@ -596,16 +622,22 @@ def prior_kl(
             is one, else one sample.
 
     Returns:
-        A scalar tensor, differentiable with respect to `posterior`.
+        A scalar tensor, differentiable with respect to `posterior` (and to a variance
+        tensor that requires grad).
     """
 
     where = "prior_kl"
-    if prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool)):
+    if prior is None or _is_variance(prior):
+        if n is None:
+            check_generator(where, generator)  # unused by the closed form, but still checked
+            return _posterior.kl_divergence(where, posterior, 1.0 if prior is None else prior)
         var = 1.0 if prior is None else check_number(where, "prior_var", prior, 0.0, strict=True)
-        if n is not None:
-            return GaussianPrior(0.0, var)._kl(where, posterior, generator, n)
-        check_generator(where, generator)  # unused by the closed form, but still checked
-        return _posterior.kl_divergence(where, posterior, var)
+        if isinstance(prior, Tensor) and prior.requires_grad:
+            raise ValueError(
+                f"{where}: expected n=None (the closed form) with a prior_var that requires "
+                f"grad, got n={n}: the Monte Carlo KL takes the prior as a constant"
+            )
+        return GaussianPrior(0.0, var)._kl(where, posterior, generator, n)
     if not isinstance(prior, Prior):
         raise TypeError(
             f"{where}: expected prior to be a bayesflow.priors.Prior, a float variance or "

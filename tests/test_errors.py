@@ -864,3 +864,46 @@ def test_samples_are_checked_against_a_module_converted_after_a_first_call():
             call(module, params, x)
     f32 = {k: v.float() for k, v in params.items()}
     assert torch.allclose(bf.vmap_call(module, f32, x.float()), y.float(), rtol=1e-5)
+
+
+def test_an_int_beyond_the_float_range_is_an_infinite_number():
+    # 10**400 for a float argument gave a bare "OverflowError: int too large to convert to
+    # float" that named no function; inf gets a ValueError that does.
+    huge = 10**400
+    ll = lambda m, x: m(x).sum(-1)
+    for where, what, call in (
+        ("nelbo", "num_data > 0", lambda v: bf.nelbo(net_, q_, x_, fn=ll, num_data=v)),
+        (
+            "nelbo",
+            "kl_weight >= 0",
+            lambda v: bf.nelbo(net_, q_, x_, fn=ll, num_data=5, kl_weight=v),
+        ),
+        ("prior_kl", "prior_var > 0", lambda v: bf.prior_kl(q_, v)),
+        ("kl_divergence", "prior_var > 0", lambda v: bf.kl_divergence(q_, v)),
+        ("ConstantSchedule", "weight >= 0", lambda v: bf.ConstantSchedule(v)(0)),
+        ("ScaleMixturePrior", "var1 > 0", lambda v: bf.ScaleMixturePrior(0.5, v, 1.0)),
+    ):
+        for value in (float("inf"), huge):
+            with pytest.raises(ValueError, match=rf"{where}: expected a finite {what}, got inf"):
+                call(value)
+    assert bf.kl_divergence(q_, 1.0).isfinite()  # what the calls compare with
+
+
+def test_a_number_on_the_meta_device_is_refused_by_name():
+    # kl_divergence(prior_var=<meta tensor>) gave torch's "Tensor.item() cannot be called
+    # on meta tensors", naming no function.
+    meta = torch.tensor(1.0, device="meta")
+    ll = lambda m, x: m(x).sum(-1)
+    for where, what, call in (
+        ("kl_divergence", "prior_var", lambda: bf.kl_divergence(q_, prior_var=meta)),
+        ("BayesianModel.kl_divergence", "prior_var", lambda: BNET.kl_divergence(meta)),
+        ("prior_kl", "prior_var", lambda: bf.prior_kl(q_, meta)),
+        ("nelbo", "prior variance", lambda: bf.nelbo(net_, q_, x_, fn=ll, num_data=5, prior=meta)),
+        ("nelbo", "kl_weight", lambda: bf.nelbo(net_, q_, x_, fn=ll, num_data=5, kl_weight=meta)),
+        ("ScaleMixturePrior", "var2", lambda: bf.ScaleMixturePrior(0.5, 1.0, meta)),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"{where}: expected {what} with data, got a tensor on the meta"
+        ):
+            call()
+    assert bf.kl_divergence(q_, prior_var=torch.tensor(1.0)).isfinite()  # one with data runs

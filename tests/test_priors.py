@@ -2,6 +2,7 @@ r"""Tests for bayesflow.priors: closed forms against Monte Carlo and quadrature.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import zuko
@@ -209,7 +210,7 @@ def test_errors():
         ScaleMixturePrior(1.0, 1.0, 0.1)
     with pytest.raises(ValueError, match="ScaleMixturePrior: expected a finite var2 > 0"):
         ScaleMixturePrior(0.5, 1.0, -0.1)
-    with pytest.raises(TypeError, match="ScaleMixturePrior: expected var1 to be a float"):
+    with pytest.raises(TypeError, match="ScaleMixturePrior: expected var1 to be a number"):
         ScaleMixturePrior(0.5, None, 0.1)
     with pytest.raises(ValueError, match=r"ScaleMixturePrior.kl: expected n"):
         ScaleMixturePrior(0.5, 1.0, 0.1).kl(q, n=-1)
@@ -597,3 +598,104 @@ def test_a_prior_that_implements_nothing_is_refused_before_any_work(gen):
     zero = lambda m, x: 0.0 * m(x).sum(-1)
     loss = bf.nelbo(module.eval(), q, x, fn=zero, num_data=5.0, prior=_ClosedOnly(), generator=g)
     assert torch.allclose(loss, bf.kl_divergence(q) / 5.0, rtol=1e-12)
+
+
+def _closed_kl(q, var):
+    r"""KL(q || N(0, var I)) by the formula, with the variances that bf.std gives."""
+
+    return sum(
+        0.5 * ((sd.square() + m.square()) / var + math.log(var) - 2 * sd.log() - 1.0).sum()
+        for m, sd in zip(q.mean.values(), bf.std(q).values(), strict=True)
+    ).detach()
+
+
+_LL = lambda m, x: m(x).sum(-1)
+
+# One variance, 2, as every kind of real scalar: Python's, NumPy's, tensors of one element.
+VARIANCES = {
+    "float": 2.0,
+    "int": 2,
+    "np-float64": np.float64(2.0),
+    "np-float32": np.float32(2.0),
+    "np-int64": np.int64(2),
+    "tensor": torch.tensor(2.0),
+    "tensor-float32": torch.tensor(2.0, dtype=torch.float32),
+    "tensor-int": torch.tensor(2),
+}
+
+
+@pytest.mark.parametrize("name", VARIANCES)
+def test_every_real_scalar_is_a_prior_variance_everywhere(name, gen):
+    # NumPy's float32 and integers, and tensors, were refused by prior_kl, nelbo,
+    # GaussianPrior or ScaleMixturePrior, and accepted by kl_divergence.
+    var = VARIANCES[name]
+    net, q = _posterior()
+    expected = _closed_kl(q, 2.0)
+    assert not torch.allclose(expected, _closed_kl(q, 1.0))  # the variance matters
+
+    assert torch.allclose(prior_kl(q, var), expected, rtol=1e-12)
+    assert torch.allclose(bf.kl_divergence(q, prior_var=var), expected, rtol=1e-12)
+    assert torch.allclose(GaussianPrior(0.0, var).kl(q), expected, rtol=1e-12)
+    assert torch.allclose(GaussianPrior(0.0, {k: var for k in q.mean}).kl(q), expected)
+    # nelbo: the same draws with the prior N(0, I) give the data term; the KL term is KL/N.
+    x = torch.randn(8, 3)
+    loss = bf.nelbo(net, q, x, fn=_LL, num_data=10, prior=var, generator=gen(1))
+    standard = bf.nelbo(net, q, x, fn=_LL, num_data=10, generator=gen(1))
+    assert torch.allclose(loss - standard, (expected - _closed_kl(q, 1.0)) / 10, rtol=1e-10)
+    # Monte Carlo, with the draws of the float variance's.
+    mc = prior_kl(q, var, generator=gen(2), n=3)
+    assert torch.allclose(mc, prior_kl(q, 2.0, generator=gen(2), n=3), rtol=1e-12)
+
+    mixture = ScaleMixturePrior(var / 4, var, var / 8)  # pi = 0.5, the variances 2 and 0.25
+    assert (mixture.pi, mixture.var1, mixture.var2) == (0.5, 2.0, 0.25)
+    assert all(type(v) is float for v in (mixture.pi, mixture.var1, mixture.var2))
+
+
+def test_a_learned_prior_variance_gets_its_gradient_from_prior_kl_and_nelbo(gen):
+    # The closed-form derivative: d KL / d s^2 = 0.5 * sum(1 / s^2 - (sigma^2 + mu^2) / s^4).
+    net, q = _posterior()
+    expected = sum(
+        0.5 * (1 / 2.0 - (sd.square() + m.square()) / 4.0).sum()
+        for m, sd in zip(q.mean.values(), bf.std(q).values(), strict=True)
+    ).detach()
+    var = torch.tensor(2.0, requires_grad=True)
+    prior_kl(q, var).backward()
+    assert torch.allclose(var.grad, expected, rtol=1e-10)
+
+    var.grad = None
+    x = torch.randn(8, 3)
+    bf.nelbo(net, q, x, fn=_LL, num_data=10, prior=var, generator=gen(1)).backward()
+    assert torch.allclose(var.grad, expected / 10, rtol=1e-10)
+
+    # The Monte Carlo KL takes its prior as a constant: no gradient, said so.
+    with pytest.raises(ValueError, match=r"prior_kl: expected n=None \(the closed form\)"):
+        prior_kl(q, var, n=2)
+
+
+# Bools and complex numbers, of Python, NumPy or torch: refused by every function alike.
+NOT_REAL = {
+    "bool": True,
+    "np-bool": np.bool_(True),
+    "complex": 2.0 + 0j,
+    "np-complex": np.complex64(2.0),
+    "tensor-bool": torch.tensor(True),
+    "tensor-complex": torch.tensor(2.0 + 0j),
+}
+
+
+@pytest.mark.parametrize("name", NOT_REAL)
+def test_bools_and_complex_numbers_are_no_prior_variance_anywhere(name):
+    var = NOT_REAL[name]
+    net, q = _posterior()
+    x = torch.randn(8, 3)
+    for where, call in (
+        ("prior_kl", lambda: prior_kl(q, var)),
+        ("prior_kl", lambda: prior_kl(q, var, n=2)),
+        ("nelbo", lambda: bf.nelbo(net, q, x, fn=_LL, num_data=10, prior=var)),
+        ("kl_divergence", lambda: bf.kl_divergence(q, prior_var=var)),
+        ("GaussianPrior", lambda: GaussianPrior(0.0, var)),
+        ("ScaleMixturePrior", lambda: ScaleMixturePrior(0.5, var, 1.0)),
+        ("ScaleMixturePrior", lambda: ScaleMixturePrior(var, 1.0, 1.0)),
+    ):
+        with pytest.raises(TypeError, match=rf"{where}: expected"):
+            call()
