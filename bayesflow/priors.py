@@ -44,14 +44,30 @@ class _Extent(NamedTuple):
 
 
 class _Checked(NamedTuple):
-    r"""A Gaussian prior's mean and variance as they were checked, their extents, and the
-    names and dtypes (of the KL) they were found to fit."""
+    r"""A Gaussian prior's mean and variance as they were checked, their extents, the
+    names and dtypes (of the KL) they were found to fit, and their stamps."""
 
     mean: Value
     var: Value
     mean_extent: _Extent
     var_extent: _Extent
     fits: set[tuple[tuple[str, ...], torch.dtype]]
+    stamps: tuple[tuple, tuple]
+
+
+def _stamp(value: Value) -> tuple:
+    r"""What a change of a prior value in place changes: the entries of a dict, and the
+    version counter of each tensor (held, so that a freed tensor's id is never taken for
+    it)."""
+
+    items = value.items() if isinstance(value, Mapping) else ((None, value),)
+    return tuple((k, v, v._version if isinstance(v, Tensor) else None) for k, v in items)
+
+
+def _same_stamp(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(
+        ka == kb and va is vb and ra == rb for (ka, va, ra), (kb, vb, rb) in zip(a, b, strict=True)
+    )
 
 
 def _check_value(
@@ -342,7 +358,8 @@ class GaussianPrior(Prior):
     def __init__(self, mean: Value = 0.0, var: Value = 1.0) -> None:
         self.mean, mean_extent = _check_value("GaussianPrior", "mean", mean, positive=False)
         self.var, var_extent = _check_value("GaussianPrior", "var", var, positive=True)
-        self._checked = _Checked(self.mean, self.var, mean_extent, var_extent, set())
+        stamps = _stamp(self.mean), _stamp(self.var)
+        self._checked = _Checked(self.mean, self.var, mean_extent, var_extent, set(), stamps)
 
     def __repr__(self) -> str:
         def show(v: Value) -> str:
@@ -434,7 +451,7 @@ class GaussianPrior(Prior):
         dtype = accumulator(dtype)
         mean = _flat_value(self.mean, names, shapes, dtype, device)
         var = _flat_value(self.var, names, shapes, dtype, device)
-        checked = self._checked_values()
+        checked = self._checked_values(where)
         key, fits = (tuple(names), dtype), checked.fits
         if key not in fits:  # once per names and dtype, not at every training step
             _check_range(where, "mean", checked.mean_extent, names, dtype, False, True)
@@ -445,15 +462,24 @@ class GaussianPrior(Prior):
             fits.add(key)
         return _sampling.FlatPrior(None if isinstance(mean, float) and mean == 0.0 else mean, var)
 
-    def _checked_values(self) -> _Checked:
-        r"""Returns the mean and the variance as they were checked, found again if either
-        was replaced since (or a subclass set them itself)."""
+    def _checked_values(self, where: str) -> _Checked:
+        r"""Returns the mean and the variance as they were checked, checked again if either
+        was replaced or changed in place since (an entry of a dict, a tensor's values), or
+        a subclass set them itself."""
 
         checked = self.__dict__.get("_checked")
-        if checked is None or checked.mean is not self.mean or checked.var is not self.var:
-            _, mean_extent = _check_value("GaussianPrior", "mean", self.mean, positive=False)
-            _, var_extent = _check_value("GaussianPrior", "var", self.var, positive=True)
-            checked = self._checked = _Checked(self.mean, self.var, mean_extent, var_extent, set())
+        if (
+            checked is None
+            or checked.mean is not self.mean
+            or checked.var is not self.var
+            or not _same_stamp(checked.stamps[0], _stamp(self.mean))
+            or not _same_stamp(checked.stamps[1], _stamp(self.var))
+        ):
+            _, mean_extent = _check_value(where, "mean", self.mean, positive=False)
+            _, var_extent = _check_value(where, "var", self.var, positive=True)
+            stamps = _stamp(self.mean), _stamp(self.var)
+            checked = _Checked(self.mean, self.var, mean_extent, var_extent, set(), stamps)
+            self._checked = checked
         return checked
 
 

@@ -462,6 +462,49 @@ def test_prior_values_set_after_construction_are_checked_and_used():
         own.kl(q)
 
 
+def test_prior_values_changed_in_place_are_checked_and_used(gen):
+    # A dict entry set, or a tensor filled, after a first KL skipped the checks: a NaN KL,
+    # and nelbo's loss NaN, without an error. Oracle: a prior made with the new values.
+    net = torch.nn.Linear(3, 2)
+    q = bf.init(net, init_logvar=-3.0)
+    x, y = torch.randn(4, 3, generator=gen(0)), torch.randn(4, 2, generator=gen(1))
+    ll = lambda m, x, y: -(m(x) - y).square().sum(-1)
+
+    by_name = GaussianPrior(0.0, var={"weight": 1.0, "bias": 1.0})
+    tensor = GaussianPrior(torch.zeros(()), var=torch.ones(()))
+    by_name.kl(q), tensor.kl(q)
+    by_name.var["weight"] = -1.0
+    tensor.var.fill_(0.0)
+    for prior, message in (
+        (by_name, r"expected a finite var\['weight'\] > 0, got -1.0"),
+        (tensor, "expected a finite var > 0"),
+    ):
+        g = gen(2)
+        state = g.get_state()
+        for where, call in (
+            ("GaussianPrior.kl", lambda p=prior: p.kl(q)),
+            ("GaussianPrior.kl", lambda p=prior: prior_kl(q, p)),  # the prior's own kl
+            (
+                "nelbo",
+                lambda p=prior, g=g: bf.nelbo(
+                    net, q, x, y, fn=ll, num_data=10, prior=p, generator=g
+                ),
+            ),
+        ):
+            with pytest.raises(ValueError, match=rf"^{where}: {message}"):
+                call()
+        assert torch.equal(g.get_state(), state)  # refused before any draw
+
+    by_name.var["weight"] = 4.0
+    tensor.var.fill_(0.5)
+    tensor.mean.add_(0.25)
+    assert torch.allclose(
+        by_name.kl(q), GaussianPrior(0.0, {"weight": 4.0, "bias": 1.0}).kl(q), rtol=1e-12
+    )
+    assert torch.allclose(tensor.kl(q), GaussianPrior(0.25, 0.5).kl(q), rtol=1e-12)
+    assert not torch.allclose(tensor.kl(q), GaussianPrior(0.0, 1.0).kl(q))
+
+
 def test_complex_and_bool_prior_tensors_are_refused():
     # A complex mean lost its imaginary part (torch's cast warning only); a complex variance
     # failed in torch ("gt_cpu" not implemented); a bool tensor was a variance of 1.
