@@ -64,6 +64,18 @@ class State:
                     d[attr] = t
                 t.copy_(clone)
 
+    def written(self, skip: Mapping[str, object]) -> list[str]:
+        r"""Returns the names of the module's own buffers, but those in `skip` and those
+        it holds no more (:meth:`reassigned`), whose values changed since the call
+        began."""
+
+        moved = self.reassigned()
+        return [
+            name
+            for name, t, clone in self.entries
+            if name not in skip and name not in moved and self._changed(name, t, clone)
+        ]
+
     def reassigned(self) -> list[str]:
         r"""Returns the names of the module's own buffers that it holds no more: `fn`
         assigned other tensors to them (`self.ema = 0.9 * self.ema + ...`)."""
@@ -74,6 +86,26 @@ class State:
             if d.get(attr) is not t:
                 moved.append(name)
         return moved
+
+    def write_assigned(self, names: list[str]) -> None:
+        r"""Writes what `fn` assigned to the module's own buffers `names` in one sample's
+        call into them, as the loop's rule does: detached, in place where the shape and
+        dtype are the buffer's (which goes back into its places), else as a new buffer."""
+
+        slots = self.st.buffer_slots
+        with torch.no_grad():
+            # Every value read before any is written (`self.prev = self.cur`).
+            values = {
+                name: slots[name][0][0][slots[name][0][1]].detach().clone() for name in names
+            }
+            for name, t, _ in self.entries:
+                value = values.get(name)
+                if value is None:
+                    continue
+                if value.shape == t.shape and value.dtype == t.dtype:
+                    value = t.copy_(value)
+                for d, attr in slots[name]:
+                    d[attr] = value
 
     def fresh(self) -> dict[str, Tensor]:
         r"""Returns copies of the initial buffers for one sample of a loop to update.

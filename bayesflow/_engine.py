@@ -330,8 +330,8 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
     state = State(job.st, job.buffers)
     # Random operations under vmap draw from torch's generators: a fallback to the loop
     # (or a pass again, all at once) starts from the state the call found, as loop_call does.
-    again = opts.fallback or cached is not None
-    rng = _rng_state() if opts.randomness in ("different", "same") and again else None
+    # A failed call (fallback=False) leaves them as it found them too.
+    rng = _rng_state() if opts.randomness in ("different", "same") else None
     try:
         if measure is None:
             try:
@@ -407,7 +407,9 @@ def _backward_hooked(st: Structure, module: nn.Module) -> str | None:
 
 def _cause(err: BaseException) -> str:
     text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+    # The first public class of bayesflow's own errors (`_ChunkedWrites` is a RuntimeError).
+    kind = next(c.__name__ for c in type(err).__mro__ if not c.__name__.startswith("_"))
+    return f"{kind}: {text.splitlines()[0] if text else ''}"
 
 
 def _index(args: tuple, dims: tuple, i: int) -> tuple:
@@ -551,6 +553,9 @@ def _single_now(job: _Job) -> Any:
             assigned = state.given_held(buffers) if state is not None else {}
         if assigned:
             state.write_given(job.opts.where, buffers, assigned)
+        moved = state.reassigned() if state is not None else None
+        if moved:  # `self.ema = 0.9 * self.ema + ...`: the loop's rule, not the sample's graph
+            state.write_assigned(moved)
         if is_compiling():  # (a compiled graph's outputs follow its own aliasing rules)
             return map_outputs(job.opts.where, lambda t: t.unsqueeze(0), out)
         ids, own = _inputs(job), st.own
@@ -643,6 +648,10 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
         )(*flat)
 
     written = [name for name, t, version in watched or () if t._version != version]
+    if watched is not None and not written:
+        # By value too: a write through `.data`, or by a kernel (batch norm's on buffers of
+        # a layer of the user's), bumps no version counter.
+        written = state.written(buffers)
     if written:
         raise _ChunkedWrites(
             f"fn writes the buffers {written} in place, which a pass in chunks of "
@@ -765,8 +774,17 @@ def _footprint(job: _Job) -> int:
         state = State(st, job.buffers)
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                per_sample = per_sample_bytes(one)
+            with torch.random.fork_rng(devices=devices):
+                try:
+                    with torch.no_grad():
+                        per_sample = per_sample_bytes(one)
+                except Exception:
+                    if not torch.is_grad_enabled():
+                        raise
+                    # An fn that differentiates inside (torch.autograd.grad): in the
+                    # caller's grad mode, the graph's memory counted too (an upper bound).
+                    state.restore()
+                    per_sample = per_sample_bytes(one)
         finally:
             state.restore()
         footprints.put(key, per_sample)

@@ -78,6 +78,11 @@ def vmap_call(
     normalizes with its own batch statistics) ends at the average of their updates;
     an integer one (`num_batches_tracked`) advances as for one sample.
 
+    Inside the vectorized pass a sampled parameter reads `requires_grad` as :py:`False`
+    (torch.func's batched tensors do): code in `fn` that branches on it takes the other
+    branch than the loop for `n >= 2` (torch's attention layers, whose fast path does, are
+    run on their reference path here).
+
     Example:
         >>> net = zuko.nn.MLP(3, 5)
         >>> params = bayesflow.sample(bayesflow.init(net), 8)
@@ -101,7 +106,9 @@ def vmap_call(
             allocates, once per module, `fn` code and argument shapes (by counting the
             bytes of every tensor its operations return: an upper bound): the default
             during its first call, which runs all samples at once, `"auto"` by one more
-            pass of one sample before it. Chunking changes no number
+            pass of one sample before it (without gradients, or with them where `fn` needs
+            them; torch's generators are restored after it, but a generator that `fn`
+            holds itself is not: it draws once more). Chunking changes no number
             (unless `fn` draws random numbers itself, with `randomness="different"`); one
             by one gives the loop's numbers, equal to rounding. An int or `"auto"` always
             vectorizes.
@@ -115,7 +122,9 @@ def vmap_call(
             at every `n`, one sample included), `"different"` draws
             independently for every sample, `"same"` draws once for all samples. If
             :py:`None`, they are refused by vmap and the call falls back to the loop
-            (where every sample draws its own).
+            (where every sample draws its own). With `n = 1`, every value but `"error"`
+            runs one plain call, whose random operations draw as the loop's. A failed call
+            leaves torch's generators as it found them.
         max_memory: The memory budget of `chunk_size="auto"`, in bytes; by default half
             the device's free memory (on the CPU, half the available physical memory).
             Refused with any other `chunk_size`, which it would not change.

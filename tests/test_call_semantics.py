@@ -1716,3 +1716,133 @@ def test_autocast_gives_the_loops_outputs_and_gradients(dtype, gen):
         assert torch.allclose(a, b, rtol=2e-2, atol=2e-2)
     assert not torch.allclose(vec[0].float(), vec[1].float())  # the samples change the output
     assert unchanged(before, net)
+
+
+class _OwnNorm(nn.Module):
+    r"""Running statistics of a layer of the user's: through `.data`, or batch norm's
+    kernel on its own buffers; neither bumps the buffers' version counters."""
+
+    def __init__(self, d, kernel):
+        super().__init__()
+        self.kernel = kernel
+        self.register_buffer("rm", torch.zeros(d))
+        self.register_buffer("rv", torch.ones(d))
+
+    def forward(self, x):
+        if self.kernel:
+            return nn.functional.batch_norm(x, self.rm, self.rv, training=self.training)
+        if self.training:
+            self.rm.data.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return x - self.rm
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, "cache"])
+def test_chunks_never_write_a_shared_buffer_once_each(
+    kernel, chunk_size, monkeypatch, gen, fresh_caches
+):
+    # The chunked pass looked for such writes by version counter only: each chunk wrote the
+    # buffer again, and the later chunks read the earlier ones' writes (outputs off by up
+    # to 0.8, silently), with the cache's chunks as well as the user's. Oracle: deep copies.
+    from bayesflow import _memory
+
+    net = nn.Sequential(_OwnNorm(3, kernel), nn.Linear(3, 2)).train()
+    params = bf.sample(bf.init(net, -1.0), 4, generator=gen(0))
+    x = torch.randn(8, 3, generator=gen(1)) + 2.0
+    if chunk_size == "cache":  # chunks of 2 that the cache rule picks, not the user
+        bf.vmap_call(net, params, x)  # all at once: measures a sample
+        entries = bf._engine._FOOTPRINTS.get(net)
+        if entries is None:
+            pytest.skip("the cache rule runs on the CPU only")
+        per_sample = next(iter(entries.entries.values()))
+        monkeypatch.setattr(_memory, "_CACHE", [2 * per_sample + 1])
+    copies = []
+    for i in range(4):
+        c = copy.deepcopy(net)
+        c.load_state_dict({**net.state_dict(), **{k: v[i] for k, v in params.items()}})
+        copies.append(c)
+    oracle = torch.stack([c(x) for c in copies]).detach()
+    rm = torch.stack([c[0].rm for c in copies]).mean(0)
+
+    if chunk_size == "cache":
+        chunks = _record_chunks(monkeypatch)
+        out = bf.vmap_call(net, params, x)  # chunks of 2, then all at once, remembered
+        assert chunks == [2, None]
+    elif chunk_size is None:
+        out = bf.vmap_call(net, params, x, fallback=False)
+    else:
+        with pytest.warns(
+            bf.VmapFallbackWarning, match=r"RuntimeError: fn writes the buffers \['0.rm'"
+        ):
+            out = bf.vmap_call(net, params, x, chunk_size=chunk_size)
+
+    assert torch.allclose(out, oracle, atol=1e-12)
+    assert not torch.allclose(oracle[0], oracle[1])
+    assert torch.allclose(net[0].rm, rm, atol=1e-12) and not torch.allclose(rm, torch.zeros(3))
+
+
+def test_one_sample_writes_a_reassigned_buffer_as_the_loop_does(gen):
+    # With one sample, the plain call left the new tensor (and its graph: `self.ema = ...`
+    # outside no_grad) in the module: a second backward failed ("backward through the graph
+    # a second time"), and the module held another object than its buffer.
+    class Ema(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.register_buffer("ema", torch.zeros(4))
+
+        def forward(self, x):
+            h = self.lin(x)
+            self.ema = 0.9 * self.ema + 0.1 * h.mean(0)
+            return h - self.ema.detach()
+
+    x = torch.randn(8, 3, generator=gen(0))
+    nets = {call: Ema() for call in ("vmap", "loop")}
+    nets["loop"].load_state_dict(nets["vmap"].state_dict())
+    q = bf.init(nets["vmap"], -2.0)
+    for step in range(2):
+        for call, net in nets.items():
+            ema = net.ema
+            params = bf.sample(q, 1, generator=gen(step))
+            out = (bf.vmap_call if call == "vmap" else bf.loop_call)(net, params, x)
+            out.square().sum().backward()
+            assert (
+                net.ema is ema and not net.ema.requires_grad and "ema" in dict(net.named_buffers())
+            )
+        assert torch.equal(nets["vmap"].ema, nets["loop"].ema) and nets["vmap"].ema.abs().sum() > 0
+
+
+def test_auto_chunks_of_an_fn_that_differentiates_inside_fall_back_as_others_do(gen, fresh_caches):
+    # The pass that measures a sample ran fn without gradients, outside the fallback: a
+    # bare "element 0 of tensors does not require grad" where the loop works.
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    params = bf.sample(bf.init(net, -1.0), 3, generator=gen(0))
+    x = torch.randn(4, 3, generator=gen(1), requires_grad=True)
+
+    def score(m, x):
+        return torch.autograd.grad(m(x).sum(), x, create_graph=True)[0]
+
+    oracle = bf.loop_call(net, params, x, fn=score)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bf.VmapFallbackWarning)
+        out = bf.vmap_call(net, params, x, fn=score, chunk_size="auto")
+    assert torch.allclose(out, oracle, atol=1e-12) and not torch.allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_a_failed_call_leaves_torchs_generator_as_it_found_it(randomness, gen):
+    # With fallback=False, the generator was saved only where a fallback could use it.
+    net = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    params = bf.sample(bf.init(net, -1.0), 3, generator=gen(0))
+
+    def fn(m, x):
+        h = m(x)
+        h.sum().item()  # vmap cannot read a value
+        return h
+
+    x = torch.randn(4, 3, generator=gen(1))
+    torch.manual_seed(1)
+    state = torch.random.get_rng_state()
+    with pytest.raises(RuntimeError, match="vmap_call: vmap cannot run Sequential"):
+        bf.vmap_call(net, params, x, fn=fn, randomness=randomness, fallback=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
