@@ -115,8 +115,7 @@ def _logvar_value(where: str, name: str, value: object, like: Tensor) -> Tensor:
 
     if isinstance(value, Tensor) and (value.dtype == torch.bool or value.is_complex()):
         raise TypeError(
-            f"{where}: expected init_logvar for {name!r} to be real, got a tensor of "
-            f"{value.dtype}"
+            f"{where}: expected init_logvar for {name!r} to be real, got a tensor of {value.dtype}"
         )
     if isinstance(value, Tensor) and value.is_meta:
         raise ValueError(
