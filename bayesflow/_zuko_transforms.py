@@ -72,9 +72,12 @@ def _jvp(f: Callable[..., Any], primals: tuple, tangents: tuple) -> Any:
 
 
 def _derivative(f: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Returns :math:`f(x)` and :math:`f'(x)` of an element-wise function, in forward mode."""
+    r"""Returns :math:`f(x)` and :math:`f'(x)` of an element-wise function, in forward mode.
 
-    return _jvp(f, (x,), (torch.ones_like(x),))
+    On a copy of `x`, as zuko's own clones it: an expanded `x` (one element in several
+    places) cannot be the primal of forward mode."""
+
+    return _jvp(f, (x.clone(),), (torch.ones_like(x),))
 
 
 def monotonic_call_and_ladj(self: Any, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -468,7 +471,8 @@ def gmm_forward_full(
     mask = torch.tril(torch.ones(d, d, dtype=torch.bool, device=scale.device), diagonal=-1)
     flat = mask.flatten()
     index = torch.where(flat, flat.cumsum(0) - 1, tril.shape[-1])
-    lower = torch.cat((tril, torch.zeros_like(tril[..., :1])), dim=-1)
+    # One feature has no strictly lower entry: the zero column from the shape, not from them.
+    lower = torch.cat((tril, tril.new_zeros(*tril.shape[:-1], 1)), dim=-1)
     lower = torch.index_select(lower, -1, index).unflatten(-1, (d, d))
     scale = torch.where(mask, lower, scale)
 

@@ -27,6 +27,7 @@ from ._compat import generating, is_compiling
 from ._engine import _rng_state, _set_rng_state, count, draw_state, restore_draw_state, run
 from ._options import call_options
 from ._structure import Structure, lock, structure
+from ._vmap_safe import vmap_safe
 
 # The contexts each flow was seen to take, while its structure stays the same: the check
 # of a context depends only on the two, and runs the flow's networks (a MAF's, once per
@@ -114,7 +115,9 @@ def _evaluate(flow: nn.Module, st: Structure, c: Tensor | None, check: bool) -> 
     state = State(st) if st.buffers else None
     rng = _rng_state()
     try:
-        with torch.no_grad():
+        # With the stand-ins: zuko's own autograd Functions (bisection, the ODE solver)
+        # fail inside a torch.func transform of the caller's.
+        with torch.no_grad(), vmap_safe(st.uses_zuko):
             d = flow() if c is None else flow(c)
             # A base flow_sample cannot draw from (a mixture) is refused after this pass,
             # by `_base`, with its own message; its mean may not exist.
