@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = ["IVON"]
 
+import copy
 import math
 
 from collections.abc import Callable, Mapping, Sequence
@@ -120,7 +121,11 @@ class IVON(torch.optim.Optimizer):
     :math:`\hat h`, the Price estimator for the distribution sampled), so that the posterior
     is always the one sampled. Parameters that the posterior leaves out are never touched:
     train them with another optimizer if they need training. Frozen parameters
-    (`requires_grad=False`) are left out, whatever the patterns.
+    (`requires_grad=False`) are left out, whatever the patterns: freeze them before creating
+    the optimizer (:meth:`sample` and :meth:`step` raise for one frozen later). Where `h` is
+    negative (the update keeps :math:`h + \delta`, not :math:`h`, positive), a lower
+    `weight_decay` that makes :math:`h + \delta \leq 0` is refused, by :meth:`sample`,
+    :meth:`step` and :attr:`posterior`, before any change.
 
     A training step looks like Adam's, plus the draw:
 
@@ -310,7 +315,8 @@ class IVON(torch.optim.Optimizer):
         Its tensors are views of the optimizer's state, updated in place by every step: a
         reference to it stays current. They do not require gradients. After a write through
         :attr:`hess` (or a change of `ess` or `weight_decay`), the variances are recomputed
-        when this is read, or by the next :meth:`sample` or :meth:`step`.
+        when this is read, or by the next :meth:`sample` or :meth:`step`; each raises a
+        ValueError where :math:`h + \delta \leq 0`.
         """
 
         where = "IVON.posterior"
@@ -357,7 +363,8 @@ class IVON(torch.optim.Optimizer):
 
     def _check_linked(self, where: str) -> None:
         r"""Raises if a picked parameter of the module no longer shares the posterior's
-        memory: `module(x)` would silently not be the mean model."""
+        memory (`module(x)` would silently not be the mean model), or was frozen since the
+        optimizer was created (a step would silently train it)."""
 
         # Pointers compared now, not kept: `share_memory_()` moves both, still shared.
         for name, table, attr, mean in self._slots:
@@ -370,18 +377,38 @@ class IVON(torch.optim.Optimizer):
                     "load_state_dict(assign=True) or an assignment to .data): the module "
                     "would no longer be the mean model. Create the IVON after such a change"
                 )
+            if not p.requires_grad:
+                raise RuntimeError(
+                    f"{where}: expected the module's parameter {name!r} to require gradients, "
+                    "as when IVON was created, got it frozen (requires_grad=False) since: a "
+                    "step would still train it. Create the IVON after freezing (it leaves "
+                    "frozen parameters out), or unfreeze it"
+                )
 
     def _check_hess(self, where: str, weight_decay: float) -> None:
-        r"""Raises if the Hessian estimates were written through :attr:`hess` since the
-        variances were set, with values they cannot be set from."""
+        r"""Raises if the Hessian estimates were written through :attr:`hess`, or
+        `weight_decay` changed, since the variances were set, to values they cannot be set
+        from: :math:`h + \delta \leq 0` somewhere."""
 
         s = self._state
-        if s.variance_of is not None and s.variance_of[2] != s.hess._version:
+        if s.variance_of is None or s.variance_of[1:] == (weight_decay, s.hess._version):
+            return
+        if s.variance_of[2] != s.hess._version:
             if not (torch.isfinite(s.hess).all() and (s.hess + weight_decay > 0).all()):
                 raise ValueError(
                     f"{where}: expected finite Hessian estimates with hess + weight_decay > 0, "
                     "got others written through IVON.hess"
                 )
+        # The update keeps h + weight_decay > 0, not h > 0: a lower weight_decay (a
+        # schedule) can leave h + weight_decay <= 0, a NaN variance and a step uphill.
+        elif not (s.hess + weight_decay > 0).all():
+            low = s.hess.min().item()
+            raise ValueError(
+                f"{where}: expected hess + weight_decay > 0, got min hess = {low:.6g} with "
+                f"weight_decay = {weight_decay} (changed from {s.variance_of[1]}): set "
+                f"weight_decay above {-low:.6g}, as IVON keeps only hess + weight_decay "
+                "positive"
+            )
 
     def _refresh(self, where: str, ess: float, weight_decay: float) -> None:
         r"""Recomputes the variances if `ess`, `weight_decay` or the Hessian estimates (a
@@ -463,10 +490,12 @@ class IVON(torch.optim.Optimizer):
         Raises:
             RuntimeError: If no gradient reached a sample of :meth:`sample` since the last
                 step, or a gradient reached the module's own picked parameters (a loss term
-                computed with the module itself), which the step would ignore.
+                computed with the module itself), which the step would ignore; or a picked
+                parameter was frozen, or given other memory, since the optimizer was created.
             ValueError: If a gradient is NaN or infinite (a loss that diverged), in any
                 process of data-parallel training: nothing is updated, and the draws since
-                the last step are dropped.
+                the last step are dropped; or `weight_decay` changed (or :attr:`hess` was
+                written) so that :math:`h + \delta \leq 0` somewhere: nothing is updated.
         """
 
         where = "IVON.step"
@@ -550,8 +579,8 @@ class IVON(torch.optim.Optimizer):
         Returns:
             A dict with `"state"` (the step count and copies of the flat means, Hessian
             estimates and momentum) and `"param_groups"` (the hyperparameters, with the
-            parameter names under `"params"`). Samples drawn since the last step are not
-            part of it.
+            parameter names under `"params"` and their shapes under `"shapes"`). Samples
+            drawn since the last step are not part of it.
         """
 
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():  # as torch's
@@ -565,7 +594,9 @@ class IVON(torch.optim.Optimizer):
                 "hess": s.hess.clone(),
                 "momentum": s.momentum.clone(),
             },
-            "param_groups": [group | {"params": list(s.names)}],
+            "param_groups": [
+                group | {"params": list(s.names), "shapes": [tuple(t) for t in s.shapes]}
+            ],
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state)
@@ -580,7 +611,8 @@ class IVON(torch.optim.Optimizer):
             state_dict: A state of an IVON over the same parameter names and shapes.
 
         Raises:
-            ValueError: If the state does not fit this optimizer.
+            ValueError: If the state does not fit this optimizer (other parameter names or
+                shapes, or values it cannot hold).
         """
 
         where = "IVON.load_state_dict"
@@ -596,6 +628,8 @@ class IVON(torch.optim.Optimizer):
             step, group, count = state["step"], groups[0], len(groups)
             names = list(group["params"])
             hyper = {k: group[k] for k in HYPER}
+            # States saved before the shapes were kept have none: their size is checked.
+            shapes = group["shapes"] if "shapes" in group else None
         except (KeyError, IndexError, TypeError):
             raise ValueError(
                 f"{where}: expected a dict from IVON.state_dict(), with the state, the "
@@ -609,6 +643,21 @@ class IVON(torch.optim.Optimizer):
             raise ValueError(
                 f"{where}: expected a state over the parameters {s.names}, got {names}"
             )
+        if shapes is not None:
+            try:
+                shapes = [tuple(shape) for shape in shapes]
+            except TypeError:
+                shapes = None
+            if shapes is None or len(shapes) != len(s.names):
+                raise ValueError(
+                    f"{where}: expected shapes to list the shapes of the {len(s.names)} parameters"
+                )
+            for name, want, got in zip(s.names, s.shapes, shapes, strict=True):
+                if got != tuple(want):
+                    raise ValueError(
+                        f"{where}: expected {name!r} of shape {tuple(want)}, got {got}: a "
+                        "state of another module"
+                    )
         size = s.mean.numel()
         for k, t in tensors.items():
             if not isinstance(t, Tensor) or t.shape != (size,):
@@ -618,6 +667,9 @@ class IVON(torch.optim.Optimizer):
                 raise TypeError(f"{where}: expected real {k}, got {t.dtype}")
         step = check_int(where, "step", step, minimum=0)
         h = _check_hyper(where, hyper)
+        # Copies, as torch's optimizers load them: a tensor lr that a scheduler updates in
+        # place would be shared with the state and the optimizer it came from.
+        group = copy.deepcopy({k: v for k, v in group.items() if k not in ("params", "shapes")})
         try:
             # Detached: a state that records gradients (a mean from `bf.init`) would make the
             # optimizer's own tensors record them, and every later sample a non-leaf.
@@ -636,7 +688,7 @@ class IVON(torch.optim.Optimizer):
         s.hess.copy_(hess)
         s.momentum.copy_(momentum)
         s.t = step
-        self.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+        self.param_groups[0].update(group)
         forget(s)
         set_variance(s, h.ess, h.weight_decay)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():

@@ -385,12 +385,17 @@ def test_changed_hyperparameters_take_effect(gen):
         opt.sample(1)
 
 
-def test_state_dict_resumes_training(gen, tmp_path):
+@pytest.mark.parametrize("saved", ["now", "without-shapes"])
+def test_state_dict_resumes_training(saved, gen, tmp_path):
+    # "without-shapes": a state saved before the parameters' shapes were kept still loads.
     net, (x, y) = make_net(), data()
     opt = bf.IVON(net, lr=0.1, ess=20.0, weight_decay=1e-3)
     for t in range(3):
         vectorized_step(opt, net, x, y, 2, gen(t))
-    torch.save(opt.state_dict(), tmp_path / "ivon.pt")
+    state = opt.state_dict()
+    if saved == "without-shapes":
+        del state["param_groups"][0]["shapes"]
+    torch.save(state, tmp_path / "ivon.pt")
     for t in range(3, 5):
         vectorized_step(opt, net, x, y, 2, gen(t))
 
@@ -848,6 +853,41 @@ def test_frozen_parameters_are_left_out(gen):
         bf.IVON(net, lr=0.1, ess=20.0)
 
 
+def test_a_parameter_frozen_after_the_optimizer_was_created_is_refused(gen):
+    # requires_grad was read once, in the constructor: a parameter frozen later (a backbone
+    # frozen for fine-tuning) still got samples that required gradients, and steps moved it.
+    # Unfrozen again, training goes on as if nothing had happened (the oracle: a twin).
+    net, (x, y) = make_net(), data()
+    twin = copy.deepcopy(net)
+    opt, ref = bf.IVON(net, **HYPERS["defaults"]), bf.IVON(twin, **HYPERS["defaults"])
+    vectorized_step(opt, net, x, y, 2, gen(0))
+    vectorized_step(ref, twin, x, y, 2, gen(0))
+    params = opt.sample(2, generator=gen(1))
+    (bf.vmap_call(net, params, x) - y).square().mean().backward()
+
+    net[0].weight.requires_grad_(False)
+    before = snapshot(net, opt._posterior, opt.hess, opt.momentum)
+    match = r"IVON\.{}: expected the module's parameter '0\.weight' to require gradients"
+    with pytest.raises(RuntimeError, match=match.format("step")):
+        opt.step()
+    with pytest.raises(RuntimeError, match=match.format("sample")):
+        opt.sample(1)
+    net[0].weight.requires_grad_(True)
+
+    def freezing():
+        net[0].weight.requires_grad_(False)
+
+    with pytest.raises(RuntimeError, match=match.format("step")):
+        opt.step(freezing)  # frozen by the closure
+    assert unchanged(before, net, opt._posterior, opt.hess, opt.momentum)
+
+    net[0].weight.requires_grad_(True)
+    opt.step()  # the draw made before the freeze
+    vectorized_step(ref, twin, x, y, 2, gen(1))
+    assert torch.equal(flat(net.parameters()), flat(twin.parameters()))
+    assert torch.equal(flat(opt.hess.values()), flat(ref.hess.values()))
+
+
 @pytest.mark.parametrize("kind", ["string", "iterator"])
 def test_patterns_are_shown_as_given(kind):
     # One string is one pattern (not its characters), an iterator is read once: the
@@ -1021,6 +1061,52 @@ def test_writes_through_hess_are_read(gen):
     assert unchanged(before, net, opt._posterior, opt.hess)
 
 
+@pytest.mark.parametrize("when", ["between-steps", "between-draw-and-step"])
+def test_a_lower_weight_decay_with_hess_plus_weight_decay_not_positive_is_refused(when, gen):
+    # The update keeps h + weight_decay > 0, not h > 0. Lowering weight_decay (a schedule)
+    # to where h + weight_decay <= 0 gave NaN log-variances and samples, then a misleading
+    # "loss that diverged"; between a draw and its step, a step uphill (a negative H).
+    net, (x, y) = make_net(), data()
+    twin = copy.deepcopy(net)
+    hyper = dict(lr=0.05, ess=20.0, beta2=0.0, weight_decay=0.5)
+    opt, ref = bf.IVON(net, **hyper), bf.IVON(twin, **hyper)
+    for t in range(2):
+        vectorized_step(opt, net, x, y, 1, gen(t))
+        vectorized_step(ref, twin, x, y, 1, gen(t))
+    low = flat(opt.hess.values()).min().item()
+    assert -0.5 < low < 0  # legal: h < 0 with h + weight_decay > 0
+
+    if when == "between-draw-and-step":
+        params = opt.sample(1, generator=gen(2))
+        (bf.vmap_call(net, params, x) - y).square().mean().backward()
+    before = snapshot(net, opt._posterior, opt.hess, opt.momentum)
+    opt.param_groups[0]["weight_decay"] = -low / 2
+    match = r"IVON\.{}: expected hess \+ weight_decay > 0, got min hess = .* weight_decay = "
+    calls = {"posterior": lambda: opt.posterior, "sample": lambda: opt.sample(1)}
+    if when == "between-draw-and-step":
+        calls = {"step": opt.step}
+    for where, call in calls.items():
+        with pytest.raises(ValueError, match=match.format(where)):
+            call()
+    assert unchanged(before, net, opt._posterior, opt.hess, opt.momentum)
+
+    # Back to a weight_decay that fits: training goes on as if nothing had happened.
+    opt.param_groups[0]["weight_decay"] = 0.5
+    if when == "between-draw-and-step":
+        opt.step()
+    else:
+        vectorized_step(opt, net, x, y, 1, gen(2))
+    vectorized_step(ref, twin, x, y, 1, gen(2))
+    assert torch.equal(flat(net.parameters()), flat(twin.parameters()))
+    assert torch.equal(flat(opt.hess.values()), flat(ref.hess.values()))
+
+    # A lower weight_decay that keeps h + weight_decay > 0 is the paper's variance.
+    wd = -flat(opt.hess.values()).min().item() + 0.05
+    opt.param_groups[0]["weight_decay"] = wd
+    var = flat(bf.std(opt.posterior).values()) ** 2
+    assert close(var, 1 / (20.0 * (flat(opt.hess.values()) + wd)))
+
+
 def test_tensor_lr_updated_in_place_by_a_scheduler(gen):
     # torch's schedulers update a tensor lr in place (the same object): IVON kept the lr
     # it had read first.
@@ -1077,6 +1163,55 @@ def test_bad_states_are_named():
     ):
         opt.load_state_dict(complex_state)
     assert unchanged(before, opt._posterior, opt.hess)
+
+
+def test_a_state_of_other_shapes_with_the_same_names_and_size_is_refused(gen):
+    # Only the names and the total size were compared: the state of a 3-8-2 MLP loaded
+    # into a 5-6-2 MLP (50 numbers each), rows of one weight silently became the other's.
+    net, (x, y) = make_net(), data()
+    opt = bf.IVON(net, **HYPERS["defaults"])
+    vectorized_step(opt, net, x, y, 2, gen(0))
+    state = opt.state_dict()
+    other = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+    assert size(other) == size(net)
+    opt2 = bf.IVON(other, **HYPERS["defaults"])
+    before = snapshot(other, opt2._posterior, opt2.hess, opt2.momentum)
+    with pytest.raises(
+        ValueError,
+        match=r"IVON\.load_state_dict: expected '0\.weight' of shape \(6, 5\), got \(8, 3\)",
+    ):
+        opt2.load_state_dict(state)
+    state["param_groups"][0]["shapes"] = 3
+    with pytest.raises(ValueError, match=r"IVON\.load_state_dict: expected shapes to list"):
+        opt2.load_state_dict(state)
+    assert unchanged(before, other, opt2._posterior, opt2.hess, opt2.momentum)
+
+
+def test_a_loaded_tensor_lr_is_a_copy_as_torchs_optimizers_load_it(gen):
+    # The loaded group's values were the saved ones: a scheduler's in-place update of a
+    # tensor lr on the optimizer loaded into also changed the saved state and the
+    # optimizer it was saved from. The oracle: torch's Adam, which deep-copies.
+    net, (x, y) = make_net(), data()
+    lrs = {}
+    for kind in ("ivon", "adam"):
+        if kind == "ivon":
+            opt1, opt2 = bf.IVON(make_net(), lr=0.1, ess=20.0), bf.IVON(net, lr=0.1, ess=20.0)
+            opt1.param_groups[0]["lr"] = torch.tensor(0.1)
+        else:
+            opt1, opt2 = (torch.optim.Adam(make_net().parameters(), lr=torch.tensor(0.1)),
+                          torch.optim.Adam(make_net().parameters(), lr=torch.tensor(0.1)))  # fmt: skip
+        saved = opt1.state_dict()
+        opt2.load_state_dict(saved)
+        schedule = torch.optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
+        if kind == "ivon":
+            vectorized_step(opt2, net, x, y, 1, gen(0))
+        else:
+            opt2.step()
+        schedule.step()
+        lrs[kind] = [float(o.param_groups[0]["lr"]) for o in (opt1, opt2)]
+        lrs[kind].append(float(saved["param_groups"][0]["lr"]))
+    assert lrs["ivon"] == lrs["adam"]
+    assert lrs["ivon"][1] != lrs["ivon"][0]  # the schedule did step the one loaded into
 
 
 def test_a_gradient_on_the_modules_own_parameters_is_refused_and_cleared(gen):
