@@ -553,8 +553,11 @@ def _single_now(job: _Job) -> Any:
             assigned = state.given_held(buffers) if state is not None else {}
         if assigned:
             state.write_given(job.opts.where, buffers, assigned)
-        moved = state.reassigned() if state is not None else None
-        if moved:  # `self.ema = 0.9 * self.ema + ...`: the loop's rule, not the sample's graph
+        # `self.ema = 0.9 * self.ema + ...`: the loop's rule, not the sample's graph; not
+        # inside a torch.func transform, which cannot write a captured tensor (its caller,
+        # Laplace's per-example pass, puts the buffers back itself).
+        moved = state.reassigned() if state is not None and not in_func_transform() else None
+        if moved:
             state.write_assigned(moved)
         if is_compiling():  # (a compiled graph's outputs follow its own aliasing rules)
             return map_outputs(job.opts.where, lambda t: t.unsqueeze(0), out)
