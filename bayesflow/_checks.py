@@ -427,7 +427,7 @@ def check_members(
                         f"{where}: expected {name!r} with requires_grad={ref.requires_grad} in "
                         f"every module (as in modules[0]), got {t.requires_grad} at index {i}"
                     )
-                if kind == "buffer" and equal_buffers and not torch.equal(t, ref):
+                if kind == "buffer" and equal_buffers and not _same_values(t, ref):
                     raise ValueError(
                         f"{where}: expected equal buffers in every module (vmap_call uses "
                         f"those of modules[0]), got a different {name!r} at index {i}; stack "
@@ -435,6 +435,15 @@ def check_members(
                     )
         _check_submodules(where, first, m, i)
     return tables
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    r"""Whether two tensors of one shape, dtype and device hold the same values, NaN
+    where the other has NaN (`torch.equal` says no to any NaN)."""
+
+    if a is b or torch.equal(a, b):
+        return True
+    return a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _class(module: nn.Module) -> type:
@@ -485,9 +494,7 @@ class _Values:
         a, b = self.t.detach(), other.t.detach()
         if (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device):
             return False
-        if a.is_meta or torch.equal(a, b):
-            return True
-        return a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all())
+        return a.is_meta or _same_values(a, b)
 
     def __hash__(self) -> int:
         return 0

@@ -233,7 +233,10 @@ def gaussian_kl(
         prior_mean = prior_mean.to(acc)
 
     diff = mean if isinstance(prior_mean, float) and prior_mean == 0.0 else mean - prior_mean
-    kl = 0.5 * ((logvar.exp() + diff.square()) / prior_var + log_prior_var - logvar - 1.0)
+    # sigma^2 / s^2 - 1 - log(sigma^2 / s^2) as expm1(x) - x: no terms of about 1 that
+    # cancel near the prior (see `fused_sample_kl`).
+    x = logvar - log_prior_var
+    kl = 0.5 * (torch.expm1(x) - x + diff.square() / prior_var)
 
     return kl.expand_as(mean).sum()
 
@@ -266,7 +269,20 @@ def fused_sample_kl(
     if prior is not None:
         d = m if prior.mean is None else m - prior.mean
         # Element by element, then one sum: no cancellation between large sums.
-        if isinstance(prior.var, Tensor):
+        if eps is None:
+            # The KL alone, a value to read (near 0 for a posterior near its prior): its
+            # variance part as expm1(x) - x, x = log(sigma^2 / s^2). The forms below, for a
+            # training step, add terms of about 1/2 that cancel, each off by a unit of
+            # rounding: float32 KLs of 1e6 numbers near their prior came out negative.
+            tensor_var = isinstance(prior.var, Tensor)
+            x = torch.mul(h, 2.0).sub_(prior.var.log() if tensor_var else math.log(prior.var))
+            u = torch.expm1(x).sub_(x)
+            if tensor_var:
+                u.addcmul_(d, d / prior.var)
+            else:
+                u.addcmul_(d, d, value=1 / prior.var)
+            kl = u.sum().mul_(0.5)
+        elif isinstance(prior.var, Tensor):
             u = torch.addcmul(d * d, sigma, sigma).div_(prior.var)
             u.sub_(h, alpha=2.0).add_(prior.var.log()).sub_(1.0)
             kl = u.sum().mul_(0.5)

@@ -15,6 +15,7 @@ __all__ = [
 ]
 
 import copy
+import math
 import numbers
 import re
 
@@ -26,7 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.parameter import is_lazy
 
-from ._checks import check_module, check_posterior, describe
+from ._checks import check_module, check_not_bridge, check_posterior, describe
 from ._numerics import logvar_from_var
 from ._sampling import kl_divergence, sample
 from ._structure import Structure, lazy_error, lock
@@ -49,12 +50,19 @@ def _compile(where: str, pattern: object) -> re.Pattern:
     for segment in pattern.split("."):
         if segment == "**":
             parts.append(r"[^.]+(?:\.[^.]+)*")
-        elif re.fullmatch(r"(?:\w|\*(?!\*))+", segment):
-            parts.append("[^.]*".join(re.escape(s) for s in segment.split("*")))
+        elif re.fullmatch(r"(?:\w|\*)+", segment):
+            # Within a segment, as zuko: `**` spans segments ("**weight" picks 0.0.weight),
+            # `*` stays within one.
+            parts.append(
+                ".*".join(
+                    "[^.]*".join(re.escape(s) for s in piece.split("*"))
+                    for piece in segment.split("**")
+                )
+            )
         else:
             raise ValueError(
                 f"{where}: malformed glob pattern {pattern!r}: expected dot-separated segments "
-                "of letters, digits, '_' and '*', or a lone '**'"
+                "of letters, digits, '_', '*' and '**'"
             )
 
     return re.compile(r"\.".join(parts) + r"(?:\..*)?")
@@ -122,6 +130,8 @@ def _logvar_value(where: str, name: str, value: object, like: Tensor) -> Tensor:
             f"{where}: expected init_logvar for {name!r} with data, got a tensor on the meta "
             "device"
         )
+    if isinstance(value, int) and not -(2**1023) < value < 2**1023:
+        value = math.inf if value > 0 else -math.inf  # beyond float64: refused below
     # Detached: the log-variances are fresh leaves, whatever graph `value` belongs to.
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device).detach()
 
@@ -282,6 +292,7 @@ def copy_module(where: str, module: nn.Module) -> nn.Module:
 
 def mean_model(where: str, module: object, posterior: object) -> nn.Module:
     check_module(where, module)
+    check_not_bridge(where, module)
     check_posterior(where, posterior)
     with lock(module):  # another thread's call may have samples swapped in
         check_matches(where, module, posterior)

@@ -294,6 +294,15 @@ def _run(
         fused = fused and not dual((*flat, *(() if p is None else p)))
         work.append((group, flat, fused, p))
 
+    if n is not None and generator is not None:
+        for group in plan.groups:
+            on = generator.device
+            if on.type != group.device.type or on.index not in (None, group.device.index):
+                raise ValueError(
+                    f"{where}: expected a generator on the posterior's device "
+                    f"({group.device}), got one on {on}"
+                )
+
     # Every check has passed: only now draw the noise, one call per group, in order.
     params: list[Tensor | None] = [None] * t
     kl = None
@@ -363,7 +372,8 @@ def sample_and_kl(
     prior: PriorMaker,
 ) -> tuple[dict[str, Tensor], Tensor]:
     r"""Returns :func:`sample`'s parameters and the KL divergence from a Gaussian prior,
-    with the same numbers as apart, in one pass."""
+    in one pass: the same samples as apart, and the same KL up to rounding (the KL alone
+    takes a form that keeps more digits near the prior, at one more pass)."""
 
     plan, tensors = _plan(where, posterior)
     n = check_n(where, n)

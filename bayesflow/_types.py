@@ -28,6 +28,10 @@ class Posterior(NamedTuple):
     :math:`\mathrm{softclip}(x, b) = x / \sqrt{1 + (x / b)^2}`, which keeps it within
     :math:`(e^{-18}, e^{18})` without ever cutting gradients.
 
+    It pickles with its tensors: `torch.save(q, f)` and `torch.load(f, weights_only=False)`
+    (torch's default `weights_only=True` loads tensors and plain containers only), or
+    save `{"mean": q.mean, "logvar": q.logvar}` and rebuild it with `Posterior(**d)`.
+
     Attributes:
         mean: The means :math:`\mu`.
         logvar: The unconstrained log-variances :math:`\log \sigma^2`.

@@ -110,7 +110,9 @@ def sample(
 
     All the noise :math:`\epsilon_i \sim \mathcal{N}(0, I)` is drawn in one call (one per
     device and dtype) from `generator`: the same generator state gives the same samples,
-    whatever is done with them afterwards.
+    whatever is done with them afterwards. One call of `n` samples draws the noise as one
+    `(n, P)` block, so its `k`-th sample is not the one the `k`-th of `n` calls with
+    `n = 1` draws (the same law, other numbers).
 
     Example:
         >>> q = init(zuko.nn.MLP(3, 5))
@@ -121,14 +123,15 @@ def sample(
     Arguments:
         posterior: The posterior :math:`q`.
         n: The number of parameter sets.
-        generator: The source of randomness; the global one if :py:`None`.
+        generator: The source of randomness; the global one if :py:`None`; on the
+            posterior's device.
 
     Returns:
         Tensors of shape `(n, *param.shape)`, differentiable with respect to `posterior`.
 
     Raises:
-        ValueError: If a mean or log-variance holds NaN or infinite values (checked before
-            any noise is drawn).
+        ValueError: If a mean or log-variance holds NaN or infinite values, or `generator`
+            is on another device (checked before any noise is drawn).
     """
 
     return _posterior.sample("sample", posterior, n, generator)

@@ -609,7 +609,7 @@ def sample_and_kl(
     closed form); the KL is :py:`None` for any other prior (its own :meth:`Prior.kl` is
     the objectives' to call).
     The objectives' helper: the numbers are those of :func:`bayesflow.sample` and
-    :func:`prior_kl`, and every check comes before any work."""
+    :func:`prior_kl` (the KL up to rounding), and every check comes before any work."""
 
     if prior is None or _is_variance(prior):
         make = _zero_mean_prior(where, "prior", 1.0 if prior is None else prior)

@@ -129,8 +129,20 @@ class _Numbered(nn.Module):
         ({"net.1.", "head"}, ()),  # a set
         (dict.fromkeys(["net.10", "head.weight"]).keys(), iter(["net.10.bias"])),
         ((p for p in ["net.*."]), ["**.bias"]),  # a generator
+        (["**weight"], []),  # `**` within a segment: these were refused as malformed
+        (["net**.bias"], ["h**"]),
+        (["***"], ["net.1**"]),
     ],
-    ids=["trailing-dot", "trailing-dots", "set", "dict-keys", "generator"],
+    ids=[
+        "trailing-dot",
+        "trailing-dots",
+        "set",
+        "dict-keys",
+        "generator",
+        "**weight",
+        "net**.bias",
+        "***",
+    ],
 )
 def test_picks_what_zuko_picks_from_what_zuko_takes(include, exclude):
     include, exclude = list(include), list(exclude)  # the same patterns for both, once

@@ -1,6 +1,7 @@
 r"""Deep ensembles trained and predicted in one pass: K separate trainings are the oracle."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -792,3 +793,30 @@ def test_classes_of_one_name_are_told_apart_by_their_qualified_names():
         r"tests\.test_ensemble\..*define\.<locals>\.Net and .*\.Net at index 1",
     ):
         bf.stack_modules([first, other])
+
+
+def test_members_with_equal_buffers_that_hold_nan_stack():
+    # torch.equal says no to NaN: stack_params refused even [m, m].
+    class WithNan(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.register_buffer("b", torch.tensor([1.0, math.nan]))
+
+        def forward(self, x):
+            return self.lin(x) + self.b.nan_to_num()
+
+    torch.manual_seed(0)
+    first = WithNan()
+    members = [first, copy.deepcopy(first)]
+    with torch.no_grad():
+        members[1].lin.weight.add_(1.0)
+    stacked = bf.stack_params(members)
+    x = torch.randn(4, 3)
+    out = bf.vmap_call(first, stacked, x)
+    assert torch.allclose(out, torch.stack([m(x) for m in members]), atol=1e-12)
+    assert not torch.allclose(out[0], out[1])
+    other = copy.deepcopy(first)
+    other.b[0] = 2.0  # a buffer that does differ is still refused
+    with pytest.raises(ValueError, match="stack_params: expected equal buffers"):
+        bf.stack_params([first, other])

@@ -351,3 +351,49 @@ def test_sample_under_an_outer_vmap(gen):
     assert different.shape == (5, 3, 2) and not torch.allclose(different[0], different[1])
     local = torch.func.vmap(lambda xi: bf.local_call(net, q, 3, xi), randomness="different")(x)
     assert local.shape == (5, 3, 2) and not torch.allclose(local[:, 0], local[:, 1])
+
+
+def test_an_int_beyond_the_float_range_is_an_infinite_init_logvar():
+    # A bare OverflowError ("int too large to convert to float") that named no function.
+    for value in (10**400, -(10**400), {"weight": 10**400, "bias": 0.0}):
+        with pytest.raises(
+            ValueError, match=r"^init: expected a finite init_logvar for 'weight', got"
+        ):
+            bf.init(nn.Linear(3, 2), value)
+
+
+def test_mean_model_refuses_a_bridge():
+    # It said "expected posterior names and shapes from ...", about the wrapper's names.
+    bnet = bf.BayesianModel(nn.Linear(3, 2))
+    with pytest.raises(
+        TypeError,
+        match=r"^mean_model: expected the module the posterior is over, got a BayesianModel",
+    ):
+        bf.mean_model(bnet, bnet.posterior)
+
+
+def test_a_generator_on_another_device_is_refused_before_any_draw(device):
+    if device.type == "cpu":
+        pytest.skip("needs a second device: run with --device cuda")
+    q = bf.init(nn.Linear(3, 2).to(device))
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    with pytest.raises(
+        ValueError, match=r"^sample: expected a generator on the posterior's device"
+    ):
+        bf.sample(q, 2, generator=g)
+    assert torch.equal(g.get_state(), state)
+
+
+def test_a_posterior_saved_as_its_two_dicts_loads_with_weights_only(tmp_path):
+    # As the Posterior's docstring says: torch.load's default refuses the NamedTuple itself.
+    q = bf.init(nn.Linear(3, 2), init_logvar=-4.0)
+    torch.save({"mean": q.mean, "logvar": q.logvar}, tmp_path / "q.pt")
+    loaded = bf.Posterior(**torch.load(tmp_path / "q.pt"))
+    for field in ("mean", "logvar"):
+        for k, t in getattr(q, field).items():
+            got = getattr(loaded, field)[k]
+            assert torch.equal(got, t) and got.requires_grad and got.is_leaf
+    a = bf.sample(q, 3, generator=torch.Generator().manual_seed(0))
+    b = bf.sample(loaded, 3, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a[k], b[k]) for k in a)
