@@ -22,6 +22,8 @@ __all__ = [
 ]
 
 import functools
+import os
+import sys
 import warnings
 
 from collections.abc import Callable, Iterator, Mapping
@@ -130,10 +132,25 @@ def count(module: nn.Module, params: Mapping[str, Tensor], opts: CallOptions) ->
         return check_params(opts.where, structure(module, opts.where), module, params)
 
 
+# The frames a warning skips to point at the user's line: bayesflow's, and torch's (a
+# BayesianModel called as a module).
+_INSIDE = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (sys.modules[__package__], torch)
+)
+
+
 def _warn(message: str | None, n: int) -> None:
     if message is not None:
+        # The first frame outside: whichever public function led here (vmap_call, local_call,
+        # nelbo and its aliases, the bridge's forward) and however deep.
+        frame, level = sys._getframe(0), 1
+        while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+            frame, level = frame.f_back, level + 1
         warnings.warn(
-            f"{message}; fell back to a loop over {n} samples", VmapFallbackWarning, stacklevel=4
+            f"{message}; fell back to a loop over {n} samples",
+            VmapFallbackWarning,
+            stacklevel=level,
         )
 
 
@@ -754,7 +771,10 @@ def _footprints(job: _Job) -> tuple[Bounded, tuple]:
     `fn` code and argument shapes."""
 
     footprints = _FOOTPRINTS.setdefault(job.module, lambda: Bounded(16, cache=False))
-    key = (fn_key(job.opts.fn), tuple(job.params), _signature(job.args, job.dims))
+    fn = job.opts.fn
+    # A local call's wrapper is new at every call: the key of what it runs instead.
+    what = getattr(fn, "_bayesflow_key", None) or fn_key(fn)
+    key = (what, tuple(job.params), _signature(job.args, job.dims))
     return footprints, key
 
 
@@ -831,7 +851,7 @@ def run_local(
             # shape-finding pass (a read under grad mode, on a branch of the noise): whole.
             forced: frozenset[str] = frozenset()
             retried = False
-            for attempt in range(len(plan.layers) + 2):
+            for attempt in range(2 * len(plan.layers) + 2):
                 # torch.compile traces this once per guard, with no stand-ins: a layout
                 # recorded before a retrace (a module flag switched) could be stale.
                 fresh = attempt > 0 or is_compiling()
@@ -856,6 +876,7 @@ def run_local(
                     finally:
                         tape.slab = None  # a sample's tensor, not to outlive the pass
 
+                local_fn._bayesflow_key = ("local", fn_key(opts.fn), plan.key, forced)  # type: ignore[attr-defined]
                 local = opts._replace(fn=local_fn)
                 forwards = plan.forwards(tape, layout.local)
                 job = _Job(st, module, params, (slab, *args), (0, *dims), n, local, {}, zuko)
@@ -877,13 +898,21 @@ def run_local(
                             "read of them"
                         ) from None
                     forced |= {owner}
-                except StaleShapes:
-                    if retried:
+                except StaleShapes as err:
+                    name = err.args[0] if err.args else None
+                    if not retried:
+                        retried = True  # a fresh layout first (a module flag switched)
+                    elif name in plan.layers and name not in forced:
+                        # Called otherwise than the pass without gradients saw (a second
+                        # call under grad mode, rows picked by the data): sampled whole.
+                        forced |= {name}
+                    else:
                         raise RuntimeError(
                             f"{where}: expected the layers to be called with the same "
                             "shapes as in the shape-finding pass, got others twice"
+                            + (f" for layer {name!r}" if name else "")
+                            + "; bayesflow.vmap_call samples every layer whole"
                         ) from None
-                    retried = True
                 finally:
                     expire(stand_ins)
                 # The retry draws what a call with a fresh layout draws.

@@ -398,8 +398,11 @@ def _local(name: str, layer: nn.Module, x: Tensor, m: Moments, noise: Noise) -> 
         var = _apply(layer, x.square(), m.w_spread, m.b_spread)
     if m.b_spread is None:
         # The clamp keeps the gradient of the square root finite where the variance
-        # vanishes (an all-zero input); a Bayesian bias keeps it positive anyway.
-        var = var.clamp_min(torch.finfo(var.dtype).tiny)
+        # vanishes (an all-zero input); a Bayesian bias keeps it positive anyway. At the
+        # least subnormal number: float16's least normal one, 6.1e-5, is a variance a
+        # layer may well have (it held such variances up, and took their gradient).
+        info = torch.finfo(var.dtype)
+        var = var.clamp_min(info.tiny * info.eps)
 
     return torch.addcmul(mean, var.sqrt(), noise.normal(name, mean.shape, mean))
 

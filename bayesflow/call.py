@@ -123,8 +123,10 @@ def vmap_call(
             independently for every sample, `"same"` draws once for all samples. If
             :py:`None`, they are refused by vmap and the call falls back to the loop
             (where every sample draws its own). With `n = 1`, every value but `"error"`
-            runs one plain call, whose random operations draw as the loop's. A failed call
-            leaves torch's generators as it found them.
+            runs one plain call, whose random operations draw as the loop's. A call that
+            vmap cannot run leaves torch's generators as it found them, for the loop
+            (`fallback=True`) or the caller (`fallback=False`); an `fn` that raises in the
+            loop leaves what it drew drawn, as :func:`loop_call` does.
         max_memory: The memory budget of `chunk_size="auto"`, in bytes; by default half
             the device's free memory (on the CPU, half the available physical memory).
             Refused with any other `chunk_size`, which it would not change.

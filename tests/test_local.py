@@ -1,6 +1,7 @@
 r"""Tests for bayesflow.local: the local reparameterization trick and Flipout."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -1085,3 +1086,112 @@ def test_vmap_over_a_batch_of_posteriors_matches_a_loop(estimator, gen):
         want = torch.stack([call(one(i)) for i in range(b)])
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-14), name
         assert not torch.allclose(want[0], want[1]), name  # the posteriors change the result
+
+
+def test_a_float16_layer_without_a_bayesian_bias_keeps_small_variances():
+    # The variance was held at float16's least normal number, 6.1e-5: 4.2x the 1.4e-5 of
+    # this layer's outputs, and no gradient to the log-variances. Oracle: the float64
+    # formula x^2 sigma^2 (at 5 standard errors of a variance over K draws).
+    f16 = torch.float16
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3, bias=False).to(f16)
+    q = bf.init(lin, init_logvar=-14.0)
+    x = (0.5 * torch.randn(64, 4)).to(f16)
+    exact = x.double().square() @ bf.std(q)["weight"].double().square().T
+    assert (exact < torch.finfo(f16).tiny).all()  # all below the old floor
+
+    k = 2000
+    y = bf.local_call(lin, q, k, x, generator=torch.Generator().manual_seed(0)).double()
+    ratio = y.var(0).mean() / exact.mean()
+    assert abs(ratio - 1) < 5 * math.sqrt(2 / (k - 1)), ratio
+    y = bf.local_call(lin, q, 8, x, generator=torch.Generator().manual_seed(1))
+    (g,) = torch.autograd.grad(y.float().square().sum(), [q.logvar["weight"]])
+    assert g.abs().sum() > 0
+
+
+def test_a_local_call_measures_a_sample_once_per_fn_and_shapes(monkeypatch, fresh_caches):
+    # The footprint was keyed by the call's own wrapper, new at every call: every call
+    # measured again (65 % more time on a small MLP), and the cache rule's chunks never
+    # applied. Oracle: vmap_call's count, and the same numbers for the same generator.
+    from bayesflow import _engine
+
+    net = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))
+    q = bf.init(net, init_logvar=-3.0)
+    x = torch.randn(32, 20)
+    measured = []
+    counting = _engine.counting_allocations
+    monkeypatch.setattr(_engine, "counting_allocations", lambda: measured.append(1) or counting())
+    outs = [
+        bf.local_call(
+            net, q, 8, x, fn=lambda m, x: m(x), generator=torch.Generator().manual_seed(0)
+        )
+        for _ in range(4)
+    ]
+    if x.device.type == "cpu":
+        assert len(measured) == 1
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    flipout = bf.local_call(net, q, 8, x, flipout=True, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(flipout, outs[0])  # another plan: measured apart
+    if x.device.type == "cpu":
+        assert len(measured) == 2
+
+
+class _AuxUnderGrad(nn.Module):
+    r"""Calls its head a second time only with gradients on (an auxiliary term of a
+    training step): the shape-finding pass, without them, sees one call."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        y = self.head(h)
+        if torch.is_grad_enabled():
+            y = y + 0.1 * self.head(h.flip(-1))
+        return y
+
+
+@pytest.mark.parametrize("flipout", [False, True])
+def test_a_layer_called_again_with_gradients_on_is_sampled_whole(flipout):
+    # It raised "expected the layers to be called with the same shapes as in the
+    # shape-finding pass, got others twice". Oracle: the documented rule for a layer whose
+    # weight fn reads outside its call (sampled whole), on the same generator.
+    torch.manual_seed(0)
+    net = _AuxUnderGrad()
+    q = bf.init(net, init_logvar=-1.0)
+    x = torch.randn(5, 3)
+
+    def reads(m, x):
+        h = torch.tanh(m.body(x))
+        y = m.head(h)
+        if torch.is_grad_enabled():
+            y = y + 0.1 * (h.flip(-1) @ m.head.weight.T + m.head.bias)
+        return y
+
+    got = bf.local_call(net, q, 4, x, flipout=flipout, generator=torch.Generator().manual_seed(0))
+    want = bf.local_call(
+        net, q, 4, x, fn=reads, flipout=flipout, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(got[0], got[1])
+
+
+def test_a_fallback_warning_points_at_the_callers_line():
+    # The warning pointed at bayesflow/local.py or objectives.py: with Python's default
+    # filter (once per place), a second call site's fallback was not shown.
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    q = bf.init(net, init_logvar=-2.0)
+    x = torch.randn(5, 3)
+    fn = lambda m, x: m(x).sum().item() * m(x)  # a value read: vmap cannot
+    ll = lambda m, x: -m(x).square().sum(-1) * (m(x).sum().item() > -1e9)
+    calls = (
+        lambda: bf.local_call(net, q, 3, x, fn=fn),
+        lambda: bf.nelbo(net, q, x, fn=ll, num_data=10, n=3, estimator="local"),
+        lambda: bf.flipout_nelbo(net, q, x, fn=ll, num_data=10, n=3),
+        lambda: bf.vmap_call(net, bf.sample(q, 3), x, fn=fn),
+    )
+    for call in calls:
+        with pytest.warns(bf.VmapFallbackWarning) as record:
+            call()
+        assert {w.filename for w in record} == {__file__}
