@@ -46,6 +46,7 @@ from ._checks import (
     check_number,
 )
 from ._compat import BatchNorm, ValueReads
+from ._engine import _rng_state, _set_rng_state
 from ._numerics import accumulator
 from ._structure import structure
 from .call import vmap_call
@@ -142,35 +143,61 @@ def _same(a: Tensor, b: Tensor) -> bool:
 @contextmanager
 def evaluating(module: nn.Module) -> Iterator[Buffers]:
     r"""Puts `module` in evaluation mode for a block, then gives every submodule its own
-    mode back and every buffer as found (the same tensor, with the same values), also
-    where the block raises; yields the buffers found, for the checks of
-    :func:`transforming` and to be restored between parts of the block."""
+    mode back (:func:`_restore_modes`) and every buffer as found (the same tensor, with
+    the same values), also where the block raises, and there torch's default generators
+    as found too (a failed call draws nothing); yields the buffers found, for the checks
+    of :func:`transforming` and to be restored between parts of the block."""
 
     modes = [(m, m.training) for m in module.modules()]
     found = Buffers(module)
-    module.eval()
+    rng = _rng_state()
     try:
+        module.eval()
         yield found
+    except BaseException:
+        _set_rng_state(rng)
+        raise
     finally:
-        for m, mode in modes:
-            m.training = mode
-        found.restore()
+        try:
+            _restore_modes(modes)
+        finally:
+            found.restore()
+
+
+def _restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
+    r"""Gives each module of `modes`, listed parents first, its mode through its `train`,
+    which a layer may override (a LoRA layer merges its update into its weight in
+    evaluation mode), not by its flag. A module is called only where it is not yet in its
+    mode, after its parent's call has set the modes of all its children: each module gets
+    its own mode last."""
+
+    for m, mode in modes:
+        if m.training != mode:
+            m.train(mode)
 
 
 @contextmanager
 def transforming(where: str, found: Buffers) -> Iterator[None]:
     r"""Runs a block of per-example transforms (:mod:`torch.func`), and turns their
-    failure after the module's forward wrote its buffers into an error that says so:
-    torch's own message names neither the function nor the buffers."""
+    failure on a random operation of the forward, or after the forward wrote its buffers,
+    into an error that says so: torch's own message names neither the function nor the
+    cause."""
 
     try:
         yield
     except RuntimeError as err:
+        text = str(err).strip()
+        cause = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+        if "called random operation" in text:
+            raise ValueError(
+                f"{where}: expected a forward without random operations in evaluation mode "
+                "(the curvature and the Jacobians are those of one deterministic network), "
+                "got a forward that draws random numbers in evaluation mode (dropout with "
+                f"training=True, say) ({cause})"
+            ) from err
         written = found.changed()
         if not written:
             raise
-        text = str(err).strip()
-        cause = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
         raise ValueError(
             f"{where}: expected the module's forward to leave its buffers alone in evaluation "
             f"mode, got writes to {written} (an observer's range, say), which the per-example "
@@ -297,15 +324,27 @@ def batches(where: str, data: object) -> Iterator[Batch]:
         yield tuple(batch)
 
 
-def per_example(module: nn.Module, fn: Fn) -> Callable[..., Tensor]:
+def per_example(where: str, what: str, module: nn.Module, fn: Fn) -> Callable[..., Tensor]:
     r"""Returns `call(params, *example)`: `fn(module, *batch)` for a batch of one example,
     with `params` swapped in (through :func:`bayesflow.vmap_call`, the one swap of the
-    library), without its sample dim: the shape of `fn`'s output, `(1, ...)`."""
+    library), without its sample dim: the shape of `fn`'s output, `(1, ...)`; to be
+    differentiated in `params`, and refused (`fn` named `what`) where it does not depend
+    on them."""
 
     def call(params: dict[str, Tensor], *example: Tensor) -> Tensor:
         batch = tuple(t.unsqueeze(0) for t in example)
         one = {k: v.unsqueeze(0) for k, v in params.items()}
-        return vmap_call(module, one, *batch, fn=fn)[0]
+        out = vmap_call(module, one, *batch, fn=fn)[0]
+        # Under the transforms, a result computed under torch.no_grad() or detached has a
+        # derivative of zero, not an error: a curvature and a variance of zero, silently.
+        # Read once per vectorized chunk, as the transform traces it.
+        if isinstance(out, Tensor) and not out.requires_grad:
+            raise ValueError(
+                f"{where}: expected {what} to return a result that depends on the picked "
+                "parameters, got one without a gradient in them (computed under "
+                "torch.no_grad(), or detached?)"
+            )
+        return out
 
     return call
 
@@ -374,9 +413,14 @@ def _sum_of_squares(t: Tensor, dims: int) -> Tensor:
 
 
 def _ef_batch(
-    module: nn.Module, fn: Fn, options: FitOptions, params: dict[str, Tensor], batch: Batch
+    where: str,
+    module: nn.Module,
+    fn: Fn,
+    options: FitOptions,
+    params: dict[str, Tensor],
+    batch: Batch,
 ) -> Step:
-    call = per_example(module, fn)
+    call = per_example(where, "fn", module, fn)
 
     def loglik(p: dict[str, Tensor], *example: Tensor) -> tuple[Tensor, Tensor]:
         total = call(p, *example).sum()
@@ -390,9 +434,9 @@ def _ef_batch(
 
 
 def _ggn_batch(
-    module: nn.Module, options: FitOptions, params: dict[str, Tensor], batch: Batch
+    where: str, module: nn.Module, options: FitOptions, params: dict[str, Tensor], batch: Batch
 ) -> Step:
-    call = per_example(module, options.output)
+    call = per_example(where, "output", module, options.output)
 
     def roots(p: dict[str, Tensor], *example: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         # Lambda = L L^T, so diag(J^T Lambda J) = sum_c (J^T L_c)^2: one vector-Jacobian
@@ -713,19 +757,6 @@ def fit(
             else:
                 found = None
                 ll = check_per_datum(where, "fn", fn(module, *batch), size)
-            if options.hessian == "ggn" and not fn_checked:
-                # The GGN runs `output` per example, never `fn`: a forward of its first and
-                # of its last example checks it (a (B, 1) mean against (B,) targets broadcasts to a
-                # (B, B) log-likelihood that sums over the batch), as the empirical Fisher
-                # checks `fn` on every example; until a batch of two or more has passed
-                # (on a batch of one, (1, 1) is a per-datum shape).
-                for i in ends(size):
-                    one = fn(module, *(t[i : i + 1] for t in batch))
-                    if not isinstance(one, Tensor):
-                        check_per_datum(where, "fn", one, 1)
-                    found_one = ll[i : i + 1].reshape(1, -1).sum(1)
-                    check_split(where, "fn", found_one, one.reshape(1, -1).sum(1))
-                fn_checked = size > 1
             if fast is None:
                 if options.hessian == "ef":
                     whole = ll
@@ -734,6 +765,21 @@ def fit(
                     _check_output(where, options.likelihood, whole)
                 with transforming(where, buffers):
                     step = _slow_batch(where, module, fn, options, params, batch, whole)[0]
+            if options.hessian == "ggn" and not fn_checked:
+                # The GGN runs `output` per example, never `fn`: a forward of its first and
+                # of its last example checks it (a (B, 1) mean against (B,) targets broadcasts to a
+                # (B, B) log-likelihood that sums over the batch), as the empirical Fisher
+                # checks `fn` on every example; until a batch of two or more has passed
+                # (on a batch of one, (1, 1) is a per-datum shape). After the per-example
+                # pass, which names a forward that is random in evaluation mode, as this
+                # check would not (its two calls differ).
+                for i in ends(size):
+                    one = fn(module, *(t[i : i + 1] for t in batch))
+                    if not isinstance(one, Tensor):
+                        check_per_datum(where, "fn", one, 1)
+                    found_one = ll[i : i + 1].reshape(1, -1).sum(1)
+                    check_split(where, "fn", found_one, one.reshape(1, -1).sum(1))
+                fn_checked = size > 1
             for k in h:
                 h[k] += step[k]
             dtype = ll.dtype if dtype is None else torch.promote_types(dtype, ll.dtype)
@@ -765,9 +811,9 @@ def _slow_batch(
 
     size = batch[0].shape[0]
     if options.hessian == "ef":
-        step = _ef_batch(module, fn, options, params, batch)
+        step = _ef_batch(where, module, fn, options, params, batch)
         check_split(where, "fn", whole.reshape(size, -1).sum(1), step[1])
     else:
-        step = _ggn_batch(module, options, params, batch)
+        step = _ggn_batch(where, module, options, params, batch)
         check_split(where, "output", whole.reshape(size, -1), step[1])
     return step

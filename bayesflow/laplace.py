@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _curvature, _posterior
-from ._checks import check_broadcasts, describe
+from ._checks import check_broadcasts, check_real, describe
 from ._curvature import HESSIANS, LIKELIHOODS, Fn, check_fit_args
 from ._numerics import LOGVAR_LIMIT, accumulator
 from ._types import Posterior
@@ -174,7 +174,13 @@ def laplace_fit(
             statistics (it mixes the examples of a batch) or an :class:`torch.nn.Embedding`
             or :class:`torch.nn.EmbeddingBag` with `max_norm` (it renormalizes its weight
             in place at every forward; both refused before any forward), or its forward
-            writes its buffers in a way the per-example transforms cannot run.
+            writes its buffers in a way the per-example transforms cannot run or draws
+            random numbers in evaluation mode (dropout with `training=True`); or if `output`
+            (the GGN) or `fn` (the empirical Fisher) returns a result without a gradient in
+            the picked parameters (computed under :func:`torch.no_grad`, or detached), whose
+            curvature would be 0. The module is left in its modes, given back through
+            :meth:`torch.nn.Module.train` (which a layer may override), and with its buffers
+            as found, also where the call raises; and there torch's default generators too.
 
     References:
         | Laplace Redux -- Effortless Bayesian Deep Learning (Daxberger et al., 2021)
@@ -315,26 +321,31 @@ def _prior_precision(
     def one(name: str, value: object) -> Tensor:
         p = like[name]
         dtype = torch.promote_types(accumulator(p.dtype), least)
+        what = f"prior_precision for {name!r}"
         if isinstance(value, Tensor):
             if not value.is_floating_point():
                 raise TypeError(
                     f"{where}: expected a floating-point prior_precision, got {value.dtype}"
                 )
+            if value.is_meta:
+                raise ValueError(
+                    f"{where}: expected a {what} with data, got a tensor on the meta device"
+                )
             given = value
         elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-            given = torch.tensor(float(value), dtype=torch.float64)  # on the CPU: any device
+            number = check_real(where, what, value)  # an int beyond floats: infinite
+            given = torch.tensor(number, dtype=torch.float64)  # on the CPU: any device
         else:
             raise TypeError(
                 f"{where}: expected prior_precision to be a positive number, a tensor or a "
                 f"dict of them by parameter name, got {type(value).__name__}"
             )
-        what = f"prior_precision for {name!r}"
         _positive(where, what, given)
         check_broadcasts(where, what, given, p.shape)
         if isinstance(value, Tensor):
             t = value.to(dtype) if most is None else value.clamp(max=most).to(dtype)
         else:
-            v = float(value) if most is None else min(float(value), most)
+            v = number if most is None else min(number, most)
             t = torch.tensor(v, dtype=dtype, device=p.device)
         if not (torch.isfinite(t).all() and (t > 0).all()):  # a float64 beyond float32's range
             raise ValueError(

@@ -73,7 +73,7 @@ def _last_layer_variance(
     rows = ends(out.shape[0])
     with transforming(where, buffers):  # each example on its own
         one, one_out = _jacobian_variance(
-            module, posterior, fn, tuple(a[rows] for a in args), None
+            where, module, posterior, fn, tuple(a[rows] for a in args), None
         )
     if not close(out[rows], one_out.reshape(out[rows].shape)) or not one.isfinite().all():
         return None  # fn mixes the examples of a batch: the per-example path says so
@@ -107,8 +107,10 @@ def linearized_predictive(
 
     The module is evaluated in evaluation mode (dropout off, BatchNorm on its running
     statistics), as by :func:`bayesflow.laplace_fit`: the linearized model is that of the
-    evaluation-mode network. It is left in the modes, and with the parameters and buffers
-    (the same tensors, with the same values), it had, also where the call raises.
+    evaluation-mode network. It is left in the modes (given back through
+    :meth:`torch.nn.Module.train`, which a layer may override), and with the parameters
+    and buffers (the same tensors, with the same values), it had, also where the call
+    raises.
 
     Example:
         >>> net = zuko.nn.MLP(4, 3, hidden_features=[8])
@@ -141,7 +143,10 @@ def linearized_predictive(
             :class:`torch.nn.Embedding` or :class:`torch.nn.EmbeddingBag` with `max_norm`
             (it renormalizes its weight in place at every forward; refused before any
             forward), or its forward writes its buffers in a way the per-example Jacobians
-            cannot run.
+            cannot run or draws random numbers in evaluation mode (dropout with
+            `training=True`; torch's default generators are left as found), or `fn` returns
+            a result without a gradient in the posterior's parameters (computed under
+            :func:`torch.no_grad`, or detached), whose variance would be 0.
 
     References:
         | Laplace Redux -- Effortless Bayesian Deep Learning (Daxberger et al., 2021)
@@ -216,20 +221,25 @@ def linearized_predictive(
                 return out.detach(), f_var.detach()
             buffers.restore()  # what the check's transforms assigned, their dead wrappers
         with transforming(where, buffers):
-            f_var, outs = _jacobian_variance(module, posterior, fn, args, chunk_size)
+            f_var, outs = _jacobian_variance(where, module, posterior, fn, args, chunk_size)
         # The linearized model is that of each example on its own: fn must not mix them.
         check_split(where, "fn", out.reshape(size, -1), outs.reshape(size, -1))
     return out.detach(), f_var.reshape(out.shape)
 
 
 def _jacobian_variance(
-    module: nn.Module, posterior: Posterior, fn: Fn, args: tuple, chunk_size: int | None
+    where: str,
+    module: nn.Module,
+    posterior: Posterior,
+    fn: Fn,
+    args: tuple,
+    chunk_size: int | None,
 ) -> tuple[Tensor, Tensor]:
     r"""Returns :math:`\sum_j J_{cj}^2 \sigma_j^2` per example and output, `(B, C)`, with
     the Jacobians at the posterior mean by :func:`torch.func.jacrev` over examples, and
     the output of each example on its own."""
 
-    call = per_example(module, fn)
+    call = per_example(where, "fn", module, fn)
     mean = {k: m.detach() for k, m in posterior.mean.items()}
     var = {k: _var(lv.detach()) for k, lv in posterior.logvar.items()}
 

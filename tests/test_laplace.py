@@ -436,6 +436,133 @@ def test_a_buffer_that_the_forward_writes_in_place_is_refused_and_left_as_found(
     assert not torch.equal(module[1].low, before[1]["1.low"][1])  # the forward does write
 
 
+class NoGrad(nn.Sequential):
+    r"""The net under torch.no_grad(), as an `output` that "only evaluates" it."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            return super().forward(x)
+
+
+class Detached(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x).detach()
+
+
+@pytest.mark.parametrize("wrap", [NoGrad, Detached], ids=["no-grad", "detached"])
+@pytest.mark.parametrize("call", TRANSFORMING)
+def test_an_output_without_a_gradient_is_refused_and_the_module_left_as_found(call, wrap):
+    # Under the transforms, its derivative is zero, not an error: a curvature and a
+    # variance of zero, silently, on the last-layer closed form too.
+    torch.manual_seed(0)
+    module = wrap(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3))
+    module.train()
+    module[2].eval()  # modes of its own, to be given back
+    x, y = data("classification")
+    before, rng = snapshot(module), torch.get_rng_state()
+    where, run = TRANSFORMING[call]
+    what = "output" if call.startswith("ggn") else "fn"
+
+    with pytest.raises(
+        ValueError,
+        match=rf"{where}: expected {what} to return a result that depends on the picked "
+        r"parameters, got one without a gradient in them \(computed under torch.no_grad\(\)",
+    ):
+        run(module, batches(x, y))
+
+    assert unchanged(module, before)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_ggn_takes_a_fn_without_a_gradient():
+    # The GGN differentiates output alone: fn gives the log-likelihood, its values only.
+    module = mlp()
+    x, y = data("classification")
+
+    def no_grad_ll(m, x, y):
+        with torch.no_grad():
+            return classification_ll(m, x, y)
+
+    fit = bf.laplace_fit(module, no_grad_ll, batches(x, y), **GOOD)
+
+    expected = loop_ggn(module, "classification", x, list(fit.mean))
+    for k, h in fit.hessian.items():
+        assert torch.allclose(h, expected[k], rtol=1e-10, atol=1e-12)
+    assert all((h > 0).any() for h in fit.hessian.values())
+
+
+class MCDropout(nn.Module):
+    r"""Dropout that stays random in evaluation mode, as MC dropout is often written."""
+
+    def forward(self, x):
+        return F.dropout(x, 0.5, training=True)
+
+
+@pytest.mark.parametrize("call", TRANSFORMING)
+def test_a_forward_random_in_evaluation_mode_is_refused_and_draws_nothing(call):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), MCDropout(), nn.Linear(6, 3))
+    x, y = data("classification")
+    before, rng = snapshot(module), torch.get_rng_state()
+    where, run = TRANSFORMING[call]
+
+    with pytest.raises(
+        ValueError,
+        match=rf"{where}: expected a forward without random operations in evaluation mode "
+        r".*got a forward that draws random numbers in evaluation mode",
+    ):
+        run(module, batches(x, y))
+
+    assert unchanged(module, before)
+    assert torch.equal(torch.get_rng_state(), rng)  # a failed call draws nothing
+    assert not torch.equal(module(x), module(x))  # the forward is random
+
+
+class LoRA(nn.Linear):
+    r"""A loralib-style layer: `train(False)` merges the update :math:`BA` into the frozen
+    weight, `train(True)` takes it out."""
+
+    def __init__(self, inputs, outputs, rank=2):
+        super().__init__(inputs, outputs)
+        self.A = nn.Parameter(torch.randn(rank, inputs) / 4)
+        self.B = nn.Parameter(torch.randn(outputs, rank) / 4)
+        self.weight.requires_grad_(False)
+        self.merged = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode == self.merged:
+            with torch.no_grad():
+                self.weight.add_(self.B @ self.A, alpha=-1.0 if mode else 1.0)
+            self.merged = not mode
+        return self
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        return out if self.merged else out + x @ self.A.T @ self.B.T
+
+
+@pytest.mark.parametrize("call", TRANSFORMING)
+def test_modes_are_given_back_through_train(call):
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Dropout(0.5), LoRA(6, 6), nn.BatchNorm1d(6))
+    module = nn.Sequential(nn.Linear(4, 6), inner, nn.Tanh(), LoRA(6, 3))
+    module.train()
+    inner[0].eval()
+    inner[1].eval()  # merged, under a parent in training mode
+    loras = [m for m in module.modules() if isinstance(m, LoRA)]
+    modes = [m.training for m in module.modules()]
+    weights = [m.weight.detach().clone() for m in loras]
+    x, y = data("classification")
+
+    TRANSFORMING[call][1](module, batches(x, y))
+
+    assert [m.training for m in module.modules()] == modes  # each module its own
+    for m, w in zip(loras, weights, strict=True):
+        assert m.merged == (not m.training)  # its train() ran to give its mode back
+        assert torch.allclose(m.weight, w, rtol=0.0, atol=1e-14)  # up to BA - BA
+
+
 def test_a_fn_that_mixes_the_batch_is_refused():
     module = mlp()
     x, y = data("classification")
@@ -1238,7 +1365,9 @@ def test_linearized_variance_matches_explicit_jacobians(include):
     for i in range(len(x)):
         jac = explicit_jacobian(shifted, x[i], list(q.mean))
         assert torch.allclose(var[i], (jac.square() * sigma2).sum(1), rtol=1e-10, atol=1e-14)
-    generic, _ = _jacobian_variance(module, q, lambda m, x: m(x), (x,), None)
+    generic, _ = _jacobian_variance(
+        "linearized_predictive", module, q, lambda m, x: m(x), (x,), None
+    )
     assert torch.allclose(var, generic, rtol=1e-10, atol=1e-14)  # the last-layer shortcut
     assert (var > 0).all()
 
@@ -1370,7 +1499,7 @@ def _count_jacobian_batches(monkeypatch):
     original = bf.linearized._jacobian_variance
 
     def spy(*args):
-        sizes.append(args[3][0].shape[0])
+        sizes.append(args[4][0].shape[0])
         return original(*args)
 
     monkeypatch.setattr(bf.linearized, "_jacobian_variance", spy)
@@ -1397,7 +1526,7 @@ def test_linearized_checks_hold_on_a_real_batch(dtype, masked, monkeypatch):
     sizes, original = _count_jacobian_batches(monkeypatch)
     mean, var = bf.linearized_predictive(net, q, x, fn=fn)
     assert sizes == ([256] if masked else [2])  # masked: not the layer's output
-    generic, _ = original(net, q, fn, (x,), None)
+    generic, _ = original("linearized_predictive", net, q, fn, (x,), None)
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(var, generic, rtol=tol, atol=tol * generic.abs().max().item())
     hidden = ~allowed if masked else torch.zeros(10, dtype=torch.bool)
@@ -1758,6 +1887,41 @@ def test_bad_fits_and_precisions():
         bf.laplace_posterior(fit, {k: torch.ones(7) for k in fit.mean})
     with pytest.raises(ValueError, match="optimize_prior_precision: expected structure"):
         bf.optimize_prior_precision(fit, "diag")
+
+
+HUGE = {
+    "int-beyond-float": 10**400,
+    "meta": torch.tensor(2.0, device="meta"),
+    "meta-per-element": torch.ones(3, device="meta"),
+}
+PRECISION_USERS = {
+    "laplace_posterior": lambda module, fit, prec: bf.laplace_posterior(fit, prec),
+    "laplace_marglik": lambda module, fit, prec: bf.laplace_marglik(fit, prec),
+    "laplace": lambda module, fit, prec: bf.laplace(
+        module,
+        classification_ll,
+        [data("classification")],
+        include=["4.bias"],
+        prior_precision=prec,
+        **GOOD,
+    ),
+}
+
+
+@pytest.mark.parametrize("where", PRECISION_USERS)
+@pytest.mark.parametrize("case", HUGE)
+def test_a_prior_precision_beyond_floats_or_on_the_meta_device_is_refused(case, where):
+    module, fit = fitted(include=("4.bias",))
+    before = snapshot(module)
+    if case.startswith("meta"):
+        message = "expected a prior_precision for '4.bias' with data, got a tensor on the meta"
+    else:  # an int that float() refuses: infinite, as the checks of the library take it
+        message = r"expected a finite positive prior_precision for '4.bias', got \[inf\]"
+
+    with pytest.raises(ValueError, match=rf"{where}: {message}"):
+        PRECISION_USERS[where](module, fit, HUGE[case])
+
+    assert unchanged(module, before)  # laplace refuses it before any forward
 
 
 def _edit(field, change):
