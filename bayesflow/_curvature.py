@@ -21,6 +21,7 @@ __all__ = [
     "fit",
     "last_layer",
     "per_example",
+    "restore_modes",
     "transforming",
 ]
 
@@ -143,7 +144,7 @@ def _same(a: Tensor, b: Tensor) -> bool:
 @contextmanager
 def evaluating(module: nn.Module) -> Iterator[Buffers]:
     r"""Puts `module` in evaluation mode for a block, then gives every submodule its own
-    mode back (:func:`_restore_modes`) and every buffer as found (the same tensor, with
+    mode back (:func:`restore_modes`) and every buffer as found (the same tensor, with
     the same values), also where the block raises, and there torch's default generators
     as found too (a failed call draws nothing); yields the buffers found, for the checks
     of :func:`transforming` and to be restored between parts of the block."""
@@ -159,12 +160,12 @@ def evaluating(module: nn.Module) -> Iterator[Buffers]:
         raise
     finally:
         try:
-            _restore_modes(modes)
+            restore_modes(modes)
         finally:
             found.restore()
 
 
-def _restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
+def restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
     r"""Gives each module of `modes`, listed parents first, its mode through its `train`,
     which a layer may override (a LoRA layer merges its update into its weight in
     evaluation mode), not by its flag. A module is called only where it is not yet in its

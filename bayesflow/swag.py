@@ -17,6 +17,7 @@ from torch import Tensor
 from . import _posterior
 from ._checks import check_int, check_module, check_not_bridge, check_number
 from ._compat import BatchNorm
+from ._curvature import restore_modes
 from ._structure import lock
 from ._types import Posterior
 
@@ -91,8 +92,7 @@ def _update_bn(where: str, module: nn.Module, data: Iterable[Any]) -> None:
     finally:
         for m, momentum in zip(bns, momenta, strict=True):
             m.momentum = momentum
-        for m, training in modes:
-            m.training = training
+        restore_modes(modes)  # through train(): a layer may override it
     if n == 0:  # the statistics were reset and nothing averaged
         got = "an empty iterable" if batches == 0 else f"{batches} batches of no examples"
         raise ValueError(

@@ -455,3 +455,27 @@ def unchanged(before: list[torch.Tensor], *objects: Any) -> bool:
     return len(before) == len(after) and all(
         a.shape == b.shape and torch.equal(a, b) for a, b in zip(before, after, strict=True)
     )
+
+
+class LoRA(nn.Linear):
+    r"""A loralib-style layer: `train(False)` merges the update :math:`BA` into the frozen
+    weight, `train(True)` takes it out."""
+
+    def __init__(self, inputs, outputs, rank=2):
+        super().__init__(inputs, outputs)
+        self.A = nn.Parameter(torch.randn(rank, inputs) / 4)
+        self.B = nn.Parameter(torch.randn(outputs, rank) / 4)
+        self.weight.requires_grad_(False)
+        self.merged = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode == self.merged:
+            with torch.no_grad():
+                self.weight.add_(self.B @ self.A, alpha=-1.0 if mode else 1.0)
+            self.merged = not mode
+        return self
+
+    def forward(self, x):
+        out = nn.functional.linear(x, self.weight, self.bias)
+        return out if self.merged else out + x @ self.A.T @ self.B.T

@@ -22,6 +22,7 @@ from bayesflow._posterior import posterior_from_variance
 from bayesflow.linearized import _jacobian_variance
 
 from .pages import run_page
+from .registry import LoRA
 
 HAS_LAPLACE = importlib.util.find_spec("laplace") is not None
 needs_laplace = pytest.mark.skipif(
@@ -516,30 +517,6 @@ def test_a_forward_random_in_evaluation_mode_is_refused_and_draws_nothing(call):
     assert unchanged(module, before)
     assert torch.equal(torch.get_rng_state(), rng)  # a failed call draws nothing
     assert not torch.equal(module(x), module(x))  # the forward is random
-
-
-class LoRA(nn.Linear):
-    r"""A loralib-style layer: `train(False)` merges the update :math:`BA` into the frozen
-    weight, `train(True)` takes it out."""
-
-    def __init__(self, inputs, outputs, rank=2):
-        super().__init__(inputs, outputs)
-        self.A = nn.Parameter(torch.randn(rank, inputs) / 4)
-        self.B = nn.Parameter(torch.randn(outputs, rank) / 4)
-        self.weight.requires_grad_(False)
-        self.merged = False
-
-    def train(self, mode=True):
-        super().train(mode)
-        if mode == self.merged:
-            with torch.no_grad():
-                self.weight.add_(self.B @ self.A, alpha=-1.0 if mode else 1.0)
-            self.merged = not mode
-        return self
-
-    def forward(self, x):
-        out = F.linear(x, self.weight, self.bias)
-        return out if self.merged else out + x @ self.A.T @ self.B.T
 
 
 @pytest.mark.parametrize("call", TRANSFORMING)

@@ -14,6 +14,8 @@ import bayesflow as bf
 
 from bayesflow._numerics import LOGVAR_LIMIT
 
+from .registry import LoRA
+
 
 def net():
     torch.manual_seed(0)
@@ -609,3 +611,23 @@ def test_a_scale_beyond_the_dtype_gives_the_clamped_posterior(scale, dtype):
     limit = -LOGVAR_LIMIT if scale < 1 else LOGVAR_LIMIT
     logvar = bf.std(q)["weight"].double().square().log()
     assert torch.allclose(logvar, torch.full_like(logvar, limit), rtol=1e-6)
+
+
+def test_the_mean_model_gets_its_modes_back_through_train():
+    # The modes of the mean model were put back by their flags after the BatchNorm pass:
+    # a layer that overrides train() (a LoRA merge) was left merged in training mode.
+    # Oracle: the modes of the module, and each layer's own consistency.
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), LoRA(6, 3))
+    module[3].eval()  # merged, under a parent in training mode
+    swag = bf.SWAG(module)
+    swag.collect(module)
+    x = torch.randn(32, 4)
+
+    new = swag.mean_model(module, [x[:16], x[16:]])
+
+    assert [m.training for m in new.modules()] == [m.training for m in module.modules()]
+    lora = new[3]
+    assert lora.merged == (not lora.training)
+    assert torch.allclose(lora.weight, module[3].weight, atol=1e-12)  # merged as found
+    assert not torch.equal(new[1].running_mean, module[1].running_mean)  # the pass ran
