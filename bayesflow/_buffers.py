@@ -11,6 +11,7 @@ import torch
 
 from torch import Tensor
 
+from ._checks import _same_values
 from ._structure import Structure
 
 
@@ -44,7 +45,7 @@ class State:
         d, attr = self.st.buffer_slots[name][0]
         if d.get(attr) is not t:
             return True
-        return not (t.shape == clone.shape and torch.equal(t, clone))
+        return not (t.shape == clone.shape and _same_values(t, clone))  # NaN as NaN
 
     def restore(self) -> None:
         r"""Puts every buffer back as the call found it."""

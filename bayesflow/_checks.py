@@ -37,6 +37,7 @@ import functools
 import math
 import numbers
 import types
+import warnings
 import weakref
 
 from collections.abc import Mapping, Sequence
@@ -370,9 +371,10 @@ def check_members(
     shapes, dtypes and devices (and `requires_grad`, if `equal_frozen`), the same buffer
     names and shapes (and values, if `equal_buffers`), none of them lazy (uninitialized),
     and the same submodules (names and classes; a parametrized module's original class),
-    each in the same mode and with the same settings (the plain attributes of each: eps,
-    momentum, p, batch_first, an activation function, ...). Returns each module's
-    parameters and buffers, read under its lock."""
+    each in the same mode and with the same settings (the attributes of torch's and zuko's
+    layers: eps, momentum, p, batch_first, an activation function, ...; the functions of
+    any layer; the other attributes of a user's layer are warned about, not refused).
+    Returns each module's parameters and buffers, read under its lock."""
 
     if isinstance(modules, nn.Module) or not isinstance(modules, Sequence):
         raise TypeError(
@@ -507,6 +509,10 @@ def _setting(value: object, depth: int = 0) -> object:
     are compared apart), any other object by its class."""
 
     if isinstance(value, Tensor):
+        # A parameter, or a tensor computed from them (the weight of hook-based weight
+        # norm, pruning; a recurrent layer's list of its weights): each member's own.
+        if isinstance(value, nn.Parameter) or value.requires_grad or value.grad_fn is not None:
+            return _Data()
         return _Values(value)
     if isinstance(value, nn.Module):
         return _Data()
@@ -556,7 +562,23 @@ def _settings(module: nn.Module) -> dict[str, object]:
     TransformerEncoderLayer's `norm_first` and `activation` function), apart from hooks,
     parameters, buffers and submodules, as :func:`_setting` compares them."""
 
-    return {k: v for k, v in vars(module).items() if k not in _NOT_SETTINGS}
+    # The weight that torch's hook-based weight norm, spectral norm and pruning compute
+    # from a member's own `weight_g`/`weight_v` or `weight_orig`: the member's own.
+    own = {k.rpartition("_")[0] for k in module._parameters if k.endswith(("_orig", "_v", "_g"))}
+    return {k: v for k, v in vars(module).items() if k not in _NOT_SETTINGS and k not in own}
+
+
+def _library(module: nn.Module) -> bool:
+    r"""Whether `module` is one of torch's or zuko's layers, whose attributes are settings
+    (a user's may hold a name, a seed or a cache, which a member may hold of its own)."""
+
+    return _class(module).__module__.split(".")[0] in ("torch", "zuko")
+
+
+def _behaviour(value: object) -> bool:
+    r"""Whether an attribute is code a forward may call (a function, a method, a partial)."""
+
+    return callable(value) and not isinstance(value, (type, nn.Module))
 
 
 def _show(value: object) -> str:
@@ -606,10 +628,21 @@ def _check_submodules(where: str, first: nn.Module, module: nn.Module, i: int) -
                 shown, ref_shown = _show(value), _show(ref_value)
                 if shown == ref_shown:  # a lambda of the module's: what it captured differs
                     shown += " (with other defaults or captured values)"
-                raise ValueError(
-                    f"{where}: expected the settings of modules[0] in every module, got "
+                got = (
                     f"{label(name)} with {key}={shown} at index {i} and {key}={ref_shown} in "
                     "modules[0]"
+                )
+                if _library(ref) or _behaviour(value) or _behaviour(ref_value):
+                    raise ValueError(
+                        f"{where}: expected the settings of modules[0] in every module, got {got}"
+                    )
+                # A layer of the user's: a name or a cache of a member's own, or a setting
+                # its forward reads; said, not refused.
+                warnings.warn(
+                    f"{where}: every member runs with the attributes of modules[0], got {got}: "
+                    f"if {key!r} changes what the layer computes, the members compute "
+                    "modules[0]'s function with their own parameters",
+                    stacklevel=4,
                 )
 
 

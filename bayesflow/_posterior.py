@@ -51,10 +51,10 @@ def _compile(where: str, pattern: object) -> re.Pattern:
         if segment == "**":
             parts.append(r"[^.]+(?:\.[^.]+)*")
         elif re.fullmatch(r"(?:\w|\*)+", segment):
-            # Within a segment, as zuko: `**` spans segments ("**weight" picks 0.0.weight),
-            # `*` stays within one.
+            # Within a segment, as zuko: `**` spans segments ("**weight" picks 0.0.weight,
+            # not weight), `*` stays within one.
             parts.append(
-                ".*".join(
+                ".+".join(
                     "[^.]*".join(re.escape(s) for s in piece.split("*"))
                     for piece in segment.split("**")
                 )

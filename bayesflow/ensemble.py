@@ -182,9 +182,11 @@ def stack_modules(modules: Sequence[nn.Module]) -> Ensemble:
             class: weight norm, spectral norm, orthogonal), with the same parameter and
             buffer names, shapes, dtypes and devices, the same parameters frozen, and the
             same submodules (names and classes), each in the same mode (train or eval) and
-            with the same settings: the plain attributes of each submodule (BatchNorm's eps
-            and momentum, dropout's `p`, MultiheadAttention's `batch_first`, a
-            TransformerEncoderLayer's `norm_first` and `activation` function, ...).
+            with the same settings: the attributes of torch's and zuko's layers
+            (BatchNorm's eps and momentum, dropout's `p`, MultiheadAttention's
+            `batch_first`, a TransformerEncoderLayer's `norm_first` and `activation`
+            function, ...) and the functions of any layer; the other attributes of a
+            layer of yours that differ get a `UserWarning`.
 
     Returns:
         An :class:`Ensemble` whose calls run on `modules[0]`.

@@ -753,3 +753,12 @@ def test_a_block_left_in_another_thread_leaves_this_one_as_it_found_it(gen):
         torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(inside, after, strict=True)
     )
     assert any(a.abs().sum() > 0 for a in inside)
+
+
+def test_a_double_star_within_a_segment_needs_a_character_as_zukos():
+    # "**weight" picked a top-level `weight` too, which zuko's `[\w.]+` does not.
+    for base in (nn.Linear(3, 2), nn.Sequential(nn.Linear(3, 2))):
+        theirs = zuko.bayesian.BayesianModel(base, include_params=["**weight"])
+        picked = bf.select(base, include=["**weight"], exclude=[])
+        assert picked == [k.replace("-", ".") for k in theirs.means]
+    assert bf.select(nn.Linear(3, 2), include=["**weight"], exclude=[]) == []

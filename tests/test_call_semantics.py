@@ -3,6 +3,7 @@ side effects, mix threads, ignore randomness; and the small contracts of the cal
 
 import copy
 import functools
+import math
 import sys
 import threading
 import types
@@ -1846,3 +1847,23 @@ def test_a_failed_call_leaves_torchs_generator_as_it_found_it(randomness, gen):
     with pytest.raises(RuntimeError, match="vmap_call: vmap cannot run Sequential"):
         bf.vmap_call(net, params, x, fn=fn, randomness=randomness, fallback=False)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_buffer_that_holds_nan_keeps_a_chunked_call_vectorized(gen):
+    # The check of shared writes compared by value with torch.equal, to which a NaN differs
+    # from itself: a false "fn writes the buffers" fallback (or error, fallback=False).
+    class WithNan(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.register_buffer("scale", torch.tensor([1.0, math.nan]))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale.nan_to_num(2.0)
+
+    net = WithNan()
+    params = bf.sample(bf.init(net, -2.0), 4, generator=gen(0))
+    x = torch.randn(5, 3, generator=gen(1))
+    out = bf.vmap_call(net, params, x, chunk_size=2, fallback=False)
+    assert torch.allclose(out, bf.loop_call(net, params, x), atol=1e-12)
+    assert not torch.allclose(out[0], out[1])
