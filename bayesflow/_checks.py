@@ -36,6 +36,8 @@ import enum
 import functools
 import math
 import numbers
+import os
+import sys
 import types
 import warnings
 import weakref
@@ -401,6 +403,7 @@ def check_members(
     ours_params, ours_buffers = tables[0]
     if not ours_params:
         raise ValueError(f"{where}: expected modules with parameters, got none")
+    warned = False  # a user's layer's attributes that differ: said once
     for i, m in enumerate(modules[1:], start=1):
         if _class(m) is not _class(first):
             ours, theirs = _class_names(first, m)
@@ -435,7 +438,7 @@ def check_members(
                         f"those of modules[0]), got a different {name!r} at index {i}; stack "
                         "them too with bayesflow.stack_modules"
                     )
-        _check_submodules(where, first, m, i)
+        warned = _check_submodules(where, first, m, i, warned)
     return tables
 
 
@@ -568,6 +571,25 @@ def _settings(module: nn.Module) -> dict[str, object]:
     return {k: v for k, v in vars(module).items() if k not in _NOT_SETTINGS and k not in own}
 
 
+# The frames a warning skips to point at the user's line: bayesflow's, and torch's (a
+# BayesianModel called as a module).
+_INSIDE = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (sys.modules[__package__], torch)
+)
+
+
+def stack_level() -> int:
+    r"""Returns the `stacklevel` of a warning, given in the function that calls this, that
+    points at the first frame outside bayesflow and torch: the user's line, whichever public
+    function led there and however deep."""
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _library(module: nn.Module) -> bool:
     r"""Whether `module` is one of torch's or zuko's layers, whose attributes are settings
     (a user's may hold a name, a seed or a cache, which a member may hold of its own)."""
@@ -589,7 +611,9 @@ def _show(value: object) -> str:
     return repr(value)
 
 
-def _check_submodules(where: str, first: nn.Module, module: nn.Module, i: int) -> None:
+def _check_submodules(
+    where: str, first: nn.Module, module: nn.Module, i: int, warned: bool = False
+) -> bool:
     r"""Checks that `module` has the submodules of `first` (names and classes), each in the
     same mode and with the same settings: calls on the stack run `first` for every member."""
 
@@ -637,13 +661,16 @@ def _check_submodules(where: str, first: nn.Module, module: nn.Module, i: int) -
                         f"{where}: expected the settings of modules[0] in every module, got {got}"
                     )
                 # A layer of the user's: a name or a cache of a member's own, or a setting
-                # its forward reads; said, not refused.
-                warnings.warn(
-                    f"{where}: every member runs with the attributes of modules[0], got {got}: "
-                    f"if {key!r} changes what the layer computes, the members compute "
-                    "modules[0]'s function with their own parameters",
-                    stacklevel=4,
-                )
+                # its forward reads; said (the first, once per call), not refused.
+                if not warned:
+                    warnings.warn(
+                        f"{where}: every member runs with the attributes of modules[0], got "
+                        f"{got}: if {key!r} changes what the layer computes, the members "
+                        "compute modules[0]'s function with their own parameters",
+                        stacklevel=stack_level(),
+                    )
+                    warned = True
+    return warned
 
 
 def describe(t: Any) -> str:

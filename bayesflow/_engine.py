@@ -22,8 +22,6 @@ __all__ = [
 ]
 
 import functools
-import os
-import sys
 import warnings
 
 from collections.abc import Callable, Iterator, Mapping
@@ -43,7 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _posterior, _torch_layers
 from ._buffers import State
 from ._caches import Bounded, PerObject, fn_key, identity
-from ._checks import check_buffers, check_in_dims, check_params
+from ._checks import check_buffers, check_in_dims, check_params, stack_level
 from ._compat import (
     StopRecomputation,
     counting_allocations,
@@ -132,25 +130,12 @@ def count(module: nn.Module, params: Mapping[str, Tensor], opts: CallOptions) ->
         return check_params(opts.where, structure(module, opts.where), module, params)
 
 
-# The frames a warning skips to point at the user's line: bayesflow's, and torch's (a
-# BayesianModel called as a module).
-_INSIDE = tuple(
-    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-    for m in (sys.modules[__package__], torch)
-)
-
-
 def _warn(message: str | None, n: int) -> None:
     if message is not None:
-        # The first frame outside: whichever public function led here (vmap_call, local_call,
-        # nelbo and its aliases, the bridge's forward) and however deep.
-        frame, level = sys._getframe(0), 1
-        while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
-            frame, level = frame.f_back, level + 1
         warnings.warn(
             f"{message}; fell back to a loop over {n} samples",
             VmapFallbackWarning,
-            stacklevel=level,
+            stacklevel=stack_level(),
         )
 
 

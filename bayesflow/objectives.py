@@ -273,7 +273,7 @@ def flipout_nelbo(module: nn.Module, posterior: Posterior, *args: Any, **kwargs:
 
 def _less(name: str) -> inspect.Signature:
     # What help() and editors show for an alias: nelbo's signature less what it fixes.
-    sig = inspect.signature(nelbo)
+    sig = inspect.signature(nelbo, eval_str=True)  # resolved: the docs link the types
     return sig.replace(parameters=[p for p in sig.parameters.values() if p.name != name])
 
 

@@ -828,6 +828,9 @@ def test_a_users_layer_that_differs_in_plain_data_is_stacked_with_a_warning(recw
         match=r"stack_modules: every member runs with the attributes of modules\[0\], got the module with offset=tensor",
     ):
         ens = bf.stack_modules(members)
+    with pytest.warns(UserWarning) as record:  # said once per call, at the caller's line
+        bf.stack_modules([_Offset(1.0), _Offset(2.0), _Offset(3.0)])
+    assert len(record) == 1 and record[0].filename == __file__
     x = torch.randn(5, 4)
     out = bf.vmap_call(ens.module, ens.params, x)
     as_first = copy.deepcopy(members[0])

@@ -517,7 +517,7 @@ def test_the_aliases_show_nelbos_signature_less_what_they_fix():
     # help() showed (module, posterior, *args, **kwargs), and the docs said "one signature".
     import inspect
 
-    full = inspect.signature(bf.nelbo).parameters
+    full = inspect.signature(bf.nelbo, eval_str=True).parameters
     for objective, fixed in (
         (bf.loop_nelbo, "vectorized"),
         (bf.local_nelbo, "estimator"),
