@@ -2,6 +2,7 @@ r"""The registry of models, flows and architectures that the tests share."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 from collections.abc import Callable
@@ -479,3 +480,15 @@ class LoRA(nn.Linear):
     def forward(self, x):
         out = nn.functional.linear(x, self.weight, self.bias)
         return out if self.merged else out + x @ self.A.T @ self.B.T
+
+
+class NanBuffer(nn.Module):
+    r"""A layer with a buffer that holds NaN (a NaN never equals itself in `torch.equal`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("b", torch.tensor([1.0, math.nan]))
+
+    def forward(self, x):
+        return self.lin(x) * self.b.nan_to_num(2.0)

@@ -1,9 +1,9 @@
 r"""Regression tests for what a call must never do silently: corrupt tied weights, repeat
 side effects, mix threads, ignore randomness; and the small contracts of the call."""
 
+import contextlib
 import copy
 import functools
-import math
 import sys
 import threading
 import types
@@ -19,7 +19,7 @@ import zuko
 
 import bayesflow as bf
 
-from .registry import TiedLM, snapshot, unchanged
+from .registry import NanBuffer, TiedLM, snapshot, unchanged
 
 
 def _shared():
@@ -1016,15 +1016,16 @@ def test_a_train_mode_norm_that_fn_never_calls_keeps_its_statistics_to_the_bit(c
 
 
 class _ReassignsItsBuffer(nn.Module):
-    def __init__(self):
+    def __init__(self, no_grad=True):
         super().__init__()
+        self.no_grad = no_grad  # else the new tensor holds the sample's graph
         self.lin = nn.Linear(3, 4)
         self.register_buffer("ema", torch.zeros(4))
 
     def forward(self, x):
         h = self.lin(x)
         if self.training:
-            with torch.no_grad():
+            with torch.no_grad() if self.no_grad else contextlib.nullcontext():
                 self.ema = 0.9 * self.ema + 0.1 * h.mean(0)  # a new tensor each time
         return h - self.ema
 
@@ -1786,19 +1787,8 @@ def test_one_sample_writes_a_reassigned_buffer_as_the_loop_does(gen):
     # With one sample, the plain call left the new tensor (and its graph: `self.ema = ...`
     # outside no_grad) in the module: a second backward failed ("backward through the graph
     # a second time"), and the module held another object than its buffer.
-    class Ema(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 4)
-            self.register_buffer("ema", torch.zeros(4))
-
-        def forward(self, x):
-            h = self.lin(x)
-            self.ema = 0.9 * self.ema + 0.1 * h.mean(0)
-            return h - self.ema.detach()
-
     x = torch.randn(8, 3, generator=gen(0))
-    nets = {call: Ema() for call in ("vmap", "loop")}
+    nets = {call: _ReassignsItsBuffer(no_grad=False) for call in ("vmap", "loop")}
     nets["loop"].load_state_dict(nets["vmap"].state_dict())
     q = bf.init(nets["vmap"], -2.0)
     for step in range(2):
@@ -1852,16 +1842,7 @@ def test_a_failed_call_leaves_torchs_generator_as_it_found_it(randomness, gen):
 def test_a_buffer_that_holds_nan_keeps_a_chunked_call_vectorized(gen):
     # The check of shared writes compared by value with torch.equal, to which a NaN differs
     # from itself: a false "fn writes the buffers" fallback (or error, fallback=False).
-    class WithNan(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 2)
-            self.register_buffer("scale", torch.tensor([1.0, math.nan]))
-
-        def forward(self, x):
-            return self.lin(x) * self.scale.nan_to_num(2.0)
-
-    net = WithNan()
+    net = NanBuffer()
     params = bf.sample(bf.init(net, -2.0), 4, generator=gen(0))
     x = torch.randn(5, 3, generator=gen(1))
     out = bf.vmap_call(net, params, x, chunk_size=2, fallback=False)
