@@ -157,12 +157,21 @@ def check_broadcasts(where: str, what: str, value: Tensor, shape: torch.Size) ->
         )
 
 
-def check_generator(where: str, generator: object) -> None:
+def check_generator(where: str, generator: object, device: torch.device | None = None) -> None:
+    r"""Checks a generator (or :py:`None`), and that it draws on `device` if given."""
+
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
             f"{where}: expected generator to be a torch.Generator or None, "
             f"got {type(generator).__name__}"
         )
+    if generator is not None and device is not None:
+        on = generator.device
+        if on.type != device.type or on.index not in (None, device.index):
+            raise ValueError(
+                f"{where}: expected a generator on the posterior's device ({device}), got one "
+                f"on {on}"
+            )
 
 
 def check_randomness(where: str, randomness: object) -> str | None:

@@ -294,14 +294,9 @@ def _run(
         fused = fused and not dual((*flat, *(() if p is None else p)))
         work.append((group, flat, fused, p))
 
-    if n is not None and generator is not None:
+    if n is not None:
         for group in plan.groups:
-            on = generator.device
-            if on.type != group.device.type or on.index not in (None, group.device.index):
-                raise ValueError(
-                    f"{where}: expected a generator on the posterior's device "
-                    f"({group.device}), got one on {on}"
-                )
+            check_generator(where, generator, group.device)
 
     # Every check has passed: only now draw the noise, one call per group, in order.
     params: list[Tensor | None] = [None] * t

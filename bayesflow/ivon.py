@@ -439,13 +439,8 @@ class IVON(torch.optim.Optimizer):
 
         where = "IVON.sample"
         n = check_int(where, "n", n)
-        check_generator(where, generator)
         s = self._state
-        if generator is not None and generator.device.type != s.device.type:
-            raise ValueError(
-                f"{where}: expected a generator on the posterior's device ({s.device}), "
-                f"got one on {generator.device}"
-            )
+        check_generator(where, generator, s.device)
         h = self._hyper(where)
         self._check_linked(where)
 
