@@ -26,6 +26,8 @@ __all__ = [
     "keep_lazy_cuda_seed",
     "load_jvp_decompositions",
     "no_saved_tensors_hooks",
+    "records_gradients",
+    "refuse_autocast",
     "saved_tensors_hooks_active",
     "unbatched",
     "unwrap_at",
@@ -200,6 +202,28 @@ def outside_func_transforms() -> Iterator[None]:
     finally:
         while saved:
             _functorch.push_dynamic_layer_stack(saved.pop())
+
+
+def refuse_autocast(t: Any, layer: str) -> None:
+    r"""Raises in a vectorized pass under autocast on the device of `t`: torch's batching
+    rules run some kernels (convolution, `baddbmm`, the recurrent steps) below autocast,
+    in the inputs' dtype, where the loop computes in autocast's. The call falls back to
+    the loop, with a warning that says so."""
+
+    if isinstance(t, Tensor) and torch.is_autocast_enabled(t.device.type):
+        raise RuntimeError(
+            f"{layer} under autocast: vmap runs its kernels without autocast's casts, in "
+            "another dtype than the loop's"
+        )
+
+
+def records_gradients(t: Tensor) -> bool:
+    r"""Whether `t` requires gradients, read through vmap's wrappers (a batched tensor
+    reads :py:`False` inside vmap, whatever the tensor under it)."""
+
+    while _functorch.is_batchedtensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t.requires_grad
 
 
 def unwrap_batched(t: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from ._compat import (
     batched_at_current_level,
     fused_rnn,
     is_wrapped,
+    refuse_autocast,
     unbatched,
     unwrap_at,
     wrap_at,
@@ -452,6 +453,9 @@ def rnn_forward(m: nn.RNNBase) -> Callable[..., tuple[Tensor, Any]]:
     r"""Returns a vmap-safe `forward` for the recurrent layer `m`."""
 
     def forward(input: Any, hx: Any = None) -> tuple[Tensor, Any]:
+        refuse_autocast(
+            input.data if isinstance(input, PackedSequence) else input, type(m).__name__
+        )
         return _run_rnn(m, input, hx)
 
     return forward
@@ -504,6 +508,7 @@ def cell_forward(m: nn.RNNCellBase) -> Callable[..., Any]:
     r"""Returns a vmap-safe `forward` for the recurrent cell `m`."""
 
     def forward(input: Tensor, hx: Any = None) -> Any:
+        refuse_autocast(input, type(m).__name__)
         return _cell(m, input, hx)
 
     return forward

@@ -5,7 +5,9 @@ r"""What torch's own layers need in a vectorized call, and nowhere else.
 * Attention (:class:`torch.nn.MultiheadAttention`, :class:`torch.nn.TransformerEncoderLayer`)
   takes torch's reference path with an explicit softmax: inside vmap the sampled
   parameters look grad-free, so eval mode would take torch's fused fast path, which has
-  no backward, and CPU's fused attention kernel has no batching rule.
+  no backward, and CPU's fused attention kernel has no batching rule. An eval-mode
+  :class:`torch.nn.TransformerEncoder` gives its padded positions the zeros of torch's
+  nested-tensor path where torch takes it.
 * Weight normalization (:func:`torch.nn.utils.parametrizations.weight_norm`) computes its
   norm with plain operations: `torch._weight_norm` has no batching rule.
 * Train-mode batch normalization updates per-sample copies of its running statistics,
@@ -42,8 +44,12 @@ from ._compat import (
     batched_at_current_level,
     function_apply,
     is_compiling,
+    is_wrapped,
+    records_gradients,
+    refuse_autocast,
     unbatched,
     unwrap_at,
+    unwrap_batched,
     wrap_at,
 )
 from ._layers import is_conv, is_linear, mask_of
@@ -54,12 +60,14 @@ from ._swap import has_own_forward, ours
 _RNN_FORWARDS = {nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward}
 _CELL_FORWARDS = {nn.RNNCell.forward, nn.LSTMCell.forward, nn.GRUCell.forward}
 _MHA_FORWARD = nn.MultiheadAttention.forward
+_ENCODER_FORWARD = nn.TransformerEncoder.forward
 _EMBEDDING_FORWARD = nn.Embedding.forward
 _STANDINS = (
     nn.RNNBase,
     nn.RNNCellBase,
     nn.MultiheadAttention,
     nn.TransformerEncoderLayer,
+    nn.TransformerEncoder,
     WeightNorm,
     SpectralNorm,
     nn.Embedding,
@@ -81,8 +89,12 @@ def _attention_forward(m: nn.MultiheadAttention) -> Any:
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
+        refuse_autocast(query, "MultiheadAttention")  # its batched baddbmm
         # The explicit softmax path: CPU's fused scaled_dot_product_attention kernel has
         # no batching rule (a slow per-sample fallback).
+        if is_causal and key_padding_mask is None and not need_weights and attn_mask is not None:
+            # torch takes `is_causal` for the mask then, whatever `attn_mask` holds.
+            attn_mask = _causal_mask(m, query, key)
         dead = None
         if not need_weights and (key_padding_mask is not None or attn_mask is not None):
             key_padding_mask = _in_dtype_of(query, key_padding_mask)
@@ -106,6 +118,115 @@ def _attention_forward(m: nn.MultiheadAttention) -> Any:
             fill = out.new_zeros(()) if bias is None else bias
             out = torch.where(dead.unsqueeze(-1), fill, out)
         return out, weights if need_weights else None
+
+    return forward
+
+
+def _causal_mask(m: nn.MultiheadAttention, query: Tensor, key: Tensor) -> Tensor:
+    r"""Returns the causal mask of `is_causal` (top-left, as scaled_dot_product_attention's):
+    query `i` attends to keys `j <= i`."""
+
+    seq = 1 if m.batch_first and query.dim() == 3 else 0
+    length, source = query.shape[seq], key.shape[seq]
+    return torch.ones(length, source, dtype=torch.bool, device=query.device).triu(1)
+
+
+def _nests(m: nn.TransformerEncoder) -> bool:
+    r"""Whether torch's forward of an encoder may take its nested-tensor path: its first
+    layer is torch's, in eval mode (the vectorized pass puts it in training mode, which
+    turns that path off)."""
+
+    layers = getattr(m, "layers", None)
+    first = layers[0] if layers is not None and len(layers) else None
+    return (
+        getattr(m, "use_nested_tensor", False)
+        and isinstance(first, nn.TransformerEncoderLayer)
+        and not first.training
+        and _torchs_tel(first)
+    )
+
+
+_NESTED_DEVICES = ("cpu", "cuda", "xpu")
+
+
+def _nested_padding(
+    m: nn.TransformerEncoder, src: Tensor, mask: Tensor | None, padding: Tensor | None
+) -> Tensor | None:
+    r"""Returns the padded positions `(batch, seq)` where torch's forward of `m` (with its
+    first layer in eval mode) takes its nested-tensor path, whose outputs there are zeros;
+    :py:`None` where it does not. torch's conditions, the gradients read through vmap's
+    wrappers (inside vmap the samples look grad-free)."""
+
+    if padding is None or mask is not None or src.dim() != 3 or src.is_nested:
+        return None
+    if not torch.backends.mha.get_fastpath_enabled() or torch.is_autocast_enabled():
+        return None
+    check = getattr(m, "mask_check", True)
+    if check and is_compiling():
+        return None
+    first = m.layers[0]
+    attention = first.self_attn
+    tensors = [
+        t
+        for t in (
+            src,
+            attention.in_proj_weight,
+            attention.in_proj_bias,
+            attention.out_proj.weight,
+            attention.out_proj.bias,
+            first.norm1.weight,
+            first.norm1.bias,
+            first.norm2.weight,
+            first.norm2.bias,
+            first.linear1.weight,
+            first.linear1.bias,
+            first.linear2.weight,
+            first.linear2.bias,
+        )
+        if t is not None
+    ]
+    devices = (*_NESTED_DEVICES, torch.utils.backend_registration._privateuse1_backend_name)
+    if torch.overrides.has_torch_function(tensors) or src.device.type not in devices:
+        return None
+    if torch.is_grad_enabled() and any(records_gradients(t) for t in tensors):
+        return None
+    # torch's canonical mask: a boolean one as -inf where True; padded where not 0.
+    padded = padding if padding.dtype == torch.bool else padding != 0
+    if check:
+        # Left-aligned: no kept position after a padded one.
+        keep = unwrap_batched(padded).logical_not()
+        if not bool((keep[..., 1:] <= keep[..., :-1]).all()):
+            if is_wrapped(padded):  # a per-sample mask: some samples may be aligned
+                raise RuntimeError(
+                    "a per-sample src_key_padding_mask of an eval-mode TransformerEncoder "
+                    "that is not left-aligned everywhere: torch's nested-tensor path, "
+                    "taken per sample, cannot be told apart under vmap"
+                )
+            return None
+    return padded
+
+
+def _encoder_forward(m: nn.TransformerEncoder) -> Any:
+    def forward(
+        src: Tensor,
+        mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+    ) -> Tensor:
+        padded = _nested_padding(m, src, mask, src_key_padding_mask)
+        if padded is None:
+            return _ENCODER_FORWARD(m, src, mask, src_key_padding_mask, is_causal)
+        # torch's nested path: the other positions as with the padding mask, zeros at the
+        # padded ones (then the norm, if any).
+        norm = m.norm
+        m.norm = None
+        try:
+            out = _ENCODER_FORWARD(m, src, mask, src_key_padding_mask, is_causal)
+        finally:
+            m.norm = norm
+        where = padded if m.layers[0].self_attn.batch_first else padded.transpose(0, 1)
+        out = out.masked_fill(where.unsqueeze(-1), 0.0)
+        return out if norm is None else norm(out)
 
     return forward
 
@@ -322,7 +443,10 @@ def batched_conv(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -
 
 def _conv_forward(m: nn.Module) -> Any:
     def forward(x: Tensor) -> Tensor:
-        return batched_conv(m, x, m.weight, m.bias)
+        # Cast as autocast casts a convolution's inputs: torch's batching rule of the
+        # convolution runs below autocast, in the inputs' dtype.
+        x, weight, bias = _autocast(x.device.type, x, m.weight, m.bias)
+        return batched_conv(m, x, weight, bias)
 
     return forward
 
@@ -485,8 +609,10 @@ def changes(
         for prefix, m in st.find(module, _linear_types()):
             if _name(prefix, "weight") in sampled and is_linear(m) and m.weight.dim() == 2:
                 put(m, _linear_forward(m))
+        # Under autocast, every convolution (a batched input too runs torch's rule).
+        casts = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
         for prefix, m in st.find(module, ConvNd):
-            if _name(prefix, "weight") in sampled and is_conv(m):
+            if (casts or _name(prefix, "weight") in sampled) and is_conv(m):
                 put(m, _conv_forward(m))
     for prefix, m in st.find(module, _STANDINS):
         if has_own_forward(m):
@@ -502,6 +628,9 @@ def changes(
                 changes += [(m, "training", True), (m, "dropout", 0.0)]
         elif isinstance(m, nn.TransformerEncoderLayer) and not m.training and _torchs_tel(m):
             changes.append((m, "training", True))  # its own flag only gates the fast path
+        elif isinstance(m, nn.TransformerEncoder) and type(m).forward is _ENCODER_FORWARD:
+            if _nests(m):  # read before its first layer's flag changes
+                put(m, _encoder_forward(m))
         elif type(m) is WeightNorm:
             put(m, _weight_norm_forward(m))
         elif type(m) is SpectralNorm and m.training:

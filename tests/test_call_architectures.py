@@ -386,6 +386,78 @@ def test_attention_rows_whose_keys_are_all_masked(masks, layout, bias, train, ge
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_attention_is_causal_without_weights_takes_the_causal_mask(train, grad, gen):
+    # With is_causal, no padding mask and no weights, torch attends causally whatever
+    # attn_mask holds (its hint); the stand-in took the mask as given: 0.4 off the loop.
+    mha = torch.nn.MultiheadAttention(8, 2).train(train)
+    x = torch.randn(4, 2, 8, generator=gen(1))
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[0, 1] = True  # not the causal mask
+
+    def fn(m, x):
+        return m(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
+
+    params = bf.sample(bf.init(mha, -2.0), 3, generator=gen(0))
+    with torch.set_grad_enabled(grad):
+        out = bf.vmap_call(mha, params, x, fn=fn, fallback=False)
+        expected = torch.stack([fn(m, x) for m in sample_copies(mha, params)])
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out, bf.loop_call(mha, params, x, fn=fn), rtol=0, atol=1e-12)
+    assert not torch.allclose(out[0], out[1])
+
+
+def _padded_encoder(batch_first, norm):
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+    norm = torch.nn.LayerNorm(8) if norm else None
+    return torch.nn.TransformerEncoder(layer, 2, norm=norm, enable_nested_tensor=True).eval()
+
+
+@pytest.mark.filterwarnings("ignore:.*nested:UserWarning")
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("how", ["no-grad", "frozen", "grad", "right-padded", "float-mask"])
+def test_an_eval_encoder_gives_padded_positions_torchs_values(batch_first, norm, how, gen):
+    # An eval-mode batch-first encoder given a left-aligned padding mask, recording no
+    # gradients, runs torch's nested-tensor path: zeros at the padded positions (the
+    # norm's bias after a LayerNorm). The vectorized pass computed them as in training
+    # (1.6 off the loop). Recording gradients, or with padding on the left, torch computes
+    # them too.
+    enc = _padded_encoder(batch_first, norm)
+    x = torch.randn(2, 4, 8, generator=gen(1))
+    pad = torch.tensor([[False, False, True, True], [False] * 4])
+    if how == "right-padded":
+        pad = pad.flip(-1)
+    mask = torch.zeros(pad.shape).masked_fill(pad, -math.inf) if how == "float-mask" else pad
+    if not batch_first:
+        x = x.transpose(0, 1)
+
+    def fn(m, x):
+        return m(x, src_key_padding_mask=mask)
+
+    q = bf.init(enc, -2.0)
+    params = bf.sample(q, 3, generator=gen(0))
+    if how == "frozen":  # gradients on, nothing to record them for
+        enc.requires_grad_(False)
+        params = {k: v.detach() for k, v in params.items()}
+    with torch.set_grad_enabled(how in ("frozen", "grad")):
+        out = bf.vmap_call(enc, params, x, fn=fn, fallback=False)
+        ref = bf.loop_call(enc, params, x, fn=fn)
+        expected = torch.stack([fn(m, x) for m in sample_copies(enc, params)])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert not torch.allclose(out[0], out[1])
+    # torch nests batch-first encoders only; after a LayerNorm, zeros are its bias.
+    padded = out[:, 0, 2] if batch_first else out[:, 2, 0]
+    fill = params["norm.bias"] if norm else torch.zeros_like(padded)
+    nested = batch_first and how in ("no-grad", "frozen", "float-mask")
+    assert torch.allclose(padded, fill, rtol=0, atol=1e-12) == nested
+    if how == "grad":
+        grads = torch.autograd.grad(out.square().sum(), q.mean["layers.0.linear1.weight"])
+        assert grads[0].abs().sum() > 0
+
+
 def test_attention_rows_dead_in_some_heads_only_fall_back(gen):
     # A per-head mask that hides every key from a query in one head only: not vectorized,
     # and said so; the loop's numbers.

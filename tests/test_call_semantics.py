@@ -1720,6 +1720,43 @@ def test_autocast_gives_the_loops_outputs_and_gradients(dtype, gen):
     assert unchanged(before, net)
 
 
+def _autocast_cases():
+    f32, x = torch.float32, torch.randn(5, 2, 4, dtype=torch.float32)
+    cnn = nn.Sequential(nn.Conv1d(2, 3, 1), nn.Tanh(), nn.Conv1d(3, 2, 1), nn.Flatten(0))
+    return {
+        # the second convolution's weight is not sampled: its batched input runs torch's
+        # rule too
+        "conv": (cnn.to(f32), (x,), ("0.*",), False),
+        "attention": (nn.MultiheadAttention(4, 2).to(f32), (x, x, x), ("",), True),
+        "lstm": (nn.LSTM(4, 4).to(f32), (x,), ("",), True),
+        "lstm-cell": (nn.LSTMCell(4, 4).to(f32), (x[0],), ("",), True),
+    }
+
+
+@pytest.mark.parametrize("case", ["conv", "attention", "lstm", "lstm-cell"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_autocast_layers_give_the_loops_dtypes(case, grad, gen):
+    # torch's batching rules of convolution, baddbmm (attention) and the recurrent steps
+    # run below autocast: vmap_call gave float32 where the loop gave bfloat16 (and other
+    # values), with no warning. Convolutions now cast as autocast does; the others fall
+    # back to the loop, and say why.
+    net, args, include, falls_back = _autocast_cases()[case]
+    q = bf.init(net, init_logvar=-3.0, include=include)
+    params = bf.sample(q, 3, generator=gen(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+        loop = bf.loop_call(net, params, *args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vec = bf.vmap_call(net, params, *args)
+    loop, vec = (loop[0], vec[0]) if isinstance(loop, tuple) else (loop, vec)
+    said = [w for w in caught if issubclass(w.category, bf.VmapFallbackWarning)]
+    assert bool(said) == falls_back
+    assert all("autocast" in str(w.message) for w in said)
+    assert vec.dtype == loop.dtype
+    assert torch.allclose(vec.float(), loop.float(), rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(vec[0].float(), vec[1].float())
+
+
 class _OwnNorm(nn.Module):
     r"""Running statistics of a layer of the user's: through `.data`, or batch norm's
     kernel on its own buffers; neither bumps the buffers' version counters."""
