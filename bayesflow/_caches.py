@@ -2,14 +2,16 @@ r"""Every cache of bayesflow, in one place, cleared by one function.
 
 A cache is keyed by the objects it describes, never by their `id()` (an id is reused once
 its object is freed), and holds at most a fixed number of entries, or only as many as
-there are live objects (a weak key). A function passed anew at every call, as a lambda
-written inside a training loop is, keys by what it runs (its code and what it closes
-over), so that a fresh lambda of the same code finds the entry of the last one.
+there are live objects (a weak key, compared by identity: two modules that compare equal
+are two modules). A function passed anew at every call, as a lambda written inside a
+training loop is, keys by what it runs (its code and what it closes over, a tensor by its
+shape, dtype and device, a number or a string by its value), so that a fresh lambda of
+the same code over the next batch finds the entry of the last one.
 """
 
 from __future__ import annotations
 
-__all__ = ["Bounded", "PerObject", "clear_caches", "fn_key", "identity"]
+__all__ = ["Bounded", "PerObject", "clear_caches", "fn_key", "identity", "value_key"]
 
 import threading
 import weakref
@@ -17,6 +19,9 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
+
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -57,6 +62,29 @@ def identity(obj: object) -> Hashable:
     return _Identity(obj)
 
 
+# Immutable values that a key may hold by value (a float or an int made anew at every
+# step, a step number, say, is another object each time).
+_VALUES = (bool, int, float, complex, str, bytes, type(None))
+
+
+def value_key(obj: object, depth: int = 2) -> Hashable:
+    r"""Returns a key for `obj` as far as the memory and the layer calls of a call depend
+    on it: a tensor by its shape, dtype and device (its values are the next batch's), a
+    number or a string by its value, a tuple, list or dict of those (`depth` levels, 64
+    items at most) by theirs, anything else by identity."""
+
+    if isinstance(obj, Tensor):
+        return (Tensor, tuple(obj.shape), obj.dtype, obj.device)
+    if type(obj) in _VALUES:
+        return (type(obj), obj)
+    if depth > 0 and type(obj) in (tuple, list) and len(obj) <= 64:
+        return (type(obj), tuple(value_key(o, depth - 1) for o in obj))
+    if depth > 0 and type(obj) is dict and len(obj) <= 64:
+        items = [(value_key(k, 0), value_key(v, depth - 1)) for k, v in obj.items()]
+        return (dict, tuple(items))
+    return _Identity(obj)
+
+
 _EMPTY = object()
 
 
@@ -68,8 +96,9 @@ def _contents(cell: Any) -> object:
 
 
 def fn_key(fn: Callable[..., Any]) -> Hashable:
-    r"""Returns a key for what `fn` computes: its code and the objects it closes over, so
-    that the same lambda created again (in a loop) gets the same key."""
+    r"""Returns a key for what `fn` computes: its code and the objects it closes over
+    (:func:`value_key`), so that the same lambda created again (in a loop, over the next
+    batch) gets the same key."""
 
     code = getattr(fn, "__code__", None)
     if code is None:
@@ -77,9 +106,9 @@ def fn_key(fn: Callable[..., Any]) -> Hashable:
         if func is not None and hasattr(func, "__code__"):
             return (fn_key(func), _Identity(fn.__self__))
         return _Identity(fn)
-    cells = tuple(_Identity(_contents(c)) for c in fn.__closure__ or ())
-    defaults = tuple(_Identity(d) for d in fn.__defaults__ or ())
-    kwdefaults = tuple((k, _Identity(v)) for k, v in (fn.__kwdefaults__ or {}).items())
+    cells = tuple(value_key(_contents(c)) for c in fn.__closure__ or ())
+    defaults = tuple(value_key(d) for d in fn.__defaults__ or ())
+    kwdefaults = tuple((k, value_key(v)) for k, v in (fn.__kwdefaults__ or {}).items())
     return (code, _Identity(fn.__globals__), cells, defaults, kwdefaults)
 
 
@@ -118,45 +147,70 @@ class Bounded(Generic[K, V]):
         return len(self.entries)
 
 
+def _compares_by_value(obj: object) -> bool:
+    r"""Whether the class of `obj` defines its own equality or hash (a module compared by
+    its configuration): a weak dictionary would take two such objects for one."""
+
+    t = type(obj)
+    return t.__eq__ is not object.__eq__ or t.__hash__ is not object.__hash__
+
+
 class PerObject(Generic[V]):
-    r"""Values attached to live objects (weak keys: an entry goes with its object),
-    registered with :func:`clear_caches` unless `cache` is false (state that must live as
-    long as its object, such as a lock)."""
+    r"""Values attached to live objects (weak keys compared by identity: an entry goes
+    with its object, and two objects that compare equal have one each), registered with
+    :func:`clear_caches` unless `cache` is false (state that must live as long as its
+    object, such as a lock).
+
+    Objects of classes with an equality of their own go to a dictionary keyed by identity;
+    the others to Python's weak dictionary, which torch.compile traces (it does not trace
+    torch's identity-keyed one)."""
 
     def __init__(self, cache: bool = True) -> None:
         self.entries: weakref.WeakKeyDictionary[Any, V] = weakref.WeakKeyDictionary()
+        self.by_id: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.lock = threading.Lock()
         if cache:
             _REGISTRY.append(self.clear)
 
+    def _table(self, obj: object) -> Any:
+        return self.by_id if _compares_by_value(obj) else self.entries
+
     def get(self, obj: object) -> V | None:
-        return self.entries.get(obj)
+        return self._table(obj).get(obj)
 
     def setdefault(self, obj: object, make: Callable[[], V]) -> V:
         with self.lock:
-            value = self.entries.get(obj)
+            table = self._table(obj)
+            value = table.get(obj)
             if value is None:
-                value = self.entries[obj] = make()
+                value = table[obj] = make()
             return value
 
     def put(self, obj: object, value: V) -> V:
         with self.lock:
-            self.entries[obj] = value
+            self._table(obj)[obj] = value
         return value
 
     def pop(self, obj: object) -> V | None:
         with self.lock:
-            return self.entries.pop(obj, None)
+            return self._table(obj).pop(obj, None)
+
+    def values(self) -> list[V]:
+        r"""Returns the values of every live object, at once (a list)."""
+
+        with self.lock:
+            return [*self.entries.values(), *self.by_id.values()]
 
     def clear(self) -> None:
         with self.lock:
             self.entries.clear()
+            self.by_id.clear()
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.entries) + len(self.by_id.data)
 
     def __bool__(self) -> bool:
-        return bool(self.entries)
+        return bool(self.entries) or bool(self.by_id.data)
 
 
 def register(clear: Callable[[], None]) -> None:

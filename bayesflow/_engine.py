@@ -40,7 +40,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _posterior, _torch_layers
 from ._buffers import State
-from ._caches import Bounded, PerObject, fn_key, identity
+from ._caches import Bounded, PerObject, fn_key, value_key
 from ._checks import check_buffers, check_in_dims, check_params, stack_level
 from ._compat import (
     StopRecomputation,
@@ -151,8 +151,9 @@ def hold(
     exit, then puts back the very same objects.
 
     The lock is held while entering and leaving only. A call on the module in between
-    (from this thread or another) sees the held parameters for those it does not sample,
-    and the module's own layer forwards: it runs with the changes undone.
+    (from this thread or another), or on a module that holds it or that it holds, sees the
+    held parameters for those it does not sample, and the layers' own forwards: it runs
+    with the changes undone.
     """
 
     with lock(module):
@@ -188,13 +189,20 @@ def hold(
 
 def _changes(st: Structure, module: nn.Module, extra: list) -> list[tuple[Any, str, Any]]:
     r"""What every call on `module` changes for its duration: the forwards of the holds
-    undone, the weights that hooks assign put back afterwards, and `extra`."""
+    undone (on `module`, on a module that holds it, or on one it holds: a hold's changes
+    to the objects of `module`), the weights that hooks assign put back afterwards, and
+    `extra`."""
 
     if not st.hooked and not _HOLDS:
         return extra
     changes = []
-    for patch, _ in reversed(_HOLDS.get(module) or ()):
-        changes += [(obj, name, old) for obj, name, old in reversed(patch.done)]
+    for holds in _HOLDS.values() if _HOLDS else ():
+        for patch, _ in reversed(holds):
+            changes += [
+                (obj, name, old)
+                for obj, name, old in reversed(patch.done)
+                if id(obj) in st.objects
+            ]
     for path, hook in st.hooked:
         m = st.sub(module, path)
         name = hook_name(hook)
@@ -730,12 +738,13 @@ def vmap(
 
 def _signature(args: tuple, dims: tuple) -> tuple:
     r"""What a call's arguments are, as far as the memory and the layer calls of `fn`
-    depend on them: the shapes of one sample's tensors, the identity of anything else."""
+    depend on them: the shapes of one sample's tensors, the values of numbers and strings,
+    the identity of anything else (:func:`value_key`)."""
 
     return tuple(
         (tuple(a.shape[1:] if d == 0 else a.shape), a.dtype, a.device)
         if isinstance(a, Tensor)
-        else identity(a)
+        else value_key(a)
         for a, d in zip(args, dims, strict=True)
     )
 
@@ -753,13 +762,15 @@ def _fits_the_cache(job: _Job) -> bool:
 
 def _footprints(job: _Job) -> tuple[Bounded, tuple]:
     r"""Returns the footprints measured for the module of `job`, and the key of its call:
-    `fn` code and argument shapes."""
+    `fn` code, the samples' names, shapes and dtypes, the module's mode and the argument
+    shapes (a layer replaced by a larger one, or train mode's buffers, change it)."""
 
     footprints = _FOOTPRINTS.setdefault(job.module, lambda: Bounded(16, cache=False))
     fn = job.opts.fn
     # A local call's wrapper is new at every call: the key of what it runs instead.
     what = getattr(fn, "_bayesflow_key", None) or fn_key(fn)
-    key = (what, tuple(job.params), _signature(job.args, job.dims))
+    samples = tuple((name, v.shape[1:], v.dtype) for name, v in job.params.items())
+    key = (what, samples, job.module.training, _signature(job.args, job.dims))
     return footprints, key
 
 

@@ -368,6 +368,8 @@ class Structure:
 
         self._embeddings = [(m, by_id[id(t)]) for m, t in embeddings if id(t) in by_id]
         self._dicts = [d for tables in self._tables for d in tables]
+        # The module, its submodules and their weight hooks, by id (alive while this is).
+        self.objects = frozenset(seen_modules | {id(hook) for _, hook in self.hooked})
         self._fingerprint = self._fingerprint_of()
         # The module's own tensors, which a call's outputs must not share (see _engine).
         self.own = frozenset(map(id, (*self.params.values(), *self.buffers.values())))

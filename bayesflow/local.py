@@ -123,7 +123,9 @@ def local_call(
     During the call, the local layers' own tensors in `module` are stand-ins whose values
     cannot be read: a read the remembered pass did not see (a module flag switched since
     switches on a tied head) makes the call start again with that layer sampled whole,
-    a layout then remembered (see the guide on training). The same generator state gives
+    a layout then remembered: later calls of the same `fn` code and argument shapes sample
+    that layer whole too, even where they would not read it (a flag switched back), until
+    :func:`bayesflow.clear_caches` (see the guide on training). The same generator state gives
     the same numbers vectorized or not (`vectorized=False`, the loop oracle), and whatever
     `chunk_size`.
 

@@ -502,6 +502,32 @@ def test_reparameterize_blocks_left_out_of_order(local_trick):
     assert [dict(vars(m)) for m in base.modules()] == forwards  # no forward left patched
 
 
+def test_calls_on_a_module_holding_the_base_or_held_by_it_inside_a_local_trick_block(gen):
+    # Inside reparameterize(local_trick=True), calls on the base run its own layers; calls
+    # on a module that holds the base (or on a layer of the base) kept the block's local
+    # forwards, which read the wrapper's posterior: the call's own samples were ignored,
+    # in the loop too (off by 1.8).
+    base = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    bnet = bf.BayesianModel(base, init_logvar=-1.0)
+    outer = nn.Sequential(base, nn.Tanh())
+    x = torch.randn(5, 3)
+    cases = []
+    for module, arg in ((outer, x), (base[0], x)):
+        for k in (3, 1):
+            params = bf.sample(bf.init(module, init_logvar=-1.0), k, generator=gen(k))
+            copies = [copy.deepcopy(module) for _ in range(k)]
+            for i, c in enumerate(copies):
+                c.load_state_dict({name: v[i] for name, v in params.items()})
+            expected = torch.stack([c(arg) for c in copies])
+            cases.append((module, params, arg, expected))
+    with bnet.reparameterize(local_trick=True, generator=gen(0)):
+        for module, params, arg, expected in cases:
+            for call in (bf.vmap_call, bf.loop_call):
+                got = call(module, params, arg)
+                assert torch.allclose(got, expected, atol=1e-10)
+                assert got.shape[0] == 1 or not torch.allclose(got[0], got[1])
+
+
 def test_blocks_of_two_wrappers_on_one_base_left_out_of_order():
     # Two wrappers of one base with disjoint selections (an encoder, a head): leaving the
     # encoder's block first handed its whole swap to the head's, so the encoder's sample

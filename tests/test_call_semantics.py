@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import zuko
 
 import bayesflow as bf
@@ -888,6 +889,81 @@ def test_the_default_chunk_fits_the_cpu_cache(monkeypatch, gen, fresh_caches):
     assert torch.allclose(y, bf.loop_call(net, params, x), atol=1e-10)
     assert torch.allclose(y, y_at_once, atol=1e-10) and torch.allclose(y, y_first, atol=1e-10)
     assert not torch.allclose(y[0], y[1])
+
+
+def test_a_fresh_lambda_over_the_next_batch_measures_nothing_again(gen, fresh_caches):
+    # A training loop's lambda closes over the step's labels and numbers (a float made
+    # anew at each step): the footprint of the call was measured again at every step (a
+    # pass more), keyed by the identity of the labels, which also stayed alive in the cache.
+    from bayesflow import _engine
+
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+    q = bf.init(net, -3.0)
+    steps = [(torch.randn(16, 3), torch.randint(0, 4, (16,)), 2.0 + 0 * i) for i in range(4)]
+
+    def loss(y, scale):  # a new lambda over this step's labels
+        return lambda m, x: -F.cross_entropy(m(x) * scale, y, reduction="none")
+
+    for x, y, scale in steps:
+        params = bf.sample(q, 3, generator=gen(1))
+        fn = loss(y, scale)
+        got = bf.vmap_call(net, params, x, fn=fn)
+        assert torch.allclose(got, bf.loop_call(net, params, x, fn=fn), atol=1e-10)
+        assert not torch.allclose(got[0], got[1])
+    if x.device.type == "cpu":  # the footprint is measured on the CPU only
+        assert len(_engine._FOOTPRINTS.get(net)) == 1
+
+
+def test_a_layer_replaced_or_a_mode_switched_is_measured_again(gen, fresh_caches):
+    # The footprint was keyed by fn, the sampled names and the argument shapes: a layer
+    # replaced by a 16x larger one kept the small one's, and chunk_size="auto" overshot
+    # max_memory 16-fold.
+    from bayesflow import _engine
+
+    net = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    x = torch.randn(4, 3)
+
+    def measured():
+        params = bf.sample(bf.init(net, -3.0), 2, generator=gen(1))
+        bf.vmap_call(net, params, x, chunk_size="auto", randomness="different")
+        return sorted(_engine._FOOTPRINTS.get(net).entries.values())
+
+    small = measured()
+    net[0], net[2] = nn.Linear(3, 128), nn.Linear(128, 2)
+    large = measured()
+    assert len(large) == 2 and large[1] > small[0]
+    net.eval()
+    assert len(measured()) == 3
+
+
+def test_modules_that_compare_equal_are_two_modules(gen, fresh_caches):
+    # Caches kept per module matched keys by ==: a module class whose instances compare
+    # equal by their configuration shared one structure, and the second module's samples
+    # went into the first's parameters (every sample gave the second's own output).
+    class Configured(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x)
+
+        def __eq__(self, other):
+            return isinstance(other, Configured)
+
+        def __hash__(self):
+            return 0
+
+    a, b = Configured(), Configured()
+    x = torch.randn(4, 3)
+    for net in (a, b):
+        params = bf.sample(bf.init(net, 0.0), 3, generator=gen(1))
+        for got in (bf.vmap_call(net, params, x), bf.loop_call(net, params, x)):
+            for k in range(3):
+                one = copy.deepcopy(net)
+                one.load_state_dict({n: v[k] for n, v in params.items()})
+                assert torch.allclose(got[k], one(x), atol=1e-10)
+            assert not torch.allclose(got[0], got[1])
 
 
 def test_a_sample_larger_than_a_core_cache_runs_one_by_one(monkeypatch, gen, fresh_caches):

@@ -400,6 +400,19 @@ def test_a_fresh_lambda_is_a_fresh_fn_of_its_own_code():
         bf.local_call(net, q, 2, x, fn=lambda m, x: m(x) + 0.0)
     assert len(calls) == 4 + 1
 
+    # So does a lambda over the next batch's targets and a number made anew (the same
+    # value), closed over or passed: they were keyed by identity, a shape-finding pass at
+    # every step.
+    def loss(y, scale):
+        return lambda m, x: -(m(x) * scale - y).square().sum(-1)
+
+    calls.clear()
+    for step in range(4):
+        y, scale = torch.randn(5, 2), 2.0 + 0 * step
+        bf.local_nelbo(net, q, x, fn=loss(y, scale), num_data=9)
+        bf.local_nelbo(net, q, x, scale, fn=lambda m, x, s: -(m(x) * s).sum(-1), num_data=9)
+    assert len(calls) == 8 + 2
+
 
 @pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
 def test_spreads_together_or_one_by_one_are_the_same(flipout, gen, monkeypatch):
