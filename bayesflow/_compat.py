@@ -13,6 +13,8 @@ __all__ = [
     "ValueReads",
     "WeightNorm",
     "allocated_bytes",
+    "autocast_inputs",
+    "autocast_off",
     "batched_at_current_level",
     "counting_allocations",
     "flat_cat",
@@ -202,6 +204,39 @@ def outside_func_transforms() -> Iterator[None]:
     finally:
         while saved:
             _functorch.push_dynamic_layer_stack(saved.pop())
+
+
+def autocast_inputs(device: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    r"""Returns `tensors` as autocast gives them to `F.linear` or a convolution on
+    `device`: in the autocast dtype where it is enabled (any floating dtype but float64).
+    torch's batching rules of some operations run below autocast: casting their inputs
+    first gives the dtype of a plain call. (Before a custom Function, not inside: its
+    backward would multiply saved float32 inputs by a gradient of the lower dtype.)"""
+
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(  # as autocast: any floating dtype but float64
+        t.to(dtype)
+        if t is not None and t.is_floating_point() and t.dtype not in (torch.float64, dtype)
+        else t
+        for t in tensors
+    )
+
+
+@contextmanager
+def autocast_off() -> Iterator[None]:
+    r"""Turns autocast off, on the CPU and CUDA alike, for a block (a shape-finding pass:
+    shapes do not depend on it, and the stand-ins refuse it)."""
+
+    devices = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    for d in devices:
+        torch.set_autocast_enabled(d, False)
+    try:
+        yield
+    finally:
+        for d in devices:
+            torch.set_autocast_enabled(d, True)
 
 
 def refuse_autocast(t: Any, layer: str) -> None:

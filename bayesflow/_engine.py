@@ -44,6 +44,7 @@ from ._caches import Bounded, PerObject, fn_key, value_key
 from ._checks import check_buffers, check_in_dims, check_params, stack_level
 from ._compat import (
     StopRecomputation,
+    autocast_off,
     counting_allocations,
     generating,
     hook_name,
@@ -769,8 +770,9 @@ def _footprints(job: _Job) -> tuple[Bounded, tuple]:
     fn = job.opts.fn
     # A local call's wrapper is new at every call: the key of what it runs instead.
     what = getattr(fn, "_bayesflow_key", None) or fn_key(fn)
-    samples = tuple((name, v.shape[1:], v.dtype) for name, v in job.params.items())
-    key = (what, samples, job.module.training, _signature(job.args, job.dims))
+    # The samples' names, shapes (n too: one measure per sample count) and dtypes.
+    samples = tuple([(v.shape, v.dtype) for v in job.params.values()])
+    key = (what, tuple(job.params), samples, job.module.training, _signature(job.args, job.dims))
     return footprints, key
 
 
@@ -938,23 +940,26 @@ def _layout(
     layout = None if fresh else recordings.get(key)
     if layout is None:
         recorder = Recorder(plan.watched)
-        # The layers as the vectorized pass sees them (without gradients, torch's fused
-        # attention would skip the layers that the reference path calls).
-        changes = _changes(st, module, plan.forwards(recorder, plan.layers))
-        changes += _torch_layers.changes(st, module)
         state = State(st)
         # Its random numbers are not the call's: the same seed gives the same call, whether
         # the layout was recorded before or not.
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        try:
-            with (
-                torch.random.fork_rng(devices=devices),
-                torch.no_grad(),
-                patched(changes),
-                recorder.reads(),
-            ):
-                opts.fn(module, *_index(args, dims, 0))
-        finally:
-            state.restore()
+        # Without autocast: shapes do not depend on it, and the stand-ins that refuse it
+        # (a fallback to the loop in the vectorized pass) would fail the plain pass.
+        with autocast_off():
+            # The layers as the vectorized pass sees them (without gradients, torch's fused
+            # attention would skip the layers that the reference path calls).
+            changes = _changes(st, module, plan.forwards(recorder, plan.layers))
+            changes += _torch_layers.changes(st, module)
+            try:
+                with (
+                    torch.random.fork_rng(devices=devices),
+                    torch.no_grad(),
+                    patched(changes),
+                    recorder.reads(),
+                ):
+                    opts.fn(module, *_index(args, dims, 0))
+            finally:
+                state.restore()
         layout = recordings.put(key, plan.layout(opts.where, module, recorder, forced))
     return layout

@@ -45,6 +45,7 @@ from ._caches import register
 from ._compat import (
     ConvNd,
     ValueReads,
+    autocast_inputs,
     flat_cat,
     func_level,
     in_func_transform,
@@ -130,6 +131,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     r"""Returns :math:`x W^T + b`, for a weight of shape `(out, in)` or, as in
     :class:`zuko.nn.Linear`, a stack `(S, out, in)` applied to inputs `(*, S, in)`."""
 
+    # Under vmap, torch's rules for a batched input run below autocast: its casts first.
+    x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
     if weight.dim() == 2:
         return F.linear(x, weight, bias)
 
@@ -139,6 +142,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def _apply(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if is_conv(layer):
+        # Under vmap, torch's convolution rule runs below autocast: its casts first.
+        x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
         return layer._conv_forward(x, weight, bias)
     return linear(x, weight, bias)
 

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torch import Tensor
+from torch.nn.utils.parametrize import is_parametrized
 
 from ._compat import (
     BatchNorm,
@@ -41,6 +42,7 @@ from ._compat import (
     InstanceNorm,
     SpectralNorm,
     WeightNorm,
+    autocast_inputs,
     batched_at_current_level,
     function_apply,
     is_compiling,
@@ -79,6 +81,8 @@ def _tracks(m: nn.Module) -> bool:
 
 
 def _attention_forward(m: nn.MultiheadAttention) -> Any:
+    evaluating = not m.training  # the vectorized pass puts it in training mode
+
     def forward(
         query: Tensor,
         key: Tensor,
@@ -93,8 +97,10 @@ def _attention_forward(m: nn.MultiheadAttention) -> Any:
         # The explicit softmax path: CPU's fused scaled_dot_product_attention kernel has
         # no batching rule (a slow per-sample fallback).
         if is_causal and key_padding_mask is None and not need_weights and attn_mask is not None:
-            # torch takes `is_causal` for the mask then, whatever `attn_mask` holds.
-            attn_mask = _causal_mask(m, query, key)
+            # torch's reference path takes `is_causal` for the mask then, whatever
+            # `attn_mask` holds; its fused fast path reads `attn_mask`.
+            if not (evaluating and _fast_attention(m, query, key, value, attn_mask)):
+                attn_mask = _causal_mask(m, query, key)
         dead = None
         if not need_weights and (key_padding_mask is not None or attn_mask is not None):
             key_padding_mask = _in_dtype_of(query, key_padding_mask)
@@ -120,6 +126,37 @@ def _attention_forward(m: nn.MultiheadAttention) -> Any:
         return out, weights if need_weights else None
 
     return forward
+
+
+def _fast_attention(
+    m: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor
+) -> bool:
+    r"""Whether torch's forward of `m`, in eval mode, without a padding mask, takes its
+    fused fast path: torch's conditions, the gradients read through vmap's wrappers."""
+
+    if not torch.backends.mha.get_fastpath_enabled() or torch.is_autocast_enabled():
+        return False
+    if query.dim() != 3 or query is not key or key is not value:
+        return False
+    weight, bias = m.in_proj_weight, m.in_proj_bias
+    if weight is None or bias is None:  # (without an input bias: the reference path)
+        return False
+    if query.dtype != weight.dtype or query.dtype != bias.dtype:
+        return False
+    if m.num_heads % 2 or not m.batch_first or not m._qkv_same_embed_dim:
+        return False
+    if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
+        return False
+    if query.is_nested:
+        return False
+    out = m.out_proj
+    tensors = [t for t in (query, weight, bias, out.weight, out.bias) if t is not None]
+    devices = (*_NESTED_DEVICES, torch.utils.backend_registration._privateuse1_backend_name)
+    if torch.overrides.has_torch_function(tensors):
+        return False
+    if any(t.device.type not in devices for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(records_gradients(t) for t in tensors))
 
 
 def _causal_mask(m: nn.MultiheadAttention, query: Tensor, key: Tensor) -> Tensor:
@@ -203,6 +240,10 @@ def _nested_padding(
                     "taken per sample, cannot be told apart under vmap"
                 )
             return None
+    else:
+        # Unchecked, torch keeps the first tokens of each row, as many as the mask keeps.
+        kept = padded.logical_not().sum(-1, keepdim=True)
+        padded = torch.arange(padded.shape[-1], device=padded.device) >= kept
     return padded
 
 
@@ -216,12 +257,13 @@ def _encoder_forward(m: nn.TransformerEncoder) -> Any:
         padded = _nested_padding(m, src, mask, src_key_padding_mask)
         if padded is None:
             return _ENCODER_FORWARD(m, src, mask, src_key_padding_mask, is_causal)
-        # torch's nested path: the other positions as with the padding mask, zeros at the
-        # padded ones (then the norm, if any).
+        # torch's nested path: the other positions as with the padding mask (the padded
+        # tokens dropped, whatever a float mask holds for them), zeros at the padded ones
+        # (then the norm, if any).
         norm = m.norm
         m.norm = None
         try:
-            out = _ENCODER_FORWARD(m, src, mask, src_key_padding_mask, is_causal)
+            out = _ENCODER_FORWARD(m, src, mask, padded, is_causal)
         finally:
             m.norm = norm
         where = padded if m.layers[0].self_attn.batch_first else padded.transpose(0, 1)
@@ -349,23 +391,6 @@ class _Bmm(torch.autograd.Function):
         return grad_v, grad_w, grad_b
 
 
-def _autocast(device: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    r"""Returns `tensors` as autocast gives them to `F.linear` on `device`: in the
-    autocast dtype where it is enabled (any floating dtype but float64). Before the
-    Function, not inside: its backward would multiply the saved float32 inputs by a
-    gradient of the lower dtype."""
-
-    if not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(  # as autocast: any floating dtype but float64
-        t.to(dtype)
-        if t is not None and t.is_floating_point() and t.dtype not in (torch.float64, dtype)
-        else t
-        for t in tensors
-    )
-
-
 def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     r"""Returns :math:`x W^T + b` for a weight batched by vmap, as one batched matmul
     with the bias fused (`baddbmm`), on the sample stacks themselves; torch's batching rule
@@ -373,7 +398,8 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
     level = batched_at_current_level(weight)
     if level is None or weight.dim() != 2:
-        return F.linear(x, weight, bias)
+        # (torch's rule for a batched input and a bias runs below autocast)
+        return F.linear(*autocast_inputs(x.device.type, x, weight, bias))
 
     w, w_dim = unwrap_at(weight, level)
     v, x_dim = unwrap_at(x, level)
@@ -391,7 +417,7 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             v = v.reshape(k, lead.numel(), inputs)
         if b is not None:
             b = b if b_dim is None else b.movedim(b_dim, 0).unsqueeze(1)
-        v, w, b = _autocast(v.device.type, v, w, b)
+        v, w, b = autocast_inputs(v.device.type, v, w, b)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (v, w, b)):
             y = function_apply(_Bmm, v, w, b)
         else:  # no graph to record: the same kernel without the Function's bookkeeping
@@ -445,7 +471,7 @@ def _conv_forward(m: nn.Module) -> Any:
     def forward(x: Tensor) -> Tensor:
         # Cast as autocast casts a convolution's inputs: torch's batching rule of the
         # convolution runs below autocast, in the inputs' dtype.
-        x, weight, bias = _autocast(x.device.type, x, m.weight, m.bias)
+        x, weight, bias = autocast_inputs(x.device.type, x, m.weight, m.bias)
         return batched_conv(m, x, weight, bias)
 
     return forward
@@ -606,13 +632,21 @@ def changes(
     if not is_compiling():
         # The name first: reading `m.weight` of a parametrized layer runs its
         # parametrization (a power iteration on the module's own `_u`, a random mask).
-        for prefix, m in st.find(module, _linear_types()):
-            if _name(prefix, "weight") in sampled and is_linear(m) and m.weight.dim() == 2:
-                put(m, _linear_forward(m))
-        # Under autocast, every convolution (a batched input too runs torch's rule).
+        # Under autocast, every linear layer and convolution (a batched input runs torch's
+        # rules too, below autocast) but those whose forward bayesflow set already (a
+        # local call's).
         casts = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+        for prefix, m in st.find(module, _linear_types()):
+            # (`m.weight` last, and not of a parametrized layer it would not prepare:
+            # reading it runs the parametrization on the module's own tensors)
+            cast = casts and "forward" not in vars(m) and not is_parametrized(m)
+            wanted = _name(prefix, "weight") in sampled or cast
+            if wanted and is_linear(m) and m.weight.dim() == 2:
+                put(m, _linear_forward(m))
         for prefix, m in st.find(module, ConvNd):
-            if (casts or _name(prefix, "weight") in sampled) and is_conv(m):
+            if not is_conv(m):
+                continue
+            if _name(prefix, "weight") in sampled or (casts and "forward" not in vars(m)):
                 put(m, _conv_forward(m))
     for prefix, m in st.find(module, _STANDINS):
         if has_own_forward(m):

@@ -103,8 +103,11 @@ def vmap_call(
             :func:`loop_call` does, where one sample's call overflows a core's (level 2)
             cache: such a sample gains nothing from running with others. With `"auto"`,
             as many as fit in `max_memory`. Both measure the memory one sample's call
-            allocates, once per module, `fn` code and argument shapes (by counting the
-            bytes of every tensor its operations return: an upper bound): the default
+            allocates (by counting the bytes of every tensor its operations return: an
+            upper bound), once per module and mode, sample shapes, `fn` code and argument
+            shapes (tensors that `fn` closes over count by their shapes, numbers by their
+            values; after changing the values of a tensor that sets the amount of work,
+            other than a 0-dim one, call :func:`bayesflow.clear_caches`): the default
             during its first call, which runs all samples at once, `"auto"` by one more
             pass of one sample before it (without gradients, or with them where `fn` needs
             them; torch's generators are restored after it, but a generator that `fn`

@@ -12,6 +12,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # names the argument, not a traceback after minutes of work.
 BAD = [
     ("allocator.py", ["--rounds", "0"], "expected positive --rounds"),
+    ("closure_keys.py", ["--rounds", "0"], "argument --rounds: expected a positive integer"),
     ("conv_paths.py", ["--k", "0"], "argument --k: expected a positive integer"),
     ("cost_k1.py", ["--rounds", "0"], "argument --rounds: expected a positive integer"),
     ("ensemble_cost.py", ["--k", "-1"], "argument --k: expected a positive integer"),
@@ -30,7 +31,7 @@ BAD = [
     ("vmap_overhead.py", ["--rounds", "0"], "argument --rounds: expected a positive integer"),
 ]
 
-# One interpreter runs every case (one import of torch, not thirteen): each script as
+# One interpreter runs every case (one import of torch, not one per script): each script as
 # `python script args`, its own folder first on the path and its sibling modules forgotten
 # between scripts (benchmarks/posteriors.py would shadow the peer package of that name).
 RUNNER = r"""

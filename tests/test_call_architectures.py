@@ -388,11 +388,15 @@ def test_attention_rows_whose_keys_are_all_masked(masks, layout, bias, train, ge
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
-def test_attention_is_causal_without_weights_takes_the_causal_mask(train, grad, gen):
-    # With is_causal, no padding mask and no weights, torch attends causally whatever
-    # attn_mask holds (its hint); the stand-in took the mask as given: 0.4 off the loop.
-    mha = torch.nn.MultiheadAttention(8, 2).train(train)
-    x = torch.randn(4, 2, 8, generator=gen(1))
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_attention_is_causal_without_weights_takes_the_causal_mask(train, grad, batch_first, gen):
+    # With is_causal, no padding mask and no weights, torch's reference path attends
+    # causally whatever attn_mask holds (its hint); the stand-in took the mask as given:
+    # 0.4 off the loop. Torch's fused fast path (eval, no gradients, batch-first
+    # self-attention) reads attn_mask as given: there the stand-in must too (2.2 off).
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first).train(train)
+    x = torch.randn(4, 2, 8, generator=gen(1))  # 4 positions of 2 sequences
+    x = x.transpose(0, 1) if batch_first else x
     mask = torch.zeros(4, 4, dtype=torch.bool)
     mask[0, 1] = True  # not the causal mask
 
@@ -417,19 +421,26 @@ def _padded_encoder(batch_first, norm):
 @pytest.mark.filterwarnings("ignore:.*nested:UserWarning")
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "no-norm"])
-@pytest.mark.parametrize("how", ["no-grad", "frozen", "grad", "right-padded", "float-mask"])
+@pytest.mark.parametrize(
+    "how", ["no-grad", "frozen", "grad", "right-padded", "float-mask", "minus-one", "unchecked"]
+)
 def test_an_eval_encoder_gives_padded_positions_torchs_values(batch_first, norm, how, gen):
     # An eval-mode batch-first encoder given a left-aligned padding mask, recording no
     # gradients, runs torch's nested-tensor path: zeros at the padded positions (the
     # norm's bias after a LayerNorm). The vectorized pass computed them as in training
     # (1.6 off the loop). Recording gradients, or with padding on the left, torch computes
-    # them too.
+    # them too. A float mask of -1 drops the padded tokens there (not a bias of -1), and
+    # without the mask check torch keeps the first tokens of each row, as many as the mask
+    # keeps.
     enc = _padded_encoder(batch_first, norm)
+    enc.mask_check = how != "unchecked"
     x = torch.randn(2, 4, 8, generator=gen(1))
     pad = torch.tensor([[False, False, True, True], [False] * 4])
-    if how == "right-padded":
+    if how in ("right-padded", "unchecked"):
         pad = pad.flip(-1)
-    mask = torch.zeros(pad.shape).masked_fill(pad, -math.inf) if how == "float-mask" else pad
+    mask = pad
+    if how in ("float-mask", "minus-one"):
+        mask = torch.zeros(pad.shape).masked_fill(pad, -math.inf if how == "float-mask" else -1.0)
     if not batch_first:
         x = x.transpose(0, 1)
 
@@ -449,9 +460,10 @@ def test_an_eval_encoder_gives_padded_positions_torchs_values(batch_first, norm,
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     assert not torch.allclose(out[0], out[1])
     # torch nests batch-first encoders only; after a LayerNorm, zeros are its bias.
+    # Unchecked, the positions 2 and 3 of the first row are zeros, whatever the mask.
     padded = out[:, 0, 2] if batch_first else out[:, 2, 0]
     fill = params["norm.bias"] if norm else torch.zeros_like(padded)
-    nested = batch_first and how in ("no-grad", "frozen", "float-mask")
+    nested = batch_first and how in ("no-grad", "frozen", "float-mask", "minus-one", "unchecked")
     assert torch.allclose(padded, fill, rtol=0, atol=1e-12) == nested
     if how == "grad":
         grads = torch.autograd.grad(out.square().sum(), q.mean["layers.0.linear1.weight"])

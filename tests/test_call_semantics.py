@@ -1803,19 +1803,27 @@ def _autocast_cases():
         # the second convolution's weight is not sampled: its batched input runs torch's
         # rule too
         "conv": (cnn.to(f32), (x,), ("0.*",), False),
+        # the same for a linear layer with a bias on a batched input
+        "linear": (
+            nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(f32),
+            (x,),
+            ("0.*",),
+            False,
+        ),
         "attention": (nn.MultiheadAttention(4, 2).to(f32), (x, x, x), ("",), True),
         "lstm": (nn.LSTM(4, 4).to(f32), (x,), ("",), True),
         "lstm-cell": (nn.LSTMCell(4, 4).to(f32), (x[0],), ("",), True),
     }
 
 
-@pytest.mark.parametrize("case", ["conv", "attention", "lstm", "lstm-cell"])
+@pytest.mark.parametrize("case", ["conv", "linear", "attention", "lstm", "lstm-cell"])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
 def test_autocast_layers_give_the_loops_dtypes(case, grad, gen):
-    # torch's batching rules of convolution, baddbmm (attention) and the recurrent steps
-    # run below autocast: vmap_call gave float32 where the loop gave bfloat16 (and other
-    # values), with no warning. Convolutions now cast as autocast does; the others fall
-    # back to the loop, and say why.
+    # torch's batching rules of convolution, of a linear layer's bias on a batched input,
+    # of baddbmm (attention) and the recurrent steps run below autocast: vmap_call gave
+    # float32 where the loop gave bfloat16 (and other values), with no warning. Linear
+    # layers and convolutions now cast as autocast does; the others fall back to the
+    # loop, and say why.
     net, args, include, falls_back = _autocast_cases()[case]
     q = bf.init(net, init_logvar=-3.0, include=include)
     params = bf.sample(q, 3, generator=gen(1))
@@ -1831,6 +1839,72 @@ def test_autocast_layers_give_the_loops_dtypes(case, grad, gen):
     assert vec.dtype == loop.dtype
     assert torch.allclose(vec.float(), loop.float(), rtol=2e-2, atol=2e-2)
     assert not torch.allclose(vec[0].float(), vec[1].float())
+
+
+class _RecurrentHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+
+@pytest.mark.parametrize("case", ["conv", "lstm", "cpu-model-cuda-autocast"])
+def test_local_calls_under_autocast_run_as_the_loop_does(case, gen, fresh_caches):
+    # Under autocast the convolution stand-in replaced a local call's own forward of a
+    # conv layer (and its shape-finding pass), and the recurrent stand-ins refused autocast
+    # in the plain shape-finding pass: local_call raised, its loop oracle too. With CUDA's
+    # autocast on, a model on the CPU was caught as well.
+    f32 = torch.float32
+    if case == "lstm":
+        net, x = _RecurrentHead().to(f32), torch.randn(6, 3, 4, dtype=f32)
+    else:
+        net = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 2))
+        net, x = net.to(f32), torch.randn(4, 2, 8, dtype=f32)
+    q = bf.init(net, init_logvar=-2.0)
+    device = "cuda" if case == "cpu-model-cuda-autocast" else "cpu"
+    outs = []
+    for vectorized in (False, True):
+        bf.clear_caches()
+        torch.set_autocast_enabled(device, True)
+        try:
+            if device == "cpu":
+                torch.set_autocast_dtype("cpu", torch.bfloat16)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                y = bf.local_call(net, q, 3, x, generator=gen(1), vectorized=vectorized)
+        finally:
+            torch.set_autocast_enabled(device, False)
+            torch.set_autocast_dtype("cpu", torch.bfloat16)
+        said = [w for w in caught if issubclass(w.category, bf.VmapFallbackWarning)]
+        assert bool(said) == (vectorized and case == "lstm")
+        outs.append(y)
+    loop, vec = outs
+    assert vec.dtype == loop.dtype
+    assert torch.allclose(vec.float(), loop.float(), rtol=5e-2, atol=5e-2)
+    assert not torch.allclose(vec[0].float(), vec[1].float())
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_a_closure_over_a_nested_tensor_is_keyed_by_identity(gen, fresh_caches):
+    # The keys of closures took every tensor's shape: a strided nested tensor has none,
+    # and vmap_call and local_call raised where the loop ran.
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    q = bf.init(net, -3.0)
+    params = bf.sample(q, 3, generator=gen(1))
+    x = torch.randn(6, 4)
+    nested = torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(3, 4)])
+
+    def fn(m, x):
+        return m(x).sum(-1) + sum(m(t).sum() for t in nested.unbind())
+
+    got = bf.vmap_call(net, params, x, fn=fn)
+    assert torch.allclose(got, bf.loop_call(net, params, x, fn=fn), atol=1e-10)
+    assert not torch.allclose(got[0], got[1])
+    local = bf.local_call(net, q, 3, x, fn=fn, generator=gen(2))
+    loop = bf.local_call(net, q, 3, x, fn=fn, generator=gen(2), vectorized=False)
+    assert torch.allclose(local, loop, atol=1e-10)
 
 
 class _OwnNorm(nn.Module):
