@@ -114,6 +114,8 @@ def _writable(parser: argparse.ArgumentParser, option: str, path: str) -> None:
         why = f"no folder {folder}"
     elif not os.access(folder, os.W_OK):
         why = f"{folder} is not writable"
+    elif os.path.exists(path) and not os.access(path, os.W_OK):
+        why = "the file is not writable"
     elif option == "--plot" and _plot_format(path) is not None:
         why = _plot_format(path)
     else:
@@ -174,7 +176,9 @@ def _parser() -> argparse.ArgumentParser:
             "Checks every method against a loop on the same posterior samples, then times "
             "it. Cells show the median ms, the speed-up over zuko's reparameterize() loop "
             "(x; over bayesflow's loop when zuko-loop is not run), the time relative to the "
-            "plain module (d: deterministic, one plain forward or one Adam step) and the "
+            "plain module (d: deterministic, one plain forward or one Adam step on the "
+            "posterior's parameters; in training, for the nelbo cells only, the others' "
+            "being gradients alone) and the "
             "time relative to hand-written batched GEMMs with their own draw (b: bmm, for "
             "MLPs and flows' hyper-networks; limit is the same GEMMs on pre-drawn weights); "
             "~ marks a noisy cell. Peer libraries that are not installed are reported so. "
@@ -448,9 +452,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = _resolve(parser, args)
+    given: dict[str, str] = {}
     for option in ("json", "csv", "markdown", "plot"):
         if getattr(args, option) is not None:
-            _writable(parser, f"--{option}", getattr(args, option))
+            path = getattr(args, option)
+            _writable(parser, f"--{option}", path)
+            same = given.get(os.path.realpath(path))
+            if same is not None:
+                parser.error(
+                    f"--{option}: expected a file of its own, got {path!r}, the file of "
+                    f"--{same} too (one would overwrite the other)"
+                )
+            given[os.path.realpath(path)] = option
     if args.plot:
         try:
             import matplotlib  # noqa: F401

@@ -548,6 +548,46 @@ def test_deterministic_is_the_plain_module():
         assert torch.equal(v, mean_before[k]), k
 
 
+def test_a_training_cell_whose_gradients_reach_nothing_is_wrong():
+    # Detached samples (a regression of sample or vmap_call) raised torch's "does not
+    # require grad" in the training cell: reported unsupported, and the run exited 0.
+    def build(case, K, mode, fn, args, chunk_size=None):
+        g = torch.Generator()
+
+        def run(seed):
+            if seed is not None:
+                g.manual_seed(seed)
+            params = bf.sample(case.posterior, K, generator=g)
+            params = {k: v.detach() for k, v in params.items()}
+            return bf.vmap_call(case.module, params, *args, fn=fn, fallback=False)
+
+        return run
+
+    method = bench.Method("detached", build, bench.Noise.FLAT, True)
+    records = bench.run_bench(
+        ["mlp"], [4], ["forward", "train"], [], extra={"detached": method}, progress=False,
+        min_time=0.001, repeats=1, dtype=torch.float64,
+    )  # fmt: skip
+    status = {r["mode"]: r["status"] for r in records}
+    assert status == {"forward": bench.Status.OK, "train": bench.Status.WRONG}
+
+
+def test_deterministic_trains_what_the_posterior_covers():
+    # The plain step trained every parameter, a last-layer posterior's frozen trunk too:
+    # 8 Bayesian samples read 0.37x a "plain" step that did another model's work.
+    case = bench.make_case("last-layer", batch=4, dtype=torch.float64)
+    names = set(case.posterior.mean)
+    step = bench.METHODS["deterministic"].build(case, 1, "train", case.fn, case.args)
+    step(0)
+    cells = [c.cell_contents for c in step.__closure__]
+    net = next(c for c in cells if isinstance(c, torch.nn.Module))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    step(None)
+    after = net.state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert changed == names and len(names) < len(after)
+
+
 def test_deterministic_is_checked_against_the_mean_model(monkeypatch):
     def shifted(case, K, mode, fn, args, **options):
         net = copy.deepcopy(case.module)

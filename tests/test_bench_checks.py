@@ -28,8 +28,22 @@ def _own(distinct, wrap=lambda out: out):
     return bench.Method("own", build, Noise.OWN, targets=None)
 
 
+def _fixed(case, K, mode, fn, args, **options):
+    # One draw at build time, given again at every call: the seed is never used.
+    params = bf.sample(case.posterior, K, generator=torch.Generator().manual_seed(0))
+    out = bf.vmap_call(case.module, params, *args, fn=fn)
+    return lambda seed: out
+
+
 WRONG = {
     "one draw repeated": (_own(lambda K: 1), 2),
+    # With K at least the samples the check draws, it made one call, and compared nothing.
+    "duplicated draws, one call's worth": (_own(lambda K: -(-K // 2)), STATISTICAL_SAMPLES),
+    "the same draw at every call": (bench.Method("own", _fixed, Noise.OWN, targets=None), 8),
+    "the same draw, one call's worth": (
+        bench.Method("own", _fixed, Noise.OWN, targets=None),
+        STATISTICAL_SAMPLES,
+    ),
     "duplicated draws": (_own(lambda K: -(-K // 2)), 2),
     "duplicated draws, more samples a call": (_own(lambda K: -(-K // 2)), 8),
     "2 distinct of 8": (_own(lambda K: 2), 8),
@@ -68,3 +82,9 @@ def test_independence_statistic_edge_cases():
     assert _check_independence(torch.tensor([[0.0], [0.0], [1.0], [1.0]]), 2).ok
     repeated = torch.randn(32, 6, dtype=torch.float64).repeat_interleave(2, 0)
     assert not _check_independence(repeated, 32).ok
+    # Elements of few values (low precision) repeat rows by chance: no exact-repeat verdict.
+    coarse = torch.randint(0, 2, (32, 6), generator=torch.Generator().manual_seed(0))
+    assert _check_independence(coarse.double(), 4).ok
+    # Continuous samples given twice, in one call's worth or in two identical calls.
+    twice = torch.randn(16, 6, dtype=torch.float64).repeat(2, 1)
+    assert not _check_independence(twice, 2).ok and not _check_independence(twice, 1).ok

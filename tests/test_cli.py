@@ -2,6 +2,7 @@ r"""Tests for the `bayesflow bench` command line."""
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -263,15 +264,33 @@ def test_bad_output_path_fails_before_the_sweep(option, monkeypatch, tmp_path, c
         raise AssertionError("the sweep ran")
 
     monkeypatch.setattr(bench, "run_bench", never)
-    for path, why in (
-        (tmp_path / "no" / "such" / "r.out", "no folder"),
-        (tmp_path, "it is a folder"),
-    ):
+    # An existing file the run could not write (after the sweep), as os.access says (a
+    # root user may write a read-only file: its answer stands in).
+    locked = tmp_path / "locked.out"
+    locked.write_text("")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and str(p) != str(locked))
+    cases = [(tmp_path / "no" / "such" / "r.out", "no folder"), (tmp_path, "it is a folder")]
+    cases.append((locked, "the file is not writable"))
+    for path, why in cases:
         with pytest.raises(SystemExit) as info:
             main(["bench", "--quick", option, str(path), "--no-progress"])
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert f"{option}: expected a file path that can be written, got" in err and why in err
+
+
+def test_two_outputs_to_one_file_fail_before_the_sweep(monkeypatch, tmp_path, capsys):
+    # --json X --csv X ran the sweep, then the CSV replaced the JSON without a word.
+    def never(*args, **kwargs):
+        raise AssertionError("the sweep ran")
+
+    monkeypatch.setattr(bench, "run_bench", never)
+    path = str(tmp_path / "r.out")
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--quick", "--json", path, "--csv", path, "--no-progress"])
+    assert info.value.code == 2
+    assert "--csv: expected a file of its own, got" in capsys.readouterr().err
 
 
 def test_batch_sweep_and_loop_limit_from_the_command_line(tmp_path, capsys):

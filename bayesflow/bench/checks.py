@@ -342,6 +342,22 @@ def _ranks(x: Tensor) -> Tensor:
     return ((lo + hi - 1) / 2).T.double()
 
 
+def _repeats(x: Tensor) -> bool:
+    r"""Whether rows of `x` repeat exactly where its elements are continuous: at least 4
+    elements, each taking at least half as many distinct values as there are rows (a draw
+    given twice). Elements of few values (low precision, tiny spreads) repeat by chance:
+    the test of the ratio of mean squares decides there."""
+
+    n = x.shape[0]
+    if x.shape[1] < 4 or n < 4:
+        return False
+    ordered = x.sort(0).values
+    distinct = 1 + (ordered[1:] != ordered[:-1]).sum(0)
+    if distinct.min().item() < n // 2:
+        return False
+    return torch.unique(x, dim=0).shape[0] < n
+
+
 def _check_independence(x: Tensor, C: int) -> Check:
     r"""Checks that the samples of each of `C` calls, the consecutive rows of `x` in groups
     of `K`, are independent: the ratio of the between-call and within-call mean squares of
@@ -350,8 +366,14 @@ def _check_independence(x: Tensor, C: int) -> Check:
 
     N = x.shape[0]
     K = N // C
+    varies = (x != x[:1]).any(0)
+    if C >= 2 and varies.any() and all(torch.equal(c, x[:K]) for c in x[K:].split(K)):
+        # A draw made once and given again (the seed unused): never by chance.
+        return Check(False, math.inf, "every call gave the same samples")
+    if _repeats(x[:, varies]):
+        return Check(False, math.inf, "some samples repeat exactly")
     if K < 2 or C < 2:
-        return Check(True, 0.0)  # one sample a call, or one call: nothing to compare
+        return Check(True, 0.0)  # one sample a call: nothing to compare
     # Ranks: a few outlying samples (heavy-tailed log-densities) would otherwise make the
     # statistic's law under random assignment heavy-tailed too, and 5 of its standard
     # deviations no longer rare. Tied entries (constant elements) share one rank.
@@ -590,6 +612,7 @@ def check_statistically(
     if mode == "train":
         m = -(-n // STEP_DRAWS)
         return _check_steps(case, K, m, noise, build, seed, kl or noise is Noise.OWN)
-    run, calls = build(K), -(-n // K)
+    # Two calls at least: the independence of samples is that of their calls' samples.
+    run, calls = build(K), max(2, -(-n // K))
     outs = [run(seed + 1 + i) for i in range(calls)]
     return _check_outputs(outs, reference(case, calls * K, mode, noise, seed))

@@ -323,12 +323,17 @@ def _build_deterministic(
         return lambda seed: fn(net, *args).unsqueeze(0)
 
     state: dict[str, Any] = {}
+    # The parameters the posterior covers, trained; the others frozen: the plain step of
+    # the same model (a last-layer posterior's trunk is not trained either).
+    trained = [p for n, p in net.named_parameters() if n in names]
+    for n, p in net.named_parameters():
+        p.requires_grad_(n in names)
 
     def reset() -> None:
         with torch.no_grad():
             for p, p0 in zip(net.parameters(), case.module.parameters(), strict=True):
                 p.copy_(p0)
-        state["optimizer"] = torch.optim.Adam(net.parameters(), lr=1e-3, eps=_adam_eps(net))
+        state["optimizer"] = torch.optim.Adam(trained, lr=1e-3, eps=_adam_eps(net))
 
     reset()
 
@@ -489,6 +494,10 @@ THEIRS = (
 #: The references the tables divide by, never "fastest": the plain module and the
 #: hand-written batched GEMMs.
 REFERENCES = ("deterministic", "bmm", "limit")
+
+#: The methods whose training cells take an optimizer step, as `deterministic`'s does: the
+#: others' training cells are the gradients alone, whose ratio to a step would flatter them.
+STEPS = ("deterministic", "nelbo", "nelbo-local", "nelbo-flipout")
 
 
 def get_method(name: str) -> Method:

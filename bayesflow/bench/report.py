@@ -20,7 +20,7 @@ import math
 
 from typing import Any
 
-from .methods import METHODS, REFERENCES, VECTORIZED
+from .methods import METHODS, REFERENCES, STEPS, VECTORIZED
 from .status import Status
 
 Record = dict[str, Any]
@@ -136,7 +136,9 @@ def format_table(records: list[Record]) -> str:
     Each cell shows the median time in ms, then, where those methods ran: the speed-up
     over `zuko-loop` (`x`, higher is better; over bayesflow's `loop` when zuko's did not
     run), the time relative to `deterministic` (`d`: 1.00 is the plain module, one plain
-    forward or one Adam step: the cost of being Bayesian) and relative to `bmm` (`b`:
+    forward or one Adam step on the parameters the posterior covers: the cost of being
+    Bayesian; in training, only for the cells that take a step too, `nelbo` and its
+    estimators: the other methods' training cells are gradients alone) and relative to `bmm` (`b`:
     1.00 is the hand-written batched GEMMs with their own draw; `limit`, the same GEMMs
     on pre-drawn weights, shows what the draw costs). A cell whose interquartile range
     exceeds :data:`NOISY` of its median is marked `~`.
@@ -174,7 +176,7 @@ def format_table(records: list[Record]) -> str:
                     if name is None:
                         continue
                     base = by.get((name, k))
-                    if not _ok(base):
+                    if not _ok(base) or (kind == "d" and not _comparable(m, mode)):
                         cell.append("")
                     elif kind == "x":
                         cell.append(_ratio(base["median_ms"] / r["median_ms"], "x", 1))
@@ -320,7 +322,7 @@ def markdown_table(records: list[Record]) -> str:
                     parts = []
                     for name, sym in refs:
                         b = by.get((name, mode, k))
-                        if _ok(b):
+                        if _ok(b) and (sym != "d" or _comparable(m, mode)):
                             ratio = r["median_ms"] / b["median_ms"]
                             parts.append(f"{_fmt_ratio(ratio, 2)}{sym}")
                     if parts:
@@ -331,6 +333,13 @@ def markdown_table(records: list[Record]) -> str:
     if any(_ok(r) and _noisy(r) for r in records):
         out.append(f"~ noisy: the interquartile range exceeds {NOISY:.0%} of the median.\n")
     return "\n".join(out)
+
+
+def _comparable(method: str, mode: str) -> bool:
+    r"""Whether a cell of `method` compares with `deterministic`'s of `mode`: a training
+    cell only where it takes an optimizer step too (the others' are gradients alone)."""
+
+    return mode != "train" or method in STEPS
 
 
 def cost_table(records: list[Record]) -> str:

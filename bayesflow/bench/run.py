@@ -80,7 +80,12 @@ def _wrap_mode(method: Method, case: Case, run: Callable, mode: str) -> Callable
 
         def train(seed: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             losses = case.loss(run(seed))
-            grads = torch.autograd.grad(losses.mean(), list(targets.values()))
+            if not losses.requires_grad:  # a gradient of none of the posterior's tensors
+                raise Wrong(f"{method.name}: its loss records no gradient")
+            grads = torch.autograd.grad(losses.mean(), list(targets.values()), allow_unused=True)
+            missing = [name for name, g in zip(targets, grads, strict=True) if g is None]
+            if missing:
+                raise Wrong(f"{method.name}: no gradient reaches {missing[0]}")
             return losses.detach(), dict(zip(targets, grads, strict=True))
 
         return train
