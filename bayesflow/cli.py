@@ -488,6 +488,19 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         max_loop_samples=config.get("max_loop_samples"),
         small=config.get("small", False),
     )
+    from .bench.methods import LOOPS
+
+    limit = options.max_loop_samples
+    if not any(
+        limit is None or name not in LOOPS or K <= limit
+        for model in config["models"]
+        for K in options.model_samples.get(model, config["samples"])
+        for name in config["methods"]
+    ):
+        parser.error(
+            "expected at least one cell to run, got none: --max-loop-samples "
+            f"{limit} leaves out the loops at every K of the run"
+        )
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
     interrupted = False

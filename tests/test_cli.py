@@ -280,6 +280,16 @@ def test_bad_output_path_fails_before_the_sweep(option, monkeypatch, tmp_path, c
         assert f"{option}: expected a file path that can be written, got" in err and why in err
 
 
+def test_options_that_leave_no_cell_are_refused(capsys):
+    # Loops only, every K above --max-loop-samples: 0 cells, exit 0, and nothing written.
+    argv = ["bench", "--models", "mlp", "--modes", "forward", "--methods", "loop", "zuko-loop"]
+    argv += ["--samples", "8", "32", "--max-loop-samples", "4", "--no-progress"]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "expected at least one cell to run, got none" in capsys.readouterr().err
+
+
 def test_two_outputs_to_one_file_fail_before_the_sweep(monkeypatch, tmp_path, capsys):
     # --json X --csv X ran the sweep, then the CSV replaced the JSON without a word.
     def never(*args, **kwargs):
