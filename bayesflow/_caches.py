@@ -72,14 +72,16 @@ _VALUES = (bool, int, float, complex, str, bytes, type(None))
 def value_key(obj: object, depth: int = 2) -> Hashable:
     r"""Returns a key for `obj` as far as the memory and the layer calls of a call depend
     on it: a tensor by its shape, dtype and device (its values are the next batch's; a
-    0-dim, nested or sparse one by identity), a number or a string by its value, a tuple,
+    0-dim integer, nested or sparse one by identity), a number or a string by its value, a tuple,
     list or dict of those (`depth` levels, 64 items at most) by theirs, anything else by
     identity."""
 
     if isinstance(obj, Tensor):
-        if obj.dim() == 0 or obj.is_nested or obj.layout is not torch.strided:
-            # A 0-dim tensor may be a count (`x.repeat(int(k), 1)`); a nested one has no
-            # shape of one tuple: by identity, as any object.
+        count = obj.dim() == 0 and not obj.is_floating_point() and not obj.is_complex()
+        if count or obj.is_nested or obj.layout is not torch.strided:
+            # A 0-dim integer tensor may be a count (`x.repeat(int(k), 1)`); a nested one
+            # has no shape of one tuple: by identity, as any object. (A float scalar, a
+            # batch's scale, a temperature, by its dtype.)
             return _Identity(obj)
         return (Tensor, tuple(obj.shape), obj.dtype, obj.device)
     if type(obj) in _VALUES:

@@ -136,6 +136,8 @@ def _fast_attention(
 
     if not torch.backends.mha.get_fastpath_enabled() or torch.is_autocast_enabled():
         return False
+    if attn_mask.is_floating_point():  # torch: "floating-point masks are not supported"
+        return False
     if query.dim() != 3 or query is not key or key is not value:
         return False
     weight, bias = m.in_proj_weight, m.in_proj_bias

@@ -107,7 +107,7 @@ def vmap_call(
             upper bound), once per module and mode, sample shapes, `fn` code and argument
             shapes (tensors that `fn` closes over count by their shapes, numbers by their
             values; after changing the values of a tensor that sets the amount of work,
-            other than a 0-dim one, call :func:`bayesflow.clear_caches`): the default
+            other than a 0-dim integer one, call :func:`bayesflow.clear_caches`): the default
             during its first call, which runs all samples at once, `"auto"` by one more
             pass of one sample before it (without gradients, or with them where `fn` needs
             them; torch's generators are restored after it, but a generator that `fn`

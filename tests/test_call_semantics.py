@@ -1887,6 +1887,31 @@ def test_local_calls_under_autocast_run_as_the_loop_does(case, gen, fresh_caches
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_a_closure_over_a_scalar_made_anew_measures_nothing_again(gen, fresh_caches):
+    # A batch's scale closed over as a 0-dim float tensor, new at every step, was keyed by
+    # identity: the footprint measured again at every call (a local call's shape-finding
+    # pass too). A 0-dim integer tensor may set the amount of work: by identity still.
+    from bayesflow import _engine
+
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+    params = bf.sample(bf.init(net, -3.0), 3, generator=gen(1))
+
+    def scaled(s):
+        return lambda m, x: m(x / s)
+
+    for _ in range(3):
+        x = torch.randn(16, 3)
+        fn = scaled(x.std())
+        got = bf.vmap_call(net, params, x, fn=fn)
+        assert torch.allclose(got, bf.loop_call(net, params, x, fn=fn), atol=1e-10)
+    if x.device.type == "cpu":
+        assert len(_engine._FOOTPRINTS.get(net)) == 1
+        for k in range(3):
+            bf.vmap_call(net, params, x, fn=scaled(torch.tensor(k + 1)))
+        assert len(_engine._FOOTPRINTS.get(net)) == 4
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 def test_a_closure_over_a_nested_tensor_is_keyed_by_identity(gen, fresh_caches):
     # The keys of closures took every tensor's shape: a strided nested tensor has none,
     # and vmap_call and local_call raised where the loop ran.
