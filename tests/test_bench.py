@@ -572,6 +572,18 @@ def test_a_training_cell_whose_gradients_reach_nothing_is_wrong():
     assert status == {"forward": bench.Status.OK, "train": bench.Status.WRONG}
 
 
+def test_records_carry_the_tables_ratios_to_the_plain_step():
+    # The tables left d out for gradient-only training cells; the JSON and CSV records
+    # still carried it.
+    records = bench.run_bench(
+        ["mlp"], [2], ["forward", "train"], ["deterministic", "vmap", "nelbo"],
+        progress=False, min_time=0.001, repeats=1, dtype=torch.float64,
+    )  # fmt: skip
+    ratios = {(r["method"], r["mode"]): r["ratio_to_deterministic"] for r in records}
+    assert ratios[("vmap", "train")] is None
+    assert ratios[("nelbo", "train")] is not None and ratios[("vmap", "forward")] is not None
+
+
 def test_deterministic_trains_what_the_posterior_covers():
     # The plain step trained every parameter, a last-layer posterior's frozen trunk too:
     # 8 Bayesian samples read 0.37x a "plain" step that did another model's work.

@@ -85,6 +85,15 @@ def test_independence_statistic_edge_cases():
     # Elements of few values (low precision) repeat rows by chance: no exact-repeat verdict.
     coarse = torch.randint(0, 2, (32, 6), generator=torch.Generator().manual_seed(0))
     assert _check_independence(coarse.double(), 4).ok
-    # Continuous samples given twice, in one call's worth or in two identical calls.
+    # Samples given twice: in two identical calls, or within each call and never between.
     twice = torch.randn(16, 6, dtype=torch.float64).repeat(2, 1)
-    assert not _check_independence(twice, 2).ok and not _check_independence(twice, 1).ok
+    assert not _check_independence(twice, 2).ok
+    within = torch.randn(64, 6, dtype=torch.float64).repeat_interleave(2, 0)
+    assert not _check_independence(within, 2).ok
+    # Rows equal by chance, within and between calls alike (every element a function of
+    # one draw rounded to a few thousand values, as a tiny posterior in low precision
+    # gives): no verdict of repeats (it was one, at some samples equal).
+    draw = torch.randint(0, 4000, (256, 1), generator=torch.Generator().manual_seed(1))
+    chance = draw.double() * torch.arange(1.0, 7.0, dtype=torch.float64)
+    assert torch.unique(chance, dim=0).shape[0] < 256  # equal rows there are
+    assert _check_independence(chance, 2).ok

@@ -63,6 +63,10 @@ from .status import NotApplicable
 #: The least number of samples of a statistical check.
 STATISTICAL_SAMPLES = 128
 
+#: The samples of a call the independence check reads, at most (its permutations cost the
+#: square of the rows: 9 s at 2 x 1024).
+INDEPENDENCE_ROWS = 128
+
 #: The number of independent draws a train-mode statistical check makes of the method
 #: and of the loop, each on `samples / STEP_DRAWS` of the samples or more: their means are
 #: compared in standard errors of the spread of the draws, that of the losses (one mean per
@@ -289,12 +293,15 @@ def _check_outputs(outs: list[Tensor], ref: Tensor) -> Check:
     many samples: each call's shape, then the law of their elements (see
     :func:`check_statistically`) and the independence of the samples of a call."""
 
-    want = (ref.shape[0] // len(outs), *ref.shape[1:])
+    K = outs[0].shape[0] if outs else 0
+    want = (K, *ref.shape[1:])
     # Before any flattening: `(K, B * D)` for `(K, B, D)` has the same elements.
     for out in outs:
         if tuple(out.shape) != want:
             return Check(False, math.inf, f"shape {tuple(out.shape)} != {want}")
-    a, b = torch.cat(outs).double().flatten(1), ref.double().flatten(1)
+    used = ref.shape[0] // K  # the calls the law is compared on (the others: independence)
+    everything = torch.cat(outs).double().flatten(1)
+    a, b = everything[: used * K], ref.double().flatten(1)
     n = b.shape[0]
     if not torch.isfinite(a).all():
         return Check(False, math.inf, "non-finite outputs")
@@ -310,7 +317,10 @@ def _check_outputs(outs: list[Tensor], ref: Tensor) -> Check:
         return Check(
             False, max(z_mean, z_var), f"means off by {z_mean:.1f} SE, variances by {z_var:.1f} SE"
         )
-    independence = _check_independence(a, len(outs))
+    # On at most INDEPENDENCE_ROWS samples a call: its cost grows as the square of them.
+    rows = min(K, INDEPENDENCE_ROWS)
+    sampled = everything.view(len(outs), K, -1)[:, :rows].reshape(len(outs) * rows, -1)
+    independence = _check_independence(sampled, len(outs))
     if not independence.ok:
         return independence
     return Check(True, max(z_mean, z_var, independence.error))
@@ -342,20 +352,32 @@ def _ranks(x: Tensor) -> Tensor:
     return ((lo + hi - 1) / 2).T.double()
 
 
-def _repeats(x: Tensor) -> bool:
-    r"""Whether rows of `x` repeat exactly where its elements are continuous: at least 4
-    elements, each taking at least half as many distinct values as there are rows (a draw
-    given twice). Elements of few values (low precision, tiny spreads) repeat by chance:
-    the test of the ratio of mean squares decides there."""
+def _repeats(x: Tensor, C: int) -> bool:
+    r"""Whether rows of `x` (`C` calls of `K` consecutive rows) repeat exactly within
+    calls and never between them, beyond chance: under independence, a pair of rows that
+    are equal is as likely within a call as between two, so all of `T` equal pairs fall
+    within calls with probability :math:`q^T`, `q` the share of pairs within calls (below
+    :math:`10^{-6}`: a draw given twice). Rows equal by chance (low precision, a tiny
+    spread) fall between calls as well."""
 
-    n = x.shape[0]
-    if x.shape[1] < 4 or n < 4:
+    N = x.shape[0]
+    K = N // C
+    within_share = C * K * (K - 1) / (N * (N - 1)) if N > 1 else 0.0
+    if within_share == 0.0 or x.shape[1] == 0:
         return False
-    ordered = x.sort(0).values
-    distinct = 1 + (ordered[1:] != ordered[:-1]).sum(0)
-    if distinct.min().item() < n // 2:
+    _, ids = torch.unique(x, dim=0, return_inverse=True)
+    ids = ids.cpu()
+    calls = torch.arange(C).repeat_interleave(K)
+
+    def equal_pairs(keys: Tensor) -> float:
+        m = torch.bincount(keys).double()
+        return (m * (m - 1) / 2).sum().item()
+
+    total = equal_pairs(ids)
+    within = equal_pairs(calls * (int(ids.max()) + 1) + ids)
+    if total == 0 or within < total:
         return False
-    return torch.unique(x, dim=0).shape[0] < n
+    return total * math.log(within_share) < math.log(1e-6)
 
 
 def _check_independence(x: Tensor, C: int) -> Check:
@@ -370,8 +392,8 @@ def _check_independence(x: Tensor, C: int) -> Check:
     if C >= 2 and varies.any() and all(torch.equal(c, x[:K]) for c in x[K:].split(K)):
         # A draw made once and given again (the seed unused): never by chance.
         return Check(False, math.inf, "every call gave the same samples")
-    if _repeats(x[:, varies]):
-        return Check(False, math.inf, "some samples repeat exactly")
+    if _repeats(x[:, varies], C):
+        return Check(False, math.inf, "samples repeat exactly within calls, never between")
     if K < 2 or C < 2:
         return Check(True, 0.0)  # one sample a call: nothing to compare
     # Ranks: a few outlying samples (heavy-tailed log-densities) would otherwise make the
@@ -612,7 +634,8 @@ def check_statistically(
     if mode == "train":
         m = -(-n // STEP_DRAWS)
         return _check_steps(case, K, m, noise, build, seed, kl or noise is Noise.OWN)
-    # Two calls at least: the independence of samples is that of their calls' samples.
-    run, calls = build(K), max(2, -(-n // K))
-    outs = [run(seed + 1 + i) for i in range(calls)]
+    # The law on the calls that make `n` samples; independence on two calls at least (a
+    # second call where one is enough for the law).
+    run, calls = build(K), -(-n // K)
+    outs = [run(seed + 1 + i) for i in range(max(2, calls))]
     return _check_outputs(outs, reference(case, calls * K, mode, noise, seed))

@@ -500,6 +500,13 @@ REFERENCES = ("deterministic", "bmm", "limit")
 STEPS = ("deterministic", "nelbo", "nelbo-local", "nelbo-flipout")
 
 
+def comparable(method: str, mode: str) -> bool:
+    r"""Whether a cell of `method` compares with `deterministic`'s of `mode`: a training
+    cell only where it takes an optimizer step too (the others' are gradients alone)."""
+
+    return mode != "train" or method in STEPS
+
+
 def get_method(name: str) -> Method:
     r"""Returns a method by name."""
 

@@ -20,7 +20,7 @@ import math
 
 from typing import Any
 
-from .methods import METHODS, REFERENCES, STEPS, VECTORIZED
+from .methods import METHODS, REFERENCES, VECTORIZED, comparable
 from .status import Status
 
 Record = dict[str, Any]
@@ -176,7 +176,7 @@ def format_table(records: list[Record]) -> str:
                     if name is None:
                         continue
                     base = by.get((name, k))
-                    if not _ok(base) or (kind == "d" and not _comparable(m, mode)):
+                    if not _ok(base) or (kind == "d" and not comparable(m, mode)):
                         cell.append("")
                     elif kind == "x":
                         cell.append(_ratio(base["median_ms"] / r["median_ms"], "x", 1))
@@ -322,7 +322,7 @@ def markdown_table(records: list[Record]) -> str:
                     parts = []
                     for name, sym in refs:
                         b = by.get((name, mode, k))
-                        if _ok(b) and (sym != "d" or _comparable(m, mode)):
+                        if _ok(b) and (sym != "d" or comparable(m, mode)):
                             ratio = r["median_ms"] / b["median_ms"]
                             parts.append(f"{_fmt_ratio(ratio, 2)}{sym}")
                     if parts:
@@ -333,13 +333,6 @@ def markdown_table(records: list[Record]) -> str:
     if any(_ok(r) and _noisy(r) for r in records):
         out.append(f"~ noisy: the interquartile range exceeds {NOISY:.0%} of the median.\n")
     return "\n".join(out)
-
-
-def _comparable(method: str, mode: str) -> bool:
-    r"""Whether a cell of `method` compares with `deterministic`'s of `mode`: a training
-    cell only where it takes an optimizer step too (the others' are gradients alone)."""
-
-    return mode != "train" or method in STEPS
 
 
 def cost_table(records: list[Record]) -> str:

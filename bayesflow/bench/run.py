@@ -30,7 +30,7 @@ from .checks import (
 )
 from .measure import threads as _threads
 from .measure import time_call
-from .methods import LOOPS, METHODS, THEIRS, Method, Noise
+from .methods import LOOPS, METHODS, THEIRS, Method, Noise, comparable
 from .status import BUGS, NotApplicable, NotInstalled, Status, Unsupported, Wrong, first_line
 
 
@@ -296,6 +296,9 @@ def _ratios(records: list[dict[str, Any]]) -> None:
         for r in records:
             b = base.get((r["model"], r["mode"], r["batch"], r["samples"]))
             ok = b is not None and r["status"] is Status.OK
+            # (a training cell of gradients alone has no ratio to a plain step, as in the
+            # tables)
+            ok = ok and (name != "deterministic" or comparable(r["method"], r["mode"]))
             r[f"ratio_to_{name}"] = r["median_ms"] / b if ok else None
 
 
