@@ -17,7 +17,7 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 "${PYTHON:-python3}" -m venv "$tmp/venv"
 "$tmp/venv/bin/python" -m pip install -q "torch==${torch_version}+cpu" \
-  || "$tmp/venv/bin/python" -m pip install -q "torch==${torch_version}+cpu" --index-url "${TORCH_INDEX_URL:?no CPU torch found; set TORCH_INDEX_URL}"
+  || "$tmp/venv/bin/python" -m pip install -q "torch==${torch_version}+cpu" --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
 wheel="$(ls dist/*.whl)"
 "$tmp/venv/bin/python" -m pip install -q "${wheel}[bench]"
 
