@@ -48,6 +48,10 @@ WRONG = {
     "duplicated draws, more samples a call": (_own(lambda K: -(-K // 2)), 8),
     "2 distinct of 8": (_own(lambda K: 2), 8),
     "flat shape": (_own(lambda K: K, lambda out: out.flatten(1)), 8),
+    "a sample too many": (
+        _own(lambda K: K, lambda out: torch.cat([out, out[:1]])),
+        STATISTICAL_SAMPLES,
+    ),
 }
 
 

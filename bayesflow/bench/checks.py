@@ -288,12 +288,11 @@ def _log_variances(x: Tensor, groups: int) -> Tensor:
     return v.clamp_min(1e-300).log()
 
 
-def _check_outputs(outs: list[Tensor], ref: Tensor) -> Check:
+def _check_outputs(outs: list[Tensor], ref: Tensor, K: int) -> Check:
     r"""Checks the outputs of calls of a method built at `K` against the loop's `ref` on as
     many samples: each call's shape, then the law of their elements (see
     :func:`check_statistically`) and the independence of the samples of a call."""
 
-    K = outs[0].shape[0] if outs else 0
     want = (K, *ref.shape[1:])
     # Before any flattening: `(K, B * D)` for `(K, B, D)` has the same elements.
     for out in outs:
@@ -638,4 +637,4 @@ def check_statistically(
     # second call where one is enough for the law).
     run, calls = build(K), -(-n // K)
     outs = [run(seed + 1 + i) for i in range(max(2, calls))]
-    return _check_outputs(outs, reference(case, calls * K, mode, noise, seed))
+    return _check_outputs(outs, reference(case, calls * K, mode, noise, seed), K)
