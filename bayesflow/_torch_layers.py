@@ -153,12 +153,7 @@ def _fast_attention(
         return False
     out = m.out_proj
     tensors = [t for t in (query, weight, bias, out.weight, out.bias) if t is not None]
-    devices = (*_NESTED_DEVICES, torch.utils.backend_registration._privateuse1_backend_name)
-    if torch.overrides.has_torch_function(tensors):
-        return False
-    if any(t.device.type not in devices for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(records_gradients(t) for t in tensors))
+    return _fused_tensors(tensors, tensors)
 
 
 def _causal_mask(m: nn.MultiheadAttention, query: Tensor, key: Tensor) -> Tensor:
@@ -185,7 +180,18 @@ def _nests(m: nn.TransformerEncoder) -> bool:
     )
 
 
-_NESTED_DEVICES = ("cpu", "cuda", "xpu")
+def _fused_tensors(tensors: list[Tensor], placed: list[Tensor]) -> bool:
+    r"""torch's conditions on the tensors of a fused fast path (attention, the encoder's
+    nested tensors): none with a torch function, `placed` on a device it runs on, none
+    recording gradients where autograd is on (read through vmap's wrappers: inside vmap
+    the samples look grad-free)."""
+
+    devices = ("cpu", "cuda", "xpu", torch.utils.backend_registration._privateuse1_backend_name)
+    if torch.overrides.has_torch_function(tensors):
+        return False
+    if any(t.device.type not in devices for t in placed):
+        return False
+    return not (torch.is_grad_enabled() and any(records_gradients(t) for t in tensors))
 
 
 def _nested_padding(
@@ -224,10 +230,7 @@ def _nested_padding(
         )
         if t is not None
     ]
-    devices = (*_NESTED_DEVICES, torch.utils.backend_registration._privateuse1_backend_name)
-    if torch.overrides.has_torch_function(tensors) or src.device.type not in devices:
-        return None
-    if torch.is_grad_enabled() and any(records_gradients(t) for t in tensors):
+    if not _fused_tensors(tensors, [src]):
         return None
     # torch's canonical mask: a boolean one as -inf where True; padded where not 0.
     padded = padding if padding.dtype == torch.bool else padding != 0
