@@ -40,7 +40,7 @@ EXACT = (
     "limit",
     "torch-func",
 )
-STEPS = ("nelbo", "nelbo-local", "nelbo-flipout")  # training steps only
+STEPS = ("nelbo", "nelbo-grad", "nelbo-local", "nelbo-flipout")  # training only
 
 # vmap-compiled is vmap under torch.compile, whose cold compile alone takes half a minute:
 # test_compile.py checks that against the loop, forward and training step.
@@ -639,6 +639,36 @@ def test_nelbo_step_is_the_loop_nelbo_and_adam():
     assert not torch.equal(again, loss)
     for k, v in case.posterior.mean.items():
         assert torch.equal(v, before[k]), k
+
+
+def test_nelbo_grad_is_the_loop_nelbo_and_its_gradients_without_a_step():
+    case = bench.make_case("mlp", batch=4, dtype=torch.float64)
+    K, seed = 3, 5
+    step = bench.METHODS["nelbo-grad"].build(case, K, "train", case.fn, case.args)
+    loss, grads = step(seed)
+
+    q = bf.Posterior(
+        {k: v.detach().clone().requires_grad_() for k, v in case.posterior.mean.items()},
+        {k: v.detach().clone().requires_grad_() for k, v in case.posterior.logvar.items()},
+    )
+    want = bf.loop_nelbo(
+        case.module, q, *case.args,
+        fn=lambda m, x: -(m(x) - case.target).square(),
+        num_data=bench.methods.NUM_DATA, n=K, generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    want.backward()
+    assert torch.allclose(loss, want.detach(), atol=1e-12)
+    for name in q.mean:
+        assert torch.allclose(grads[f"mean:{name}"], q.mean[name].grad, atol=1e-12)
+        assert torch.allclose(grads[f"logvar:{name}"], q.logvar[name].grad, atol=1e-12)
+    assert any(g.abs().max() > 0 for g in grads.values())
+
+    step(None)  # no optimizer step: the same seed gives the same loss and gradients
+    again, grads_again = step(seed)
+    assert torch.equal(again, loss)
+    for name, g in grads.items():
+        assert torch.equal(grads_again[name], g), name
+    assert not bench.methods.comparable("nelbo-grad", "train")  # gradients alone: no `d` ratio
 
 
 @pytest.mark.parametrize("model", ["wide-mlp", "digits-cnn"])

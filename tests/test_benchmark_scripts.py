@@ -113,3 +113,30 @@ def test_cost_k1_hand_written_references_match_autograd():
         for a, b in zip(got, expected, strict=True):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
     assert expected[1].abs().min() > 0  # the log-variances' gradients are not all zero
+
+
+def test_cost_goals_compares_each_peer_with_the_same_work():
+    # The peers' training cells hold the KL; `vmap`'s do not, `nelbo-grad`'s do: a peer's
+    # training step is divided by `nelbo-grad`'s, a bare torch.func vmap's by `vmap`'s.
+    import runpy
+
+    goals = runpy.run_path(str(BENCHMARKS / "cost_goals.py"))
+
+    def record(method, mode, ms):
+        return {"model": "mlp", "method": method, "mode": mode, "batch": 64, "median_ms": ms}
+
+    records = [
+        record("vmap", "train", 0.5),
+        record("nelbo-grad", "train", 1.0),
+        record("bayesian-torch", "train", 0.8),
+        record("torch-func", "train", 0.6),
+        record("vmap", "forward", 0.2),
+        record("bayesian-torch", "forward", 0.1),
+    ]
+    peers = {(r["model"], r["method"], r["mode"], r["batch"]): r for r in records}
+    assert goals["_peer_cell"](peers, "train") == (
+        "bayesian-torch / nelbo-grad: 0.80x (0.8 / 1 ms)"
+    )
+    assert goals["_peer_cell"](peers, "forward") == "bayesian-torch / vmap: 0.50x (0.1 / 0.2 ms)"
+    del peers["mlp", "nelbo-grad", "train", 64]
+    assert goals["_peer_cell"](peers, "train") == "torch-func / vmap: 1.20x (0.6 / 0.5 ms)"

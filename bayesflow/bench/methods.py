@@ -11,7 +11,8 @@ differentiates the per-sample losses of those outputs with respect to the method
 plain call in forward mode and one Adam step on its own parameters in train mode, whatever
 K. The `nelbo` methods are whole training steps as a user writes them: :func:`bayesflow.nelbo`
 with K samples (weights, the local trick or Flipout), its backward, and one Adam step on the
-means and log-variances.
+means and log-variances; `nelbo-grad` is the same negative ELBO and its gradients without the
+step, the work the peers' training cells time (the likelihood, the KL, their gradients).
 """
 
 from __future__ import annotations
@@ -354,7 +355,8 @@ def _build_deterministic(
     return step
 
 
-def _build_nelbo(estimator: str, vectorized: bool = True) -> Build:
+def _build_nelbo(estimator: str, vectorized: bool = True, adam: bool = True) -> Build:
+    # Without `adam`, the loss and its gradients alone: what the peers' training cells time.
     def build(case: Case, K: int, mode: str, fn: Callable, args: tuple, **options: Any) -> Run:
         if mode != "train":
             raise NotApplicable("a training step only (forward: vmap, local-trick)")
@@ -389,7 +391,7 @@ def _build_nelbo(estimator: str, vectorized: bool = True) -> Build:
             return loglik(fn(module, *a))
 
         def step(seed: int | None) -> tuple[Tensor, dict[str, Tensor]]:
-            if seed is not None:
+            if seed is not None and adam:
                 reset()
             optimizer = state["optimizer"]
             optimizer.zero_grad(set_to_none=True)
@@ -409,7 +411,8 @@ def _build_nelbo(estimator: str, vectorized: bool = True) -> Build:
             grads = {}
             if seed is not None:
                 grads = {name: t.grad.clone() for name, t in targets.items()}
-            optimizer.step()
+            if adam:
+                optimizer.step()
             return loss.detach(), grads
 
         return step
@@ -447,6 +450,7 @@ METHODS: dict[str, Method] = {
         Method("bmm", _build_bmm),
         Method("limit", _build_limit, targets=None),
         Method("nelbo", _build_nelbo("weights"), targets=None, kl=True),
+        Method("nelbo-grad", _build_nelbo("weights", adam=False), targets=None, kl=True),
         Method(
             "nelbo-local",
             _build_nelbo("local"),

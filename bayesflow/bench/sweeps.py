@@ -74,7 +74,8 @@ SWEEPS: dict[str, dict[str, Any]] = {
         "models": ["mlp"],
         "samples": [1, 8, 32, 128],
         "modes": ["forward", "train"],
-        "methods": ["deterministic", "vmap", "bmm", "limit", *PEERS, "zuko-loop"],
+        # `nelbo-grad`: the peers' training cells hold the KL too, `vmap`'s do not.
+        "methods": ["deterministic", "vmap", "nelbo-grad", "bmm", "limit", *PEERS, "zuko-loop"],
         "min_time": 0.5,
         "threads": 1,
     },
