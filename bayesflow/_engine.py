@@ -35,7 +35,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import Tensor
 from torch.func import vmap as torch_vmap
 from torch.nn.utils.rnn import PackedSequence
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _posterior, _torch_layers
@@ -50,14 +50,15 @@ from ._compat import (
     hook_name,
     in_func_transform,
     is_compiling,
+    is_wrapped,
     no_saved_tensors_hooks,
     saved_tensors_hooks_active,
 )
-from ._errors import Passthrough
+from ._errors import ArgumentWritten, Passthrough
 from ._layers import LocalPlan, ReadElsewhere, Recorder, StaleShapes, Tape, expire
 from ._memory import auto_chunk_size, cache_chunk_size, one_by_one, per_sample_bytes
 from ._options import CallOptions
-from ._outputs import flatten, map_outputs, stack, unflatten
+from ._outputs import flatten, flatten_like, map_outputs, stack, unflatten
 from ._structure import Structure, fn_runs_zuko, lock, structure
 from ._swap import patched, swapped
 from ._types import Posterior
@@ -159,9 +160,12 @@ def hold(
 
     with lock(module):
         st = structure(module)
+        # The weights that hooks assign (weight_norm's, spectral_norm's) from the held
+        # samples: put back on exit, as every call puts them back.
+        hooked = [(m, n, vars(m).get(n)) for m, n in _hook_places(st, module)]
         swap = swapped(st, params, module=module)
         swap.__enter__()
-        patch = patched(changes)
+        patch = patched([*changes, *hooked])
         try:
             patch.__enter__()
         except BaseException:
@@ -204,11 +208,14 @@ def _changes(st: Structure, module: nn.Module, extra: list) -> list[tuple[Any, s
                 for obj, name, old in reversed(patch.done)
                 if id(obj) in st.objects
             ]
-    for path, hook in st.hooked:
-        m = st.sub(module, path)
-        name = hook_name(hook)
-        changes.append((m, name, vars(m).get(name)))
+    changes += [(m, name, vars(m).get(name)) for m, name in _hook_places(st, module)]
     return changes + extra
+
+
+def _hook_places(st: Structure, module: nn.Module) -> list[tuple[nn.Module, str]]:
+    r"""The attributes that the weight hooks of `module` assign (weight_norm's `weight`)."""
+
+    return [(st.sub(module, path), hook_name(hook)) for path, hook in st.hooked]
 
 
 def check_no_parametrization_cache(
@@ -322,6 +329,7 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
             raise RuntimeError(message)
         return _loop(job), message
 
+    shared = _shared_versions(job)
     chunk_size, measure, cached = opts.chunk_size, None, None
     if chunk_size == "auto":
         chunk_size = auto_chunk_size(_footprint(job), job.n, _device(job), opts.max_memory)
@@ -346,8 +354,9 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
     try:
         if measure is None:
             try:
-                return _vectorized(job, chunk_size, state), None
+                return _checked(job, shared, _vectorized(job, chunk_size, state)), None
             except _ChunkedWrites:
+                _check_arguments(job, shared)
                 if cached is None or chunk_size is None or chunk_size >= job.n:
                     raise
             # Chunks the user did not ask for (the cache's) made fn write a buffer once per
@@ -358,9 +367,9 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
                 _set_rng_state(rng)
             cached[0].put((cached[1], "one pass"), 1)
             state = State(job.st, job.buffers)
-            return _vectorized(job, None, state), None
+            return _checked(job, shared, _vectorized(job, None, state)), None
         with counting_allocations() as counter:
-            out = _vectorized(job, None, state)
+            out = _checked(job, shared, _vectorized(job, None, state))
         measure[0].put(measure[1], max(1, counter.bytes // job.n))
         return out, None
     except (Passthrough, StopRecomputation):
@@ -370,6 +379,7 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
         state.restore()
         if rng is not None:
             _set_rng_state(rng)
+        _check_arguments(job, shared, err)  # no fallback on arguments written
         message = (
             f"{opts.where}: vmap cannot run {type(job.module).__name__} ({_cause(err)})"
             f"{_torch_layers.hint(job.st, job.module, err, opts.randomness)}"
@@ -384,6 +394,47 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
 
     # A broken `fn` raises its own error here, rather than a warning about vmap.
     return _loop(job, state), message
+
+
+def _shared_versions(job: _Job) -> list[tuple[int, Tensor, int]]:
+    r"""The version counters of the tensors among the arguments that every sample shares
+    (`in_dims` None), with their argument's position: `fn` must not write them in place
+    (see :func:`_check_arguments`)."""
+
+    if is_compiling():  # (no version counter can be read while tracing)
+        return []
+    versions = []
+    for i, (a, d) in enumerate(zip(job.args, job.dims, strict=True)):
+        if d is None:
+            for t in (a,) if isinstance(a, Tensor) else tree_leaves(a):
+                if isinstance(t, Tensor) and not t.is_inference() and not is_wrapped(t):
+                    versions.append((i, t, t._version))
+    return versions
+
+
+def _check_arguments(
+    job: _Job, versions: list[tuple[int, Tensor, int]], err: BaseException | None = None
+) -> None:
+    r"""Raises if a vectorized pass wrote a shared argument in place: the loop's samples
+    each see the writes of those before them (the oracle, `loop_call`), one pass writes
+    once (or once per chunk), and a fallback to the loop would start from that write."""
+
+    # (A local call's fn takes its noise first: the positions of the caller's arguments.)
+    shift = getattr(job.opts.fn, "_bayesflow_leading", 0)
+    written = sorted({i - shift for i, t, version in versions if t._version != version})
+    if written:
+        raise ArgumentWritten(
+            f"{job.opts.where}: expected fn to leave the arguments that every sample shares "
+            f"as they are, got argument {', '.join(map(str, written))} written in place (it "
+            "now holds the vectorized pass's writes): in the loop each sample would see the "
+            "writes of the samples before it. Copy it inside fn before writing (x = "
+            "x.clone()), pass it per sample (in_dims), or use vectorized=False"
+        ) from err
+
+
+def _checked(job: _Job, versions: list[tuple[int, Tensor, int]], out: Any) -> Any:
+    _check_arguments(job, versions)
+    return out
 
 
 def _records_gradients(job: _Job) -> bool:
@@ -425,6 +476,13 @@ def _cause(err: BaseException) -> str:
 
 def _index(args: tuple, dims: tuple, i: int) -> tuple:
     return tuple(a if d is None else a[i] for a, d in zip(args, dims, strict=True))
+
+
+def _copies(args: tuple, dims: tuple) -> tuple:
+    r"""The arguments of the first sample, their tensors copied: for a pass of `fn` that
+    only looks (a shape-finding pass), which must not write the caller's tensors."""
+
+    return tree_map(lambda a: a.clone() if isinstance(a, Tensor) else a, _index(args, dims, 0))
 
 
 def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
@@ -572,10 +630,10 @@ def _single_now(job: _Job) -> Any:
             state.write_assigned(moved)
         if is_compiling():  # (a compiled graph's outputs follow its own aliasing rules)
             return map_outputs(job.opts.where, lambda t: t.unsqueeze(0), out)
-        ids, own = _inputs(job), st.own
-        return map_outputs(
-            job.opts.where, lambda t: _unshared(t, ids, own, False).unsqueeze(0), out
-        )
+        # Copies, as the loop's stacked outputs: an output may be a tensor held elsewhere
+        # (an argument, a buffer, a tensor fn closes over, another output), which a write to
+        # the output would change.
+        return map_outputs(job.opts.where, lambda t: t.unsqueeze(0).clone(), out)
     except BaseException:
         if state is not None:
             state.restore()
@@ -627,8 +685,10 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
                     "fn assigns new tensors to buffers given per sample (as `self.ema = "
                     "0.9 * self.ema + ...` does), which vmap cannot batch"
                 )
+        if spec:  # a later chunk: the first's structure, its dicts' keys in its order
+            return flatten_like(where, out, spec[0])
         leaves, s = flatten(where, out)
-        spec[:] = [s]
+        spec.append(s)
         return leaves
 
     # In chunks, a buffer that fn writes in place with a value shared by the samples (a
@@ -685,7 +745,26 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
     if is_compiling():
         return unflatten(spec[0], leaves)
     ids, own = _inputs(job), st.own
-    return unflatten(spec[0], [_unshared(t, ids, own, True) for t in leaves])
+    return unflatten(spec[0], _distinct([_unshared(t, ids, own) for t in leaves]))
+
+
+def _distinct(leaves: list[Tensor]) -> list[Tensor]:
+    r"""Returns `leaves` with a copy of each that shares memory with one before it (fn
+    returned `(y, y)` or `(y, y.T)`): the loop's outputs are stacked copies of their own, and
+    a write to one output changes no other."""
+
+    if len(leaves) < 2:
+        return leaves
+    seen: set[int] = set()
+    out = []
+    for t in leaves:
+        root = t if t._base is None else t._base
+        if id(root) in seen:
+            t = t.clone()
+        else:
+            seen.add(id(root))
+        out.append(t)
+    return out
 
 
 def _inputs(job: _Job) -> set[int]:
@@ -706,11 +785,11 @@ def _inputs(job: _Job) -> set[int]:
     return ids
 
 
-def _unshared(t: Tensor, ids: set[int], own: frozenset[int], stacked: bool) -> Tensor:
-    r"""Returns `t`, or a copy of it where it shares memory with a tensor of `ids` or `own`
-    or, if `stacked` (vmap's output), repeats one value over the samples (vmap expands an
-    output that does not depend on them): as the loop's stacked copies, a write to one
-    sample's output changes nothing else."""
+def _unshared(t: Tensor, ids: set[int], own: frozenset[int]) -> Tensor:
+    r"""Returns `t`, vmap's output, or a copy of it where it shares memory with a tensor of
+    `ids` or `own` or repeats one value over the samples (vmap expands an output that does
+    not depend on them): as the loop's stacked copies, a write to one sample's output
+    changes nothing else."""
 
     key, base = id(t), t._base
     root = None if base is None else id(base)
@@ -718,7 +797,7 @@ def _unshared(t: Tensor, ids: set[int], own: frozenset[int], stacked: bool) -> T
         key in ids
         or key in own
         or (root is not None and (root in ids or root in own))
-        or (stacked and t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0)
+        or (t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0)
     ):
         return t.clone()
     return t
@@ -787,10 +866,10 @@ def _footprint(job: _Job) -> int:
     per_sample = footprints.get(key)
     if per_sample is None:
 
-        def one() -> None:
+        def one(inputs: tuple) -> None:
             buffers = {k: b[0] for k, b in job.buffers.items()}
             with swapped(st, {k: v[0] for k, v in params.items()}, buffers, module):
-                opts.fn(module, *_index(args, dims, 0))
+                opts.fn(module, *inputs)
 
         state = State(st, job.buffers)
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
@@ -798,14 +877,14 @@ def _footprint(job: _Job) -> int:
             with torch.random.fork_rng(devices=devices):
                 try:
                     with torch.no_grad():
-                        per_sample = per_sample_bytes(one)
+                        per_sample = per_sample_bytes(functools.partial(one, _copies(args, dims)))
                 except Exception:
                     if not torch.is_grad_enabled():
                         raise
                     # An fn that differentiates inside (torch.autograd.grad): in the
                     # caller's grad mode, the graph's memory counted too (an upper bound).
                     state.restore()
-                    per_sample = per_sample_bytes(one)
+                    per_sample = per_sample_bytes(functools.partial(one, _copies(args, dims)))
         finally:
             state.restore()
         footprints.put(key, per_sample)
@@ -875,6 +954,7 @@ def run_local(
                         tape.slab = None  # a sample's tensor, not to outlive the pass
 
                 local_fn._bayesflow_key = ("local", fn_key(opts.fn), plan.key, forced)  # type: ignore[attr-defined]
+                local_fn._bayesflow_leading = 1  # type: ignore[attr-defined]
                 local = opts._replace(fn=local_fn)
                 forwards = plan.forwards(tape, layout.local)
                 job = _Job(st, module, params, (slab, *args), (0, *dims), n, local, {}, zuko)
@@ -958,7 +1038,7 @@ def _layout(
                     patched(changes),
                     recorder.reads(),
                 ):
-                    opts.fn(module, *_index(args, dims, 0))
+                    opts.fn(module, *_copies(args, dims))
             finally:
                 state.restore()
         layout = recordings.put(key, plan.layout(opts.where, module, recorder, forced))

@@ -2,7 +2,13 @@ r"""Errors that a call passes on as they are, never turning them into a loop fal
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteError", "OutputError", "Passthrough"]
+__all__ = [
+    "ArgumentWritten",
+    "NonFiniteError",
+    "OutputError",
+    "OutputStructureError",
+    "Passthrough",
+]
 
 
 class Passthrough(Exception):
@@ -15,3 +21,12 @@ class OutputError(Passthrough, TypeError):
 
 class NonFiniteError(Passthrough, RuntimeError):
     r"""A computation reached NaN or infinity where it cannot go on (an ODE solver)."""
+
+
+class OutputStructureError(Passthrough, ValueError):
+    r"""`fn` returned outputs of another structure for some samples than for others."""
+
+
+class ArgumentWritten(Passthrough, ValueError):
+    r"""`fn` wrote an argument that every sample shares in place, which one vectorized
+    pass writes once where the loop writes it once per sample."""

@@ -2,7 +2,7 @@ r"""The outputs of `fn`: tensors, :py:`None`, or tuples (named too), lists and d
 
 from __future__ import annotations
 
-__all__ = ["OutputError", "flatten", "map_outputs", "stack", "unflatten"]
+__all__ = ["OutputError", "flatten", "flatten_like", "map_outputs", "stack", "unflatten"]
 
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from ._errors import OutputError
+from ._errors import OutputError, OutputStructureError
 
 
 def _rebuild(like: Any, items: list[Any]) -> Any:
@@ -60,6 +60,37 @@ def flatten(where: str, out: Any) -> tuple[tuple[Tensor, ...], Any]:
 
     spec = map_outputs(where, take, out)
     return tuple(leaves), spec
+
+
+def flatten_like(where: str, out: Any, spec: Any) -> tuple[Tensor, ...]:
+    r"""Returns the tensors of `out` in the order of `spec`, the first chunk's structure
+    (dicts of the same keys in another order taken by key, as :func:`stack` does); outputs
+    of another structure raise an :class:`OutputStructureError`."""
+
+    leaves, other = flatten(where, _like(out, spec))
+    if not _same(spec, other):
+        raise OutputStructureError(
+            f"{where}: expected fn to return outputs of the same structure for every sample, "
+            f"got {_describe(other)} for a later chunk of samples and {_describe(spec)} for "
+            "the first"
+        )
+    return leaves
+
+
+def _describe(spec: Any) -> str:
+    r"""Describes a spec from :func:`flatten`, its tensors as `Tensor`."""
+
+    return repr(unflatten(spec, _Tensors()))
+
+
+class _Tensor:
+    def __repr__(self) -> str:
+        return "Tensor"
+
+
+class _Tensors:
+    def __getitem__(self, i: int) -> _Tensor:
+        return _Tensor()
 
 
 def unflatten(spec: Any, leaves: tuple[Tensor, ...] | list[Tensor]) -> Any:

@@ -146,15 +146,23 @@ def vmap_call(
         respect to `params` and `args`; the same numbers as :func:`loop_call` (for zuko's
         CNF, gradients within the ODE solver's accuracy: see the flows documentation).
         Where `fn` returns an input itself (a sampled parameter, an argument or a tensor
-        in one, a buffer, the module's own tensors) or a view of one, or a tensor that
+        in one, a buffer, the module's own tensors) or a view of one, a tensor that
         does not depend on the sample (which :func:`torch.func.vmap` returns expanded),
-        it is copied, as the loop's stack copies. A tensor that shares an input's memory
+        or a tensor that shares memory with another of its outputs (`(y, y)`, `(y,
+        y.T)`), it is copied, as the loop's stack copies; with `n = 1` every output is a
+        copy. A tensor that shares an input's memory
         otherwise (`x.detach()`, `x.data`) is not recognized: clone it in `fn` before
         changing the output in place. Inside `torch.compile`, the compiled graph's own
         aliasing rules apply.
 
     Raises:
         RuntimeError: If vmap cannot run `fn` and `fallback` is :py:`False`.
+        ValueError: If `fn`, with `n >= 2` samples vectorized, writes in place an argument
+            that every sample shares (`x.add_(1)`; an argument per sample, `in_dims=0`,
+            may be written: each sample writes its own): in the loop every sample would
+            see the writes of those before it, which one pass cannot give, and no
+            fallback is taken (the argument holds the pass's writes). If `fn` returns
+            outputs of another structure in a later chunk of samples than in the first.
     """
 
     where = "vmap_call"

@@ -161,7 +161,9 @@ def local_call(
         ValueError: If `posterior` has no parameter of a linear or convolutional layer, or
             if `fn` does not call every Bayesian layer (a module that reads a layer's
             weight directly, as :class:`torch.nn.MultiheadAttention` does, would see the
-            mean: use :func:`bayesflow.vmap_call` for those).
+            mean: use :func:`bayesflow.vmap_call` for those), and where
+            :func:`bayesflow.vmap_call` raises (an argument every sample shares written in
+            place by `fn`; the shape-finding pass runs on copies of the arguments).
 
     References:
         | Variational Dropout and the Local Reparameterization Trick (Kingma et al., 2015)

@@ -788,3 +788,23 @@ def test_a_double_star_within_a_segment_needs_a_character_as_zukos():
         picked = bf.select(base, include=["**weight"], exclude=[])
         assert picked == [k.replace("-", ".") for k in theirs.means]
     assert bf.select(nn.Linear(3, 2), include=["**weight"], exclude=[]) == []
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+@pytest.mark.parametrize("local_trick", [False, True])
+def test_reparameterize_puts_back_the_weights_that_hooks_assign(local_trick):
+    # A hook-based weight_norm assigns `weight` from the held sample at every forward: after
+    # the block, the layer kept the last sample's weight (and its graph to the posterior),
+    # where every call puts the module's own back.
+    torch.manual_seed(0)
+    layer = torch.nn.utils.weight_norm(nn.Linear(3, 2).double())
+    net = nn.Sequential(layer)
+    before = layer.weight
+    x = torch.randn(5, 3, dtype=torch.float64)
+    bnet = bf.BayesianModel(net, init_logvar=-1.0)
+    outs = []
+    for _ in range(2):
+        with bnet.reparameterize(local_trick=local_trick) as sampled:
+            outs.append(sampled(x))
+        assert layer.weight is before
+    assert not torch.allclose(outs[0], outs[1])  # the samples reached the output
