@@ -3,6 +3,7 @@ r"""The one place where bayesflow touches private or version-dependent torch API
 from __future__ import annotations
 
 __all__ = [
+    "AutocastRules",
     "BatchNorm",
     "ConvNd",
     "HookSpectralNorm",
@@ -15,6 +16,7 @@ __all__ = [
     "allocated_bytes",
     "autocast_inputs",
     "autocast_off",
+    "autocast_rules",
     "batched_at_current_level",
     "counting_allocations",
     "flat_cat",
@@ -43,11 +45,12 @@ import sys
 import warnings
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from torch import Tensor
@@ -58,7 +61,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _HookSpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _HookWeightNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 # torch's private base classes of the layers bayesflow handles specially.
 BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -485,6 +488,83 @@ class ValueReads(TorchFunctionMode):
         if not is_metadata(func):
             self.seen([a for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)])
         return func(*args, **kwargs)
+
+
+# The torch functions that CPU autocast computes in float32 (the losses, `prod`, `cdist`) and
+# in its lower dtype (the linear algebra and convolutions) that a function of `fn` may call.
+# Inside torch.func.vmap their batched kernels run below autocast, in their inputs' dtype: a
+# loss of bfloat16 logits in bfloat16, where a plain call, the loop, computes it in float32.
+_FLOAT32 = frozenset(
+    {
+        F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.cosine_embedding_loss,
+        F.cross_entropy, F.hinge_embedding_loss, F.huber_loss, F.kl_div, F.l1_loss,
+        F.margin_ranking_loss, F.mse_loss, F.multi_margin_loss, F.multilabel_margin_loss,
+        F.nll_loss, F.poisson_nll_loss, F.smooth_l1_loss, F.soft_margin_loss,
+        F.triplet_margin_loss, torch.cdist, torch.prod, Tensor.prod,
+    }
+)  # fmt: skip
+_LOWER = frozenset(
+    {
+        F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+        F.conv_transpose3d, F.prelu, torch.addbmm, torch.addmm, torch.baddbmm, Tensor.addbmm,
+        Tensor.addmm, Tensor.baddbmm,
+    }
+)  # fmt: skip
+
+
+class AutocastRules(TorchFunctionMode):
+    r"""A torch function mode for a vectorized pass under CPU autocast: the functions of
+    `_FLOAT32` and `_LOWER` get their inputs cast as autocast casts them (any floating dtype
+    but float64), and a batch normalization of a lower-precision input with float32 weights
+    or statistics, which a plain call computes (vmap's rule refuses the mix), runs in
+    float32, its output in the input's dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtype = torch.get_autocast_dtype("cpu")
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _FLOAT32:
+            return func(*_cast(args, torch.float32), **_cast(kwargs, torch.float32))
+        if func in _LOWER:
+            return func(*_cast(args, self.dtype), **_cast(kwargs, self.dtype))
+        if func is F.batch_norm and args and _mixed(args[0], (*args[1:], *kwargs.values())):
+            x = args[0]
+            return func(x.float(), *args[1:], **kwargs).to(x.dtype)
+        return func(*args, **kwargs)
+
+
+def _cast(tree: Any, dtype: torch.dtype) -> Any:
+    def cast(t: Any) -> Any:
+        if (
+            isinstance(t, Tensor)
+            and t.is_floating_point()
+            and t.dtype not in (torch.float64, dtype)
+            and t.device.type == "cpu"
+        ):
+            return t.to(dtype)
+        return t
+
+    return tree_map(cast, tree)
+
+
+def _mixed(x: Any, others: tuple) -> bool:
+    return (
+        isinstance(x, Tensor)
+        and x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and any(isinstance(t, Tensor) and t.dtype == torch.float32 for t in others)
+    )
+
+
+def autocast_rules() -> Any:
+    r"""The :class:`AutocastRules` of a vectorized pass where CPU autocast is on, else a
+    context that does nothing."""
+
+    if torch.is_autocast_enabled("cpu") and not is_compiling():
+        return AutocastRules()
+    return nullcontext()
 
 
 def generating(generator: torch.Generator | None) -> dict[str, torch.Generator]:

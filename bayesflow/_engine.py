@@ -45,6 +45,7 @@ from ._checks import check_buffers, check_in_dims, check_params, stack_level
 from ._compat import (
     StopRecomputation,
     autocast_off,
+    autocast_rules,
     counting_allocations,
     generating,
     hook_name,
@@ -427,7 +428,8 @@ def _check_arguments(
             f"{job.opts.where}: expected fn to leave the arguments that every sample shares "
             f"as they are, got argument {', '.join(map(str, written))} written in place (it "
             "now holds the vectorized pass's writes): in the loop each sample would see the "
-            "writes of the samples before it. Copy it inside fn before writing (x = "
+            "writes of the samples before it (an in-place activation on it, "
+            "nn.ReLU(inplace=True), writes it too). Copy it inside fn before writing (x = "
             "x.clone()), pass it per sample (in_dims), or use vectorized=False"
         ) from err
 
@@ -573,7 +575,11 @@ def _loop_now(job: _Job, state: State | None = None) -> Any:
             # A written weight gets a copy per sample: views of one copy share a version
             # counter, and a sample's write would break the graphs of the samples before.
             sample = {k: v[i].clone() if k in written else v[i] for k, v in params.items()}
-            with swapped(st, sample, buffers, job.module), _stand_ins(job.zuko):
+            with (
+                swapped(st, sample, buffers, job.module),
+                _stand_ins(job.zuko),
+                _outer_layers(st, job.module, sample.keys()),
+            ):
                 out = opts.fn(job.module, *(a if u is None else u[i] for a, u in args))
                 held = state.current()
                 assigned = state.given_held(given)
@@ -603,6 +609,15 @@ def _stand_ins(zuko: bool) -> Any:
     return vmap_safe() if zuko else _NOTHING
 
 
+def _outer_layers(st: Structure, module: nn.Module, sampled: Any) -> Any:
+    r"""Under an outer transform (vmap over examples), the layers of the vectorized path for
+    a pass of one sample: torch's fused kernels of the recurrent layers have no batching
+    rule."""
+
+    layers = in_func_transform() and _torch_layers.changes(st, module, sampled)
+    return patched(layers) if layers else _NOTHING
+
+
 def _single_now(job: _Job) -> Any:
     st, module = job.st, job.module
     state = State(st, job.buffers) if st.buffers else None
@@ -610,13 +625,10 @@ def _single_now(job: _Job) -> Any:
         buffers = {k: b[0] for k, b in job.buffers.items()}
         # `squeeze`, a view, rather than `v[0]`, whose backward fills a zero gradient.
         params = {k: v.squeeze(0) for k, v in job.params.items()}
-        # Under an outer transform (vmap over examples), torch's fused kernels of the
-        # recurrent layers have no batching rule: the layers of the vectorized path.
-        layers = in_func_transform() and _torch_layers.changes(st, module, params.keys())
         with (
             swapped(st, params, buffers, module),
             _stand_ins(job.zuko),
-            patched(layers) if layers else _NOTHING,
+            _outer_layers(st, module, params.keys()),
         ):
             out = job.opts.fn(module, *_index(job.args, job.dims, 0))
             assigned = state.given_held(buffers) if state is not None else {}
@@ -712,7 +724,11 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
             if name not in buffers and not t.is_inference()
         ]
 
-    with vmap_safe(job.zuko), patched(_torch_layers.changes(st, module, params.keys())):
+    with (
+        vmap_safe(job.zuko),
+        patched(_torch_layers.changes(st, module, params.keys())),
+        autocast_rules(),
+    ):
         leaves = vmap(
             single,
             in_dims=(*(0,) * end, *job.dims),
@@ -818,12 +834,13 @@ def vmap(
 
 def _signature(args: tuple, dims: tuple) -> tuple:
     r"""What a call's arguments are, as far as the memory and the layer calls of `fn`
-    depend on them: the shapes of one sample's tensors, the values of numbers and strings,
-    the identity of anything else (:func:`value_key`)."""
+    depend on them: the shapes of one sample's tensors, and the shared arguments as
+    :func:`value_key` keys them (a 0-dim integer tensor, which may be a count, by identity;
+    other tensors by shape; numbers and strings by value; anything else by identity)."""
 
     return tuple(
-        (tuple(a.shape[1:] if d == 0 else a.shape), a.dtype, a.device)
-        if isinstance(a, Tensor)
+        (tuple(a.shape[1:]), a.dtype, a.device)
+        if d == 0 and isinstance(a, Tensor)
         else value_key(a)
         for a, d in zip(args, dims, strict=True)
     )
@@ -837,7 +854,12 @@ def _fits_the_cache(job: _Job) -> bool:
     r"""Whether the default chunk is the one that fits the CPU's cache: on the CPU, outside
     compilation, for torch modules (zuko's flows run their own stand-ins)."""
 
-    return not is_compiling() and not job.zuko and _device(job).type == "cpu"
+    return (
+        not is_compiling()
+        and not job.zuko
+        and not in_func_transform()  # (a loop under an outer vmap gains nothing)
+        and _device(job).type == "cpu"
+    )
 
 
 def _footprints(job: _Job) -> tuple[Bounded, tuple]:
@@ -868,7 +890,10 @@ def _footprint(job: _Job) -> int:
 
         def one(inputs: tuple) -> None:
             buffers = {k: b[0] for k, b in job.buffers.items()}
-            with swapped(st, {k: v[0] for k, v in params.items()}, buffers, module):
+            with (
+                swapped(st, {k: v[0] for k, v in params.items()}, buffers, module),
+                _outer_layers(st, module, params.keys()),
+            ):
                 opts.fn(module, *inputs)
 
         state = State(st, job.buffers)

@@ -398,7 +398,8 @@ def _bias_view(b: Tensor, layer: nn.Module, y: Tensor) -> Tensor:
 def _local(name: str, layer: nn.Module, x: Tensor, m: Moments, noise: Noise) -> Tensor:
     mean = _apply(layer, x, m.w_mean, m.b_mean)
     if m.w_spread is None:
-        var = _bias_view(m.b_spread, layer, mean).expand_as(mean)
+        # (In the output's dtype, that autocast gives the layer.)
+        var = _bias_view(m.b_spread.to(mean.dtype), layer, mean).expand_as(mean)
     else:
         var = _apply(layer, x.square(), m.w_spread, m.b_spread)
     if m.b_spread is None:
@@ -436,7 +437,9 @@ def _flipout(name: str, layer: nn.Module, x: Tensor, m: Moments, noise: Noise) -
             r = noise.signs(name, y.shape, y)
         y = y + _apply(layer, x * s, dw, None) * r
     if m.b_spread is not None:
-        y = y + _bias_view(m.b_spread * noise.normal(name, m.b_spread.shape, y), layer, y)
+        # (In the output's dtype, that autocast gives the layer, as the term above.)
+        db = (m.b_spread * noise.normal(name, m.b_spread.shape, y)).to(y.dtype)
+        y = y + _bias_view(db, layer, y)
 
     return y
 

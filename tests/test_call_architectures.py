@@ -746,6 +746,32 @@ def test_one_sample_under_an_outer_vmap(layer, gen):
     assert "forward" not in vars(module)  # the stand-in is gone
 
 
+@pytest.mark.parametrize("chunk_size", [None, "auto", 1])
+@pytest.mark.parametrize("layer", RECURRENT_LAYERS)
+def test_samples_under_an_outer_vmap(layer, chunk_size, gen, fresh_caches, monkeypatch):
+    # K samples under torch.func.vmap over the data: the passes of one sample at a time
+    # (the loop that the CPU cache rule takes for a sample larger than a core's cache,
+    # from the second call on, and chunk_size="auto"'s measuring pass) ran torch's fused
+    # kernels, which have no batching rule: the second call, or the first with "auto",
+    # raised. (Every sample counts as large here.)
+    from bayesflow import _engine
+
+    monkeypatch.setattr(_engine, "one_by_one", lambda per_sample: True)
+    module = RECURRENT_LAYERS[layer]()
+    params = bf.sample(bf.init(module, init_logvar=-2.0), 3, generator=gen(1))
+    xs = torch.randn(4, 5, 2, 3)
+    y_loop = torch.stack([bf.loop_call(module, params, x)[0] for x in xs])
+    for _ in range(2):
+        y = torch.func.vmap(lambda x: bf.vmap_call(module, params, x, chunk_size=chunk_size)[0])(
+            xs
+        )
+        assert torch.allclose(y, y_loop, atol=1e-12)  # float64
+    assert not torch.allclose(y_loop[:, 0], y_loop[:, 1], atol=1e-6)
+    looped = torch.func.vmap(lambda x: bf.loop_call(module, params, x)[0])(xs)
+    assert torch.allclose(looped, y_loop, atol=1e-12)
+    assert "forward" not in vars(module)
+
+
 class _GRUNet(torch.nn.Module):
     def __init__(self, outputs):
         super().__init__()

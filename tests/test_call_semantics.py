@@ -1810,13 +1810,28 @@ def _autocast_cases():
             ("0.*",),
             False,
         ),
+        # the transposed convolutions, the second's weight not sampled (torch's rule of the
+        # convolution, below autocast: float32)
+        "conv-transpose": (
+            nn.Sequential(
+                nn.ConvTranspose1d(2, 3, 2),
+                nn.Tanh(),
+                nn.ConvTranspose1d(3, 2, 2, stride=2, output_padding=1),
+                nn.Flatten(0),
+            ).to(f32),
+            (x,),
+            ("0.*",),
+            False,
+        ),
         "attention": (nn.MultiheadAttention(4, 2).to(f32), (x, x, x), ("",), True),
         "lstm": (nn.LSTM(4, 4).to(f32), (x,), ("",), True),
         "lstm-cell": (nn.LSTMCell(4, 4).to(f32), (x[0],), ("",), True),
     }
 
 
-@pytest.mark.parametrize("case", ["conv", "linear", "attention", "lstm", "lstm-cell"])
+@pytest.mark.parametrize(
+    "case", ["conv", "linear", "conv-transpose", "attention", "lstm", "lstm-cell"]
+)
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
 def test_autocast_layers_give_the_loops_dtypes(case, grad, gen):
     # torch's batching rules of convolution, of a linear layer's bias on a batched input,
@@ -1886,6 +1901,104 @@ def test_local_calls_under_autocast_run_as_the_loop_does(case, gen, fresh_caches
     assert not torch.allclose(vec[0].float(), vec[1].float())
 
 
+def _fn_cases():
+    w = torch.randn(6, 3, dtype=torch.float32)
+    y = torch.randint(0, 3, (5,))
+    return {
+        # losses that autocast computes in float32 (vmap: in bfloat16, 5e-3 off)
+        "cross-entropy": lambda m, x: -F.cross_entropy(m(x), y, reduction="none"),
+        "mse": lambda m, x: -F.mse_loss(m(x), torch.zeros(5, 3, dtype=w.dtype), reduction="none"),
+        # functions that autocast computes in bfloat16 (vmap: in float32)
+        "linear": lambda m, x: F.linear(m(x), w[:3], torch.ones(3, dtype=w.dtype)),
+        "baddbmm": lambda m, x: torch.baddbmm(
+            torch.ones(1, 5, 3, dtype=w.dtype), m(x)[None], w[None, :3]
+        ),
+        "addmm": lambda m, x: torch.addmm(torch.ones(5, 3, dtype=w.dtype), m(x), w[:3]),
+        "conv": lambda m, x: F.conv1d(m(x)[:, None], w[None, None, :2, 0]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_fn_cases()))
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_autocast_functions_in_fn_give_the_loops_numbers(case, grad, gen):
+    # Inside vmap, the batched kernels of these functions run below autocast: a loss of
+    # bfloat16 logits was computed in bfloat16 (nelbo vectorized and looped differed), a
+    # linear with a bias or a convolution called in fn in float32.
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).float()
+    x = torch.randn(5, 4, dtype=torch.float32)
+    fn = _fn_cases()[case]
+    params = bf.sample(bf.init(net, init_logvar=-3.0), 3, generator=gen(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+        loop = bf.loop_call(net, params, x, fn=fn)
+        vec = bf.vmap_call(net, params, x, fn=fn, fallback=False)
+    assert vec.dtype == loop.dtype
+    assert torch.allclose(vec.float(), loop.float(), rtol=1e-2, atol=1e-2)
+    assert not torch.allclose(vec[0].float(), vec[1].float())
+    if case == "cross-entropy":  # the same computation as the loop's
+        assert torch.equal(vec, loop)
+
+
+def _after_a_linear():
+    f32 = torch.float32
+    return {
+        "batch-norm-eval": nn.Sequential(
+            nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+        ).eval(),
+        "batch-norm-train": nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)),
+        "prelu": nn.Sequential(nn.Linear(3, 8), nn.PReLU(), nn.Linear(8, 2)).eval(),
+        "conv-transpose": nn.Sequential(
+            nn.Linear(3, 8), nn.Unflatten(1, (2, 4)), nn.ConvTranspose1d(2, 3, 3), nn.Flatten()
+        ).eval(),
+    }, f32
+
+
+@pytest.mark.parametrize(
+    "case", ["batch-norm-eval", "batch-norm-train", "prelu", "conv-transpose"]
+)
+def test_autocast_layers_after_a_cast_layer_vectorize(case, gen):
+    # A layer fed the bfloat16 output of a cast linear layer, with float32 weights of its
+    # own: vmap's rules refused the mix a plain call computes, and every such call ran in
+    # the loop (a batch normalization after a convolution, the commonest block).
+    cases, f32 = _after_a_linear()
+    net = cases[case].to(f32)
+    x = torch.randn(6, 3, dtype=f32)
+    params = bf.sample(bf.init(net, init_logvar=-3.0), 3, generator=gen(1))
+    nets = [net, copy.deepcopy(net)]
+    outs = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs.append(bf.loop_call(nets[0], params, x))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", bf.VmapFallbackWarning)
+            outs.append(bf.vmap_call(nets[1], params, x))
+    loop, vec = outs
+    assert vec.dtype == loop.dtype == torch.bfloat16
+    assert torch.allclose(vec.float(), loop.float(), rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(vec[0].float(), vec[1].float())
+    for (name, a), (_, b) in zip(nets[0].named_buffers(), nets[1].named_buffers(), strict=True):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+@pytest.mark.parametrize("include", [("*",), ("*.bias",)], ids=["all", "bias"])
+def test_local_calls_under_autocast_give_the_modules_dtype(flipout, include, gen):
+    # Flipout's bias noise, and the local trick's variance of a layer whose bias alone is
+    # Bayesian, were float32 terms added to the layer's bfloat16 output: float32 outputs
+    # where the module (loop_call, vmap_call) gives bfloat16.
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).float()
+    x = torch.randn(6, 3, dtype=torch.float32)
+    q = bf.init(net, init_logvar=-3.0, include=include)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = bf.loop_call(net, bf.sample(q, 3, generator=gen(0)), x).dtype
+        outs = [
+            bf.local_call(net, q, 3, x, flipout=flipout, generator=gen(1), vectorized=v)
+            for v in (False, True)
+        ]
+    assert want == torch.bfloat16
+    assert [y.dtype for y in outs] == [want, want]
+    assert torch.allclose(outs[1].float(), outs[0].float(), rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(outs[1][0].float(), outs[1][1].float())
+
+
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 def test_a_closure_over_a_scalar_made_anew_measures_nothing_again(gen, fresh_caches):
     # A batch's scale closed over as a 0-dim float tensor, new at every step, was keyed by
@@ -1909,6 +2022,53 @@ def test_a_closure_over_a_scalar_made_anew_measures_nothing_again(gen, fresh_cac
         for k in range(3):
             bf.vmap_call(net, params, x, fn=scaled(torch.tensor(k + 1)))
         assert len(_engine._FOOTPRINTS.get(net)) == 4
+
+
+def test_a_count_given_as_an_argument_sets_the_footprint(monkeypatch, gen, fresh_caches):
+    # A 0-dim integer tensor that sets the amount of work, given as an argument rather than
+    # closed over, was keyed by its shape: after a call with 1, a call with 400 ran all its
+    # samples at once, 400 times over max_memory.
+    net = nn.Sequential(nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 4))
+    params = bf.sample(bf.init(net, -3.0), 16, generator=gen(1))
+    x = torch.randn(8, 3)
+
+    def fn(m, x, k):
+        return m(x.repeat(int(k), 1)).sum(0)
+
+    per_row = _memory_of(net, x[:1], fn)
+    budget = 100 * 8 * per_row  # one sample with k = 100 fits
+    chunks = _record_chunks(monkeypatch)
+    for k in (1, 400):
+        got = bf.vmap_call(
+            net, params, x, torch.tensor(k), fn=fn, chunk_size="auto", max_memory=budget
+        )
+        assert torch.allclose(got, bf.loop_call(net, params, x, torch.tensor(k), fn=fn))
+    assert chunks[0] == 16 and chunks[1] == 1
+    assert not torch.allclose(got[0], got[1])
+
+
+def test_the_default_budget_reads_the_available_memory(monkeypatch, tmp_path):
+    # "Half the available physical memory": it read the free pages only, without the
+    # caches the kernel gives back (15.5 against 21.9 GB on a machine at rest).
+    import builtins
+
+    from bayesflow import _memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 8000000 kB\nMemFree: 1000 kB\nMemAvailable: 3000000 kB\n")
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(meminfo if path == "/proc/meminfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert _memory.available_memory(torch.device("cpu")) == 3000000 * 1024
+
+
+def _memory_of(net, x, fn):
+    from bayesflow import _memory
+
+    return _memory.per_sample_bytes(lambda: fn(net, x, torch.tensor(1)))
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
