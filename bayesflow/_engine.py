@@ -620,7 +620,8 @@ def _outer_layers(st: Structure, module: nn.Module, sampled: Any) -> Any:
 
 def _single_now(job: _Job) -> Any:
     st, module = job.st, job.module
-    state = State(st, job.buffers) if st.buffers else None
+    # (Always: a buffer registered as None, or by fn, may be filled.)
+    state = State(st, job.buffers)
     try:
         buffers = {k: b[0] for k, b in job.buffers.items()}
         # `squeeze`, a view, rather than `v[0]`, whose backward fills a zero gradient.
@@ -631,13 +632,13 @@ def _single_now(job: _Job) -> Any:
             _outer_layers(st, module, params.keys()),
         ):
             out = job.opts.fn(module, *_index(job.args, job.dims, 0))
-            assigned = state.given_held(buffers) if state is not None else {}
+            assigned = state.given_held(buffers)
         if assigned:
             state.write_given(job.opts.where, buffers, assigned)
         # `self.ema = 0.9 * self.ema + ...`: the loop's rule, not the sample's graph; not
         # inside a torch.func transform, which cannot write a captured tensor (its caller,
         # Laplace's per-example pass, puts the buffers back itself).
-        moved = state.reassigned() if state is not None and not in_func_transform() else None
+        moved = state.reassigned() if not in_func_transform() else None
         if moved:
             state.write_assigned(moved)
         if is_compiling():  # (a compiled graph's outputs follow its own aliasing rules)
@@ -647,8 +648,7 @@ def _single_now(job: _Job) -> Any:
         # the output would change.
         return map_outputs(job.opts.where, lambda t: t.unsqueeze(0).clone(), out)
     except BaseException:
-        if state is not None:
-            state.restore()
+        state.restore()
         raise
 
 
@@ -753,7 +753,8 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
         # vmap's wrappers would escape into the module: the loop, which keeps the rule
         raise RuntimeError(
             f"fn assigns new tensors to the buffers {reassigned} (as `self.ema = 0.9 * "
-            "self.ema + ...` does), which vmap cannot batch; update them in place"
+            "self.ema + ...` does, or fills a buffer registered as None, or registers one), "
+            "which vmap cannot batch; update them in place, or register them with a tensor"
         )
     for name, stacked in averaged.items():
         state.set_averaged(name, stacked)

@@ -18,6 +18,7 @@ import threading
 import types
 import weakref
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -30,8 +31,21 @@ from torch.nn.parameter import is_lazy
 from ._caches import PerObject, register
 from ._compat import is_compiling, weight_hooks
 
-# A place that holds a tensor: the `_parameters` or `_buffers` dict of a module, and a key.
-Slot = tuple[dict, str]
+# A place that holds a tensor: the `_parameters` or `_buffers` dict of a module and a key;
+# or a plain list (and an index) or dict (and a key) among a module's attributes.
+Slot = tuple[Any, Any]
+
+# The lists in which torch's recurrent layers cache their weights: their forward refreshes
+# them (`_update_flat_weights`), and `_swap.swapped` puts them back.
+_FLAT = ("_flat_weights", "_flat_weight_refs")
+
+# The containers among a module's attributes that are read for its tensors, and how many
+# items of one inside another are read.
+_CONTAINERS = (list, dict, tuple, set, frozenset)
+_NESTED = 256
+_PLAIN = frozenset((*_CONTAINERS, OrderedDict))
+_SETTINGS = frozenset((bool, int, float, str, type(None)))
+_HOLDERS = (Tensor, *_CONTAINERS)
 
 
 # zuko's modules whose pieces the vmap-safe stand-ins replace, and those that build them
@@ -321,6 +335,16 @@ class Structure:
             as a plain attribute (the hook-based `weight_norm` and `spectral_norm`, and
             `torch.nn.utils.prune`'s masks).
         uses_zuko: Whether zuko's lazy transforms run inside the module.
+        empty: `(name, table, key)` of the buffers registered as :py:`None`, which a call
+            may fill (`self.h = ...`): see :class:`bayesflow._buffers.State`.
+        unreached: The places a call cannot swap that hold a parameter (a tuple, a set, a
+            container inside a container), described, by the parameter's name.
+
+    A tensor registered both as a parameter and as a buffer (of another module) is a
+    parameter: its buffer places are among its `slots`, and get its sample. A parameter or
+    buffer also held in a plain list or dict attribute of a module (`self.ws = [self.lin.
+    weight]`), or as a plain attribute, has that place among its slots too (torch's
+    recurrent layers' cached weights excepted, which their forward refreshes).
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -335,13 +359,14 @@ class Structure:
         self._subs: dict[str, nn.Module] = {}
         self._tables: list[tuple[dict, dict, dict]] = []
 
-        by_id: dict[int, str] = {}
         embeddings: list[tuple[nn.Module, Any]] = []
         seen_modules: set[int] = set()
-        seen: set[tuple[int, str]] = set()
-        for prefix, m in module.named_modules(remove_duplicate=False):
+        distinct: list[tuple[str, nn.Module]] = []
+        occurrences = list(module.named_modules(remove_duplicate=False))
+        for prefix, m in occurrences:
             if id(m) not in seen_modules:
                 seen_modules.add(id(m))
+                distinct.append((prefix, m))
                 self.types[prefix] = type(m)
                 self._tables.append((m._parameters, m._buffers, m._modules))
                 if m is not module:
@@ -349,16 +374,34 @@ class Structure:
                 self.hooked += [(prefix, hook) for hook in weight_hooks(m)]
                 if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
                     embeddings.append((m, m._parameters.get("weight")))
-            for table, slots, d in (
-                (self.params, self.slots, m._parameters),
-                (self.buffers, self.buffer_slots, m._buffers),
-            ):
+
+        # Parameters first, all of them: a buffer that is a parameter too (registered in
+        # another module, before or after it) is one of the parameter's places.
+        by_id: dict[int, str] = {}
+        seen: set[tuple[int, str]] = set()
+        self.empty: list[tuple[str, dict, str]] = []
+        for table, slots, name_of in (
+            (self.params, self.slots, lambda m: m._parameters),
+            (self.buffers, self.buffer_slots, lambda m: m._buffers),
+        ):
+            mine: dict[int, str] = {}  # this table's tensors, by id
+            for prefix, m in occurrences:
+                d = name_of(m)
                 for attr, t in d.items():
-                    if t is None or (id(d), attr) in seen:
+                    if (id(d), attr) in seen:
                         continue  # a shared submodule: the same place again
                     seen.add((id(d), attr))
                     name = f"{prefix}.{attr}" if prefix else attr
+                    if t is None:
+                        if table is self.buffers:
+                            self.empty.append((name, d, attr))
+                        continue
+                    canonical = by_id.get(id(t))
+                    if canonical is not None and id(t) not in mine:
+                        self.slots[canonical].append((d, attr))  # a parameter's place
+                        continue
                     canonical = by_id.setdefault(id(t), name)
+                    mine[id(t)] = canonical
                     if canonical == name:
                         table[name] = t
                         slots[name] = []
@@ -366,6 +409,21 @@ class Structure:
                         self.aliases[name] = canonical
                     slots[canonical].append((d, attr))
 
+        # The buffer tables and the keys they hold: a buffer registered during a call
+        # (`register_buffer` in forward) is found by their sizes (:meth:`added`).
+        self._buffer_tables = [
+            (prefix, m._buffers, m._non_persistent_buffers_set, frozenset(m._buffers))
+            for prefix, m in distinct
+        ]
+        self._buffer_dicts = [d for _, d, _, _ in self._buffer_tables]
+        self._buffer_sizes = [len(d) for d in self._buffer_dicts]
+
+        # Plain lists and dicts among the modules' attributes that hold their tensors.
+        self.unreached: dict[str, list[str]] = {}
+        self._watched: list[tuple[dict, str]] = []
+        self._extra: list[Slot] = []
+        for prefix, m in distinct:
+            self._find_aliases(prefix, m, by_id)
         self._embeddings = [(m, by_id[id(t)]) for m, t in embeddings if id(t) in by_id]
         self._dicts = [d for tables in self._tables for d in tables]
         # The module, its submodules and their weight hooks, by id (alive while this is).
@@ -386,17 +444,101 @@ class Structure:
         # plain torch; installing them costs ~50 us a call).
         self.uses_zuko = any(_runs_zuko(t) for t in set(self.types.values()))
 
+    def _find_aliases(self, prefix: str, m: nn.Module, by_id: dict[int, str]) -> None:
+        r"""Adds the places among the plain attributes of `m` that hold a tensor of the
+        module: a list's index or a dict's key (one level deep) and the attribute itself
+        are slots; a parameter in a tuple, a set or deeper is `unreached`. Read once per
+        structure; the attributes read are watched by :meth:`is_current`."""
+
+        d = vars(m)
+        params, buffers, modules = m._parameters, m._buffers, m._modules
+        # The tensors and the non-empty containers, but the module's own tables: read at
+        # every build, by exact type first (most attributes are settings, and torch's hook
+        # dicts, empty).
+        candidates = [
+            (attr, value)
+            for attr, value in d.items()
+            if (
+                (value and value is not params and value is not buffers and value is not modules)
+                if type(value) in _PLAIN
+                else type(value) not in _SETTINGS and isinstance(value, _HOLDERS)
+            )
+        ]
+        if candidates and isinstance(m, nn.RNNBase):
+            # Refreshed by torch's forward, put back by `_swap.swapped`.
+            candidates = [(attr, value) for attr, value in candidates if attr not in _FLAT]
+        for attr, value in candidates:
+            if isinstance(value, Tensor):
+                items: Any = ((attr, value),)
+                container: Any = d
+            elif isinstance(value, list):
+                items, container = enumerate(value), value
+            elif isinstance(value, dict):
+                items, container = value.items(), value
+            else:  # a tuple or a set: its items cannot be replaced
+                items, container = enumerate(value), None
+            found = False
+            where = f"{prefix}.{attr}" if prefix else attr
+            for key, item in items:
+                if isinstance(item, Tensor):
+                    name = by_id.get(id(item))
+                    if name is None:
+                        continue
+                    found = True
+                    if container is not None:
+                        self._extra.append((container, key))
+                        slots = self.slots if name in self.slots else self.buffer_slots
+                        slots[name].append((container, key))
+                    elif name in self.params:
+                        kind = type(value).__name__
+                        self.unreached.setdefault(name, []).append(f"{where} (a {kind})")
+                elif isinstance(item, _CONTAINERS):
+                    inner = item.values() if isinstance(item, dict) else item
+                    for i, t in enumerate(inner):
+                        if i >= _NESTED:
+                            break
+                        name = by_id.get(id(t)) if isinstance(t, Tensor) else None
+                        if name is not None and name in self.params:
+                            found = True
+                            self.unreached.setdefault(name, []).append(
+                                f"{where}[{key!r}] (a {type(item).__name__} inside a "
+                                f"{type(value).__name__})"
+                            )
+            if found and container is not d:
+                self._watched.append((d, attr))
+
     def _fingerprint_of(self) -> tuple:
         # The objects every table holds, in order, and the tables' sizes: cheap to build,
-        # and any addition, removal or replacement changes it.
-        return (
+        # and any addition, removal or replacement changes it. The plain attributes that
+        # hold tensors of the module too (most modules have none), and what they hold.
+        tables = (
             tuple([id(v) for d in self._dicts for v in d.values()]),
             tuple([len(d) for d in self._dicts]),
+        )
+        if not self._watched and not self._extra:
+            return tables
+        return (
+            *tables,
+            tuple([id(d.get(attr)) for d, attr in self._watched]),
+            tuple([id(_held(c, key)) for c, key in self._extra]),
         )
 
     @property
     def written(self) -> set[str]:
         return {name for m, name in self._embeddings if m.max_norm is not None}
+
+    def added(self) -> list[tuple[str, dict, str, set]]:
+        r"""Returns the buffers registered since the structure was computed (by a call's
+        `fn`): `(name, table, key, the module's non-persistent names)` of each."""
+
+        if list(map(len, self._buffer_dicts)) == self._buffer_sizes:
+            return []
+        return [
+            (f"{prefix}.{key}" if prefix else key, d, key, nonpersistent)
+            for prefix, d, nonpersistent, keys in self._buffer_tables
+            for key in d
+            if key not in keys
+        ]
 
     def is_current(self) -> bool:
         r"""Whether no parameter, buffer or submodule was added, removed or replaced."""
@@ -412,6 +554,14 @@ class Structure:
         r"""Returns the submodules of `module` (this structure's) that are instances of `cls`."""
 
         return [(p, self.sub(module, p)) for p, t in self.types.items() if issubclass(t, cls)]
+
+
+def _held(container: Any, key: Any) -> Any:
+    r"""What the place `(container, key)` holds; :py:`None` where it holds nothing."""
+
+    if isinstance(container, list):
+        return container[key] if key < len(container) else None
+    return container.get(key)
 
 
 _STRUCTURES: PerObject[Structure] = PerObject()

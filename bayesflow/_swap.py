@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __all__ = ["REMOVE", "has_own_forward", "ours", "patched", "swapped"]
 
+import warnings
 import weakref
 
 from collections.abc import Callable, Mapping
@@ -17,11 +18,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._caches import PerObject, identity
+from ._checks import stack_level
 from ._compat import is_compiling
-from ._structure import Structure
-
-# The attributes in which torch's recurrent layers cache their weights.
-_FLAT = ("_flat_weights", "_flat_weight_refs")
+from ._structure import _FLAT, Structure
 
 # Per structure: the recurrent layers, each as its path and the names of its parameters.
 _RECURRENT: PerObject[tuple[tuple[str, frozenset[str]], ...]] = PerObject()
@@ -61,6 +60,10 @@ class swapped:
     torch caches their weights (`_flat_weights`), as they were: torch's forward fills them
     with the tensors it finds, which would keep a sample (a view of a whole draw, its
     graph, or a dead vmap tensor) alive in the module after the call.
+
+    The places are the module's tables and the plain lists and dicts that hold its
+    tensors too (see :class:`Structure`); a sampled parameter also held where no sample
+    can be put (a tuple) warns.
     """
 
     __slots__ = ("buffers", "done", "flat", "module", "params", "st")
@@ -73,12 +76,14 @@ class swapped:
         module: nn.Module | None = None,
     ) -> None:
         self.st, self.params, self.buffers, self.module = st, params, buffers, module
-        self.done: list[tuple[dict, str, Tensor]] = []
+        self.done: list[tuple[Any, Any, Tensor]] = []
         # Per recurrent layer: its `__dict__`, and per cached list the list and its items.
         self.flat: list[tuple[dict, list[tuple[str, Any, list]]]] = []
 
     def __enter__(self) -> None:
         done = self.done
+        if self.st.unreached:
+            _warn_unreached(self.st, self.params)
         try:
             if self.module is not None:
                 recurrent = _recurrent_of(self.st, self.module)
@@ -127,7 +132,24 @@ class swapped:
         self.flat.clear()
 
 
-def _put(entry: tuple[dict, str, Tensor]) -> None:
+def _warn_unreached(st: Structure, params: Mapping[str, Tensor]) -> None:
+    r"""Warns that sampled `params` are also held in places no sample is put in."""
+
+    names = [name for name in st.unreached if name in params]
+    if not names:
+        return
+    places = "; ".join(f"{name!r} in {', '.join(st.unreached[name])}" for name in names)
+    warnings.warn(
+        "the sampled parameters are also held in attributes that bayesflow cannot swap: "
+        f"{places}; the sample does not reach them there, and what reads them gets the "
+        "module's own tensor: hold them in a list or dict attribute (one level deep), or "
+        "read them from their module (`self.lin.weight`)",
+        UserWarning,
+        stacklevel=stack_level(),
+    )
+
+
+def _put(entry: tuple[Any, Any, Tensor]) -> None:
     d, attr, original = entry
     d[attr] = original
 

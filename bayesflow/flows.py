@@ -112,7 +112,7 @@ def _evaluate(flow: nn.Module, st: Structure, c: Tensor | None, check: bool) -> 
     buffers and torch's global generators as it found them (a context encoder's
     train-mode batch norm, its dropout). The sampling pass updates them, once."""
 
-    state = State(st) if st.buffers else None
+    state = State(st)
     rng = _rng_state()
     try:
         # With the stand-ins: zuko's own autograd Functions (bisection, the ODE solver)
@@ -124,8 +124,7 @@ def _evaluate(flow: nn.Module, st: Structure, c: Tensor | None, check: bool) -> 
             if check and _is_flow(d) and _drawable(d.base):
                 d.transform.inv(d.base.mean)
     finally:
-        if state is not None:
-            state.restore()
+        state.restore()
         # Only if this pass drew: putting them back replays what other threads drew.
         if _drew(rng):
             _set_rng_state(rng)

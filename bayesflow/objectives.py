@@ -171,7 +171,7 @@ def _nelbo(
     with lock(module):
         st = structure(module, where)
         # The buffers as found: a call that fails leaves them so.
-        state = State(st) if st.buffers else None
+        state = State(st)
         if estimator == "weights":
             # The samples must fit the module before the draw: a failed call draws nothing.
             _posterior.check_fits(where, st, module, posterior)
@@ -206,8 +206,7 @@ def _nelbo(
             else:
                 kl = prior_kl(posterior, prior, generator=generator, n=m)
     except BaseException:
-        if state is not None:
-            state.restore()
+        state.restore()
         restore_draw_state(saved)
         raise
 

@@ -1,0 +1,496 @@
+r"""The places a call swaps and puts back: buffers registered as None or added by forward,
+tied buffers reassigned through their second holder, a tensor both a parameter and a
+buffer, and parameters also held in plain lists and dicts. Each call is checked against
+deep copies of the module with one sample loaded (or the loop), and the module after it."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from torch._C._functorch import is_batchedtensor
+
+import bayesflow as bf
+
+K = 3
+
+
+def _samples(module, n=K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: p.detach() + 0.5 * torch.randn(n, *p.shape, dtype=p.dtype, generator=g)
+        for name, p in module.named_parameters()
+    }
+
+
+def _load(module, params, k):
+    r"""A deep copy of `module` with sample `k` copied into its parameters."""
+
+    c = copy.deepcopy(module)
+    own = dict(c.named_parameters())
+    with torch.no_grad():
+        for name, v in params.items():
+            own[name].copy_(v[k])
+    return c
+
+
+def _oracle(module, params, x, n=K):
+    r"""Outputs and deep copies after forward, one per sample."""
+
+    copies = [_load(module, params, k) for k in range(n)]
+    return torch.stack([c(x) for c in copies]), copies
+
+
+def _snapshot(module):
+    return {
+        "params": [(k, p, p.detach().clone()) for k, p in module.named_parameters()],
+        "tables": [
+            (m, dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set))
+            for m in module.modules()
+        ],
+        "values": {k: b.detach().clone() for k, b in module.named_buffers()},
+    }
+
+
+def _params_intact(module, snap):
+    now = dict(module.named_parameters())
+    for k, p, v in snap["params"]:
+        assert now[k] is p and torch.equal(p.detach(), v), k
+
+
+def _as_found(module, snap):
+    r"""The module as `snap` found it: tensors by identity and value, table keys."""
+
+    _params_intact(module, snap)
+    for m, params, buffers, nonpersistent in snap["tables"]:
+        assert m._parameters.keys() == params.keys()
+        assert all(m._parameters[k] is v for k, v in params.items())
+        assert m._buffers.keys() == buffers.keys()
+        assert all(m._buffers[k] is v for k, v in buffers.items())
+        assert m._non_persistent_buffers_set == nonpersistent
+    for k, b in module.named_buffers():
+        assert torch.equal(b, snap["values"][k]), k
+    _usable(module)
+
+
+def _usable(module):
+    r"""No vmap wrapper left in the module: it copies, saves and computes."""
+
+    for t in (*module.parameters(), *module.buffers()):
+        assert not is_batchedtensor(t)
+    copy.deepcopy(module)
+    for t in module.state_dict().values():
+        t.sum()
+
+
+CALLS = {
+    "vmap": lambda m, p, x: bf.vmap_call(m, p, x),
+    "vmap-chunked": lambda m, p, x: bf.vmap_call(m, p, x, chunk_size=2),
+    "loop": lambda m, p, x: bf.loop_call(m, p, x),
+}
+
+
+def _call(name, m, p, x):
+    if name.startswith("vmap"):
+        with pytest.warns(bf.VmapFallbackWarning, match="buffers"):
+            return CALLS[name](m, p, x)
+    return CALLS[name](m, p, x)
+
+
+# 1. A buffer registered as None, filled by forward.
+
+
+class Cache(nn.Module):
+    r"""A lazily filled cache: a buffer registered as None, set by the first forward."""
+
+    def __init__(self, other_buffer=False):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+        self.register_buffer("h", None)
+        if other_buffer:
+            self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.fail = False
+
+    def forward(self, x):
+        if self.h is None:
+            self.h = self.lin.weight.detach() * 2
+        if self.fail:
+            raise ValueError("boom")
+        return self.lin(x) + x @ self.h.T
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_none_buffer_filled_by_forward(call):
+    m, x = Cache(), torch.randn(5, 3, dtype=torch.float64)
+    p = _samples(m)
+    snap = _snapshot(m)
+    expected, copies = _oracle(m, p, x)
+    assert not torch.allclose(expected[0], expected[1])  # the samples matter
+
+    y = _call(call, m, p, x)
+
+    # Every sample starts from the state the call found (no cache), and the buffer ends at
+    # the average of what the samples left: a real tensor, not vmap's wrapper.
+    torch.testing.assert_close(y, expected)
+    _params_intact(m, snap)
+    _usable(m)
+    assert type(m._buffers["h"]) is torch.Tensor and not m.h.requires_grad
+    torch.testing.assert_close(m.h, torch.stack([c.h for c in copies]).mean(0))
+    assert "h" in m.state_dict()
+
+
+def test_none_buffer_filled_by_forward_at_one_sample():
+    m, x = Cache(), torch.randn(5, 3, dtype=torch.float64)
+    p = _samples(m, 1)
+    expected, copies = _oracle(m, p, x, 1)
+    looped = copy.deepcopy(m)
+    y = bf.vmap_call(m, p, x)
+    torch.testing.assert_close(y, expected)
+    _usable(m)
+    torch.testing.assert_close(m.h, copies[0].h)
+    # The loop agrees with the plain call.
+    torch.testing.assert_close(bf.loop_call(looped, p, x), expected)
+    torch.testing.assert_close(looped.h, copies[0].h)
+
+
+# Calls in which fn raises: vmap's error (fallback=False), fn's own from the fallback loop,
+# from the loop, and from the plain call of one sample.
+FAILING = {
+    "vmap": lambda m, p, x: bf.vmap_call(m, p, x, fallback=False),
+    "vmap-fallback": lambda m, p, x: bf.vmap_call(m, p, x),
+    "loop": lambda m, p, x: bf.loop_call(m, p, x),
+    "one": lambda m, p, x: bf.vmap_call(m, {k: v[:1] for k, v in p.items()}, x),
+}
+
+
+@pytest.mark.parametrize("call", FAILING)
+def test_failed_call_leaves_a_none_buffer_none(call):
+    m, x = Cache(other_buffer=True), torch.randn(5, 3, dtype=torch.float64)
+    m.fail = True
+    p = _samples(m)
+    snap = _snapshot(m)
+    with pytest.raises((ValueError, RuntimeError)):
+        FAILING[call](m, p, x)
+    _as_found(m, snap)
+    assert m._buffers["h"] is None
+
+
+def test_failed_call_at_one_sample_leaves_a_none_buffer_none_without_other_buffers():
+    m, x = Cache(), torch.randn(5, 3, dtype=torch.float64)
+    m.fail = True
+    p = _samples(m, 1)
+    with pytest.raises(ValueError):
+        bf.vmap_call(m, p, x)
+    assert m._buffers["h"] is None
+
+
+class Registers(nn.Module):
+    r"""Registers a buffer in its forward, from the weight it sees."""
+
+    def __init__(self, persistent=True, fail=False):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+        self.register_buffer("seen", torch.zeros(2, dtype=torch.float64))
+        self.persistent, self.fail = persistent, fail
+
+    def forward(self, x):
+        if "scale" not in self._buffers:
+            scale = self.lin.weight.detach().abs().mean()
+            self.register_buffer("scale", scale, persistent=self.persistent)
+        if self.fail:
+            raise ValueError("boom")
+        return self.lin(x) * self.scale
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("call", CALLS)
+def test_buffer_registered_in_forward(call, persistent):
+    m, x = Registers(persistent), torch.randn(5, 3, dtype=torch.float64)
+    p = _samples(m)
+    snap = _snapshot(m)
+    expected, copies = _oracle(m, p, x)
+    assert not torch.allclose(expected[0], expected[1])
+
+    y = _call(call, m, p, x)
+
+    torch.testing.assert_close(y, expected)
+    _params_intact(m, snap)
+    _usable(m)
+    torch.testing.assert_close(m.scale, torch.stack([c.scale for c in copies]).mean(0))
+    assert ("scale" in m.state_dict()) == persistent
+    assert ("scale" in m._non_persistent_buffers_set) == (not persistent)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("call", FAILING)
+def test_failed_call_removes_a_buffer_registered_in_forward(call, persistent):
+    m, x = Registers(persistent, fail=True), torch.randn(5, 3, dtype=torch.float64)
+    p = _samples(m)
+    snap = _snapshot(m)
+    with pytest.raises((ValueError, RuntimeError)):
+        FAILING[call](m, p, x)
+    _as_found(m, snap)
+    assert "scale" not in m._buffers
+
+
+# 2. A tied buffer reassigned through its second holder.
+
+
+class TiedBuffer(nn.Module):
+    def __init__(self, fail=False, both=False):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 2).double(), nn.Linear(2, 2).double()
+        pe = torch.zeros(2, dtype=torch.float64)
+        self.l1.register_buffer("pe", pe)
+        self.l2.register_buffer("pe", pe)
+        self.fail, self.both = fail, both
+
+    def forward(self, x):
+        h = self.l1(x)
+        new = 0.9 * self.l2.pe + 0.1 * h.mean(0).detach()
+        if self.both:
+            self.l1.pe = self.l2.pe = new
+        else:
+            self.l2.pe = new
+        if self.fail:
+            raise ValueError("boom")
+        return self.l2(h) + self.l2.pe + self.l1.pe
+
+
+TIED_CALLS = {**CALLS, "one": None, "loop-one": None}
+
+
+@pytest.mark.parametrize("both", [False, True], ids=["second", "both"])
+@pytest.mark.parametrize("call", TIED_CALLS)
+def test_tied_buffer_reassigned_through_a_holder(call, both):
+    m, x = TiedBuffer(both=both), torch.randn(5, 3, dtype=torch.float64)
+    n = 1 if call in ("one", "loop-one") else K
+    p = _samples(m, n)
+    pe = m.l1.pe
+    snap = _snapshot(m)
+    expected, copies = _oracle(m, p, x, n)
+    if n > 1:
+        assert not torch.allclose(expected[0], expected[1])
+
+    if call == "one":
+        y = bf.vmap_call(m, p, x)
+    elif call == "loop-one":
+        y = bf.loop_call(m, p, x)
+    else:
+        y = _call(call, m, p, x)
+
+    torch.testing.assert_close(y, expected)
+    _params_intact(m, snap)
+    _usable(m)
+    # Each holder ends as in the copies, averaged over the samples: the one forward left
+    # alone keeps the very tensor it held (unchanged); the tie holds where both moved.
+    for holder in ("l1", "l2"):
+        want = torch.stack([getattr(c, holder).pe for c in copies]).mean(0)
+        torch.testing.assert_close(getattr(m, holder).pe, want)
+    assert m.l1.pe is pe
+    assert (m.l2.pe is pe) == both
+    if not both:
+        assert torch.equal(pe, torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("call", FAILING)
+def test_failed_call_puts_a_tied_buffer_back(call):
+    m, x = TiedBuffer(fail=True), torch.randn(5, 3, dtype=torch.float64)
+    p = _samples(m)
+    snap = _snapshot(m)
+    with pytest.raises((ValueError, RuntimeError)):
+        FAILING[call](m, p, x)
+    _as_found(m, snap)
+    assert m.l1.pe is m.l2.pe
+
+
+# 3. A tensor that is a parameter of one module and a buffer of another.
+
+
+class ParamBuffer(nn.Module):
+    def __init__(self, buffer_first=False):
+        super().__init__()
+        if buffer_first:
+            self.aux = nn.Module()
+        self.lin = nn.Linear(3, 2).double()
+        if not buffer_first:
+            self.aux = nn.Module()
+        self.aux.register_buffer("w", self.lin.weight)
+
+    def forward(self, x):
+        return self.lin(x) + x @ self.aux.w.T
+
+
+@pytest.mark.parametrize("buffer_first", [False, True])
+@pytest.mark.parametrize("call", {**CALLS, "one": None})
+def test_parameter_also_a_buffer(call, buffer_first):
+    m, x = ParamBuffer(buffer_first), torch.randn(5, 3, dtype=torch.float64)
+    n = 1 if call == "one" else K
+    p = _samples(m, n)
+    assert set(p) == {"lin.weight", "lin.bias"}
+    snap = _snapshot(m)
+    expected, _ = _oracle(m, p, x, n)
+    if n > 1:
+        assert not torch.allclose(expected[0], expected[1])
+
+    if call == "one":
+        y = bf.vmap_call(m, p, x)
+    else:
+        y = CALLS[call](m, p, x)
+
+    # Both places get the sample.
+    torch.testing.assert_close(y, expected)
+    _as_found(m, snap)
+    assert m.aux._buffers["w"] is m.lin.weight
+
+
+# 4. A parameter also held in a plain list or dict attribute.
+
+
+class Heads(nn.Module):
+    def __init__(self, kind="list"):
+        super().__init__()
+        self.a = nn.Linear(3, 2, bias=False).double()
+        self.b = nn.Linear(3, 2, bias=False).double()
+        self.kind = kind
+        if kind == "list":
+            self.weights = [self.a.weight, self.b.weight]
+        elif kind == "dict":
+            self.weights = {"a": self.a.weight, "b": self.b.weight}
+        elif kind == "tuple":
+            self.weights = (self.a.weight, self.b.weight)
+        elif kind == "nested":
+            self.weights = [[self.a.weight, self.b.weight]]
+
+    def forward(self, x):
+        if self.kind == "dict":
+            weights = self.weights.values()
+        elif self.kind == "nested":
+            weights = self.weights[0]
+        else:
+            weights = self.weights
+        return sum(x @ w.T for w in weights)
+
+
+ALIAS_CALLS = {
+    **CALLS,
+    "vmap-strict": lambda m, p, x: bf.vmap_call(m, p, x, fallback=False),
+    "one": lambda m, p, x: bf.vmap_call(m, {k: v[:1] for k, v in p.items()}, x),
+}
+
+
+@pytest.mark.parametrize("kind", ["list", "dict"])
+@pytest.mark.parametrize("call", ALIAS_CALLS)
+def test_parameter_also_in_a_list_or_dict(call, kind):
+    m, x = Heads(kind), torch.randn(4, 3, dtype=torch.float64)
+    p = _samples(m)
+    n = 1 if call == "one" else K
+    snap = _snapshot(m)
+    held = list(m.weights.values() if kind == "dict" else m.weights)
+    expected, _ = _oracle(m, p, x, n)
+    assert not torch.allclose(expected[0], m(x))
+
+    y = ALIAS_CALLS[call](m, p, x)
+
+    torch.testing.assert_close(y, expected)
+    if n > 1:
+        assert not torch.allclose(y[0], y[1])
+    _as_found(m, snap)
+    now = list(m.weights.values() if kind == "dict" else m.weights)
+    assert len(now) == len(held) and all(a is b for a, b in zip(now, held, strict=True))
+
+
+def test_parameter_in_a_list_replaced_after_a_call():
+    m, x = Heads("list"), torch.randn(4, 3, dtype=torch.float64)
+    p = _samples(m)
+    bf.vmap_call(m, p, x)
+    # The list is replaced (the structure seen before is stale): the new one gets the sample.
+    m.weights = [m.b.weight]
+    expected, _ = _oracle(m, p, x)
+    torch.testing.assert_close(bf.vmap_call(m, p, x), expected)
+    assert m.weights[0] is m.b.weight
+
+
+def test_parameter_in_a_list_inside_a_reparameterize_block():
+    m, x = Heads("list"), torch.randn(4, 3, dtype=torch.float64)
+    held = list(m.weights)
+    plain = m(x)
+    model = bf.BayesianModel(m, init_logvar=0.0)
+    with model.reparameterize(generator=torch.Generator().manual_seed(0)) as net:
+        assert net.weights[0] is net.a.weight and net.weights[1] is net.b.weight
+        y = net(x)
+        torch.testing.assert_close(y, x @ (net.a.weight + net.b.weight).T)
+    assert not torch.allclose(y, plain)
+    assert all(a is b for a, b in zip(m.weights, held, strict=True))
+    assert m.weights[0] is m.a.weight
+
+
+@pytest.mark.parametrize("kind", ["tuple", "nested"])
+@pytest.mark.parametrize("call", ["vmap", "loop"])
+def test_parameter_in_an_unswappable_place_warns(call, kind):
+    m, x = Heads(kind), torch.randn(4, 3, dtype=torch.float64)
+    p = _samples(m)
+    snap = _snapshot(m)
+    with pytest.warns(UserWarning, match=r"weights.*a\.weight|a\.weight.*weights"):
+        CALLS[call](m, p, x)
+    _as_found(m, snap)
+
+
+def test_unswappable_place_of_a_parameter_not_sampled_does_not_warn():
+    m, x = Heads("tuple"), torch.randn(4, 3, dtype=torch.float64)
+    m.c = nn.Linear(3, 2).double()
+    p = {k: v for k, v in _samples(m).items() if k.startswith("c.")}
+    bf.vmap_call(m, p, x)  # filterwarnings = error: no warning
+
+
+@pytest.mark.parametrize("call", ["vmap", "loop", "one"])
+def test_recurrent_layers_cached_weights_need_no_warning(call):
+    lstm = nn.LSTM(3, 4, batch_first=True).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    p = _samples(lstm, 1 if call == "one" else K)
+    fn = lambda m, x: m(x)[0]
+    flat = list(lstm._flat_weights)
+    expected = torch.stack(
+        [fn(_load(lstm, p, k), x) for k in range(next(iter(p.values())).shape[0])]
+    )
+    if call == "loop":
+        y = bf.loop_call(lstm, p, x, fn=fn)
+    else:
+        y = bf.vmap_call(lstm, p, x, fn=fn)
+    torch.testing.assert_close(y, expected)
+    assert all(a is b for a, b in zip(lstm._flat_weights, flat, strict=True))
+
+
+class AliasedStats(nn.Module):
+    r"""A running statistic also held in a dict, and updated in place through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+        self.register_buffer("running", torch.zeros(2, dtype=torch.float64))
+        self.stats = {"running": self.running}
+
+    def forward(self, x):
+        h = self.lin(x)
+        self.stats["running"].mul_(0.9).add_(0.1 * h.mean(0).detach())
+        return h + self.stats["running"]
+
+
+@pytest.mark.parametrize("call", ["vmap", "loop"])
+def test_buffer_also_in_a_dict_updated_through_it(call):
+    m, x = AliasedStats(), torch.randn(5, 3, dtype=torch.float64)
+    p = _samples(m)
+    running = m.running
+    expected, copies = _oracle(m, p, x)
+    assert not torch.allclose(expected[0], expected[1])
+    if call == "vmap":
+        with pytest.warns(bf.VmapFallbackWarning):
+            y = bf.vmap_call(m, p, x)
+    else:
+        y = bf.loop_call(m, p, x)
+    # Every sample starts from the statistic the call found, which ends at their average.
+    torch.testing.assert_close(y, expected)
+    assert m.running is running and m.stats["running"] is running
+    torch.testing.assert_close(m.running, torch.stack([c.running for c in copies]).mean(0))
+    _usable(m)
