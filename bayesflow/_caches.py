@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._compat import is_compiling, is_wrapped
+
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -72,16 +74,25 @@ _VALUES = (bool, int, float, complex, str, bytes, type(None))
 def value_key(obj: object, depth: int = 2) -> Hashable:
     r"""Returns a key for `obj` as far as the memory and the layer calls of a call depend
     on it: a tensor by its shape, dtype and device (its values are the next batch's; a
-    0-dim integer, nested or sparse one by identity), a number or a string by its value, a tuple,
+    0-dim integer one, which may be a count, by its value on the CPU and elsewhere by identity
+    and version; a nested or sparse one by identity), a number or a string by its value, a tuple,
     list or dict of those (`depth` levels, 64 items at most) by theirs, anything else by
     identity."""
 
     if isinstance(obj, Tensor):
         count = obj.dim() == 0 and not obj.is_floating_point() and not obj.is_complex()
+        if count and _readable(obj):
+            # A 0-dim integer tensor may be a count (`x.repeat(int(k), 1)`): by its value,
+            # read for free on the CPU (one example's label, new at every step, finds the
+            # last one's entry; a count written in place, its new value's).
+            return (Tensor, obj.dtype, int(obj))
+        if count and not obj.is_inference():
+            # Elsewhere reading it would wait for the device: by identity and version.
+            return (_Identity(obj), obj._version)
         if count or obj.is_nested or obj.layout is not torch.strided:
-            # A 0-dim integer tensor may be a count (`x.repeat(int(k), 1)`); a nested one
-            # has no shape of one tuple: by identity, as any object. (A float scalar, a
-            # batch's scale, a temperature, by its dtype.)
+            # (An inference-mode count has no version.) A nested tensor has no shape of
+            # one tuple: by identity, as any object. (A float scalar, a batch's scale, a
+            # temperature, by its dtype.)
             return _Identity(obj)
         return (Tensor, tuple(obj.shape), obj.dtype, obj.device)
     if type(obj) in _VALUES:
@@ -92,6 +103,19 @@ def value_key(obj: object, depth: int = 2) -> Hashable:
         items = [(value_key(k, 0), value_key(v, depth - 1)) for k, v in obj.items()]
         return (dict, tuple(items))
     return _Identity(obj)
+
+
+def _readable(t: Tensor) -> bool:
+    r"""Whether the value of a 0-dim tensor can be read without waiting for a device or
+    breaking a trace: a plain CPU tensor, outside torch.compile and torch.func transforms."""
+
+    return (
+        t.device.type == "cpu"
+        and t.layout is torch.strided
+        and not is_compiling()
+        and not is_wrapped(t)
+        and type(t) is Tensor
+    )
 
 
 _EMPTY = object()

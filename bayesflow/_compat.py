@@ -500,38 +500,44 @@ _FLOAT32 = frozenset(
         F.cross_entropy, F.hinge_embedding_loss, F.huber_loss, F.kl_div, F.l1_loss,
         F.margin_ranking_loss, F.mse_loss, F.multi_margin_loss, F.multilabel_margin_loss,
         F.nll_loss, F.poisson_nll_loss, F.smooth_l1_loss, F.soft_margin_loss,
-        F.triplet_margin_loss, torch.cdist, torch.prod, Tensor.prod,
+        F.triplet_margin_loss, torch.cdist, torch.prod, Tensor.prod, torch.trace, Tensor.trace,
     }
 )  # fmt: skip
 _LOWER = frozenset(
     {
         F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
-        F.conv_transpose3d, F.prelu, torch.addbmm, torch.addmm, torch.baddbmm, Tensor.addbmm,
-        Tensor.addmm, Tensor.baddbmm,
+        F.conv_transpose3d, F.prelu, F.scaled_dot_product_attention, torch.addbmm,
+        torch.addmm, torch.baddbmm, torch.linalg.vecdot, Tensor.addbmm, Tensor.addmm,
+        Tensor.baddbmm,
     }
 )  # fmt: skip
 
 
-class AutocastRules(TorchFunctionMode):
-    r"""A torch function mode for a vectorized pass under CPU autocast: the functions of
-    `_FLOAT32` and `_LOWER` get their inputs cast as autocast casts them (any floating dtype
-    but float64), and a batch normalization of a lower-precision input with float32 weights
-    or statistics, which a plain call computes (vmap's rule refuses the mix), runs in
-    float32, its output in the input's dtype."""
+# The normalizations that a plain call computes on a lower-precision input with float32
+# weights or statistics (its output in the input's dtype), and vmap's rules refuse or promote.
+_NORMS = frozenset({F.batch_norm, F.layer_norm, F.group_norm})
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.dtype = torch.get_autocast_dtype("cpu")
+
+class AutocastRules(TorchFunctionMode):
+    r"""A torch function mode for a vectorized pass under CPU autocast: while autocast is
+    on (`fn` may turn it off, or change its dtype, for a block), the functions of `_FLOAT32`
+    and `_LOWER` get their inputs cast as autocast casts them (any floating dtype but
+    float64), and a normalization of `_NORMS` of a lower-precision input with float32
+    weights or statistics runs in float32, its output in the input's dtype, as a plain call
+    computes it."""
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in _FLOAT32:
-            return func(*_cast(args, torch.float32), **_cast(kwargs, torch.float32))
-        if func in _LOWER:
-            return func(*_cast(args, self.dtype), **_cast(kwargs, self.dtype))
-        if func is F.batch_norm and args and _mixed(args[0], (*args[1:], *kwargs.values())):
-            x = args[0]
-            return func(x.float(), *args[1:], **kwargs).to(x.dtype)
+        if func in _FLOAT32 or func in _LOWER or func in _NORMS:
+            if torch.is_autocast_enabled("cpu"):
+                if func in _FLOAT32:
+                    return func(*_cast(args, torch.float32), **_cast(kwargs, torch.float32))
+                if func in _LOWER:
+                    dtype = torch.get_autocast_dtype("cpu")
+                    return func(*_cast(args, dtype), **_cast(kwargs, dtype))
+                if args and _mixed(args[0], (*args[1:], *kwargs.values())):
+                    x = args[0]
+                    return func(x.float(), *args[1:], **kwargs).to(x.dtype)
         return func(*args, **kwargs)
 
 

@@ -51,9 +51,9 @@ from ._compat import (
     hook_name,
     in_func_transform,
     is_compiling,
-    is_wrapped,
     no_saved_tensors_hooks,
     saved_tensors_hooks_active,
+    unwrap_batched,
 )
 from ._errors import ArgumentWritten, Passthrough
 from ._layers import LocalPlan, ReadElsewhere, Recorder, StaleShapes, Tape, expire
@@ -355,7 +355,8 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
     try:
         if measure is None:
             try:
-                return _checked(job, shared, _vectorized(job, chunk_size, state)), None
+                out = _vectorized(job, chunk_size, state)
+                return _checked(job, shared, chunk_size, out), None
             except _ChunkedWrites:
                 _check_arguments(job, shared)
                 if cached is None or chunk_size is None or chunk_size >= job.n:
@@ -368,9 +369,9 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
                 _set_rng_state(rng)
             cached[0].put((cached[1], "one pass"), 1)
             state = State(job.st, job.buffers)
-            return _checked(job, shared, _vectorized(job, None, state)), None
+            return _checked(job, shared, None, _vectorized(job, None, state)), None
         with counting_allocations() as counter:
-            out = _checked(job, shared, _vectorized(job, None, state))
+            out = _checked(job, shared, None, _vectorized(job, None, state))
         measure[0].put(measure[1], max(1, counter.bytes // job.n))
         return out, None
     except (Passthrough, StopRecomputation):
@@ -397,45 +398,67 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
     return _loop(job, state), message
 
 
-def _shared_versions(job: _Job) -> list[tuple[int, Tensor, int]]:
-    r"""The version counters of the tensors among the arguments that every sample shares
-    (`in_dims` None), with their argument's position: `fn` must not write them in place
-    (see :func:`_check_arguments`)."""
+def _shared_versions(job: _Job) -> list[tuple[str, Tensor, int]]:
+    r"""The version counters of the tensors that every sample shares and `fn` must not
+    write in place (see :func:`_check_arguments`): those among its arguments (`in_dims`
+    None) and those it closes over, but the module's own, each with what it is."""
 
-    if is_compiling():  # (no version counter can be read while tracing)
+    if is_compiling() or job.n == 1:  # (one sample writes once, as the loop's)
         return []
-    versions = []
+    own, versions = job.st.own, []
+
+    def watch(what: str, t: object) -> None:
+        if isinstance(t, Tensor):
+            t = unwrap_batched(t)  # under an outer transform's wrappers: what it writes
+            # (The module's own tensors follow the buffers' rule; an inference tensor has
+            # no version counter.)
+            if id(t) not in own and id(t._base) not in own and not t.is_inference():
+                versions.append((what, t, t._version))
+
+    fn = job.opts.fn
+    shift = getattr(fn, "_bayesflow_leading", 0)  # a local call's fn takes its noise first
     for i, (a, d) in enumerate(zip(job.args, job.dims, strict=True)):
         if d is None:
             for t in (a,) if isinstance(a, Tensor) else tree_leaves(a):
-                if isinstance(t, Tensor) and not t.is_inference() and not is_wrapped(t):
-                    versions.append((i, t, t._version))
+                watch(f"argument {i - shift}", t)
+    fn = getattr(fn, "_bayesflow_fn", fn)
+    cells = getattr(fn, "__closure__", None) or ()
+    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
+    for name, cell in zip(names, cells, strict=False):
+        try:
+            watch(f"the tensor {name!r} that fn closes over", cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
     return versions
 
 
 def _check_arguments(
-    job: _Job, versions: list[tuple[int, Tensor, int]], err: BaseException | None = None
+    job: _Job, versions: list[tuple[str, Tensor, int]], err: BaseException | None = None
 ) -> None:
-    r"""Raises if a vectorized pass wrote a shared argument in place: the loop's samples
-    each see the writes of those before them (the oracle, `loop_call`), one pass writes
-    once (or once per chunk), and a fallback to the loop would start from that write."""
+    r"""Raises if a vectorized pass wrote a tensor every sample shares in place: the loop's
+    samples each see the writes of those before them (the oracle, `loop_call`), one pass
+    writes once (or once per chunk), and a fallback to the loop would start from that
+    write."""
 
-    # (A local call's fn takes its noise first: the positions of the caller's arguments.)
-    shift = getattr(job.opts.fn, "_bayesflow_leading", 0)
-    written = sorted({i - shift for i, t, version in versions if t._version != version})
+    written = list(dict.fromkeys(what for what, t, version in versions if t._version != version))
     if written:
         raise ArgumentWritten(
-            f"{job.opts.where}: expected fn to leave the arguments that every sample shares "
-            f"as they are, got argument {', '.join(map(str, written))} written in place (it "
-            "now holds the vectorized pass's writes): in the loop each sample would see the "
-            "writes of the samples before it (an in-place activation on it, "
-            "nn.ReLU(inplace=True), writes it too). Copy it inside fn before writing (x = "
-            "x.clone()), pass it per sample (in_dims), or use vectorized=False"
+            f"{job.opts.where}: expected fn to leave the tensors that every sample shares as "
+            f"they are, got {', '.join(written)} written in place (or a tensor that shares "
+            "its memory, a view of it; it now holds the vectorized pass's writes): in the "
+            "loop each sample would see the writes of the samples before it (an in-place "
+            "activation on it, nn.ReLU(inplace=True), writes it too, even where that changes "
+            "nothing). Copy it inside fn before writing (x = x.clone()), pass it per sample "
+            "(in_dims), or run the loop (bayesflow.loop_call; vectorized=False for "
+            "local_call and the objectives)"
         ) from err
 
 
-def _checked(job: _Job, versions: list[tuple[int, Tensor, int]], out: Any) -> Any:
-    _check_arguments(job, versions)
+def _checked(
+    job: _Job, versions: list[tuple[str, Tensor, int]], chunk_size: int | None, out: Any
+) -> Any:
+    if chunk_size != 1:  # (one at a time, each chunk's writes are the loop's)
+        _check_arguments(job, versions)
     return out
 
 
@@ -761,27 +784,40 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
 
     if is_compiling():
         return unflatten(spec[0], leaves)
+    if n == 1:  # copies, as every output of a one-sample call (see _single_now)
+        return unflatten(spec[0], [t.clone() for t in leaves])
     ids, own = _inputs(job), st.own
     return unflatten(spec[0], _distinct([_unshared(t, ids, own) for t in leaves]))
 
 
 def _distinct(leaves: list[Tensor]) -> list[Tensor]:
     r"""Returns `leaves` with a copy of each that shares memory with one before it (fn
-    returned `(y, y)` or `(y, y.T)`): the loop's outputs are stacked copies of their own, and
-    a write to one output changes no other."""
+    returned `(y, y)`, `(y, y.T)` or `(y, y.detach())`): the loop's outputs are stacked
+    copies of their own, and a write to one output changes no other."""
 
     if len(leaves) < 2:
         return leaves
-    seen: set[int] = set()
+    seen: set[object] = set()
     out = []
     for t in leaves:
-        root = t if t._base is None else t._base
-        if id(root) in seen:
+        where = _memory(t)
+        if where in seen:
             t = t.clone()
         else:
-            seen.add(id(root))
+            seen.add(where)
         out.append(t)
     return out
+
+
+def _memory(t: Tensor) -> object:
+    r"""What identifies the memory of `t`: its storage's address, where it has one and it
+    is not empty; else its root tensor."""
+
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # nested, sparse, ...
+        ptr = 0
+    return ptr if ptr else id(t if t._base is None else t._base)
 
 
 def _inputs(job: _Job) -> set[int]:
@@ -836,7 +872,7 @@ def vmap(
 def _signature(args: tuple, dims: tuple) -> tuple:
     r"""What a call's arguments are, as far as the memory and the layer calls of `fn`
     depend on them: the shapes of one sample's tensors, and the shared arguments as
-    :func:`value_key` keys them (a 0-dim integer tensor, which may be a count, by identity;
+    :func:`value_key` keys them (a 0-dim integer tensor, which may be a count, by value;
     other tensors by shape; numbers and strings by value; anything else by identity)."""
 
     return tuple(
@@ -981,6 +1017,7 @@ def run_local(
 
                 local_fn._bayesflow_key = ("local", fn_key(opts.fn), plan.key, forced)  # type: ignore[attr-defined]
                 local_fn._bayesflow_leading = 1  # type: ignore[attr-defined]
+                local_fn._bayesflow_fn = opts.fn  # type: ignore[attr-defined]
                 local = opts._replace(fn=local_fn)
                 forwards = plan.forwards(tape, layout.local)
                 job = _Job(st, module, params, (slab, *args), (0, *dims), n, local, {}, zuko)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from ._compat import autocast_off
 from ._errors import OutputError, OutputStructureError
 
 
@@ -123,7 +124,10 @@ def stack(where: str, outs: list[Any]) -> Any:
             )
         for column, t in zip(columns, others, strict=True):
             column.append(t)
-    return unflatten(spec, [torch.stack(column) for column in columns])
+    # (Without autocast: its rule for `stack` refuses float16 under bfloat16's autocast;
+    # tensors of one dtype stack to it either way.)
+    with autocast_off():
+        return unflatten(spec, [torch.stack(column) for column in columns])
 
 
 def _like(out: Any, spec: Any) -> Any:

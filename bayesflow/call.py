@@ -157,12 +157,17 @@ def vmap_call(
 
     Raises:
         RuntimeError: If vmap cannot run `fn` and `fallback` is :py:`False`.
-        ValueError: If `fn`, with `n >= 2` samples vectorized, writes in place an argument
-            that every sample shares (`x.add_(1)`; an argument per sample, `in_dims=0`,
-            may be written: each sample writes its own): in the loop every sample would
-            see the writes of those before it, which one pass cannot give, and no
-            fallback is taken (the argument holds the pass's writes). If `fn` returns
-            outputs of another structure in a later chunk of samples than in the first.
+        ValueError: If `fn`, with `n >= 2` samples vectorized in chunks of more than one,
+            writes in place a tensor that every sample shares: an argument (`x.add_(1)`,
+            an in-place activation on it, even one that changes nothing) or a tensor it
+            closes over (an argument per sample, `in_dims=0`, may be written: each sample
+            writes its own; the module's own buffers follow the buffers' rule). In the
+            loop every sample would see the writes of those before it, which one pass
+            cannot give, and no fallback is taken (the tensor holds the pass's writes).
+            Writes that bump no version counter are not seen: through `.data`, into a
+            tensor made under :func:`torch.inference_mode`, or into one held in another
+            object. If `fn` returns outputs of another structure in a later chunk of
+            samples than in the first.
     """
 
     where = "vmap_call"

@@ -1915,7 +1915,27 @@ def _fn_cases():
         ),
         "addmm": lambda m, x: torch.addmm(torch.ones(5, 3, dtype=w.dtype), m(x), w[:3]),
         "conv": lambda m, x: F.conv1d(m(x)[:, None], w[None, None, :2, 0]),
+        "trace": lambda m, x: torch.trace(m(x)[:3]),
+        "vecdot": lambda m, x: torch.linalg.vecdot(m(x), w[:5]),
+        # autocast turned off, or another dtype, for a block of fn: the rules follow it
+        "off": lambda m, x: _off(lambda: F.linear(m(x).float(), w[:3], w[0])),
+        "off-loss": lambda m, x: _off_loss(m(x)),  # bfloat16 logits, a bfloat16 loss
+        "float16": lambda m, x: _half(lambda: F.linear(m(x).float(), w[:3], w[0])),
     }
+
+
+def _off(f):
+    with torch.autocast("cpu", enabled=False):
+        return f()
+
+
+def _off_loss(h):
+    return _off(lambda: -F.mse_loss(h, h * 0, reduction="none"))
+
+
+def _half(f):
+    with torch.autocast("cpu", dtype=torch.float16):
+        return f()
 
 
 @pytest.mark.parametrize("case", list(_fn_cases()))
@@ -1934,7 +1954,7 @@ def test_autocast_functions_in_fn_give_the_loops_numbers(case, grad, gen):
     assert vec.dtype == loop.dtype
     assert torch.allclose(vec.float(), loop.float(), rtol=1e-2, atol=1e-2)
     assert not torch.allclose(vec[0].float(), vec[1].float())
-    if case == "cross-entropy":  # the same computation as the loop's
+    if case in ("cross-entropy", "trace"):  # the loop's computation
         assert torch.equal(vec, loop)
 
 
@@ -1946,6 +1966,9 @@ def _after_a_linear():
         ).eval(),
         "batch-norm-train": nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)),
         "prelu": nn.Sequential(nn.Linear(3, 8), nn.PReLU(), nn.Linear(8, 2)).eval(),
+        # (the norm's output is the network's: a linear layer after it would cast it)
+        "layer-norm": nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8)),
+        "group-norm": nn.Sequential(nn.Linear(3, 8), nn.GroupNorm(2, 8)),
         "conv-transpose": nn.Sequential(
             nn.Linear(3, 8), nn.Unflatten(1, (2, 4)), nn.ConvTranspose1d(2, 3, 3), nn.Flatten()
         ).eval(),
@@ -1953,7 +1976,8 @@ def _after_a_linear():
 
 
 @pytest.mark.parametrize(
-    "case", ["batch-norm-eval", "batch-norm-train", "prelu", "conv-transpose"]
+    "case",
+    ["batch-norm-eval", "batch-norm-train", "prelu", "layer-norm", "group-norm", "conv-transpose"],
 )
 def test_autocast_layers_after_a_cast_layer_vectorize(case, gen):
     # A layer fed the bfloat16 output of a cast linear layer, with float32 weights of its
@@ -2045,6 +2069,32 @@ def test_a_count_given_as_an_argument_sets_the_footprint(monkeypatch, gen, fresh
         assert torch.allclose(got, bf.loop_call(net, params, x, torch.tensor(k), fn=fn))
     assert chunks[0] == 16 and chunks[1] == 1
     assert not torch.allclose(got[0], got[1])
+
+    # The same tensor counted up in place (it was keyed by identity: the old chunk).
+    bf.clear_caches()
+    chunks.clear()
+    k = torch.tensor(1)
+    for _ in range(2):
+        bf.vmap_call(net, params, x, k, fn=fn, chunk_size="auto", max_memory=budget)
+        k += 399
+    assert chunks == [16, 1]
+
+
+def test_one_examples_label_made_anew_finds_the_last_ones_layout(gen, fresh_caches):
+    # A 0-dim label (what a TensorDataset yields), new at every step, was keyed by identity:
+    # a local call ran its shape-finding pass at every step. By value: once per label.
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    q = bf.init(net, init_logvar=-3.0)
+    calls = types.SimpleNamespace(n=0)  # (an object: keyed by identity, not by its count)
+
+    def fn(m, x, y):
+        calls.n += 1
+        return -F.cross_entropy(m(x[None]), y.reshape(1))
+
+    labels = [0, 1, 2, 0, 1, 2, 2, 1, 0, 0]
+    for y in labels:
+        bf.local_call(net, q, 4, torch.randn(4), torch.tensor(y), fn=fn, generator=gen(y))
+    assert calls.n == len(labels) + len(set(labels))
 
 
 def test_the_default_budget_reads_the_available_memory(monkeypatch, tmp_path):
