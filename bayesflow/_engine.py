@@ -51,6 +51,7 @@ from ._compat import (
     hook_name,
     in_func_transform,
     is_compiling,
+    is_wrapped,
     no_saved_tensors_hooks,
     saved_tensors_hooks_active,
     unwrap_batched,
@@ -398,50 +399,61 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
     return _loop(job, state), message
 
 
-def _shared_versions(job: _Job) -> list[tuple[str, Tensor, int]]:
+def _shared_versions(job: _Job) -> list[tuple[int | str, Tensor, int]]:
     r"""The version counters of the tensors that every sample shares and `fn` must not
     write in place (see :func:`_check_arguments`): those among its arguments (`in_dims`
-    None) and those it closes over, but the module's own, each with what it is."""
+    None, by position) and those it closes over (by name), but the module's own."""
 
     if is_compiling() or job.n == 1:  # (one sample writes once, as the loop's)
         return []
-    own, versions = job.st.own, []
-
-    def watch(what: str, t: object) -> None:
-        if isinstance(t, Tensor):
-            t = unwrap_batched(t)  # under an outer transform's wrappers: what it writes
-            # (The module's own tensors follow the buffers' rule; an inference tensor has
-            # no version counter.)
-            if id(t) not in own and id(t._base) not in own and not t.is_inference():
-                versions.append((what, t, t._version))
-
-    fn = job.opts.fn
-    shift = getattr(fn, "_bayesflow_leading", 0)  # a local call's fn takes its noise first
+    own: frozenset[int] = job.st.own
+    versions: list[tuple[int | str, Tensor, int]] = []
     for i, (a, d) in enumerate(zip(job.args, job.dims, strict=True)):
         if d is None:
             for t in (a,) if isinstance(a, Tensor) else tree_leaves(a):
-                watch(f"argument {i - shift}", t)
-    fn = getattr(fn, "_bayesflow_fn", fn)
-    cells = getattr(fn, "__closure__", None) or ()
-    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
-    for name, cell in zip(names, cells, strict=False):
-        try:
-            watch(f"the tensor {name!r} that fn closes over", cell.cell_contents)
-        except ValueError:  # an empty cell
-            pass
+                if isinstance(t, Tensor):
+                    _watch(versions, own, i, t)
+    fn = job.opts.fn
+    fn = getattr(fn, "_bayesflow_fn", fn)  # a local call's: the caller's
+    cells = getattr(fn, "__closure__", None)
+    if cells:
+        for name, cell in zip(fn.__code__.co_freevars, cells, strict=True):
+            try:
+                t = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(t, Tensor):
+                _watch(versions, own, name, t)
     return versions
 
 
+def _watch(versions: list, own: frozenset[int], what: int | str, t: Tensor) -> None:
+    if is_wrapped(t):  # under an outer transform's wrappers: the tensor it writes
+        t = unwrap_batched(t)
+    # (The module's own tensors follow the buffers' rule; an inference tensor has no
+    # version counter.)
+    base = t._base
+    if id(t) not in own and (base is None or id(base) not in own) and not t.is_inference():
+        versions.append((what, t, t._version))
+
+
 def _check_arguments(
-    job: _Job, versions: list[tuple[str, Tensor, int]], err: BaseException | None = None
+    job: _Job, versions: list[tuple[int | str, Tensor, int]], err: BaseException | None = None
 ) -> None:
     r"""Raises if a vectorized pass wrote a tensor every sample shares in place: the loop's
     samples each see the writes of those before them (the oracle, `loop_call`), one pass
     writes once (or once per chunk), and a fallback to the loop would start from that
     write."""
 
-    written = list(dict.fromkeys(what for what, t, version in versions if t._version != version))
-    if written:
+    moved = [what for what, t, version in versions if t._version != version]
+    if moved:
+        shift = getattr(job.opts.fn, "_bayesflow_leading", 0)  # a local call's noise first
+        written = dict.fromkeys(
+            f"argument {what - shift}"
+            if isinstance(what, int)
+            else f"the tensor {what!r} that fn closes over"
+            for what in moved
+        )
         raise ArgumentWritten(
             f"{job.opts.where}: expected fn to leave the tensors that every sample shares as "
             f"they are, got {', '.join(written)} written in place (or a tensor that shares "
@@ -455,7 +467,7 @@ def _check_arguments(
 
 
 def _checked(
-    job: _Job, versions: list[tuple[str, Tensor, int]], chunk_size: int | None, out: Any
+    job: _Job, versions: list[tuple[int | str, Tensor, int]], chunk_size: int | None, out: Any
 ) -> Any:
     if chunk_size != 1:  # (one at a time, each chunk's writes are the loop's)
         _check_arguments(job, versions)
