@@ -69,6 +69,11 @@ class State:
         self.st = st
         given = given or {}
         slots = st.buffer_slots
+        if st.plain:
+            # A plain list or dict that holds a buffer is the module's own state: what fn
+            # does to it follows no rule, as for any plain attribute.
+            plain = st.plain
+            slots = {k: [s for s in v if (id(s[0]), s[1]) not in plain] for k, v in slots.items()}
         self.entries = [
             (name, t, t.detach().clone(), slots[name])
             for name, t in st.buffers.items()
@@ -110,7 +115,7 @@ class State:
         registered as None holds None again, one registered by `fn` is removed."""
 
         for _, d, attr in self.st.empty:
-            if d.get(attr, d) is not None:
+            if d.get(attr) is not None:  # (not where fn removed it: a parameter now, say)
                 d[attr] = None
         for _, d, attr, nonpersistent in self.st.added():
             del d[attr]

@@ -424,6 +424,12 @@ class Structure:
         self._extra: list[Slot] = []
         for prefix, m in distinct:
             self._find_aliases(prefix, m, by_id)
+        # The plain places (`fn` may move a list's items, or pop a dict's): put back by what
+        # they hold (see `_swap.swapped`).
+        self.plain = frozenset((id(c), key) for c, key in self._extra)
+        # Each module's attributes, by their number: a list or dict that holds a tensor of
+        # the module, set after the structure was built, changes it (see `is_current`).
+        self._vars = [vars(m) for _, m in distinct]
         self._embeddings = [(m, by_id[id(t)]) for m, t in embeddings if id(t) in by_id]
         self._dicts = [d for tables in self._tables for d in tables]
         # The module, its submodules and their weight hooks, by id (alive while this is).
@@ -483,6 +489,12 @@ class Structure:
                 if isinstance(item, Tensor):
                     name = by_id.get(id(item))
                     if name is None:
+                        # A view of a parameter (`self.w_t = self.lin.weight.T`): no sample
+                        # can be put there.
+                        base = by_id.get(id(item._base)) if item._base is not None else None
+                        if base is not None and base in self.params:
+                            found = True
+                            self.unreached.setdefault(base, []).append(f"{where} (a view)")
                         continue
                     found = True
                     if container is not None:
@@ -514,6 +526,7 @@ class Structure:
         tables = (
             tuple([id(v) for d in self._dicts for v in d.values()]),
             tuple([len(d) for d in self._dicts]),
+            tuple(map(len, self._vars)),
         )
         if not self._watched and not self._extra:
             return tables

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __all__ = ["REMOVE", "has_own_forward", "ours", "patched", "swapped"]
 
+import functools
 import warnings
 import weakref
 
@@ -76,7 +77,8 @@ class swapped:
         module: nn.Module | None = None,
     ) -> None:
         self.st, self.params, self.buffers, self.module = st, params, buffers, module
-        self.done: list[tuple[Any, Any, Tensor]] = []
+        # (place, key, what it held, what was put there)
+        self.done: list[tuple[Any, Any, Tensor, Tensor]] = []
         # Per recurrent layer: its `__dict__`, and per cached list the list and its items.
         self.flat: list[tuple[dict, list[tuple[str, Any, list]]]] = []
 
@@ -89,16 +91,18 @@ class swapped:
                 recurrent = _recurrent_of(self.st, self.module)
                 if recurrent:
                     self._keep_flat(recurrent)
-            slots = self.st.slots
-            for name, t in self.params.items():
-                for d, attr in slots[name]:
-                    done.append((d, attr, d[attr]))
-                    d[attr] = t
-            if self.buffers:
-                slots = self.st.buffer_slots
-                for name, t in self.buffers.items():
-                    for d, attr in slots[name]:
-                        done.append((d, attr, d[attr]))
+            st = self.st
+            for table, own, given in (
+                (st.slots, st.params, self.params),
+                (st.buffer_slots, st.buffers, self.buffers or {}),
+            ):
+                for name, t in given.items():
+                    for d, attr in table[name]:
+                        if st.plain and (id(d), attr) in st.plain:
+                            attr = _where(d, attr, own[name])  # (fn may have moved it)
+                            if attr is None:
+                                continue
+                        done.append((d, attr, d[attr], t))
                         d[attr] = t
         except BaseException:
             self.__exit__()
@@ -120,12 +124,20 @@ class swapped:
         place one of them changed too is put back by the first of those on its exit, to
         what this one found; the others are put back now."""
 
-        _hand_over(self.done, [i.done for i in inners], lambda e: (id(e[0]), e[1]), _put)
+        put = functools.partial(_put, self.st.plain)
+        _hand_over(
+            self.done,
+            [i.done for i in inners],
+            lambda e: (id(e[0]), e[1]),
+            put,
+            lambda outer, inner: (*outer[:3], inner[3]),  # (what the inner one put there)
+        )
         _hand_over(self.flat, [i.flat for i in inners], lambda e: id(e[0]), _put_flat)
 
     def __exit__(self, *exc: object) -> None:
+        plain = self.st.plain
         for entry in reversed(self.done):
-            _put(entry)
+            _put(plain, entry)
         self.done.clear()
         for entry in self.flat:
             _put_flat(entry)
@@ -149,9 +161,35 @@ def _warn_unreached(st: Structure, params: Mapping[str, Tensor]) -> None:
     )
 
 
-def _put(entry: tuple[Any, Any, Tensor]) -> None:
-    d, attr, original = entry
-    d[attr] = original
+def _where(d: Any, key: Any, t: Tensor) -> Any:
+    r"""Returns the key under which the plain list or dict `d` holds `t`: `key`, or where a
+    list holds it now; :py:`None` where it holds it no more."""
+
+    if type(d) is list:
+        if key < len(d) and d[key] is t:
+            return key
+        return next((i for i, held in enumerate(d) if held is t), None)
+    return key if d.get(key) is t else None
+
+
+def _put(plain: frozenset, entry: tuple[Any, Any, Tensor, Tensor]) -> None:
+    r"""Puts back what a place held. A plain list or dict of the module's (`plain`) gets it
+    where it holds what was put there: `fn` may have moved, removed or replaced its items
+    (`self.cache.pop()`), which a plain forward leaves so; the module's tables always."""
+
+    d, attr, original, put = entry
+    if (id(d), attr) not in plain:
+        d[attr] = original
+    elif type(d) is list:
+        if attr < len(d) and d[attr] is put:
+            d[attr] = original
+        else:
+            for i, held in enumerate(d):  # moved: where it is now
+                if held is put:
+                    d[i] = original
+                    break
+    elif d.get(attr) is put:
+        d[attr] = original
 
 
 def _put_flat(entry: tuple[dict, list[tuple[str, Any, list]]]) -> None:
@@ -243,7 +281,11 @@ def _unpatch(entry: tuple[Any, str, Any]) -> None:
 
 
 def _hand_over(
-    outer: list, inners: list[list], place: Callable[[Any], Any], put: Callable[[Any], None]
+    outer: list,
+    inners: list[list],
+    place: Callable[[Any], Any],
+    put: Callable[[Any], None],
+    merge: Callable[[Any, Any], Any] = lambda outer, inner: outer,
 ) -> None:
     r"""Leaves the changes recorded in `outer` before those of `inners`, made after it and
     still in place (in order). Where one of them changed a place too, the first such
@@ -262,7 +304,7 @@ def _hand_over(
         for records, first in zip(inners, firsts, strict=True):
             i = first.get(key)
             if i is not None:
-                records[i] = entry
+                records[i] = merge(entry, records[i])
                 break
         else:
             put(entry)

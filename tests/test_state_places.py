@@ -494,3 +494,104 @@ def test_buffer_also_in_a_dict_updated_through_it(call):
     assert m.running is running and m.stats["running"] is running
     torch.testing.assert_close(m.running, torch.stack([c.running for c in copies]).mean(0))
     _usable(m)
+
+
+class Queue(nn.Module):
+    r"""Takes the weight it uses from a plain list that forward consumes (a queue)."""
+
+    def __init__(self, move):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+        self.move = move
+        self.todo = [self.lin.weight]
+
+    def forward(self, x):
+        if self.move == "pop":
+            w = self.todo.pop() if self.todo else self.lin.weight
+        else:  # items put before it: it moves to another index
+            self.todo.insert(0, torch.zeros(2, 3, dtype=torch.float64))
+            w = self.todo[-1]
+        return x @ w.T
+
+
+@pytest.mark.parametrize("move", ["pop", "insert"])
+@pytest.mark.parametrize("call", ["vmap", "one"])
+def test_a_list_that_forward_changes_gets_its_items_back_where_they_are(call, move):
+    # The list's places were put back by index: a popped list raised IndexError and left
+    # the sample (vmap's batched tensor) in the module's table, which could not be copied;
+    # items moved by an insert got the original at the old index, the sample stayed.
+    m, x = Queue(move), torch.randn(4, 3, dtype=torch.float64)
+    n = 1 if call == "one" else K
+    p = _samples(m, n)
+    want, copies = _oracle(m, p, x, n)
+    mean = copy.deepcopy(m)(x)
+    out = bf.vmap_call(m, p, x)
+    torch.testing.assert_close(out, want)
+    assert not torch.allclose(want[0], mean)
+    assert type(m.lin._parameters["weight"]) is nn.Parameter
+    kept = [t for t in m.todo if t.shape == (2, 3) and not torch.equal(t, torch.zeros(2, 3))]
+    assert all(t is m.lin.weight for t in kept)  # no sample left in the list
+    assert len(m.todo) == len(copies[0].todo)
+    _usable(m)
+
+
+class ViewAttr(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+        self.w_t = self.lin.weight.T  # a view: no sample can be put there
+
+    def forward(self, x):
+        return x @ self.w_t
+
+
+@pytest.mark.parametrize("call", ["vmap", "loop"])
+def test_a_view_of_a_sampled_parameter_held_as_an_attribute_warns(call):
+    m, x = ViewAttr(), torch.randn(4, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"'lin\.weight' in w_t \(a view\)"):
+        CALLS[call](m, _samples(m), x)
+
+
+class LateList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2).double()
+
+    def forward(self, x):
+        return x @ self.ws[0].T if hasattr(self, "ws") else self.a(x)
+
+
+def test_a_list_attribute_set_after_a_call_gets_the_sample():
+    # The structure, cached at the first call, did not know the list set afterwards: every
+    # sample gave the mean model's output.
+    m, x = LateList(), torch.randn(4, 3, dtype=torch.float64)
+    p = _samples(m)
+    bf.vmap_call(m, p, x)
+    m.ws = [m.a.weight]
+    want, _ = _oracle(m, p, x)
+    torch.testing.assert_close(bf.vmap_call(m, p, x), want)
+    assert not torch.allclose(want[0], want[1])
+
+
+class FillsWithAParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+        self.register_buffer("h", None)
+
+    def forward(self, x):
+        if self.h is None:
+            self.h = nn.Parameter(torch.ones(2, dtype=torch.float64))
+        return self.lin(x) + self.h
+
+
+@pytest.mark.parametrize("call", ["vmap", "loop"])
+def test_a_none_buffer_replaced_by_a_parameter_is_a_parameter_only(call):
+    # The emptied place was put back (None) where fn had removed it: `h` in both tables.
+    m, x = FillsWithAParameter(), torch.randn(4, 3, dtype=torch.float64)
+    plain = copy.deepcopy(m)
+    plain(x)
+    CALLS[call](m, _samples(m), x)
+    assert m._parameters.keys() == plain._parameters.keys()
+    assert m._buffers.keys() == plain._buffers.keys()
+    _usable(m)
