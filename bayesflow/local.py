@@ -162,8 +162,9 @@ def local_call(
             if `fn` does not call every Bayesian layer (a module that reads a layer's
             weight directly, as :class:`torch.nn.MultiheadAttention` does, would see the
             mean: use :func:`bayesflow.vmap_call` for those), and where
-            :func:`bayesflow.vmap_call` raises (an argument every sample shares written in
-            place by `fn`; the shape-finding pass runs on copies of the arguments).
+            :func:`bayesflow.vmap_call` raises (a tensor every sample shares, an argument or
+            one `fn` closes over, written in place by `fn`; the shape-finding pass runs on
+            copies of the arguments).
 
     References:
         | Variational Dropout and the Local Reparameterization Trick (Kingma et al., 2015)
