@@ -73,7 +73,7 @@ class State:
             # A plain list or dict that holds a buffer is the module's own state: what fn
             # does to it follows no rule, as for any plain attribute.
             plain = st.plain
-            slots = {k: [s for s in v if (id(s[0]), s[1]) not in plain] for k, v in slots.items()}
+            slots = {k: [s for s in v if id(s[0]) not in plain] for k, v in slots.items()}
         self.entries = [
             (name, t, t.detach().clone(), slots[name])
             for name, t in st.buffers.items()

@@ -424,12 +424,15 @@ class Structure:
         self._extra: list[Slot] = []
         for prefix, m in distinct:
             self._find_aliases(prefix, m, by_id)
-        # The plain places (`fn` may move a list's items, or pop a dict's): put back by what
-        # they hold (see `_swap.swapped`).
-        self.plain = frozenset((id(c), key) for c, key in self._extra)
+        # The plain lists and dicts, by id (`fn` may move a list's items, or pop a dict's):
+        # their places are found and put back by what they hold (see `_swap.swapped`).
+        self.plain = frozenset(id(c) for c, _ in self._extra)
         # Each module's attributes, by their number: a list or dict that holds a tensor of
-        # the module, set after the structure was built, changes it (see `is_current`).
-        self._vars = [vars(m) for _, m in distinct]
+        # the module, set after the structure was built, changes it (see `is_current`). The
+        # root's through a weak reference: its `__dict__` may lead back to it (a hook that
+        # is its own bound method), and it keys the cache that holds this structure.
+        self._root = weakref.ref(module)
+        self._vars = [vars(m) for _, m in distinct if m is not module]
         self._embeddings = [(m, by_id[id(t)]) for m, t in embeddings if id(t) in by_id]
         self._dicts = [d for tables in self._tables for d in tables]
         # The module, its submodules and their weight hooks, by id (alive while this is).
@@ -527,6 +530,7 @@ class Structure:
             tuple([id(v) for d in self._dicts for v in d.values()]),
             tuple([len(d) for d in self._dicts]),
             tuple(map(len, self._vars)),
+            len(vars(root)) if (root := self._root()) is not None else -1,
         )
         if not self._watched and not self._extra:
             return tables

@@ -98,7 +98,7 @@ class swapped:
             ):
                 for name, t in given.items():
                     for d, attr in table[name]:
-                        if st.plain and (id(d), attr) in st.plain:
+                        if st.plain and id(d) in st.plain:
                             attr = _where(d, attr, own[name])  # (fn may have moved it)
                             if attr is None:
                                 continue
@@ -124,13 +124,24 @@ class swapped:
         place one of them changed too is put back by the first of those on its exit, to
         what this one found; the others are put back now."""
 
-        put = functools.partial(_put, self.st.plain)
+        plain = self.st.plain
+
+        # A place of a table by its key; of a plain list or dict by what the outer one put
+        # there, which the inner one found (`fn` may have moved it to another index).
+        def outer_place(e: tuple) -> Any:
+            return (id(e[0]), id(e[3]) if id(e[0]) in plain else e[1])
+
+        def inner_place(e: tuple) -> Any:
+            return (id(e[0]), id(e[2]) if id(e[0]) in plain else e[1])
+
         _hand_over(
             self.done,
             [i.done for i in inners],
-            lambda e: (id(e[0]), e[1]),
-            put,
-            lambda outer, inner: (*outer[:3], inner[3]),  # (what the inner one put there)
+            outer_place,
+            functools.partial(_put, plain),
+            lambda outer, inner: (*inner[:2], outer[2], inner[3]),  # the inner one's place
+            inner_place,
+            one_each=True,
         )
         _hand_over(self.flat, [i.flat for i in inners], lambda e: id(e[0]), _put_flat)
 
@@ -178,7 +189,7 @@ def _put(plain: frozenset, entry: tuple[Any, Any, Tensor, Tensor]) -> None:
     (`self.cache.pop()`), which a plain forward leaves so; the module's tables always."""
 
     d, attr, original, put = entry
-    if (id(d), attr) not in plain:
+    if id(d) not in plain:
         d[attr] = original
     elif type(d) is list:
         if attr < len(d) and d[attr] is put:
@@ -286,24 +297,31 @@ def _hand_over(
     place: Callable[[Any], Any],
     put: Callable[[Any], None],
     merge: Callable[[Any, Any], Any] = lambda outer, inner: outer,
+    inner_place: Callable[[Any], Any] | None = None,
+    one_each: bool = False,
 ) -> None:
     r"""Leaves the changes recorded in `outer` before those of `inners`, made after it and
     still in place (in order). Where one of them changed a place too, the first such
     record (what it found: this one's value) becomes this one's, and it puts the place
     back on its exit; a place none of them changed is put back now (with `put`), as on an
-    exit in order: another change left open keeps none of this one's values in place."""
+    exit in order: another change left open keeps none of this one's values in place. The
+    records pair by `place` (`inner_place` for the inner ones', if it differs), and `merge`
+    makes the record the inner one keeps; with `one_each`, an inner record pairs with one
+    outer record at most, in order (places that share a key: a list holding a tensor twice)."""
 
+    inner_place = place if inner_place is None else inner_place
     firsts = []
     for records in inners:
-        first: dict[Any, int] = {}
+        first: dict[Any, list[int]] = {}
         for i, entry in enumerate(records):
-            first.setdefault(place(entry), i)
+            first.setdefault(inner_place(entry), []).append(i)
         firsts.append(first)
-    for entry in reversed(outer):
+    for entry in outer if one_each else reversed(outer):
         key = place(entry)
         for records, first in zip(inners, firsts, strict=True):
-            i = first.get(key)
-            if i is not None:
+            found = first.get(key)
+            if found:
+                i = found.pop(0) if one_each else found[0]
                 records[i] = merge(entry, records[i])
                 break
         else:

@@ -595,3 +595,115 @@ def test_a_none_buffer_replaced_by_a_parameter_is_a_parameter_only(call):
     assert m._parameters.keys() == plain._parameters.keys()
     assert m._buffers.keys() == plain._buffers.keys()
     _usable(m)
+
+
+@pytest.mark.parametrize("call", ["loop", "vmap-chunked"])
+def test_a_list_that_forward_changes_in_every_sample_gets_its_items_back(call):
+    # A sample per forward, one after another (the loop, chunks of one): the places of a
+    # list whose items forward moved were put back by their old index, and the next sample
+    # got the place of another item: samples left in the list (vmap's batched tensors),
+    # wrong outputs.
+    m, x = Queue("insert"), torch.randn(4, 3, dtype=torch.float64)
+    p = _samples(m)
+    want = torch.stack([_load(m, p, k)(x) for k in range(K)])
+    out = bf.loop_call(m, p, x) if call == "loop" else bf.vmap_call(m, p, x, chunk_size=1)
+    torch.testing.assert_close(out, want)
+    assert not torch.allclose(want[0], want[1])
+    kept = [t for t in m.todo if t.abs().sum() > 0]  # zeros, then W
+    assert len(kept) == 1 and kept[0] is m.lin.weight and m.todo[-1] is m.lin.weight
+    _usable(m)
+
+
+class Reverses(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2, bias=False).double()
+        self.b = nn.Linear(3, 2, bias=False).double()
+        self.ws = [self.a.weight, self.b.weight]
+
+    def forward(self, x):
+        self.ws.reverse()
+        return x @ (self.ws[0] + 2 * self.ws[1]).T
+
+
+@pytest.mark.parametrize("order", ["in", "out"])
+def test_blocks_left_out_of_order_put_moved_list_items_back_by_identity(order):
+    # Two blocks on one module, the list's items moved in between: leaving them out of
+    # order paired the places by index, and each parameter went back into the other's.
+    m, x = Reverses(), torch.randn(4, 3, dtype=torch.float64)
+    a, b = m.a.weight, m.b.weight
+    first = bf.BayesianModel(m, init_logvar=0.0).reparameterize(
+        generator=torch.Generator().manual_seed(1)
+    )
+    second = bf.BayesianModel(m, init_logvar=0.0).reparameterize(
+        generator=torch.Generator().manual_seed(2)
+    )
+    first.__enter__()
+    m(x)
+    second.__enter__()
+    m(x)
+    blocks = (second, first) if order == "in" else (first, second)
+    for block in blocks:
+        block.__exit__(None, None, None)
+    # Two reversals: the list as it began, the module's own tensors in it.
+    assert m.ws[0] is a and m.ws[1] is b
+    assert m.a.weight is a and m.b.weight is b
+    _usable(m)
+
+
+class HookedByItself(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+        self.register_forward_hook(self._hook)  # its own bound method: a cycle
+
+    def _hook(self, module, args, out):
+        return out
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_a_module_whose_dict_leads_back_to_it_is_freed_after_a_call():
+    # The cached structure held the root's `__dict__`, which led back to the module that
+    # keys the cache: the module was never freed.
+    import gc
+    import weakref
+
+    m, x = HookedByItself(), torch.randn(4, 3, dtype=torch.float64)
+    bf.vmap_call(m, _samples(m), x)
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2, bias=False).double()
+        self.ws = [self.a.weight, self.a.weight]  # one tensor in two places of one list
+
+    def forward(self, x):
+        return x @ (self.ws[0] + self.ws[1]).T
+
+
+@pytest.mark.parametrize("order", ["in", "out"])
+def test_blocks_left_out_of_order_on_a_list_holding_a_tensor_twice(order):
+    m, x = Twice(), torch.randn(4, 3, dtype=torch.float64)
+    a = m.a.weight
+    blocks = [
+        bf.BayesianModel(m, init_logvar=0.0).reparameterize(
+            generator=torch.Generator().manual_seed(s)
+        )
+        for s in (1, 2)
+    ]
+    outs = []
+    for block in blocks:
+        block.__enter__()
+        outs.append(m(x))
+    assert not torch.allclose(outs[0], outs[1])
+    for block in reversed(blocks) if order == "in" else blocks:
+        block.__exit__(None, None, None)
+    assert m.ws[0] is a and m.ws[1] is a and m.a.weight is a
+    _usable(m)
