@@ -318,8 +318,8 @@ class Structure:
     r"""The tensors of a module, by name, and every place that holds them.
 
     It refers to the module's tables (`_parameters`, `_buffers`, `_modules`) and its
-    submodules, never to the module itself, so the cache never keeps a module alive:
-    a submodule path of `""` stands for the module the structure was computed for.
+    submodules, and to the module itself only weakly, so the cache never keeps a module
+    alive: a submodule path of `""` stands for the module the structure was computed for.
 
     Attributes:
         params: The parameters, by their `named_parameters()` name.
@@ -338,7 +338,9 @@ class Structure:
         empty: `(name, table, key)` of the buffers registered as :py:`None`, which a call
             may fill (`self.h = ...`): see :class:`bayesflow._buffers.State`.
         unreached: The places a call cannot swap that hold a parameter (a tuple, a set, a
-            container inside a container), described, by the parameter's name.
+            container inside a container, a view of it), described, by the parameter's name.
+        plain: The ids of the plain lists and dicts among the places, whose items a call
+            finds and puts back by identity (`forward` may move them).
 
     A tensor registered both as a parameter and as a buffer (of another module) is a
     parameter: its buffer places are among its `slots`, and get its sample. A parameter or

@@ -63,8 +63,8 @@ class swapped:
     graph, or a dead vmap tensor) alive in the module after the call.
 
     The places are the module's tables and the plain lists and dicts that hold its
-    tensors too (see :class:`Structure`); a sampled parameter also held where no sample
-    can be put (a tuple) warns.
+    tensors too (see :class:`Structure`), whose items are found and put back by identity;
+    a sampled parameter also held where no sample can be put (a tuple, a view) warns.
     """
 
     __slots__ = ("buffers", "done", "flat", "module", "params", "st")
