@@ -18,6 +18,7 @@ __all__ = [
     "autocast_off",
     "autocast_rules",
     "batched_at_current_level",
+    "closure",
     "counting_allocations",
     "flat_cat",
     "function_apply",
@@ -571,6 +572,20 @@ def autocast_rules() -> Any:
     if torch.is_autocast_enabled("cpu") and not is_compiling():
         return AutocastRules()
     return nullcontext()
+
+
+def closure(f: Any) -> Iterator[tuple[str, Any]]:
+    r"""Yields the names and values that the function `f` closes over (none for other
+    callables), but the cells not yet bound."""
+
+    cells = getattr(f, "__closure__", None)
+    if not cells:
+        return
+    for name, cell in zip(f.__code__.co_freevars, cells, strict=True):
+        try:
+            yield name, cell.cell_contents
+        except ValueError:  # a cell not yet bound
+            pass
 
 
 def generating(generator: torch.Generator | None) -> dict[str, torch.Generator]:

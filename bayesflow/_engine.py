@@ -46,6 +46,7 @@ from ._compat import (
     StopRecomputation,
     autocast_off,
     autocast_rules,
+    closure,
     counting_allocations,
     generating,
     hook_name,
@@ -414,16 +415,9 @@ def _shared_versions(job: _Job) -> list[tuple[int | str, Tensor, int]]:
                 if isinstance(t, Tensor):
                     _watch(versions, own, i, t)
     fn = job.opts.fn
-    fn = getattr(fn, "_bayesflow_fn", fn)  # a local call's: the caller's
-    cells = getattr(fn, "__closure__", None)
-    if cells:
-        for name, cell in zip(fn.__code__.co_freevars, cells, strict=True):
-            try:
-                t = cell.cell_contents
-            except ValueError:  # an empty cell
-                continue
-            if isinstance(t, Tensor):
-                _watch(versions, own, name, t)
+    for name, t in closure(getattr(fn, "_bayesflow_fn", fn)):  # a local call's: the caller's
+        if isinstance(t, Tensor):
+            _watch(versions, own, name, t)
     return versions
 
 

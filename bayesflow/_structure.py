@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.nn.parameter import is_lazy
 
 from ._caches import PerObject, register
-from ._compat import is_compiling, weight_hooks
+from ._compat import closure, is_compiling, weight_hooks
 
 # A place that holds a tensor: the `_parameters` or `_buffers` dict of a module and a key;
 # or a plain list (and an index) or dict (and a key) among a module's attributes.
@@ -129,13 +129,7 @@ def _scope(f: types.FunctionType) -> dict[str, Any]:
 
     if not f.__closure__:
         return f.__globals__
-    scope = dict(f.__globals__)
-    for name, cell in zip(f.__code__.co_freevars, f.__closure__, strict=True):
-        try:
-            scope[name] = cell.cell_contents
-        except ValueError:  # a cell not yet filled
-            pass
-    return scope
+    return {**f.__globals__, **dict(closure(f))}
 
 
 def _names_zuko(
