@@ -612,14 +612,10 @@ def test_deterministic_is_checked_against_the_mean_model(monkeypatch):
     assert [r["status"] for r in records] == [Status.WRONG]
 
 
-def test_nelbo_step_is_the_loop_nelbo_and_adam():
-    case = bench.make_case("mlp", batch=4, dtype=torch.float64)
-    before = {k: v.clone() for k, v in case.posterior.mean.items()}
-    K, seed = 3, 5
-    step = bench.METHODS["nelbo"].build(case, K, "train", case.fn, case.args)
-    loss, grads = step(seed)
+def _assert_the_loop_nelbo(case, K, seed, loss, grads):
+    r"""The oracle of a `nelbo` cell: the loop's negative ELBO on the same generator state,
+    differentiated."""
 
-    # The oracle: the loop's negative ELBO on the same generator state, differentiated.
     q = bf.Posterior(
         {k: v.detach().clone().requires_grad_() for k, v in case.posterior.mean.items()},
         {k: v.detach().clone().requires_grad_() for k, v in case.posterior.logvar.items()},
@@ -634,6 +630,16 @@ def test_nelbo_step_is_the_loop_nelbo_and_adam():
     for name in q.mean:
         assert torch.allclose(grads[f"mean:{name}"], q.mean[name].grad, atol=1e-12)
         assert torch.allclose(grads[f"logvar:{name}"], q.logvar[name].grad, atol=1e-12)
+
+
+def test_nelbo_step_is_the_loop_nelbo_and_adam():
+    case = bench.make_case("mlp", batch=4, dtype=torch.float64)
+    before = {k: v.clone() for k, v in case.posterior.mean.items()}
+    K, seed = 3, 5
+    step = bench.METHODS["nelbo"].build(case, K, "train", case.fn, case.args)
+    loss, grads = step(seed)
+
+    _assert_the_loop_nelbo(case, K, seed, loss, grads)
 
     again, _ = step(None)  # Adam moved its own copy of the posterior
     assert not torch.equal(again, loss)
@@ -646,21 +652,7 @@ def test_nelbo_grad_is_the_loop_nelbo_and_its_gradients_without_a_step():
     K, seed = 3, 5
     step = bench.METHODS["nelbo-grad"].build(case, K, "train", case.fn, case.args)
     loss, grads = step(seed)
-
-    q = bf.Posterior(
-        {k: v.detach().clone().requires_grad_() for k, v in case.posterior.mean.items()},
-        {k: v.detach().clone().requires_grad_() for k, v in case.posterior.logvar.items()},
-    )
-    want = bf.loop_nelbo(
-        case.module, q, *case.args,
-        fn=lambda m, x: -(m(x) - case.target).square(),
-        num_data=bench.methods.NUM_DATA, n=K, generator=torch.Generator().manual_seed(seed),
-    )  # fmt: skip
-    want.backward()
-    assert torch.allclose(loss, want.detach(), atol=1e-12)
-    for name in q.mean:
-        assert torch.allclose(grads[f"mean:{name}"], q.mean[name].grad, atol=1e-12)
-        assert torch.allclose(grads[f"logvar:{name}"], q.logvar[name].grad, atol=1e-12)
+    _assert_the_loop_nelbo(case, K, seed, loss, grads)
     assert any(g.abs().max() > 0 for g in grads.values())
 
     step(None)  # no optimizer step: the same seed gives the same loss and gradients
