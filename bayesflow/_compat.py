@@ -220,12 +220,15 @@ def autocast_inputs(device: str, *tensors: Tensor | None) -> tuple[Tensor | None
     if not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
-    return tuple(  # as autocast: any floating dtype but float64
-        t.to(dtype)
-        if t is not None and t.is_floating_point() and t.dtype not in (torch.float64, dtype)
-        else t
-        for t in tensors
-    )
+    return tuple(_autocast(t, dtype) for t in tensors)
+
+
+def _autocast(t: Any, dtype: torch.dtype) -> Any:
+    r"""Returns `t` as autocast casts an input to `dtype`: any floating dtype but float64."""
+
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype not in (torch.float64, dtype):
+        return t.to(dtype)
+    return t
 
 
 @contextmanager
@@ -543,17 +546,11 @@ class AutocastRules(TorchFunctionMode):
 
 
 def _cast(tree: Any, dtype: torch.dtype) -> Any:
-    def cast(t: Any) -> Any:
-        if (
-            isinstance(t, Tensor)
-            and t.is_floating_point()
-            and t.dtype not in (torch.float64, dtype)
-            and t.device.type == "cpu"
-        ):
-            return t.to(dtype)
-        return t
-
-    return tree_map(cast, tree)
+    # (CPU autocast's rules: the tensors on the CPU)
+    return tree_map(
+        lambda t: _autocast(t, dtype) if isinstance(t, Tensor) and t.device.type == "cpu" else t,
+        tree,
+    )
 
 
 def _mixed(x: Any, others: tuple) -> bool:
