@@ -18,7 +18,6 @@ __all__ = [
 
 import math
 import threading
-import weakref
 
 from collections.abc import Callable
 from typing import NamedTuple
@@ -26,7 +25,6 @@ from typing import NamedTuple
 import torch
 
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ._caches import register
 from ._checks import check_generator, check_n, check_number, check_posterior, describe
@@ -73,17 +71,18 @@ class _Group(NamedTuple):
 
 
 class _Plan(NamedTuple):
-    r"""What sampling needs of a posterior's structure, checked once for its tensors."""
+    r"""What sampling needs of a posterior's structure, checked once for its layout."""
 
     names: tuple[str, ...]
-    refs: tuple[weakref.ref, ...]
-    layout: list[tuple[torch.Size, torch.dtype, torch.device]]
     groups: tuple[_Group, ...]
 
 
-# Keyed by the first mean tensor, held weakly; an entry serves a posterior only while all
-# its tensors are those it was made for, with the same names, shapes, dtypes and devices.
-_PLANS = WeakIdKeyDictionary()
+# Keyed by the names, each with the layout (shape, dtype, device) of every tensor it was
+# made for, which decide everything a plan holds and every check made before one is made:
+# no reference to the tensors themselves, not even a weak one (`torch.utils.swap_tensors`,
+# which converting a module may use, refuses a tensor that has one). One layout per names
+# (the last one seen), and a bounded number of names: the oldest go first.
+_PLANS: dict[tuple, tuple[list, _Plan]] = {}
 _PLANS_LOCK = threading.Lock()
 _MAX_PLANS = 16
 
@@ -91,25 +90,29 @@ _MAX_PLANS = 16
 def clear_plans() -> None:
     r"""Forgets the structure of every posterior seen so far."""
 
-    _PLANS.clear()
+    with _PLANS_LOCK:
+        _PLANS.clear()
 
 
 register(clear_plans)
 
 
-def _fits(plan: _Plan, names: tuple[str, ...], tensors: list[Tensor]) -> bool:
-    if names != plan.names:
-        return False
-    for ref, t, layout in zip(plan.refs, tensors, plan.layout, strict=True):
-        if ref() is not t or (t.shape, t.dtype, t.device) != layout:
-            return False
-    return True
+def _layout(tensors: list) -> list | None:
+    r"""The shape, dtype and device of every tensor (:py:`None` if one is not a tensor)."""
+
+    layout = []
+    for t in tensors:
+        if not isinstance(t, Tensor):
+            return None
+        layout.append((t.shape, t.dtype, t.device))
+    return layout
 
 
 def _plan(where: str, posterior: object) -> tuple[_Plan, list[Tensor]]:
     r"""Returns the plan of `posterior` and its tensors (the means, then the log-variances
-    in the same order), checking the posterior when its tensors are new."""
+    in the same order), checking the posterior when its layout is new."""
 
+    names = layout = None
     if isinstance(posterior, Posterior):
         mean, logvar = posterior
         if type(mean) is dict and type(logvar) is dict and mean and len(mean) == len(logvar):
@@ -117,10 +120,12 @@ def _plan(where: str, posterior: object) -> tuple[_Plan, list[Tensor]]:
                 tensors = [*mean.values(), *map(logvar.__getitem__, mean)]
             except KeyError:
                 tensors = None
-            if tensors is not None and isinstance(tensors[0], Tensor):
-                plan = _PLANS.get(tensors[0])
-                if plan is not None and _fits(plan, tuple(mean), tensors):
-                    return plan, tensors
+            layout = None if tensors is None else _layout(tensors)
+            if layout is not None:
+                names = tuple(mean)
+                entry = _PLANS.get(names)
+                if entry is not None and entry[0] == layout:
+                    return entry[1], tensors
 
     check_posterior(where, posterior)
     names = tuple(posterior.mean)
@@ -143,8 +148,6 @@ def _plan(where: str, posterior: object) -> tuple[_Plan, list[Tensor]]:
 
     plan = _Plan(
         names=names,
-        refs=tuple(weakref.ref(t) for t in tensors),
-        layout=[(t.shape, t.dtype, t.device) for t in tensors],
         groups=tuple(
             _Group(
                 index=tuple(index),
@@ -156,11 +159,12 @@ def _plan(where: str, posterior: object) -> tuple[_Plan, list[Tensor]]:
             for (device, dtype), index in groups.items()
         ),
     )
-    if tensors:
+    if layout is not None:  # (a posterior of other containers is checked at every call)
         with _PLANS_LOCK:
+            _PLANS.pop(names, None)
             while len(_PLANS) >= _MAX_PLANS:
-                del _PLANS[next(iter(_PLANS.keys()))]
-            _PLANS[tensors[0]] = plan
+                del _PLANS[next(iter(_PLANS))]
+            _PLANS[names] = (layout, plan)
 
     return plan, tensors
 

@@ -1,6 +1,7 @@
 r"""Sampling and the closed-form KL divergence (one fused pass per group of tensors)
 against the plain torch formulas: values, gradients, generator semantics, refusals."""
 
+import copy
 import gc
 import math
 import weakref
@@ -444,7 +445,7 @@ def test_bridge_refuses_nonfinite_posteriors():
             call()
 
 
-def test_structure_is_cached_by_the_tensors_themselves(gen):
+def test_structure_is_cached_by_names_and_layout(gen):
     q = posterior()
     bf.sample(q, 1, generator=gen(0))
 
@@ -469,6 +470,37 @@ def test_structure_is_cached_by_the_tensors_themselves(gen):
     for _ in range(3 * _sampling._MAX_PLANS):
         bf.sample(posterior({"x": (2,)}), 1)
     assert len(_sampling._PLANS) <= _sampling._MAX_PLANS
+
+
+def test_sampled_tensors_can_be_swapped_and_converted_afterwards(gen):
+    # The structure cache held weak references to the posterior's tensors, which
+    # torch.utils.swap_tensors refuses: under torch's swap-on-conversion mode, a
+    # BayesianModel could not be converted or load a state dict once it had sampled
+    # ("Cannot swap t1 because it has weakref associated with it").
+    q = posterior()
+    bf.sample(q, 1, generator=gen(0))
+    other = torch.zeros_like(q.mean["w"])
+    torch.utils.swap_tensors(q.mean["w"], other)
+    assert torch.equal(q.mean["w"], torch.zeros_like(other))
+
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        torch.manual_seed(0)
+        bnet = bf.BayesianModel(nn.Linear(3, 2).float())
+        fresh = copy.deepcopy(bnet).double()  # converted before any call
+        state = copy.deepcopy(bnet.state_dict())
+        bnet(torch.randn(4, 3, dtype=torch.float32), n=2)
+        bnet.kl_divergence()
+        bnet.double()
+        bnet.load_state_dict({k: v.double() for k, v in state.items()})
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    a = bnet(x, n=3, generator=gen(1))
+    b = fresh(x, n=3, generator=gen(1))
+    assert a.dtype == torch.float64 and torch.equal(a, b) and not torch.allclose(a[0], a[1])
+    assert torch.equal(bnet.kl_divergence(), fresh.kl_divergence())
 
 
 def test_posterior_tensors_must_be_real_and_agree():
