@@ -4,8 +4,8 @@ from __future__ import annotations
 
 __all__ = ["Ensemble", "ensemble", "stack_modules"]
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -17,12 +17,24 @@ from ._compat import keep_lazy_cuda_seed
 from ._engine import draw_state, mark_members, restore_draw_state
 
 
-class Ensemble(NamedTuple):
+class _Fields(NamedTuple):
+    module: torch.nn.Module
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    seeds: list[int] | None = None
+
+
+class Ensemble(_Fields):
     r"""`K` members of one architecture, each with its own parameters and buffers, stacked
     on a leading dim: what :func:`bayesflow.vmap_call` runs in one pass.
 
     Run it with `bf.vmap_call(ens.module, ens.params, *args, buffers=ens.buffers)`; train
-    it with any torch optimizer over `ens.params.values()`.
+    it with any torch optimizer over `ens.params.values()`. Save it with `torch.save(ens, f)`
+    and `torch.load(f, weights_only=False)`, or save `{"params": ens.params, "buffers":
+    ens.buffers}` (torch's default `weights_only=True` loads it) and rebuild it with
+    `Ensemble(module, d["params"], d["buffers"])`: a copy trains as the original (the
+    parameters of an Ensemble, made, copied or loaded, get what the module writes into its
+    own weight, as K separate modules would: `Embedding(max_norm)`'s renormalized rows).
 
     Attributes:
         module: The module the calls run on (its own parameters and buffers are not used).
@@ -34,10 +46,28 @@ class Ensemble(NamedTuple):
         seeds: The seed each member was built with (:func:`ensemble`), or :py:`None`.
     """
 
-    module: torch.nn.Module
-    params: dict[str, Tensor]
-    buffers: dict[str, Tensor]
-    seeds: list[int] | None = None
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        module: torch.nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        seeds: list[int] | None = None,
+    ) -> Ensemble:
+        # Made, copied (copy, pickle and torch.load make it anew) or rebuilt: its
+        # parameters are the members' own, into which a call writes back (see _engine).
+        ens = super().__new__(cls, module, params, buffers, seeds)
+        if isinstance(params, Mapping):
+            mark_members({k: v for k, v in params.items() if isinstance(v, Tensor)})
+        return ens
+
+    @classmethod
+    def _make(cls, iterable: Any) -> Ensemble:
+        return cls(*iterable)
+
+    def _replace(self, **changes: Any) -> Ensemble:
+        return type(self)(**{**self._asdict(), **changes})
 
 
 def _stack(
@@ -55,7 +85,6 @@ def _stack(
             for name, p in params.items()
         }
         buffers = {name: torch.stack([t[1][name] for t in tables]) for name in buffers}
-    mark_members(params)
     return Ensemble(first, params, buffers, seeds)
 
 

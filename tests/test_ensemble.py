@@ -1,6 +1,7 @@
 r"""Deep ensembles trained and predicted in one pass: K separate trainings are the oracle."""
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -376,6 +377,75 @@ def test_embeddings_with_max_norm_train_as_k_separate_trainings(call, gen):
     # Rows read were renormalized to 0.5 (initial norms about 2), then moved by the steps;
     # row 5, never read, kept its own.
     assert (norms[:, :5] < 0.6).all() and (norms[:, 5] > 0.6).all()
+
+
+def _saved_and_loaded(ens):
+    buffer = io.BytesIO()
+    torch.save(ens, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _rebuilt(ens):
+    # What `torch.load`'s default (weights_only=True) can read back: the tensors alone.
+    buffer = io.BytesIO()
+    torch.save({"params": ens.params, "buffers": ens.buffers}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer)
+    return bf.Ensemble(ens.module, state["params"], state["buffers"], ens.seeds)
+
+
+def _replaced(ens):
+    return ens._replace(
+        params={k: v.detach().clone().requires_grad_() for k, v in ens.params.items()}
+    )
+
+
+@pytest.mark.parametrize("route", [copy.deepcopy, _saved_and_loaded, _rebuilt, _replaced])
+def test_a_copied_or_reloaded_ensemble_with_max_norm_trains_as_k_separate_trainings(route, gen):
+    # The write-back of the renormalized rows went to the tensors bf.ensemble had made
+    # (marked by identity): a copy's, a reloaded one's, or tensors saved and put back in
+    # an Ensemble, were never renormalized in place (0.25 off K separate trainings).
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randint(0, 5, (8, 3), generator=g), torch.randint(0, 3, (8,), generator=g))]
+    data *= 3
+    opt_of = lambda ps: torch.optim.SGD(ps, lr=0.5)
+
+    ens = route(bf.ensemble(_Bag, K, generator=gen(0)))
+    opt = opt_of(ens.params.values())
+    for idx, y in data:
+        logits = bf.vmap_call(ens.module, ens.params, idx)
+        losses = F.cross_entropy(logits.transpose(1, 2), y.expand(K, -1), reduction="none")
+        opt.zero_grad()
+        losses.mean(1).sum().backward()
+        opt.step()
+
+    for i, seed in enumerate(ens.seeds):
+        member = _trained_alone(_Bag, seed, opt_of, data)
+        for p_name, p in member.named_parameters():
+            assert torch.allclose(ens.params[p_name][i], p, atol=1e-12), p_name
+    norms = ens.params["e.weight"].detach().norm(dim=-1)
+    assert (norms[:, :5] < 0.6).all() and (norms[:, 5] > 0.6).all()
+
+
+def test_samples_of_a_posterior_are_not_renormalized_in_place(gen):
+    # Written back into trainable leaves only: a posterior's samples (no leaves, or no
+    # gradient) are the caller's, left as they are.
+    net = _Bag()
+    q = bf.init(net, init_logvar=-2.0)
+    idx = torch.randint(0, 5, (4, 3), generator=gen(1))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            params = bf.sample(q, K, generator=gen(2))
+        before = {k: v.detach().clone() for k, v in params.items()}
+        out = bf.vmap_call(net, params, idx)
+        assert all(torch.equal(params[k], before[k]) for k in params)
+        assert not torch.allclose(out[0], out[1])  # the samples change the output
+        # the outputs are those of the renormalized copies: as K modules' calls
+        for i in range(K):
+            member = copy.deepcopy(net)
+            member.load_state_dict({k: v[i] for k, v in before.items()}, strict=False)
+            assert torch.allclose(out[i], member(idx), atol=1e-12)
 
 
 @pytest.mark.parametrize("k", [1, 2])
