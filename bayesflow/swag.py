@@ -342,6 +342,17 @@ class SWAG:
             _update_bn(where, new, data)
         return new
 
+    def __copy__(self) -> SWAG:
+        r"""Returns a collector with moments of its own: collecting into the copy leaves
+        this one as it is (shared moments with counts apart would disagree)."""
+
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._dtypes = dict(self._dtypes)
+        new.mean = {k: m.clone() for k, m in self.mean.items()}
+        new._m2 = {k: m.clone() for k, m in self._m2.items()}
+        return new
+
     def state_dict(self) -> dict[str, Any]:
         r"""Returns the collected moments: `{"n": int, "mean": {...}, "m2": {...}}`, copies
         in the moments' dtype (float32 for float16 and bfloat16 parameters), for

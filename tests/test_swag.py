@@ -447,6 +447,33 @@ def test_state_dict_of_zero_and_one_collections_round_trips():
         assert all(torch.equal(resumed.var[k], swag.var[k]) for k in swag.mean)
 
 
+@pytest.mark.parametrize("route", [copy.copy, copy.deepcopy])
+def test_a_copy_collects_apart_from_its_original(route):
+    # copy.copy shared the moments but not the count: collecting into the copy moved the
+    # original's mean and m2 and left its n, an inconsistent collector.
+    module = net()
+    swag = bf.SWAG(module)
+    train(module, swag, steps=3)
+    before = swag.state_dict()
+    branch = route(swag)
+    copy_module = copy.deepcopy(module)
+    train(module, branch, steps=2, seed=1)
+    assert swag.n == 3 and branch.n == 5
+    for k in swag.mean:
+        assert torch.equal(swag.mean[k], before["mean"][k])
+        assert torch.equal(swag._m2[k], before["m2"][k])
+
+    # the copy is the original resumed: as a collector loaded from its state
+    resumed = bf.SWAG(copy_module)
+    resumed.load_state_dict(before)
+    train(copy_module, resumed, steps=2, seed=1)
+    assert resumed.n == branch.n
+    for k in swag.mean:
+        assert torch.equal(resumed.mean[k], branch.mean[k])
+        assert torch.equal(resumed.var[k], branch.var[k])
+        assert not torch.equal(branch.mean[k], swag.mean[k])
+
+
 def test_bad_input_leaves_module_and_moments_alone():
     module = net()
     swag = bf.SWAG(module)
