@@ -43,6 +43,7 @@ __all__ = [
 
 import importlib
 import sys
+import threading
 import warnings
 
 from collections.abc import Callable, Iterable, Iterator
@@ -196,18 +197,52 @@ def unbatched() -> Iterator[None]:
 
 
 @contextmanager
-def outside_func_transforms() -> Iterator[None]:
-    r"""Runs a block as if no :mod:`torch.func` transform were active: every level is
-    popped off functorch's stack for its duration, and pushed back after."""
+def outside_func_transforms(level: int | None = None) -> Iterator[None]:
+    r"""Runs a block as if no :mod:`torch.func` transform above `level` were active (none
+    at all if :py:`None`): those levels are popped off functorch's stack for its duration,
+    and pushed back after."""
 
     saved = []
     try:
-        while _functorch.peek_interpreter_stack() is not None:
+        while True:
+            top = _functorch.peek_interpreter_stack()
+            if top is None or (level is not None and top.level() <= level):
+                break
             saved.append(_functorch.pop_dynamic_layer_stack())
         yield
     finally:
         while saved:
             _functorch.push_dynamic_layer_stack(saved.pop())
+
+
+# Per thread: the level (or None) below the transforms a stand-in of zuko's opened, whose
+# random draws every element shares (see `shared_draws`); absent outside one.
+_SHARED = threading.local()
+
+
+@contextmanager
+def shared_draws() -> Iterator[None]:
+    r"""Marks the :mod:`torch.func` transforms a block opens as a stand-in's own (the vmap
+    over the Jacobian's columns that replaces zuko's `autograd.grad` loop): a layer that
+    draws its noise on first use (the local trick of a `reparameterize()` block) draws it
+    below them, once, as zuko's own code does outside any transform."""
+
+    before = getattr(_SHARED, "levels", None)
+    _SHARED.levels = (*(before or ()), func_level())
+    try:
+        yield
+    finally:
+        _SHARED.levels = before
+
+
+def drawing_level() -> tuple[bool, int | None]:
+    r"""Whether a draw now is inside transforms a stand-in opened (:func:`shared_draws`),
+    and the level to draw at."""
+
+    levels = getattr(_SHARED, "levels", None)
+    if not levels or func_level() == levels[-1]:
+        return False, None
+    return True, levels[-1]
 
 
 def autocast_inputs(device: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:

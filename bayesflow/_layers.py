@@ -46,11 +46,13 @@ from ._compat import (
     ConvNd,
     ValueReads,
     autocast_inputs,
+    drawing_level,
     flat_cat,
     func_level,
     in_func_transform,
     is_compiling,
     is_metadata,
+    outside_func_transforms,
 )
 from ._errors import Passthrough
 from ._numerics import spread
@@ -381,9 +383,13 @@ class Cached(Noise):
     def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
         key = (name, shape)
         if key not in self.cache:
-            self.cache[key] = torch.randn(
-                shape, generator=self.generator, dtype=like.dtype, device=like.device
-            )
+            # Under a stand-in's vmap (CNF's exact trace), drawn below it: shared by the
+            # columns, as zuko's loop over them shares it.
+            shared, level = drawing_level()
+            with outside_func_transforms(level) if shared else contextlib.nullcontext():
+                self.cache[key] = torch.randn(
+                    shape, generator=self.generator, dtype=like.dtype, device=like.device
+                )
         return self.cache[key]
 
 

@@ -229,6 +229,10 @@ def has_own_forward(obj: Any) -> bool:
     forward = vars(obj).get("forward")
     if forward is None:
         return False
+    if getattr(forward, "__self__", None) is obj and (
+        getattr(forward, "__func__", None) is type(obj).forward
+    ):
+        return False  # the class's own, bound (what zuko's local trick leaves on exit)
     try:
         return forward not in _FORWARDS
     except TypeError:  # not weakly referable: not ours

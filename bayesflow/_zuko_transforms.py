@@ -36,7 +36,7 @@ from torch.distributions import Distribution, MultivariateNormal
 from torch.func import jvp, vmap
 
 from ._caches import register
-from ._compat import function_apply, is_compiling, unwrap_batched
+from ._compat import function_apply, is_compiling, shared_draws, unwrap_batched
 from ._errors import NonFiniteError
 
 _MAX_ODE_ATTEMPTS = 10_000
@@ -440,7 +440,7 @@ def ffj_call_and_ladj(self: Any, x: Tensor) -> tuple[Tensor, Tensor]:
             return self.f(t, x)
 
         if self.exact:
-            with _forward_ad():
+            with _forward_ad(), shared_draws():
                 dx, columns = vmap(lambda v: jvp(ode, (x,), (v,)))(eye)
             dx, trace = dx[0], torch.einsum("i...i", columns)
         else:

@@ -288,6 +288,57 @@ def test_local_trick_behaves_like_zuko(kind):
         assert torch.all(jac[~torch.tril(torch.ones(3, 3, dtype=torch.bool), -1)] == 0)
 
 
+def test_local_trick_after_zukos_own_block_still_applies():
+    # zuko's local trick puts the layers' forwards back as instance attributes (the
+    # class's own, bound): taken for a forward of the user's, every layer was then sampled
+    # whole, silently, in bayesflow's local trick on the same module.
+    base = zuko.nn.MLP(3, 2, hidden_features=(8,))
+    twin = copy.deepcopy(base)
+    with zuko.bayesian.BayesianModel(base, init_logvar=-2.0).reparameterize(local_trick=True) as n:
+        n(torch.randn(4, 3))
+    assert any("forward" in vars(m) for m in base.modules())  # what zuko leaves
+    x = torch.randn(1, 3).expand(64, 3)  # the same input in every row
+    state = bf.BayesianModel(twin, init_logvar=-2.0).state_dict()
+    outs = []
+    for net in (base, twin):
+        bnet = bf.BayesianModel(net, init_logvar=-2.0)
+        bnet.load_state_dict(state)
+        with bnet.reparameterize(
+            local_trick=True, generator=torch.Generator().manual_seed(0)
+        ) as f:
+            outs.append(f(x))
+    assert torch.equal(outs[0], outs[1])
+    assert outs[0].std(0).min() > 0  # every row its own noise: the local trick
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_local_trick_runs_continuous_flows(exact):
+    # The exact trace of a CNF runs, in bayesflow's stand-in, under a vmap over the
+    # Jacobian's columns, where the local trick drew its noise on first use: vmap refused
+    # the draw (zuko's own loop over the columns draws outside any transform).
+    torch.manual_seed(0)
+    flow = zuko.flows.CNF(3, 2, hidden_features=(16, 16), exact=exact)
+    bnet = bf.BayesianModel(flow, init_logvar=-3.0)
+    c, x = torch.randn(6, 2), torch.randn(6, 3)
+    lps = []
+    for seed in (0, 0, 1):
+        g = torch.Generator().manual_seed(seed)
+        with bnet.reparameterize(local_trick=True, generator=g) as f:
+            torch.manual_seed(2)  # the Hutchinson estimator's probe
+            lp = f(c).log_prob(x)
+            torch.manual_seed(2)
+            assert torch.equal(f(c).log_prob(x), lp)  # the noise is drawn once per block
+            if exact:  # zuko's own trace (autograd.grad per column), on the same noise
+                dist = f(c)
+                call = zuko.transforms.FreeFormJacobianTransform.call_and_ladj
+                z, ladj = call.bayesflow_original(dist.transform, x)
+                torch.testing.assert_close(dist.base.log_prob(z) + ladj, lp)
+        lps.append(lp)
+    assert torch.equal(lps[0], lps[1]) and not torch.allclose(lps[0], lps[2])
+    (g,) = torch.autograd.grad(lps[0].sum(), [bnet.logvars["transform-ode-0-weight"]])
+    assert g.abs().sum() > 0
+
+
 def test_local_trick_covers_linear_subclasses():
     class MyLinear(nn.Linear):
         pass
