@@ -313,10 +313,13 @@ class IVON(torch.optim.Optimizer):
         r"""The posterior :math:`q(\theta) = \mathcal{N}(m, \mathrm{diag}(\sigma^2))`, by name.
 
         Its tensors are views of the optimizer's state, updated in place by every step: a
-        reference to it stays current. They do not require gradients. After a write through
-        :attr:`hess` (or a change of `ess` or `weight_decay`), the variances are recomputed
-        when this is read, or by the next :meth:`sample` or :meth:`step`; each raises a
-        ValueError where :math:`h + \delta \leq 0`.
+        reference to it stays current. They do not require gradients. Views of one flat
+        tensor, each would pickle the whole of it (plain :mod:`pickle`; :func:`torch.save`
+        writes it once): clone them to keep or send a posterior of their size.
+
+        After a write through :attr:`hess` (or a change of `ess` or `weight_decay`), the
+        variances are recomputed when this is read, or by the next :meth:`sample` or
+        :meth:`step`; each raises a ValueError where :math:`h + \delta \leq 0`.
         """
 
         where = "IVON.posterior"
