@@ -41,7 +41,7 @@ from torch.func import vmap
 
 from . import _zuko_transforms as _safe
 from ._caches import PerObject, register
-from ._compat import is_compiling, load_jvp_decompositions, outside_func_transforms
+from ._compat import in_forward_ad, is_compiling, load_jvp_decompositions, outside_func_transforms
 
 
 @dataclass(frozen=True)
@@ -297,6 +297,12 @@ def _verdict(piece: _Piece, original: Any) -> bool:
 def _needed(piece: _Piece, original: Any) -> bool:
     verdict = _VERDICTS.get(original)
     if verdict is None:
+        if in_forward_ad():
+            # Under an open level of forward-mode AD (the process's, maybe another
+            # thread's) the probes' own jvp cannot run: no verdict, none remembered (a
+            # "no" would keep the stand-ins out of every later call); zuko's own piece
+            # runs in this block.
+            return False
         verdict = _VERDICTS.put(original, _verdict(piece, original))
     return verdict
 
