@@ -375,14 +375,23 @@ class SampleKL(torch.autograd.Function):
         m, lv = halves(flat)
         theta, kl, (d, sigma, r3) = fused_sample_kl(eps, m, lv, prior, grads=True)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(eps, d if d is not m else None, sigma, r3, *flat)
+        # A prior's tensors too (views of the caller's, as its variance of one tensor is):
+        # written in place before the backward pass, they raise autograd's error rather
+        # than give the gradients of other values.
+        mean, var = (None, None) if prior is None else prior
+        saved = [t if isinstance(t, Tensor) else None for t in (mean, var)]
+        ctx.save_for_backward(eps, d if d is not m else None, sigma, r3, *saved, *flat)
         ctx.prior, ctx.sizes = prior, sizes
         return (*pieces(theta, sizes), kl)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        eps, d, sigma, r3, *flat = ctx.saved_tensors
+        eps, d, sigma, r3, mean, var, *flat = ctx.saved_tensors
         prior, sizes = ctx.prior, ctx.sizes
+        if prior is not None:
+            prior = FlatPrior(
+                prior.mean if mean is None else mean, prior.var if var is None else var
+            )
         g_pieces, g_kl = grads[:-1], grads[-1]
         # A graph of the gradients (create_graph=True), or gradients that autograd batches:
         # the plain formulas, which autograd can differentiate again and batch; else the

@@ -505,6 +505,33 @@ def test_prior_values_changed_in_place_are_checked_and_used(gen):
     assert not torch.allclose(tensor.kl(q), GaussianPrior(0.0, 1.0).kl(q))
 
 
+@pytest.mark.parametrize("by_name", [False, True])
+def test_prior_values_changed_between_forward_and_backward_are_refused(by_name, gen):
+    # The fused node held a view of the prior's variance (a posterior of one tensor, a
+    # full-shape variance) without autograd's version check: written in place before the
+    # backward pass, the gradient was that of the new value (m / 100 for m / 2). Refused
+    # now, as plain autograd refuses it; with several tensors (a copy) the forward's value.
+    m = torch.randn(3, generator=gen(0)).requires_grad_()
+    lv = torch.full((3,), -1.0, requires_grad=True)
+    q = bf.Posterior({"w": m}, {"w": lv})
+    var = torch.full((3,), 2.0)
+    prior = GaussianPrior(torch.zeros(3), {"w": var} if by_name else var)
+    for change in (
+        lambda: prior.var["w" if by_name else ...].fill_(100.0),
+        lambda: prior.mean.add_(1.0),
+    ):
+        kl = prior.kl(q)
+        (expected,) = torch.autograd.grad(GaussianPrior(prior.mean.clone(), 2.0).kl(q), m)
+        with torch.no_grad():
+            change()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(kl, m)
+        with torch.no_grad():  # back as it was
+            prior.var["w" if by_name else ...].fill_(2.0)
+            prior.mean.zero_()
+        assert torch.allclose(torch.autograd.grad(prior.kl(q), m)[0], expected, rtol=1e-12)
+
+
 def test_complex_and_bool_prior_tensors_are_refused():
     # A complex mean lost its imaginary part (torch's cast warning only); a complex variance
     # failed in torch ("gt_cpu" not implemented); a bool tensor was a variance of 1.
