@@ -5,8 +5,9 @@ its object is freed), and holds at most a fixed number of entries, or only as ma
 there are live objects (a weak key, compared by identity: two modules that compare equal
 are two modules). A function passed anew at every call, as a lambda written inside a
 training loop is, keys by what it runs (its code and what it closes over, a tensor by its
-shape, dtype and device, a number or a string by its value), so that a fresh lambda of
-the same code over the next batch finds the entry of the last one.
+shape, dtype and device, a number or a string by its value, any other object by identity,
+held weakly), so that a fresh lambda of the same code over the next batch finds the entry
+of the last one, and no entry keeps alive what the function closes over.
 """
 
 from __future__ import annotations
@@ -45,19 +46,42 @@ def clear_caches() -> None:
         clear()
 
 
-class _Identity:
-    r"""A key that compares by identity and keeps its object alive (its id stays its own)."""
+class _Strong:
+    r"""A reference that keeps its object alive, called as a weak one is."""
 
     __slots__ = ("obj",)
 
     def __init__(self, obj: object) -> None:
         self.obj = obj
 
+    def __call__(self) -> object:
+        return self.obj
+
+
+class _Identity:
+    r"""A key that compares by identity. It holds its object weakly where it can: a key of
+    a cache's entry that led back to the object keying the cache (an `fn` that closes over
+    a trainer holding the module) would keep both alive for good. An object that cannot be
+    referenced weakly is held (its id then stays its own). A key whose object is gone
+    equals no other."""
+
+    __slots__ = ("hash", "ref")
+
+    def __init__(self, obj: object) -> None:
+        try:
+            self.ref: Callable[[], object] = weakref.ref(obj)
+        except TypeError:
+            self.ref = _Strong(obj)
+        self.hash = id(obj)
+
     def __hash__(self) -> int:
-        return id(self.obj)
+        return self.hash
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Identity) and other.obj is self.obj
+        if not isinstance(other, _Identity):
+            return False
+        obj = self.ref()
+        return obj is not None and obj is other.ref()
 
 
 def identity(obj: object) -> Hashable:
@@ -75,9 +99,9 @@ def value_key(obj: object, depth: int = 2) -> Hashable:
     r"""Returns a key for `obj` as far as the memory and the layer calls of a call depend
     on it: a tensor by its shape, dtype and device (its values are the next batch's; a
     0-dim integer one, which may be a count, by its value on the CPU and elsewhere by identity
-    and version; a nested or sparse one by identity), a number or a string by its value, a tuple,
-    list or dict of those (`depth` levels, 64 items at most) by theirs, anything else by
-    identity."""
+    and version; a nested or sparse one by identity), a number or a string by its value, a tuple
+    (a named one too), list or dict of those (`depth` levels, 64 items at most) by theirs,
+    anything else by identity (held weakly where it can be: see :class:`_Identity`)."""
 
     if isinstance(obj, Tensor):
         count = obj.dim() == 0 and not obj.is_floating_point() and not obj.is_complex()
@@ -97,12 +121,18 @@ def value_key(obj: object, depth: int = 2) -> Hashable:
         return (Tensor, tuple(obj.shape), obj.dtype, obj.device)
     if type(obj) in _VALUES:
         return (type(obj), obj)
-    if depth > 0 and type(obj) in (tuple, list) and len(obj) <= 64:
+    if depth > 0 and (type(obj) in (tuple, list) or _named(obj)) and len(obj) <= 64:
         return (type(obj), tuple(value_key(o, depth - 1) for o in obj))
     if depth > 0 and type(obj) is dict and len(obj) <= 64:
         items = [(value_key(k, 0), value_key(v, depth - 1)) for k, v in obj.items()]
         return (dict, tuple(items))
     return _Identity(obj)
+
+
+def _named(obj: object) -> bool:
+    r"""Whether `obj` is a named tuple (a batch of fields, by their values as a tuple's)."""
+
+    return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
 
 
 def _readable(t: Tensor) -> bool:
@@ -142,7 +172,9 @@ def fn_key(fn: Callable[..., Any]) -> Hashable:
     cells = tuple(value_key(_contents(c)) for c in fn.__closure__ or ())
     defaults = tuple(value_key(d) for d in fn.__defaults__ or ())
     kwdefaults = tuple((k, value_key(v)) for k, v in (fn.__kwdefaults__ or {}).items())
-    return (code, _Identity(fn.__globals__), cells, defaults, kwdefaults)
+    # Its globals by the module's name: the namespace itself (a dict) cannot be referenced
+    # weakly, and one of a script run by `exec` holds the script's module and data.
+    return (code, getattr(fn, "__module__", None), cells, defaults, kwdefaults)
 
 
 class Bounded(Generic[K, V]):

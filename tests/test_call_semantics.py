@@ -1588,6 +1588,113 @@ def test_the_zuko_verdicts_keep_no_batch_alive():
     assert all(r() is None for r in refs[:8])
 
 
+class _Trainer:
+    r"""A notebook's trial object: its `fn` closes over `self`, which holds the module."""
+
+    def __init__(self, estimator):
+        self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 5))
+        self.q = bf.init(self.net, init_logvar=-6.0)
+        self.estimator = estimator
+        self.x = torch.randn(8, 5)
+
+    def ll(self, m, x):
+        return -(m(x) - x).square().mean(-1)
+
+    def step(self):
+        fn = lambda m, x: self.ll(m, x)
+        loss = bf.nelbo(
+            self.net, self.q, self.x, fn=fn, n=3, num_data=100, estimator=self.estimator
+        )
+        loss.backward()
+        out = bf.vmap_call(self.net, bf.sample(self.q, 3), self.x, fn=fn)
+        assert not torch.allclose(out[0], out[1])
+
+
+class _Wrapper(nn.Module):
+    r"""A BayesianModel inside a user's module, its `fn` closing over the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.bnet = bf.BayesianModel(nn.Sequential(nn.Linear(5, 8), nn.Tanh()))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x, n):
+        return self.bnet(x, n=n, fn=lambda m, x: self.head(m(x)))
+
+
+@pytest.mark.parametrize("make", ["weights", "local", "wrapper", "exec"])
+def test_a_module_an_fn_closes_over_is_freed(make):
+    # The caches' keys held what fn closes over (and its globals): a trainer whose fn
+    # closes over `self`, a module calling its own BayesianModel, the namespace of a script
+    # run by exec. Each trial's module, posterior and data stayed alive until
+    # clear_caches(), one more per trial.
+    import gc
+    import weakref
+
+    def trial():
+        if make == "wrapper":
+            w = _Wrapper()
+            w(torch.randn(4, 5), 3).sum().backward()
+            return weakref.ref(w)
+        if make == "exec":
+            ns = {"__name__": "__sweep__", "bf": bf, "torch": torch, "nn": nn}
+            exec(  # a lambda whose globals hold the net
+                "net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 5))\n"
+                "out = bf.vmap_call(net, bf.sample(bf.init(net), 3), torch.randn(8, 5),\n"
+                "                   fn=lambda m, x: m(x))\n",
+                ns,
+            )
+            return weakref.ref(ns["net"])
+        t = _Trainer(make)
+        t.step()
+        t.step()
+        return weakref.ref(t)
+
+    refs = [trial() for _ in range(4)]
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_per_step_objects_given_to_fn_are_not_kept():
+    # Keyed by identity, a dataclass batch (or one fn closes over) was held by the last 16
+    # keys of the module's caches: 16 batches alive. A named tuple is keyed by its fields'
+    # values, as a tuple, and finds the last step's entry.
+    import collections
+    import dataclasses
+    import gc
+    import weakref
+
+    from bayesflow import _engine
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+        extra: torch.Tensor
+
+    Pair = collections.namedtuple("Pair", "x extra")
+    net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 5))
+    params = bf.sample(bf.init(net, init_logvar=-2.0), 4)
+    for make, fn in (
+        (Batch, lambda m, b: m(b.x)),
+        (Pair, lambda m, b: m(b.x)),
+    ):
+        bf.clear_caches()
+        refs = []
+        for _ in range(20):
+            b = make(torch.randn(8, 5), torch.randn(1000))
+            out = bf.vmap_call(net, params, b, fn=fn)
+            torch.testing.assert_close(out, bf.loop_call(net, params, b, fn=fn))
+            assert not torch.allclose(out[0], out[1])
+            refs.append(weakref.ref(b.extra))
+            closing = bf.vmap_call(net, params, b.x, fn=lambda m, x, b=b: m(x) + 0 * b.extra[0])
+            torch.testing.assert_close(closing, out)
+            del b
+        gc.collect()
+        assert all(r() is None for r in refs)
+        if make is Pair:
+            assert len(_engine._FOOTPRINTS.get(net)) <= 2  # (and the closure's)
+
+
 class _RunningInput(nn.Module):
     r"""Writes buffers in place with values the samples share: a running mean of its
     input and a step counter."""
