@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from torch import Tensor
 from torch.nn.parameter import is_lazy
+from torch.nn.utils import parametrize
 
 from ._caches import PerObject, register
 from ._compat import closure, is_compiling, weight_hooks
@@ -311,9 +312,11 @@ def fn_runs_zuko(fn: object) -> bool:
 class Structure:
     r"""The tensors of a module, by name, and every place that holds them.
 
-    It refers to the module's tables (`_parameters`, `_buffers`, `_modules`) and its
-    submodules, and to the module itself only weakly, so the cache never keeps a module
-    alive: a submodule path of `""` stands for the module the structure was computed for.
+    It refers to the module's tables of tensors (`_parameters`, `_buffers`), and to the
+    module, its submodules and their classes only weakly, so the cache never keeps a module
+    alive (a submodule's hook that is a method of the module, or the class torch makes for
+    a parametrized module, would lead back to it): a submodule path of `""` stands for the
+    module the structure was computed for.
 
     Attributes:
         params: The parameters, by their `named_parameters()` name.
@@ -350,10 +353,9 @@ class Structure:
         self.buffers: dict[str, Tensor] = {}
         self.buffer_slots: dict[str, list[Slot]] = {}
         self.types: dict[str, type] = {}
-        self._embeddings: list[tuple[nn.Module, str]] = []
         self.hooked: list[tuple[str, Any]] = []
-        self._subs: dict[str, nn.Module] = {}
-        self._tables: list[tuple[dict, dict, dict]] = []
+        self._subs: dict[str, weakref.ref] = {}
+        self._dicts: list[dict] = []
 
         embeddings: list[tuple[nn.Module, Any]] = []
         seen_modules: set[int] = set()
@@ -363,10 +365,10 @@ class Structure:
             if id(m) not in seen_modules:
                 seen_modules.add(id(m))
                 distinct.append((prefix, m))
-                self.types[prefix] = type(m)
-                self._tables.append((m._parameters, m._buffers, m._modules))
+                self.types[prefix] = _own_class(m)
+                self._dicts += (m._parameters, m._buffers)
                 if m is not module:
-                    self._subs[prefix] = m
+                    self._subs[prefix] = weakref.ref(m)
                 self.hooked += [(prefix, hook) for hook in weight_hooks(m)]
                 if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
                     embeddings.append((m, m._parameters.get("weight")))
@@ -416,7 +418,7 @@ class Structure:
 
         # Plain lists and dicts among the modules' attributes that hold their tensors.
         self.unreached: dict[str, list[str]] = {}
-        self._watched: list[tuple[dict, str]] = []
+        self._watched: list[tuple[weakref.ref, str]] = []
         self._extra: list[Slot] = []
         for prefix, m in distinct:
             self._find_aliases(prefix, m, by_id)
@@ -428,9 +430,9 @@ class Structure:
         # root's through a weak reference: its `__dict__` may lead back to it (a hook that
         # is its own bound method), and it keys the cache that holds this structure.
         self._root = weakref.ref(module)
-        self._vars = [vars(m) for _, m in distinct if m is not module]
-        self._embeddings = [(m, by_id[id(t)]) for m, t in embeddings if id(t) in by_id]
-        self._dicts = [d for tables in self._tables for d in tables]
+        self._embeddings = [
+            (weakref.ref(m), by_id[id(t)]) for m, t in embeddings if id(t) in by_id
+        ]
         # The module, its submodules and their weight hooks, by id (alive while this is).
         self.objects = frozenset(seen_modules | {id(hook) for _, hook in self.hooked})
         self._fingerprint = self._fingerprint_of()
@@ -516,29 +518,39 @@ class Structure:
                                 f"{type(value).__name__})"
                             )
             if found and container is not d:
-                self._watched.append((d, attr))
+                self._watched.append((weakref.ref(m), attr))
 
-    def _fingerprint_of(self) -> tuple:
+    def _fingerprint_of(self) -> tuple | None:
         # The objects every table holds, in order, and the tables' sizes: cheap to build,
         # and any addition, removal or replacement changes it. The plain attributes that
         # hold tensors of the module too (most modules have none), and what they hold.
+        # (:py:`None` where a module is gone.)
+        modules = [self._root(), *[r() for r in self._subs.values()]]
+        if None in modules:
+            return None
         tables = (
             tuple([id(v) for d in self._dicts for v in d.values()]),
+            tuple([id(v) for m in modules for v in m._modules.values()]),
             tuple([len(d) for d in self._dicts]),
-            tuple(map(len, self._vars)),
-            len(vars(root)) if (root := self._root()) is not None else -1,
+            tuple([len(m._modules) for m in modules]),
+            tuple([len(vars(m)) for m in modules]),
         )
         if not self._watched and not self._extra:
             return tables
         return (
             *tables,
-            tuple([id(d.get(attr)) for d, attr in self._watched]),
+            tuple([id(vars(r()).get(attr)) for r, attr in self._watched]),  # (all alive)
             tuple([id(_held(c, key)) for c, key in self._extra]),
         )
 
     @property
     def written(self) -> set[str]:
-        return {name for m, name in self._embeddings if m.max_norm is not None}
+        written = set()
+        for ref, name in self._embeddings:
+            m = ref()
+            if m is not None and m.max_norm is not None:
+                written.add(name)
+        return written
 
     def added(self) -> list[tuple[str, dict, str, set]]:
         r"""Returns the buffers registered since the structure was computed (by a call's
@@ -556,17 +568,32 @@ class Structure:
     def is_current(self) -> bool:
         r"""Whether no parameter, buffer or submodule was added, removed or replaced."""
 
-        return self._fingerprint_of() == self._fingerprint
+        fingerprint = self._fingerprint_of()
+        return fingerprint is not None and fingerprint == self._fingerprint
 
     def sub(self, module: nn.Module, path: str) -> nn.Module:
         r"""Returns the submodule at `path` of `module` (this structure's)."""
 
-        return module if path == "" else self._subs[path]
+        if path == "":
+            return module
+        sub = self._subs[path]()
+        # (Gone only if the module no longer holds it: found again where it is now.)
+        return sub if sub is not None else module.get_submodule(path)
 
     def find(self, module: nn.Module, cls: type | tuple[type, ...]) -> list[tuple[str, nn.Module]]:
         r"""Returns the submodules of `module` (this structure's) that are instances of `cls`."""
 
         return [(p, self.sub(module, p)) for p, t in self.types.items() if issubclass(t, cls)]
+
+
+def _own_class(m: nn.Module) -> type:
+    r"""The class of `m`, or for a parametrized module the class torch's parametrize made
+    it from: the class it makes for each such module has properties that lead back to it."""
+
+    cls = type(m)
+    if parametrize.is_parametrized(m) and cls.__bases__:
+        return cls.__bases__[0]
+    return cls
 
 
 def _held(container: Any, key: Any) -> Any:
