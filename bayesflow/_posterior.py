@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.nn.parameter import is_lazy
 
 from ._checks import check_module, check_not_bridge, check_posterior, describe
+from ._compat import hook_name, weight_hooks
 from ._numerics import logvar_from_var
 from ._sampling import kl_divergence, sample
 from ._structure import Structure, lazy_error, lock
@@ -95,10 +96,38 @@ def select(
     where: str, module: object, include: Sequence[str], exclude: Sequence[str]
 ) -> list[str]:
     check_module(where, module)
-    _, inc = _patterns(where, "include", include)
-    _, exc = _patterns(where, "exclude", exclude)
+    inc_globs, inc = _patterns(where, "include", include)
+    exc_globs, exc = _patterns(where, "exclude", exclude)
 
-    return [name for name, _ in module.named_parameters() if _picks(inc, exc, name)]
+    names = [name for name, _ in module.named_parameters() if _picks(inc, exc, name)]
+    _refuse_tied(where, module, inc, exc, inc_globs, exc_globs, names)
+    return names
+
+
+def _refuse_tied(
+    where: str,
+    module: nn.Module,
+    inc: list[re.Pattern],
+    exc: list[re.Pattern],
+    inc_globs: tuple[str, ...],
+    exc_globs: tuple[str, ...],
+    names: list[str],
+) -> None:
+    r"""Refuses a selection that picks a tied Parameter by a second name only (`dec.weight`
+    tied to `emb.weight`): its one name is the first, which the selection leaves out, so
+    the posterior would silently lack it (the decoder's bias alone, say)."""
+
+    tied = {k: v for k, v in _tied(module, inc, exc).items() if v not in names}
+    if not tied:
+        return
+    pairs = ", ".join(f"{k!r} is tied to {v!r}" for k, v in tied.items())
+    got = "only tied names" if not names else "tied names whose Parameter it leaves out"
+    raise ValueError(
+        f"{where}: expected include={inc_globs!r} and exclude={exc_globs!r} to pick "
+        f"each parameter of {type(module).__name__} by its named_parameters() name, got "
+        f"{got} ({pairs}: the same Parameter, named by its first name); pick the first names "
+        "too, or exclude the tied ones"
+    )
 
 
 def _tied(module: nn.Module, inc: list[re.Pattern], exc: list[re.Pattern]) -> dict[str, str]:
@@ -181,15 +210,10 @@ def init(
         params = dict(module.named_parameters())
     names = [name for name in params if _picks(inc, exc, name)]
 
+    if not empty:  # (zuko's wrapper picks by the first names, as zuko does)
+        with lock(module):
+            _refuse_tied(where, module, inc, exc, inc_globs, exc_globs, names)
     if not names and not empty:
-        tied = _tied(module, inc, exc)
-        if tied:
-            pairs = ", ".join(f"{k!r} is tied to {v!r}" for k, v in tied.items())
-            raise ValueError(
-                f"{where}: expected include={inc_globs!r} and exclude={exc_globs!r} to pick "
-                f"a parameter of {type(module).__name__} by its named_parameters() name, got "
-                f"only tied names ({pairs}: the same Parameter); pick those names instead"
-            )
         raise ValueError(
             f"{where}: expected include={inc_globs!r} and exclude={exc_globs!r} to pick at "
             f"least one parameter of {type(module).__name__}, got none"
@@ -275,9 +299,21 @@ def check_matches(where: str, module: nn.Module, posterior: Posterior) -> None:
 def copy_module(where: str, module: nn.Module) -> nn.Module:
     r"""Returns `copy.deepcopy(module)`, or raises a ValueError that says why there is
     none: a module holding a tensor computed from others (a sample of a `reparameterize()`
-    block, the weight of hook-based `weight_norm`), which torch refuses to copy."""
+    block), which torch refuses to copy. The weight that a hook-based `weight_norm`,
+    `spectral_norm` or pruning computes before every forward (from the last forward with
+    gradients: computed from others) is copied detached: the copy's next forward computes
+    it again."""
 
+    computed = []
+    for m in module.modules():
+        for hook in weight_hooks(m):
+            name = hook_name(hook)
+            t = vars(m).get(name)
+            if isinstance(t, Tensor) and t.grad_fn is not None:
+                computed.append((m, name, t))
     try:
+        for m, name, t in computed:
+            vars(m)[name] = t.detach()
         return copy.deepcopy(module)
     except RuntimeError as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -285,9 +321,11 @@ def copy_module(where: str, module: nn.Module) -> nn.Module:
             f"{where}: expected a module that copy.deepcopy can copy, got "
             f"{type(module).__name__}, which holds a tensor computed from others ({reason}): "
             "inside a BayesianModel.reparameterize() block the base holds a sample (call it "
-            "after the block); hook-based torch.nn.utils.weight_norm holds a computed weight "
-            "(torch.nn.utils.parametrizations.weight_norm copies)"
+            "after the block)"
         ) from e
+    finally:
+        for m, name, t in computed:
+            vars(m)[name] = t
 
 
 def mean_model(where: str, module: object, posterior: object) -> nn.Module:

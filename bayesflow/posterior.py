@@ -41,7 +41,9 @@ def select(
     whole leading segments, so `0` picks `0.weight` but not `10.weight` (a trailing dot,
     `0.`, changes nothing). The empty pattern picks everything. Names are those of
     :meth:`torch.nn.Module.named_parameters`: a Parameter shared by several modules (tied
-    weights) has one name, its first.
+    weights) has one name, its first. A selection that picks a tied Parameter by a second
+    name only (`dec.weight` tied to `emb.weight`, by `include=["dec"]`) is refused: it
+    would leave the Parameter out, silently.
 
     Example:
         >>> net = zuko.nn.MLP(3, 5)
@@ -55,6 +57,9 @@ def select(
 
     Returns:
         The picked names, in the order of :meth:`torch.nn.Module.named_parameters`.
+
+    Raises:
+        ValueError: If the patterns pick a tied Parameter by a second name only.
     """
 
     return _posterior.select("select", module, include, exclude)

@@ -93,13 +93,49 @@ def test_tied_weights_with_the_bridge(local_trick):
 
 def test_init_explains_tied_names():
     module = TiedLM()
-    assert bf.select(module, include=["dec"]) == []
-    with pytest.raises(ValueError, match=r"init: .*'dec.weight' is tied to 'emb.weight'"):
-        bf.init(module, include=["dec"])
+    for where, pick in (("select", bf.select), ("init", bf.init)):
+        with pytest.raises(ValueError, match=rf"{where}: .*'dec.weight' is tied to 'emb.weight'"):
+            pick(module, include=["dec"])
     with pytest.raises(
         ValueError, match=r"vmap_call: .*'dec.weight', which is tied to 'emb.weight'"
     ):
         bf.vmap_call(module, {"dec.weight": torch.zeros(2, 7, 4)}, torch.tensor([1]))
+
+
+def test_a_tied_parameter_picked_by_its_second_name_only_is_refused():
+    # With a bias on the decoder, include=["dec"] silently gave a posterior of the bias
+    # alone (Laplace, SWAG, IVON, init): the tied weight's one name is emb.weight.
+    class Biased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.dec = nn.Embedding(7, 4), nn.Linear(4, 7)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, tok):
+            return self.dec(self.emb(tok).mean(1))
+
+    module = Biased()
+    before = copy.deepcopy(module.state_dict())
+    tok, y = torch.randint(0, 7, (4, 3)), torch.randint(0, 7, (4,))
+    ll = lambda m, t, y: -F.cross_entropy(m(t), y, reduction="none")
+    message = (
+        r"got tied names whose Parameter it leaves out \('dec.weight' is tied to 'emb.weight'"
+    )
+    for where, call in (
+        ("select", lambda **kw: bf.select(module, **kw)),
+        ("init", lambda **kw: bf.init(module, **kw)),
+        ("SWAG", lambda **kw: bf.SWAG(module, **kw)),
+        ("IVON", lambda **kw: bf.IVON(module, lr=0.1, ess=4.0, **kw)),
+        ("laplace_fit", lambda **kw: bf.laplace_fit(module, ll, [(tok, y)], hessian="ef", **kw)),
+    ):
+        with pytest.raises(ValueError, match=rf"^{where}: .*{message}"):
+            call(include=["dec"])
+        assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    # both names, or the bias alone said outright, are fine
+    assert list(bf.init(module, include=["dec", "emb"]).mean) == ["emb.weight", "dec.bias"]
+    assert bf.select(module, include=["dec"], exclude=["dec.weight"]) == ["dec.bias"]
+    # zuko's wrapper picks as zuko does: by the first names
+    assert list(bf.BayesianModel(module, include_params=["dec"]).means) == ["dec-bias"]
 
 
 def test_failed_vectorized_attempt_leaves_no_trace_and_updates_once():
