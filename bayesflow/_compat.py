@@ -37,6 +37,7 @@ __all__ = [
     "unbatched",
     "unwrap_at",
     "unwrap_batched",
+    "vmapped",
     "weight_hooks",
     "wrap_at",
 ]
@@ -146,6 +147,13 @@ def batched_at_current_level(t: Tensor) -> int | None:
     if level is None or not _functorch.is_batchedtensor(t):
         return None
     return level if _functorch.maybe_get_level(t) == level else None
+
+
+def vmapped(t: Tensor) -> bool:
+    r"""Whether a vmap batches `t`, at any level: its values cannot be read there (the
+    plain tensor under the wrappers has the batch dims)."""
+
+    return in_func_transform() and unwrap_batched(t).dim() > t.dim()
 
 
 def is_wrapped(t: Tensor) -> bool:

@@ -35,7 +35,7 @@ from ._compat import (
     generating,
     in_func_transform,
     is_compiling,
-    unwrap_batched,
+    vmapped,
 )
 from ._numerics import (
     FlatPrior,
@@ -419,16 +419,9 @@ def zero_mean_prior(var: float | Tensor, value: float | None, what: str) -> Prio
     return make
 
 
-def _batched(t: Tensor) -> bool:
-    r"""Whether a vmap batches `t`, at any level (its values cannot be read there): the plain
-    tensor under the wrappers has the batch dims."""
-
-    return in_func_transform() and unwrap_batched(t).dim() > t.dim()
-
-
 def kl_divergence(where: str, posterior: object, prior_var: object) -> Tensor:
     plan, tensors = _plan(where, posterior)
-    if isinstance(prior_var, Tensor) and _batched(prior_var):
+    if isinstance(prior_var, Tensor) and vmapped(prior_var):
         # A prior variance that vmap batches: used as a learned one, with no check of its
         # values, which `.item()` cannot read there.
         if prior_var.numel() != 1 or prior_var.is_complex() or prior_var.dtype == torch.bool:

@@ -52,6 +52,7 @@ from ._compat import (
     unbatched,
     unwrap_at,
     unwrap_batched,
+    vmapped,
     wrap_at,
 )
 from ._layers import is_conv, is_linear, mask_of
@@ -330,14 +331,21 @@ def _open_dead_rows(
         mask = additive(attn_mask)
         total = total + (mask if mask.dim() == 2 else mask.reshape(b, heads, length, source))
     dead = total.isneginf().all(-1)  # (b, heads, length)
-    if not dead.any():
-        return None, key_padding_mask, attn_mask
-    if not torch.equal(dead, dead[:, :1].expand_as(dead)):
-        raise NotImplementedError(
-            "attention rows whose keys are all masked in some heads only (a per-head "
-            "attn_mask) are not vectorized"
-        )
-    dead = dead[:, 0]  # (b, length)
+    if vmapped(dead):
+        # A mask batched by a vmap (one per example, under Laplace's per-example pass):
+        # its values cannot be read there. Rows masked in every head are opened as below;
+        # a row masked in some heads only stays masked there: NaN, as the explicit
+        # softmax gives it (below, the call would refuse it).
+        dead = dead.all(1)
+    else:
+        if not dead.any():
+            return None, key_padding_mask, attn_mask
+        if not torch.equal(dead, dead[:, :1].expand_as(dead)):
+            raise NotImplementedError(
+                "attention rows whose keys are all masked in some heads only (a per-head "
+                "attn_mask) are not vectorized"
+            )
+        dead = dead[:, 0]  # (b, length)
     merged = total.masked_fill(dead[:, None, :, None], 0.0)
     merged = merged.reshape(b * heads if batched else heads, length, source)
     if not batched:

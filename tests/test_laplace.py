@@ -1349,6 +1349,60 @@ def test_linearized_variance_matches_explicit_jacobians(include):
     assert (var > 0).all()
 
 
+class _Padded(nn.Module):
+    r"""Self-attention over padded sequences (a mask per example), mean-pooled."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x, mask):
+        h = self.enc(x, src_key_padding_mask=mask)
+        keep = (~mask).unsqueeze(-1).to(h.dtype)
+        return self.out((h * keep).sum(1) / keep.sum(1))
+
+
+def test_attention_with_a_padding_mask_per_example():
+    # Under the per-example pass, the attention stand-in branched on the mask's values
+    # (which rows are all masked): vmap's "data-dependent control flow" error, for every
+    # fit and the linearized predictive.
+    torch.manual_seed(0)
+    module = _Padded().eval()
+    x, y = torch.randn(6, 5, 8), torch.randint(0, 3, (6,))
+    mask = torch.arange(5)[None] >= torch.tensor([5, 4, 3, 5, 2, 4])[:, None]
+    ll = lambda m, x, mask, y: -F.cross_entropy(m(x, mask), y, reduction="none")
+    before = snapshot(module)
+
+    fit = bf.laplace_fit(module, ll, [(x, mask, y)], hessian="ef")
+    assert unchanged(module, before)
+    names = list(fit.hessian)
+    params = [module.get_parameter(k) for k in names]
+    for k, p in zip(names, params, strict=True):  # the loop of autograd.grad
+        expected = sum(
+            torch.autograd.grad(ll(module, x[i : i + 1], mask[i : i + 1], y[i : i + 1]).sum(), p)[
+                0
+            ].square()
+            for i in range(len(x))
+        )
+        assert torch.allclose(fit.hessian[k], expected, rtol=1e-10, atol=1e-12), k
+
+    q = bf.init(module, -3.0, include=["enc.**"])
+    mean, var = bf.linearized_predictive(module, q, x, mask)
+    assert torch.allclose(mean, module(x, mask), atol=1e-12)
+    sigma2 = torch.cat([var_of(q.logvar[k]).reshape(-1) for k in q.mean])
+    for i in range(len(x)):
+
+        def f(*flat, i=i):
+            p = dict(zip(q.mean, flat, strict=True))
+            return torch.func.functional_call(module, p, (x[i : i + 1], mask[i : i + 1]))[0]
+
+        jac = torch.autograd.functional.jacobian(f, tuple(t.detach() for t in q.mean.values()))
+        jac = torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
+        assert torch.allclose(var[i], (jac.square() * sigma2).sum(1), rtol=1e-9, atol=1e-14)
+    assert (var > 0).all()
+
+
 def test_linearized_variance_where_the_last_layer_weight_is_reused():
     torch.manual_seed(0)
     module = Reused()
