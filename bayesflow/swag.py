@@ -6,7 +6,7 @@ from __future__ import annotations
 __all__ = ["SWAG"]
 
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _posterior
-from ._checks import check_int, check_module, check_not_bridge, check_number
+from ._checks import check_callable, check_int, check_module, check_not_bridge, check_number
 from ._compat import BatchNorm
 from ._curvature import restore_modes
 from ._structure import lock
@@ -50,7 +50,12 @@ def _check_batch(where: str, batch: object, i: int) -> None:
 
 
 @torch.no_grad()  # as torch's update_bn: statistics only, no graph
-def _update_bn(where: str, module: nn.Module, data: Iterable[Any]) -> None:
+def _update_bn(
+    where: str,
+    module: nn.Module,
+    data: Iterable[Any],
+    fn: Callable[..., Any] | None = None,
+) -> None:
     r"""Recomputes the running statistics of the BatchNorm layers of `module` over one pass
     of `data`, as the SWAG paper's `bn_update`: each batch weighted by its size :math:`b`
     (momentum :math:`b / (n + b)` after :math:`n` examples), so that the running mean is
@@ -77,7 +82,10 @@ def _update_bn(where: str, module: nn.Module, data: Iterable[Any]) -> None:
             for m in bns:
                 m.momentum = b / (n + b)
             try:
-                module(x)
+                if fn is None:
+                    module(x)
+                else:
+                    fn(module, *(batch if isinstance(batch, (tuple, list)) else (batch,)))
             except ValueError as err:
                 # torch's BatchNorm in training mode, given one value per channel: a batch of
                 # one example (a DataLoader's short last batch) has no variance to average.
@@ -284,7 +292,12 @@ class SWAG:
         mean = {k: m.to(self._dtypes[k]) for k, m in self.mean.items()}
         return _posterior.posterior_from_variance(where, mean, var)
 
-    def mean_model(self, module: nn.Module, data: Iterable[Any] | None = None) -> nn.Module:
+    def mean_model(
+        self,
+        module: nn.Module,
+        data: Iterable[Any] | None = None,
+        fn: Callable[..., Any] | None = None,
+    ) -> nn.Module:
         r"""Returns a copy of `module` with the SWAG means as parameters and, if it has
         BatchNorm layers, their running statistics recomputed for those weights on `data`.
 
@@ -293,7 +306,8 @@ class SWAG:
         features, the running variance the size-weighted average of the batches' (unbiased)
         variances. (:func:`torch.optim.swa_utils.update_bn` weighs every batch the same, a
         short last batch as a full one.) The copy is called in training mode on the first
-        element of each batch; its submodules' modes and its BatchNorms' momenta are then
+        element of each batch (or as `fn(copy, *batch)`, a forward that takes more than
+        one input, say); its submodules' modes and its BatchNorms' momenta are then
         restored. Sample from :meth:`posterior` with this copy, e.g.
         `bayesflow.vmap_call(mean_net, bayesflow.sample(q, k), x)`: the statistics the
         SGD iterate left in `module` belong to other weights.
@@ -301,7 +315,9 @@ class SWAG:
         Arguments:
             module: The module collected from.
             data: The training batches, `(x, ...)` or `x`; required if `module` has
-                BatchNorm layers.
+                BatchNorm layers. A batch's size is the leading dim of `x`.
+            fn: How to run the copy on a batch, `fn(copy, *batch)` (its output unused);
+                `copy(x)` if :py:`None`.
 
         Returns:
             A standalone copy of `module`, in the mode `module` is in.
@@ -310,13 +326,15 @@ class SWAG:
             ValueError: If `module` has BatchNorm layers and `data` is :py:`None` or holds
                 no batch, or a batch that gives a BatchNorm layer one value per channel (a
                 last batch of one example), or no parameter set was collected.
-            TypeError: If `module` has BatchNorm layers and `data` is not an iterable of
-                batches, or a batch is neither a tensor nor a tuple or list whose first item
-                is a tensor (checked as the batches are read; `module` is left as found).
+            TypeError: If `fn` is not callable, or `module` has BatchNorm layers and `data`
+                is not an iterable of batches, or a batch is neither a tensor nor a tuple or
+                list whose first item is a tensor (checked as the batches are read; `module`
+                is left as found).
         """
 
         where = "SWAG.mean_model"
         self._check(where, module)
+        check_callable(where, "fn", fn, form="fn(module, *batch)")
         if self.n < 1:
             raise ValueError(f"{where}: expected at least 1 collected parameter set, got 0")
         has_bn = any(isinstance(m, BatchNorm) for m in module.modules())
@@ -339,7 +357,7 @@ class SWAG:
             for k, m in self.mean.items():
                 new.get_parameter(k).copy_(m)
         if has_bn:
-            _update_bn(where, new, data)
+            _update_bn(where, new, data, fn)
         return new
 
     def __copy__(self) -> SWAG:

@@ -5,6 +5,7 @@ save/load."""
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -472,6 +473,92 @@ def test_a_copy_collects_apart_from_its_original(route):
         assert torch.equal(resumed.mean[k], branch.mean[k])
         assert torch.equal(resumed.var[k], branch.var[k])
         assert not torch.equal(branch.mean[k], swag.mean[k])
+
+
+@pytest.mark.parametrize("wrap", ["spectral_norm", "weight_norm"])
+def test_the_mean_model_of_a_net_with_a_hook_based_norm(wrap):
+    # After any step, the hook-based norms hold a weight computed with gradients, which
+    # copy.deepcopy refuses: mean_model raised in SWAG's documented use (SGD, collect).
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(
+        getattr(nn.utils, wrap)(nn.Linear(4, 8)), nn.Tanh(), nn.Linear(8, 3)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's: use the parametrizations
+        module = make()
+        oracle = make()
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    swag = bf.SWAG(module)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(module(x), y).backward()
+        optimizer.step()
+        swag.collect(module)
+    computed = module[0].weight
+    assert computed.grad_fn is not None
+    before = snapshot(module)
+
+    mean = swag.mean_model(module)
+
+    assert module[0].weight is computed and unchanged(module, before)
+    # oracle: a module of its own, loaded with the state and the collected means
+    oracle.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        for k, m in swag.mean.items():
+            oracle.get_parameter(k).copy_(m)
+    mean.eval(), oracle.eval(), module.eval()
+    with torch.no_grad():
+        assert torch.allclose(mean(x), oracle(x), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(mean(x), module(x), atol=1e-4)  # the means, not the last
+
+
+def test_the_mean_models_statistics_with_an_fn_for_a_forward_of_two_inputs():
+    # mean_model called module(batch[0]): a BatchNorm net whose forward takes two inputs
+    # got torch's bare TypeError. fn(copy, *batch) runs it; oracle: torch's update_bn on
+    # a one-input wrapper with every batch the same size (where both weigh alike).
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+            self.bn, self.out = nn.BatchNorm1d(4), nn.Linear(4, 3)
+
+        def forward(self, x1, x2):
+            return self.out(torch.relu(self.bn(self.a(x1) + self.b(x2))))
+
+    torch.manual_seed(0)
+    module = Two()
+    x1, x2, y = torch.randn(32, 3), torch.randn(32, 2), torch.randint(0, 3, (32,))
+    data = [(x1[i : i + 8], x2[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    swag = bf.SWAG(module)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    for _ in range(3):
+        for a, b, t in data:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(module(a, b), t).backward()
+            optimizer.step()
+        swag.collect(module)
+
+    with pytest.raises(TypeError, match=r"^SWAG.mean_model: expected fn to be callable"):
+        swag.mean_model(module, data, fn=3)
+    mean = swag.mean_model(module, data, fn=lambda m, a, b, t: m(a, b))
+
+    class One(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ab):
+            return self.inner(ab[:, :3], ab[:, 3:])
+
+    oracle = copy.deepcopy(module)
+    with torch.no_grad():
+        for k, m in swag.mean.items():
+            oracle.get_parameter(k).copy_(m)
+    torch.optim.swa_utils.update_bn([torch.cat([a, b], 1) for a, b, _ in data], One(oracle))
+    for name in ("running_mean", "running_var"):
+        assert torch.allclose(getattr(mean.bn, name), getattr(oracle.bn, name), rtol=1e-10)
+    assert not torch.allclose(mean.bn.running_mean, module.bn.running_mean)
 
 
 def test_bad_input_leaves_module_and_moments_alone():
