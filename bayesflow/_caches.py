@@ -1,7 +1,8 @@
 r"""Every cache of bayesflow, in one place, cleared by one function.
 
-A cache is keyed by the objects it describes, never by their `id()` (an id is reused once
-its object is freed), and holds at most a fixed number of entries, or only as many as
+A cache is keyed by the objects it describes, never by their `id()` alone (an id is reused
+once its object is freed; the one exception, a namespace of no module, is in
+:func:`_namespace`), and holds at most a fixed number of entries, or only as many as
 there are live objects (a weak key, compared by identity: two modules that compare equal
 are two modules). A function passed anew at every call, as a lambda written inside a
 training loop is, keys by what it runs (its code and what it closes over, a tensor by its
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 __all__ = ["Bounded", "PerObject", "clear_caches", "fn_key", "identity", "value_key"]
 
+import sys
 import threading
 import weakref
 
@@ -61,15 +63,19 @@ class _Strong:
 class _Identity:
     r"""A key that compares by identity. It holds its object weakly where it can: a key of
     a cache's entry that led back to the object keying the cache (an `fn` that closes over
-    a trainer holding the module) would keep both alive for good. An object that cannot be
-    referenced weakly is held (its id then stays its own). A key whose object is gone
-    equals no other."""
+    a trainer holding the module) would keep both alive for good. A tensor, or an object
+    that cannot be referenced weakly, is held (its id then stays its own). A key whose
+    object is gone equals no other."""
 
     __slots__ = ("hash", "ref")
 
     def __init__(self, obj: object) -> None:
+        # A tensor is held: it leads back to no module, and `torch.utils.swap_tensors`
+        # (which converting a module may use) refuses a tensor that has a weak reference.
         try:
-            self.ref: Callable[[], object] = weakref.ref(obj)
+            self.ref: Callable[[], object] = (
+                _Strong(obj) if isinstance(obj, Tensor) else weakref.ref(obj)
+            )
         except TypeError:
             self.ref = _Strong(obj)
         self.hash = id(obj)
@@ -172,9 +178,22 @@ def fn_key(fn: Callable[..., Any]) -> Hashable:
     cells = tuple(value_key(_contents(c)) for c in fn.__closure__ or ())
     defaults = tuple(value_key(d) for d in fn.__defaults__ or ())
     kwdefaults = tuple((k, value_key(v)) for k, v in (fn.__kwdefaults__ or {}).items())
-    # Its globals by the module's name: the namespace itself (a dict) cannot be referenced
-    # weakly, and one of a script run by `exec` holds the script's module and data.
-    return (code, getattr(fn, "__module__", None), cells, defaults, kwdefaults)
+    return (code, _namespace(fn), cells, defaults, kwdefaults)
+
+
+def _namespace(fn: Any) -> Hashable:
+    r"""A key for the globals of `fn`: its module, held weakly (a namespace, a dict, cannot
+    be; and one of a script run by `exec` holds the script's module and data). A namespace
+    of no module (`exec`'s) by its id, not held: after it is gone, a new one may take its
+    id, and a function of the same code there the old entries (a footprint that sizes
+    chunks; a layer-call recording, which a pass checks against its layer calls)."""
+
+    globals_ = getattr(fn, "__globals__", None)
+    name = getattr(fn, "__module__", None)
+    module = sys.modules.get(name) if isinstance(name, str) else None
+    if module is not None and getattr(module, "__dict__", None) is globals_:
+        return _Identity(module)
+    return ("namespace", name, id(globals_))
 
 
 class Bounded(Generic[K, V]):

@@ -1017,9 +1017,11 @@ def run_local(
                 def local_fn(m: nn.Module, s: Tensor, *a: Any, tape: Tape = tape) -> Any:
                     tape.begin(s)
                     try:
-                        return opts.fn(m, *a)
+                        out = opts.fn(m, *a)
                     finally:
                         tape.slab = None  # a sample's tensor, not to outlive the pass
+                    tape.done()
+                    return out
 
                 local_fn._bayesflow_key = ("local", fn_key(opts.fn), plan.key, forced)  # type: ignore[attr-defined]
                 local_fn._bayesflow_leading = 1  # type: ignore[attr-defined]

@@ -361,6 +361,13 @@ class Tape(Noise):
         if not local or func_level() != self.level:
             raise StaleShapes(name)
 
+    def done(self) -> None:
+        r"""Raises :class:`StaleShapes` unless the pass took every draw of the layout (a
+        layout recorded for another `fn` of the same key, which called more layers)."""
+
+        if self.index != len(self.draws):
+            raise StaleShapes(None)
+
     def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
         if self.index >= len(self.draws) or self.draws[self.index] != (name, shape):
             raise StaleShapes(name)

@@ -77,14 +77,16 @@ class _Plan(NamedTuple):
     groups: tuple[_Group, ...]
 
 
-# Keyed by the names, each with the layout (shape, dtype, device) of every tensor it was
+# Keyed by the names, each with the layouts (shape, dtype, device of every tensor) it was
 # made for, which decide everything a plan holds and every check made before one is made:
 # no reference to the tensors themselves, not even a weak one (`torch.utils.swap_tensors`,
-# which converting a module may use, refuses a tensor that has one). One layout per names
-# (the last one seen), and a bounded number of names: the oldest go first.
-_PLANS: dict[tuple, tuple[list, _Plan]] = {}
+# which converting a module may use, refuses a tensor that has one). A few layouts per
+# names (two `nn.Sequential`s of other widths share their names), the last used first, and
+# a bounded number of names: the oldest go first.
+_PLANS: dict[tuple, list[tuple[list, _Plan]]] = {}
 _PLANS_LOCK = threading.Lock()
 _MAX_PLANS = 16
+_MAX_LAYOUTS = 4
 
 
 def clear_plans() -> None:
@@ -123,9 +125,9 @@ def _plan(where: str, posterior: object) -> tuple[_Plan, list[Tensor]]:
             layout = None if tensors is None else _layout(tensors)
             if layout is not None:
                 names = tuple(mean)
-                entry = _PLANS.get(names)
-                if entry is not None and entry[0] == layout:
-                    return entry[1], tensors
+                for seen, plan in _PLANS.get(names, ()):
+                    if seen == layout:
+                        return plan, tensors
 
     check_posterior(where, posterior)
     names = tuple(posterior.mean)
@@ -161,10 +163,10 @@ def _plan(where: str, posterior: object) -> tuple[_Plan, list[Tensor]]:
     )
     if layout is not None:  # (a posterior of other containers is checked at every call)
         with _PLANS_LOCK:
-            _PLANS.pop(names, None)
+            entries = [(layout, plan), *_PLANS.pop(names, ())][:_MAX_LAYOUTS]
             while len(_PLANS) >= _MAX_PLANS:
                 del _PLANS[next(iter(_PLANS))]
-            _PLANS[names] = (layout, plan)
+            _PLANS[names] = entries
 
     return plan, tensors
 

@@ -430,6 +430,7 @@ class Structure:
         # root's through a weak reference: its `__dict__` may lead back to it (a hook that
         # is its own bound method), and it keys the cache that holds this structure.
         self._root = weakref.ref(module)
+        self._refs = [self._root, *self._subs.values()]
         self._embeddings = [
             (weakref.ref(m), by_id[id(t)]) for m, t in embeddings if id(t) in by_id
         ]
@@ -525,15 +526,15 @@ class Structure:
         # and any addition, removal or replacement changes it. The plain attributes that
         # hold tensors of the module too (most modules have none), and what they hold.
         # (:py:`None` where a module is gone.)
-        modules = [self._root(), *[r() for r in self._subs.values()]]
+        modules = [r() for r in self._refs]
         if None in modules:
             return None
+        attrs = [m.__dict__ for m in modules]
+        dicts = self._dicts + [d["_modules"] for d in attrs]
         tables = (
-            tuple([id(v) for d in self._dicts for v in d.values()]),
-            tuple([id(v) for m in modules for v in m._modules.values()]),
-            tuple([len(d) for d in self._dicts]),
-            tuple([len(m._modules) for m in modules]),
-            tuple([len(vars(m)) for m in modules]),
+            tuple([id(v) for d in dicts for v in d.values()]),
+            tuple(map(len, dicts)),
+            tuple(map(len, attrs)),
         )
         if not self._watched and not self._extra:
             return tables

@@ -32,9 +32,11 @@ class Ensemble(_Fields):
     it with any torch optimizer over `ens.params.values()`. Save it with `torch.save(ens, f)`
     and `torch.load(f, weights_only=False)`, or save `{"params": ens.params, "buffers":
     ens.buffers}` (torch's default `weights_only=True` loads it) and rebuild it with
-    `Ensemble(module, d["params"], d["buffers"])`: a copy trains as the original (the
-    parameters of an Ensemble, made, copied or loaded, get what the module writes into its
-    own weight, as K separate modules would: `Embedding(max_norm)`'s renormalized rows).
+    `Ensemble(module, d["params"], d["buffers"])`: a copy trains as the original. The
+    parameters an Ensemble holds, however it was made (copied, loaded), are its members'
+    own: what the module writes into its own weight (`Embedding(max_norm)`'s renormalized
+    rows) is written back into them, as into K separate modules, also in later calls that
+    are given those tensors.
 
     Attributes:
         module: The module the calls run on (its own parameters and buffers are not used).
@@ -63,11 +65,15 @@ class Ensemble(_Fields):
         return ens
 
     @classmethod
-    def _make(cls, iterable: Any) -> Ensemble:
-        return cls(*iterable)
+    def _make(cls, iterable: Any) -> Ensemble:  # (`_replace` makes it anew through it)
+        values = tuple(iterable)
+        if len(values) != len(cls._fields):
+            raise TypeError(f"Expected {len(cls._fields)} arguments, got {len(values)}")
+        return cls(*values)
 
-    def _replace(self, **changes: Any) -> Ensemble:
-        return type(self)(**{**self._asdict(), **changes})
+    def __reduce__(self) -> tuple[Any, tuple]:
+        # Made anew by every pickle protocol (0 and 1 would skip `__new__`).
+        return (type(self), tuple(self))
 
 
 def _stack(

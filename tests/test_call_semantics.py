@@ -1691,6 +1691,23 @@ def test_a_module_an_fn_closes_over_is_freed(make):
     assert all(r() is None for r in refs)
 
 
+def test_a_tensor_fn_closes_over_can_be_swapped_afterwards(gen):
+    # The caches' keys took weak references to the tensors they hold by identity (a
+    # sparse one), which torch.utils.swap_tensors refuses: held, as before.
+    net = nn.Linear(3, 3)
+    q = bf.init(net, -3.0)
+    adj = torch.eye(3).to_sparse()
+    x = torch.randn(3, 3)
+    with warnings.catch_warnings():  # torch's: sparse_mm has no batching rule
+        warnings.simplefilter("ignore")
+        out = bf.local_call(
+            net, q, 2, x, fn=lambda m, x: torch.sparse.mm(adj, m(x)), generator=gen(0)
+        )
+    assert not torch.allclose(out[0], out[1])
+    del out  # (its graph holds adj)
+    torch.utils.swap_tensors(adj, torch.zeros(3, 3).to_sparse())
+
+
 def test_per_step_objects_given_to_fn_are_not_kept():
     # Keyed by identity, a dataclass batch (or one fn closes over) was held by the last 16
     # keys of the module's caches: 16 batches alive. A named tuple is keyed by its fields'

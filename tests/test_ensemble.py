@@ -2,6 +2,7 @@ r"""Deep ensembles trained and predicted in one pass: K separate trainings are t
 
 import copy
 import io
+import pickle
 import warnings
 
 import pytest
@@ -401,7 +402,13 @@ def _replaced(ens):
     )
 
 
-@pytest.mark.parametrize("route", [copy.deepcopy, _saved_and_loaded, _rebuilt, _replaced])
+def _pickled_at_protocol_0(ens):
+    return pickle.loads(pickle.dumps(ens, protocol=0))
+
+
+@pytest.mark.parametrize(
+    "route", [copy.deepcopy, _saved_and_loaded, _rebuilt, _replaced, _pickled_at_protocol_0]
+)
 def test_a_copied_or_reloaded_ensemble_with_max_norm_trains_as_k_separate_trainings(route, gen):
     # The write-back of the renormalized rows went to the tensors bf.ensemble had made
     # (marked by identity): a copy's, a reloaded one's, or tensors saved and put back in
@@ -429,8 +436,8 @@ def test_a_copied_or_reloaded_ensemble_with_max_norm_trains_as_k_separate_traini
 
 
 def test_samples_of_a_posterior_are_not_renormalized_in_place(gen):
-    # Written back into trainable leaves only: a posterior's samples (no leaves, or no
-    # gradient) are the caller's, left as they are.
+    # Written back into an Ensemble's parameters only: a posterior's samples are the
+    # caller's, left as they are.
     net = _Bag()
     q = bf.init(net, init_logvar=-2.0)
     idx = torch.randint(0, 5, (4, 3), generator=gen(1))

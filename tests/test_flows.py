@@ -424,7 +424,7 @@ def test_a_first_call_under_a_func_transform_keeps_the_stand_ins(name, fresh_cac
     assert not torch.allclose(y[0], log_prob(flow, c, x), atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["UNAF", "NAF"])
+@pytest.mark.parametrize("name", ["NAF"])  # (UNAF's probes take no jvp)
 def test_a_first_call_under_forward_mode_keeps_the_stand_ins(name, fresh_caches):
     # The same with a level of forward-mode AD open (no dual tensor needed; gradcheck's
     # check_forward_ad opens one): the probes' jvp cannot run there, the "no" was kept,

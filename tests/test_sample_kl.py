@@ -467,9 +467,13 @@ def test_structure_is_cached_by_names_and_layout(gen):
     del q, q2, params
     gc.collect()
     assert ref() is None
-    for _ in range(3 * _sampling._MAX_PLANS):
-        bf.sample(posterior({"x": (2,)}), 1)
-    assert len(_sampling._PLANS) <= _sampling._MAX_PLANS
+    for i in range(3 * _sampling._MAX_PLANS):
+        bf.sample(posterior({f"x{i}": (2,)}), 1)
+    assert len(_sampling._PLANS) == _sampling._MAX_PLANS
+    # the same names over other layouts: a few plans each, the last used first
+    for i in range(3 * _sampling._MAX_LAYOUTS):
+        bf.sample(posterior({"y": (i + 1,)}), 1)
+    assert len(_sampling._PLANS[("y",)]) == _sampling._MAX_LAYOUTS
 
 
 def test_sampled_tensors_can_be_swapped_and_converted_afterwards(gen):
