@@ -1000,7 +1000,7 @@ def run_local(
                 # torch.compile traces this once per guard, with no stand-ins: a layout
                 # recorded before a retrace (a module flag switched) could be stale.
                 fresh = attempt > 0 or is_compiling()
-                layout = _layout(st, module, plan, args, dims, opts, fresh, forced)
+                layout, recorded = _layout(st, module, plan, args, dims, opts, fresh, forced)
                 like = next(iter(posterior.mean.values()))
                 # All the noise up front: one slab for the layers, then the whole samples;
                 # in the widest dtype of the posterior (a float64 layer behind a float16
@@ -1012,7 +1012,11 @@ def run_local(
                 )
                 whole = plan.sampled(posterior, layout)
                 params = _posterior.sample(where, whole, n, generator) if whole.mean else {}
-                tape = Tape(layout)
+                # A layout remembered for this key: recorded for another fn of the same
+                # key, maybe (one code run by `exec` with other globals), which called more
+                # layers; a pass that leaves its draws unused records again. (One just
+                # recorded is this fn's: a sample that skips a layer leaves its draw.)
+                tape = Tape(layout, check=not recorded)
 
                 def local_fn(m: nn.Module, s: Tensor, *a: Any, tape: Tape = tape) -> Any:
                     tape.begin(s)
@@ -1082,35 +1086,37 @@ def _layout(
     opts: CallOptions,
     fresh: bool,
     forced: frozenset[str] = frozenset(),
-) -> Any:
+) -> tuple[Any, bool]:
     r"""Returns the layer calls of `opts.fn` as a local call sees them, recorded by one
-    unbatched pass without gradients (buffers restored), or remembered."""
+    unbatched pass without gradients (buffers restored), or remembered; and whether they
+    were recorded now."""
 
     recordings = _RECORDINGS.setdefault(module, lambda: Bounded(8, cache=False))
     key = (fn_key(opts.fn), plan.key, module.training, _signature(args, dims))
     layout = None if fresh else recordings.get(key)
-    if layout is None:
-        recorder = Recorder(plan.watched)
-        state = State(st)
-        # Its random numbers are not the call's: the same seed gives the same call, whether
-        # the layout was recorded before or not.
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        # Without autocast: shapes do not depend on it, and the stand-ins that refuse it
-        # (a fallback to the loop in the vectorized pass) would fail the plain pass.
-        with autocast_off():
-            # The layers as the vectorized pass sees them (without gradients, torch's fused
-            # attention would skip the layers that the reference path calls).
-            changes = _changes(st, module, plan.forwards(recorder, plan.layers))
-            changes += _torch_layers.changes(st, module)
-            try:
-                with (
-                    torch.random.fork_rng(devices=devices),
-                    torch.no_grad(),
-                    patched(changes),
-                    recorder.reads(),
-                ):
-                    opts.fn(module, *_copies(args, dims))
-            finally:
-                state.restore()
-        layout = recordings.put(key, plan.layout(opts.where, module, recorder, forced))
-    return layout
+    if layout is not None:
+        return layout, False
+    recorder = Recorder(plan.watched)
+    state = State(st)
+    # Its random numbers are not the call's: the same seed gives the same call, whether
+    # the layout was recorded before or not.
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    # Without autocast: shapes do not depend on it, and the stand-ins that refuse it
+    # (a fallback to the loop in the vectorized pass) would fail the plain pass.
+    with autocast_off():
+        # The layers as the vectorized pass sees them (without gradients, torch's fused
+        # attention would skip the layers that the reference path calls).
+        changes = _changes(st, module, plan.forwards(recorder, plan.layers))
+        changes += _torch_layers.changes(st, module)
+        try:
+            with (
+                torch.random.fork_rng(devices=devices),
+                torch.no_grad(),
+                patched(changes),
+                recorder.reads(),
+            ):
+                opts.fn(module, *_copies(args, dims))
+        finally:
+            state.restore()
+    layout = recordings.put(key, plan.layout(opts.where, module, recorder, forced))
+    return layout, True

@@ -343,8 +343,9 @@ class Tape(Noise):
     r"""The noise of a local call: one flat draw per sample (set by :meth:`begin`), laid out
     by the draws of a :class:`Layout`, checked one by one."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, check: bool = False) -> None:
         self.draws = layout.draws
+        self.check = check
         self.slab: Tensor | None = None
         self.pos = self.index = 0
         self.level: int | None = None
@@ -362,10 +363,11 @@ class Tape(Noise):
             raise StaleShapes(name)
 
     def done(self) -> None:
-        r"""Raises :class:`StaleShapes` unless the pass took every draw of the layout (a
-        layout recorded for another `fn` of the same key, which called more layers)."""
+        r"""With `check`, raises :class:`StaleShapes` unless the pass took every draw of the
+        layout (a layout remembered for another `fn` of the same key, which called more
+        layers)."""
 
-        if self.index != len(self.draws):
+        if self.check and self.index != len(self.draws):
             raise StaleShapes(None)
 
     def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:

@@ -117,7 +117,14 @@ def _refuse_tied(
     tied to `emb.weight`): its one name is the first, which the selection leaves out, so
     the posterior would silently lack it (the decoder's bias alone, say)."""
 
-    tied = {k: v for k, v in _tied(module, inc, exc).items() if v not in names}
+    # (A first name that an exclude pattern leaves out, or a frozen Parameter, a LoRA's
+    # base registered twice, is left out on purpose.)
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    tied = {
+        k: v
+        for k, v in _tied(module, inc, exc).items()
+        if v not in names and v not in frozen and not any(p.fullmatch(v) for p in exc)
+    }
     if not tied:
         return
     pairs = ", ".join(f"{k!r} is tied to {v!r}" for k, v in tied.items())

@@ -106,9 +106,25 @@ def _attention_forward(m: nn.MultiheadAttention) -> Any:
         if not need_weights and (key_padding_mask is not None or attn_mask is not None):
             key_padding_mask = _in_dtype_of(query, key_padding_mask)
             attn_mask = _in_dtype_of(query, attn_mask)
-            dead, key_padding_mask, attn_mask = _open_dead_rows(
-                m, query, key, key_padding_mask, attn_mask
-            )
+            found = _open_dead_rows(m, query, key, key_padding_mask, attn_mask)
+            if found is None:
+                # Per-head masks a vmap batches (one per example under Laplace's
+                # per-example pass, one per sample given with in_dims): which rows they
+                # mask in which heads cannot be read there. Torch's own path, which gives
+                # a row masked in a head zero attention in that head (torch's batching
+                # of its fused kernel is slow, and says so).
+                return _MHA_FORWARD(
+                    m,
+                    query,
+                    key,
+                    value,
+                    key_padding_mask=key_padding_mask,
+                    need_weights=False,
+                    attn_mask=attn_mask,
+                    average_attn_weights=average_attn_weights,
+                    is_causal=is_causal,
+                )
+            dead, key_padding_mask, attn_mask = found
         out, weights = _MHA_FORWARD(
             m,
             query,
@@ -302,12 +318,13 @@ def _open_dead_rows(
     key: Tensor,
     key_padding_mask: Tensor | None,
     attn_mask: Tensor | None,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:
     r"""Finds the queries whose keys are all masked, which torch's path without weights
     (scaled_dot_product_attention) gives zero attention and the explicit softmax NaN.
     Returns where they are, laid out as the output's rows, and the masks merged into one
     with those rows opened (their outputs are then replaced); or :py:`None` and the masks
-    as given where there are none."""
+    as given where there are none; :py:`None` alone where a vmap batches the masks (their
+    values cannot be read there)."""
 
     if m.bias_k is not None or m.add_zero_attn:
         return None, key_padding_mask, attn_mask  # a key that no mask hides
@@ -332,19 +349,19 @@ def _open_dead_rows(
         total = total + (mask if mask.dim() == 2 else mask.reshape(b, heads, length, source))
     dead = total.isneginf().all(-1)  # (b, heads, length)
     if vmapped(dead):
-        # A mask batched by a vmap (one per example, under Laplace's per-example pass):
-        # its values cannot be read there. Rows masked in every head are opened as below;
-        # a row masked in some heads only stays masked there: NaN, as the explicit
-        # softmax gives it (below, the call would refuse it).
-        dead = dead.all(1)
+        # Its values cannot be read. Masks the same in every head (a padding mask, a 2-D
+        # attn_mask): each row opened where it is masked, as below; per-head ones: None.
+        if attn_mask is not None and attn_mask.dim() == 3:
+            return None
+        dead = dead[:, 0]
+    elif not dead.any():
+        return None, key_padding_mask, attn_mask
+    elif not torch.equal(dead, dead[:, :1].expand_as(dead)):
+        raise NotImplementedError(
+            "attention rows whose keys are all masked in some heads only (a per-head "
+            "attn_mask) are not vectorized"
+        )
     else:
-        if not dead.any():
-            return None, key_padding_mask, attn_mask
-        if not torch.equal(dead, dead[:, :1].expand_as(dead)):
-            raise NotImplementedError(
-                "attention rows whose keys are all masked in some heads only (a per-head "
-                "attn_mask) are not vectorized"
-            )
         dead = dead[:, 0]  # (b, length)
     merged = total.masked_fill(dead[:, None, :, None], 0.0)
     merged = merged.reshape(b * heads if batched else heads, length, source)

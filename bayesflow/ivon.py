@@ -314,7 +314,7 @@ class IVON(torch.optim.Optimizer):
 
         Its tensors are views of the optimizer's state, updated in place by every step: a
         reference to it stays current. They do not require gradients. Views of one flat
-        tensor, each would pickle the whole of it (plain :mod:`pickle`; :func:`torch.save`
+        tensor, each would pickle the whole of it (plain `pickle`; :func:`torch.save`
         writes it once): clone them to keep or send a posterior of their size.
 
         After a write through :attr:`hess` (or a change of `ess` or `weight_decay`), the

@@ -356,6 +356,32 @@ def _attention_case(layout, masks, bias):
 ATTENTION_MASKS = ["padding", "padding-causal", "float-padding-causal", "per-batch"]
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_attention_masks_given_per_sample(per_head, gen):
+    # Masks vmap batches (in_dims=0): which rows they mask cannot be read there. A row
+    # masked in one head only gave NaN (the explicit softmax) without a word; torch's own
+    # path gives that head zero attention there. Oracle: the loop.
+    E, H, L, B, K = 8, 2, 3, 2, 3
+    mha = torch.nn.MultiheadAttention(E, H, batch_first=True)
+    params = bf.sample(bf.init(mha, -4.0), K, generator=gen(1))
+    x = torch.randn(B, L, E, generator=gen(2))
+    if per_head:
+        masks = torch.zeros(K, B * H, L, L, dtype=torch.bool)
+        masks[1, 0, 1, :] = True  # sample 1, example 0, head 0: row 1 sees no key
+    else:
+        masks = torch.zeros(K, B, L, dtype=torch.bool)
+        masks[1, 0, :] = True  # sample 1, example 0: every key padded
+    key = "attn_mask" if per_head else "key_padding_mask"
+    fn = lambda m, x, mask: m(x, x, x, need_weights=False, **{key: mask})[0]
+    ref = bf.loop_call(mha, params, x, masks, fn=fn, in_dims=(None, 0))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)  # torch's
+        out = bf.vmap_call(mha, params, x, masks, fn=fn, in_dims=(None, 0), fallback=False)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert not torch.allclose(out[0], out[2])
+
+
 @pytest.mark.parametrize("masks", ATTENTION_MASKS)
 @pytest.mark.parametrize("layout", ["batch-first", "seq-first", "unbatched"])
 @pytest.mark.parametrize("bias", [True, False])

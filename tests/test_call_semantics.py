@@ -131,9 +131,18 @@ def test_a_tied_parameter_picked_by_its_second_name_only_is_refused():
         with pytest.raises(ValueError, match=rf"^{where}: .*{message}"):
             call(include=["dec"])
         assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
-    # both names, or the bias alone said outright, are fine
+    # both names, or the bias alone said outright, are fine; so is the Parameter left out
+    # by its first name, or frozen (a LoRA's base registered twice)
     assert list(bf.init(module, include=["dec", "emb"]).mean) == ["emb.weight", "dec.bias"]
     assert bf.select(module, include=["dec"], exclude=["dec.weight"]) == ["dec.bias"]
+    assert bf.select(module, exclude=["emb"]) == ["dec.bias"]
+    lin = nn.Linear(3, 3)
+    twice = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(3, 1))
+    assert bf.select(twice, exclude=["0.bias"]) == ["0.weight", "3.weight", "3.bias"]
+    with pytest.raises(ValueError, match=r"'2.weight' is tied to '0.weight'"):
+        bf.select(twice, include=["2", "3"])
+    module.emb.weight.requires_grad_(False)
+    assert bf.select(module, include=["dec"]) == ["dec.bias"]
     # zuko's wrapper picks as zuko does: by the first names
     assert list(bf.BayesianModel(module, include_params=["dec"]).means) == ["dec-bias"]
 

@@ -2,6 +2,7 @@ r"""Tests for bayesflow.local: the local reparameterization trick and Flipout.""
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -236,6 +237,38 @@ def test_a_layout_recorded_for_another_fn_of_the_same_key_is_recorded_again(gen)
     run(full["fn"], 0)
     with pytest.raises(ValueError, match=r"local_call: expected fn to call every Bayesian layer"):
         run(part["fn"], 1)
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_samples_that_skip_a_layer_leave_its_draw(vectorized, gen):
+    # A sample whose fn skips its last layer (the data decides, per sample: the loop)
+    # leaves that layer's noise unused, on a first call and on one that finds the layout
+    # remembered (which refused it: "got others twice"). Oracle: an fn that calls the
+    # layer for every sample and drops its output where the first skips it.
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"body": nn.Linear(3, 4), "head": nn.Linear(4, 4)})
+    q = bf.init(net, init_logvar=-4.0)
+    x = torch.randn(5, 3)
+
+    def skips(m, x, flag):
+        h = torch.tanh(m["body"](x))
+        return m["head"](h) if flag.item() else h
+
+    def drops(m, x, flag):
+        h = torch.tanh(m["body"](x))
+        out = m["head"](h)
+        return out if flag.item() else h
+
+    flags = torch.tensor([True, False, True])
+    call = lambda fn: bf.local_call(
+        net, q, 3, x, flags, fn=fn, in_dims=(None, 0), generator=gen(0), vectorized=vectorized
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bf.VmapFallbackWarning)  # vmap cannot read .item()
+        first, again, oracle = call(skips), call(skips), call(drops)
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, oracle, rtol=0, atol=1e-12)
+    assert not torch.allclose(first[0], first[2])
 
 
 def test_layers_that_are_not_called_or_not_plain_are_refused():
