@@ -6,6 +6,7 @@ __all__ = ["IVON"]
 
 import copy
 import math
+import warnings
 
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -270,6 +271,17 @@ class IVON(torch.optim.Optimizer):
                 f"{where}: expected the picked parameters to share one dtype and device, got {got}"
             )
 
+        dtype = params[0].dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            warnings.warn(
+                f"{where}: expected float32 or float64 parameters, got {dtype}: IVON keeps "
+                "its Hessian estimate in the parameters' dtype, where an update at beta2 near "
+                "1 (the default 0.99999) rounds away, so the estimate stays at hess_init and "
+                "the variances are not learned (and float16 overflows on large gradients); "
+                "train float32 parameters, with autocast for the forward's speed",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._state = s = Flat(names, params, h.hess_init)
 
         # The processes to average over, fixed here: torch.distributed is set up first.

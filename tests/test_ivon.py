@@ -8,6 +8,7 @@ differences measured are 1e-15 to 1e-14).
 import contextlib
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -988,6 +989,7 @@ def test_an_optimizer_whose_memory_moved_with_its_module_runs_on(gen):
 # Half precision, writes through IVON.hess, tensor hyperparameters, failed steps.
 
 
+@pytest.mark.filterwarnings("ignore:IVON. expected float32 or float64 parameters:RuntimeWarning")
 @pytest.mark.parametrize("ess", [6e4, 1e5, 1.28e6])
 def test_float16_variance_where_ess_times_h_overflows(ess):
     # ess * (h + weight_decay) above float16's largest number (65504) made the variance
@@ -1006,6 +1008,7 @@ def test_float16_variance_where_ess_times_h_overflows(ess):
     assert close(drawn.square(), torch.full_like(drawn, want), rtol=2e-2)
 
 
+@pytest.mark.filterwarnings("ignore:IVON. expected float32 or float64 parameters:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_log_variances_at_the_limit_are_finite(dtype):
     # A variance at the floor, e^-17.98, rounds to log-variance -18 in bfloat16, where the
@@ -1019,6 +1022,22 @@ def test_half_precision_log_variances_at_the_limit_are_finite(dtype):
     assert close(std, torch.full_like(std, floor), rtol=2e-2)
     assert close(opt._state.std.double(), torch.full((4,), floor, dtype=torch.float64), 2e-2)
     assert torch.isfinite(bf.sample(opt.posterior, 2)["weight"]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_are_warned_of(dtype):
+    # The Hessian estimate is kept in the parameters' dtype: at the default beta2 every
+    # update rounded away, and h stayed at hess_init after any number of steps, silently.
+    net = nn.Linear(3, 1).to(dtype)
+    with pytest.warns(RuntimeWarning, match=rf"^IVON: expected float32 or float64 .*{dtype}"):
+        opt = bf.IVON(net, lr=0.1, ess=100.0, hess_init=1.0)
+    x, y = torch.randn(16, 3, dtype=dtype), torch.randn(16, 1, dtype=dtype)
+    for i in range(20):
+        vectorized_step(opt, net, x, y, 2, torch.Generator().manual_seed(i))
+    assert torch.equal(opt.hess["weight"], torch.ones_like(opt.hess["weight"]))  # stalled
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bf.IVON(nn.Linear(3, 1), lr=0.1, ess=100.0)  # float32: no warning
 
 
 def test_writes_through_hess_are_read(gen):
