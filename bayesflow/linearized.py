@@ -41,6 +41,7 @@ from ._curvature import (
     per_example,
     transforming,
 )
+from ._numerics import accumulator
 from ._numerics import var as _var
 from ._options import call_options
 from ._sampling import check_finite
@@ -67,9 +68,13 @@ def _last_layer_variance(
 
     if out.shape != z.shape or not torch.equal(out, z):
         return None
-    f_var = phi.square() @ _var(posterior.logvar[found.weight]).T
+    # In at least float32 (a half-precision feature's square overflows before the small
+    # variance scales it), given back in the output's dtype.
+    acc = accumulator(phi)
+    f_var = phi.to(acc).square() @ _var(posterior.logvar[found.weight].to(acc)).T
     if found.bias is not None:
-        f_var = f_var + _var(posterior.logvar[found.bias])
+        f_var = f_var + _var(posterior.logvar[found.bias].to(acc))
+    f_var = f_var.to(out.dtype)
     rows = ends(out.shape[0])
     with transforming(where, buffers):  # each example on its own
         one, one_out = _jacobian_variance(
@@ -241,16 +246,19 @@ def _jacobian_variance(
 
     call = per_example(where, "fn", module, fn)
     mean = {k: m.detach() for k, m in posterior.mean.items()}
-    var = {k: _var(lv.detach()) for k, lv in posterior.logvar.items()}
+    var = {k: _var(lv.detach().to(accumulator(lv))) for k, lv in posterior.logvar.items()}
 
     def f_var(p: dict[str, Tensor], *example: Tensor) -> tuple[Tensor, Tensor]:
         def f(q: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             y = call(q, *example).reshape(-1)
             return y, y
 
-        # Reduced per example: the Jacobians of a chunk never stand together.
+        # Reduced per example: the Jacobians of a chunk never stand together. In at
+        # least float32 (a half-precision Jacobian's square overflows before the small
+        # variance scales it), given back in the output's dtype.
         jac, y = jacrev(f, has_aux=True)(p)
-        return sum((j.square() * var[k]).flatten(1).sum(-1) for k, j in jac.items()), y
+        terms = ((j.to(var[k].dtype).square() * var[k]).flatten(1).sum(-1) for k, j in jac.items())
+        return sum(terms).to(y.dtype), y
 
     with torch.no_grad():
         dims = (None, *(0,) * len(args))

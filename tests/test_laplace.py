@@ -1403,6 +1403,27 @@ def test_attention_with_a_padding_mask_per_example():
     assert (var > 0).all()
 
 
+@pytest.mark.parametrize("include", [("",), ("2",), ("0",)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_linearized_variance_is_summed_in_float32(dtype, include):
+    # Jacobian entries and features above 256 square beyond float16's range before the
+    # small variance scales them: an infinite variance (and a uniform probit) where the
+    # variance is about 10. Oracle: the same in float64.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.rand(5, 4, dtype=torch.float64) * 2000  # raw-scale inputs
+    wide = copy.deepcopy(net).double()
+    _, expected = bf.linearized_predictive(wide, bf.init(wide, -16.0, include=include), x)
+    half = copy.deepcopy(net).to(dtype)
+    q = bf.init(half, -16.0, include=include)
+    for chunk_size in (None, 3):
+        _, var = bf.linearized_predictive(half, q, x.to(dtype), chunk_size=chunk_size)
+        assert var.dtype == dtype and torch.isfinite(var).all()
+        rtol = 1e-2 if dtype == torch.float16 else 3e-2
+        assert torch.allclose(var.double(), expected, rtol=rtol), (var, expected)
+    assert expected.min() > 1.0  # a variance well inside the range
+
+
 def test_linearized_variance_where_the_last_layer_weight_is_reused():
     torch.manual_seed(0)
     module = Reused()
