@@ -117,13 +117,11 @@ def _refuse_tied(
     tied to `emb.weight`): its one name is the first, which the selection leaves out, so
     the posterior would silently lack it (the decoder's bias alone, say)."""
 
-    # (A first name that an exclude pattern leaves out, or a frozen Parameter, a LoRA's
-    # base registered twice, is left out on purpose.)
-    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    # (A first name that an exclude pattern leaves out is left out on purpose.)
     tied = {
         k: v
         for k, v in _tied(module, inc, exc).items()
-        if v not in names and v not in frozen and not any(p.fullmatch(v) for p in exc)
+        if v not in names and not any(p.fullmatch(v) for p in exc)
     }
     if not tied:
         return

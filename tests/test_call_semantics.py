@@ -132,7 +132,7 @@ def test_a_tied_parameter_picked_by_its_second_name_only_is_refused():
             call(include=["dec"])
         assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
     # both names, or the bias alone said outright, are fine; so is the Parameter left out
-    # by its first name, or frozen (a LoRA's base registered twice)
+    # by its first name
     assert list(bf.init(module, include=["dec", "emb"]).mean) == ["emb.weight", "dec.bias"]
     assert bf.select(module, include=["dec"], exclude=["dec.weight"]) == ["dec.bias"]
     assert bf.select(module, exclude=["emb"]) == ["dec.bias"]
@@ -141,8 +141,9 @@ def test_a_tied_parameter_picked_by_its_second_name_only_is_refused():
     assert bf.select(twice, exclude=["0.bias"]) == ["0.weight", "3.weight", "3.bias"]
     with pytest.raises(ValueError, match=r"'2.weight' is tied to '0.weight'"):
         bf.select(twice, include=["2", "3"])
-    module.emb.weight.requires_grad_(False)
-    assert bf.select(module, include=["dec"]) == ["dec.bias"]
+    module.emb.weight.requires_grad_(False)  # frozen: init keeps frozen parameters
+    with pytest.raises(ValueError, match=r"'dec.weight' is tied to 'emb.weight'"):
+        bf.init(module, include=["dec"])
     # zuko's wrapper picks as zuko does: by the first names
     assert list(bf.BayesianModel(module, include_params=["dec"]).means) == ["dec-bias"]
 
