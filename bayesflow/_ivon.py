@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from torch import Tensor
 
-from ._numerics import LOGVAR_LIMIT, constant, inverse_softclip
+from ._numerics import LOGVAR_LIMIT, accumulator, constant, inverse_softclip
 
 HYPER = (
     "lr",
@@ -80,6 +80,12 @@ class Flat:
     that every operation of a step is one pass over all of them. Their views by name are
     the posterior, and the means become the parameters' own storage.
 
+    The means, the posterior's log-variances and the noise are in the parameters' dtype;
+    the rest (the Hessian estimates, the momentum, the standard deviations, the gradient
+    statistics) in at least float32 (`state_dtype`): in half precision an update of the
+    Hessian estimate at `beta2` near 1 rounds away, and float16 overflows on gradients of
+    a few thousand.
+
     Arguments:
         names: The names of the parameters.
         params: The parameters, of one dtype and device.
@@ -90,7 +96,9 @@ class Flat:
         self.names = names
         self.shapes = [p.shape for p in params]
         self.sizes = [p.numel() for p in params]
-        self.dtype, self.device = dtype, device = params[0].dtype, params[0].device
+        self.dtype, self.device = params[0].dtype, params[0].device
+        self.state_dtype = dtype = accumulator(self.dtype)
+        device = self.device
         size = sum(self.sizes)
 
         with torch.no_grad():
@@ -99,7 +107,7 @@ class Flat:
         self.momentum = torch.zeros(size, dtype=dtype, device=device)
         self.H = torch.empty(size, dtype=dtype, device=device)  # hess + weight_decay
         self.std = torch.empty(size, dtype=dtype, device=device)
-        self.logvar = torch.empty(size, dtype=dtype, device=device)
+        self.logvar = torch.empty(size, dtype=self.dtype, device=device)  # the posterior's
         self.work = torch.empty(2, size, dtype=dtype, device=device)
         self.stats = torch.empty(2, size, dtype=dtype, device=device)  # those of a draw
         self.stats_views = (self.views(self.stats[0], 1), self.views(self.stats[1], 1))
@@ -151,7 +159,11 @@ def set_variance(s: Flat, ess: float, weight_decay: float) -> None:
     # 1 / sqrt(H) / sqrt(ess): ess * H overflows float16 (65504) for ess = 1e5 and H = 1.
     torch.rsqrt(s.H, out=s.std).mul_(ess**-0.5).clamp_(1 / bound, bound)
     y = torch.log(s.std, out=s.work[0])
-    inverse_softclip(torch.add(y, y, out=y), out=s.logvar)  # of log sigma^2 = 2 log sigma
+    y = torch.add(y, y, out=y)  # log sigma^2 = 2 log sigma
+    if s.logvar.dtype == y.dtype:
+        inverse_softclip(y, out=s.logvar)
+    else:  # in the state's dtype, rounded once (y is within the bound: x is finite)
+        s.logvar.copy_(inverse_softclip(y, out=s.work[1]))
     s.variance_of = (ess, weight_decay, s.hess._version)
 
 
@@ -166,6 +178,11 @@ def _statistics(s: Flat, draw: Draw, grads: list[Tensor | None]) -> None:
         for shape, g in zip(s.shapes, grads, strict=True)
     ]
     g_sum, nx_sum = s.stats[0], s.stats[1]
+    if s.state_dtype != s.dtype:  # products and sums in the state's dtype
+        g = torch.cat([g.reshape(n, -1) for g in grads], 1).to(s.state_dtype)
+        torch.sum(g, 0, out=g_sum)
+        torch.sum(g.mul_(eps), 0, out=nx_sum).div_(draw.std)
+        return
     if n == 1:
         torch.cat([g.view(-1) for g in grads], out=g_sum)
         torch.mul(eps[0], g_sum, out=nx_sum).div_(draw.std)

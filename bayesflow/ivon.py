@@ -6,7 +6,6 @@ __all__ = ["IVON"]
 
 import copy
 import math
-import warnings
 
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -153,6 +152,14 @@ class IVON(torch.optim.Optimizer):
     :meth:`step` that raises leaves the draws it made to the next step: start it with
     :meth:`zero_grad`, which drops them.
 
+    In half precision (float16 or bfloat16 parameters), the means, the samples and
+    :attr:`posterior` are in the parameters' dtype, and the rest of the state (:attr:`hess`,
+    :attr:`momentum`, the standard deviations the samples are drawn with, the gradient
+    statistics of a step) in float32: an update of :math:`h` at :math:`\beta_2` near 1 is
+    below half precision's resolution, and float16 overflows on products of gradients of a
+    few thousand. The means' own updates round to the parameters' dtype, as with any
+    optimizer of half-precision parameters.
+
     With :mod:`torch.distributed` initialized before the optimizer is created, and `sync`
     true, every process draws its own samples (give each its own generator seed) and
     :meth:`step` averages :math:`\bar g` and :math:`\hat h` over the processes with one
@@ -271,17 +278,6 @@ class IVON(torch.optim.Optimizer):
                 f"{where}: expected the picked parameters to share one dtype and device, got {got}"
             )
 
-        dtype = params[0].dtype
-        if dtype in (torch.float16, torch.bfloat16):
-            warnings.warn(
-                f"{where}: expected float32 or float64 parameters, got {dtype}: IVON keeps "
-                "its Hessian estimate in the parameters' dtype, where an update at beta2 near "
-                "1 (the default 0.99999) rounds away, so the estimate stays at hess_init and "
-                "the variances are not learned (and float16 overflows on large gradients); "
-                "train float32 parameters, with autocast for the forward's speed",
-                RuntimeWarning,
-                stacklevel=2,
-            )
         self._state = s = Flat(names, params, h.hess_init)
 
         # The processes to average over, fixed here: torch.distributed is set up first.
@@ -346,7 +342,8 @@ class IVON(torch.optim.Optimizer):
 
     @property
     def hess(self) -> dict[str, Tensor]:
-        r"""The Hessian estimates :math:`h`, by name (views of the optimizer's state).
+        r"""The Hessian estimates :math:`h`, by name (views of the optimizer's state, in
+        float32 for half-precision parameters).
 
         A write through them (a per-layer initial :math:`h`, say) is read by the next
         :meth:`sample`, :meth:`step` and :attr:`posterior`; it must keep :math:`h + \delta`
@@ -358,7 +355,8 @@ class IVON(torch.optim.Optimizer):
 
     @property
     def momentum(self) -> dict[str, Tensor]:
-        r"""The gradient momentum :math:`\mu`, by name (views of the optimizer's state)."""
+        r"""The gradient momentum :math:`\mu`, by name (views of the optimizer's state, in
+        float32 for half-precision parameters)."""
 
         return self._state.views(self._state.momentum)
 
@@ -466,7 +464,8 @@ class IVON(torch.optim.Optimizer):
         eps = torch.randn(
             n, s.mean.numel(), generator=generator, dtype=s.dtype, device=s.device, out=s.noise(n)
         )
-        theta = torch.addcmul(s.mean, s.std, eps)
+        # In the parameters' dtype (the standard deviations may be in float32).
+        theta = torch.addcmul(s.mean, s.std, eps).to(s.dtype)
         leaves = [t.requires_grad_() for t in s.views(theta, n)]
         s.draws.append(Draw(n, eps, leaves, s.std))
 
@@ -553,6 +552,7 @@ class IVON(torch.optim.Optimizer):
             and one is not None
             and one.n == 1
             and one.eps is s.eps
+            and s.state_dtype == s.dtype
             and all(g is not None for g in grads)
         )
         # What the update reads must be finite: a loss that diverged would write NaN into
@@ -683,7 +683,10 @@ class IVON(torch.optim.Optimizer):
         try:
             # Detached: a state that records gradients (a mean from `bf.init`) would make the
             # optimizer's own tensors record them, and every later sample a non-leaf.
-            mean, hess, momentum = (tensors[k].detach().to(s.mean, copy=True) for k in tensors)
+            mean, hess, momentum = (
+                tensors[k].detach().to(like, copy=True)
+                for k, like in zip(tensors, (s.mean, s.hess, s.momentum), strict=True)
+            )
         except (RuntimeError, NotImplementedError) as err:
             raise ValueError(
                 f"{where}: expected tensors that convert to {s.dtype} on {s.device}: {err}"

@@ -8,7 +8,6 @@ differences measured are 1e-15 to 1e-14).
 import contextlib
 import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -989,7 +988,6 @@ def test_an_optimizer_whose_memory_moved_with_its_module_runs_on(gen):
 # Half precision, writes through IVON.hess, tensor hyperparameters, failed steps.
 
 
-@pytest.mark.filterwarnings("ignore:IVON. expected float32 or float64 parameters:RuntimeWarning")
 @pytest.mark.parametrize("ess", [6e4, 1e5, 1.28e6])
 def test_float16_variance_where_ess_times_h_overflows(ess):
     # ess * (h + weight_decay) above float16's largest number (65504) made the variance
@@ -1008,7 +1006,6 @@ def test_float16_variance_where_ess_times_h_overflows(ess):
     assert close(drawn.square(), torch.full_like(drawn, want), rtol=2e-2)
 
 
-@pytest.mark.filterwarnings("ignore:IVON. expected float32 or float64 parameters:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_log_variances_at_the_limit_are_finite(dtype):
     # A variance at the floor, e^-17.98, rounds to log-variance -18 in bfloat16, where the
@@ -1024,20 +1021,93 @@ def test_half_precision_log_variances_at_the_limit_are_finite(dtype):
     assert torch.isfinite(bf.sample(opt.posterior, 2)["weight"]).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_parameters_are_warned_of(dtype):
-    # The Hessian estimate is kept in the parameters' dtype: at the default beta2 every
-    # update rounded away, and h stayed at hess_init after any number of steps, silently.
-    net = nn.Linear(3, 1).to(dtype)
-    with pytest.warns(RuntimeWarning, match=rf"^IVON: expected float32 or float64 .*{dtype}"):
-        opt = bf.IVON(net, lr=0.1, ess=100.0, hess_init=1.0)
-    x, y = torch.randn(16, 3, dtype=dtype), torch.randn(16, 1, dtype=dtype)
+def _hess_and_momentum_oracle(draws, ess, hess_init, beta1, beta2, weight_decay):
+    r"""Returns the Hessian estimate and the momentum after the steps of `draws`, a list
+    of (noise, gradients of the samples), each `(n, P)`, by the paper's equations in
+    float64 (each sample's gradient is g_k / n: the step sums them), with the standard
+    deviations clamped to the posterior's range."""
+
+    h = torch.full_like(draws[0][0][0], hess_init, dtype=torch.float64)
+    mu, r = torch.zeros_like(h), 1 - beta2
+    for eps, grads in draws:
+        eps, grads = eps.double(), grads.double()
+        sigma = (ess * (h + weight_decay)).rsqrt()
+        sigma = sigma.clamp(math.exp(-LOGVAR_LIMIT / 2), math.exp(LOGVAR_LIMIT / 2))
+        g_bar, h_hat = grads.sum(0), (grads * eps).sum(0) / sigma
+        mu = beta1 * mu + (1 - beta1) * g_bar
+        h = beta2 * h + r * h_hat + r * r / 2 * (h - h_hat).square() / (h + weight_decay)
+    return h, mu
+
+
+@pytest.mark.parametrize(
+    "dtype, scale", [(torch.bfloat16, 1.0), (torch.float16, 1.0), (torch.float16, 3e3)]
+)
+def test_half_precision_state_follows_the_equations(dtype, scale):
+    # The Hessian estimate was kept in the parameters' dtype: at the default beta2 every
+    # update rounded away (h stayed at hess_init, the variances were never learned,
+    # silently), and in float16 gradients of a few thousand made h infinite and the next
+    # step NaN in the module. The state is float32 now: h and the momentum follow the
+    # equations (float64, from the drawn noise and the samples' gradients).
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2).to(dtype)
+    # beta2 = 0.999: h moves by 1e-2 and more in 20 steps (float16 rounds at 5e-4).
+    ess, lr = (100.0, 0.05) if scale == 1 else (1e5, 1e-4)  # gradients of ~3000 stay
+    hess_init, wd = 1.0, 1e-4
+    opt = bf.IVON(net, lr=lr, ess=ess, hess_init=hess_init, beta2=0.999, weight_decay=wd)
+    x, y = torch.randn(16, 3, dtype=dtype), torch.randn(16, 2, dtype=dtype)
+    draws, n = [], 2
     for i in range(20):
-        vectorized_step(opt, net, x, y, 2, torch.Generator().manual_seed(i))
-    assert torch.equal(opt.hess["weight"], torch.ones_like(opt.hess["weight"]))  # stalled
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        bf.IVON(nn.Linear(3, 1), lr=0.1, ess=100.0)  # float32: no warning
+        params = opt.sample(n, generator=torch.Generator().manual_seed(i))
+        assert all(t.dtype == dtype for t in params.values())
+        out = bf.vmap_call(net, params, x)
+        (scale * (out - y).square().mean()).backward()
+        eps = torch.randn(n, 8, generator=torch.Generator().manual_seed(i), dtype=dtype)
+        grads = torch.cat([params[k].grad.reshape(n, -1) for k in ("weight", "bias")], 1)
+        draws.append((eps, grads))
+        opt.step()
+
+    group = opt.param_groups[0]
+    h, mu = _hess_and_momentum_oracle(draws, ess, hess_init, group["beta1"], group["beta2"], wd)
+    got_h = torch.cat([opt.hess[k].reshape(-1) for k in ("weight", "bias")]).double()
+    got_mu = torch.cat([opt.momentum[k].reshape(-1) for k in ("weight", "bias")]).double()
+    assert close(got_h, h, rtol=1e-4) and close(got_mu, mu, rtol=1e-4)
+    assert (h - hess_init).abs().max() > 1e-2 * h.abs().max()  # h did move
+    assert max(g.abs().max().item() for _, g in draws) > scale / 10
+    assert torch.isfinite(net.weight).all() and net.weight.dtype == dtype
+    # The posterior, in the parameters' dtype, has the variances of h.
+    var = bf.std(opt.posterior)["weight"].double().square().reshape(-1)
+    want = (1 / (ess * (h[:6] + wd))).clamp(math.exp(-LOGVAR_LIMIT), math.exp(LOGVAR_LIMIT))
+    assert opt.posterior.logvar["weight"].dtype == dtype
+    assert close(var, want, rtol=2e-2)  # half precision's log-variance steps
+
+
+def test_half_precision_state_dict_resumes_training(gen):
+    # The float32 state is saved and restored as it is (a conversion to the parameters'
+    # dtype on load rounded it away); a state saved in bfloat16 (before) still loads.
+    net, (x, y) = make_net().to(torch.bfloat16), data()
+    x, y = x.to(torch.bfloat16), y.to(torch.bfloat16)
+    opt = bf.IVON(net, lr=0.1, ess=20.0, beta2=0.999, weight_decay=1e-3)
+    for t in range(3):
+        vectorized_step(opt, net, x, y, 2, gen(t))
+    state = copy.deepcopy(opt.state_dict())
+    assert state["state"]["hess"].dtype == torch.float32
+    for t in range(3, 5):
+        vectorized_step(opt, net, x, y, 2, gen(t))
+
+    resumed = make_net().to(torch.bfloat16)
+    opt2 = bf.IVON(resumed, lr=1.0, ess=1.0)
+    opt2.load_state_dict(state)
+    for t in range(3, 5):
+        vectorized_step(opt2, resumed, x, y, 2, gen(t))
+    assert torch.equal(flat(resumed.parameters()), flat(net.parameters()))
+    assert torch.equal(flat(opt2.hess.values()), flat(opt.hess.values()))
+    assert not torch.equal(flat(opt.hess.values()), torch.ones(50))  # it moved
+
+    old = copy.deepcopy(state)
+    for k in ("hess", "momentum"):
+        old["state"][k] = old["state"][k].to(torch.bfloat16)
+    opt2.load_state_dict(old)
+    assert torch.equal(flat(opt2.hess.values()), old["state"]["hess"].float())
 
 
 def test_writes_through_hess_are_read(gen):
