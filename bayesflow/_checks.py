@@ -18,6 +18,7 @@ __all__ = [
     "check_module",
     "check_n",
     "check_not_bridge",
+    "check_not_data_parallel",
     "check_number",
     "check_params",
     "check_posterior",
@@ -67,12 +68,40 @@ def check_module(where: str, module: object) -> nn.Module:
     return module
 
 
+def _wrapped(module: nn.Module) -> nn.Module:
+    r"""The module inside a data-parallel wrapper (`DistributedDataParallel`,
+    `DataParallel`), or `module`."""
+
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(module, wrappers) and isinstance(module.module, nn.Module):
+        module = module.module
+    return module
+
+
 def check_not_bridge(
     where: str, module: nn.Module, hint: str = "pass bnet.base and bnet.posterior"
 ) -> None:
-    if getattr(type(module), "_bayesflow_bridge", False):
+    inner = _wrapped(module)
+    if getattr(type(inner), "_bayesflow_bridge", False):
+        wrapped = "" if inner is module else f" (in a {type(module).__name__})"
         raise TypeError(
-            f"{where}: expected the module the posterior is over, got a BayesianModel; {hint}"
+            f"{where}: expected the module the posterior is over, got a BayesianModel"
+            f"{wrapped}; {hint}"
+        )
+
+
+def check_not_data_parallel(where: str, module: nn.Module) -> None:
+    r"""Refuses a `DistributedDataParallel` wrapper where a posterior's own tensors are
+    trained: its gradient averaging reaches the module's parameters only."""
+
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            f"{where}: expected the module itself, got a DistributedDataParallel wrapper, "
+            "whose gradient averaging reaches the module's own parameters, not the "
+            "posterior's tensors: every process would train a posterior of its own. Pass "
+            "ddp.module and average the posterior's gradients over the processes after "
+            "backward() (torch.distributed.all_reduce), or wrap a BayesianModel in "
+            "DistributedDataParallel (docs/training.md)"
         )
 
 

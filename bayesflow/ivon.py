@@ -164,7 +164,13 @@ class IVON(torch.optim.Optimizer):
     true, every process draws its own samples (give each its own generator seed) and
     :meth:`step` averages :math:`\bar g` and :math:`\hat h` over the processes with one
     all-reduce: :math:`W` processes with :math:`K` samples each step as one process with
-    :math:`WK` samples. The means are broadcast from the first process when the optimizer
+    :math:`WK` samples. Each process's average weighs as much as any other's (a process
+    with more draws or samples before a step does not count for more: give each the same
+    number); `ess` stays the size of the whole training set. The checks of :meth:`step`
+    that raise before the all-reduce (no gradient, a gradient changed since it was taken,
+    a bad hyperparameter) raise in that process only, while the others wait in the
+    all-reduce until torch.distributed's timeout: run the same steps everywhere. The means
+    are broadcast from the first process when the optimizer
     is created.
 
     Example:

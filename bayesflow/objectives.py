@@ -22,6 +22,7 @@ from ._checks import (
     check_module,
     check_n,
     check_not_bridge,
+    check_not_data_parallel,
     check_number,
     check_posterior,
 )
@@ -83,6 +84,11 @@ def nelbo(
 
     With a :class:`bayesflow.BayesianModel` `bnet`, pass `bnet.base` and
     `bnet.posterior`: the gradients reach its `means` and `logvars`.
+
+    In data-parallel training, pass the module itself, not a `DistributedDataParallel`
+    wrapper (refused with a TypeError: its gradient averaging does not reach the
+    posterior's tensors), and average the posterior's gradients over the processes after
+    `backward()` (see the data-parallel section of the training guide).
 
     Arguments:
         module: A module.
@@ -151,6 +157,7 @@ def _nelbo(
     # move with the first forward pass).
     check_module(where, module)
     check_not_bridge(where, module)
+    check_not_data_parallel(where, module)
     check_posterior(where, posterior)
     if not callable(fn):
         raise TypeError(

@@ -1,9 +1,11 @@
-r"""Data-parallel training of a BayesianModel with DistributedDataParallel (gloo, CPU)."""
+r"""Data-parallel training (gloo, CPU): a BayesianModel in DistributedDataParallel, and the
+functional API with the posterior's gradients averaged by hand."""
 
 import datetime
 import os
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -40,7 +42,42 @@ def _grads(bnet):
     }
 
 
-def _worker(rank, rendezvous, path):
+def _bridge_step(rank, bnet, x, y, shard):
+    # The base's own copies of Bayesian parameters are swapped out, hence unused.
+    ddp = DistributedDataParallel(bnet, find_unused_parameters=True)
+    # the same posterior samples everywhere
+    generator = torch.Generator(torch.get_default_device()).manual_seed(1)
+    ll = ddp(x[shard], y[shard], n=K, fn=mse, generator=generator)
+    loss = bnet.kl_divergence() / NUM_DATA - ll.mean()
+    loss.backward()  # gradients are averaged over the processes
+    return loss
+
+
+def _functional_step(rank, bnet, x, y, shard):
+    # DistributedDataParallel cannot average a posterior's gradients: refused, and the
+    # refusal of a BayesianModel is not bypassed by the wrapper.
+    net, q = bnet.base, bnet.posterior
+    refusals = []
+    for module, call in [
+        (DistributedDataParallel(net), lambda m: bf.nelbo(m, q, x, y, fn=mse, num_data=1, n=1)),
+        (DistributedDataParallel(bnet, find_unused_parameters=True), bf.init),
+    ]:
+        try:
+            call(module)
+        except TypeError as err:
+            refusals.append(str(err))
+    generator = torch.Generator(torch.get_default_device()).manual_seed(1)
+    loss = bf.nelbo(
+        net, q, x[shard], y[shard], fn=mse, num_data=NUM_DATA, n=K, generator=generator
+    )
+    loss.backward()
+    for t in [*q.mean.values(), *q.logvar.values()]:  # as docs/training.md does
+        dist.all_reduce(t.grad)
+        t.grad.div_(WORLD)
+    return loss, refusals
+
+
+def _worker(rank, rendezvous, path, functional):
     # A file to meet at, not a TCP port: a free port found beforehand may be taken by
     # another process before the workers bind it.
     dist.init_process_group(
@@ -52,19 +89,15 @@ def _worker(rank, rendezvous, path):
     )
     try:
         bnet, x, y = _setup()
-        # The base's own copies of Bayesian parameters are swapped out, hence unused.
-        ddp = DistributedDataParallel(bnet, find_unused_parameters=True)
-
         shard = slice(rank * 8, (rank + 1) * 8)
-        generator = torch.Generator(torch.get_default_device()).manual_seed(
-            1
-        )  # the same posterior samples everywhere
-        ll = ddp(x[shard], y[shard], n=K, fn=mse, generator=generator)
-        loss = bnet.kl_divergence() / NUM_DATA - ll.mean()
-        loss.backward()  # gradients are averaged over the processes
-
+        refusals = []
+        if functional:
+            loss, refusals = _functional_step(rank, bnet, x, y, shard)
+        else:
+            loss = _bridge_step(rank, bnet, x, y, shard)
         if rank == 0:
-            torch.save({"loss": loss.detach(), "grads": _grads(bnet)}, path)
+            saved = {"loss": loss.detach(), "grads": _grads(bnet), "refusals": refusals}
+            torch.save(saved, path)
         # Neither process tears gloo down while the other still talks to it.
         dist.barrier()
     finally:
@@ -74,11 +107,12 @@ def _worker(rank, rendezvous, path):
     os._exit(0)
 
 
-def test_ddp_gradients_match_one_process(tmp_path):
+@pytest.mark.parametrize("functional", [False, True], ids=["bridge-in-ddp", "functional"])
+def test_ddp_gradients_match_one_process(tmp_path, functional):
     path = tmp_path / "rank0.pt"
     context = mp.start_processes(
         _worker,
-        args=(str(tmp_path / "rendezvous"), str(path)),
+        args=(str(tmp_path / "rendezvous"), str(path), functional),
         nprocs=WORLD,
         join=False,
         start_method="spawn",
@@ -96,13 +130,17 @@ def test_ddp_gradients_match_one_process(tmp_path):
     result = torch.load(path)
 
     # one process, the union of the shards, the same samples, the vectorized objective
-    bnet, x, y = _setup()
-    loss = bf.nelbo(
-        bnet.base, bnet.posterior, x, y,
-        fn=mse, num_data=NUM_DATA, n=K, generator=torch.Generator(torch.get_default_device()).manual_seed(1),
-    )  # fmt: skip
-    loss.backward()
-    grads = _grads(bnet)
+    dtype = torch.get_default_dtype()
+    try:
+        bnet, x, y = _setup()
+        loss = bf.nelbo(
+            bnet.base, bnet.posterior, x, y,
+            fn=mse, num_data=NUM_DATA, n=K, generator=torch.Generator(torch.get_default_device()).manual_seed(1),
+        )  # fmt: skip
+        loss.backward()
+        grads = _grads(bnet)
+    finally:
+        torch.set_default_dtype(dtype)
 
     assert grads.keys() == result["grads"].keys()
     for name, g in grads.items():
@@ -110,3 +148,9 @@ def test_ddp_gradients_match_one_process(tmp_path):
         assert g.abs().sum() > 0
     # each process saw half the data: its own loss differs from the union's
     assert not torch.allclose(result["loss"], loss.detach())
+    if functional:
+        nelbo, init = result["refusals"]
+        assert nelbo.startswith("nelbo: expected the module itself, got a Distributed")
+        assert "all_reduce" in nelbo
+        assert init.startswith("init: expected the module the posterior is over, got a ")
+        assert "BayesianModel (in a DistributedDataParallel)" in init
