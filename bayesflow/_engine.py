@@ -1032,6 +1032,8 @@ def run_local(
                 local_fn._bayesflow_fn = opts.fn  # type: ignore[attr-defined]
                 local = opts._replace(fn=local_fn)
                 forwards = plan.forwards(tape, layout.local)
+                if not recorded:  # its layers sampled whole for a second call: counted
+                    forwards += plan.counters(tape, layout.counted)
                 job = _Job(st, module, params, (slab, *args), (0, *dims), n, local, {}, zuko)
                 # The module's own values of the local layers' tensors are never the
                 # call's: a read of one outside its layer raises ReadElsewhere.

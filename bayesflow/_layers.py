@@ -337,6 +337,9 @@ class Layout:
     whole: tuple[str, ...]
     draws: tuple[tuple[str, Size], ...]
     size: int
+    # The layers sampled whole only because `fn` called them more than once: a remembered
+    # layout counts their calls (a module flag may have made it once since).
+    counted: tuple[str, ...] = ()
 
 
 class Tape(Noise):
@@ -346,6 +349,8 @@ class Tape(Noise):
     def __init__(self, layout: Layout, check: bool = False) -> None:
         self.draws = layout.draws
         self.check = check
+        self.counted = layout.counted if check else ()
+        self.calls: dict[str, int] = {}
         self.slab: Tensor | None = None
         self.pos = self.index = 0
         self.level: int | None = None
@@ -353,7 +358,15 @@ class Tape(Noise):
     def begin(self, slab: Tensor) -> None:
         self.slab = slab
         self.pos = self.index = 0
+        self.calls = {}
         self.level = func_level()
+
+    def count(self, name: str, local: bool) -> None:
+        r"""Counts a call of a layer of `counted` (sampled whole): one it could not
+        sample locally counts as two."""
+
+        calls = 1 if local and func_level() == self.level else 2
+        self.calls[name] = self.calls.get(name, 0) + calls
 
     def enter(self, name: str, local: bool) -> None:
         # A layer under a torch.func transform that `fn` opened (an inner vmap over
@@ -365,9 +378,12 @@ class Tape(Noise):
     def done(self) -> None:
         r"""With `check`, raises :class:`StaleShapes` unless the pass took every draw of the
         layout (a layout remembered for another `fn` of the same key, which called more
-        layers)."""
+        layers), and called each layer of `counted` again more than once (else a fresh
+        layout samples it locally, as a call without a remembered one would)."""
 
-        if self.check and self.index != len(self.draws):
+        if not self.check:
+            return
+        if self.index != len(self.draws) or any(self.calls.get(k) == 1 for k in self.counted):
             raise StaleShapes(None)
 
     def normal(self, name: str, shape: Size, like: Tensor) -> Tensor:
@@ -610,6 +626,30 @@ class LocalPlan:
 
         return [(self.layers[k], "forward", ours(self._forward(k, noise))) for k in names]
 
+    def counters(self, tape: Tape, names: Any) -> list[tuple[nn.Module, str, Any]]:
+        r"""Returns the changes that count the calls of the layers `names`, sampled whole,
+        on `tape` (their own forward, the weight sampled whole, runs)."""
+
+        return [(self.layers[k], "forward", ours(self._counting(k, tape))) for k in names]
+
+    def _counting(self, name: str, tape: Tape) -> Any:
+        layer = self.layers[name]
+        original = type(layer).forward
+        stack = layer.weight.shape[0] if layer.weight.dim() == 3 else None
+
+        def count(x: Tensor) -> None:
+            tape.count(name, self.per_position or self.exact(layer, x, stack))
+
+        def forward(x: Tensor | None = None, /, **kwargs: Any) -> Tensor:
+            if kwargs or x is None:
+                x = _bound_input(original, layer, x, kwargs)
+            count(x)
+            return original(layer, x)
+
+        # A vectorized pass's own forward of the layer (a batched linear) counts too.
+        forward._bayesflow_count = count  # type: ignore[attr-defined]
+        return forward
+
     def _forward(self, name: str, noise: Noise) -> Any:
         layer = self.layers[name]
         step = _flipout if self.flipout else _local
@@ -658,12 +698,13 @@ class LocalPlan:
         counts: dict[str, int] = {}
         for name, _ in recorder.calls:
             counts[name] = counts.get(name, 0) + 1
-        shared = {k for k, c in counts.items() if c > 1} | self.tied | recorder.read_elsewhere
-        shared |= recorder.transformed | whole
-        whole = tuple(k for k in self.layers if k in inexact or k in shared)
+        again = {k for k, c in counts.items() if c > 1}
+        other = self.tied | recorder.read_elsewhere | recorder.transformed | whole | inexact
+        whole = tuple(k for k in self.layers if k in again or k in other)
         local = tuple(k for k in self.layers if k not in whole)
         draws = tuple(d for d in recorder.draws if d[0] in local)
-        return Layout(local, whole, draws, sum(shape.numel() for _, shape in draws))
+        counted = tuple(k for k in whole if k not in other)
+        return Layout(local, whole, draws, sum(shape.numel() for _, shape in draws), counted)
 
     def absent(self, layout: Layout) -> dict[str, Absent]:
         r"""Returns the stand-ins of the local layers' Bayesian tensors of the module

@@ -507,6 +507,14 @@ def _conv_forward(m: nn.Module) -> Any:
     return forward
 
 
+def _counted(forward: Any, count: Any) -> Any:
+    def counted(x: Tensor, /, *args: Any, **kwargs: Any) -> Any:
+        count(x)
+        return forward(x, *args, **kwargs)
+
+    return counted
+
+
 def _linear_forward(m: nn.Module) -> Any:
     def forward(x: Tensor) -> Tensor:
         # Read at the call: an ensemble's members hold masks of their own (stacked buffers,
@@ -657,6 +665,10 @@ def changes(
     changes: list[tuple[Any, str, Any]] = []
 
     def put(m: nn.Module, forward: Any) -> None:
+        # A local call's count of the layer's calls (`LocalPlan.counters`), kept.
+        count = getattr(vars(m).get("forward"), "_bayesflow_count", None)
+        if count is not None:
+            forward = _counted(forward, count)
         changes.append((m, "forward", ours(forward)))
 
     if not is_compiling():

@@ -754,6 +754,22 @@ def test_a_stale_layout_draws_what_a_fresh_one_draws(flipout, gen):
     _stale_is_fresh(net, q, x, lambda: setattr(net, "times", 2), gen, flipout=flipout)
 
 
+@pytest.mark.parametrize("vectorized", [True, False], ids=["vmap", "loop"])
+@pytest.mark.parametrize("flipout", [False, True], ids=["local", "flipout"])
+def test_a_layer_called_once_again_is_sampled_locally_again(flipout, vectorized, gen):
+    # A layout recorded while the layer was called twice (sampled whole, its outputs share
+    # one weight), then a module flag made it once: the remembered layout kept it whole,
+    # so one seed gave outputs 1.5 off the same call with nothing recorded (1.47 for
+    # Flipout), and gradients of the weight-sampling variance, silently. A remembered
+    # layout counts the calls of a layer it samples whole for a second call.
+    torch.manual_seed(0)
+    net, x = _Repeats(), torch.randn(5, 3)
+    net.times = 2
+    q = bf.init(net, init_logvar=-2.0)
+    switch = lambda: setattr(net, "times", 1)
+    _stale_is_fresh(net, q, x, switch, gen, flipout=flipout, vectorized=vectorized)
+
+
 def _stale_is_fresh(net, q, x, switch, gen, **opts):
     r"""Records the layout of a local call, calls `switch()` (which changes what the call
     reads), and checks the next call against the same call with nothing recorded: the same
