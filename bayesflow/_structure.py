@@ -478,7 +478,7 @@ class Structure:
         for attr, value in candidates:
             if isinstance(value, Tensor):
                 items: Any = ((attr, value),)
-                container: Any = d
+                container: Any = _Attributes(m)
             elif isinstance(value, list):
                 items, container = enumerate(value), value
             elif isinstance(value, dict):
@@ -595,6 +595,36 @@ def _own_class(m: nn.Module) -> type:
     if parametrize.is_parametrized(m) and cls.__bases__:
         return cls.__bases__[0]
     return cls
+
+
+class _Attributes:
+    r"""The plain attributes of a module (its `__dict__`) as a place of its tensors, the
+    module held weakly: its `__dict__` may lead back to it (a hook that is its own bound
+    method), and a cached structure must not keep it alive."""
+
+    __slots__ = ("_module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = weakref.ref(module)
+
+    def _dict(self) -> dict:
+        m = self._module()
+        return {} if m is None else vars(m)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._dict().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._dict()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._dict()[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._dict()[key]
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        return self._dict().pop(key, default)
 
 
 def _held(container: Any, key: Any) -> Any:

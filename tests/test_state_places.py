@@ -679,6 +679,40 @@ def test_a_module_whose_dict_leads_back_to_it_is_freed_after_a_call():
     assert ref() is None
 
 
+class AliasedAndHookedByItself(HookedByItself):
+    r"""Reads its weight through a plain attribute too (a place the samples are put in)."""
+
+    def __init__(self):
+        super().__init__()
+        vars(self)["w"] = self.lin.weight  # a plain attribute (setattr would register it)
+
+    def forward(self, x):
+        return x @ self.w.T + self.lin.bias
+
+
+def test_a_module_with_an_aliasing_attribute_whose_dict_leads_back_to_it_is_freed():
+    # A plain attribute that holds a tensor of the module is a place of it: the cached
+    # structure held the module's `__dict__` for it, which led back to the module (a hook
+    # that is its own bound method): never freed until clear_caches(). The samples still
+    # reach that place (oracle: a deep copy with sample k loaded).
+    import gc
+    import weakref
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    refs = []
+    for _ in range(3):
+        m = AliasedAndHookedByItself()
+        params = _samples(m)
+        out = bf.vmap_call(m, params, x)
+        for k in range(out.shape[0]):
+            assert torch.allclose(out[k], _load(m, params, k)(x), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(out[0], out[1])
+        refs.append(weakref.ref(m))
+        del m, out, params
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
 class HookedByItsRoot(nn.Module):
     r"""A submodule's hook that is a method of the root: capturing a feature."""
 
