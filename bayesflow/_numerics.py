@@ -427,7 +427,15 @@ class SampleKL(torch.autograd.Function):
 
         if d is None:
             d = flat[0] if len(flat) == 2 else flat[0].narrow(0, 0, sigma.numel())
-        _fused_grads(g_theta, g_kl, eps, prior, d, sigma, r3, out)
+        if sigma.dtype in (torch.float16, torch.bfloat16):
+            # In float32, rounded once: 4 g eps overflowed float16 for gradients of the
+            # samples above about 8e3, where the log-variances' gradient is far smaller.
+            wide = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+            up = [None if t is None else t.float() for t in (g_theta, g_kl, eps, d)]
+            _fused_grads(*up[:3], prior, up[3], sigma.float(), r3.float(), wide)
+            out.copy_(wide)
+        else:
+            _fused_grads(g_theta, g_kl, eps, prior, d, sigma, r3, out)
         return (None, None, None, *(out.view(2, -1) if len(flat) == 2 else (out.view(-1),)))
 
 

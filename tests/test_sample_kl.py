@@ -231,6 +231,29 @@ def test_half_precision_kl_is_summed_in_float32(gen):
     assert all(torch.isfinite(t.grad).all() for t in leaves(q))
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_half_precision_gradients_of_large_sample_gradients_are_finite(gen, n):
+    # The fused backward formed 4 g eps in float16 before sigma and r^3 scaled it down:
+    # gradients of the samples of 1.5e4 gave infinite log-variance gradients where they
+    # are a few thousand. Oracle: the formulas in float64 on the same values and noise.
+    q = posterior({"w": (8, 5), "b": (5,)}, dtype=torch.float16, scale=0.5)
+    q64 = bf.Posterior(
+        {k: v.detach().double().requires_grad_() for k, v in q.mean.items()},
+        {k: v.detach().double().requires_grad_() for k, v in q.logvar.items()},
+    )
+    params, _ = sample_and_kl("test", q, n, gen(5), None)
+    expected, _ = formulas(q64, draw(q, n, 5, torch.float16).double())
+    weights = {k: 1.5e4 * torch.randn(n, *v.shape).sign() for k, v in q.mean.items()}
+    grads = torch.autograd.grad(
+        loss_of(params, 0.0, {k: w.half() for k, w in weights.items()}, 0.0), leaves(q)
+    )
+    oracle = torch.autograd.grad(loss_of(expected, 0.0, weights, 0.0), leaves(q64))
+    for a, b in zip(grads, oracle, strict=True):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a.double(), b, rtol=4e-3, atol=1e-3 * b.abs().max().item())
+    assert max(b.abs().max().item() for b in oracle[len(q.mean) :]) > 1e3  # large, in range
+
+
 def test_groups_of_dtypes_draw_in_order(gen):
     q = bf.Posterior(
         {"a": torch.randn(3, requires_grad=True), "b": torch.randn(2, dtype=torch.float32)},
