@@ -159,10 +159,11 @@ def laplace_fit(
             `chunk_size x C` gradients); a whole batch at once if :py:`None`.
 
     Returns:
-        The fit: the trained parameters, the curvature diagonals (both of the parameters'
-        shapes and dtypes), :math:`\log p(\mathcal{D} \mid \theta_*)` (of `fn`'s
-        dtype) and :math:`N`. The sums over batches run in at least float32 (a module in
-        half precision), then are cast.
+        The fit: the trained parameters (of the parameters' shapes and dtypes), the
+        curvature diagonals (of the parameters' shapes, in their dtype or float32 if wider:
+        a module in half precision gets float32 curvatures), :math:`\log p(\mathcal{D}
+        \mid \theta_*)` (in `fn`'s dtype or float32 if wider) and :math:`N`. Sums over
+        many batches, and curvatures beyond 65504, do not fit half precision.
 
     Raises:
         TypeError: If an argument or a batch has the wrong type.
@@ -200,11 +201,11 @@ def laplace_fit(
 
 def _check_fit(where: str, fit: object, likelihood: bool = True) -> LaplaceFit:
     r"""Checks a fit as :func:`laplace_fit` makes it, or as edited with `fit._replace`: the
-    same names in `mean` and `hessian`, each curvature of its mean's shape, dtype and
-    device, finite and non-negative, finite means, a finite scalar log-likelihood and
-    `num_data >= 1`. The values take one reduction per tensor and one synchronization per
-    device. Without `likelihood` (for what does not read it), the log-likelihood may be
-    infinite."""
+    same names in `mean` and `hessian`, each curvature of its mean's shape and device, and
+    its dtype or float32 for a half-precision mean, finite and non-negative, finite means,
+    a finite scalar log-likelihood and `num_data >= 1`. The values take one reduction per
+    tensor and one synchronization per device. Without `likelihood` (for what does not
+    read it), the log-likelihood may be infinite."""
 
     if not isinstance(fit, LaplaceFit):
         raise TypeError(
@@ -247,10 +248,11 @@ def _check_fit(where: str, fit: object, likelihood: bool = True) -> LaplaceFit:
                 f"{where}: expected fit.hessian[{name!r}] of its mean's shape "
                 f"{tuple(m.shape)}, got {tuple(h.shape)}"
             )
-        if h.dtype != m.dtype or h.device != m.device:
+        if h.dtype not in (m.dtype, accumulator(m.dtype)) or h.device != m.device:
+            wide = "" if accumulator(m.dtype) == m.dtype else " (or float32)"
             raise ValueError(
-                f"{where}: expected fit.hessian[{name!r}] with its mean's dtype and device, "
-                f"{describe(m)}, got {describe(h)}"
+                f"{where}: expected fit.hessian[{name!r}] with its mean's dtype{wide} and "
+                f"device, {describe(m)}, got {describe(h)}"
             )
         m, h = m.detach(), h.detach()
         ok.append(m.isfinite().all() & (h.isfinite() & (h >= 0)).all())
