@@ -481,7 +481,12 @@ def test_ratios_and_tables_are_those_of_each_run():
     for dtype, table in zip(runs, tables, strict=True):
         assert table.startswith(f"mlp · forward · batch 4 · cpu {dtype} · ")
         vmap = next(line for line in table.splitlines() if line.startswith("  vmap "))
-        assert f" {runs[dtype]['vmap']['ratio_to_bmm']:.2f}b" in vmap
+        # The ratio as shown (six characters: 1.23b, 12.3b, 123b), to its last digit.
+        shown = vmap.split()[-1]
+        assert shown.endswith("b"), vmap
+        digits = shown[:-1].partition(".")[2]
+        error = abs(float(shown[:-1]) - runs[dtype]["vmap"]["ratio_to_bmm"])
+        assert error <= 0.5 * 10 ** -len(digits) + 1e-12, vmap
     markdown = bench.markdown_table(records)
     assert "mlp, batch 4, cpu float32," in markdown and "mlp, batch 4, cpu float64," in markdown
     assert markdown.count("| bmm |") == 2
