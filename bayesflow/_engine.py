@@ -334,6 +334,10 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
 
     shared = _shared_versions(job)
     chunk_size, measure, cached = opts.chunk_size, None, None
+    # Random operations under vmap draw by the chunk (and a non-contiguous dropout's mask
+    # in the batched layout): the chunk the first call measures must not change the
+    # numbers of the next ones. All at once, as the first call, every time.
+    drawn = opts.randomness in ("different", "same")
     if chunk_size == "auto":
         chunk_size = auto_chunk_size(_footprint(job), job.n, _device(job), opts.max_memory)
     elif chunk_size is None and _fits_the_cache(job):
@@ -341,6 +345,8 @@ def _dispatch(job: _Job) -> tuple[Any, str | None]:
         per_sample = footprints.get(key)
         if per_sample is None:
             measure = (footprints, key)  # this call, all at once, measures it
+        elif drawn:
+            pass  # all at once, as the call that measured it
         elif footprints.get((key, "one pass")):
             pass  # fn writes buffers in place: chunks would write them once each
         elif one_by_one(per_sample) and not checked:

@@ -113,8 +113,10 @@ def vmap_call(
             them; torch's generators are restored after it, but a generator that `fn`
             holds itself is not: it draws once more). Chunking changes no number
             (unless `fn` draws random numbers itself, with `randomness="different"`); one
-            by one gives the loop's numbers, equal to rounding. An int or `"auto"` always
-            vectorizes.
+            by one gives the loop's numbers, equal to rounding. With `randomness`
+            `"different"` or `"same"`, :py:`None` runs all samples at once in every call
+            (random draws depend on the chunks: the same seed gives the same numbers in
+            every call). An int or `"auto"` always vectorizes.
         fallback: What to do where vmap cannot run `fn`: if :py:`True`, warn with
             :class:`VmapFallbackWarning` and run :func:`loop_call` from the state the call
             found; else raise.

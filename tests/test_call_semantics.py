@@ -1833,31 +1833,56 @@ def test_buffers_written_in_place_by_a_chunked_pass_follow_the_rule(
     assert net.count.item() == 1  # the failed call left it as found
 
 
-def test_a_pass_again_at_once_draws_what_a_pass_at_once_draws(monkeypatch, fresh_caches):
-    # The pass again, after the cache's chunks wrote a buffer once per chunk, starts from
-    # the random state the call found: the draws of a call all at once.
+class _TransposedDropout(nn.Module):
+    r"""Dropout on a transposed (non-contiguous) activation, as a transformer's attention
+    output: vmap draws its mask in the batched layout, the loop in one sample's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.d, self.b = nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.b(self.d(self.a(x).t())).t()
+
+
+@pytest.mark.parametrize(
+    "make", [_TransposedDropout, lambda: nn.Sequential(_RunningInput(), nn.Dropout(0.5))]
+)
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_with_randomness_the_default_runs_every_call_at_once(
+    monkeypatch, fresh_caches, make, randomness
+):
+    # The footprint the first call measured (all at once) made the next calls run in
+    # chunks or one by one, which draw other numbers (masks by the chunk; a transposed
+    # activation's in one sample's layout): one seed gave the second call outputs 5.5 off
+    # the first's on a wider such net (a transformer layer's 1.7), and a module whose
+    # buffers the chunks wrote
+    # ran a pass again. With randomness, the default runs all at once every time.
     from bayesflow import _engine, _memory
 
     if torch.get_default_device().type != "cpu":
         pytest.skip("the default chunks by the cache on the CPU only")
-    net = nn.Sequential(_RunningInput(), nn.Dropout(0.5))
+    net = make().train()
     params = bf.sample(bf.init(net, -2.0), 4, generator=torch.Generator().manual_seed(1))
     x = torch.randn(5, 3)
-    options = {"randomness": "different", "fallback": False}
-    bf.vmap_call(net, params, x, **options)  # all at once: measures the footprint
-    (measured,) = _engine._FOOTPRINTS.get(net).entries.values()
-    monkeypatch.setattr(_memory, "_CACHE", [2 * measured + 1])
+    options = {"randomness": randomness, "fallback": False}
     state = copy.deepcopy(net.state_dict())
-
-    chunks = _record_chunks(monkeypatch)
     torch.manual_seed(7)
-    out = bf.vmap_call(net, params, x, **options)
-    assert chunks == [2, None]
+    first = bf.vmap_call(net, params, x, **options)  # all at once: measures the footprint
+    (measured,) = _engine._FOOTPRINTS.get(net).entries.values()
+    for cache in (2 * measured + 1, measured - 1):  # chunks of 2, one by one
+        monkeypatch.setattr(_memory, "_CACHE", [cache])
+        monkeypatch.setattr(_memory, "_CORE_CACHE", [cache])
+        net.load_state_dict(state)
+        chunks = _record_chunks(monkeypatch)
+        torch.manual_seed(7)
+        again = bf.vmap_call(net, params, x, **options)
+        assert chunks == [None]
+        assert torch.equal(again, first)
     net.load_state_dict(state)
     torch.manual_seed(7)
-    at_once = bf.vmap_call(net, params, x, chunk_size=4, **options)
-    assert torch.equal(out, at_once)
-    assert not torch.equal((out[0] == 0), (out[1] == 0))  # the samples' own masks
+    assert torch.equal(bf.vmap_call(net, params, x, chunk_size=4, **options), first)
+    assert not torch.equal(first[0], first[1])  # the samples (and masks) differ
 
 
 @pytest.mark.parametrize("kind", ["full", "pre", "global"])
