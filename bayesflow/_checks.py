@@ -323,9 +323,19 @@ def check_params(
 def check_buffers(
     where: str, st: Structure, module: nn.Module, buffers: object, n: int | None = None
 ) -> int:
-    r"""Validates per-sample buffers `{name: (n, *shape)}` of `module` and returns `n`."""
+    r"""Validates per-sample buffers `{name: (n, *shape)}` of `module` and returns `n`:
+    each sample's of memory of its own (one that many samples share, from `expand`, would
+    get every sample's writes)."""
 
-    return _check_stacked(where, "buffers", "named_buffers", st.buffers, {}, module, buffers, n)
+    n = _check_stacked(where, "buffers", "named_buffers", st.buffers, {}, module, buffers, n)
+    for name, value in buffers.items():  # type: ignore[attr-defined]
+        if value.shape[0] > 1 and value.stride(0) == 0:
+            raise ValueError(
+                f"{where}: expected per-sample buffers with memory of their own for each "
+                f"sample (each sample writes its own), got buffers[{name!r}] of stride 0 "
+                "along its sample dim (from expand()): pass a copy, .clone()"
+            )
+    return n
 
 
 def _check_stacked(

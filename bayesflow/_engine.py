@@ -713,7 +713,10 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
         name: st.buffers[name].detach().unsqueeze(0).repeat(n, *(1,) * st.buffers[name].dim())
         for name in updated
     }
-    buffers = {**averaged, **job.buffers}
+    # Per-sample buffers in memory of their own order: torch's batching rule of batch norm
+    # writes the statistics of non-contiguous ones into a copy it drops. Written back below.
+    copies = {k: b.contiguous() for k, b in job.buffers.items() if not b.is_contiguous()}
+    buffers = {**averaged, **job.buffers, **copies}
     names, buffer_names, given = list(params), list(buffers), list(job.buffers)
     flat = (*params.values(), *buffers.values(), *job.args)
     split, end = len(names), len(names) + len(buffer_names)
@@ -793,6 +796,9 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
         )
     for name, stacked in averaged.items():
         state.set_averaged(name, stacked)
+    with torch.no_grad():
+        for name, written_copy in copies.items():
+            job.buffers[name].copy_(written_copy)
 
     if is_compiling():
         return unflatten(spec[0], leaves)

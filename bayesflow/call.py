@@ -141,7 +141,9 @@ def vmap_call(
             and a train-mode layer updates its own in place; what `fn` assigns to one
             anew (`self.ema = 0.9 * self.ema + ...`) is written into it (by the loop:
             vmap cannot batch such assignments); the module's buffers of those names are
-            left alone. `params` may then be empty.
+            left alone. `params` may then be empty. Views work (some members' buffers,
+            `{k: v[::2] for k, v in ens.buffers.items()}`, are updated in place); buffers
+            whose samples share memory (`expand`) are refused.
 
     Returns:
         The outputs of `fn` stacked on a new leading dim of size `n`, differentiable with

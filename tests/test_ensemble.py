@@ -138,6 +138,47 @@ def test_train_mode_updates_each_members_buffers_once_per_call(gen):
         assert torch.equal(ens.module.state_dict()[k], v)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_every_other_member_updates_its_own_buffers(gen, chunk_size):
+    # A subset of an ensemble's members by a strided view (`v[::2]`): torch's batching
+    # rule of batch norm wrote the statistics of non-contiguous buffers into a copy it
+    # dropped, so vmap_call left the running statistics as they were, silently (while
+    # num_batches_tracked moved). Oracle: each member trained alone (a deep copy).
+    torch.manual_seed(0)
+    everyone = [make_net().train() for _ in range(2 * K)]
+    ens = bf.stack_modules(everyone)
+    members = [copy.deepcopy(m) for m in everyone[::2]]
+    x = torch.randn(8, 4)
+    params = {k: v[::2] for k, v in ens.params.items()}
+    buffers = {k: v[::2] for k, v in ens.buffers.items()}
+    assert not buffers["1.running_mean"].is_contiguous()
+    before = {k: v.clone() for k, v in ens.buffers.items()}
+
+    y = bf.vmap_call(ens.module, params, x, buffers=buffers, chunk_size=chunk_size, fallback=False)
+    expected = torch.stack([m.train()(x) for m in members])
+    assert torch.allclose(y, expected, atol=1e-10)
+    for k, v in ens.buffers.items():
+        alone = torch.stack([dict(m.named_buffers())[k] for m in members])
+        assert torch.allclose(v[::2], alone.to(v.dtype), atol=1e-12), k
+        assert torch.equal(v[1::2], before[k][1::2]), k  # the others untouched
+    assert not torch.allclose(ens.buffers["1.running_mean"], before["1.running_mean"])
+
+
+def test_per_sample_buffers_that_share_memory_are_refused(gen):
+    # Buffers expanded over the samples (stride 0) got every sample's writes, in order, in
+    # the loop that vmap fell back to: 0.1 off K separate runs, silently.
+    ens = bf.ensemble(make_net, K, generator=gen(1))
+    ens.module.train()
+    x = torch.randn(8, 4)
+    buffers = {k: v[:1].expand_as(v) for k, v in ens.buffers.items()}
+    own = copy.deepcopy(ens.module.state_dict())
+    for call in (bf.vmap_call, bf.loop_call):
+        with pytest.raises(ValueError, match=rf"{call.__name__}: expected per-sample buffers "):
+            call(ens.module, ens.params, x, buffers=buffers)
+    for k, v in own.items():
+        assert torch.equal(ens.module.state_dict()[k], v)
+
+
 def test_an_ensemble_called_without_its_buffers_is_refused(gen):
     # In train mode the calls moved the module's own statistics (member 0's), averaged
     # over the members, and ens.buffers never moved.
