@@ -300,6 +300,8 @@ def flow_sample(
             f"got {type(d).__name__}"
         )
 
+    # The noise is drawn where the base distribution lives.
+    check_generator(where, generator, loc.device)
     # A run that fails after the draw (the flow itself, vmap without a fallback) leaves
     # the generator as found.
     saved = draw_state(generator)

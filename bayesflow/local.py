@@ -118,8 +118,11 @@ def local_call(
     layer.weight)`); fresh noise per call, or the mean elsewhere, would be silently
     wrong. All the noise is drawn
     before the vectorized pass, from `generator`, laid out by the layer calls of one
-    shape-finding pass of `fn` (without gradients, buffers restored; remembered for the
-    same `fn` code and argument shapes; recorded at every trace inside torch.compile).
+    shape-finding pass of `fn` (without gradients, buffers restored, torch's generators
+    restored: a generator that `fn` holds itself is not, and draws once more in the call
+    that records it; remembered for the same `fn` code and argument shapes; recorded at
+    every trace inside torch.compile). A remembered pass in which a layer was called twice
+    (sampled whole) is recorded again where the layer is now called once.
     During the call, the local layers' own tensors in `module` are stand-ins whose values
     cannot be read: a read the remembered pass did not see (a module flag switched since
     switches on a tied head) makes the call start again with that layer sampled whole,
@@ -203,6 +206,8 @@ def local_with_options(
     check_bool(where, "flipout", flipout)
     check_bool(where, "per_position", per_position)
     check_posterior(where, posterior)
+    # The layers' noise is drawn on the device of the posterior's first tensor.
+    check_generator(where, generator, next(iter(posterior.mean.values())).device)
     if not finite:
         check_finite(where, posterior)
     _posterior.check_matches(where, module, posterior)

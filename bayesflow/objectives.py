@@ -199,6 +199,11 @@ def _nelbo(
                 f"{where}: expected fn to return per-datum log-likelihoods, a tensor per "
                 f"sample, stacked to a leading dim n = {n}, got {shape}"
             )
+        if ll[0].numel() == 0:  # a mean over no datum is NaN
+            raise ValueError(
+                f"{where}: expected fn to return at least one log-likelihood per sample, got "
+                f"shape {tuple(ll.shape)} (an empty batch?)"
+            )
         if not ll.is_floating_point():  # complex would give a complex loss, integers no mean
             raise TypeError(
                 f"{where}: expected fn to return real floating-point log-likelihoods, got "

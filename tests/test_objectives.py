@@ -243,6 +243,12 @@ def test_errors(objective):
         objective(bnet, bnet.posterior, x, y, fn=mse, num_data=10)
     with pytest.raises(ValueError, match=f"{name}: expected fn to return per-datum"):
         call(fn=lambda m, x, y: [mse(m, x, y)])
+    # A batch of no datum gave a NaN loss (the mean over nothing).
+    gen = torch.Generator(torch.get_default_device())
+    state = gen.get_state()
+    with pytest.raises(ValueError, match=f"{name}: expected fn to return at least one log-lik"):
+        objective(net, q, x[:0], y[:0], fn=mse, num_data=10, generator=gen)
+    assert torch.equal(gen.get_state(), state)
     # A complex log-likelihood gave a complex loss; integers failed in torch's mean().
     for dtype in (torch.complex128, torch.int64, torch.bool):
         with pytest.raises(TypeError, match=f"{name}: expected fn to return real floating"):

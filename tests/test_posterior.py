@@ -385,6 +385,29 @@ def test_a_generator_on_another_device_is_refused_before_any_draw(device):
     assert torch.equal(g.get_state(), state)
 
 
+@pytest.mark.parametrize("call", ["local_call", "local_nelbo", "flow_sample"])
+def test_a_generator_on_another_device_is_refused_by_local_calls_and_flows(device, call):
+    # These raised torch's own error from the draw, not one naming the function.
+    if device.type == "cpu":
+        pytest.skip("needs a second device: run with --device cuda")
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    x = torch.randn(4, 3, device=device)
+    with pytest.raises(ValueError, match=rf"^{call}: expected a generator on the "):
+        if call == "flow_sample":
+            flow = zuko.flows.MAF(2, 3).to(device)
+            bf.flow_sample(flow, bf.sample(bf.init(flow), 2), x, (), generator=g)
+        else:
+            net = nn.Linear(3, 2).to(device)
+            q = bf.init(net)
+            if call == "local_call":
+                bf.local_call(net, q, 2, x, generator=g)
+            else:
+                ll = lambda m, x: -m(x).square().sum(-1)
+                bf.local_nelbo(net, q, x, fn=ll, num_data=4, n=2, generator=g)
+    assert torch.equal(g.get_state(), state)
+
+
 def test_a_posterior_saved_as_its_two_dicts_loads_with_weights_only(tmp_path):
     # As the Posterior's docstring says: torch.load's default refuses the NamedTuple itself.
     q = bf.init(nn.Linear(3, 2), init_logvar=-4.0)
