@@ -599,6 +599,9 @@ def _loop_now(job: _Job, state: State | None = None) -> Any:
     written = st.written
     params = {k: v if k in written else _split(v) for k, v in job.params.items()}
     args = [(a, _split(a) if d == 0 else None) for a, d in zip(job.args, job.dims, strict=True)]
+    # An argument expanded over the samples (stride 0) has one memory for all: each sample
+    # gets a copy of its own to write (it read the writes of the samples before it).
+    expanded = [u is not None and a.shape[0] > 1 and a.stride(0) == 0 for a, u in args]
     try:
         for i in range(job.n):
             if rng is not None:
@@ -615,7 +618,13 @@ def _loop_now(job: _Job, state: State | None = None) -> Any:
                 _stand_ins(job.zuko),
                 _outer_layers(st, job.module, sample.keys()),
             ):
-                out = opts.fn(job.module, *(a if u is None else u[i] for a, u in args))
+                out = opts.fn(
+                    job.module,
+                    *(
+                        a if u is None else u[i].clone() if e else u[i]
+                        for (a, u), e in zip(args, expanded, strict=True)
+                    ),
+                )
                 held = state.current()
                 assigned = state.given_held(given)
             state.write_given(opts.where, given, assigned)

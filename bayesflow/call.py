@@ -165,7 +165,9 @@ def vmap_call(
             writes in place a tensor that every sample shares: an argument (`x.add_(1)`,
             an in-place activation on it, even one that changes nothing) or a tensor it
             closes over (an argument per sample, `in_dims=0`, may be written: each sample
-            writes its own; the module's own buffers follow the buffers' rule). In the
+            writes its own; one expanded over the samples, stride 0, has one memory for
+            all: each sample then writes a copy of its own, which the argument does not
+            keep; the module's own buffers follow the buffers' rule). In the
             loop every sample would see the writes of those before it, which one pass
             cannot give, and no fallback is taken (the tensor holds the pass's writes).
             Writes that bump no version counter are not seen: through `.data`, into a

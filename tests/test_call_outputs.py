@@ -3,6 +3,7 @@ argument every sample shares written in place by `fn`, outputs that share memory
 other or with tensors held elsewhere, outputs of another structure in a later chunk."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -94,6 +95,31 @@ def test_arguments_written_in_place_where_the_loop_agrees():
     ref = bf.loop_call(module, params, ys, fn=_writes, in_dims=(0,))
     assert torch.allclose(out, ref, rtol=0, atol=1e-12) and torch.equal(xs, ys)
     assert not torch.allclose(ref[0], ref[1])
+
+
+def test_a_per_sample_argument_expanded_over_the_samples_is_written_by_each_alone():
+    # An argument per sample (in_dims=0) expanded from one (stride 0): one memory for all
+    # samples, so in the loop (vmap refuses the write and falls back) sample k read the
+    # writes of the samples before it: 9.4 off K separate runs. Each gets a copy now.
+    # Oracle: K deep copies with sample k loaded, each on its own copy of the input.
+    module, q = _linear()
+    params = bf.sample(q, 3, generator=torch.Generator().manual_seed(2))
+    x0 = torch.randn(1, 5, 3, dtype=torch.float64)
+    expected = []
+    for k in range(3):
+        copy_k = copy.deepcopy(module)
+        with torch.no_grad():
+            copy_k.weight.copy_(params["weight"][k])
+            copy_k.bias.copy_(params["bias"][k])
+        expected.append(_writes(copy_k, x0[0].clone()))
+    expected = torch.stack(expected)
+    for call in (bf.vmap_call, bf.loop_call):
+        x = x0.clone().expand(3, 5, 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", bf.VmapFallbackWarning)
+            out = call(module, params, x, fn=_writes, in_dims=(0,))
+        assert torch.allclose(out, expected, rtol=0, atol=1e-12), call.__name__
+    assert not torch.allclose(expected[0], expected[1])
 
 
 @pytest.mark.parametrize("n", [1, 3])
