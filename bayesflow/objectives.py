@@ -199,7 +199,7 @@ def _nelbo(
                 f"{where}: expected fn to return per-datum log-likelihoods, a tensor per "
                 f"sample, stacked to a leading dim n = {n}, got {shape}"
             )
-        if ll[0].numel() == 0:  # a mean over no datum is NaN
+        if ll.numel() == 0:  # a mean over no datum is NaN (n >= 1 rows, checked above)
             raise ValueError(
                 f"{where}: expected fn to return at least one log-likelihood per sample, got "
                 f"shape {tuple(ll.shape)} (an empty batch?)"
