@@ -111,7 +111,9 @@ class IVON(torch.optim.Optimizer):
     that `module(x)` is the mean model at every step (as with ivon-opt; move the module to
     its device and dtype before creating the optimizer: :meth:`sample` and :meth:`step`
     raise once a parameter has other memory, after `module.to(...)`, a second IVON over
-    it, or `load_state_dict(assign=True)`). :attr:`posterior`'s log-variances
+    it, or `load_state_dict(assign=True)`; the parameters become contiguous views, so a
+    `channels_last` convolution weight is one no more, and converting it back is such a
+    change). :attr:`posterior`'s log-variances
     are updated with every step: :func:`bayesflow.sample`, :func:`bayesflow.vmap_call`, the
     predictive summaries and the metrics use it as any other posterior. Its variance
     :math:`\exp(\mathrm{softclip}(\log \sigma^2, 18))` cannot leave :math:`(e^{-18},
