@@ -94,7 +94,11 @@ def check_not_data_parallel(where: str, module: nn.Module) -> None:
     r"""Refuses a `DistributedDataParallel` wrapper where a posterior's own tensors are
     trained: its gradient averaging reaches the module's parameters only."""
 
-    if isinstance(module, nn.parallel.DistributedDataParallel):
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    inside = [module]
+    while isinstance(inside[-1], wrappers) and isinstance(inside[-1].module, nn.Module):
+        inside.append(inside[-1].module)
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in inside):
         raise TypeError(
             f"{where}: expected the module itself, got a DistributedDataParallel wrapper, "
             "whose gradient averaging reaches the module's own parameters, not the "

@@ -807,7 +807,9 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
         state.set_averaged(name, stacked)
     with torch.no_grad():
         for name, written_copy in copies.items():
-            job.buffers[name].copy_(written_copy)
+            given_buffer = job.buffers[name]
+            if not torch.equal(given_buffer, written_copy):  # (a write bumps its version)
+                given_buffer.copy_(written_copy)
 
     if is_compiling():
         return unflatten(spec[0], leaves)

@@ -478,7 +478,7 @@ class Structure:
         for attr, value in candidates:
             if isinstance(value, Tensor):
                 items: Any = ((attr, value),)
-                container: Any = _Attributes(m)
+                container: Any = _attributes(m)
             elif isinstance(value, list):
                 items, container = enumerate(value), value
             elif isinstance(value, dict):
@@ -625,6 +625,18 @@ class _Attributes:
 
     def pop(self, key: str, default: Any = None) -> Any:
         return self._dict().pop(key, default)
+
+
+# One place per module, whatever the structures built of it: nested holds and swaps pair
+# their places by the container's identity.
+_ATTRIBUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _attributes(module: nn.Module) -> _Attributes:
+    place = _ATTRIBUTES.get(module)
+    if place is None:
+        place = _ATTRIBUTES[module] = _Attributes(module)
+    return place
 
 
 def _held(container: Any, key: Any) -> Any:

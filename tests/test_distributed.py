@@ -58,8 +58,10 @@ def _functional_step(rank, bnet, x, y, shard):
     # refusal of a BayesianModel is not bypassed by the wrapper.
     net, q = bnet.base, bnet.posterior
     refusals = []
+    nelbo = lambda m: bf.nelbo(m, q, x, y, fn=mse, num_data=1, n=1)
     for module, call in [
-        (DistributedDataParallel(net), lambda m: bf.nelbo(m, q, x, y, fn=mse, num_data=1, n=1)),
+        (DistributedDataParallel(net), nelbo),
+        (torch.nn.DataParallel(DistributedDataParallel(net)), nelbo),  # nested
         (DistributedDataParallel(bnet, find_unused_parameters=True), bf.init),
     ]:
         try:
@@ -149,8 +151,8 @@ def test_ddp_gradients_match_one_process(tmp_path, functional):
     # each process saw half the data: its own loss differs from the union's
     assert not torch.allclose(result["loss"], loss.detach())
     if functional:
-        nelbo, init = result["refusals"]
+        nelbo, nested, init = result["refusals"]
         assert nelbo.startswith("nelbo: expected the module itself, got a Distributed")
-        assert "all_reduce" in nelbo
+        assert "all_reduce" in nelbo and nested == nelbo
         assert init.startswith("init: expected the module the posterior is over, got a ")
         assert "BayesianModel (in a DistributedDataParallel)" in init

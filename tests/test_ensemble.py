@@ -164,6 +164,43 @@ def test_every_other_member_updates_its_own_buffers(gen, chunk_size):
     assert not torch.allclose(ens.buffers["1.running_mean"], before["1.running_mean"])
 
 
+class _ScaledByBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def test_non_contiguous_per_sample_buffers_that_are_only_read(gen):
+    # Their copies were written back whatever happened: a buffer that records gradients
+    # broke the backward pass (its version moved), and one made in inference mode could
+    # not be written (the call fell back to the loop). Only what changed is written back.
+    # Oracle: loop_call.
+    torch.manual_seed(0)
+    net, n = _ScaledByBuffer(), 3
+    params = {k: v.detach() for k, v in bf.sample(bf.init(net, -4.0), n, generator=gen(1)).items()}
+    x = torch.randn(5, 3)
+    grads = []
+    for call in (bf.vmap_call, bf.loop_call):
+        raw = torch.linspace(-1.0, 1.0, 4 * n).view(4, n).requires_grad_()
+        options = {"fallback": False} if call is bf.vmap_call else {}
+        out = call(net, params, x, buffers={"scale": raw.exp().T}, **options)
+        out.square().sum().backward()
+        grads.append(raw.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+    assert grads[0][:, 0].ne(grads[0][:, 1]).any()  # each sample its own scale
+
+    with torch.inference_mode():
+        frozen = torch.rand(4, n) + 0.5
+    with torch.no_grad():
+        out = bf.vmap_call(net, params, x, buffers={"scale": frozen.T}, fallback=False)
+        expected = bf.loop_call(net, params, x, buffers={"scale": frozen.T})
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_per_sample_buffers_that_share_memory_are_refused(gen):
     # Buffers expanded over the samples (stride 0) got every sample's writes, in order, in
     # the loop that vmap fell back to: 0.1 off K separate runs, silently.

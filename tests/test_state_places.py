@@ -713,6 +713,37 @@ def test_a_module_with_an_aliasing_attribute_whose_dict_leads_back_to_it_is_free
     assert all(r() is None for r in refs)
 
 
+class _Aliased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+        vars(self)["w"] = self.lin.weight  # a plain attribute (a place of the weight)
+
+    def forward(self, x):
+        return x @ self.w.T + self.lin.bias
+
+
+@pytest.mark.parametrize("order", ["in-order", "out-of-order"])
+def test_holds_left_in_any_order_put_a_plain_attribute_back(order):
+    # Two holds (`reparameterize()`), the structure rebuilt between them: each had a place
+    # of its own for the attribute, which the holds pair by identity, so leaving the first
+    # one first left the second's sample in `w` for good (the mean model 1.26 off).
+    torch.manual_seed(0)
+    bnet = bf.BayesianModel(_Aliased(), init_logvar=0.0)
+    base, x = bnet.base, torch.randn(4, 3, dtype=torch.float64)
+    own, plain = base.lin.weight, base(x)
+    first = bnet.reparameterize(generator=torch.Generator().manual_seed(1))
+    first.__enter__()
+    base.lin.register_buffer("moved", None)  # the module changes: a structure of its own
+    second = bnet.reparameterize(generator=torch.Generator().manual_seed(2))
+    held = second.__enter__()
+    assert not torch.allclose(held(x), plain)  # the samples reach `w`
+    for hold in (second, first) if order == "in-order" else (first, second):
+        hold.__exit__(None, None, None)
+    assert base.w is own and base.lin.weight is own
+    assert torch.equal(base(x), plain)
+
+
 class HookedByItsRoot(nn.Module):
     r"""A submodule's hook that is a method of the root: capturing a feature."""
 
