@@ -5,9 +5,11 @@ from __future__ import annotations
 __all__ = ["BayesianModel"]
 
 import numbers
+import re
 import threading
+import warnings
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -87,6 +89,49 @@ def _stand_ins() -> Iterator[None]:
             entry[0].__exit__(None, None, None)
 
 
+def _zuko_picks(base: nn.Module, include: Any, exclude: Any) -> list[str] | None:
+    r"""The names zuko's rule picks: each pattern a prefix of the name, `*` one or more
+    word characters, `**` one or more words and dots (:py:`None` for patterns zuko
+    refuses)."""
+
+    def compiled(patterns: Any) -> list[re.Pattern] | None:
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        if not all(isinstance(p, str) and re.fullmatch(r"[\w\.\*]*", p) for p in patterns):
+            return None
+        return [
+            re.compile(p.replace(".", r"\.").replace("**", r"[\w\.]+").replace("*", r"\w+") + ".*")
+            for p in patterns
+        ]
+
+    inc, exc = compiled(include), compiled(exclude)
+    if inc is None or exc is None:
+        return None
+    return [
+        name
+        for name, _ in base.named_parameters()
+        if any(p.fullmatch(name) for p in inc) and not any(p.fullmatch(name) for p in exc)
+    ]
+
+
+def _warn_unlike_zuko(base: nn.Module, names: list[str], include: Any, exclude: Any) -> None:
+    r"""Warns where the patterns pick other parameters than zuko's rule would."""
+
+    theirs = _zuko_picks(base, include, exclude)
+    if theirs is None or theirs == names:
+        return
+    ours = set(names)
+    only_ours = [n for n in names if n not in set(theirs)]
+    only_theirs = [n for n in theirs if n not in ours]
+    warnings.warn(
+        "BayesianModel: the include/exclude patterns pick other parameters than "
+        "zuko.bayesian.BayesianModel's would (zuko matches each pattern as a prefix of the "
+        "name, bayesflow whole dot-separated segments, see bayesflow.select): "
+        f"Bayesian here only {only_ours}, in zuko only {only_theirs}",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 class BayesianModel(nn.Module):
     r"""Creates a Bayesian wrapper around a base model.
 
@@ -112,8 +157,10 @@ class BayesianModel(nn.Module):
             but not `10.weight` (zuko's trailing dot, `"1."`, changes nothing), and
             `"**.bias"` no LSTM `bias_ih_l0` (write `"**.bias*"`); and `*` may match
             nothing: `"enc*"` picks `enc.weight` as well as `enc_head.weight` (zuko's only
-            the latter). Any iterable of patterns, or one string. As in zuko, a selection
-            that picks nothing gives a wrapper with nothing Bayesian.
+            the latter). Where the patterns pick other parameters than zuko's rule would
+            (`"0.w"`, a prefix of `0.weight` in zuko), a UserWarning names them. Any
+            iterable of patterns, or one string. As in zuko, a selection that picks nothing
+            gives a wrapper with nothing Bayesian.
         exclude_params: Glob patterns of the parameters to leave deterministic.
 
     Attributes:
@@ -134,10 +181,16 @@ class BayesianModel(nn.Module):
         exclude_params: Sequence[str] = (),
     ) -> None:
         check_module("BayesianModel", base)
+        # Read once (an iterator of patterns), for the selection and its comparison.
+        include_params, exclude_params = (
+            list(p) if isinstance(p, Iterable) and not isinstance(p, str) else p
+            for p in (include_params, exclude_params)
+        )
         # As zuko's, a selection that picks nothing gives a wrapper with nothing Bayesian.
         q = _posterior.init(
             "BayesianModel", base, init_logvar, include_params, exclude_params, empty=True
         )
+        _warn_unlike_zuko(base, list(q.mean), include_params, exclude_params)
 
         for name in q.mean:
             if "-" in name:

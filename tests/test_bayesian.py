@@ -157,6 +157,33 @@ def test_picks_what_zuko_picks_from_what_zuko_takes(include, exclude):
 
 
 @pytest.mark.parametrize(
+    "make, kwargs",
+    [
+        (_Numbered, dict(include_params=["net.1"])),  # zuko: net.1, net.10, net.11
+        (lambda: zuko.nn.MLP(3, 5), dict(include_params=["0.w"])),  # zuko: 0.weight
+        (lambda: zuko.nn.MLP(3, 5), dict(exclude_params=["0.b", "2.b"])),  # zuko: biases out
+        (lambda: nn.Sequential(nn.LSTM(3, 4)), dict(exclude_params=["**.bias"])),
+    ],
+    ids=["numbered", "prefix-include", "prefix-exclude", "lstm-bias"],
+)
+def test_a_selection_unlike_zukos_is_warned_of(make, kwargs):
+    # Patterns match whole segments here, character prefixes in zuko: the same arguments
+    # silently made other parameters Bayesian (`include_params=["0.w"]`: none here, a
+    # wrapper with nothing Bayesian; `exclude_params=["0.b"]`: the biases Bayesian here).
+    # Oracle: zuko's own selection.
+    theirs = [k.replace("-", ".") for k in zuko.bayesian.BayesianModel(make(), **kwargs).means]
+    with pytest.warns(
+        UserWarning, match=r"^BayesianModel: the include/exclude patterns pick"
+    ) as w:
+        ours = bf.BayesianModel(make(), **kwargs)
+    mine = [k.replace("-", ".") for k in ours.means]  # (both in named_parameters() order)
+    assert set(mine) != set(theirs)
+    only_ours = [n for n in mine if n not in theirs]
+    only_theirs = [n for n in theirs if n not in mine]
+    assert f"here only {only_ours}, in zuko only {only_theirs}" in str(w[0].message)
+
+
+@pytest.mark.parametrize(
     "kwargs",
     [dict(include_params=[]), dict(exclude_params=["**"]), dict(include_params=["nothing"])],
     ids=["no-patterns", "all-excluded", "no-match"],
