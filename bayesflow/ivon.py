@@ -150,7 +150,10 @@ class IVON(torch.optim.Optimizer):
     draw, or draw every sample first and backpropagate their sum once. A gradient that
     changes after it was taken, or reaches a sample that had none then (taken as zero),
     makes :meth:`step` raise rather than ignore it. Clip the gradients of the samples
-    (`params.values()`), not the module's parameters, which get none. A closure of
+    (`params.values()`), not the module's parameters, which get none; for the same reason
+    :class:`torch.amp.GradScaler` cannot step it (it finds no gradient to unscale and
+    raises): under float16 autocast, backpropagate `loss * scale` and divide the samples'
+    gradients by `scale` before :meth:`step`, or use bfloat16, which needs no scaler. A closure of
     :meth:`step` that raises leaves the draws it made to the next step: start it with
     :meth:`zero_grad`, which drops them.
 
