@@ -68,20 +68,21 @@ def check_module(where: str, module: object) -> nn.Module:
     return module
 
 
-def _wrapped(module: nn.Module) -> nn.Module:
-    r"""The module inside a data-parallel wrapper (`DistributedDataParallel`,
-    `DataParallel`), or `module`."""
+def _wrappers(module: nn.Module) -> list[nn.Module]:
+    r"""`module`, then the modules inside it, while it is a data-parallel wrapper
+    (`DistributedDataParallel`, `DataParallel`, nested): the last is the wrapped one."""
 
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(module, wrappers) and isinstance(module.module, nn.Module):
-        module = module.module
-    return module
+    chain = [module]
+    while isinstance(chain[-1], wrappers) and isinstance(chain[-1].module, nn.Module):
+        chain.append(chain[-1].module)
+    return chain
 
 
 def check_not_bridge(
     where: str, module: nn.Module, hint: str = "pass bnet.base and bnet.posterior"
 ) -> None:
-    inner = _wrapped(module)
+    inner = _wrappers(module)[-1]
     if getattr(type(inner), "_bayesflow_bridge", False):
         wrapped = "" if inner is module else f" (in a {type(module).__name__})"
         raise TypeError(
@@ -94,11 +95,7 @@ def check_not_data_parallel(where: str, module: nn.Module) -> None:
     r"""Refuses a `DistributedDataParallel` wrapper where a posterior's own tensors are
     trained: its gradient averaging reaches the module's parameters only."""
 
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    inside = [module]
-    while isinstance(inside[-1], wrappers) and isinstance(inside[-1].module, nn.Module):
-        inside.append(inside[-1].module)
-    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in inside):
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in _wrappers(module)):
         raise TypeError(
             f"{where}: expected the module itself, got a DistributedDataParallel wrapper, "
             "whose gradient averaging reaches the module's own parameters, not the "

@@ -153,9 +153,9 @@ class IVON(torch.optim.Optimizer):
     (`params.values()`), not the module's parameters, which get none; for the same reason
     :class:`torch.amp.GradScaler` cannot step it (it finds no gradient to unscale and
     raises): under float16 autocast, backpropagate `loss * scale` and divide the samples'
-    gradients by `scale` before :meth:`step`, or use bfloat16, which needs no scaler. A closure of
-    :meth:`step` that raises leaves the draws it made to the next step: start it with
-    :meth:`zero_grad`, which drops them.
+    gradients by `scale` before :meth:`step`, or use bfloat16, which needs no scaler. A
+    closure of :meth:`step` that raises leaves the draws it made to the next step: start
+    it with :meth:`zero_grad`, which drops them.
 
     In half precision (float16 or bfloat16 parameters), the means, the samples and
     :attr:`posterior` are in the parameters' dtype, and the rest of the state (:attr:`hess`,
