@@ -70,13 +70,21 @@ def check_module(where: str, module: object) -> nn.Module:
 
 def _wrappers(module: nn.Module) -> list[nn.Module]:
     r"""`module`, then the modules inside it, while it is a data-parallel wrapper
-    (`DistributedDataParallel`, `DataParallel`, nested): the last is the wrapped one."""
+    (`DistributedDataParallel`, `DataParallel`) or torch.compile's, nested: the last is
+    the wrapped one."""
 
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     chain = [module]
-    while isinstance(chain[-1], wrappers) and isinstance(chain[-1].module, nn.Module):
-        chain.append(chain[-1].module)
-    return chain
+    while True:
+        m = chain[-1]
+        if isinstance(m, wrappers) and isinstance(m.module, nn.Module):
+            chain.append(m.module)
+        elif type(m).__name__ == "OptimizedModule" and isinstance(
+            getattr(m, "_orig_mod", None), nn.Module
+        ):
+            chain.append(m._orig_mod)  # torch.compile's wrapper
+        else:
+            return chain
 
 
 def check_not_bridge(

@@ -711,6 +711,16 @@ def _eager(f: Callable[..., Any]) -> Callable[..., Any]:
     return eager
 
 
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    r"""Whether `a` and `b` (one shape and dtype) hold the same bits: NaN where NaN is,
+    -0.0 where -0.0 is (`torch.equal` says no to any NaN, yes to 0.0 for -0.0)."""
+
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(a.element_size())
+    if a.is_floating_point() and ints is not None:
+        return torch.equal(a.view(ints), b.view(ints))
+    return torch.equal(a, b)
+
+
 class _ChunkedWrites(RuntimeError):
     r"""`fn` wrote a buffer in place in a pass in chunks: once per chunk."""
 
@@ -808,7 +818,7 @@ def _vectorized(job: _Job, chunk_size: int | None, state: State) -> Any:
     with torch.no_grad():
         for name, written_copy in copies.items():
             given_buffer = job.buffers[name]
-            if not torch.equal(given_buffer, written_copy):  # (a write bumps its version)
+            if not _same_bits(given_buffer, written_copy):  # (a write bumps its version)
                 given_buffer.copy_(written_copy)
 
     if is_compiling():

@@ -627,16 +627,14 @@ class _Attributes:
         return self._dict().pop(key, default)
 
 
-# One place per module, whatever the structures built of it: nested holds and swaps pair
-# their places by the container's identity.
-_ATTRIBUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# One place per module (by identity), whatever the structures built of it: nested holds
+# and swaps pair their places by the container's identity. Not a cache: the place of a
+# hold still open must stay the one it holds.
+_ATTRIBUTES: PerObject[_Attributes] = PerObject(cache=False)
 
 
 def _attributes(module: nn.Module) -> _Attributes:
-    place = _ATTRIBUTES.get(module)
-    if place is None:
-        place = _ATTRIBUTES[module] = _Attributes(module)
-    return place
+    return _ATTRIBUTES.setdefault(module, lambda: _Attributes(module))
 
 
 def _held(container: Any, key: Any) -> Any:

@@ -153,7 +153,9 @@ class IVON(torch.optim.Optimizer):
     (`params.values()`), not the module's parameters, which get none; for the same reason
     :class:`torch.amp.GradScaler` cannot step it (it finds no gradient to unscale and
     raises): under float16 autocast, backpropagate `loss * scale` and divide the samples'
-    gradients by `scale` before :meth:`step`, or use bfloat16, which needs no scaler. A
+    gradients by `scale` before :meth:`step` (no step is skipped on an overflow, as the
+    scaler skips it: :meth:`step` refuses infinite gradients), or use bfloat16, which
+    needs no scaler. A
     closure of :meth:`step` that raises leaves the draws it made to the next step: start
     it with :meth:`zero_grad`, which drops them.
 

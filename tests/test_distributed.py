@@ -62,6 +62,7 @@ def _functional_step(rank, bnet, x, y, shard):
     for module, call in [
         (DistributedDataParallel(net), nelbo),
         (torch.nn.DataParallel(DistributedDataParallel(net)), nelbo),  # nested
+        (torch.compile(DistributedDataParallel(net)), nelbo),  # compiled
         (DistributedDataParallel(bnet, find_unused_parameters=True), bf.init),
     ]:
         try:
@@ -151,8 +152,8 @@ def test_ddp_gradients_match_one_process(tmp_path, functional):
     # each process saw half the data: its own loss differs from the union's
     assert not torch.allclose(result["loss"], loss.detach())
     if functional:
-        nelbo, nested, init = result["refusals"]
+        nelbo, nested, compiled, init = result["refusals"]
         assert nelbo.startswith("nelbo: expected the module itself, got a Distributed")
-        assert "all_reduce" in nelbo and nested == nelbo
+        assert "all_reduce" in nelbo and nested == compiled == nelbo
         assert init.startswith("init: expected the module the posterior is over, got a ")
         assert "BayesianModel (in a DistributedDataParallel)" in init

@@ -2,6 +2,7 @@ r"""Deep ensembles trained and predicted in one pass: K separate trainings are t
 
 import copy
 import io
+import math
 import pickle
 import warnings
 
@@ -193,12 +194,38 @@ def test_non_contiguous_per_sample_buffers_that_are_only_read(gen):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
     assert grads[0][:, 0].ne(grads[0][:, 1]).any()  # each sample its own scale
 
-    with torch.inference_mode():
-        frozen = torch.rand(4, n) + 0.5
-    with torch.no_grad():
-        out = bf.vmap_call(net, params, x, buffers={"scale": frozen.T}, fallback=False)
-        expected = bf.loop_call(net, params, x, buffers={"scale": frozen.T})
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    for value in (0.5, math.nan):  # NaN is NaN (torch.equal says no to any)
+        with torch.inference_mode():
+            frozen = torch.rand(4, n) + value
+        with torch.no_grad():
+            out = bf.vmap_call(net, params, x, buffers={"scale": frozen.T}, fallback=False)
+            expected = bf.loop_call(net, params, x, buffers={"scale": frozen.T})
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+class _Negates(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.register_buffer("sign", torch.zeros(4))
+
+    def forward(self, x):
+        self.sign.mul_(-1.0)  # 0.0 becomes -0.0: equal values, other bits
+        return self.lin(x)
+
+
+def test_a_write_of_other_bits_with_equal_values_is_written_back(gen):
+    # Written back only where the values differed: -0.0 over 0.0 was lost (the loop
+    # writes it). Oracle: loop_call.
+    net, n = _Negates(), 3
+    params = {k: v.detach() for k, v in bf.sample(bf.init(net, -4.0), n, generator=gen(1)).items()}
+    x = torch.randn(5, 3)
+    signs = []
+    for call in (bf.vmap_call, bf.loop_call):
+        given = torch.zeros(4, n).T  # not contiguous: a copy runs, written back
+        call(net, params, x, buffers={"sign": given})
+        signs.append(given.signbit())
+    assert signs[0].all() and torch.equal(signs[0], signs[1])
 
 
 def test_per_sample_buffers_that_share_memory_are_refused(gen):

@@ -723,6 +723,32 @@ class _Aliased(nn.Module):
         return x @ self.w.T + self.lin.bias
 
 
+class _AliasedEqual(_Aliased):
+    r"""Equal to any other of its class (a config-like module), hashable by that."""
+
+    def __eq__(self, other):
+        return type(other) is type(self)
+
+    def __hash__(self):
+        return hash(type(self))
+
+
+def test_modules_that_compare_equal_have_plain_attribute_places_of_their_own():
+    # The places of plain attributes were looked up by equality: the second of two equal
+    # modules put its samples into the first one's attribute (0.68 off a deep copy).
+    torch.manual_seed(0)
+    first, second = _AliasedEqual(), _AliasedEqual()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    bf.vmap_call(first, _samples(first), x)
+    params = _samples(second, seed=1)
+    for call in (bf.vmap_call, bf.loop_call):
+        out = call(second, params, x)
+        for k in range(out.shape[0]):
+            assert torch.allclose(out[k], _load(second, params, k)(x), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(out[0], out[1])
+    assert first.w is first.lin.weight and second.w is second.lin.weight
+
+
 @pytest.mark.parametrize("order", ["in-order", "out-of-order"])
 def test_holds_left_in_any_order_put_a_plain_attribute_back(order):
     # Two holds (`reparameterize()`), the structure rebuilt between them: each had a place
