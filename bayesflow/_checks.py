@@ -92,7 +92,7 @@ def check_not_bridge(
 ) -> None:
     inner = _wrappers(module)[-1]
     if getattr(type(inner), "_bayesflow_bridge", False):
-        wrapped = "" if inner is module else f" (in a {type(module).__name__})"
+        wrapped = "" if inner is module else f" (wrapped in {type(module).__name__})"
         raise TypeError(
             f"{where}: expected the module the posterior is over, got a BayesianModel"
             f"{wrapped}; {hint}"

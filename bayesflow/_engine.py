@@ -715,7 +715,9 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
     r"""Whether `a` and `b` (one shape and dtype) hold the same bits: NaN where NaN is,
     -0.0 where -0.0 is (`torch.equal` says no to any NaN, yes to 0.0 for -0.0)."""
 
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(a.element_size())
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(a.element_size())
     if a.is_floating_point() and ints is not None:
         return torch.equal(a.view(ints), b.view(ints))
     return torch.equal(a, b)

@@ -9,7 +9,7 @@ import re
 import threading
 import warnings
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -183,7 +183,8 @@ class BayesianModel(nn.Module):
         check_module("BayesianModel", base)
         # Read once (an iterator of patterns), for the selection and its comparison.
         include_params, exclude_params = (
-            list(p) if isinstance(p, Iterator) else p for p in (include_params, exclude_params)
+            list(p) if isinstance(p, Iterable) and not isinstance(p, Collection) else p
+            for p in (include_params, exclude_params)
         )
         # As zuko's, a selection that picks nothing gives a wrapper with nothing Bayesian.
         q = _posterior.init(

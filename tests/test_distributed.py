@@ -156,4 +156,4 @@ def test_ddp_gradients_match_one_process(tmp_path, functional):
         assert nelbo.startswith("nelbo: expected the module itself, got a Distributed")
         assert "all_reduce" in nelbo and nested == compiled == nelbo
         assert init.startswith("init: expected the module the posterior is over, got a ")
-        assert "BayesianModel (in a DistributedDataParallel)" in init
+        assert "BayesianModel (wrapped in DistributedDataParallel)" in init

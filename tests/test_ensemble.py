@@ -214,6 +214,31 @@ class _Negates(nn.Module):
         return self.lin(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.float16, torch.bfloat16])
+def test_only_read_buffers_of_other_dtypes_holding_nan_are_left_alone(dtype, gen):
+    # The bits compared where torch.equal says no to any NaN: complex numbers as their
+    # real pairs (a complex NaN buffer made in inference mode could not be written back).
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.register_buffer("z", torch.zeros(4, dtype=dtype))
+
+        def forward(self, x):
+            return self.lin(x) + self.z.real.to(x.dtype).nan_to_num()
+
+    net, n = Reads(), 3
+    params = {k: v.detach() for k, v in bf.sample(bf.init(net, -4.0), n, generator=gen(1)).items()}
+    x = torch.randn(5, 3)
+    with torch.inference_mode():
+        frozen = torch.full((4, n), math.nan, dtype=dtype)
+    with torch.no_grad():
+        out = bf.vmap_call(net, params, x, buffers={"z": frozen.T}, fallback=False)
+        expected = bf.loop_call(net, params, x, buffers={"z": frozen.T})
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(out[0], out[1])
+
+
 def test_a_write_of_other_bits_with_equal_values_is_written_back(gen):
     # Written back only where the values differed: -0.0 over 0.0 was lost (the loop
     # writes it). Oracle: loop_call.
