@@ -270,6 +270,7 @@ def check_fit_args(
             f"{where}: expected output and likelihood with hessian='ggn' (the GGN is "
             "J^T Lambda J of the model output), got "
             f"output={'None' if output is None else 'a callable'} and likelihood={likelihood!r}"
+            "; for a log-likelihood alone (a normalizing flow's log_prob), hessian='ef'"
         )
     sigma = check_number(where, "sigma", sigma, 0.0, strict=True)
     if chunk_size is not None:

@@ -22,7 +22,7 @@ from torch.distributions import (
 
 from ._buffers import State
 from ._caches import PerObject
-from ._checks import check_generator, check_module, describe
+from ._checks import check_buffers, check_generator, check_module, describe
 from ._compat import generating, is_compiling
 from ._engine import _rng_state, _set_rng_state, count, draw_state, restore_draw_state, run
 from ._options import call_options
@@ -204,6 +204,7 @@ def flow_sample(
     fallback: bool = True,
     vectorized: bool = True,
     max_memory: int | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     r"""Draws samples from a Bayesian flow, for every posterior sample in one pass.
 
@@ -239,6 +240,10 @@ def flow_sample(
         vectorized: Whether to use :func:`bayesflow.vmap_call` or, the oracle,
             :func:`bayesflow.loop_call`. Both give the same numbers for the same generator
             state.
+        buffers: Per-sample buffers, as in :func:`bayesflow.vmap_call`: an ensemble of
+            flows (:func:`bayesflow.ensemble`, :func:`bayesflow.stack_modules`) samples
+            with `params=ens.params, buffers=ens.buffers`, each member with its own base
+            distribution and masks.
 
     Returns:
         The samples, with shape `(n, *shape, *batch_shape, *event_shape)`.
@@ -260,6 +265,9 @@ def flow_sample(
     check_generator(where, generator)
     opts = call_options(where, None, chunk_size, fallback, None, None, vectorized, max_memory)
     n = count(flow, params, opts)
+    if buffers is not None and not (isinstance(buffers, Mapping) and not buffers):
+        with lock(flow):  # before any draw
+            check_buffers(where, structure(flow, where), flow, buffers, n)
 
     # The shapes, outside vmap: lazy flows build their transforms only when evaluated.
     # A flow's networks run only once its transform is called: here, in the direction of
@@ -316,7 +324,9 @@ def flow_sample(
 
     in_dims = (None, *(0 for _ in noise))
     try:
-        return run(flow, params, (c, *noise), opts._replace(fn=fn, in_dims=in_dims))
+        return run(
+            flow, params, (c, *noise), opts._replace(fn=fn, in_dims=in_dims), buffers=buffers
+        )
     except BaseException:
         restore_draw_state(saved)
         raise

@@ -189,6 +189,32 @@ def test_flow_sample_matches_zuko_rsample(name):
     assert torch.allclose(x, x_zuko, atol=tight())
 
 
+@pytest.mark.parametrize("vectorized", [True, False], ids=["vmap", "loop"])
+def test_an_ensemble_of_flows_samples_each_member_with_its_own_buffers(vectorized):
+    # flow_sample took no buffers, and refused an ensemble's parameters without them: no
+    # ensemble of flows (their bases and masks are buffers) could be sampled. Oracle: each
+    # member by itself, zuko's own transform of the same noise.
+    make = lambda: zuko.flows.MAF(2, 1, transforms=2, hidden_features=(8,), randperm=True)
+    torch.manual_seed(0)
+    members = [make() for _ in range(3)]
+    ens = bf.stack_modules(members)
+    c = torch.randn(4, 1)
+    g = torch.Generator().manual_seed(7)
+    x = flow_sample(
+        ens.module, ens.params, c, (5,), generator=g, buffers=ens.buffers, vectorized=vectorized
+    )
+    eps = torch.randn(3, 5, 4, 2, generator=torch.Generator().manual_seed(7))
+    for k, member in enumerate(members):
+        d = member(c)
+        expected = d.transform.inv(d.base.base_dist.loc + d.base.base_dist.scale * eps[k])
+        assert torch.allclose(x[k], expected, atol=tight()), k
+    assert not torch.allclose(x[0], x[1])
+    with pytest.raises(ValueError, match=r"^flow_sample: expected the same number of samples"):
+        flow_sample(
+            ens.module, ens.params, c, (5,), buffers={k: v[:2] for k, v in ens.buffers.items()}
+        )
+
+
 def test_gmm_sample_moments(gen):
     flow, q = setup("GMM", init_logvar=-2.0)
     c = torch.randn(C)
