@@ -31,6 +31,7 @@ import inspect
 import math
 import sys
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -632,13 +633,20 @@ class LocalPlan:
 
         return [(self.layers[k], "forward", ours(self._counting(k, tape))) for k in names]
 
+    def _local_for(self, layer: nn.Module) -> Callable[[Tensor], bool]:
+        r"""Returns whether a call of `layer` on an input samples its outputs (else its
+        weight is sampled whole): `per_position`, or the estimator exact for it."""
+
+        stack = layer.weight.shape[0] if layer.weight.dim() == 3 else None  # read once
+        return lambda x: self.per_position or self.exact(layer, x, stack)
+
     def _counting(self, name: str, tape: Tape) -> Any:
         layer = self.layers[name]
         original = type(layer).forward
-        stack = layer.weight.shape[0] if layer.weight.dim() == 3 else None
+        local_for = self._local_for(layer)
 
         def count(x: Tensor) -> None:
-            tape.count(name, self.per_position or self.exact(layer, x, stack))
+            tape.count(name, local_for(x))
 
         def forward(x: Tensor | None = None, /, **kwargs: Any) -> Tensor:
             if kwargs or x is None:
@@ -654,13 +662,12 @@ class LocalPlan:
         layer = self.layers[name]
         step = _flipout if self.flipout else _local
         original = type(layer).forward
-        # Read once, not at every call of the layer.
-        stack = layer.weight.shape[0] if layer.weight.dim() == 3 else None
+        local_for = self._local_for(layer)
 
         def forward(x: Tensor | None = None, /, **kwargs: Any) -> Tensor:
             if kwargs or x is None:  # the input by keyword (`input=` for torch's layers)
                 x = _bound_input(original, layer, x, kwargs)
-            local = self.per_position or self.exact(layer, x, stack)
+            local = local_for(x)
             noise.enter(name, local)
             try:
                 if not local:
